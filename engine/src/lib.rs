@@ -1,0 +1,10 @@
+//! clonecluster: a Clone Cluster packet engine.
+//!
+//! All nodes of a cluster share one IP and one MAC on a layer-2 segment; every node sees every
+//! frame, and each decides on its own which flows it owns. The modules follow
+//! `DESIGN.md`'s layout:
+//!
+//! - [`config`]: the YAML configuration, typed and validated.
+//! - [`dataplane`]: the only code that touches DPDK: EAL, ports, mbufs, per-core loops.
+pub mod config;
+pub mod dataplane;
