@@ -114,7 +114,7 @@ pub struct ClusterConfig {
     /// The shared IPv4 address.
     pub ip: Ipv4Addr,
     /// The shared IPv6 address, if the cluster answers on IPv6 too.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip6: Option<Ipv6Addr>,
     /// The shared cluster MAC: never used as a source address on the wire.
     pub mac: MacAddr,
@@ -173,7 +173,7 @@ fn default_weight() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
     /// Where this node listens for control messages.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
     /// The other nodes' control addresses.
     #[serde(default)]
@@ -184,7 +184,7 @@ pub struct ControlConfig {
     #[serde(default = "default_dead_after")]
     pub dead_after: u32,
     /// Local control socket for operator commands.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
     /// How long SIGTERM waits for this node to drain before exiting.
     #[serde(default = "default_drain_deadline")]
@@ -288,7 +288,7 @@ pub struct DataplaneConfig {
     #[serde(default)]
     pub eal_args: Vec<String>,
     /// EAL `--file-prefix`: unique per process on one machine. Default `clonecluster-node<ID>`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_prefix: Option<String>,
     /// The port on the shared segment.
     pub wire_port: PortSpec,

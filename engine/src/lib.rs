@@ -5,6 +5,8 @@
 //! `DESIGN.md`'s layout:
 //!
 //! - [`config`]: the YAML configuration, typed and validated.
+//! - [`pipeline`]: what a packet core does with each frame (pure Rust over byte slices).
 //! - [`dataplane`]: the only code that touches DPDK: EAL, ports, mbufs, per-core loops.
 pub mod config;
 pub mod dataplane;
+pub mod pipeline;

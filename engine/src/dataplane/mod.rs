@@ -1,1 +1,50 @@
-//! dataplane
+//! The only code that touches DPDK: EAL start, mempool, ports, mbufs and the per-core loops.
+//!
+//! Everything above this module works on byte slices; here those slices come from mbufs. Every
+//! `unsafe` block says why it is sound. Nothing on the packet path allocates, locks or logs.
+
+mod eal;
+mod mbuf;
+mod port;
+mod worker;
+
+pub use eal::{Eal, Mempool};
+pub use mbuf::{Burst, Mbuf, BURST};
+pub use port::{Port, PortRole};
+pub use worker::{run, CoreCounters, CoreStats, RunReport};
+
+use std::ffi::CStr;
+
+/// Why the data plane could not start: the config key to look at, what failed, what to do.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("`{key}`: {problem}\n  fix: {fix}")]
+pub struct StartError {
+    pub key: &'static str,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl StartError {
+    pub(crate) fn new(key: &'static str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        StartError {
+            key,
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+}
+
+/// DPDK's text for an errno value (DPDK's own codes included).
+pub(crate) fn strerror(errno: i32) -> String {
+    let errno = errno.abs();
+    // SAFETY: rte_strerror returns a pointer to a static or thread-local NUL-terminated string
+    // for every input value; it is copied out at once.
+    let text = unsafe { CStr::from_ptr(dpdk_sys::rte_strerror(errno)) };
+    format!("{} (errno {errno})", text.to_string_lossy())
+}
+
+/// The calling thread's `rte_errno`.
+pub(crate) fn rte_errno() -> i32 {
+    // SAFETY: the shim only reads DPDK's thread-local errno variable.
+    unsafe { dpdk_sys::clonecluster_rte_errno() }
+}

@@ -1,0 +1,236 @@
+//! Owning mbufs and fixed-size bursts: an mbuf is freed exactly once, by whoever holds it last.
+
+use std::ptr::NonNull;
+
+use dpdk_sys as sys;
+
+/// Frames moved per RX/TX call. Fixed so that bursts live on the stack.
+pub const BURST: usize = 32;
+
+/// One packet buffer, owned. Dropping it returns it to its pool.
+#[derive(Debug)]
+pub struct Mbuf {
+    raw: NonNull<sys::rte_mbuf>,
+}
+
+impl Mbuf {
+    /// # Safety
+    /// `raw` must be a valid mbuf that nobody else owns (e.g. just returned by `rx_burst`).
+    pub unsafe fn from_raw(raw: NonNull<sys::rte_mbuf>) -> Mbuf {
+        Mbuf { raw }
+    }
+
+    /// Gives up ownership, e.g. to a driver's TX queue.
+    pub fn into_raw(self) -> *mut sys::rte_mbuf {
+        let raw = self.raw.as_ptr();
+        std::mem::forget(self);
+        raw
+    }
+
+    /// The frame: the first segment's data. Frames from our pools fit in one segment.
+    pub fn data(&self) -> &[u8] {
+        // SAFETY: we own the mbuf; buf_addr + data_off points at data_len initialised bytes
+        // inside the buffer, and no one else reads or writes it while we hold it.
+        unsafe {
+            let m = self.raw.as_ref();
+            let start = (m.buf_addr as *const u8).add(usize::from(m.data_off));
+            std::slice::from_raw_parts(start, usize::from(m.data_len))
+        }
+    }
+
+    /// The frame, writable.
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        let len = self.len();
+        &mut self.room_mut()[..len]
+    }
+
+    /// Everything from the start of the frame to the end of the buffer: a reply built in place
+    /// may be longer than the frame it answers (see [`Mbuf::set_len`]).
+    pub fn room_mut(&mut self) -> &mut [u8] {
+        // SAFETY: we own the mbuf exclusively; [buf_addr + data_off, buf_addr + buf_len) lies
+        // inside the buffer the mbuf describes. Bytes past data_len were initialised when the
+        // pool was created (DPDK zeroes the memzone) or by earlier frames.
+        unsafe {
+            let m = self.raw.as_ref();
+            let start = (m.buf_addr as *mut u8).add(usize::from(m.data_off));
+            let room = usize::from(m.buf_len) - usize::from(m.data_off);
+            std::slice::from_raw_parts_mut(start, room)
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        // SAFETY: reading a field of an mbuf we own.
+        usize::from(unsafe { self.raw.as_ref() }.data_len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sets the frame length of a single-segment mbuf; `len` is clamped to the room.
+    pub fn set_len(&mut self, len: usize) {
+        let room = self.room_mut().len();
+        let len = len.min(room) as u16;
+        // SAFETY: we own the mbuf; for a single segment pkt_len equals data_len, and `len` fits
+        // in the buffer.
+        unsafe {
+            let m = self.raw.as_mut();
+            m.data_len = len;
+            m.pkt_len = u32::from(len);
+        }
+    }
+
+    /// Whether the frame spans several segments (only the first is inspected).
+    pub fn is_chained(&self) -> bool {
+        // SAFETY: reading a field of an mbuf we own.
+        unsafe { self.raw.as_ref() }.nb_segs > 1
+    }
+}
+
+impl Drop for Mbuf {
+    fn drop(&mut self) {
+        // SAFETY: we own the mbuf (into_raw forgets self), so this is the only free.
+        unsafe { sys::rte_pktmbuf_free(self.raw.as_ptr()) };
+    }
+}
+
+/// Up to [`BURST`] owned mbufs in a fixed array. Whatever is left in it on drop is freed.
+#[derive(Debug)]
+pub struct Burst {
+    slots: [*mut sys::rte_mbuf; BURST],
+    len: usize,
+}
+
+impl Default for Burst {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Burst {
+    pub const fn new() -> Burst {
+        Burst {
+            slots: [std::ptr::null_mut(); BURST],
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.len == BURST
+    }
+
+    /// Appends an mbuf; hands it back when the burst is full.
+    pub fn push(&mut self, m: Mbuf) -> Result<(), Mbuf> {
+        if self.is_full() {
+            return Err(m);
+        }
+        self.slots[self.len] = m.into_raw();
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Receives into an empty burst; returns how many frames arrived.
+    pub fn rx(&mut self, port: u16, queue: u16) -> usize {
+        debug_assert!(self.is_empty());
+        // SAFETY: `slots` has room for BURST pointers; the driver writes at most BURST and
+        // returns how many. The port and queue were set up and started by `Port`.
+        let n = unsafe { sys::rte_eth_rx_burst(port, queue, self.slots.as_mut_ptr(), BURST as u16) };
+        self.len = usize::from(n);
+        self.len
+    }
+
+    /// Transmits the whole burst. Frames the driver did not take are freed here. Returns
+    /// (sent, not sent).
+    pub fn tx(&mut self, port: u16, queue: u16) -> (usize, usize) {
+        if self.len == 0 {
+            return (0, 0);
+        }
+        // SAFETY: the first `len` slots hold mbufs we own; the driver takes ownership of the
+        // first `sent` of them.
+        let sent = usize::from(unsafe {
+            sys::rte_eth_tx_burst(port, queue, self.slots.as_mut_ptr(), self.len as u16)
+        });
+        let unsent = self.len - sent;
+        if unsent > 0 {
+            // SAFETY: slots[sent..len] are still ours and are freed exactly once here.
+            unsafe {
+                sys::rte_pktmbuf_free_bulk(self.slots.as_mut_ptr().add(sent), unsent as u32);
+            }
+        }
+        self.len = 0;
+        (sent, unsent)
+    }
+
+    /// Takes every mbuf out, in order.
+    pub fn drain(&mut self) -> Drain<'_> {
+        let len = std::mem::take(&mut self.len);
+        Drain {
+            slots: &self.slots[..len],
+            next: 0,
+        }
+    }
+}
+
+impl Drop for Burst {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: the first `len` slots are owned mbufs, freed once here.
+            unsafe { sys::rte_pktmbuf_free_bulk(self.slots.as_mut_ptr(), self.len as u32) };
+        }
+    }
+}
+
+/// Iterator over the mbufs of a burst; frees those not taken when dropped.
+#[derive(Debug)]
+pub struct Drain<'a> {
+    slots: &'a [*mut sys::rte_mbuf],
+    next: usize,
+}
+
+impl Iterator for Drain<'_> {
+    type Item = Mbuf;
+
+    #[inline]
+    fn next(&mut self) -> Option<Mbuf> {
+        let raw = *self.slots.get(self.next)?;
+        self.next += 1;
+        if let Some(&ahead) = self.slots.get(self.next) {
+            prefetch_frame(ahead);
+        }
+        // SAFETY: each slot below the burst's old length holds an mbuf owned by the burst,
+        // and each is handed out once.
+        Some(unsafe { Mbuf::from_raw(NonNull::new_unchecked(raw)) })
+    }
+}
+
+impl Drop for Drain<'_> {
+    fn drop(&mut self) {
+        for m in self.by_ref() {
+            drop(m);
+        }
+    }
+}
+
+/// Warms the cache line holding the start of the frame in `m` (the next one in the burst).
+#[inline(always)]
+fn prefetch_frame(m: *mut sys::rte_mbuf) {
+    // SAFETY: `m` is a valid mbuf of the burst being drained (owned by it); reading its
+    // buf_addr and data_off fields is sound, and computing the address does not dereference
+    // the frame.
+    let data = unsafe { ((*m).buf_addr as *const u8).add(usize::from((*m).data_off)) };
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint; it never faults, even on an invalid address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(data.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
