@@ -5,8 +5,11 @@
 //! `DESIGN.md`'s layout:
 //!
 //! - [`config`]: the YAML configuration, typed and validated.
+//! - [`wire`]: zero-copy packet views and builders (Ethernet/VLAN, ARP, IPv4/IPv6, TCP, UDP,
+//!   ICMPv4/ICMPv6 with neighbour discovery) and the one-pass classifier; no DPDK types.
 //! - [`pipeline`]: what a packet core does with each frame (pure Rust over byte slices).
 //! - [`dataplane`]: the only code that touches DPDK: EAL, ports, mbufs, per-core loops.
 pub mod config;
 pub mod dataplane;
 pub mod pipeline;
+pub mod wire;

@@ -1,0 +1,106 @@
+//! Property tests: no view and no parser panics on arbitrary bytes, whatever their length.
+//! Random bytes rarely get past the first header, so real frames with random mutations are
+//! fed too.
+
+use proptest::prelude::*;
+
+use super::testdata::ALL;
+use super::*;
+
+/// Runs every checked constructor and every getter that a successful check makes safe.
+fn exercise(bytes: &[u8]) {
+    let _ = parse_l2_l4(bytes);
+    if let Ok(f) = ethernet::Frame::new_checked(bytes) {
+        let _ = (f.dst(), f.src(), f.vlan(), f.ethertype(), f.payload().len());
+        let _ = ethernet::Repr::parse(&f);
+    }
+    if let Ok(p) = arp::Packet::new_checked(bytes) {
+        let _ = arp::Repr::parse(&p);
+    }
+    if let Ok(p) = ipv4::Packet::new_checked(bytes) {
+        let _ = (
+            p.options().len(),
+            p.payload().len(),
+            p.verify_checksum(),
+            p.frag_offset(),
+        );
+        let _ = ipv4::Repr::parse(&p);
+    }
+    if let Ok(p) = ipv6::Packet::new_checked(bytes) {
+        let _ = (p.payload().len(), p.chain(), p.flow_label());
+        let _ = ipv6::Repr::parse(&p);
+    }
+    let _ = ipv6::walk_chain(IpProtocol::HopByHop, bytes);
+    let _ = ipv6::walk_chain(IpProtocol::Ipv6Opts, bytes);
+    let a: std::net::IpAddr = [198, 18, 0, 1].into();
+    if let Ok(p) = tcp::Packet::new_checked(bytes) {
+        let _ = (
+            p.options().len(),
+            p.payload().len(),
+            p.verify_checksum(&a, &a),
+            p.flags(),
+        );
+        let _ = tcp::Repr::parse(&p);
+    }
+    if let Ok(p) = udp::Packet::new_checked(bytes) {
+        let _ = (p.payload().len(), p.verify_checksum(&a, &a));
+        let _ = udp::Repr::parse(&p);
+    }
+    if let Ok(p) = icmpv4::Packet::new_checked(bytes) {
+        let _ = (
+            p.quoted_datagram(),
+            p.next_hop_mtu(),
+            p.verify_checksum(),
+            p.gateway(),
+        );
+    }
+    if let Ok(p) = icmpv6::Packet::new_checked(bytes) {
+        let z = std::net::Ipv6Addr::UNSPECIFIED;
+        let _ = (
+            p.quoted_packet(),
+            p.mtu(),
+            p.target_addr(),
+            p.verify_checksum(&z, &z),
+        );
+        let _ = p.neighbor_options().count();
+        let _ = icmpv6::NdiscRepr::parse(&p);
+    }
+    let _ = icmpv6::NdiscOptions::new(bytes).count();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        exercise(&bytes);
+        // Also behind an Ethernet header, so the random part reaches the IP parsers.
+        for ethertype in [[0x08, 0x00], [0x86, 0xdd], [0x08, 0x06]] {
+            let mut frame = vec![0u8; 12];
+            frame.extend_from_slice(&ethertype);
+            frame.extend_from_slice(&bytes);
+            exercise(&frame);
+        }
+    }
+
+    #[test]
+    fn mutated_real_frames_never_panic(
+        which in 0..ALL.len(),
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+        cut in any::<usize>(),
+    ) {
+        let mut frame = ALL[which].to_vec();
+        for (at, value) in edits {
+            let at = at % frame.len();
+            frame[at] = value;
+        }
+        exercise(&frame);
+        let cut = cut % (frame.len() + 1);
+        exercise(&frame[..cut]);
+        for l3 in [14usize, 18] {
+            if let Some(rest) = frame.get(l3..) {
+                exercise(rest);
+            }
+        }
+    }
+}
