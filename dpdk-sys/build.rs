@@ -61,6 +61,7 @@ fn main() {
         .wrap_static_fns(true)
         .wrap_static_fns_path(&wrappers)
         .clang_macro_fallback()
+        .clang_macro_fallback_build_dir(&out)
         .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()));
     for path in &lib.include_paths {
         builder = builder.clang_arg(format!("-I{}", path.display()));

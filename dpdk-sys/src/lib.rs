@@ -6,7 +6,11 @@
 //! bindgen generates, under their C names (the Rust declarations link to the generated `NAME__extern` symbols).
 
 #![allow(non_upper_case_globals, non_camel_case_types, non_snake_case)]
-#![allow(clippy::all, clippy::undocumented_unsafe_blocks, missing_debug_implementations)]
+#![allow(
+    clippy::all,
+    clippy::undocumented_unsafe_blocks,
+    missing_debug_implementations
+)]
 #![allow(rustdoc::all, unsafe_op_in_unsafe_fn)]
 
 include!(concat!(env!("OUT_DIR"), "/bindings.rs"));

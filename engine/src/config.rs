@@ -45,7 +45,8 @@ impl fmt::Debug for MacAddr {
 impl FromStr for MacAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("`{s}` is not a MAC address; write six hex bytes like 02:cc:00:00:00:01");
+        let bad =
+            || format!("`{s}` is not a MAC address; write six hex bytes like 02:cc:00:00:00:01");
         let mut out = [0u8; 6];
         let mut parts = s.split([':', '-']);
         for byte in &mut out {
@@ -233,8 +234,14 @@ impl<'de> Deserialize<'de> for PortSpec {
             pci: Option<String>,
         }
         match Raw::deserialize(d)? {
-            Raw { vdev: Some(v), pci: None } => Ok(PortSpec::Vdev(v)),
-            Raw { vdev: None, pci: Some(p) } => Ok(PortSpec::Pci(p)),
+            Raw {
+                vdev: Some(v),
+                pci: None,
+            } => Ok(PortSpec::Vdev(v)),
+            Raw {
+                vdev: None,
+                pci: Some(p),
+            } => Ok(PortSpec::Pci(p)),
             _ => Err(serde::de::Error::custom(
                 "a port needs exactly one of `vdev` or `pci`; write \
                  `{ vdev: \"net_af_packet0,iface=eth0\" }` or `{ pci: \"0000:01:00.0\" }`",
@@ -487,7 +494,10 @@ impl Config {
                 "list each logical core once",
             ));
         }
-        for (key, spec) in [("dataplane.wire_port", &dp.wire_port), ("dataplane.host_port", &dp.host_port)] {
+        for (key, spec) in [
+            ("dataplane.wire_port", &dp.wire_port),
+            ("dataplane.host_port", &dp.host_port),
+        ] {
             if spec.device_name().is_empty() {
                 return Err(err(
                     key,
@@ -499,13 +509,25 @@ impl Config {
         if dp.wire_port.device_name() == dp.host_port.device_name() {
             return Err(err(
                 "dataplane.host_port",
-                format!("same device as the wire port ({})", dp.wire_port.device_name()),
+                format!(
+                    "same device as the wire port ({})",
+                    dp.wire_port.device_name()
+                ),
                 "give each port its own device name, e.g. net_tap0 and net_af_packet1",
             ));
         }
         for (key, arg) in dp.eal_args.iter().map(|a| ("dataplane.eal_args", a)) {
-            if ["-l", "--lcores", "-c", "--file-prefix", "--vdev", "-a", "--allow", "--main-lcore"]
-                .contains(&arg.split('=').next().unwrap_or(arg))
+            if [
+                "-l",
+                "--lcores",
+                "-c",
+                "--file-prefix",
+                "--vdev",
+                "-a",
+                "--allow",
+                "--main-lcore",
+            ]
+            .contains(&arg.split('=').next().unwrap_or(arg))
             {
                 return Err(err(
                     key,
@@ -604,7 +626,10 @@ impl Config {
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
     // A secret written with `echo` ends in a newline that the other nodes' copies may lack.
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(0, |i| i + 1);
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
     &b[..end]
 }
 

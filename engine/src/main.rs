@@ -71,8 +71,8 @@ fn execute(cli: Cli) -> Result<(), String> {
                 signal_hook::flag::register(signal, Arc::clone(&stop))
                     .map_err(|e| format!("cannot install the signal handler: {e}"))?;
             }
-            let report = dataplane::run(&loaded, stop)
-                .map_err(|e| format!("{}: {e}", config.display()))?;
+            let report =
+                dataplane::run(&loaded, stop).map_err(|e| format!("{}: {e}", config.display()))?;
             if json {
                 println!(
                     "{}",

@@ -48,7 +48,9 @@ pub enum Action {
     /// Send on the wire (from the host: after the source MAC rewrite).
     ToWire,
     /// The frame was rewritten in place into an answer of `len` bytes: send it on the wire.
-    Reply { len: usize },
+    Reply {
+        len: usize,
+    },
     /// A control-plane frame (wire heartbeat): hand it to the control thread.
     ToControl,
     Drop(DropReason),

@@ -124,7 +124,10 @@ fn probe_vdev(key: &'static str, devargs: &str) -> Result<(), StartError> {
     if ret < 0 {
         return Err(StartError::new(
             key,
-            format!("DPDK could not create the vdev `{devargs}`: {}", strerror(ret)),
+            format!(
+                "DPDK could not create the vdev `{devargs}`: {}",
+                strerror(ret)
+            ),
             "check the driver name (net_af_packet, net_tap, net_pcap, net_ring, net_null) and its \
              arguments; for net_af_packet the interface must exist in this network namespace",
         ));

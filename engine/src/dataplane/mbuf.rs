@@ -142,7 +142,8 @@ impl Burst {
         debug_assert!(self.is_empty());
         // SAFETY: `slots` has room for BURST pointers; the driver writes at most BURST and
         // returns how many. The port and queue were set up and started by `Port`.
-        let n = unsafe { sys::rte_eth_rx_burst(port, queue, self.slots.as_mut_ptr(), BURST as u16) };
+        let n =
+            unsafe { sys::rte_eth_rx_burst(port, queue, self.slots.as_mut_ptr(), BURST as u16) };
         self.len = usize::from(n);
         self.len
     }

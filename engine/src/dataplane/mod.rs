@@ -25,7 +25,11 @@ pub struct StartError {
 }
 
 impl StartError {
-    pub(crate) fn new(key: &'static str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        key: &'static str,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
         StartError {
             key,
             problem: problem.into(),

@@ -39,7 +39,11 @@ pub struct Port {
 
 fn check(ret: i32, role: PortRole, what: &str, fix: &str) -> Result<(), StartError> {
     if ret < 0 {
-        Err(StartError::new(role.key(), format!("{what}: {}", strerror(ret)), fix))
+        Err(StartError::new(
+            role.key(),
+            format!("{what}: {}", strerror(ret)),
+            fix,
+        ))
     } else {
         Ok(())
     }
@@ -86,8 +90,8 @@ impl Port {
         let mut conf = sys::rte_eth_conf::default();
         if queues > 1 && info.flow_type_rss_offloads != 0 {
             conf.rxmode.mq_mode = sys::rte_eth_rx_mq_mode_RTE_ETH_MQ_RX_RSS;
-            conf.rx_adv_conf.rss_conf.rss_hf =
-                info.flow_type_rss_offloads & u64::from(sys::RTE_ETH_RSS_IP | sys::RTE_ETH_RSS_TCP | sys::RTE_ETH_RSS_UDP);
+            conf.rx_adv_conf.rss_conf.rss_hf = info.flow_type_rss_offloads
+                & u64::from(sys::RTE_ETH_RSS_IP | sys::RTE_ETH_RSS_TCP | sys::RTE_ETH_RSS_UDP);
         }
         let want_intr = idle == IdleMode::Interrupt;
         if want_intr {
@@ -103,12 +107,22 @@ impl Port {
             // SAFETY: as above.
             ret = unsafe { sys::rte_eth_dev_configure(id, queues, queues, &conf) };
         }
-        check(ret, role, &format!("cannot configure {name}"), "check the driver and queue count")?;
+        check(
+            ret,
+            role,
+            &format!("cannot configure {name}"),
+            "check the driver and queue count",
+        )?;
 
         let (mut nrx, mut ntx) = descriptors;
         // SAFETY: valid port id and out-pointers.
         let ret = unsafe { sys::rte_eth_dev_adjust_nb_rx_tx_desc(id, &mut nrx, &mut ntx) };
-        check(ret, role, "cannot size the rings", "lower dataplane.rx_descriptors / tx_descriptors")?;
+        check(
+            ret,
+            role,
+            "cannot size the rings",
+            "lower dataplane.rx_descriptors / tx_descriptors",
+        )?;
         // SAFETY: valid port id.
         let socket = unsafe { sys::rte_eth_dev_socket_id(id) };
         let socket = if socket < 0 { 0 } else { socket as u32 };
@@ -126,11 +140,21 @@ impl Port {
             )?;
             // SAFETY: as above.
             let ret = unsafe { sys::rte_eth_tx_queue_setup(id, q, ntx, socket, std::ptr::null()) };
-            check(ret, role, &format!("cannot set up TX queue {q}"), "lower dataplane.tx_descriptors")?;
+            check(
+                ret,
+                role,
+                &format!("cannot set up TX queue {q}"),
+                "lower dataplane.tx_descriptors",
+            )?;
         }
         // SAFETY: the port is configured with all its queues set up.
         let ret = unsafe { sys::rte_eth_dev_start(id) };
-        check(ret, role, &format!("cannot start {name}"), "check the interface exists and is not in use")?;
+        check(
+            ret,
+            role,
+            &format!("cannot start {name}"),
+            "check the interface exists and is not in use",
+        )?;
         // Every node sees frames for the cluster MAC, not its own: the wire port must be
         // promiscuous. Virtual ports without the notion (-ENOTSUP) are already.
         // SAFETY: valid started port.

@@ -116,6 +116,8 @@ pub struct RunReport {
     /// (lcore id, counters) per packet core.
     pub cores: Vec<(u32, CoreStats)>,
     pub total: CoreStats,
+    /// Seconds the packet loops ran.
+    pub elapsed_secs: f64,
 }
 
 impl std::fmt::Display for RunReport {
@@ -123,7 +125,7 @@ impl std::fmt::Display for RunReport {
         for (lcore, s) in &self.cores {
             writeln!(f, "core {lcore}: {s}")?;
         }
-        write!(f, "total: {}", self.total)
+        write!(f, "total: {} (loops ran {:.3} s)", self.total, self.elapsed_secs)
     }
 }
 
@@ -178,14 +180,9 @@ pub fn run(loaded: &Loaded, stop: Arc<AtomicBool>) -> Result<RunReport, StartErr
     eprintln!(
         "clonecluster: node {} running on cores {:?}: wire port {} ({}), host port {} ({}), \
          idle {:?}",
-        cfg.node.id,
-        dp.cores,
-        wire.name,
-        wire.id,
-        host.name,
-        host.id,
-        dp.idle
+        cfg.node.id, dp.cores, wire.name, wire.id, host.name, host.id, dp.idle
     );
+    let started = std::time::Instant::now();
     // SAFETY: `shared` outlives every packet loop: rte_eal_mp_wait_lcore below returns only
     // after all of them (including the one on this, the main lcore) have returned. The entry
     // point only reads `shared` (counters are atomics).
@@ -205,6 +202,7 @@ pub fn run(loaded: &Loaded, stop: Arc<AtomicBool>) -> Result<RunReport, StartErr
         }
         sys::rte_eal_mp_wait_lcore();
     }
+    let elapsed_secs = started.elapsed().as_secs_f64();
     let cores: Vec<(u32, CoreStats)> = shared
         .cores
         .iter()
@@ -215,13 +213,20 @@ pub fn run(loaded: &Loaded, stop: Arc<AtomicBool>) -> Result<RunReport, StartErr
     for (_, s) in &cores {
         total.add(s);
     }
-    tracing::debug!(in_use = pool.in_use(), "mbufs still out of the pool at stop");
+    tracing::debug!(
+        in_use = pool.in_use(),
+        "mbufs still out of the pool at stop"
+    );
     // Ports stop before the pool is freed, and the EAL is cleaned up last.
     drop(wire);
     drop(host);
     drop(pool);
     drop(eal);
-    Ok(RunReport { cores, total })
+    Ok(RunReport {
+        cores,
+        total,
+        elapsed_secs,
+    })
 }
 
 /// The C entry point DPDK calls on every packet lcore.
@@ -272,8 +277,20 @@ fn core_loop(shared: &Shared, index: usize) {
                     Action::Drop(reason) => bump(&counters.dropped[reason as usize], 1),
                 }
             }
-            flush(&mut to_host, shared.host, queue, &counters.host_tx, counters);
-            flush(&mut to_wire, shared.wire, queue, &counters.wire_tx, counters);
+            flush(
+                &mut to_host,
+                shared.host,
+                queue,
+                &counters.host_tx,
+                counters,
+            );
+            flush(
+                &mut to_wire,
+                shared.wire,
+                queue,
+                &counters.wire_tx,
+                counters,
+            );
         }
 
         let from_host = rx.rx(shared.host, queue);
@@ -292,8 +309,20 @@ fn core_loop(shared: &Shared, index: usize) {
                     Action::Drop(reason) => bump(&counters.dropped[reason as usize], 1),
                 }
             }
-            flush(&mut to_wire, shared.wire, queue, &counters.wire_tx, counters);
-            flush(&mut to_host, shared.host, queue, &counters.host_tx, counters);
+            flush(
+                &mut to_wire,
+                shared.wire,
+                queue,
+                &counters.wire_tx,
+                counters,
+            );
+            flush(
+                &mut to_host,
+                shared.host,
+                queue,
+                &counters.host_tx,
+                counters,
+            );
         }
 
         idle.after_poll(from_wire + from_host);
@@ -342,10 +371,7 @@ struct Idle {
 impl Idle {
     fn new(shared: &Shared, queue: u16) -> Idle {
         let mut mode = shared.idle;
-        let mut intr = [
-            (shared.wire, queue, false),
-            (shared.host, queue, false),
-        ];
+        let mut intr = [(shared.wire, queue, false), (shared.host, queue, false)];
         if mode == IdleMode::Interrupt {
             for (entry, capable) in intr.iter_mut().zip([shared.wire_intr, shared.host_intr]) {
                 if !capable {
@@ -368,7 +394,10 @@ impl Idle {
                 }
             }
             if !intr.iter().any(|e| e.2) {
-                tracing::info!(queue, "no port has RX interrupts: falling back to adaptive idle");
+                tracing::info!(
+                    queue,
+                    "no port has RX interrupts: falling back to adaptive idle"
+                );
                 mode = IdleMode::Adaptive;
             }
         }
@@ -382,7 +411,11 @@ impl Idle {
             max_sleep: shared.max_sleep.max(FIRST_SLEEP),
             intr,
             armed: false,
-            wait_ms: if all_capable { INTERRUPT_WAIT_MS } else { max_ms },
+            wait_ms: if all_capable {
+                INTERRUPT_WAIT_MS
+            } else {
+                max_ms
+            },
         }
     }
 

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, property and integration tests (the integration tests start the
+# real binary on DPDK vdevs and in network namespaces they create and remove).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+cargo build --workspace --all-targets --locked
+cargo test --workspace --all-targets --locked

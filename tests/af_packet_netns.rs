@@ -1,0 +1,161 @@
+//! The real binary on a `net_af_packet` wire port (a veth into a client namespace) and a
+//! `net_tap` host port into its own namespace's kernel. A client pings the cluster address
+//! through the engine; captures on both sides show the frames crossing unchanged, but for the
+//! Ethernet source of frames leaving on the wire, which is the node MAC.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x02];
+
+/// tcpdump on `iface` in `ns`, writing every frame to `file` as it arrives.
+fn capture(ns: &Netns, iface: &str, file: &std::path::Path) -> Proc {
+    let mut cmd = ns.cmd(&[
+        "tcpdump",
+        "-Z",
+        "root",
+        "--immediate-mode",
+        "-U",
+        "-n",
+        "-s",
+        "0",
+        "-i",
+        iface,
+        "-w",
+    ]);
+    cmd.arg(file).stdin(Stdio::null());
+    let mut p = Proc::spawn(cmd);
+    p.wait_stderr("listening on", Duration::from_secs(10));
+    p
+}
+
+#[test]
+fn ping_crosses_the_engine_and_only_the_source_mac_changes() {
+    require_root();
+    let scratch = Scratch::new();
+    let node = Netns::new("afn");
+    let client = Netns::new("afc");
+    let pid = std::process::id();
+    let (w, c) = (format!("cctw{pid}"), format!("cctc{pid}"));
+    sh(&["ip", "link", "add", &w, "type", "veth", "peer", "name", &c]);
+    sh(&["ip", "link", "set", &w, "netns", &node.name, "name", "w0"]);
+    sh(&["ip", "link", "set", &c, "netns", &client.name, "name", "c0"]);
+    // Silence: no IPv6 chatter anywhere (new interfaces such as the tap inherit `default`).
+    for ns in [&node, &client] {
+        ns.sh(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        ns.sh(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+    }
+    // Frames larger than an mbuf (GSO) must not reach af_packet.
+    node.sh(&[
+        "ethtool", "-K", "w0", "tso", "off", "gso", "off", "gro", "off",
+    ]);
+    client.sh(&[
+        "ethtool", "-K", "c0", "tso", "off", "gso", "off", "gro", "off",
+    ]);
+    client.sh(&["ip", "link", "set", "c0", "address", "02:00:00:00:aa:02"]);
+    client.sh(&["ip", "addr", "add", "198.18.0.2/24", "dev", "c0"]);
+    client.sh(&["ip", "link", "set", "c0", "up"]);
+    node.sh(&["ip", "link", "set", "w0", "up"]);
+
+    let config = scratch.write(
+        "node.yaml",
+        &node_config(
+            &format!("cct-af-{pid}"),
+            "net_af_packet0,iface=w0",
+            "net_tap0,iface=cc0",
+            "  idle: interrupt\n  idle_max_sleep: 1ms\n",
+        ),
+    );
+    let mut cmd = node.cmd(&[BIN, "run", "--json", "--config"]);
+    cmd.arg(&config);
+    let mut engine = Proc::spawn(cmd);
+    engine.wait_stderr("running on cores", Duration::from_secs(30));
+    // The engine gave the tap the cluster MAC; the node's kernel serves the cluster IP on it.
+    let link = node.sh(&["ip", "link", "show", "cc0"]);
+    assert!(
+        link.contains("02:cc:00:00:00:01"),
+        "tap MAC is not the cluster MAC: {link}"
+    );
+    node.sh(&["ip", "addr", "add", "198.18.0.1/24", "dev", "cc0"]);
+    node.sh(&["ip", "link", "set", "cc0", "up"]);
+
+    let client_pcap = scratch.path("client.pcap");
+    let host_pcap = scratch.path("host.pcap");
+    let cap_client = capture(&client, "c0", &client_pcap);
+    let cap_host = capture(&node, "cc0", &host_pcap);
+
+    let ping = client
+        .cmd(&[
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "-s",
+            "1200",
+            "198.18.0.1",
+        ])
+        .output()
+        .expect("ping");
+    assert!(
+        ping.status.success(),
+        "ping through the engine failed: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    let udp = client
+        .cmd(&["bash", "-c", "echo clonecluster > /dev/udp/198.18.0.1/9"])
+        .status()
+        .expect("udp");
+    assert!(udp.success());
+    std::thread::sleep(Duration::from_millis(500));
+    cap_client.terminate();
+    cap_host.terminate();
+    let (status, stdout, stderr) = engine.terminate();
+    assert!(status.success(), "{stderr}");
+
+    let at_client = read_pcap(&client_pcap);
+    let at_host = read_pcap(&host_pcap);
+    let from = |frames: &[Vec<u8>], mac: [u8; 6]| -> Vec<Vec<u8>> {
+        frames.iter().filter(|f| f[6..12] == mac).cloned().collect()
+    };
+
+    // Host-bound: what the client sent reaches the node's kernel byte for byte.
+    let sent = from(&at_client, CLIENT_MAC);
+    assert!(sent.len() >= 4, "client sent too little: {}", sent.len());
+    assert_eq!(from(&at_host, CLIENT_MAC), sent);
+
+    // Wire-bound: what the kernel sent (from the cluster MAC) reaches the client with the node
+    // MAC as source and nothing else changed; the cluster MAC never appears as a source.
+    let replied = from(&at_host, CLUSTER_MAC);
+    assert!(
+        replied.len() >= 4,
+        "kernel replied too little: {}",
+        replied.len()
+    );
+    let arrived = from(&at_client, NODE_MAC);
+    assert_eq!(arrived.len(), replied.len());
+    for (a, r) in arrived.iter().zip(&replied) {
+        assert_eq!(a[..6], r[..6]);
+        assert_eq!(a[12..], r[12..]);
+    }
+    assert!(
+        from(&at_client, CLUSTER_MAC).is_empty(),
+        "the cluster MAC leaked as a source"
+    );
+    // The ARP reply keeps the cluster MAC in its payload (sender hardware address).
+    let arp_reply = arrived
+        .iter()
+        .find(|f| f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2])
+        .expect("an ARP reply reached the client");
+    assert_eq!(arp_reply[22..28], CLUSTER_MAC);
+
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json report");
+    assert!(report["total"]["wire_rx"].as_u64().unwrap() >= sent.len() as u64);
+    assert!(report["total"]["wire_tx"].as_u64().unwrap() >= replied.len() as u64);
+}

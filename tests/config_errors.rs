@@ -1,0 +1,164 @@
+//! Bad input: every mistake fails with an error that names the file, the key and the fix, and
+//! exits non-zero without a panic or a backtrace.
+
+mod common;
+
+use common::*;
+
+fn assert_clean_failure(out: &std::process::Output, file: &str, key: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "should fail: {stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(file),
+        "error does not name the file {file}: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("`{key}`")),
+        "error does not name `{key}`: {stderr}"
+    );
+    assert!(
+        stderr.contains("fix:"),
+        "error does not say how to fix it: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+    stderr
+}
+
+fn good(prefix: &str) -> String {
+    node_config(prefix, "net_null0", "net_null1", "")
+}
+
+#[test]
+fn unknown_key() {
+    let s = Scratch::new();
+    let cfg = s.write(
+        "c.yaml",
+        &good("x").replace("  id: 1\n", "  id: 1\n  weigth: 5\n"),
+    );
+    let out = run_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    let err = assert_clean_failure(&out, "c.yaml", "node.weigth");
+    assert!(
+        err.contains("weight"),
+        "the fix should list the allowed keys: {err}"
+    );
+}
+
+#[test]
+fn bad_mac() {
+    let s = Scratch::new();
+    let cfg = s.write(
+        "c.yaml",
+        &good("x").replace("02:00:00:00:00:01", "02:00:00:00:00:zz"),
+    );
+    let out = run_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_clean_failure(&out, "c.yaml", "node.mac");
+}
+
+#[test]
+fn missing_secret_file() {
+    let s = Scratch::new();
+    let cfg = s.write(
+        "c.yaml",
+        &good("x").replace("secret_file: secret", "secret_file: nope"),
+    );
+    let out = run_cmd(&["run", "--config", cfg.to_str().unwrap()]);
+    let err = assert_clean_failure(&out, "c.yaml", "cluster.secret_file");
+    assert!(err.contains("/dev/urandom"), "{err}");
+}
+
+#[test]
+fn vdev_that_does_not_exist() {
+    require_root();
+    let s = Scratch::new();
+    let prefix = format!("cct-badvdev-{}", std::process::id());
+    let cfg = s.write(
+        "c.yaml",
+        &node_config(&prefix, "net_nosuchdriver0,foo=1", "net_null1", ""),
+    );
+    let out = run_cmd(&["run", "--config", cfg.to_str().unwrap()]);
+    let err = assert_clean_failure(&out, "c.yaml", "dataplane.wire_port");
+    assert!(err.contains("net_nosuchdriver0"), "{err}");
+}
+
+#[test]
+fn af_packet_on_a_missing_interface() {
+    require_root();
+    let s = Scratch::new();
+    let prefix = format!("cct-noif-{}", std::process::id());
+    let cfg = s.write(
+        "c.yaml",
+        &node_config(&prefix, "net_null0", "net_af_packet1,iface=cct-noif0", ""),
+    );
+    let out = run_cmd(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_clean_failure(&out, "c.yaml", "dataplane.host_port");
+}
+
+#[test]
+fn pool_too_large_for_the_eal_memory() {
+    // Caught before DPDK starts: the pool cannot fit in `-m`.
+    let s = Scratch::new();
+    let cfg = s.write(
+        "c.yaml",
+        &good("x").replace("pool_size: 4095", "pool_size: 100000"),
+    );
+    let out = run_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    let err = assert_clean_failure(&out, "c.yaml", "dataplane.pool_size");
+    assert!(err.contains("-m"), "{err}");
+}
+
+#[test]
+fn pool_too_large_for_memory_at_start() {
+    // Without `-m` the config cannot know the limit; DPDK's refusal is reported the same way.
+    require_root();
+    let s = Scratch::new();
+    let prefix = format!("cct-bigpool-{}", std::process::id());
+    let text = good(&prefix)
+        .replace(r#"[--no-huge, -m, "128", "#, "[--no-huge, ")
+        .replace("pool_size: 4095", "pool_size: 4000000");
+    let cfg = s.write("c.yaml", &text);
+    let out = run_cmd(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_clean_failure(&out, "c.yaml", "dataplane.pool_size");
+}
+
+#[test]
+fn unreadable_config_file() {
+    let out = run_cmd(&["check", "--config", "/nonexistent/cct.yaml"]);
+    assert_clean_failure(&out, "/nonexistent/cct.yaml", "(file)");
+}
+
+#[test]
+fn check_prints_the_effective_config() {
+    let s = Scratch::new();
+    let cfg = s.write("c.yaml", &good("x"));
+    let out = run_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Defaults are filled in.
+    assert!(text.contains("interval: 100ms"), "{text}");
+    assert!(text.contains("idle: busy"), "{text}");
+    assert!(text.contains("weight: 100"), "{text}");
+}
+
+#[test]
+fn the_example_configs_are_valid() {
+    let s = Scratch::new();
+    for name in ["lab-node.yaml", "pci-node.yaml"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf").join(name);
+        let text = std::fs::read_to_string(&path).expect("example config");
+        // Point the secret at the test's own file; everything else as shipped.
+        let text = text.replace("/etc/clonecluster/secret", "secret");
+        let cfg = s.write(name, &text);
+        let out = run_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
