@@ -145,6 +145,11 @@ impl Burst {
         let n =
             unsafe { sys::rte_eth_rx_burst(port, queue, self.slots.as_mut_ptr(), BURST as u16) };
         self.len = usize::from(n);
+        // Ask for every frame's first cache line now, so the misses overlap instead of being
+        // paid one after the other while the burst is processed.
+        for &m in &self.slots[..self.len] {
+            prefetch_frame(m);
+        }
         self.len
     }
 
@@ -203,9 +208,6 @@ impl Iterator for Drain<'_> {
     fn next(&mut self) -> Option<Mbuf> {
         let raw = *self.slots.get(self.next)?;
         self.next += 1;
-        if let Some(&ahead) = self.slots.get(self.next) {
-            prefetch_frame(ahead);
-        }
         // SAFETY: each slot below the burst's old length holds an mbuf owned by the burst,
         // and each is handed out once.
         Some(unsafe { Mbuf::from_raw(NonNull::new_unchecked(raw)) })
@@ -220,10 +222,10 @@ impl Drop for Drain<'_> {
     }
 }
 
-/// Warms the cache line holding the start of the frame in `m` (the next one in the burst).
+/// Warms the cache line holding the start of the frame in `m`.
 #[inline(always)]
 fn prefetch_frame(m: *mut sys::rte_mbuf) {
-    // SAFETY: `m` is a valid mbuf of the burst being drained (owned by it); reading its
+    // SAFETY: `m` is a valid mbuf just received into the burst (owned by it); reading its
     // buf_addr and data_off fields is sound, and computing the address does not dereference
     // the frame.
     let data = unsafe { ((*m).buf_addr as *const u8).add(usize::from((*m).data_off)) };
