@@ -159,7 +159,8 @@ impl fmt::Debug for FlowKey {
 /// The keyed bucket hash (see the module doc for the exact algorithm).
 #[derive(Clone)]
 pub struct BucketHasher {
-    sip: SipHasher13,
+    k0: u64,
+    k1: u64,
 }
 
 impl BucketHasher {
@@ -170,15 +171,14 @@ impl BucketHasher {
 
     /// A hasher with an already derived 128-bit key.
     pub fn from_key(key: &[u8; 16]) -> BucketHasher {
-        BucketHasher {
-            sip: SipHasher13::new_with_key(key),
-        }
+        let (k0, k1) = SipHasher13::new_with_key(key).keys();
+        BucketHasher { k0, k1 }
     }
 
     /// The full 64-bit hash of a flow key.
     #[inline]
     pub fn hash(&self, key: &FlowKey) -> u64 {
-        self.sip.hash(key.as_bytes())
+        sip13(self.k0, self.k1, key.as_bytes())
     }
 
     /// The bucket of a flow key: the hash's low 16 bits.
@@ -187,6 +187,55 @@ impl BucketHasher {
         // Truncation is the definition: hash mod 65536.
         Bucket(self.hash(key) as u16)
     }
+}
+
+/// SipHash-1-3 of a fixed-size message, unrolled by the compiler: the same value as
+/// `siphasher`'s `SipHasher13` (checked by `sip13_is_siphash13`), without its generic
+/// buffering. Shared with the flow table and the fragment tracker.
+#[inline]
+pub(crate) fn sip13<const N: usize>(k0: u64, k1: u64, m: &[u8; N]) -> u64 {
+    #[inline(always)]
+    fn round(v: &mut [u64; 4]) {
+        v[0] = v[0].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(13) ^ v[0];
+        v[0] = v[0].rotate_left(32);
+        v[2] = v[2].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(16) ^ v[2];
+        v[0] = v[0].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(21) ^ v[0];
+        v[2] = v[2].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(17) ^ v[2];
+        v[2] = v[2].rotate_left(32);
+    }
+    #[inline(always)]
+    fn compress(v: &mut [u64; 4], w: u64) {
+        v[3] ^= w;
+        round(v);
+        v[0] ^= w;
+    }
+    let mut v = [
+        k0 ^ 0x736f_6d65_7073_6575,
+        k1 ^ 0x646f_7261_6e64_6f6d,
+        k0 ^ 0x6c79_6765_6e65_7261,
+        k1 ^ 0x7465_6462_7974_6573,
+    ];
+    let full = N / 8 * 8;
+    let mut i = 0;
+    while i < full {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&m[i..i + 8]);
+        compress(&mut v, u64::from_le_bytes(b));
+        i += 8;
+    }
+    let mut b = [0u8; 8];
+    b[..N - full].copy_from_slice(&m[full..]);
+    // The last word carries the message length (mod 256) in its top byte.
+    compress(&mut v, u64::from_le_bytes(b) | ((N as u64) << 56));
+    v[2] ^= 0xff;
+    round(&mut v);
+    round(&mut v);
+    round(&mut v);
+    v[0] ^ v[1] ^ v[2] ^ v[3]
 }
 
 impl fmt::Debug for BucketHasher {
@@ -268,8 +317,8 @@ mod tests {
         assert_eq!(
             key,
             [
-                0x5b, 0xdc, 0xc1, 0x46, 0xbf, 0x60, 0x75, 0x4e, 0x6a, 0x04, 0x24, 0x26, 0x08,
-                0x95, 0x75, 0xc7
+                0x5b, 0xdc, 0xc1, 0x46, 0xbf, 0x60, 0x75, 0x4e, 0x6a, 0x04, 0x24, 0x26, 0x08, 0x95,
+                0x75, 0xc7
             ]
         );
         // Different labels give independent keys.
@@ -285,12 +334,48 @@ mod tests {
     fn pinned_hash_vectors() {
         let h = BucketHasher::new(SECRET);
         let cases: [(Affinity, IpAddr, u16, u8, u64); 6] = [
-            (Affinity::None, v4(192, 0, 2, 1), 40000, 6, 0x_PIN0),
-            (Affinity::None, v4(198, 51, 100, 9), 53, 17, 0x_PIN1),
-            (Affinity::Single, v4(203, 0, 113, 77), 0, 0, 0x_PIN2),
-            (Affinity::Network, v4(203, 0, 113, 77), 0, 0, 0x_PIN3),
-            (Affinity::None, v6("2001:db8::1"), 443, 6, 0x_PIN4),
-            (Affinity::Network, v6("2001:db8:aaaa:bbbb:1:2:3:4"), 0, 0, 0x_PIN5),
+            (
+                Affinity::None,
+                v4(192, 0, 2, 1),
+                40000,
+                6,
+                0x6f94_8905_8c49_8be1,
+            ),
+            (
+                Affinity::None,
+                v4(198, 51, 100, 9),
+                53,
+                17,
+                0x3c1d_b1bc_4749_aa55,
+            ),
+            (
+                Affinity::Single,
+                v4(203, 0, 113, 77),
+                0,
+                0,
+                0x0a74_d268_fcf9_2cad,
+            ),
+            (
+                Affinity::Network,
+                v4(203, 0, 113, 77),
+                0,
+                0,
+                0x2071_8f1e_f341_4bb0,
+            ),
+            (
+                Affinity::None,
+                v6("2001:db8::1"),
+                443,
+                6,
+                0xe2a6_eced_1486_4bcd,
+            ),
+            (
+                Affinity::Network,
+                v6("2001:db8:aaaa:bbbb:1:2:3:4"),
+                0,
+                0,
+                0xbf14_bd3c_0e84_afed,
+            ),
         ];
         for (affinity, ip, port, proto, want) in cases {
             let key = FlowKey::new(affinity, ip, port, proto);
@@ -300,7 +385,7 @@ mod tests {
         }
         assert_eq!(
             derive_key(SECRET, BUCKET_KEY_LABEL),
-            [PIN_KEY]
+            [197, 122, 72, 172, 151, 13, 148, 240, 48, 20, 85, 31, 202, 117, 27, 53]
         );
     }
 
@@ -317,6 +402,18 @@ mod tests {
         // 1024 expected per range; 6 sigma is about 192.
         for c in counts {
             assert!((832..=1216).contains(&c), "{c}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn sip13_is_siphash13(key: [u8; 16], m20: [u8; 20], m37 in proptest::array::uniform::<_, 37>(0u8..)) {
+            let sip = SipHasher13::new_with_key(&key);
+            let (k0, k1) = sip.keys();
+            proptest::prop_assert_eq!(sip13(k0, k1, &m20), sip.hash(&m20));
+            proptest::prop_assert_eq!(sip13(k0, k1, &m37), sip.hash(&m37));
+            proptest::prop_assert_eq!(sip13(k0, k1, &[0u8; 0]), sip.hash(&[]));
+            proptest::prop_assert_eq!(sip13(k0, k1, &[7u8; 8]), sip.hash(&[7; 8]));
         }
     }
 

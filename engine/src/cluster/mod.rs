@@ -170,3 +170,38 @@ pub enum ClusterError {
     #[error("{0} is listed twice in the membership")]
     DuplicateMember(NodeId),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_are_1_to_64() {
+        assert_eq!(NodeId::new(0), None);
+        assert_eq!(NodeId::new(65), None);
+        assert_eq!(NodeId::new(1).map(NodeId::index), Some(0));
+        assert_eq!(NodeId::new(64).map(NodeId::get), Some(64));
+        assert_eq!(std::mem::size_of::<Option<NodeId>>(), 1);
+        assert_eq!(NodeId::try_from(65), Err(ClusterError::InvalidNodeId(65)));
+    }
+
+    #[test]
+    fn serde_forms() {
+        let a: Vec<Affinity> = serde_json::from_str(r#"["none", "single", "network"]"#).unwrap();
+        assert_eq!(a, [Affinity::None, Affinity::Single, Affinity::Network]);
+        assert_eq!(
+            serde_json::to_string(&Affinity::Network).unwrap(),
+            r#""network""#
+        );
+        assert!(serde_json::from_str::<Affinity>(r#""per-ip""#).is_err());
+
+        let m: Member = serde_json::from_str(r#"{"id": 3, "weight": 100}"#).unwrap();
+        assert_eq!(m, Member::new(3, 100).unwrap());
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"id":3,"weight":100}"#
+        );
+        assert!(serde_json::from_str::<Member>(r#"{"id": 0, "weight": 1}"#).is_err());
+        assert!(serde_json::from_str::<Member>(r#"{"id": 1, "weight": 0}"#).is_err());
+    }
+}
