@@ -68,7 +68,8 @@ dataplane:
     let out = child.wait_with_output().expect("engine output");
     let report: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("engine JSON report");
-    let frames = report["total"]["host_tx"].as_u64().unwrap() + report["total"]["wire_tx"].as_u64().unwrap();
+    let frames =
+        report["total"]["host_tx"].as_u64().unwrap() + report["total"]["wire_tx"].as_u64().unwrap();
     frames as f64 / report["elapsed_secs"].as_f64().unwrap()
 }
 
@@ -181,7 +182,11 @@ fn main() {
             continue;
         }
         let rate = median(rates);
-        println!("{:<28} {:>10.2}", format!("dpdk-testpmd {mode}"), rate / 1e6);
+        println!(
+            "{:<28} {:>10.2}",
+            format!("dpdk-testpmd {mode}"),
+            rate / 1e6
+        );
         println!("ratio engine / testpmd {mode}: {:.3}", engine / rate);
     }
 }

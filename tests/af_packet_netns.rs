@@ -1,7 +1,8 @@
 //! The real binary on a `net_af_packet` wire port (a veth into a client namespace) and a
 //! `net_tap` host port into its own namespace's kernel. A client pings the cluster address
 //! through the engine; captures on both sides show the frames crossing unchanged, but for the
-//! Ethernet source of frames leaving on the wire, which is the node MAC.
+//! Ethernet source of frames leaving on the wire, which is the node MAC, and for the ARP request
+//! for the cluster IP, which the engine answers itself.
 
 mod common;
 
@@ -59,6 +60,10 @@ fn ping_crosses_the_engine_and_only_the_source_mac_changes() {
     client.sh(&["ip", "link", "set", "c0", "address", "02:00:00:00:aa:02"]);
     client.sh(&["ip", "addr", "add", "198.18.0.2/24", "dev", "c0"]);
     client.sh(&["ip", "link", "set", "c0", "up"]);
+    // The node's kernel must never speak on the wire veth itself: with the cluster IP on cc0 it
+    // would otherwise answer ARP for it on w0 too (Linux answers for any local address on any
+    // interface), from w0's own MAC, racing the engine.
+    node.sh(&["ip", "link", "set", "w0", "arp", "off"]);
     node.sh(&["ip", "link", "set", "w0", "up"]);
 
     let config = scratch.write(
@@ -121,14 +126,39 @@ fn ping_crosses_the_engine_and_only_the_source_mac_changes() {
 
     let at_client = read_pcap(&client_pcap);
     let at_host = read_pcap(&host_pcap);
+    // On failure, show both captures the way an operator would read them.
+    let show = |p: &std::path::Path| {
+        let out = std::process::Command::new("tcpdump")
+            .args(["-e", "-n", "-r"])
+            .arg(p)
+            .output()
+            .expect("tcpdump -r");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let context = format!(
+        "client side:\n{}\nhost side:\n{}",
+        show(&client_pcap),
+        show(&host_pcap)
+    );
     let from = |frames: &[Vec<u8>], mac: [u8; 6]| -> Vec<Vec<u8>> {
         frames.iter().filter(|f| f[6..12] == mac).cloned().collect()
     };
 
-    // Host-bound: what the client sent reaches the node's kernel byte for byte.
+    let is_arp_request_for_cluster =
+        |f: &[u8]| f[12..14] == [8, 6] && f[20..22] == [0, 1] && f[38..42] == [198, 18, 0, 1];
+    let is_engine_arp_reply =
+        |f: &[u8]| f[12..14] == [8, 6] && f[20..22] == [0, 2] && f[28..32] == [198, 18, 0, 1];
+
+    // Host-bound: what the client sent reaches the node's kernel byte for byte, but for its
+    // ARP request for the cluster IP, which the engine answers itself.
     let sent = from(&at_client, CLIENT_MAC);
-    assert!(sent.len() >= 4, "client sent too little: {}", sent.len());
-    assert_eq!(from(&at_host, CLIENT_MAC), sent);
+    assert!(sent.len() >= 4, "client sent too little: {context}");
+    let expected: Vec<Vec<u8>> = sent
+        .iter()
+        .filter(|f| !is_arp_request_for_cluster(f))
+        .cloned()
+        .collect();
+    assert!(from(&at_host, CLIENT_MAC) == expected, "{context}");
 
     // Wire-bound: what the kernel sent (from the cluster MAC) reaches the client with the node
     // MAC as source and nothing else changed; the cluster MAC never appears as a source.
@@ -138,8 +168,10 @@ fn ping_crosses_the_engine_and_only_the_source_mac_changes() {
         "kernel replied too little: {}",
         replied.len()
     );
-    let arrived = from(&at_client, NODE_MAC);
-    assert_eq!(arrived.len(), replied.len());
+    let (engine_replies, arrived): (Vec<Vec<u8>>, Vec<Vec<u8>>) = from(&at_client, NODE_MAC)
+        .into_iter()
+        .partition(|f| is_engine_arp_reply(f));
+    assert_eq!(arrived.len(), replied.len(), "{context}");
     for (a, r) in arrived.iter().zip(&replied) {
         assert_eq!(a[..6], r[..6]);
         assert_eq!(a[12..], r[12..]);
@@ -148,12 +180,17 @@ fn ping_crosses_the_engine_and_only_the_source_mac_changes() {
         from(&at_client, CLUSTER_MAC).is_empty(),
         "the cluster MAC leaked as a source"
     );
-    // The ARP reply keeps the cluster MAC in its payload (sender hardware address).
-    let arp_reply = arrived
-        .iter()
-        .find(|f| f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2])
-        .expect("an ARP reply reached the client");
-    assert_eq!(arp_reply[22..28], CLUSTER_MAC);
+    // The engine answered the ARP request: node MAC in the header, cluster MAC in the payload.
+    assert_eq!(engine_replies.len(), 1, "{context}");
+    assert_eq!(engine_replies[0][6..12], NODE_MAC);
+    assert_eq!(engine_replies[0][22..28], CLUSTER_MAC);
+    // Nothing but the engine spoke on the wire: no frame from another source MAC.
+    assert!(
+        at_client
+            .iter()
+            .all(|f| f[6..12] == CLIENT_MAC || f[6..12] == NODE_MAC),
+        "{context}"
+    );
 
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json report");
     assert!(report["total"]["wire_rx"].as_u64().unwrap() >= sent.len() as u64);

@@ -149,7 +149,9 @@ fn check_prints_the_effective_config() {
 fn the_example_configs_are_valid() {
     let s = Scratch::new();
     for name in ["lab-node.yaml", "pci-node.yaml"] {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf").join(name);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../conf")
+            .join(name);
         let text = std::fs::read_to_string(&path).expect("example config");
         // Point the secret at the test's own file; everything else as shipped.
         let text = text.replace("/etc/clonecluster/secret", "secret");

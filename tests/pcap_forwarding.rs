@@ -1,6 +1,6 @@
-//! The real binary on `net_pcap` vdevs: a committed capture enters on the wire port, the same
-//! frames as the host would send them enter on the host port; what leaves is compared byte for
-//! byte.
+//! The real binary on `net_pcap` vdevs: a committed capture enters on the wire port, the
+//! server's side of it enters on the host port (as the node's kernel would send it); what leaves
+//! each port is compared byte for byte with what the Clone Cluster rules say.
 
 mod common;
 
@@ -58,25 +58,63 @@ fn frames_cross_the_engine_in_both_directions() {
     let (status, stdout, stderr) = engine.terminate();
     assert!(status.success(), "engine failed: {stderr}");
 
-    // Host-bound frames leave unchanged, in order.
+    // Host-bound: this node is alone, so it owns every flow. Frames for the cluster MAC and
+    // group frames reach the host unchanged, in order; frames for other MACs do not; the ARP
+    // request for the cluster IP is answered by the engine instead.
+    let is_arp_request_for_cluster =
+        |f: &[u8]| f[12..14] == [8, 6] && f[20..22] == [0, 1] && f[38..42] == [198, 18, 0, 1];
+    let expected_host: Vec<Vec<u8>> = wire_frames
+        .iter()
+        .filter(|f| (f[..6] == CLUSTER_MAC || f[0] & 1 == 1) && !is_arp_request_for_cluster(f))
+        .cloned()
+        .collect();
+    let arp_requests = wire_frames
+        .iter()
+        .filter(|f| is_arp_request_for_cluster(f))
+        .count();
+    assert!(
+        arp_requests > 0,
+        "the fixture holds an ARP request for the cluster IP"
+    );
     let to_host = read_pcap(&host_out);
-    assert_eq!(to_host.len(), wire_frames.len(), "{stdout}\n{stderr}");
-    assert_eq!(to_host, wire_frames);
+    assert_eq!(to_host, expected_host, "{stdout}\n{stderr}");
 
-    // Wire-bound frames carry the node MAC as source, and nothing else changed.
+    // Wire-bound: the host's frames with the node MAC as source and nothing else changed, but
+    // for the kernel's own ARP reply for the cluster IP (suppressed); plus the engine's ARP
+    // replies: node MAC in the header, cluster MAC in the payload.
+    let is_arp_reply_from_cluster =
+        |f: &[u8]| f[12..14] == [8, 6] && f[20..22] == [0, 2] && f[28..32] == [198, 18, 0, 1];
     let to_wire = read_pcap(&wire_out);
-    assert_eq!(to_wire.len(), host_frames.len(), "{stdout}\n{stderr}");
-    for (out, sent) in to_wire.iter().zip(&host_frames) {
+    let (replies, forwarded): (Vec<Vec<u8>>, Vec<Vec<u8>>) = to_wire
+        .into_iter()
+        .partition(|f| is_arp_reply_from_cluster(f));
+    let expected_forwarded: Vec<&Vec<u8>> = host_frames
+        .iter()
+        .filter(|f| !is_arp_reply_from_cluster(f))
+        .collect();
+    assert_eq!(
+        forwarded.len(),
+        expected_forwarded.len(),
+        "{stdout}\n{stderr}"
+    );
+    for (out, sent) in forwarded.iter().zip(&expected_forwarded) {
         assert_eq!(out[6..12], NODE_MAC);
         assert_eq!(out[..6], sent[..6]);
         assert_eq!(out[12..], sent[12..]);
     }
+    assert_eq!(replies.len(), arp_requests);
+    for r in &replies {
+        assert_eq!(r[6..12], NODE_MAC, "ARP reply header source");
+        assert_eq!(r[22..28], CLUSTER_MAC, "ARP reply sender hardware address");
+    }
 
     // The counters printed at exit agree with what came out.
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json report");
-    assert_eq!(report["total"]["wire_rx"], wire_frames.len() as u64);
-    assert_eq!(report["total"]["host_tx"], wire_frames.len() as u64);
-    assert_eq!(report["total"]["host_rx"], host_frames.len() as u64);
-    assert_eq!(report["total"]["wire_tx"], host_frames.len() as u64);
-    assert_eq!(report["total"]["tx_unsent"], 0);
+    let total = &report["total"];
+    assert_eq!(total["wire_rx"], wire_frames.len() as u64);
+    assert_eq!(total["host_tx"], expected_host.len() as u64);
+    assert_eq!(total["host_rx"], host_frames.len() as u64);
+    assert_eq!(total["wire_tx"], (forwarded.len() + replies.len()) as u64);
+    assert_eq!(total["replies"], replies.len() as u64);
+    assert_eq!(total["tx_unsent"], 0);
 }

@@ -7,70 +7,26 @@
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// A 48-bit Ethernet address as written in YAML: `02:cc:00:00:00:01`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct MacAddr(pub [u8; 6]);
+pub use crate::cluster::Affinity;
+use crate::wire::EthernetAddress;
 
-impl MacAddr {
-    pub fn is_multicast(&self) -> bool {
-        self.0[0] & 1 == 1
-    }
-    pub fn is_zero(&self) -> bool {
-        self.0 == [0; 6]
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
-    }
-}
-
-impl fmt::Debug for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl FromStr for MacAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad =
-            || format!("`{s}` is not a MAC address; write six hex bytes like 02:cc:00:00:00:01");
-        let mut out = [0u8; 6];
-        let mut parts = s.split([':', '-']);
-        for byte in &mut out {
-            let part = parts.next().ok_or_else(bad)?;
-            if part.len() != 2 {
-                return Err(bad());
-            }
-            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
-        }
-        if parts.next().is_some() {
-            return Err(bad());
-        }
-        Ok(MacAddr(out))
-    }
-}
-
-impl<'de> Deserialize<'de> for MacAddr {
+// A MAC as written in YAML: `02:cc:00:00:00:01`.
+impl<'de> Deserialize<'de> for EthernetAddress {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        s.parse().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a MAC address; write six hex bytes like 02:cc:00:00:00:01"
+            ))
+        })
     }
 }
 
-impl Serialize for MacAddr {
+impl Serialize for EthernetAddress {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
     }
@@ -118,26 +74,13 @@ pub struct ClusterConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip6: Option<Ipv6Addr>,
     /// The shared cluster MAC: never used as a source address on the wire.
-    pub mac: MacAddr,
+    pub mac: EthernetAddress,
     /// File holding the cluster secret (keys the bucket hash and the control-message MACs).
     pub secret_file: PathBuf,
     #[serde(default)]
     pub affinity: Affinity,
     #[serde(default)]
     pub policy: Policy,
-}
-
-/// What a flow key keeps of the client (see DESIGN.md, "Words").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Affinity {
-    /// Per connection: (src IP, src port, protocol).
-    #[default]
-    None,
-    /// Per client: src IP.
-    Single,
-    /// Per client network: src /24 (IPv4) or /64 (IPv6).
-    Network,
 }
 
 /// How buckets are shared among live nodes.
@@ -160,7 +103,7 @@ pub struct NodeConfig {
     /// 1..=64, unique in the cluster.
     pub id: u8,
     /// This node's own MAC: the Ethernet source of every frame it sends.
-    pub mac: MacAddr,
+    pub mac: EthernetAddress,
     #[serde(default = "default_weight")]
     pub weight: u32,
 }
@@ -309,6 +252,10 @@ pub struct DataplaneConfig {
     /// Longest sleep of the `adaptive` idle mode (and epoll timeout of `interrupt`).
     #[serde(default = "default_idle_max_sleep")]
     pub idle_max_sleep: Span,
+    /// Flows each packet core can track (the flow table's capacity, rounded up to a power of
+    /// two).
+    #[serde(default = "default_flow_capacity")]
+    pub flow_capacity: u32,
     /// Number of mbufs in the packet pool.
     #[serde(default = "default_pool_size")]
     pub pool_size: u32,
@@ -323,6 +270,9 @@ fn default_cores() -> Vec<u32> {
 }
 fn default_idle_max_sleep() -> Span {
     Span(Duration::from_micros(500))
+}
+fn default_flow_capacity() -> u32 {
+    1 << 18
 }
 fn default_pool_size() -> u32 {
     8191
@@ -439,14 +389,14 @@ impl Config {
                 "use a positive weight (100 is the default); to take a node out, drain it",
             ));
         }
-        if self.cluster.mac.is_multicast() || self.cluster.mac.is_zero() {
+        if !self.cluster.mac.is_unicast() || self.cluster.mac == EthernetAddress::ZERO {
             return Err(err(
                 "cluster.mac",
                 format!("{} is not a unicast address", self.cluster.mac),
                 "use a locally administered unicast MAC such as 02:cc:00:00:00:01",
             ));
         }
-        if self.node.mac.is_multicast() || self.node.mac.is_zero() {
+        if !self.node.mac.is_unicast() || self.node.mac == EthernetAddress::ZERO {
             return Err(err(
                 "node.mac",
                 format!("{} is not a unicast address", self.node.mac),
@@ -536,6 +486,13 @@ impl Config {
                      prefix with dataplane.file_prefix",
                 ));
             }
+        }
+        if !(1024..=1 << 26).contains(&dp.flow_capacity) {
+            return Err(err(
+                "dataplane.flow_capacity",
+                format!("{} flows per core is out of range", dp.flow_capacity),
+                "use 1024 to 67108864 (262144 is the default)",
+            ));
         }
         if dp.pool_size < 1024 {
             return Err(err(
@@ -769,10 +726,12 @@ dataplane:
 
     #[test]
     fn mac_parse() {
-        assert_eq!("02:CC:00:00:00:0a".parse::<MacAddr>().unwrap().0[5], 10);
-        assert!("02:cc:00:00:00".parse::<MacAddr>().is_err());
-        assert!("02:cc:00:00:00:00:00".parse::<MacAddr>().is_err());
-        assert!("02:cc:00:00:00:0g".parse::<MacAddr>().is_err());
-        assert!("2:cc:00:00:00:01".parse::<MacAddr>().is_err());
+        assert_eq!(
+            "02:CC:00:00:00:0a".parse::<EthernetAddress>().unwrap().0[5],
+            10
+        );
+        assert!("02:cc:00:00:00".parse::<EthernetAddress>().is_err());
+        assert!("02:cc:00:00:00:00:00".parse::<EthernetAddress>().is_err());
+        assert!("02:cc:00:00:00:0g".parse::<EthernetAddress>().is_err());
     }
 }

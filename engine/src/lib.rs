@@ -7,9 +7,13 @@
 //! - [`config`]: the YAML configuration, typed and validated.
 //! - [`wire`]: zero-copy packet views and builders (Ethernet/VLAN, ARP, IPv4/IPv6, TCP, UDP,
 //!   ICMPv4/ICMPv6 with neighbour discovery) and the one-pass classifier; no DPDK types.
+//! - [`cluster`]: flow keys, buckets, the ownership table, flow and fragment tracking (pure logic).
 //! - [`pipeline`]: what a packet core does with each frame (pure Rust over byte slices).
+//! - [`replay`]: N simulated nodes over a pcap: duplicates and orphans, offline.
 //! - [`dataplane`]: the only code that touches DPDK: EAL, ports, mbufs, per-core loops.
+pub mod cluster;
 pub mod config;
 pub mod dataplane;
 pub mod pipeline;
+pub mod replay;
 pub mod wire;

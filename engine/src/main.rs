@@ -30,6 +30,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run N simulated nodes (ids 1..=N, this cluster's config) over every frame of a pcap and
+    /// report what each delivered, answered or dropped, with duplicates and orphans.
+    Replay {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Number of simulated nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: u8,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The capture to replay.
+        pcap: PathBuf,
+    },
     /// Validate a configuration and print it with every default filled in.
     Check {
         #[arg(long, short)]
@@ -62,6 +76,25 @@ fn execute(cli: Cli) -> Result<(), String> {
             let loaded = Config::load(&config).map_err(|e| e.to_string())?;
             println!("# {}: valid", config.display());
             print!("{}", loaded.config.to_yaml());
+            Ok(())
+        }
+        Command::Replay {
+            config,
+            nodes,
+            json,
+            pcap,
+        } => {
+            let loaded = Config::load(&config).map_err(|e| e.to_string())?;
+            let frames = clonecluster::replay::read_pcap(&pcap)?;
+            let report = clonecluster::replay::replay(&loaded, nodes, frames)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!("{report}");
+            }
             Ok(())
         }
         Command::Run { config, json } => {

@@ -2,40 +2,99 @@
 //!
 //! The data plane hands every frame from the wire port to [`Pipeline::from_wire`] and every
 //! frame from the host port to [`Pipeline::from_host`], and carries out the returned
-//! [`Action`]. Keeping the logic here means it is unit-tested, replayed over pcaps and
-//! benchmarked without DPDK.
+//! [`Action`]. The same code runs in `clonecluster replay` over pcaps and in the benchmarks.
+//!
+//! The decision for a frame from the wire (DESIGN.md, "Data path"):
+//! - TCP/UDP to the cluster: the owner of the flow key's bucket delivers it.
+//! - ICMP errors: the owner of the flow they quote (so path-MTU discovery reaches the node that
+//!   holds the connection). ICMP echo and other IP protocols: by source address.
+//! - Later IP fragments: the node that owned the first fragment; one that arrives before its
+//!   first is held briefly ([`Action::Hold`]).
+//! - ARP requests and neighbour solicitations for the cluster address: ONE designated node (the
+//!   owner of the requester's bucket) answers, from its node MAC, with the cluster MAC inside.
+//! - Broadcast, multicast, neighbour discovery, and frames for the node's own MAC: every node's
+//!   host gets them. Unicast for any other MAC: dropped.
+//!
+//! This module never panics on a frame, never allocates per frame and never reads a clock:
+//! callers pass `now` in nanoseconds.
 
-use crate::config::MacAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cluster::{
+    derive_key, Affinity, Bucket, BucketHasher, FlowId, FlowKey, FlowTable, FlowTimeouts,
+    FragmentKey, FragmentTracker, FragmentVerdict, NodeId, OwnershipTable, TcpFlags,
+};
+use crate::wire::{self, arp, icmpv6, parse_l2_l4, EtherType, EthernetAddress, IpProtocol, Parsed};
+
+/// The EtherType of wire heartbeats (IEEE 802 "local experimental 1").
+pub const HEARTBEAT_ETHERTYPE: u16 = 0x88b5;
 
 /// Why a frame was dropped. Counted per reason; never a panic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum DropReason {
-    /// Shorter than an Ethernet header, or otherwise unparseable.
-    Malformed = 0,
-    /// Another node owns the flow.
-    NotOwned = 1,
-    /// From the host: a frame only the engine may send (its ARP replies for the cluster IP).
-    HostSuppressed = 2,
+    /// Unparseable, by what the parser found wrong.
+    Malformed(wire::Error),
+    /// Another node owns the flow (or answers the request).
+    NotOwned,
+    /// Unicast for a MAC that is neither the cluster's nor this node's.
+    NotForUs,
+    /// From the host: a frame only the engine may send (its ARP/ND answers for the cluster
+    /// address, gratuitous ARP, duplicate-address probes for it).
+    HostSuppressed,
     /// Frames spanning several mbuf segments (jumbo frames we did not configure for).
-    Chained = 3,
+    Chained,
+    /// A held fragment whose first fragment never came, or no room to hold it.
+    FragmentExpired,
 }
 
-impl DropReason {
-    pub const COUNT: usize = 4;
-    pub const ALL: [DropReason; Self::COUNT] = [
-        DropReason::Malformed,
-        DropReason::NotOwned,
-        DropReason::HostSuppressed,
-        DropReason::Chained,
-    ];
+const BASE_REASONS: usize = 5;
 
-    pub fn as_str(self) -> &'static str {
+impl DropReason {
+    /// Number of distinct counters ([`DropReason::index`] is below it).
+    pub const COUNT: usize = BASE_REASONS + wire::Error::ALL.len();
+
+    /// A dense index for counter arrays.
+    #[inline]
+    pub fn index(self) -> usize {
         match self {
-            DropReason::Malformed => "malformed",
-            DropReason::NotOwned => "not-owned",
-            DropReason::HostSuppressed => "host-suppressed",
-            DropReason::Chained => "chained",
+            DropReason::NotOwned => 0,
+            DropReason::NotForUs => 1,
+            DropReason::HostSuppressed => 2,
+            DropReason::Chained => 3,
+            DropReason::FragmentExpired => 4,
+            DropReason::Malformed(e) => BASE_REASONS + e.index(),
+        }
+    }
+
+    /// Every reason, in index order.
+    pub fn all() -> [DropReason; Self::COUNT] {
+        let mut out = [DropReason::NotOwned; Self::COUNT];
+        for r in [
+            DropReason::NotOwned,
+            DropReason::NotForUs,
+            DropReason::HostSuppressed,
+            DropReason::Chained,
+            DropReason::FragmentExpired,
+        ]
+        .into_iter()
+        .chain(wire::Error::ALL.into_iter().map(DropReason::Malformed))
+        {
+            out[r.index()] = r;
+        }
+        out
+    }
+
+    /// A label for logs and metrics, e.g. `not-owned`, `malformed-truncated`.
+    pub fn label(self) -> String {
+        match self {
+            DropReason::NotOwned => "not-owned".into(),
+            DropReason::NotForUs => "not-for-us".into(),
+            DropReason::HostSuppressed => "host-suppressed".into(),
+            DropReason::Chained => "chained".into(),
+            DropReason::FragmentExpired => "fragment-expired".into(),
+            DropReason::Malformed(e) => format!("malformed-{}", e.as_str()),
         }
     }
 }
@@ -43,90 +102,886 @@ impl DropReason {
 /// What to do with one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Deliver to the node's kernel through the host port.
-    ToHost,
-    /// Send on the wire (from the host: after the source MAC rewrite).
-    ToWire,
+    /// Deliver to the host: this node is the one owner of the frame.
+    Deliver,
+    /// Deliver to the host: every node's host gets this frame (broadcast, multicast, neighbour
+    /// discovery, frames for the node's own MAC, ARP replies to the cluster MAC).
+    DeliverShared,
     /// The frame was rewritten in place into an answer of `len` bytes: send it on the wire.
     Reply {
         len: usize,
     },
-    /// A control-plane frame (wire heartbeat): hand it to the control thread.
+    /// From the host: send on the wire (the source MAC has been rewritten).
+    ToWire,
+    /// A wire heartbeat: hand it to the control thread.
     ToControl,
+    /// A later fragment whose first fragment has not been seen: hold it until
+    /// [`Pipeline::take_released`] says what became of its datagram, or it expires.
+    Hold(FragmentKey),
     Drop(DropReason),
 }
 
-/// Per-core packet logic and its state.
-#[derive(Debug, Clone)]
-pub struct Pipeline {
-    node_mac: MacAddr,
-    cluster_mac: MacAddr,
+impl Action {
+    /// Whether the frame goes to the host port.
+    pub fn is_delivery(self) -> bool {
+        matches!(self, Action::Deliver | Action::DeliverShared)
+    }
 }
 
-const ETHERNET_HEADER: usize = 14;
+/// The first fragment of a datagram with held later fragments was seen: deliver them (`owned`)
+/// or drop them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    pub key: FragmentKey,
+    pub owned: bool,
+}
+
+/// What a node is, as far as the per-frame decision is concerned.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub node: NodeId,
+    pub node_mac: EthernetAddress,
+    pub cluster_mac: EthernetAddress,
+    pub cluster_ip: Ipv4Addr,
+    pub cluster_ip6: Option<Ipv6Addr>,
+    pub affinity: Affinity,
+}
+
+impl NodeIdentity {
+    /// The identity a validated configuration describes.
+    pub fn from_config(c: &crate::config::Config) -> NodeIdentity {
+        NodeIdentity {
+            node: NodeId::new(c.node.id).expect("validated: node.id is 1..=64"),
+            node_mac: c.node.mac,
+            cluster_mac: c.cluster.mac,
+            cluster_ip: c.cluster.ip,
+            cluster_ip6: c.cluster.ip6,
+            affinity: c.cluster.affinity,
+        }
+    }
+}
+
+/// Sizes of the per-core tables.
+#[derive(Debug, Clone, Copy)]
+pub struct TableSizes {
+    pub flows: usize,
+    pub fragments: usize,
+    pub fragment_waits: usize,
+    pub fragment_timeout: Duration,
+    pub flow_timeouts: FlowTimeouts,
+}
+
+impl Default for TableSizes {
+    fn default() -> Self {
+        TableSizes {
+            flows: 1 << 16,
+            fragments: 4096,
+            fragment_waits: 1024,
+            fragment_timeout: Duration::from_secs(2),
+            flow_timeouts: FlowTimeouts::default(),
+        }
+    }
+}
+
+/// Per-core packet logic and its state.
+#[derive(Debug)]
+pub struct Pipeline {
+    id: NodeIdentity,
+    hasher: BucketHasher,
+    table: Arc<OwnershipTable>,
+    flows: FlowTable,
+    fragments: FragmentTracker,
+    released: Option<Released>,
+}
+
 const SRC_MAC: std::ops::Range<usize> = 6..12;
+const ETHERNET_HEADER: usize = 14;
 
 impl Pipeline {
-    pub fn new(node_mac: MacAddr, cluster_mac: MacAddr) -> Pipeline {
+    pub fn new(
+        id: NodeIdentity,
+        secret: &[u8],
+        table: Arc<OwnershipTable>,
+        sizes: TableSizes,
+    ) -> Pipeline {
+        let table_key = derive_key(secret, b"clonecluster flow table v1");
         Pipeline {
-            node_mac,
-            cluster_mac,
+            hasher: BucketHasher::new(secret),
+            table,
+            flows: FlowTable::new(sizes.flows, sizes.flow_timeouts, &table_key),
+            fragments: FragmentTracker::new(
+                sizes.fragments,
+                sizes.fragment_waits,
+                sizes.fragment_timeout,
+                &table_key,
+            ),
+            released: None,
+            id,
         }
     }
 
-    pub fn cluster_mac(&self) -> MacAddr {
-        self.cluster_mac
+    pub fn identity(&self) -> &NodeIdentity {
+        &self.id
     }
 
-    /// A frame from the shared segment. `frame` is the received frame; until flow ownership is
-    /// decided here, every well-formed frame goes to the host.
+    /// The ownership table in force.
+    pub fn table(&self) -> &Arc<OwnershipTable> {
+        &self.table
+    }
+
+    /// Swaps in a new ownership table (between bursts).
+    pub fn set_table(&mut self, table: Arc<OwnershipTable>) {
+        self.table = table;
+    }
+
+    pub fn flows(&self) -> &FlowTable {
+        &self.flows
+    }
+
+    pub fn fragments(&self) -> &FragmentTracker {
+        &self.fragments
+    }
+
+    /// After an action: the first fragment of a held datagram was just decided.
     #[inline]
-    pub fn from_wire(&mut self, frame: &mut [u8]) -> Action {
+    pub fn take_released(&mut self) -> Option<Released> {
+        self.released.take()
+    }
+
+    /// Housekeeping between bursts: expire idle flows, a bounded amount at a time.
+    pub fn maintain(&mut self, now: u64, budget: usize) -> usize {
+        self.flows.expire(now, budget)
+    }
+
+    #[inline]
+    fn mine(&self, bucket: Bucket) -> bool {
+        self.table.owner(bucket) == self.id.node
+    }
+
+    /// The bucket a frame's flow falls in, and who owns it.
+    #[inline]
+    pub fn bucket_of(&self, p: &Parsed) -> Bucket {
+        let proto = u8::from(p.protocol);
+        let key = match (p.protocol, p.src_port, &p.icmp) {
+            (IpProtocol::Tcp | IpProtocol::Udp, Some(port), _) => {
+                FlowKey::new(self.id.affinity, p.src_ip, port, proto)
+            }
+            (_, _, Some(icmp)) if icmp.is_error => match icmp.quoted {
+                // The quoted packet is one the cluster sent: its destination is the client.
+                Some(q) => match (q.protocol, q.dst_port) {
+                    (IpProtocol::Tcp | IpProtocol::Udp, Some(port)) => {
+                        FlowKey::new(self.id.affinity, q.dst_ip, port, u8::from(q.protocol))
+                    }
+                    _ => FlowKey::source(q.dst_ip),
+                },
+                None => FlowKey::source(p.src_ip),
+            },
+            _ => FlowKey::source(p.src_ip),
+        };
+        self.hasher.bucket(&key)
+    }
+
+    /// The owner of the requester's bucket answers ARP and neighbour solicitations.
+    #[inline]
+    fn designated(&self, requester: IpAddr) -> bool {
+        self.mine(self.hasher.bucket(&FlowKey::source(requester)))
+    }
+
+    /// A frame from the shared segment. `buf` holds the frame in its first `len` bytes and may
+    /// be longer: a reply is written in place and may outgrow the request.
+    #[inline]
+    pub fn from_wire(&mut self, buf: &mut [u8], len: usize, now: u64) -> Action {
+        let Some(frame) = buf.get(..len) else {
+            return Action::Drop(DropReason::Malformed(wire::Error::BadLength));
+        };
         if frame.len() < ETHERNET_HEADER {
-            return Action::Drop(DropReason::Malformed);
+            return Action::Drop(DropReason::Malformed(wire::Error::Truncated));
         }
-        Action::ToHost
+        let dst = EthernetAddress([frame[0], frame[1], frame[2], frame[3], frame[4], frame[5]]);
+        if dst == self.id.node_mac {
+            return Action::DeliverShared;
+        }
+        let group = dst.is_multicast(); // broadcast included
+        if !group && dst != self.id.cluster_mac {
+            return Action::Drop(DropReason::NotForUs);
+        }
+        let p = match parse_l2_l4(frame) {
+            Ok(p) => p,
+            Err(e) => return Action::Drop(DropReason::Malformed(e)),
+        };
+        match p.ethertype {
+            EtherType::Arp => self.arp_from_wire(buf, len, &p),
+            EtherType::Ipv4 | EtherType::Ipv6 => self.ip_from_wire(buf, len, &p, group, now),
+            EtherType::Unknown(HEARTBEAT_ETHERTYPE) => Action::ToControl,
+            _ if group => Action::DeliverShared,
+            _ => Action::Drop(DropReason::NotForUs),
+        }
+    }
+
+    fn arp_from_wire(&mut self, buf: &mut [u8], len: usize, p: &Parsed) -> Action {
+        let request = match arp::Packet::new_checked(&buf[p.l3_offset..len])
+            .and_then(|pkt| arp::Repr::parse(&pkt))
+        {
+            Ok(r) => r,
+            Err(e) => return Action::Drop(DropReason::Malformed(e)),
+        };
+        if !request.is_request_for(self.id.cluster_ip) {
+            // Replies to the cluster MAC (some node's kernel asked) and everything else: every
+            // host may need them.
+            return Action::DeliverShared;
+        }
+        if !self.designated(IpAddr::V4(request.source_protocol_addr)) {
+            return Action::Drop(DropReason::NotOwned);
+        }
+        match arp::build_reply(buf, &request, self.id.node_mac, self.id.cluster_mac, p.vlan) {
+            Ok(len) => Action::Reply { len },
+            Err(e) => Action::Drop(DropReason::Malformed(e)),
+        }
+    }
+
+    fn ip_from_wire(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        p: &Parsed,
+        group: bool,
+        now: u64,
+    ) -> Action {
+        if p.protocol == IpProtocol::Icmpv6 {
+            if let Some(icmp) = p.icmp {
+                if let Some(action) = self.ndisc_from_wire(buf, len, p, icmp.msg_type) {
+                    return action;
+                }
+            }
+        }
+        let to_cluster = match p.dst_ip {
+            IpAddr::V4(a) => a == self.id.cluster_ip,
+            IpAddr::V6(a) => Some(a) == self.id.cluster_ip6,
+        };
+        if group && !to_cluster {
+            // Broadcast and multicast IP: every host.
+            return Action::DeliverShared;
+        }
+        // Unicast IP to the cluster MAC: exactly one node delivers, whatever the address.
+        if let Some(frag) = p.fragment {
+            let key = FragmentKey::new(p.src_ip, p.dst_ip, u8::from(p.protocol), frag.ident);
+            if frag.offset != 0 {
+                return match self.fragments.later_fragment(&key, now) {
+                    FragmentVerdict::Owned => Action::Deliver,
+                    FragmentVerdict::NotOwned => Action::Drop(DropReason::NotOwned),
+                    FragmentVerdict::Unknown => Action::Hold(key),
+                };
+            }
+            let owned = self.mine(self.bucket_of(p));
+            if self.fragments.first_fragment(&key, owned, now) > 0 {
+                self.released = Some(Released { key, owned });
+            }
+            return if owned {
+                Action::Deliver
+            } else {
+                Action::Drop(DropReason::NotOwned)
+            };
+        }
+        let bucket = self.bucket_of(p);
+        if !self.mine(bucket) {
+            return Action::Drop(DropReason::NotOwned);
+        }
+        if let (Some(sp), Some(dp)) = (p.src_port, p.dst_port) {
+            let id = FlowId::new(p.src_ip, p.dst_ip, sp, dp, u8::from(p.protocol));
+            self.flows
+                .upsert(&id, bucket, TcpFlags(p.tcp_flags.0 as u8), now);
+        }
+        Action::Deliver
+    }
+
+    /// Neighbour discovery: solicitations for the cluster address are answered by the
+    /// designated node; all other ND and MLD messages go to every host. `None`: not ND.
+    fn ndisc_from_wire(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        p: &Parsed,
+        msg_type: u8,
+    ) -> Option<Action> {
+        let msg = icmpv6::Message::from(msg_type);
+        if !msg.is_neighbor()
+            && !matches!(
+                msg,
+                icmpv6::Message::MldQuery
+                    | icmpv6::Message::MldReport
+                    | icmpv6::Message::MldDone
+                    | icmpv6::Message::Unknown(143)
+            )
+        {
+            return None;
+        }
+        let (Some(cluster_ip6), IpAddr::V6(src)) = (self.id.cluster_ip6, p.src_ip) else {
+            return Some(Action::DeliverShared);
+        };
+        if msg != icmpv6::Message::NeighborSolicit {
+            return Some(Action::DeliverShared);
+        }
+        let packet = match icmpv6::Packet::new_checked(&buf[p.l4_offset..p.l4_offset + p.l4_len]) {
+            Ok(pkt) => pkt,
+            Err(e) => return Some(Action::Drop(DropReason::Malformed(e))),
+        };
+        let solicitation = match icmpv6::NdiscRepr::parse(&packet) {
+            Ok(r) => r,
+            Err(e) => return Some(Action::Drop(DropReason::Malformed(e))),
+        };
+        let icmpv6::NdiscRepr::NeighborSolicit { target_addr, .. } = solicitation else {
+            return Some(Action::DeliverShared);
+        };
+        if target_addr != cluster_ip6 {
+            return Some(Action::DeliverShared);
+        }
+        // RFC 4861 7.1.1: a solicitation that crossed a router is invalid.
+        if p.hop_limit != 255 {
+            return Some(Action::Drop(DropReason::Malformed(wire::Error::Malformed)));
+        }
+        if !self.designated(IpAddr::V6(src)) {
+            return Some(Action::Drop(DropReason::NotOwned));
+        }
+        let sol_eth_src = EthernetAddress([buf[6], buf[7], buf[8], buf[9], buf[10], buf[11]]);
+        let answer = icmpv6::NeighborAdvertFrame::answer(
+            &solicitation,
+            sol_eth_src,
+            src,
+            self.id.node_mac,
+            self.id.cluster_mac,
+            p.vlan,
+        )
+        .and_then(|na| na.emit(buf));
+        let _ = len;
+        Some(match answer {
+            Ok(len) => Action::Reply { len },
+            Err(e) => Action::Drop(DropReason::Malformed(e)),
+        })
     }
 
     /// A frame from the node's kernel, on its way to the wire. Its Ethernet source becomes the
     /// node MAC, always: if the switch ever saw the cluster MAC as a source it would learn it
-    /// on this node's port and the other nodes would stop hearing the cluster.
+    /// on this node's port and the other nodes would stop hearing the cluster. The kernel's own
+    /// answers for the cluster address are dropped: the engine's designated node answers.
     #[inline]
     pub fn from_host(&mut self, frame: &mut [u8]) -> Action {
         if frame.len() < ETHERNET_HEADER {
-            return Action::Drop(DropReason::Malformed);
+            return Action::Drop(DropReason::Malformed(wire::Error::Truncated));
         }
-        frame[SRC_MAC].copy_from_slice(&self.node_mac.0);
+        let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+        // Only ARP and IPv6 can carry the kernel's own address answers; IPv4 passes at once.
+        if ethertype == 0x0806 || ethertype == 0x86dd || ethertype == 0x8100 {
+            if let Some(reason) = self.host_suppressed(frame) {
+                return Action::Drop(reason);
+            }
+        }
+        frame[SRC_MAC].copy_from_slice(&self.id.node_mac.0);
         Action::ToWire
+    }
+
+    fn host_suppressed(&self, frame: &[u8]) -> Option<DropReason> {
+        let p = parse_l2_l4(frame).ok()?;
+        match p.ethertype {
+            EtherType::Arp => {
+                let pkt = arp::Packet::new_checked(&frame[p.l3_offset..]).ok()?;
+                let r = arp::Repr::parse(&pkt).ok()?;
+                let about_cluster = r.source_protocol_addr == self.id.cluster_ip;
+                let gratuitous = r.source_protocol_addr == r.target_protocol_addr;
+                let is_reply = r.operation == arp::Operation::Reply;
+                // The kernel's replies for the cluster IP and its announcements of it; its
+                // requests (resolving a client) pass.
+                (about_cluster && (is_reply || gratuitous)).then_some(DropReason::HostSuppressed)
+            }
+            EtherType::Ipv6 if p.protocol == IpProtocol::Icmpv6 => {
+                let cluster_ip6 = self.id.cluster_ip6?;
+                let icmp = p.icmp?;
+                let msg = icmpv6::Message::from(icmp.msg_type);
+                let pkt = icmpv6::Packet::new_checked(&frame[p.l4_offset..p.l4_offset + p.l4_len])
+                    .ok()?;
+                let target = pkt.target_addr()?;
+                let unspecified = p.src_ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+                let suppress = target == cluster_ip6
+                    && (msg == icmpv6::Message::NeighborAdvert
+                        || (msg == icmpv6::Message::NeighborSolicit && unspecified));
+                suppress.then_some(DropReason::HostSuppressed)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Held later fragments waiting for their first, of any item type (mbufs in the data plane,
+/// frame numbers in `replay`). Fixed capacity; nothing allocates after construction.
+#[derive(Debug)]
+pub struct FragmentHold<T> {
+    slots: Vec<Option<(FragmentKey, u64, T)>>,
+    timeout: u64,
+}
+
+impl<T> FragmentHold<T> {
+    pub fn new(capacity: usize, timeout: Duration) -> FragmentHold<T> {
+        FragmentHold {
+            slots: (0..capacity).map(|_| None).collect(),
+            timeout: u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Holds `item`; hands it back when every slot is taken.
+    pub fn put(&mut self, key: FragmentKey, now: u64, item: T) -> Result<(), T> {
+        match self.slots.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => {
+                *slot = Some((key, now, item));
+                Ok(())
+            }
+            None => Err(item),
+        }
+    }
+
+    /// Takes every held item of `key`, calling `f` on each.
+    pub fn release(&mut self, key: &FragmentKey, mut f: impl FnMut(T)) {
+        for slot in &mut self.slots {
+            if matches!(slot, Some((k, _, _)) if k == key) {
+                if let Some((_, _, item)) = slot.take() {
+                    f(item);
+                }
+            }
+        }
+    }
+
+    /// Takes every item held for longer than the timeout, calling `f` on each.
+    pub fn expire(&mut self, now: u64, mut f: impl FnMut(T)) {
+        for slot in &mut self.slots {
+            if matches!(slot, Some((_, at, _)) if now.saturating_sub(*at) > self.timeout) {
+                if let Some((_, _, item)) = slot.take() {
+                    f(item);
+                }
+            }
+        }
+    }
+
+    /// Takes everything (at shutdown).
+    pub fn drain(&mut self, mut f: impl FnMut(T)) {
+        for slot in &mut self.slots {
+            if let Some((_, _, item)) = slot.take() {
+                f(item);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::Member;
+    use proptest::prelude::*;
 
-    const NODE: MacAddr = MacAddr([2, 0, 0, 0, 0, 1]);
-    const CLUSTER: MacAddr = MacAddr([2, 0xcc, 0, 0, 0, 1]);
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const NODE_MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 1]);
+    const CLUSTER_MAC: EthernetAddress = EthernetAddress([2, 0xcc, 0, 0, 0, 1]);
+    const CLIENT_MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0xaa, 2]);
 
-    #[test]
-    fn host_frames_get_the_node_mac_and_nothing_else_changes() {
-        let mut p = Pipeline::new(NODE, CLUSTER);
-        let mut frame: Vec<u8> = (0..60u8).collect();
-        frame[6..12].copy_from_slice(&CLUSTER.0);
-        let before = frame.clone();
-        assert_eq!(p.from_host(&mut frame), Action::ToWire);
-        assert_eq!(&frame[6..12], &NODE.0);
-        assert_eq!(&frame[..6], &before[..6]);
-        assert_eq!(&frame[12..], &before[12..]);
+    fn identity(node: u8) -> NodeIdentity {
+        NodeIdentity {
+            node: NodeId::new(node).unwrap(),
+            node_mac: EthernetAddress([2, 0, 0, 0, 0, node]),
+            cluster_mac: CLUSTER_MAC,
+            cluster_ip: Ipv4Addr::new(198, 18, 0, 1),
+            cluster_ip6: Some("2001:2::1".parse().unwrap()),
+            affinity: Affinity::None,
+        }
+    }
+
+    fn small() -> TableSizes {
+        TableSizes {
+            flows: 1024,
+            fragments: 64,
+            fragment_waits: 64,
+            ..TableSizes::default()
+        }
+    }
+
+    /// One pipeline per member, all sharing the same table.
+    fn cluster(members: &[Member]) -> Vec<Pipeline> {
+        let table = Arc::new(OwnershipTable::build(1, members).unwrap());
+        members
+            .iter()
+            .map(|m| Pipeline::new(identity(m.id.get()), SECRET, Arc::clone(&table), small()))
+            .collect()
+    }
+
+    fn alone() -> Pipeline {
+        cluster(&[Member::new(1, 100).unwrap()]).remove(0)
+    }
+
+    /// The frames of the committed lab capture.
+    fn capture() -> Vec<Vec<u8>> {
+        let bytes: &[u8] = include_bytes!("../../tests/fixtures/lab-mix.pcap");
+        let mut r = pcap_file::pcap::PcapReader::new(bytes).unwrap();
+        let mut out = Vec::new();
+        while let Some(p) = r.next_packet() {
+            out.push(p.unwrap().data.into_owned());
+        }
+        out
+    }
+
+    fn answer(p: &mut Pipeline, frame: &[u8]) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 2048];
+        buf[..frame.len()].copy_from_slice(frame);
+        match p.from_wire(&mut buf, frame.len(), 0) {
+            Action::Reply { len } => Some(buf[..len].to_vec()),
+            _ => None,
+        }
     }
 
     #[test]
-    fn runts_are_dropped_as_malformed() {
-        let mut p = Pipeline::new(NODE, CLUSTER);
-        for len in 0..ETHERNET_HEADER {
-            let mut f = vec![0u8; len];
-            assert_eq!(p.from_wire(&mut f), Action::Drop(DropReason::Malformed));
-            assert_eq!(p.from_host(&mut f), Action::Drop(DropReason::Malformed));
+    fn arp_answer_is_the_kernels_reply_but_for_the_ethernet_source() {
+        let frames = capture();
+        let is_arp = |f: &Vec<u8>, op: u8| f[12..14] == [8, 6] && f[21] == op;
+        let request = frames
+            .iter()
+            .find(|f| is_arp(f, 1) && f[38..42] == [198, 18, 0, 1])
+            .unwrap();
+        let kernel = frames
+            .iter()
+            .find(|f| is_arp(f, 2) && f[28..32] == [198, 18, 0, 1])
+            .unwrap();
+        let ours = answer(&mut alone(), request).expect("the only node answers");
+        assert_eq!(ours[6..12], NODE_MAC.0, "Ethernet source is the node MAC");
+        assert_eq!(ours[..6], kernel[..6]);
+        assert_eq!(
+            ours[12..],
+            kernel[12..],
+            "ARP payload byte for byte, cluster MAC inside"
+        );
+        assert_eq!(ours[22..28], CLUSTER_MAC.0);
+    }
+
+    #[test]
+    fn neighbour_advert_is_the_kernels_but_for_the_ethernet_source() {
+        let frames = capture();
+        let icmp6 = |f: &Vec<u8>, t: u8| f[12..14] == [0x86, 0xdd] && f[20] == 58 && f[54] == t;
+        let cluster6: Ipv6Addr = "2001:2::1".parse().unwrap();
+        let ns = frames
+            .iter()
+            .find(|f| icmp6(f, 135) && f[62..78] == cluster6.octets() && f[22..38] != [0; 16])
+            .unwrap();
+        let kernel = frames
+            .iter()
+            .find(|f| icmp6(f, 136) && f[62..78] == cluster6.octets())
+            .unwrap();
+        let ours = answer(&mut alone(), ns).expect("the only node answers");
+        assert_eq!(ours[6..12], NODE_MAC.0);
+        assert_eq!(ours[..6], kernel[..6]);
+        assert_eq!(
+            ours[12..],
+            kernel[12..],
+            "IPv6 + NA + target link-layer option, checksum"
+        );
+    }
+
+    #[test]
+    fn only_the_designated_node_answers_arp() {
+        let frames = capture();
+        let request = frames
+            .iter()
+            .find(|f| f[12..14] == [8, 6] && f[21] == 1 && f[38..42] == [198, 18, 0, 1])
+            .unwrap();
+        let members: Vec<Member> = (1..=7).map(|i| Member::new(i, 100).unwrap()).collect();
+        let mut nodes = cluster(&members);
+        let answers = nodes.iter_mut().filter_map(|p| answer(p, request)).count();
+        assert_eq!(answers, 1);
+    }
+
+    #[test]
+    fn host_side_rules() {
+        let frames = capture();
+        let mut p = alone();
+        // The kernel's ARP reply for the cluster IP is dropped: the engine answers.
+        let mut reply = frames
+            .iter()
+            .find(|f| f[12..14] == [8, 6] && f[21] == 2 && f[28..32] == [198, 18, 0, 1])
+            .unwrap()
+            .clone();
+        assert_eq!(
+            p.from_host(&mut reply),
+            Action::Drop(DropReason::HostSuppressed)
+        );
+        // So is its neighbour advertisement for the cluster IPv6 address.
+        let cluster6: Ipv6Addr = "2001:2::1".parse().unwrap();
+        let mut na = frames
+            .iter()
+            .find(|f| f[12..14] == [0x86, 0xdd] && f[54] == 136 && f[62..78] == cluster6.octets())
+            .unwrap()
+            .clone();
+        assert_eq!(
+            p.from_host(&mut na),
+            Action::Drop(DropReason::HostSuppressed)
+        );
+        // Everything else passes with the node MAC as source and nothing else changed.
+        for f in frames.iter().filter(|f| f[6..12] == CLUSTER_MAC.0) {
+            let mut out = f.clone();
+            match p.from_host(&mut out) {
+                Action::ToWire => {
+                    assert_eq!(out[6..12], NODE_MAC.0);
+                    assert_eq!(out[..6], f[..6]);
+                    assert_eq!(out[12..], f[12..]);
+                }
+                Action::Drop(DropReason::HostSuppressed) => {}
+                other => panic!("{other:?}"),
+            }
         }
+        // The kernel's own ARP requests (resolving a client) pass.
+        let mut req = reply.clone();
+        req[21] = 1;
+        req[38..42].copy_from_slice(&[198, 18, 0, 2]);
+        assert_eq!(p.from_host(&mut req), Action::ToWire);
+    }
+
+    #[test]
+    fn frames_for_other_macs_and_runts() {
+        let mut p = alone();
+        let mut buf = [0u8; 64];
+        buf[..6].copy_from_slice(&[2, 9, 9, 9, 9, 9]);
+        assert_eq!(
+            p.from_wire(&mut buf, 64, 0),
+            Action::Drop(DropReason::NotForUs)
+        );
+        buf[..6].copy_from_slice(&NODE_MAC.0);
+        assert_eq!(p.from_wire(&mut buf, 64, 0), Action::DeliverShared);
+        for len in 0..14 {
+            assert!(matches!(
+                p.from_wire(&mut buf, len, 0),
+                Action::Drop(DropReason::Malformed(_))
+            ));
+            assert!(matches!(
+                p.from_host(&mut buf[..len]),
+                Action::Drop(DropReason::Malformed(_))
+            ));
+        }
+        // A length beyond the buffer is refused, not a panic.
+        assert!(matches!(
+            p.from_wire(&mut buf, 65, 0),
+            Action::Drop(DropReason::Malformed(_))
+        ));
+        // A heartbeat frame goes to the control thread.
+        buf[..6].copy_from_slice(&[0xff; 6]);
+        buf[12..14].copy_from_slice(&HEARTBEAT_ETHERTYPE.to_be_bytes());
+        assert_eq!(p.from_wire(&mut buf, 64, 0), Action::ToControl);
+    }
+
+    #[test]
+    fn drop_reason_indices_are_dense() {
+        let all = DropReason::all();
+        for (i, r) in all.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?}");
+        }
+    }
+
+    /// A frame from a client to the cluster: TCP, UDP, ICMP echo, or an ICMP error quoting a
+    /// TCP/UDP packet the cluster sent to the client.
+    #[derive(Debug, Clone)]
+    enum Kind {
+        Tcp(u8),
+        Udp,
+        Echo,
+        ErrorQuoting(bool),
+    }
+
+    fn ipv4_frame(src: Ipv4Addr, sport: u16, kind: &Kind) -> Vec<u8> {
+        let cluster = [198, 18, 0, 1];
+        let mut f = Vec::new();
+        f.extend_from_slice(&CLUSTER_MAC.0);
+        f.extend_from_slice(&CLIENT_MAC.0);
+        f.extend_from_slice(&[8, 0]);
+        let (proto, l4): (u8, Vec<u8>) = match kind {
+            Kind::Tcp(flags) => {
+                let mut t = vec![0u8; 20];
+                t[..2].copy_from_slice(&sport.to_be_bytes());
+                t[2..4].copy_from_slice(&80u16.to_be_bytes());
+                t[12] = 5 << 4;
+                t[13] = *flags;
+                (6, t)
+            }
+            Kind::Udp => {
+                let mut u = vec![0u8; 12];
+                u[..2].copy_from_slice(&sport.to_be_bytes());
+                u[2..4].copy_from_slice(&53u16.to_be_bytes());
+                u[4..6].copy_from_slice(&12u16.to_be_bytes());
+                (17, u)
+            }
+            Kind::Echo => (1, vec![8, 0, 0, 0, 0, 1, 0, 1]),
+            Kind::ErrorQuoting(tcp) => {
+                // Frag needed, quoting cluster -> client.
+                let mut e = vec![3, 4, 0, 0, 0, 0, 0x05, 0xdc];
+                let mut q = vec![
+                    0x45,
+                    0,
+                    0,
+                    40,
+                    0,
+                    0,
+                    0x40,
+                    0,
+                    64,
+                    if *tcp { 6 } else { 17 },
+                    0,
+                    0,
+                ];
+                q.extend_from_slice(&cluster);
+                q.extend_from_slice(&src.octets());
+                q.extend_from_slice(&80u16.to_be_bytes());
+                q.extend_from_slice(&sport.to_be_bytes());
+                q.extend_from_slice(&[0, 0, 0, 0]);
+                e.extend_from_slice(&q);
+                (1, e)
+            }
+        };
+        let total = 20 + l4.len();
+        f.extend_from_slice(&[
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            1,
+            0x40,
+            0,
+            64,
+            proto,
+            0,
+            0,
+        ]);
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&cluster);
+        f.extend_from_slice(&l4);
+        f
+    }
+
+    fn kind() -> impl Strategy<Value = Kind> {
+        prop_oneof![
+            any::<u8>().prop_map(Kind::Tcp),
+            Just(Kind::Udp),
+            Just(Kind::Echo),
+            any::<bool>().prop_map(Kind::ErrorQuoting),
+        ]
+    }
+
+    fn members() -> impl Strategy<Value = Vec<Member>> {
+        (proptest::sample::subsequence((1u8..=64).collect::<Vec<_>>(), 1..=64))
+            .prop_flat_map(|ids| {
+                let n = ids.len();
+                (Just(ids), proptest::collection::vec(1u32..=1000, n))
+            })
+            .prop_map(|(ids, w)| {
+                ids.into_iter()
+                    .zip(w)
+                    .map(|(id, w)| Member::new(id, w).unwrap())
+                    .collect()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Exactly one node delivers each TCP/UDP/ICMP frame to the cluster address, and an ICMP
+        /// error goes to the node that owns the flow it quotes.
+        #[test]
+        fn exactly_one_node_delivers(
+            members in members(),
+            frames in proptest::collection::vec((any::<[u8; 4]>(), any::<u16>(), kind()), 1..16),
+        ) {
+            let mut nodes = cluster(&members);
+            let mut buf = vec![0u8; 2048];
+            for (src, sport, kind) in &frames {
+                let src = Ipv4Addr::from(*src);
+                let frame = ipv4_frame(src, *sport, kind);
+                let mut owners = Vec::new();
+                for p in nodes.iter_mut() {
+                    buf[..frame.len()].copy_from_slice(&frame);
+                    let action = p.from_wire(&mut buf, frame.len(), 0);
+                    prop_assert!(matches!(action, Action::Deliver | Action::Drop(DropReason::NotOwned)), "{action:?}");
+                    if action == Action::Deliver {
+                        owners.push(p.identity().node);
+                    }
+                }
+                prop_assert_eq!(owners.len(), 1);
+                if let Kind::ErrorQuoting(tcp) = kind {
+                    // Same owner as the quoted flow's own packets.
+                    let flow = ipv4_frame(src, *sport, &if *tcp { Kind::Tcp(0x10) } else { Kind::Udp });
+                    let p = nodes.iter_mut().find(|p| p.identity().node == owners[0]).unwrap();
+                    buf[..flow.len()].copy_from_slice(&flow);
+                    prop_assert_eq!(p.from_wire(&mut buf, flow.len(), 0), Action::Deliver);
+                }
+            }
+        }
+
+        /// No frame, however broken, panics either direction.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), cluster_dst in any::<bool>()) {
+            let mut p = alone();
+            let mut buf = bytes.clone();
+            if cluster_dst && buf.len() >= 6 {
+                buf[..6].copy_from_slice(&CLUSTER_MAC.0);
+            }
+            let len = buf.len();
+            buf.resize(2048, 0);
+            let _ = p.from_wire(&mut buf, len, 0);
+            let mut host = bytes;
+            let _ = p.from_host(&mut host);
+        }
+    }
+
+    #[test]
+    fn fragments_follow_their_first_even_when_it_comes_last() {
+        // From the capture: an IPv4 ping of 3000 bytes in three fragments.
+        let frames = capture();
+        let frags: Vec<&Vec<u8>> = frames
+            .iter()
+            .filter(|f| {
+                f[..6] == CLUSTER_MAC.0 && f[12..14] == [8, 0] && (f[20] & 0x3f != 0 || f[21] != 0)
+            })
+            .take(3)
+            .collect();
+        assert_eq!(frags.len(), 3, "the capture holds a fragmented ping");
+        let members: Vec<Member> = (1..=3).map(|i| Member::new(i, 100).unwrap()).collect();
+        let mut nodes = cluster(&members);
+        let mut buf = vec![0u8; 2048];
+        let mut delivered = vec![0; 3];
+        // Last fragments first: held, then released by the first fragment.
+        for order in [[1usize, 2, 0], [0, 1, 2]] {
+            let mut holds: Vec<FragmentHold<usize>> = (0..3)
+                .map(|_| FragmentHold::new(8, Duration::from_secs(2)))
+                .collect();
+            delivered = vec![0; 3];
+            for &i in &order {
+                for (n, p) in nodes.iter_mut().enumerate() {
+                    buf[..frags[i].len()].copy_from_slice(frags[i]);
+                    match p.from_wire(&mut buf, frags[i].len(), 10) {
+                        Action::Deliver => delivered[i] += 1,
+                        Action::Hold(key) => holds[n].put(key, 10, i).unwrap(),
+                        _ => {}
+                    }
+                    if let Some(r) = p.take_released() {
+                        holds[n].release(&r.key, |held| {
+                            if r.owned {
+                                delivered[held] += 1;
+                            }
+                        });
+                    }
+                }
+            }
+            assert_eq!(delivered, vec![1, 1, 1], "order {order:?}");
+            // Each node then knows the datagram: the second round needs no hold.
+            nodes = cluster(&members);
+        }
+        assert_eq!(delivered, vec![1, 1, 1]);
     }
 }

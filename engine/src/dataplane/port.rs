@@ -5,7 +5,8 @@ use std::ffi::CString;
 use dpdk_sys as sys;
 
 use super::{strerror, Mempool, StartError};
-use crate::config::{IdleMode, MacAddr, PortSpec};
+use crate::config::{IdleMode, PortSpec};
+use crate::wire::EthernetAddress;
 
 /// Which side of the node a port is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,7 +173,7 @@ impl Port {
     }
 
     /// Sets the port's own MAC (on net_tap: the kernel interface's MAC).
-    pub fn set_mac(&self, mac: MacAddr) -> Result<(), String> {
+    pub fn set_mac(&self, mac: EthernetAddress) -> Result<(), String> {
         let mut addr = sys::rte_ether_addr { addr_bytes: mac.0 };
         // SAFETY: valid port id and address struct.
         let ret = unsafe { sys::rte_eth_dev_default_mac_addr_set(self.id, &mut addr) };

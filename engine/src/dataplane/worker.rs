@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use dpdk_sys as sys;
 
-use super::{strerror, Burst, Eal, Mempool, Port, PortRole, StartError};
+use super::{strerror, Burst, Eal, Mbuf, Mempool, Port, PortRole, StartError};
+use crate::cluster::{Member, OwnershipTable};
 use crate::config::{IdleMode, Loaded};
-use crate::pipeline::{Action, DropReason, Pipeline};
+use crate::pipeline::{Action, DropReason, FragmentHold, NodeIdentity, Pipeline, TableSizes};
 
 /// One core's counters. Each field has a single writer (its core), which publishes with plain
 /// relaxed stores; readers (the control thread, the exit report) read relaxed. Cache-aligned so
@@ -31,13 +32,9 @@ pub struct CoreCounters {
     pub to_control: AtomicU64,
     /// Frames a TX queue did not take; freed and counted, never leaked.
     pub tx_unsent: AtomicU64,
+    /// Later fragments held until their first fragment was seen.
+    pub held: AtomicU64,
     pub dropped: [AtomicU64; DropReason::COUNT],
-}
-
-#[inline(always)]
-fn bump(counter: &AtomicU64, n: usize) {
-    // Single writer: a load and a store, no locked read-modify-write on the packet path.
-    counter.store(counter.load(Relaxed) + n as u64, Relaxed);
 }
 
 impl CoreCounters {
@@ -50,6 +47,7 @@ impl CoreCounters {
             replies: self.replies.load(Relaxed),
             to_control: self.to_control.load(Relaxed),
             tx_unsent: self.tx_unsent.load(Relaxed),
+            held: self.held.load(Relaxed),
             dropped: std::array::from_fn(|i| self.dropped[i].load(Relaxed)),
         }
     }
@@ -65,6 +63,8 @@ pub struct CoreStats {
     pub replies: u64,
     pub to_control: u64,
     pub tx_unsent: u64,
+    pub held: u64,
+    /// Drops by reason, indexed by [`DropReason::index`].
     pub dropped: [u64; DropReason::COUNT],
 }
 
@@ -81,6 +81,7 @@ impl CoreStats {
         self.replies += o.replies;
         self.to_control += o.to_control;
         self.tx_unsent += o.tx_unsent;
+        self.held += o.held;
         for (a, b) in self.dropped.iter_mut().zip(o.dropped) {
             *a += b;
         }
@@ -101,9 +102,9 @@ impl std::fmt::Display for CoreStats {
             self.tx_unsent,
             self.dropped_total()
         )?;
-        for (reason, n) in DropReason::ALL.iter().zip(self.dropped) {
+        for (reason, n) in DropReason::all().iter().zip(self.dropped) {
             if n > 0 {
-                write!(f, " dropped_{}={n}", reason.as_str())?;
+                write!(f, " dropped_{}={n}", reason.label())?;
             }
         }
         Ok(())
@@ -125,7 +126,11 @@ impl std::fmt::Display for RunReport {
         for (lcore, s) in &self.cores {
             writeln!(f, "core {lcore}: {s}")?;
         }
-        write!(f, "total: {} (loops ran {:.3} s)", self.total, self.elapsed_secs)
+        write!(
+            f,
+            "total: {} (loops ran {:.3} s)",
+            self.total, self.elapsed_secs
+        )
     }
 }
 
@@ -138,7 +143,10 @@ struct Shared {
     host_intr: bool,
     cores: Vec<u32>,
     counters: Vec<CoreCounters>,
-    pipeline: Pipeline,
+    identity: NodeIdentity,
+    secret: Vec<u8>,
+    table: Arc<OwnershipTable>,
+    sizes: TableSizes,
     idle: IdleMode,
     max_sleep: Duration,
     stop: Arc<AtomicBool>,
@@ -164,6 +172,9 @@ pub fn run(loaded: &Loaded, stop: Arc<AtomicBool>) -> Result<RunReport, StartErr
         let (up, speed) = port.link();
         tracing::info!(port = %port.name, id = port.id, up, speed_mbps = speed, "port started");
     }
+    // Until membership runs, this node is alone and owns every bucket.
+    let me = Member::new(cfg.node.id, cfg.node.weight).expect("validated id and weight");
+    let table = OwnershipTable::build(0, &[me]).expect("one valid member");
 
     let shared = Shared {
         wire: wire.id,
@@ -172,7 +183,13 @@ pub fn run(loaded: &Loaded, stop: Arc<AtomicBool>) -> Result<RunReport, StartErr
         host_intr: host.rx_interrupts,
         cores: dp.cores.clone(),
         counters: dp.cores.iter().map(|_| CoreCounters::default()).collect(),
-        pipeline: Pipeline::new(cfg.node.mac, cfg.cluster.mac),
+        identity: NodeIdentity::from_config(cfg),
+        secret: loaded.secret.clone(),
+        table: Arc::new(table),
+        sizes: TableSizes {
+            flows: dp.flow_capacity as usize,
+            ..TableSizes::default()
+        },
         idle: dp.idle,
         max_sleep: dp.idle_max_sleep.0,
         stop,
@@ -244,58 +261,126 @@ unsafe extern "C" fn core_entry(arg: *mut c_void) -> c_int {
     }
 }
 
+/// Later fragments a core holds at most, waiting for their first.
+const HOLD_CAPACITY: usize = 64;
+/// Loop iterations between housekeeping rounds (flow expiry, held fragments).
+const MAINTAIN_EVERY: u32 = 1024;
+/// Flow-table slots a housekeeping round may sweep.
+const EXPIRE_BUDGET: usize = 256;
+
+/// A TX burst bound to its port and queue, flushed when full and after every RX burst.
+struct TxQueue<'a> {
+    burst: Burst,
+    port: u16,
+    queue: u16,
+    sent: &'a AtomicU64,
+    unsent: &'a AtomicU64,
+}
+
+impl TxQueue<'_> {
+    #[inline(always)]
+    fn push(&mut self, m: Mbuf) {
+        if self.burst.is_full() {
+            self.flush();
+        }
+        // Not full any more: push cannot hand the mbuf back.
+        let _ = self.burst.push(m);
+    }
+
+    #[inline(always)]
+    fn flush(&mut self) {
+        if self.burst.is_empty() {
+            return;
+        }
+        let (sent, unsent) = self.burst.tx(self.port, self.queue);
+        bump(self.sent, sent);
+        if unsent > 0 {
+            bump(self.unsent, unsent);
+        }
+    }
+}
+
 /// One core's loop: both directions on queue `index` of each port, until `stop`.
 fn core_loop(shared: &Shared, index: usize) {
     let queue = index as u16;
-    let counters = &shared.counters[index];
-    let mut pipeline = shared.pipeline.clone();
+    let c = &shared.counters[index];
+    let mut pipeline = Pipeline::new(
+        shared.identity.clone(),
+        &shared.secret,
+        Arc::clone(&shared.table),
+        shared.sizes,
+    );
+    let mut hold: FragmentHold<Mbuf> =
+        FragmentHold::new(HOLD_CAPACITY, shared.sizes.fragment_timeout);
     let mut rx = Burst::new();
-    let mut to_host = Burst::new();
-    let mut to_wire = Burst::new();
+    let mut to_host = TxQueue {
+        burst: Burst::new(),
+        port: shared.host,
+        queue,
+        sent: &c.host_tx,
+        unsent: &c.tx_unsent,
+    };
+    let mut to_wire = TxQueue {
+        burst: Burst::new(),
+        port: shared.wire,
+        queue,
+        sent: &c.wire_tx,
+        unsent: &c.tx_unsent,
+    };
     let mut idle = Idle::new(shared, queue);
+    let epoch = std::time::Instant::now();
+    let drop_frame = |reason: DropReason| bump(&c.dropped[reason.index()], 1);
+    let mut iterations: u32 = 0;
 
     while !shared.stop.load(Relaxed) {
         let from_wire = rx.rx(shared.wire, queue);
         if from_wire > 0 {
-            bump(&counters.wire_rx, from_wire);
+            bump(&c.wire_rx, from_wire);
+            let now = epoch.elapsed().as_nanos() as u64;
             for mut m in rx.drain() {
                 let action = if m.is_chained() {
                     Action::Drop(DropReason::Chained)
                 } else {
-                    pipeline.from_wire(m.data_mut())
+                    let len = m.len();
+                    pipeline.from_wire(m.room_mut(), len, now)
                 };
                 match action {
-                    Action::ToHost => push(&mut to_host, m),
-                    Action::ToWire => push(&mut to_wire, m),
+                    Action::Deliver | Action::DeliverShared => to_host.push(m),
+                    Action::ToWire => to_wire.push(m),
                     Action::Reply { len } => {
                         m.set_len(len);
-                        bump(&counters.replies, 1);
-                        push(&mut to_wire, m);
+                        bump(&c.replies, 1);
+                        to_wire.push(m);
                     }
                     // No control thread takes wire heartbeats yet: counted and freed.
-                    Action::ToControl => bump(&counters.to_control, 1),
-                    Action::Drop(reason) => bump(&counters.dropped[reason as usize], 1),
+                    Action::ToControl => bump(&c.to_control, 1),
+                    Action::Hold(key) => match hold.put(key, now, m) {
+                        Ok(()) => bump(&c.held, 1),
+                        Err(m) => {
+                            drop(m);
+                            drop_frame(DropReason::FragmentExpired);
+                        }
+                    },
+                    Action::Drop(reason) => drop_frame(reason),
+                }
+                if let Some(released) = pipeline.take_released() {
+                    hold.release(&released.key, |m| {
+                        if released.owned {
+                            to_host.push(m);
+                        } else {
+                            drop(m);
+                            drop_frame(DropReason::NotOwned);
+                        }
+                    });
                 }
             }
-            flush(
-                &mut to_host,
-                shared.host,
-                queue,
-                &counters.host_tx,
-                counters,
-            );
-            flush(
-                &mut to_wire,
-                shared.wire,
-                queue,
-                &counters.wire_tx,
-                counters,
-            );
+            to_host.flush();
+            to_wire.flush();
         }
 
         let from_host = rx.rx(shared.host, queue);
         if from_host > 0 {
-            bump(&counters.host_rx, from_host);
+            bump(&c.host_rx, from_host);
             for mut m in rx.drain() {
                 let action = if m.is_chained() {
                     Action::Drop(DropReason::Chained)
@@ -303,51 +388,31 @@ fn core_loop(shared: &Shared, index: usize) {
                     pipeline.from_host(m.data_mut())
                 };
                 match action {
-                    Action::ToWire | Action::Reply { .. } => push(&mut to_wire, m),
-                    Action::ToHost => push(&mut to_host, m),
-                    Action::ToControl => bump(&counters.to_control, 1),
-                    Action::Drop(reason) => bump(&counters.dropped[reason as usize], 1),
+                    Action::Drop(reason) => drop_frame(reason),
+                    _ => to_wire.push(m),
                 }
             }
-            flush(
-                &mut to_wire,
-                shared.wire,
-                queue,
-                &counters.wire_tx,
-                counters,
-            );
-            flush(
-                &mut to_host,
-                shared.host,
-                queue,
-                &counters.host_tx,
-                counters,
-            );
+            to_wire.flush();
         }
 
+        iterations = iterations.wrapping_add(1);
+        if iterations % MAINTAIN_EVERY == 0 {
+            let now = epoch.elapsed().as_nanos() as u64;
+            pipeline.maintain(now, EXPIRE_BUDGET);
+            hold.expire(now, |m| {
+                drop(m);
+                drop_frame(DropReason::FragmentExpired);
+            });
+        }
         idle.after_poll(from_wire + from_host);
     }
+    hold.drain(drop);
 }
 
 #[inline(always)]
-fn push(burst: &mut Burst, m: super::Mbuf) {
-    // One RX burst fills at most one TX burst, and TX bursts are flushed after every RX burst.
-    if let Err(m) = burst.push(m) {
-        debug_assert!(false, "TX burst overflow");
-        drop(m);
-    }
-}
-
-#[inline(always)]
-fn flush(burst: &mut Burst, port: u16, queue: u16, sent_counter: &AtomicU64, c: &CoreCounters) {
-    if burst.is_empty() {
-        return;
-    }
-    let (sent, unsent) = burst.tx(port, queue);
-    bump(sent_counter, sent);
-    if unsent > 0 {
-        bump(&c.tx_unsent, unsent);
-    }
+fn bump(counter: &AtomicU64, n: usize) {
+    // Single writer: a load and a store, no locked read-modify-write on the packet path.
+    counter.store(counter.load(Relaxed) + n as u64, Relaxed);
 }
 
 /// Polls without traffic before a core starts to back off.

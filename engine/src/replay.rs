@@ -1,0 +1,240 @@
+//! `clonecluster replay`: N simulated nodes over every frame of a pcap, to check the cluster's
+//! central promise offline: every frame for the cluster is delivered by exactly one node.
+//!
+//! Each simulated node runs the real [`Pipeline`] (same cluster config, node ids 1..=N, node
+//! MACs `02:00:00:00:00:<id>`) with the same ownership table, as every node of a real cluster
+//! would. A frame is a *cluster frame* when the decision about it is exclusive (some node
+//! delivered, answered, held it or dropped it as not its own); a cluster frame delivered or
+//! answered by more than one node is a *duplicate*, by none an *orphan*. Frames every host gets
+//! by design (broadcast, multicast, neighbour discovery) are counted as shared.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::cluster::{Member, OwnershipTable};
+use crate::config::{Loaded, Policy};
+use crate::pipeline::{Action, DropReason, FragmentHold, NodeIdentity, Pipeline, TableSizes};
+use crate::wire::EthernetAddress;
+
+/// What one simulated node did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct NodeCounts {
+    pub node: u8,
+    /// Cluster frames this node delivered to its host as their one owner.
+    pub delivered: u64,
+    /// Frames every host gets (broadcast, multicast, neighbour discovery).
+    pub shared: u64,
+    /// ARP requests / neighbour solicitations this node answered.
+    pub answered: u64,
+    /// Frames dropped, all reasons.
+    pub dropped: u64,
+    /// Of those, dropped because another node owns them.
+    pub not_owned: u64,
+    /// Of those, malformed.
+    pub malformed: u64,
+    /// Later fragments held until their first fragment came.
+    pub held: u64,
+    /// Wire heartbeats.
+    pub to_control: u64,
+    /// Buckets this node owns.
+    pub buckets: u32,
+}
+
+/// The outcome of a replay.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ReplayReport {
+    pub frames: u64,
+    pub cluster_frames: u64,
+    pub duplicates: u64,
+    pub orphans: u64,
+    pub nodes: Vec<NodeCounts>,
+}
+
+impl std::fmt::Display for ReplayReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:>4} {:>8} {:>9} {:>7} {:>8} {:>8} {:>9} {:>9} {:>5} {:>8}",
+            "node",
+            "buckets",
+            "delivered",
+            "shared",
+            "answered",
+            "dropped",
+            "not-owned",
+            "malformed",
+            "held",
+            "control"
+        )?;
+        for n in &self.nodes {
+            writeln!(
+                f,
+                "{:>4} {:>8} {:>9} {:>7} {:>8} {:>8} {:>9} {:>9} {:>5} {:>8}",
+                n.node,
+                n.buckets,
+                n.delivered,
+                n.shared,
+                n.answered,
+                n.dropped,
+                n.not_owned,
+                n.malformed,
+                n.held,
+                n.to_control
+            )?;
+        }
+        write!(
+            f,
+            "frames {}, cluster frames {}, duplicates {}, orphans {}",
+            self.frames, self.cluster_frames, self.duplicates, self.orphans
+        )
+    }
+}
+
+/// The simulated node `id` of a cluster described by `loaded`.
+pub fn simulated_identity(loaded: &Loaded, id: u8) -> NodeIdentity {
+    let mut identity = NodeIdentity::from_config(&loaded.config);
+    identity.node = crate::cluster::NodeId::new(id).expect("1..=64");
+    identity.node_mac = EthernetAddress([0x02, 0, 0, 0, 0, id]);
+    identity
+}
+
+/// The table N simulated nodes share: ids 1..=N, the configured weight for each under the
+/// `weighted` policy, equal weights otherwise.
+pub fn simulated_table(loaded: &Loaded, nodes: u8) -> Result<OwnershipTable, String> {
+    let weight = match loaded.config.cluster.policy {
+        Policy::Weighted => loaded.config.node.weight,
+        _ => 100,
+    };
+    let members: Vec<Member> = (1..=nodes)
+        .map(|id| Member::new(id, weight).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    OwnershipTable::build(1, &members).map_err(|e| e.to_string())
+}
+
+/// Replays `frames` (timestamp in ns, bytes) through `nodes` simulated nodes.
+pub fn replay(
+    loaded: &Loaded,
+    nodes: u8,
+    frames: impl IntoIterator<Item = (u64, Vec<u8>)>,
+) -> Result<ReplayReport, String> {
+    if !(1..=64).contains(&nodes) {
+        return Err(format!("--nodes {nodes}: a cluster has 1 to 64 nodes"));
+    }
+    let table = Arc::new(simulated_table(loaded, nodes)?);
+    let sizes = TableSizes::default();
+    let mut sims: Vec<(Pipeline, FragmentHold<usize>, NodeCounts)> = (1..=nodes)
+        .map(|id| {
+            let p = Pipeline::new(
+                simulated_identity(loaded, id),
+                &loaded.secret,
+                Arc::clone(&table),
+                sizes,
+            );
+            let counts = NodeCounts {
+                node: id,
+                buckets: table.buckets_of(p.identity().node),
+                ..NodeCounts::default()
+            };
+            (p, FragmentHold::new(1024, sizes.fragment_timeout), counts)
+        })
+        .collect();
+
+    // Per frame: deliveries (as owner or answer), and whether the decision was exclusive.
+    let mut delivered_by: Vec<u8> = Vec::new();
+    let mut exclusive: Vec<bool> = Vec::new();
+    let mut buf = vec![0u8; 2048];
+    let mut last_ts = 0;
+    for (index, (ts, frame)) in frames.into_iter().enumerate() {
+        last_ts = ts;
+        delivered_by.push(0);
+        exclusive.push(false);
+        for (pipeline, hold, counts) in sims.iter_mut() {
+            let len = frame.len().min(buf.len());
+            buf[..len].copy_from_slice(&frame[..len]);
+            let action = pipeline.from_wire(&mut buf, len, ts);
+            match action {
+                Action::Deliver => {
+                    counts.delivered += 1;
+                    delivered_by[index] += 1;
+                    exclusive[index] = true;
+                }
+                Action::Reply { .. } => {
+                    counts.answered += 1;
+                    delivered_by[index] += 1;
+                    exclusive[index] = true;
+                }
+                Action::DeliverShared => counts.shared += 1,
+                Action::ToControl => counts.to_control += 1,
+                Action::ToWire => {}
+                Action::Hold(key) => {
+                    exclusive[index] = true;
+                    if hold.put(key, ts, index).is_ok() {
+                        counts.held += 1;
+                    } else {
+                        counts.dropped += 1;
+                    }
+                }
+                Action::Drop(reason) => {
+                    counts.dropped += 1;
+                    match reason {
+                        DropReason::NotOwned => {
+                            counts.not_owned += 1;
+                            exclusive[index] = true;
+                        }
+                        DropReason::Malformed(_) => counts.malformed += 1,
+                        _ => {}
+                    }
+                }
+            }
+            if let Some(released) = pipeline.take_released() {
+                hold.release(&released.key, |held| {
+                    if released.owned {
+                        counts.delivered += 1;
+                        delivered_by[held] += 1;
+                    } else {
+                        counts.dropped += 1;
+                        counts.not_owned += 1;
+                    }
+                });
+            }
+            hold.expire(ts, |_| counts.dropped += 1);
+        }
+    }
+    let end = last_ts.saturating_add(Duration::from_secs(3600).as_nanos() as u64);
+    for (_, hold, counts) in sims.iter_mut() {
+        hold.expire(end, |_| counts.dropped += 1);
+    }
+
+    let mut report = ReplayReport {
+        frames: delivered_by.len() as u64,
+        ..ReplayReport::default()
+    };
+    for (n, excl) in delivered_by.iter().zip(&exclusive) {
+        if *excl {
+            report.cluster_frames += 1;
+            match n {
+                0 => report.orphans += 1,
+                1 => {}
+                _ => report.duplicates += 1,
+            }
+        }
+    }
+    report.nodes = sims.into_iter().map(|(_, _, c)| c).collect();
+    Ok(report)
+}
+
+/// Every frame of a pcap file with its timestamp in nanoseconds.
+pub fn read_pcap(path: &Path) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut reader = pcap_file::pcap::PcapReader::new(file)
+        .map_err(|e| format!("{}: not a pcap file: {e}", path.display()))?;
+    let mut frames = Vec::new();
+    while let Some(pkt) = reader.next_packet() {
+        let pkt = pkt.map_err(|e| format!("{}: {e}", path.display()))?;
+        frames.push((pkt.timestamp.as_nanos() as u64, pkt.data.into_owned()));
+    }
+    Ok(frames)
+}

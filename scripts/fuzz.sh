@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every fuzz target for a short, bounded time (FUZZ_SECONDS each, default 20), seeded with
+# the frames of the committed lab capture. Needs cargo-fuzz; the machine has only a stable
+# toolchain, hence RUSTC_BOOTSTRAP=1 for the sanitizer flags cargo-fuzz passes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${FUZZ_SECONDS:-20}
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "fuzz: installing cargo-fuzz" >&2
+  cargo install --locked cargo-fuzz@0.13.1 >/dev/null
+fi
+corpus=$(mktemp -d)
+trap 'rm -rf "$corpus"' EXIT
+# Seed corpus: every frame of the lab capture, one file each (python3 is on Debian's base).
+python3 - "$corpus" tests/fixtures/lab-mix.pcap <<'PY'
+import struct, sys, os
+out, path = sys.argv[1], sys.argv[2]
+data = open(path, 'rb').read()
+off, n = 24, 0
+while off + 16 <= len(data):
+    incl = struct.unpack('<I', data[off + 8:off + 12])[0]
+    frame = data[off + 16:off + 16 + incl]
+    for t in ('wire_parsers', 'parse_l2_l4', 'decision'):
+        os.makedirs(os.path.join(out, t), exist_ok=True)
+        prefix = b'\x80' if t == 'decision' else (b'\x00' if t == 'wire_parsers' else b'')
+        open(os.path.join(out, t, '%05d' % n), 'wb').write(prefix + frame)
+    off += 16 + incl
+    n += 1
+PY
+for target in wire_parsers parse_l2_l4 decision; do
+  echo "fuzz: $target for ${seconds}s" >&2
+  RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz "$target" "$corpus/$target" -- \
+    -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -3
+done
