@@ -51,11 +51,19 @@ impl Eal {
                      to a name of its own"
                 }
                 12 => "raise `-m` in dataplane.eal_args or reserve hugepages",
-                _ => "read the EAL messages above; check dataplane.eal_args and dataplane.cores",
+                _ => {
+                    "read the EAL messages above; if it could not lock its config, another DPDK \
+                     process runs with the same file prefix: set dataplane.file_prefix to a name \
+                     of its own; else check dataplane.eal_args and dataplane.cores"
+                }
             };
             return Err(StartError::new(
                 "dataplane.eal_args",
-                format!("the DPDK EAL did not start: {}", strerror(errno)),
+                if errno == 0 {
+                    "the DPDK EAL did not start".to_owned()
+                } else {
+                    format!("the DPDK EAL did not start: {}", strerror(errno))
+                },
                 fix,
             ));
         }

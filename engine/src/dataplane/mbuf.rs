@@ -175,6 +175,15 @@ impl Burst {
         (sent, unsent)
     }
 
+    /// Frees every mbuf in the burst at once (one bulk call instead of one per frame).
+    pub fn free_all(&mut self) {
+        if self.len > 0 {
+            // SAFETY: the first `len` slots are owned mbufs, freed once here.
+            unsafe { sys::rte_pktmbuf_free_bulk(self.slots.as_mut_ptr(), self.len as u32) };
+            self.len = 0;
+        }
+    }
+
     /// Takes every mbuf out, in order.
     pub fn drain(&mut self) -> Drain<'_> {
         let len = std::mem::take(&mut self.len);

@@ -327,16 +327,19 @@ fn core_loop(shared: &Shared, index: usize) {
         sent: &c.wire_tx,
         unsent: &c.tx_unsent,
     };
+    // Dropped frames are freed in bulk at the end of each burst.
+    let mut dropped = Burst::new();
     let mut idle = Idle::new(shared, queue);
-    let epoch = std::time::Instant::now();
-    let drop_frame = |reason: DropReason| bump(&c.dropped[reason.index()], 1);
+    let clock = Clock::new();
+    // Drops are counted here per frame and published once per burst.
+    let mut drops = [0u64; DropReason::COUNT];
     let mut iterations: u32 = 0;
 
     while !shared.stop.load(Relaxed) {
         let from_wire = rx.rx(shared.wire, queue);
         if from_wire > 0 {
             bump(&c.wire_rx, from_wire);
-            let now = epoch.elapsed().as_nanos() as u64;
+            let now = clock.now();
             for mut m in rx.drain() {
                 let action = if m.is_chained() {
                     Action::Drop(DropReason::Chained)
@@ -353,15 +356,21 @@ fn core_loop(shared: &Shared, index: usize) {
                         to_wire.push(m);
                     }
                     // No control thread takes wire heartbeats yet: counted and freed.
-                    Action::ToControl => bump(&c.to_control, 1),
+                    Action::ToControl => {
+                        bump(&c.to_control, 1);
+                        push_dropped(&mut dropped, m);
+                    }
                     Action::Hold(key) => match hold.put(key, now, m) {
                         Ok(()) => bump(&c.held, 1),
                         Err(m) => {
                             drop(m);
-                            drop_frame(DropReason::FragmentExpired);
+                            drops[DropReason::FragmentExpired.index()] += 1;
                         }
                     },
-                    Action::Drop(reason) => drop_frame(reason),
+                    Action::Drop(reason) => {
+                        drops[reason.index()] += 1;
+                        push_dropped(&mut dropped, m);
+                    }
                 }
                 if let Some(released) = pipeline.take_released() {
                     hold.release(&released.key, |m| {
@@ -369,13 +378,15 @@ fn core_loop(shared: &Shared, index: usize) {
                             to_host.push(m);
                         } else {
                             drop(m);
-                            drop_frame(DropReason::NotOwned);
+                            drops[DropReason::NotOwned.index()] += 1;
                         }
                     });
                 }
             }
             to_host.flush();
             to_wire.flush();
+            dropped.free_all();
+            publish_drops(&mut drops, c);
         }
 
         let from_host = rx.rx(shared.host, queue);
@@ -388,25 +399,77 @@ fn core_loop(shared: &Shared, index: usize) {
                     pipeline.from_host(m.data_mut())
                 };
                 match action {
-                    Action::Drop(reason) => drop_frame(reason),
+                    Action::Drop(reason) => {
+                        drops[reason.index()] += 1;
+                        push_dropped(&mut dropped, m);
+                    }
                     _ => to_wire.push(m),
                 }
             }
             to_wire.flush();
+            dropped.free_all();
+            publish_drops(&mut drops, c);
         }
 
         iterations = iterations.wrapping_add(1);
         if iterations % MAINTAIN_EVERY == 0 {
-            let now = epoch.elapsed().as_nanos() as u64;
+            let now = clock.now();
             pipeline.maintain(now, EXPIRE_BUDGET);
             hold.expire(now, |m| {
                 drop(m);
-                drop_frame(DropReason::FragmentExpired);
+                drops[DropReason::FragmentExpired.index()] += 1;
             });
+            publish_drops(&mut drops, c);
         }
         idle.after_poll(from_wire + from_host);
     }
     hold.drain(drop);
+}
+
+/// Adds the burst's drop counts to the core's counters and clears them.
+#[inline(always)]
+fn publish_drops(drops: &mut [u64; DropReason::COUNT], c: &CoreCounters) {
+    for (local, shared) in drops.iter_mut().zip(&c.dropped) {
+        if *local != 0 {
+            shared.store(shared.load(Relaxed) + *local, Relaxed);
+            *local = 0;
+        }
+    }
+}
+
+/// Keeps a dropped mbuf for the bulk free at the end of the burst (one RX burst fills at most
+/// one burst of drops).
+#[inline(always)]
+fn push_dropped(dropped: &mut Burst, m: Mbuf) {
+    if let Err(m) = dropped.push(m) {
+        drop(m);
+    }
+}
+
+/// Monotonic nanoseconds from the TSC, for flow and fragment timeouts: cheaper than a clock
+/// call per burst.
+struct Clock {
+    start: u64,
+    /// Nanoseconds per TSC tick, as a 32.32 fixed-point number.
+    ns_per_tick: u128,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        // SAFETY: plain reads of the TSC and of the frequency the EAL measured at start.
+        let (start, hz) = unsafe { (sys::rte_rdtsc(), sys::rte_get_tsc_hz()) };
+        Clock {
+            start,
+            ns_per_tick: (1_000_000_000u128 << 32) / u128::from(hz.max(1)),
+        }
+    }
+
+    #[inline(always)]
+    fn now(&self) -> u64 {
+        // SAFETY: a plain read of the TSC.
+        let tsc = unsafe { sys::rte_rdtsc() };
+        ((u128::from(tsc.wrapping_sub(self.start)) * self.ns_per_tick) >> 32) as u64
+    }
 }
 
 #[inline(always)]
