@@ -1,0 +1,319 @@
+//! The immutable ownership snapshot that packet cores consume between bursts.
+//!
+//! A [`Snapshot`] is built by [`super::Membership`] and published as `Arc<Snapshot>`; a core
+//! swaps its pointer between bursts and then asks [`Snapshot::role`] per frame. It never
+//! changes after it is built, and its accessors never allocate or lock.
+//!
+//! Storage: two 64 KiB arrays of node ids (0 = nobody): `owners[b]`, the node that owns the
+//! bucket now (for a moving bucket: the old owner, A) and, while a plan is in progress,
+//! `targets[b]`, the owner the bucket moves to (B). A bucket moves iff `owners[b] !=
+//! targets[b]`; one phase applies to every moving bucket of the snapshot.
+
+use std::fmt;
+
+use crate::cluster::{Bucket, NodeId, BUCKETS};
+
+use super::message::{Phase, PlanId};
+
+/// What node `me` does with a frame of bucket `b` (DESIGN.md, "Changing owners without losing
+/// connections"). Exactly one live node at a time is `Owner` or `Acquiring` for a bucket (the
+/// invariant the simulations check), and during the release gap nobody is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Deliver every packet of the bucket; new flows are ours. Unknown non-SYN TCP packets go to
+    /// our kernel, which answers with RST.
+    Owner,
+    /// Drop every packet of the bucket (but keep nothing: no learning).
+    NotOwner,
+    /// The bucket will move to us from `from`. Deliver nothing; record every flow key seen in
+    /// the bucket as "learned-`from`" (the old owner's), so that we never take those flows
+    /// after acquire. Learned entries end on FIN/RST or idle timeout.
+    Learning { from: NodeId },
+    /// The bucket moves from us to `to`. Take NO new flow; deliver a packet only if its key is a
+    /// live entry of our own flow table (a retransmitted SYN of a connection we accepted
+    /// included). Report how many flows are left (`Membership::report_flows`).
+    Releasing { to: NodeId },
+    /// The bucket moves to us from `from`, which has released it. Deliver a packet if its key is
+    /// in our own flow table, or if it starts a new flow whose key is not learned-`from` (TCP: a
+    /// SYN without ACK; UDP and the rest: any packet). Never take a TCP packet without SYN and
+    /// with an unknown key (a long-idle connection of `from`). Keep recording learned-`from`
+    /// keys for packets of flows we do not take.
+    Acquiring { from: NodeId },
+}
+
+impl Role {
+    /// Whether a frame that starts a new flow is ours.
+    #[inline]
+    pub fn accepts_new_flows(self) -> bool {
+        matches!(self, Role::Owner | Role::Acquiring { .. })
+    }
+}
+
+/// One ownership state of the cluster as this node sees it: what packet cores read.
+#[derive(Clone)]
+pub struct Snapshot {
+    plan: Option<PlanId>,
+    phase: Phase,
+    owners: Box<[u8; BUCKETS]>,
+    targets: Option<Box<[u8; BUCKETS]>>,
+    moving: u32,
+    releasers: u64,
+    digest: u64,
+}
+
+impl Snapshot {
+    /// The snapshot before any plan: nobody owns anything.
+    pub fn empty() -> Snapshot {
+        Snapshot {
+            plan: None,
+            phase: Phase::Done,
+            owners: zeroed(),
+            targets: None,
+            moving: 0,
+            releasers: 0,
+            digest: 0,
+        }
+    }
+
+    /// Builds a snapshot from a current-owner function and, while a plan is in progress, a
+    /// target-owner function. `digest` labels the target table.
+    pub(crate) fn build(
+        plan: PlanId,
+        phase: Phase,
+        owner: impl Fn(Bucket) -> NodeId,
+        target: Option<&dyn Fn(Bucket) -> NodeId>,
+        digest: u64,
+    ) -> Snapshot {
+        let mut owners = zeroed();
+        for b in Bucket::all() {
+            owners[b.index()] = owner(b).get();
+        }
+        let mut moving = 0;
+        let mut releasers = 0u64;
+        let targets = match (phase, target) {
+            (Phase::Done, _) | (_, None) => None,
+            (_, Some(target)) => {
+                let mut t = zeroed();
+                for b in Bucket::all() {
+                    let (o, n) = (owners[b.index()], target(b).get());
+                    t[b.index()] = n;
+                    if o != n {
+                        moving += 1;
+                        releasers |= 1u64.checked_shl(u32::from(o).wrapping_sub(1)).unwrap_or(0);
+                    }
+                }
+                Some(t)
+            }
+        };
+        Snapshot {
+            plan: Some(plan),
+            phase: if targets.is_some() {
+                phase
+            } else {
+                Phase::Done
+            },
+            owners,
+            targets,
+            moving,
+            releasers,
+            digest,
+        }
+    }
+
+    /// The epoch of the plan this snapshot follows (0 before any plan).
+    #[inline]
+    pub fn epoch(&self) -> u64 {
+        self.plan.map_or(0, |p| p.epoch)
+    }
+
+    /// The plan this snapshot follows.
+    pub fn plan(&self) -> Option<PlanId> {
+        self.plan
+    }
+
+    /// The handoff phase of the moving buckets (`Done` when nothing moves).
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Digest of the target ownership table (the table in force once the plan is done).
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
+    /// What `me` does with frames of `bucket` (see [`Role`]).
+    #[inline]
+    pub fn role(&self, bucket: Bucket, me: NodeId) -> Role {
+        let me = me.get();
+        let owner = self.owners[bucket.index()];
+        let Some(targets) = &self.targets else {
+            return if owner == me {
+                Role::Owner
+            } else {
+                Role::NotOwner
+            };
+        };
+        let target = targets[bucket.index()];
+        if owner == target || (me != owner && me != target) {
+            return if owner == me {
+                Role::Owner
+            } else {
+                Role::NotOwner
+            };
+        }
+        // A moving bucket: both ids are valid nodes (0 only appears in the empty snapshot).
+        let (Some(from), Some(to)) = (NodeId::new(owner), NodeId::new(target)) else {
+            return Role::NotOwner;
+        };
+        match (me == owner, self.phase) {
+            (true, Phase::Learn) => Role::Owner,
+            (true, _) => Role::Releasing { to },
+            (false, Phase::Acquire) => Role::Acquiring { from },
+            (false, _) => Role::Learning { from },
+        }
+    }
+
+    /// The node that takes new flows of `bucket`, if any (none during the release gap).
+    #[inline]
+    pub fn new_flow_owner(&self, bucket: Bucket) -> Option<NodeId> {
+        let owner = NodeId::new(self.owners[bucket.index()]);
+        match &self.targets {
+            None => owner,
+            Some(t) => {
+                let target = NodeId::new(t[bucket.index()]);
+                if owner == target {
+                    return owner;
+                }
+                match self.phase {
+                    Phase::Learn => owner,
+                    Phase::Release => None,
+                    Phase::Acquire | Phase::Done => target,
+                }
+            }
+        }
+    }
+
+    /// The owner of `bucket` once every handoff of the snapshot is done.
+    #[inline]
+    pub fn final_owner(&self, bucket: Bucket) -> Option<NodeId> {
+        let t = self.targets.as_ref().unwrap_or(&self.owners);
+        NodeId::new(t[bucket.index()])
+    }
+
+    /// How many buckets move in this snapshot.
+    pub fn moving_count(&self) -> u32 {
+        self.moving
+    }
+
+    /// The moving buckets as `(bucket, from, to)`, in bucket order.
+    pub fn moving(&self) -> impl Iterator<Item = (Bucket, NodeId, NodeId)> + '_ {
+        let targets: &[u8] = self.targets.as_deref().map_or(&[], |t| &t[..]);
+        targets
+            .iter()
+            .zip(self.owners.iter())
+            .enumerate()
+            .filter(|(_, (t, o))| t != o)
+            .filter_map(|(i, (&t, &o))| Some((Bucket(i as u16), NodeId::new(o)?, NodeId::new(t)?)))
+    }
+
+    /// Whether `me` releases buckets now (past Learn): then the control thread should count
+    /// its flows in [`Snapshot::releasing`] and call `Membership::report_flows`.
+    #[inline]
+    pub fn is_releasing(&self, me: NodeId) -> bool {
+        self.releasers & (1 << me.index()) != 0 && self.phase != Phase::Learn
+    }
+
+    /// The buckets `me` is releasing: the ones whose flow counts `report_flows` wants.
+    pub fn releasing(&self, me: NodeId) -> impl Iterator<Item = Bucket> + '_ {
+        let any = self.is_releasing(me);
+        self.moving()
+            .take_while(move |_| any)
+            .filter(move |&(_, from, _)| from == me)
+            .map(|(b, _, _)| b)
+    }
+
+    /// How many buckets `node` takes new flows in now.
+    pub fn accepting_count(&self, node: NodeId) -> u32 {
+        Bucket::all()
+            .filter(|&b| self.new_flow_owner(b) == Some(node))
+            .count() as u32
+    }
+
+    /// Bit `id - 1` set for each node that releases at least one bucket in this snapshot.
+    pub(crate) fn releasers(&self) -> u64 {
+        self.releasers
+    }
+}
+
+fn zeroed() -> Box<[u8; BUCKETS]> {
+    vec![0u8; BUCKETS]
+        .into_boxed_slice()
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("exactly BUCKETS bytes"))
+}
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("plan", &self.plan)
+            .field("phase", &self.phase)
+            .field("moving", &self.moving)
+            .field("digest", &format_args!("{:#018x}", self.digest))
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(id: u8) -> NodeId {
+        NodeId::new(id).unwrap()
+    }
+
+    #[test]
+    fn roles_per_phase() {
+        let id = PlanId {
+            epoch: 2,
+            proposer: n(1),
+        };
+        // Bucket 0 moves 1 → 2, bucket 1 stays with 1, bucket 2 stays with 3.
+        let owner = |b: Bucket| n([1, 1, 3][b.index() % 3]);
+        let target = |b: Bucket| n([2, 1, 3][b.index() % 3]);
+        let want = [
+            (Phase::Learn, Role::Owner, Role::Learning { from: n(1) }),
+            (
+                Phase::Release,
+                Role::Releasing { to: n(2) },
+                Role::Learning { from: n(1) },
+            ),
+            (
+                Phase::Acquire,
+                Role::Releasing { to: n(2) },
+                Role::Acquiring { from: n(1) },
+            ),
+            (Phase::Done, Role::NotOwner, Role::Owner),
+        ];
+        for (phase, a, b) in want {
+            let s = Snapshot::build(id, phase, owner, Some(&target), 0);
+            let (r1, r2) = if phase == Phase::Done {
+                let s = Snapshot::build(id, phase, target, None, 0);
+                (s.role(Bucket(0), n(1)), s.role(Bucket(0), n(2)))
+            } else {
+                (s.role(Bucket(0), n(1)), s.role(Bucket(0), n(2)))
+            };
+            assert_eq!((r1, r2), (a, b), "{phase:?}");
+            assert_eq!(s.role(Bucket(0), n(3)), Role::NotOwner);
+            assert_eq!(s.role(Bucket(1), n(1)), Role::Owner);
+            assert_eq!(s.role(Bucket(2), n(3)), Role::Owner);
+            assert_eq!(s.role(Bucket(2), n(1)), Role::NotOwner);
+        }
+        let s = Snapshot::build(id, Phase::Release, owner, Some(&target), 0);
+        assert_eq!(s.new_flow_owner(Bucket(0)), None);
+        assert_eq!(s.final_owner(Bucket(0)), Some(n(2)));
+        assert_eq!(s.moving_count(), 21846);
+        assert_eq!(s.releasing(n(1)).count(), 21846);
+        assert_eq!(s.releasers(), 1);
+        assert!(Snapshot::empty().role(Bucket(9), n(1)) == Role::NotOwner);
+    }
+}
