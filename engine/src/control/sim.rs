@@ -526,7 +526,7 @@ fn measure_failure(seed: u64, victim: u8) -> u64 {
 #[test]
 fn failure_moves_buckets_at_once() {
     let mut worst = 0;
-    for seed in 0..4 {
+    for seed in 0..3 {
         worst = worst.max(measure_failure(100 + seed, 2));
         // The coordinator itself fails.
         worst = worst.max(measure_failure(200 + seed, 1));
@@ -614,7 +614,7 @@ fn rejoin_with_a_new_incarnation() {
 
 #[test]
 fn loss_duplication_and_reordering() {
-    for seed in 0..3 {
+    for seed in 0..2 {
         let mut sim = Sim::new(10 + seed);
         let bad = PathNet {
             loss: 0.1,
@@ -780,4 +780,49 @@ fn by_load_rebalances_in_bounded_steps() {
     // Converges toward node 1 at half the others' share (0.2 / 0.4 / 0.4), within hysteresis.
     assert!(share(&c, 1) < 0.26, "{c:?}");
     assert!(share(&c, 2) > 0.33 && share(&c, 3) > 0.33, "{c:?}");
+}
+
+/// Failures while buckets move: an old owner, the joiner (a new owner) or the coordinator dies
+/// in each phase of a join. Dead nodes are substituted in the running plan, so the invariant
+/// holds throughout and the cluster converges.
+#[test]
+fn failure_during_a_handoff() {
+    let mut seed = 30;
+    let cases = [
+        (Phase::Learn, [2, 4].as_slice()),
+        (Phase::Release, &[1, 4]),
+        (Phase::Acquire, &[1, 2, 4]),
+    ];
+    for (phase, victims) in cases {
+        for &victim in victims {
+            seed += 1;
+            let mut sim = cluster(seed, &[1, 2, 3]);
+            sim.add(4);
+            // Step until the joiner has published `phase` of the join plan.
+            let deadline = sim.now + 5 * SEC;
+            while sim
+                .node(4)
+                .plan()
+                .is_none_or(|(id, ph)| id.epoch < 2 || ph != phase)
+            {
+                assert!(sim.now < deadline, "{phase:?} not reached");
+                sim.run_until(sim.now + MS);
+            }
+            sim.stop(victim);
+            let bound = sim.node(3).config().dead_span() + sim.node(3).config().interval;
+            sim.run_until(sim.now + 6 * SEC);
+            let c = sim.assert_converged();
+            assert_eq!(share(&c, victim), 0.0, "{c:?}");
+            for id in (1..=4).filter(|&i| i != victim) {
+                assert!((share(&c, id) - 1.0 / 3.0).abs() < 0.01, "{phase:?}: {c:?}");
+            }
+            if phase != Phase::Release {
+                // (During Release nobody takes new flows in moving buckets, by design.)
+                assert!(
+                    sim.takeover.is_some_and(|t| t <= bound),
+                    "{phase:?} {victim}"
+                );
+            }
+        }
+    }
 }
