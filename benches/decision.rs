@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use clonecluster::cluster::{Affinity, Member, NodeId, OwnershipTable};
-use clonecluster::pipeline::{NodeIdentity, Pipeline, TableSizes};
+use clonecluster::pipeline::{stable_snapshot, NodeIdentity, Pipeline, TableSizes};
 use clonecluster::wire::EthernetAddress;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -56,7 +56,9 @@ fn mix() -> Vec<Vec<u8>> {
 
 fn decision(c: &mut Criterion) {
     let members: Vec<Member> = (1..=3).map(|i| Member::new(i, 100).unwrap()).collect();
-    let table = Arc::new(OwnershipTable::build(1, &members).unwrap());
+    let table = Arc::new(stable_snapshot(
+        &OwnershipTable::build(1, &members).unwrap(),
+    ));
     let identity = NodeIdentity {
         node: NodeId::new(2).unwrap(),
         node_mac: EthernetAddress([2, 0, 0, 0, 0, 2]),

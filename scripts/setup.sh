@@ -11,6 +11,7 @@ fi
 packages=(
   build-essential pkg-config clang libclang-dev      # bindgen and the C wrappers
   dpdk dpdk-dev libdpdk-dev libpcap-dev              # DPDK 22.11 and dpdk-testpmd
+  python3                                            # fuzz seed corpus
   iproute2 ethtool tcpdump curl ca-certificates      # namespaces and captures in tests
   nginx-light wrk nftables                           # the lab's servers, load and baseline
 )

@@ -84,7 +84,14 @@ fn frames_cross_the_engine_in_both_directions() {
     // replies: node MAC in the header, cluster MAC in the payload.
     let is_arp_reply_from_cluster =
         |f: &[u8]| f[12..14] == [8, 6] && f[20..22] == [0, 2] && f[28..32] == [198, 18, 0, 1];
-    let to_wire = read_pcap(&wire_out);
+    // The engine's membership heartbeats (EtherType 0x88b5) also leave on the wire.
+    let (heartbeats, to_wire): (Vec<Vec<u8>>, Vec<Vec<u8>>) = read_pcap(&wire_out)
+        .into_iter()
+        .partition(|f| f[12..14] == [0x88, 0xb5]);
+    assert!(!heartbeats.is_empty(), "a running node sends heartbeats");
+    for h in &heartbeats {
+        assert_eq!(h[6..12], NODE_MAC, "heartbeats come from the node MAC");
+    }
     let (replies, forwarded): (Vec<Vec<u8>>, Vec<Vec<u8>>) = to_wire
         .into_iter()
         .partition(|f| is_arp_reply_from_cluster(f));
@@ -114,7 +121,10 @@ fn frames_cross_the_engine_in_both_directions() {
     assert_eq!(total["wire_rx"], wire_frames.len() as u64);
     assert_eq!(total["host_tx"], expected_host.len() as u64);
     assert_eq!(total["host_rx"], host_frames.len() as u64);
-    assert_eq!(total["wire_tx"], (forwarded.len() + replies.len()) as u64);
+    assert_eq!(
+        total["wire_tx"],
+        (forwarded.len() + replies.len() + heartbeats.len()) as u64
+    );
     assert_eq!(total["replies"], replies.len() as u64);
     assert_eq!(total["tx_unsent"], 0);
 }

@@ -133,6 +133,21 @@ pub struct ControlConfig {
     /// How long SIGTERM waits for this node to drain before exiting.
     #[serde(default = "default_drain_deadline")]
     pub drain_deadline: Span,
+    /// How long a bucket's new owner learns the old owner's flows before the old owner
+    /// releases it: at least the SYN retransmit span of your clients.
+    #[serde(default = "default_handoff_learn")]
+    pub handoff_learn: Span,
+    /// How long an old owner may keep serving released flows before the new owner takes the
+    /// bucket outright.
+    #[serde(default = "default_release_deadline")]
+    pub release_deadline: Span,
+}
+
+fn default_handoff_learn() -> Span {
+    Span(Duration::from_secs(3))
+}
+fn default_release_deadline() -> Span {
+    Span(Duration::from_secs(30))
 }
 
 fn default_interval() -> Span {
@@ -154,6 +169,8 @@ impl Default for ControlConfig {
             dead_after: default_dead_after(),
             socket: None,
             drain_deadline: default_drain_deadline(),
+            handoff_learn: default_handoff_learn(),
+            release_deadline: default_release_deadline(),
         }
     }
 }

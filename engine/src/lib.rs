@@ -9,11 +9,17 @@
 //!   ICMPv4/ICMPv6 with neighbour discovery) and the one-pass classifier; no DPDK types.
 //! - [`cluster`]: flow keys, buckets, the ownership table, flow and fragment tracking (pure logic).
 //! - [`pipeline`]: what a packet core does with each frame (pure Rust over byte slices).
+//! - [`control`]: membership, failure detection and lossless handoff as a sans-IO state machine.
 //! - [`replay`]: N simulated nodes over a pcap: duplicates and orphans, offline.
+//! - [`lab`]: the namespace lab (bridge, nodes, client) for tests and `clonecluster lab`.
+//! - [`runtime`]: the control thread: sockets, timers, the state machine, snapshots to cores.
 //! - [`dataplane`]: the only code that touches DPDK: EAL, ports, mbufs, per-core loops.
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod dataplane;
+pub mod lab;
 pub mod pipeline;
 pub mod replay;
+pub mod runtime;
 pub mod wire;

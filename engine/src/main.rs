@@ -3,13 +3,15 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
 use clonecluster::config::Config;
+use clonecluster::control::Snapshot;
 use clonecluster::dataplane;
+use clonecluster::runtime::{control_thread, operator_command, ControlLink, Requests};
 
 /// A Clone Cluster packet engine: several servers, one IP, one MAC, no dispatcher.
 #[derive(Debug, Parser)]
@@ -43,6 +45,21 @@ enum Command {
         json: bool,
         /// The capture to replay.
         pcap: PathBuf,
+    },
+    /// Drain this node: hand every bucket over to the others without losing a connection.
+    Drain {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Undo a drain: the node takes its share again.
+    Undrain {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// The node's view of the cluster (JSON): epoch, members, handoff phase.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
     },
     /// Validate a configuration and print it with every default filled in.
     Check {
@@ -99,13 +116,46 @@ fn execute(cli: Cli) -> Result<(), String> {
         }
         Command::Run { config, json } => {
             let loaded = Config::load(&config).map_err(|e| e.to_string())?;
-            let stop = Arc::new(AtomicBool::new(false));
+            let requests = Arc::new(Requests::default());
             for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-                signal_hook::flag::register(signal, Arc::clone(&stop))
-                    .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+                let requests = Arc::clone(&requests);
+                // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+                unsafe {
+                    signal_hook::low_level::register(signal, move || {
+                        requests.terminate.store(true, Ordering::Relaxed)
+                    })
+                }
+                .map_err(|e| format!("cannot install the signal handler: {e}"))?;
             }
-            let report =
-                dataplane::run(&loaded, stop).map_err(|e| format!("{}: {e}", config.display()))?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let link = Arc::new(ControlLink::new(
+                loaded.config.dataplane.cores.len(),
+                Arc::new(Snapshot::empty()),
+            ));
+            let control = {
+                let (loaded, link, requests, stop) = (
+                    loaded.clone(),
+                    Arc::clone(&link),
+                    Arc::clone(&requests),
+                    Arc::clone(&stop),
+                );
+                std::thread::Builder::new()
+                    .name("control".into())
+                    .spawn(move || {
+                        let result = control_thread(loaded, link, requests, Arc::clone(&stop));
+                        // Whatever happened, the packet cores must not outlive the control.
+                        stop.store(true, Ordering::Relaxed);
+                        result
+                    })
+                    .map_err(|e| format!("cannot start the control thread: {e}"))?
+            };
+            let report = dataplane::run(&loaded, Arc::clone(&stop), link);
+            stop.store(true, Ordering::Relaxed);
+            let control = control
+                .join()
+                .map_err(|_| "the control thread panicked".to_owned())?;
+            control.map_err(|e| format!("{}: {e}", config.display()))?;
+            let report = report.map_err(|e| format!("{}: {e}", config.display()))?;
             if json {
                 println!(
                     "{}",
@@ -116,5 +166,26 @@ fn execute(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
+        Command::Drain { config } => operator(&config, "drain"),
+        Command::Undrain { config } => operator(&config, "undrain"),
+        Command::Status { config } => operator(&config, "status"),
     }
+}
+
+/// Sends an operator command to the node described by `config` over its control socket.
+fn operator(config: &std::path::Path, command: &str) -> Result<(), String> {
+    let loaded = Config::load(config).map_err(|e| e.to_string())?;
+    let socket = loaded.config.control.socket.ok_or_else(|| {
+        format!(
+            "{}: `control.socket`: not set, so the node takes no operator commands\n  fix: set \
+             control.socket to a path such as /run/clonecluster/control.sock and restart it",
+            config.display()
+        )
+    })?;
+    let reply = operator_command(&socket, command)?;
+    println!("{reply}");
+    if reply.contains("\"ok\":false") {
+        return Err(format!("the node refused `{command}`"));
+    }
+    Ok(())
 }

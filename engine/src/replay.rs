@@ -16,7 +16,9 @@ use serde::Serialize;
 
 use crate::cluster::{Member, OwnershipTable};
 use crate::config::{Loaded, Policy};
-use crate::pipeline::{Action, DropReason, FragmentHold, NodeIdentity, Pipeline, TableSizes};
+use crate::pipeline::{
+    stable_snapshot, Action, DropReason, FragmentHold, NodeIdentity, Pipeline, TableSizes,
+};
 use crate::wire::EthernetAddress;
 
 /// What one simulated node did.
@@ -123,14 +125,15 @@ pub fn replay(
     if !(1..=64).contains(&nodes) {
         return Err(format!("--nodes {nodes}: a cluster has 1 to 64 nodes"));
     }
-    let table = Arc::new(simulated_table(loaded, nodes)?);
+    let table = simulated_table(loaded, nodes)?;
+    let snapshot = Arc::new(stable_snapshot(&table));
     let sizes = TableSizes::default();
     let mut sims: Vec<(Pipeline, FragmentHold<usize>, NodeCounts)> = (1..=nodes)
         .map(|id| {
             let p = Pipeline::new(
                 simulated_identity(loaded, id),
                 &loaded.secret,
-                Arc::clone(&table),
+                Arc::clone(&snapshot),
                 sizes,
             );
             let counts = NodeCounts {

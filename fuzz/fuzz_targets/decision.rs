@@ -7,18 +7,19 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, OnceLock};
 
 use clonecluster::cluster::{Affinity, Member, NodeId, OwnershipTable};
-use clonecluster::pipeline::{NodeIdentity, Pipeline, TableSizes};
+use clonecluster::control::Snapshot;
+use clonecluster::pipeline::{stable_snapshot, NodeIdentity, Pipeline, TableSizes};
 use clonecluster::wire::EthernetAddress;
 use libfuzzer_sys::fuzz_target;
 
 const CLUSTER_MAC: [u8; 6] = [2, 0xcc, 0, 0, 0, 1];
 
-fn table() -> Arc<OwnershipTable> {
-    static TABLE: OnceLock<Arc<OwnershipTable>> = OnceLock::new();
+fn table() -> Arc<Snapshot> {
+    static TABLE: OnceLock<Arc<Snapshot>> = OnceLock::new();
     TABLE
         .get_or_init(|| {
             let members: Vec<Member> = (1..=3).map(|i| Member::new(i, 100).unwrap()).collect();
-            Arc::new(OwnershipTable::build(1, &members).unwrap())
+            Arc::new(stable_snapshot(&OwnershipTable::build(1, &members).unwrap()))
         })
         .clone()
 }

@@ -188,6 +188,16 @@ impl Mempool {
         })
     }
 
+    /// A non-owning handle to a pool created by [`Mempool::create`] (never freed by drop).
+    ///
+    /// # Safety
+    /// `raw` must be a live mempool that outlives the handle.
+    pub(crate) unsafe fn borrow(raw: *mut sys::rte_mempool) -> std::mem::ManuallyDrop<Mempool> {
+        std::mem::ManuallyDrop::new(Mempool {
+            raw: NonNull::new(raw).expect("a live pool"),
+        })
+    }
+
     pub fn as_ptr(&self) -> *mut sys::rte_mempool {
         self.raw.as_ptr()
     }

@@ -14,6 +14,14 @@ pub struct Mbuf {
 }
 
 impl Mbuf {
+    /// A fresh, empty mbuf from `pool`, if the pool has one.
+    pub fn alloc(pool: &super::Mempool) -> Option<Mbuf> {
+        // SAFETY: the pool is valid for its lifetime; a non-null result is a fresh mbuf that
+        // nobody else owns.
+        let raw = unsafe { sys::rte_pktmbuf_alloc(pool.as_ptr()) };
+        NonNull::new(raw).map(|raw| Mbuf { raw })
+    }
+
     /// # Safety
     /// `raw` must be a valid mbuf that nobody else owns (e.g. just returned by `rx_burst`).
     pub unsafe fn from_raw(raw: NonNull<sys::rte_mbuf>) -> Mbuf {

@@ -12,9 +12,10 @@ use std::time::Duration;
 use dpdk_sys as sys;
 
 use super::{strerror, Burst, Eal, Mbuf, Mempool, Port, PortRole, StartError};
-use crate::cluster::{Member, OwnershipTable};
+use crate::cluster::NodeId;
 use crate::config::{IdleMode, Loaded};
 use crate::pipeline::{Action, DropReason, FragmentHold, NodeIdentity, Pipeline, TableSizes};
+use crate::runtime::{wire_frame, ControlLink};
 
 /// One core's counters. Each field has a single writer (its core), which publishes with plain
 /// relaxed stores; readers (the control thread, the exit report) read relaxed. Cache-aligned so
@@ -145,16 +146,26 @@ struct Shared {
     counters: Vec<CoreCounters>,
     identity: NodeIdentity,
     secret: Vec<u8>,
-    table: Arc<OwnershipTable>,
+    link: Arc<ControlLink>,
+    pool: *mut sys::rte_mempool,
     sizes: TableSizes,
     idle: IdleMode,
     max_sleep: Duration,
     stop: Arc<AtomicBool>,
 }
 
+// SAFETY: everything in `Shared` is read-only or atomic; the raw pool pointer refers to a
+// mempool, which DPDK makes safe to use from every lcore.
+unsafe impl Sync for Shared {}
+
 /// Starts the EAL, the pool and both ports from the config, runs one packet loop per
-/// configured core until `stop` is set, then stops everything and returns the counters.
-pub fn run(loaded: &Loaded, stop: Arc<AtomicBool>) -> Result<RunReport, StartError> {
+/// configured core until `stop` is set, then stops everything and returns the counters. The
+/// cores follow the ownership snapshots the control thread publishes in `link`.
+pub fn run(
+    loaded: &Loaded,
+    stop: Arc<AtomicBool>,
+    link: Arc<ControlLink>,
+) -> Result<RunReport, StartError> {
     let cfg = &loaded.config;
     let dp = &cfg.dataplane;
     let eal = Eal::start(dp, cfg.node.id)?;
@@ -172,10 +183,6 @@ pub fn run(loaded: &Loaded, stop: Arc<AtomicBool>) -> Result<RunReport, StartErr
         let (up, speed) = port.link();
         tracing::info!(port = %port.name, id = port.id, up, speed_mbps = speed, "port started");
     }
-    // Until membership runs, this node is alone and owns every bucket.
-    let me = Member::new(cfg.node.id, cfg.node.weight).expect("validated id and weight");
-    let table = OwnershipTable::build(0, &[me]).expect("one valid member");
-
     let shared = Shared {
         wire: wire.id,
         host: host.id,
@@ -185,11 +192,9 @@ pub fn run(loaded: &Loaded, stop: Arc<AtomicBool>) -> Result<RunReport, StartErr
         counters: dp.cores.iter().map(|_| CoreCounters::default()).collect(),
         identity: NodeIdentity::from_config(cfg),
         secret: loaded.secret.clone(),
-        table: Arc::new(table),
-        sizes: TableSizes {
-            flows: dp.flow_capacity as usize,
-            ..TableSizes::default()
-        },
+        link,
+        pool: pool.as_ptr(),
+        sizes: TableSizes::from_config(cfg),
         idle: dp.idle,
         max_sleep: dp.idle_max_sleep.0,
         stop,
@@ -267,6 +272,8 @@ const HOLD_CAPACITY: usize = 64;
 const MAINTAIN_EVERY: u32 = 1024;
 /// Flow-table slots a housekeeping round may sweep.
 const EXPIRE_BUDGET: usize = 256;
+/// How often a releasing node recounts its flows per bucket.
+const COUNT_EVERY_NS: u64 = 50_000_000;
 
 /// A TX burst bound to its port and queue, flushed when full and after every RX burst.
 struct TxQueue<'a> {
@@ -304,12 +311,23 @@ impl TxQueue<'_> {
 fn core_loop(shared: &Shared, index: usize) {
     let queue = index as u16;
     let c = &shared.counters[index];
+    let link = &*shared.link;
+    let me: NodeId = shared.identity.node;
+    // Frames wait in the ports until the control thread has published a first ownership
+    // snapshot: before it, this node cannot know which flows are its own.
+    while link.snapshot.load().plan().is_none() && !shared.stop.load(Relaxed) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut version = link.version.load(Relaxed);
     let mut pipeline = Pipeline::new(
         shared.identity.clone(),
         &shared.secret,
-        Arc::clone(&shared.table),
+        link.snapshot.load_full(),
         shared.sizes,
     );
+    let mut polls: u64 = 0;
+    let mut busy_polls: u64 = 0;
+    let mut next_count: u64 = 0;
     let mut hold: FragmentHold<Mbuf> =
         FragmentHold::new(HOLD_CAPACITY, shared.sizes.fragment_timeout);
     let mut rx = Burst::new();
@@ -355,9 +373,11 @@ fn core_loop(shared: &Shared, index: usize) {
                         bump(&c.replies, 1);
                         to_wire.push(m);
                     }
-                    // No control thread takes wire heartbeats yet: counted and freed.
                     Action::ToControl => {
                         bump(&c.to_control, 1);
+                        if let Some(payload) = m.data().get(14..) {
+                            link.received_on_wire(payload);
+                        }
                         push_dropped(&mut dropped, m);
                     }
                     Action::Hold(key) => match hold.put(key, now, m) {
@@ -411,10 +431,54 @@ fn core_loop(shared: &Shared, index: usize) {
             publish_drops(&mut drops, c);
         }
 
+        // Between bursts: a new ownership snapshot, and control frames to send.
+        let v = link.version.load(Relaxed);
+        if v != version {
+            version = v;
+            pipeline.set_snapshot(link.snapshot.load_full());
+            next_count = 0;
+        }
+        if index == 0 && !link.wire_out.1.is_empty() {
+            // SAFETY: the pool outlives the packet loops (`run` frees it after they return).
+            let pool = unsafe { super::eal::Mempool::borrow(shared.pool) };
+            while let Ok(message) = link.wire_out.1.try_recv() {
+                let frame = wire_frame(shared.identity.node_mac.0, &message);
+                let Some(mut m) = super::Mbuf::alloc(&pool) else {
+                    break;
+                };
+                let room = m.room_mut();
+                if room.len() >= frame.len() {
+                    room[..frame.len()].copy_from_slice(&frame);
+                    m.set_len(frame.len());
+                    to_wire.push(m);
+                }
+            }
+            to_wire.flush();
+        }
+
+        polls += 1;
+        if from_wire + from_host > 0 {
+            busy_polls += 1;
+        }
         iterations = iterations.wrapping_add(1);
         if iterations % MAINTAIN_EVERY == 0 {
             let now = clock.now();
             pipeline.maintain(now, EXPIRE_BUDGET);
+            link.core_flows[index].store(pipeline.flows().len() as u64, Relaxed);
+            link.core_polls[index].fetch_add(std::mem::take(&mut polls), Relaxed);
+            link.core_busy_polls[index].fetch_add(std::mem::take(&mut busy_polls), Relaxed);
+            // While this node releases buckets, count their live flows for the control
+            // thread's "done" step (a few times per second, after a deeper sweep).
+            let snapshot = pipeline.snapshot();
+            if snapshot.moving_count() > 0 && now >= next_count {
+                next_count = now + COUNT_EVERY_NS;
+                pipeline.maintain(now, EXPIRE_BUDGET * 16);
+                let counts = &link.bucket_flows[index];
+                for b in pipeline.snapshot().releasing(me) {
+                    counts[b.index()].store(pipeline.flows().count_in_bucket(b), Relaxed);
+                }
+            }
+            link.bucket_flows_version[index].store(version, Relaxed);
             hold.expire(now, |m| {
                 drop(m);
                 drops[DropReason::FragmentExpired.index()] += 1;

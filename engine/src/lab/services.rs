@@ -1,0 +1,179 @@
+//! What runs inside a lab node besides the engine: the engine itself (from a generated config)
+//! and nginx on the cluster address, each node serving files that name it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+
+use super::topology::{control_ip, node_mac, Ns, CLUSTER_IP, CLUSTER_MAC};
+
+/// Settings of a lab engine.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub policy: &'static str,
+    pub idle: &'static str,
+    pub handoff_learn: &'static str,
+    pub release_deadline: &'static str,
+    pub drain_deadline: &'static str,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            policy: "hash",
+            idle: "adaptive",
+            handoff_learn: "1s",
+            release_deadline: "10s",
+            drain_deadline: "20s",
+        }
+    }
+}
+
+/// Writes node `id`'s engine config into `dir` (with the shared `secret` file next to it) and
+/// returns its path. `peers` are the other nodes' ids.
+pub fn engine_config(
+    dir: &Path,
+    id: u8,
+    peers: &[u8],
+    opts: &EngineOptions,
+) -> std::io::Result<PathBuf> {
+    let secret = dir.join("secret");
+    if !secret.exists() {
+        std::fs::write(&secret, b"lab-cluster-secret-0123456789abcdef")?;
+    }
+    let peers: Vec<String> = peers
+        .iter()
+        .filter(|&&p| p != id)
+        .map(|&p| format!("{}:7946", control_ip(p)))
+        .collect();
+    let path = dir.join(format!("node{id}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"cluster:
+  ip: {CLUSTER_IP}
+  mac: {CLUSTER_MAC}
+  secret_file: secret
+  policy: {policy}
+node:
+  id: {id}
+  mac: {mac}
+control:
+  listen: {listen}:7946
+  peers: [{peers}]
+  socket: {socket}
+  handoff_learn: {learn}
+  release_deadline: {release}
+  drain_deadline: {drain}
+dataplane:
+  eal_args: [--no-huge, -m, "160", --log-level=lib.eal:warning]
+  file_prefix: cclab-{dirtag}-{id}
+  wire_port: {{ vdev: "net_af_packet0,iface=eth0" }}
+  host_port: {{ vdev: "net_tap0,iface=cc0" }}
+  idle: {idle}
+  pool_size: 4095
+  rx_descriptors: 512
+  tx_descriptors: 512
+  flow_capacity: 65536
+"#,
+            policy = opts.policy,
+            mac = node_mac(id),
+            listen = control_ip(id),
+            peers = peers.join(", "),
+            socket = dir.join(format!("node{id}.sock")).display(),
+            learn = opts.handoff_learn,
+            release = opts.release_deadline,
+            drain = opts.drain_deadline,
+            idle = opts.idle,
+            dirtag = dir
+                .file_name()
+                .map(|n| n
+                    .to_string_lossy()
+                    .replace(|c: char| !c.is_ascii_alphanumeric(), ""))
+                .unwrap_or_default(),
+        ),
+    )?;
+    Ok(path)
+}
+
+/// Starts the engine in `ns` with `config`; stderr goes to `log`.
+pub fn start_engine(bin: &Path, ns: &Ns, config: &Path, log: &Path) -> std::io::Result<Child> {
+    let log = std::fs::File::create(log)?;
+    ns.command(&[&bin.to_string_lossy(), "run", "--json", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+}
+
+/// Waits until the engine in `ns` has created its tap, then gives the node's kernel the cluster
+/// address on it.
+pub fn configure_host_port(ns: &Ns, timeout: std::time::Duration) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + timeout;
+    while ns.run(&["ip", "link", "show", "cc0"]).is_err() {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("{}: the engine created no cc0 tap", ns.0));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The kernel must fill its checksums itself: the engine forwards frames as they are.
+    ns.run(&["ethtool", "-K", "cc0", "tx", "off"])?;
+    ns.run(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{CLUSTER_IP}/24"),
+        "dev",
+        "cc0",
+    ])?;
+    ns.run(&["ip", "link", "set", "cc0", "up"])?;
+    Ok(())
+}
+
+/// Starts nginx in `ns` on the cluster address, serving `dir/nodeID/www`: `/id` (the node id),
+/// `/` (a small page) and `/big` (`big_kib` KiB, for long downloads).
+pub fn start_nginx(ns: &Ns, dir: &Path, id: u8, big_kib: usize) -> std::io::Result<Child> {
+    let root = dir.join(format!("node{id}"));
+    let www = root.join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("id"), format!("{id}\n"))?;
+    std::fs::write(
+        www.join("index.html"),
+        format!("<html>clonecluster node {id}</html>\n"),
+    )?;
+    std::fs::write(www.join("big"), vec![b'x'; big_kib * 1024])?;
+    let conf = root.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"daemon off;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/tmp;
+    proxy_temp_path {root}/tmp;
+    fastcgi_temp_path {root}/tmp;
+    uwsgi_temp_path {root}/tmp;
+    scgi_temp_path {root}/tmp;
+    keepalive_requests 1000000;
+    server {{
+        listen {CLUSTER_IP}:80;
+        root {www};
+    }}
+}}
+"#,
+            root = root.display(),
+            www = www.display(),
+        ),
+    )?;
+    std::fs::create_dir_all(root.join("tmp"))?;
+    ns.command(&["nginx", "-c"])
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+}

@@ -1,0 +1,253 @@
+//! A real layer-2 segment on one machine, in network namespaces (LAB.md has the recipes):
+//!
+//! ```text
+//!   client ns ── eth0 ┐                     ┌ eth0 (wire, engine's af_packet) ── node 1 ns
+//!                     ├── br0 (learning) ───┤                                   cc0 (tap, kernel)
+//!                     │    in switch ns     └ eth0 ... node N ns
+//!   node i ns ── ctl0 ── br1 (control network, 198.19.0.0/24)
+//! ```
+//!
+//! Addresses: the shared segment is 198.18.0.0/24 (cluster 198.18.0.1, client .100), the control
+//! network 198.19.0.0/24 (node i is 198.19.0.i). Everything lives in namespaces named
+//! `<prefix>-sw`, `<prefix>-c`, `<prefix>-n<i>`; the root namespace is never touched but for
+//! creating veth pairs that are moved out at once. [`Topology`] deletes it all on drop, after
+//! killing the processes it started (by PID).
+
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Stdio};
+
+/// The cluster address used in the lab.
+pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The client's address on the shared segment.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+pub const CLUSTER_MAC: &str = "02:cc:00:00:00:01";
+
+/// Node `id`'s MAC.
+pub fn node_mac(id: u8) -> String {
+    format!("02:00:00:00:00:{id:02x}")
+}
+
+/// Node `id`'s address on the control network.
+pub fn control_ip(id: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, 0, id)
+}
+
+/// Runs `ip` (or any command) and returns its stdout, or an error with its stderr.
+pub fn run(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A namespace of the topology.
+#[derive(Debug, Clone)]
+pub struct Ns(pub String);
+
+impl Ns {
+    /// `ip netns exec NAME args...` as a Command.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(args);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Result<String, String> {
+        let mut full = vec!["ip", "netns", "exec", self.0.as_str()];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+}
+
+/// The lab network; torn down on drop.
+#[derive(Debug)]
+pub struct Topology {
+    pub prefix: String,
+    pub switch: Ns,
+    pub client: Ns,
+    pub nodes: Vec<(u8, Ns)>,
+    children: Vec<Child>,
+}
+
+impl Topology {
+    /// Namespace names start with `prefix` (keep it short: interface names are made from it).
+    pub fn build(prefix: &str, nodes: &[u8]) -> Result<Topology, String> {
+        let mut t = Topology {
+            prefix: prefix.to_owned(),
+            switch: Ns(format!("{prefix}-sw")),
+            client: Ns(format!("{prefix}-c")),
+            nodes: Vec::new(),
+            children: Vec::new(),
+        };
+        // Leftovers of a crashed run with the same prefix are removed first.
+        remove_namespaces(prefix);
+        for ns in [&t.switch, &t.client] {
+            run(&["ip", "netns", "add", &ns.0])?;
+            ns.run(&["ip", "link", "set", "lo", "up"])?;
+        }
+        let sw = t.switch.clone();
+        // br0: the shared segment, a learning switch with default ageing. br1: control network.
+        for br in ["br0", "br1"] {
+            sw.run(&["ip", "link", "add", br, "type", "bridge"])?;
+            sw.run(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{br}.disable_ipv6=1"),
+            ])?;
+            sw.run(&["ip", "link", "set", br, "up"])?;
+        }
+        t.attach("c", &t.client.clone(), "br0", "eth0")?;
+        let client = t.client.clone();
+        client.run(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+        client.run(&["ip", "link", "set", "eth0", "address", "02:00:00:00:aa:02"])?;
+        client.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{CLIENT_IP}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        client.run(&["ip", "link", "set", "eth0", "up"])?;
+        for &id in nodes {
+            t.add_node(id)?;
+        }
+        Ok(t)
+    }
+
+    /// Creates node `id`'s namespace, its silent wire port `eth0` on br0 and its control port
+    /// `ctl0` on br1. The engine and the node's services are started separately.
+    pub fn add_node(&mut self, id: u8) -> Result<Ns, String> {
+        let ns = Ns(format!("{}-n{id}", self.prefix));
+        run(&["ip", "netns", "add", &ns.0])?;
+        ns.run(&["ip", "link", "set", "lo", "up"])?;
+        // Nothing the node's kernel does may reach the wire but through the engine: no IPv6
+        // chatter (new interfaces such as the tap inherit `default`), no ARP on eth0.
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])?;
+        self.attach(&format!("n{id}"), &ns, "br0", "eth0")?;
+        ns.run(&["ip", "link", "set", "eth0", "arp", "off"])?;
+        ns.run(&["ip", "link", "set", "eth0", "up"])?;
+        self.attach(&format!("k{id}"), &ns, "br1", "ctl0")?;
+        ns.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", control_ip(id)),
+            "dev",
+            "ctl0",
+        ])?;
+        ns.run(&["ip", "link", "set", "ctl0", "up"])?;
+        self.nodes.push((id, ns.clone()));
+        Ok(ns)
+    }
+
+    /// A veth from `ns` (named `inner`) to `bridge` in the switch namespace, offloads off: GSO
+    /// would hand af_packet frames larger than an mbuf, and checksum offload would leave TCP
+    /// checksums unfilled (CHECKSUM_PARTIAL) in the frames af_packet passes on, which the node's
+    /// kernel then drops.
+    fn attach(&self, tag: &str, ns: &Ns, bridge: &str, inner: &str) -> Result<(), String> {
+        let outer = format!("{}{}", short(&self.prefix), tag);
+        let tmp = format!("{outer}x");
+        run(&[
+            "ip", "link", "add", &tmp, "type", "veth", "peer", "name", &outer,
+        ])?;
+        run(&["ip", "link", "set", &tmp, "netns", &ns.0, "name", inner])?;
+        run(&["ip", "link", "set", &outer, "netns", &self.switch.0])?;
+        for (n, i) in [(ns, inner), (&self.switch, outer.as_str())] {
+            n.run(&[
+                "ethtool", "-K", i, "tso", "off", "gso", "off", "gro", "off", "tx", "off",
+            ])?;
+        }
+        self.switch.run(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{outer}.disable_ipv6=1"),
+        ])?;
+        self.switch
+            .run(&["ip", "link", "set", &outer, "master", bridge])?;
+        self.switch.run(&["ip", "link", "set", &outer, "up"])?;
+        Ok(())
+    }
+
+    pub fn node(&self, id: u8) -> Option<&Ns> {
+        self.nodes.iter().find(|(i, _)| *i == id).map(|(_, ns)| ns)
+    }
+
+    /// Keeps a child process to kill (by PID) at teardown.
+    pub fn adopt(&mut self, child: Child) -> u32 {
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// Kills one adopted process now (SIGKILL, by PID) and reaps it.
+    pub fn kill(&mut self, pid: u32) {
+        if let Some(pos) = self.children.iter().position(|c| c.id() == pid) {
+            let mut c = self.children.remove(pos);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Takes an adopted process back (e.g. to stop it gracefully and read its output).
+    pub fn release(&mut self, pid: u32) -> Option<Child> {
+        let pos = self.children.iter().position(|c| c.id() == pid)?;
+        Some(self.children.remove(pos))
+    }
+
+    /// MACs the learning switch has learned on its ports (`bridge fdb`, dynamic entries only).
+    pub fn learned_macs(&self) -> Result<Vec<String>, String> {
+        let out = self.switch.run(&["bridge", "fdb", "show", "br", "br0"])?;
+        Ok(out
+            .lines()
+            .filter(|l| !l.contains("permanent"))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        remove_namespaces(&self.prefix);
+    }
+}
+
+/// Interface names are at most 15 bytes: keep the prefix's last 8 characters.
+fn short(prefix: &str) -> String {
+    let p: String = prefix
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    p[p.len().saturating_sub(8)..].to_owned()
+}
+
+/// Deletes every namespace whose name starts with `prefix-` (veths inside go with them).
+pub fn remove_namespaces(prefix: &str) -> Vec<String> {
+    let list = run(&["ip", "netns", "list"]).unwrap_or_default();
+    let mut removed = Vec::new();
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if name.starts_with(&format!("{prefix}-")) {
+            let _ = Command::new("ip")
+                .args(["netns", "del", name])
+                .stderr(Stdio::null())
+                .status();
+            removed.push(name.to_owned());
+        }
+    }
+    removed
+}

@@ -1,0 +1,483 @@
+//! The control thread: it owns the side UDP socket, the timers, the operator's control socket
+//! and the membership state machine ([`crate::control::Membership`]), and talks to the packet
+//! cores only through [`ControlLink`]: lock-free channels for wire heartbeat frames, an
+//! [`ArcSwap`] for the ownership snapshot the cores pick up between bursts, and per-core atomics
+//! for the flow counts the handoff's "done" step needs. The packet cores never wait on it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use siphasher::sip::SipHasher13;
+
+use crate::cluster::{Bucket, NodeId, Weight, BUCKETS};
+use crate::config::{Loaded, Policy as ConfigPolicy};
+use crate::control::{self, Event, Load, Membership, Output, Path, Snapshot};
+
+/// Wire frames queued between the cores and the control thread, each way. Heartbeats are a few
+/// per interval per node: this only bounds a burst of forged ones.
+const CHANNEL_DEPTH: usize = 1024;
+
+/// What the packet cores and the control thread share.
+pub struct ControlLink {
+    /// The ownership snapshot in force; cores reload it when `version` changes.
+    pub snapshot: ArcSwap<Snapshot>,
+    pub version: AtomicU64,
+    /// Control messages to send on the wire port (payload only; core 0 frames and sends them).
+    pub wire_out: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
+    /// Control messages received on the wire port (payload only).
+    pub wire_in: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
+    /// Wire frames the cores could not queue for the control thread.
+    pub wire_in_dropped: AtomicU64,
+    /// Per core: live flows per bucket, written for the buckets this node is releasing.
+    pub bucket_flows: Vec<Box<[AtomicU32]>>,
+    /// Per core: the snapshot version `bucket_flows` was last computed for.
+    pub bucket_flows_version: Vec<AtomicU64>,
+    /// Per core: flows in its flow table, and its polls (all, and those that received frames).
+    pub core_flows: Vec<AtomicU64>,
+    pub core_polls: Vec<AtomicU64>,
+    pub core_busy_polls: Vec<AtomicU64>,
+}
+
+impl std::fmt::Debug for ControlLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlLink")
+            .field("version", &self.version.load(Relaxed))
+            .field("epoch", &self.snapshot.load().epoch())
+            .finish()
+    }
+}
+
+impl ControlLink {
+    pub fn new(cores: usize, initial: Arc<Snapshot>) -> ControlLink {
+        ControlLink {
+            snapshot: ArcSwap::new(initial),
+            version: AtomicU64::new(1),
+            wire_out: crossbeam_channel::bounded(CHANNEL_DEPTH),
+            wire_in: crossbeam_channel::bounded(CHANNEL_DEPTH),
+            wire_in_dropped: AtomicU64::new(0),
+            bucket_flows: (0..cores)
+                .map(|_| (0..BUCKETS).map(|_| AtomicU32::new(0)).collect())
+                .collect(),
+            bucket_flows_version: (0..cores).map(|_| AtomicU64::new(0)).collect(),
+            core_flows: (0..cores).map(|_| AtomicU64::new(0)).collect(),
+            core_polls: (0..cores).map(|_| AtomicU64::new(0)).collect(),
+            core_busy_polls: (0..cores).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Makes `snapshot` the cores' current one.
+    pub fn publish(&self, snapshot: Arc<Snapshot>) {
+        self.snapshot.store(snapshot);
+        self.version.fetch_add(1, Relaxed);
+    }
+
+    /// From a core: a control frame's payload arrived on the wire. Never blocks.
+    pub fn received_on_wire(&self, payload: &[u8]) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.wire_in.0.try_send(payload.to_vec())
+        {
+            self.wire_in_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Flow counts of `buckets` summed over cores, if every core has counted them for the
+    /// current snapshot.
+    fn releasing_counts(&self, buckets: &[Bucket]) -> Option<Vec<(Bucket, u32)>> {
+        let version = self.version.load(Relaxed);
+        if self
+            .bucket_flows_version
+            .iter()
+            .any(|v| v.load(Relaxed) != version)
+        {
+            return None;
+        }
+        Some(
+            buckets
+                .iter()
+                .map(|&b| {
+                    let n = self
+                        .bucket_flows
+                        .iter()
+                        .map(|c| c[b.index()].load(Relaxed))
+                        .sum();
+                    (b, n)
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Wire frames carry a control message behind a 2-byte length, because Ethernet pads short
+/// frames and the message's MAC covers its exact bytes.
+pub fn wire_payload(frame_payload: &[u8]) -> Option<&[u8]> {
+    let len = usize::from(u16::from_be_bytes([
+        *frame_payload.first()?,
+        *frame_payload.get(1)?,
+    ]));
+    frame_payload.get(2..2 + len)
+}
+
+/// A whole Ethernet frame carrying `message` from `node_mac` to everyone.
+pub fn wire_frame(node_mac: [u8; 6], message: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(16 + message.len());
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&node_mac);
+    f.extend_from_slice(&control::ETHERTYPE.to_be_bytes());
+    f.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    f.extend_from_slice(message);
+    if f.len() < 60 {
+        f.resize(60, 0);
+    }
+    f
+}
+
+/// What every node of a cluster must agree on, hashed: nodes with another digest are refused.
+pub fn config_digest(loaded: &Loaded) -> u64 {
+    let c = &loaded.config;
+    let canonical = format!(
+        "v1 ip={} ip6={:?} mac={} affinity={:?} policy={:?} interval={:?} dead_after={} learn={:?}",
+        c.cluster.ip,
+        c.cluster.ip6,
+        c.cluster.mac,
+        c.cluster.affinity,
+        c.cluster.policy,
+        c.control.interval.0,
+        c.control.dead_after,
+        c.control.handoff_learn.0,
+    );
+    let mut h = SipHasher13::new_with_keys(0x636c6f6e65, 0x636c7573746572);
+    std::hash::Hasher::write(&mut h, canonical.as_bytes());
+    std::hash::Hasher::finish(&h)
+}
+
+/// The membership configuration a node's YAML describes.
+pub fn membership_config(loaded: &Loaded, incarnation: u64) -> control::Config {
+    let c = &loaded.config;
+    let me = NodeId::new(c.node.id).expect("validated");
+    let mut m = control::Config::new(
+        me,
+        incarnation,
+        c.node.mac.0,
+        &loaded.secret,
+        config_digest(loaded),
+    );
+    m.weight = Weight::new(c.node.weight).expect("validated: nonzero");
+    m.policy = match c.cluster.policy {
+        ConfigPolicy::Hash => control::Policy::Hash,
+        ConfigPolicy::Weighted => control::Policy::Weighted,
+        ConfigPolicy::ByLoad => control::Policy::ByLoad,
+    };
+    m.interval = c.control.interval.0.as_nanos() as u64;
+    m.dead_after = c.control.dead_after;
+    m.learn = c.control.handoff_learn.0.as_nanos() as u64;
+    m.release_deadline = c.control.release_deadline.0.as_nanos() as u64;
+    m
+}
+
+/// Requests to the control thread from outside (signals, the operator's socket).
+#[derive(Debug, Default)]
+pub struct Requests {
+    /// SIGTERM / Ctrl-C: drain (up to the deadline), then stop.
+    pub terminate: AtomicBool,
+}
+
+/// Runs the control thread until the node has stopped; sets `stop_cores` when the packet cores
+/// must end (after a drain on SIGTERM, or at once on a second signal).
+pub fn control_thread(
+    loaded: Loaded,
+    link: Arc<ControlLink>,
+    requests: Arc<Requests>,
+    stop_cores: Arc<AtomicBool>,
+) -> Result<(), String> {
+    let cfg = &loaded.config;
+    let start = Instant::now();
+    let incarnation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let mut m = Membership::new(membership_config(&loaded, incarnation));
+    let me = NodeId::new(cfg.node.id).expect("validated");
+    let interval = cfg.control.interval.0;
+    // Ticks more often than the interval: the state machine sends heartbeats on its own clock.
+    let tick = (interval / 4).max(Duration::from_millis(5));
+
+    let socket = match cfg.control.listen {
+        Some(addr) => {
+            let s = UdpSocket::bind(addr).map_err(|e| {
+                format!(
+                    "`control.listen`: cannot bind {addr}: {e}\n  fix: use an address of this \
+                     node's control network (or leave the key out to use the wire path only)"
+                )
+            })?;
+            s.set_read_timeout(Some(tick)).map_err(|e| e.to_string())?;
+            Some(s)
+        }
+        None => None,
+    };
+    let operator = match &cfg.control.socket {
+        Some(path) => Some(OperatorSocket::bind(path.clone())?),
+        None => None,
+    };
+    let peers: Vec<SocketAddr> = cfg.control.peers.clone();
+    let mut out = Vec::new();
+    let mut terminating_since: Option<Instant> = None;
+    let mut buf = [0u8; 2048];
+    let mut next_tick = start;
+    let mut next_report = start;
+    let now_ns = || start.elapsed().as_nanos() as u64;
+
+    m.handle_tick(now_ns(), &mut out);
+    loop {
+        // Side channel.
+        match &socket {
+            Some(s) => {
+                if let Ok((n, _from)) = s.recv_from(&mut buf) {
+                    m.handle_message(Path::Udp, &buf[..n], now_ns(), &mut out);
+                }
+            }
+            None => std::thread::sleep(tick),
+        }
+        // Wire heartbeats received by the cores.
+        while let Ok(payload) = link.wire_in.1.try_recv() {
+            if let Some(msg) = wire_payload(&payload) {
+                m.handle_message(Path::Wire, msg, now_ns(), &mut out);
+            }
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            next_tick = now + tick;
+            let polls: u64 = link.core_polls.iter().map(|p| p.swap(0, Relaxed)).sum();
+            let busy: u64 = link
+                .core_busy_polls
+                .iter()
+                .map(|p| p.swap(0, Relaxed))
+                .sum();
+            let flows: u64 = link.core_flows.iter().map(|f| f.load(Relaxed)).sum();
+            m.set_load(Load {
+                active_flows: flows.min(u64::from(u32::MAX)) as u32,
+                busy_permille: if polls == 0 {
+                    0
+                } else {
+                    (busy * 1000 / polls) as u16
+                },
+            });
+            m.handle_tick(now_ns(), &mut out);
+        }
+        // Flow counts of the buckets this node releases, for the "done" step.
+        if now >= next_report {
+            next_report = now + interval;
+            let snapshot = link.snapshot.load();
+            let releasing: Vec<Bucket> = snapshot.releasing(me).collect();
+            if !releasing.is_empty() {
+                if let Some(counts) = link.releasing_counts(&releasing) {
+                    m.report_flows(&counts, now_ns(), &mut out);
+                }
+            }
+        }
+        if let Some(op) = &operator {
+            op.serve(&mut m, now_ns(), &mut out);
+        }
+        // SIGTERM: drain first, stop when drained or at the deadline; a second signal stops now.
+        if requests.terminate.load(Relaxed) {
+            match terminating_since {
+                None => {
+                    tracing::info!(node = cfg.node.id, epoch = m.epoch(), "SIGTERM: draining");
+                    terminating_since = Some(Instant::now());
+                    m.drain(now_ns(), &mut out);
+                }
+                Some(since) => {
+                    let alone = m.live_members().len() <= 1;
+                    if m.is_drained() || alone || since.elapsed() >= cfg.control.drain_deadline.0 {
+                        tracing::info!(
+                            node = cfg.node.id,
+                            epoch = m.epoch(),
+                            drained = m.is_drained(),
+                            "stopping"
+                        );
+                        stop_cores.store(true, Relaxed);
+                    }
+                }
+            }
+        }
+        for o in out.drain(..) {
+            match o {
+                Output::Send {
+                    path: Path::Udp,
+                    bytes,
+                } => {
+                    if let Some(s) = &socket {
+                        for p in &peers {
+                            let _ = s.send_to(&bytes, p);
+                        }
+                    }
+                }
+                Output::Send {
+                    path: Path::Wire,
+                    bytes,
+                } => {
+                    let _ = link.wire_out.0.try_send(bytes);
+                }
+                Output::Publish(snapshot) => link.publish(snapshot),
+                Output::Event(e) => log_event(cfg.node.id, m.epoch(), &e),
+            }
+        }
+        if stop_cores.load(Relaxed) {
+            return Ok(());
+        }
+    }
+}
+
+fn log_event(node: u8, epoch: u64, e: &Event) {
+    match e {
+        Event::PeerUp { node: peer, .. } => tracing::info!(node, epoch, peer = %peer, "peer up"),
+        Event::PeerRejoined {
+            node: peer,
+            incarnation,
+        } => {
+            tracing::info!(node, epoch, peer = %peer, incarnation, "peer rejoined")
+        }
+        Event::PeerDead { node: peer } => tracing::warn!(node, epoch, peer = %peer, "peer dead"),
+        Event::TakeOver { dead } => {
+            tracing::warn!(
+                node,
+                epoch,
+                dead = format!("{dead:#x}"),
+                "took over dead nodes' buckets"
+            )
+        }
+        Event::PlanAdopted {
+            plan,
+            phase,
+            members,
+            moving,
+        } => tracing::info!(
+            node,
+            epoch,
+            plan_epoch = plan.epoch,
+            proposer = %plan.proposer,
+            ?phase,
+            members = ?members.iter().map(|m| m.id.get()).collect::<Vec<_>>(),
+            moving,
+            "ownership plan adopted"
+        ),
+        Event::PhaseChanged { plan, phase } => {
+            tracing::info!(
+                node,
+                epoch,
+                plan_epoch = plan.epoch,
+                ?phase,
+                "handoff phase"
+            )
+        }
+        Event::Drained => tracing::info!(node, epoch, "drained: this node owns no bucket"),
+    }
+}
+
+/// The operator's local control socket: one line in (`drain`, `undrain`, `status`), one JSON
+/// line out.
+struct OperatorSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl OperatorSocket {
+    fn bind(path: PathBuf) -> Result<OperatorSocket, String> {
+        // A socket file left by a crashed run is stale: nobody can be listening on it.
+        if path.exists() && std::os::unix::net::UnixStream::connect(&path).is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        let listener = UnixListener::bind(&path).map_err(|e| {
+            format!(
+                "`control.socket`: cannot bind {}: {e}\n  fix: choose a path in a writable \
+                 directory that no other node uses",
+                path.display()
+            )
+        })?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        Ok(OperatorSocket { listener, path })
+    }
+
+    fn serve(&self, m: &mut Membership, now: u64, out: &mut Vec<Output>) {
+        let Ok((stream, _)) = self.listener.accept() else {
+            return;
+        };
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut line = String::new();
+        let mut reader = BufReader::new(&stream);
+        if reader.read_line(&mut line).is_err() {
+            return;
+        }
+        let reply = match line.trim() {
+            "drain" => {
+                m.drain(now, out);
+                serde_json::json!({"ok": true, "draining": true})
+            }
+            "undrain" => {
+                m.undrain(now, out);
+                serde_json::json!({"ok": true, "draining": false})
+            }
+            "status" => status_json(m),
+            other => {
+                serde_json::json!({"ok": false, "error": format!("unknown command `{other}`")})
+            }
+        };
+        let mut w = &stream;
+        let _ = writeln!(w, "{reply}");
+    }
+}
+
+impl Drop for OperatorSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn status_json(m: &Membership) -> serde_json::Value {
+    let snapshot = m.snapshot();
+    let members: Vec<serde_json::Value> = m
+        .live_members()
+        .iter()
+        .map(|mem| {
+            serde_json::json!({
+                "node": mem.id.get(),
+                "weight": mem.weight.get(),
+                "accepting_buckets": snapshot.accepting_count(mem.id),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "ok": true,
+        "epoch": m.epoch(),
+        "phase": format!("{:?}", snapshot.phase()),
+        "moving": snapshot.moving_count(),
+        "draining": m.draining(),
+        "drained": m.is_drained(),
+        "members": members,
+    })
+}
+
+/// Sends one command to a node's control socket and returns its JSON reply.
+pub fn operator_command(socket: &std::path::Path, command: &str) -> Result<String, String> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot reach the node at {}: {e} (is it running, and is control.socket this path?)",
+            socket.display()
+        )
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    writeln!(stream, "{command}").map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(|e| format!("no reply from {}: {e}", socket.display()))?;
+    Ok(reply.trim().to_owned())
+}

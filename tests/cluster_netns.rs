@@ -1,0 +1,277 @@
+//! Real engines in namespaces on a learning bridge (the lab topology): a cluster forms, shares
+//! the load, survives a `kill -9` of one engine, and takes the node back without breaking the
+//! connections that were open while it joined.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use clonecluster::lab::services::{
+    configure_host_port, engine_config, start_engine, start_nginx, EngineOptions,
+};
+use clonecluster::lab::topology::{Topology, CLUSTER_MAC};
+use common::*;
+
+/// One cluster at a time: two cores do not carry two labs.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Lab {
+    topo: Topology,
+    dir: tempfile::TempDir,
+    engines: BTreeMap<u8, u32>,
+    nginx: BTreeMap<u8, u32>,
+    ids: Vec<u8>,
+}
+
+impl Lab {
+    fn new(tag: &str, ids: &[u8]) -> Lab {
+        let topo = Topology::build(&format!("cc{tag}{}", std::process::id() % 100_000), ids)
+            .expect("build the lab network");
+        let dir = tempfile::Builder::new().prefix("cclab").tempdir().unwrap();
+        let mut lab = Lab {
+            topo,
+            dir,
+            engines: BTreeMap::new(),
+            nginx: BTreeMap::new(),
+            ids: ids.to_vec(),
+        };
+        for &id in ids {
+            lab.start_node(id);
+        }
+        lab
+    }
+
+    fn config(&self, id: u8) -> PathBuf {
+        self.dir.path().join(format!("node{id}.yaml"))
+    }
+
+    fn start_node(&mut self, id: u8) {
+        let ns = self.topo.node(id).unwrap().clone();
+        let cfg = engine_config(self.dir.path(), id, &self.ids, &EngineOptions::default()).unwrap();
+        let log = self.dir.path().join(format!("node{id}.log"));
+        let engine = start_engine(Path::new(BIN), &ns, &cfg, &log).unwrap();
+        let pid = self.topo.adopt(engine);
+        self.engines.insert(id, pid);
+        configure_host_port(&ns, Duration::from_secs(30)).unwrap();
+        if let Some(old) = self.nginx.remove(&id) {
+            self.topo.kill(old);
+        }
+        let nginx = start_nginx(&ns, self.dir.path(), id, 1024).unwrap();
+        let pid = self.topo.adopt(nginx);
+        self.nginx.insert(id, pid);
+    }
+
+    fn kill_engine(&mut self, id: u8) {
+        let pid = self.engines.remove(&id).unwrap();
+        signal(pid, "KILL");
+        self.topo.kill(pid);
+    }
+
+    fn status(&self, id: u8) -> Option<serde_json::Value> {
+        let out = run_cmd(&["status", "--config", self.config(id).to_str().unwrap()]);
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Waits until every node in `nodes` sees exactly `nodes` as members, nothing moving.
+    fn converged(&self, nodes: &[u8], timeout: Duration) -> Result<Duration, String> {
+        let start = Instant::now();
+        loop {
+            let ok = nodes.iter().all(|&id| {
+                self.status(id).is_some_and(|s| {
+                    let members: Vec<u64> = s["members"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|m| m["node"].as_u64()).collect())
+                        .unwrap_or_default();
+                    members == nodes.iter().map(|&n| u64::from(n)).collect::<Vec<_>>()
+                        && s["phase"] == "Done"
+                        && s["moving"] == 0
+                })
+            });
+            if ok {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                let all: Vec<String> = nodes
+                    .iter()
+                    .map(|&id| format!("node {id}: {:?}", self.status(id)))
+                    .collect();
+                return Err(format!(
+                    "no convergence to {nodes:?}: {}\n{}",
+                    all.join("\n"),
+                    self.logs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.ids
+            .iter()
+            .map(|id| {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("node{id}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                format!(
+                    "--- node {id} log (last lines, newest first):\n{}",
+                    tail.join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `n` new connections from the client, one request each: which node answered each, and
+    /// how many failed.
+    fn requests(&self, n: usize) -> (BTreeMap<u8, usize>, usize) {
+        let script = format!(
+            "for i in $(seq 1 {n}); do curl -s -m 3 http://198.18.0.1/id || echo fail; done"
+        );
+        let out = self
+            .topo
+            .client
+            .command(&["bash", "-c", &script])
+            .output()
+            .unwrap();
+        let mut by_node = BTreeMap::new();
+        let mut failed = 0;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            match line.trim().parse::<u8>() {
+                Ok(id) => *by_node.entry(id).or_insert(0) += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        failed += n.saturating_sub(by_node.values().sum::<usize>() + failed);
+        (by_node, failed)
+    }
+
+    /// Long downloads (1 MiB at 256 KiB/s: about 4 s each), started now.
+    fn start_downloads(&self, n: usize) -> Vec<Child> {
+        (0..n)
+            .map(|_| {
+                self.topo
+                    .client
+                    .command(&[
+                        "curl",
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-m",
+                        "60",
+                        "--limit-rate",
+                        "256k",
+                        "-w",
+                        "%{http_code} %{size_download}",
+                        "http://198.18.0.1/big",
+                    ])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    fn cluster_mac_learned(&self) -> bool {
+        self.topo
+            .learned_macs()
+            .unwrap_or_default()
+            .iter()
+            .any(|m| m == CLUSTER_MAC)
+    }
+}
+
+fn scenario(tag: &str, ids: &[u8]) {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::new(tag, ids);
+    let formed = lab.converged(ids, Duration::from_secs(30)).unwrap();
+    eprintln!("{tag}: cluster of {ids:?} formed in {formed:?}");
+
+    if let Ok(secs) = std::env::var("CC_LAB_HOLD") {
+        // Debugging aid: keep the lab up to look at it by hand.
+        eprintln!("holding the lab {} for {secs} s", lab.topo.prefix);
+        std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(60)));
+    }
+    // Every node serves a share; nothing fails.
+    let (by_node, failed) = lab.requests(60);
+    eprintln!("{tag}: 60 requests by node: {by_node:?}, failed {failed}");
+    assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
+    for id in ids {
+        assert!(
+            by_node.get(id).copied().unwrap_or(0) > 0,
+            "node {id} served nothing: {by_node:?}"
+        );
+    }
+    assert!(
+        !lab.cluster_mac_learned(),
+        "the switch learned the cluster MAC"
+    );
+
+    // kill -9 the last node's engine: the others own every bucket within the bound.
+    let victim = *ids.last().unwrap();
+    let survivors: Vec<u8> = ids.iter().copied().filter(|&i| i != victim).collect();
+    let killed = Instant::now();
+    lab.kill_engine(victim);
+    lab.converged(&survivors, Duration::from_secs(10)).unwrap();
+    let takeover = killed.elapsed();
+    eprintln!(
+        "{tag}: takeover after kill -9 of node {victim}: {takeover:?} (status polled every 20 ms)"
+    );
+    // Defaults: 100 ms x 3 to detect, plus a tick; asserted with a wide margin (shared machine).
+    assert!(
+        takeover < Duration::from_secs(3),
+        "takeover took {takeover:?}"
+    );
+    let (by_node, failed) = lab.requests(40);
+    eprintln!("{tag}: after the failure: {by_node:?}, failed {failed}");
+    assert_eq!(
+        failed,
+        0,
+        "new connections after the takeover: {by_node:?}\n{}",
+        lab.logs()
+    );
+    assert!(!by_node.contains_key(&victim));
+
+    // The node comes back while long downloads run: it gets its share, and every download
+    // that was open across the join completes.
+    let downloads = lab.start_downloads(6);
+    std::thread::sleep(Duration::from_millis(500));
+    lab.start_node(victim);
+    lab.converged(ids, Duration::from_secs(30)).unwrap();
+    let (by_node, failed) = lab.requests(60);
+    eprintln!("{tag}: after the rejoin: {by_node:?}, failed {failed}");
+    assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
+    assert!(
+        by_node.get(&victim).copied().unwrap_or(0) > 0,
+        "node {victim} got no share back"
+    );
+    for d in downloads {
+        let out = d.wait_with_output().unwrap();
+        let result = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            result,
+            "200 1048576",
+            "a download across the join broke\n{}",
+            lab.logs()
+        );
+    }
+    assert!(
+        !lab.cluster_mac_learned(),
+        "the switch learned the cluster MAC"
+    );
+}
+
+#[test]
+fn two_nodes_failover_and_rejoin() {
+    scenario("a", &[1, 2]);
+}
+
+#[test]
+fn three_nodes_failover_and_rejoin() {
+    scenario("b", &[1, 2, 3]);
+}
