@@ -166,6 +166,9 @@ impl NodeIdentity {
     }
 }
 
+/// How long a TCP flow is kept after its FIN or RST.
+pub const CLOSING_KEPT: Duration = Duration::from_secs(2);
+
 /// Sizes of the per-core tables.
 #[derive(Debug, Clone, Copy)]
 pub struct TableSizes {
@@ -186,6 +189,9 @@ impl TableSizes {
             ..TableSizes::default()
         };
         let learn = c.control.handoff_learn.0;
+        // A closed connection is kept only for its last ACK or a retransmitted FIN: a handoff
+        // waits for it before the new owner takes the bucket outright.
+        sizes.flow_timeouts.tcp_closing = CLOSING_KEPT;
         sizes.flow_timeouts.udp = sizes.flow_timeouts.udp.min(learn);
         sizes.flow_timeouts.other = sizes.flow_timeouts.other.min(learn);
         sizes

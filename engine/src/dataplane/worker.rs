@@ -328,6 +328,7 @@ fn core_loop(shared: &Shared, index: usize) {
     let mut polls: u64 = 0;
     let mut busy_polls: u64 = 0;
     let mut next_count: u64 = 0;
+    let mut sweeps_since_change: u32 = 0;
     let mut hold: FragmentHold<Mbuf> =
         FragmentHold::new(HOLD_CAPACITY, shared.sizes.fragment_timeout);
     let mut rx = Burst::new();
@@ -437,6 +438,7 @@ fn core_loop(shared: &Shared, index: usize) {
             version = v;
             pipeline.set_snapshot(link.snapshot.load_full());
             next_count = 0;
+            sweeps_since_change = 0;
         }
         if index == 0 && !link.wire_out.1.is_empty() {
             // SAFETY: the pool outlives the packet loops (`run` frees it after they return).
@@ -467,23 +469,31 @@ fn core_loop(shared: &Shared, index: usize) {
             link.core_flows[index].store(pipeline.flows().len() as u64, Relaxed);
             link.core_polls[index].fetch_add(std::mem::take(&mut polls), Relaxed);
             link.core_busy_polls[index].fetch_add(std::mem::take(&mut busy_polls), Relaxed);
-            // While this node releases buckets, count their live flows for the control
-            // thread's "done" step (a few times per second, after a deeper sweep).
-            let snapshot = pipeline.snapshot();
-            if snapshot.moving_count() > 0 && now >= next_count {
-                next_count = now + COUNT_EVERY_NS;
-                pipeline.maintain(now, EXPIRE_BUDGET * 16);
-                let counts = &link.bucket_flows[index];
-                for b in pipeline.snapshot().releasing(me) {
-                    counts[b.index()].store(pipeline.flows().count_in_bucket(b), Relaxed);
-                }
-            }
-            link.bucket_flows_version[index].store(version, Relaxed);
             hold.expire(now, |m| {
                 drop(m);
                 drops[DropReason::FragmentExpired.index()] += 1;
             });
             publish_drops(&mut drops, c);
+        }
+        // While buckets move, count the live flows of those this node releases for the control
+        // thread's "done" step, a few times per second: each round sweeps an eighth of the flow
+        // table, so expired flows leave the counts within a second.
+        if pipeline.snapshot().moving_count() > 0 {
+            let now = clock.now();
+            if now >= next_count {
+                next_count = now + COUNT_EVERY_NS;
+                let eighth = pipeline.flows().slot_count() / 8;
+                pipeline.maintain(now, eighth);
+                let counts = &link.bucket_flows[index];
+                for b in pipeline.snapshot().releasing(me) {
+                    counts[b.index()].store(pipeline.flows().count_in_bucket(b), Relaxed);
+                }
+                sweeps_since_change = sweeps_since_change.saturating_add(1);
+                // The counts hold for this snapshot once a whole sweep has run under it.
+                if sweeps_since_change >= 8 {
+                    link.bucket_flows_version[index].store(version, Relaxed);
+                }
+            }
         }
         idle.after_poll(from_wire + from_host);
     }
