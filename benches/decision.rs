@@ -19,7 +19,7 @@ fn synthetic(i: u32) -> Vec<u8> {
     f.extend_from_slice(&CLUSTER_MAC);
     f.extend_from_slice(&[2, 0, 0, 0, 0xaa, 2]);
     f.extend_from_slice(&[8, 0]);
-    let udp = i % 4 == 0;
+    let udp = i.is_multiple_of(4);
     let l4 = if udp { 8 } else { 20 };
     let total = (20 + l4) as u16;
     f.extend_from_slice(&[0x45, 0]);

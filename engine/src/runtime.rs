@@ -261,11 +261,7 @@ pub fn control_thread(
             let flows: u64 = link.core_flows.iter().map(|f| f.load(Relaxed)).sum();
             m.set_load(Load {
                 active_flows: flows.min(u64::from(u32::MAX)) as u32,
-                busy_permille: if polls == 0 {
-                    0
-                } else {
-                    (busy * 1000 / polls) as u16
-                },
+                busy_permille: (busy * 1000).checked_div(polls).unwrap_or(0) as u16,
             });
             m.handle_tick(now_ns(), &mut out);
         }

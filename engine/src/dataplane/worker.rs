@@ -463,7 +463,7 @@ fn core_loop(shared: &Shared, index: usize) {
             busy_polls += 1;
         }
         iterations = iterations.wrapping_add(1);
-        if iterations % MAINTAIN_EVERY == 0 {
+        if iterations.is_multiple_of(MAINTAIN_EVERY) {
             let now = clock.now();
             pipeline.maintain(now, EXPIRE_BUDGET);
             link.core_flows[index].store(pipeline.flows().len() as u64, Relaxed);
