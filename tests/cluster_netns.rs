@@ -245,6 +245,76 @@ fn scenario(tag: &str, ids: &[u8]) {
         "the switch learned the cluster MAC"
     );
 
+    // `owner-of` names the node that really serves a flow (client ports pinned with curl).
+    for port in 41000..41012u16 {
+        let out = lab
+            .topo
+            .client
+            .command(&[
+                "curl",
+                "-s",
+                "-m",
+                "3",
+                "--local-port",
+                &port.to_string(),
+                "http://198.18.0.1/id",
+            ])
+            .output()
+            .unwrap();
+        let served: u8 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("an id");
+        let cfg = lab.config(ids[0]);
+        let reply = run_cmd(&[
+            "owner-of",
+            "--config",
+            cfg.to_str().unwrap(),
+            &format!("198.18.0.100:{port}"),
+            "198.18.0.1:80",
+            "tcp",
+        ]);
+        let reply: serde_json::Value =
+            serde_json::from_slice(&reply.stdout).expect("owner-of JSON");
+        assert_eq!(reply["new_flows_owner"], served, "port {port}: {reply}");
+    }
+
+    // `/metrics` counts what flowed.
+    for &id in ids {
+        let ns = lab.topo.node(id).unwrap();
+        let out = ns
+            .command(&[
+                "curl",
+                "-s",
+                "-m",
+                "3",
+                &format!("http://198.19.0.{id}:9100/metrics"),
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let value = |name: &str| -> u64 {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("clonecluster_{name}{{")))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum()
+        };
+        assert!(
+            value("wire_rx_frames_total") > 100,
+            "node {id} metrics:\n{text}"
+        );
+        assert!(
+            value("host_tx_frames_total") > 10,
+            "node {id} metrics:\n{text}"
+        );
+        assert_eq!(
+            value("members_live"),
+            ids.len() as u64,
+            "node {id} metrics:\n{text}"
+        );
+        assert!(value("epoch") > 0);
+    }
+
     // kill -9 the last node's engine: the others own every bucket within the bound.
     let victim = *ids.last().unwrap();
     let survivors: Vec<u8> = ids.iter().copied().filter(|&i| i != victim).collect();

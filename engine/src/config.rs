@@ -127,6 +127,9 @@ pub struct ControlConfig {
     /// Heartbeat intervals of silence (on both paths) before a peer is declared dead.
     #[serde(default = "default_dead_after")]
     pub dead_after: u32,
+    /// Where `/metrics` (Prometheus) is served: the node's management address and a port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
     /// Local control socket for operator commands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
@@ -168,6 +171,7 @@ impl Default for ControlConfig {
             interval: default_interval(),
             dead_after: default_dead_after(),
             socket: None,
+            metrics: None,
             drain_deadline: default_drain_deadline(),
             handoff_learn: default_handoff_learn(),
             release_deadline: default_release_deadline(),

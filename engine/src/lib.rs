@@ -10,15 +10,19 @@
 //! - [`cluster`]: flow keys, buckets, the ownership table, flow and fragment tracking (pure logic).
 //! - [`pipeline`]: what a packet core does with each frame (pure Rust over byte slices).
 //! - [`control`]: membership, failure detection and lossless handoff as a sans-IO state machine.
+//! - [`counters`]: per-core packet counters (one writer each).
 //! - [`replay`]: N simulated nodes over a pcap: duplicates and orphans, offline.
 //! - [`lab`]: the namespace lab (bridge, nodes, client) for tests and `clonecluster lab`.
+//! - [`metrics`]: Prometheus `/metrics` over HTTP.
 //! - [`runtime`]: the control thread: sockets, timers, the state machine, snapshots to cores.
 //! - [`dataplane`]: the only code that touches DPDK: EAL, ports, mbufs, per-core loops.
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod counters;
 pub mod dataplane;
 pub mod lab;
+pub mod metrics;
 pub mod pipeline;
 pub mod replay;
 pub mod runtime;

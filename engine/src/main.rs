@@ -56,6 +56,18 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Which node owns a flow, and why (bucket, phase, this node's role).
+    OwnerOf {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Client address, IP:PORT.
+        src: String,
+        /// Cluster address, IP:PORT.
+        dst: String,
+        /// tcp or udp.
+        #[arg(default_value = "tcp")]
+        proto: String,
+    },
     /// The node's view of the cluster (JSON): epoch, members, handoff phase.
     Status {
         #[arg(long, short)]
@@ -169,6 +181,12 @@ fn execute(cli: Cli) -> Result<(), String> {
         Command::Drain { config } => operator(&config, "drain"),
         Command::Undrain { config } => operator(&config, "undrain"),
         Command::Status { config } => operator(&config, "status"),
+        Command::OwnerOf {
+            config,
+            src,
+            dst,
+            proto,
+        } => operator(&config, &format!("owner-of {src} {dst} {proto}")),
     }
 }
 

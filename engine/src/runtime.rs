@@ -18,7 +18,8 @@ use siphasher::sip::SipHasher13;
 
 use crate::cluster::{Bucket, NodeId, Weight, BUCKETS};
 use crate::config::{Loaded, Policy as ConfigPolicy};
-use crate::control::{self, Event, Load, Membership, Output, Path, Snapshot};
+use crate::control::{self, Event, Load, Membership, Output, Path, Refusal, Snapshot};
+use crate::counters::CoreCounters;
 
 /// Wire frames queued between the cores and the control thread, each way. Heartbeats are a few
 /// per interval per node: this only bounds a burst of forged ones.
@@ -43,6 +44,10 @@ pub struct ControlLink {
     pub core_flows: Vec<AtomicU64>,
     pub core_polls: Vec<AtomicU64>,
     pub core_busy_polls: Vec<AtomicU64>,
+    /// Per core: its packet counters.
+    pub counters: Vec<CoreCounters>,
+    /// Mbufs out of the pool, as core 0 last saw.
+    pub mbufs_in_use: AtomicU64,
 }
 
 impl std::fmt::Debug for ControlLink {
@@ -69,6 +74,8 @@ impl ControlLink {
             core_flows: (0..cores).map(|_| AtomicU64::new(0)).collect(),
             core_polls: (0..cores).map(|_| AtomicU64::new(0)).collect(),
             core_busy_polls: (0..cores).map(|_| AtomicU64::new(0)).collect(),
+            counters: (0..cores).map(|_| CoreCounters::default()).collect(),
+            mbufs_in_use: AtomicU64::new(0),
         }
     }
 
@@ -181,6 +188,65 @@ pub fn membership_config(loaded: &Loaded, incarnation: u64) -> control::Config {
     m
 }
 
+/// What the control thread last knew, for the metrics endpoint (published every tick).
+#[derive(Debug, Clone, Default)]
+pub struct ControlView {
+    pub epoch: u64,
+    /// Buckets in which this node takes new flows.
+    pub accepting: u32,
+    pub moving: u32,
+    pub draining: bool,
+    /// Live members: (id, weight).
+    pub members: Vec<(u8, u32)>,
+    pub peers: Vec<PeerView>,
+    /// Refused control messages by [path][reason].
+    pub refused: [[u64; Refusal::ALL.len()]; 2],
+}
+
+/// One peer in [`ControlView`].
+#[derive(Debug, Clone, Default)]
+pub struct PeerView {
+    pub node: u8,
+    pub alive: bool,
+    /// Milliseconds since its last accepted message, per path (UDP, wire).
+    pub last_seen_ms_ago: [Option<u64>; 2],
+}
+
+fn control_view(m: &Membership, me: NodeId, now: u64) -> ControlView {
+    let snapshot = m.snapshot();
+    let mut refused = [[0u64; Refusal::ALL.len()]; 2];
+    for path in Path::ALL {
+        for reason in Refusal::ALL {
+            refused[path.index()][reason.index()] = m.refused(path, reason);
+        }
+    }
+    ControlView {
+        epoch: m.epoch(),
+        accepting: snapshot.accepting_count(me),
+        moving: snapshot.moving_count(),
+        draining: m.draining(),
+        members: m
+            .live_members()
+            .iter()
+            .map(|mem| (mem.id.get(), mem.weight.get()))
+            .collect(),
+        peers: (1..=64u8)
+            .filter_map(|id| {
+                let node = NodeId::new(id)?;
+                let p = m.peer(node)?;
+                Some(PeerView {
+                    node: id,
+                    alive: p.alive,
+                    last_seen_ms_ago: p
+                        .last_seen
+                        .map(|t| t.map(|t| now.saturating_sub(t) / 1_000_000)),
+                })
+            })
+            .collect(),
+        refused,
+    }
+}
+
 /// Requests to the control thread from outside (signals, the operator's socket).
 #[derive(Debug, Default)]
 pub struct Requests {
@@ -225,6 +291,15 @@ pub fn control_thread(
         None => None,
     };
     let peers: Vec<SocketAddr> = cfg.control.peers.clone();
+    let view = Arc::new(ArcSwap::from_pointee(ControlView::default()));
+    if let Some(addr) = cfg.control.metrics {
+        crate::metrics::serve(addr, cfg.node.id, Arc::clone(&link), Arc::clone(&view))?;
+    }
+    let owners = OwnerLookup {
+        hasher: crate::cluster::BucketHasher::new(&loaded.secret),
+        affinity: cfg.cluster.affinity,
+        me,
+    };
     let mut out = Vec::new();
     let mut terminating_since: Option<Instant> = None;
     let mut buf = [0u8; 2048];
@@ -264,6 +339,7 @@ pub fn control_thread(
                 busy_permille: (busy * 1000).checked_div(polls).unwrap_or(0) as u16,
             });
             m.handle_tick(now_ns(), &mut out);
+            view.store(Arc::new(control_view(&m, me, now_ns())));
         }
         // Flow counts of the buckets this node releases, for the "done" step.
         if now >= next_report {
@@ -277,7 +353,7 @@ pub fn control_thread(
             }
         }
         if let Some(op) = &operator {
-            op.serve(&mut m, now_ns(), &mut out);
+            op.serve(&mut m, &owners, now_ns(), &mut out);
         }
         // SIGTERM: drain first, stop when drained or at the deadline; a second signal stops now.
         if requests.terminate.load(Relaxed) {
@@ -399,7 +475,7 @@ impl OperatorSocket {
         Ok(OperatorSocket { listener, path })
     }
 
-    fn serve(&self, m: &mut Membership, now: u64, out: &mut Vec<Output>) {
+    fn serve(&self, m: &mut Membership, owners: &OwnerLookup, now: u64, out: &mut Vec<Output>) {
         let Ok((stream, _)) = self.listener.accept() else {
             return;
         };
@@ -420,6 +496,7 @@ impl OperatorSocket {
                 serde_json::json!({"ok": true, "draining": false})
             }
             "status" => status_json(m),
+            cmd if cmd.starts_with("owner-of ") => owners.answer(m.snapshot(), &cmd[9..]),
             other => {
                 serde_json::json!({"ok": false, "error": format!("unknown command `{other}`")})
             }
@@ -432,6 +509,51 @@ impl OperatorSocket {
 impl Drop for OperatorSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// `owner-of SRC_IP:PORT DST_IP:PORT [tcp|udp]`: which node owns a flow, and why.
+struct OwnerLookup {
+    hasher: crate::cluster::BucketHasher,
+    affinity: crate::cluster::Affinity,
+    me: NodeId,
+}
+
+impl OwnerLookup {
+    fn answer(&self, snapshot: &Snapshot, args: &str) -> serde_json::Value {
+        let parts: Vec<&str> = args.split_whitespace().collect();
+        let parsed = match parts.as_slice() {
+            [src, dst] => Some((*src, *dst, "tcp")),
+            [src, dst, proto] => Some((*src, *dst, *proto)),
+            _ => None,
+        };
+        let Some((src, dst, proto)) = parsed else {
+            return serde_json::json!({"ok": false, "error": "usage: owner-of SRC_IP:PORT DST_IP:PORT [tcp|udp]"});
+        };
+        let (Ok(src), Ok(dst)) = (src.parse::<SocketAddr>(), dst.parse::<SocketAddr>()) else {
+            return serde_json::json!({"ok": false, "error": "addresses are IP:PORT ([IPv6]:PORT)"});
+        };
+        let proto_num = match proto {
+            "tcp" => 6,
+            "udp" => 17,
+            other => {
+                return serde_json::json!({"ok": false, "error": format!("protocol `{other}`: tcp or udp")})
+            }
+        };
+        let key = crate::cluster::FlowKey::new(self.affinity, src.ip(), src.port(), proto_num);
+        let bucket = self.hasher.bucket(&key);
+        let role = snapshot.role(bucket, self.me);
+        serde_json::json!({
+            "ok": true,
+            "flow": format!("{src} -> {dst} {proto}"),
+            "affinity": format!("{:?}", self.affinity),
+            "bucket": bucket.0,
+            "epoch": snapshot.epoch(),
+            "phase": format!("{:?}", snapshot.phase()),
+            "new_flows_owner": snapshot.new_flow_owner(bucket).map(|n| n.get()),
+            "owner_when_settled": snapshot.final_owner(bucket).map(|n| n.get()),
+            "role_of_this_node": format!("{role:?}"),
+        })
     }
 }
 

@@ -14,103 +14,9 @@ use dpdk_sys as sys;
 use super::{strerror, Burst, Eal, Mbuf, Mempool, Port, PortRole, StartError};
 use crate::cluster::NodeId;
 use crate::config::{IdleMode, Loaded};
+pub use crate::counters::{CoreCounters, CoreStats};
 use crate::pipeline::{Action, DropReason, FragmentHold, NodeIdentity, Pipeline, TableSizes};
 use crate::runtime::{wire_frame, ControlLink};
-
-/// One core's counters. Each field has a single writer (its core), which publishes with plain
-/// relaxed stores; readers (the control thread, the exit report) read relaxed. Cache-aligned so
-/// two cores never share a line.
-#[derive(Debug, Default)]
-#[repr(align(64))]
-pub struct CoreCounters {
-    pub wire_rx: AtomicU64,
-    pub host_rx: AtomicU64,
-    /// Frames the host port's TX queue took.
-    pub host_tx: AtomicU64,
-    /// Frames the wire port's TX queue took (the host's frames and replies).
-    pub wire_tx: AtomicU64,
-    pub replies: AtomicU64,
-    pub to_control: AtomicU64,
-    /// Frames a TX queue did not take; freed and counted, never leaked.
-    pub tx_unsent: AtomicU64,
-    /// Later fragments held until their first fragment was seen.
-    pub held: AtomicU64,
-    pub dropped: [AtomicU64; DropReason::COUNT],
-}
-
-impl CoreCounters {
-    pub fn snapshot(&self) -> CoreStats {
-        CoreStats {
-            wire_rx: self.wire_rx.load(Relaxed),
-            host_rx: self.host_rx.load(Relaxed),
-            host_tx: self.host_tx.load(Relaxed),
-            wire_tx: self.wire_tx.load(Relaxed),
-            replies: self.replies.load(Relaxed),
-            to_control: self.to_control.load(Relaxed),
-            tx_unsent: self.tx_unsent.load(Relaxed),
-            held: self.held.load(Relaxed),
-            dropped: std::array::from_fn(|i| self.dropped[i].load(Relaxed)),
-        }
-    }
-}
-
-/// A copy of one core's counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct CoreStats {
-    pub wire_rx: u64,
-    pub host_rx: u64,
-    pub host_tx: u64,
-    pub wire_tx: u64,
-    pub replies: u64,
-    pub to_control: u64,
-    pub tx_unsent: u64,
-    pub held: u64,
-    /// Drops by reason, indexed by [`DropReason::index`].
-    pub dropped: [u64; DropReason::COUNT],
-}
-
-impl CoreStats {
-    pub fn dropped_total(&self) -> u64 {
-        self.dropped.iter().sum()
-    }
-
-    fn add(&mut self, o: &CoreStats) {
-        self.wire_rx += o.wire_rx;
-        self.host_rx += o.host_rx;
-        self.host_tx += o.host_tx;
-        self.wire_tx += o.wire_tx;
-        self.replies += o.replies;
-        self.to_control += o.to_control;
-        self.tx_unsent += o.tx_unsent;
-        self.held += o.held;
-        for (a, b) in self.dropped.iter_mut().zip(o.dropped) {
-            *a += b;
-        }
-    }
-}
-
-impl std::fmt::Display for CoreStats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "wire_rx={} host_tx={} host_rx={} wire_tx={} replies={} to_control={} tx_unsent={} dropped={}",
-            self.wire_rx,
-            self.host_tx,
-            self.host_rx,
-            self.wire_tx,
-            self.replies,
-            self.to_control,
-            self.tx_unsent,
-            self.dropped_total()
-        )?;
-        for (reason, n) in DropReason::all().iter().zip(self.dropped) {
-            if n > 0 {
-                write!(f, " dropped_{}={n}", reason.label())?;
-            }
-        }
-        Ok(())
-    }
-}
 
 /// What `run` returns when the loops have stopped.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -143,7 +49,6 @@ struct Shared {
     wire_intr: bool,
     host_intr: bool,
     cores: Vec<u32>,
-    counters: Vec<CoreCounters>,
     identity: NodeIdentity,
     secret: Vec<u8>,
     link: Arc<ControlLink>,
@@ -189,7 +94,6 @@ pub fn run(
         wire_intr: wire.rx_interrupts,
         host_intr: host.rx_interrupts,
         cores: dp.cores.clone(),
-        counters: dp.cores.iter().map(|_| CoreCounters::default()).collect(),
         identity: NodeIdentity::from_config(cfg),
         secret: loaded.secret.clone(),
         link,
@@ -228,7 +132,7 @@ pub fn run(
     let cores: Vec<(u32, CoreStats)> = shared
         .cores
         .iter()
-        .zip(&shared.counters)
+        .zip(&shared.link.counters)
         .map(|(&lcore, c)| (lcore, c.snapshot()))
         .collect();
     let mut total = CoreStats::default();
@@ -310,7 +214,7 @@ impl TxQueue<'_> {
 /// One core's loop: both directions on queue `index` of each port, until `stop`.
 fn core_loop(shared: &Shared, index: usize) {
     let queue = index as u16;
-    let c = &shared.counters[index];
+    let c = &shared.link.counters[index];
     let link = &*shared.link;
     let me: NodeId = shared.identity.node;
     // Frames wait in the ports until the control thread has published a first ownership
@@ -467,6 +371,11 @@ fn core_loop(shared: &Shared, index: usize) {
             let now = clock.now();
             pipeline.maintain(now, EXPIRE_BUDGET);
             link.core_flows[index].store(pipeline.flows().len() as u64, Relaxed);
+            if index == 0 {
+                // SAFETY: the pool outlives the packet loops (`run` frees it after they return).
+                let pool = unsafe { super::eal::Mempool::borrow(shared.pool) };
+                link.mbufs_in_use.store(u64::from(pool.in_use()), Relaxed);
+            }
             link.core_polls[index].fetch_add(std::mem::take(&mut polls), Relaxed);
             link.core_busy_polls[index].fetch_add(std::mem::take(&mut busy_polls), Relaxed);
             hold.expire(now, |m| {

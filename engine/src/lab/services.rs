@@ -61,6 +61,7 @@ control:
   listen: {listen}:7946
   peers: [{peers}]
   socket: {socket}
+  metrics: {listen}:9100
   handoff_learn: {learn}
   release_deadline: {release}
   drain_deadline: {drain}

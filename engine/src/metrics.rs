@@ -1,0 +1,236 @@
+//! Prometheus `/metrics` over HTTP on the node's management address (`control.metrics`).
+//!
+//! The text exposition format is a handful of `name{labels} value` lines: it is written here
+//! directly from the per-core atomics and the control thread's last published view, rather
+//! than through a metrics registry, because every value already lives in an atomic or in the
+//! view and would otherwise have to be copied into registry objects on every change. The server
+//! is a plain blocking `TcpListener` on its own thread: it never touches the packet cores.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::control::{Path, Refusal};
+use crate::pipeline::DropReason;
+use crate::runtime::{ControlLink, ControlView};
+
+/// Renders every metric of the node.
+pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
+    let mut out = String::with_capacity(8192);
+    let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP clonecluster_{name} {help}");
+        let _ = writeln!(out, "# TYPE clonecluster_{name} {kind}");
+        for (labels, value) in rows {
+            let _ = writeln!(
+                out,
+                "clonecluster_{name}{{node=\"{node}\"{labels}}} {value}"
+            );
+        }
+    };
+    let per_core = |f: &dyn Fn(&crate::counters::CoreStats) -> u64| -> Vec<(String, u64)> {
+        link.counters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!(",core=\"{i}\""), f(&c.snapshot())))
+            .collect()
+    };
+    metric(
+        "wire_rx_frames_total",
+        "counter",
+        "Frames received on the wire port.",
+        &per_core(&|s| s.wire_rx),
+    );
+    metric(
+        "host_rx_frames_total",
+        "counter",
+        "Frames received from the host port.",
+        &per_core(&|s| s.host_rx),
+    );
+    metric(
+        "host_tx_frames_total",
+        "counter",
+        "Frames delivered to the host (owned or shared).",
+        &per_core(&|s| s.host_tx),
+    );
+    metric(
+        "wire_tx_frames_total",
+        "counter",
+        "Frames sent on the wire (host frames, answers, heartbeats).",
+        &per_core(&|s| s.wire_tx),
+    );
+    metric(
+        "answers_total",
+        "counter",
+        "ARP and neighbour-discovery answers sent for the cluster address.",
+        &per_core(&|s| s.replies),
+    );
+    metric(
+        "tx_unsent_total",
+        "counter",
+        "Frames a TX queue did not take (freed).",
+        &per_core(&|s| s.tx_unsent),
+    );
+    metric(
+        "fragments_held_total",
+        "counter",
+        "Later IP fragments held until their first fragment.",
+        &per_core(&|s| s.held),
+    );
+    metric(
+        "control_frames_total",
+        "counter",
+        "Wire heartbeat frames handed to the control thread.",
+        &per_core(&|s| s.to_control),
+    );
+    let mut dropped = Vec::new();
+    for (i, c) in link.counters.iter().enumerate() {
+        let s = c.snapshot();
+        for (reason, n) in DropReason::all().iter().zip(s.dropped) {
+            dropped.push((format!(",core=\"{i}\",reason=\"{}\"", reason.label()), n));
+        }
+    }
+    metric(
+        "dropped_frames_total",
+        "counter",
+        "Frames dropped, by reason (not-owned, malformed-*, ...).",
+        &dropped,
+    );
+    let flows: Vec<(String, u64)> = link
+        .core_flows
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (format!(",core=\"{i}\""), f.load(Relaxed)))
+        .collect();
+    metric(
+        "flows_tracked",
+        "gauge",
+        "Flows in the core's flow table.",
+        &flows,
+    );
+    metric(
+        "mbufs_in_use",
+        "gauge",
+        "Mbufs out of the packet pool.",
+        &[(String::new(), link.mbufs_in_use.load(Relaxed))],
+    );
+    metric(
+        "wire_control_dropped_total",
+        "counter",
+        "Wire control frames the control thread had no room for.",
+        &[(String::new(), link.wire_in_dropped.load(Relaxed))],
+    );
+    metric(
+        "epoch",
+        "gauge",
+        "Epoch of the ownership plan in force.",
+        &[(String::new(), view.epoch)],
+    );
+    metric(
+        "buckets_accepting",
+        "gauge",
+        "Buckets in which this node takes new flows.",
+        &[(String::new(), u64::from(view.accepting))],
+    );
+    metric(
+        "buckets_moving",
+        "gauge",
+        "Buckets in handoff.",
+        &[(String::new(), u64::from(view.moving))],
+    );
+    metric(
+        "draining",
+        "gauge",
+        "1 while this node drains.",
+        &[(String::new(), u64::from(view.draining))],
+    );
+    metric(
+        "members_live",
+        "gauge",
+        "Live members of the cluster.",
+        &[(String::new(), view.members.len() as u64)],
+    );
+    let peers: Vec<(String, u64)> = view
+        .peers
+        .iter()
+        .map(|p| (format!(",peer=\"{}\"", p.node), u64::from(p.alive)))
+        .collect();
+    metric(
+        "peer_alive",
+        "gauge",
+        "1 if the peer is considered alive.",
+        &peers,
+    );
+    let mut seen = Vec::new();
+    for p in &view.peers {
+        for path in Path::ALL {
+            if let Some(age) = p.last_seen_ms_ago[path.index()] {
+                seen.push((format!(",peer=\"{}\",path=\"{path:?}\"", p.node), age));
+            }
+        }
+    }
+    metric(
+        "peer_last_seen_ms",
+        "gauge",
+        "Milliseconds since the peer's last accepted message, by path.",
+        &seen,
+    );
+    let mut refused = Vec::new();
+    for path in Path::ALL {
+        for reason in Refusal::ALL {
+            refused.push((
+                format!(",path=\"{path:?}\",reason=\"{reason:?}\""),
+                view.refused[path.index()][reason.index()],
+            ));
+        }
+    }
+    metric(
+        "control_refused_total",
+        "counter",
+        "Control messages refused, by path and reason.",
+        &refused,
+    );
+    out
+}
+
+/// Serves `/metrics` on `addr` until the process ends.
+pub fn serve(
+    addr: SocketAddr,
+    node: u8,
+    link: Arc<ControlLink>,
+    view: Arc<arc_swap::ArcSwap<ControlView>>,
+) -> Result<(), String> {
+    let listener = TcpListener::bind(addr).map_err(|e| {
+        format!(
+            "`control.metrics`: cannot bind {addr}: {e}\n  fix: use a free port on this node's \
+             management address"
+        )
+    })?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut line = String::new();
+                if BufReader::new(&stream).read_line(&mut line).is_err() {
+                    continue;
+                }
+                let (status, body) = if line.starts_with("GET /metrics") {
+                    ("200 OK", render(node, &link, &view.load()))
+                } else {
+                    ("404 Not Found", "try /metrics\n".to_owned())
+                };
+                let mut w = &stream;
+                let _ = write!(
+                    w,
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
