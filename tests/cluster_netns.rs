@@ -452,6 +452,56 @@ fn drain_undrain_and_sigterm_lose_no_connection() {
 }
 
 #[test]
+fn a_failing_service_drains_its_node_and_recovers() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ids = [1u8, 2, 3];
+    let mut lab = Lab::new("h", &ids);
+    lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    lab.wait_status(
+        &ids,
+        Duration::from_secs(20),
+        "every node takes flows",
+        |all| {
+            settled(all)
+                && ids
+                    .iter()
+                    .all(|&id| all.iter().all(|s| accepting(s, id) > 0))
+        },
+    );
+
+    // Stop nginx on node 2: its health check fails (2 x 200 ms) and it drains itself.
+    let nginx = lab.nginx.remove(&2).unwrap();
+    let stopped = Instant::now();
+    lab.topo.kill(nginx);
+    let took = lab.wait_status(
+        &ids,
+        Duration::from_secs(30),
+        "health drain of node 2",
+        |all| settled(all) && all.iter().all(|s| accepting(s, 2) == 0),
+    );
+    eprintln!("h: node 2 drained {took:?} after its nginx stopped");
+    let _ = stopped;
+    let (by_node, failed) = lab.requests(40);
+    eprintln!("h: while node 2's service is down: {by_node:?}, failed {failed}");
+    assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
+    assert!(!by_node.contains_key(&2));
+
+    // Start it again: the node takes its share back.
+    let ns = lab.topo.node(2).unwrap().clone();
+    let nginx = start_nginx(&ns, lab.dir.path(), 2, 1024).unwrap();
+    let pid = lab.topo.adopt(nginx);
+    lab.nginx.insert(2, pid);
+    let took = lab.wait_status(&ids, Duration::from_secs(30), "node 2 back", |all| {
+        settled(all) && all.iter().all(|s| accepting(s, 2) > 0)
+    });
+    eprintln!("h: node 2 back {took:?} after its nginx restarted");
+    let (by_node, failed) = lab.requests(40);
+    assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
+    assert!(by_node.get(&2).copied().unwrap_or(0) > 0, "{by_node:?}");
+}
+
+#[test]
 fn two_nodes_failover_and_rejoin() {
     scenario("a", &[1, 2]);
 }

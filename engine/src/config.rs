@@ -62,6 +62,9 @@ pub struct Config {
     #[serde(default)]
     pub control: ControlConfig,
     pub dataplane: DataplaneConfig,
+    /// Health check of the local service: failing drains the node, recovering undrains it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::health::HealthConfig>,
 }
 
 /// What every node of the cluster shares: the cluster address and the secret.
@@ -446,6 +449,25 @@ impl Config {
                 "a zero heartbeat interval".into(),
                 "use 100ms (the default)",
             ));
+        }
+        if let Some(h) = &self.health {
+            if h.rise == 0 || h.fall == 0 {
+                return Err(err(
+                    "health.rise",
+                    "rise and fall must be at least 1".into(),
+                    "use e.g. rise: 3, fall: 2",
+                ));
+            }
+            if h.timeout.0 > h.interval.0 {
+                return Err(err(
+                    "health.timeout",
+                    format!(
+                        "{:?} is longer than the interval {:?}",
+                        h.timeout.0, h.interval.0
+                    ),
+                    "make the timeout shorter than the interval",
+                ));
+            }
         }
         let dp = &self.dataplane;
         if dp.cores.is_empty() {

@@ -12,6 +12,7 @@
 //! - [`control`]: membership, failure detection and lossless handoff as a sans-IO state machine.
 //! - [`counters`]: per-core packet counters (one writer each).
 //! - [`replay`]: N simulated nodes over a pcap: duplicates and orphans, offline.
+//! - [`health`]: the application health check that drains a failing node.
 //! - [`lab`]: the namespace lab (bridge, nodes, client) for tests and `clonecluster lab`.
 //! - [`metrics`]: Prometheus `/metrics` over HTTP.
 //! - [`runtime`]: the control thread: sockets, timers, the state machine, snapshots to cores.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod counters;
 pub mod dataplane;
+pub mod health;
 pub mod lab;
 pub mod metrics;
 pub mod pipeline;

@@ -295,6 +295,20 @@ pub fn control_thread(
     if let Some(addr) = cfg.control.metrics {
         crate::metrics::serve(addr, cfg.node.id, Arc::clone(&link), Arc::clone(&view))?;
     }
+    let health = match &cfg.health {
+        Some(h) => Some(
+            crate::health::spawn(cfg.node.id, h.clone())
+                .map_err(|e| format!("cannot start the health checker: {e}"))?,
+        ),
+        None => None,
+    };
+    let watchdog_span = cfg
+        .health
+        .as_ref()
+        .map(|h| (h.interval.0 + h.timeout.0) * 3)
+        .unwrap_or_default();
+    let mut drained_by_health = false;
+    let mut watchdog_warned = false;
     let owners = OwnerLookup {
         hasher: crate::cluster::BucketHasher::new(&loaded.secret),
         affinity: cfg.cluster.affinity,
@@ -338,6 +352,36 @@ pub fn control_thread(
                 active_flows: flows.min(u64::from(u32::MAX)) as u32,
                 busy_permille: (busy * 1000).checked_div(polls).unwrap_or(0) as u16,
             });
+            // The health verdict: failing drains this node, recovering undrains what it drained.
+            if let Some(h) = &health {
+                let healthy = h.healthy();
+                if !healthy && !drained_by_health && !m.draining() {
+                    tracing::warn!(
+                        node = cfg.node.id,
+                        epoch = m.epoch(),
+                        "service unhealthy: draining"
+                    );
+                    m.drain(now_ns(), &mut out);
+                    drained_by_health = true;
+                } else if healthy && drained_by_health {
+                    tracing::info!(
+                        node = cfg.node.id,
+                        epoch = m.epoch(),
+                        "service healthy: undraining"
+                    );
+                    m.undrain(now_ns(), &mut out);
+                    drained_by_health = false;
+                }
+                let stalled = h.since_last_check() > watchdog_span;
+                if stalled && !watchdog_warned {
+                    tracing::error!(
+                        node = cfg.node.id,
+                        epoch = m.epoch(),
+                        "watchdog: the health checker stopped running"
+                    );
+                }
+                watchdog_warned = stalled;
+            }
             m.handle_tick(now_ns(), &mut out);
             view.store(Arc::new(control_view(&m, me, now_ns())));
         }

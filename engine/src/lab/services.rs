@@ -65,6 +65,13 @@ control:
   handoff_learn: {learn}
   release_deadline: {release}
   drain_deadline: {drain}
+health:
+  address: {CLUSTER_IP}:80
+  http_path: /id
+  interval: 200ms
+  timeout: 150ms
+  rise: 2
+  fall: 2
 dataplane:
   eal_args: [--no-huge, -m, "160", --log-level=lib.eal:warning]
   file_prefix: cclab-{dirtag}-{id}
@@ -132,7 +139,9 @@ pub fn configure_host_port(ns: &Ns, timeout: std::time::Duration) -> Result<(), 
 }
 
 /// Starts nginx in `ns` on the cluster address, serving `dir/nodeID/www`: `/id` (the node id),
-/// `/` (a small page) and `/big` (`big_kib` KiB, for long downloads).
+/// `/` (a small page) and `/big` (`big_kib` KiB, for long downloads). It runs as one process
+/// (`master_process off`), so that stopping its PID stops the server: a master killed with
+/// SIGKILL would leave its worker serving.
 pub fn start_nginx(ns: &Ns, dir: &Path, id: u8, big_kib: usize) -> std::io::Result<Child> {
     let root = dir.join(format!("node{id}"));
     let www = root.join("www");
@@ -148,6 +157,7 @@ pub fn start_nginx(ns: &Ns, dir: &Path, id: u8, big_kib: usize) -> std::io::Resu
         &conf,
         format!(
             r#"daemon off;
+master_process off;
 worker_processes 1;
 pid {root}/nginx.pid;
 error_log {root}/error.log warn;

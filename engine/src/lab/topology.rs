@@ -218,7 +218,21 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
+        // SIGTERM first, so that servers stop their own helpers; SIGKILL what is left.
+        for c in &self.children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
         for mut c in self.children.drain(..) {
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
