@@ -25,10 +25,15 @@ struct Lab {
     engines: BTreeMap<u8, u32>,
     nginx: BTreeMap<u8, u32>,
     ids: Vec<u8>,
+    opts: EngineOptions,
 }
 
 impl Lab {
     fn new(tag: &str, ids: &[u8]) -> Lab {
+        Lab::with_options(tag, ids, EngineOptions::default())
+    }
+
+    fn with_options(tag: &str, ids: &[u8], opts: EngineOptions) -> Lab {
         let topo = Topology::build(&format!("cc{tag}{}", std::process::id() % 100_000), ids)
             .expect("build the lab network");
         let dir = tempfile::Builder::new().prefix("cclab").tempdir().unwrap();
@@ -38,6 +43,7 @@ impl Lab {
             engines: BTreeMap::new(),
             nginx: BTreeMap::new(),
             ids: ids.to_vec(),
+            opts,
         };
         for &id in ids {
             lab.start_node(id);
@@ -51,7 +57,7 @@ impl Lab {
 
     fn start_node(&mut self, id: u8) {
         let ns = self.topo.node(id).unwrap().clone();
-        let cfg = engine_config(self.dir.path(), id, &self.ids, &EngineOptions::default()).unwrap();
+        let cfg = engine_config(self.dir.path(), id, &self.ids, &self.opts).unwrap();
         let log = self.dir.path().join(format!("node{id}.log"));
         let engine = start_engine(Path::new(BIN), &ns, &cfg, &log).unwrap();
         let pid = self.topo.adopt(engine);
@@ -499,6 +505,80 @@ fn a_failing_service_drains_its_node_and_recovers() {
     let (by_node, failed) = lab.requests(40);
     assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
     assert!(by_node.get(&2).copied().unwrap_or(0) > 0, "{by_node:?}");
+}
+
+#[test]
+fn reload_moves_buckets_for_a_new_weight_and_refuses_a_broken_file() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ids = [1u8, 2];
+    let opts = EngineOptions {
+        policy: "weighted",
+        ..EngineOptions::default()
+    };
+    let lab = Lab::with_options("r", &ids, opts);
+    lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    let cfg = lab.config(1);
+    let original = std::fs::read_to_string(&cfg).unwrap();
+
+    // Weight 100 -> 300 on node 1 while downloads run: 3/4 of the buckets go to node 1, no
+    // connection breaks.
+    let downloads = lab.start_downloads(8);
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(
+        &cfg,
+        original.replace("  id: 1\n", "  id: 1\n  weight: 300\n"),
+    )
+    .unwrap();
+    let out = run_cmd(&["reload", "--config", cfg.to_str().unwrap()]);
+    let reply = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{reply}");
+    assert!(reply.contains("node.weight"), "{reply}");
+    let took = lab.wait_status(&ids, Duration::from_secs(30), "weights 300/100", |all| {
+        settled(all)
+            && all.iter().all(|s| {
+                let (a, b) = (accepting(s, 1), accepting(s, 2));
+                a + b == 65536 && (a as f64 / 65536.0 - 0.75).abs() < 0.01
+            })
+    });
+    eprintln!("r: reload of weight 300 settled in {took:?}");
+    check_downloads(&lab, downloads, "a weight change");
+
+    // A broken file changes nothing and says why; a key that cannot change live is refused.
+    let before = lab.status(1).unwrap();
+    std::fs::write(&cfg, "node: [\n").unwrap();
+    let out = run_cmd(&["reload", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("node1.yaml") && err.contains("fix:"), "{err}");
+    std::fs::write(
+        &cfg,
+        original
+            .replace("  id: 1\n", "  id: 1\n  weight: 300\n")
+            .replace("  id: 1\n", "  id: 1\n  not_a_key: 1\n"),
+    )
+    .unwrap();
+    let out = run_cmd(&["reload", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    std::fs::write(
+        &cfg,
+        original
+            .replace("  id: 1\n", "  id: 1\n  weight: 300\n")
+            .replace("control:\n", "control:\n  interval: 200ms\n"),
+    )
+    .unwrap();
+    let out = run_cmd(&["reload", "--config", cfg.to_str().unwrap()]);
+    let reply = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        !out.status.success() && reply.contains("control.interval"),
+        "{reply}"
+    );
+    let after = lab.status(1).unwrap();
+    assert_eq!(
+        before["epoch"], after["epoch"],
+        "a refused reload changed the cluster"
+    );
+    assert_eq!(accepting(&before, 1), accepting(&after, 1));
 }
 
 #[test]

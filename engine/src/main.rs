@@ -68,6 +68,12 @@ enum Command {
         #[arg(default_value = "tcp")]
         proto: String,
     },
+    /// Re-read the node's YAML: show what changed, apply what can change live (node.weight),
+    /// refuse the rest with the reason, change nothing if the file is broken.
+    Reload {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// The node's view of the cluster (JSON): epoch, members, handoff phase.
     Status {
         #[arg(long, short)]
@@ -181,6 +187,7 @@ fn execute(cli: Cli) -> Result<(), String> {
         Command::Drain { config } => operator(&config, "drain"),
         Command::Undrain { config } => operator(&config, "undrain"),
         Command::Status { config } => operator(&config, "status"),
+        Command::Reload { config } => operator(&config, "reload"),
         Command::OwnerOf {
             config,
             src,

@@ -308,6 +308,7 @@ pub fn control_thread(
         .map(|h| (h.interval.0 + h.timeout.0) * 3)
         .unwrap_or_default();
     let mut drained_by_health = false;
+    let mut current = loaded.clone();
     let mut watchdog_warned = false;
     let owners = OwnerLookup {
         hasher: crate::cluster::BucketHasher::new(&loaded.secret),
@@ -397,7 +398,7 @@ pub fn control_thread(
             }
         }
         if let Some(op) = &operator {
-            op.serve(&mut m, &owners, now_ns(), &mut out);
+            op.serve(&mut m, &owners, &mut current, now_ns(), &mut out);
         }
         // SIGTERM: drain first, stop when drained or at the deadline; a second signal stops now.
         if requests.terminate.load(Relaxed) {
@@ -519,7 +520,14 @@ impl OperatorSocket {
         Ok(OperatorSocket { listener, path })
     }
 
-    fn serve(&self, m: &mut Membership, owners: &OwnerLookup, now: u64, out: &mut Vec<Output>) {
+    fn serve(
+        &self,
+        m: &mut Membership,
+        owners: &OwnerLookup,
+        current: &mut Loaded,
+        now: u64,
+        out: &mut Vec<Output>,
+    ) {
         let Ok((stream, _)) = self.listener.accept() else {
             return;
         };
@@ -540,6 +548,7 @@ impl OperatorSocket {
                 serde_json::json!({"ok": true, "draining": false})
             }
             "status" => status_json(m),
+            "reload" => reload(current, m, now, out),
             cmd if cmd.starts_with("owner-of ") => owners.answer(m.snapshot(), &cmd[9..]),
             other => {
                 serde_json::json!({"ok": false, "error": format!("unknown command `{other}`")})
@@ -553,6 +562,89 @@ impl OperatorSocket {
 impl Drop for OperatorSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Keys `reload` applies to a running node; any other change needs a restart.
+const LIVE_KEYS: &[&str] = &["node.weight"];
+
+/// Re-reads the node's YAML: validates it, lists what changed, applies what can change live and
+/// refuses, changing nothing, if anything else changed or the file is broken.
+fn reload(
+    current: &mut Loaded,
+    m: &mut Membership,
+    now: u64,
+    out: &mut Vec<Output>,
+) -> serde_json::Value {
+    let next = match crate::config::Config::load(&current.path) {
+        Ok(next) => next,
+        Err(e) => {
+            tracing::warn!(error = %e, "reload refused: nothing changed");
+            return serde_json::json!({"ok": false, "error": e.to_string(), "changed": []});
+        }
+    };
+    let mut changed = Vec::new();
+    let (before, after) = (
+        serde_json::to_value(&current.config).unwrap_or_default(),
+        serde_json::to_value(&next.config).unwrap_or_default(),
+    );
+    diff_keys("", &before, &after, &mut changed);
+    if next.secret != current.secret {
+        changed.push("cluster.secret_file (contents)".to_owned());
+    }
+    let fixed: Vec<&String> = changed
+        .iter()
+        .filter(|k| !LIVE_KEYS.contains(&k.as_str()))
+        .collect();
+    if !fixed.is_empty() {
+        let error =
+            format!(
+            "these keys cannot change while the node runs: {}; nothing was applied (restart the \
+             node, draining it first, to change them)",
+            fixed.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+        );
+        tracing::warn!(%error, "reload refused");
+        return serde_json::json!({"ok": false, "error": error, "changed": changed});
+    }
+    if next.config.node.weight != current.config.node.weight {
+        if let Some(w) = Weight::new(next.config.node.weight) {
+            tracing::info!(
+                from = current.config.node.weight,
+                to = next.config.node.weight,
+                epoch = m.epoch(),
+                "reload: weight changed"
+            );
+            m.set_weight(w, now, out);
+        }
+    }
+    *current = next;
+    serde_json::json!({"ok": true, "changed": changed, "applied": changed})
+}
+
+/// Dotted keys whose values differ between two JSON trees.
+fn diff_keys(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                let null = serde_json::Value::Null;
+                diff_keys(
+                    &path,
+                    x.get(k).unwrap_or(&null),
+                    y.get(k).unwrap_or(&null),
+                    out,
+                );
+            }
+        }
+        _ if a != b => out.push(prefix.to_owned()),
+        _ => {}
     }
 }
 
