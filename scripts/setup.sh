@@ -11,7 +11,7 @@ fi
 packages=(
   build-essential pkg-config clang libclang-dev      # bindgen and the C wrappers
   dpdk dpdk-dev libdpdk-dev libpcap-dev              # DPDK 22.11 and dpdk-testpmd
-  python3                                            # fuzz seed corpus
+  python3                                            # the fuzz seed corpus
   iproute2 ethtool tcpdump curl ca-certificates      # namespaces and captures in tests
   nginx-light wrk nftables                           # the lab's servers, load and baseline
 )
@@ -24,6 +24,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# The Dockerfile and compose linters come from PyPI and npm: a venv and npm are needed. A
+# machine may already have Node.js from elsewhere (whose npm conflicts with Debian's package).
+if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+fi
+if ! command -v npm >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

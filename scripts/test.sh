@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 cargo build --workspace --all-targets --locked
 cargo test --workspace --all-targets --locked
+bash scripts/lint-docker.sh
 # Every parser and the whole decision under the fuzzer, briefly (malformed frames must be
 # counted and dropped, never panic).
 FUZZ_SECONDS=${FUZZ_SECONDS:-20} bash scripts/fuzz.sh

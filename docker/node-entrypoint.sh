@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# A lab node in a container: keep the kernel silent on the shared segment (eth0), start the
+# engine, give the tap the cluster address, serve nginx on it. SIGTERM drains the engine first.
+set -euo pipefail
+config=${1:-/etc/clonecluster/node.yaml}
+cluster_ip=${CLUSTER_IP:-198.18.0.1}
+
+ip link set eth0 arp off
+sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+ethtool -K eth0 tso off gso off gro off tx off >/dev/null
+ip addr flush dev eth0   # the segment address Docker assigned must not answer for itself
+
+clonecluster check --config "$config" >/dev/null
+clonecluster run --config "$config" &
+engine=$!
+trap 'kill -TERM $engine; wait $engine' TERM INT
+for _ in $(seq 1 100); do ip link show cc0 >/dev/null 2>&1 && break; sleep 0.1; done
+ethtool -K cc0 tx off >/dev/null
+ip addr add "$cluster_ip/24" dev cc0
+ip link set cc0 up
+mkdir -p /var/www/html && echo "${HOSTNAME}" > /var/www/html/id
+nginx -g 'daemon on; master_process on; worker_processes 1;'
+wait $engine
