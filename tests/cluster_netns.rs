@@ -78,7 +78,12 @@ impl Lab {
     }
 
     fn status(&self, id: u8) -> Option<serde_json::Value> {
-        let out = run_cmd(&["status", "--config", self.config(id).to_str().unwrap()]);
+        let out = run_cmd(&[
+            "status",
+            "--json",
+            "--config",
+            self.config(id).to_str().unwrap(),
+        ]);
         serde_json::from_slice(&out.stdout).ok()
     }
 
@@ -250,6 +255,20 @@ fn scenario(tag: &str, ids: &[u8]) {
         !lab.cluster_mac_learned(),
         "the switch learned the cluster MAC"
     );
+
+    // `status` for people: one row per member.
+    let out = run_cmd(&["status", "--config", lab.config(ids[0]).to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && table.contains("accepting"),
+        "{table}"
+    );
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" up ")).count(),
+        ids.len(),
+        "{table}"
+    );
+    eprintln!("{tag}: status\n{table}");
 
     // `owner-of` names the node that really serves a flow (client ports pinned with curl).
     for port in 41000..41012u16 {

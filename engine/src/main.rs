@@ -74,10 +74,13 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// The node's view of the cluster (JSON): epoch, members, handoff phase.
+    /// The node's view of the cluster: epoch, handoff phase, and per node its state, weight,
+    /// load and buckets. A table, or JSON with --json.
     Status {
         #[arg(long, short)]
         config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Validate a configuration and print it with every default filled in.
     Check {
@@ -186,7 +189,13 @@ fn execute(cli: Cli) -> Result<(), String> {
         }
         Command::Drain { config } => operator(&config, "drain"),
         Command::Undrain { config } => operator(&config, "undrain"),
-        Command::Status { config } => operator(&config, "status"),
+        Command::Status { config, json } => {
+            if json {
+                operator(&config, "status")
+            } else {
+                status_table(&config)
+            }
+        }
         Command::Reload { config } => operator(&config, "reload"),
         Command::OwnerOf {
             config,
@@ -211,6 +220,50 @@ fn operator(config: &std::path::Path, command: &str) -> Result<(), String> {
     println!("{reply}");
     if reply.contains("\"ok\":false") {
         return Err(format!("the node refused `{command}`"));
+    }
+    Ok(())
+}
+
+/// `status` as a table for people.
+fn status_table(config: &std::path::Path) -> Result<(), String> {
+    let loaded = Config::load(config).map_err(|e| e.to_string())?;
+    let socket = loaded.config.control.socket.ok_or_else(|| {
+        format!(
+            "{}: `control.socket`: not set\n  fix: set it and restart the node",
+            config.display()
+        )
+    })?;
+    let reply = operator_command(&socket, "status")?;
+    let s: serde_json::Value =
+        serde_json::from_str(&reply).map_err(|e| format!("bad reply from the node: {e}"))?;
+    println!(
+        "node {} | epoch {} | phase {} | moving buckets {} | healthy {}",
+        s["node"],
+        s["epoch"],
+        s["phase"].as_str().unwrap_or("?"),
+        s["moving"],
+        s["healthy"]
+            .as_bool()
+            .map_or("-".to_owned(), |h| h.to_string())
+    );
+    println!(
+        "{:>4}  {:<9} {:>6} {:>10} {:>10} {:>8} {:>6}",
+        "node", "state", "weight", "accepting", "buckets", "flows", "busy"
+    );
+    for m in s["members"].as_array().into_iter().flatten() {
+        let opt = |v: &serde_json::Value| v.as_u64().map_or("-".to_owned(), |n| n.to_string());
+        println!(
+            "{:>4}  {:<9} {:>6} {:>10} {:>10} {:>8} {:>6}",
+            m["node"],
+            m["state"].as_str().unwrap_or("?"),
+            m["weight"],
+            m["accepting_buckets"],
+            m["final_buckets"],
+            opt(&m["active_flows"]),
+            m["busy_permille"]
+                .as_u64()
+                .map_or("-".to_owned(), |p| format!("{}%", p / 10)),
+        );
     }
     Ok(())
 }

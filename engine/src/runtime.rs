@@ -398,7 +398,8 @@ pub fn control_thread(
             }
         }
         if let Some(op) = &operator {
-            op.serve(&mut m, &owners, &mut current, now_ns(), &mut out);
+            let healthy = health.as_ref().map(|h| h.healthy());
+            op.serve(&mut m, &owners, &mut current, healthy, now_ns(), &mut out);
         }
         // SIGTERM: drain first, stop when drained or at the deadline; a second signal stops now.
         if requests.terminate.load(Relaxed) {
@@ -525,6 +526,7 @@ impl OperatorSocket {
         m: &mut Membership,
         owners: &OwnerLookup,
         current: &mut Loaded,
+        health: Option<bool>,
         now: u64,
         out: &mut Vec<Output>,
     ) {
@@ -547,7 +549,7 @@ impl OperatorSocket {
                 m.undrain(now, out);
                 serde_json::json!({"ok": true, "draining": false})
             }
-            "status" => status_json(m),
+            "status" => status_json(m, health),
             "reload" => reload(current, m, now, out),
             cmd if cmd.starts_with("owner-of ") => owners.answer(m.snapshot(), &cmd[9..]),
             other => {
@@ -693,16 +695,31 @@ impl OwnerLookup {
     }
 }
 
-fn status_json(m: &Membership) -> serde_json::Value {
+fn status_json(m: &Membership, health: Option<bool>) -> serde_json::Value {
     let snapshot = m.snapshot();
+    let me = m.config().me;
     let members: Vec<serde_json::Value> = m
         .live_members()
         .iter()
         .map(|mem| {
+            // What each node last said of itself in its heartbeat (this node: its own state).
+            let hb = m.peer(mem.id).and_then(|p| p.heartbeat);
+            let state = if mem.id == me {
+                if m.draining() { "draining" } else { "up" }
+            } else {
+                match hb {
+                    Some(h) if h.draining => "draining",
+                    _ => "up",
+                }
+            };
             serde_json::json!({
                 "node": mem.id.get(),
+                "state": state,
                 "weight": mem.weight.get(),
                 "accepting_buckets": snapshot.accepting_count(mem.id),
+                "final_buckets": Bucket::all().filter(|&b| snapshot.final_owner(b) == Some(mem.id)).count(),
+                "active_flows": hb.map(|h| h.load.active_flows),
+                "busy_permille": hb.map(|h| h.load.busy_permille),
             })
         })
         .collect();
@@ -711,8 +728,10 @@ fn status_json(m: &Membership) -> serde_json::Value {
         "epoch": m.epoch(),
         "phase": format!("{:?}", snapshot.phase()),
         "moving": snapshot.moving_count(),
+        "node": me.get(),
         "draining": m.draining(),
         "drained": m.is_drained(),
+        "healthy": health,
         "members": members,
     })
 }
