@@ -254,11 +254,11 @@ fn status_table(config: &std::path::Path) -> Result<(), String> {
         let opt = |v: &serde_json::Value| v.as_u64().map_or("-".to_owned(), |n| n.to_string());
         println!(
             "{:>4}  {:<9} {:>6} {:>10} {:>10} {:>8} {:>6}",
-            m["node"],
+            m["node"].to_string(),
             m["state"].as_str().unwrap_or("?"),
-            m["weight"],
-            m["accepting_buckets"],
-            m["final_buckets"],
+            m["weight"].to_string(),
+            m["accepting_buckets"].to_string(),
+            m["final_buckets"].to_string(),
             opt(&m["active_flows"]),
             m["busy_permille"]
                 .as_u64()

@@ -309,6 +309,7 @@ pub fn control_thread(
         .unwrap_or_default();
     let mut drained_by_health = false;
     let mut current = loaded.clone();
+    let mut last_load = Load::default();
     let mut watchdog_warned = false;
     let owners = OwnerLookup {
         hasher: crate::cluster::BucketHasher::new(&loaded.secret),
@@ -349,10 +350,11 @@ pub fn control_thread(
                 .map(|p| p.swap(0, Relaxed))
                 .sum();
             let flows: u64 = link.core_flows.iter().map(|f| f.load(Relaxed)).sum();
-            m.set_load(Load {
+            last_load = Load {
                 active_flows: flows.min(u64::from(u32::MAX)) as u32,
                 busy_permille: (busy * 1000).checked_div(polls).unwrap_or(0) as u16,
-            });
+            };
+            m.set_load(last_load);
             // The health verdict: failing drains this node, recovering undrains what it drained.
             if let Some(h) = &health {
                 let healthy = h.healthy();
@@ -399,7 +401,15 @@ pub fn control_thread(
         }
         if let Some(op) = &operator {
             let healthy = health.as_ref().map(|h| h.healthy());
-            op.serve(&mut m, &owners, &mut current, healthy, now_ns(), &mut out);
+            op.serve(
+                &mut m,
+                &owners,
+                &mut current,
+                healthy,
+                last_load,
+                now_ns(),
+                &mut out,
+            );
         }
         // SIGTERM: drain first, stop when drained or at the deadline; a second signal stops now.
         if requests.terminate.load(Relaxed) {
@@ -527,6 +537,7 @@ impl OperatorSocket {
         owners: &OwnerLookup,
         current: &mut Loaded,
         health: Option<bool>,
+        self_load: Load,
         now: u64,
         out: &mut Vec<Output>,
     ) {
@@ -549,7 +560,7 @@ impl OperatorSocket {
                 m.undrain(now, out);
                 serde_json::json!({"ok": true, "draining": false})
             }
-            "status" => status_json(m, health),
+            "status" => status_json(m, health, self_load),
             "reload" => reload(current, m, now, out),
             cmd if cmd.starts_with("owner-of ") => owners.answer(m.snapshot(), &cmd[9..]),
             other => {
@@ -695,7 +706,7 @@ impl OwnerLookup {
     }
 }
 
-fn status_json(m: &Membership, health: Option<bool>) -> serde_json::Value {
+fn status_json(m: &Membership, health: Option<bool>, self_load: Load) -> serde_json::Value {
     let snapshot = m.snapshot();
     let me = m.config().me;
     let members: Vec<serde_json::Value> = m
@@ -704,6 +715,7 @@ fn status_json(m: &Membership, health: Option<bool>) -> serde_json::Value {
         .map(|mem| {
             // What each node last said of itself in its heartbeat (this node: its own state).
             let hb = m.peer(mem.id).and_then(|p| p.heartbeat);
+            let load = if mem.id == me { Some(self_load) } else { hb.map(|h| h.load) };
             let state = if mem.id == me {
                 if m.draining() { "draining" } else { "up" }
             } else {
@@ -718,8 +730,8 @@ fn status_json(m: &Membership, health: Option<bool>) -> serde_json::Value {
                 "weight": mem.weight.get(),
                 "accepting_buckets": snapshot.accepting_count(mem.id),
                 "final_buckets": Bucket::all().filter(|&b| snapshot.final_owner(b) == Some(mem.id)).count(),
-                "active_flows": hb.map(|h| h.load.active_flows),
-                "busy_permille": hb.map(|h| h.load.busy_permille),
+                "active_flows": load.map(|l| l.active_flows),
+                "busy_permille": load.map(|l| l.busy_permille),
             })
         })
         .collect();
