@@ -338,6 +338,7 @@ fn scenario(tag: &str, ids: &[u8]) {
             "node {id} metrics:\n{text}"
         );
         assert!(value("epoch") > 0);
+        assert!(value("burst_latency_ns") > 0, "node {id} metrics:\n{text}");
     }
 
     // kill -9 the last node's engine: the others own every bucket within the bound.

@@ -110,6 +110,21 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         "Flows in the core's flow table.",
         &flows,
     );
+    let mut latency = Vec::new();
+    for (i, q) in link.burst_latency_ns.iter().enumerate() {
+        for (slot, label) in q.iter().zip(["0.5", "0.99", "0.999", "1"]) {
+            latency.push((
+                format!(",core=\"{i}\",quantile=\"{label}\""),
+                slot.load(Relaxed),
+            ));
+        }
+    }
+    metric(
+        "burst_latency_ns",
+        "gauge",
+        "Wire burst processing time over the last second (hdrhistogram quantiles; 1 = max).",
+        &latency,
+    );
     metric(
         "mbufs_in_use",
         "gauge",

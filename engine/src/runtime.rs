@@ -48,6 +48,8 @@ pub struct ControlLink {
     pub counters: Vec<CoreCounters>,
     /// Mbufs out of the pool, as core 0 last saw.
     pub mbufs_in_use: AtomicU64,
+    /// Per core: burst processing time over the last second, ns: p50, p99, p99.9, max.
+    pub burst_latency_ns: Vec<[AtomicU64; 4]>,
 }
 
 impl std::fmt::Debug for ControlLink {
@@ -76,6 +78,7 @@ impl ControlLink {
             core_busy_polls: (0..cores).map(|_| AtomicU64::new(0)).collect(),
             counters: (0..cores).map(|_| CoreCounters::default()).collect(),
             mbufs_in_use: AtomicU64::new(0),
+            burst_latency_ns: (0..cores).map(|_| Default::default()).collect(),
         }
     }
 

@@ -232,6 +232,10 @@ fn core_loop(shared: &Shared, index: usize) {
     let mut polls: u64 = 0;
     let mut busy_polls: u64 = 0;
     let mut next_count: u64 = 0;
+    // Burst processing times (RX to the last TX of the burst), published once a second.
+    let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 100_000_000, 2)
+        .expect("valid histogram bounds");
+    let mut next_latency: u64 = 0;
     let mut sweeps_since_change: u32 = 0;
     let mut hold: FragmentHold<Mbuf> =
         FragmentHold::new(HOLD_CAPACITY, shared.sizes.fragment_timeout);
@@ -260,6 +264,7 @@ fn core_loop(shared: &Shared, index: usize) {
 
     while !shared.stop.load(Relaxed) {
         let from_wire = rx.rx(shared.wire, queue);
+        let burst_start = if from_wire > 0 { clock.now() } else { 0 };
         if from_wire > 0 {
             bump(&c.wire_rx, from_wire);
             let now = clock.now();
@@ -312,6 +317,7 @@ fn core_loop(shared: &Shared, index: usize) {
             to_wire.flush();
             dropped.free_all();
             publish_drops(&mut drops, c);
+            latency.saturating_record(clock.now().saturating_sub(burst_start).max(1));
         }
 
         let from_host = rx.rx(shared.host, queue);
@@ -378,6 +384,17 @@ fn core_loop(shared: &Shared, index: usize) {
             }
             link.core_polls[index].fetch_add(std::mem::take(&mut polls), Relaxed);
             link.core_busy_polls[index].fetch_add(std::mem::take(&mut busy_polls), Relaxed);
+            if now >= next_latency {
+                next_latency = now + 1_000_000_000;
+                let out = &link.burst_latency_ns[index];
+                if !latency.is_empty() {
+                    for (slot, q) in out.iter().zip([0.5, 0.99, 0.999]) {
+                        slot.store(latency.value_at_quantile(q), Relaxed);
+                    }
+                    out[3].store(latency.max(), Relaxed);
+                }
+                latency.reset();
+            }
             hold.expire(now, |m| {
                 drop(m);
                 drops[DropReason::FragmentExpired.index()] += 1;
