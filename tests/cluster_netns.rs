@@ -447,8 +447,19 @@ fn drain_undrain_and_sigterm_lose_no_connection() {
     );
     check_downloads(&lab, downloads, "a drain");
 
-    // Undrain: node 2 takes its share again.
-    lab.operator(2, "undrain");
+    // Undrain, asked of node 1 for node 2 (relayed): node 2 takes its share again.
+    let out = run_cmd(&[
+        "undrain",
+        "--node",
+        "2",
+        "--config",
+        lab.config(1).to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     lab.wait_status(&ids, Duration::from_secs(30), "undrain of node 2", |all| {
         settled(all) && all.iter().all(|s| accepting(s, 2) > 0)
     });

@@ -46,15 +46,21 @@ enum Command {
         /// The capture to replay.
         pcap: PathBuf,
     },
-    /// Drain this node: hand every bucket over to the others without losing a connection.
+    /// Drain a node (this one, or --node N through this one): hand every bucket over to the
+    /// others without losing a connection.
     Drain {
         #[arg(long, short)]
         config: PathBuf,
+        /// Another node's id: the request is relayed to it, authenticated.
+        #[arg(long)]
+        node: Option<u8>,
     },
     /// Undo a drain: the node takes its share again.
     Undrain {
         #[arg(long, short)]
         config: PathBuf,
+        #[arg(long)]
+        node: Option<u8>,
     },
     /// Which node owns a flow, and why (bucket, phase, this node's role).
     OwnerOf {
@@ -187,8 +193,8 @@ fn execute(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Drain { config } => operator(&config, "drain"),
-        Command::Undrain { config } => operator(&config, "undrain"),
+        Command::Drain { config, node } => operator(&config, &with_node("drain", node)),
+        Command::Undrain { config, node } => operator(&config, &with_node("undrain", node)),
         Command::Status { config, json } => {
             if json {
                 operator(&config, "status")
@@ -266,4 +272,11 @@ fn status_table(config: &std::path::Path) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+fn with_node(command: &str, node: Option<u8>) -> String {
+    match node {
+        Some(n) => format!("{command} {n}"),
+        None => command.to_owned(),
+    }
 }

@@ -555,13 +555,28 @@ impl OperatorSocket {
             return;
         }
         let reply = match line.trim() {
-            "drain" => {
-                m.drain(now, out);
-                serde_json::json!({"ok": true, "draining": true})
-            }
-            "undrain" => {
-                m.undrain(now, out);
-                serde_json::json!({"ok": true, "draining": false})
+            cmd if cmd == "drain"
+                || cmd == "undrain"
+                || cmd.starts_with("drain ")
+                || cmd.starts_with("undrain ") =>
+            {
+                let drain = cmd.starts_with("drain");
+                let me = m.config().me;
+                match cmd
+                    .split_whitespace()
+                    .nth(1)
+                    .map(|n| n.parse::<u8>().ok().and_then(NodeId::new))
+                {
+                    None => {
+                        m.request(me, drain, now, out);
+                        serde_json::json!({"ok": true, "node": me.get(), "draining": drain})
+                    }
+                    Some(Some(target)) => {
+                        m.request(target, drain, now, out);
+                        serde_json::json!({"ok": true, "node": target.get(), "draining": drain, "relayed": target != me})
+                    }
+                    Some(None) => serde_json::json!({"ok": false, "error": "a node id is 1..=64"}),
+                }
             }
             "status" => status_json(m, health, self_load),
             "reload" => reload(current, m, now, out),

@@ -297,8 +297,34 @@ impl Membership {
                     self.refuse(path, r, now);
                 }
             }
+            // Sent on both paths: the first copy acts, the second finds the state already set.
+            Body::Request(req) if req.target == self.cfg.me => {
+                if req.drain && !self.draining {
+                    self.drain(now, out);
+                } else if !req.drain && self.draining {
+                    self.undrain(now, out);
+                }
+            }
+            Body::Request(_) => {}
         }
         self.refresh(now, out);
+    }
+
+    /// An operator asks node `target` (this one or another) to drain or undrain: done here, or
+    /// relayed to it in an authenticated message on both paths.
+    pub fn request(&mut self, target: NodeId, drain: bool, now: u64, out: &mut Vec<Output>) {
+        if target == self.cfg.me {
+            if drain {
+                self.drain(now, out);
+            } else {
+                self.undrain(now, out);
+            }
+        } else {
+            self.send(
+                Body::Request(super::message::Request { target, drain }),
+                out,
+            );
+        }
     }
 
     /// Time passed: detect deaths, advance plans (coordinator), send heartbeats. Call every

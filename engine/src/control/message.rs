@@ -53,6 +53,7 @@ pub const MAX_LEN: usize = HEADER_LEN + PLAN_FIXED + 128 * MEMBER_LEN + TAG_LEN;
 
 const KIND_HEARTBEAT: u8 = 1;
 const KIND_PLAN: u8 = 2;
+const KIND_REQUEST: u8 = 3;
 
 /// `releasing_left` value meaning "no flow report yet".
 pub const LEFT_UNKNOWN: u32 = u32::MAX;
@@ -252,6 +253,16 @@ pub struct Plan {
 pub enum Body {
     Heartbeat(Heartbeat),
     Plan(Plan),
+    /// An operator's request, relayed by the node it was given to, for node `target`.
+    Request(Request),
+}
+
+/// An operator's request for another node (`clonecluster drain --node N`). Body layout: target
+/// u8, action u8 (1 drain, 2 undrain).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub target: NodeId,
+    pub drain: bool,
 }
 
 /// One control message: who sent it, when in its life, and what.
@@ -274,6 +285,7 @@ impl Message {
         b.push(match self.body {
             Body::Heartbeat(_) => KIND_HEARTBEAT,
             Body::Plan(_) => KIND_PLAN,
+            Body::Request(_) => KIND_REQUEST,
         });
         b.push(self.path.code());
         b.push(self.node.get());
@@ -297,6 +309,10 @@ impl Message {
                 b.push(phase);
                 b.extend_from_slice(&h.table_digest.to_be_bytes());
                 b.extend_from_slice(&h.releasing_left.to_be_bytes());
+            }
+            Body::Request(r) => {
+                b.push(r.target.get());
+                b.push(if r.drain { 1 } else { 2 });
             }
             Body::Plan(p) => {
                 b.extend_from_slice(&p.id.epoch.to_be_bytes());
@@ -468,6 +484,15 @@ pub fn decode(
                 to_digest,
             })
         }
+        KIND_REQUEST => {
+            let target = r.node()?;
+            let drain = match r.u8()? {
+                1 => true,
+                2 => false,
+                _ => return Err(Refusal::Malformed),
+            };
+            Body::Request(Request { target, drain })
+        }
         _ => return Err(Refusal::Malformed),
     };
     if r.at != signed.len() {
@@ -574,6 +599,23 @@ mod tests {
         }
         assert_eq!(dec(&m.encode(&key()), Path::Udp), Ok(m));
         assert!(plan().encode(&key()).len() <= 1500 - 14);
+        for drain in [true, false] {
+            let mut m = heartbeat(Path::Wire);
+            m.body = Body::Request(Request {
+                target: n(5),
+                drain,
+            });
+            let b = m.encode(&key());
+            assert_eq!(dec(&b, Path::Wire), Ok(m));
+            // An unknown action is malformed, even correctly signed.
+            let mut forged = b[..b.len() - TAG_LEN].to_vec();
+            *forged.last_mut().unwrap() = 9;
+            let mut mac = key().mac();
+            mac.update(&forged);
+            let tag = mac.finalize().into_bytes();
+            forged.extend_from_slice(&tag[..TAG_LEN]);
+            assert_eq!(dec(&forged, Path::Wire), Err(Refusal::Malformed));
+        }
     }
 
     /// PINNED: the layout is the wire contract; change it only with a VERSION bump.
