@@ -125,6 +125,18 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         "Wire burst processing time over the last second (hdrhistogram quantiles; 1 = max).",
         &latency,
     );
+    let evictions: Vec<(String, u64)> = link
+        .core_evictions
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (format!(",core=\"{i}\""), e.load(Relaxed)))
+        .collect();
+    metric(
+        "flow_evictions_total",
+        "counter",
+        "Live flows a full flow table forgot to make room (raise dataplane.flow_capacity).",
+        &evictions,
+    );
     metric(
         "mbufs_in_use",
         "gauge",

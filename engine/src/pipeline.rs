@@ -52,9 +52,12 @@ pub enum DropReason {
     Chained,
     /// A held fragment whose first fragment never came, or no room to hold it.
     FragmentExpired,
+    /// A new flow in a bucket between release and acquire: no node takes it now (the orphan
+    /// risk of a handoff; a TCP client retransmits its SYN). Counted by the old owner only.
+    ReleaseGap,
 }
 
-const BASE_REASONS: usize = 5;
+const BASE_REASONS: usize = 6;
 
 impl DropReason {
     /// Number of distinct counters ([`DropReason::index`] is below it).
@@ -69,6 +72,7 @@ impl DropReason {
             DropReason::HostSuppressed => 2,
             DropReason::Chained => 3,
             DropReason::FragmentExpired => 4,
+            DropReason::ReleaseGap => 5,
             DropReason::Malformed(e) => BASE_REASONS + e.index(),
         }
     }
@@ -82,6 +86,7 @@ impl DropReason {
             DropReason::HostSuppressed,
             DropReason::Chained,
             DropReason::FragmentExpired,
+            DropReason::ReleaseGap,
         ]
         .into_iter()
         .chain(wire::Error::ALL.into_iter().map(DropReason::Malformed))
@@ -99,6 +104,7 @@ impl DropReason {
             DropReason::HostSuppressed => "host-suppressed".into(),
             DropReason::Chained => "chained".into(),
             DropReason::FragmentExpired => "fragment-expired".into(),
+            DropReason::ReleaseGap => "release-gap".into(),
             DropReason::Malformed(e) => format!("malformed-{}", e.as_str()),
         }
     }
@@ -463,7 +469,8 @@ impl Pipeline {
     /// A TCP or UDP packet of flow `id` in `bucket`, by this node's role for the bucket.
     #[inline]
     fn flow_packet(&mut self, bucket: Bucket, id: &FlowId, flags: TcpFlags, now: u64) -> Action {
-        let deliver = match self.snapshot.role(bucket, self.id.node) {
+        let role = self.snapshot.role(bucket, self.id.node);
+        let deliver = match role {
             Role::Owner => true,
             Role::NotOwner => false,
             Role::Learning { .. } => {
@@ -491,6 +498,13 @@ impl Pipeline {
             }
         };
         if !deliver {
+            // The old owner counts the packets it must refuse between release and acquire
+            // (once per packet in the cluster): new flows that nobody takes yet.
+            if matches!(role, Role::Releasing { .. })
+                && self.snapshot.new_flow_owner(bucket).is_none()
+            {
+                return Action::Drop(DropReason::ReleaseGap);
+            }
             return Action::Drop(DropReason::NotOwned);
         }
         self.flows.upsert(id, bucket, flags, now);
@@ -1136,6 +1150,7 @@ mod tests {
         let mut synced = vec![false; flows.len()];
         let mut sent = vec![0u64; flows.len()];
         let (mut lost_tcp, mut lost_syn, mut lost_udp) = (0, 0, 0);
+        let mut gap_drops = 0;
 
         // The schedule: the join's phases, done when the releasing nodes hold no flow of the
         // moving buckets, then the drain's.
@@ -1205,8 +1220,10 @@ mod tests {
                 let mut by = Vec::new();
                 for p in nodes.iter_mut() {
                     buf[..frame.len()].copy_from_slice(&frame);
-                    if p.from_wire(&mut buf, frame.len(), now) == Action::Deliver {
-                        by.push(p.identity().node);
+                    match p.from_wire(&mut buf, frame.len(), now) {
+                        Action::Deliver => by.push(p.identity().node),
+                        Action::Drop(DropReason::ReleaseGap) => gap_drops += 1,
+                        _ => {}
                     }
                 }
                 assert!(
@@ -1242,6 +1259,8 @@ mod tests {
         assert!(owners.iter().filter(|o| o.is_some()).count() > 350);
         // Node 3 took flows after joining; node 2 none after draining.
         assert!(owners.iter().any(|o| *o == NodeId::new(3)));
+        // Every packet nobody took was counted as a release-gap drop by each node.
+        assert_eq!(gap_drops, lost_syn + lost_udp, "release-gap drops");
         eprintln!(
             "handoff sim: {lost_syn} SYNs retransmitted, {lost_udp} UDP packets in release gaps"
         );

@@ -183,7 +183,7 @@ pub fn replay(
                 Action::Drop(reason) => {
                     counts.dropped += 1;
                     match reason {
-                        DropReason::NotOwned => {
+                        DropReason::NotOwned | DropReason::ReleaseGap => {
                             counts.not_owned += 1;
                             exclusive[index] = true;
                         }

@@ -46,6 +46,8 @@ pub struct ControlLink {
     pub core_busy_polls: Vec<AtomicU64>,
     /// Per core: its packet counters.
     pub counters: Vec<CoreCounters>,
+    /// Per core: live flows its flow table had to forget to make room.
+    pub core_evictions: Vec<AtomicU64>,
     /// Mbufs out of the pool, as core 0 last saw.
     pub mbufs_in_use: AtomicU64,
     /// Per core: burst processing time over the last second, ns: p50, p99, p99.9, max.
@@ -78,6 +80,7 @@ impl ControlLink {
             core_busy_polls: (0..cores).map(|_| AtomicU64::new(0)).collect(),
             counters: (0..cores).map(|_| CoreCounters::default()).collect(),
             mbufs_in_use: AtomicU64::new(0),
+            core_evictions: (0..cores).map(|_| AtomicU64::new(0)).collect(),
             burst_latency_ns: (0..cores).map(|_| Default::default()).collect(),
         }
     }

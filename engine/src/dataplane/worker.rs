@@ -377,6 +377,7 @@ fn core_loop(shared: &Shared, index: usize) {
             let now = clock.now();
             pipeline.maintain(now, EXPIRE_BUDGET);
             link.core_flows[index].store(pipeline.flows().len() as u64, Relaxed);
+            link.core_evictions[index].store(pipeline.flows().stats().evicted, Relaxed);
             if index == 0 {
                 // SAFETY: the pool outlives the packet loops (`run` frees it after they return).
                 let pool = unsafe { super::eal::Mempool::borrow(shared.pool) };
