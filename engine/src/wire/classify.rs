@@ -164,6 +164,7 @@ impl Parsed {
 /// Cost: a handful of bounds checks and big-endian loads; the only loop is the IPv6
 /// extension-header walk (at most [`ipv6::MAX_EXT_HEADERS`] steps, twice for ICMPv6 errors).
 /// No allocation, no panic on any input.
+#[inline]
 pub fn parse_l2_l4(frame: &[u8]) -> Result<Parsed> {
     let eth = Frame::new_checked(frame)?;
     let ethertype = eth.ethertype();
@@ -178,6 +179,7 @@ pub fn parse_l2_l4(frame: &[u8]) -> Result<Parsed> {
     Ok(p)
 }
 
+#[inline]
 fn parse_ipv4(p: &mut Parsed, l3: &[u8]) -> Result<()> {
     let ip = ipv4::Packet::new_checked(l3)?;
     p.ip_version = 4;
@@ -226,6 +228,7 @@ fn parse_ipv6(p: &mut Parsed, l3: &[u8]) -> Result<()> {
 }
 
 /// Reads the L4 header at the start of `l4` (the rest of the IP payload).
+#[inline]
 fn parse_l4(p: &mut Parsed, l4: &[u8]) -> Result<()> {
     let fragmented = p.fragment.is_some();
     match (p.protocol, p.ip_version) {
