@@ -103,7 +103,7 @@ fn decision(c: &mut Criterion) {
     group.bench_function("from_host/lab-mix", |b| {
         b.iter(|| {
             for f in host.iter_mut() {
-                black_box(pipeline.from_host(black_box(f)));
+                black_box(pipeline.from_host(black_box(f), 0));
             }
         })
     });

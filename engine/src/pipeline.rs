@@ -613,11 +613,22 @@ impl Pipeline {
     /// on this node's port and the other nodes would stop hearing the cluster. The kernel's own
     /// answers for the cluster address are dropped: the engine's designated node answers.
     #[inline]
-    pub fn from_host(&mut self, frame: &mut [u8]) -> Action {
+    pub fn from_host(&mut self, frame: &mut [u8], now: u64) -> Action {
         if frame.len() < ETHERNET_HEADER {
             return Action::Drop(DropReason::Malformed(wire::Error::Truncated));
         }
         let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+        // The server ending a connection (FIN or RST) ends its flow here too: a connection the
+        // service refused or reset would otherwise hold up a handoff's "done" until it times out.
+        // Checked cheaply on plain IPv4/TCP first; only FIN/RST segments are parsed.
+        if ethertype == 0x0800
+            && frame.len() >= 54
+            && frame[23] == 6
+            && frame[14] == 0x45
+            && frame[47] & 0x05 != 0
+        {
+            self.server_closed(frame, now);
+        }
         // Only ARP and IPv6 can carry the kernel's own address answers; IPv4 passes at once.
         if ethertype == 0x0806 || ethertype == 0x86dd || ethertype == 0x8100 {
             if let Some(reason) = self.host_suppressed(frame) {
@@ -626,6 +637,19 @@ impl Pipeline {
         }
         frame[SRC_MAC].copy_from_slice(&self.id.node_mac.0);
         Action::ToWire
+    }
+
+    fn server_closed(&mut self, frame: &[u8], now: u64) {
+        let Ok(p) = parse_l2_l4(frame) else { return };
+        let (Some(sp), Some(dp)) = (p.src_port, p.dst_port) else {
+            return;
+        };
+        // The server's segment, reversed: the flow as the client sends it.
+        let id = FlowId::new(p.dst_ip, p.src_ip, dp, sp, 6);
+        if let Some(entry) = self.flows.get(&id, now) {
+            self.flows
+                .upsert(&id, entry.bucket, TcpFlags(p.tcp_flags.0 as u8), now);
+        }
     }
 
     fn host_suppressed(&self, frame: &[u8]) -> Option<DropReason> {
@@ -861,7 +885,7 @@ mod tests {
             .unwrap()
             .clone();
         assert_eq!(
-            p.from_host(&mut reply),
+            p.from_host(&mut reply, 0),
             Action::Drop(DropReason::HostSuppressed)
         );
         // So is its neighbour advertisement for the cluster IPv6 address.
@@ -872,13 +896,13 @@ mod tests {
             .unwrap()
             .clone();
         assert_eq!(
-            p.from_host(&mut na),
+            p.from_host(&mut na, 0),
             Action::Drop(DropReason::HostSuppressed)
         );
         // Everything else passes with the node MAC as source and nothing else changed.
         for f in frames.iter().filter(|f| f[6..12] == CLUSTER_MAC.0) {
             let mut out = f.clone();
-            match p.from_host(&mut out) {
+            match p.from_host(&mut out, 0) {
                 Action::ToWire => {
                     assert_eq!(out[6..12], NODE_MAC.0);
                     assert_eq!(out[..6], f[..6]);
@@ -892,7 +916,36 @@ mod tests {
         let mut req = reply.clone();
         req[21] = 1;
         req[38..42].copy_from_slice(&[198, 18, 0, 2]);
-        assert_eq!(p.from_host(&mut req), Action::ToWire);
+        assert_eq!(p.from_host(&mut req, 0), Action::ToWire);
+    }
+
+    #[test]
+    fn a_server_reset_ends_the_flow() {
+        let mut p = alone();
+        let client = Ipv4Addr::new(198, 19, 0, 7);
+        let syn = ipv4_frame(client, 40_000, &Kind::Tcp(0x02));
+        let mut buf = vec![0u8; 2048];
+        buf[..syn.len()].copy_from_slice(&syn);
+        assert_eq!(p.from_wire(&mut buf, syn.len(), 1), Action::Deliver);
+        assert_eq!(p.flows().len(), 1);
+        // The kernel refuses it: RST|ACK from 198.18.0.1:80 to the client.
+        let mut rst = ipv4_frame(client, 40_000, &Kind::Tcp(0x14));
+        rst[26..30].copy_from_slice(&[198, 18, 0, 1]);
+        rst[30..34].copy_from_slice(&client.octets());
+        rst[34..36].copy_from_slice(&80u16.to_be_bytes());
+        rst[36..38].copy_from_slice(&40_000u16.to_be_bytes());
+        assert_eq!(p.from_host(&mut rst, 2), Action::ToWire);
+        let id = FlowId::new(
+            IpAddr::V4(client),
+            IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+            40_000,
+            80,
+            6,
+        );
+        assert_eq!(
+            p.flows().get(&id, 2).map(|e| e.state),
+            Some(crate::cluster::FlowState::Closing)
+        );
     }
 
     #[test]
@@ -912,7 +965,7 @@ mod tests {
                 Action::Drop(DropReason::Malformed(_))
             ));
             assert!(matches!(
-                p.from_host(&mut buf[..len]),
+                p.from_host(&mut buf[..len], 0),
                 Action::Drop(DropReason::Malformed(_))
             ));
         }
@@ -1085,7 +1138,7 @@ mod tests {
             buf.resize(2048, 0);
             let _ = p.from_wire(&mut buf, len, 0);
             let mut host = bytes;
-            let _ = p.from_host(&mut host);
+            let _ = p.from_host(&mut host, 0);
         }
     }
 

@@ -52,5 +52,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = p.from_wire(&mut buf, len, u64::from(mode));
     let _ = p.take_released();
     let mut host = bytes.to_vec();
-    let _ = p.from_host(&mut host);
+    let _ = p.from_host(&mut host, u64::from(mode));
 });

@@ -323,11 +323,12 @@ fn core_loop(shared: &Shared, index: usize) {
         let from_host = rx.rx(shared.host, queue);
         if from_host > 0 {
             bump(&c.host_rx, from_host);
+            let host_now = clock.now();
             for mut m in rx.drain() {
                 let action = if m.is_chained() {
                     Action::Drop(DropReason::Chained)
                 } else {
-                    pipeline.from_host(m.data_mut())
+                    pipeline.from_host(m.data_mut(), host_now)
                 };
                 match action {
                     Action::Drop(reason) => {
