@@ -139,8 +139,13 @@ impl Lab {
     /// `n` new connections from the client, one request each: which node answered each, and
     /// how many failed.
     fn requests(&self, n: usize) -> (BTreeMap<u8, usize>, usize) {
+        self.requests_spaced(n, 0.0)
+    }
+
+    /// Like `requests`, with `gap` seconds between the requests.
+    fn requests_spaced(&self, n: usize, gap: f64) -> (BTreeMap<u8, usize>, usize) {
         let script = format!(
-            "for i in $(seq 1 {n}); do curl -s -m 3 http://198.18.0.1/id || echo fail; done"
+            "for i in $(seq 1 {n}); do curl -s -m 5 http://198.18.0.1/id || echo fail; sleep {gap}; done"
         );
         let out = self
             .topo
@@ -513,8 +518,10 @@ fn a_failing_service_drains_its_node_and_recovers() {
     lab.topo.kill(nginx);
     // Requests in the window before the drain takes node 2's buckets: those that land on it
     // fail (its service is gone). Measured and printed, not asserted: the gap is known.
-    let (window, window_failed) = lab.requests(20);
-    eprintln!("h: right after nginx stopped: {window:?}, failed {window_failed} of 20");
+    let (window, window_failed) = lab.requests_spaced(20, 0.1);
+    eprintln!(
+        "h: 20 requests over the 2 s after nginx stopped: {window:?}, failed {window_failed}"
+    );
     let took = lab.wait_status(
         &ids,
         Duration::from_secs(30),

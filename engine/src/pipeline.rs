@@ -227,6 +227,8 @@ pub struct Pipeline {
     learned: FlowTable,
     fragments: FragmentTracker,
     released: Option<Released>,
+    /// The local service is failing: take no new flow (it would be refused), serve the rest.
+    refuse_new: bool,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -282,6 +284,7 @@ impl Pipeline {
                 &table_key,
             ),
             released: None,
+            refuse_new: false,
             id,
         }
     }
@@ -293,6 +296,13 @@ impl Pipeline {
     /// The ownership snapshot in force.
     pub fn snapshot(&self) -> &Arc<Snapshot> {
         &self.snapshot
+    }
+
+    /// While the local service fails its health check, new flows are refused (dropped, so a TCP
+    /// client retransmits its SYN and reaches the new owner once the drain has moved the bucket)
+    /// rather than delivered to a service that would reset them.
+    pub fn set_refuse_new(&mut self, refuse: bool) {
+        self.refuse_new = refuse;
     }
 
     /// Swaps in a new ownership snapshot (between bursts).
@@ -473,6 +483,9 @@ impl Pipeline {
     fn flow_packet(&mut self, bucket: Bucket, id: &FlowId, flags: TcpFlags, now: u64) -> Action {
         let role = self.snapshot.role(bucket, self.id.node);
         let deliver = match role {
+            Role::Owner if self.refuse_new => {
+                self.flows.get(id, now).is_some() || (id.proto == 6 && !flags.is_initial_syn())
+            }
             Role::Owner => true,
             Role::NotOwner => false,
             Role::Learning { .. } => {

@@ -46,6 +46,8 @@ pub struct ControlLink {
     pub core_busy_polls: Vec<AtomicU64>,
     /// Per core: its packet counters.
     pub counters: Vec<CoreCounters>,
+    /// Set while the local service fails its health check: cores take no new flow.
+    pub refuse_new: AtomicBool,
     /// Per core: live flows its flow table had to forget to make room.
     pub core_evictions: Vec<AtomicU64>,
     /// Mbufs out of the pool, as core 0 last saw.
@@ -81,6 +83,7 @@ impl ControlLink {
             counters: (0..cores).map(|_| CoreCounters::default()).collect(),
             mbufs_in_use: AtomicU64::new(0),
             core_evictions: (0..cores).map(|_| AtomicU64::new(0)).collect(),
+            refuse_new: AtomicBool::new(false),
             burst_latency_ns: (0..cores).map(|_| Default::default()).collect(),
         }
     }
@@ -364,6 +367,7 @@ pub fn control_thread(
             // The health verdict: failing drains this node, recovering undrains what it drained.
             if let Some(h) = &health {
                 let healthy = h.healthy();
+                link.refuse_new.store(!healthy, Relaxed);
                 if !healthy && !drained_by_health && !m.draining() {
                     tracing::warn!(
                         node = cfg.node.id,

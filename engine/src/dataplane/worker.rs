@@ -344,6 +344,7 @@ fn core_loop(shared: &Shared, index: usize) {
         }
 
         // Between bursts: a new ownership snapshot, and control frames to send.
+        pipeline.set_refuse_new(link.refuse_new.load(Relaxed));
         let v = link.version.load(Relaxed);
         if v != version {
             version = v;
