@@ -88,6 +88,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The lab: the paper's experiment in network namespaces (needs root, nginx-light, wrk).
+    /// 1 node, then N nodes per policy, each under a ramp of wrk clients; writes CSVs,
+    /// report.md and SVG plots into --out.
+    Lab {
+        #[arg(long, default_value_t = 2)]
+        nodes: u8,
+        /// Policies for the N-node runs (comma-separated: hash, by-load).
+        #[arg(long, default_value = "hash,by-load", value_delimiter = ',')]
+        policy: Vec<String>,
+        /// Client counts of the ramp.
+        #[arg(long, default_value = "10,50,100", value_delimiter = ',')]
+        clients: Vec<u32>,
+        /// Seconds per step.
+        #[arg(long, default_value_t = 3)]
+        duration: u32,
+        #[arg(long, default_value = "lab-out")]
+        out: PathBuf,
+        /// Remove what a crashed earlier run left (namespaces with the lab's prefix) and exit.
+        #[arg(long)]
+        cleanup: bool,
+    },
     /// Validate a configuration and print it with every default filled in.
     Check {
         #[arg(long, short)]
@@ -120,6 +141,63 @@ fn execute(cli: Cli) -> Result<(), String> {
             let loaded = Config::load(&config).map_err(|e| e.to_string())?;
             println!("# {}: valid", config.display());
             print!("{}", loaded.config.to_yaml());
+            Ok(())
+        }
+        Command::Lab {
+            nodes,
+            policy,
+            clients,
+            duration,
+            out,
+            cleanup,
+        } => {
+            use clonecluster::lab::run::{cleanup as lab_cleanup, run as lab_run, LabOptions};
+            const PREFIX: &str = "cclab";
+            if cleanup {
+                let removed = lab_cleanup(PREFIX);
+                println!(
+                    "removed {} namespaces: {}",
+                    removed.len(),
+                    removed.join(", ")
+                );
+                return Ok(());
+            }
+            if !(2..=8).contains(&nodes) {
+                return Err(format!("--nodes {nodes}: the lab runs 2 to 8 nodes"));
+            }
+            for p in &policy {
+                if p != "hash" && p != "by-load" {
+                    return Err(format!("--policy {p}: use hash or by-load"));
+                }
+            }
+            let bin = std::env::current_exe().map_err(|e| e.to_string())?;
+            let opts = LabOptions {
+                bin,
+                nodes,
+                policies: policy,
+                clients,
+                duration_s: duration,
+                out: out.clone(),
+                prefix: PREFIX.to_owned(),
+            };
+            let results = lab_run(&opts)?;
+            let broken: Vec<&str> = results
+                .iter()
+                .filter(|r| r.cluster_mac_learned)
+                .map(|r| r.name.as_str())
+                .collect();
+            println!(
+                "report: {}\nplots: {} {}",
+                out.join("report.md").display(),
+                out.join("throughput.svg").display(),
+                out.join("response_time.svg").display()
+            );
+            if !broken.is_empty() {
+                return Err(format!(
+                    "precondition failed: the switch learned the cluster MAC in {}",
+                    broken.join(", ")
+                ));
+            }
             Ok(())
         }
         Command::Replay {

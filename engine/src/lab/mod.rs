@@ -5,6 +5,7 @@
 //! touch an interface or address outside the namespaces it creates, and it cleans up by PID and
 //! by the names it made.
 
+pub mod run;
 pub mod services;
 pub mod topology;
 
