@@ -8,21 +8,11 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{core, median, rounds, secs};
+
 const ENGINE: &str = env!("CARGO_BIN_EXE_clonecluster");
-
-fn secs() -> u64 {
-    std::env::var("CC_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3)
-}
-
-fn core() -> u32 {
-    std::env::var("CC_BENCH_CORE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1)
-}
 
 /// Frames per second the engine handles (received on both ports; each one forwarded or, for
 /// net_null's all-zero frames arriving on the wire port, decided and dropped as not addressed
@@ -125,28 +115,7 @@ fn testpmd_rate(mode: &str) -> Option<f64> {
             break;
         }
     }
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .ok()?;
-    let _ = child.wait();
-    let steady = readings.get(1..)?;
-    if steady.is_empty() {
-        return None;
-    }
-    Some(steady.iter().sum::<f64>() / steady.len() as f64)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn rounds() -> usize {
-    std::env::var("CC_BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3)
+    common::stop_and_average(&mut child, &readings)
 }
 
 fn main() {

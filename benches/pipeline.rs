@@ -36,6 +36,10 @@ use std::time::{Duration, Instant};
 use clonecluster::cluster::{FlowTable, FlowTimeouts, BUCKETS};
 use clonecluster::config::Config;
 
+mod common;
+
+use common::{core, env_or, median, secs};
+
 const ENGINE: &str = env!("CARGO_BIN_EXE_clonecluster");
 const CLUSTER_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 1];
 const CLUSTER_IP: [u8; 4] = [198, 18, 0, 1];
@@ -44,21 +48,6 @@ const CLUSTER_IP6: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
 const SLOT_BYTES: usize = 56;
 /// Allowed difference between the engine's and replay's shares, in percentage points.
 const TOLERANCE_PCT: f64 = 1.0;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
-fn secs() -> u64 {
-    env_or("CC_BENCH_SECS", 3)
-}
-
-fn core() -> u32 {
-    env_or("CC_BENCH_CORE", 1)
-}
 
 // ---- traffic ------------------------------------------------------------------------------
 
@@ -415,21 +404,7 @@ fn testpmd_rate(setup: &Setup, mode: &str) -> Option<f64> {
             break;
         }
     }
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .ok()?;
-    let _ = child.wait();
-    let steady = readings.get(1..)?;
-    if steady.is_empty() {
-        return None;
-    }
-    Some(steady.iter().sum::<f64>() / steady.len() as f64)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    common::stop_and_average(&mut child, &readings)
 }
 
 fn cpu_hz() -> Option<f64> {
