@@ -209,10 +209,10 @@ fn traffic(flows: u32, ipv6_pct: u32) -> Vec<Vec<u8>> {
             let client = i % 65536;
             let mac = [0x02, 0xc1, 0, (client >> 8) as u8, client as u8, 0];
             let v4 = [198, 19, (client >> 8) as u8, client as u8];
-            if n % 64 == 0 {
+            if n.is_multiple_of(64) {
                 out.push(arp_request(mac, v4));
             }
-            if n % 97 == 0 {
+            if n.is_multiple_of(97) {
                 let mut f = icmp_echo(mac, v4, n as u16);
                 f.resize(f.len().max(60), 0);
                 out.push(f);
@@ -390,7 +390,7 @@ fn testpmd_rate(setup: &Setup, mode: &str) -> Option<f64> {
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
         let line = line.trim();
         if let Some(rest) = line.split("NIC statistics for port").nth(1) {
-            port = rest.trim().split_whitespace().next()?.parse().ok();
+            port = rest.split_whitespace().next()?.parse().ok();
         }
         if let Some(rest) = line.strip_prefix("Rx-pps:") {
             if port == Some(0) {
