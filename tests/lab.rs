@@ -1,13 +1,15 @@
-//! `clonecluster lab`, short: a 1-node baseline and a 2-node `hash` cluster under two wrk steps.
-//! Every request succeeds, both nodes serve a fair share, and the learning switch never holds the
-//! cluster MAC.
+//! `clonecluster lab`, short: a 1-node baseline and a 2-node `hash` cluster under two wrk steps,
+//! then the failover scenario. Every request of the ramp succeeds, both nodes serve a fair
+//! share, the learning switch never holds the cluster MAC, ARP answers come from a node MAC with
+//! the cluster MAC inside, and after a kill -9 only the dead node's connections are lost and
+//! every new connection after the takeover succeeds.
 
 mod common;
 
 use common::*;
 
 #[test]
-fn a_short_lab_run() {
+fn a_short_lab_run_with_failover() {
     require_root();
     let out = tempfile::tempdir().unwrap();
     let run = run_cmd(&[
@@ -20,6 +22,10 @@ fn a_short_lab_run() {
         "8,16",
         "--duration",
         "2",
+        "--scenario",
+        "ramp,failover",
+        "--scenario-clients",
+        "8",
         "--out",
         out.path().to_str().unwrap(),
     ]);
@@ -28,30 +34,86 @@ fn a_short_lab_run() {
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).unwrap())
             .unwrap();
-    let results = results.as_array().unwrap();
-    assert_eq!(results.len(), 2, "baseline and 2 nodes hash");
-    for r in results {
-        assert_eq!(r["cluster_mac_learned"], false, "{r}");
+    let configs = results["configs"].as_array().unwrap();
+    assert_eq!(configs.len(), 2, "baseline and 2 nodes hash");
+    for r in configs {
+        let pre = &r["preconditions"];
+        assert_eq!(pre["cluster_mac_learned"], false, "{r}");
+        assert!(pre["arp_replies"].as_u64().unwrap() >= 1, "{r}");
+        assert_eq!(pre["arp_bad"].as_array().unwrap().len(), 0, "{r}");
+        assert_eq!(pre["idle_nodes"].as_array().unwrap().len(), 0, "{r}");
+        assert_eq!(r["steps"].as_array().unwrap().len(), 2, "{r}");
         for s in r["steps"].as_array().unwrap() {
             assert_eq!(s["errors"], 0, "{r}");
             assert!(s["rps"].as_f64().unwrap() > 0.0, "{r}");
         }
     }
-    let two = &results[1];
+    let two = &configs[1];
     for share in two["node_shares"].as_array().unwrap() {
         let share = share[1].as_f64().unwrap();
         assert!(share >= 0.30, "unfair share {share}: {two}");
     }
-    for f in [
+
+    let scenarios = results["scenarios"].as_array().unwrap();
+    assert_eq!(scenarios.len(), 1);
+    let f = &scenarios[0];
+    assert_eq!(f["scenario"], "failover");
+    assert_eq!(f["node"], 2, "the last node is killed");
+    assert!(f["detected_ms"].is_u64() && f["moved_ms"].is_u64(), "{f}");
+    let probe = &f["probe"];
+    // Only the dead node's connections may be lost.
+    for (node, _) in probe["lost_by_node"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l[0].as_u64().unwrap(), l[1].as_u64().unwrap()))
+    {
+        assert_eq!(node, 2, "a live node's connection was lost: {f}");
+    }
+    // After the takeover every new connection succeeded, all on the survivor.
+    assert!(probe["new_after_settled"].as_u64().unwrap() > 0, "{f}");
+    assert_eq!(probe["new_failed_after_settled"], 0, "{f}");
+    assert_eq!(probe["nodes_after_settled"], serde_json::json!([1]), "{f}");
+    assert_eq!(f["cluster_mac_learned"], false, "{f}");
+    assert_eq!(f["passed"], true, "{f}");
+
+    for file in [
         "report.md",
         "throughput.svg",
         "response_time.svg",
         "1-node.csv",
         "2-nodes-hash.csv",
+        "scenario-failover-probe.jsonl",
     ] {
-        assert!(out.path().join(f).exists(), "{f} missing");
+        assert!(out.path().join(file).exists(), "{file} missing");
     }
     let csv = std::fs::read_to_string(out.path().join("2-nodes-hash.csv")).unwrap();
-    assert!(csv.starts_with("step,clients,rps,transfer_mib_s,mean_ms,p99_ms,errors\n"));
+    assert!(csv.starts_with("step,clients,rps,transfer_mib_s,mean_ms,p99_ms,errors,timeouts\n"));
     assert_eq!(csv.lines().count(), 3);
+    let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(report.contains("## Scenarios") && report.contains("failover"), "{report}");
+    // Nothing is left behind.
+    let netns = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(!netns.contains("cclab-"), "namespaces left: {netns}");
+}
+
+#[test]
+fn a_broken_lab_request_is_refused_plainly() {
+    for (args, needle) in [
+        (&["lab", "--scenario", "chaos"][..], "--scenario chaos"),
+        (&["lab", "--baseline", "iptables"][..], "--baseline iptables"),
+        (&["lab", "--nodes", "1"][..], "--nodes 1"),
+    ] {
+        let run = run_cmd(args);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{args:?}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
 }

@@ -92,7 +92,18 @@ pub fn check_once(cfg: &HealthConfig) -> Result<(), String> {
     )
     .map_err(|e| format!("send: {e}"))?;
     let mut head = [0u8; 64];
-    let n = stream.read(&mut head).map_err(|e| format!("read: {e}"))?;
+    // With a socket timeout set, the kernel never restarts a read that a signal interrupted
+    // (signal(7)), whatever SA_RESTART says: any signal to the process would fail the check.
+    let deadline = std::time::Instant::now() + cfg.timeout.0;
+    let n = loop {
+        match stream.read(&mut head) {
+            Ok(n) => break n,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::Interrupted
+                    && std::time::Instant::now() < deadline => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    };
     let line = String::from_utf8_lossy(&head[..n]);
     let status: u16 = line
         .split_whitespace()

@@ -103,11 +103,40 @@ enum Command {
         /// Seconds per step.
         #[arg(long, default_value_t = 3)]
         duration: u32,
+        /// What to run (comma-separated): ramp (the paper's figures), failover (kill -9 one
+        /// engine mid-load), join (add a node mid-load), drain (drain one node mid-load).
+        #[arg(long, default_value = "ramp", value_delimiter = ',')]
+        scenario: Vec<String>,
+        /// Clients during a scenario.
+        #[arg(long, default_value_t = 20)]
+        scenario_clients: u32,
+        /// Seconds per scenario (the event comes a third of the way in).
+        #[arg(long, default_value_t = 9)]
+        scenario_duration: u32,
+        /// Also run this baseline on the same topology: `kernel` (the nftables clone cluster).
+        #[arg(long)]
+        baseline: Option<String>,
         #[arg(long, default_value = "lab-out")]
         out: PathBuf,
         /// Remove what a crashed earlier run left (namespaces with the lab's prefix) and exit.
         #[arg(long)]
         cleanup: bool,
+    },
+    /// The lab's connection probe (started by `lab` in the client namespace).
+    #[command(hide = true)]
+    LabProbe {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long, default_value_t = 8)]
+        keepalive: usize,
+        #[arg(long, default_value_t = 4)]
+        new: usize,
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Validate a configuration and print it with every default filled in.
     Check {
@@ -148,10 +177,15 @@ fn execute(cli: Cli) -> Result<(), String> {
             policy,
             clients,
             duration,
+            scenario,
+            scenario_clients,
+            scenario_duration,
+            baseline,
             out,
             cleanup,
         } => {
             use clonecluster::lab::run::{cleanup as lab_cleanup, run as lab_run, LabOptions};
+            use clonecluster::lab::scenario::Scenario;
             const PREFIX: &str = "cclab";
             if cleanup {
                 let removed = lab_cleanup(PREFIX);
@@ -170,6 +204,41 @@ fn execute(cli: Cli) -> Result<(), String> {
                     return Err(format!("--policy {p}: use hash or by-load"));
                 }
             }
+            if clients.is_empty() || clients.contains(&0) || duration == 0 {
+                return Err("--clients and --duration: give positive numbers".into());
+            }
+            let mut ramp = false;
+            let mut scenarios = Vec::new();
+            for s in &scenario {
+                match s.as_str() {
+                    "ramp" => ramp = true,
+                    "failover" => scenarios.push(Scenario::Failover),
+                    "join" => scenarios.push(Scenario::Join),
+                    "drain" => scenarios.push(Scenario::Drain),
+                    other => {
+                        return Err(format!(
+                            "--scenario {other}: use ramp, failover, join or drain \
+                             (comma-separated)"
+                        ))
+                    }
+                }
+            }
+            if scenario_duration < 6 || scenario_clients == 0 {
+                return Err(
+                    "--scenario-duration must be at least 6 s and --scenario-clients positive"
+                        .into(),
+                );
+            }
+            let kernel_baseline = match baseline.as_deref() {
+                None => false,
+                Some("kernel") => true,
+                Some(other) => {
+                    return Err(format!(
+                        "--baseline {other}: the only baseline is `kernel` (the nftables clone \
+                         cluster)"
+                    ))
+                }
+            };
             let bin = std::env::current_exe().map_err(|e| e.to_string())?;
             let opts = LabOptions {
                 bin,
@@ -177,28 +246,47 @@ fn execute(cli: Cli) -> Result<(), String> {
                 policies: policy,
                 clients,
                 duration_s: duration,
+                ramp,
+                scenarios,
+                scenario_clients,
+                scenario_duration_s: scenario_duration,
+                kernel_baseline,
                 out: out.clone(),
                 prefix: PREFIX.to_owned(),
             };
             let results = lab_run(&opts)?;
-            let broken: Vec<&str> = results
-                .iter()
-                .filter(|r| r.cluster_mac_learned)
-                .map(|r| r.name.as_str())
-                .collect();
             println!(
                 "report: {}\nplots: {} {}",
                 out.join("report.md").display(),
                 out.join("throughput.svg").display(),
                 out.join("response_time.svg").display()
             );
-            if !broken.is_empty() {
-                return Err(format!(
-                    "precondition failed: the switch learned the cluster MAC in {}",
-                    broken.join(", ")
-                ));
+            let failures = results.failures();
+            if !failures.is_empty() {
+                return Err(format!("the lab found problems:\n  {}", failures.join("\n  ")));
             }
             Ok(())
+        }
+        Command::LabProbe {
+            target,
+            keepalive,
+            new,
+            interval_ms,
+            duration_ms,
+            out,
+        } => {
+            use clonecluster::lab::probe;
+            let opts = probe::ProbeOptions {
+                target,
+                keepalive,
+                new_threads: new,
+                interval: std::time::Duration::from_millis(interval_ms),
+                duration: std::time::Duration::from_millis(duration_ms),
+            };
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone());
+            let samples = probe::run(&opts, &stop);
+            probe::write(&out, &samples).map_err(|e| format!("{}: {e}", out.display()))
         }
         Command::Replay {
             config,

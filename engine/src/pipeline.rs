@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cluster::{
-    derive_key, Affinity, Bucket, BucketHasher, FlowId, FlowKey, FlowTable, FlowTimeouts,
+    derive_key, Affinity, Bucket, BucketHasher, FlowId, FlowKey, FlowState, FlowTable, FlowTimeouts,
     FragmentKey, FragmentTracker, FragmentVerdict, NodeId, OwnershipTable, TcpFlags,
 };
 use crate::control::{Phase, PlanId, Role, Snapshot};
@@ -501,10 +501,21 @@ impl Pipeline {
             Role::Acquiring { .. } => {
                 if self.flows.get(id, now).is_some() {
                     true
-                } else if self.learned.get(id, now).is_some() {
-                    // The old owner's flow: keep tracking it until it ends.
-                    self.learned.upsert(id, bucket, flags, now);
-                    false
+                } else if let Some(learned) = self.learned.get(id, now) {
+                    if learned.state == FlowState::SynSeen && flags.is_initial_syn() {
+                        // A SYN learned but never answered (no ACK followed it), now sent
+                        // again: nodes adopt a phase at slightly different times, so the old
+                        // owner may have released the bucket, and refused this SYN, while this
+                        // node was still learning. Had the old owner accepted it, the client
+                        // would have answered its SYN-ACK with an ACK rather than a
+                        // retransmission. Take it, or nobody ever would.
+                        self.learned.remove(id);
+                        true
+                    } else {
+                        // The old owner's flow: keep tracking it until it ends.
+                        self.learned.upsert(id, bucket, flags, now);
+                        false
+                    }
                 } else {
                     // A new flow: TCP only on a SYN without ACK (a TCP packet of an unknown
                     // flow is a long-idle connection of the old owner); anything else starts one.
@@ -1332,6 +1343,77 @@ mod tests {
         eprintln!(
             "handoff sim: {lost_syn} SYNs retransmitted, {lost_udp} UDP packets in release gaps"
         );
+    }
+
+    /// Nodes adopt a plan's phase one after the other. The old owner may release a bucket (and
+    /// refuse a SYN) while the new owner still learns (and records that SYN as the old owner's
+    /// flow); the retransmitted SYN after acquire must then be taken by the new owner, once.
+    /// A SYN the old owner accepted, followed by the client's ACK, stays the old owner's.
+    #[test]
+    fn a_syn_refused_in_the_adoption_skew_is_taken_after_acquire() {
+        let m = |ids: &[u8]| -> OwnershipTable {
+            let members: Vec<Member> = ids.iter().map(|&i| Member::new(i, 100).unwrap()).collect();
+            OwnershipTable::build(1, &members).unwrap()
+        };
+        let (before, after) = (m(&[1, 2]), m(&[1]));
+        let plan = PlanId {
+            epoch: 2,
+            proposer: NodeId::new(1).unwrap(),
+        };
+        let snap = |phase| {
+            Arc::new(Snapshot::build(
+                plan,
+                phase,
+                |b| before.owner(b),
+                Some(&|b| after.owner(b)),
+                after.digest(),
+            ))
+        };
+        let start = Arc::new(stable_snapshot(&before));
+        let mut nodes: Vec<Pipeline> = (1..=2)
+            .map(|i| Pipeline::new(identity(i), SECRET, Arc::clone(&start), small()))
+            .collect();
+        // Two client ports whose buckets move from node 2 to node 1.
+        let moving: Vec<u16> = (20_000u16..30_000)
+            .filter(|&port| {
+                let f = ipv4_frame(Ipv4Addr::new(198, 19, 0, 9), port, &Kind::Tcp(0x02));
+                let p = parse_l2_l4(&f).unwrap();
+                let b = nodes[0].bucket_of(&p);
+                Some(before.owner(b)) == NodeId::new(2)
+            })
+            .take(2)
+            .collect();
+        let (refused, accepted) = (moving[0], moving[1]);
+        let client = Ipv4Addr::new(198, 19, 0, 9);
+        let mut buf = vec![0u8; 2048];
+        let mut send = |nodes: &mut Vec<Pipeline>, port: u16, flags: u8, now: u64| {
+            let f = ipv4_frame(client, port, &Kind::Tcp(flags));
+            nodes
+                .iter_mut()
+                .filter_map(|p| {
+                    buf[..f.len()].copy_from_slice(&f);
+                    matches!(p.from_wire(&mut buf, f.len(), now), Action::Deliver)
+                        .then(|| p.identity().node.get())
+                })
+                .collect::<Vec<u8>>()
+        };
+        // Learn everywhere: node 2 accepts a connection and node 1 learns it with its ACK.
+        for p in nodes.iter_mut() {
+            p.set_snapshot(snap(Phase::Learn));
+        }
+        assert_eq!(send(&mut nodes, accepted, 0x02, 10), vec![2]);
+        assert_eq!(send(&mut nodes, accepted, 0x10, 20), vec![2]);
+        // Node 2 has released; node 1 has not adopted Release yet and still learns.
+        nodes[1].set_snapshot(snap(Phase::Release));
+        assert!(send(&mut nodes, refused, 0x02, 30).is_empty(), "the gap");
+        // Acquire everywhere: the retransmitted SYN is node 1's, the other flow stays node 2's.
+        for p in nodes.iter_mut() {
+            p.set_snapshot(snap(Phase::Acquire));
+        }
+        assert_eq!(send(&mut nodes, refused, 0x02, 1_000_000_030), vec![1]);
+        assert_eq!(send(&mut nodes, refused, 0x10, 1_000_000_040), vec![1]);
+        assert_eq!(send(&mut nodes, accepted, 0x02, 1_000_000_050), vec![2]);
+        assert_eq!(send(&mut nodes, accepted, 0x10, 1_000_000_060), vec![2]);
     }
 
     #[test]

@@ -5,7 +5,13 @@
 //! touch an interface or address outside the namespaces it creates, and it cleans up by PID and
 //! by the names it made.
 
+pub mod checks;
+pub mod cluster;
+pub mod load;
+pub mod probe;
+pub mod report;
 pub mod run;
+pub mod scenario;
 pub mod services;
 pub mod topology;
 

@@ -68,10 +68,10 @@ control:
 health:
   address: {CLUSTER_IP}:80
   http_path: /id
-  interval: 200ms
-  timeout: 150ms
+  interval: 400ms
+  timeout: 400ms
   rise: 2
-  fall: 2
+  fall: 3
 dataplane:
   eal_args: [--no-huge, -m, "160", --log-level=lib.eal:warning]
   file_prefix: cclab-{dirtag}-{id}

@@ -127,17 +127,66 @@ impl Topology {
     /// Creates node `id`'s namespace, its silent wire port `eth0` on br0 and its control port
     /// `ctl0` on br1. The engine and the node's services are started separately.
     pub fn add_node(&mut self, id: u8) -> Result<Ns, String> {
+        let ns = self.node_namespace(id)?;
+        ns.run(&["ip", "link", "set", "eth0", "arp", "off"])?;
+        ns.run(&["ip", "link", "set", "eth0", "up"])?;
+        self.add_control_port(id, &ns)?;
+        self.nodes.push((id, ns.clone()));
+        Ok(ns)
+    }
+
+    /// Creates node `id` of the kernel-only Clone Cluster (the paper's method on today's kernel,
+    /// LAB.md): `eth0` carries the cluster MAC and address, and an nftables `netdev` table drops
+    /// the TCP flows whose `jhash(saddr . sport) mod count` is not `index` on ingress and writes
+    /// the node MAC as Ethernet source on egress. The rules are loaded before the link comes up,
+    /// so that no frame ever leaves with the cluster MAC as source.
+    pub fn add_kernel_node(&mut self, id: u8, index: u8, count: u8) -> Result<Ns, String> {
+        let ns = self.node_namespace(id)?;
+        ns.run(&["ip", "link", "set", "eth0", "address", CLUSTER_MAC])?;
+        ns.run(&["ip", "addr", "add", &format!("{CLUSTER_IP}/24"), "dev", "eth0"])?;
+        let rules = kernel_clone_rules(index, count, &node_mac(id));
+        let mut nft = ns
+            .command(&["nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("nft: {e}"))?;
+        if let Some(mut stdin) = nft.stdin.take() {
+            use std::io::Write;
+            stdin
+                .write_all(rules.as_bytes())
+                .map_err(|e| format!("nft: {e}"))?;
+        }
+        let out = nft.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{}: nft refused the kernel clone-cluster rules: {}\n{rules}",
+                ns.0,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        ns.run(&["ip", "link", "set", "eth0", "up"])?;
+        self.add_control_port(id, &ns)?;
+        self.nodes.push((id, ns.clone()));
+        Ok(ns)
+    }
+
+    /// A node's namespace with `eth0` on br0, down, and no IPv6 anywhere: nothing the node's
+    /// kernel does may reach the wire unplanned (new interfaces such as the tap inherit
+    /// `default`).
+    fn node_namespace(&self, id: u8) -> Result<Ns, String> {
         let ns = Ns(format!("{}-n{id}", self.prefix));
         run(&["ip", "netns", "add", &ns.0])?;
         ns.run(&["ip", "link", "set", "lo", "up"])?;
-        // Nothing the node's kernel does may reach the wire but through the engine: no IPv6
-        // chatter (new interfaces such as the tap inherit `default`), no ARP on eth0.
         ns.run(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
         ns.run(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])?;
         self.attach(&format!("n{id}"), &ns, "br0", "eth0")?;
-        ns.run(&["ip", "link", "set", "eth0", "arp", "off"])?;
-        ns.run(&["ip", "link", "set", "eth0", "up"])?;
-        self.attach(&format!("k{id}"), &ns, "br1", "ctl0")?;
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1"])?;
+        Ok(ns)
+    }
+
+    fn add_control_port(&self, id: u8, ns: &Ns) -> Result<(), String> {
+        self.attach(&format!("k{id}"), ns, "br1", "ctl0")?;
         ns.run(&[
             "ip",
             "addr",
@@ -147,8 +196,7 @@ impl Topology {
             "ctl0",
         ])?;
         ns.run(&["ip", "link", "set", "ctl0", "up"])?;
-        self.nodes.push((id, ns.clone()));
-        Ok(ns)
+        Ok(())
     }
 
     /// A veth from `ns` (named `inner`) to `bridge` in the switch namespace, offloads off: GSO
@@ -238,6 +286,23 @@ impl Drop for Topology {
         }
         remove_namespaces(&self.prefix);
     }
+}
+
+/// The kernel-only clone cluster's nftables rules for node `index` of `count` (LAB.md).
+pub fn kernel_clone_rules(index: u8, count: u8, node_mac: &str) -> String {
+    format!(
+        "table netdev clone {{
+  chain in {{
+    type filter hook ingress device eth0 priority 0;
+    ip protocol tcp jhash ip saddr . tcp sport mod {count} seed 0x1234 != {index} drop
+  }}
+  chain out {{
+    type filter hook egress device eth0 priority 0;
+    ether saddr set {node_mac}
+  }}
+}}
+"
+    )
 }
 
 /// Interface names are at most 15 bytes: keep the prefix's last 8 characters.

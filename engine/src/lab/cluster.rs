@@ -1,0 +1,276 @@
+//! A running lab cluster: the topology, and per node either the engine with nginx behind its
+//! tap (`Kind::Engine`) or the kernel-only clone cluster with nginx on `eth0`
+//! (`Kind::Kernel`), plus the questions the lab asks it (status, traffic delivered).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::services::{configure_host_port, engine_config, start_engine, start_nginx, EngineOptions};
+use super::topology::{control_ip, Topology};
+
+/// What runs on the nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// The engine with this load policy (`hash` or `by-load`).
+    Engine(String),
+    /// The nftables clone cluster, no engine.
+    Kernel,
+}
+
+impl Kind {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Kind::Engine(_) => "engine",
+            Kind::Kernel => "kernel",
+        }
+    }
+}
+
+/// Size of the file `/big` each nginx serves, in KiB.
+const BIG_KIB: usize = 64;
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub topo: Topology,
+    pub kind: Kind,
+    /// Every node the cluster may have (engine configs list them all as peers).
+    pub all_ids: Vec<u8>,
+    /// Engine PIDs by node.
+    pub engines: Vec<(u8, u32)>,
+    dir: tempfile::TempDir,
+    /// Engine logs go to `<log_prefix>-node<ID>.log`.
+    log_prefix: PathBuf,
+    bin: PathBuf,
+}
+
+impl Cluster {
+    /// Builds the topology and starts the nodes in `start` (a subset of `all_ids`; the rest can
+    /// join later with [`Cluster::start_node`]).
+    pub fn start(
+        bin: &Path,
+        prefix: &str,
+        kind: Kind,
+        all_ids: &[u8],
+        start: &[u8],
+        log_prefix: PathBuf,
+    ) -> Result<Cluster, String> {
+        let topo = Topology::build(prefix, &[])?;
+        let dir = tempfile::Builder::new()
+            .prefix("cclab")
+            .tempdir()
+            .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+        let mut c = Cluster {
+            topo,
+            kind,
+            all_ids: all_ids.to_vec(),
+            engines: Vec::new(),
+            dir,
+            log_prefix,
+            bin: bin.to_owned(),
+        };
+        for &id in start {
+            c.start_node(id)?;
+        }
+        Ok(c)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Adds node `id` to the network and starts what runs on it.
+    pub fn start_node(&mut self, id: u8) -> Result<(), String> {
+        match self.kind.clone() {
+            Kind::Engine(policy) => {
+                let ns = self.topo.add_node(id)?;
+                let opts = EngineOptions {
+                    policy: if policy == "by-load" { "by-load" } else { "hash" },
+                    ..EngineOptions::default()
+                };
+                let cfg = engine_config(self.dir.path(), id, &self.all_ids, &opts)
+                    .map_err(|e| format!("cannot write node {id}'s config: {e}"))?;
+                let log = PathBuf::from(format!("{}-node{id}.log", self.log_prefix.display()));
+                let engine = start_engine(&self.bin, &ns, &cfg, &log)
+                    .map_err(|e| format!("cannot start node {id}'s engine: {e}"))?;
+                let pid = self.topo.adopt(engine);
+                self.engines.push((id, pid));
+                configure_host_port(&ns, Duration::from_secs(30)).map_err(|e| {
+                    format!("{e} (see {})", log.display())
+                })?;
+                let nginx = start_nginx(&ns, self.dir.path(), id, BIG_KIB)
+                    .map_err(|e| format!("cannot start nginx on node {id}: {e}"))?;
+                self.topo.adopt(nginx);
+            }
+            Kind::Kernel => {
+                let count = self.all_ids.len() as u8;
+                let index = self.all_ids.iter().position(|&i| i == id).unwrap_or(0) as u8;
+                let ns = self.topo.add_kernel_node(id, index, count)?;
+                let nginx = start_nginx(&ns, self.dir.path(), id, BIG_KIB)
+                    .map_err(|e| format!("cannot start nginx on node {id}: {e}"))?;
+                self.topo.adopt(nginx);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn engine_pid(&self, id: u8) -> Option<u32> {
+        self.engines.iter().find(|(i, _)| *i == id).map(|(_, p)| *p)
+    }
+
+    pub fn socket(&self, id: u8) -> PathBuf {
+        self.dir.path().join(format!("node{id}.sock"))
+    }
+
+    /// Node `id`'s `status` (JSON), if it answers.
+    pub fn status(&self, id: u8) -> Option<serde_json::Value> {
+        crate::runtime::operator_command(&self.socket(id), "status")
+            .ok()
+            .and_then(|r| serde_json::from_str(&r).ok())
+    }
+
+    /// Whether every node in `ids` sees exactly `ids` as members, with nothing moving.
+    pub fn formed(&self, ids: &[u8]) -> bool {
+        ids.iter().all(|&id| {
+            self.status(id).is_some_and(|s| {
+                s["phase"] == "Done"
+                    && s["moving"] == 0
+                    && members(&s).len() == ids.len()
+                    && ids.iter().all(|i| members(&s).contains(i))
+            })
+        })
+    }
+
+    /// Whether every node in `ask` sees exactly `expect` as members (a draining node has left
+    /// them) and sends every new flow to its final owner (the handoff reached Acquire; the old
+    /// owners may still serve the connections they had, until they end or `release_deadline`).
+    pub fn moved(&self, ask: &[u8], expect: &[u8]) -> bool {
+        ask.iter().all(|&id| {
+            self.status(id).is_some_and(|s| {
+                let m = members(&s);
+                m.len() == expect.len()
+                    && expect.iter().all(|i| m.contains(i))
+                    && s["members"].as_array().is_some_and(|v| {
+                        v.iter()
+                            .all(|x| x["accepting_buckets"] == x["final_buckets"])
+                    })
+            })
+        })
+    }
+
+    /// Waits until [`Cluster::formed`] (kernel clusters have nothing to form).
+    pub fn wait_formed(
+        &self,
+        ids: &[u8],
+        timeout: Duration,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<Duration, String> {
+        let start = Instant::now();
+        if self.kind == Kind::Kernel {
+            return Ok(Duration::ZERO);
+        }
+        while !self.formed(ids) {
+            if interrupted() {
+                return Err("interrupted".into());
+            }
+            if start.elapsed() > timeout {
+                return Err(format!(
+                    "the cluster of nodes {ids:?} did not form within {timeout:?} (engine logs: \
+                     {}-node*.log)",
+                    self.log_prefix.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(start.elapsed())
+    }
+
+    /// Traffic each node delivered to its own kernel so far: frames the engine sent to its
+    /// host port (from `/metrics`), or, on kernel nodes, TCP segments the kernel accepted.
+    pub fn delivered(&self) -> Vec<(u8, u64)> {
+        self.topo
+            .nodes
+            .iter()
+            .map(|(id, ns)| {
+                let n = match self.kind {
+                    Kind::Engine(_) => {
+                        let url = format!("http://{}:9100/metrics", control_ip(*id));
+                        let out = ns.run(&["curl", "-s", "-m", "3", &url]).unwrap_or_default();
+                        out.lines()
+                            .filter(|l| l.starts_with("clonecluster_host_tx_frames_total{"))
+                            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                            .sum()
+                    }
+                    Kind::Kernel => {
+                        let snmp = ns.run(&["cat", "/proc/net/snmp"]).unwrap_or_default();
+                        tcp_in_segments(&snmp).unwrap_or(0)
+                    }
+                };
+                (*id, n)
+            })
+            .collect()
+    }
+}
+
+/// Node ids in a `status` reply's member list.
+pub fn members(status: &serde_json::Value) -> Vec<u8> {
+    status["members"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|x| x["node"].as_u64().map(|n| n as u8))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `InSegs` of the `Tcp:` lines of `/proc/net/snmp`.
+fn tcp_in_segments(snmp: &str) -> Option<u64> {
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let names: Vec<&str> = tcp.next()?.split_whitespace().collect();
+    let values: Vec<&str> = tcp.next()?.split_whitespace().collect();
+    let i = names.iter().position(|&n| n == "InSegs")?;
+    values.get(i)?.parse().ok()
+}
+
+/// Shares of `after - before` per node.
+pub fn shares(before: &[(u8, u64)], after: &[(u8, u64)]) -> Vec<(u8, f64)> {
+    let delta: Vec<(u8, u64)> = after
+        .iter()
+        .map(|&(id, a)| {
+            let b = before.iter().find(|(i, _)| *i == id).map_or(0, |x| x.1);
+            (id, a.saturating_sub(b))
+        })
+        .collect();
+    let sum: u64 = delta.iter().map(|(_, d)| d).sum();
+    delta
+        .iter()
+        .map(|&(id, d)| (id, if sum == 0 { 0.0 } else { d as f64 / sum as f64 }))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_tcp_segments() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\nTcp: RtoAlgorithm RtoMin InSegs OutSegs\n\
+                    Tcp: 1 200 12345 999\nUdp: InDatagrams\nUdp: 3\n";
+        assert_eq!(tcp_in_segments(snmp), Some(12345));
+        assert_eq!(tcp_in_segments("nothing"), None);
+    }
+
+    #[test]
+    fn shares_of_deltas() {
+        let s = shares(&[(1, 10), (2, 0)], &[(1, 40), (2, 30), (3, 0)]);
+        assert_eq!(s, vec![(1, 0.5), (2, 0.5), (3, 0.0)]);
+        assert_eq!(shares(&[], &[(1, 0)]), vec![(1, 0.0)]);
+    }
+
+    #[test]
+    fn reads_members() {
+        let s = serde_json::json!({"members": [{"node": 1}, {"node": 3}]});
+        assert_eq!(members(&s), vec![1, 3]);
+        assert!(members(&serde_json::json!({})).is_empty());
+    }
+}

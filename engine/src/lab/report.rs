@@ -1,0 +1,358 @@
+//! What the lab leaves in `--out`: one CSV per configuration, `results.json`, `report.md`, and
+//! SVG plots (plotters) of server throughput and mean response time against the number of
+//! clients, one line per configuration, like the paper's figures 4-8.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use super::checks::Preconditions;
+use super::load::Step;
+use super::probe::Verdict;
+
+/// One configuration's ramp.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigResult {
+    pub name: String,
+    /// `engine` or `kernel` (the nftables clone cluster).
+    pub kind: String,
+    pub nodes: u8,
+    pub policy: String,
+    pub steps: Vec<Step>,
+    /// Share of the frames (engine) or TCP segments (kernel) delivered to each node's kernel.
+    pub node_shares: Vec<(u8, f64)>,
+    pub preconditions: Preconditions,
+    /// Time from starting the engines to a formed cluster.
+    pub formed_in_ms: u128,
+}
+
+/// One scenario run: an event (kill -9, join, drain) in the middle of steady load.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioResult {
+    pub scenario: String,
+    pub nodes: u8,
+    pub policy: String,
+    /// The node killed, drained or joined.
+    pub node: u8,
+    pub clients: u32,
+    pub duration_s: u32,
+    /// When the event happened, after the load started.
+    pub event_after_ms: u64,
+    /// From the event until the other nodes saw it (dead, draining, joined).
+    pub detected_ms: Option<u64>,
+    /// From the event until every node sent new flows to their final owners.
+    pub moved_ms: Option<u64>,
+    /// From the event until the plan was done (the old owner's connections ended, or the
+    /// release deadline passed); None if not within the scenario.
+    pub done_ms: Option<u64>,
+    pub wrk: Step,
+    pub probe: Verdict,
+    /// Whether the switch held the cluster MAC at the end (it must not).
+    pub cluster_mac_learned: bool,
+    /// What the scenario promises, and whether it held.
+    pub expectation: String,
+    pub passed: bool,
+}
+
+/// Writes every file of the report into `out`.
+pub fn write_all(
+    out: &Path,
+    clients: &[u32],
+    duration_s: u32,
+    configs: &[ConfigResult],
+    scenarios: &[ScenarioResult],
+) -> Result<(), String> {
+    for c in configs {
+        write(out, &format!("{}.csv", slug(&c.name)), csv(c))?;
+    }
+    write(out, "throughput.svg", plot("Server throughput", "requests/s", configs, |s| s.rps)?)?;
+    write(
+        out,
+        "response_time.svg",
+        plot("Average response time", "ms", configs, |s| s.mean_ms)?,
+    )?;
+    write(out, "report.md", markdown(clients, duration_s, configs, scenarios))?;
+    #[derive(Serialize)]
+    struct All<'a> {
+        configs: &'a [ConfigResult],
+        scenarios: &'a [ScenarioResult],
+    }
+    write(
+        out,
+        "results.json",
+        serde_json::to_string_pretty(&All { configs, scenarios }).map_err(|e| e.to_string())?,
+    )
+}
+
+fn write(out: &Path, name: &str, text: String) -> Result<(), String> {
+    let path = out.join(name);
+    std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub fn slug(name: &str) -> String {
+    name.replace(' ', "-")
+}
+
+fn csv(r: &ConfigResult) -> String {
+    let mut csv = String::from("step,clients,rps,transfer_mib_s,mean_ms,p99_ms,errors,timeouts\n");
+    for (i, s) in r.steps.iter().enumerate() {
+        let _ = writeln!(
+            csv,
+            "{},{},{:.1},{:.3},{:.3},{:.3},{},{}",
+            i + 1,
+            s.clients,
+            s.rps,
+            s.transfer_mib_s,
+            s.mean_ms,
+            s.p99_ms,
+            s.errors,
+            s.timeouts
+        );
+    }
+    csv
+}
+
+fn markdown(
+    clients: &[u32],
+    duration_s: u32,
+    configs: &[ConfigResult],
+    scenarios: &[ScenarioResult],
+) -> String {
+    let mut md = String::from("# clonecluster lab report\n\n");
+    let _ = writeln!(
+        md,
+        "Clients per step: {clients:?}, {duration_s} s per step; `wrk` (keep-alive) from the client \
+         namespace against http://198.18.0.1/ (nginx per node; a learning Linux bridge as the \
+         switch). Engine nodes: the engine on an `net_af_packet` wire port with a `net_tap` host \
+         port into the node's kernel. Kernel nodes: the paper's method on today's kernel (nftables \
+         `jhash` ingress filter and egress MAC rewrite), no engine.\n"
+    );
+    if !configs.is_empty() {
+        md.push_str("![throughput](throughput.svg)\n\n![response time](response_time.svg)\n\n");
+        md.push_str("## Throughput (requests/s)\n\n| configuration |");
+        for c in clients {
+            let _ = write!(md, " {c} clients |");
+        }
+        md.push_str("\n|---|");
+        md.push_str(&"---:|".repeat(clients.len()));
+        md.push('\n');
+        for r in configs {
+            let _ = write!(md, "| {} |", r.name);
+            for c in clients {
+                match r.steps.iter().find(|s| s.clients == *c) {
+                    Some(s) => {
+                        let _ = write!(md, " {:.0} |", s.rps);
+                    }
+                    None => md.push_str(" - |"),
+                }
+            }
+            md.push('\n');
+        }
+        md.push('\n');
+    }
+    for r in configs {
+        let _ = writeln!(md, "## {}\n", r.name);
+        let failures = r.preconditions.failures();
+        let _ = writeln!(
+            md,
+            "{}Shares of delivered traffic: {}. ARP replies seen by the client: {} (from node {:?}). \
+             Preconditions: {}.\n",
+            if r.kind == "engine" {
+                format!("Formed in {} ms. ", r.formed_in_ms)
+            } else {
+                String::new()
+            },
+            r.node_shares
+                .iter()
+                .map(|(id, s)| format!("node {id} {:.1}%", s * 100.0))
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.preconditions.arp_replies,
+            r.preconditions.arp_answered_by,
+            if failures.is_empty() {
+                "all hold".to_owned()
+            } else {
+                format!("**FAILED**: {}", failures.join("; "))
+            }
+        );
+        md.push_str("| clients | req/s | MiB/s | mean ms | p99 ms | errors | timeouts |\n");
+        md.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
+        for s in &r.steps {
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} |",
+                s.clients, s.rps, s.transfer_mib_s, s.mean_ms, s.p99_ms, s.errors, s.timeouts
+            );
+        }
+        md.push('\n');
+    }
+    if !scenarios.is_empty() {
+        md.push_str(
+            "## Scenarios\n\nSteady `wrk` load plus the connection probe (keep-alive connections \
+             and fresh connections asking `GET /id`, which names the node that answered); the \
+             event happens a third of the way in. *Detected*: until the other nodes saw it; \
+             *moved*: until every new flow went to its final owner; *done*: until the plan finished (the \
+             old owner's keep-alive connections keep it open until they end or \
+             `release_deadline`, 10 s in the lab: often after the scenario). *Lost*: probe keep-alive \
+             connections that failed after the event, by the node that served them.\n\n\
+             | scenario | node | detected ms | moved ms | done ms | wrk req/s | wrk errors | probe requests | \
+             probe failed | lost (node: n) | new conn. failed after moved | slow connects | \
+             expectation | result |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|\n",
+        );
+        for s in scenarios {
+            let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+            let _ = writeln!(
+                md,
+                "| {} ({} nodes {}) | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
+                s.scenario,
+                s.nodes,
+                s.policy,
+                s.node,
+                opt(s.detected_ms),
+                opt(s.moved_ms),
+                opt(s.done_ms),
+                s.wrk.rps,
+                s.wrk.errors,
+                s.probe.requests,
+                s.probe.failed,
+                if s.probe.lost_by_node.is_empty() {
+                    "none".to_owned()
+                } else {
+                    s.probe
+                        .lost_by_node
+                        .iter()
+                        .map(|(n, c)| format!("{n}: {c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+                s.probe.new_failed_after_settled,
+                s.probe.new_after_settled,
+                s.probe.slow_connects,
+                s.expectation,
+                if s.passed { "held" } else { "**FAILED**" }
+            );
+        }
+        md.push('\n');
+    }
+    md
+}
+
+/// A line chart: clients on x, `value` on y, one line per configuration.
+fn plot(
+    title: &str,
+    unit: &str,
+    results: &[ConfigResult],
+    value: impl Fn(&Step) -> f64,
+) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (720, 440)).into_drawing_area();
+        let e = |e: DrawingAreaErrorKind<_>| format!("plot {title}: {e}");
+        root.fill(&WHITE).map_err(e)?;
+        let xmax = results
+            .iter()
+            .flat_map(|r| r.steps.iter().map(|s| s.clients))
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let ymax = results
+            .iter()
+            .flat_map(|r| r.steps.iter().map(&value))
+            .fold(0.0, f64::max)
+            .max(1e-9)
+            * 1.1;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0u32..xmax + xmax / 20 + 1, 0f64..ymax)
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .x_desc("clients")
+            .y_desc(unit)
+            .draw()
+            .map_err(e)?;
+        for (i, r) in results.iter().enumerate() {
+            let colour = Palette99::pick(i).to_rgba();
+            let points: Vec<(u32, f64)> = r.steps.iter().map(|s| (s.clients, value(s))).collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
+                .map_err(e)?
+                .label(r.name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+                });
+            chart
+                .draw_series(
+                    points
+                        .iter()
+                        .map(|&p| Circle::new(p, 3, colour.filled())),
+                )
+                .map_err(e)?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(e)?;
+        root.present().map_err(e)?;
+    }
+    Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(name: &str, rps: &[(u32, f64)]) -> ConfigResult {
+        ConfigResult {
+            name: name.into(),
+            kind: "engine".into(),
+            nodes: 2,
+            policy: "hash".into(),
+            steps: rps
+                .iter()
+                .map(|&(clients, rps)| Step {
+                    clients,
+                    rps,
+                    ..Step::default()
+                })
+                .collect(),
+            node_shares: vec![(1, 0.5), (2, 0.5)],
+            preconditions: Preconditions {
+                arp_replies: 1,
+                arp_answered_by: vec![1],
+                ..Preconditions::default()
+            },
+            formed_in_ms: 10,
+        }
+    }
+
+    #[test]
+    fn the_report_has_every_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let configs = [
+            config("1 node", &[(10, 100.0), (50, 300.0)]),
+            config("2 nodes hash", &[(10, 150.0), (50, 500.0)]),
+        ];
+        write_all(dir.path(), &[10, 50], 3, &configs, &[]).unwrap();
+        for f in ["1-node.csv", "2-nodes-hash.csv", "report.md", "results.json"] {
+            assert!(dir.path().join(f).exists(), "{f}");
+        }
+        for f in ["throughput.svg", "response_time.svg"] {
+            let svg = std::fs::read_to_string(dir.path().join(f)).unwrap();
+            assert!(svg.starts_with("<svg") && svg.contains("2 nodes hash"), "{f}: {svg}");
+        }
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(md.contains("| 2 nodes hash | 150 | 500 |"), "{md}");
+        let csv = std::fs::read_to_string(dir.path().join("1-node.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 3);
+    }
+}

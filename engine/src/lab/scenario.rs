@@ -1,0 +1,255 @@
+//! The lab's scenarios: an event in the middle of steady load, and what it did.
+//! - `failover`: the last node's engine is killed (SIGKILL, no goodbye). The others must detect
+//!   it and take its buckets; only the dead node's connections may be lost, and every new
+//!   connection after the takeover must succeed.
+//! - `join`: the last node starts mid-load and joins; no request may fail, and it must serve.
+//! - `drain`: the last node is drained through the operator socket; no request may fail, and
+//!   after the drain it takes no new connection.
+//!
+//! Load is `wrk` (totals) plus the connection probe (per connection, which node answered).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use super::cluster::{members, Cluster, Kind};
+use super::load::Wrk;
+use super::probe::{self, now_ms};
+use super::report::ScenarioResult;
+use super::topology::{CLUSTER_IP, CLUSTER_MAC};
+
+/// The scenarios, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    Failover,
+    Join,
+    Drain,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Failover => "failover",
+            Scenario::Join => "join",
+            Scenario::Drain => "drain",
+        }
+    }
+
+    fn expectation(self) -> &'static str {
+        match self {
+            Scenario::Failover => {
+                "only the dead node's connections lost; every new connection after the takeover succeeds"
+            }
+            Scenario::Join => "no request fails; the new node serves",
+            Scenario::Drain => "no request fails; the drained node takes no new connection",
+        }
+    }
+}
+
+/// What a scenario run needs.
+#[derive(Debug)]
+pub struct ScenarioRun<'a> {
+    pub bin: &'a Path,
+    pub prefix: &'a str,
+    pub nodes: u8,
+    pub policy: &'a str,
+    pub clients: u32,
+    pub duration_s: u32,
+    pub out: &'a Path,
+    pub interrupted: fn() -> bool,
+}
+
+/// Sleeps `d`, returning early with an error if interrupted.
+fn pause(d: Duration, interrupted: &dyn Fn() -> bool) -> Result<(), String> {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        if interrupted() {
+            return Err("interrupted".into());
+        }
+        std::thread::sleep(Duration::from_millis(20).min(end - Instant::now()));
+    }
+    Ok(())
+}
+
+/// Polls every 10 ms until `f` holds (returns ms since `since`) or `timeout` passes.
+fn wait_for(
+    since: Instant,
+    timeout: Duration,
+    interrupted: &dyn Fn() -> bool,
+    mut f: impl FnMut() -> bool,
+) -> Result<Option<u64>, String> {
+    while since.elapsed() < timeout {
+        if interrupted() {
+            return Err("interrupted".into());
+        }
+        if f() {
+            return Ok(Some(since.elapsed().as_millis() as u64));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(None)
+}
+
+pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
+    let ids: Vec<u8> = (1..=r.nodes).collect();
+    let node = r.nodes;
+    let others: Vec<u8> = ids.iter().copied().filter(|&i| i != node).collect();
+    let initial = if s == Scenario::Join { &others } else { &ids };
+    let mut c = Cluster::start(
+        r.bin,
+        r.prefix,
+        Kind::Engine(r.policy.to_owned()),
+        &ids,
+        initial,
+        r.out.join(format!("scenario-{}", s.name())),
+    )?;
+    c.wait_formed(initial, Duration::from_secs(30), &r.interrupted)?;
+
+    // The probe and wrk run for the whole scenario; the event comes a third of the way in.
+    let probe_file = c.dir().join("probe.jsonl");
+    let probe = c
+        .topo
+        .client
+        .command(&[
+            &r.bin.to_string_lossy(),
+            "lab-probe",
+            "--target",
+            &format!("{CLUSTER_IP}:80"),
+            "--duration-ms",
+            &(u64::from(r.duration_s) * 1000).to_string(),
+            "--out",
+        ])
+        .arg(&probe_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start the probe: {e}"))?;
+    let probe_pid = c.topo.adopt(probe);
+    let wrk = Wrk::start(&c.topo.client, r.clients, r.duration_s, "/")?;
+    let load_started = Instant::now();
+    pause(Duration::from_secs(u64::from(r.duration_s)) / 3, &r.interrupted)?;
+
+    let event_ms = now_ms();
+    let event = Instant::now();
+    let event_after_ms = load_started.elapsed().as_millis() as u64;
+    let limit = Duration::from_secs(u64::from(r.duration_s)) * 2 / 3;
+    // Detected: every other node saw the event. Moved: every node sends new flows to their
+    // final owners. Done: the plan finished (the old owner's connections ended or the
+    // release deadline passed: this may be after the window).
+    let (detected_ms, moved_ms, done_ms) = match s {
+        Scenario::Failover => {
+            let pid = c.engine_pid(node).ok_or("no engine to kill")?;
+            c.topo.kill(pid);
+            let detected = wait_for(event, limit, &r.interrupted, || {
+                others
+                    .iter()
+                    .all(|&o| c.status(o).is_some_and(|st| !members(&st).contains(&node)))
+            })?;
+            let moved = wait_for(event, limit, &r.interrupted, || c.moved(&others, &others))?;
+            let done = wait_for(event, limit, &r.interrupted, || c.formed(&others))?;
+            (detected, moved, done)
+        }
+        Scenario::Join => {
+            c.start_node(node)?;
+            let detected = wait_for(event, limit, &r.interrupted, || {
+                others
+                    .iter()
+                    .all(|&o| c.status(o).is_some_and(|st| members(&st).contains(&node)))
+            })?;
+            let moved = wait_for(event, limit, &r.interrupted, || c.moved(&ids, &ids))?;
+            let done = wait_for(event, limit, &r.interrupted, || c.formed(&ids))?;
+            (detected, moved, done)
+        }
+        Scenario::Drain => {
+            crate::runtime::operator_command(&c.socket(node), "drain")
+                .map_err(|e| format!("drain node {node}: {e}"))?;
+            let detected = wait_for(event, limit, &r.interrupted, || {
+                others.iter().all(|&o| {
+                    c.status(o).is_some_and(|st| {
+                        st["members"].as_array().is_some_and(|m| {
+                            m.iter().any(|x| x["node"] == node && x["state"] == "draining")
+                        })
+                    })
+                })
+            })?;
+            let moved = wait_for(event, limit, &r.interrupted, || c.moved(&ids, &others))?;
+            let done = wait_for(event, limit, &r.interrupted, || {
+                c.status(node).is_some_and(|st| st["drained"] == true)
+            })?;
+            (detected, moved, done)
+        }
+    };
+
+    let step = wrk.finish(&r.interrupted)?;
+    // The probe stops on its own at the end of its duration.
+    let mut probe = c.topo.release(probe_pid).ok_or("the probe is gone")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match probe.try_wait() {
+            Ok(Some(_)) => break,
+            _ if Instant::now() > deadline || (r.interrupted)() => {
+                let _ = probe.kill();
+                let _ = probe.wait();
+                return Err("the probe did not finish".into());
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    let samples = probe::read(&probe_file)?;
+    // Keep the evidence beside the report: every probe request, and each node's last status.
+    let keep = |suffix: &str, text: String| {
+        let path = r.out.join(format!("scenario-{}-{suffix}", s.name()));
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    keep(
+        "probe.jsonl",
+        std::fs::read_to_string(&probe_file).map_err(|e| e.to_string())?,
+    )?;
+    let statuses: Vec<serde_json::Value> = ids.iter().filter_map(|&i| c.status(i)).collect();
+    keep(
+        "status.json",
+        serde_json::to_string_pretty(&statuses).map_err(|e| e.to_string())?,
+    )?;
+    let settled_at = moved_ms.map_or(u64::MAX, |ms| event_ms + ms);
+    let verdict = probe::analyse(&samples, event_ms, settled_at);
+    let learned = c
+        .topo
+        .learned_macs()
+        .unwrap_or_default()
+        .iter()
+        .any(|m| m == CLUSTER_MAC);
+
+    let passed = moved_ms.is_some()
+        && !learned
+        && verdict.new_after_settled > 0
+        && verdict.new_failed_after_settled == 0
+        && match s {
+            Scenario::Failover => verdict.lost_by_node.iter().all(|(n, _)| *n == node),
+            Scenario::Join => {
+                step.errors == 0 && verdict.failed == 0 && verdict.nodes_after_settled.contains(&node)
+            }
+            Scenario::Drain => {
+                step.errors == 0
+                    && verdict.failed == 0
+                    && !verdict.nodes_after_settled.contains(&node)
+            }
+        };
+    Ok(ScenarioResult {
+        scenario: s.name().to_owned(),
+        nodes: r.nodes,
+        policy: r.policy.to_owned(),
+        node,
+        clients: r.clients,
+        duration_s: r.duration_s,
+        event_after_ms,
+        detected_ms,
+        moved_ms,
+        done_ms,
+        wrk: step,
+        probe: verdict,
+        cluster_mac_learned: learned,
+        expectation: s.expectation().to_owned(),
+        passed,
+    })
+}
