@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The main job on a machine with no NIC: the lab. A learning bridge, a client and engine nodes
-# in network namespaces, nginx behind each engine, wrk ramps against 1 node, 2 nodes `hash` and
-# 2 nodes `by-load`; the report and plots land in lab-out/. A short run: a few minutes on 2 cores.
+# in network namespaces, nginx behind each engine; wrk ramps against 1 node, 2 nodes `hash`,
+# 2 nodes `by-load` and, on the same topology, the kernel-only clone cluster (nftables) of 1
+# and 2 nodes; then the failover, join and drain scenarios under load. The report and plots
+# land in lab-out/. A short run: a few minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 cargo build --release --locked -p clonecluster
-target/release/clonecluster lab --nodes 2 --clients 10,50,100 --duration 3 --out lab-out
+target/release/clonecluster lab --nodes 2 --clients 10,50,100 --duration 3 \
+  --scenario ramp,failover,join,drain --baseline kernel --out lab-out

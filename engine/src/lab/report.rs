@@ -275,6 +275,13 @@ fn plot(
             .configure_mesh()
             .x_desc("clients")
             .y_desc(unit)
+            .y_label_formatter(&|y| {
+                if ymax >= 100.0 {
+                    format!("{y:.0}")
+                } else {
+                    format!("{y:.2}")
+                }
+            })
             .draw()
             .map_err(e)?;
         for (i, r) in results.iter().enumerate() {
@@ -299,7 +306,7 @@ fn plot(
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
+            .position(SeriesLabelPosition::LowerRight)
             .draw()
             .map_err(e)?;
         root.present().map_err(e)?;

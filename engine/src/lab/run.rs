@@ -137,6 +137,18 @@ fn configs(opts: &LabOptions) -> Vec<(String, u8, Kind)> {
 
 /// Runs everything asked for; writes the report files into `out`.
 pub fn run(opts: &LabOptions) -> Result<LabResults, String> {
+    run_all(opts).map_err(|e| {
+        if e == "interrupted" {
+            "interrupted: the lab stopped every process it started (by PID) and removed its \
+             namespaces"
+                .to_owned()
+        } else {
+            e
+        }
+    })
+}
+
+fn run_all(opts: &LabOptions) -> Result<LabResults, String> {
     let left = leftovers(&opts.prefix);
     if !left.is_empty() {
         return Err(format!(
