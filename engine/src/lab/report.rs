@@ -151,6 +151,36 @@ fn markdown(
             md.push('\n');
         }
         md.push('\n');
+        // The engine beside the kernel-only clone cluster with as many nodes.
+        let mut pairs = Vec::new();
+        for k in configs.iter().filter(|c| c.kind == "kernel") {
+            for e in configs.iter().filter(|c| c.kind == "engine" && c.nodes == k.nodes) {
+                pairs.push((e, k));
+            }
+        }
+        if !pairs.is_empty() {
+            md.push_str("## Engine / kernel clone cluster (throughput ratio, same clients)\n\n| engine | kernel |");
+            for c in clients {
+                let _ = write!(md, " {c} clients |");
+            }
+            md.push_str("\n|---|---|");
+            md.push_str(&"---:|".repeat(clients.len()));
+            md.push('\n');
+            for (e, k) in pairs {
+                let _ = write!(md, "| {} | {} |", e.name, k.name);
+                for c in clients {
+                    let rps = |r: &ConfigResult| r.steps.iter().find(|s| s.clients == *c).map(|s| s.rps);
+                    match (rps(e), rps(k)) {
+                        (Some(a), Some(b)) if b > 0.0 => {
+                            let _ = write!(md, " {:.2} |", a / b);
+                        }
+                        _ => md.push_str(" - |"),
+                    }
+                }
+                md.push('\n');
+            }
+            md.push('\n');
+        }
     }
     for r in configs {
         let _ = writeln!(md, "## {}\n", r.name);

@@ -152,8 +152,9 @@ fn run_all(opts: &LabOptions) -> Result<LabResults, String> {
     let left = leftovers(&opts.prefix);
     if !left.is_empty() {
         return Err(format!(
-            "namespaces from an earlier lab run are still there: {}\n  fix: run `clonecluster \
-             lab --cleanup`",
+            "namespaces from an earlier lab run are still there (with whatever it started in \
+             them): {}\n  fix: run `clonecluster lab --cleanup` (it stops those processes by PID \
+             and removes the namespaces)",
             left.join(", ")
         ));
     }

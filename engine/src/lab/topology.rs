@@ -288,6 +288,33 @@ impl Drop for Topology {
     }
 }
 
+/// Stops every process in namespace `name`, by PID.
+fn stop_processes_in(name: &str) {
+    let pids = |sig: &str| {
+        let out = run(&["ip", "netns", "pids", name]).unwrap_or_default();
+        let pids: Vec<&str> = out.split_whitespace().collect();
+        for pid in &pids {
+            let _ = Command::new("kill")
+                .args([sig, pid])
+                .stderr(Stdio::null())
+                .status();
+        }
+        !pids.is_empty()
+    };
+    if pids("-TERM") {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while std::time::Instant::now() < deadline
+            && !run(&["ip", "netns", "pids", name])
+                .unwrap_or_default()
+                .trim()
+                .is_empty()
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        pids("-KILL");
+    }
+}
+
 /// The kernel-only clone cluster's nftables rules for node `index` of `count` (LAB.md).
 pub fn kernel_clone_rules(index: u8, count: u8, node_mac: &str) -> String {
     format!(
@@ -314,13 +341,16 @@ fn short(prefix: &str) -> String {
     p[p.len().saturating_sub(8)..].to_owned()
 }
 
-/// Deletes every namespace whose name starts with `prefix-` (veths inside go with them).
+/// Deletes every namespace whose name starts with `prefix-` (veths inside go with them). A
+/// process still running in one (left by a crashed run: deleting the name would not stop it)
+/// is stopped first, by the PID `ip netns pids` gives: SIGTERM, then SIGKILL.
 pub fn remove_namespaces(prefix: &str) -> Vec<String> {
     let list = run(&["ip", "netns", "list"]).unwrap_or_default();
     let mut removed = Vec::new();
     for line in list.lines() {
         let name = line.split_whitespace().next().unwrap_or("");
         if name.starts_with(&format!("{prefix}-")) {
+            stop_processes_in(name);
             let _ = Command::new("ip")
                 .args(["netns", "del", name])
                 .stderr(Stdio::null())
