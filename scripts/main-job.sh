@@ -8,5 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 cargo build --release --locked -p clonecluster
-target/release/clonecluster lab --nodes 2 --clients 10,50,100 --duration 3 \
+target/release/clonecluster lab --nodes 2 --clients 10,50,100,150,200,300 --duration 3 \
   --scenario ramp,failover,join,drain --baseline kernel --out lab-out

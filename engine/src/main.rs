@@ -98,7 +98,7 @@ enum Command {
         #[arg(long, default_value = "hash,by-load", value_delimiter = ',')]
         policy: Vec<String>,
         /// Client counts of the ramp.
-        #[arg(long, default_value = "10,50,100", value_delimiter = ',')]
+        #[arg(long, default_value = "10,50,100,150,200,300", value_delimiter = ',')]
         clients: Vec<u32>,
         /// Seconds per step.
         #[arg(long, default_value_t = 3)]
