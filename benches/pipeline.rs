@@ -1,40 +1,54 @@
-//! The whole pipeline (parse, classify, flow table, ownership decision, forward) on one core
-//! against `dpdk-testpmd` in `io`, `macswap` and `5tswap` modes: same vdevs, same traffic, same
-//! run, rounds alternated, medians compared.
+//! The whole pipeline (parse, classify, flow table, ownership decision, forward) against
+//! `dpdk-testpmd` in `io`, `macswap` and `5tswap` modes: same vdevs, same traffic, same run,
+//! rounds alternated, medians compared. One row per scenario.
 //!
-//! 1. Generates a flow mix into a pcap: `CC_BENCH_FLOWS` flows (default 1000), each TCP (SYN,
-//!    then two data segments) or UDP (three datagrams), IPv4 clients from 198.19.0.0/16 and a
-//!    share of IPv6 clients from 2001:2:0:1::/64, all to the cluster (02:cc:00:00:00:01,
-//!    198.18.0.1, 2001:2::1); plus ARP requests for the cluster address and ICMP echo requests.
-//!    Frames are minimum size (60 bytes + FCS).
-//! 2. Runs the real binary with the wire port `net_pcap0,rx_pcap=FILE,infinite_rx=1` (the file
-//!    loops from memory) and the host port `net_null1,no-rx=1` on one core; rate = wire_rx /
-//!    elapsed. Then testpmd over the same two vdevs; its rate is port 0's Rx-pps.
-//! 3. Correctness gate: the share of wire frames the engine delivered to the host and answered
-//!    on the wire must match what [`clonecluster::replay::replay`] computes for the same file
-//!    with one node (within 1 percentage point), or the bench exits non-zero.
-//! 4. Memory: the flow table's footprint at 10 million flows, from `FlowTable::slot_count`.
+//! 1. Generates a flow mix into a pcap per packet core: `flows` flows, each TCP (SYN, then two
+//!    data segments; with one frame per flow, one data segment) or UDP, IPv4 clients from
+//!    198.19.0.0/16 and a share of IPv6 clients from 2001:2:0:1::/64, all to the cluster
+//!    (02:cc:00:00:00:01, 198.18.0.1, 2001:2::1); plus ARP requests for the cluster address
+//!    (1 in 64 frames) and ICMP echo requests (1 in 97). Frames are minimum size (60 bytes +
+//!    FCS). With two cores, flow `i` goes to queue `i mod 2` (what RSS does with real NICs).
+//! 2. Runs the real binary with the wire port `net_pcap0,rx_pcap=FILE[,rx_pcap=FILE2],
+//!    infinite_rx=1` (each file loops from memory) and the host port `net_null1,no-rx=1`. The
+//!    engine is node 1 of an N-node cluster with P% of the buckets in handoff (acquire phase):
+//!    it assumes that ownership from the first frame (`CLONECLUSTER_BENCH_ASSUME`, read by the
+//!    binary). Then testpmd over the same vdevs, queues and cores.
+//! 3. Measures two ways: wall-clock Mpps, and CPU cycles per frame = the process's CPU time
+//!    (from /proc, so time the core spent running OTHER processes is not counted) x the CPU
+//!    clock / frames. Ratios are engine rate / testpmd rate per CPU second (= testpmd cycles /
+//!    engine cycles); on a shared machine they are far steadier than wall-clock ratios.
+//! 4. Correctness gate: the shares of wire frames the engine delivered to the host, answered
+//!    on the wire and dropped must match what [`clonecluster::replay::replay_with`] computes for
+//!    the same files, ownership and table sizes (within 1 percentage point), or the bench exits
+//!    non-zero.
+//! 5. Memory: the flow table's footprint per core at 1 thousand to 10 million flows, and the
+//!    packet pool the run needed.
 //!
-//! The engine runs as a lone node: with no peers it owns every bucket, so every frame takes the
-//! full path (flow lookup/insert, owner lookup, forward); a node of an N-node cluster drops
-//! (N-1)/N of the flows after the same work and forwards fewer.
+//! `net_pcap` in `infinite_rx` mode keeps each file in mbufs and copies every frame into a fresh
+//! mbuf on receive (both programs pay that copy). Both programs use 384-byte mbufs (256 bytes of
+//! frame room), so 10 million frames fit in ~5.5 GiB without hugepages.
 //!
-//! `net_pcap` in `infinite_rx` mode keeps the whole file in mbufs and copies each frame into a
-//! fresh mbuf on receive (both programs pay that copy). The pool is sized to the file, so the
-//! flow count is bounded by memory: ~2.3 KiB per frame, ~2.5 frames per flow.
-//!
-//! Environment: `CC_BENCH_FLOWS` (default 1000), `CC_BENCH_IPV6` (share of flows in percent,
-//! default 10), `CC_BENCH_SECS` (per run, default 3), `CC_BENCH_ROUNDS` (default 3),
-//! `CC_BENCH_CORE` (forwarding core, default 1), `CC_BENCH_DIR` (keep the pcap and config there
-//! instead of a temporary directory, e.g. to `perf record` the engine by hand).
+//! Environment (defaults in brackets): `CC_BENCH_FLOWS` [1000], `CC_BENCH_IPV6` (share of flows
+//! in percent) [10], `CC_BENCH_NODES` (cluster size) [1], `CC_BENCH_HANDOFF` (percent of
+//! buckets moving) [0], `CC_BENCH_CORES` (1 or 2) [1], `CC_BENCH_CAPACITY` (flow-table capacity
+//! per core) [flows per core, at least 262144], `CC_BENCH_FPF` (frames per flow, 1 or 3) [3, or
+//! 1 above a million flows], `CC_BENCH_SCENARIOS` (several rows: `;`-separated lists of
+//! `flows=,ipv6=,nodes=,handoff=,cores=,capacity=,fpf=` overriding the above, e.g.
+//! `flows=1000;flows=10000000;nodes=4,handoff=10`), `CC_BENCH_SECS` (per run) [3],
+//! `CC_BENCH_ROUNDS` [3], `CC_BENCH_CORE` (the forwarding core with one core) [1],
+//! `CC_BENCH_DIR` (keep the pcaps and configs there instead of a temporary directory, e.g. to
+//! `perf record` the engine by hand).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clonecluster::cluster::{FlowTable, FlowTimeouts, BUCKETS};
+use clonecluster::cluster::flow_table::SLOT_BYTES;
+use clonecluster::cluster::{FlowTable, NodeId, BUCKETS};
 use clonecluster::config::Config;
+use clonecluster::pipeline::{learned_capacity, TableSizes};
 
 mod common;
 
@@ -44,10 +58,12 @@ const ENGINE: &str = env!("CARGO_BIN_EXE_clonecluster");
 const CLUSTER_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 1];
 const CLUSTER_IP: [u8; 4] = [198, 18, 0, 1];
 const CLUSTER_IP6: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-/// Bytes of one flow-table slot (see `cluster::flow_table`'s module doc).
-const SLOT_BYTES: usize = 56;
 /// Allowed difference between the engine's and replay's shares, in percentage points.
 const TOLERANCE_PCT: f64 = 1.0;
+/// Buffer bytes per mbuf (headroom included) for both programs.
+const MBUF_SIZE: u32 = 384;
+/// Bytes one such mbuf takes in the pool (buffer, rte_mbuf header, mempool header).
+const MBUF_FOOTPRINT: u64 = MBUF_SIZE as u64 + 128 + 64;
 
 // ---- traffic ------------------------------------------------------------------------------
 
@@ -167,80 +183,189 @@ fn icmp_echo(mac: [u8; 6], src: [u8; 4], seq: u16) -> Vec<u8> {
     ipv4(mac, src, 1, &mut i, None)
 }
 
-/// The frames of the flow mix, in the order they are written.
-fn traffic(flows: u32, ipv6_pct: u32) -> Vec<Vec<u8>> {
+/// One scenario: a row of the table.
+#[derive(Debug, Clone)]
+struct Scenario {
+    flows: u32,
+    ipv6_pct: u32,
+    nodes: u8,
+    handoff_pct: u8,
+    cores: usize,
+    /// Flow-table capacity per core.
+    capacity: u32,
+    /// Frames per flow: 3 (TCP: SYN and two data segments) or 1 (one data segment).
+    fpf: u32,
+}
+
+impl Scenario {
+    fn from_env() -> Scenario {
+        let mut s = Scenario {
+            flows: env_or("CC_BENCH_FLOWS", 1000),
+            ipv6_pct: env_or("CC_BENCH_IPV6", 10),
+            nodes: env_or("CC_BENCH_NODES", 1),
+            handoff_pct: env_or("CC_BENCH_HANDOFF", 0),
+            cores: env_or("CC_BENCH_CORES", 1),
+            capacity: 0,
+            fpf: 0,
+        };
+        s.capacity = env_or("CC_BENCH_CAPACITY", 0);
+        s.fpf = env_or("CC_BENCH_FPF", 0);
+        s
+    }
+
+    /// Fills in the defaults that depend on other fields.
+    fn resolved(mut self) -> Scenario {
+        self.cores = self.cores.clamp(1, 2);
+        if self.fpf == 0 {
+            self.fpf = if self.flows > 1_000_000 { 1 } else { 3 };
+        }
+        self.fpf = if self.fpf >= 3 { 3 } else { 1 };
+        if self.capacity == 0 {
+            let per_core = self.flows.div_ceil(self.cores as u32);
+            self.capacity = per_core.max(1 << 18);
+        }
+        self.capacity = self.capacity.clamp(1024, 1 << 26);
+        self
+    }
+
+    fn apply(&mut self, spec: &str) {
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .unwrap_or_else(|| panic!("CC_BENCH_SCENARIOS: `{part}` is not key=value"));
+            let n: u64 = v
+                .parse()
+                .unwrap_or_else(|_| panic!("CC_BENCH_SCENARIOS: `{part}`: not a number"));
+            match k {
+                "flows" => self.flows = n as u32,
+                "ipv6" => self.ipv6_pct = n as u32,
+                "nodes" => self.nodes = n as u8,
+                "handoff" => self.handoff_pct = n as u8,
+                "cores" => self.cores = n as usize,
+                "capacity" => self.capacity = n as u32,
+                "fpf" => self.fpf = n as u32,
+                _ => panic!("CC_BENCH_SCENARIOS: unknown key `{k}`"),
+            }
+        }
+    }
+
+    fn label(&self) -> String {
+        let flows = match self.flows {
+            f if f >= 1_000_000 && f % 1_000_000 == 0 => format!("{}M", f / 1_000_000),
+            f if f >= 1000 && f % 1000 == 0 => format!("{}k", f / 1000),
+            f => f.to_string(),
+        };
+        let mut l = format!("{flows} flows");
+        if self.nodes > 1 {
+            l += &format!(" N={}", self.nodes);
+        }
+        if self.handoff_pct > 0 {
+            l += &format!(" ho={}%", self.handoff_pct);
+        }
+        if self.cores > 1 {
+            l += &format!(" {}c", self.cores);
+        }
+        if self.ipv6_pct != 10 {
+            l += &format!(" v6={}%", self.ipv6_pct);
+        }
+        let default_capacity = self.flows.div_ceil(self.cores as u32).max(1 << 18);
+        if self.capacity != default_capacity {
+            l += &format!(" cap={}", self.capacity);
+        }
+        l
+    }
+}
+
+/// Frame `round` (0..3) of flow `i`: TCP SYN then data, or UDP; with one frame per flow, the
+/// data segment.
+fn flow_frame(i: u32, round: u32, ipv6_pct: u32) -> Vec<u8> {
     const SYN: u8 = 0x02;
     const PSH_ACK: u8 = 0x18;
-    // Frame `round` (0..3) of flow `i`.
-    let frame = |i: u32, round: u32| -> Vec<u8> {
-        let client = i % 65536;
-        let sport = 1024 + ((i / 65536) % 64000) as u16 + (i % 7) as u16 * 1000;
-        let mac = [0x02, 0xc1, 0, (client >> 8) as u8, client as u8, 0];
-        let v4 = [198, 19, (client >> 8) as u8, client as u8];
-        let mut v6 = [0u8; 16];
-        v6[..8].copy_from_slice(&[0x20, 0x01, 0, 2, 0, 1, 0, 0]);
-        v6[12..].copy_from_slice(&i.to_be_bytes());
-        let is_v6 = (i.wrapping_mul(2654435761) % 100) < ipv6_pct;
-        let is_tcp = i % 10 < 7;
-        let (mut l4, proto, csum_at) = if is_tcp {
-            let (flags, payload): (u8, &[u8]) = if round == 0 {
-                (SYN, b"")
-            } else {
-                (PSH_ACK, b"GET / HTTP/1.1\r\n")
-            };
-            let seq = 1000 + round * 16;
-            (tcp(sport, seq, 5000, flags, payload), 6, 16)
+    let client = i % 65536;
+    let sport = 1024 + ((i / 65536) % 64000) as u16 + (i % 7) as u16 * 1000;
+    let mac = [0x02, 0xc1, 0, (client >> 8) as u8, client as u8, 0];
+    let v4 = [198, 19, (client >> 8) as u8, client as u8];
+    let mut v6 = [0u8; 16];
+    v6[..8].copy_from_slice(&[0x20, 0x01, 0, 2, 0, 1, 0, 0]);
+    v6[12..].copy_from_slice(&i.to_be_bytes());
+    let is_v6 = (i.wrapping_mul(2654435761) % 100) < ipv6_pct;
+    let is_tcp = i % 10 < 7;
+    let (mut l4, proto, csum_at) = if is_tcp {
+        let (flags, payload): (u8, &[u8]) = if round == 0 {
+            (SYN, b"")
         } else {
-            (udp(sport, b"query-0123456789"), 17, 6)
+            (PSH_ACK, b"GET / HTTP/1.1\r\n")
         };
-        let mut f = if is_v6 {
-            ipv6(mac, v6, proto, &mut l4, csum_at)
-        } else {
-            ipv4(mac, v4, proto, &mut l4, Some(csum_at))
-        };
-        f.resize(f.len().max(60), 0);
-        f
+        let seq = 1000 + round * 16;
+        (tcp(sport, seq, 5000, flags, payload), 6, 16)
+    } else {
+        (udp(sport, b"query-0123456789"), 17, 6)
     };
-    let mut out = Vec::with_capacity(flows as usize * 3 + flows as usize / 16);
-    for round in 0..3 {
-        for i in 0..flows {
-            out.push(frame(i, round));
-            let n = out.len() as u32;
+    let mut f = if is_v6 {
+        ipv6(mac, v6, proto, &mut l4, csum_at)
+    } else {
+        ipv4(mac, v4, proto, &mut l4, Some(csum_at))
+    };
+    f.resize(f.len().max(60), 0);
+    f
+}
+
+/// The frames of the scenario's flow mix, in file order, each with its queue (packet core).
+fn traffic(s: &Scenario) -> impl Iterator<Item = (usize, Vec<u8>)> + '_ {
+    let rounds: &'static [u32] = if s.fpf == 1 { &[1] } else { &[0, 1, 2] };
+    rounds.iter().enumerate().flat_map(move |(r, &round)| {
+        (0..s.flows).flat_map(move |i| {
+            let queue = i as usize % s.cores;
+            let mut out = Vec::with_capacity(3);
+            out.push((queue, flow_frame(i, round, s.ipv6_pct)));
+            // Flow frames so far: an ARP request follows every 64th, an echo every 97th.
+            let n = (r as u32).wrapping_mul(s.flows).wrapping_add(i + 1);
             let client = i % 65536;
             let mac = [0x02, 0xc1, 0, (client >> 8) as u8, client as u8, 0];
             let v4 = [198, 19, (client >> 8) as u8, client as u8];
             if n.is_multiple_of(64) {
-                out.push(arp_request(mac, v4));
+                out.push((queue, arp_request(mac, v4)));
             }
             if n.is_multiple_of(97) {
                 let mut f = icmp_echo(mac, v4, n as u16);
                 f.resize(f.len().max(60), 0);
-                out.push(f);
+                out.push((queue, f));
             }
-        }
-    }
-    out
+            out
+        })
+    })
 }
 
-fn write_pcap(path: &Path, frames: &[Vec<u8>]) {
+/// Writes one pcap per queue; returns the frame count of each.
+fn write_pcaps(paths: &[PathBuf], frames: impl Iterator<Item = (usize, Vec<u8>)>) -> Vec<u64> {
     use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
-    let file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut w = PcapWriter::with_header(file, PcapHeader::default()).unwrap();
-    for (n, f) in frames.iter().enumerate() {
-        let ts = Duration::from_micros(n as u64);
-        w.write_packet(&PcapPacket::new(ts, f.len() as u32, f))
+    let mut writers: Vec<_> = paths
+        .iter()
+        .map(|p| {
+            let file =
+                std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(p).unwrap());
+            PcapWriter::with_header(file, PcapHeader::default()).unwrap()
+        })
+        .collect();
+    let mut counts = vec![0u64; paths.len()];
+    for (queue, f) in frames {
+        let ts = Duration::from_micros(counts[queue]);
+        writers[queue]
+            .write_packet(&PcapPacket::new(ts, f.len() as u32, &f))
             .unwrap();
+        counts[queue] += 1;
     }
+    counts
 }
 
 // ---- programs -------------------------------------------------------------------------------
 
 struct Setup {
     dir: PathBuf,
-    pcap: PathBuf,
-    /// Flow-table capacity per core: the flow count, at least the engine's default.
-    flow_capacity: u32,
-    /// Mbufs: the whole file plus room for the rings.
+    scenario: Scenario,
+    /// One pcap per queue.
+    pcaps: Vec<PathBuf>,
+    /// Mbufs: every file plus room for the rings.
     mbufs: u32,
     /// EAL memory in MiB.
     mem_mb: u32,
@@ -248,17 +373,31 @@ struct Setup {
 
 impl Setup {
     fn wire_vdev(&self) -> String {
-        format!("net_pcap0,rx_pcap={},infinite_rx=1", self.pcap.display())
+        let files: String = self
+            .pcaps
+            .iter()
+            .map(|p| format!("rx_pcap={},", p.display()))
+            .collect();
+        format!("net_pcap0,{files}infinite_rx=1")
+    }
+
+    /// The packet cores (and, for testpmd, the main lcore's CPU).
+    fn cores(&self) -> Vec<u32> {
+        if self.scenario.cores == 1 {
+            vec![core()]
+        } else {
+            vec![0, 1]
+        }
     }
 
     fn config(&self) -> PathBuf {
         let config = self.dir.join("bench.yaml");
-        {
-            std::fs::write(self.dir.join("secret"), b"bench-secret-0123456789abcdef").unwrap();
-            std::fs::write(
-                &config,
-                format!(
-                    r#"cluster:
+        std::fs::write(self.dir.join("secret"), b"bench-secret-0123456789abcdef").unwrap();
+        let cores: Vec<String> = self.cores().iter().map(u32::to_string).collect();
+        std::fs::write(
+            &config,
+            format!(
+                r#"cluster:
   ip: 198.18.0.1
   ip6: 2001:2::1
   mac: 02:cc:00:00:00:01
@@ -271,32 +410,63 @@ dataplane:
   file_prefix: cc-bench-pipeline-{pid}
   wire_port: {{ vdev: "{wire}" }}
   host_port: {{ vdev: "net_null1,no-rx=1" }}
-  cores: [{core}]
+  cores: [{cores}]
   idle: busy
   pool_size: {mbufs}
+  mbuf_size: {MBUF_SIZE}
   flow_capacity: {capacity}
 "#,
-                    mem = self.mem_mb,
-                    pid = std::process::id(),
-                    wire = self.wire_vdev(),
-                    core = core(),
-                    mbufs = self.mbufs,
-                    capacity = self.flow_capacity,
-                ),
-            )
-            .unwrap();
-        }
+                mem = self.mem_mb,
+                pid = std::process::id(),
+                wire = self.wire_vdev(),
+                cores = cores.join(", "),
+                mbufs = self.mbufs,
+                capacity = self.scenario.capacity,
+            ),
+        )
+        .unwrap();
         config
     }
+
+    fn assume(&self) -> String {
+        format!(
+            "nodes={},handoff={}",
+            self.scenario.nodes, self.scenario.handoff_pct
+        )
+    }
+}
+
+/// User + system CPU seconds of a process so far, all its threads.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / USER_HZ)
+}
+
+/// Clock ticks per second of /proc's CPU times (USER_HZ: 100 on Linux, whatever CONFIG_HZ is).
+const USER_HZ: f64 = 100.0;
+
+/// What one program run measured.
+#[derive(Debug, Clone, Copy, Default)]
+struct Run {
+    /// Frames per wall-clock second.
+    rate: f64,
+    /// Frames per CPU second of the process.
+    cpu_rate: f64,
 }
 
 /// What one engine run reported.
 struct EngineRun {
-    rate: f64,
+    run: Run,
     wire_rx: u64,
     host_tx: u64,
-    wire_tx: u64,
-    not_owned: u64,
+    replies: u64,
+    dropped: u64,
+    tx_unsent: u64,
 }
 
 fn engine_run(setup: &Setup) -> EngineRun {
@@ -306,11 +476,12 @@ fn engine_run(setup: &Setup) -> EngineRun {
         .arg(&config)
         .current_dir(&setup.dir)
         .env("CLONECLUSTER_LOG", "warn")
+        .env("CLONECLUSTER_BENCH_ASSUME", setup.assume())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the engine");
-    // Start the clock when the packet loops start: loading a large file into mbufs takes
+    // Start the clocks when the packet loops start: loading a large file into mbufs takes
     // seconds. Keep stderr in a file for the failure message.
     let stderr = child.stderr.take().unwrap();
     let log = setup.dir.join("engine.err");
@@ -325,8 +496,10 @@ fn engine_run(setup: &Setup) -> EngineRun {
             }
         }
     });
-    let _ = rx.recv_timeout(Duration::from_secs(120));
+    let _ = rx.recv_timeout(Duration::from_secs(300));
+    let cpu0 = cpu_secs(child.id()).unwrap_or(0.0);
     std::thread::sleep(Duration::from_secs(secs()));
+    let cpu1 = cpu_secs(child.id()).unwrap_or(0.0);
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -343,20 +516,35 @@ fn engine_run(setup: &Setup) -> EngineRun {
     let total = &report["total"];
     let get = |k: &str| total[k].as_u64().unwrap_or(0);
     let wire_rx = get("wire_rx");
+    let dropped = total["dropped"]
+        .as_array()
+        .map_or(0, |a| a.iter().filter_map(|v| v.as_u64()).sum());
     EngineRun {
-        rate: wire_rx as f64 / report["elapsed_secs"].as_f64().unwrap(),
+        run: Run {
+            rate: wire_rx as f64 / report["elapsed_secs"].as_f64().unwrap(),
+            cpu_rate: wire_rx as f64 / (cpu1 - cpu0).max(1e-3),
+        },
         wire_rx,
         host_tx: get("host_tx"),
-        wire_tx: get("wire_tx"),
-        not_owned: total["dropped"][0].as_u64().unwrap_or(0),
+        replies: get("replies"),
+        dropped,
+        tx_unsent: get("tx_unsent"),
     }
 }
 
-/// Frames per second testpmd receives on the pcap port in `mode`, from its per-second Rx-pps
-/// readings, the first one (warm-up) left out.
-fn testpmd_rate(setup: &Setup, mode: &str) -> Option<f64> {
-    let core = core();
-    let main = if core == 0 { 1 } else { 0 };
+/// testpmd in `mode` over the same vdevs: its rate from the per-second Rx-pps readings of the
+/// pcap port (the first, warm-up, left out), and frames per CPU second from its cumulative
+/// RX-packets and its CPU time between the first and the last reading.
+fn testpmd_run(setup: &Setup, mode: &str) -> Option<Run> {
+    let cores = setup.cores();
+    let queues = cores.len();
+    // The main lcore prints statistics once a second: it shares a CPU with a forwarding lcore.
+    let lcores = if queues == 1 {
+        let main = if cores[0] == 0 { 1 } else { 0 };
+        format!("0@{main},1@{}", cores[0])
+    } else {
+        "0@0,1@0,2@1".to_owned()
+    };
     let mut child = Command::new("dpdk-testpmd")
         .args([
             "--no-huge",
@@ -367,35 +555,49 @@ fn testpmd_rate(setup: &Setup, mode: &str) -> Option<f64> {
             &format!("--file-prefix=cc-bench-pl-testpmd-{}", std::process::id()),
             &format!("--vdev={}", setup.wire_vdev()),
             "--vdev=net_null1,no-rx=1",
-            "-l",
-            &format!("{main},{core}"),
+            &format!("--lcores={lcores}"),
             "--main-lcore",
-            &main.to_string(),
+            "0",
             "--",
             &format!("--total-num-mbufs={}", setup.mbufs + 1),
+            &format!("--mbuf-size={MBUF_SIZE}"),
+            &format!("--nb-cores={queues}"),
+            &format!("--rxq={queues}"),
+            &format!("--txq={queues}"),
             &format!("--forward-mode={mode}"),
             "--auto-start",
             "--stats-period=1",
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(setup.dir.join(format!("testpmd-{mode}.err"))).ok()?)
         .spawn()
         .ok()?;
     let stdout = child.stdout.take().unwrap();
     // The deadline runs from the first reading (loading a large file takes seconds).
-    let mut deadline = Instant::now() + Duration::from_secs(120);
+    let mut deadline = Instant::now() + Duration::from_secs(300);
     let mut readings: Vec<f64> = Vec::new();
     let mut port: Option<u32> = None;
+    let mut rx_packets: u64 = 0;
+    let mut first: Option<(f64, u64)> = None;
+    let mut last: Option<(f64, u64)> = None;
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
         let line = line.trim();
         if let Some(rest) = line.split("NIC statistics for port").nth(1) {
             port = rest.split_whitespace().next()?.parse().ok();
         }
-        if let Some(rest) = line.strip_prefix("Rx-pps:") {
-            if port == Some(0) {
+        if port == Some(0) {
+            if let Some(rest) = line.strip_prefix("RX-packets:") {
+                rx_packets = rest.split_whitespace().next()?.parse().ok()?;
+            }
+            if let Some(rest) = line.strip_prefix("Rx-pps:") {
+                let cpu = cpu_secs(child.id()).unwrap_or(0.0);
                 if readings.is_empty() {
                     deadline = Instant::now() + Duration::from_secs(secs() + 1);
+                } else if first.is_none() {
+                    first = Some((cpu, rx_packets));
+                } else {
+                    last = Some((cpu, rx_packets));
                 }
                 readings.push(rest.split_whitespace().next()?.parse().ok()?);
             }
@@ -404,7 +606,19 @@ fn testpmd_rate(setup: &Setup, mode: &str) -> Option<f64> {
             break;
         }
     }
-    common::stop_and_average(&mut child, &readings)
+    let rate = common::stop_and_average(&mut child, &readings);
+    let (Some(rate), Some(first), Some(last)) = (rate, first, last) else {
+        eprintln!(
+            "testpmd {mode}: no steady readings ({} in all; see {})",
+            readings.len(),
+            setup.dir.join(format!("testpmd-{mode}.err")).display()
+        );
+        return None;
+    };
+    Some(Run {
+        rate,
+        cpu_rate: (last.1 - first.1) as f64 / (last.0 - first.0).max(1e-3),
+    })
 }
 
 fn cpu_hz() -> Option<f64> {
@@ -421,23 +635,232 @@ fn cpu_hz() -> Option<f64> {
 }
 
 fn memory_report() {
-    let timeouts = FlowTimeouts::default();
     println!(
         "flow table memory (one core; slot {SLOT_BYTES} B + {BUCKETS} x u32 per-bucket counts):"
     );
     for capacity in [1_000usize, 1_000_000, 10_000_000] {
-        let t = FlowTable::new(capacity, timeouts, &[7; 16]);
-        let bytes = t.slot_count() * SLOT_BYTES + BUCKETS * 4;
+        let bytes = FlowTable::footprint(capacity);
         // The pipeline also keeps a learned-flows table of a quarter of the size.
-        let learned = FlowTable::new((capacity / 4).max(1024), timeouts, &[7; 16]);
-        let learned_bytes = learned.slot_count() * SLOT_BYTES + BUCKETS * 4;
+        let learned_bytes = FlowTable::footprint(learned_capacity(capacity));
         println!(
-            "  {capacity:>10} flows: {:>7} slots, {:>8.1} MiB, {:>5.1} B per tracked flow when full; \
+            "  {capacity:>10} flows: {:>8} slots, {:>8.1} MiB, {:>5.1} B per tracked flow when full; \
              with the learned table: {:>8.1} MiB",
-            t.slot_count(),
+            FlowTable::slots_for(capacity),
             bytes as f64 / (1 << 20) as f64,
             bytes as f64 / capacity as f64,
             (bytes + learned_bytes) as f64 / (1 << 20) as f64,
+        );
+    }
+}
+
+/// What the engine must do with the scenario's frames.
+struct Expected {
+    host: f64,
+    answered: f64,
+    dropped: f64,
+}
+
+/// Replays each queue's file twice (as the engine sees it loop) through one simulated node 1
+/// with the engine's ownership and table sizes, and sums the queues.
+fn expected(setup: &Setup) -> Expected {
+    let s = &setup.scenario;
+    let loaded = Config::load(&setup.config()).expect("bench config");
+    let me = NodeId::new(1).unwrap();
+    let snapshot = Arc::new(
+        clonecluster::replay::assumed_snapshot(&loaded, s.nodes, s.handoff_pct, me)
+            .expect("assumed ownership"),
+    );
+    let sizes = TableSizes::from_config(&loaded.config);
+    let (mut frames, mut host, mut answered, mut dropped) = (0u64, 0u64, 0u64, 0u64);
+    for queue in 0..s.cores {
+        let pass = || traffic(s).filter(move |(q, _)| *q == queue).map(|(_, f)| f);
+        let twice = pass()
+            .chain(pass())
+            .enumerate()
+            .map(|(n, f)| (n as u64 * 100, f));
+        let report = clonecluster::replay::replay_with(&loaded, &snapshot, 1..=1, sizes, twice);
+        let node = &report.nodes[0];
+        frames += report.frames;
+        host += node.delivered + node.shared;
+        answered += node.answered;
+        dropped += node.dropped;
+    }
+    let f = frames.max(1) as f64;
+    Expected {
+        host: host as f64 / f,
+        answered: answered as f64 / f,
+        dropped: dropped as f64 / f,
+    }
+}
+
+/// One row of the table.
+struct Row {
+    label: String,
+    frames: u64,
+    pool_mib: u64,
+    engine: Run,
+    testpmd: [Option<Run>; 3],
+    ok: bool,
+}
+
+const MODES: [&str; 3] = ["io", "macswap", "5tswap"];
+
+fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
+    let s = scenario;
+    let pcaps: Vec<PathBuf> = (0..s.cores)
+        .map(|q| dir.join(format!("traffic-{q}.pcap")))
+        .collect();
+    let counts = write_pcaps(&pcaps, traffic(&s));
+    let frames: u64 = counts.iter().sum();
+    let mbufs = ((frames + 8192 * s.cores as u64) | 1023).max(8191) as u32;
+    let pool_mib = (u64::from(mbufs) * MBUF_FOOTPRINT).div_ceil(1 << 20);
+    let setup = Setup {
+        dir: dir.to_path_buf(),
+        scenario: s.clone(),
+        pcaps,
+        mbufs,
+        // The EAL's own needs besides the pool, with slack for its allocator.
+        mem_mb: (pool_mib + pool_mib / 8 + 256) as u32,
+    };
+    let label = s.label();
+    eprintln!(
+        "== {label}: {frames} frames ({} per flow, {}% IPv6) in {} file(s), pool {mbufs} mbufs \
+         ({pool_mib} MiB), flow capacity {} per core",
+        s.fpf, s.ipv6_pct, s.cores, s.capacity
+    );
+    let exp = expected(&setup);
+    let mut engine = Vec::new();
+    let mut testpmd: Vec<Vec<Run>> = vec![Vec::new(); MODES.len()];
+    let mut ok = true;
+    for round in 1..=rounds {
+        let r = engine_run(&setup);
+        let rx = r.wire_rx.max(1) as f64;
+        let (host, answered, dropped) = (
+            r.host_tx as f64 / rx,
+            r.replies as f64 / rx,
+            r.dropped as f64 / rx,
+        );
+        eprintln!(
+            "round {round}: clonecluster {:.2} Mpps, {:.2} M frames per CPU second (wire_rx {}, \
+             to host {:.2}% vs replay {:.2}%, answered {:.2}% vs {:.2}%, dropped {:.2}% vs \
+             {:.2}%, tx unsent {})",
+            r.run.rate / 1e6,
+            r.run.cpu_rate / 1e6,
+            r.wire_rx,
+            host * 100.0,
+            exp.host * 100.0,
+            answered * 100.0,
+            exp.answered * 100.0,
+            dropped * 100.0,
+            exp.dropped * 100.0,
+            r.tx_unsent,
+        );
+        let off = |a: f64, b: f64| (a - b).abs() * 100.0 > TOLERANCE_PCT;
+        if r.wire_rx == 0
+            || off(host, exp.host)
+            || off(answered, exp.answered)
+            || off(dropped, exp.dropped)
+        {
+            eprintln!("round {round}: WRONG: the engine's shares differ from replay's");
+            ok = false;
+        }
+        engine.push(r.run);
+        for (i, mode) in MODES.iter().enumerate() {
+            if let Some(run) = testpmd_run(&setup, mode) {
+                eprintln!(
+                    "round {round}: testpmd {mode} {:.2} Mpps, {:.2} M frames per CPU second",
+                    run.rate / 1e6,
+                    run.cpu_rate / 1e6
+                );
+                testpmd[i].push(run);
+            }
+        }
+    }
+    let med = |runs: &[Run]| -> Option<Run> {
+        (!runs.is_empty()).then(|| Run {
+            rate: median(runs.iter().map(|r| r.rate).collect()),
+            cpu_rate: median(runs.iter().map(|r| r.cpu_rate).collect()),
+        })
+    };
+    Row {
+        label,
+        frames,
+        pool_mib,
+        engine: med(&engine).unwrap(),
+        testpmd: [med(&testpmd[0]), med(&testpmd[1]), med(&testpmd[2])],
+        ok,
+    }
+}
+
+fn print_table(rows: &[Row], rounds: usize) {
+    let hz = cpu_hz().unwrap_or(0.0);
+    let cyc = |r: f64| {
+        if hz > 0.0 {
+            format!("{:.0}", hz / r)
+        } else {
+            "?".into()
+        }
+    };
+    println!(
+        "\npipeline vs dpdk-testpmd: 60-byte frames looping from net_pcap0 (infinite_rx) to \
+         net_null1, {} s per run, median of {rounds} round(s); cycles/frame = CPU time x {:.0} MHz \
+         / frames; ratios = engine / testpmd frames per CPU second (wall-clock ratios in \
+         brackets)",
+        secs(),
+        hz / 1e6
+    );
+    println!(
+        "{:<28} {:>9} {:>7} {:>6} | {:>6} {:>6} {:>6} | {:>14} {:>14} {:>14} | {:>7}",
+        "scenario",
+        "frames",
+        "Mpps",
+        "cyc/f",
+        "io",
+        "mac",
+        "5t",
+        "/ io",
+        "/ macswap",
+        "/ 5tswap",
+        "replay"
+    );
+    for r in rows {
+        let t_cyc: Vec<String> = r
+            .testpmd
+            .iter()
+            .map(|t| t.map_or("-".into(), |t| cyc(t.cpu_rate)))
+            .collect();
+        let ratios: Vec<String> = r
+            .testpmd
+            .iter()
+            .map(|t| {
+                t.map_or("-".into(), |t| {
+                    format!(
+                        "{:.3} ({:.3})",
+                        r.engine.cpu_rate / t.cpu_rate,
+                        r.engine.rate / t.rate
+                    )
+                })
+            })
+            .collect();
+        println!(
+            "{:<28} {:>9} {:>7.2} {:>6} | {:>6} {:>6} {:>6} | {:>14} {:>14} {:>14} | {:>7}",
+            r.label,
+            r.frames,
+            r.engine.rate / 1e6,
+            cyc(r.engine.cpu_rate),
+            t_cyc[0],
+            t_cyc[1],
+            t_cyc[2],
+            ratios[0],
+            ratios[1],
+            ratios[2],
+            if r.ok { "ok" } else { "WRONG" }
+        );
+    }
+    for r in rows {
+        println!(
+            "  {}: packet pool {} MiB ({MBUF_FOOTPRINT} B per mbuf)",
+            r.label, r.pool_mib
         );
     }
 }
@@ -447,8 +870,6 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let flows: u32 = env_or("CC_BENCH_FLOWS", 1000);
-    let ipv6_pct: u32 = env_or("CC_BENCH_IPV6", 10);
     let rounds: usize = env_or("CC_BENCH_ROUNDS", 3);
     let tmp = tempfile::tempdir().unwrap();
     let dir = match std::env::var("CC_BENCH_DIR") {
@@ -458,139 +879,34 @@ fn main() {
         }
         Err(_) => tmp.path().to_path_buf(),
     };
-
-    let frames = traffic(flows, ipv6_pct);
-    let pcap = dir.join("traffic.pcap");
-    write_pcap(&pcap, &frames);
-    let mbufs = ((frames.len() as u32 + 8192) | 1023).max(8191);
-    // ~2.3 KiB per mbuf (the EAL's allocator needs some slack above that), plus room for the
-    // rest of the EAL and the engine's tables.
-    let mem_mb = (mbufs as u64 * 3500 / (1 << 20) + 768) as u32;
-    let setup = Setup {
-        dir: dir.clone(),
-        pcap,
-        flow_capacity: flows.next_power_of_two().clamp(1 << 18, 1 << 26),
-        mbufs,
-        mem_mb,
-    };
-    eprintln!(
-        "{flows} flows ({ipv6_pct}% IPv6), {} frames in {}, pool {mbufs} mbufs, -m {mem_mb}",
-        frames.len(),
-        setup.pcap.display()
-    );
-
-    // What the engine must do with these frames: replay them (two passes, as the engine sees
-    // the file loop) through one simulated node.
-    let loaded = Config::load(&setup.config()).expect("bench config");
-    let twice = frames
-        .iter()
-        .chain(frames.iter())
-        .enumerate()
-        .map(|(n, f)| (n as u64 * 1000, f.clone()));
-    let expected = clonecluster::replay::replay(&loaded, 1, twice).expect("replay");
-    let node = &expected.nodes[0];
-    let exp_host = (node.delivered + node.shared) as f64 / expected.frames as f64;
-    let exp_wire = node.answered as f64 / expected.frames as f64;
-
-    let modes = ["io", "macswap", "5tswap"];
-    let mut engine = Vec::new();
-    let mut testpmd: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
-    let mut wrong = Vec::new();
-    for round in 1..=rounds {
-        let run = engine_run(&setup);
-        // Before the control thread publishes the first snapshot (~0.4 s) the node owns nothing
-        // and drops what it receives as not owned; a lone node owns everything after that.
-        let decided = run.wire_rx.saturating_sub(run.not_owned).max(1) as f64;
-        let host = run.host_tx as f64 / decided;
-        let wire = run.wire_tx as f64 / decided;
-        eprintln!(
-            "round {round}: clonecluster {:.2} Mpps (wire_rx {}, before first snapshot {}, \
-             to host {:.2}% vs replay {:.2}%, answered {:.2}% vs replay {:.2}%)",
-            run.rate / 1e6,
-            run.wire_rx,
-            run.not_owned,
-            host * 100.0,
-            exp_host * 100.0,
-            wire * 100.0,
-            exp_wire * 100.0
-        );
-        if (host - exp_host).abs() * 100.0 > TOLERANCE_PCT
-            || (wire - exp_wire).abs() * 100.0 > TOLERANCE_PCT
-            || run.wire_rx == 0
-        {
-            wrong.push(round);
-        }
-        engine.push(run.rate);
-        for (i, mode) in modes.iter().enumerate() {
-            if let Some(rate) = testpmd_rate(&setup, mode) {
-                eprintln!("round {round}: testpmd {mode} {:.2} Mpps", rate / 1e6);
-                testpmd[i].push(rate);
-            }
-        }
-    }
-
-    let hz = cpu_hz();
-    let cycles = |rate: f64| match hz {
-        Some(hz) => format!("{:.0}", hz / rate),
-        None => "?".into(),
-    };
-    let engine = median(engine);
-    let rates: Vec<Option<f64>> = testpmd
-        .into_iter()
-        .map(|r| (!r.is_empty()).then(|| median(r)))
-        .collect();
-    println!(
-        "pipeline, {flows} flows ({ipv6_pct}% IPv6, TCP/UDP 7:3, ARP 1/64, ICMP 1/97), {} frames \
-         of 60 B looping from net_pcap0 (infinite_rx) to net_null1, one core, {} s per run, \
-         median of {rounds} rounds",
-        frames.len(),
-        secs(),
-    );
-    let header: String = modes
-        .iter()
-        .map(|m| format!(" {:>11}", format!("/ {m}")))
-        .collect();
-    println!(
-        "{:<22} {:>8} {:>14}{header}",
-        "program", "Mpps", "cycles/frame*"
-    );
-    let row = |name: &str, rate: f64| {
-        let ratios: String = rates
-            .iter()
-            .map(|r| match r {
-                Some(r) => format!(" {:>11.3}", rate / r),
-                None => format!(" {:>11}", "-"),
+    let base = Scenario::from_env();
+    let scenarios: Vec<Scenario> = match std::env::var("CC_BENCH_SCENARIOS") {
+        Ok(list) => list
+            .split(';')
+            .map(|spec| {
+                let mut s = base.clone();
+                s.apply(spec);
+                s.resolved()
             })
-            .collect();
-        println!(
-            "{name:<22} {:>8.2} {:>14}{ratios}",
-            rate / 1e6,
-            cycles(rate)
-        );
+            .collect(),
+        Err(_) => vec![base.resolved()],
     };
-    row("clonecluster", engine);
-    for (mode, rate) in modes.iter().zip(&rates) {
-        match rate {
-            Some(r) => row(&format!("dpdk-testpmd {mode}"), *r),
-            None => println!("dpdk-testpmd {mode} did not run (apt-get install dpdk)"),
-        }
+    let mut rows = Vec::new();
+    for s in scenarios {
+        rows.push(run_scenario(s, &dir, rounds));
+        // Each scenario's files can be large (10 million flows: ~800 MB): keep only the last.
     }
-    println!(
-        "* cycles/frame = cpu MHz from /proc/cpuinfo x 1e6 / rate ({}), not a TSC measurement",
-        hz.map_or("unknown".into(), |h| format!("{:.0} MHz", h / 1e6))
-    );
-    println!(
-        "correctness: replay (1 node) to host {:.2}%, answered {:.2}%, dropped {} of {} frames",
-        exp_host * 100.0,
-        exp_wire * 100.0,
-        node.dropped,
-        expected.frames
-    );
+    print_table(&rows, rounds);
     memory_report();
+    let wrong: Vec<&str> = rows
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| r.label.as_str())
+        .collect();
     if !wrong.is_empty() {
         eprintln!(
-            "FAIL: the engine's delivered/answered shares differ from replay's by more than \
-             {TOLERANCE_PCT} point(s) in round(s) {wrong:?}"
+            "FAIL: the engine's delivered/answered/dropped shares differ from replay's by more \
+             than {TOLERANCE_PCT} point(s) in: {wrong:?}"
         );
         std::process::exit(1);
     }

@@ -91,7 +91,10 @@ fn a_short_lab_run_with_failover() {
     assert!(csv.starts_with("step,clients,rps,transfer_mib_s,mean_ms,p99_ms,errors,timeouts\n"));
     assert_eq!(csv.lines().count(), 3);
     let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
-    assert!(report.contains("## Scenarios") && report.contains("failover"), "{report}");
+    assert!(
+        report.contains("## Scenarios") && report.contains("failover"),
+        "{report}"
+    );
     // Nothing is left behind.
     let netns = String::from_utf8(
         std::process::Command::new("ip")
@@ -108,7 +111,10 @@ fn a_short_lab_run_with_failover() {
 fn a_broken_lab_request_is_refused_plainly() {
     for (args, needle) in [
         (&["lab", "--scenario", "chaos"][..], "--scenario chaos"),
-        (&["lab", "--baseline", "iptables"][..], "--baseline iptables"),
+        (
+            &["lab", "--baseline", "iptables"][..],
+            "--baseline iptables",
+        ),
         (&["lab", "--nodes", "1"][..], "--nodes 1"),
     ] {
         let run = run_cmd(args);

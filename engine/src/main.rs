@@ -263,7 +263,10 @@ fn execute(cli: Cli) -> Result<(), String> {
             );
             let failures = results.failures();
             if !failures.is_empty() {
-                return Err(format!("the lab found problems:\n  {}", failures.join("\n  ")));
+                return Err(format!(
+                    "the lab found problems:\n  {}",
+                    failures.join("\n  ")
+                ));
             }
             Ok(())
         }

@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cluster::{
-    derive_key, Affinity, Bucket, BucketHasher, FlowId, FlowKey, FlowState, FlowTable, FlowTimeouts,
-    FragmentKey, FragmentTracker, FragmentVerdict, NodeId, OwnershipTable, TcpFlags,
+    derive_key, Affinity, Bucket, BucketHasher, FlowHash, FlowKey, FlowState, FlowTable,
+    FlowTimeouts, FragmentKey, FragmentTracker, FragmentVerdict, NodeId, OwnershipTable, TcpFlags,
 };
 use crate::control::{Phase, PlanId, Role, Snapshot};
 use crate::wire::{self, arp, icmpv6, parse_l2_l4, EtherType, EthernetAddress, IpProtocol, Parsed};
@@ -260,6 +260,43 @@ pub fn stable_snapshot(table: &OwnershipTable) -> Snapshot {
     )
 }
 
+/// The learned-flows table's capacity for a flow table of `flows`.
+pub fn learned_capacity(flows: usize) -> usize {
+    (flows / 4).max(1024)
+}
+
+/// The bucket of a keyed flow-key hash: its low 16 bits (see `cluster::flow_key`).
+#[inline(always)]
+fn bucket_from(key_hash: u64) -> Bucket {
+    // Truncation is the definition: hash mod 65536.
+    Bucket(key_hash as u16)
+}
+
+/// A frame after [`Pipeline::prepare`]: what [`Pipeline::decide`] needs. Plain data (no
+/// references into the frame, no allocation), about 120 bytes.
+#[derive(Debug, Clone, Copy)]
+pub enum Prepared {
+    /// Decided already (not for us, malformed, the node's own MAC).
+    Done(Action),
+    Frame(PreparedFrame),
+}
+
+impl Default for Prepared {
+    fn default() -> Self {
+        Prepared::Done(Action::Drop(DropReason::NotForUs))
+    }
+}
+
+/// A parsed frame for the cluster (or a group address).
+#[derive(Debug, Clone, Copy)]
+pub struct PreparedFrame {
+    parsed: Parsed,
+    /// Sent to a broadcast or multicast MAC.
+    group: bool,
+    /// Unicast TCP/UDP (not a fragment): its bucket and flow fingerprint.
+    flow: Option<(Bucket, FlowHash)>,
+}
+
 const SRC_MAC: std::ops::Range<usize> = 6..12;
 const ETHERNET_HEADER: usize = 14;
 
@@ -274,9 +311,9 @@ impl Pipeline {
         Pipeline {
             hasher: BucketHasher::new(secret),
             snapshot,
-            flows: FlowTable::new(sizes.flows, sizes.flow_timeouts, &table_key),
+            flows: FlowTable::new(sizes.flows, sizes.flow_timeouts),
             // Learned flows matter only while buckets move: a quarter of the size suffices.
-            learned: FlowTable::new((sizes.flows / 4).max(1024), sizes.flow_timeouts, &table_key),
+            learned: FlowTable::new(learned_capacity(sizes.flows), sizes.flow_timeouts),
             fragments: FragmentTracker::new(
                 sizes.fragments,
                 sizes.fragment_waits,
@@ -340,9 +377,15 @@ impl Pipeline {
         self.snapshot.new_flow_owner(bucket) == Some(self.id.node)
     }
 
-    /// The bucket a frame's flow falls in, and who owns it.
+    /// The bucket a frame's flow falls in.
     #[inline]
     pub fn bucket_of(&self, p: &Parsed) -> Bucket {
+        bucket_from(self.key_hash(p))
+    }
+
+    /// The keyed hash of a frame's flow key: its low 16 bits are the bucket.
+    #[inline]
+    fn key_hash(&self, p: &Parsed) -> u64 {
         let proto = u8::from(p.protocol);
         let key = match (p.protocol, p.src_port, &p.icmp) {
             (IpProtocol::Tcp | IpProtocol::Udp, Some(port), _) => {
@@ -360,7 +403,7 @@ impl Pipeline {
             },
             _ => FlowKey::source(p.src_ip),
         };
-        self.hasher.bucket(&key)
+        self.hasher.hash(&key)
     }
 
     /// The owner of the requester's bucket answers ARP and neighbour solicitations.
@@ -371,33 +414,78 @@ impl Pipeline {
 
     /// A frame from the shared segment. `buf` holds the frame in its first `len` bytes and may
     /// be longer: a reply is written in place and may outgrow the request.
+    ///
+    /// The same as [`Pipeline::prepare`] then [`Pipeline::decide`]; a burst does better with
+    /// all its `prepare`s first (the flow-table lines they prefetch arrive meanwhile).
     #[inline]
     pub fn from_wire(&mut self, buf: &mut [u8], len: usize, now: u64) -> Action {
-        let Some(frame) = buf.get(..len) else {
-            return Action::Drop(DropReason::Malformed(wire::Error::BadLength));
+        let prepared = match buf.get(..len) {
+            Some(frame) => self.prepare(frame),
+            None => Prepared::Done(Action::Drop(DropReason::Malformed(wire::Error::BadLength))),
         };
+        self.decide(buf, len, &prepared, now)
+    }
+
+    /// The first half of [`Pipeline::from_wire`], which changes nothing: the MAC checks, the
+    /// parse, and for TCP/UDP the bucket and flow fingerprint, whose flow-table line it
+    /// prefetches.
+    #[inline]
+    pub fn prepare(&self, frame: &[u8]) -> Prepared {
         if frame.len() < ETHERNET_HEADER {
-            return Action::Drop(DropReason::Malformed(wire::Error::Truncated));
+            return Prepared::Done(Action::Drop(DropReason::Malformed(wire::Error::Truncated)));
         }
         let dst = EthernetAddress([frame[0], frame[1], frame[2], frame[3], frame[4], frame[5]]);
         if dst == self.id.node_mac {
-            return Action::DeliverShared;
+            return Prepared::Done(Action::DeliverShared);
         }
         let group = dst.is_multicast(); // broadcast included
         if !group && dst != self.id.cluster_mac {
-            return Action::Drop(DropReason::NotForUs);
+            return Prepared::Done(Action::Drop(DropReason::NotForUs));
         }
-        // Borrowed out of the result: `Parsed` is large enough that moving it costs a memcpy.
-        let parsed = parse_l2_l4(frame);
-        let p = match &parsed {
+        let p = match parse_l2_l4(frame) {
             Ok(p) => p,
-            Err(e) => return Action::Drop(DropReason::Malformed(*e)),
+            Err(e) => return Prepared::Done(Action::Drop(DropReason::Malformed(e))),
         };
+        let flow = match (p.ethertype, p.fragment, p.src_port, p.dst_port) {
+            (EtherType::Ipv4 | EtherType::Ipv6, None, Some(sp), Some(dp)) if !group => {
+                let key_hash = self.key_hash(&p);
+                let hash = FlowHash::new(key_hash, p.dst_ip, sp, dp, u8::from(p.protocol));
+                // The flow's own table first: it is the one every role but NotOwner reads.
+                self.flows.prefetch(hash);
+                Some((bucket_from(key_hash), hash))
+            }
+            _ => None,
+        };
+        Prepared::Frame(PreparedFrame {
+            parsed: p,
+            group,
+            flow,
+        })
+    }
+
+    /// The second half of [`Pipeline::from_wire`]: `prepared` must come from
+    /// [`Pipeline::prepare`] of the frame in `buf[..len]`, under the same snapshot.
+    #[inline]
+    pub fn decide(&mut self, buf: &mut [u8], len: usize, prepared: &Prepared, now: u64) -> Action {
+        let f = match prepared {
+            Prepared::Done(action) => return *action,
+            Prepared::Frame(f) => f,
+        };
+        let p = &f.parsed;
         match p.ethertype {
             EtherType::Arp => self.arp_from_wire(buf, len, p),
-            EtherType::Ipv4 | EtherType::Ipv6 => self.ip_from_wire(buf, len, p, group, now),
+            EtherType::Ipv4 | EtherType::Ipv6 => match f.flow {
+                Some((bucket, hash)) => self.flow_packet(
+                    bucket,
+                    hash,
+                    u8::from(p.protocol),
+                    TcpFlags(p.tcp_flags.0 as u8),
+                    now,
+                ),
+                None => self.ip_from_wire(buf, len, p, f.group, now),
+            },
             EtherType::Unknown(HEARTBEAT_ETHERTYPE) => Action::ToControl,
-            _ if group => Action::DeliverShared,
+            _ if f.group => Action::DeliverShared,
             _ => Action::Drop(DropReason::NotForUs),
         }
     }
@@ -466,25 +554,34 @@ impl Pipeline {
                 Action::Drop(DropReason::NotOwned)
             };
         }
-        let bucket = self.bucket_of(p);
+        let key_hash = self.key_hash(p);
+        let bucket = bucket_from(key_hash);
+        let proto = u8::from(p.protocol);
         match (p.src_port, p.dst_port) {
             (Some(sp), Some(dp)) => {
-                let id = FlowId::new(p.src_ip, p.dst_ip, sp, dp, u8::from(p.protocol));
-                self.flow_packet(bucket, &id, TcpFlags(p.tcp_flags.0 as u8), now)
+                let hash = FlowHash::new(key_hash, p.dst_ip, sp, dp, proto);
+                self.flow_packet(bucket, hash, proto, TcpFlags(p.tcp_flags.0 as u8), now)
             }
-            _ if p.icmp.is_some_and(|i| i.is_error) => self.icmp_error(bucket, p, now),
+            _ if p.icmp.is_some_and(|i| i.is_error) => self.icmp_error(key_hash, p, now),
             _ if self.mine(bucket) => Action::Deliver,
             _ => Action::Drop(DropReason::NotOwned),
         }
     }
 
-    /// A TCP or UDP packet of flow `id` in `bucket`, by this node's role for the bucket.
+    /// A TCP or UDP packet of flow `hash` (IP protocol `proto`) in `bucket`, by this node's role for the bucket.
     #[inline]
-    fn flow_packet(&mut self, bucket: Bucket, id: &FlowId, flags: TcpFlags, now: u64) -> Action {
+    fn flow_packet(
+        &mut self,
+        bucket: Bucket,
+        hash: FlowHash,
+        proto: u8,
+        flags: TcpFlags,
+        now: u64,
+    ) -> Action {
         let role = self.snapshot.role(bucket, self.id.node);
         let deliver = match role {
             Role::Owner if self.refuse_new => {
-                self.flows.get(id, now).is_some() || (id.proto == 6 && !flags.is_initial_syn())
+                self.flows.get(hash, now).is_some() || (proto == 6 && !flags.is_initial_syn())
             }
             Role::Owner => true,
             Role::NotOwner => false,
@@ -492,16 +589,16 @@ impl Pipeline {
                 // Only the learn phase's flows are the old owner's: once it has released the
                 // bucket it takes no new flow, so a flow first seen then is nobody's yet (its
                 // SYN is retransmitted and taken after acquire). Known ones are kept fresh.
-                if self.snapshot.phase() == Phase::Learn || self.learned.get(id, now).is_some() {
-                    self.learned.upsert(id, bucket, flags, now);
+                if self.snapshot.phase() == Phase::Learn || self.learned.get(hash, now).is_some() {
+                    self.learned.upsert(hash, proto, bucket, flags, now);
                 }
                 false
             }
-            Role::Releasing { .. } => self.flows.get(id, now).is_some(),
+            Role::Releasing { .. } => self.flows.get(hash, now).is_some(),
             Role::Acquiring { .. } => {
-                if self.flows.get(id, now).is_some() {
+                if self.flows.get(hash, now).is_some() {
                     true
-                } else if let Some(learned) = self.learned.get(id, now) {
+                } else if let Some(learned) = self.learned.get(hash, now) {
                     if learned.state == FlowState::SynSeen && flags.is_initial_syn() {
                         // A SYN learned but never answered (no ACK followed it), now sent
                         // again: nodes adopt a phase at slightly different times, so the old
@@ -509,17 +606,17 @@ impl Pipeline {
                         // node was still learning. Had the old owner accepted it, the client
                         // would have answered its SYN-ACK with an ACK rather than a
                         // retransmission. Take it, or nobody ever would.
-                        self.learned.remove(id);
+                        self.learned.remove(hash);
                         true
                     } else {
                         // The old owner's flow: keep tracking it until it ends.
-                        self.learned.upsert(id, bucket, flags, now);
+                        self.learned.upsert(hash, proto, bucket, flags, now);
                         false
                     }
                 } else {
                     // A new flow: TCP only on a SYN without ACK (a TCP packet of an unknown
                     // flow is a long-idle connection of the old owner); anything else starts one.
-                    id.proto != 6 || flags.is_initial_syn()
+                    proto != 6 || flags.is_initial_syn()
                 }
             }
         };
@@ -533,18 +630,20 @@ impl Pipeline {
             }
             return Action::Drop(DropReason::NotOwned);
         }
-        self.flows.upsert(id, bucket, flags, now);
+        self.flows.upsert(hash, proto, bucket, flags, now);
         Action::Deliver
     }
 
     /// An ICMP error goes where the flow it quotes is served: the owner, or during a handoff
     /// whichever of the two nodes has the flow in its own table.
-    fn icmp_error(&mut self, bucket: Bucket, p: &Parsed, now: u64) -> Action {
+    /// `key_hash` is the keyed hash of the quoted flow's key.
+    fn icmp_error(&mut self, key_hash: u64, p: &Parsed, now: u64) -> Action {
+        let bucket = bucket_from(key_hash);
         let quoted = p.icmp.and_then(|i| i.quoted);
         let flow = quoted.and_then(|q| match (q.src_port, q.dst_port) {
             // The quoted packet went from the cluster to the client: reverse it.
-            (Some(sp), Some(dp)) => Some(FlowId::new(
-                q.dst_ip,
+            (Some(sp), Some(dp)) => Some(FlowHash::new(
+                key_hash,
                 q.src_ip,
                 dp,
                 sp,
@@ -555,7 +654,7 @@ impl Pipeline {
         let deliver = match (self.snapshot.role(bucket, self.id.node), flow) {
             (Role::Owner, _) => true,
             (Role::Releasing { .. } | Role::Acquiring { .. }, Some(id)) => {
-                self.flows.get(&id, now).is_some()
+                self.flows.get(id, now).is_some()
             }
             (Role::Acquiring { .. }, None) => true,
             _ => false,
@@ -669,10 +768,11 @@ impl Pipeline {
             return;
         };
         // The server's segment, reversed: the flow as the client sends it.
-        let id = FlowId::new(p.dst_ip, p.src_ip, dp, sp, 6);
-        if let Some(entry) = self.flows.get(&id, now) {
+        let key = FlowKey::new(self.id.affinity, p.dst_ip, dp, 6);
+        let hash = FlowHash::new(self.hasher.hash(&key), p.src_ip, dp, sp, 6);
+        if let Some(entry) = self.flows.get(hash, now) {
             self.flows
-                .upsert(&id, entry.bucket, TcpFlags(p.tcp_flags.0 as u8), now);
+                .upsert(hash, 6, entry.bucket, TcpFlags(p.tcp_flags.0 as u8), now);
         }
     }
 
@@ -959,15 +1059,16 @@ mod tests {
         rst[34..36].copy_from_slice(&80u16.to_be_bytes());
         rst[36..38].copy_from_slice(&40_000u16.to_be_bytes());
         assert_eq!(p.from_host(&mut rst, 2), Action::ToWire);
-        let id = FlowId::new(
-            IpAddr::V4(client),
+        let key = FlowKey::new(Affinity::None, IpAddr::V4(client), 40_000, 6);
+        let id = FlowHash::new(
+            p.hasher.hash(&key),
             IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
             40_000,
             80,
             6,
         );
         assert_eq!(
-            p.flows().get(&id, 2).map(|e| e.state),
+            p.flows().get(id, 2).map(|e| e.state),
             Some(crate::cluster::FlowState::Closing)
         );
     }

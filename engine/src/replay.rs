@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::cluster::{Member, OwnershipTable};
+use crate::cluster::{Bucket, Member, NodeId, OwnershipTable};
 use crate::config::{Loaded, Policy};
+use crate::control::{Phase, PlanId, Snapshot};
 use crate::pipeline::{
     stable_snapshot, Action, DropReason, FragmentHold, NodeIdentity, Pipeline, TableSizes,
 };
@@ -116,6 +117,49 @@ pub fn simulated_table(loaded: &Loaded, nodes: u8) -> Result<OwnershipTable, Str
     OwnershipTable::build(1, &members).map_err(|e| e.to_string())
 }
 
+/// The ownership a benchmark assumes instead of running the membership protocol: nodes
+/// `1..=nodes` as in [`simulated_table`], and, when `handoff_pct > 0`, that percentage of the
+/// buckets moving in the acquire phase: node `me` takes over the moving buckets of every other
+/// node and hands its own moving buckets to the next node id. A lone node has nobody to hand
+/// off with, so nothing moves.
+pub fn assumed_snapshot(
+    loaded: &Loaded,
+    nodes: u8,
+    handoff_pct: u8,
+    me: NodeId,
+) -> Result<Snapshot, String> {
+    if !(1..=64).contains(&nodes) || me.get() > nodes {
+        return Err(format!(
+            "a cluster of {nodes} nodes (1 to 64) with node {} in it",
+            me.get()
+        ));
+    }
+    if handoff_pct > 100 {
+        return Err(format!("{handoff_pct}% of the buckets cannot move"));
+    }
+    let table = simulated_table(loaded, nodes)?;
+    if handoff_pct == 0 || nodes == 1 {
+        return Ok(stable_snapshot(&table));
+    }
+    let moving = |b: Bucket| b.index() % 100 < usize::from(handoff_pct);
+    let next = NodeId::new(me.get() % nodes + 1).expect("1..=nodes");
+    let target = |b: Bucket| match table.owner(b) {
+        owner if !moving(b) => owner,
+        owner if owner == me => next,
+        _ => me,
+    };
+    Ok(Snapshot::build(
+        PlanId {
+            epoch: table.epoch() + 1,
+            proposer: me,
+        },
+        Phase::Acquire,
+        |b| table.owner(b),
+        Some(&target),
+        table.digest(),
+    ))
+}
+
 /// Replays `frames` (timestamp in ns, bytes) through `nodes` simulated nodes.
 pub fn replay(
     loaded: &Loaded,
@@ -127,18 +171,38 @@ pub fn replay(
     }
     let table = simulated_table(loaded, nodes)?;
     let snapshot = Arc::new(stable_snapshot(&table));
-    let sizes = TableSizes::default();
-    let mut sims: Vec<(Pipeline, FragmentHold<usize>, NodeCounts)> = (1..=nodes)
+    Ok(replay_with(
+        loaded,
+        &snapshot,
+        1..=nodes,
+        TableSizes::default(),
+        frames,
+    ))
+}
+
+/// Replays `frames` through the simulated nodes `ids`, all under `snapshot`, each with tables
+/// of `sizes` (one simulated node of a larger cluster: `ids = 1..=1`).
+pub fn replay_with(
+    loaded: &Loaded,
+    snapshot: &Arc<Snapshot>,
+    ids: std::ops::RangeInclusive<u8>,
+    sizes: TableSizes,
+    frames: impl IntoIterator<Item = (u64, Vec<u8>)>,
+) -> ReplayReport {
+    let mut sims: Vec<(Pipeline, FragmentHold<usize>, NodeCounts)> = ids
         .map(|id| {
             let p = Pipeline::new(
                 simulated_identity(loaded, id),
                 &loaded.secret,
-                Arc::clone(&snapshot),
+                Arc::clone(snapshot),
                 sizes,
             );
+            let me = p.identity().node;
             let counts = NodeCounts {
                 node: id,
-                buckets: table.buckets_of(p.identity().node),
+                buckets: Bucket::all()
+                    .filter(|&b| snapshot.new_flow_owner(b) == Some(me))
+                    .count() as u32,
                 ..NodeCounts::default()
             };
             (p, FragmentHold::new(1024, sizes.fragment_timeout), counts)
@@ -226,7 +290,7 @@ pub fn replay(
         }
     }
     report.nodes = sims.into_iter().map(|(_, _, c)| c).collect();
-    Ok(report)
+    report
 }
 
 /// Every frame of a pcap file with its timestamp in nanoseconds.

@@ -5,17 +5,33 @@
 //! The table never allocates after [`FlowTable::new`] and never reads a clock: callers pass
 //! `now` in nanoseconds from any monotonic source, the same one for every call.
 //!
+//! # Identity
+//!
+//! The table does not store flow ids: it stores a 64-bit keyed fingerprint of each one
+//! ([`FlowHash`]) and treats equal fingerprints as the same flow. The fingerprint is built from
+//! the flow key's keyed bucket hash (SipHash under the cluster secret, computed for the
+//! ownership decision anyway) and the rest of the 5-tuple through a bijective mixer, so:
+//! - two flows of different clients collide only if their keyed SipHashes do, which nobody
+//!   without the secret can arrange (and which happens by chance with probability ~2^-64 per
+//!   pair that meets in a probe run);
+//! - two flows with the same flow key and destination never collide (the ports and protocol
+//!   enter injectively); flows of one client to different destinations may, which only merges
+//!   that client's own flows of one bucket.
+//!
 //! # Layout
 //!
-//! Open addressing with linear probing over a power-of-two array of slots, at most 3/4 full
-//! (`slots = next_power_of_two(ceil(capacity * 4 / 3))`). A slot is 56 bytes: the flow id
-//! (38), the 32-bit probe hash (4), the bucket (2), the state (1, `None` = empty) and
-//! `last_seen` (8), padded to 8. Deletion shifts the rest of the probe run back (no
-//! tombstones), using the stored hash, so runs stay short under churn. A 65536-entry `u32`
-//! array counts entries per bucket (256 KiB).
+//! Open addressing with linear probing over a power-of-two array of 16-byte slots (four per
+//! cache line), at most 3/4 full (`slots = next_power_of_two(ceil(capacity * 4 / 3))`): the
+//! fingerprint (8), `last_seen` in ticks of 2^24 ns (~16.8 ms; 4), the bucket (2), the state
+//! (1, 0 = empty) and the IP protocol (1, for its timeout). The home slot is the
+//! fingerprint's low bits; deletion shifts the rest of the probe run back (no tombstones), so
+//! runs stay short under churn. A 65536-entry `u32` array counts entries per bucket (256 KiB).
+//! [`FlowTable::prefetch`] asks for a flow's home line ahead of the lookup, so a burst's misses
+//! overlap.
 //!
-//! The probe index is SipHash-1-3 of the flow id under a caller-supplied key, so clients cannot
-//! craft flows that pile into one probe run.
+//! Ticks are 32 bits and wrap after ~2.3 years; idle times are compared with wrapping
+//! arithmetic, which is exact as long as every entry is swept ([`FlowTable::expire`]) or
+//! touched within that span (the data plane sweeps the whole table within minutes).
 //!
 //! # Bounds
 //!
@@ -27,78 +43,58 @@ use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use siphasher::sip::SipHasher13;
-
-use super::flow_key::{sip13, Bucket, BUCKETS};
+use super::flow_key::Bucket;
+#[cfg(test)]
+use super::flow_key::BUCKETS;
 
 /// How many occupied slots an insertion into a full table inspects to choose a victim.
 pub const EVICTION_WINDOW: usize = 8;
 
+/// Bytes of one slot.
+pub const SLOT_BYTES: usize = 16;
+
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 
-/// A flow's full identity, as seen arriving at the cluster. IPv4 addresses are stored
-/// IPv4-mapped (`::ffff:a.b.c.d`).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct FlowId {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub proto: u8,
+/// `last_seen` is kept in ticks of 2^TICK_SHIFT ns (~16.8 ms).
+const TICK_SHIFT: u32 = 24;
+
+#[inline(always)]
+fn ticks(now: u64) -> u32 {
+    // Truncation is the wrap the module doc describes.
+    (now >> TICK_SHIFT) as u32
 }
 
-impl FlowId {
-    pub fn new(src: IpAddr, dst: IpAddr, src_port: u16, dst_port: u16, proto: u8) -> FlowId {
-        FlowId {
-            src: mapped(src),
-            dst: mapped(dst),
-            src_port,
-            dst_port,
-            proto,
-        }
-    }
+/// A bijective 64-bit mixer (xorshift-multiply): every output bit depends on every input bit.
+#[inline(always)]
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 32;
+    x = x.wrapping_mul(0xd6e8_feb8_6659_fd93);
+    x ^= x >> 32;
+    x = x.wrapping_mul(0xd6e8_feb8_6659_fd93);
+    x ^= x >> 32;
+    x
+}
 
-    /// The bytes the probe hash reads.
+/// A flow's identity as the table knows it: a 64-bit keyed fingerprint (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowHash(pub u64);
+
+impl FlowHash {
+    /// The fingerprint of the flow `src:src_port -> dst:dst_port` (IP protocol `proto`) whose
+    /// flow key has the keyed bucket hash `key_hash` ([`super::BucketHasher::hash`]).
     #[inline]
-    fn encode(&self) -> [u8; 37] {
-        let mut b = [0u8; 37];
-        b[..16].copy_from_slice(&self.src);
-        b[16..32].copy_from_slice(&self.dst);
-        b[32..34].copy_from_slice(&self.src_port.to_be_bytes());
-        b[34..36].copy_from_slice(&self.dst_port.to_be_bytes());
-        b[36] = self.proto;
-        b
-    }
-}
-
-#[inline]
-fn mapped(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-fn unmapped(b: [u8; 16]) -> IpAddr {
-    let v6 = std::net::Ipv6Addr::from(b);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
-}
-
-impl fmt::Debug for FlowId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "FlowId({} {} -> {} {}, proto {})",
-            unmapped(self.src),
-            self.src_port,
-            unmapped(self.dst),
-            self.dst_port,
-            self.proto
-        )
+    pub fn new(key_hash: u64, dst: IpAddr, src_port: u16, dst_port: u16, proto: u8) -> FlowHash {
+        let ports = (u64::from(src_port) << 48) | (u64::from(dst_port) << 32) | u64::from(proto);
+        let dst = match dst {
+            IpAddr::V4(a) => u64::from(u32::from(a)),
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                // Truncations: the two halves of the address.
+                (a as u64) ^ mix((a >> 64) as u64)
+            }
+        };
+        FlowHash(mix(mix(key_hash ^ ports) ^ dst))
     }
 }
 
@@ -189,38 +185,62 @@ impl Default for FlowTimeouts {
     }
 }
 
-/// The nanosecond form the packet path compares against.
+/// The tick form the packet path compares against.
 #[derive(Debug, Clone, Copy)]
-struct TimeoutsNs {
-    tcp_syn: u64,
-    tcp_established: u64,
-    tcp_closing: u64,
-    udp: u64,
-    other: u64,
+struct TimeoutTicks {
+    tcp_syn: u32,
+    tcp_established: u32,
+    tcp_closing: u32,
+    udp: u32,
+    other: u32,
 }
 
-impl From<FlowTimeouts> for TimeoutsNs {
+impl From<FlowTimeouts> for TimeoutTicks {
     fn from(t: FlowTimeouts) -> Self {
-        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        TimeoutsNs {
-            tcp_syn: ns(t.tcp_syn),
-            tcp_established: ns(t.tcp_established),
-            tcp_closing: ns(t.tcp_closing),
-            udp: ns(t.udp),
-            other: ns(t.other),
+        let t_of = |d: Duration| {
+            u32::try_from(d.as_nanos() >> TICK_SHIFT)
+                .unwrap_or(u32::MAX)
+                // Idle times compare with wrapping arithmetic: keep them below half the range.
+                .min(u32::MAX / 2)
+        };
+        TimeoutTicks {
+            tcp_syn: t_of(t.tcp_syn),
+            tcp_established: t_of(t.tcp_established),
+            tcp_closing: t_of(t.tcp_closing),
+            udp: t_of(t.udp),
+            other: t_of(t.other),
         }
     }
 }
 
-impl TimeoutsNs {
+impl TimeoutTicks {
     #[inline]
-    fn of(&self, state: FlowState, proto: u8) -> u64 {
+    fn of(&self, state: u8, proto: u8) -> u32 {
         match state {
-            FlowState::SynSeen => self.tcp_syn,
-            FlowState::Established => self.tcp_established,
-            FlowState::Closing => self.tcp_closing,
-            FlowState::Open if proto == UDP => self.udp,
-            FlowState::Open => self.other,
+            STATE_SYN => self.tcp_syn,
+            STATE_ESTABLISHED => self.tcp_established,
+            STATE_CLOSING => self.tcp_closing,
+            _ if proto == UDP => self.udp,
+            _ => self.other,
+        }
+    }
+}
+
+const EMPTY: u8 = 0;
+const STATE_OPEN: u8 = FlowState::Open as u8;
+const STATE_SYN: u8 = FlowState::SynSeen as u8;
+const STATE_ESTABLISHED: u8 = FlowState::Established as u8;
+const STATE_CLOSING: u8 = FlowState::Closing as u8;
+
+impl FlowState {
+    #[inline]
+    fn from_raw(raw: u8) -> Option<FlowState> {
+        match raw {
+            STATE_OPEN => Some(FlowState::Open),
+            STATE_SYN => Some(FlowState::SynSeen),
+            STATE_ESTABLISHED => Some(FlowState::Established),
+            STATE_CLOSING => Some(FlowState::Closing),
+            _ => None,
         }
     }
 }
@@ -230,7 +250,7 @@ impl TimeoutsNs {
 pub struct FlowEntry {
     pub bucket: Bucket,
     pub state: FlowState,
-    /// The `now` of the last packet seen.
+    /// The `now` of the last packet seen, rounded down to a tick (2^24 ns).
     pub last_seen: u64,
 }
 
@@ -258,15 +278,24 @@ pub struct FlowTableStats {
     pub removed: u64,
 }
 
+/// One slot: see the module doc's layout.
 #[derive(Clone, Copy, Default)]
+#[repr(C, align(16))]
 struct Slot {
-    last_seen: u64,
-    id: FlowId,
-    /// Low 32 bits of the probe hash: home slot = `hash & mask`, and a cheap compare.
-    hash: u32,
+    hash: u64,
+    /// Ticks (see [`ticks`]) of the last packet.
+    last_seen: u32,
     bucket: u16,
-    /// `None`: the slot is empty.
-    state: Option<FlowState>,
+    /// `EMPTY` or a [`FlowState`] as `u8`.
+    state: u8,
+    proto: u8,
+}
+
+impl Slot {
+    #[inline(always)]
+    fn is_empty(&self) -> bool {
+        self.state == EMPTY
+    }
 }
 
 /// See the module doc.
@@ -276,28 +305,19 @@ pub struct FlowTable {
     capacity: usize,
     len: usize,
     per_bucket: Box<[u32]>,
-    timeouts: TimeoutsNs,
-    /// SipHash-1-3 keys.
-    k0: u64,
-    k1: u64,
+    timeouts: TimeoutTicks,
     /// Where the next [`FlowTable::expire`] call resumes.
     cursor: usize,
     stats: FlowTableStats,
 }
 
 impl FlowTable {
-    /// A table for at most `capacity` flows (at least 1), keyed for probing by `hash_key`
-    /// (derive it from the cluster secret with [`super::derive_key`]).
+    /// A table for at most `capacity` flows (at least 1).
     ///
-    /// Allocates everything the table will ever use: `56 * slots + 256 KiB`.
-    pub fn new(capacity: usize, timeouts: FlowTimeouts, hash_key: &[u8; 16]) -> FlowTable {
+    /// Allocates everything the table will ever use: `16 * slots + 256 KiB`.
+    pub fn new(capacity: usize, timeouts: FlowTimeouts) -> FlowTable {
         let capacity = capacity.max(1);
-        let slots = capacity
-            .checked_add(capacity.div_ceil(3))
-            .and_then(usize::checked_next_power_of_two)
-            .filter(|&n| u32::try_from(n).is_ok())
-            .unwrap_or_else(|| panic!("flow table capacity {capacity} is too large"));
-        let (k0, k1) = SipHasher13::new_with_key(hash_key).keys();
+        let slots = Self::slots_for(capacity);
         FlowTable {
             // Written element by element (not calloc'd), so every page is mapped here rather
             // than faulted in on the packet path.
@@ -305,13 +325,26 @@ impl FlowTable {
             mask: slots - 1,
             capacity,
             len: 0,
-            per_bucket: (0..BUCKETS).map(|_| 0u32).collect(),
+            per_bucket: (0..super::BUCKETS).map(|_| 0u32).collect(),
             timeouts: timeouts.into(),
-            k0,
-            k1,
             cursor: 0,
             stats: FlowTableStats::default(),
         }
+    }
+
+    /// Slots a table of `capacity` flows has (a power of two, at most 3/4 full).
+    pub fn slots_for(capacity: usize) -> usize {
+        let capacity = capacity.max(1);
+        capacity
+            .checked_add(capacity.div_ceil(3))
+            .and_then(usize::checked_next_power_of_two)
+            .filter(|&n| u32::try_from(n).is_ok())
+            .unwrap_or_else(|| panic!("flow table capacity {capacity} is too large"))
+    }
+
+    /// Bytes a table of `capacity` flows allocates (slots and per-bucket counts).
+    pub fn footprint(capacity: usize) -> usize {
+        Self::slots_for(capacity) * SLOT_BYTES + super::BUCKETS * 4
     }
 
     /// Most entries the table holds.
@@ -339,41 +372,71 @@ impl FlowTable {
         self.per_bucket[bucket.index()]
     }
 
+    /// Asks the CPU for the cache line of `hash`'s home slot, so that a lookup a little later
+    /// finds it there. Only a hint: no effect on the table.
+    #[inline(always)]
+    pub fn prefetch(&self, hash: FlowHash) {
+        let home = &self.slots[hash.0 as usize & self.mask];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch is only a hint and never faults; the address is a valid slot.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                (home as *const Slot).cast(),
+            );
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = home;
+    }
+
     /// The flow's entry, unless absent or idle past its timeout at `now`.
     #[inline]
-    pub fn get(&self, id: &FlowId, now: u64) -> Option<FlowEntry> {
-        let i = self.find(id, self.hash(id))?;
+    pub fn get(&self, hash: FlowHash, now: u64) -> Option<FlowEntry> {
+        let i = self.find(hash.0)?;
         let slot = &self.slots[i];
-        if self.is_expired(slot, now) {
+        if self.is_expired(slot, ticks(now)) {
             return None;
         }
         Some(FlowEntry {
             bucket: Bucket(slot.bucket),
-            state: slot.state?,
-            last_seen: slot.last_seen,
+            state: FlowState::from_raw(slot.state)?,
+            last_seen: u64::from(slot.last_seen) << TICK_SHIFT,
         })
     }
 
-    /// Records a packet of flow `id` (in `bucket`) at `now`: creates the entry if needed, moves
-    /// its TCP state with `flags` (ignored for other protocols), refreshes `last_seen`.
+    /// Records a packet of flow `hash` (IP protocol `proto`, in `bucket`) at `now`: creates the
+    /// entry if needed, moves its TCP state with `flags` (ignored for other protocols),
+    /// refreshes `last_seen`.
     ///
     /// An entry found expired starts over as a new flow. Never allocates; a full table evicts
     /// (see the module doc).
     #[inline]
-    pub fn upsert(&mut self, id: &FlowId, bucket: Bucket, flags: TcpFlags, now: u64) -> Upsert {
-        let hash = self.hash(id);
-        if let Some(i) = self.find(id, hash) {
-            let expired = self.is_expired(&self.slots[i], now);
+    pub fn upsert(
+        &mut self,
+        hash: FlowHash,
+        proto: u8,
+        bucket: Bucket,
+        flags: TcpFlags,
+        now: u64,
+    ) -> Upsert {
+        let hash = hash.0;
+        let now_t = ticks(now);
+        if let Some(i) = self.find(hash) {
+            let expired = self.is_expired(&self.slots[i], now_t);
             if expired {
                 // The old flow ended; this packet starts a new one in the same slot.
                 self.stats.expired += 1;
                 self.stats.inserted += 1;
             }
             let slot = &mut self.slots[i];
-            let prev = if expired { None } else { slot.state };
-            let state = FlowState::next(prev, id.proto, flags);
-            slot.state = Some(state);
-            slot.last_seen = now;
+            let prev = if expired {
+                None
+            } else {
+                FlowState::from_raw(slot.state)
+            };
+            let state = FlowState::next(prev, proto, flags);
+            slot.state = state as u8;
+            slot.proto = proto;
+            slot.last_seen = now_t;
             return Upsert {
                 state,
                 is_new: expired,
@@ -383,19 +446,19 @@ impl FlowTable {
 
         let mut evicted = false;
         if self.len >= self.capacity {
-            evicted = self.make_room(hash, now);
+            evicted = self.make_room(hash, now_t);
         }
-        let state = FlowState::next(None, id.proto, flags);
+        let state = FlowState::next(None, proto, flags);
         let mut i = hash as usize & self.mask;
-        while self.slots[i].state.is_some() {
+        while !self.slots[i].is_empty() {
             i = (i + 1) & self.mask;
         }
         self.slots[i] = Slot {
-            last_seen: now,
-            id: *id,
             hash,
+            last_seen: now_t,
             bucket: bucket.0,
-            state: Some(state),
+            state: state as u8,
+            proto,
         };
         self.len += 1;
         self.per_bucket[bucket.index()] += 1;
@@ -408,15 +471,15 @@ impl FlowTable {
     }
 
     /// Forgets a flow; returns its entry if it was held (expired or not).
-    pub fn remove(&mut self, id: &FlowId) -> Option<FlowEntry> {
-        let i = self.find(id, self.hash(id))?;
+    pub fn remove(&mut self, hash: FlowHash) -> Option<FlowEntry> {
+        let i = self.find(hash.0)?;
         let slot = self.slots[i];
         self.delete_at(i);
         self.stats.removed += 1;
         Some(FlowEntry {
             bucket: Bucket(slot.bucket),
-            state: slot.state?,
-            last_seen: slot.last_seen,
+            state: FlowState::from_raw(slot.state)?,
+            last_seen: u64::from(slot.last_seen) << TICK_SHIFT,
         })
     }
 
@@ -424,11 +487,12 @@ impl FlowTable {
     /// idle past their timeout at `now`. Returns how many were dropped. A sweep of
     /// `slot_count()` slots visits every entry at least once.
     pub fn expire(&mut self, now: u64, budget: usize) -> usize {
+        let now_t = ticks(now);
         let mut dropped = 0;
         for _ in 0..budget {
             let i = self.cursor;
             let slot = &self.slots[i];
-            if slot.state.is_some() && self.is_expired(slot, now) {
+            if !slot.is_empty() && self.is_expired(slot, now_t) {
                 // Deletion shifts the next entry of the run into `i`: look at `i` again.
                 self.delete_at(i);
                 self.stats.expired += 1;
@@ -446,52 +510,47 @@ impl FlowTable {
     }
 
     #[inline]
-    fn hash(&self, id: &FlowId) -> u32 {
-        // Truncation: the table has at most 2^32 slots.
-        sip13(self.k0, self.k1, &id.encode()) as u32
-    }
-
-    #[inline]
-    fn find(&self, id: &FlowId, hash: u32) -> Option<usize> {
+    fn find(&self, hash: u64) -> Option<usize> {
         let mut i = hash as usize & self.mask;
         loop {
             let slot = &self.slots[i];
-            slot.state?;
-            if slot.hash == hash && slot.id == *id {
+            if slot.is_empty() {
+                return None;
+            }
+            if slot.hash == hash {
                 return Some(i);
             }
             i = (i + 1) & self.mask;
         }
     }
 
+    /// Whether an occupied slot's entry is idle past its timeout at tick `now_t`.
     #[inline]
-    fn is_expired(&self, slot: &Slot, now: u64) -> bool {
-        match slot.state {
-            Some(state) => {
-                now.saturating_sub(slot.last_seen) > self.timeouts.of(state, slot.id.proto)
-            }
-            None => false,
-        }
+    fn is_expired(&self, slot: &Slot, now_t: u32) -> bool {
+        let idle = now_t.wrapping_sub(slot.last_seen);
+        // A `now` before `last_seen` (a wrapped difference in the upper half) is not idleness.
+        !slot.is_empty() && idle <= u32::MAX / 2 && idle > self.timeouts.of(slot.state, slot.proto)
     }
 
     /// Drops one entry from the probe run at `hash`'s home to make room. Returns whether the
     /// victim was live (an eviction) rather than expired.
-    fn make_room(&mut self, hash: u32, now: u64) -> bool {
+    fn make_room(&mut self, hash: u64, now_t: u32) -> bool {
         let mut i = hash as usize & self.mask;
         let mut victim = None;
-        let mut oldest = u64::MAX;
+        let mut oldest = 0u32;
         let mut seen = 0;
         // The table holds `capacity >= 1` entries, so this finds one within `slots` steps.
         for _ in 0..self.slots.len() {
             let slot = &self.slots[i];
-            if slot.state.is_some() {
-                if self.is_expired(slot, now) {
+            if !slot.is_empty() {
+                if self.is_expired(slot, now_t) {
                     self.delete_at(i);
                     self.stats.expired += 1;
                     return false;
                 }
-                if slot.last_seen < oldest || victim.is_none() {
-                    oldest = slot.last_seen;
+                let idle = now_t.wrapping_sub(slot.last_seen);
+                if idle > oldest || victim.is_none() {
+                    oldest = idle;
                     victim = Some(i);
                 }
                 seen += 1;
@@ -520,7 +579,7 @@ impl FlowTable {
         loop {
             j = (j + 1) & self.mask;
             let slot = self.slots[j];
-            if slot.state.is_none() {
+            if slot.is_empty() {
                 break;
             }
             let home = slot.hash as usize & self.mask;
@@ -530,7 +589,7 @@ impl FlowTable {
                 hole = j;
             }
         }
-        self.slots[hole].state = None;
+        self.slots[hole].state = EMPTY;
     }
 }
 
@@ -557,30 +616,54 @@ mod tests {
     const KEY: &[u8; 16] = b"flow-table-key!!";
     const SEC: u64 = 1_000_000_000;
 
-    fn flow(n: u32, proto: u8) -> FlowId {
-        FlowId::new(
-            IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | n)),
-            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
-            (n % 50_000) as u16 + 1024,
-            80,
+    /// A test flow: its fingerprint (from a SipHash of `n`, standing in for the bucket hash)
+    /// and protocol.
+    #[derive(Debug, Clone, Copy)]
+    struct Flow {
+        hash: FlowHash,
+        proto: u8,
+    }
+
+    fn flow(n: u32, proto: u8) -> Flow {
+        let (k0, k1) = siphasher::sip::SipHasher13::new_with_key(KEY).keys();
+        let key_hash = super::super::flow_key::sip13(k0, k1, &n.to_le_bytes());
+        Flow {
+            hash: FlowHash::new(
+                key_hash,
+                IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+                (n % 50_000) as u16 + 1024,
+                80,
+                proto,
+            ),
             proto,
-        )
+        }
+    }
+
+    impl FlowTable {
+        fn up(&mut self, f: &Flow, bucket: Bucket, flags: TcpFlags, now: u64) -> Upsert {
+            self.upsert(f.hash, f.proto, bucket, flags, now)
+        }
+        fn g(&self, f: &Flow, now: u64) -> Option<FlowEntry> {
+            self.get(f.hash, now)
+        }
+        fn rm(&mut self, f: &Flow) -> Option<FlowEntry> {
+            self.remove(f.hash)
+        }
     }
 
     fn table(capacity: usize) -> FlowTable {
-        FlowTable::new(capacity, FlowTimeouts::default(), KEY)
+        FlowTable::new(capacity, FlowTimeouts::default())
     }
 
     /// Checks every structural invariant by brute force.
     fn check(t: &FlowTable) {
-        let occupied: Vec<&Slot> = t.slots.iter().filter(|s| s.state.is_some()).collect();
+        let occupied: Vec<&Slot> = t.slots.iter().filter(|s| !s.is_empty()).collect();
         assert_eq!(occupied.len(), t.len);
         assert!(t.len <= t.capacity);
         let mut per_bucket = vec![0u32; BUCKETS];
         for s in &occupied {
             per_bucket[usize::from(s.bucket)] += 1;
-            assert_eq!(t.hash(&s.id), s.hash);
-            assert!(t.find(&s.id, s.hash).is_some(), "{:?} unreachable", s.id);
+            assert!(t.find(s.hash).is_some(), "{:x} unreachable", s.hash);
         }
         assert!(
             per_bucket[..] == t.per_bucket[..],
@@ -597,12 +680,11 @@ mod tests {
     fn layout() {
         let slot = std::mem::size_of::<Slot>();
         println!(
-            "flow table: FlowId {} bytes, slot {slot} bytes, {:.1} bytes per flow at full load",
-            std::mem::size_of::<FlowId>(),
+            "flow table: slot {slot} bytes, {:.1} bytes per flow at full load",
             slot as f64 * table(3 << 20).slot_count() as f64 / (3 << 20) as f64
         );
-        assert_eq!(std::mem::size_of::<FlowId>(), 38);
-        assert_eq!(slot, 56);
+        assert_eq!(slot, SLOT_BYTES);
+        assert_eq!(std::mem::align_of::<Slot>(), 16);
         assert_eq!(table(3).slot_count(), 4);
         assert_eq!(table(1000).slot_count(), 2048);
         assert_eq!(table(0).capacity(), 1);
@@ -613,28 +695,25 @@ mod tests {
         let mut t = table(16);
         let f = flow(1, TCP);
         let b = Bucket(7);
-        let u = t.upsert(&f, b, TcpFlags::SYN, 0);
+        let u = t.up(&f, b, TcpFlags::SYN, 0);
         assert_eq!(
             (u.state, u.is_new, u.evicted),
             (FlowState::SynSeen, true, false)
         );
-        assert_eq!(
-            t.upsert(&f, b, TcpFlags::SYN, SEC).state,
-            FlowState::SynSeen
-        );
-        let u = t.upsert(&f, b, TcpFlags::ACK, 2 * SEC);
+        assert_eq!(t.up(&f, b, TcpFlags::SYN, SEC).state, FlowState::SynSeen);
+        let u = t.up(&f, b, TcpFlags::ACK, 2 * SEC);
         assert_eq!((u.state, u.is_new), (FlowState::Established, false));
         // An established flow idles up to 300 s.
-        assert!(t.get(&f, 2 * SEC + 300 * SEC).is_some());
-        assert!(t.get(&f, 2 * SEC + 301 * SEC).is_none());
+        assert!(t.g(&f, 2 * SEC + 300 * SEC).is_some());
+        assert!(t.g(&f, 2 * SEC + 301 * SEC).is_none());
         let fin = TcpFlags::FIN.union(TcpFlags::ACK);
-        assert_eq!(t.upsert(&f, b, fin, 3 * SEC).state, FlowState::Closing);
+        assert_eq!(t.up(&f, b, fin, 3 * SEC).state, FlowState::Closing);
         assert_eq!(
-            t.upsert(&f, b, TcpFlags::ACK, 4 * SEC).state,
+            t.up(&f, b, TcpFlags::ACK, 4 * SEC).state,
             FlowState::Closing
         );
         // Closing idles 30 s only.
-        assert!(t.get(&f, 35 * SEC).is_none());
+        assert!(t.g(&f, 35 * SEC).is_none());
         assert_eq!(t.count_in_bucket(b), 1);
         assert_eq!(t.expire(35 * SEC, t.slot_count()), 1);
         assert_eq!(t.count_in_bucket(b), 0);
@@ -659,9 +738,9 @@ mod tests {
     fn udp_times_out_and_restarts() {
         let mut t = table(4);
         let f = flow(9, UDP);
-        assert!(t.upsert(&f, Bucket(1), TcpFlags::NONE, 0).is_new);
-        assert!(!t.upsert(&f, Bucket(1), TcpFlags::NONE, 30 * SEC).is_new);
-        let u = t.upsert(&f, Bucket(1), TcpFlags::NONE, 61 * SEC);
+        assert!(t.up(&f, Bucket(1), TcpFlags::NONE, 0).is_new);
+        assert!(!t.up(&f, Bucket(1), TcpFlags::NONE, 30 * SEC).is_new);
+        let u = t.up(&f, Bucket(1), TcpFlags::NONE, 61 * SEC);
         assert_eq!((u.state, u.is_new), (FlowState::Open, true));
         assert_eq!(t.len(), 1);
         assert_eq!(t.stats().expired, 1);
@@ -672,19 +751,19 @@ mod tests {
     fn full_table_evicts_expired_before_live() {
         let mut t = table(8);
         for n in 0..8 {
-            t.upsert(&flow(n, TCP), Bucket(n as u16), TcpFlags::SYN, 0);
+            t.up(&flow(n, TCP), Bucket(n as u16), TcpFlags::SYN, 0);
         }
         // Keep all but flow 3 fresh; flow 3's SYN state times out.
         for n in (0..8).filter(|&n| n != 3) {
-            t.upsert(&flow(n, TCP), Bucket(n as u16), TcpFlags::ACK, 29 * SEC);
+            t.up(&flow(n, TCP), Bucket(n as u16), TcpFlags::ACK, 29 * SEC);
         }
-        t.upsert(&flow(100, TCP), Bucket(100), TcpFlags::SYN, 31 * SEC);
+        t.up(&flow(100, TCP), Bucket(100), TcpFlags::SYN, 31 * SEC);
         check(&t);
         // The window covers all 8 entries here, so the expired one must be the victim.
-        assert!(t.get(&flow(3, TCP), 31 * SEC).is_none());
+        assert!(t.g(&flow(3, TCP), 31 * SEC).is_none());
         assert_eq!((t.stats().evicted, t.stats().expired), (0, 1));
         // Now nothing is expired: the oldest live entry goes, and it is counted.
-        let u = t.upsert(&flow(101, TCP), Bucket(101), TcpFlags::SYN, 32 * SEC);
+        let u = t.up(&flow(101, TCP), Bucket(101), TcpFlags::SYN, 32 * SEC);
         assert!(u.evicted);
         assert_eq!(t.stats().evicted, 1);
         assert_eq!(t.len(), 8);
@@ -695,7 +774,7 @@ mod tests {
     fn sweep_budget_resumes() {
         let mut t = table(1000);
         for n in 0..1000 {
-            t.upsert(&flow(n, UDP), Bucket((n % 10) as u16), TcpFlags::NONE, 0);
+            t.up(&flow(n, UDP), Bucket((n % 10) as u16), TcpFlags::NONE, 0);
         }
         let mut dropped = 0;
         let mut calls = 0;
@@ -720,17 +799,17 @@ mod tests {
         };
         for &n in sizes {
             let mut t = table(n);
-            let ids: Vec<FlowId> = (0..n as u32).map(|i| flow(i, TCP)).collect();
+            let ids: Vec<Flow> = (0..n as u32).map(|i| flow(i, TCP)).collect();
             let start = std::time::Instant::now();
             for (i, id) in ids.iter().enumerate() {
-                t.upsert(id, Bucket(i as u16), TcpFlags::SYN, 1);
+                t.up(id, Bucket(i as u16), TcpFlags::SYN, 1);
             }
             let insert = start.elapsed().as_nanos() as f64 / n as f64;
             let start = std::time::Instant::now();
             let mut hits = 0;
             for _ in 0..10_000_000 / n {
                 for id in &ids {
-                    hits += usize::from(t.get(std::hint::black_box(id), 2).is_some());
+                    hits += usize::from(t.g(std::hint::black_box(id), 2).is_some());
                 }
             }
             let lookup = start.elapsed().as_nanos() as f64 / hits as f64;
@@ -778,19 +857,19 @@ mod tests {
                 match op {
                     Op::Upsert(k, f) => {
                         let full = t.len() == t.capacity();
-                        let had = t.find(&flow(k, proto_of(k)), t.hash(&flow(k, proto_of(k)))).is_some();
+                        let had = t.find(flow(k, proto_of(k)).hash.0).is_some();
                         let before = t.stats();
-                        let u = t.upsert(&flow(k, proto_of(k)), Bucket(k as u16), TcpFlags(f), now);
+                        let u = t.up(&flow(k, proto_of(k)), Bucket(k as u16), TcpFlags(f), now);
                         let after = t.stats();
-                        prop_assert!(t.get(&flow(k, proto_of(k)), now).is_some());
+                        prop_assert!(t.g(&flow(k, proto_of(k)), now).is_some());
                         prop_assert_eq!(u.evicted, after.evicted == before.evicted + 1);
                         if u.evicted {
                             prop_assert!(full && !had);
                         }
                     }
                     Op::Remove(k) => {
-                        t.remove(&flow(k, proto_of(k)));
-                        prop_assert!(t.get(&flow(k, proto_of(k)), now).is_none());
+                        t.rm(&flow(k, proto_of(k)));
+                        prop_assert!(t.g(&flow(k, proto_of(k)), now).is_none());
                     }
                     Op::Expire(budget) => {
                         t.expire(now, budget);
@@ -812,10 +891,10 @@ mod tests {
                     Op::Upsert(k, f) => {
                         let s = FlowState::next(model.get(&k).copied(), proto_of(k), TcpFlags(f));
                         model.insert(k, s);
-                        t.upsert(&flow(k, proto_of(k)), Bucket(k as u16 % 4), TcpFlags(f), 0);
+                        t.up(&flow(k, proto_of(k)), Bucket(k as u16 % 4), TcpFlags(f), 0);
                     }
                     Op::Remove(k) => {
-                        prop_assert_eq!(model.remove(&k).is_some(), t.remove(&flow(k, proto_of(k))).is_some());
+                        prop_assert_eq!(model.remove(&k).is_some(), t.rm(&flow(k, proto_of(k))).is_some());
                     }
                     Op::Expire(budget) => {
                         prop_assert_eq!(t.expire(0, budget), 0);
@@ -826,7 +905,7 @@ mod tests {
             prop_assert_eq!(t.len(), model.len());
             prop_assert_eq!(t.stats().evicted, 0);
             for (k, s) in model {
-                prop_assert_eq!(t.get(&flow(k, proto_of(k)), 0).map(|e| e.state), Some(s));
+                prop_assert_eq!(t.g(&flow(k, proto_of(k)), 0).map(|e| e.state), Some(s));
             }
             check(&t);
         }

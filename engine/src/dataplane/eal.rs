@@ -6,7 +6,7 @@ use std::ptr::NonNull;
 use dpdk_sys as sys;
 
 use super::{rte_errno, strerror, StartError};
-use crate::config::{DataplaneConfig, PortSpec, MBUF_FOOTPRINT};
+use crate::config::{DataplaneConfig, PortSpec};
 
 /// A started EAL. There is one per process; `rte_eal_cleanup` runs on drop.
 #[derive(Debug)]
@@ -159,7 +159,8 @@ unsafe impl Sync for Mempool {}
 const POOL_CACHE: u32 = 256;
 
 impl Mempool {
-    pub fn create(_eal: &Eal, size: u32) -> Result<Mempool, StartError> {
+    /// A pool of `size` mbufs of `mbuf_size` buffer bytes each (headroom included).
+    pub fn create(_eal: &Eal, size: u32, mbuf_size: u16) -> Result<Mempool, StartError> {
         let name = CString::new("cc_pkt_pool").expect("no NUL");
         // SAFETY: the EAL is started (proven by `_eal`), `name` is a valid C string, and the
         // sizes are plain integers that DPDK checks itself.
@@ -169,13 +170,13 @@ impl Mempool {
                 size,
                 POOL_CACHE.min(size / 8),
                 0,
-                sys::RTE_MBUF_DEFAULT_BUF_SIZE as u16,
+                mbuf_size,
                 sys::rte_socket_id() as i32,
             )
         };
         NonNull::new(raw).map(|raw| Mempool { raw }).ok_or_else(|| {
             let errno = rte_errno();
-            let mib = (u64::from(size) * MBUF_FOOTPRINT).div_ceil(1 << 20);
+            let mib = (u64::from(size) * (u64::from(mbuf_size) + 128 + 64)).div_ceil(1 << 20);
             StartError::new(
                 "dataplane.pool_size",
                 format!(

@@ -192,6 +192,24 @@ impl Burst {
         }
     }
 
+    /// The `i`-th frame of the burst, read in place (the bytes [`Mbuf::data`] gives once the
+    /// burst is drained). `None` past the end and for frames spanning several segments.
+    #[inline]
+    pub fn frame(&self, i: usize) -> Option<&[u8]> {
+        let raw = *self.slots[..self.len].get(i)?;
+        // SAFETY: slots below `len` hold valid mbufs owned by the burst, and `&self` keeps them
+        // from being drained, sent or freed while the slice lives. buf_addr + data_off points
+        // at data_len initialised bytes of the first segment, as in `Mbuf::data`.
+        unsafe {
+            let m = &*raw;
+            if m.nb_segs > 1 {
+                return None;
+            }
+            let start = (m.buf_addr as *const u8).add(usize::from(m.data_off));
+            Some(std::slice::from_raw_parts(start, usize::from(m.data_len)))
+        }
+    }
+
     /// Takes every mbuf out, in order.
     pub fn drain(&mut self) -> Drain<'_> {
         let len = std::mem::take(&mut self.len);

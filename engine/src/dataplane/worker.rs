@@ -15,7 +15,9 @@ use super::{strerror, Burst, Eal, Mbuf, Mempool, Port, PortRole, StartError};
 use crate::cluster::NodeId;
 use crate::config::{IdleMode, Loaded};
 pub use crate::counters::{CoreCounters, CoreStats};
-use crate::pipeline::{Action, DropReason, FragmentHold, NodeIdentity, Pipeline, TableSizes};
+use crate::pipeline::{
+    Action, DropReason, FragmentHold, NodeIdentity, Pipeline, Prepared, TableSizes,
+};
 use crate::runtime::{wire_frame, ControlLink};
 
 /// What `run` returns when the loops have stopped.
@@ -57,6 +59,48 @@ struct Shared {
     idle: IdleMode,
     max_sleep: Duration,
     stop: Arc<AtomicBool>,
+    /// Benchmarks only ([`ASSUME_ENV`]): a fixed ownership the cores use instead of the
+    /// control thread's snapshots.
+    assumed: Option<Arc<crate::control::Snapshot>>,
+}
+
+/// Benchmarks only: `nodes=N,handoff=P` makes the packet cores assume they are this node of an
+/// N-node cluster with P% of the buckets in handoff
+/// ([`crate::replay::assumed_snapshot`]), from the first frame on, and ignore the control
+/// thread's snapshots. `benches/pipeline.rs` sets it so that a single engine measures a node of
+/// a larger cluster and `replay` can predict its every decision.
+pub const ASSUME_ENV: &str = "CLONECLUSTER_BENCH_ASSUME";
+
+/// The snapshot [`ASSUME_ENV`] asks for, if it is set.
+fn assumed_snapshot(loaded: &Loaded) -> Result<Option<Arc<crate::control::Snapshot>>, StartError> {
+    let Ok(spec) = std::env::var(ASSUME_ENV) else {
+        return Ok(None);
+    };
+    let bad = |why: String| {
+        StartError::new(
+            ASSUME_ENV,
+            why,
+            "set it to `nodes=N,handoff=P` (N 1..=64, P percent 0..=100), or unset it",
+        )
+    };
+    let (mut nodes, mut handoff) = (1u8, 0u8);
+    for part in spec.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some(("nodes", v)) => nodes = v.parse().map_err(|_| bad(format!("nodes `{v}`")))?,
+            Some(("handoff", v)) => {
+                handoff = v.parse().map_err(|_| bad(format!("handoff `{v}`")))?
+            }
+            _ => return Err(bad(format!("`{part}` is not nodes=N or handoff=P"))),
+        }
+    }
+    let me = NodeId::new(loaded.config.node.id).expect("validated: node.id is 1..=64");
+    let snapshot = crate::replay::assumed_snapshot(loaded, nodes, handoff, me).map_err(bad)?;
+    tracing::warn!(
+        nodes,
+        handoff,
+        "{ASSUME_ENV} is set: the packet cores assume a fixed ownership (benchmarks only)"
+    );
+    Ok(Some(Arc::new(snapshot)))
 }
 
 // SAFETY: everything in `Shared` is read-only or atomic; the raw pool pointer refers to a
@@ -73,8 +117,9 @@ pub fn run(
 ) -> Result<RunReport, StartError> {
     let cfg = &loaded.config;
     let dp = &cfg.dataplane;
+    let assumed = assumed_snapshot(loaded)?;
     let eal = Eal::start(dp, cfg.node.id)?;
-    let pool = Mempool::create(&eal, dp.pool_size)?;
+    let pool = Mempool::create(&eal, dp.pool_size, dp.mbuf_size)?;
     let queues = dp.cores.len() as u16;
     let desc = (dp.rx_descriptors, dp.tx_descriptors);
     let wire = Port::start(PortRole::Wire, &dp.wire_port, queues, desc, dp.idle, &pool)?;
@@ -102,6 +147,7 @@ pub fn run(
         idle: dp.idle,
         max_sleep: dp.idle_max_sleep.0,
         stop,
+        assumed,
     };
     eprintln!(
         "clonecluster: node {} running on cores {:?}: wire port {} ({}), host port {} ({}), \
@@ -178,6 +224,9 @@ const MAINTAIN_EVERY: u32 = 1024;
 const EXPIRE_BUDGET: usize = 256;
 /// One wire burst in this many has its processing time recorded.
 const LATENCY_SAMPLE_EVERY: u32 = 8;
+/// Loop iterations between looks at the control link (a new snapshot, refusal, control frames
+/// to send): its atomics sit on lines the control thread writes, so every look can miss.
+const CONTROL_EVERY: u32 = 16;
 /// How often a releasing node recounts its flows per bucket.
 const COUNT_EVERY_NS: u64 = 50_000_000;
 
@@ -221,14 +270,20 @@ fn core_loop(shared: &Shared, index: usize) {
     let me: NodeId = shared.identity.node;
     // Frames wait in the ports until the control thread has published a first ownership
     // snapshot: before it, this node cannot know which flows are its own.
-    while link.snapshot.load().plan().is_none() && !shared.stop.load(Relaxed) {
+    while shared.assumed.is_none()
+        && link.snapshot.load().plan().is_none()
+        && !shared.stop.load(Relaxed)
+    {
         std::thread::sleep(Duration::from_millis(1));
     }
     let mut version = link.version.load(Relaxed);
     let mut pipeline = Pipeline::new(
         shared.identity.clone(),
         &shared.secret,
-        link.snapshot.load_full(),
+        match &shared.assumed {
+            Some(assumed) => Arc::clone(assumed),
+            None => link.snapshot.load_full(),
+        },
         shared.sizes,
     );
     let mut polls: u64 = 0;
@@ -244,6 +299,7 @@ fn core_loop(shared: &Shared, index: usize) {
     let mut hold: FragmentHold<Mbuf> =
         FragmentHold::new(HOLD_CAPACITY, shared.sizes.fragment_timeout);
     let mut rx = Burst::new();
+    let mut prepared = [Prepared::default(); super::mbuf::BURST];
     let mut to_host = TxQueue {
         burst: Burst::new(),
         port: shared.host,
@@ -276,13 +332,17 @@ fn core_loop(shared: &Shared, index: usize) {
             let now = clock.now();
             last_now = now;
             bursts = bursts.wrapping_add(1);
-            for mut m in rx.drain() {
-                let action = if m.is_chained() {
-                    Action::Drop(DropReason::Chained)
-                } else {
-                    let len = m.len();
-                    pipeline.from_wire(m.room_mut(), len, now)
+            // Two passes: parse, hash and prefetch every frame's flow-table line first, then
+            // decide, so the burst's cache misses overlap instead of adding up.
+            for (i, slot) in prepared.iter_mut().enumerate().take(from_wire) {
+                *slot = match rx.frame(i) {
+                    Some(frame) => pipeline.prepare(frame),
+                    None => Prepared::Done(Action::Drop(DropReason::Chained)),
                 };
+            }
+            for (mut m, prep) in rx.drain().zip(&prepared) {
+                let len = m.len();
+                let action = pipeline.decide(m.room_mut(), len, prep, now);
                 match action {
                     Action::Deliver | Action::DeliverShared => to_host.push(m),
                     Action::ToWire => to_wire.push(m),
@@ -353,16 +413,20 @@ fn core_loop(shared: &Shared, index: usize) {
             publish_drops(&mut drops, c);
         }
 
-        // Between bursts: a new ownership snapshot, and control frames to send.
-        pipeline.set_refuse_new(link.refuse_new.load(Relaxed));
-        let v = link.version.load(Relaxed);
-        if v != version {
-            version = v;
-            pipeline.set_snapshot(link.snapshot.load_full());
-            next_count = 0;
-            sweeps_since_change = 0;
+        // Between bursts, every few iterations: a new ownership snapshot, and control frames to
+        // send.
+        let control_turn = iterations.is_multiple_of(CONTROL_EVERY);
+        if control_turn {
+            pipeline.set_refuse_new(link.refuse_new.load(Relaxed));
+            let v = link.version.load(Relaxed);
+            if v != version && shared.assumed.is_none() {
+                version = v;
+                pipeline.set_snapshot(link.snapshot.load_full());
+                next_count = 0;
+                sweeps_since_change = 0;
+            }
         }
-        if index == 0 && !link.wire_out.1.is_empty() {
+        if control_turn && index == 0 && !link.wire_out.1.is_empty() {
             // SAFETY: the pool outlives the packet loops (`run` frees it after they return).
             let pool = unsafe { super::eal::Mempool::borrow(shared.pool) };
             while let Ok(message) = link.wire_out.1.try_recv() {

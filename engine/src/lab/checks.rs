@@ -145,9 +145,7 @@ pub fn check_arp(topo: &Topology, dir: &Path, pre: &mut Preconditions) -> Result
         }
     }
     let result = if ready {
-        let _ = topo
-            .client
-            .run(&["ip", "neigh", "flush", "dev", "eth0"]);
+        let _ = topo.client.run(&["ip", "neigh", "flush", "dev", "eth0"]);
         // Any request makes the client's kernel ask for the cluster address.
         let _ = topo.client.run(&[
             "curl",

@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::services::{configure_host_port, engine_config, start_engine, start_nginx, EngineOptions};
+use super::services::{
+    configure_host_port, engine_config, start_engine, start_nginx, EngineOptions,
+};
 use super::topology::{control_ip, Topology};
 
 /// What runs on the nodes.
@@ -84,7 +86,11 @@ impl Cluster {
             Kind::Engine(policy) => {
                 let ns = self.topo.add_node(id)?;
                 let opts = EngineOptions {
-                    policy: if policy == "by-load" { "by-load" } else { "hash" },
+                    policy: if policy == "by-load" {
+                        "by-load"
+                    } else {
+                        "hash"
+                    },
                     ..EngineOptions::default()
                 };
                 let cfg = engine_config(self.dir.path(), id, &self.all_ids, &opts)
@@ -94,9 +100,8 @@ impl Cluster {
                     .map_err(|e| format!("cannot start node {id}'s engine: {e}"))?;
                 let pid = self.topo.adopt(engine);
                 self.engines.push((id, pid));
-                configure_host_port(&ns, Duration::from_secs(30)).map_err(|e| {
-                    format!("{e} (see {})", log.display())
-                })?;
+                configure_host_port(&ns, Duration::from_secs(30))
+                    .map_err(|e| format!("{e} (see {})", log.display()))?;
                 let nginx = start_nginx(&ns, self.dir.path(), id, BIG_KIB)
                     .map_err(|e| format!("cannot start nginx on node {id}: {e}"))?;
                 self.topo.adopt(nginx);

@@ -203,8 +203,10 @@ fn failure(t_ms: u64, kind: Kind, slot: u32, conn: u32, connect_ms: u64, error: 
 
 fn connect(target: SocketAddr) -> Result<TcpStream, String> {
     let s = TcpStream::connect_timeout(&target, TIMEOUT).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let _ = s.set_nodelay(true);
     Ok(s)
 }
@@ -446,6 +448,9 @@ mod tests {
         let samples = run(&opts, &AtomicBool::new(false));
         assert!(samples.iter().any(|s| s.kind == Kind::Keepalive));
         assert!(samples.iter().any(|s| s.kind == Kind::New));
-        assert!(samples.iter().all(|s| s.ok && s.node == Some(7)), "{samples:?}");
+        assert!(
+            samples.iter().all(|s| s.ok && s.node == Some(7)),
+            "{samples:?}"
+        );
     }
 }

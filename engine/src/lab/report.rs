@@ -67,13 +67,21 @@ pub fn write_all(
     for c in configs {
         write(out, &format!("{}.csv", slug(&c.name)), csv(c))?;
     }
-    write(out, "throughput.svg", plot("Server throughput", "requests/s", configs, |s| s.rps)?)?;
+    write(
+        out,
+        "throughput.svg",
+        plot("Server throughput", "requests/s", configs, |s| s.rps)?,
+    )?;
     write(
         out,
         "response_time.svg",
         plot("Average response time", "ms", configs, |s| s.mean_ms)?,
     )?;
-    write(out, "report.md", markdown(clients, duration_s, configs, scenarios))?;
+    write(
+        out,
+        "report.md",
+        markdown(clients, duration_s, configs, scenarios),
+    )?;
     #[derive(Serialize)]
     struct All<'a> {
         configs: &'a [ConfigResult],
@@ -154,7 +162,10 @@ fn markdown(
         // The engine beside the kernel-only clone cluster with as many nodes.
         let mut pairs = Vec::new();
         for k in configs.iter().filter(|c| c.kind == "kernel") {
-            for e in configs.iter().filter(|c| c.kind == "engine" && c.nodes == k.nodes) {
+            for e in configs
+                .iter()
+                .filter(|c| c.kind == "engine" && c.nodes == k.nodes)
+            {
                 pairs.push((e, k));
             }
         }
@@ -169,7 +180,8 @@ fn markdown(
             for (e, k) in pairs {
                 let _ = write!(md, "| {} | {} |", e.name, k.name);
                 for c in clients {
-                    let rps = |r: &ConfigResult| r.steps.iter().find(|s| s.clients == *c).map(|s| s.rps);
+                    let rps =
+                        |r: &ConfigResult| r.steps.iter().find(|s| s.clients == *c).map(|s| s.rps);
                     match (rps(e), rps(k)) {
                         (Some(a), Some(b)) if b > 0.0 => {
                             let _ = write!(md, " {:.2} |", a / b);
@@ -325,11 +337,7 @@ fn plot(
                     PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
                 });
             chart
-                .draw_series(
-                    points
-                        .iter()
-                        .map(|&p| Circle::new(p, 3, colour.filled())),
-                )
+                .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
                 .map_err(e)?;
         }
         chart
@@ -380,12 +388,20 @@ mod tests {
             config("2 nodes hash", &[(10, 150.0), (50, 500.0)]),
         ];
         write_all(dir.path(), &[10, 50], 3, &configs, &[]).unwrap();
-        for f in ["1-node.csv", "2-nodes-hash.csv", "report.md", "results.json"] {
+        for f in [
+            "1-node.csv",
+            "2-nodes-hash.csv",
+            "report.md",
+            "results.json",
+        ] {
             assert!(dir.path().join(f).exists(), "{f}");
         }
         for f in ["throughput.svg", "response_time.svg"] {
             let svg = std::fs::read_to_string(dir.path().join(f)).unwrap();
-            assert!(svg.starts_with("<svg") && svg.contains("2 nodes hash"), "{f}: {svg}");
+            assert!(
+                svg.starts_with("<svg") && svg.contains("2 nodes hash"),
+                "{f}: {svg}"
+            );
         }
         let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
         assert!(md.contains("| 2 nodes hash | 150 | 500 |"), "{md}");

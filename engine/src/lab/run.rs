@@ -274,7 +274,8 @@ fn run_config(
         if interrupted() {
             return Err("interrupted".into());
         }
-        let step = Wrk::start(&c.topo.client, clients, opts.duration_s, "/")?.finish(&interrupted)?;
+        let step =
+            Wrk::start(&c.topo.client, clients, opts.duration_s, "/")?.finish(&interrupted)?;
         // The switch must never hold the cluster MAC: look after every step.
         if c.topo
             .learned_macs()

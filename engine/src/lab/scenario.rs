@@ -128,7 +128,10 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
     let probe_pid = c.topo.adopt(probe);
     let wrk = Wrk::start(&c.topo.client, r.clients, r.duration_s, "/")?;
     let load_started = Instant::now();
-    pause(Duration::from_secs(u64::from(r.duration_s)) / 3, &r.interrupted)?;
+    pause(
+        Duration::from_secs(u64::from(r.duration_s)) / 3,
+        &r.interrupted,
+    )?;
 
     let event_ms = now_ms();
     let event = Instant::now();
@@ -168,7 +171,8 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
                 others.iter().all(|&o| {
                     c.status(o).is_some_and(|st| {
                         st["members"].as_array().is_some_and(|m| {
-                            m.iter().any(|x| x["node"] == node && x["state"] == "draining")
+                            m.iter()
+                                .any(|x| x["node"] == node && x["state"] == "draining")
                         })
                     })
                 })
@@ -227,7 +231,9 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         && match s {
             Scenario::Failover => verdict.lost_by_node.iter().all(|(n, _)| *n == node),
             Scenario::Join => {
-                step.errors == 0 && verdict.failed == 0 && verdict.nodes_after_settled.contains(&node)
+                step.errors == 0
+                    && verdict.failed == 0
+                    && verdict.nodes_after_settled.contains(&node)
             }
             Scenario::Drain => {
                 step.errors == 0

@@ -143,7 +143,14 @@ impl Topology {
     pub fn add_kernel_node(&mut self, id: u8, index: u8, count: u8) -> Result<Ns, String> {
         let ns = self.node_namespace(id)?;
         ns.run(&["ip", "link", "set", "eth0", "address", CLUSTER_MAC])?;
-        ns.run(&["ip", "addr", "add", &format!("{CLUSTER_IP}/24"), "dev", "eth0"])?;
+        ns.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{CLUSTER_IP}/24"),
+            "dev",
+            "eth0",
+        ])?;
         let rules = kernel_clone_rules(index, count, &node_mac(id));
         let mut nft = ns
             .command(&["nft", "-f", "-"])
