@@ -593,7 +593,9 @@ fn testpmd_run(setup: &Setup, mode: &str) -> Option<Run> {
             if let Some(rest) = line.strip_prefix("Rx-pps:") {
                 let cpu = cpu_secs(child.id()).unwrap_or(0.0);
                 if readings.is_empty() {
-                    deadline = Instant::now() + Duration::from_secs(secs() + 1);
+                    // On a busy machine the main lcore prints late: count readings, with a
+                    // generous time bound.
+                    deadline = Instant::now() + Duration::from_secs(4 * secs() + 10);
                 } else if first.is_none() {
                     first = Some((cpu, rx_packets));
                 } else {
@@ -602,7 +604,7 @@ fn testpmd_run(setup: &Setup, mode: &str) -> Option<Run> {
                 readings.push(rest.split_whitespace().next()?.parse().ok()?);
             }
         }
-        if Instant::now() > deadline {
+        if readings.len() as u64 >= secs() + 2 || Instant::now() > deadline {
             break;
         }
     }

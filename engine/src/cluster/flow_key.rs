@@ -89,17 +89,20 @@ impl FlowKey {
     pub fn new(affinity: Affinity, src: IpAddr, src_port: u16, proto: u8) -> FlowKey {
         let mut b = [0u8; KEY_LEN];
         match src {
+            // Whole addresses, then the masked bytes cleared: fixed-size copies, no memcpy call.
             IpAddr::V4(v4) => {
                 b[FAMILY] = 4;
-                let o = v4.octets();
-                let keep = if affinity == Affinity::Network { 3 } else { 4 };
-                b[ADDR..ADDR + keep].copy_from_slice(&o[..keep]);
+                b[ADDR..ADDR + 4].copy_from_slice(&v4.octets());
+                if affinity == Affinity::Network {
+                    b[ADDR + 3] = 0;
+                }
             }
             IpAddr::V6(v6) => {
                 b[FAMILY] = 6;
-                let o = v6.octets();
-                let keep = if affinity == Affinity::Network { 8 } else { 16 };
-                b[ADDR..ADDR + keep].copy_from_slice(&o[..keep]);
+                b[ADDR..ADDR + 16].copy_from_slice(&v6.octets());
+                if affinity == Affinity::Network {
+                    b[ADDR + 8..ADDR + 16].fill(0);
+                }
             }
         }
         if affinity == Affinity::None {

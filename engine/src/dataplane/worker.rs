@@ -337,7 +337,7 @@ fn core_loop(shared: &Shared, index: usize) {
             for (i, slot) in prepared.iter_mut().enumerate().take(from_wire) {
                 *slot = match rx.frame(i) {
                     Some(frame) => pipeline.prepare(frame),
-                    None => Prepared::Done(Action::Drop(DropReason::Chained)),
+                    None => Prepared::Drop(DropReason::Chained),
                 };
             }
             for (mut m, prep) in rx.drain().zip(&prepared) {
