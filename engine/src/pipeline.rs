@@ -484,13 +484,13 @@ impl Pipeline {
                 proto,
                 flags,
             } => self.flow_packet(bucket, hash, proto, flags, now),
-            Prepared::Other => self.from_wire_full(buf, len, now),
+            Prepared::Other => self.decide_full(buf, len, now),
         }
     }
 
     /// [`Pipeline::from_wire`] without the TCP/UDP shortcut of [`Pipeline::prepare`].
     #[inline(never)]
-    fn from_wire_full(&mut self, buf: &mut [u8], len: usize, now: u64) -> Action {
+    fn decide_full(&mut self, buf: &mut [u8], len: usize, now: u64) -> Action {
         let Some(frame) = buf.get(..len) else {
             return Action::Drop(DropReason::Malformed(wire::Error::BadLength));
         };
@@ -1278,6 +1278,66 @@ mod tests {
                     buf[..flow.len()].copy_from_slice(&flow);
                     prop_assert_eq!(p.from_wire(&mut buf, flow.len(), 0), Action::Deliver);
                 }
+            }
+        }
+
+        /// `prepare` + `decide` (the burst path, with its TCP/UDP shortcut) take exactly the
+        /// decisions of the full path, frame after frame, in every role of a handoff, for
+        /// well-formed frames, broken ones and the lab capture.
+        #[test]
+        fn the_shortcut_decides_like_the_full_path(
+            members in members(),
+            frames in proptest::collection::vec(
+                (any::<[u8; 4]>(), 0u16..8, kind(), any::<Option<(usize, u8)>>(), 0u64..4),
+                1..48,
+            ),
+        ) {
+            let table = OwnershipTable::build(1, &members).unwrap();
+            let me = members[0].id;
+            let other = members.last().unwrap().id;
+            // A third of the buckets move: to `me` from their owner, or from `me` to `other`.
+            let target = |b: Bucket| match table.owner(b) {
+                o if b.index() % 3 != 0 => o,
+                o if o == me => other,
+                _ => me,
+            };
+            for phase in [Phase::Learn, Phase::Release, Phase::Acquire, Phase::Done] {
+                let snapshot = Arc::new(Snapshot::build(
+                    PlanId { epoch: 2, proposer: me },
+                    phase,
+                    |b| table.owner(b),
+                    Some(&target),
+                    table.digest(),
+                ));
+                let mut fast = Pipeline::new(identity(me.get()), SECRET, Arc::clone(&snapshot), small());
+                let mut full = Pipeline::new(identity(me.get()), SECRET, snapshot, small());
+                let mut all: Vec<Vec<u8>> = frames
+                    .iter()
+                    .map(|(src, sport, kind, flip, _)| {
+                        let mut f = ipv4_frame(Ipv4Addr::from(*src), 40_000 + sport, kind);
+                        if let Some((at, byte)) = flip {
+                            let at = at % f.len();
+                            f[at] = *byte;
+                        }
+                        f
+                    })
+                    .collect();
+                all.extend(capture());
+                let mut now = 0;
+                for (n, frame) in all.iter().enumerate() {
+                    now += frames.get(n).map_or(1, |f| f.4) * 1_000_000_000;
+                    let mut a = vec![0u8; 2048];
+                    a[..frame.len()].copy_from_slice(frame);
+                    let mut b = a.clone();
+                    let prepared = fast.prepare(&a[..frame.len()]);
+                    let x = fast.decide(&mut a, frame.len(), &prepared, now);
+                    let y = full.decide_full(&mut b, frame.len(), now);
+                    prop_assert_eq!(x, y, "frame {} in {:?}", n, phase);
+                    prop_assert!(a == b, "frame {} rewritten differently", n);
+                    prop_assert_eq!(fast.take_released(), full.take_released());
+                }
+                prop_assert_eq!(fast.flows().len(), full.flows().len());
+                prop_assert_eq!(fast.learned().len(), full.learned().len());
             }
         }
 

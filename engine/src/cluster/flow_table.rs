@@ -691,6 +691,92 @@ mod tests {
     }
 
     #[test]
+    fn fingerprints_separate_ports_protocols_and_destinations() {
+        let mut seen = std::collections::HashSet::new();
+        let dsts = [
+            IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+            IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
+            "2001:2::1".parse().unwrap(),
+            "2001:2::2".parse().unwrap(),
+        ];
+        // One client key (the same keyed hash), many flows: none may merge.
+        for dst in dsts {
+            for sport in 0..200u16 {
+                for dport in [53u16, 80, 443] {
+                    for proto in [TCP, UDP] {
+                        let h = FlowHash::new(0x1234_5678_9abc_def0, dst, sport, dport, proto);
+                        assert!(seen.insert(h), "{dst} {sport} {dport} {proto}");
+                    }
+                }
+            }
+        }
+        // The home slot follows every input bit, the key hash's included.
+        let a = FlowHash::new(1, dsts[0], 1, 80, TCP);
+        let b = FlowHash::new(2, dsts[0], 1, 80, TCP);
+        assert_ne!(a.0 & 0xffff, b.0 & 0xffff);
+    }
+
+    #[test]
+    fn slots_pack_four_to_a_cache_line() {
+        let t = table(1000);
+        assert_eq!(64 / std::mem::size_of::<Slot>(), 4);
+        assert_eq!(t.slots.as_ptr() as usize % 16, 0);
+        assert_eq!(
+            FlowTable::footprint(10_000_000),
+            (1 << 24) * SLOT_BYTES + BUCKETS * 4
+        );
+        assert_eq!(FlowTable::slots_for(10_000_000), 1 << 24);
+    }
+
+    #[test]
+    fn prefetch_changes_nothing() {
+        let mut t = table(16);
+        let f = flow(1, TCP);
+        t.prefetch(f.hash);
+        assert!(t.is_empty());
+        t.up(&f, Bucket(3), TcpFlags::SYN, 0);
+        t.prefetch(f.hash);
+        t.prefetch(flow(2, UDP).hash);
+        assert_eq!(t.len(), 1);
+        check(&t);
+    }
+
+    #[test]
+    fn times_are_kept_in_ticks() {
+        let mut t = table(16);
+        let f = flow(1, UDP);
+        let at = 5 * SEC + 123_456;
+        t.up(&f, Bucket(1), TcpFlags::NONE, at);
+        let e = t.g(&f, at).unwrap();
+        // Rounded down to a tick of 2^24 ns.
+        assert_eq!(e.last_seen, at >> 24 << 24);
+        assert!(at - e.last_seen < 1 << 24);
+        // UDP idles 30 s, to within a tick.
+        assert!(t.g(&f, at + 30 * SEC - (1 << 24)).is_some());
+        assert!(t.g(&f, at + 30 * SEC + 2 * (1 << 24)).is_none());
+        // A `now` before the entry's (another clock) is not idleness.
+        assert!(t.g(&f, at - SEC).is_some());
+    }
+
+    #[test]
+    fn ticks_wrap_without_forgetting_or_reviving() {
+        // The 32-bit tick counter wraps at 2^56 ns (~2.3 years).
+        let wrap = 1u64 << 56;
+        let mut t = table(16);
+        let f = flow(1, TCP);
+        let before = wrap - 10 * SEC;
+        t.up(&f, Bucket(1), TcpFlags::ACK, before);
+        assert_eq!(
+            t.g(&f, wrap + 10 * SEC).map(|e| e.state),
+            Some(FlowState::Established)
+        );
+        assert!(t.g(&f, before + 301 * SEC).is_none());
+        assert_eq!(t.expire(wrap + 10 * SEC, t.slot_count()), 0);
+        assert_eq!(t.expire(before + 301 * SEC, t.slot_count()), 1);
+        check(&t);
+    }
+
+    #[test]
     fn tcp_lifecycle() {
         let mut t = table(16);
         let f = flow(1, TCP);
