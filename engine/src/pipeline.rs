@@ -1297,7 +1297,7 @@ mod tests {
             let other = members.last().unwrap().id;
             // A third of the buckets move: to `me` from their owner, or from `me` to `other`.
             let target = |b: Bucket| match table.owner(b) {
-                o if b.index() % 3 != 0 => o,
+                o if !b.index().is_multiple_of(3) => o,
                 o if o == me => other,
                 _ => me,
             };
