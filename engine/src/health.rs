@@ -3,6 +3,34 @@
 //! its own thread and only publishes a verdict; the control thread drains the node when the
 //! verdict turns unhealthy and undrains it when it recovers, and its watchdog reports a checker
 //! that stopped running.
+//!
+//! # Refused connections
+//!
+//! Between the moment a service stops and the moment `fall` checks have failed, new
+//! connections still reach this node, and its kernel answers their SYN with RST: the client
+//! sees "connection refused" although the other nodes would have served it. The engine closes
+//! that window with three pieces, all on the health-checked TCP port only:
+//!
+//! 1. **Hold the refusal.** While some other live node takes new flows, the data path drops the
+//!    kernel's RST to a connection whose SYN it delivered and nothing else (counted as
+//!    `dropped_frames_total{reason="service-refused"}`) and forgets the flow. The client sees
+//!    nothing and retransmits its SYN after about a second, as TCP does for a lost SYN.
+//! 2. **Check now.** A refusal is live evidence: the control thread wakes the checker at once
+//!    (like HAProxy's `observe layer4`), and while a verdict is changing the checker runs every
+//!    `fast_interval` instead of `interval` (HAProxy's `fastinter`). With `fall: 2` the node is
+//!    failing within a few milliseconds of the first refused SYN instead of up to
+//!    `fall x interval`.
+//! 3. **Refuse, announce, drain.** A failing node takes no new TCP connection (its SYNs are
+//!    dropped: `refuse_new`), announces it in its heartbeats (`refusing`), and drains through the
+//!    lossless handoff. Nodes learning its buckets do not count a SYN of an unknown flow as the
+//!    failing node's (it refuses it), so after acquire they take the client's next SYN
+//!    retransmission. Established connections keep going to the failing node until they end.
+//!
+//! The client's connection is delayed by one or two SYN retransmissions (1 s, then 2 s more)
+//! instead of failing. With no other node to take the flow (a node alone, or every node
+//! failing), nothing is held back and nothing is refused: a client is better served by a quick
+//! RST than by a silent black hole. IPv4 only for the held refusals (the IPv6 path delivers the
+//! RST).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -27,6 +55,10 @@ pub struct HealthConfig {
     pub expect_status: u16,
     #[serde(default = "default_interval")]
     pub interval: Span,
+    /// The interval while a verdict is changing (after a first failure or success, or a
+    /// refused connection seen on the data path). Default: a quarter of `interval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fast_interval: Option<Span>,
     #[serde(default = "default_timeout")]
     pub timeout: Span,
     /// Consecutive successes that make a failing service healthy again.
@@ -53,10 +85,24 @@ fn default_fall() -> u32 {
     2
 }
 
+impl HealthConfig {
+    /// The interval between checks while a verdict is changing.
+    pub fn fast_interval(&self) -> Duration {
+        self.fast_interval
+            .map_or(self.interval.0 / 4, |s| s.0)
+            .clamp(Duration::from_millis(1), self.interval.0)
+    }
+}
+
 /// What the checker publishes.
 #[derive(Debug)]
 pub struct Health {
     healthy: AtomicBool,
+    /// Completed checks, and of those the failed ones.
+    checks: AtomicU64,
+    failures: AtomicU64,
+    /// The checker thread, to wake it for an immediate check.
+    thread: std::sync::OnceLock<std::thread::Thread>,
     /// Milliseconds since the checker started, at its last completed check (the watchdog).
     last_check_ms: AtomicU64,
     started: Instant,
@@ -65,6 +111,18 @@ pub struct Health {
 impl Health {
     pub fn healthy(&self) -> bool {
         self.healthy.load(Relaxed)
+    }
+
+    /// Completed checks and failed checks since the start.
+    pub fn checks(&self) -> (u64, u64) {
+        (self.checks.load(Relaxed), self.failures.load(Relaxed))
+    }
+
+    /// Runs the next check now (live traffic showed the service refusing a connection).
+    pub fn check_now(&self) {
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
     }
 
     /// How long ago the checker last completed a check.
@@ -127,11 +185,14 @@ pub fn check_once(cfg: &HealthConfig) -> Result<(), String> {
 pub fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
     let health = Arc::new(Health {
         healthy: AtomicBool::new(true),
+        checks: AtomicU64::new(0),
+        failures: AtomicU64::new(0),
+        thread: std::sync::OnceLock::new(),
         last_check_ms: AtomicU64::new(0),
         started: Instant::now(),
     });
     let shared = Arc::clone(&health);
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("health".into())
         .spawn(move || {
             let (mut ok_run, mut fail_run) = (0u32, 0u32);
@@ -141,6 +202,10 @@ pub fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
             loop {
                 let result = check_once(&cfg);
                 let healthy = shared.healthy.load(Relaxed);
+                shared.checks.fetch_add(1, Relaxed);
+                if result.is_err() {
+                    shared.failures.fetch_add(1, Relaxed);
+                }
                 came_up |= result.is_ok();
                 match &result {
                     Err(_) if !came_up => {}
@@ -149,7 +214,13 @@ pub fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
                         fail_run = 0;
                         if !healthy && ok_run >= cfg.rise {
                             shared.healthy.store(true, Relaxed);
-                            tracing::info!(node, checks = ok_run, "health check: service healthy again");
+                            tracing::info!(
+                                node,
+                                checks = ok_run,
+                                from = "failing",
+                                to = "healthy",
+                                "health transition: service healthy again"
+                            );
                         }
                     }
                     Err(e) => {
@@ -157,15 +228,32 @@ pub fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
                         ok_run = 0;
                         if healthy && fail_run >= cfg.fall {
                             shared.healthy.store(false, Relaxed);
-                            tracing::warn!(node, checks = fail_run, error = %e, "health check: service failing");
+                            tracing::warn!(
+                                node,
+                                checks = fail_run,
+                                error = %e,
+                                from = "healthy",
+                                to = "failing",
+                                "health transition: service failing"
+                            );
                         }
                     }
                 }
                 shared
                     .last_check_ms
                     .store(shared.started.elapsed().as_millis() as u64, Relaxed);
-                std::thread::sleep(cfg.interval.0);
+                // A verdict on its way to change is confirmed quickly; a steady one is re-checked
+                // every interval. `check_now` cuts the wait short.
+                let changing = (healthy && fail_run > 0 && fail_run < cfg.fall)
+                    || (!healthy && ok_run > 0 && ok_run < cfg.rise);
+                let wait = if changing {
+                    cfg.fast_interval()
+                } else {
+                    cfg.interval.0
+                };
+                std::thread::park_timeout(wait);
             }
         })?;
+    let _ = health.thread.set(handle.thread().clone());
     Ok(health)
 }

@@ -12,7 +12,9 @@
 //! - [`control`]: membership, failure detection and lossless handoff as a sans-IO state machine.
 //! - [`counters`]: per-core packet counters (one writer each).
 //! - [`replay`]: N simulated nodes over a pcap: duplicates and orphans, offline.
-//! - [`health`]: the application health check that drains a failing node.
+//! - [`health`]: the application health check that drains a failing node, and how refused
+//!   connections are held back meanwhile.
+//! - [`logging`]: log lines that carry the node id and the current epoch (text or JSON).
 //! - [`lab`]: the namespace lab (bridge, nodes, client) for tests and `clonecluster lab`.
 //! - [`metrics`]: Prometheus `/metrics` over HTTP.
 //! - [`runtime`]: the control thread: sockets, timers, the state machine, snapshots to cores.
@@ -24,6 +26,7 @@ pub mod counters;
 pub mod dataplane;
 pub mod health;
 pub mod lab;
+pub mod logging;
 pub mod metrics;
 pub mod pipeline;
 pub mod replay;

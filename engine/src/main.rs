@@ -1,6 +1,5 @@
 //! The `clonecluster` command line.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +27,8 @@ enum Command {
         /// The node's YAML configuration.
         #[arg(long, short)]
         config: PathBuf,
-        /// Print the final counters as JSON instead of a table.
+        /// Print the final counters as JSON instead of a table, and log JSON lines (one object
+        /// per line, with node and epoch) on stderr.
         #[arg(long)]
         json: bool,
     },
@@ -146,15 +146,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CLONECLUSTER_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cli = Cli::parse();
+    // `run --json` logs JSON lines too; CLONECLUSTER_LOG_FORMAT=json|text decides otherwise.
+    let json_logs = match std::env::var("CLONECLUSTER_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        _ => matches!(cli.command, Command::Run { json: true, .. }),
+    };
+    clonecluster::logging::init(json_logs);
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -312,6 +311,8 @@ fn execute(cli: Cli) -> Result<(), String> {
         }
         Command::Run { config, json } => {
             let loaded = Config::load(&config).map_err(|e| e.to_string())?;
+            clonecluster::logging::set_node(loaded.config.node.id);
+            clonecluster::logging::route_dpdk_logs()?;
             let requests = Arc::new(Requests::default());
             for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 let requests = Arc::clone(&requests);

@@ -204,6 +204,68 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         "Milliseconds since the peer's last accepted message, by path.",
         &seen,
     );
+    let per_path = |f: &dyn Fn(&crate::runtime::PeerView, usize) -> u64| -> Vec<(String, u64)> {
+        let mut rows = Vec::new();
+        for p in &view.peers {
+            for path in Path::ALL {
+                rows.push((
+                    format!(",peer=\"{}\",path=\"{path:?}\"", p.node),
+                    f(p, path.index()),
+                ));
+            }
+        }
+        rows
+    };
+    metric(
+        "peer_heartbeats_missed_total",
+        "counter",
+        "Heartbeats expected from the peer but not heard, by path (one per whole interval of \
+         silence after the first; a dead peer keeps counting).",
+        &per_path(&|p, i| p.missed[i]),
+    );
+    metric(
+        "peer_messages_lost_total",
+        "counter",
+        "Control messages from the peer lost in transit, by path (gaps in its sequence numbers).",
+        &per_path(&|p, i| p.lost[i]),
+    );
+    let refusing_peers: Vec<(String, u64)> = view
+        .peers
+        .iter()
+        .map(|p| (format!(",peer=\"{}\"", p.node), u64::from(p.refusing)))
+        .collect();
+    metric(
+        "peer_refusing",
+        "gauge",
+        "1 if the peer announces a failing service (it takes no new connection).",
+        &refusing_peers,
+    );
+    if let Some(healthy) = view.healthy {
+        metric(
+            "service_healthy",
+            "gauge",
+            "1 while the local service passes its health check.",
+            &[(String::new(), u64::from(healthy))],
+        );
+        metric(
+            "health_checks_total",
+            "counter",
+            "Health checks run, by result.",
+            &[
+                (
+                    ",result=\"ok\"".to_owned(),
+                    view.health_checks.0 - view.health_checks.1.min(view.health_checks.0),
+                ),
+                (",result=\"failed\"".to_owned(), view.health_checks.1),
+            ],
+        );
+    }
+    metric(
+        "refusing",
+        "gauge",
+        "1 while this node takes no new connection (its service fails and another node serves).",
+        &[(String::new(), u64::from(view.refusing))],
+    );
     let mut refused = Vec::new();
     for path in Path::ALL {
         for reason in Refusal::ALL {

@@ -55,9 +55,13 @@ pub enum DropReason {
     /// A new flow in a bucket between release and acquire: no node takes it now (the orphan
     /// risk of a handoff; a TCP client retransmits its SYN). Counted by the old owner only.
     ReleaseGap,
+    /// From the host: the kernel's RST to a new connection on the health-checked port (the
+    /// service is not listening). Held back so that the client retransmits its SYN, which
+    /// another node takes once this one drains ([`ServiceState::hold_refusals_on`]).
+    ServiceRefused,
 }
 
-const BASE_REASONS: usize = 6;
+const BASE_REASONS: usize = 7;
 
 impl DropReason {
     /// Number of distinct counters ([`DropReason::index`] is below it).
@@ -73,6 +77,7 @@ impl DropReason {
             DropReason::Chained => 3,
             DropReason::FragmentExpired => 4,
             DropReason::ReleaseGap => 5,
+            DropReason::ServiceRefused => 6,
             DropReason::Malformed(e) => BASE_REASONS + e.index(),
         }
     }
@@ -87,6 +92,7 @@ impl DropReason {
             DropReason::Chained,
             DropReason::FragmentExpired,
             DropReason::ReleaseGap,
+            DropReason::ServiceRefused,
         ]
         .into_iter()
         .chain(wire::Error::ALL.into_iter().map(DropReason::Malformed))
@@ -105,6 +111,7 @@ impl DropReason {
             DropReason::Chained => "chained".into(),
             DropReason::FragmentExpired => "fragment-expired".into(),
             DropReason::ReleaseGap => "release-gap".into(),
+            DropReason::ServiceRefused => "service-refused".into(),
             DropReason::Malformed(e) => format!("malformed-{}", e.as_str()),
         }
     }
@@ -172,6 +179,24 @@ impl NodeIdentity {
     }
 }
 
+/// The health of the services behind the cluster address, as the control thread last
+/// published it (`crate::health`, "Refused connections"). Cores pick it up between bursts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceState {
+    /// This node's service fails its health check: take no new TCP connection (a SYN is
+    /// dropped and retransmitted by the client, to the new owner once the drain moved the
+    /// bucket); packets of known flows and other protocols are served as usual.
+    pub refuse_new: bool,
+    /// Bit `id - 1` per peer that announced a failing service (it takes no new TCP connection):
+    /// while learning a bucket from it, a SYN of a flow we never saw is nobody's, not the old
+    /// owner's, so that we take its retransmission after acquire.
+    pub refusing_peers: u64,
+    /// The health-checked TCP port, while another node could take the connections this node
+    /// refuses: the kernel's RST to a new connection on it (nothing listens) is held back and
+    /// the flow forgotten, so the client retransmits its SYN instead of failing.
+    pub hold_refusals_on: Option<u16>,
+}
+
 /// How long a TCP flow is kept after its FIN or RST.
 pub const CLOSING_KEPT: Duration = Duration::from_secs(2);
 
@@ -227,8 +252,8 @@ pub struct Pipeline {
     learned: FlowTable,
     fragments: FragmentTracker,
     released: Option<Released>,
-    /// The local service is failing: take no new flow (it would be refused), serve the rest.
-    refuse_new: bool,
+    /// The local service and the peers' (see [`ServiceState`]).
+    service: ServiceState,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -323,7 +348,7 @@ impl Pipeline {
                 &table_key,
             ),
             released: None,
-            refuse_new: false,
+            service: ServiceState::default(),
             id,
         }
     }
@@ -337,11 +362,11 @@ impl Pipeline {
         &self.snapshot
     }
 
-    /// While the local service fails its health check, new flows are refused (dropped, so a TCP
-    /// client retransmits its SYN and reaches the new owner once the drain has moved the bucket)
-    /// rather than delivered to a service that would reset them.
-    pub fn set_refuse_new(&mut self, refuse: bool) {
-        self.refuse_new = refuse;
+    /// The health of the local service and of the peers' (between bursts; see
+    /// [`ServiceState`]).
+    #[inline]
+    pub fn set_service(&mut self, service: ServiceState) {
+        self.service = service;
     }
 
     /// Swaps in a new ownership snapshot (between bursts).
@@ -610,16 +635,21 @@ impl Pipeline {
     ) -> Action {
         let role = self.snapshot.role(bucket, self.id.node);
         let deliver = match role {
-            Role::Owner if self.refuse_new => {
-                self.flows.get(hash, now).is_some() || (proto == 6 && !flags.is_initial_syn())
+            Role::Owner if self.service.refuse_new => {
+                !(proto == 6 && flags.is_initial_syn()) || self.flows.get(hash, now).is_some()
             }
             Role::Owner => true,
             Role::NotOwner => false,
-            Role::Learning { .. } => {
+            Role::Learning { from } => {
                 // Only the learn phase's flows are the old owner's: once it has released the
                 // bucket it takes no new flow, so a flow first seen then is nobody's yet (its
                 // SYN is retransmitted and taken after acquire). Known ones are kept fresh.
-                if self.snapshot.phase() == Phase::Learn || self.learned.get(hash, now).is_some() {
+                // An old owner whose service fails takes no new connection either.
+                let known = self.learned.get(hash, now).is_some();
+                let refused = proto == 6
+                    && flags.is_initial_syn()
+                    && self.service.refusing_peers & (1u64 << (from.get() - 1)) != 0;
+                if known || (self.snapshot.phase() == Phase::Learn && !refused) {
                     self.learned.upsert(hash, proto, bucket, flags, now);
                 }
                 false
@@ -779,8 +809,9 @@ impl Pipeline {
             && frame[23] == 6
             && frame[14] == 0x45
             && frame[47] & 0x05 != 0
+            && self.server_closed(frame, now)
         {
-            self.server_closed(frame, now);
+            return Action::Drop(DropReason::ServiceRefused);
         }
         // Only ARP and IPv6 can carry the kernel's own address answers; IPv4 passes at once.
         if ethertype == 0x0806 || ethertype == 0x86dd || ethertype == 0x8100 {
@@ -792,18 +823,33 @@ impl Pipeline {
         Action::ToWire
     }
 
-    fn server_closed(&mut self, frame: &[u8], now: u64) {
-        let Ok(p) = parse_l2_l4(frame) else { return };
+    /// The server sent FIN or RST: the flow ends. Returns true when the segment is the kernel
+    /// refusing a new connection on the held port (see [`ServiceState::hold_refusals_on`]): the
+    /// caller drops it, and the flow is forgotten so that the retransmitted SYN is a new flow.
+    fn server_closed(&mut self, frame: &[u8], now: u64) -> bool {
+        let Ok(p) = parse_l2_l4(frame) else {
+            return false;
+        };
         let (Some(sp), Some(dp)) = (p.src_port, p.dst_port) else {
-            return;
+            return false;
         };
         // The server's segment, reversed: the flow as the client sends it.
         let key = FlowKey::new(self.id.affinity, p.dst_ip, dp, 6);
         let hash = FlowHash::new(self.hasher.hash(&key), p.src_ip, dp, sp, 6);
-        if let Some(entry) = self.flows.get(hash, now) {
-            self.flows
-                .upsert(hash, 6, entry.bucket, TcpFlags(p.tcp_flags.0 as u8), now);
+        let Some(entry) = self.flows.get(hash, now) else {
+            return false;
+        };
+        let flags = TcpFlags(p.tcp_flags.0 as u8);
+        let refusal = flags.contains(TcpFlags::RST)
+            && entry.state == FlowState::SynSeen
+            && self.service.hold_refusals_on == Some(sp)
+            && p.src_ip == IpAddr::V4(self.id.cluster_ip);
+        if refusal {
+            self.flows.remove(hash);
+            return true;
         }
+        self.flows.upsert(hash, 6, entry.bucket, flags, now);
+        false
     }
 
     fn host_suppressed(&self, frame: &[u8]) -> Option<DropReason> {
@@ -1101,6 +1147,106 @@ mod tests {
             p.flows().get(id, 2).map(|e| e.state),
             Some(crate::cluster::FlowState::Closing)
         );
+    }
+
+    /// The kernel's RST to a SYN on the health-checked port is held back while another node
+    /// serves, and the flow forgotten: the retransmitted SYN is a new flow again.
+    #[test]
+    fn a_refused_connection_is_held_back_on_the_checked_port_only() {
+        let client = Ipv4Addr::new(198, 19, 0, 7);
+        let rst_to = |port: u16| {
+            let mut rst = ipv4_frame(client, port, &Kind::Tcp(0x14));
+            rst[26..30].copy_from_slice(&[198, 18, 0, 1]);
+            rst[30..34].copy_from_slice(&client.octets());
+            rst[34..36].copy_from_slice(&80u16.to_be_bytes());
+            rst[36..38].copy_from_slice(&port.to_be_bytes());
+            rst
+        };
+        for (hold, port, held) in [
+            (Some(80), 40_000, true),
+            (Some(443), 40_001, false),
+            (None, 40_002, false),
+        ] {
+            let mut p = alone();
+            p.set_service(ServiceState {
+                hold_refusals_on: hold,
+                ..ServiceState::default()
+            });
+            let syn = ipv4_frame(client, port, &Kind::Tcp(0x02));
+            let mut buf = vec![0u8; 2048];
+            buf[..syn.len()].copy_from_slice(&syn);
+            assert_eq!(p.from_wire(&mut buf, syn.len(), 1), Action::Deliver);
+            let expect = if held {
+                Action::Drop(DropReason::ServiceRefused)
+            } else {
+                Action::ToWire
+            };
+            assert_eq!(p.from_host(&mut rst_to(port), 2), expect, "hold {hold:?}");
+            assert_eq!(p.flows().len(), usize::from(!held), "hold {hold:?}");
+        }
+    }
+
+    /// A failing node takes no new TCP connection; a node learning a bucket from a failing node
+    /// does not count that node's refused SYNs as its flows, and takes the retransmission after
+    /// acquire.
+    #[test]
+    fn syns_refused_by_a_failing_owner_go_to_the_new_owner() {
+        let from = OwnershipTable::build(1, &[Member::new(1, 100).unwrap()]).unwrap();
+        let to = OwnershipTable::build(
+            2,
+            &[Member::new(1, 100).unwrap(), Member::new(2, 100).unwrap()],
+        )
+        .unwrap();
+        let plan = PlanId {
+            epoch: 2,
+            proposer: NodeId::new(1).unwrap(),
+        };
+        let snap = |phase| {
+            Arc::new(Snapshot::build(
+                plan,
+                phase,
+                |b| from.owner(b),
+                Some(&|b| to.owner(b)),
+                to.digest(),
+            ))
+        };
+        let mut a = Pipeline::new(identity(1), SECRET, snap(Phase::Learn), small());
+        let mut b = Pipeline::new(identity(2), SECRET, snap(Phase::Learn), small());
+        a.set_service(ServiceState {
+            refuse_new: true,
+            ..ServiceState::default()
+        });
+        b.set_service(ServiceState {
+            refusing_peers: 1,
+            ..ServiceState::default()
+        });
+        // A client port whose bucket moves from node 1 to node 2.
+        let port = (30_000..40_000u16)
+            .find(|&port| {
+                let f = ipv4_frame(Ipv4Addr::new(198, 19, 0, 9), port, &Kind::Tcp(0x02));
+                let parsed = parse_l2_l4(&f).unwrap();
+                to.owner(b.bucket_of(&parsed)).get() == 2
+            })
+            .unwrap();
+        let syn = ipv4_frame(Ipv4Addr::new(198, 19, 0, 9), port, &Kind::Tcp(0x02));
+        let udp = ipv4_frame(Ipv4Addr::new(198, 19, 0, 9), port, &Kind::Udp);
+        let mut buf = vec![0u8; 2048];
+        let mut send = |p: &mut Pipeline, f: &[u8], now| {
+            buf[..f.len()].copy_from_slice(f);
+            p.from_wire(&mut buf, f.len(), now)
+        };
+        // Learn: the failing owner drops the SYN, the learner does not record it; UDP still
+        // goes to the owner (the health check guards TCP services; node 1 owns every bucket
+        // during learn).
+        assert_eq!(send(&mut a, &syn, 1), Action::Drop(DropReason::NotOwned));
+        assert_eq!(send(&mut b, &syn, 1), Action::Drop(DropReason::NotOwned));
+        assert!(b.learned().is_empty());
+        assert_eq!(send(&mut a, &udp, 2), Action::Deliver);
+        // Acquire: the retransmitted SYN is the new owner's, and only its.
+        a.set_snapshot(snap(Phase::Acquire));
+        b.set_snapshot(snap(Phase::Acquire));
+        assert_ne!(send(&mut a, &syn, 3), Action::Deliver);
+        assert_eq!(send(&mut b, &syn, 3), Action::Deliver);
     }
 
     #[test]

@@ -46,8 +46,12 @@ pub struct ControlLink {
     pub core_busy_polls: Vec<AtomicU64>,
     /// Per core: its packet counters.
     pub counters: Vec<CoreCounters>,
-    /// Set while the local service fails its health check: cores take no new flow.
+    /// Set while the local service fails its health check: cores take no new TCP connection.
     pub refuse_new: AtomicBool,
+    /// Peers that announce a failing service (bit `id - 1`).
+    pub refusing_peers: AtomicU64,
+    /// The health-checked TCP port whose refusals cores hold back (0: none).
+    pub hold_refusals_on: AtomicU32,
     /// Per core: live flows its flow table had to forget to make room.
     pub core_evictions: Vec<AtomicU64>,
     /// Mbufs out of the pool, as core 0 last saw.
@@ -84,8 +88,30 @@ impl ControlLink {
             mbufs_in_use: AtomicU64::new(0),
             core_evictions: (0..cores).map(|_| AtomicU64::new(0)).collect(),
             refuse_new: AtomicBool::new(false),
+            refusing_peers: AtomicU64::new(0),
+            hold_refusals_on: AtomicU32::new(0),
             burst_latency_ns: (0..cores).map(|_| Default::default()).collect(),
         }
+    }
+
+    /// The service state the cores apply, read between bursts.
+    #[inline]
+    pub fn service(&self) -> crate::pipeline::ServiceState {
+        let port = self.hold_refusals_on.load(Relaxed);
+        crate::pipeline::ServiceState {
+            refuse_new: self.refuse_new.load(Relaxed),
+            refusing_peers: self.refusing_peers.load(Relaxed),
+            hold_refusals_on: u16::try_from(port).ok().filter(|&p| p != 0),
+        }
+    }
+
+    /// Connections the local service refused whose RST the cores held back, over all cores.
+    pub fn service_refusals(&self) -> u64 {
+        let i = crate::pipeline::DropReason::ServiceRefused.index();
+        self.counters
+            .iter()
+            .map(|c| c.dropped[i].load(Relaxed))
+            .sum()
     }
 
     /// Makes `snapshot` the cores' current one.
@@ -205,6 +231,11 @@ pub struct ControlView {
     pub accepting: u32,
     pub moving: u32,
     pub draining: bool,
+    /// The health checker's verdict (None: no health check configured), whether this node
+    /// refuses new connections, and its checks so far (all, failed).
+    pub healthy: Option<bool>,
+    pub refusing: bool,
+    pub health_checks: (u64, u64),
     /// Live members: (id, weight).
     pub members: Vec<(u8, u32)>,
     pub peers: Vec<PeerView>,
@@ -219,6 +250,11 @@ pub struct PeerView {
     pub alive: bool,
     /// Milliseconds since its last accepted message, per path (UDP, wire).
     pub last_seen_ms_ago: [Option<u64>; 2],
+    /// Heartbeats expected but not heard, and messages lost (sequence gaps), per path.
+    pub missed: [u64; 2],
+    pub lost: [u64; 2],
+    /// It announces a failing service.
+    pub refusing: bool,
 }
 
 fn control_view(m: &Membership, me: NodeId, now: u64) -> ControlView {
@@ -234,6 +270,9 @@ fn control_view(m: &Membership, me: NodeId, now: u64) -> ControlView {
         accepting: snapshot.accepting_count(me),
         moving: snapshot.moving_count(),
         draining: m.draining(),
+        healthy: None,
+        refusing: m.refusing(),
+        health_checks: (0, 0),
         members: m
             .live_members()
             .iter()
@@ -249,6 +288,9 @@ fn control_view(m: &Membership, me: NodeId, now: u64) -> ControlView {
                     last_seen_ms_ago: p
                         .last_seen
                         .map(|t| t.map(|t| now.saturating_sub(t) / 1_000_000)),
+                    missed: p.missed,
+                    lost: p.lost,
+                    refusing: p.heartbeat.is_some_and(|h| h.refusing),
                 })
             })
             .collect(),
@@ -317,6 +359,7 @@ pub fn control_thread(
         .map(|h| (h.interval.0 + h.timeout.0) * 3)
         .unwrap_or_default();
     let mut drained_by_health = false;
+    let mut refusals_seen = 0u64;
     let mut current = loaded.clone();
     let mut last_load = Load::default();
     let mut watchdog_warned = false;
@@ -365,9 +408,25 @@ pub fn control_thread(
             };
             m.set_load(last_load);
             // The health verdict: failing drains this node, recovering undrains what it drained.
-            if let Some(h) = &health {
+            if let (Some(h), Some(hc)) = (&health, &cfg.health) {
+                // A connection the service refused is evidence: check at once.
+                let refusals = link.service_refusals();
+                if refusals != refusals_seen {
+                    refusals_seen = refusals;
+                    h.check_now();
+                }
                 let healthy = h.healthy();
-                link.refuse_new.store(!healthy, Relaxed);
+                // Refuse (and hold back refusals) only while someone else takes new flows: a
+                // node alone, or a cluster whose services all fail, answers as best it can.
+                let others = m.others_serve();
+                m.set_refusing(!healthy && others, now_ns(), &mut out);
+                link.refuse_new.store(m.refusing(), Relaxed);
+                let hold = if others {
+                    u32::from(hc.address.port())
+                } else {
+                    0
+                };
+                link.hold_refusals_on.store(hold, Relaxed);
                 if !healthy && !drained_by_health && !m.draining() {
                     tracing::warn!(
                         node = cfg.node.id,
@@ -395,8 +454,14 @@ pub fn control_thread(
                 }
                 watchdog_warned = stalled;
             }
+            link.refusing_peers.store(m.refusing_peers(), Relaxed);
             m.handle_tick(now_ns(), &mut out);
-            view.store(Arc::new(control_view(&m, me, now_ns())));
+            let mut v = control_view(&m, me, now_ns());
+            if let Some(h) = &health {
+                v.healthy = Some(h.healthy());
+                v.health_checks = h.checks();
+            }
+            view.store(Arc::new(v));
         }
         // Flow counts of the buckets this node releases, for the "done" step.
         if now >= next_report {
@@ -415,8 +480,7 @@ pub fn control_thread(
                 &mut m,
                 &owners,
                 &mut current,
-                healthy,
-                last_load,
+                (healthy, last_load),
                 now_ns(),
                 &mut out,
             );
@@ -443,6 +507,8 @@ pub fn control_thread(
                 }
             }
         }
+        // Whatever happened above may have changed the epoch: log lines carry the current one.
+        crate::logging::set_epoch(m.epoch());
         for o in out.drain(..) {
             match o {
                 Output::Send {
@@ -547,8 +613,7 @@ impl OperatorSocket {
         m: &mut Membership,
         owners: &OwnerLookup,
         current: &mut Loaded,
-        health: Option<bool>,
-        self_load: Load,
+        (health, self_load): (Option<bool>, Load),
         now: u64,
         out: &mut Vec<Output>,
     ) {
@@ -769,6 +834,7 @@ fn status_json(m: &Membership, health: Option<bool>, self_load: Load) -> serde_j
         "node": me.get(),
         "draining": m.draining(),
         "drained": m.is_drained(),
+        "refusing": m.refusing(),
         "healthy": health,
         "members": members,
     })

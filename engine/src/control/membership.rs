@@ -176,6 +176,11 @@ pub struct PeerInfo {
     /// Last accepted message per path, indexed by [`Path::index`].
     pub last_seen: [Option<u64>; 2],
     pub heartbeat: Option<Heartbeat>,
+    /// Heartbeats expected but not heard, per path: each whole interval of silence after the
+    /// first counts one (a dead or cut-off peer keeps counting).
+    pub missed: [u64; 2],
+    /// Messages lost in transit, per path: gaps in the sequence numbers of messages received.
+    pub lost: [u64; 2],
 }
 
 #[derive(Debug, Clone)]
@@ -187,9 +192,40 @@ struct Peer {
     presumed: Option<u64>,
     alive: bool,
     hb: Option<Heartbeat>,
+    missed: [u64; 2],
+    /// Of `missed`, those counted during the current silence.
+    silent: [u64; 2],
+    lost: [u64; 2],
 }
 
 impl Peer {
+    fn new(incarnation: u64, presumed: Option<u64>, alive: bool) -> Peer {
+        Peer {
+            incarnation,
+            last_seq: [0; 2],
+            last_seen: [None; 2],
+            presumed,
+            alive,
+            hb: None,
+            missed: [0; 2],
+            silent: [0; 2],
+            lost: [0; 2],
+        }
+    }
+
+    /// Counts the heartbeats not heard on each path by `now` (one per whole `interval` of
+    /// silence after the first).
+    fn count_silence(&mut self, now: u64, interval: u64) {
+        for (i, seen) in self.last_seen.iter().enumerate() {
+            let Some(t) = *seen else { continue };
+            let quiet = (now.saturating_sub(t) / interval.max(1)).saturating_sub(1);
+            if quiet > self.silent[i] {
+                self.missed[i] += quiet - self.silent[i];
+                self.silent[i] = quiet;
+            }
+        }
+    }
+
     fn latest(&self) -> Option<u64> {
         [self.last_seen[0], self.last_seen[1], self.presumed]
             .into_iter()
@@ -225,6 +261,8 @@ pub struct Membership {
     started: Option<u64>,
     last_heartbeat: Option<u64>,
     draining: bool,
+    /// The local service fails its health check (announced in heartbeats).
+    refusing: bool,
     weight: Weight,
     load: Load,
     peers: Vec<Option<Peer>>,
@@ -252,6 +290,7 @@ impl Membership {
             started: None,
             last_heartbeat: None,
             draining: false,
+            refusing: false,
             load: Load::default(),
             peers: vec![None; 64],
             cur: None,
@@ -332,8 +371,10 @@ impl Membership {
     pub fn handle_tick(&mut self, now: u64, out: &mut Vec<Output>) {
         self.started.get_or_insert(now);
         let span = self.cfg.dead_span();
+        let interval = self.cfg.interval;
         for (i, slot) in self.peers.iter_mut().enumerate() {
             let Some(p) = slot else { continue };
+            p.count_silence(now, interval);
             if p.alive && p.latest().is_none_or(|t| now.saturating_sub(t) >= span) {
                 p.alive = false;
                 let node = node_of(i);
@@ -384,6 +425,43 @@ impl Membership {
             self.drained = false;
             self.send_heartbeat(now, out);
         }
+    }
+
+    /// The health checker's verdict: while `refusing`, this node's service takes no new
+    /// connection. Announced at once in a heartbeat, so that nodes learning its buckets do not
+    /// count the SYNs it refuses as its flows.
+    pub fn set_refusing(&mut self, refusing: bool, now: u64, out: &mut Vec<Output>) {
+        if self.refusing != refusing {
+            self.refusing = refusing;
+            self.send_heartbeat(now, out);
+        }
+    }
+
+    /// Whether this node announces a failing service.
+    pub fn refusing(&self) -> bool {
+        self.refusing
+    }
+
+    /// Live peers that announce a failing service: bit `id - 1` each.
+    pub fn refusing_peers(&self) -> u64 {
+        let mut bits = 0;
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.as_ref()
+                .is_some_and(|p| p.alive && p.hb.is_some_and(|h| h.refusing))
+            {
+                bits |= 1 << i;
+            }
+        }
+        bits
+    }
+
+    /// Whether some live peer takes new flows (neither draining nor refusing): only then is it
+    /// worth holding back this node's refusals for a client to retry elsewhere.
+    pub fn others_serve(&self) -> bool {
+        self.peers
+            .iter()
+            .flatten()
+            .any(|p| p.alive && p.hb.is_some_and(|h| !h.draining && !h.refusing))
     }
 
     /// Operator: take a share of buckets again.
@@ -456,6 +534,8 @@ impl Membership {
             alive: p.alive,
             last_seen: p.last_seen,
             heartbeat: p.hb,
+            missed: p.missed,
+            lost: p.lost,
         })
     }
 
@@ -511,14 +591,7 @@ impl Membership {
         }
         let pi = msg.path.index();
         let slot = &mut self.peers[msg.node.index()];
-        let peer = slot.get_or_insert_with(|| Peer {
-            incarnation: msg.incarnation,
-            last_seq: [0; 2],
-            last_seen: [None; 2],
-            presumed: None,
-            alive: false,
-            hb: None,
-        });
+        let peer = slot.get_or_insert_with(|| Peer::new(msg.incarnation, None, false));
         if msg.incarnation < peer.incarnation {
             return Err(Refusal::Stale);
         }
@@ -537,8 +610,16 @@ impl Membership {
         if msg.seq <= peer.last_seq[pi] {
             return Err(Refusal::Replayed);
         }
+        // Each message goes out once per path with its own sequence number: on one path,
+        // consecutive messages of a sender differ by the number of paths.
+        let step = Path::ALL.len() as u64;
+        if peer.last_seq[pi] != 0 {
+            let gap = (msg.seq - peer.last_seq[pi]) / step;
+            peer.lost[pi] += gap.saturating_sub(1);
+        }
         peer.last_seq[pi] = msg.seq;
         peer.last_seen[pi] = Some(now);
+        peer.silent[pi] = 0;
         if !peer.alive {
             peer.alive = true;
             out.push(Output::Event(Event::PeerUp {
@@ -615,14 +696,7 @@ impl Membership {
             }
             let slot = &mut self.peers[m.id.index()];
             if slot.is_none() {
-                *slot = Some(Peer {
-                    incarnation: 0,
-                    last_seq: [0; 2],
-                    last_seen: [None; 2],
-                    presumed: Some(now),
-                    alive: true,
-                    hb: None,
-                });
+                *slot = Some(Peer::new(0, Some(now), true));
             }
         }
         let moving = match &from_table {
@@ -787,6 +861,7 @@ impl Membership {
             weight: self.weight,
             load: self.load,
             draining: self.draining,
+            refusing: self.refusing,
             view: self.live_bits(),
             plan,
             table_digest: self.snapshot.digest(),

@@ -210,7 +210,7 @@ pub struct Load {
 /// Sent by every node every interval on both paths.
 ///
 /// Body layout (47 bytes): node MAC 6, weight u32, active flows u32, busy ‰ u16, flags u8
-/// (bit 0 draining), view u64, plan epoch u64 (0 = no plan), plan proposer u8 (0 = none), phase
+/// (bit 0 draining, bit 1 refusing), view u64, plan epoch u64 (0 = no plan), plan proposer u8 (0 = none), phase
 /// u8 (0 = none), table digest u64, releasing_left u32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -219,6 +219,9 @@ pub struct Heartbeat {
     pub weight: Weight,
     pub load: Load,
     pub draining: bool,
+    /// The sender's service fails its health check: it takes no new TCP connection, so a
+    /// node learning a bucket from it must not count a new SYN as the sender's.
+    pub refusing: bool,
     /// Bit `id - 1` set for each node the sender considers live (itself included).
     pub view: u64,
     /// The plan the sender follows and the phase it has reached and published.
@@ -298,7 +301,7 @@ impl Message {
                 b.extend_from_slice(&h.weight.get().to_be_bytes());
                 b.extend_from_slice(&h.load.active_flows.to_be_bytes());
                 b.extend_from_slice(&h.load.busy_permille.to_be_bytes());
-                b.push(u8::from(h.draining));
+                b.push(u8::from(h.draining) | (u8::from(h.refusing) << 1));
                 b.extend_from_slice(&h.view.to_be_bytes());
                 let (epoch, proposer, phase) = match h.plan {
                     Some((id, phase)) => (id.epoch, id.proposer.get(), phase as u8),
@@ -417,7 +420,7 @@ pub fn decode(
             let active_flows = r.u32()?;
             let busy_permille = r.u16()?;
             let flags = r.u8()?;
-            if flags > 1 || busy_permille > 1000 {
+            if flags > 3 || busy_permille > 1000 {
                 return Err(Refusal::Malformed);
             }
             let view = r.u64()?;
@@ -443,6 +446,7 @@ pub fn decode(
                     busy_permille,
                 },
                 draining: flags & 1 == 1,
+                refusing: flags & 2 == 2,
                 view,
                 plan,
                 table_digest,
@@ -543,6 +547,7 @@ mod tests {
                     busy_permille: 456,
                 },
                 draining: true,
+                refusing: true,
                 view: 0b111,
                 plan: Some((
                     PlanId {
@@ -596,6 +601,7 @@ mod tests {
         if let Body::Heartbeat(h) = &mut m.body {
             h.plan = None;
             h.draining = false;
+            h.refusing = false;
         }
         assert_eq!(dec(&m.encode(&key()), Path::Udp), Ok(m));
         assert!(plan().encode(&key()).len() <= 1500 - 14);

@@ -149,10 +149,16 @@ pub fn run(
         stop,
         assumed,
     };
-    eprintln!(
+    tracing::info!(
         "clonecluster: node {} running on cores {:?}: wire port {} ({}), host port {} ({}), \
          idle {:?}",
-        cfg.node.id, dp.cores, wire.name, wire.id, host.name, host.id, dp.idle
+        cfg.node.id,
+        dp.cores,
+        wire.name,
+        wire.id,
+        host.name,
+        host.id,
+        dp.idle
     );
     let started = std::time::Instant::now();
     // SAFETY: `shared` outlives every packet loop: rte_eal_mp_wait_lcore below returns only
@@ -417,7 +423,7 @@ fn core_loop(shared: &Shared, index: usize) {
         // send.
         let control_turn = iterations.is_multiple_of(CONTROL_EVERY);
         if control_turn {
-            pipeline.set_refuse_new(link.refuse_new.load(Relaxed));
+            pipeline.set_service(link.service());
             let v = link.version.load(Relaxed);
             if v != version && shared.assumed.is_none() {
                 version = v;
