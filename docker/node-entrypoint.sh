@@ -6,7 +6,15 @@ config=${1:-/etc/clonecluster/node.yaml}
 cluster_ip=${CLUSTER_IP:-198.18.0.1}
 
 ip link set eth0 arp off
-sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+# compose.yaml sets these (`sysctls:`; /proc/sys is read-only inside a container); a
+# privileged container may set them itself. Refuse to start with IPv6 on: the kernel would
+# answer neighbour discovery on the shared segment.
+sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 2>/dev/null || true
+if [ "$(cat /proc/sys/net/ipv6/conf/all/disable_ipv6 2>/dev/null || echo 1)" != 1 ]; then
+  echo "node-entrypoint: IPv6 is on; start the container with" \
+       "--sysctl net.ipv6.conf.all.disable_ipv6=1 (compose.yaml does)" >&2
+  exit 1
+fi
 ethtool -K eth0 tso off gso off gro off tx off >/dev/null
 ip addr flush dev eth0   # the segment address Docker assigned must not answer for itself
 

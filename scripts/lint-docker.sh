@@ -15,6 +15,7 @@ if [ ! -x "$tools/npm/node_modules/.bin/dclint" ]; then
 fi
 "$tools/venv/bin/hadolint" docker/Dockerfile
 "$tools/npm/node_modules/.bin/dclint" docker/compose.yaml
+bash -n docker/node-entrypoint.sh
 for c in docker/lab/node*.yaml; do
   cargo run -q --locked -p clonecluster -- check --config "$c" >/dev/null
 done

@@ -807,13 +807,16 @@ fn status_json(m: &Membership, health: Option<bool>, self_load: Load) -> serde_j
             // What each node last said of itself in its heartbeat (this node: its own state).
             let hb = m.peer(mem.id).and_then(|p| p.heartbeat);
             let load = if mem.id == me { Some(self_load) } else { hb.map(|h| h.load) };
-            let state = if mem.id == me {
-                if m.draining() { "draining" } else { "up" }
+            // A failing service (it refuses new connections) first, then a drain.
+            let (refusing, draining) = if mem.id == me {
+                (m.refusing(), m.draining())
             } else {
-                match hb {
-                    Some(h) if h.draining => "draining",
-                    _ => "up",
-                }
+                hb.map_or((false, false), |h| (h.refusing, h.draining))
+            };
+            let state = match (refusing, draining) {
+                (true, _) => "failing",
+                (false, true) => "draining",
+                (false, false) => "up",
             };
             serde_json::json!({
                 "node": mem.id.get(),
