@@ -654,12 +654,27 @@ impl Pipeline {
                 }
                 false
             }
-            Role::Releasing { .. } => self.flows.get(hash, now).is_some(),
+            Role::Releasing { .. } => match self.flows.get(hash, now) {
+                // A SYN on the 4-tuple of a connection that has ended (clients reuse ports
+                // quickly) starts a new flow, which this node no longer takes: forget the old
+                // one, or its later packets would be delivered here as well as to the new owner.
+                Some(e) if e.state == FlowState::Closing && starts_again(proto, flags) => {
+                    self.flows.remove(hash);
+                    false
+                }
+                Some(_) => true,
+                None => false,
+            },
             Role::Acquiring { .. } => {
                 if self.flows.get(hash, now).is_some() {
                     true
                 } else if let Some(learned) = self.learned.get(hash, now) {
-                    if learned.state == FlowState::SynSeen && flags.is_initial_syn() {
+                    if learned.state == FlowState::Closing && starts_again(proto, flags) {
+                        // The old owner's connection on this 4-tuple has ended; this SYN
+                        // starts a new one, which the old owner refuses.
+                        self.learned.remove(hash);
+                        true
+                    } else if learned.state == FlowState::SynSeen && flags.is_initial_syn() {
                         // A SYN learned but never answered (no ACK followed it), now sent
                         // again: nodes adopt a phase at slightly different times, so the old
                         // owner may have released the bucket, and refused this SYN, while this
@@ -948,6 +963,12 @@ impl<T> FragmentHold<T> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Whether a packet with `flags` starts a new TCP connection (a SYN without ACK).
+#[inline]
+fn starts_again(proto: u8, flags: TcpFlags) -> bool {
+    proto == 6 && flags.is_initial_syn()
 }
 
 #[cfg(test)]
@@ -1686,6 +1707,82 @@ mod tests {
     /// refuse a SYN) while the new owner still learns (and records that SYN as the old owner's
     /// flow); the retransmitted SYN after acquire must then be taken by the new owner, once.
     /// A SYN the old owner accepted, followed by the client's ACK, stays the old owner's.
+    /// Clients reuse a source port soon after a connection closed. During a handoff the old
+    /// owner still holds the ended connection in its table (and the new owner may have learned
+    /// it): the SYN on the reused 4-tuple is a new flow, taken by the new owner alone, and no
+    /// later packet of it reaches the old owner.
+    #[test]
+    fn a_reused_tuple_is_a_new_flow_during_a_handoff() {
+        let m = |ids: &[u8]| -> OwnershipTable {
+            let members: Vec<Member> = ids.iter().map(|&i| Member::new(i, 100).unwrap()).collect();
+            OwnershipTable::build(1, &members).unwrap()
+        };
+        let (before, after) = (m(&[1]), m(&[1, 2]));
+        let plan = PlanId {
+            epoch: 2,
+            proposer: NodeId::new(1).unwrap(),
+        };
+        let snap = |phase| {
+            Arc::new(Snapshot::build(
+                plan,
+                phase,
+                |b| before.owner(b),
+                Some(&|b| after.owner(b)),
+                after.digest(),
+            ))
+        };
+        let start = Arc::new(stable_snapshot(&before));
+        let mut nodes: Vec<Pipeline> = (1..=2)
+            .map(|i| Pipeline::new(identity(i), SECRET, Arc::clone(&start), small()))
+            .collect();
+        let client = Ipv4Addr::new(198, 19, 0, 9);
+        // Two client ports whose buckets move from node 1 to node 2 in the join.
+        let ports: Vec<u16> = (20_000u16..30_000)
+            .filter(|&port| {
+                let f = ipv4_frame(client, port, &Kind::Tcp(0x02));
+                let p = parse_l2_l4(&f).unwrap();
+                Some(after.owner(nodes[0].bucket_of(&p))) == NodeId::new(2)
+            })
+            .take(2)
+            .collect();
+        let mut buf = vec![0u8; 2048];
+        let mut send = |nodes: &mut Vec<Pipeline>, port: u16, flags: u8, now: u64| {
+            let f = ipv4_frame(client, port, &Kind::Tcp(flags));
+            nodes
+                .iter_mut()
+                .filter_map(|p| {
+                    buf[..f.len()].copy_from_slice(&f);
+                    matches!(p.from_wire(&mut buf, f.len(), now), Action::Deliver)
+                        .then(|| p.identity().node.get())
+                })
+                .collect::<Vec<u8>>()
+        };
+        let connection = |send: &mut dyn FnMut(u16, u8, u64) -> Vec<u8>, port, t| {
+            [0x02, 0x10, 0x18, 0x11, 0x10]
+                .iter()
+                .enumerate()
+                .map(|(i, &f)| send(port, f, t + i as u64))
+                .collect::<Vec<_>>()
+        };
+        // Port 0's connection ends before the plan; port 1's while node 2 learns.
+        let mut s = |port, flags, now| send(&mut nodes, port, flags, now);
+        assert!(connection(&mut s, ports[0], 10).iter().all(|by| by == &vec![1]));
+        for p in nodes.iter_mut() {
+            p.set_snapshot(snap(Phase::Learn));
+        }
+        let mut s = |port, flags, now| send(&mut nodes, port, flags, now);
+        assert!(connection(&mut s, ports[1], 100).iter().all(|by| by == &vec![1]));
+        for p in nodes.iter_mut() {
+            p.set_snapshot(snap(Phase::Acquire));
+        }
+        // Both ports are reused: each new connection is node 2's alone, packet by packet.
+        let mut s = |port, flags, now| send(&mut nodes, port, flags, now);
+        for port in ports {
+            let by = connection(&mut s, port, 1_000);
+            assert!(by.iter().all(|b| b == &vec![2]), "port {port}: {by:?}");
+        }
+    }
+
     #[test]
     fn a_syn_refused_in_the_adoption_skew_is_taken_after_acquire() {
         let m = |ids: &[u8]| -> OwnershipTable {

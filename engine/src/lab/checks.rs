@@ -30,6 +30,8 @@ pub struct Preconditions {
     pub arp_bad: Vec<String>,
     /// Nodes that received no traffic.
     pub idle_nodes: Vec<u8>,
+    /// Times an engine declared a live peer dead during the run (nobody was killed).
+    pub peer_deaths: usize,
 }
 
 impl Preconditions {
@@ -49,6 +51,14 @@ impl Preconditions {
         }
         for b in &self.arp_bad {
             f.push(format!("bad ARP reply: {b}"));
+        }
+        if self.peer_deaths > 0 {
+            f.push(format!(
+                "an engine declared a live peer dead {} time(s): its heartbeats were silent for \
+                 control.dead_after intervals (a starved control thread on shared cores, or lost \
+                 frames); raise control.dead_after or give the engines their own cores",
+                self.peer_deaths
+            ));
         }
         if !self.idle_nodes.is_empty() {
             f.push(format!(
@@ -229,9 +239,10 @@ mod tests {
         let p = Preconditions {
             cluster_mac_learned: true,
             idle_nodes: vec![2],
+            peer_deaths: 1,
             ..Preconditions::default()
         };
         let f = p.failures();
-        assert_eq!(f.len(), 3, "{f:?}");
+        assert_eq!(f.len(), 4, "{f:?}");
     }
 }

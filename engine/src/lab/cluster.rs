@@ -216,6 +216,23 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Times an engine declared a peer dead so far (from the engines' JSON logs).
+    pub fn peer_deaths(&self) -> usize {
+        self.engines
+            .iter()
+            .map(|(id, _)| {
+                let log = format!("{}-node{id}.log", self.log_prefix.display());
+                std::fs::read_to_string(log)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains(r#""message":"peer dead""#))
+                    .count()
+            })
+            .sum()
+    }
+}
+
 /// Node ids in a `status` reply's member list.
 pub fn members(status: &serde_json::Value) -> Vec<u8> {
     status["members"]

@@ -51,6 +51,8 @@ pub struct ScenarioResult {
     pub probe: Verdict,
     /// Whether the switch held the cluster MAC at the end (it must not).
     pub cluster_mac_learned: bool,
+    /// Live peers declared dead before the event (must be 0: the scenario is then void).
+    pub peer_deaths_before_event: usize,
     /// What the scenario promises, and whether it held.
     pub expectation: String,
     pub passed: bool,

@@ -61,7 +61,13 @@ impl LabResults {
             }
         }
         for s in &self.scenarios {
-            if !s.passed {
+            if s.peer_deaths_before_event > 0 {
+                f.push(format!(
+                    "scenario {}: void: an engine declared a live peer dead {} time(s) before \
+                     the event (starved control thread or lost heartbeats)",
+                    s.scenario, s.peer_deaths_before_event
+                ));
+            } else if !s.passed {
                 f.push(format!(
                     "scenario {}: expected {}; got {} wrk errors, {} probe failures, lost {:?}, \
                      {} new connections failed after the move (moved after {:?} ms)",
@@ -288,6 +294,7 @@ fn run_config(
         progress(&step);
         steps.push(step);
     }
+    pre.peer_deaths = c.peer_deaths();
     let node_shares = shares(&before, &c.delivered());
     pre.idle_nodes = node_shares
         .iter()

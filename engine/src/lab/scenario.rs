@@ -133,6 +133,7 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         &r.interrupted,
     )?;
 
+    let deaths_before = c.peer_deaths();
     let event_ms = now_ms();
     let event = Instant::now();
     let event_after_ms = load_started.elapsed().as_millis() as u64;
@@ -225,6 +226,7 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         .any(|m| m == CLUSTER_MAC);
 
     let passed = moved_ms.is_some()
+        && deaths_before == 0
         && !learned
         && verdict.new_after_settled > 0
         && verdict.new_failed_after_settled == 0
@@ -255,6 +257,7 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         wrk: step,
         probe: verdict,
         cluster_mac_learned: learned,
+        peer_deaths_before_event: deaths_before,
         expectation: s.expectation().to_owned(),
         passed,
     })
