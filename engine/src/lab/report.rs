@@ -133,6 +133,16 @@ fn markdown(
     let mut md = String::from("# clonecluster lab report\n\n");
     let _ = writeln!(
         md,
+        "Run {} on {} CPU(s), Linux {}, clonecluster {}.\n",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+        env!("CARGO_PKG_VERSION"),
+    );
+    let _ = writeln!(
+        md,
         "Clients per step: {clients:?}, {duration_s} s per step; `wrk` (keep-alive) from the client \
          namespace against http://198.18.0.1/ (nginx per node; a learning Linux bridge as the \
          switch). Engine nodes: the engine on an `net_af_packet` wire port with a `net_tap` host \
