@@ -682,6 +682,14 @@ fn a_failing_service_drains_its_node_and_recovers() {
     assert!(metric(&text, "health_checks_total", &["result=\"failed\""]) >= 2);
     // The others know node 2 refuses.
     assert_eq!(metric(&lab.metrics(1), "peer_refusing", &["peer=\"2\""]), 1);
+    let out = run_cmd(&["status", "--config", lab.config(1).to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.trim_start().starts_with("2 ") && l.contains("failing")),
+        "{table}"
+    );
 
     let (by_node, failed) = lab.requests(40);
     eprintln!("h: while node 2's service is down: {by_node:?}, failed {failed}");
@@ -723,6 +731,18 @@ fn a_failing_service_drains_its_node_and_recovers() {
         })
         .collect();
     assert_eq!(transitions.len(), 2, "{transitions:?}");
+    // And one per handoff step: node 2's drain and its return went through every phase.
+    let phases: Vec<&str> = log
+        .iter()
+        .filter(|l| l["message"] == "handoff phase")
+        .filter_map(|l| l["phase"].as_str())
+        .collect();
+    for phase in ["Release", "Acquire", "Done"] {
+        assert!(
+            phases.iter().filter(|&&p| p == phase).count() >= 2,
+            "{phase}: {phases:?}"
+        );
+    }
     assert_eq!(transitions[0]["to"], "failing");
     assert_eq!(transitions[1]["to"], "healthy");
     assert!(transitions
@@ -1036,13 +1056,19 @@ fn heartbeat_loss_rises_for_a_dead_peer_and_json_logs_carry_node_and_epoch() {
     // the take-over carry a later epoch than the first plan's.
     let epochs: Vec<u64> = log.iter().filter_map(|l| l["epoch"].as_u64()).collect();
     assert!(epochs.windows(2).all(|w| w[0] <= w[1]), "{epochs:?}");
-    let dead_line = log.iter().find(|l| l["message"] == "peer dead").unwrap();
-    let first_plan = log
+    // The death is logged in the epoch it happened in; the plan that follows it in its own.
+    let at = |msg: &str| {
+        log.iter()
+            .rev()
+            .find(|l| l["message"] == msg)
+            .and_then(|l| l["epoch"].as_u64())
+            .unwrap()
+    };
+    let last_plan = log
         .iter()
+        .rev()
         .find(|l| l["message"] == "ownership plan adopted")
         .unwrap();
-    assert!(
-        dead_line["epoch"].as_u64() >= first_plan["epoch"].as_u64(),
-        "{log:?}"
-    );
+    assert_eq!(last_plan["epoch"], last_plan["plan_epoch"], "{last_plan}");
+    assert!(at("peer dead") < at("ownership plan adopted"), "{log:?}");
 }

@@ -426,13 +426,14 @@ fn status_table(config: &std::path::Path) -> Result<(), String> {
         "{:>4}  {:<9} {:>6} {:>10} {:>10} {:>8} {:>6}",
         "node", "state", "weight", "accepting", "buckets", "flows", "busy"
     );
-    for m in s["members"].as_array().into_iter().flatten() {
+    let outside = s["outside"].as_array().into_iter().flatten();
+    for m in s["members"].as_array().into_iter().flatten().chain(outside) {
         let opt = |v: &serde_json::Value| v.as_u64().map_or("-".to_owned(), |n| n.to_string());
         println!(
             "{:>4}  {:<9} {:>6} {:>10} {:>10} {:>8} {:>6}",
             m["node"].to_string(),
             m["state"].as_str().unwrap_or("?"),
-            m["weight"].to_string(),
+            opt(&m["weight"]),
             m["accepting_buckets"].to_string(),
             m["final_buckets"].to_string(),
             opt(&m["active_flows"]),

@@ -507,9 +507,13 @@ pub fn control_thread(
                 }
             }
         }
-        // Whatever happened above may have changed the epoch: log lines carry the current one.
-        crate::logging::set_epoch(m.epoch());
+        // Log lines carry the epoch in force when what they report happened: events queued
+        // before a new plan keep the old epoch, the plan's adoption and what follows the new
+        // one (the outputs are in the order the state machine produced them).
         for o in out.drain(..) {
+            if let Output::Event(Event::PlanAdopted { plan, .. }) = &o {
+                crate::logging::set_epoch(plan.epoch);
+            }
             match o {
                 Output::Send {
                     path: Path::Udp,
@@ -528,9 +532,10 @@ pub fn control_thread(
                     let _ = link.wire_out.0.try_send(bytes);
                 }
                 Output::Publish(snapshot) => link.publish(snapshot),
-                Output::Event(e) => log_event(cfg.node.id, m.epoch(), &e),
+                Output::Event(e) => log_event(cfg.node.id, crate::logging::context().1, &e),
             }
         }
+        crate::logging::set_epoch(m.epoch());
         if stop_cores.load(Relaxed) {
             return Ok(());
         }
@@ -829,6 +834,43 @@ fn status_json(m: &Membership, health: Option<bool>, self_load: Load) -> serde_j
             })
         })
         .collect();
+    // Live nodes the table leaves out (drained, or failing and drained): no buckets, but an
+    // operator wants to see them and why.
+    let in_table: u64 = m
+        .live_members()
+        .iter()
+        .fold(0, |bits, mem| bits | 1u64 << mem.id.index());
+    let outside: Vec<serde_json::Value> = (1..=64u8)
+        .filter_map(NodeId::new)
+        .filter(|id| m.live_bits() & !in_table & (1u64 << id.index()) != 0)
+        .map(|id| {
+            let hb = m.peer(id).and_then(|p| p.heartbeat);
+            let (refusing, draining, weight, load) = if id == me {
+                (m.refusing(), m.draining(), None, Some(self_load))
+            } else {
+                (
+                    hb.is_some_and(|h| h.refusing),
+                    hb.is_some_and(|h| h.draining),
+                    hb.map(|h| h.weight.get()),
+                    hb.map(|h| h.load),
+                )
+            };
+            let state = match (refusing, draining) {
+                (true, _) => "failing",
+                (false, true) => "drained",
+                (false, false) => "joining",
+            };
+            serde_json::json!({
+                "node": id.get(),
+                "state": state,
+                "weight": weight,
+                "accepting_buckets": snapshot.accepting_count(id),
+                "final_buckets": 0,
+                "active_flows": load.map(|l| l.active_flows),
+                "busy_permille": load.map(|l| l.busy_permille),
+            })
+        })
+        .collect();
     serde_json::json!({
         "ok": true,
         "epoch": m.epoch(),
@@ -840,6 +882,7 @@ fn status_json(m: &Membership, health: Option<bool>, self_load: Load) -> serde_j
         "refusing": m.refusing(),
         "healthy": health,
         "members": members,
+        "outside": outside,
     })
 }
 
