@@ -17,9 +17,10 @@
 //!    nothing and retransmits its SYN after about a second, as TCP does for a lost SYN.
 //! 2. **Check now.** A refusal is live evidence: the control thread wakes the checker at once
 //!    (like HAProxy's `observe layer4`), and while a verdict is changing the checker runs every
-//!    `fast_interval` instead of `interval` (HAProxy's `fastinter`). With `fall: 2` the node is
-//!    failing within a few milliseconds of the first refused SYN instead of up to
-//!    `fall x interval`.
+//!    `fast_interval` instead of `interval` (HAProxy's `fastinter`). The node is failing about
+//!    `(fall - 1) x fast_interval` after the first refused SYN instead of up to
+//!    `fall x (interval + timeout)` after the service stopped (the lab, with `fall: 3` and a
+//!    100 ms fast interval: 0.1-0.3 s).
 //! 3. **Refuse, announce, drain.** A failing node takes no new TCP connection (its SYNs are
 //!    dropped: `refuse_new`), announces it in its heartbeats (`refusing`), and drains through the
 //!    lossless handoff. Nodes learning its buckets do not count a SYN of an unknown flow as the
