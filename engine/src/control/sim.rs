@@ -826,3 +826,43 @@ fn failure_during_a_handoff() {
         }
     }
 }
+
+/// Per-peer heartbeat accounting and the `refusing` flag, as node 1 sees node 2: no loss on a
+/// clean network; lost messages counted on the lossy path only; a refusal announced at once;
+/// a stopped peer's missed heartbeats rise by one per interval and path.
+#[test]
+fn peers_see_loss_silence_and_refusal() {
+    let mut sim = cluster(7, &[1, 2]);
+    sim.run_until(3 * SEC);
+    let p = sim.node(1).peer(n(2)).unwrap();
+    assert_eq!((p.lost, p.missed), ([0, 0], [0, 0]), "{p:?}");
+
+    // A third of the UDP messages lost for 2 s: counted there, not on the wire path.
+    sim.net[Path::Udp.index()].loss = 0.33;
+    sim.run_until(5 * SEC);
+    sim.net[Path::Udp.index()].loss = 0.0;
+    sim.run_until(6 * SEC);
+    let p = sim.node(1).peer(n(2)).unwrap();
+    assert!(p.lost[Path::Udp.index()] > 0, "{p:?}");
+    assert_eq!(p.lost[Path::Wire.index()], 0, "{p:?}");
+
+    // Node 2's service fails: node 1 knows within one message, and serves alone.
+    sim.input(2, |m, now, out| m.set_refusing(true, now, out));
+    sim.run_until(6 * SEC + 5 * MS);
+    assert_eq!(sim.node(1).refusing_peers(), 0b10);
+    assert!(!sim.node(1).others_serve());
+    assert!(sim.node(2).others_serve());
+    sim.input(2, |m, now, out| m.set_refusing(false, now, out));
+    sim.run_until(6 * SEC + 10 * MS);
+    assert_eq!(sim.node(1).refusing_peers(), 0);
+
+    // Node 2 stops: one missed heartbeat per path per interval after the first.
+    let before = sim.node(1).peer(n(2)).unwrap().missed;
+    sim.stop(2);
+    sim.run_until(7 * SEC);
+    let after = sim.node(1).peer(n(2)).unwrap().missed;
+    for path in Path::ALL {
+        let grew = after[path.index()] - before[path.index()];
+        assert!((7..=10).contains(&grew), "{path:?}: {before:?} -> {after:?}");
+    }
+}
