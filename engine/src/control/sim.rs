@@ -863,6 +863,9 @@ fn peers_see_loss_silence_and_refusal() {
     let after = sim.node(1).peer(n(2)).unwrap().missed;
     for path in Path::ALL {
         let grew = after[path.index()] - before[path.index()];
-        assert!((7..=10).contains(&grew), "{path:?}: {before:?} -> {after:?}");
+        assert!(
+            (7..=10).contains(&grew),
+            "{path:?}: {before:?} -> {after:?}"
+        );
     }
 }
