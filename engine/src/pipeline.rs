@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cluster::{
-    derive_key, Affinity, Bucket, BucketHasher, FlowHash, FlowKey, FlowState, FlowTable,
+    derive_key, Affinity, Bucket, BucketHasher, FlowHash, FlowKey, FlowRest, FlowState, FlowTable,
     FlowTimeouts, FragmentKey, FragmentTracker, FragmentVerdict, NodeId, OwnershipTable, TcpFlags,
 };
 use crate::control::{Phase, PlanId, Role, Snapshot};
@@ -297,6 +297,17 @@ fn bucket_from(key_hash: u64) -> Bucket {
     Bucket(key_hash as u16)
 }
 
+/// What [`Pipeline::prepare`] finds before hashing.
+enum Parts {
+    Done(Prepared),
+    Flow {
+        key: FlowKey,
+        rest: FlowRest,
+        proto: u8,
+        flags: TcpFlags,
+    },
+}
+
 /// A frame after [`Pipeline::prepare`]: what [`Pipeline::decide`] needs. 16 bytes of plain
 /// data (a burst of them stays in two cache lines' worth of stores per 8 frames).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -458,41 +469,106 @@ impl Pipeline {
     /// prefetches.
     #[inline]
     pub fn prepare(&self, frame: &[u8]) -> Prepared {
+        match self.parts(frame) {
+            Parts::Done(prepared) => prepared,
+            Parts::Flow {
+                key,
+                rest,
+                proto,
+                flags,
+            } => self.finish(self.hasher.hash(&key), &rest, proto, flags),
+        }
+    }
+
+    /// [`Pipeline::prepare`] of a whole burst (`None`: a frame spanning several segments),
+    /// into `out[..frames.len()]`: frames are parsed four at a time, their flow keys hashed in
+    /// lock step ([`BucketHasher::hash_lanes`]), and every flow's table line prefetched before
+    /// the first [`Pipeline::decide`].
+    #[inline]
+    pub fn prepare_burst(&self, frames: &[Option<&[u8]>], out: &mut [Prepared]) {
+        const LANES: usize = 4;
+        for (frames, out) in frames.chunks(LANES).zip(out.chunks_mut(LANES)) {
+            let mut keys = [FlowKey::ZERO; LANES];
+            let mut flows: [Option<(FlowRest, u8, TcpFlags)>; LANES] = [None; LANES];
+            for ((frame, out), (key, flow)) in frames
+                .iter()
+                .zip(out.iter_mut())
+                .zip(keys.iter_mut().zip(flows.iter_mut()))
+            {
+                match frame.map(|f| self.parts(f)) {
+                    None => *out = Prepared::Drop(DropReason::Chained),
+                    Some(Parts::Done(prepared)) => *out = prepared,
+                    Some(Parts::Flow {
+                        key: k,
+                        rest,
+                        proto,
+                        flags,
+                    }) => {
+                        *key = k;
+                        *flow = Some((rest, proto, flags));
+                    }
+                }
+            }
+            let hashes = self.hasher.hash_lanes(&keys);
+            for ((out, flow), key_hash) in out.iter_mut().zip(&flows).zip(hashes) {
+                if let Some((rest, proto, flags)) = flow {
+                    *out = self.finish(key_hash, rest, *proto, *flags);
+                }
+            }
+        }
+    }
+
+    /// The hash-independent part of [`Pipeline::prepare`].
+    #[inline(always)]
+    fn parts(&self, frame: &[u8]) -> Parts {
         if frame.len() < ETHERNET_HEADER {
-            return Prepared::Drop(DropReason::Malformed(wire::Error::Truncated));
+            return Parts::Done(Prepared::Drop(DropReason::Malformed(
+                wire::Error::Truncated,
+            )));
         }
         let dst = EthernetAddress([frame[0], frame[1], frame[2], frame[3], frame[4], frame[5]]);
         if dst == self.id.node_mac {
-            return Prepared::Shared;
+            return Parts::Done(Prepared::Shared);
         }
         if dst != self.id.cluster_mac {
             // Broadcast and multicast take the full path; other unicast is not ours.
-            return if dst.is_multicast() {
+            return Parts::Done(if dst.is_multicast() {
                 Prepared::Other
             } else {
                 Prepared::Drop(DropReason::NotForUs)
-            };
+            });
         }
         let parsed = parse_l2_l4(frame);
         let p = match &parsed {
             Ok(p) => p,
-            Err(e) => return Prepared::Drop(DropReason::Malformed(*e)),
+            Err(e) => return Parts::Done(Prepared::Drop(DropReason::Malformed(*e))),
         };
         match (p.ethertype, p.fragment, p.src_port, p.dst_port) {
             (EtherType::Ipv4 | EtherType::Ipv6, None, Some(sp), Some(dp)) => {
-                let key_hash = self.key_hash(p);
                 let proto = u8::from(p.protocol);
-                let hash = FlowHash::new(key_hash, p.dst_ip, sp, dp, proto);
-                // The flow's own table: the one every role but NotOwner reads.
-                self.flows.prefetch(hash);
-                Prepared::Flow {
-                    bucket: bucket_from(key_hash),
-                    hash,
+                Parts::Flow {
+                    // What `key_hash` hashes for TCP/UDP.
+                    key: FlowKey::new(self.id.affinity, p.src_ip, sp, proto),
+                    rest: FlowRest::new(p.dst_ip, sp, dp, proto),
                     proto,
                     flags: TcpFlags(p.tcp_flags.0 as u8),
                 }
             }
-            _ => Prepared::Other,
+            _ => Parts::Done(Prepared::Other),
+        }
+    }
+
+    /// The rest of [`Pipeline::prepare`] for a flow frame, once its key is hashed.
+    #[inline(always)]
+    fn finish(&self, key_hash: u64, rest: &FlowRest, proto: u8, flags: TcpFlags) -> Prepared {
+        let hash = FlowHash::from_parts(key_hash, rest);
+        // The flow's own table: the one every role but NotOwner reads.
+        self.flows.prefetch(hash);
+        Prepared::Flow {
+            bucket: bucket_from(key_hash),
+            hash,
+            proto,
+            flags,
         }
     }
 
@@ -1490,6 +1566,16 @@ mod tests {
                     })
                     .collect();
                 all.extend(capture());
+                // A burst prepares exactly what frame-by-frame preparation does.
+                let views: Vec<Option<&[u8]>> = all.iter().map(|f| Some(&f[..])).collect();
+                let mut burst = vec![Prepared::default(); views.len()];
+                fast.prepare_burst(&views, &mut burst);
+                for (n, (frame, b)) in all.iter().zip(&burst).enumerate() {
+                    prop_assert_eq!(*b, fast.prepare(frame), "frame {}", n);
+                }
+                let mut chained = [Prepared::default()];
+                fast.prepare_burst(&[None], &mut chained);
+                prop_assert_eq!(chained[0], Prepared::Drop(DropReason::Chained));
                 let mut now = 0;
                 for (n, frame) in all.iter().enumerate() {
                     now += frames.get(n).map_or(1, |f| f.4) * 1_000_000_000;

@@ -85,6 +85,27 @@ impl FlowHash {
     /// flow key has the keyed bucket hash `key_hash` ([`super::BucketHasher::hash`]).
     #[inline]
     pub fn new(key_hash: u64, dst: IpAddr, src_port: u16, dst_port: u16, proto: u8) -> FlowHash {
+        FlowHash::from_parts(key_hash, &FlowRest::new(dst, src_port, dst_port, proto))
+    }
+
+    /// [`FlowHash::new`] with the part that does not depend on the key hash done earlier.
+    #[inline(always)]
+    pub fn from_parts(key_hash: u64, rest: &FlowRest) -> FlowHash {
+        FlowHash(mix(mix(key_hash ^ rest.ports) ^ rest.dst))
+    }
+}
+
+/// What a [`FlowHash`] takes besides the flow key's hash, folded: computed while the key's
+/// hash is not known yet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowRest {
+    ports: u64,
+    dst: u64,
+}
+
+impl FlowRest {
+    #[inline(always)]
+    pub fn new(dst: IpAddr, src_port: u16, dst_port: u16, proto: u8) -> FlowRest {
         let ports = (u64::from(src_port) << 48) | (u64::from(dst_port) << 32) | u64::from(proto);
         let dst = match dst {
             IpAddr::V4(a) => u64::from(u32::from(a)),
@@ -94,7 +115,7 @@ impl FlowHash {
                 (a as u64) ^ mix((a >> 64) as u64)
             }
         };
-        FlowHash(mix(mix(key_hash ^ ports) ^ dst))
+        FlowRest { ports, dst }
     }
 }
 

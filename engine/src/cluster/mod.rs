@@ -27,7 +27,8 @@ pub mod ownership;
 
 pub use flow_key::{derive_key, Bucket, BucketHasher, FlowKey, BUCKETS, BUCKET_KEY_LABEL};
 pub use flow_table::{
-    FlowEntry, FlowHash, FlowState, FlowTable, FlowTableStats, FlowTimeouts, TcpFlags, Upsert,
+    FlowEntry, FlowHash, FlowRest, FlowState, FlowTable, FlowTableStats, FlowTimeouts, TcpFlags,
+    Upsert,
 };
 pub use fragments::{FragmentKey, FragmentStats, FragmentTracker, FragmentVerdict};
 pub use ownership::OwnershipTable;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use dpdk_sys as sys;
 
-use super::{strerror, Burst, Eal, Mbuf, Mempool, Port, PortRole, StartError};
+use super::{strerror, Burst, Eal, Mbuf, Mempool, Port, PortRole, StartError, BURST};
 use crate::cluster::NodeId;
 use crate::config::{IdleMode, Loaded};
 pub use crate::counters::{CoreCounters, CoreStats};
@@ -305,7 +305,7 @@ fn core_loop(shared: &Shared, index: usize) {
     let mut hold: FragmentHold<Mbuf> =
         FragmentHold::new(HOLD_CAPACITY, shared.sizes.fragment_timeout);
     let mut rx = Burst::new();
-    let mut prepared = [Prepared::default(); super::mbuf::BURST];
+    let mut prepared = [Prepared::default(); BURST];
     let mut to_host = TxQueue {
         burst: Burst::new(),
         port: shared.host,
@@ -340,11 +340,12 @@ fn core_loop(shared: &Shared, index: usize) {
             bursts = bursts.wrapping_add(1);
             // Two passes: parse, hash and prefetch every frame's flow-table line first, then
             // decide, so the burst's cache misses overlap instead of adding up.
-            for (i, slot) in prepared.iter_mut().enumerate().take(from_wire) {
-                *slot = match rx.frame(i) {
-                    Some(frame) => pipeline.prepare(frame),
-                    None => Prepared::Drop(DropReason::Chained),
-                };
+            {
+                let mut frames: [Option<&[u8]>; BURST] = [None; BURST];
+                for (i, frame) in frames.iter_mut().enumerate().take(from_wire) {
+                    *frame = rx.frame(i);
+                }
+                pipeline.prepare_burst(&frames[..from_wire], &mut prepared[..from_wire]);
             }
             for (mut m, prep) in rx.drain().zip(&prepared) {
                 let len = m.len();
