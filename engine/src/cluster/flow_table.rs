@@ -319,9 +319,86 @@ impl Slot {
     }
 }
 
+/// The slot array: zeroed (all slots empty) and fully touched at construction, on 2 MiB pages
+/// when it is at least that large and the kernel grants transparent huge pages on request
+/// (`madvise`): a table of millions of flows is read at a random line per packet, and with
+/// 4 KiB pages nearly every such read would also miss the TLB and walk the page tables.
+struct Slots {
+    ptr: std::ptr::NonNull<Slot>,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: `Slots` owns its allocation exclusively, like a `Box<[Slot]>`; `Slot` is plain data.
+unsafe impl Send for Slots {}
+// SAFETY: shared references only read, as through a `&[Slot]`.
+unsafe impl Sync for Slots {}
+
+/// Tables at least this large are aligned to, and advised onto, huge pages.
+const HUGE_PAGE: usize = 2 << 20;
+
+impl Slots {
+    fn zeroed(len: usize) -> Slots {
+        let bytes = len.checked_mul(SLOT_BYTES).expect("slot count fits in memory");
+        let align = if bytes >= HUGE_PAGE {
+            HUGE_PAGE
+        } else {
+            std::mem::align_of::<Slot>()
+        };
+        let layout = std::alloc::Layout::from_size_align(bytes.max(SLOT_BYTES), align)
+            .expect("a valid slot array layout");
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        #[cfg(target_os = "linux")]
+        if align == HUGE_PAGE {
+            // SAFETY: [raw, raw + bytes) is our own fresh, page-aligned allocation; the advice
+            // only changes how the kernel backs it (and may be refused: then 4 KiB pages).
+            unsafe {
+                libc::madvise(raw.cast(), layout.size(), libc::MADV_HUGEPAGE);
+            }
+        }
+        // SAFETY: `raw` is valid for `layout.size()` bytes of writes. Zeroing touches every page
+        // now rather than on the packet path, and all-zero bytes are a valid, empty `Slot`
+        // (plain integers; state 0 = EMPTY).
+        unsafe { std::ptr::write_bytes(raw, 0, layout.size()) };
+        Slots {
+            ptr: ptr.cast(),
+            len,
+            layout,
+        }
+    }
+}
+
+impl std::ops::Deref for Slots {
+    type Target = [Slot];
+    #[inline(always)]
+    fn deref(&self) -> &[Slot] {
+        // SAFETY: `ptr` points at `len` initialised slots that we own.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Slots {
+    #[inline(always)]
+    fn deref_mut(&mut self) -> &mut [Slot] {
+        // SAFETY: as in `deref`, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with exactly this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout) };
+    }
+}
+
 /// See the module doc.
 pub struct FlowTable {
-    slots: Box<[Slot]>,
+    slots: Slots,
     mask: usize,
     capacity: usize,
     len: usize,
@@ -340,9 +417,7 @@ impl FlowTable {
         let capacity = capacity.max(1);
         let slots = Self::slots_for(capacity);
         FlowTable {
-            // Written element by element (not calloc'd), so every page is mapped here rather
-            // than faulted in on the packet path.
-            slots: vec![Slot::default(); slots].into_boxed_slice(),
+            slots: Slots::zeroed(slots),
             mask: slots - 1,
             capacity,
             len: 0,
@@ -747,6 +822,17 @@ mod tests {
             (1 << 24) * SLOT_BYTES + BUCKETS * 4
         );
         assert_eq!(FlowTable::slots_for(10_000_000), 1 << 24);
+    }
+
+    #[test]
+    fn large_tables_start_on_huge_page_boundaries() {
+        let t = table(150_000);
+        assert_eq!(t.slot_count(), 1 << 18);
+        assert_eq!(t.slots.as_ptr() as usize % HUGE_PAGE, 0);
+        assert!(t.slots.iter().all(Slot::is_empty));
+        let small = table(10);
+        assert_eq!(small.slots.len(), 16);
+        assert!(small.slots.iter().all(Slot::is_empty));
     }
 
     #[test]
