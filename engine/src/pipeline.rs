@@ -562,10 +562,20 @@ impl Pipeline {
     #[inline(always)]
     fn finish(&self, key_hash: u64, rest: &FlowRest, proto: u8, flags: TcpFlags) -> Prepared {
         let hash = FlowHash::from_parts(key_hash, rest);
-        // The flow's own table: the one every role but NotOwner reads.
-        self.flows.prefetch(hash);
+        let bucket = bucket_from(key_hash);
+        // The table `flow_packet` will read for this node's role: none for a bucket that is
+        // simply another node's (most frames in a large cluster).
+        match self.snapshot.role(bucket, self.id.node) {
+            Role::NotOwner => {}
+            Role::Learning { .. } => self.learned.prefetch(hash),
+            Role::Acquiring { .. } => {
+                self.flows.prefetch(hash);
+                self.learned.prefetch(hash);
+            }
+            Role::Owner | Role::Releasing { .. } => self.flows.prefetch(hash),
+        }
         Prepared::Flow {
-            bucket: bucket_from(key_hash),
+            bucket,
             hash,
             proto,
             flags,

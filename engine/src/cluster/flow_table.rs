@@ -339,7 +339,9 @@ const HUGE_PAGE: usize = 2 << 20;
 
 impl Slots {
     fn zeroed(len: usize) -> Slots {
-        let bytes = len.checked_mul(SLOT_BYTES).expect("slot count fits in memory");
+        let bytes = len
+            .checked_mul(SLOT_BYTES)
+            .expect("slot count fits in memory");
         let align = if bytes >= HUGE_PAGE {
             HUGE_PAGE
         } else {
