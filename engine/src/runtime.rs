@@ -612,7 +612,6 @@ impl OperatorSocket {
         Ok(OperatorSocket { listener, path })
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn serve(
         &self,
         m: &mut Membership,
