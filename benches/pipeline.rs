@@ -475,7 +475,8 @@ fn engine_run(setup: &Setup) -> EngineRun {
         .args(["run", "--json", "--config"])
         .arg(&config)
         .current_dir(&setup.dir)
-        .env("CLONECLUSTER_LOG", "warn")
+        // The start line ("running on cores") is logged at info by the data plane.
+        .env("CLONECLUSTER_LOG", "warn,clonecluster::dataplane::worker=info")
         .env("CLONECLUSTER_BENCH_ASSUME", setup.assume())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -496,7 +497,9 @@ fn engine_run(setup: &Setup) -> EngineRun {
             }
         }
     });
-    let _ = rx.recv_timeout(Duration::from_secs(300));
+    if rx.recv_timeout(Duration::from_secs(300)).is_err() {
+        eprintln!("the engine never logged its start (\"running on cores\"): timing is off");
+    }
     let cpu0 = cpu_secs(child.id()).unwrap_or(0.0);
     std::thread::sleep(Duration::from_secs(secs()));
     let cpu1 = cpu_secs(child.id()).unwrap_or(0.0);
