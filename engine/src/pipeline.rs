@@ -509,6 +509,10 @@ impl Pipeline {
                     }
                 }
             }
+            if flows.iter().all(Option::is_none) {
+                // Nothing to hash (drops, ARP, ...): skip the four SipHashes.
+                continue;
+            }
             let hashes = self.hasher.hash_lanes(&keys);
             for ((out, flow), key_hash) in out.iter_mut().zip(&flows).zip(hashes) {
                 if let Some((rest, proto, flags)) = flow {
