@@ -163,8 +163,9 @@ impl Parsed {
 ///
 /// Cost: a handful of bounds checks and big-endian loads; the only loop is the IPv6
 /// extension-header walk (at most [`ipv6::MAX_EXT_HEADERS`] steps, twice for ICMPv6 errors).
-/// No allocation, no panic on any input.
-#[inline]
+/// No allocation, no panic on any input. Always inlined: the caller's `Parsed` is then built in
+/// place (returned by value it was copied with a `memmove`, ~10% of the packet path).
+#[inline(always)]
 pub fn parse_l2_l4(frame: &[u8]) -> Result<Parsed> {
     let eth = Frame::new_checked(frame)?;
     let ethertype = eth.ethertype();
