@@ -1866,12 +1866,16 @@ mod tests {
         };
         // Port 0's connection ends before the plan; port 1's while node 2 learns.
         let mut s = |port, flags, now| send(&mut nodes, port, flags, now);
-        assert!(connection(&mut s, ports[0], 10).iter().all(|by| by == &vec![1]));
+        assert!(connection(&mut s, ports[0], 10)
+            .iter()
+            .all(|by| by == &vec![1]));
         for p in nodes.iter_mut() {
             p.set_snapshot(snap(Phase::Learn));
         }
         let mut s = |port, flags, now| send(&mut nodes, port, flags, now);
-        assert!(connection(&mut s, ports[1], 100).iter().all(|by| by == &vec![1]));
+        assert!(connection(&mut s, ports[1], 100)
+            .iter()
+            .all(|by| by == &vec![1]));
         for p in nodes.iter_mut() {
             p.set_snapshot(snap(Phase::Acquire));
         }
