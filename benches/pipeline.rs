@@ -476,7 +476,10 @@ fn engine_run(setup: &Setup) -> EngineRun {
         .arg(&config)
         .current_dir(&setup.dir)
         // The start line ("running on cores") is logged at info by the data plane.
-        .env("CLONECLUSTER_LOG", "warn,clonecluster::dataplane::worker=info")
+        .env(
+            "CLONECLUSTER_LOG",
+            "warn,clonecluster::dataplane::worker=info",
+        )
         .env("CLONECLUSTER_BENCH_ASSUME", setup.assume())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
