@@ -1803,155 +1803,144 @@ mod tests {
         );
     }
 
-    /// Nodes adopt a plan's phase one after the other. The old owner may release a bucket (and
-    /// refuse a SYN) while the new owner still learns (and records that SYN as the old owner's
-    /// flow); the retransmitted SYN after acquire must then be taken by the new owner, once.
-    /// A SYN the old owner accepted, followed by the client's ACK, stays the old owner's.
+    /// Two pipelines under one plan moving buckets from the `from` members to the `to`
+    /// members, fed the same frames; for the handoff tests below.
+    struct Handoff {
+        from: OwnershipTable,
+        to: OwnershipTable,
+        nodes: Vec<Pipeline>,
+        buf: Vec<u8>,
+    }
+
+    impl Handoff {
+        const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 9);
+
+        fn new(from: &[u8], to: &[u8]) -> Handoff {
+            let m = |ids: &[u8]| -> OwnershipTable {
+                let members: Vec<Member> =
+                    ids.iter().map(|&i| Member::new(i, 100).unwrap()).collect();
+                OwnershipTable::build(1, &members).unwrap()
+            };
+            let (from, to) = (m(from), m(to));
+            let start = Arc::new(stable_snapshot(&from));
+            let nodes = (1..=2)
+                .map(|i| Pipeline::new(identity(i), SECRET, Arc::clone(&start), small()))
+                .collect();
+            Handoff {
+                from,
+                to,
+                nodes,
+                buf: vec![0u8; 2048],
+            }
+        }
+
+        fn snapshot(&self, phase: Phase) -> Arc<Snapshot> {
+            let plan = PlanId {
+                epoch: 2,
+                proposer: NodeId::new(1).unwrap(),
+            };
+            Arc::new(Snapshot::build(
+                plan,
+                phase,
+                |b| self.from.owner(b),
+                Some(&|b| self.to.owner(b)),
+                self.to.digest(),
+            ))
+        }
+
+        /// Puts node `i` (1-based) in `phase`.
+        fn set(&mut self, i: usize, phase: Phase) {
+            let snap = self.snapshot(phase);
+            self.nodes[i - 1].set_snapshot(snap);
+        }
+
+        fn set_all(&mut self, phase: Phase) {
+            for i in 1..=self.nodes.len() {
+                self.set(i, phase);
+            }
+        }
+
+        /// `n` client ports whose buckets move from node `a` to node `b`.
+        fn moving_ports(&self, a: u8, b: u8, n: usize) -> Vec<u16> {
+            (20_000u16..30_000)
+                .filter(|&port| {
+                    let f = ipv4_frame(Self::CLIENT, port, &Kind::Tcp(0x02));
+                    let bucket = self.nodes[0].bucket_of(&parse_l2_l4(&f).unwrap());
+                    Some(self.from.owner(bucket)) == NodeId::new(a)
+                        && Some(self.to.owner(bucket)) == NodeId::new(b)
+                })
+                .take(n)
+                .collect()
+        }
+
+        /// One TCP packet from the client's `port`; the nodes that delivered it.
+        fn send(&mut self, port: u16, flags: u8, now: u64) -> Vec<u8> {
+            let f = ipv4_frame(Self::CLIENT, port, &Kind::Tcp(flags));
+            let buf = &mut self.buf;
+            self.nodes
+                .iter_mut()
+                .filter_map(|p| {
+                    buf[..f.len()].copy_from_slice(&f);
+                    matches!(p.from_wire(buf, f.len(), now), Action::Deliver)
+                        .then(|| p.identity().node.get())
+                })
+                .collect()
+        }
+
+        /// A whole short connection (SYN, ACK, data, FIN, ACK): who delivered each packet.
+        fn connection(&mut self, port: u16, t: u64) -> Vec<Vec<u8>> {
+            [0x02, 0x10, 0x18, 0x11, 0x10]
+                .iter()
+                .enumerate()
+                .map(|(i, &f)| self.send(port, f, t + i as u64))
+                .collect()
+        }
+    }
+
     /// Clients reuse a source port soon after a connection closed. During a handoff the old
     /// owner still holds the ended connection in its table (and the new owner may have learned
     /// it): the SYN on the reused 4-tuple is a new flow, taken by the new owner alone, and no
     /// later packet of it reaches the old owner.
     #[test]
     fn a_reused_tuple_is_a_new_flow_during_a_handoff() {
-        let m = |ids: &[u8]| -> OwnershipTable {
-            let members: Vec<Member> = ids.iter().map(|&i| Member::new(i, 100).unwrap()).collect();
-            OwnershipTable::build(1, &members).unwrap()
-        };
-        let (before, after) = (m(&[1]), m(&[1, 2]));
-        let plan = PlanId {
-            epoch: 2,
-            proposer: NodeId::new(1).unwrap(),
-        };
-        let snap = |phase| {
-            Arc::new(Snapshot::build(
-                plan,
-                phase,
-                |b| before.owner(b),
-                Some(&|b| after.owner(b)),
-                after.digest(),
-            ))
-        };
-        let start = Arc::new(stable_snapshot(&before));
-        let mut nodes: Vec<Pipeline> = (1..=2)
-            .map(|i| Pipeline::new(identity(i), SECRET, Arc::clone(&start), small()))
-            .collect();
-        let client = Ipv4Addr::new(198, 19, 0, 9);
+        let mut h = Handoff::new(&[1], &[1, 2]);
         // Two client ports whose buckets move from node 1 to node 2 in the join.
-        let ports: Vec<u16> = (20_000u16..30_000)
-            .filter(|&port| {
-                let f = ipv4_frame(client, port, &Kind::Tcp(0x02));
-                let p = parse_l2_l4(&f).unwrap();
-                Some(after.owner(nodes[0].bucket_of(&p))) == NodeId::new(2)
-            })
-            .take(2)
-            .collect();
-        let mut buf = vec![0u8; 2048];
-        let mut send = |nodes: &mut Vec<Pipeline>, port: u16, flags: u8, now: u64| {
-            let f = ipv4_frame(client, port, &Kind::Tcp(flags));
-            nodes
-                .iter_mut()
-                .filter_map(|p| {
-                    buf[..f.len()].copy_from_slice(&f);
-                    matches!(p.from_wire(&mut buf, f.len(), now), Action::Deliver)
-                        .then(|| p.identity().node.get())
-                })
-                .collect::<Vec<u8>>()
-        };
-        let connection = |send: &mut dyn FnMut(u16, u8, u64) -> Vec<u8>, port, t| {
-            [0x02, 0x10, 0x18, 0x11, 0x10]
-                .iter()
-                .enumerate()
-                .map(|(i, &f)| send(port, f, t + i as u64))
-                .collect::<Vec<_>>()
-        };
+        let ports = h.moving_ports(1, 2, 2);
         // Port 0's connection ends before the plan; port 1's while node 2 learns.
-        let mut s = |port, flags, now| send(&mut nodes, port, flags, now);
-        assert!(connection(&mut s, ports[0], 10)
-            .iter()
-            .all(|by| by == &vec![1]));
-        for p in nodes.iter_mut() {
-            p.set_snapshot(snap(Phase::Learn));
-        }
-        let mut s = |port, flags, now| send(&mut nodes, port, flags, now);
-        assert!(connection(&mut s, ports[1], 100)
-            .iter()
-            .all(|by| by == &vec![1]));
-        for p in nodes.iter_mut() {
-            p.set_snapshot(snap(Phase::Acquire));
-        }
+        assert!(h.connection(ports[0], 10).iter().all(|by| by == &vec![1]));
+        h.set_all(Phase::Learn);
+        assert!(h.connection(ports[1], 100).iter().all(|by| by == &vec![1]));
+        h.set_all(Phase::Acquire);
         // Both ports are reused: each new connection is node 2's alone, packet by packet.
-        let mut s = |port, flags, now| send(&mut nodes, port, flags, now);
         for port in ports {
-            let by = connection(&mut s, port, 1_000);
+            let by = h.connection(port, 1_000);
             assert!(by.iter().all(|b| b == &vec![2]), "port {port}: {by:?}");
         }
     }
 
+    /// Nodes adopt a plan's phase one after the other. The old owner may release a bucket (and
+    /// refuse a SYN) while the new owner still learns (and records that SYN as the old owner's
+    /// flow); the retransmitted SYN after acquire must then be taken by the new owner, once.
+    /// A SYN the old owner accepted, followed by the client's ACK, stays the old owner's.
     #[test]
     fn a_syn_refused_in_the_adoption_skew_is_taken_after_acquire() {
-        let m = |ids: &[u8]| -> OwnershipTable {
-            let members: Vec<Member> = ids.iter().map(|&i| Member::new(i, 100).unwrap()).collect();
-            OwnershipTable::build(1, &members).unwrap()
-        };
-        let (before, after) = (m(&[1, 2]), m(&[1]));
-        let plan = PlanId {
-            epoch: 2,
-            proposer: NodeId::new(1).unwrap(),
-        };
-        let snap = |phase| {
-            Arc::new(Snapshot::build(
-                plan,
-                phase,
-                |b| before.owner(b),
-                Some(&|b| after.owner(b)),
-                after.digest(),
-            ))
-        };
-        let start = Arc::new(stable_snapshot(&before));
-        let mut nodes: Vec<Pipeline> = (1..=2)
-            .map(|i| Pipeline::new(identity(i), SECRET, Arc::clone(&start), small()))
-            .collect();
+        let mut h = Handoff::new(&[1, 2], &[1]);
         // Two client ports whose buckets move from node 2 to node 1.
-        let moving: Vec<u16> = (20_000u16..30_000)
-            .filter(|&port| {
-                let f = ipv4_frame(Ipv4Addr::new(198, 19, 0, 9), port, &Kind::Tcp(0x02));
-                let p = parse_l2_l4(&f).unwrap();
-                let b = nodes[0].bucket_of(&p);
-                Some(before.owner(b)) == NodeId::new(2)
-            })
-            .take(2)
-            .collect();
+        let moving = h.moving_ports(2, 1, 2);
         let (refused, accepted) = (moving[0], moving[1]);
-        let client = Ipv4Addr::new(198, 19, 0, 9);
-        let mut buf = vec![0u8; 2048];
-        let mut send = |nodes: &mut Vec<Pipeline>, port: u16, flags: u8, now: u64| {
-            let f = ipv4_frame(client, port, &Kind::Tcp(flags));
-            nodes
-                .iter_mut()
-                .filter_map(|p| {
-                    buf[..f.len()].copy_from_slice(&f);
-                    matches!(p.from_wire(&mut buf, f.len(), now), Action::Deliver)
-                        .then(|| p.identity().node.get())
-                })
-                .collect::<Vec<u8>>()
-        };
         // Learn everywhere: node 2 accepts a connection and node 1 learns it with its ACK.
-        for p in nodes.iter_mut() {
-            p.set_snapshot(snap(Phase::Learn));
-        }
-        assert_eq!(send(&mut nodes, accepted, 0x02, 10), vec![2]);
-        assert_eq!(send(&mut nodes, accepted, 0x10, 20), vec![2]);
+        h.set_all(Phase::Learn);
+        assert_eq!(h.send(accepted, 0x02, 10), vec![2]);
+        assert_eq!(h.send(accepted, 0x10, 20), vec![2]);
         // Node 2 has released; node 1 has not adopted Release yet and still learns.
-        nodes[1].set_snapshot(snap(Phase::Release));
-        assert!(send(&mut nodes, refused, 0x02, 30).is_empty(), "the gap");
+        h.set(2, Phase::Release);
+        assert!(h.send(refused, 0x02, 30).is_empty(), "the gap");
         // Acquire everywhere: the retransmitted SYN is node 1's, the other flow stays node 2's.
-        for p in nodes.iter_mut() {
-            p.set_snapshot(snap(Phase::Acquire));
-        }
-        assert_eq!(send(&mut nodes, refused, 0x02, 1_000_000_030), vec![1]);
-        assert_eq!(send(&mut nodes, refused, 0x10, 1_000_000_040), vec![1]);
-        assert_eq!(send(&mut nodes, accepted, 0x02, 1_000_000_050), vec![2]);
-        assert_eq!(send(&mut nodes, accepted, 0x10, 1_000_000_060), vec![2]);
+        h.set_all(Phase::Acquire);
+        assert_eq!(h.send(refused, 0x02, 1_000_000_030), vec![1]);
+        assert_eq!(h.send(refused, 0x10, 1_000_000_040), vec![1]);
+        assert_eq!(h.send(accepted, 0x02, 1_000_000_050), vec![2]);
+        assert_eq!(h.send(accepted, 0x10, 1_000_000_060), vec![2]);
     }
 
     #[test]

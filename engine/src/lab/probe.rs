@@ -122,19 +122,7 @@ fn keepalive_slot(
         while running(deadline, stop) {
             let t_ms = now_ms();
             match request(&mut reader, true) {
-                Ok(node) => push(
-                    samples,
-                    Sample {
-                        t_ms,
-                        kind: Kind::Keepalive,
-                        slot,
-                        conn,
-                        node: Some(node),
-                        ok: true,
-                        connect_ms: 0,
-                        error: String::new(),
-                    },
-                ),
+                Ok(node) => push(samples, success(t_ms, Kind::Keepalive, slot, conn, node, 0)),
                 Err(e) => {
                     push(samples, failure(t_ms, Kind::Keepalive, slot, conn, 0, e));
                     break;
@@ -163,16 +151,7 @@ fn new_connections(
             request(&mut reader, false).map(|node| (node, connect_ms))
         });
         let sample = match result {
-            Ok((node, connect_ms)) => Sample {
-                t_ms,
-                kind: Kind::New,
-                slot,
-                conn,
-                node: Some(node),
-                ok: true,
-                connect_ms,
-                error: String::new(),
-            },
+            Ok((node, connect_ms)) => success(t_ms, Kind::New, slot, conn, node, connect_ms),
             Err(e) => failure(
                 t_ms,
                 Kind::New,
@@ -185,6 +164,19 @@ fn new_connections(
         push(samples, sample);
         conn += 1;
         std::thread::sleep(opts.interval);
+    }
+}
+
+fn success(t_ms: u64, kind: Kind, slot: u32, conn: u32, node: u8, connect_ms: u64) -> Sample {
+    Sample {
+        t_ms,
+        kind,
+        slot,
+        conn,
+        node: Some(node),
+        ok: true,
+        connect_ms,
+        error: String::new(),
     }
 }
 
