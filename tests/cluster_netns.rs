@@ -917,7 +917,7 @@ fn status_and_owner_of_agree_with_replay() {
         .map(|i| {
             (
                 [198, 18, (i % 3) as u8, 100 + (i % 7) as u8],
-                20_000 + i * 997,
+                20_000 + i * 911,
             )
         })
         .collect();
