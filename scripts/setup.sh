@@ -12,7 +12,8 @@ packages=(
   build-essential pkg-config clang libclang-dev      # bindgen and the C wrappers
   dpdk dpdk-dev libdpdk-dev libpcap-dev              # DPDK 22.11 and dpdk-testpmd
   python3                                            # the fuzz seed corpus
-  iproute2 ethtool tcpdump curl ca-certificates      # namespaces and captures in tests
+  iproute2 iputils-ping ethtool tcpdump curl         # namespaces and captures in tests
+  ca-certificates
   nginx-light wrk nftables                           # the lab's servers, load and baseline
 )
 missing=()

@@ -110,8 +110,9 @@ fn ping_crosses_the_engine_and_only_the_source_mac_changes() {
         .expect("ping");
     assert!(
         ping.status.success(),
-        "ping through the engine failed: {}",
-        String::from_utf8_lossy(&ping.stdout)
+        "ping through the engine failed: {}{}",
+        String::from_utf8_lossy(&ping.stdout),
+        String::from_utf8_lossy(&ping.stderr)
     );
     let udp = client
         .cmd(&["bash", "-c", "echo clonecluster > /dev/udp/198.18.0.1/9"])

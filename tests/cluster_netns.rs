@@ -397,42 +397,68 @@ fn scenario(tag: &str, ids: &[u8]) {
         assert_eq!(reply["new_flows_owner"], served, "port {port}: {reply}");
     }
 
-    // `/metrics` counts what flowed.
-    for &id in ids {
-        let ns = lab.topo.node(id).unwrap();
-        let out = ns
-            .command(&[
-                "curl",
-                "-s",
-                "-m",
-                "3",
-                &format!("http://198.19.0.{id}:9100/metrics"),
-            ])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let value = |name: &str| -> u64 {
-            text.lines()
-                .filter(|l| l.starts_with(&format!("clonecluster_{name}{{")))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .sum()
-        };
-        assert!(
-            value("wire_rx_frames_total") > 100,
-            "node {id} metrics:\n{text}"
+    // `/metrics` counts what flowed: DATAGRAMS UDP datagrams, each from its own source port, reach
+    // every node's wire port and exactly one node's host port.
+    const DATAGRAMS: u64 = 300;
+    let before: Vec<String> = ids.iter().map(|&id| lab.metrics(id)).collect();
+    let sent = lab
+        .topo
+        .client
+        .command(&[
+            "bash",
+            "-c",
+            &format!("for i in $(seq {DATAGRAMS}); do echo x > /dev/udp/198.18.0.1/9; done"),
+        ])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "sending the datagrams failed");
+    std::thread::sleep(Duration::from_millis(500));
+    let after: Vec<String> = ids.iter().map(|&id| lab.metrics(id)).collect();
+    let delta = |i: usize, name: &str, labels: &[&str]| {
+        metric(&after[i], name, labels) - metric(&before[i], name, labels)
+    };
+    let mut delivered = 0;
+    for (i, &id) in ids.iter().enumerate() {
+        let (rx, tx) = (
+            delta(i, "wire_rx_frames_total", &[]),
+            delta(i, "host_tx_frames_total", &[]),
         );
-        assert!(
-            value("host_tx_frames_total") > 10,
-            "node {id} metrics:\n{text}"
+        let not_owned = delta(i, "dropped_frames_total", &["reason=\"not-owned\""]);
+        eprintln!(
+            "{tag}: node {id} metrics moved: wire rx {rx}, host tx {tx}, not owned {not_owned}"
         );
+        // Every node sees every datagram (plus heartbeats and the client's ARP) and either
+        // delivers or drops each as another's.
+        assert!(rx >= DATAGRAMS, "node {id}: wire rx {rx}\n{}", after[i]);
+        assert!(
+            (DATAGRAMS..DATAGRAMS + 8).contains(&(tx + not_owned)),
+            "node {id}: delivered {tx} + not owned {not_owned}\n{}",
+            after[i]
+        );
+        // A fair share: at least a third of an even split.
+        assert!(
+            tx >= DATAGRAMS / ids.len() as u64 / 3,
+            "node {id}: delivered only {tx} of {DATAGRAMS}"
+        );
+        delivered += tx;
         assert_eq!(
-            value("members_live"),
+            metric(&after[i], "members_live", &[]),
             ids.len() as u64,
-            "node {id} metrics:\n{text}"
+            "{}",
+            after[i]
         );
-        assert!(value("epoch") > 0);
-        assert!(value("burst_latency_ns") > 0, "node {id} metrics:\n{text}");
+        assert!(metric(&after[i], "epoch", &[]) > 0, "{}", after[i]);
+        assert!(
+            metric(&after[i], "burst_latency_ns", &[]) > 0,
+            "{}",
+            after[i]
+        );
     }
+    // Exactly one node delivered each datagram (a few frames of slack for the client's ARP).
+    assert!(
+        (DATAGRAMS..DATAGRAMS + 4).contains(&delivered),
+        "{delivered} delivered for {DATAGRAMS} sent"
+    );
 
     // kill -9 the last node's engine: the others own every bucket within the bound.
     let victim = *ids.last().unwrap();
