@@ -31,7 +31,9 @@ use crate::cluster::{
     FlowTimeouts, FragmentKey, FragmentTracker, FragmentVerdict, NodeId, OwnershipTable, TcpFlags,
 };
 use crate::control::{Phase, PlanId, Role, Snapshot};
-use crate::wire::{self, arp, icmpv6, parse_l2_l4, EtherType, EthernetAddress, IpProtocol, Parsed};
+use crate::wire::{
+    self, arp, icmpv6, parse_ipv4_flow, parse_l2_l4, EtherType, EthernetAddress, IpProtocol, Parsed,
+};
 
 /// The EtherType of wire heartbeats (IEEE 802 "local experimental 1").
 pub const HEARTBEAT_ETHERTYPE: u16 = 0x88b5;
@@ -541,6 +543,15 @@ impl Pipeline {
             } else {
                 Prepared::Drop(DropReason::NotForUs)
             });
+        }
+        // Most frames: untagged IPv4 TCP/UDP without options, read at fixed offsets.
+        if let Some(f) = parse_ipv4_flow(frame) {
+            return Parts::Flow {
+                key: FlowKey::new(self.id.affinity, IpAddr::V4(f.src), f.src_port, f.protocol),
+                rest: FlowRest::new(IpAddr::V4(f.dst), f.src_port, f.dst_port, f.protocol),
+                proto: f.protocol,
+                flags: TcpFlags(f.tcp_flags),
+            };
         }
         let parsed = parse_l2_l4(frame);
         let p = match &parsed {

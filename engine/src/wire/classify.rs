@@ -180,6 +180,78 @@ pub fn parse_l2_l4(frame: &[u8]) -> Result<Parsed> {
     Ok(p)
 }
 
+/// What [`parse_l2_l4`] finds in the data path's common frame — untagged IPv4 without options,
+/// not a fragment, carrying TCP or UDP — as [`parse_ipv4_flow`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Flow {
+    /// IP source.
+    pub src: Ipv4Addr,
+    /// IP destination.
+    pub dst: Ipv4Addr,
+    /// 6 (TCP) or 17 (UDP).
+    pub protocol: u8,
+    /// TCP/UDP source port.
+    pub src_port: u16,
+    /// TCP/UDP destination port.
+    pub dst_port: u16,
+    /// TCP control bits as on the wire (byte 13 of the TCP header); 0 for UDP.
+    pub tcp_flags: u8,
+}
+
+/// The fast path of [`parse_l2_l4`]: the common frame read at fixed offsets, with the same
+/// length checks. `None` for every other frame, valid or not (the caller then runs
+/// [`parse_l2_l4`], which also names the error). For each frame it accepts, `parse_l2_l4`
+/// returns `Ok` with the same addresses, protocol, ports and flags and no fragment; it accepts
+/// every such frame (a property test holds both directions).
+#[inline(always)]
+pub fn parse_ipv4_flow(frame: &[u8]) -> Option<Ipv4Flow> {
+    const L3: usize = 14;
+    const L4: usize = L3 + ipv4::HEADER_LEN;
+    // Ethernet, the IPv4 header and at least a UDP header's worth: one bounds check.
+    let h: &[u8; L4 + udp::HEADER_LEN] = frame.get(..L4 + udp::HEADER_LEN)?.try_into().ok()?;
+    // EtherType IPv4 (no VLAN tag), version 4 with IHL 5 (no options).
+    if h[12] != 0x08 || h[13] != 0x00 || h[L3] != 0x45 {
+        return None;
+    }
+    // Neither "more fragments" nor an offset (DF may be set).
+    if h[L3 + 6] & 0x3f != 0 || h[L3 + 7] != 0 {
+        return None;
+    }
+    let total_len = usize::from(u16::from_be_bytes([h[L3 + 2], h[L3 + 3]]));
+    if total_len < ipv4::HEADER_LEN || total_len > frame.len() - L3 {
+        return None;
+    }
+    let l4_len = total_len - ipv4::HEADER_LEN;
+    let protocol = h[L3 + 9];
+    let tcp_flags = match protocol {
+        6 => {
+            // The whole TCP header, options included, inside the IP payload.
+            let fixed = frame.get(L4..L4 + tcp::HEADER_LEN)?;
+            let header_len = usize::from(fixed[12] >> 4) * 4;
+            if l4_len < tcp::HEADER_LEN || header_len < tcp::HEADER_LEN || header_len > l4_len {
+                return None;
+            }
+            fixed[13]
+        }
+        17 => {
+            let udp_len = usize::from(u16::from_be_bytes([h[L4 + 4], h[L4 + 5]]));
+            if l4_len < udp::HEADER_LEN || udp_len < udp::HEADER_LEN || udp_len > l4_len {
+                return None;
+            }
+            0
+        }
+        _ => return None,
+    };
+    Some(Ipv4Flow {
+        src: Ipv4Addr::new(h[L3 + 12], h[L3 + 13], h[L3 + 14], h[L3 + 15]),
+        dst: Ipv4Addr::new(h[L3 + 16], h[L3 + 17], h[L3 + 18], h[L3 + 19]),
+        protocol,
+        src_port: u16::from_be_bytes([h[L4], h[L4 + 1]]),
+        dst_port: u16::from_be_bytes([h[L4 + 2], h[L4 + 3]]),
+        tcp_flags,
+    })
+}
+
 #[inline]
 fn parse_ipv4(p: &mut Parsed, l3: &[u8]) -> Result<()> {
     let ip = ipv4::Packet::new_checked(l3)?;

@@ -10,6 +10,7 @@ use super::*;
 /// Runs every checked constructor and every getter that a successful check makes safe.
 fn exercise(bytes: &[u8]) {
     let _ = parse_l2_l4(bytes);
+    fast_path_agrees(bytes);
     if let Ok(f) = ethernet::Frame::new_checked(bytes) {
         let _ = (f.dst(), f.src(), f.vlan(), f.ethertype(), f.payload().len());
         let _ = ethernet::Repr::parse(&f);
@@ -68,8 +69,56 @@ fn exercise(bytes: &[u8]) {
     let _ = icmpv6::NdiscOptions::new(bytes).count();
 }
 
+/// [`parse_ipv4_flow`] accepts exactly the untagged, option-less, unfragmented IPv4 TCP/UDP
+/// frames that [`parse_l2_l4`] reads without error, and reads them the same.
+fn fast_path_agrees(frame: &[u8]) {
+    let fast = parse_ipv4_flow(frame);
+    let common = match parse_l2_l4(frame) {
+        Ok(p)
+            if p.vlan.is_none()
+                && p.ip_version == 4
+                && p.l4_offset == 14 + ipv4::HEADER_LEN
+                && p.fragment.is_none()
+                && matches!(p.protocol, IpProtocol::Tcp | IpProtocol::Udp) =>
+        {
+            Some(p)
+        }
+        _ => None,
+    };
+    match (fast, common) {
+        (None, None) => {}
+        (Some(f), Some(p)) => {
+            assert_eq!(p.src_ip, std::net::IpAddr::V4(f.src), "{frame:02x?}");
+            assert_eq!(p.dst_ip, std::net::IpAddr::V4(f.dst), "{frame:02x?}");
+            assert_eq!(u8::from(p.protocol), f.protocol, "{frame:02x?}");
+            assert_eq!(p.src_port, Some(f.src_port), "{frame:02x?}");
+            assert_eq!(p.dst_port, Some(f.dst_port), "{frame:02x?}");
+            assert_eq!(p.tcp_flags.0 as u8, f.tcp_flags, "{frame:02x?}");
+        }
+        (fast, common) => panic!("fast path {fast:?} vs parse_l2_l4 {common:?}: {frame:02x?}"),
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    /// Edits aimed at the headers the fast path reads (the first 64 bytes), lengths included.
+    #[test]
+    fn the_fast_path_agrees_with_the_full_parser(
+        which in 0..ALL.len(),
+        edits in proptest::collection::vec((0usize..64, any::<u8>()), 0..4),
+        cut in any::<usize>(),
+        grow in 0usize..40,
+    ) {
+        let mut frame = ALL[which].to_vec();
+        frame.resize(frame.len() + grow, 0);
+        for (at, value) in edits {
+            let at = at % frame.len();
+            frame[at] = value;
+        }
+        fast_path_agrees(&frame);
+        fast_path_agrees(&frame[..cut % (frame.len() + 1)]);
+    }
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
