@@ -6,7 +6,9 @@
 //!    data segments; with one frame per flow, one data segment) or UDP, IPv4 clients from
 //!    198.19.0.0/16 and a share of IPv6 clients from 2001:2:0:1::/64, all to the cluster
 //!    (02:cc:00:00:00:01, 198.18.0.1, 2001:2::1); plus ARP requests for the cluster address
-//!    (1 in 64 frames) and ICMP echo requests (1 in 97). Frames are minimum size (60 bytes +
+//!    (after 1 in 64 flow frames), ICMP echo requests (1 in 97) and the two IPv4 fragments of a
+//!    UDP datagram (1 in 128). Or a capture (`CC_BENCH_PCAP`), its frames dealt to the packet
+//!    cores in turn (2176-byte mbufs then). Generated frames are minimum size (60 bytes +
 //!    FCS). With two cores, flow `i` goes to queue `i mod 2` (what RSS does with real NICs).
 //! 2. Runs the real binary with the wire port `net_pcap0,rx_pcap=FILE[,rx_pcap=FILE2],
 //!    infinite_rx=1` (each file loops from memory) and the host port `net_null1,no-rx=1`. The
@@ -36,7 +38,8 @@
 //! `flows=,ipv6=,nodes=,handoff=,cores=,capacity=,fpf=` overriding the above, e.g.
 //! `flows=1000;flows=10000000;nodes=4,handoff=10`), `CC_BENCH_SECS` (per run) [3],
 //! `CC_BENCH_ROUNDS` [3], `CC_BENCH_CORE` (the forwarding core with one core) [1],
-//! `CC_BENCH_DIR` (keep the pcaps and configs there instead of a temporary directory, e.g. to
+//! `CC_BENCH_PCAP` (send this capture instead of the generated mix: its frames must be
+//! addressed as above, e.g. `tests/fixtures/lab-mix.pcap`), `CC_BENCH_DIR` (keep the pcaps and configs there instead of a temporary directory, e.g. to
 //! `perf record` the engine by hand).
 
 use std::io::{BufRead, BufReader};
@@ -60,10 +63,12 @@ const CLUSTER_IP: [u8; 4] = [198, 18, 0, 1];
 const CLUSTER_IP6: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 /// Allowed difference between the engine's and replay's shares, in percentage points.
 const TOLERANCE_PCT: f64 = 1.0;
-/// Buffer bytes per mbuf (headroom included) for both programs.
+/// Buffer bytes per mbuf (headroom included) for both programs: minimum-size frames fit.
 const MBUF_SIZE: u32 = 384;
-/// Bytes one such mbuf takes in the pool (buffer, rte_mbuf header, mempool header).
-const MBUF_FOOTPRINT: u64 = MBUF_SIZE as u64 + 128 + 64;
+/// The same for a capture given with `CC_BENCH_PCAP` (frames up to 2048 bytes).
+const MBUF_SIZE_PCAP: u32 = 2048 + 128;
+/// Bytes an mbuf takes in the pool besides its buffer (rte_mbuf header, mempool header).
+const MBUF_OVERHEAD: u64 = 128 + 64;
 
 // ---- traffic ------------------------------------------------------------------------------
 
@@ -174,6 +179,42 @@ fn arp_request(mac: [u8; 6], src: [u8; 4]) -> Vec<u8> {
     f
 }
 
+/// The two IPv4 fragments of a 24-byte UDP datagram (header + 16 bytes of data): the first 16
+/// bytes (UDP header included) with "more fragments", then 8 bytes at offset 16.
+fn udp_fragments(mac: [u8; 6], src: [u8; 4], sport: u16, ident: u16) -> [Vec<u8>; 2] {
+    let mut dgram = udp(sport, b"fragmented-data!");
+    let mut pseudo = [0u8; 12];
+    pseudo[0..4].copy_from_slice(&src);
+    pseudo[4..8].copy_from_slice(&CLUSTER_IP);
+    pseudo[9] = 17;
+    pseudo[10..12].copy_from_slice(&(dgram.len() as u16).to_be_bytes());
+    let c = checksum(&[&pseudo, &dgram]);
+    dgram[6..8].copy_from_slice(&c.to_be_bytes());
+    let fragment = |offset_units: u16, more: bool, data: &[u8]| {
+        let mut f = ethernet(mac, CLUSTER_MAC, 0x0800);
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&ident.to_be_bytes());
+        let frag = (u16::from(more) << 13) | offset_units;
+        ip[6..8].copy_from_slice(&frag.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&src);
+        ip[16..20].copy_from_slice(&CLUSTER_IP);
+        let c = checksum(&[&ip]);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(data);
+        f.resize(f.len().max(60), 0);
+        f
+    };
+    [
+        fragment(0, true, &dgram[..16]),
+        fragment(2, false, &dgram[16..]),
+    ]
+}
+
 fn icmp_echo(mac: [u8; 6], src: [u8; 4], seq: u16) -> Vec<u8> {
     let mut i = vec![8, 0, 0, 0, 0x12, 0x34];
     i.extend_from_slice(&seq.to_be_bytes());
@@ -195,6 +236,8 @@ struct Scenario {
     capacity: u32,
     /// Frames per flow: 3 (TCP: SYN and two data segments) or 1 (one data segment).
     fpf: u32,
+    /// A capture to send instead of the generated mix (`CC_BENCH_PCAP`).
+    pcap: Option<PathBuf>,
 }
 
 impl Scenario {
@@ -207,6 +250,7 @@ impl Scenario {
             cores: env_or("CC_BENCH_CORES", 1),
             capacity: 0,
             fpf: 0,
+            pcap: std::env::var_os("CC_BENCH_PCAP").map(PathBuf::from),
         };
         s.capacity = env_or("CC_BENCH_CAPACITY", 0);
         s.fpf = env_or("CC_BENCH_FPF", 0);
@@ -255,7 +299,13 @@ impl Scenario {
             f if f >= 1000 && f % 1000 == 0 => format!("{}k", f / 1000),
             f => f.to_string(),
         };
-        let mut l = format!("{flows} flows");
+        let mut l = match &self.pcap {
+            Some(p) => format!(
+                "pcap {}",
+                p.file_name().unwrap_or_default().to_string_lossy()
+            ),
+            None => format!("{flows} flows"),
+        };
         if self.nodes > 1 {
             l += &format!(" N={}", self.nodes);
         }
@@ -273,6 +323,20 @@ impl Scenario {
             l += &format!(" cap={}", self.capacity);
         }
         l
+    }
+
+    /// Buffer bytes per mbuf.
+    fn mbuf_size(&self) -> u32 {
+        if self.pcap.is_some() {
+            MBUF_SIZE_PCAP
+        } else {
+            MBUF_SIZE
+        }
+    }
+
+    /// Bytes one mbuf takes in the pool.
+    fn mbuf_footprint(&self) -> u64 {
+        u64::from(self.mbuf_size()) + MBUF_OVERHEAD
     }
 }
 
@@ -310,15 +374,42 @@ fn flow_frame(i: u32, round: u32, ipv6_pct: u32) -> Vec<u8> {
     f
 }
 
-/// The frames of the scenario's flow mix, in file order, each with its queue (packet core).
-fn traffic(s: &Scenario) -> impl Iterator<Item = (usize, Vec<u8>)> + '_ {
+/// The frames of the scenario, in file order, each with its queue (packet core): the frames of
+/// `CC_BENCH_PCAP` dealt round-robin, or the generated flow mix.
+fn traffic(s: &Scenario) -> Box<dyn Iterator<Item = (usize, Vec<u8>)> + '_> {
+    match &s.pcap {
+        Some(path) => Box::new(capture(path, s.cores)),
+        None => Box::new(flow_mix(s)),
+    }
+}
+
+/// The frames of a capture, frame `n` to queue `n mod cores`.
+fn capture(path: &Path, cores: usize) -> impl Iterator<Item = (usize, Vec<u8>)> {
+    let file = std::fs::File::open(path)
+        .unwrap_or_else(|e| panic!("CC_BENCH_PCAP {}: {e}", path.display()));
+    let mut reader = pcap_file::pcap::PcapReader::new(std::io::BufReader::new(file))
+        .unwrap_or_else(|e| panic!("CC_BENCH_PCAP {}: not a pcap file: {e}", path.display()));
+    let mut frames = Vec::new();
+    while let Some(packet) = reader.next_packet() {
+        let packet = packet.unwrap_or_else(|e| panic!("CC_BENCH_PCAP {}: {e}", path.display()));
+        frames.push(packet.data.into_owned());
+    }
+    frames
+        .into_iter()
+        .enumerate()
+        .map(move |(n, f)| (n % cores, f))
+}
+
+/// The generated flow mix: flow frames, and after every 64th an ARP request, every 97th an
+/// ICMP echo request, every 128th the two fragments of a UDP datagram.
+fn flow_mix(s: &Scenario) -> impl Iterator<Item = (usize, Vec<u8>)> + '_ {
     let rounds: &'static [u32] = if s.fpf == 1 { &[1] } else { &[0, 1, 2] };
     rounds.iter().enumerate().flat_map(move |(r, &round)| {
         (0..s.flows).flat_map(move |i| {
             let queue = i as usize % s.cores;
             let mut out = Vec::with_capacity(3);
             out.push((queue, flow_frame(i, round, s.ipv6_pct)));
-            // Flow frames so far: an ARP request follows every 64th, an echo every 97th.
+            // Flow frames so far.
             let n = (r as u32).wrapping_mul(s.flows).wrapping_add(i + 1);
             let client = i % 65536;
             let mac = [0x02, 0xc1, 0, (client >> 8) as u8, client as u8, 0];
@@ -330,6 +421,12 @@ fn traffic(s: &Scenario) -> impl Iterator<Item = (usize, Vec<u8>)> + '_ {
                 let mut f = icmp_echo(mac, v4, n as u16);
                 f.resize(f.len().max(60), 0);
                 out.push((queue, f));
+            }
+            if n.is_multiple_of(128) {
+                let sport = 40_000 + (n / 128 % 20_000) as u16;
+                for f in udp_fragments(mac, v4, sport, n as u16) {
+                    out.push((queue, f));
+                }
             }
             out
         })
@@ -413,7 +510,7 @@ dataplane:
   cores: [{cores}]
   idle: busy
   pool_size: {mbufs}
-  mbuf_size: {MBUF_SIZE}
+  mbuf_size: {mbuf_size}
   flow_capacity: {capacity}
 "#,
                 mem = self.mem_mb,
@@ -422,6 +519,7 @@ dataplane:
                 cores = cores.join(", "),
                 mbufs = self.mbufs,
                 capacity = self.scenario.capacity,
+                mbuf_size = self.scenario.mbuf_size(),
             ),
         )
         .unwrap();
@@ -566,7 +664,7 @@ fn testpmd_run(setup: &Setup, mode: &str) -> Option<Run> {
             "0",
             "--",
             &format!("--total-num-mbufs={}", setup.mbufs + 1),
-            &format!("--mbuf-size={MBUF_SIZE}"),
+            &format!("--mbuf-size={}", setup.scenario.mbuf_size()),
             &format!("--nb-cores={queues}"),
             &format!("--rxq={queues}"),
             &format!("--txq={queues}"),
@@ -706,6 +804,7 @@ struct Row {
     label: String,
     frames: u64,
     pool_mib: u64,
+    mbuf_bytes: u64,
     engine: Run,
     testpmd: [Option<Run>; 3],
     ok: bool,
@@ -721,7 +820,7 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
     let counts = write_pcaps(&pcaps, traffic(&s));
     let frames: u64 = counts.iter().sum();
     let mbufs = ((frames + 8192 * s.cores as u64) | 1023).max(8191) as u32;
-    let pool_mib = (u64::from(mbufs) * MBUF_FOOTPRINT).div_ceil(1 << 20);
+    let pool_mib = (u64::from(mbufs) * s.mbuf_footprint()).div_ceil(1 << 20);
     let setup = Setup {
         dir: dir.to_path_buf(),
         scenario: s.clone(),
@@ -731,10 +830,14 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
         mem_mb: (pool_mib + pool_mib / 8 + 256) as u32,
     };
     let label = s.label();
+    let source = match &s.pcap {
+        Some(p) => format!("from {}", p.display()),
+        None => format!("{} per flow, {}% IPv6", s.fpf, s.ipv6_pct),
+    };
     eprintln!(
-        "== {label}: {frames} frames ({} per flow, {}% IPv6) in {} file(s), pool {mbufs} mbufs \
+        "== {label}: {frames} frames ({source}) in {} file(s), pool {mbufs} mbufs \
          ({pool_mib} MiB), flow capacity {} per core",
-        s.fpf, s.ipv6_pct, s.cores, s.capacity
+        s.cores, s.capacity
     );
     let exp = expected(&setup);
     let mut engine = Vec::new();
@@ -794,6 +897,7 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
         label,
         frames,
         pool_mib,
+        mbuf_bytes: s.mbuf_footprint(),
         engine: med(&engine).unwrap(),
         testpmd: [med(&testpmd[0]), med(&testpmd[1]), med(&testpmd[2])],
         ok,
@@ -867,8 +971,8 @@ fn print_table(rows: &[Row], rounds: usize) {
     }
     for r in rows {
         println!(
-            "  {}: packet pool {} MiB ({MBUF_FOOTPRINT} B per mbuf)",
-            r.label, r.pool_mib
+            "  {}: packet pool {} MiB ({} B per mbuf)",
+            r.label, r.pool_mib, r.mbuf_bytes
         );
     }
 }

@@ -507,7 +507,7 @@ impl FlowTable {
     ///
     /// An entry found expired starts over as a new flow. Never allocates; a full table evicts
     /// (see the module doc).
-    #[inline]
+    #[inline(always)]
     pub fn upsert(
         &mut self,
         hash: FlowHash,
@@ -518,30 +518,43 @@ impl FlowTable {
     ) -> Upsert {
         let hash = hash.0;
         let now_t = ticks(now);
-        if let Some(i) = self.find(hash) {
-            let expired = self.is_expired(&self.slots[i], now_t);
-            if expired {
-                // The old flow ended; this packet starts a new one in the same slot.
-                self.stats.expired += 1;
-                self.stats.inserted += 1;
-            }
-            let slot = &mut self.slots[i];
-            let prev = if expired {
-                None
-            } else {
-                FlowState::from_raw(slot.state)
-            };
-            let state = FlowState::next(prev, proto, flags);
-            slot.state = state as u8;
-            slot.proto = proto;
-            slot.last_seen = now_t;
-            return Upsert {
-                state,
-                is_new: expired,
-                evicted: false,
-            };
+        let Some(i) = self.find(hash) else {
+            return self.insert(hash, proto, bucket, flags, now_t);
+        };
+        let expired = self.is_expired(&self.slots[i], now_t);
+        if expired {
+            // The old flow ended; this packet starts a new one in the same slot.
+            self.stats.expired += 1;
+            self.stats.inserted += 1;
         }
+        let slot = &mut self.slots[i];
+        let prev = if expired {
+            None
+        } else {
+            FlowState::from_raw(slot.state)
+        };
+        let state = FlowState::next(prev, proto, flags);
+        slot.state = state as u8;
+        slot.proto = proto;
+        slot.last_seen = now_t;
+        Upsert {
+            state,
+            is_new: expired,
+            evicted: false,
+        }
+    }
 
+    /// The new-flow half of [`FlowTable::upsert`], out of line: the packet path inlines only
+    /// the lookup of a known flow.
+    #[inline(never)]
+    fn insert(
+        &mut self,
+        hash: u64,
+        proto: u8,
+        bucket: Bucket,
+        flags: TcpFlags,
+        now_t: u32,
+    ) -> Upsert {
         let mut evicted = false;
         if self.len >= self.capacity {
             evicted = self.make_room(hash, now_t);
@@ -607,7 +620,7 @@ impl FlowTable {
         self.slots.len()
     }
 
-    #[inline]
+    #[inline(always)]
     fn find(&self, hash: u64) -> Option<usize> {
         let mut i = hash as usize & self.mask;
         loop {
