@@ -610,6 +610,20 @@ fn drain_undrain_and_sigterm_lose_no_connection() {
     eprintln!("d: after the undrain: {by_node:?}, failed {failed}");
     assert_eq!(failed, 0, "{}", lab.logs());
     assert!(by_node.get(&2).copied().unwrap_or(0) > 0, "{by_node:?}");
+    // Only TCP connections that began outside the handoffs: no node took a flow at the risk
+    // of a duplicate.
+    for &id in &ids {
+        let text = lab.metrics(id);
+        assert!(
+            text.contains("clonecluster_duplicate_risk_frames_total{"),
+            "node {id}:\n{text}"
+        );
+        assert_eq!(
+            metric(&text, "duplicate_risk_frames_total", &[]),
+            0,
+            "node {id}:\n{text}"
+        );
+    }
 
     // SIGTERM node 3: it drains first, then exits cleanly; its connections complete.
     let downloads = lab.start_downloads(6);

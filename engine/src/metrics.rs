@@ -137,6 +137,19 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         "Live flows a full flow table forgot to make room (raise dataplane.flow_capacity).",
         &evictions,
     );
+    let risk: Vec<(String, u64)> = link
+        .core_duplicate_risk
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!(",core=\"{i}\""), r.load(Relaxed)))
+        .collect();
+    metric(
+        "duplicate_risk_frames_total",
+        "counter",
+        "Frames delivered while acquiring a bucket as a new flow the old owner may still serve \
+         (an unlearned UDP flow, a retransmitted learned SYN): the handoff's duplicate risk.",
+        &risk,
+    );
     metric(
         "mbufs_in_use",
         "gauge",

@@ -256,6 +256,8 @@ pub struct Pipeline {
     released: Option<Released>,
     /// The local service and the peers' (see [`ServiceState`]).
     service: ServiceState,
+    /// See [`Pipeline::duplicate_risk`].
+    duplicate_risk: u64,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -362,8 +364,18 @@ impl Pipeline {
             ),
             released: None,
             service: ServiceState::default(),
+            duplicate_risk: 0,
             id,
         }
+    }
+
+    /// Frames this node delivered, while acquiring a bucket, as the start of a flow that the
+    /// old owner may still be serving: a UDP (or other non-TCP) flow it did not learn — one
+    /// idle through the whole learn phase, or forgotten by a full learned-flows table — and a
+    /// learned SYN retransmitted that the old owner may have answered. Each such frame may
+    /// reach two hosts; 0 in a clean handoff of TCP traffic.
+    pub fn duplicate_risk(&self) -> u64 {
+        self.duplicate_risk
     }
 
     pub fn identity(&self) -> &NodeIdentity {
@@ -776,6 +788,7 @@ impl Pipeline {
                         self.learned.remove(hash);
                         true
                     } else if learned.state == FlowState::SynSeen && flags.is_initial_syn() {
+                        self.duplicate_risk += 1;
                         // A SYN learned but never answered (no ACK followed it), now sent
                         // again: nodes adopt a phase at slightly different times, so the old
                         // owner may have released the bucket, and refused this SYN, while this
@@ -792,6 +805,9 @@ impl Pipeline {
                 } else {
                     // A new flow: TCP only on a SYN without ACK (a TCP packet of an unknown
                     // flow is a long-idle connection of the old owner); anything else starts one.
+                    if proto != 6 {
+                        self.duplicate_risk += 1;
+                    }
                     proto != 6 || flags.is_initial_syn()
                 }
             }
@@ -1952,6 +1968,43 @@ mod tests {
         assert_eq!(h.send(refused, 0x10, 1_000_000_040), vec![1]);
         assert_eq!(h.send(accepted, 0x02, 1_000_000_050), vec![2]);
         assert_eq!(h.send(accepted, 0x10, 1_000_000_060), vec![2]);
+        // Retaking the learned SYN is the handoff's one duplicate risk here (had node 2's
+        // SYN-ACK been lost, both would hold the connection), counted once.
+        let risk: Vec<u64> = h.nodes.iter().map(Pipeline::duplicate_risk).collect();
+        assert_eq!(risk, vec![1, 0]);
+    }
+
+    /// While acquiring, an unknown UDP flow is taken as new although the old owner may still
+    /// serve it (idle through the learn phase): counted as duplicate risk. A new TCP
+    /// connection (a SYN) and a known UDP flow are not.
+    #[test]
+    fn unlearned_udp_taken_while_acquiring_is_duplicate_risk() {
+        let mut h = Handoff::new(&[1], &[1, 2]);
+        let ports = h.moving_ports(1, 2, 3);
+        let udp = |port| ipv4_frame(Handoff::CLIENT, port, &Kind::Udp);
+        let send_udp = |h: &mut Handoff, port: u16, now: u64| -> Vec<u8> {
+            let f = udp(port);
+            let buf = &mut h.buf;
+            h.nodes
+                .iter_mut()
+                .filter_map(|p| {
+                    buf[..f.len()].copy_from_slice(&f);
+                    matches!(p.from_wire(buf, f.len(), now), Action::Deliver)
+                        .then(|| p.identity().node.get())
+                })
+                .collect()
+        };
+        h.set_all(Phase::Learn);
+        // Port 0's UDP flow is active while node 2 learns: it stays node 1's, no risk.
+        assert_eq!(send_udp(&mut h, ports[0], 10), vec![1]);
+        h.set_all(Phase::Acquire);
+        assert_eq!(send_udp(&mut h, ports[0], 20), vec![1]);
+        // A connection that starts now is node 2's, no risk.
+        assert_eq!(h.send(ports[1], 0x02, 30), vec![2]);
+        // Port 2's UDP flow was not seen while node 2 learned: node 2 takes it, at a risk.
+        assert_eq!(send_udp(&mut h, ports[2], 40), vec![2]);
+        let risk: Vec<u64> = h.nodes.iter().map(Pipeline::duplicate_risk).collect();
+        assert_eq!(risk, vec![0, 1]);
     }
 
     #[test]

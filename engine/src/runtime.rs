@@ -54,6 +54,8 @@ pub struct ControlLink {
     pub hold_refusals_on: AtomicU32,
     /// Per core: live flows its flow table had to forget to make room.
     pub core_evictions: Vec<AtomicU64>,
+    /// Per core: [`crate::pipeline::Pipeline::duplicate_risk`].
+    pub core_duplicate_risk: Vec<AtomicU64>,
     /// Mbufs out of the pool, as core 0 last saw.
     pub mbufs_in_use: AtomicU64,
     /// Per core: burst processing time over the last second, ns: p50, p99, p99.9, max.
@@ -87,6 +89,7 @@ impl ControlLink {
             counters: (0..cores).map(|_| CoreCounters::default()).collect(),
             mbufs_in_use: AtomicU64::new(0),
             core_evictions: (0..cores).map(|_| AtomicU64::new(0)).collect(),
+            core_duplicate_risk: (0..cores).map(|_| AtomicU64::new(0)).collect(),
             refuse_new: AtomicBool::new(false),
             refusing_peers: AtomicU64::new(0),
             hold_refusals_on: AtomicU32::new(0),

@@ -462,6 +462,7 @@ fn core_loop(shared: &Shared, index: usize) {
             pipeline.maintain(now, EXPIRE_BUDGET);
             link.core_flows[index].store(pipeline.flows().len() as u64, Relaxed);
             link.core_evictions[index].store(pipeline.flows().stats().evicted, Relaxed);
+            link.core_duplicate_risk[index].store(pipeline.duplicate_risk(), Relaxed);
             if index == 0 {
                 // SAFETY: the pool outlives the packet loops (`run` frees it after they return).
                 let pool = unsafe { super::eal::Mempool::borrow(shared.pool) };
