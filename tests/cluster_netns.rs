@@ -590,14 +590,9 @@ fn drain_undrain_and_sigterm_lose_no_connection() {
     );
     check_downloads(&lab, downloads, "a drain");
 
-    // Undrain, asked of node 1 for node 2 (relayed): node 2 takes its share again.
-    let out = run_cmd(&[
-        "undrain",
-        "--node",
-        "2",
-        "--config",
-        lab.config(1).to_str().unwrap(),
-    ]);
+    // Undrain, asked of node 1 for node 2 (relayed; NODE positional): node 2 takes its share
+    // again.
+    let out = run_cmd(&["undrain", "2", "--config", lab.config(1).to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",

@@ -54,13 +54,20 @@ enum Command {
         /// Another node's id: the request is relayed to it, authenticated.
         #[arg(long)]
         node: Option<u8>,
+        /// The same as --node.
+        #[arg(value_name = "NODE", conflicts_with = "node")]
+        node_id: Option<u8>,
     },
     /// Undo a drain: the node takes its share again.
     Undrain {
         #[arg(long, short)]
         config: PathBuf,
+        /// Another node's id: the request is relayed to it, authenticated.
         #[arg(long)]
         node: Option<u8>,
+        /// The same as --node.
+        #[arg(value_name = "NODE", conflicts_with = "node")]
+        node_id: Option<u8>,
     },
     /// Which node owns a flow, and why (bucket, phase, this node's role).
     OwnerOf {
@@ -363,8 +370,16 @@ fn execute(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Drain { config, node } => operator(&config, &with_node("drain", node)),
-        Command::Undrain { config, node } => operator(&config, &with_node("undrain", node)),
+        Command::Drain {
+            config,
+            node,
+            node_id,
+        } => operator(&config, &with_node("drain", node.or(node_id))),
+        Command::Undrain {
+            config,
+            node,
+            node_id,
+        } => operator(&config, &with_node("undrain", node.or(node_id))),
         Command::Status { config, json } => {
             if json {
                 operator(&config, "status")
