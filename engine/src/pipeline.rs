@@ -32,7 +32,7 @@ use crate::cluster::{
 };
 use crate::control::{Phase, PlanId, Role, Snapshot};
 use crate::wire::{
-    self, arp, icmpv6, parse_ipv4_flow, parse_l2_l4, EtherType, EthernetAddress, IpProtocol, Parsed,
+    self, arp, icmpv6, parse_ip_flow, parse_l2_l4, EtherType, EthernetAddress, IpProtocol, Parsed,
 };
 
 /// The EtherType of wire heartbeats (IEEE 802 "local experimental 1").
@@ -556,11 +556,12 @@ impl Pipeline {
                 Prepared::Drop(DropReason::NotForUs)
             });
         }
-        // Most frames: untagged IPv4 TCP/UDP without options, read at fixed offsets.
-        if let Some(f) = parse_ipv4_flow(frame) {
+        // Most frames: untagged TCP/UDP over IPv4 without options or IPv6 without extension
+        // headers, read at fixed offsets.
+        if let Some(f) = parse_ip_flow(frame) {
             return Parts::Flow {
-                key: FlowKey::new(self.id.affinity, IpAddr::V4(f.src), f.src_port, f.protocol),
-                rest: FlowRest::new(IpAddr::V4(f.dst), f.src_port, f.dst_port, f.protocol),
+                key: FlowKey::new(self.id.affinity, f.src, f.src_port, f.protocol),
+                rest: FlowRest::new(f.dst, f.src_port, f.dst_port, f.protocol),
                 proto: f.protocol,
                 flags: TcpFlags(f.tcp_flags),
             };

@@ -180,14 +180,15 @@ pub fn parse_l2_l4(frame: &[u8]) -> Result<Parsed> {
     Ok(p)
 }
 
-/// What [`parse_l2_l4`] finds in the data path's common frame — untagged IPv4 without options,
-/// not a fragment, carrying TCP or UDP — as [`parse_ipv4_flow`] reads it.
+/// What [`parse_l2_l4`] finds in the data path's common frame — untagged IPv4 without options
+/// or IPv6 without extension headers, not a fragment, carrying TCP or UDP — as
+/// [`parse_ip_flow`] reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ipv4Flow {
+pub struct IpFlow {
     /// IP source.
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     /// IP destination.
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     /// 6 (TCP) or 17 (UDP).
     pub protocol: u8,
     /// TCP/UDP source port.
@@ -204,29 +205,77 @@ pub struct Ipv4Flow {
 /// returns `Ok` with the same addresses, protocol, ports and flags and no fragment; it accepts
 /// every such frame (a property test holds both directions).
 #[inline(always)]
-pub fn parse_ipv4_flow(frame: &[u8]) -> Option<Ipv4Flow> {
+pub fn parse_ip_flow(frame: &[u8]) -> Option<IpFlow> {
     const L3: usize = 14;
-    const L4: usize = L3 + ipv4::HEADER_LEN;
-    // Ethernet, the IPv4 header and at least a UDP header's worth: one bounds check.
-    let h: &[u8; L4 + udp::HEADER_LEN] = frame.get(..L4 + udp::HEADER_LEN)?.try_into().ok()?;
-    // EtherType IPv4 (no VLAN tag), version 4 with IHL 5 (no options).
-    if h[12] != 0x08 || h[13] != 0x00 || h[L3] != 0x45 {
-        return None;
+    let ethertype = frame.get(12..14)?;
+    if ethertype == [0x08, 0x00] {
+        const L4: usize = L3 + ipv4::HEADER_LEN;
+        // The IPv4 header and at least a UDP header's worth: one bounds check.
+        let h: &[u8; L4 + udp::HEADER_LEN] = frame.get(..L4 + udp::HEADER_LEN)?.try_into().ok()?;
+        // Version 4 with IHL 5 (no options); neither "more fragments" nor an offset (DF may be
+        // set).
+        if h[L3] != 0x45 || h[L3 + 6] & 0x3f != 0 || h[L3 + 7] != 0 {
+            return None;
+        }
+        let total_len = usize::from(u16::from_be_bytes([h[L3 + 2], h[L3 + 3]]));
+        if total_len < ipv4::HEADER_LEN || total_len > frame.len() - L3 {
+            return None;
+        }
+        let src = Ipv4Addr::new(h[L3 + 12], h[L3 + 13], h[L3 + 14], h[L3 + 15]);
+        let dst = Ipv4Addr::new(h[L3 + 16], h[L3 + 17], h[L3 + 18], h[L3 + 19]);
+        l4_flow(
+            frame,
+            L4,
+            total_len - ipv4::HEADER_LEN,
+            h[L3 + 9],
+            src.into(),
+            dst.into(),
+        )
+    } else if ethertype == [0x86, 0xdd] {
+        const L4: usize = L3 + ipv6::HEADER_LEN;
+        let h: &[u8; L4 + udp::HEADER_LEN] = frame.get(..L4 + udp::HEADER_LEN)?.try_into().ok()?;
+        if h[L3] >> 4 != 6 {
+            return None;
+        }
+        let payload_len = usize::from(u16::from_be_bytes([h[L3 + 4], h[L3 + 5]]));
+        if payload_len > frame.len() - L4 {
+            return None;
+        }
+        let addr = |at: usize| {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&h[at..at + 16]);
+            IpAddr::V6(Ipv6Addr::from(a))
+        };
+        // Next header TCP or UDP directly: no extension header, so no fragment.
+        l4_flow(
+            frame,
+            L4,
+            payload_len,
+            h[L3 + 6],
+            addr(L3 + 8),
+            addr(L3 + 24),
+        )
+    } else {
+        None
     }
-    // Neither "more fragments" nor an offset (DF may be set).
-    if h[L3 + 6] & 0x3f != 0 || h[L3 + 7] != 0 {
-        return None;
-    }
-    let total_len = usize::from(u16::from_be_bytes([h[L3 + 2], h[L3 + 3]]));
-    if total_len < ipv4::HEADER_LEN || total_len > frame.len() - L3 {
-        return None;
-    }
-    let l4_len = total_len - ipv4::HEADER_LEN;
-    let protocol = h[L3 + 9];
+}
+
+/// The TCP or UDP header at `l4` in `frame`, `l4_len` bytes of IP payload, for
+/// [`parse_ip_flow`]: the checks `tcp::Packet::new_checked` and `udp::Packet::new_checked`
+/// make.
+#[inline(always)]
+fn l4_flow(
+    frame: &[u8],
+    l4: usize,
+    l4_len: usize,
+    protocol: u8,
+    src: IpAddr,
+    dst: IpAddr,
+) -> Option<IpFlow> {
     let tcp_flags = match protocol {
         6 => {
             // The whole TCP header, options included, inside the IP payload.
-            let fixed = frame.get(L4..L4 + tcp::HEADER_LEN)?;
+            let fixed = frame.get(l4..l4 + tcp::HEADER_LEN)?;
             let header_len = usize::from(fixed[12] >> 4) * 4;
             if l4_len < tcp::HEADER_LEN || header_len < tcp::HEADER_LEN || header_len > l4_len {
                 return None;
@@ -234,7 +283,8 @@ pub fn parse_ipv4_flow(frame: &[u8]) -> Option<Ipv4Flow> {
             fixed[13]
         }
         17 => {
-            let udp_len = usize::from(u16::from_be_bytes([h[L4 + 4], h[L4 + 5]]));
+            // The caller checked that the 8 bytes are in the frame.
+            let udp_len = usize::from(u16::from_be_bytes([frame[l4 + 4], frame[l4 + 5]]));
             if l4_len < udp::HEADER_LEN || udp_len < udp::HEADER_LEN || udp_len > l4_len {
                 return None;
             }
@@ -242,12 +292,12 @@ pub fn parse_ipv4_flow(frame: &[u8]) -> Option<Ipv4Flow> {
         }
         _ => return None,
     };
-    Some(Ipv4Flow {
-        src: Ipv4Addr::new(h[L3 + 12], h[L3 + 13], h[L3 + 14], h[L3 + 15]),
-        dst: Ipv4Addr::new(h[L3 + 16], h[L3 + 17], h[L3 + 18], h[L3 + 19]),
+    Some(IpFlow {
+        src,
+        dst,
         protocol,
-        src_port: u16::from_be_bytes([h[L4], h[L4 + 1]]),
-        dst_port: u16::from_be_bytes([h[L4 + 2], h[L4 + 3]]),
+        src_port: u16::from_be_bytes([frame[l4], frame[l4 + 1]]),
+        dst_port: u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]),
         tcp_flags,
     })
 }

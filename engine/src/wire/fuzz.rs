@@ -69,15 +69,16 @@ fn exercise(bytes: &[u8]) {
     let _ = icmpv6::NdiscOptions::new(bytes).count();
 }
 
-/// [`parse_ipv4_flow`] accepts exactly the untagged, option-less, unfragmented IPv4 TCP/UDP
-/// frames that [`parse_l2_l4`] reads without error, and reads them the same.
+/// [`parse_ip_flow`] accepts exactly the untagged, unfragmented TCP/UDP frames over IPv4
+/// without options or IPv6 without extension headers that [`parse_l2_l4`] reads without error,
+/// and reads them the same.
 fn fast_path_agrees(frame: &[u8]) {
-    let fast = parse_ipv4_flow(frame);
+    let fast = parse_ip_flow(frame);
     let common = match parse_l2_l4(frame) {
         Ok(p)
             if p.vlan.is_none()
-                && p.ip_version == 4
-                && p.l4_offset == 14 + ipv4::HEADER_LEN
+                && ((p.ip_version == 4 && p.l4_offset == 14 + ipv4::HEADER_LEN)
+                    || (p.ip_version == 6 && p.l4_offset == 14 + ipv6::HEADER_LEN))
                 && p.fragment.is_none()
                 && matches!(p.protocol, IpProtocol::Tcp | IpProtocol::Udp) =>
         {
@@ -88,8 +89,8 @@ fn fast_path_agrees(frame: &[u8]) {
     match (fast, common) {
         (None, None) => {}
         (Some(f), Some(p)) => {
-            assert_eq!(p.src_ip, std::net::IpAddr::V4(f.src), "{frame:02x?}");
-            assert_eq!(p.dst_ip, std::net::IpAddr::V4(f.dst), "{frame:02x?}");
+            assert_eq!(p.src_ip, f.src, "{frame:02x?}");
+            assert_eq!(p.dst_ip, f.dst, "{frame:02x?}");
             assert_eq!(u8::from(p.protocol), f.protocol, "{frame:02x?}");
             assert_eq!(p.src_port, Some(f.src_port), "{frame:02x?}");
             assert_eq!(p.dst_port, Some(f.dst_port), "{frame:02x?}");
@@ -102,11 +103,11 @@ fn fast_path_agrees(frame: &[u8]) {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(4096))]
 
-    /// Edits aimed at the headers the fast path reads (the first 64 bytes), lengths included.
+    /// Edits aimed at the headers the fast path reads (the first 80 bytes), lengths included.
     #[test]
     fn the_fast_path_agrees_with_the_full_parser(
         which in 0..ALL.len(),
-        edits in proptest::collection::vec((0usize..64, any::<u8>()), 0..4),
+        edits in proptest::collection::vec((0usize..80, any::<u8>()), 0..4),
         cut in any::<usize>(),
         grow in 0usize..40,
     ) {

@@ -83,9 +83,7 @@ mod fuzz;
 #[cfg(test)]
 pub(crate) mod testdata;
 
-pub use classify::{
-    parse_ipv4_flow, parse_l2_l4, Fragment, IcmpInfo, Ipv4Flow, Parsed, QuotedFlow,
-};
+pub use classify::{parse_ip_flow, parse_l2_l4, Fragment, IcmpInfo, IpFlow, Parsed, QuotedFlow};
 pub use ethernet::{EtherType, EthernetAddress};
 pub use tcp::TcpFlags;
 
