@@ -1903,12 +1903,21 @@ mod tests {
 
         /// One TCP packet from the client's `port`; the nodes that delivered it.
         fn send(&mut self, port: u16, flags: u8, now: u64) -> Vec<u8> {
-            let f = ipv4_frame(Self::CLIENT, port, &Kind::Tcp(flags));
+            self.deliver(&ipv4_frame(Self::CLIENT, port, &Kind::Tcp(flags)), now)
+        }
+
+        /// One UDP datagram from the client's `port`; the nodes that delivered it.
+        fn send_udp(&mut self, port: u16, now: u64) -> Vec<u8> {
+            self.deliver(&ipv4_frame(Self::CLIENT, port, &Kind::Udp), now)
+        }
+
+        /// The nodes that delivered frame `f`, offered to each.
+        fn deliver(&mut self, f: &[u8], now: u64) -> Vec<u8> {
             let buf = &mut self.buf;
             self.nodes
                 .iter_mut()
                 .filter_map(|p| {
-                    buf[..f.len()].copy_from_slice(&f);
+                    buf[..f.len()].copy_from_slice(f);
                     matches!(p.from_wire(buf, f.len(), now), Action::Deliver)
                         .then(|| p.identity().node.get())
                 })
@@ -1982,28 +1991,15 @@ mod tests {
     fn unlearned_udp_taken_while_acquiring_is_duplicate_risk() {
         let mut h = Handoff::new(&[1], &[1, 2]);
         let ports = h.moving_ports(1, 2, 3);
-        let udp = |port| ipv4_frame(Handoff::CLIENT, port, &Kind::Udp);
-        let send_udp = |h: &mut Handoff, port: u16, now: u64| -> Vec<u8> {
-            let f = udp(port);
-            let buf = &mut h.buf;
-            h.nodes
-                .iter_mut()
-                .filter_map(|p| {
-                    buf[..f.len()].copy_from_slice(&f);
-                    matches!(p.from_wire(buf, f.len(), now), Action::Deliver)
-                        .then(|| p.identity().node.get())
-                })
-                .collect()
-        };
         h.set_all(Phase::Learn);
         // Port 0's UDP flow is active while node 2 learns: it stays node 1's, no risk.
-        assert_eq!(send_udp(&mut h, ports[0], 10), vec![1]);
+        assert_eq!(h.send_udp(ports[0], 10), vec![1]);
         h.set_all(Phase::Acquire);
-        assert_eq!(send_udp(&mut h, ports[0], 20), vec![1]);
+        assert_eq!(h.send_udp(ports[0], 20), vec![1]);
         // A connection that starts now is node 2's, no risk.
         assert_eq!(h.send(ports[1], 0x02, 30), vec![2]);
         // Port 2's UDP flow was not seen while node 2 learned: node 2 takes it, at a risk.
-        assert_eq!(send_udp(&mut h, ports[2], 40), vec![2]);
+        assert_eq!(h.send_udp(ports[2], 40), vec![2]);
         let risk: Vec<u64> = h.nodes.iter().map(Pipeline::duplicate_risk).collect();
         assert_eq!(risk, vec![0, 1]);
     }
