@@ -9,7 +9,7 @@
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +35,14 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
             .iter()
             .enumerate()
             .map(|(i, c)| (format!(",core=\"{i}\""), f(&c.snapshot())))
+            .collect()
+    };
+    // One sample per core from a per-core atomic published by the cores.
+    let per_core_atomic = |values: &[AtomicU64]| -> Vec<(String, u64)> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!(",core=\"{i}\""), v.load(Relaxed)))
             .collect()
     };
     metric(
@@ -98,12 +106,7 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         "Frames dropped, by reason (not-owned, malformed-*, ...).",
         &dropped,
     );
-    let flows: Vec<(String, u64)> = link
-        .core_flows
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (format!(",core=\"{i}\""), f.load(Relaxed)))
-        .collect();
+    let flows = per_core_atomic(&link.core_flows);
     metric(
         "flows_tracked",
         "gauge",
@@ -125,24 +128,14 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         "Wire burst processing time over the last second (hdrhistogram quantiles; 1 = max).",
         &latency,
     );
-    let evictions: Vec<(String, u64)> = link
-        .core_evictions
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (format!(",core=\"{i}\""), e.load(Relaxed)))
-        .collect();
+    let evictions = per_core_atomic(&link.core_evictions);
     metric(
         "flow_evictions_total",
         "counter",
         "Live flows a full flow table forgot to make room (raise dataplane.flow_capacity).",
         &evictions,
     );
-    let risk: Vec<(String, u64)> = link
-        .core_duplicate_risk
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (format!(",core=\"{i}\""), r.load(Relaxed)))
-        .collect();
+    let risk = per_core_atomic(&link.core_duplicate_risk);
     metric(
         "duplicate_risk_frames_total",
         "counter",
