@@ -23,9 +23,11 @@
 //! Open addressing with linear probing over a power-of-two array of 16-byte slots (four per
 //! cache line), at most 3/4 full (`slots = next_power_of_two(ceil(capacity * 4 / 3))`): the
 //! fingerprint (8), `last_seen` in ticks of 2^24 ns (~16.8 ms; 4), the bucket (2), the state
-//! (1, 0 = empty) and the IP protocol (1, for its timeout). The home slot is the
-//! fingerprint's low bits; deletion shifts the rest of the probe run back (no tombstones), so
-//! runs stay short under churn. A 65536-entry `u32` array counts entries per bucket (256 KiB).
+//! (1, 0 = empty) and the IP protocol (1, for its timeout). A probe run starts at the first
+//! slot of the cache line the fingerprint's low bits pick (its home), not at a slot within it:
+//! at 10 million flows in 2^24 slots, 7% of lookups then read a second line, against 27% with a
+//! slot-granular home — and at that size every line read is a memory access. Deletion shifts
+//! the rest of the probe run back (no tombstones), so runs stay short under churn. A 65536-entry `u32` array counts entries per bucket (256 KiB).
 //! [`FlowTable::prefetch`] asks for a flow's home line ahead of the lookup, so a burst's misses
 //! overlap.
 //!
@@ -52,6 +54,9 @@ pub const EVICTION_WINDOW: usize = 8;
 
 /// Bytes of one slot.
 pub const SLOT_BYTES: usize = 16;
+
+/// Slots in one 64-byte cache line: a probe run starts at the first of them.
+const SLOTS_PER_LINE: usize = 64 / SLOT_BYTES;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -344,11 +349,8 @@ impl Slots {
         let bytes = len
             .checked_mul(SLOT_BYTES)
             .expect("slot count fits in memory");
-        let align = if bytes >= HUGE_PAGE {
-            HUGE_PAGE
-        } else {
-            std::mem::align_of::<Slot>()
-        };
+        // Cache-line aligned at least, so that a probe run's first line is one line.
+        let align = if bytes >= HUGE_PAGE { HUGE_PAGE } else { 64 };
         let layout = std::alloc::Layout::from_size_align(bytes.max(SLOT_BYTES), align)
             .expect("a valid slot array layout");
         // SAFETY: the layout has a non-zero size.
@@ -476,7 +478,7 @@ impl FlowTable {
     /// finds it there. Only a hint: no effect on the table.
     #[inline(always)]
     pub fn prefetch(&self, hash: FlowHash) {
-        let home = &self.slots[hash.0 as usize & self.mask];
+        let home = &self.slots[self.home(hash.0)];
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a prefetch is only a hint and never faults; the address is a valid slot.
         unsafe {
@@ -562,7 +564,7 @@ impl FlowTable {
             evicted = self.make_room(hash, now_t);
         }
         let state = FlowState::next(None, proto, flags);
-        let mut i = hash as usize & self.mask;
+        let mut i = self.home(hash);
         while !self.slots[i].is_empty() {
             i = (i + 1) & self.mask;
         }
@@ -622,9 +624,16 @@ impl FlowTable {
         self.slots.len()
     }
 
+    /// The slot where `hash`'s probe run starts: the first slot of the cache line its low bits
+    /// pick (see the module doc's layout).
+    #[inline(always)]
+    fn home(&self, hash: u64) -> usize {
+        hash as usize & self.mask & !(SLOTS_PER_LINE - 1)
+    }
+
     #[inline(always)]
     fn find(&self, hash: u64) -> Option<usize> {
-        let mut i = hash as usize & self.mask;
+        let mut i = self.home(hash);
         loop {
             let slot = &self.slots[i];
             if slot.is_empty() {
@@ -648,7 +657,7 @@ impl FlowTable {
     /// Drops one entry from the probe run at `hash`'s home to make room. Returns whether the
     /// victim was live (an eviction) rather than expired.
     fn make_room(&mut self, hash: u64, now_t: u32) -> bool {
-        let mut i = hash as usize & self.mask;
+        let mut i = self.home(hash);
         let mut victim = None;
         let mut oldest = 0u32;
         let mut seen = 0;
@@ -695,7 +704,7 @@ impl FlowTable {
             if slot.is_empty() {
                 break;
             }
-            let home = slot.hash as usize & self.mask;
+            let home = self.home(slot.hash);
             // `j` may move back to `hole` only if `hole` lies on its probe path home..=j.
             if (j.wrapping_sub(home) & self.mask) >= (j.wrapping_sub(hole) & self.mask) {
                 self.slots[hole] = slot;
@@ -833,12 +842,43 @@ mod tests {
     fn slots_pack_four_to_a_cache_line() {
         let t = table(1000);
         assert_eq!(64 / std::mem::size_of::<Slot>(), 4);
-        assert_eq!(t.slots.as_ptr() as usize % 16, 0);
+        assert_eq!(t.slots.as_ptr() as usize % 64, 0);
         assert_eq!(
             FlowTable::footprint(10_000_000),
             (1 << 24) * SLOT_BYTES + BUCKETS * 4
         );
         assert_eq!(FlowTable::slots_for(10_000_000), 1 << 24);
+    }
+
+    #[test]
+    fn a_probe_run_starts_at_its_lines_first_slot() {
+        let mut t = table(1000);
+        let line = 37usize;
+        // Four fingerprints whose low bits pick slots 3, 2, 1 and 0 of one line, in that order:
+        // they fill the line from its start, and a fifth one for the line goes to the next.
+        let hashes: Vec<u64> = [3u64, 2, 1, 0, 2]
+            .iter()
+            .enumerate()
+            .map(|(n, &j)| ((n as u64 + 1) << 32) | (line as u64 * 4 + j))
+            .collect();
+        for &h in &hashes {
+            t.upsert(FlowHash(h), TCP, Bucket(1), TcpFlags::SYN, 0);
+        }
+        let at: Vec<usize> = hashes.iter().map(|&h| t.find(h).unwrap()).collect();
+        assert_eq!(
+            at,
+            [
+                line * 4,
+                line * 4 + 1,
+                line * 4 + 2,
+                line * 4 + 3,
+                line * 4 + 4
+            ]
+        );
+        // Deleting the first shifts the run back: the fifth moves home, into the line.
+        t.remove(FlowHash(hashes[0]));
+        assert_eq!(t.find(hashes[4]), Some(line * 4 + 3));
+        assert!(hashes[1..].iter().all(|&h| t.find(h).is_some()));
     }
 
     #[test]
