@@ -28,8 +28,8 @@
 //! at 10 million flows in 2^24 slots, 7% of lookups then read a second line, against 27% with a
 //! slot-granular home — and at that size every line read is a memory access. Deletion shifts
 //! the rest of the probe run back (no tombstones), so runs stay short under churn. A 65536-entry `u32` array counts entries per bucket (256 KiB).
-//! [`FlowTable::prefetch`] asks for a flow's home line ahead of the lookup, so a burst's misses
-//! overlap.
+//! [`FlowTable::prefetch`] asks for a flow's home line and the next one ahead of the lookup, so
+//! a burst's misses overlap.
 //!
 //! Ticks are 32 bits and wrap after ~2.3 years; idle times are compared with wrapping
 //! arithmetic, which is exact as long as every entry is swept ([`FlowTable::expire`]) or
@@ -474,16 +474,23 @@ impl FlowTable {
         self.per_bucket[bucket.index()]
     }
 
-    /// Asks the CPU for the cache line of `hash`'s home slot, so that a lookup a little later
-    /// finds it there. Only a hint: no effect on the table.
+    /// Asks the CPU for the cache line of `hash`'s home slot and the line after it (where the
+    /// probe run continues when the home line is full: 7% of lookups at 10 million flows in
+    /// 2^24 slots), so that a lookup a little later finds them there. Only a hint: no effect on
+    /// the table.
     #[inline(always)]
     pub fn prefetch(&self, hash: FlowHash) {
-        let home = &self.slots[self.home(hash.0)];
+        let h = self.home(hash.0);
+        let home = &self.slots[h];
+        let next = &self.slots[(h + SLOTS_PER_LINE) & self.mask];
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a prefetch is only a hint and never faults; the address is a valid slot.
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
                 (home as *const Slot).cast(),
+            );
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                (next as *const Slot).cast(),
             );
         }
         #[cfg(not(target_arch = "x86_64"))]
