@@ -1,7 +1,8 @@
 //! The per-frame decision in nanoseconds, over a realistic mix: the committed lab capture
 //! (ARP, ICMP with fragments, TCP, UDP, IPv6 neighbour discovery) plus synthetic TCP/UDP
 //! frames from many clients, decided by one node of a 3-node cluster (a third of the frames
-//! are its own, the rest are dropped as not owned, as on a real node).
+//! are its own, the rest are dropped as not owned, as on a real node). And the same decision
+//! at 1 thousand and 10 million flows on one node, without DPDK (`decision/one-node`).
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
@@ -126,5 +127,87 @@ fn decision(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decision);
+/// A 60-byte IPv4 TCP (ACK) or UDP frame of flow `i` to the cluster: client 198.19.x.y
+/// (`i` mod 65536), source port from `i` / 65536, so up to ~4 billion distinct flows.
+fn write_flow_frame(f: &mut [u8], i: u32) {
+    let udp = i.is_multiple_of(4);
+    f[23] = if udp { 17 } else { 6 };
+    f[26..30].copy_from_slice(&[198, 19, (i >> 8) as u8, i as u8]);
+    f[34..36].copy_from_slice(&((1024 + (i >> 16)) as u16).to_be_bytes());
+    // The TCP data offset and flags, or UDP's length and checksum.
+    if udp {
+        f[38..42].copy_from_slice(&[0, 8, 0, 0]);
+    } else {
+        f[38..42].copy_from_slice(&[0; 4]);
+        f[46] = 5 << 4;
+        f[47] = 0x10;
+    }
+    let total: u16 = if udp { 28 } else { 40 };
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+}
+
+/// The decision alone (no DPDK, no frame copies) at 1 thousand and 10 million flows, one node
+/// owning every bucket (the pipeline bench's 1-node rows): each burst's 32 frames are written
+/// into the same 32 buffers first, as a NIC's DMA would leave them in cache (that writing is
+/// counted), then prepared and decided as the data plane does. The flows come round in order,
+/// so at 10 million flows every frame's flow-table line is cold, as in the pipeline bench.
+fn flows(c: &mut Criterion) {
+    let members = [Member::new(1, 100).unwrap()];
+    let snapshot = Arc::new(stable_snapshot(
+        &OwnershipTable::build(1, &members).unwrap(),
+    ));
+    let mut group = c.benchmark_group("decision/one-node");
+    group.throughput(Throughput::Elements(32));
+    for flows in [1_000u32, 10_000_000] {
+        let mut pipeline = Pipeline::new(
+            NodeIdentity {
+                node: NodeId::new(1).unwrap(),
+                node_mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
+                cluster_mac: EthernetAddress(CLUSTER_MAC),
+                cluster_ip: Ipv4Addr::new(198, 18, 0, 1),
+                cluster_ip6: None,
+                affinity: Affinity::None,
+            },
+            b"bench-secret-0123456789abcdef",
+            Arc::clone(&snapshot),
+            TableSizes {
+                flows: flows as usize,
+                ..TableSizes::default()
+            },
+        );
+        let template = synthetic(1);
+        let mut ring: Vec<Vec<u8>> = (0..32).map(|_| template.clone()).collect();
+        let mut prepared = [Prepared::default(); 32];
+        let mut next = 0u32;
+        // 50 ns per frame: about what the data plane takes, for the idle timeouts.
+        let mut now = 0u64;
+        let label = if flows >= 1_000_000 {
+            format!("burst/{}M-flows", flows / 1_000_000)
+        } else {
+            format!("burst/{}k-flows", flows / 1_000)
+        };
+        let (mut frames, mut delivered) = (0u64, 0u64);
+        group.bench_function(label, |b| {
+            b.iter(|| {
+                for f in ring.iter_mut() {
+                    write_flow_frame(f, next);
+                    next = if next + 1 == flows { 0 } else { next + 1 };
+                }
+                now += 32 * 50;
+                let views: [Option<&[u8]>; 32] = std::array::from_fn(|i| Some(&ring[i][..60]));
+                pipeline.prepare_burst(black_box(&views), &mut prepared);
+                for (f, p) in ring.iter_mut().zip(&prepared) {
+                    delivered += u64::from(pipeline.decide(f, 60, p, now).is_delivery());
+                }
+                frames += 32;
+            })
+        });
+        // One node owns everything: every frame is delivered, or the figure means nothing.
+        assert_eq!(delivered, frames, "{flows} flows: frames not delivered");
+        assert_eq!(pipeline.flows().len(), flows.min(frames as u32) as usize);
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decision, flows);
 criterion_main!(benches);
