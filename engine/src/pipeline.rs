@@ -625,7 +625,7 @@ impl Pipeline {
         prepared
     }
 
-    /// Prefetches the table line `flow_packet` will read for this node's role: none for a
+    /// Prefetches the table lines `flow_packet` will read for this node's role: none for a
     /// bucket that is simply another node's (most frames in a large cluster).
     #[inline(always)]
     fn prefetch(&self, bucket: Bucket, hash: FlowHash) {
