@@ -21,8 +21,9 @@
 //!    warm-up (from its first frame until every frame of the files has come once and at least
 //!    a second has passed — every flow is new in its first frame, so this is the table-filling
 //!    rate) is reported on its own, and the figures and ratios are those of the
-//!    `CC_BENCH_SECS` after it; testpmd's first second is left out likewise. Ratios are engine rate / testpmd rate per CPU second (= testpmd cycles /
-//!    engine cycles); on a shared machine they are far steadier than wall-clock ratios.
+//!    `CC_BENCH_SECS` after it; testpmd's first second is left out likewise. Ratios are engine
+//!    rate / testpmd rate per CPU second (= testpmd cycles / engine cycles); on a shared
+//!    machine they are far steadier than wall-clock ratios.
 //! 4. Correctness gate: the shares of wire frames the engine delivered to the host, answered
 //!    on the wire and dropped must match what [`clonecluster::replay::replay_with`] computes for
 //!    the same files, ownership and table sizes (within 1 percentage point), or the bench exits
