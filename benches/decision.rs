@@ -55,21 +55,25 @@ fn mix() -> Vec<Vec<u8>> {
     frames
 }
 
+/// Node `node` of the bench cluster (node MAC 02:00:00:00:00:`node`).
+fn identity(node: u8) -> NodeIdentity {
+    NodeIdentity {
+        node: NodeId::new(node).unwrap(),
+        node_mac: EthernetAddress([2, 0, 0, 0, 0, node]),
+        cluster_mac: EthernetAddress(CLUSTER_MAC),
+        cluster_ip: Ipv4Addr::new(198, 18, 0, 1),
+        cluster_ip6: Some("2001:2::1".parse().unwrap()),
+        affinity: Affinity::None,
+    }
+}
+
 fn decision(c: &mut Criterion) {
     let members: Vec<Member> = (1..=3).map(|i| Member::new(i, 100).unwrap()).collect();
     let table = Arc::new(stable_snapshot(
         &OwnershipTable::build(1, &members).unwrap(),
     ));
-    let identity = NodeIdentity {
-        node: NodeId::new(2).unwrap(),
-        node_mac: EthernetAddress([2, 0, 0, 0, 0, 2]),
-        cluster_mac: EthernetAddress(CLUSTER_MAC),
-        cluster_ip: Ipv4Addr::new(198, 18, 0, 1),
-        cluster_ip6: Some("2001:2::1".parse().unwrap()),
-        affinity: Affinity::None,
-    };
     let mut pipeline = Pipeline::new(
-        identity,
+        identity(2),
         b"bench-secret-0123456789abcdef",
         table,
         TableSizes::default(),
@@ -160,14 +164,7 @@ fn flows(c: &mut Criterion) {
     group.throughput(Throughput::Elements(32));
     for flows in [1_000u32, 10_000_000] {
         let mut pipeline = Pipeline::new(
-            NodeIdentity {
-                node: NodeId::new(1).unwrap(),
-                node_mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
-                cluster_mac: EthernetAddress(CLUSTER_MAC),
-                cluster_ip: Ipv4Addr::new(198, 18, 0, 1),
-                cluster_ip6: None,
-                affinity: Affinity::None,
-            },
+            identity(1),
             b"bench-secret-0123456789abcdef",
             Arc::clone(&snapshot),
             TableSizes {

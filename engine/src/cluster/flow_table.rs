@@ -27,9 +27,9 @@
 //! slot of the cache line the fingerprint's low bits pick (its home), not at a slot within it:
 //! at 10 million flows in 2^24 slots, 7% of lookups then read a second line, against 27% with a
 //! slot-granular home — and at that size every line read is a memory access. Deletion shifts
-//! the rest of the probe run back (no tombstones), so runs stay short under churn. A 65536-entry `u32` array counts entries per bucket (256 KiB).
-//! [`FlowTable::prefetch`] asks for a flow's home line and the next one ahead of the lookup, so
-//! a burst's misses overlap.
+//! the rest of the probe run back (no tombstones), so runs stay short under churn. A
+//! 65536-entry `u32` array counts entries per bucket (256 KiB). [`FlowTable::prefetch`] asks
+//! for a flow's home line and the next one ahead of the lookup, so a burst's misses overlap.
 //!
 //! Ticks are 32 bits and wrap after ~2.3 years; idle times are compared with wrapping
 //! arithmetic, which is exact as long as every entry is swept ([`FlowTable::expire`]) or
@@ -494,7 +494,7 @@ impl FlowTable {
             );
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = home;
+        let _ = (home, next);
     }
 
     /// The flow's entry, unless absent or idle past its timeout at `now`.
