@@ -2,12 +2,14 @@
 //! (ARP, ICMP with fragments, TCP, UDP, IPv6 neighbour discovery) plus synthetic TCP/UDP
 //! frames from many clients, decided by one node of a 3-node cluster (a third of the frames
 //! are its own, the rest are dropped as not owned, as on a real node). And the same decision
-//! at 1 thousand and 10 million flows on one node, without DPDK (`decision/one-node`).
+//! at 1 thousand and 10 million flows on one node, without DPDK (`decision/one-node`), and
+//! the bucket hash alone with each SipHash implementation the CPU runs (`decision/hash4`).
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use clonecluster::cluster::siphash::{Lanes, Sip13x4};
 use clonecluster::cluster::{Affinity, Member, NodeId, OwnershipTable};
 use clonecluster::pipeline::{stable_snapshot, NodeIdentity, Pipeline, Prepared, TableSizes};
 use clonecluster::wire::EthernetAddress;
@@ -206,5 +208,39 @@ fn flows(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decision, flows);
+/// The bucket hash of four flow keys at once, with each implementation this CPU runs
+/// (`decision/hash4/Scalar`, `Avx2`, `Avx512`): the part of the decision that vector
+/// registers speed up.
+fn hash4(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decision/hash4");
+    group.throughput(Throughput::Elements(4 * 256));
+    let keys: Vec<[[u8; 20]; 4]> = (0..256u32)
+        .map(|i| {
+            std::array::from_fn(|j| {
+                let mut k = [0u8; 20];
+                k[0] = 4;
+                k[1..5].copy_from_slice(&(i * 4 + j as u32).to_be_bytes());
+                k[17..19].copy_from_slice(&(1024 + i as u16).to_be_bytes());
+                k[19] = 6;
+                k
+            })
+        })
+        .collect();
+    for lanes in Lanes::available() {
+        let h = Sip13x4::with(0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210, lanes);
+        group.bench_function(format!("{lanes:?}"), |b| {
+            b.iter(|| {
+                let mut acc = 0u64;
+                for k in black_box(&keys) {
+                    let four = h.hash(&k.each_ref());
+                    acc ^= four[0] ^ four[1] ^ four[2] ^ four[3];
+                }
+                acc
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decision, flows, hash4);
 criterion_main!(benches);

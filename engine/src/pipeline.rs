@@ -509,7 +509,7 @@ impl Pipeline {
 
     /// [`Pipeline::prepare`] of a whole burst (`None`: a frame spanning several segments),
     /// into `out[..frames.len()]`: frames are parsed four at a time, their flow keys hashed in
-    /// lock step ([`BucketHasher::hash_lanes`]), and then every flow's table line prefetched,
+    /// lock step ([`BucketHasher::hash4`]), and then every flow's table line prefetched,
     /// back to back, before the first [`Pipeline::decide`].
     ///
     /// The prefetches come in a tight loop of their own rather than one after each hash: at
@@ -556,7 +556,7 @@ impl Pipeline {
                 // Nothing to hash (drops, ARP, ...): skip the four SipHashes.
                 continue;
             }
-            let hashes = self.hasher.hash_lanes(&keys);
+            let hashes = self.hasher.hash4(&keys);
             for ((out, flow), key_hash) in out.iter_mut().zip(&flows).zip(hashes) {
                 if let Some((rest, proto, flags)) = flow {
                     *out = Prepared::flow(key_hash, rest, *proto, *flags);

@@ -33,6 +33,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use siphasher::sip::SipHasher13;
 
+use super::siphash::{sip13, Sip13x4};
 use super::Affinity;
 
 /// Number of buckets: ownership is decided per bucket, never per flow.
@@ -167,6 +168,7 @@ impl fmt::Debug for FlowKey {
 pub struct BucketHasher {
     k0: u64,
     k1: u64,
+    x4: Sip13x4,
 }
 
 impl BucketHasher {
@@ -178,7 +180,11 @@ impl BucketHasher {
     /// A hasher with an already derived 128-bit key.
     pub fn from_key(key: &[u8; 16]) -> BucketHasher {
         let (k0, k1) = SipHasher13::new_with_key(key).keys();
-        BucketHasher { k0, k1 }
+        BucketHasher {
+            k0,
+            k1,
+            x4: Sip13x4::new(k0, k1),
+        }
     }
 
     /// The full 64-bit hash of a flow key.
@@ -194,129 +200,13 @@ impl BucketHasher {
         Bucket(self.hash(key) as u16)
     }
 
-    /// [`BucketHasher::hash`] of `L` keys at once: the same values, computed in lock step so
-    /// the CPU overlaps the `L` dependency chains (a burst hashes faster than key by key).
+    /// [`BucketHasher::hash`] of four keys at once: the same values, computed side by side in
+    /// vector registers where the CPU has them, else in four interleaved scalar chains
+    /// ([`Sip13x4`]); a burst hashes faster than key by key.
     #[inline]
-    pub fn hash_lanes<const L: usize>(&self, keys: &[FlowKey; L]) -> [u64; L] {
-        sip13_lanes(self.k0, self.k1, &keys.each_ref().map(FlowKey::as_bytes))
+    pub fn hash4(&self, keys: &[FlowKey; 4]) -> [u64; 4] {
+        self.x4.hash(&keys.each_ref().map(FlowKey::as_bytes))
     }
-}
-
-/// [`sip13`] of `L` messages in lock step (same values): each step of the algorithm runs for
-/// every lane before the next, so the lanes' independent chains fill the pipeline.
-#[inline]
-pub(crate) fn sip13_lanes<const N: usize, const L: usize>(
-    k0: u64,
-    k1: u64,
-    m: &[&[u8; N]; L],
-) -> [u64; L] {
-    #[inline(always)]
-    fn round<const L: usize>(v: &mut [[u64; 4]; L]) {
-        for v in v.iter_mut() {
-            v[0] = v[0].wrapping_add(v[1]);
-            v[1] = v[1].rotate_left(13) ^ v[0];
-            v[0] = v[0].rotate_left(32);
-            v[2] = v[2].wrapping_add(v[3]);
-            v[3] = v[3].rotate_left(16) ^ v[2];
-            v[0] = v[0].wrapping_add(v[3]);
-            v[3] = v[3].rotate_left(21) ^ v[0];
-            v[2] = v[2].wrapping_add(v[1]);
-            v[1] = v[1].rotate_left(17) ^ v[2];
-            v[2] = v[2].rotate_left(32);
-        }
-    }
-    let init = [
-        k0 ^ 0x736f_6d65_7073_6575,
-        k1 ^ 0x646f_7261_6e64_6f6d,
-        k0 ^ 0x6c79_6765_6e65_7261,
-        k1 ^ 0x7465_6462_7974_6573,
-    ];
-    let mut v = [init; L];
-    let full = N / 8 * 8;
-    let mut i = 0;
-    let mut w = [0u64; L];
-    while i < full {
-        for (w, m) in w.iter_mut().zip(m) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&m[i..i + 8]);
-            *w = u64::from_le_bytes(b);
-        }
-        for (v, w) in v.iter_mut().zip(&w) {
-            v[3] ^= w;
-        }
-        round(&mut v);
-        for (v, w) in v.iter_mut().zip(&w) {
-            v[0] ^= w;
-        }
-        i += 8;
-    }
-    for (w, m) in w.iter_mut().zip(m) {
-        let mut b = [0u8; 8];
-        b[..N - full].copy_from_slice(&m[full..]);
-        // The last word carries the message length (mod 256) in its top byte.
-        *w = u64::from_le_bytes(b) | ((N as u64) << 56);
-    }
-    for (v, w) in v.iter_mut().zip(&w) {
-        v[3] ^= w;
-    }
-    round(&mut v);
-    for (v, w) in v.iter_mut().zip(&w) {
-        v[0] ^= w;
-        v[2] ^= 0xff;
-    }
-    round(&mut v);
-    round(&mut v);
-    round(&mut v);
-    v.map(|v| v[0] ^ v[1] ^ v[2] ^ v[3])
-}
-
-/// SipHash-1-3 of a fixed-size message, unrolled by the compiler: the same value as
-/// `siphasher`'s `SipHasher13` (checked by `sip13_is_siphash13`), without its generic
-/// buffering. Shared with the flow table and the fragment tracker.
-#[inline]
-pub(crate) fn sip13<const N: usize>(k0: u64, k1: u64, m: &[u8; N]) -> u64 {
-    #[inline(always)]
-    fn round(v: &mut [u64; 4]) {
-        v[0] = v[0].wrapping_add(v[1]);
-        v[1] = v[1].rotate_left(13) ^ v[0];
-        v[0] = v[0].rotate_left(32);
-        v[2] = v[2].wrapping_add(v[3]);
-        v[3] = v[3].rotate_left(16) ^ v[2];
-        v[0] = v[0].wrapping_add(v[3]);
-        v[3] = v[3].rotate_left(21) ^ v[0];
-        v[2] = v[2].wrapping_add(v[1]);
-        v[1] = v[1].rotate_left(17) ^ v[2];
-        v[2] = v[2].rotate_left(32);
-    }
-    #[inline(always)]
-    fn compress(v: &mut [u64; 4], w: u64) {
-        v[3] ^= w;
-        round(v);
-        v[0] ^= w;
-    }
-    let mut v = [
-        k0 ^ 0x736f_6d65_7073_6575,
-        k1 ^ 0x646f_7261_6e64_6f6d,
-        k0 ^ 0x6c79_6765_6e65_7261,
-        k1 ^ 0x7465_6462_7974_6573,
-    ];
-    let full = N / 8 * 8;
-    let mut i = 0;
-    while i < full {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&m[i..i + 8]);
-        compress(&mut v, u64::from_le_bytes(b));
-        i += 8;
-    }
-    let mut b = [0u8; 8];
-    b[..N - full].copy_from_slice(&m[full..]);
-    // The last word carries the message length (mod 256) in its top byte.
-    compress(&mut v, u64::from_le_bytes(b) | ((N as u64) << 56));
-    v[2] ^= 0xff;
-    round(&mut v);
-    round(&mut v);
-    round(&mut v);
-    v[0] ^ v[1] ^ v[2] ^ v[3]
 }
 
 impl fmt::Debug for BucketHasher {
@@ -488,27 +378,14 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn sip13_is_siphash13(key: [u8; 16], m20: [u8; 20], m37 in proptest::array::uniform::<_, 37>(0u8..)) {
-            let sip = SipHasher13::new_with_key(&key);
-            let (k0, k1) = sip.keys();
-            proptest::prop_assert_eq!(sip13(k0, k1, &m20), sip.hash(&m20));
-            proptest::prop_assert_eq!(sip13(k0, k1, &m37), sip.hash(&m37));
-            proptest::prop_assert_eq!(sip13(k0, k1, &[0u8; 0]), sip.hash(&[]));
-            proptest::prop_assert_eq!(sip13(k0, k1, &[7u8; 8]), sip.hash(&[7; 8]));
-        }
-
-        #[test]
-        fn lanes_hash_like_one_at_a_time(key: [u8; 16], m in proptest::array::uniform4(proptest::array::uniform20(0u8..))) {
+        fn hash4_hashes_like_one_at_a_time(key: [u8; 16], m in proptest::array::uniform4(proptest::array::uniform20(0u8..))) {
             let h = BucketHasher::from_key(&key);
             let keys = m.map(FlowKey);
-            let lanes = h.hash_lanes(&keys);
-            for (k, got) in keys.iter().zip(lanes) {
+            let four = h.hash4(&keys);
+            for (k, got) in keys.iter().zip(four) {
                 proptest::prop_assert_eq!(got, h.hash(k));
+                proptest::prop_assert_eq!(got, SipHasher13::new_with_key(&key).hash(k.as_bytes()));
             }
-            let (k0, k1) = SipHasher13::new_with_key(&key).keys();
-            let m37 = [[3u8; 37], [5u8; 37]];
-            let two = sip13_lanes(k0, k1, &[&m37[0], &m37[1]]);
-            proptest::prop_assert_eq!(two, [sip13(k0, k1, &m37[0]), sip13(k0, k1, &m37[1])]);
         }
     }
 

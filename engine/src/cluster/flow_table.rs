@@ -755,7 +755,7 @@ mod tests {
 
     fn flow(n: u32, proto: u8) -> Flow {
         let (k0, k1) = siphasher::sip::SipHasher13::new_with_key(KEY).keys();
-        let key_hash = super::super::flow_key::sip13(k0, k1, &n.to_le_bytes());
+        let key_hash = super::super::siphash::sip13(k0, k1, &n.to_le_bytes());
         Flow {
             hash: FlowHash::new(
                 key_hash,

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use siphasher::sip::SipHasher13;
 
-use super::flow_key::sip13;
+use super::siphash::sip13;
 
 /// Entries per set. An insertion inspects exactly these.
 pub const WAYS: usize = 8;

@@ -14,6 +14,7 @@
 //! - [`ownership`]: [`OwnershipTable`], bucket → node by weighted rendezvous hashing.
 //! - [`flow_table`]: [`FlowTable`], the bounded table of flows this node owns.
 //! - [`fragments`]: [`FragmentTracker`], which later IP fragments belong to this node.
+//! - [`siphash`]: SipHash-1-3 of fixed-size messages, scalar and in x86 vector lanes.
 
 use std::fmt;
 use std::num::NonZeroU8;
@@ -24,6 +25,7 @@ pub mod flow_key;
 pub mod flow_table;
 pub mod fragments;
 pub mod ownership;
+pub mod siphash;
 
 pub use flow_key::{derive_key, Bucket, BucketHasher, FlowKey, BUCKETS, BUCKET_KEY_LABEL};
 pub use flow_table::{
