@@ -508,8 +508,8 @@ impl Pipeline {
     }
 
     /// [`Pipeline::prepare`] of a whole burst (`None`: a frame spanning several segments),
-    /// into `out[..frames.len()]`: frames are parsed four at a time, their flow keys hashed in
-    /// lock step ([`BucketHasher::hash4`]), and then every flow's table line prefetched,
+    /// into `out[..frames.len()]`: frames are parsed eight at a time, their flow keys hashed
+    /// side by side ([`BucketHasher::hash8`]), and then every flow's table line prefetched,
     /// back to back, before the first [`Pipeline::decide`].
     ///
     /// The prefetches come in a tight loop of their own rather than one after each hash: at
@@ -529,9 +529,9 @@ impl Pipeline {
     /// The parse and hash half of [`Pipeline::prepare_burst`].
     #[inline(always)]
     fn hash_burst(&self, frames: &[Option<&[u8]>], out: &mut [Prepared]) {
-        const LANES: usize = 4;
+        const LANES: usize = 8;
         for (frames, out) in frames.chunks(LANES).zip(out.chunks_mut(LANES)) {
-            let mut keys = [FlowKey::ZERO; LANES];
+            let mut keys = [[0u64; 3]; LANES];
             let mut flows: [Option<(FlowRest, u8, TcpFlags)>; LANES] = [None; LANES];
             for ((frame, out), (key, flow)) in frames
                 .iter()
@@ -547,16 +547,16 @@ impl Pipeline {
                         proto,
                         flags,
                     }) => {
-                        *key = k;
+                        *key = *k.words();
                         *flow = Some((rest, proto, flags));
                     }
                 }
             }
             if flows.iter().all(Option::is_none) {
-                // Nothing to hash (drops, ARP, ...): skip the four SipHashes.
+                // Nothing to hash (drops, ARP, ...): skip the SipHashes.
                 continue;
             }
-            let hashes = self.hasher.hash4(&keys);
+            let hashes = self.hasher.hash8(&keys);
             for ((out, flow), key_hash) in out.iter_mut().zip(&flows).zip(hashes) {
                 if let Some((rest, proto, flags)) = flow {
                     *out = Prepared::flow(key_hash, rest, *proto, *flags);

@@ -7,7 +7,7 @@
 //!    b"clonecluster bucket key v1")[0..16]` ([`derive_key`] with [`BUCKET_KEY_LABEL`]). The
 //!    SipHash keys are `k0 = u64::from_le_bytes(key[0..8])`, `k1 = u64::from_le_bytes(key[8..16])`.
 //!    The key is secret, so nobody outside the cluster can aim traffic at one node.
-//! 2. **Encoding.** A flow key is exactly 20 bytes ([`FlowKey::as_bytes`]):
+//! 2. **Encoding.** A flow key is exactly 20 bytes ([`FlowKey::to_bytes`]):
 //!
 //!    | bytes    | content                                                              |
 //!    |----------|----------------------------------------------------------------------|
@@ -33,7 +33,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use siphasher::sip::SipHasher13;
 
-use super::siphash::{sip13, Sip13x4};
+use super::siphash::{sip13_words20, Sip13x8};
 use super::Affinity;
 
 /// Number of buckets: ownership is decided per bucket, never per flow.
@@ -80,40 +80,54 @@ const PROTO: usize = 19;
 
 /// What ownership hashes: the client side of a flow, reduced by [`Affinity`].
 ///
-/// Holds its own 20-byte wire encoding (see the module doc), so hashing it copies nothing.
+/// Holds its 20-byte wire encoding (see the module doc) the way SipHash reads it, as three
+/// little-endian words ([`KeyWords`]), built in registers from the parsed fields: hashing
+/// reads whole words that were written as whole words, with no byte shuffling in memory.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FlowKey([u8; KEY_LEN]);
+pub struct FlowKey(KeyWords);
+
+/// A flow key's 20-byte encoding as SipHash reads it: bytes `0..8`, `8..16` and `16..20`
+/// as little-endian `u64`s (the last word's top four bytes zero).
+pub type KeyWords = [u64; 3];
 
 impl FlowKey {
     /// All zeros: a placeholder (no packet has it: the family byte is 4 or 6).
-    pub const ZERO: FlowKey = FlowKey([0; KEY_LEN]);
+    pub const ZERO: FlowKey = FlowKey([0; 3]);
 
     /// The key of a packet from `src`/`src_port` with IP protocol `proto`, under `affinity`.
     #[inline]
     pub fn new(affinity: Affinity, src: IpAddr, src_port: u16, proto: u8) -> FlowKey {
-        let mut b = [0u8; KEY_LEN];
+        // Bytes 17..20 (port, big-endian, then protocol) in the last word's bits 8..32.
+        let tail = if affinity == Affinity::None {
+            let [hi, lo] = src_port.to_be_bytes();
+            u64::from(u32::from_le_bytes([0, hi, lo, proto]))
+        } else {
+            0
+        };
         match src {
-            // Whole addresses, then the masked bytes cleared: fixed-size copies, no memcpy call.
             IpAddr::V4(v4) => {
-                b[FAMILY] = 4;
-                b[ADDR..ADDR + 4].copy_from_slice(&v4.octets());
+                // The address in bytes 1..5.
+                let mut a = u64::from(u32::from_le_bytes(v4.octets()));
                 if affinity == Affinity::Network {
-                    b[ADDR + 3] = 0;
+                    a &= 0x00ff_ffff;
                 }
+                FlowKey([4 | a << 8, 0, tail])
             }
             IpAddr::V6(v6) => {
-                b[FAMILY] = 6;
-                b[ADDR..ADDR + 16].copy_from_slice(&v6.octets());
+                // The address in bytes 1..17: its first 7 bytes in word 0, the next 8 in word
+                // 1, the last in word 2's low byte.
+                let mut a = u128::from_le_bytes(v6.octets());
                 if affinity == Affinity::Network {
-                    b[ADDR + 8..ADDR + 16].fill(0);
+                    a &= u128::from(u64::MAX);
                 }
+                // Truncations pick the words out of the shifted address.
+                FlowKey([
+                    6 | (a << 8) as u64,
+                    (a >> 56) as u64,
+                    (a >> 120) as u64 | tail,
+                ])
             }
         }
-        if affinity == Affinity::None {
-            b[PORT..PORT + 2].copy_from_slice(&src_port.to_be_bytes());
-            b[PROTO] = proto;
-        }
-        FlowKey(b)
     }
 
     /// The key of packets owned by source address alone, whatever the affinity (ICMP echo,
@@ -123,17 +137,27 @@ impl FlowKey {
         FlowKey::new(Affinity::Single, src, 0, 0)
     }
 
-    /// The exact bytes the bucket hash reads.
+    /// The exact bytes the bucket hash reads (the wire contract's encoding).
+    pub fn to_bytes(&self) -> [u8; KEY_LEN] {
+        let mut b = [0u8; KEY_LEN];
+        b[0..8].copy_from_slice(&self.0[0].to_le_bytes());
+        b[8..16].copy_from_slice(&self.0[1].to_le_bytes());
+        b[16..20].copy_from_slice(&self.0[2].to_le_bytes()[..4]);
+        b
+    }
+
+    /// The encoding as the words the bucket hash reads.
     #[inline]
-    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+    pub fn words(&self) -> &KeyWords {
         &self.0
     }
 
     /// The (possibly masked) source address.
     pub fn addr(&self) -> IpAddr {
+        let b = self.to_bytes();
         let mut a = [0u8; 16];
-        a.copy_from_slice(&self.0[ADDR..ADDR + 16]);
-        if self.0[FAMILY] == 4 {
+        a.copy_from_slice(&b[ADDR..ADDR + 16]);
+        if b[FAMILY] == 4 {
             IpAddr::from([a[0], a[1], a[2], a[3]])
         } else {
             IpAddr::from(a)
@@ -142,12 +166,13 @@ impl FlowKey {
 
     /// The source port, 0 unless affinity `none`.
     pub fn port(&self) -> u16 {
-        u16::from_be_bytes([self.0[PORT], self.0[PORT + 1]])
+        let b = self.to_bytes();
+        u16::from_be_bytes([b[PORT], b[PORT + 1]])
     }
 
     /// The IP protocol, 0 unless affinity `none`.
     pub fn proto(&self) -> u8 {
-        self.0[PROTO]
+        self.to_bytes()[PROTO]
     }
 }
 
@@ -168,7 +193,7 @@ impl fmt::Debug for FlowKey {
 pub struct BucketHasher {
     k0: u64,
     k1: u64,
-    x4: Sip13x4,
+    x8: Sip13x8,
 }
 
 impl BucketHasher {
@@ -183,14 +208,14 @@ impl BucketHasher {
         BucketHasher {
             k0,
             k1,
-            x4: Sip13x4::new(k0, k1),
+            x8: Sip13x8::new(k0, k1),
         }
     }
 
     /// The full 64-bit hash of a flow key.
     #[inline]
     pub fn hash(&self, key: &FlowKey) -> u64 {
-        sip13(self.k0, self.k1, key.as_bytes())
+        sip13_words20(self.k0, self.k1, key.words())
     }
 
     /// The bucket of a flow key: the hash's low 16 bits.
@@ -200,12 +225,12 @@ impl BucketHasher {
         Bucket(self.hash(key) as u16)
     }
 
-    /// [`BucketHasher::hash`] of four keys at once: the same values, computed side by side in
-    /// vector registers where the CPU has them, else in four interleaved scalar chains
-    /// ([`Sip13x4`]); a burst hashes faster than key by key.
+    /// [`BucketHasher::hash`] of eight keys (given by their [`FlowKey::words`]) at once: the
+    /// same values, computed side by side in vector registers where the CPU has them, else
+    /// in interleaved scalar chains ([`Sip13x8`]); a burst hashes faster than key by key.
     #[inline]
-    pub fn hash4(&self, keys: &[FlowKey; 4]) -> [u64; 4] {
-        self.x4.hash(&keys.each_ref().map(FlowKey::as_bytes))
+    pub fn hash8(&self, keys: &[KeyWords; 8]) -> [u64; 8] {
+        self.x8.hash(keys)
     }
 }
 
@@ -241,23 +266,23 @@ mod tests {
         want[17] = 0x12;
         want[18] = 0x34;
         want[19] = 6;
-        assert_eq!(k.as_bytes(), &want);
+        assert_eq!(k.to_bytes(), want);
 
         let k = FlowKey::new(Affinity::Single, v4(192, 0, 2, 7), 0x1234, 6);
         want[17..20].fill(0);
-        assert_eq!(k.as_bytes(), &want);
+        assert_eq!(k.to_bytes(), want);
         assert_eq!(k, FlowKey::source(v4(192, 0, 2, 7)));
 
         let k = FlowKey::new(Affinity::Network, v4(192, 0, 2, 7), 0x1234, 6);
         want[4] = 0;
-        assert_eq!(k.as_bytes(), &want);
+        assert_eq!(k.to_bytes(), want);
         assert_eq!(k.addr(), v4(192, 0, 2, 0));
 
         let k = FlowKey::new(Affinity::Network, v6("2001:db8:1:2:3:4:5:6"), 80, 17);
         let mut want = [0u8; 20];
         want[0] = 6;
         want[1..9].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 2]);
-        assert_eq!(k.as_bytes(), &want);
+        assert_eq!(k.to_bytes(), want);
         assert_eq!(k.addr(), v6("2001:db8:1:2::"));
     }
 
@@ -378,13 +403,17 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn hash4_hashes_like_one_at_a_time(key: [u8; 16], m in proptest::array::uniform4(proptest::array::uniform20(0u8..))) {
+        fn hash8_hashes_like_one_at_a_time(key: [u8; 16], ips in proptest::array::uniform8(0u128..), ports in proptest::array::uniform8(0u16..), v6 in proptest::array::uniform8(proptest::bool::ANY), affinity in 0u8..3) {
             let h = BucketHasher::from_key(&key);
-            let keys = m.map(FlowKey);
-            let four = h.hash4(&keys);
+            let affinity = [Affinity::None, Affinity::Single, Affinity::Network][usize::from(affinity)];
+            let keys: [FlowKey; 8] = std::array::from_fn(|i| {
+                let ip = if v6[i] { IpAddr::from(ips[i].to_be_bytes()) } else { IpAddr::from((ips[i] as u32).to_be_bytes()) };
+                FlowKey::new(affinity, ip, ports[i], 6 + 11 * (i % 2) as u8)
+            });
+            let four = h.hash8(&keys.map(|k| *k.words()));
             for (k, got) in keys.iter().zip(four) {
                 proptest::prop_assert_eq!(got, h.hash(k));
-                proptest::prop_assert_eq!(got, SipHasher13::new_with_key(&key).hash(k.as_bytes()));
+                proptest::prop_assert_eq!(got, SipHasher13::new_with_key(&key).hash(&k.to_bytes()));
             }
         }
     }

@@ -27,7 +27,9 @@ pub mod fragments;
 pub mod ownership;
 pub mod siphash;
 
-pub use flow_key::{derive_key, Bucket, BucketHasher, FlowKey, BUCKETS, BUCKET_KEY_LABEL};
+pub use flow_key::{
+    derive_key, Bucket, BucketHasher, FlowKey, KeyWords, BUCKETS, BUCKET_KEY_LABEL,
+};
 pub use flow_table::{
     FlowEntry, FlowHash, FlowRest, FlowState, FlowTable, FlowTableStats, FlowTimeouts, TcpFlags,
     Upsert,

@@ -1,7 +1,7 @@
 //! SipHash-1-3 of fixed-size messages, the hash under the bucket hash, the flow table's
 //! fingerprints and the fragment tracker: one message at a time ([`sip13`]), several in lock
-//! step ([`sip13_lanes`]), and four 20-byte flow keys at once in x86 vector registers
-//! ([`Sip13x4`], AVX-512 or AVX2 when the CPU has them, chosen once at run time).
+//! step ([`sip13_lanes`]), and a burst's 20-byte flow keys eight at a time in x86 vector
+//! registers ([`Sip13x8`], AVX-512 or AVX2 when the CPU has them, chosen once at run time).
 //!
 //! Every variant gives exactly `siphasher`'s `SipHasher13` value (checked by property tests):
 //! which one runs is a matter of speed, never of which bucket a flow lands in.
@@ -97,12 +97,56 @@ pub(crate) fn sip13_lanes<const N: usize, const L: usize>(
     v.map(|v| v[0] ^ v[1] ^ v[2] ^ v[3])
 }
 
-/// Which implementation [`Sip13x4`] runs.
+/// A 20-byte message as SipHash reads it: bytes `0..8`, `8..16` and `16..20` as
+/// little-endian words, the last one's top four bytes zero.
+pub type Words20 = [u64; 3];
+
+/// The last word SipHash compresses for a 20-byte message: its tail and the length.
+#[inline(always)]
+fn last20(w: u64) -> u64 {
+    w | (20u64 << 56)
+}
+
+/// [`sip13`] of a 20-byte message given as [`Words20`].
+#[inline]
+pub(crate) fn sip13_words20(k0: u64, k1: u64, m: &Words20) -> u64 {
+    sip13_words20_lanes(k0, k1, &[*m])[0]
+}
+
+/// [`sip13_words20`] of `L` messages in lock step, like [`sip13_lanes`].
+#[inline]
+pub(crate) fn sip13_words20_lanes<const L: usize>(k0: u64, k1: u64, m: &[Words20; L]) -> [u64; L] {
+    let mut v = [init(k0, k1); L];
+    for i in 0..3 {
+        let w = m.map(|m| if i == 2 { last20(m[2]) } else { m[i] });
+        for (v, w) in v.iter_mut().zip(&w) {
+            v[3] ^= w;
+        }
+        for v in v.iter_mut() {
+            round(v);
+        }
+        for (v, w) in v.iter_mut().zip(&w) {
+            v[0] ^= w;
+        }
+    }
+    for v in v.iter_mut() {
+        v[2] ^= 0xff;
+    }
+    for _ in 0..3 {
+        for v in v.iter_mut() {
+            round(v);
+        }
+    }
+    v.map(|v| v[0] ^ v[1] ^ v[2] ^ v[3])
+}
+
+/// Which implementation [`Sip13x8`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lanes {
-    /// [`sip13_lanes`]: four scalar chains in lock step. Any CPU.
+    /// [`sip13_words20_lanes`]: scalar chains in lock step. Any CPU.
     Scalar,
-    /// One 256-bit register per SipHash state word, a lane per message; rotations by shifts.
+    /// Two 256-bit registers per SipHash state word, a lane per message (two independent
+    /// chains of four); rotations by shifts and shuffles.
     Avx2,
     /// As AVX2, with AVX-512VL's one-instruction 64-bit rotations.
     Avx512,
@@ -143,39 +187,36 @@ impl Lanes {
     }
 }
 
-/// SipHash-1-3 of four 20-byte messages at once (a burst's flow keys), keyed once.
+/// SipHash-1-3 of eight 20-byte messages at once (a burst's flow keys), keyed once.
 #[derive(Clone)]
-pub struct Sip13x4 {
+pub struct Sip13x8 {
     k0: u64,
     k1: u64,
     lanes: Lanes,
 }
 
-impl std::fmt::Debug for Sip13x4 {
+impl std::fmt::Debug for Sip13x8 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the keys: they are derived from the cluster secret.
-        write!(f, "Sip13x4 {{ lanes: {:?}, key: <secret> }}", self.lanes)
+        write!(f, "Sip13x8 {{ lanes: {:?}, key: <secret> }}", self.lanes)
     }
 }
 
-/// The message length [`Sip13x4`] hashes: a flow key's encoding.
-pub const X4_LEN: usize = 20;
-
-impl Sip13x4 {
+impl Sip13x8 {
     /// Keys `k0`, `k1`, with the fastest implementation this CPU runs.
-    pub fn new(k0: u64, k1: u64) -> Sip13x4 {
-        Sip13x4::with(k0, k1, Lanes::best())
+    pub fn new(k0: u64, k1: u64) -> Sip13x8 {
+        Sip13x8::with(k0, k1, Lanes::best())
     }
 
     /// Keys `k0`, `k1`, with implementation `lanes`, which must be one of
     /// [`Lanes::available`] (anything else falls back to `Scalar`).
-    pub fn with(k0: u64, k1: u64, lanes: Lanes) -> Sip13x4 {
+    pub fn with(k0: u64, k1: u64, lanes: Lanes) -> Sip13x8 {
         let lanes = if Lanes::available().contains(&lanes) {
             lanes
         } else {
             Lanes::Scalar
         };
-        Sip13x4 { k0, k1, lanes }
+        Sip13x8 { k0, k1, lanes }
     }
 
     /// The implementation in use.
@@ -183,31 +224,36 @@ impl Sip13x4 {
         self.lanes
     }
 
-    /// `[sip13(k0, k1, m[0]), ..., sip13(k0, k1, m[3])]`.
+    /// `[sip13_words20(k0, k1, &m[0]), ..., sip13_words20(k0, k1, &m[7])]`.
     #[inline]
-    pub fn hash(&self, m: &[&[u8; X4_LEN]; 4]) -> [u64; 4] {
+    pub fn hash(&self, m: &[Words20; 8]) -> [u64; 8] {
         match self.lanes {
-            Lanes::Scalar => sip13_lanes(self.k0, self.k1, m),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `with` keeps `Avx512` only when the CPU has AVX-512F and AVX-512VL.
-            Lanes::Avx512 => unsafe { x86::sip13x4_avx512(self.k0, self.k1, m) },
+            Lanes::Avx512 => unsafe { x86::sip13x8_avx512(self.k0, self.k1, m) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `with` keeps `Avx2` only when the CPU has AVX2.
-            Lanes::Avx2 => unsafe { x86::sip13x4_avx2(self.k0, self.k1, m) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => sip13_lanes(self.k0, self.k1, m),
+            Lanes::Avx2 => unsafe { x86::sip13x8_avx2(self.k0, self.k1, m) },
+            _ => {
+                // Two groups of four: eight scalar chains at once run out of registers.
+                let [a, b] = [&m[..4], &m[4..]].map(|m| {
+                    let m: &[Words20; 4] = m.try_into().unwrap_or_else(|_| unreachable!());
+                    sip13_words20_lanes(self.k0, self.k1, m)
+                });
+                [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+            }
         }
     }
 }
 
-/// The vector implementations: the four state words `v0..v3` each in one 256-bit register
-/// holding that word for all four messages. Macros rather than helper functions, because a
+/// The vector implementations: each of the four state words `v0..v3` in 256-bit registers
+/// holding that word for four messages. Macros rather than helper functions, because a
 /// helper would not be compiled with its caller's target features.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{init, word, X4_LEN};
+    use super::{init, last20, Words20};
 
     /// Rotates every 64-bit lane left, AVX2: by a shuffle where the distance is a multiple of
     /// 16 bits, by two shifts otherwise.
@@ -240,59 +286,74 @@ mod x86 {
         };
     }
 
-    /// One function per instruction set; `$rotl` is the rotation macro.
-    macro_rules! sip13x4 {
+    /// One function per instruction set; `$rotl` is the rotation macro. Messages 0..4 go
+    /// in chain 0, 4..8 in chain 1: two independent dependency chains for the CPU to overlap.
+    macro_rules! sip13x8 {
         ($name:ident, $features:literal, $rotl:ident) => {
             #[target_feature(enable = $features)]
-            pub(super) fn $name(k0: u64, k1: u64, m: &[&[u8; X4_LEN]; 4]) -> [u64; 4] {
+            pub(super) fn $name(k0: u64, k1: u64, m: &[Words20; 8]) -> [u64; 8] {
                 macro_rules! round {
-                    ($v:ident) => {
-                        $v[0] = _mm256_add_epi64($v[0], $v[1]);
-                        $v[1] = _mm256_xor_si256($rotl!($v[1], 13), $v[0]);
-                        $v[0] = $rotl!($v[0], 32);
-                        $v[2] = _mm256_add_epi64($v[2], $v[3]);
-                        $v[3] = _mm256_xor_si256($rotl!($v[3], 16), $v[2]);
-                        $v[0] = _mm256_add_epi64($v[0], $v[3]);
-                        $v[3] = _mm256_xor_si256($rotl!($v[3], 21), $v[0]);
-                        $v[2] = _mm256_add_epi64($v[2], $v[1]);
-                        $v[1] = _mm256_xor_si256($rotl!($v[1], 17), $v[2]);
-                        $v[2] = $rotl!($v[2], 32);
+                    ($v:expr) => {
+                        let v = &mut $v;
+                        v[0] = _mm256_add_epi64(v[0], v[1]);
+                        v[1] = _mm256_xor_si256($rotl!(v[1], 13), v[0]);
+                        v[0] = $rotl!(v[0], 32);
+                        v[2] = _mm256_add_epi64(v[2], v[3]);
+                        v[3] = _mm256_xor_si256($rotl!(v[3], 16), v[2]);
+                        v[0] = _mm256_add_epi64(v[0], v[3]);
+                        v[3] = _mm256_xor_si256($rotl!(v[3], 21), v[0]);
+                        v[2] = _mm256_add_epi64(v[2], v[1]);
+                        v[1] = _mm256_xor_si256($rotl!(v[1], 17), v[2]);
+                        v[2] = $rotl!(v[2], 32);
                     };
                 }
                 let s = init(k0, k1);
-                let mut v = [
+                let s = [
                     _mm256_set1_epi64x(s[0] as i64),
                     _mm256_set1_epi64x(s[1] as i64),
                     _mm256_set1_epi64x(s[2] as i64),
                     _mm256_set1_epi64x(s[3] as i64),
                 ];
-                for i in 0..=X4_LEN / 8 {
-                    // Lane j holds message j's word i (set's arguments go highest lane first).
-                    let w = _mm256_set_epi64x(
-                        word(m[3], i) as i64,
-                        word(m[2], i) as i64,
-                        word(m[1], i) as i64,
-                        word(m[0], i) as i64,
-                    );
-                    v[3] = _mm256_xor_si256(v[3], w);
-                    round!(v);
-                    v[0] = _mm256_xor_si256(v[0], w);
+                let mut v = [s, s];
+                for i in 0..3 {
+                    let mut w = [_mm256_setzero_si256(); 2];
+                    for (c, w) in w.iter_mut().enumerate() {
+                        // Lane j holds message 4c + j's word i (set's arguments go highest
+                        // lane first).
+                        let m = &m[4 * c..4 * c + 4];
+                        let word =
+                            |j: usize| (if i == 2 { last20(m[j][2]) } else { m[j][i] }) as i64;
+                        *w = _mm256_set_epi64x(word(3), word(2), word(1), word(0));
+                    }
+                    for (v, w) in v.iter_mut().zip(&w) {
+                        v[3] = _mm256_xor_si256(v[3], *w);
+                    }
+                    round!(v[0]);
+                    round!(v[1]);
+                    for (v, w) in v.iter_mut().zip(&w) {
+                        v[0] = _mm256_xor_si256(v[0], *w);
+                    }
                 }
-                v[2] = _mm256_xor_si256(v[2], _mm256_set1_epi64x(0xff));
-                round!(v);
-                round!(v);
-                round!(v);
-                let h =
-                    _mm256_xor_si256(_mm256_xor_si256(v[0], v[1]), _mm256_xor_si256(v[2], v[3]));
-                // SAFETY: `__m256i` and `[u64; 4]` are both 32 plain bytes; every bit pattern is
-                // a valid value of either, and lane j is at bytes 8j..8j+8 of both.
-                unsafe { std::mem::transmute::<__m256i, [u64; 4]>(h) }
+                let ff = _mm256_set1_epi64x(0xff);
+                v[0][2] = _mm256_xor_si256(v[0][2], ff);
+                v[1][2] = _mm256_xor_si256(v[1][2], ff);
+                for _ in 0..3 {
+                    round!(v[0]);
+                    round!(v[1]);
+                }
+                let h = v.map(|v| {
+                    _mm256_xor_si256(_mm256_xor_si256(v[0], v[1]), _mm256_xor_si256(v[2], v[3]))
+                });
+                // SAFETY: `[__m256i; 2]` and `[u64; 8]` are both 64 plain bytes; every bit
+                // pattern is a valid value of either, and lane j of chain c is at bytes
+                // 8(4c + j)..8(4c + j + 1) of both.
+                unsafe { std::mem::transmute::<[__m256i; 2], [u64; 8]>(h) }
             }
         };
     }
 
-    sip13x4!(sip13x4_avx2, "avx2", rotl_avx2);
-    sip13x4!(sip13x4_avx512, "avx2,avx512f,avx512vl", rotl_avx512);
+    sip13x8!(sip13x8_avx2, "avx2", rotl_avx2);
+    sip13x8!(sip13x8_avx512, "avx2,avx512f,avx512vl", rotl_avx512);
 }
 
 #[cfg(test)]
@@ -322,15 +383,26 @@ mod tests {
         }
 
         /// Every implementation this CPU runs gives the same values (on a CPU without AVX2
-        /// only `Scalar` runs here: the test says which ran in its name's output).
+        /// only `Scalar` runs here; `best_is_available_and_used` prints which ran).
         #[test]
-        fn every_x4_implementation_agrees(key: [u8; 16], m in proptest::array::uniform4(proptest::array::uniform20(0u8..))) {
+        fn every_x8_implementation_agrees(key: [u8; 16], m in proptest::array::uniform8(proptest::array::uniform20(0u8..))) {
             let (k0, k1) = SipHasher13::new_with_key(&key).keys();
             let want = m.each_ref().map(|m| sip13(k0, k1, m));
+            let words: [Words20; 8] = m.map(|m| {
+                let mut w = [0u64; 3];
+                for (i, w) in w.iter_mut().enumerate() {
+                    let mut b = [0u8; 8];
+                    let end = (8 * i + 8).min(20);
+                    b[..end - 8 * i].copy_from_slice(&m[8 * i..end]);
+                    *w = u64::from_le_bytes(b);
+                }
+                w
+            });
+            proptest::prop_assert_eq!(sip13_words20(k0, k1, &words[0]), want[0]);
             for lanes in Lanes::available() {
-                let h = Sip13x4::with(k0, k1, lanes);
+                let h = Sip13x8::with(k0, k1, lanes);
                 proptest::prop_assert_eq!(h.lanes(), lanes);
-                proptest::prop_assert_eq!(h.hash(&m.each_ref()), want, "{:?}", lanes);
+                proptest::prop_assert_eq!(h.hash(&words), want, "{:?}", lanes);
             }
         }
     }
@@ -339,7 +411,7 @@ mod tests {
     fn best_is_available_and_used() {
         let best = Lanes::best();
         assert!(Lanes::available().contains(&best));
-        assert_eq!(Sip13x4::new(1, 2).lanes(), best);
-        eprintln!("SipHash x4 lanes on this CPU: {:?}", Lanes::available());
+        assert_eq!(Sip13x8::new(1, 2).lanes(), best);
+        eprintln!("SipHash x8 lanes on this CPU: {:?}", Lanes::available());
     }
 }
