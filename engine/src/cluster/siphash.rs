@@ -1,7 +1,7 @@
 //! SipHash-1-3 of fixed-size messages, the hash under the bucket hash, the flow table's
-//! fingerprints and the fragment tracker: one message at a time ([`sip13`]), several in lock
-//! step ([`sip13_lanes`]), and a burst's 20-byte flow keys eight at a time in x86 vector
-//! registers ([`Sip13x8`], AVX-512 or AVX2 when the CPU has them, chosen once at run time).
+//! fingerprints and the fragment tracker: one message at a time ([`sip13`]), 20-byte flow keys
+//! given as words in lock step ([`sip13_words20_lanes`]), and a burst's flow keys eight at a
+//! time in x86 vector registers ([`Sip13x8`], AVX-512 or AVX2 when the CPU has them, chosen once at run time).
 //!
 //! Every variant gives exactly `siphasher`'s `SipHasher13` value (checked by property tests):
 //! which one runs is a matter of speed, never of which bucket a flow lands in.
@@ -65,38 +65,6 @@ pub(crate) fn sip13<const N: usize>(k0: u64, k1: u64, m: &[u8; N]) -> u64 {
     v[0] ^ v[1] ^ v[2] ^ v[3]
 }
 
-/// [`sip13`] of `L` messages in lock step (same values): each step of the algorithm runs for
-/// every lane before the next, so the lanes' independent chains fill the pipeline.
-#[inline]
-pub(crate) fn sip13_lanes<const N: usize, const L: usize>(
-    k0: u64,
-    k1: u64,
-    m: &[&[u8; N]; L],
-) -> [u64; L] {
-    let mut v = [init(k0, k1); L];
-    for i in 0..=N / 8 {
-        let w = m.map(|m| word(m, i));
-        for (v, w) in v.iter_mut().zip(&w) {
-            v[3] ^= w;
-        }
-        for v in v.iter_mut() {
-            round(v);
-        }
-        for (v, w) in v.iter_mut().zip(&w) {
-            v[0] ^= w;
-        }
-    }
-    for v in v.iter_mut() {
-        v[2] ^= 0xff;
-    }
-    for _ in 0..3 {
-        for v in v.iter_mut() {
-            round(v);
-        }
-    }
-    v.map(|v| v[0] ^ v[1] ^ v[2] ^ v[3])
-}
-
 /// A 20-byte message as SipHash reads it: bytes `0..8`, `8..16` and `16..20` as
 /// little-endian words, the last one's top four bytes zero.
 pub type Words20 = [u64; 3];
@@ -113,7 +81,8 @@ pub(crate) fn sip13_words20(k0: u64, k1: u64, m: &Words20) -> u64 {
     sip13_words20_lanes(k0, k1, &[*m])[0]
 }
 
-/// [`sip13_words20`] of `L` messages in lock step, like [`sip13_lanes`].
+/// [`sip13_words20`] of `L` messages in lock step (same values): each step of the algorithm
+/// runs for every lane before the next, so the lanes' independent chains fill the pipeline.
 #[inline]
 pub(crate) fn sip13_words20_lanes<const L: usize>(k0: u64, k1: u64, m: &[Words20; L]) -> [u64; L] {
     let mut v = [init(k0, k1); L];
@@ -371,15 +340,6 @@ mod tests {
             proptest::prop_assert_eq!(sip13(k0, k1, &m37), sip.hash(&m37));
             proptest::prop_assert_eq!(sip13(k0, k1, &[0u8; 0]), sip.hash(&[]));
             proptest::prop_assert_eq!(sip13(k0, k1, &[7u8; 8]), sip.hash(&[7; 8]));
-        }
-
-        #[test]
-        fn lanes_hash_like_one_at_a_time(key: [u8; 16], m in proptest::array::uniform4(proptest::array::uniform20(0u8..)), m37 in proptest::array::uniform2(proptest::array::uniform::<_, 37>(0u8..))) {
-            let (k0, k1) = SipHasher13::new_with_key(&key).keys();
-            let want = m.each_ref().map(|m| sip13(k0, k1, m));
-            proptest::prop_assert_eq!(sip13_lanes(k0, k1, &m.each_ref()), want);
-            let two = sip13_lanes(k0, k1, &m37.each_ref());
-            proptest::prop_assert_eq!(two, m37.each_ref().map(|m| sip13(k0, k1, m)));
         }
 
         /// Every implementation this CPU runs gives the same values (on a CPU without AVX2
