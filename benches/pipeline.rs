@@ -40,8 +40,9 @@
 //! buckets moving) [0], `CC_BENCH_CORES` (1 or 2) [1], `CC_BENCH_CAPACITY` (flow-table capacity
 //! per core) [flows per core, at least 262144], `CC_BENCH_FPF` (frames per flow, 1 or 3) [3, or
 //! 1 above a million flows], `CC_BENCH_SCENARIOS` (several rows: `;`-separated lists of
-//! `flows=,ipv6=,nodes=,handoff=,cores=,capacity=,fpf=` overriding the above, e.g.
-//! `flows=1000;flows=10000000;nodes=4,handoff=10`), `CC_BENCH_SECS` (per run) [3],
+//! `flows=,ipv6=,nodes=,handoff=,cores=,capacity=,fpf=,lanes=` overriding the above, e.g.
+//! `flows=1000;flows=10000000;nodes=4,handoff=10`), `CC_BENCH_LANES` (the engine's
+//! `dataplane.hash_lanes`: auto, scalar, avx2, avx512) [auto], `CC_BENCH_SECS` (per run) [3],
 //! `CC_BENCH_ROUNDS` [3], `CC_BENCH_CORE` (the forwarding core with one core) [1],
 //! `CC_BENCH_PCAP` (send this capture instead of the generated mix: its frames must be
 //! addressed as above, e.g. `tests/fixtures/lab-mix.pcap`), `CC_BENCH_DIR` (keep the pcaps and configs there instead of a temporary directory, e.g. to
@@ -243,6 +244,8 @@ struct Scenario {
     fpf: u32,
     /// A capture to send instead of the generated mix (`CC_BENCH_PCAP`).
     pcap: Option<PathBuf>,
+    /// `dataplane.hash_lanes` of the engine: auto, scalar, avx2 or avx512.
+    lanes: String,
 }
 
 impl Scenario {
@@ -256,6 +259,7 @@ impl Scenario {
             capacity: 0,
             fpf: 0,
             pcap: std::env::var_os("CC_BENCH_PCAP").map(PathBuf::from),
+            lanes: std::env::var("CC_BENCH_LANES").unwrap_or_else(|_| "auto".into()),
         };
         s.capacity = env_or("CC_BENCH_CAPACITY", 0);
         s.fpf = env_or("CC_BENCH_FPF", 0);
@@ -282,6 +286,10 @@ impl Scenario {
             let (k, v) = part
                 .split_once('=')
                 .unwrap_or_else(|| panic!("CC_BENCH_SCENARIOS: `{part}` is not key=value"));
+            if k == "lanes" {
+                self.lanes = v.to_string();
+                continue;
+            }
             let n: u64 = v
                 .parse()
                 .unwrap_or_else(|_| panic!("CC_BENCH_SCENARIOS: `{part}`: not a number"));
@@ -326,6 +334,9 @@ impl Scenario {
         let default_capacity = self.flows.div_ceil(self.cores as u32).max(1 << 18);
         if self.capacity != default_capacity {
             l += &format!(" cap={}", self.capacity);
+        }
+        if self.lanes != "auto" {
+            l += &format!(" {}", self.lanes);
         }
         l
     }
@@ -521,6 +532,7 @@ dataplane:
   pool_size: {mbufs}
   mbuf_size: {mbuf_size}
   flow_capacity: {capacity}
+  hash_lanes: {lanes}
 control:
   metrics: 127.0.0.1:{metrics}
 "#,
@@ -530,6 +542,7 @@ control:
                 cores = cores.join(", "),
                 mbufs = self.mbufs,
                 capacity = self.scenario.capacity,
+                lanes = self.scenario.lanes,
                 mbuf_size = self.scenario.mbuf_size(),
                 metrics = self.metrics_port,
             ),

@@ -253,6 +253,21 @@ pub enum IdleMode {
     Adaptive,
 }
 
+/// Which SipHash implementation hashes each burst's flow keys. All give the same values (the
+/// buckets do not depend on it); `auto` picks the fastest this CPU has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashLanes {
+    #[default]
+    Auto,
+    /// Plain 64-bit arithmetic: any CPU.
+    Scalar,
+    /// 256-bit vector registers (x86-64 with AVX2).
+    Avx2,
+    /// 256-bit vector registers with AVX-512VL's rotations (x86-64 with AVX-512F and VL).
+    Avx512,
+}
+
 /// The DPDK side of the node.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -292,6 +307,9 @@ pub struct DataplaneConfig {
     pub rx_descriptors: u16,
     #[serde(default = "default_descriptors")]
     pub tx_descriptors: u16,
+    /// The bucket hash's implementation (a start error if this CPU lacks it).
+    #[serde(default)]
+    pub hash_lanes: HashLanes,
 }
 
 fn default_cores() -> Vec<u32> {
@@ -755,6 +773,22 @@ dataplane:
         let e = parse(&LAB.replace("  id: 1", "  id: 1\n  colour: blue")).unwrap_err();
         assert_eq!(e.key, "node.colour");
         assert!(e.fix.contains("mac"), "{e}");
+    }
+
+    #[test]
+    fn hash_lanes_default_and_choices() {
+        let c = parse(LAB).unwrap();
+        assert_eq!(c.dataplane.hash_lanes, HashLanes::Auto);
+        let c = parse(&LAB.replace("  idle: adaptive", "  idle: adaptive\n  hash_lanes: avx512"))
+            .unwrap();
+        assert_eq!(c.dataplane.hash_lanes, HashLanes::Avx512);
+        let e = parse(&LAB.replace("  idle: adaptive", "  idle: adaptive\n  hash_lanes: sse9"))
+            .unwrap_err();
+        assert_eq!(e.key, "dataplane.hash_lanes", "{e}");
+        assert!(
+            e.problem.contains("`scalar`") && e.fix.contains("lab-node.yaml"),
+            "{e}"
+        );
     }
 
     #[test]

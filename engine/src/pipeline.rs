@@ -407,6 +407,12 @@ impl Pipeline {
         self.service = service;
     }
 
+    /// The SipHash implementation that hashes bursts (`dataplane.hash_lanes`); decisions do
+    /// not change.
+    pub fn set_hash_lanes(&mut self, lanes: crate::cluster::siphash::Lanes) {
+        self.hasher.set_lanes(lanes);
+    }
+
     /// Swaps in a new ownership snapshot (between bursts).
     pub fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
         self.snapshot = snapshot;

@@ -33,7 +33,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use siphasher::sip::SipHasher13;
 
-use super::siphash::{sip13_words20, Sip13x8};
+use super::siphash::{sip13_words20, Lanes, Sip13x8};
 use super::Affinity;
 
 /// Number of buckets: ownership is decided per bucket, never per flow.
@@ -210,6 +210,17 @@ impl BucketHasher {
             k1,
             x8: Sip13x8::new(k0, k1),
         }
+    }
+
+    /// Hashes bursts ([`BucketHasher::hash8`]) with implementation `lanes`, one of
+    /// [`Lanes::available`](super::siphash::Lanes::available); the values do not change.
+    pub fn set_lanes(&mut self, lanes: Lanes) {
+        self.x8 = Sip13x8::with(self.k0, self.k1, lanes);
+    }
+
+    /// The implementation [`BucketHasher::hash8`] uses.
+    pub fn lanes(&self) -> Lanes {
+        self.x8.lanes()
     }
 
     /// The full 64-bit hash of a flow key.

@@ -138,6 +138,30 @@ impl Lanes {
         Lanes::Scalar
     }
 
+    /// What `dataplane.hash_lanes` asks for: `Auto` is [`Lanes::best`]; an implementation
+    /// this CPU lacks is an error saying which.
+    pub fn from_config(wanted: crate::config::HashLanes) -> Result<Lanes, String> {
+        use crate::config::HashLanes;
+        let lanes = match wanted {
+            HashLanes::Auto => return Ok(Lanes::best()),
+            HashLanes::Scalar => Lanes::Scalar,
+            HashLanes::Avx2 => Lanes::Avx2,
+            HashLanes::Avx512 => Lanes::Avx512,
+        };
+        if Lanes::available().contains(&lanes) {
+            Ok(lanes)
+        } else {
+            Err(format!(
+                "`{}` is not available on this CPU (it has {:?})",
+                match lanes {
+                    Lanes::Avx2 => "avx2: it needs AVX2",
+                    _ => "avx512: it needs AVX-512F and AVX-512VL",
+                },
+                Lanes::available()
+            ))
+        }
+    }
+
     /// Every implementation this CPU runs, `Scalar` first (for tests and benches).
     pub fn available() -> Vec<Lanes> {
         let mut all = vec![Lanes::Scalar];
@@ -363,6 +387,25 @@ mod tests {
                 let h = Sip13x8::with(k0, k1, lanes);
                 proptest::prop_assert_eq!(h.lanes(), lanes);
                 proptest::prop_assert_eq!(h.hash(&words), want, "{:?}", lanes);
+            }
+        }
+    }
+
+    #[test]
+    fn config_asks_for_an_implementation() {
+        use crate::config::HashLanes;
+        assert_eq!(Lanes::from_config(HashLanes::Auto), Ok(Lanes::best()));
+        assert_eq!(Lanes::from_config(HashLanes::Scalar), Ok(Lanes::Scalar));
+        for (wanted, lanes) in [
+            (HashLanes::Avx2, Lanes::Avx2),
+            (HashLanes::Avx512, Lanes::Avx512),
+        ] {
+            match Lanes::from_config(wanted) {
+                Ok(got) => assert!(got == lanes && Lanes::available().contains(&lanes)),
+                Err(e) => {
+                    assert!(!Lanes::available().contains(&lanes));
+                    assert!(e.contains("not available on this CPU"), "{e}");
+                }
             }
         }
     }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use dpdk_sys as sys;
 
 use super::{strerror, Burst, Eal, Mbuf, Mempool, Port, PortRole, StartError, BURST};
+use crate::cluster::siphash::Lanes;
 use crate::cluster::NodeId;
 use crate::config::{IdleMode, Loaded};
 pub use crate::counters::{CoreCounters, CoreStats};
@@ -62,6 +63,8 @@ struct Shared {
     /// Benchmarks only ([`ASSUME_ENV`]): a fixed ownership the cores use instead of the
     /// control thread's snapshots.
     assumed: Option<Arc<crate::control::Snapshot>>,
+    /// The bucket hash's implementation (`dataplane.hash_lanes`).
+    lanes: Lanes,
 }
 
 /// Benchmarks only: `nodes=N,handoff=P` makes the packet cores assume they are this node of an
@@ -118,6 +121,14 @@ pub fn run(
     let cfg = &loaded.config;
     let dp = &cfg.dataplane;
     let assumed = assumed_snapshot(loaded)?;
+    let lanes = Lanes::from_config(dp.hash_lanes).map_err(|why| {
+        StartError::new(
+            "dataplane.hash_lanes",
+            why,
+            "use `auto` (the fastest this CPU has, the default) or `scalar`",
+        )
+    })?;
+    tracing::info!(?lanes, "bucket hash implementation");
     let eal = Eal::start(dp, cfg.node.id)?;
     let pool = Mempool::create(&eal, dp.pool_size, dp.mbuf_size)?;
     let queues = dp.cores.len() as u16;
@@ -148,6 +159,7 @@ pub fn run(
         max_sleep: dp.idle_max_sleep.0,
         stop,
         assumed,
+        lanes,
     };
     tracing::info!(
         "clonecluster: node {} running on cores {:?}: wire port {} ({}), host port {} ({}), \
@@ -292,6 +304,7 @@ fn core_loop(shared: &Shared, index: usize) {
         },
         shared.sizes,
     );
+    pipeline.set_hash_lanes(shared.lanes);
     let mut polls: u64 = 0;
     let mut busy_polls: u64 = 0;
     let mut next_count: u64 = 0;
