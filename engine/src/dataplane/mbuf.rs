@@ -210,6 +210,34 @@ impl Burst {
         }
     }
 
+    /// Takes every mbuf out: those whose bit is set in `mask` (bit `i` for the `i`-th) are
+    /// moved to `to` at once, the others handed out in order with their index. `to` must have
+    /// room for them (it is never filled past [`BURST`]: the rest are freed).
+    pub fn drain_split(&mut self, mask: u64, to: &mut Burst) -> SplitDrain<'_> {
+        let len = std::mem::take(&mut self.len);
+        let all = if len >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << len) - 1
+        };
+        let mut moved = mask & all;
+        while moved != 0 {
+            let i = moved.trailing_zeros() as usize;
+            moved &= moved - 1;
+            // SAFETY: slot i (below the old length) holds an mbuf owned by this burst; it is
+            // handed over exactly once, here, and never by the iterator (its bit is masked
+            // out of `rest`).
+            let m = unsafe { Mbuf::from_raw(NonNull::new_unchecked(self.slots[i])) };
+            if let Err(m) = to.push(m) {
+                drop(m);
+            }
+        }
+        SplitDrain {
+            slots: &self.slots[..len],
+            rest: all & !mask,
+        }
+    }
+
     /// Takes every mbuf out, in order.
     pub fn drain(&mut self) -> Drain<'_> {
         let len = std::mem::take(&mut self.len);
@@ -250,6 +278,41 @@ impl Iterator for Drain<'_> {
 }
 
 impl Drop for Drain<'_> {
+    fn drop(&mut self) {
+        for m in self.by_ref() {
+            drop(m);
+        }
+    }
+}
+
+/// The mbufs of a burst not moved by [`Burst::drain_split`], with their index; frees those
+/// not taken when dropped.
+#[derive(Debug)]
+pub struct SplitDrain<'a> {
+    slots: &'a [*mut sys::rte_mbuf],
+    /// The indexes still to hand out.
+    rest: u64,
+}
+
+impl Iterator for SplitDrain<'_> {
+    type Item = (usize, Mbuf);
+
+    #[inline]
+    fn next(&mut self) -> Option<(usize, Mbuf)> {
+        if self.rest == 0 {
+            return None;
+        }
+        let i = self.rest.trailing_zeros() as usize;
+        self.rest &= self.rest - 1;
+        // SAFETY: `rest` only has bits below the burst's old length, each for a slot holding
+        // an mbuf owned by the burst that `drain_split` did not move; each is handed out once.
+        Some((i, unsafe {
+            Mbuf::from_raw(NonNull::new_unchecked(self.slots[i]))
+        }))
+    }
+}
+
+impl Drop for SplitDrain<'_> {
     fn drop(&mut self) {
         for m in self.by_ref() {
             drop(m);
