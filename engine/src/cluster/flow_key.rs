@@ -218,11 +218,6 @@ impl BucketHasher {
         self.x8 = Sip13x8::with(self.k0, self.k1, lanes);
     }
 
-    /// The implementation [`BucketHasher::hash8`] uses.
-    pub fn lanes(&self) -> Lanes {
-        self.x8.lanes()
-    }
-
     /// The full 64-bit hash of a flow key.
     #[inline]
     pub fn hash(&self, key: &FlowKey) -> u64 {

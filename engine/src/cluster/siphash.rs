@@ -51,43 +51,23 @@ fn word<const N: usize>(m: &[u8; N], i: usize) -> u64 {
 /// `siphasher`'s `SipHasher13`, without its generic buffering.
 #[inline]
 pub(crate) fn sip13<const N: usize>(k0: u64, k1: u64, m: &[u8; N]) -> u64 {
-    let mut v = init(k0, k1);
-    for i in 0..=N / 8 {
-        let w = word(m, i);
-        v[3] ^= w;
-        round(&mut v);
-        v[0] ^= w;
-    }
-    v[2] ^= 0xff;
-    round(&mut v);
-    round(&mut v);
-    round(&mut v);
-    v[0] ^ v[1] ^ v[2] ^ v[3]
+    sip13_words(k0, k1, N / 8 + 1, |i| [word(m, i)])[0]
 }
 
-/// A 20-byte message as SipHash reads it: bytes `0..8`, `8..16` and `16..20` as
-/// little-endian words, the last one's top four bytes zero.
-pub type Words20 = [u64; 3];
-
-/// The last word SipHash compresses for a 20-byte message: its tail and the length.
+/// SipHash-1-3 of `L` messages of `n` words each in lock step, `words(i)` giving every
+/// message's word `i` as SipHash compresses it (the last one with the length): each step of
+/// the algorithm runs for every lane before the next, so the lanes' independent chains fill
+/// the pipeline.
 #[inline(always)]
-fn last20(w: u64) -> u64 {
-    w | (20u64 << 56)
-}
-
-/// [`sip13`] of a 20-byte message given as [`Words20`].
-#[inline]
-pub(crate) fn sip13_words20(k0: u64, k1: u64, m: &Words20) -> u64 {
-    sip13_words20_lanes(k0, k1, &[*m])[0]
-}
-
-/// [`sip13_words20`] of `L` messages in lock step (same values): each step of the algorithm
-/// runs for every lane before the next, so the lanes' independent chains fill the pipeline.
-#[inline]
-pub(crate) fn sip13_words20_lanes<const L: usize>(k0: u64, k1: u64, m: &[Words20; L]) -> [u64; L] {
+fn sip13_words<const L: usize>(
+    k0: u64,
+    k1: u64,
+    n: usize,
+    words: impl Fn(usize) -> [u64; L],
+) -> [u64; L] {
     let mut v = [init(k0, k1); L];
-    for i in 0..3 {
-        let w = m.map(|m| if i == 2 { last20(m[2]) } else { m[i] });
+    for i in 0..n {
+        let w = words(i);
         for (v, w) in v.iter_mut().zip(&w) {
             v[3] ^= w;
         }
@@ -109,6 +89,30 @@ pub(crate) fn sip13_words20_lanes<const L: usize>(k0: u64, k1: u64, m: &[Words20
     v.map(|v| v[0] ^ v[1] ^ v[2] ^ v[3])
 }
 
+/// A 20-byte message as SipHash reads it: bytes `0..8`, `8..16` and `16..20` as
+/// little-endian words, the last one's top four bytes zero.
+pub type Words20 = [u64; 3];
+
+/// The last word SipHash compresses for a 20-byte message: its tail and the length.
+#[inline(always)]
+fn last20(w: u64) -> u64 {
+    w | (20u64 << 56)
+}
+
+/// [`sip13`] of a 20-byte message given as [`Words20`].
+#[inline]
+pub(crate) fn sip13_words20(k0: u64, k1: u64, m: &Words20) -> u64 {
+    sip13_words20_lanes(k0, k1, &[*m])[0]
+}
+
+/// [`sip13_words20`] of `L` messages in lock step (same values).
+#[inline]
+pub(crate) fn sip13_words20_lanes<const L: usize>(k0: u64, k1: u64, m: &[Words20; L]) -> [u64; L] {
+    sip13_words(k0, k1, 3, |i| {
+        m.map(|m| if i == 2 { last20(m[2]) } else { m[i] })
+    })
+}
+
 /// Which implementation [`Sip13x8`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lanes {
@@ -124,18 +128,24 @@ pub enum Lanes {
 impl Lanes {
     /// The fastest implementation this CPU runs.
     pub fn best() -> Lanes {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-            {
-                return Lanes::Avx512;
+        // `available` lists them slowest first.
+        Lanes::available().pop().unwrap_or(Lanes::Scalar)
+    }
+
+    /// Whether this CPU runs this implementation.
+    fn runs_here(self) -> bool {
+        match self {
+            Lanes::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Lanes::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Lanes::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
             }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                return Lanes::Avx2;
-            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
         }
-        Lanes::Scalar
     }
 
     /// What `dataplane.hash_lanes` asks for: `Auto` is [`Lanes::best`]; an implementation
@@ -148,7 +158,7 @@ impl Lanes {
             HashLanes::Avx2 => Lanes::Avx2,
             HashLanes::Avx512 => Lanes::Avx512,
         };
-        if Lanes::available().contains(&lanes) {
+        if lanes.runs_here() {
             Ok(lanes)
         } else {
             Err(format!(
@@ -162,21 +172,12 @@ impl Lanes {
         }
     }
 
-    /// Every implementation this CPU runs, `Scalar` first (for tests and benches).
+    /// Every implementation this CPU runs, slowest (`Scalar`) first.
     pub fn available() -> Vec<Lanes> {
-        let mut all = vec![Lanes::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2") {
-                all.push(Lanes::Avx2);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-            {
-                all.push(Lanes::Avx512);
-            }
-        }
-        all
+        [Lanes::Scalar, Lanes::Avx2, Lanes::Avx512]
+            .into_iter()
+            .filter(|l| l.runs_here())
+            .collect()
     }
 }
 
@@ -204,7 +205,7 @@ impl Sip13x8 {
     /// Keys `k0`, `k1`, with implementation `lanes`, which must be one of
     /// [`Lanes::available`] (anything else falls back to `Scalar`).
     pub fn with(k0: u64, k1: u64, lanes: Lanes) -> Sip13x8 {
-        let lanes = if Lanes::available().contains(&lanes) {
+        let lanes = if lanes.runs_here() {
             lanes
         } else {
             Lanes::Scalar
