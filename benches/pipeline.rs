@@ -33,7 +33,9 @@
 //!
 //! `net_pcap` in `infinite_rx` mode keeps each file in mbufs and copies every frame into a fresh
 //! mbuf on receive (both programs pay that copy). Both programs use 384-byte mbufs (256 bytes of
-//! frame room), so 10 million frames fit in ~5.5 GiB without hugepages.
+//! frame room), so 10 million frames fit in ~5.5 GiB without hugepages. The EAL's memory is on
+//! hugepages when a hugetlbfs is mounted and enough of its pages are free (the row's label then
+//! ends in `huge`; the files go with `--huge-unlink`), else `--no-huge` on 4 KiB pages.
 //!
 //! Environment (defaults in brackets): `CC_BENCH_FLOWS` [1000], `CC_BENCH_IPV6` (share of flows
 //! in percent) [10], `CC_BENCH_NODES` (cluster size) [1], `CC_BENCH_HANDOFF` (percent of
@@ -44,7 +46,8 @@
 //! `flows=1000;flows=10000000;nodes=4,handoff=10`), `CC_BENCH_LANES` (the engine's
 //! `dataplane.hash_lanes`: auto, scalar, avx2, avx512) [auto], `CC_BENCH_SECS` (per run) [3],
 //! `CC_BENCH_ROUNDS` [3], `CC_BENCH_CORE` (the forwarding core with one core) [1],
-//! `CC_BENCH_PCAP` (send this capture instead of the generated mix: its frames must be
+//! `CC_BENCH_HUGE` (0: `--no-huge` even when hugepages are present; `huge=0|1` in a scenario)
+//! [1], `CC_BENCH_PCAP` (send this capture instead of the generated mix: its frames must be
 //! addressed as above, e.g. `tests/fixtures/lab-mix.pcap`), `CC_BENCH_DIR` (keep the pcaps and configs there instead of a temporary directory, e.g. to
 //! `perf record` the engine by hand).
 
@@ -61,7 +64,7 @@ use clonecluster::pipeline::{learned_capacity, TableSizes};
 
 mod common;
 
-use common::{core, env_or, median, secs};
+use common::{core, eal_memory, env_or, median, on_hugepages, secs};
 
 const ENGINE: &str = env!("CARGO_BIN_EXE_clonecluster");
 const CLUSTER_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 1];
@@ -246,6 +249,8 @@ struct Scenario {
     pcap: Option<PathBuf>,
     /// `dataplane.hash_lanes` of the engine: auto, scalar, avx2 or avx512.
     lanes: String,
+    /// Use hugepages when present (`huge=0` / `CC_BENCH_HUGE=0`: `--no-huge` regardless).
+    huge: bool,
 }
 
 impl Scenario {
@@ -260,6 +265,7 @@ impl Scenario {
             fpf: 0,
             pcap: std::env::var_os("CC_BENCH_PCAP").map(PathBuf::from),
             lanes: std::env::var("CC_BENCH_LANES").unwrap_or_else(|_| "auto".into()),
+            huge: env_or("CC_BENCH_HUGE", 1) != 0,
         };
         s.capacity = env_or("CC_BENCH_CAPACITY", 0);
         s.fpf = env_or("CC_BENCH_FPF", 0);
@@ -301,6 +307,7 @@ impl Scenario {
                 "cores" => self.cores = n as usize,
                 "capacity" => self.capacity = n as u32,
                 "fpf" => self.fpf = n as u32,
+                "huge" => self.huge = n != 0,
                 _ => panic!("CC_BENCH_SCENARIOS: unknown key `{k}`"),
             }
         }
@@ -480,8 +487,8 @@ struct Setup {
     pcaps: Vec<PathBuf>,
     /// Mbufs: every file plus room for the rings.
     mbufs: u32,
-    /// EAL memory in MiB.
-    mem_mb: u32,
+    /// The EAL's memory arguments (hugepages when present, else `--no-huge`), both programs.
+    eal_memory: Vec<String>,
     /// Frames in all the files: one pass over them is the warm-up.
     frames: u64,
     /// Where the engine serves `/metrics` on loopback (its counters, read while it runs).
@@ -523,7 +530,7 @@ node:
   id: 1
   mac: 02:00:00:00:00:01
 dataplane:
-  eal_args: [--no-huge, -m, "{mem}", --log-level=lib.eal:warning]
+  eal_args: [{mem}, --log-level=lib.eal:warning]
   file_prefix: cc-bench-pipeline-{pid}
   wire_port: {{ vdev: "{wire}" }}
   host_port: {{ vdev: "net_null1,no-rx=1" }}
@@ -536,7 +543,12 @@ dataplane:
 control:
   metrics: 127.0.0.1:{metrics}
 "#,
-                mem = self.mem_mb,
+                mem = self
+                    .eal_memory
+                    .iter()
+                    .map(|a| format!("\"{a}\""))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 pid = std::process::id(),
                 wire = self.wire_vdev(),
                 cores = cores.join(", "),
@@ -753,10 +765,8 @@ fn testpmd_run(setup: &Setup, mode: &str) -> Option<Run> {
         "0@0,1@0,2@1".to_owned()
     };
     let mut child = Command::new("dpdk-testpmd")
+        .args(&setup.eal_memory)
         .args([
-            "--no-huge",
-            "-m",
-            &setup.mem_mb.to_string(),
             "--no-pci",
             "--log-level=lib.eal:warning",
             &format!("--file-prefix=cc-bench-pl-testpmd-{}", std::process::id()),
@@ -932,22 +942,28 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
         pcaps,
         mbufs,
         // The EAL's own needs besides the pool, with slack for its allocator.
-        mem_mb: (pool_mib + pool_mib / 8 + 256) as u32,
+        eal_memory: eal_memory((pool_mib + pool_mib / 8 + 256) as u32, s.huge),
         frames,
         metrics_port: std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
             .port(),
     };
-    let label = s.label();
+    let mut label = s.label();
+    let huge = on_hugepages(&setup.eal_memory);
+    if huge {
+        label += " huge";
+    }
     let source = match &s.pcap {
         Some(p) => format!("from {}", p.display()),
         None => format!("{} per flow, {}% IPv6", s.fpf, s.ipv6_pct),
     };
     eprintln!(
         "== {label}: {frames} frames ({source}) in {} file(s), pool {mbufs} mbufs \
-         ({pool_mib} MiB), flow capacity {} per core",
-        s.cores, s.capacity
+         ({pool_mib} MiB), flow capacity {} per core, EAL memory: {}",
+        s.cores,
+        s.capacity,
+        setup.eal_memory.join(" ")
     );
     let exp = expected(&setup);
     let mut engine = Vec::new();
