@@ -47,34 +47,31 @@ pub fn stop_and_average(child: &mut Child, readings: &[f64]) -> Option<f64> {
     Some(steady.iter().sum::<f64>() / steady.len() as f64)
 }
 
-/// The EAL's memory arguments for `mem_mb` MiB: hugepages when they are present (a mounted
-/// hugetlbfs and enough free pages of its size), else `--no-huge` (4 KiB pages).
-/// `want_huge == false` forces `--no-huge` (for A/B runs). With hugepages, `--huge-unlink`
-/// leaves no files behind, so the pages return to the pool when the process exits.
-pub fn eal_memory(mem_mb: u32, want_huge: bool) -> Vec<String> {
-    let args = |huge: bool| {
-        let mut a = if huge {
-            vec!["--huge-unlink".to_owned()]
-        } else {
-            vec!["--no-huge".to_owned()]
-        };
-        a.extend(["-m".to_owned(), mem_mb.to_string()]);
-        a
-    };
-    if !want_huge {
-        return args(false);
+/// Whether the EAL can have `mem_mb` MiB on hugepages: a mounted hugetlbfs and enough free
+/// pages of its size. `want == false` (for A/B runs) says no regardless.
+pub fn use_hugepages(mem_mb: u32, want: bool) -> bool {
+    if !want {
+        return false;
     }
     match free_hugepage_mib() {
-        Some(free) if free >= u64::from(mem_mb) + 64 => args(true),
+        Some(free) if free >= u64::from(mem_mb) + 64 => true,
         Some(free) => {
             eprintln!(
                 "hugepages: {free} MiB free, {mem_mb} MiB needed: running with --no-huge \
                  (reserve more to use them)"
             );
-            args(false)
+            false
         }
-        None => args(false),
+        None => false,
     }
+}
+
+/// The EAL's memory arguments for `mem_mb` MiB, on hugepages or with `--no-huge` (4 KiB
+/// pages). With hugepages, `--huge-unlink` leaves no files behind, so the pages return to the
+/// pool when the process exits.
+pub fn eal_memory(mem_mb: u32, huge: bool) -> Vec<String> {
+    let first = if huge { "--huge-unlink" } else { "--no-huge" };
+    vec![first.to_owned(), "-m".to_owned(), mem_mb.to_string()]
 }
 
 /// Free MiB of the default-size hugepages, if a hugetlbfs is mounted for them.
@@ -102,9 +99,4 @@ fn free_hugepage_mib() -> Option<u64> {
         return None;
     }
     Some(free * size_kb / 1024)
-}
-
-/// Whether these EAL arguments put its memory on hugepages.
-pub fn on_hugepages(args: &[String]) -> bool {
-    !args.iter().any(|a| a == "--no-huge")
 }

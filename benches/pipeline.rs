@@ -32,24 +32,35 @@
 //!    packet pool the run needed.
 //!
 //! `net_pcap` in `infinite_rx` mode keeps each file in mbufs and copies every frame into a fresh
-//! mbuf on receive (both programs pay that copy). Both programs use 384-byte mbufs (256 bytes of
-//! frame room), so 10 million frames fit in ~5.5 GiB without hugepages. The EAL's memory is on
-//! hugepages when a hugetlbfs is mounted and enough of its pages are free (the row's label then
-//! ends in `huge`; the files go with `--huge-unlink`), else `--no-huge` on 4 KiB pages.
+//! mbuf on receive (both programs pay that copy; at 100 thousand flows and more the file's mbufs
+//! are cold and the copy costs the forwarding core ~100 cycles per frame, which a NIC's DMA
+//! does not). So a row can take its input from a generator instead (`input=memif`): testpmd on
+//! the other CPU forwards the same files into a memif ring, the forwarder's wire port is the
+//! memif client and copies frames out of buffers that were just written, as a NIC leaves them
+//! in the cache. Those rows count each forwarder's busy time (polls that received frames: the
+//! engine's `core_busy_ns_total`, testpmd's `--record-core-cycles`) rather than its CPU time,
+//! since the generator may leave it polling an empty ring; their wall-clock Mpps is bounded by
+//! what the generator delivers (testpmd io's Mpps in the same row shows it). One core only.
+//!
+//! Both programs use 384-byte mbufs (256 bytes of frame room), so 10 million frames fit in
+//! ~5.5 GiB without hugepages. The EAL's memory is on hugepages when a hugetlbfs is mounted and
+//! enough of its pages are free (the row's label then ends in `huge`; the files go with
+//! `--huge-unlink`), else `--no-huge` on 4 KiB pages.
 //!
 //! Environment (defaults in brackets): `CC_BENCH_FLOWS` [1000], `CC_BENCH_IPV6` (share of flows
 //! in percent) [10], `CC_BENCH_NODES` (cluster size) [1], `CC_BENCH_HANDOFF` (percent of
 //! buckets moving) [0], `CC_BENCH_CORES` (1 or 2) [1], `CC_BENCH_CAPACITY` (flow-table capacity
 //! per core) [flows per core, at least 262144], `CC_BENCH_FPF` (frames per flow, 1 or 3) [3, or
 //! 1 above a million flows], `CC_BENCH_SCENARIOS` (several rows: `;`-separated lists of
-//! `flows=,ipv6=,nodes=,handoff=,cores=,capacity=,fpf=,lanes=` overriding the above, e.g.
-//! `flows=1000;flows=10000000;nodes=4,handoff=10`), `CC_BENCH_LANES` (the engine's
+//! `flows=,ipv6=,nodes=,handoff=,cores=,capacity=,fpf=,lanes=,huge=,input=` overriding the
+//! above, e.g. `flows=1000;flows=10000000;nodes=4,handoff=10`), `CC_BENCH_LANES` (the engine's
 //! `dataplane.hash_lanes`: auto, scalar, avx2, avx512) [auto], `CC_BENCH_SECS` (per run) [3],
 //! `CC_BENCH_ROUNDS` [3], `CC_BENCH_CORE` (the forwarding core with one core) [1],
 //! `CC_BENCH_HUGE` (0: `--no-huge` even when hugepages are present; `huge=0|1` in a scenario)
-//! [1], `CC_BENCH_PCAP` (send this capture instead of the generated mix: its frames must be
-//! addressed as above, e.g. `tests/fixtures/lab-mix.pcap`), `CC_BENCH_DIR` (keep the pcaps and configs there instead of a temporary directory, e.g. to
-//! `perf record` the engine by hand).
+//! [1], `CC_BENCH_INPUT` (`pcap` or `memif`; `input=` in a scenario) [pcap], `CC_BENCH_PCAP`
+//! (send this capture instead of the generated mix: its frames must be addressed as above, e.g.
+//! `tests/fixtures/lab-mix.pcap`), `CC_BENCH_DIR` (keep the pcaps and configs there instead of
+//! a temporary directory, e.g. to `perf record` the engine by hand).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -64,7 +75,7 @@ use clonecluster::pipeline::{learned_capacity, TableSizes};
 
 mod common;
 
-use common::{core, eal_memory, env_or, median, on_hugepages, secs};
+use common::{core, eal_memory, env_or, median, secs, use_hugepages};
 
 const ENGINE: &str = env!("CARGO_BIN_EXE_clonecluster");
 const CLUSTER_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 1];
@@ -251,6 +262,30 @@ struct Scenario {
     lanes: String,
     /// Use hugepages when present (`huge=0` / `CC_BENCH_HUGE=0`: `--no-huge` regardless).
     huge: bool,
+    /// Where the forwarder's wire frames come from.
+    input: Input,
+}
+
+/// The wire port's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Input {
+    /// `net_pcap` with `infinite_rx`: the forwarder's own core copies each frame out of the
+    /// file's mbufs (cold at 100 thousand flows and more).
+    Pcap,
+    /// `net_memif` (client) fed by a generator on the other CPU: testpmd forwarding the same
+    /// files into the memif server with TX retry. The forwarder copies each frame out of a ring
+    /// the generator just wrote, as a NIC's DMA leaves frames in the cache.
+    Memif,
+}
+
+impl Input {
+    fn parse(v: &str) -> Input {
+        match v {
+            "pcap" => Input::Pcap,
+            "memif" => Input::Memif,
+            _ => panic!("input: `{v}` is not pcap or memif"),
+        }
+    }
 }
 
 impl Scenario {
@@ -266,6 +301,7 @@ impl Scenario {
             pcap: std::env::var_os("CC_BENCH_PCAP").map(PathBuf::from),
             lanes: std::env::var("CC_BENCH_LANES").unwrap_or_else(|_| "auto".into()),
             huge: env_or("CC_BENCH_HUGE", 1) != 0,
+            input: Input::parse(&std::env::var("CC_BENCH_INPUT").unwrap_or_else(|_| "pcap".into())),
         };
         s.capacity = env_or("CC_BENCH_CAPACITY", 0);
         s.fpf = env_or("CC_BENCH_FPF", 0);
@@ -284,6 +320,10 @@ impl Scenario {
             self.capacity = per_core.max(1 << 18);
         }
         self.capacity = self.capacity.clamp(1024, 1 << 26);
+        assert!(
+            self.input == Input::Pcap || self.cores == 1,
+            "input=memif needs the second CPU for its generator: only with cores=1"
+        );
         self
     }
 
@@ -294,6 +334,10 @@ impl Scenario {
                 .unwrap_or_else(|| panic!("CC_BENCH_SCENARIOS: `{part}` is not key=value"));
             if k == "lanes" {
                 self.lanes = v.to_string();
+                continue;
+            }
+            if k == "input" {
+                self.input = Input::parse(v);
                 continue;
             }
             let n: u64 = v
@@ -341,6 +385,9 @@ impl Scenario {
         let default_capacity = self.flows.div_ceil(self.cores as u32).max(1 << 18);
         if self.capacity != default_capacity {
             l += &format!(" cap={}", self.capacity);
+        }
+        if self.input == Input::Memif {
+            l += " memif";
         }
         if self.lanes != "auto" {
             l += &format!(" {}", self.lanes);
@@ -485,9 +532,10 @@ struct Setup {
     scenario: Scenario,
     /// One pcap per queue.
     pcaps: Vec<PathBuf>,
-    /// Mbufs: every file plus room for the rings.
+    /// The forwarder's mbufs: every file plus room for the rings (pcap input), or room for the
+    /// rings (memif input).
     mbufs: u32,
-    /// The EAL's memory arguments (hugepages when present, else `--no-huge`), both programs.
+    /// The forwarder's EAL memory arguments (hugepages when present, else `--no-huge`).
     eal_memory: Vec<String>,
     /// Frames in all the files: one pass over them is the warm-up.
     frames: u64,
@@ -496,7 +544,16 @@ struct Setup {
 }
 
 impl Setup {
+    /// The forwarder's wire port (port 0 of either program).
     fn wire_vdev(&self) -> String {
+        match self.scenario.input {
+            Input::Pcap => self.pcap_vdev(),
+            Input::Memif => format!("net_memif0,role=client,socket={}", memif_socket()),
+        }
+    }
+
+    /// The files, looping from memory.
+    fn pcap_vdev(&self) -> String {
         let files: String = self
             .pcaps
             .iter()
@@ -572,6 +629,88 @@ control:
 }
 
 /// User + system CPU seconds of a process so far, all its threads.
+/// The memif socket between the generator and the forwarder (abstract namespace: no file).
+fn memif_socket() -> String {
+    format!("/cc-bench-pipeline-{}.sock", std::process::id())
+}
+
+/// The memif input's generator: testpmd on the CPU the forwarder does not use, forwarding the
+/// files (`net_pcap`, `infinite_rx`) into the memif server with TX retry, so frames wait for
+/// the forwarder instead of being dropped. One per forwarder run, stopped by PID when dropped.
+struct Generator {
+    child: std::process::Child,
+}
+
+impl Generator {
+    fn start(setup: &Setup, mbufs: u32, eal_memory: &[String]) -> Generator {
+        let spare = if core() == 0 { 1 } else { 0 };
+        let commands = setup.dir.join("generator.cmd");
+        std::fs::write(
+            &commands,
+            "set fwd io retry\nset burst tx delay 1 retry 1000\n",
+        )
+        .unwrap();
+        let out = setup.dir.join("generator.out");
+        let child = Command::new("dpdk-testpmd")
+            .args(eal_memory)
+            .args([
+                "--no-pci",
+                "--log-level=lib.eal:warning",
+                &format!("--file-prefix=cc-bench-pl-gen-{}", std::process::id()),
+                &format!("--vdev={}", setup.pcap_vdev()),
+                &format!("--vdev=net_memif0,role=server,socket={}", memif_socket()),
+                &format!("--lcores=0@{spare},1@{spare}"),
+                "--main-lcore",
+                "0",
+                "--",
+                &format!("--total-num-mbufs={}", mbufs + 1),
+                &format!("--mbuf-size={}", setup.scenario.mbuf_size()),
+                "--nb-cores=1",
+                &format!("--cmdline-file={}", commands.display()),
+                "--auto-start",
+                "--stats-period=1",
+            ])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dpdk-testpmd as the memif generator");
+        let g = Generator { child };
+        // Ready once it forwards (its files are loaded into mbufs when its ports start).
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            if text.contains("Rx-pps") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the memif generator did not start forwarding: see {}",
+                out.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        g
+    }
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn cpu_secs(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
@@ -592,6 +731,20 @@ struct Run {
     rate: f64,
     /// Frames per CPU second of the process.
     cpu_rate: f64,
+    /// Frames per busy second of its packet core(s): time on polls that received frames, as
+    /// the engine's `core_busy_ns_total` and testpmd's `--record-core-cycles` count it (memif
+    /// rows only, where the generator may leave a forwarder polling an empty ring).
+    busy_rate: Option<f64>,
+}
+
+impl Run {
+    /// Frames per second of the time the row's cycles are counted in.
+    fn per_second(&self, input: Input) -> f64 {
+        match (input, self.busy_rate) {
+            (Input::Memif, Some(busy)) => busy,
+            _ => self.cpu_rate,
+        }
+    }
 }
 
 /// What one engine run reported.
@@ -609,8 +762,9 @@ struct EngineRun {
     tx_unsent: u64,
 }
 
-/// The engine's received wire frames so far (all cores), from its `/metrics`.
-fn scrape_wire_rx(port: u16) -> Option<u64> {
+/// The engine's received wire frames and busy nanoseconds so far (all cores), from its
+/// `/metrics`.
+fn scrape(port: u16) -> Option<(u64, u64)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -618,29 +772,37 @@ fn scrape_wire_rx(port: u16) -> Option<u64> {
         .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
-    let samples: Vec<u64> = body
-        .lines()
-        .filter(|l| l.starts_with("clonecluster_wire_rx_frames_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    (!samples.is_empty()).then(|| samples.iter().sum())
+    let sum = |name: &str| -> Option<u64> {
+        let samples: Vec<u64> = body
+            .lines()
+            .filter(|l| l.strip_prefix(name).is_some_and(|l| l.starts_with('{')))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!samples.is_empty()).then(|| samples.iter().sum())
+    };
+    Some((
+        sum("clonecluster_wire_rx_frames_total")?,
+        sum("clonecluster_core_busy_ns_total")?,
+    ))
 }
 
-/// A reading of the engine's counters: wall time, CPU seconds, wire frames.
+/// A reading of the engine's counters: wall time, CPU seconds, wire frames, busy time.
 #[derive(Clone, Copy)]
 struct Reading {
     at: Instant,
     cpu: f64,
     rx: u64,
+    busy_ns: u64,
 }
 
 impl Reading {
     fn take(pid: u32, port: u16) -> Option<Reading> {
-        let rx = scrape_wire_rx(port)?;
+        let (rx, busy_ns) = scrape(port)?;
         Some(Reading {
             at: Instant::now(),
             cpu: cpu_secs(pid)?,
             rx,
+            busy_ns,
         })
     }
 
@@ -650,6 +812,9 @@ impl Reading {
         Run {
             rate: frames / later.at.duration_since(self.at).as_secs_f64().max(1e-3),
             cpu_rate: frames / (later.cpu - self.cpu).max(1e-3),
+            busy_rate: Some(
+                frames / (later.busy_ns.saturating_sub(self.busy_ns) as f64 / 1e9).max(1e-3),
+            ),
         }
     }
 }
@@ -785,6 +950,8 @@ fn testpmd_run(setup: &Setup, mode: &str) -> Option<Run> {
             "--auto-start",
             "--stats-period=1",
         ])
+        // Busy cycles: those of bursts that received frames, printed when it stops.
+        .args((setup.scenario.input == Input::Memif).then_some("--record-core-cycles"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(setup.dir.join(format!("testpmd-{mode}.err"))).ok()?)
@@ -798,7 +965,8 @@ fn testpmd_run(setup: &Setup, mode: &str) -> Option<Run> {
     let mut rx_packets: u64 = 0;
     let mut first: Option<(f64, u64)> = None;
     let mut last: Option<(f64, u64)> = None;
-    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+    let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+    for line in lines.by_ref() {
         let line = line.trim();
         if let Some(rest) = line.split("NIC statistics for port").nth(1) {
             port = rest.split_whitespace().next()?.parse().ok();
@@ -826,6 +994,15 @@ fn testpmd_run(setup: &Setup, mode: &str) -> Option<Run> {
         }
     }
     let rate = common::stop_and_average(&mut child, &readings);
+    // "CPU cycles/packet=43.45 (total cycles=... / total io packets=...) at 2600 MHz Clock"
+    let busy_rate = lines.find_map(|l| {
+        let (cycles, rest) = l
+            .trim()
+            .strip_prefix("CPU cycles/packet=")?
+            .split_once(' ')?;
+        let mhz = rest.split(" at ").nth(1)?.split_whitespace().next()?;
+        Some(mhz.parse::<f64>().ok()? * 1e6 / cycles.parse::<f64>().ok()?)
+    });
     let (Some(rate), Some(first), Some(last)) = (rate, first, last) else {
         eprintln!(
             "testpmd {mode}: no steady readings ({} in all; see {})",
@@ -837,6 +1014,7 @@ fn testpmd_run(setup: &Setup, mode: &str) -> Option<Run> {
     Some(Run {
         rate,
         cpu_rate: (last.1 - first.1) as f64 / (last.0 - first.0).max(1e-3),
+        busy_rate,
     })
 }
 
@@ -923,6 +1101,7 @@ struct Row {
     warmup: Run,
     testpmd: [Option<Run>; 3],
     ok: bool,
+    input: Input,
 }
 
 const MODES: [&str; 3] = ["io", "macswap", "5tswap"];
@@ -934,15 +1113,25 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
         .collect();
     let counts = write_pcaps(&pcaps, traffic(&s));
     let frames: u64 = counts.iter().sum();
-    let mbufs = ((frames + 8192 * s.cores as u64) | 1023).max(8191) as u32;
-    let pool_mib = (u64::from(mbufs) * s.mbuf_footprint()).div_ceil(1 << 20);
+    // Whoever reads the files holds them all in mbufs, plus room for the rings.
+    let file_mbufs = ((frames + 8192 * s.cores as u64) | 1023).max(8191) as u32;
+    let ring_mbufs = 16383;
+    let mib = |mbufs: u32| (u64::from(mbufs) * s.mbuf_footprint()).div_ceil(1 << 20);
+    // The EAL's own needs besides the pool, with slack for its allocator.
+    let eal_mb = |mbufs: u32| (mib(mbufs) + mib(mbufs) / 8 + 256) as u32;
+    let (mbufs, generator_mb) = match s.input {
+        Input::Pcap => (file_mbufs, 0),
+        Input::Memif => (ring_mbufs, eal_mb(file_mbufs)),
+    };
+    let pool_mib = mib(mbufs);
+    // The generator holds its pages while the forwarders run: hugepages only for both.
+    let huge = use_hugepages(eal_mb(mbufs) + generator_mb, s.huge);
     let setup = Setup {
         dir: dir.to_path_buf(),
         scenario: s.clone(),
         pcaps,
         mbufs,
-        // The EAL's own needs besides the pool, with slack for its allocator.
-        eal_memory: eal_memory((pool_mib + pool_mib / 8 + 256) as u32, s.huge),
+        eal_memory: eal_memory(eal_mb(mbufs), huge),
         frames,
         metrics_port: std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -950,7 +1139,6 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
             .port(),
     };
     let mut label = s.label();
-    let huge = on_hugepages(&setup.eal_memory);
     if huge {
         label += " huge";
     }
@@ -966,12 +1154,26 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
         setup.eal_memory.join(" ")
     );
     let exp = expected(&setup);
+    if s.input == Input::Memif {
+        eprintln!(
+            "memif input: a generator per run, pool {file_mbufs} mbufs ({} MiB)",
+            mib(file_mbufs)
+        );
+    }
+    // DPDK 22.11's memif server accepts no second client after the first leaves: a fresh
+    // generator (the server) for each forwarder run.
+    let generator = || {
+        (s.input == Input::Memif)
+            .then(|| Generator::start(&setup, file_mbufs, &eal_memory(generator_mb, huge)))
+    };
     let mut engine = Vec::new();
     let mut warmup = Vec::new();
     let mut testpmd: Vec<Vec<Run>> = vec![Vec::new(); MODES.len()];
     let mut ok = true;
     for round in 1..=rounds {
+        let input = generator();
         let r = engine_run(&setup);
+        drop(input);
         let rx = r.wire_rx.max(1) as f64;
         let (host, answered, dropped) = (
             r.host_tx as f64 / rx,
@@ -979,12 +1181,13 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
             r.dropped as f64 / rx,
         );
         eprintln!(
-            "round {round}: clonecluster {:.2} Mpps, {:.2} M frames per CPU second (warm-up, \
-             every flow new at first: {:.2} M per CPU second; wire_rx {}, \
+            "round {round}: clonecluster {:.2} Mpps, {:.2} M frames per CPU second, {:.2} M per \
+             busy second (warm-up, every flow new at first: {:.2} M per CPU second; wire_rx {}, \
              to host {:.2}% vs replay {:.2}%, answered {:.2}% vs {:.2}%, dropped {:.2}% vs \
              {:.2}%, tx unsent {})",
             r.run.rate / 1e6,
             r.run.cpu_rate / 1e6,
+            r.run.busy_rate.unwrap_or(0.0) / 1e6,
             r.warmup.cpu_rate / 1e6,
             r.wire_rx,
             host * 100.0,
@@ -1007,11 +1210,18 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
         engine.push(r.run);
         warmup.push(r.warmup);
         for (i, mode) in MODES.iter().enumerate() {
-            if let Some(run) = testpmd_run(&setup, mode) {
+            let input = generator();
+            let run = testpmd_run(&setup, mode);
+            drop(input);
+            if let Some(run) = run {
                 eprintln!(
-                    "round {round}: testpmd {mode} {:.2} Mpps, {:.2} M frames per CPU second",
+                    "round {round}: testpmd {mode} {:.2} Mpps, {:.2} M frames per CPU second{}",
                     run.rate / 1e6,
-                    run.cpu_rate / 1e6
+                    run.cpu_rate / 1e6,
+                    run.busy_rate.map_or(String::new(), |b| format!(
+                        ", {:.2} M per busy second",
+                        b / 1e6
+                    ))
                 );
                 testpmd[i].push(run);
             }
@@ -1021,6 +1231,11 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
         (!runs.is_empty()).then(|| Run {
             rate: median(runs.iter().map(|r| r.rate).collect()),
             cpu_rate: median(runs.iter().map(|r| r.cpu_rate).collect()),
+            busy_rate: runs
+                .iter()
+                .map(|r| r.busy_rate)
+                .collect::<Option<Vec<f64>>>()
+                .map(median),
         })
     };
     Row {
@@ -1032,6 +1247,7 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
         warmup: med(&warmup).unwrap(),
         testpmd: [med(&testpmd[0]), med(&testpmd[1]), med(&testpmd[2])],
         ok,
+        input: s.input,
     }
 }
 
@@ -1049,7 +1265,10 @@ fn print_table(rows: &[Row], rounds: usize) {
          net_null1, {} s per run after a warm-up, median of {rounds} round(s); cycles/frame = \
          CPU time x {:.0} MHz / frames; ratios = engine / testpmd frames per CPU second \
          (wall-clock ratios in brackets); warm = the engine's cycles/frame in its warm-up (the \
-         first pass over the files, at least 1 s: every flow new in its first frame)",
+         first pass over the files, at least 1 s: every flow new in its first frame). Rows \
+         marked memif: the wire port is a memif ring a generator on the other CPU fills (testpmd \
+         forwarding the same files, TX retry), and cycles and ratios count the busy time of \
+         each forwarder's core (polls that received frames) instead of its CPU time",
         secs(),
         hz / 1e6
     );
@@ -1072,7 +1291,7 @@ fn print_table(rows: &[Row], rounds: usize) {
         let t_cyc: Vec<String> = r
             .testpmd
             .iter()
-            .map(|t| t.map_or("-".into(), |t| cyc(t.cpu_rate)))
+            .map(|t| t.map_or("-".into(), |t| cyc(t.per_second(r.input))))
             .collect();
         let ratios: Vec<String> = r
             .testpmd
@@ -1081,7 +1300,7 @@ fn print_table(rows: &[Row], rounds: usize) {
                 t.map_or("-".into(), |t| {
                     format!(
                         "{:.3} ({:.3})",
-                        r.engine.cpu_rate / t.cpu_rate,
+                        r.engine.per_second(r.input) / t.per_second(r.input),
                         r.engine.rate / t.rate
                     )
                 })
@@ -1092,8 +1311,8 @@ fn print_table(rows: &[Row], rounds: usize) {
             r.label,
             r.frames,
             r.engine.rate / 1e6,
-            cyc(r.engine.cpu_rate),
-            cyc(r.warmup.cpu_rate),
+            cyc(r.engine.per_second(r.input)),
+            cyc(r.warmup.per_second(r.input)),
             t_cyc[0],
             t_cyc[1],
             t_cyc[2],

@@ -128,6 +128,14 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         "Wire burst processing time over the last second (hdrhistogram quantiles; 1 = max).",
         &latency,
     );
+    let busy = per_core_atomic(&link.core_busy_ns);
+    metric(
+        "core_busy_ns_total",
+        "counter",
+        "Nanoseconds the core spent on polls that received frames (the rest it polled empty \
+         queues or slept): its rate over 1e9 is the core's busy share.",
+        &busy,
+    );
     let evictions = per_core_atomic(&link.core_evictions);
     metric(
         "flow_evictions_total",

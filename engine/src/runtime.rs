@@ -40,10 +40,11 @@ pub struct ControlLink {
     pub bucket_flows: Vec<Box<[AtomicU32]>>,
     /// Per core: the snapshot version `bucket_flows` was last computed for.
     pub bucket_flows_version: Vec<AtomicU64>,
-    /// Per core: flows in its flow table, and its polls (all, and those that received frames).
+    /// Per core: flows in its flow table.
     pub core_flows: Vec<AtomicU64>,
-    pub core_polls: Vec<AtomicU64>,
-    pub core_busy_polls: Vec<AtomicU64>,
+    /// Per core: nanoseconds spent on polls that received frames, from its start (the rest of
+    /// its time it polled empty queues or slept).
+    pub core_busy_ns: Vec<AtomicU64>,
     /// Per core: its packet counters.
     pub counters: Vec<CoreCounters>,
     /// Set while the local service fails its health check: cores take no new TCP connection.
@@ -84,8 +85,7 @@ impl ControlLink {
                 .collect(),
             bucket_flows_version: (0..cores).map(|_| AtomicU64::new(0)).collect(),
             core_flows: (0..cores).map(|_| AtomicU64::new(0)).collect(),
-            core_polls: (0..cores).map(|_| AtomicU64::new(0)).collect(),
-            core_busy_polls: (0..cores).map(|_| AtomicU64::new(0)).collect(),
+            core_busy_ns: (0..cores).map(|_| AtomicU64::new(0)).collect(),
             counters: (0..cores).map(|_| CoreCounters::default()).collect(),
             mbufs_in_use: AtomicU64::new(0),
             core_evictions: (0..cores).map(|_| AtomicU64::new(0)).collect(),
@@ -365,6 +365,7 @@ pub fn control_thread(
     let mut refusals_seen = 0u64;
     let mut current = loaded.clone();
     let mut last_load = Load::default();
+    let mut busy = BusyShare::new(start);
     let mut watchdog_warned = false;
     let owners = OwnerLookup {
         hasher: crate::cluster::BucketHasher::new(&loaded.secret),
@@ -398,16 +399,11 @@ pub fn control_thread(
         let now = Instant::now();
         if now >= next_tick {
             next_tick = now + tick;
-            let polls: u64 = link.core_polls.iter().map(|p| p.swap(0, Relaxed)).sum();
-            let busy: u64 = link
-                .core_busy_polls
-                .iter()
-                .map(|p| p.swap(0, Relaxed))
-                .sum();
+            let busy_ns: u64 = link.core_busy_ns.iter().map(|b| b.load(Relaxed)).sum();
             let flows: u64 = link.core_flows.iter().map(|f| f.load(Relaxed)).sum();
             last_load = Load {
                 active_flows: flows.min(u64::from(u32::MAX)) as u32,
-                busy_permille: (busy * 1000).checked_div(polls).unwrap_or(0) as u16,
+                busy_permille: busy.permille(now, busy_ns, link.core_busy_ns.len()),
             };
             m.set_load(last_load);
             // The health verdict: failing drains this node, recovering undrains what it drained.
@@ -905,4 +901,50 @@ pub fn operator_command(socket: &std::path::Path, command: &str) -> Result<Strin
         .read_line(&mut reply)
         .map_err(|e| format!("no reply from {}: {e}", socket.display()))?;
     Ok(reply.trim().to_owned())
+}
+
+/// The packet cores' busy share between two control ticks, from their busy-time totals.
+#[derive(Debug)]
+struct BusyShare {
+    at: Instant,
+    busy_ns: u64,
+}
+
+impl BusyShare {
+    fn new(at: Instant) -> BusyShare {
+        BusyShare { at, busy_ns: 0 }
+    }
+
+    /// Busy time per core since the last call over the wall time between them, in 0..=1000
+    /// (the cores publish their totals every ~1000 polls, so one reading can overshoot).
+    fn permille(&mut self, now: Instant, busy_ns: u64, cores: usize) -> u16 {
+        let wall = now.saturating_duration_since(self.at).as_nanos() as u64 * cores as u64;
+        let busy = busy_ns.saturating_sub(self.busy_ns);
+        self.at = now;
+        self.busy_ns = busy_ns;
+        (busy.saturating_mul(1000))
+            .checked_div(wall)
+            .map_or(0, |p| p.min(1000) as u16)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_share_is_busy_time_over_wall_time_per_core() {
+        let t0 = Instant::now();
+        let mut b = BusyShare::new(t0);
+        // Two cores over one second: 0.5 s + 0.25 s busy.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(b.permille(t1, 750_000_000, 2), 375);
+        // Nothing new: idle.
+        assert_eq!(b.permille(t1 + Duration::from_secs(1), 750_000_000, 2), 0);
+        // A late publication cannot read as more than fully busy.
+        let t3 = t1 + Duration::from_secs(2);
+        assert_eq!(b.permille(t3, 750_000_000 + 5_000_000_000, 2), 1000);
+        // No time passed: no figure rather than a division by zero.
+        assert_eq!(b.permille(t3, 9_000_000_000, 2), 0);
+    }
 }

@@ -305,15 +305,14 @@ fn core_loop(shared: &Shared, index: usize) {
         shared.sizes,
     );
     pipeline.set_hash_lanes(shared.lanes);
-    let mut polls: u64 = 0;
-    let mut busy_polls: u64 = 0;
+    // Time spent on polls that received frames, published with the other per-core figures.
+    let mut busy_ns: u64 = 0;
     let mut next_count: u64 = 0;
     // Burst processing times (RX to the last TX of the burst), published once a second.
     let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 100_000_000, 2)
         .expect("valid histogram bounds");
     let mut next_latency: u64 = 0;
     let mut bursts: u32 = 0;
-    let mut last_now: u64 = 0;
     let mut sweeps_since_change: u32 = 0;
     let mut hold: FragmentHold<Mbuf> =
         FragmentHold::new(HOLD_CAPACITY, shared.sizes.fragment_timeout);
@@ -337,19 +336,28 @@ fn core_loop(shared: &Shared, index: usize) {
     let mut dropped = Burst::new();
     let mut idle = Idle::new(shared, queue);
     let clock = Clock::new();
+    // When the previous poll started, and whether it received frames: each poll's time is
+    // known at the start of the next (one clock read per poll, as many as one per burst when
+    // the core is saturated).
+    let mut poll_start = clock.now();
+    let mut poll_busy = false;
     // Drops are counted here per frame and published once per burst.
     let mut drops = [0u64; DropReason::COUNT];
     let mut iterations: u32 = 0;
 
     while !shared.stop.load(Relaxed) {
+        // Reading the clock costs (a VM may trap on the TSC): once per poll, for the busy time,
+        // the frames of both directions and the burst latency (sampled on one wire burst in
+        // eight, from before its RX to after its last TX).
+        let now = clock.now();
+        if poll_busy {
+            busy_ns += now.saturating_sub(poll_start);
+        }
+        poll_start = now;
         let from_wire = rx.rx(shared.wire, queue);
-        // Reading the clock costs (a VM may trap on the TSC): once per wire burst, reused for
-        // the host direction, and burst latency sampled on one wire burst in eight.
         let sampled = from_wire > 0 && bursts.is_multiple_of(LATENCY_SAMPLE_EVERY);
         if from_wire > 0 {
             bump(&c.wire_rx, from_wire);
-            let now = clock.now();
-            last_now = now;
             bursts = bursts.wrapping_add(1);
             // Two passes: parse, hash and prefetch every frame's flow-table line first, then
             // decide, so the burst's cache misses overlap instead of adding up.
@@ -417,7 +425,7 @@ fn core_loop(shared: &Shared, index: usize) {
         let from_host = rx.rx(shared.host, queue);
         if from_host > 0 {
             bump(&c.host_rx, from_host);
-            let host_now = last_now;
+            let host_now = now;
             for mut m in rx.drain() {
                 let action = if m.is_chained() {
                     Action::Drop(DropReason::Chained)
@@ -468,14 +476,9 @@ fn core_loop(shared: &Shared, index: usize) {
             to_wire.flush();
         }
 
-        polls += 1;
-        if from_wire + from_host > 0 {
-            busy_polls += 1;
-        }
+        poll_busy = from_wire + from_host > 0;
         iterations = iterations.wrapping_add(1);
         if iterations.is_multiple_of(MAINTAIN_EVERY) {
-            let now = clock.now();
-            last_now = now;
             pipeline.maintain(now, EXPIRE_BUDGET);
             link.core_flows[index].store(pipeline.flows().len() as u64, Relaxed);
             link.core_evictions[index].store(pipeline.flows().stats().evicted, Relaxed);
@@ -485,8 +488,7 @@ fn core_loop(shared: &Shared, index: usize) {
                 let pool = unsafe { super::eal::Mempool::borrow(shared.pool) };
                 link.mbufs_in_use.store(u64::from(pool.in_use()), Relaxed);
             }
-            link.core_polls[index].fetch_add(std::mem::take(&mut polls), Relaxed);
-            link.core_busy_polls[index].fetch_add(std::mem::take(&mut busy_polls), Relaxed);
+            link.core_busy_ns[index].fetch_add(std::mem::take(&mut busy_ns), Relaxed);
             if now >= next_latency {
                 next_latency = now + 1_000_000_000;
                 let out = &link.burst_latency_ns[index];
