@@ -127,4 +127,18 @@ fn frames_cross_the_engine_in_both_directions() {
     );
     assert_eq!(total["replies"], replies.len() as u64);
     assert_eq!(total["tx_unsent"], 0);
+
+    // Busy time: counted for the polls that received frames, so some, and, with an adaptive
+    // idle core that waits once the files are read, well under the time the loop ran.
+    let busy = report["busy_secs"]
+        .as_f64()
+        .expect("busy_secs in the report");
+    let ran = report["elapsed_secs"]
+        .as_f64()
+        .expect("elapsed_secs in the report");
+    assert!(busy > 0.0, "frames were processed: busy time > 0\n{stdout}");
+    assert!(
+        busy < ran / 2.0,
+        "an idle core is not busy: {busy} s of {ran} s\n{stdout}"
+    );
 }

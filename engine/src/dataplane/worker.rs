@@ -29,6 +29,8 @@ pub struct RunReport {
     pub total: CoreStats,
     /// Seconds the packet loops ran.
     pub elapsed_secs: f64,
+    /// Seconds the packet cores, together, spent on polls that received frames.
+    pub busy_secs: f64,
 }
 
 impl std::fmt::Display for RunReport {
@@ -38,8 +40,8 @@ impl std::fmt::Display for RunReport {
         }
         write!(
             f,
-            "total: {} (loops ran {:.3} s)",
-            self.total, self.elapsed_secs
+            "total: {} (loops ran {:.3} s, busy {:.3} core-s)",
+            self.total, self.elapsed_secs, self.busy_secs
         )
     }
 }
@@ -203,6 +205,12 @@ pub fn run(
     for (_, s) in &cores {
         total.add(s);
     }
+    let busy_ns: u64 = shared
+        .link
+        .core_busy_ns
+        .iter()
+        .map(|b| b.load(Relaxed))
+        .sum();
     tracing::debug!(
         in_use = pool.in_use(),
         "mbufs still out of the pool at stop"
@@ -216,6 +224,7 @@ pub fn run(
         cores,
         total,
         elapsed_secs,
+        busy_secs: busy_ns as f64 / 1e9,
     })
 }
 
@@ -528,6 +537,10 @@ fn core_loop(shared: &Shared, index: usize) {
         }
         idle.after_poll(from_wire + from_host);
     }
+    if poll_busy {
+        busy_ns += clock.now().saturating_sub(poll_start);
+    }
+    link.core_busy_ns[index].fetch_add(busy_ns, Relaxed);
     hold.drain(drop);
 }
 
