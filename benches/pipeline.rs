@@ -56,6 +56,8 @@
 //! above, e.g. `flows=1000;flows=10000000;nodes=4,handoff=10`), `CC_BENCH_LANES` (the engine's
 //! `dataplane.hash_lanes`: auto, scalar, avx2, avx512) [auto], `CC_BENCH_SECS` (per run) [3],
 //! `CC_BENCH_ROUNDS` [3], `CC_BENCH_CORE` (the forwarding core with one core) [1],
+//! `CC_BENCH_TESTPMD` (the testpmd modes to run, e.g. `5tswap`, or none for engine A/B runs)
+//! [io,macswap,5tswap],
 //! `CC_BENCH_HUGE` (0: `--no-huge` even when hugepages are present; `huge=0|1` in a scenario)
 //! [1], `CC_BENCH_INPUT` (`pcap` or `memif`; `input=` in a scenario) [pcap], `CC_BENCH_PCAP`
 //! (send this capture instead of the generated mix: its frames must be addressed as above, e.g.
@@ -1154,6 +1156,8 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
         setup.eal_memory.join(" ")
     );
     let exp = expected(&setup);
+    let testpmd_modes =
+        std::env::var("CC_BENCH_TESTPMD").unwrap_or_else(|_| MODES.join(","));
     if s.input == Input::Memif {
         eprintln!(
             "memif input: a generator per run, pool {file_mbufs} mbufs ({} MiB)",
@@ -1210,6 +1214,9 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
         engine.push(r.run);
         warmup.push(r.warmup);
         for (i, mode) in MODES.iter().enumerate() {
+            if !testpmd_modes.split(',').any(|m| m.trim() == *mode) {
+                continue;
+            }
             let input = generator();
             let run = testpmd_run(&setup, mode);
             drop(input);
