@@ -1156,8 +1156,7 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
         setup.eal_memory.join(" ")
     );
     let exp = expected(&setup);
-    let testpmd_modes =
-        std::env::var("CC_BENCH_TESTPMD").unwrap_or_else(|_| MODES.join(","));
+    let testpmd_modes = std::env::var("CC_BENCH_TESTPMD").unwrap_or_else(|_| MODES.join(","));
     if s.input == Input::Memif {
         eprintln!(
             "memif input: a generator per run, pool {file_mbufs} mbufs ({} MiB)",

@@ -515,13 +515,16 @@ impl Pipeline {
 
     /// [`Pipeline::prepare`] of a whole burst (`None`: a frame spanning several segments),
     /// into `out[..frames.len()]`: frames are parsed eight at a time, their flow keys hashed
-    /// side by side ([`BucketHasher::hash8`]), and then every flow's table line prefetched,
-    /// back to back, before the first [`Pipeline::decide`].
+    /// side by side ([`BucketHasher::hash8`]), and each group's table lines prefetched, back
+    /// to back, as soon as its hashes are known, so that the first groups' lines have the
+    /// time of the later groups' parsing and hashing to arrive before the first
+    /// [`Pipeline::decide`].
     ///
-    /// The prefetches come in a tight loop of their own rather than one after each hash: at
-    /// millions of flows each one misses the TLB as well as the caches, and a prefetch holds
-    /// its place in the reorder window until its page walk is done, so only prefetches close
-    /// together overlap their walks.
+    /// Eight prefetches close together rather than one after each hash: at millions of flows
+    /// a prefetch may also miss the TLB, and only prefetches close together overlap their
+    /// page walks. (One tight loop after all the burst's hashes, as before 2026-11-29, left
+    /// the first frames' lines the least time: 100 thousand flows 182 → 172 cycles per frame
+    /// with the lines asked for group by group.)
     ///
     /// Returns the burst's frames of buckets that are simply another node's, bit `i` for
     /// `out[i]` (`i` < 64): [`Pipeline::decide`] would drop them ([`DropReason::NotOwned`])
@@ -530,24 +533,9 @@ impl Pipeline {
     /// every other frame. The mask and the prefetches are computed without a jump on it.
     #[inline]
     pub fn prepare_burst(&self, frames: &[Option<&[u8]>], out: &mut [Prepared]) -> u64 {
-        self.hash_burst(frames, out);
-        let mut others = 0u64;
-        for (i, p) in out.iter().take(frames.len()).enumerate() {
-            if let Prepared::Flow { bucket, hash, .. } = *p {
-                let not_owner = self.prefetch(bucket, hash);
-                if i < 64 {
-                    others |= u64::from(not_owner) << i;
-                }
-            }
-        }
-        others
-    }
-
-    /// The parse and hash half of [`Pipeline::prepare_burst`].
-    #[inline(always)]
-    fn hash_burst(&self, frames: &[Option<&[u8]>], out: &mut [Prepared]) {
         const LANES: usize = 8;
-        for (frames, out) in frames.chunks(LANES).zip(out.chunks_mut(LANES)) {
+        let mut others = 0u64;
+        for (g, (frames, out)) in frames.chunks(LANES).zip(out.chunks_mut(LANES)).enumerate() {
             let mut keys = [[0u64; 3]; LANES];
             let mut flows: [Option<(FlowRest, u8, TcpFlags)>; LANES] = [None; LANES];
             for ((frame, out), (key, flow)) in frames
@@ -579,7 +567,17 @@ impl Pipeline {
                     *out = Prepared::flow(key_hash, rest, *proto, *flags);
                 }
             }
+            for (j, p) in out.iter().enumerate() {
+                if let Prepared::Flow { bucket, hash, .. } = *p {
+                    let not_owner = self.prefetch(bucket, hash);
+                    let i = g * LANES + j;
+                    if i < 64 {
+                        others |= u64::from(not_owner) << i;
+                    }
+                }
+            }
         }
+        others
     }
 
     /// The hash-independent part of [`Pipeline::prepare`].
