@@ -35,16 +35,29 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 /// Stops testpmd (SIGINT, by PID) and averages its per-second readings, the first (warm-up)
 /// left out.
 pub fn stop_and_average(child: &mut Child, readings: &[f64]) -> Option<f64> {
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .ok()?;
-    let _ = child.wait();
+    interrupt(child);
     let steady = readings.get(1..)?;
     if steady.is_empty() {
         return None;
     }
     Some(steady.iter().sum::<f64>() / steady.len() as f64)
+}
+
+/// Stops a testpmd by its PID as Ctrl-C would (it prints its final statistics and releases
+/// its ports), and waits for it: killed if it has not exited after 20 s.
+pub fn interrupt(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Whether the EAL can have `mem_mb` MiB on hugepages: a mounted hugetlbfs and enough free

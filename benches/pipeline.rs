@@ -631,6 +631,36 @@ control:
 }
 
 /// User + system CPU seconds of a process so far, all its threads.
+/// `dpdk-testpmd` over two vdevs (ports 0 and 1) with `mbufs` of the row's size, its main lcore
+/// first in `lcores`, forwarding from the start and printing statistics every second; the
+/// caller adds its forwarding arguments.
+fn testpmd(
+    setup: &Setup,
+    eal_memory: &[String],
+    name: &str,
+    ports: [&str; 2],
+    lcores: &str,
+    mbufs: u32,
+) -> Command {
+    let mut command = Command::new("dpdk-testpmd");
+    command.args(eal_memory).args([
+        "--no-pci".to_owned(),
+        "--log-level=lib.eal:warning".to_owned(),
+        format!("--file-prefix=cc-bench-pl-{name}-{}", std::process::id()),
+        format!("--vdev={}", ports[0]),
+        format!("--vdev={}", ports[1]),
+        format!("--lcores={lcores}"),
+        "--main-lcore".to_owned(),
+        "0".to_owned(),
+        "--".to_owned(),
+        format!("--total-num-mbufs={}", mbufs + 1),
+        format!("--mbuf-size={}", setup.scenario.mbuf_size()),
+        "--auto-start".to_owned(),
+        "--stats-period=1".to_owned(),
+    ]);
+    command
+}
+
 /// The memif socket between the generator and the forwarder (abstract namespace: no file).
 fn memif_socket() -> String {
     format!("/cc-bench-pipeline-{}.sock", std::process::id())
@@ -653,30 +683,24 @@ impl Generator {
         )
         .unwrap();
         let out = setup.dir.join("generator.out");
-        let child = Command::new("dpdk-testpmd")
-            .args(eal_memory)
-            .args([
-                "--no-pci",
-                "--log-level=lib.eal:warning",
-                &format!("--file-prefix=cc-bench-pl-gen-{}", std::process::id()),
-                &format!("--vdev={}", setup.pcap_vdev()),
-                &format!("--vdev=net_memif0,role=server,socket={}", memif_socket()),
-                &format!("--lcores=0@{spare},1@{spare}"),
-                "--main-lcore",
-                "0",
-                "--",
-                &format!("--total-num-mbufs={}", mbufs + 1),
-                &format!("--mbuf-size={}", setup.scenario.mbuf_size()),
-                "--nb-cores=1",
-                &format!("--cmdline-file={}", commands.display()),
-                "--auto-start",
-                "--stats-period=1",
-            ])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start dpdk-testpmd as the memif generator");
+        let server = format!("net_memif0,role=server,socket={}", memif_socket());
+        let child = testpmd(
+            setup,
+            eal_memory,
+            "gen",
+            [&setup.pcap_vdev(), &server],
+            &format!("0@{spare},1@{spare}"),
+            mbufs,
+        )
+        .args([
+            "--nb-cores=1".to_owned(),
+            format!("--cmdline-file={}", commands.display()),
+        ])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start dpdk-testpmd as the memif generator");
         let g = Generator { child };
         // Ready once it forwards (its files are loaded into mbufs when its ports start).
         let deadline = Instant::now() + Duration::from_secs(300);
@@ -698,18 +722,7 @@ impl Generator {
 
 impl Drop for Generator {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        common::interrupt(&mut self.child);
     }
 }
 
@@ -931,34 +944,27 @@ fn testpmd_run(setup: &Setup, mode: &str) -> Option<Run> {
     } else {
         "0@0,1@0,2@1".to_owned()
     };
-    let mut child = Command::new("dpdk-testpmd")
-        .args(&setup.eal_memory)
-        .args([
-            "--no-pci",
-            "--log-level=lib.eal:warning",
-            &format!("--file-prefix=cc-bench-pl-testpmd-{}", std::process::id()),
-            &format!("--vdev={}", setup.wire_vdev()),
-            "--vdev=net_null1,no-rx=1",
-            &format!("--lcores={lcores}"),
-            "--main-lcore",
-            "0",
-            "--",
-            &format!("--total-num-mbufs={}", setup.mbufs + 1),
-            &format!("--mbuf-size={}", setup.scenario.mbuf_size()),
-            &format!("--nb-cores={queues}"),
-            &format!("--rxq={queues}"),
-            &format!("--txq={queues}"),
-            &format!("--forward-mode={mode}"),
-            "--auto-start",
-            "--stats-period=1",
-        ])
-        // Busy cycles: those of bursts that received frames, printed when it stops.
-        .args((setup.scenario.input == Input::Memif).then_some("--record-core-cycles"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(setup.dir.join(format!("testpmd-{mode}.err"))).ok()?)
-        .spawn()
-        .ok()?;
+    let mut child = testpmd(
+        setup,
+        &setup.eal_memory,
+        "testpmd",
+        [&setup.wire_vdev(), "net_null1,no-rx=1"],
+        &lcores,
+        setup.mbufs,
+    )
+    .args([
+        format!("--nb-cores={queues}"),
+        format!("--rxq={queues}"),
+        format!("--txq={queues}"),
+        format!("--forward-mode={mode}"),
+    ])
+    // Busy cycles: those of bursts that received frames, printed when it stops.
+    .args((setup.scenario.input == Input::Memif).then_some("--record-core-cycles"))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(std::fs::File::create(setup.dir.join(format!("testpmd-{mode}.err"))).ok()?)
+    .spawn()
+    .ok()?;
     let stdout = child.stdout.take().unwrap();
     // The deadline runs from the first reading (loading a large file takes seconds).
     let mut deadline = Instant::now() + Duration::from_secs(300);
