@@ -2,13 +2,16 @@
 //! (ARP, ICMP with fragments, TCP, UDP, IPv6 neighbour discovery) plus synthetic TCP/UDP
 //! frames from many clients, decided by one node of a 3-node cluster (a third of the frames
 //! are its own, the rest are dropped as not owned, as on a real node). And the same decision
-//! at 1 thousand and 10 million flows on one node, without DPDK (`decision/one-node`), and
-//! the bucket hash alone with each SipHash implementation the CPU runs (`decision/hash8`).
+//! at 1 thousand to 10 million flows on one node, without DPDK (`decision/one-node`); what
+//! this machine's memory alone costs the flow table's access pattern at those sizes
+//! (`decision/memory-floor`); and the bucket hash alone with each SipHash implementation the
+//! CPU runs (`decision/hash8`).
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use clonecluster::cluster::flow_table::{FlowTable, SLOT_BYTES};
 use clonecluster::cluster::siphash::{Lanes, Sip13x8};
 use clonecluster::cluster::{Affinity, FlowKey, KeyWords, Member, NodeId, OwnershipTable};
 use clonecluster::pipeline::{stable_snapshot, NodeIdentity, Pipeline, Prepared, TableSizes};
@@ -170,7 +173,7 @@ fn flows(c: &mut Criterion) {
     ));
     let mut group = c.benchmark_group("decision/one-node");
     group.throughput(Throughput::Elements(32));
-    for flows in [1_000u32, 10_000_000] {
+    for flows in FLOW_COUNTS {
         let mut pipeline = Pipeline::new(
             identity(1),
             b"bench-secret-0123456789abcdef",
@@ -186,11 +189,7 @@ fn flows(c: &mut Criterion) {
         let mut next = 0u32;
         // 50 ns per frame: about what the data plane takes, for the idle timeouts.
         let mut now = 0u64;
-        let label = if flows >= 1_000_000 {
-            format!("burst/{}M-flows", flows / 1_000_000)
-        } else {
-            format!("burst/{}k-flows", flows / 1_000)
-        };
+        let label = format!("burst/{}", flows_label(flows));
         let (mut frames, mut delivered) = (0u64, 0u64);
         group.bench_function(label, |b| {
             b.iter(|| {
@@ -211,6 +210,101 @@ fn flows(c: &mut Criterion) {
         // One node owns everything: every frame is delivered, or the figure means nothing.
         assert_eq!(delivered, frames, "{flows} flows: frames not delivered");
         assert_eq!(pipeline.flows().len(), flows.min(frames as u32) as usize);
+    }
+    group.finish();
+}
+
+/// Flow counts of the `decision/one-node` and `decision/memory-floor` rows.
+const FLOW_COUNTS: [u32; 4] = [1_000, 100_000, 1_000_000, 10_000_000];
+
+fn flows_label(flows: u32) -> String {
+    if flows >= 1_000_000 {
+        format!("{}M-flows", flows / 1_000_000)
+    } else {
+        format!("{}k-flows", flows / 1_000)
+    }
+}
+
+/// A zeroed, cache-line-aligned array of `bytes`, advised onto huge pages like the flow
+/// table's slots when at least 2 MiB, freed on drop.
+struct Lines {
+    ptr: *mut u64,
+    layout: std::alloc::Layout,
+}
+
+impl Lines {
+    fn new(bytes: usize) -> Lines {
+        const HUGE: usize = 2 << 20;
+        let align = if bytes >= HUGE { HUGE } else { 64 };
+        let layout = std::alloc::Layout::from_size_align(bytes, align).expect("a valid layout");
+        // SAFETY: the layout has a non-zero size (at least one table line).
+        let raw = unsafe { std::alloc::alloc(layout) };
+        assert!(!raw.is_null(), "{bytes} bytes for the memory floor");
+        if align == HUGE {
+            // SAFETY: our own fresh, 2 MiB-aligned allocation; advice only (may be refused).
+            unsafe { libc::madvise(raw.cast(), bytes, libc::MADV_HUGEPAGE) };
+        }
+        // SAFETY: `raw` is valid for `bytes` bytes of writes; touching them all now keeps page
+        // faults out of the measurement.
+        unsafe { std::ptr::write_bytes(raw, 0, bytes) };
+        Lines {
+            ptr: raw.cast(),
+            layout,
+        }
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.cast(), self.layout) };
+    }
+}
+
+/// The flow table's memory traffic without the engine: per frame one random 64-byte line of
+/// an array as large as the engine's table at that flow count, 32 frames at a time, each
+/// frame's line and the next one prefetched first (as `prepare_burst` does), then each line
+/// read and written (as a known flow's update does). `decision/one-node` at 10 million flows
+/// minus 1 thousand is what the engine pays for its table; this row's difference is the part
+/// this machine's memory sets whatever the code does.
+fn memory_floor(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decision/memory-floor");
+    group.throughput(Throughput::Elements(32));
+    for flows in FLOW_COUNTS {
+        let bytes = FlowTable::slots_for(flows as usize) * SLOT_BYTES;
+        let lines = Lines::new(bytes);
+        let words = bytes / 8;
+        let mask = bytes / 64 - 1;
+        let mut next = 0u64;
+        group.bench_function(format!("burst/{}", flows_label(flows)), |b| {
+            b.iter(|| {
+                let mut at = [0usize; 32];
+                for a in at.iter_mut() {
+                    next = if next + 1 == u64::from(flows) {
+                        0
+                    } else {
+                        next + 1
+                    };
+                    // A random line, the same for the same flow (as a fingerprint's home).
+                    let line = (next.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 20) as usize & mask;
+                    *a = line * 8;
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: a prefetch never faults; both addresses are inside the array.
+                    unsafe {
+                        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                        _mm_prefetch::<_MM_HINT_T0>(lines.ptr.add(*a).cast());
+                        _mm_prefetch::<_MM_HINT_T0>(lines.ptr.add((*a + 8) % words).cast());
+                    }
+                }
+                for &a in &at {
+                    // SAFETY: `a + 1 < words`: `a` is a line's first word.
+                    unsafe {
+                        let seen = lines.ptr.add(a).read_volatile();
+                        lines.ptr.add(a + 1).write_volatile(seen.wrapping_add(next));
+                    }
+                }
+            })
+        });
     }
     group.finish();
 }
@@ -244,5 +338,5 @@ fn hash8(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decision, flows, hash8);
+criterion_group!(benches, decision, flows, memory_floor, hash8);
 criterion_main!(benches);
