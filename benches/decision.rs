@@ -265,8 +265,8 @@ impl Drop for Lines {
 /// an array as large as the engine's table at that flow count, 32 frames at a time, each
 /// frame's line and the next one prefetched first (as `prepare_burst` does), then each line
 /// read and written (as a known flow's update does). `decision/one-node` at 10 million flows
-/// minus 1 thousand is what the engine pays for its table; this row's difference is the part
-/// this machine's memory sets whatever the code does.
+/// minus 1 thousand is what the engine pays for its table; the same difference here is what
+/// the access pattern alone costs on this machine, with nothing else for the core to do.
 fn memory_floor(c: &mut Criterion) {
     let mut group = c.benchmark_group("decision/memory-floor");
     group.throughput(Throughput::Elements(32));
