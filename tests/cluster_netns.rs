@@ -370,7 +370,7 @@ fn scenario(tag: &str, ids: &[u8]) {
             .client
             .command(&[
                 "curl",
-                "-s",
+                "-sS",
                 "-m",
                 "3",
                 "--local-port",
@@ -382,7 +382,13 @@ fn scenario(tag: &str, ids: &[u8]) {
         let served: u8 = String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse()
-            .expect("an id");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "client port {port}: no node id ({e}); curl {}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
         let cfg = lab.config(ids[0]);
         let reply = run_cmd(&[
             "owner-of",

@@ -20,6 +20,8 @@ use std::process::{Child, Command, Stdio};
 pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The client's address on the shared segment.
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// The client's ports that checks pin and the kernel never picks as ephemeral ones.
+pub const PINNED_CLIENT_PORTS: &str = "41000-43999";
 pub const CLUSTER_MAC: &str = "02:cc:00:00:00:01";
 
 /// Node `id`'s MAC.
@@ -108,6 +110,14 @@ impl Topology {
         t.attach("c", &t.client.clone(), "br0", "eth0")?;
         let client = t.client.clone();
         client.run(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+        // Client ports that checks pin (`curl --local-port`, to pick a flow's owner) are never
+        // handed out as ephemeral ports: an earlier connection's TIME_WAIT on one could make the
+        // pinned request fail to bind.
+        client.run(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.ip_local_reserved_ports={PINNED_CLIENT_PORTS}"),
+        ])?;
         client.run(&["ip", "link", "set", "eth0", "address", "02:00:00:00:aa:02"])?;
         client.run(&[
             "ip",
