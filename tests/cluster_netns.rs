@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use clonecluster::lab::services::{
     configure_host_port, engine_config, start_engine, start_nginx, EngineOptions,
 };
-use clonecluster::lab::topology::{Topology, CLUSTER_MAC};
+use clonecluster::lab::topology::{Topology, CLUSTER_MAC, PINNED_CLIENT_PORTS};
 use common::*;
 
 /// One cluster at a time: two cores do not carry two labs.
@@ -364,7 +364,8 @@ fn scenario(tag: &str, ids: &[u8]) {
     eprintln!("{tag}: status\n{table}");
 
     // `owner-of` names the node that really serves a flow (client ports pinned with curl).
-    for port in 41000..41012u16 {
+    let first = *PINNED_CLIENT_PORTS.start();
+    for port in first..first + 12 {
         let out = lab
             .topo
             .client
@@ -665,7 +666,8 @@ fn a_failing_service_drains_its_node_and_recovers() {
         },
     );
     // Client ports whose new connections node 2 takes: they are sure to meet its dead service.
-    let pinned = lab.ports_owned_by(2, 42_000, 4);
+    // Scans up to 2000 ports from its first: all within the pinned range.
+    let pinned = lab.ports_owned_by(2, PINNED_CLIENT_PORTS.start() + 1000, 4);
     assert_eq!(pinned.len(), 4);
 
     // Stop nginx on node 2; at once, connections to node 2's buckets and a stream of others.

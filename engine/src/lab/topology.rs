@@ -21,7 +21,7 @@ pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The client's address on the shared segment.
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 /// The client's ports that checks pin and the kernel never picks as ephemeral ones.
-pub const PINNED_CLIENT_PORTS: &str = "41000-43999";
+pub const PINNED_CLIENT_PORTS: std::ops::RangeInclusive<u16> = 41000..=43999;
 pub const CLUSTER_MAC: &str = "02:cc:00:00:00:01";
 
 /// Node `id`'s MAC.
@@ -116,7 +116,11 @@ impl Topology {
         client.run(&[
             "sysctl",
             "-qw",
-            &format!("net.ipv4.ip_local_reserved_ports={PINNED_CLIENT_PORTS}"),
+            &format!(
+                "net.ipv4.ip_local_reserved_ports={}-{}",
+                PINNED_CLIENT_PORTS.start(),
+                PINNED_CLIENT_PORTS.end()
+            ),
         ])?;
         client.run(&["ip", "link", "set", "eth0", "address", "02:00:00:00:aa:02"])?;
         client.run(&[
