@@ -18,7 +18,7 @@ use siphasher::sip::SipHasher13;
 
 use crate::cluster::{Bucket, NodeId, Weight, BUCKETS};
 use crate::config::{Loaded, Policy as ConfigPolicy};
-use crate::control::{self, Event, Load, Membership, Output, Path, Refusal, Snapshot};
+use crate::control::{self, Event, Load, Membership, Output, Path, Refusal, Snapshot, Timeline};
 use crate::counters::CoreCounters;
 
 /// Wire frames queued between the cores and the control thread, each way. Heartbeats are a few
@@ -374,6 +374,7 @@ pub fn control_thread(
     };
     let mut out = Vec::new();
     let mut terminating_since: Option<Instant> = None;
+    let mut timeline = Timeline::default();
     let mut buf = [0u8; 2048];
     let mut next_tick = start;
     let mut next_report = start;
@@ -479,7 +480,11 @@ pub fn control_thread(
                 &mut m,
                 &owners,
                 &mut current,
-                (healthy, last_load),
+                Seen {
+                    health: healthy,
+                    load: last_load,
+                    timeline: &timeline,
+                },
                 now_ns(),
                 &mut out,
             );
@@ -531,7 +536,10 @@ pub fn control_thread(
                     let _ = link.wire_out.0.try_send(bytes);
                 }
                 Output::Publish(snapshot) => link.publish(snapshot),
-                Output::Event(e) => log_event(cfg.node.id, crate::logging::context().1, &e),
+                Output::Event(e) => {
+                    timeline.record(unix_ms(), &e);
+                    log_event(cfg.node.id, crate::logging::context().1, &e);
+                }
             }
         }
         crate::logging::set_epoch(m.epoch());
@@ -539,6 +547,14 @@ pub fn control_thread(
             return Ok(());
         }
     }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (the timeline's stamps: comparable across the
+/// nodes of one machine, as the lab needs, and readable by an operator).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn log_event(node: u8, epoch: u64, e: &Event) {
@@ -616,7 +632,7 @@ impl OperatorSocket {
         m: &mut Membership,
         owners: &OwnerLookup,
         current: &mut Loaded,
-        (health, self_load): (Option<bool>, Load),
+        seen: Seen<'_>,
         now: u64,
         out: &mut Vec<Output>,
     ) {
@@ -654,7 +670,7 @@ impl OperatorSocket {
                     Some(None) => serde_json::json!({"ok": false, "error": "a node id is 1..=64"}),
                 }
             }
-            "status" => status_json(m, health, self_load),
+            "status" => status_json(m, &seen),
             "reload" => reload(current, m, now, out),
             cmd if cmd.starts_with("owner-of ") => owners.answer(m.snapshot(), &cmd[9..]),
             other => {
@@ -800,7 +816,20 @@ impl OwnerLookup {
     }
 }
 
-fn status_json(m: &Membership, health: Option<bool>, self_load: Load) -> serde_json::Value {
+/// What the control thread knows of this node beyond the state machine, for `status`.
+struct Seen<'a> {
+    /// The health checker's verdict, if there is a health check.
+    health: Option<bool>,
+    load: Load,
+    timeline: &'a Timeline,
+}
+
+fn status_json(m: &Membership, seen: &Seen<'_>) -> serde_json::Value {
+    let Seen {
+        health,
+        load: self_load,
+        timeline,
+    } = *seen;
     let snapshot = m.snapshot();
     let me = m.config().me;
     let members: Vec<serde_json::Value> = m
@@ -853,9 +882,12 @@ fn status_json(m: &Membership, health: Option<bool>, self_load: Load) -> serde_j
                     hb.map(|h| h.load),
                 )
             };
+            // Out of the plan's target table, but a node still serves the connections it had
+            // until the plan is done: draining until then, drained after.
             let state = match (refusing, draining) {
                 (true, _) => "failing",
-                (false, true) => "drained",
+                (false, true) if snapshot.phase() == control::Phase::Done => "drained",
+                (false, true) => "draining",
                 (false, false) => "joining",
             };
             serde_json::json!({
@@ -881,6 +913,7 @@ fn status_json(m: &Membership, health: Option<bool>, self_load: Load) -> serde_j
         "healthy": health,
         "members": members,
         "outside": outside,
+        "timeline": timeline.steps().collect::<Vec<_>>(),
     })
 }
 

@@ -150,7 +150,9 @@ impl fmt::Debug for ControlKey {
 }
 
 /// Handoff phase of a plan (DESIGN.md, "Changing owners without losing connections").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Phase {
     /// The new owner records flow keys as the old owner's; the old owner still owns outright.
     Learn = 1,

@@ -16,10 +16,12 @@
 //! - [`message`]: the authenticated, versioned wire format of control messages.
 //! - [`snapshot`]: [`Snapshot`] and [`Role`], what the data path consumes.
 //! - [`membership`]: the [`Membership`] state machine and its [`Config`].
+//! - [`timeline`]: the last steps a node took, stamped, as `status` reports them.
 
 pub mod membership;
 pub mod message;
 pub mod snapshot;
+pub mod timeline;
 
 #[cfg(test)]
 mod sim;
@@ -30,3 +32,4 @@ pub use message::{
     CONTROL_KEY_LABEL, ETHERTYPE, LEFT_UNKNOWN, MAX_LEN, VERSION,
 };
 pub use snapshot::{Role, Snapshot};
+pub use timeline::{Step, Steps, Timeline, What};

@@ -62,8 +62,8 @@ impl Preconditions {
         }
         if !self.idle_nodes.is_empty() {
             f.push(format!(
-                "node(s) {:?} received no traffic: the switch does not flood the cluster MAC to them",
-                self.idle_nodes
+                "node(s) {} received no traffic: the switch does not flood the cluster MAC to them",
+                super::report::node_list(&self.idle_nodes)
             ));
         }
         f

@@ -179,8 +179,10 @@ impl Cluster {
             }
             if start.elapsed() > timeout {
                 return Err(format!(
-                    "the cluster of nodes {ids:?} did not form within {timeout:?} (engine logs: \
+                    "the cluster of nodes {} did not form within {} s (engine logs: \
                      {}-node*.log)",
+                    super::report::node_list(ids),
+                    timeout.as_secs(),
                     self.log_prefix.display()
                 ));
             }

@@ -8,6 +8,7 @@
 pub mod checks;
 pub mod cluster;
 pub mod load;
+pub mod measure;
 pub mod probe;
 pub mod report;
 pub mod run;

@@ -58,6 +58,31 @@ pub struct ScenarioResult {
     pub passed: bool,
 }
 
+/// A duration for a person: "244 ms", or "-" when there is none.
+pub fn ms(v: Option<u64>) -> String {
+    v.map_or("-".to_owned(), |v| format!("{v} ms"))
+}
+
+/// Node ids for a person: "1, 3", or "none".
+pub fn node_list(ids: &[u8]) -> String {
+    if ids.is_empty() {
+        return "none".to_owned();
+    }
+    ids.iter().map(u8::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// Counts per node for a person: "node 2: 2, node 3: 1", or "none".
+pub fn per_node(counts: &[(u8, usize)]) -> String {
+    if counts.is_empty() {
+        return "none".to_owned();
+    }
+    counts
+        .iter()
+        .map(|(n, c)| format!("node {n}: {c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Writes every file of the report into `out`.
 pub fn write_all(
     out: &Path,
@@ -143,11 +168,16 @@ fn markdown(
     );
     let _ = writeln!(
         md,
-        "Clients per step: {clients:?}, {duration_s} s per step; `wrk` (keep-alive) from the client \
+        "Clients per step: {}, {duration_s} s per step; `wrk` (keep-alive) from the client \
          namespace against http://198.18.0.1/ (nginx per node; a learning Linux bridge as the \
          switch). Engine nodes: the engine on an `net_af_packet` wire port with a `net_tap` host \
          port into the node's kernel. Kernel nodes: the paper's method on today's kernel (nftables \
-         `jhash` ingress filter and egress MAC rewrite), no engine.\n"
+         `jhash` ingress filter and egress MAC rewrite), no engine.\n",
+        clients
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     if !configs.is_empty() {
         md.push_str("![throughput](throughput.svg)\n\n![response time](response_time.svg)\n\n");
@@ -211,7 +241,7 @@ fn markdown(
         let failures = r.preconditions.failures();
         let _ = writeln!(
             md,
-            "{}Shares of delivered traffic: {}. ARP replies seen by the client: {} (from node {:?}). \
+            "{}Shares of delivered traffic: {}. ARP replies seen by the client: {} (from node {}). \
              Preconditions: {}.\n",
             if r.kind == "engine" {
                 format!("Formed in {} ms. ", r.formed_in_ms)
@@ -224,7 +254,7 @@ fn markdown(
                 .collect::<Vec<_>>()
                 .join(", "),
             r.preconditions.arp_replies,
-            r.preconditions.arp_answered_by,
+            node_list(&r.preconditions.arp_answered_by),
             if failures.is_empty() {
                 "all hold".to_owned()
             } else {
@@ -252,7 +282,7 @@ fn markdown(
              `release_deadline`, 10 s in the lab: often after the scenario). *Lost*: probe keep-alive \
              connections that failed after the event, by the node that served them.\n\n\
              | scenario | node | detected ms | moved ms | done ms | wrk req/s | wrk errors | probe requests | \
-             probe failed | lost (node: n) | new conn. failed after moved | slow connects | \
+             probe failed | lost | new conn. failed after moved | slow connects | \
              expectation | result |\n\
              |---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|\n",
         );
@@ -272,16 +302,7 @@ fn markdown(
                 s.wrk.errors,
                 s.probe.requests,
                 s.probe.failed,
-                if s.probe.lost_by_node.is_empty() {
-                    "none".to_owned()
-                } else {
-                    s.probe
-                        .lost_by_node
-                        .iter()
-                        .map(|(n, c)| format!("{n}: {c}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                },
+                per_node(&s.probe.lost_by_node),
                 s.probe.new_failed_after_settled,
                 s.probe.new_after_settled,
                 s.probe.slow_connects,

@@ -69,15 +69,18 @@ impl LabResults {
                 ));
             } else if !s.passed {
                 f.push(format!(
-                    "scenario {}: expected {}; got {} wrk errors, {} probe failures, lost {:?}, \
-                     {} new connections failed after the move (moved after {:?} ms)",
+                    "scenario {}: expected {}; got {} wrk errors, {} probe failures, lost \
+                     connections {}, {} of {} new connections failed after the move (moved \
+                     after {}; the nodes' plans are in scenario-{}-status-polls.jsonl)",
                     s.scenario,
                     s.expectation,
                     s.wrk.errors,
                     s.probe.failed,
-                    s.probe.lost_by_node,
+                    report::per_node(&s.probe.lost_by_node),
                     s.probe.new_failed_after_settled,
-                    s.moved_ms
+                    s.probe.new_after_settled,
+                    report::ms(s.moved_ms),
+                    s.scenario
                 ));
             }
         }
@@ -224,18 +227,18 @@ fn run_all(opts: &LabOptions) -> Result<LabResults, String> {
         )?;
         bar.inc(1);
         say(format!(
-            "[{}/{total}] scenario {} of node {}: detected {:?} ms, moved {:?} ms, done {:?} ms, \
-             {} wrk errors, probe {} failed of {}, lost {:?}: {}",
+            "[{}/{total}] scenario {} of node {}: detected {}, moved {}, done {}, \
+             {} wrk errors, probe {} failed of {}, lost {}: {}",
             bar.position(),
             r.scenario,
             r.node,
-            r.detected_ms,
-            r.moved_ms,
-            r.done_ms,
+            report::ms(r.detected_ms),
+            report::ms(r.moved_ms),
+            report::ms(r.done_ms),
             r.wrk.errors,
             r.probe.failed,
             r.probe.requests,
-            r.probe.lost_by_node,
+            report::per_node(&r.probe.lost_by_node),
             if r.passed { "held" } else { "FAILED" }
         ));
         results.scenarios.push(r);

@@ -12,8 +12,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use super::cluster::{members, Cluster, Kind};
+use super::cluster::{Cluster, Kind};
 use super::load::Wrk;
+use super::measure::{Observer, Timings};
 use super::probe::{self, now_ms};
 use super::report::ScenarioResult;
 use super::topology::{CLUSTER_IP, CLUSTER_MAC};
@@ -71,25 +72,6 @@ fn pause(d: Duration, interrupted: &dyn Fn() -> bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Polls every 10 ms until `f` holds (returns ms since `since`) or `timeout` passes.
-fn wait_for(
-    since: Instant,
-    timeout: Duration,
-    interrupted: &dyn Fn() -> bool,
-    mut f: impl FnMut() -> bool,
-) -> Result<Option<u64>, String> {
-    while since.elapsed() < timeout {
-        if interrupted() {
-            return Err("interrupted".into());
-        }
-        if f() {
-            return Ok(Some(since.elapsed().as_millis() as u64));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(None)
-}
-
 pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
     let ids: Vec<u8> = (1..=r.nodes).collect();
     let node = r.nodes;
@@ -138,53 +120,44 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
     let event = Instant::now();
     let event_after_ms = load_started.elapsed().as_millis() as u64;
     let limit = Duration::from_secs(u64::from(r.duration_s)) * 2 / 3;
-    // Detected: every other node saw the event. Moved: every node sends new flows to their
-    // final owners. Done: the plan finished (the old owner's connections ended or the
-    // release deadline passed: this may be after the window).
-    let (detected_ms, moved_ms, done_ms) = match s {
+    match s {
         Scenario::Failover => {
             let pid = c.engine_pid(node).ok_or("no engine to kill")?;
             c.topo.kill(pid);
-            let detected = wait_for(event, limit, &r.interrupted, || {
-                others
-                    .iter()
-                    .all(|&o| c.status(o).is_some_and(|st| !members(&st).contains(&node)))
-            })?;
-            let moved = wait_for(event, limit, &r.interrupted, || c.moved(&others, &others))?;
-            let done = wait_for(event, limit, &r.interrupted, || c.formed(&others))?;
-            (detected, moved, done)
         }
-        Scenario::Join => {
-            c.start_node(node)?;
-            let detected = wait_for(event, limit, &r.interrupted, || {
-                others
-                    .iter()
-                    .all(|&o| c.status(o).is_some_and(|st| members(&st).contains(&node)))
-            })?;
-            let moved = wait_for(event, limit, &r.interrupted, || c.moved(&ids, &ids))?;
-            let done = wait_for(event, limit, &r.interrupted, || c.formed(&ids))?;
-            (detected, moved, done)
-        }
+        Scenario::Join => c.start_node(node)?,
         Scenario::Drain => {
             crate::runtime::operator_command(&c.socket(node), "drain")
                 .map_err(|e| format!("drain node {node}: {e}"))?;
-            let detected = wait_for(event, limit, &r.interrupted, || {
-                others.iter().all(|&o| {
-                    c.status(o).is_some_and(|st| {
-                        st["members"].as_array().is_some_and(|m| {
-                            m.iter()
-                                .any(|x| x["node"] == node && x["state"] == "draining")
-                        })
-                    })
-                })
-            })?;
-            let moved = wait_for(event, limit, &r.interrupted, || c.moved(&ids, &others))?;
-            let done = wait_for(event, limit, &r.interrupted, || {
-                c.status(node).is_some_and(|st| st["drained"] == true)
-            })?;
-            (detected, moved, done)
         }
+    }
+    // The timings are the nodes' own stamps of the steps they took (see `measure`): polling
+    // only has to reach each node once after the step, however fast or slow the machine is.
+    // Every reply is kept beside the report.
+    let mut observer = Observer::new(s, node, &ids, event_ms);
+    let mut polls = format!("{}\n", serde_json::json!({ "event_ms": event_ms }));
+    let asked: &[u8] = if s == Scenario::Failover {
+        &others
+    } else {
+        &ids
     };
+    while event.elapsed() < limit && !observer.timings().complete() {
+        if (r.interrupted)() {
+            return Err("interrupted".into());
+        }
+        for &id in asked {
+            if let Some(st) = c.status(id) {
+                observer.observe(id, &st);
+                polls.push_str(&format!("{st}\n"));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let Timings {
+        detected_ms,
+        moved_ms,
+        done_ms,
+    } = observer.timings();
 
     let step = wrk.finish(&r.interrupted)?;
     // The probe stops on its own at the end of its duration.
@@ -212,6 +185,7 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         std::fs::read_to_string(&probe_file).map_err(|e| e.to_string())?,
     )?;
     let statuses: Vec<serde_json::Value> = ids.iter().filter_map(|&i| c.status(i)).collect();
+    keep("status-polls.jsonl", polls)?;
     keep(
         "status.json",
         serde_json::to_string_pretty(&statuses).map_err(|e| e.to_string())?,
