@@ -170,6 +170,12 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         &[(String::new(), view.epoch)],
     );
     metric(
+        "protocol_version",
+        "gauge",
+        "Control message format version this node speaks (the newest every live peer understands).",
+        &[(String::new(), u64::from(view.protocol_version))],
+    );
+    metric(
         "buckets_accepting",
         "gauge",
         "Buckets in which this node takes new flows.",

@@ -230,6 +230,8 @@ pub fn membership_config(loaded: &Loaded, incarnation: u64) -> control::Config {
 #[derive(Debug, Clone, Default)]
 pub struct ControlView {
     pub epoch: u64,
+    /// The control message format version this node speaks.
+    pub protocol_version: u8,
     /// Buckets in which this node takes new flows.
     pub accepting: u32,
     pub moving: u32,
@@ -270,6 +272,7 @@ fn control_view(m: &Membership, me: NodeId, now: u64) -> ControlView {
     }
     ControlView {
         epoch: m.epoch(),
+        protocol_version: m.speaks(),
         accepting: snapshot.accepting_count(me),
         moving: snapshot.moving_count(),
         draining: m.draining(),
@@ -600,6 +603,19 @@ fn log_event(node: u8, epoch: u64, e: &Event) {
             )
         }
         Event::Drained => tracing::info!(node, epoch, "drained: this node owns no bucket"),
+        Event::VersionRefused {
+            version,
+            node: sender,
+            understood: (oldest, newest),
+        } => tracing::warn!(
+            node,
+            epoch,
+            version,
+            claimed_sender = sender,
+            "refused a control message in protocol version {version} (its header claims node \
+             {sender}): this node understands versions {oldest} to {newest}; upgrade or \
+             downgrade one release at a time"
+        ),
     }
 }
 
@@ -910,6 +926,7 @@ fn status_json(m: &Membership, seen: &Seen<'_>) -> serde_json::Value {
         "draining": m.draining(),
         "drained": m.is_drained(),
         "refusing": m.refusing(),
+        "protocol_version": m.speaks(),
         "healthy": health,
         "members": members,
         "outside": outside,

@@ -33,6 +33,13 @@
 //!   the coordinator formalizes the loss with a new plan `to − dead` (no bucket moves).
 //! - Joins, drains, undrains, weight changes and by-load rebalances are new plans from the
 //!   effective table to the desired one, one plan at a time, always through the four phases.
+//! - **Versions** (rolling upgrades): a node understands its format version and the one before
+//!   and speaks the newest that every live peer understands: the lowest of the newest versions
+//!   each live peer has sent in its current run. A node that speaks the older version because
+//!   of an older peer sends every [`PROBE_EVERY`]-th heartbeat in its newest version, so that
+//!   upgraded peers learn it is new (an older peer refuses and counts that one heartbeat as an
+//!   unknown version); once the last older node is gone or upgraded, every node speaks the new
+//!   version. The first refusal of each unknown version, then one a minute, is an [`Event`].
 //!
 //! # Failure modes (what is given up)
 //!
@@ -56,7 +63,7 @@ pub use crate::config::Policy;
 
 use super::message::{
     decode, Body, ControlKey, Heartbeat, Load, Message, Path, Phase, Plan, PlanId, Refusal,
-    LEFT_UNKNOWN,
+    LEFT_UNKNOWN, PREVIOUS_VERSION, VERSION,
 };
 use super::snapshot::Snapshot;
 
@@ -65,6 +72,12 @@ const SEC: u64 = 1_000 * MS;
 
 /// The weight every member gets under [`Policy::Hash`].
 pub const HASH_WEIGHT: u32 = 100;
+
+/// While speaking an older version, one heartbeat in this many goes out in the newest.
+pub const PROBE_EVERY: u64 = 10;
+
+/// An unknown version is logged at most once per this span (after its first refusal).
+const VERSION_LOG_EVERY: u64 = 60 * SEC;
 
 /// What the state machine needs to know about this node and the cluster. Build it with
 /// [`Config::new`] and adjust the public fields.
@@ -95,6 +108,9 @@ pub struct Config {
     /// Digest of the cluster-wide configuration; peers with another one are refused.
     pub config_digest: u64,
     pub key: ControlKey,
+    /// The newest format version this node speaks ([`VERSION`]; tests set the previous one to
+    /// play a node of the release before, which also refuses anything newer).
+    pub newest_version: u8,
 }
 
 impl Config {
@@ -121,6 +137,7 @@ impl Config {
             rebalance_max_moved_permille: 62,
             config_digest,
             key: ControlKey::from_secret(cluster_secret),
+            newest_version: VERSION,
         }
     }
 
@@ -166,6 +183,15 @@ pub enum Event {
     PhaseChanged { plan: PlanId, phase: Phase },
     /// This node drains and owns nothing any more: it may stop.
     Drained,
+    /// A control message in a format version this node does not speak was refused (its
+    /// header claims `node`, unauthenticated). Emitted for the first such message of each
+    /// version, then at most once a minute per version.
+    VersionRefused {
+        version: u8,
+        node: u8,
+        /// The versions this node understands.
+        understood: (u8, u8),
+    },
 }
 
 /// What is known of a peer (see [`Membership::peer`]).
@@ -196,11 +222,14 @@ struct Peer {
     /// Of `missed`, those counted during the current silence.
     silent: [u64; 2],
     lost: [u64; 2],
+    /// The newest format version it sent in its current incarnation (0: none heard yet).
+    version: u8,
 }
 
 impl Peer {
     fn new(incarnation: u64, presumed: Option<u64>, alive: bool) -> Peer {
         Peer {
+            version: 0,
             incarnation,
             last_seq: [0; 2],
             last_seen: [None; 2],
@@ -277,6 +306,10 @@ pub struct Membership {
     /// Last refusal for a bad MAC or config digest: blocks a lonely bootstrap.
     last_auth_refusal: Option<u64>,
     drained: bool,
+    /// Heartbeats sent (for [`PROBE_EVERY`]).
+    heartbeats_sent: u64,
+    /// When each unknown version was last logged, by version.
+    version_logged: Vec<(u8, u64)>,
 }
 
 impl Membership {
@@ -307,6 +340,8 @@ impl Membership {
             refused: [[0; Refusal::ALL.len()]; 2],
             last_auth_refusal: None,
             drained: false,
+            heartbeats_sent: 0,
+            version_logged: Vec::new(),
         }
     }
 
@@ -316,7 +351,12 @@ impl Membership {
     pub fn handle_message(&mut self, path: Path, bytes: &[u8], now: u64, out: &mut Vec<Output>) {
         self.started.get_or_insert(now);
         let msg = match decode(bytes, &self.cfg.key, path, self.cfg.config_digest) {
+            // A node playing an older release refuses what that release could not read.
+            Ok(m) if m.version > self.cfg.newest_version => {
+                return self.refuse_version(path, bytes, now, out)
+            }
             Ok(m) => m,
+            Err(Refusal::UnknownVersion) => return self.refuse_version(path, bytes, now, out),
             Err(r) => return self.refuse(path, r, now),
         };
         if let Err(r) = self.accept(&msg, now, out) {
@@ -584,6 +624,44 @@ impl Membership {
         }
     }
 
+    /// Counts a message of an unknown version, and says so the first time and once a minute.
+    fn refuse_version(&mut self, path: Path, bytes: &[u8], now: u64, out: &mut Vec<Output>) {
+        self.refuse(path, Refusal::UnknownVersion, now);
+        let (version, node) = (bytes[2], bytes[5]);
+        let due = match self.version_logged.iter_mut().find(|(v, _)| *v == version) {
+            Some((_, at)) if now.saturating_sub(*at) < VERSION_LOG_EVERY => false,
+            Some((_, at)) => {
+                *at = now;
+                true
+            }
+            None => {
+                // 256 versions at most: the list stays small.
+                self.version_logged.push((version, now));
+                true
+            }
+        };
+        if due {
+            let oldest = self.cfg.newest_version.saturating_sub(1).max(1);
+            out.push(Output::Event(Event::VersionRefused {
+                version,
+                node,
+                understood: (oldest, self.cfg.newest_version),
+            }));
+        }
+    }
+
+    /// The format version this node speaks now: the newest every live peer understands (its
+    /// own newest when no peer is live, or none has been heard yet).
+    pub fn speaks(&self) -> u8 {
+        self.peers
+            .iter()
+            .flatten()
+            .filter(|p| p.alive && p.version != 0)
+            .map(|p| p.version)
+            .fold(self.cfg.newest_version, u8::min)
+            .max(PREVIOUS_VERSION)
+    }
+
     /// Replay and incarnation checks; records liveness of an accepted message's sender.
     fn accept(&mut self, msg: &Message, now: u64, out: &mut Vec<Output>) -> Result<(), Refusal> {
         if msg.node == self.cfg.me {
@@ -600,6 +678,8 @@ impl Membership {
             peer.incarnation = msg.incarnation;
             peer.last_seq = [0; 2];
             peer.hb = None;
+            // A restart may be a downgrade: its newest version is learned again.
+            peer.version = 0;
             if heard_before {
                 out.push(Output::Event(Event::PeerRejoined {
                     node: msg.node,
@@ -618,6 +698,7 @@ impl Membership {
             peer.lost[pi] += gap.saturating_sub(1);
         }
         peer.last_seq[pi] = msg.seq;
+        peer.version = peer.version.max(msg.version);
         peer.last_seen[pi] = Some(now);
         peer.silent[pi] = 0;
         if !peer.alive {
@@ -831,8 +912,14 @@ impl Membership {
     }
 
     fn send(&mut self, body: Body, out: &mut Vec<Output>) {
+        let version = self.speaks();
+        self.send_as(version, body, out);
+    }
+
+    fn send_as(&mut self, version: u8, body: Body, out: &mut Vec<Output>) {
         for path in Path::ALL {
             let msg = Message {
+                version,
                 node: self.cfg.me,
                 incarnation: self.cfg.incarnation,
                 seq: self.next_seq(),
@@ -867,7 +954,17 @@ impl Membership {
             table_digest: self.snapshot.digest(),
             releasing_left: left,
         };
-        self.send(Body::Heartbeat(hb), out);
+        self.heartbeats_sent += 1;
+        let version = match self.speaks() {
+            // Speaking an older version for an older peer: now and then say what we are.
+            v if v < self.cfg.newest_version
+                && self.heartbeats_sent.is_multiple_of(PROBE_EVERY) =>
+            {
+                self.cfg.newest_version
+            }
+            v => v,
+        };
+        self.send_as(version, Body::Heartbeat(hb), out);
     }
 
     fn send_plan(&mut self, out: &mut Vec<Output>) {

@@ -5,10 +5,22 @@
 //! integer is **big-endian** (network order). No serde: the layout below is the contract, pinned
 //! by a test vector, and changes only with a [`VERSION`] bump.
 //!
+//! # Versions
+//!
+//! A node decodes its own version and the one before ([`PREVIOUS_VERSION`]) and refuses any
+//! other as [`Refusal::UnknownVersion`], so a cluster upgrades one node at a time. It encodes
+//! in the version [`super::Membership`] chooses: the newest every live peer understands.
+//!
+//! - **1**: the format of every release before versions were negotiated.
+//! - **2**: the heartbeat's flags gain bit 1, `refusing` (the sender's service fails its health
+//!   check). Encoded as version 1, a heartbeat leaves the bit clear: a version-1 node cannot act
+//!   on it (and the first releases of version 1 refuse it as malformed). Decoding version 1
+//!   accepts the bit, which later version-1 releases set.
+//!
 //! ```text
 //! offset len  field
 //!      0   2  magic "CC" (0x43 0x43)
-//!      2   1  version (1)
+//!      2   1  version (1 or 2)
 //!      3   1  kind: 1 heartbeat, 2 plan
 //!      4   1  path the sender put it on: 1 UDP, 2 wire (authenticated: no cross-path replay)
 //!      5   1  sender node id (1..=64)
@@ -37,8 +49,10 @@ use crate::cluster::{derive_key, Member, NodeId, Weight};
 
 /// EtherType of control messages carried on the wire port (IEEE local experimental 2).
 pub const ETHERTYPE: u16 = 0x88b5;
-/// The format version this code speaks.
-pub const VERSION: u8 = 1;
+/// The newest format version this code speaks.
+pub const VERSION: u8 = 2;
+/// The oldest format version this code still decodes and can speak: the version before.
+pub const PREVIOUS_VERSION: u8 = VERSION - 1;
 /// HMAC label of the control-message key.
 pub const CONTROL_KEY_LABEL: &[u8] = b"clonecluster control v1";
 
@@ -212,7 +226,7 @@ pub struct Load {
 /// Sent by every node every interval on both paths.
 ///
 /// Body layout (47 bytes): node MAC 6, weight u32, active flows u32, busy ‰ u16, flags u8
-/// (bit 0 draining, bit 1 refusing), view u64, plan epoch u64 (0 = no plan), plan proposer u8 (0 = none), phase
+/// (bit 0 draining, bit 1 refusing from version 2 on), view u64, plan epoch u64 (0 = no plan), plan proposer u8 (0 = none), phase
 /// u8 (0 = none), table digest u64, releasing_left u32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -273,6 +287,8 @@ pub struct Request {
 /// One control message: who sent it, when in its life, and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
+    /// The format version it is (to be) encoded in: [`PREVIOUS_VERSION`] or [`VERSION`].
+    pub version: u8,
     pub node: NodeId,
     pub incarnation: u64,
     pub seq: u64,
@@ -286,7 +302,10 @@ impl Message {
     pub fn encode(&self, key: &ControlKey) -> Vec<u8> {
         let mut b = Vec::with_capacity(MAX_LEN);
         b.extend_from_slice(&MAGIC);
-        b.push(VERSION);
+        // A caller bug, not input: only the two versions this code knows can be written.
+        debug_assert!((PREVIOUS_VERSION..=VERSION).contains(&self.version));
+        let version = self.version.clamp(PREVIOUS_VERSION, VERSION);
+        b.push(version);
         b.push(match self.body {
             Body::Heartbeat(_) => KIND_HEARTBEAT,
             Body::Plan(_) => KIND_PLAN,
@@ -303,7 +322,9 @@ impl Message {
                 b.extend_from_slice(&h.weight.get().to_be_bytes());
                 b.extend_from_slice(&h.load.active_flows.to_be_bytes());
                 b.extend_from_slice(&h.load.busy_permille.to_be_bytes());
-                b.push(u8::from(h.draining) | (u8::from(h.refusing) << 1));
+                // Version 1 has no `refusing` bit (see the module doc).
+                let refusing = h.refusing && version >= 2;
+                b.push(u8::from(h.draining) | (u8::from(refusing) << 1));
                 b.extend_from_slice(&h.view.to_be_bytes());
                 let (epoch, proposer, phase) = match h.plan {
                     Some((id, phase)) => (id.epoch, id.proposer.get(), phase as u8),
@@ -389,7 +410,8 @@ pub fn decode(
     if bytes.len() < HEADER_LEN + TAG_LEN || bytes.len() > MAX_LEN || bytes[0..2] != MAGIC {
         return Err(Refusal::Malformed);
     }
-    if bytes[2] != VERSION {
+    let version = bytes[2];
+    if !(PREVIOUS_VERSION..=VERSION).contains(&version) {
         return Err(Refusal::UnknownVersion);
     }
     let (signed, tag) = bytes.split_at(bytes.len() - TAG_LEN);
@@ -511,6 +533,7 @@ pub fn decode(
         return Err(Refusal::WrongDigest);
     }
     Ok(Message {
+        version,
         node,
         incarnation,
         seq,
@@ -536,6 +559,7 @@ mod tests {
 
     fn heartbeat(path: Path) -> Message {
         Message {
+            version: VERSION,
             node: n(3),
             incarnation: 1_700_000_000_000_000_000,
             seq: 42,
@@ -569,6 +593,7 @@ mod tests {
             .map(|i| Member::new(i, u32::from(i)).unwrap())
             .collect();
         Message {
+            version: VERSION,
             node: n(1),
             incarnation: 5,
             seq: 6,
@@ -629,12 +654,51 @@ mod tests {
     /// PINNED: the layout is the wire contract; change it only with a VERSION bump.
     #[test]
     fn pinned_heartbeat_layout() {
-        let b = heartbeat(Path::Udp).encode(&key());
-        assert_eq!(b.len(), HEADER_LEN + HEARTBEAT_BODY + TAG_LEN);
-        assert_eq!(&b[..6], &[b'C', b'C', 1, 1, 1, 3]);
-        assert_eq!(&b[14..22], &42u64.to_be_bytes());
-        assert_eq!(&b[30..36], &[2, 0xcc, 0, 0, 0, 3]);
-        assert_eq!(&b[36..40], &100u32.to_be_bytes());
+        for version in [1, 2] {
+            let mut m = heartbeat(Path::Udp);
+            m.version = version;
+            let b = m.encode(&key());
+            assert_eq!(b.len(), HEADER_LEN + HEARTBEAT_BODY + TAG_LEN);
+            assert_eq!(&b[..6], &[b'C', b'C', version, 1, 1, 3]);
+            assert_eq!(&b[14..22], &42u64.to_be_bytes());
+            assert_eq!(&b[30..36], &[2, 0xcc, 0, 0, 0, 3]);
+            assert_eq!(&b[36..40], &100u32.to_be_bytes());
+            // Flags: draining, and refusing only from version 2 on.
+            assert_eq!(
+                b[46],
+                if version == 1 { 0b01 } else { 0b11 },
+                "version {version}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_previous_version_is_spoken_and_understood() {
+        // Encoded as version 1, `refusing` is left out; everything else survives.
+        let mut m = heartbeat(Path::Wire);
+        m.version = PREVIOUS_VERSION;
+        let got = dec(&m.encode(&key()), Path::Wire).unwrap();
+        assert_eq!(got.version, 1);
+        let Body::Heartbeat(h) = got.body else {
+            panic!("a heartbeat")
+        };
+        assert!(!h.refusing && h.draining);
+        // Later version-1 releases set the bit: it is read.
+        let mut b = m.encode(&key());
+        b.truncate(b.len() - TAG_LEN);
+        b[46] |= 0b10;
+        let mut mac = key().mac();
+        mac.update(&b);
+        let tag = mac.finalize().into_bytes();
+        b.extend_from_slice(&tag[..TAG_LEN]);
+        let Body::Heartbeat(h) = dec(&b, Path::Wire).unwrap().body else {
+            panic!("a heartbeat")
+        };
+        assert!(h.refusing);
+        // Plans and requests are the same in both versions.
+        let mut p = plan();
+        p.version = PREVIOUS_VERSION;
+        assert_eq!(dec(&p.encode(&key()), Path::Wire), Ok(p));
     }
 
     #[test]
@@ -651,9 +715,11 @@ mod tests {
             ),
             Err(Refusal::BadMac)
         );
-        let mut v = b.clone();
-        v[2] = 2;
-        assert_eq!(dec(&v, Path::Udp), Err(Refusal::UnknownVersion));
+        for version in [0, VERSION + 1, 0xff] {
+            let mut v = b.clone();
+            v[2] = version;
+            assert_eq!(dec(&v, Path::Udp), Err(Refusal::UnknownVersion));
+        }
         let mut v = b.clone();
         v[0] = b'X';
         assert_eq!(dec(&v, Path::Udp), Err(Refusal::Malformed));

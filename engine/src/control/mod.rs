@@ -26,10 +26,12 @@ pub mod timeline;
 #[cfg(test)]
 mod sim;
 
-pub use membership::{Config, Event, Membership, Output, PeerInfo, Policy, HASH_WEIGHT};
+pub use membership::{
+    Config, Event, Membership, Output, PeerInfo, Policy, HASH_WEIGHT, PROBE_EVERY,
+};
 pub use message::{
     decode, ControlKey, Heartbeat, Load, Message, Path, Phase, Plan, PlanId, Refusal,
-    CONTROL_KEY_LABEL, ETHERTYPE, LEFT_UNKNOWN, MAX_LEN, VERSION,
+    CONTROL_KEY_LABEL, ETHERTYPE, LEFT_UNKNOWN, MAX_LEN, PREVIOUS_VERSION, VERSION,
 };
 pub use snapshot::{Role, Snapshot};
 pub use timeline::{Step, Steps, Timeline, What};

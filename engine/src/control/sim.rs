@@ -869,3 +869,120 @@ fn peers_see_loss_silence_and_refusal() {
         );
     }
 }
+
+/// A node of the release before this one: it speaks and understands only the previous version.
+fn old_config(id: u8, incarnation: u64) -> Config {
+    let mut c = config(id, incarnation);
+    c.newest_version = PREVIOUS_VERSION;
+    c
+}
+
+fn refused_versions(sim: &Sim, id: u8) -> u64 {
+    sim.node(id).refused_total(Refusal::UnknownVersion)
+}
+
+#[test]
+fn a_rolling_upgrade_across_two_versions() {
+    // A cluster of the previous release.
+    let mut sim = Sim::new(77);
+    for id in 1..=3 {
+        sim.start(old_config(id, 1_000 + u64::from(id)));
+    }
+    sim.run_until(3 * SEC);
+    sim.assert_converged();
+    assert!((1..=3).all(|id| sim.node(id).speaks() == PREVIOUS_VERSION));
+
+    // Node 3 restarts on this release: it hears older peers and speaks their version, so
+    // nobody loses it; only its first heartbeats and its probes are refused (and said once).
+    sim.stop(3);
+    sim.run_until(4 * SEC);
+    sim.start(config(3, 5_000_000));
+    sim.run_until(10 * SEC);
+    let c = sim.assert_converged();
+    assert!((share(&c, 3) - 1.0 / 3.0).abs() < 0.01, "{c:?}");
+    assert_eq!(sim.node(3).speaks(), PREVIOUS_VERSION);
+    let refused = refused_versions(&sim, 1);
+    // 6 s of heartbeats every 100 ms on two paths: 120; one in PROBE_EVERY in the new version.
+    assert!(
+        refused > 0 && refused <= 2 * (60 / PROBE_EVERY + 3),
+        "node 1 refused {refused} new-version messages"
+    );
+    let said: Vec<&Event> = sim
+        .events_of(1)
+        .filter(|e| matches!(e, Event::VersionRefused { .. }))
+        .collect();
+    assert_eq!(
+        said,
+        vec![&Event::VersionRefused {
+            version: VERSION,
+            node: 3,
+            understood: (PREVIOUS_VERSION, PREVIOUS_VERSION)
+        }],
+        "once, not per message"
+    );
+    let deaths_of_live = |sim: &Sim, since: u64| {
+        sim.events
+            .iter()
+            .filter(|(t, _, e)| *t > since && matches!(e, Event::PeerDead { .. }))
+            .count()
+    };
+    assert_eq!(deaths_of_live(&sim, 5 * SEC), 0, "{}", sim.log_tail());
+
+    // A mixed cluster hands buckets over: the old node 2 drains to the new node 3 and back.
+    sim.input(2, |m, now, out| m.drain(now, out));
+    sim.run_until(17 * SEC);
+    let c = sim.assert_converged();
+    assert_eq!(share(&c, 2), 0.0);
+    sim.input(2, |m, now, out| m.undrain(now, out));
+    sim.run_until(24 * SEC);
+    let c = sim.assert_converged();
+    assert!((share(&c, 2) - 1.0 / 3.0).abs() < 0.01, "{c:?}");
+
+    // The rest upgrade one at a time; once the last old node is gone, all speak the new version.
+    for (id, at) in [(2u8, 24u64), (1, 34)] {
+        sim.stop(id);
+        sim.run_until((at + 1) * SEC);
+        sim.start(config(id, 6_000_000 + u64::from(id)));
+        sim.run_until((at + 10) * SEC);
+        let c = sim.assert_converged();
+        assert!((share(&c, id) - 1.0 / 3.0).abs() < 0.01, "{c:?}");
+    }
+    assert!(
+        (1..=3).all(|id| sim.node(id).speaks() == VERSION),
+        "{:?}",
+        (1..=3).map(|id| sim.node(id).speaks()).collect::<Vec<_>>()
+    );
+    let before = [1, 2, 3].map(|id| refused_versions(&sim, id));
+    sim.run_until(50 * SEC);
+    assert_eq!([1, 2, 3].map(|id| refused_versions(&sim, id)), before);
+    assert_eq!(deaths_of_live(&sim, 46 * SEC), 0, "{}", sim.log_tail());
+}
+
+#[test]
+fn an_unknown_version_is_refused_counted_and_said() {
+    let mut sim = cluster(78, &[1, 2]);
+    let mut future = sim.last_sent[1][Path::Udp.index()].clone().unwrap();
+    future[2] = VERSION + 1;
+    for _ in 0..5 {
+        let bytes = future.clone();
+        sim.input(1, |m, now, out| {
+            m.handle_message(Path::Udp, &bytes, now, out)
+        });
+    }
+    assert_eq!(sim.node(1).refused(Path::Udp, Refusal::UnknownVersion), 5);
+    let said: Vec<&Event> = sim
+        .events_of(1)
+        .filter(|e| matches!(e, Event::VersionRefused { .. }))
+        .collect();
+    assert_eq!(
+        said,
+        vec![&Event::VersionRefused {
+            version: VERSION + 1,
+            node: 2,
+            understood: (PREVIOUS_VERSION, VERSION)
+        }]
+    );
+    // Still a member: one bad message changes nothing.
+    sim.run_until(4 * SEC);
+    sim.assert_converged();
+}

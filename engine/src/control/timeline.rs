@@ -81,7 +81,9 @@ impl What {
                     .collect(),
             },
             Event::Drained => What::Drained,
-            Event::PeerUp { .. } | Event::PeerRejoined { .. } => return None,
+            Event::PeerUp { .. } | Event::PeerRejoined { .. } | Event::VersionRefused { .. } => {
+                return None
+            }
         })
     }
 }
