@@ -1115,3 +1115,192 @@ fn heartbeat_loss_rises_for_a_dead_peer_and_json_logs_carry_node_and_epoch() {
     assert_eq!(last_plan["epoch"], last_plan["plan_epoch"], "{last_plan}");
     assert!(at("peer dead") < at("ownership plan adopted"), "{log:?}");
 }
+
+impl Lab {
+    /// `tests/flood.py ARGS` from the client namespace: what it sent, by kind.
+    fn spawn_flood(&self, args: &[&str]) -> Child {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/flood.py");
+        let mut cmd = vec!["python3", script.to_str().unwrap()];
+        cmd.extend_from_slice(args);
+        self.topo
+            .client
+            .command(&cmd)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    }
+
+    fn flood(&self, args: &[&str]) -> serde_json::Value {
+        flood_result(self.spawn_flood(args))
+    }
+
+    /// `n` downloads of `/big` (1 MiB) at `rate` (curl's `--limit-rate`), started now.
+    fn start_slow_downloads(&self, n: usize, rate: &str) -> Vec<Child> {
+        (0..n)
+            .map(|_| {
+                self.topo
+                    .client
+                    .command(&[
+                        "curl",
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-m",
+                        "120",
+                        "--limit-rate",
+                        rate,
+                        "-w",
+                        "%{http_code} %{size_download}",
+                        "http://198.18.0.1/big",
+                    ])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect()
+    }
+}
+
+fn flood_result(child: Child) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "flood.py failed");
+    serde_json::from_slice(&out.stdout).expect("flood.py prints JSON")
+}
+
+/// Every frame a node received is accounted for: delivered, sent, refused or dropped, each in
+/// a counter. Returns (received, accounted) and (control frames, control accounted).
+fn accounting(text: &str) -> ((u64, u64), (u64, u64)) {
+    let m = |name: &str, labels: &[&str]| metric(text, name, labels);
+    let received = m("wire_rx_frames_total", &[])
+        + m("host_rx_frames_total", &[])
+        + m("control_frames_sent_total", &[]);
+    let accounted = m("host_tx_frames_total", &[])
+        + m("wire_tx_frames_total", &[])
+        + m("tx_unsent_total", &[])
+        + m("control_frames_total", &[])
+        + m("dropped_frames_total", &[]);
+    let control = m("control_frames_total", &[]);
+    let control_accounted = m("control_accepted_total", &["path=\"Wire\""])
+        + m("control_refused_total", &["path=\"Wire\""])
+        + m("wire_control_dropped_total", &[]);
+    ((received, accounted), (control, control_accounted))
+}
+
+#[test]
+fn floods_on_the_segment_are_counted_and_break_nothing() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ids = [1u8, 2];
+    let lab = Lab::new("f", &ids);
+    lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    let engines: Vec<u32> = lab.engines.values().copied().collect();
+    // Connections that must outlive every flood and the handoff during the SYN flood: 1 MiB
+    // at 48 KiB/s, about 21 s each.
+    let downloads = lab.start_slow_downloads(8, "48k");
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Random frames: 30 % control EtherType, the rest random IPv4, IPv6 and ARP.
+    let sent = lab.flood(&["random", "eth0", "3", CLUSTER_MAC, "1"]);
+    eprintln!("f: random flood sent {sent}");
+    let (by_node, failed) = lab.requests(20);
+    assert_eq!(
+        failed,
+        0,
+        "after the random flood: {by_node:?}\n{}",
+        lab.logs()
+    );
+
+    // Forged control frames, half from the members' MACs, and genuine ones replayed.
+    let members = format!(
+        "{},{}",
+        clonecluster::lab::topology::node_mac(1),
+        clonecluster::lab::topology::node_mac(2)
+    );
+    let sent = lab.flood(&["control", "eth0", "3", &members, "2"]);
+    eprintln!("f: control flood sent {sent}");
+    assert!(
+        sent["genuine-captured"].as_u64().unwrap() > 0,
+        "nothing to replay"
+    );
+    let (by_node, failed) = lab.requests(20);
+    assert_eq!(
+        failed,
+        0,
+        "after the control flood: {by_node:?}\n{}",
+        lab.logs()
+    );
+
+    // A SYN flood from spoofed sources, and node 2 drained while it runs.
+    let syn = lab.spawn_flood(&["syn", "eth0", "300000", CLUSTER_MAC, "198.18.0.1", "3"]);
+    std::thread::sleep(Duration::from_millis(500));
+    lab.operator(2, "drain");
+    let sent = flood_result(syn);
+    eprintln!("f: SYN flood sent {sent}");
+    lab.wait_status(&ids, Duration::from_secs(40), "drain of node 2", |all| {
+        settled(all) && all.iter().all(|s| accepting(s, 2) == 0)
+    });
+    check_downloads(&lab, downloads, "the floods and a drain during a SYN flood");
+    let (by_node, failed) = lab.requests(20);
+    assert_eq!(
+        failed,
+        0,
+        "after the SYN flood: {by_node:?}\n{}",
+        lab.logs()
+    );
+    assert!(!by_node.contains_key(&2), "{by_node:?}");
+
+    // Both engines up, no live peer ever declared dead.
+    for pid in engines {
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "engine {pid} died\n{}",
+            lab.logs()
+        );
+    }
+    for &id in &ids {
+        let deaths = lab
+            .json_log(id)
+            .iter()
+            .filter(|l| l["message"] == "peer dead")
+            .count();
+        assert_eq!(
+            deaths,
+            0,
+            "node {id} declared a live peer dead\n{}",
+            lab.logs()
+        );
+    }
+
+    // Every frame in a counter. Fragments the random flood left are released or expire
+    // within 2 s; then only heartbeats move.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut half_open = 0;
+    for &id in &ids {
+        let text = lab.metrics(id);
+        let ((received, accounted), (control, control_accounted)) = accounting(&text);
+        eprintln!(
+            "f: node {id}: frames {received} received, {accounted} accounted; control {control} \
+             handed over, {control_accounted} accepted, refused or dropped"
+        );
+        assert!(received > 300_000, "node {id} saw the floods: {received}");
+        assert!(received.abs_diff(accounted) <= 8, "node {id}:\n{text}");
+        assert!(
+            control.abs_diff(control_accounted) <= 4,
+            "node {id}:\n{text}"
+        );
+        assert_eq!(
+            metric(&text, "wire_control_dropped_total", &["queue=\"members\""]),
+            0,
+            "a member's frames were dropped: node {id}:\n{text}"
+        );
+        half_open += metric(&text, "half_open_flows_dropped_total", &[]);
+        assert_eq!(
+            metric(&text, "flow_evictions_total", &[]),
+            0,
+            "the SYN flood evicted established flows: node {id}:\n{text}"
+        );
+    }
+    assert!(half_open > 0, "the SYN flood filled the half-open share");
+}

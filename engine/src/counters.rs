@@ -19,6 +19,8 @@ pub struct CoreCounters {
     pub wire_tx: AtomicU64,
     pub replies: AtomicU64,
     pub to_control: AtomicU64,
+    /// The control thread's messages this core framed and queued for the wire port (core 0).
+    pub control_tx: AtomicU64,
     /// Frames a TX queue did not take; freed and counted, never leaked.
     pub tx_unsent: AtomicU64,
     /// Later fragments held until their first fragment was seen.
@@ -35,6 +37,7 @@ impl CoreCounters {
             wire_tx: self.wire_tx.load(Relaxed),
             replies: self.replies.load(Relaxed),
             to_control: self.to_control.load(Relaxed),
+            control_tx: self.control_tx.load(Relaxed),
             tx_unsent: self.tx_unsent.load(Relaxed),
             held: self.held.load(Relaxed),
             dropped: std::array::from_fn(|i| self.dropped[i].load(Relaxed)),
@@ -51,6 +54,7 @@ pub struct CoreStats {
     pub wire_tx: u64,
     pub replies: u64,
     pub to_control: u64,
+    pub control_tx: u64,
     pub tx_unsent: u64,
     pub held: u64,
     /// Drops by reason, indexed by [`DropReason::index`].
@@ -69,6 +73,7 @@ impl CoreStats {
         self.wire_tx += o.wire_tx;
         self.replies += o.replies;
         self.to_control += o.to_control;
+        self.control_tx += o.control_tx;
         self.tx_unsent += o.tx_unsent;
         self.held += o.held;
         for (a, b) in self.dropped.iter_mut().zip(o.dropped) {

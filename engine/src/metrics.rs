@@ -90,8 +90,17 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
     metric(
         "control_frames_total",
         "counter",
-        "Wire heartbeat frames handed to the control thread.",
+        "Wire control frames (EtherType 0x88b5) handed to the control thread.",
         &per_core(&|s| s.to_control),
+    );
+    metric(
+        "control_frames_sent_total",
+        "counter",
+        "The control thread's messages framed and queued for the wire port. With the other \
+         frame counters: wire_rx + host_rx + control_frames_sent = host_tx + wire_tx + \
+         tx_unsent + control_frames + dropped_frames, once held fragments are released or \
+         expired.",
+        &per_core(&|s| s.control_tx),
     );
     let mut dropped = Vec::new();
     for (i, c) in link.counters.iter().enumerate() {
@@ -140,8 +149,19 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
     metric(
         "flow_evictions_total",
         "counter",
-        "Live flows a full flow table forgot to make room (raise dataplane.flow_capacity).",
+        "Live flows (not half-open) a full flow table forgot to make room (raise \
+         dataplane.flow_capacity).",
         &evictions,
+    );
+    let half_open = per_core_atomic(&link.core_half_open_dropped);
+    metric(
+        "half_open_flows_dropped_total",
+        "counter",
+        "Half-open TCP flows (SYN, no ACK yet) forgot or never tracked because the flow \
+         table's half-open share (half of it) was full: a SYN flood, most likely. Their frames \
+         are still delivered by ownership, a completed handshake is tracked as established, \
+         and established flows are never evicted for them.",
+        &half_open,
     );
     let risk = per_core_atomic(&link.core_duplicate_risk);
     metric(
@@ -160,8 +180,18 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
     metric(
         "wire_control_dropped_total",
         "counter",
-        "Wire control frames the control thread had no room for.",
-        &[(String::new(), link.wire_in_dropped.load(Relaxed))],
+        "Wire control frames the control thread had no room for, by queue (members: from a \
+         live member's MAC within its allowance; others: the rest).",
+        &[
+            (
+                ",queue=\"members\"".to_owned(),
+                link.wire_in_dropped[0].load(Relaxed),
+            ),
+            (
+                ",queue=\"others\"".to_owned(),
+                link.wire_in_dropped[1].load(Relaxed),
+            ),
+        ],
     );
     metric(
         "epoch",
@@ -285,6 +315,17 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         "gauge",
         "1 while this node takes no new connection (its service fails and another node serves).",
         &[(String::new(), u64::from(view.refusing))],
+    );
+    metric(
+        "control_accepted_total",
+        "counter",
+        "Control messages accepted, by path. On the wire path, with the refused and the \
+         dropped: control_frames = accepted + refused + wire_control_dropped once the queues \
+         are empty.",
+        &Path::ALL
+            .iter()
+            .map(|p| (format!(",path=\"{p:?}\""), view.accepted[p.index()]))
+            .collect::<Vec<_>>(),
     );
     let mut refused = Vec::new();
     for path in Path::ALL {

@@ -25,6 +25,17 @@ use crate::counters::CoreCounters;
 /// per interval per node: this only bounds a burst of forged ones.
 const CHANNEL_DEPTH: usize = 1024;
 
+/// Wire control frames each member's MAC may queue ahead of the rest per control tick (a
+/// member sends a heartbeat, and the coordinator a plan, per interval on the wire; a tick is a
+/// quarter interval or less). A flood that forges a member's MAC spends that member's
+/// allowance, and its frames then queue with everyone else's: it can starve only the member
+/// whose MAC it forges, on the wire path only.
+pub const MEMBER_ALLOWANCE: u32 = 8;
+
+/// Frames from strangers the control thread authenticates per loop turn (after every member's):
+/// a flood of forged control frames costs the control thread a bounded share of its time.
+const STRANGERS_PER_TURN: usize = 256;
+
 /// What the packet cores and the control thread share.
 pub struct ControlLink {
     /// The ownership snapshot in force; cores reload it when `version` changes.
@@ -32,10 +43,19 @@ pub struct ControlLink {
     pub version: AtomicU64,
     /// Control messages to send on the wire port (payload only; core 0 frames and sends them).
     pub wire_out: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
-    /// Control messages received on the wire port (payload only).
+    /// Control frames received on the wire port from a member's MAC, within its allowance
+    /// (payload only): the control thread reads these first.
+    pub wire_in_members: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
+    /// Every other control frame received on the wire port (payload only).
     pub wire_in: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
-    /// Wire frames the cores could not queue for the control thread.
-    pub wire_in_dropped: AtomicU64,
+    /// Wire control frames the cores could not queue for the control thread: [members, others].
+    pub wire_in_dropped: [AtomicU64; 2],
+    /// The node MAC of each live member (index `id - 1`; 0 = none), as its authenticated
+    /// heartbeats give it, 48 bits in a u64.
+    pub member_macs: [AtomicU64; 64],
+    /// Frames each member's MAC may still queue ahead this tick (refilled by the control
+    /// thread to [`MEMBER_ALLOWANCE`]).
+    pub member_allowance: [AtomicU32; 64],
     /// Per core: live flows per bucket, written for the buckets this node is releasing.
     pub bucket_flows: Vec<Box<[AtomicU32]>>,
     /// Per core: the snapshot version `bucket_flows` was last computed for.
@@ -53,8 +73,11 @@ pub struct ControlLink {
     pub refusing_peers: AtomicU64,
     /// The health-checked TCP port whose refusals cores hold back (0: none).
     pub hold_refusals_on: AtomicU32,
-    /// Per core: live flows its flow table had to forget to make room.
+    /// Per core: live flows (not half-open) its flow table had to forget to make room.
     pub core_evictions: Vec<AtomicU64>,
+    /// Per core: half-open flows its flow tables (own and learned) forgot or never tracked,
+    /// their half-open share being full (see `FlowTable`'s admission).
+    pub core_half_open_dropped: Vec<AtomicU64>,
     /// Per core: [`crate::pipeline::Pipeline::duplicate_risk`].
     pub core_duplicate_risk: Vec<AtomicU64>,
     /// Mbufs out of the pool, as core 0 last saw.
@@ -78,8 +101,11 @@ impl ControlLink {
             snapshot: ArcSwap::new(initial),
             version: AtomicU64::new(1),
             wire_out: crossbeam_channel::bounded(CHANNEL_DEPTH),
+            wire_in_members: crossbeam_channel::bounded(CHANNEL_DEPTH),
             wire_in: crossbeam_channel::bounded(CHANNEL_DEPTH),
-            wire_in_dropped: AtomicU64::new(0),
+            wire_in_dropped: Default::default(),
+            member_macs: std::array::from_fn(|_| AtomicU64::new(0)),
+            member_allowance: std::array::from_fn(|_| AtomicU32::new(0)),
             bucket_flows: (0..cores)
                 .map(|_| (0..BUCKETS).map(|_| AtomicU32::new(0)).collect())
                 .collect(),
@@ -89,6 +115,7 @@ impl ControlLink {
             counters: (0..cores).map(|_| CoreCounters::default()).collect(),
             mbufs_in_use: AtomicU64::new(0),
             core_evictions: (0..cores).map(|_| AtomicU64::new(0)).collect(),
+            core_half_open_dropped: (0..cores).map(|_| AtomicU64::new(0)).collect(),
             core_duplicate_risk: (0..cores).map(|_| AtomicU64::new(0)).collect(),
             refuse_new: AtomicBool::new(false),
             refusing_peers: AtomicU64::new(0),
@@ -123,13 +150,74 @@ impl ControlLink {
         self.version.fetch_add(1, Relaxed);
     }
 
-    /// From a core: a control frame's payload arrived on the wire. Never blocks.
-    pub fn received_on_wire(&self, payload: &[u8]) {
+    /// From a core: a control frame (the whole Ethernet frame) arrived on the wire. Queued
+    /// ahead if its source is a member's MAC within that member's allowance, else behind;
+    /// counted if its queue is full. Never blocks.
+    pub fn received_on_wire(&self, frame: &[u8]) {
+        let payload = frame.get(14..).unwrap_or_default();
+        let queue = usize::from(
+            frame
+                .get(6..12)
+                .is_some_and(|src| self.member_may_queue(src)),
+        );
+        let (tx, dropped) = match queue {
+            0 => (&self.wire_in.0, &self.wire_in_dropped[1]),
+            _ => (&self.wire_in_members.0, &self.wire_in_dropped[0]),
+        };
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            self.wire_in.0.try_send(payload.to_vec())
+            tx.try_send(payload.to_vec())
         {
-            self.wire_in_dropped.fetch_add(1, Relaxed);
+            dropped.fetch_add(1, Relaxed);
         }
+    }
+
+    /// Whether `src` is a live member's MAC with allowance left this tick (spending one).
+    fn member_may_queue(&self, src: &[u8]) -> bool {
+        let mut mac = [0u8; 8];
+        mac[2..].copy_from_slice(src);
+        let mac = u64::from_be_bytes(mac);
+        if mac == 0 {
+            return false;
+        }
+        self.member_macs
+            .iter()
+            .position(|m| m.load(Relaxed) == mac)
+            .is_some_and(|i| {
+                self.member_allowance[i]
+                    .fetch_update(Relaxed, Relaxed, |a| a.checked_sub(1))
+                    .is_ok()
+            })
+    }
+
+    /// From the control thread, every tick: the live members' MACs, and a fresh allowance.
+    fn set_members(&self, m: &Membership) {
+        for (i, (mac, allowance)) in self
+            .member_macs
+            .iter()
+            .zip(&self.member_allowance)
+            .enumerate()
+        {
+            let known = NodeId::new(i as u8 + 1)
+                .and_then(|id| m.peer(id))
+                .filter(|p| p.alive)
+                .and_then(|p| p.heartbeat)
+                .map_or(0, |hb| {
+                    let mut b = [0u8; 8];
+                    b[2..].copy_from_slice(&hb.node_mac);
+                    u64::from_be_bytes(b)
+                });
+            mac.store(known, Relaxed);
+            allowance.store(if known == 0 { 0 } else { MEMBER_ALLOWANCE }, Relaxed);
+        }
+    }
+
+    /// From the control thread: the next wire control payloads to authenticate, members' first
+    /// (all of them), then at most [`STRANGERS_PER_TURN`] others.
+    fn wire_received(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
+        self.wire_in_members
+            .1
+            .try_iter()
+            .chain(self.wire_in.1.try_iter().take(STRANGERS_PER_TURN))
     }
 
     /// Flow counts of `buckets` summed over cores, if every core has counted them for the
@@ -246,6 +334,8 @@ pub struct ControlView {
     pub peers: Vec<PeerView>,
     /// Refused control messages by [path][reason].
     pub refused: [[u64; Refusal::ALL.len()]; 2],
+    /// Accepted control messages by path.
+    pub accepted: [u64; 2],
 }
 
 /// One peer in [`ControlView`].
@@ -271,6 +361,7 @@ fn control_view(m: &Membership, me: NodeId, now: u64) -> ControlView {
         }
     }
     ControlView {
+        accepted: Path::ALL.map(|p| m.accepted(p)),
         epoch: m.epoch(),
         protocol_version: m.speaks(),
         accepting: snapshot.accepting_count(me),
@@ -394,11 +485,11 @@ pub fn control_thread(
             }
             None => std::thread::sleep(tick),
         }
-        // Wire heartbeats received by the cores.
-        while let Ok(payload) = link.wire_in.1.try_recv() {
-            if let Some(msg) = wire_payload(&payload) {
-                m.handle_message(Path::Wire, msg, now_ns(), &mut out);
-            }
+        // Wire heartbeats received by the cores. A payload without a whole length-prefixed
+        // message is malformed like any other.
+        for payload in link.wire_received() {
+            let msg = wire_payload(&payload).unwrap_or_default();
+            m.handle_message(Path::Wire, msg, now_ns(), &mut out);
         }
         let now = Instant::now();
         if now >= next_tick {
@@ -459,6 +550,7 @@ pub fn control_thread(
             }
             link.refusing_peers.store(m.refusing_peers(), Relaxed);
             m.handle_tick(now_ns(), &mut out);
+            link.set_members(&m);
             let mut v = control_view(&m, me, now_ns());
             if let Some(h) = &health {
                 v.healthy = Some(h.healthy());
@@ -981,6 +1073,58 @@ impl BusyShare {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn frame(src: [u8; 6], payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&control::ETHERTYPE.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn members_frames_queue_ahead_of_a_flood_within_their_allowance() {
+        let link = ControlLink::new(1, Arc::new(Snapshot::empty()));
+        let member = [2, 0xcc, 0, 0, 0, 2];
+        link.member_macs[1].store(0x02cc_0000_0002, Relaxed);
+        link.member_allowance[1].store(2, Relaxed);
+        // A flood from strangers (and from nobody: a zero MAC is nobody's) fills their queue.
+        for i in 0..CHANNEL_DEPTH + 5 {
+            let src = if i == 0 {
+                [0; 6]
+            } else {
+                [2, 0, 0, 0, 0, (i % 250) as u8]
+            };
+            link.received_on_wire(&frame(src, b"forged"));
+        }
+        assert_eq!(
+            link.wire_in_dropped[1].load(Relaxed),
+            5,
+            "every drop counted"
+        );
+        // The member's frames still get through, ahead, within its allowance; past it they
+        // queue with the strangers' (full: counted).
+        for n in 0..3u8 {
+            link.received_on_wire(&frame(member, &[n]));
+        }
+        assert_eq!(link.wire_in_dropped[1].load(Relaxed), 6);
+        assert_eq!(link.wire_in_dropped[0].load(Relaxed), 0);
+        let turn: Vec<Vec<u8>> = link.wire_received().collect();
+        assert_eq!(&turn[..2], &[vec![0], vec![1]], "members first");
+        assert_eq!(
+            turn.len(),
+            2 + STRANGERS_PER_TURN,
+            "then a bounded share of the rest"
+        );
+        // A frame too short for a header reaches the control thread as an empty payload (and
+        // is refused there as malformed), not lost on the way.
+        while link.wire_received().next().is_some() {}
+        link.received_on_wire(&[0xff; 10]);
+        assert_eq!(
+            link.wire_received().collect::<Vec<_>>(),
+            vec![Vec::<u8>::new()]
+        );
+    }
 
     #[test]
     fn busy_share_is_busy_time_over_wall_time_per_core() {

@@ -39,7 +39,21 @@
 //!
 //! At most `capacity` entries. Inserting into a full table first removes one entry among the
 //! first [`EVICTION_WINDOW`] entries of the new flow's probe run: an expired one if there is
-//! one (counted as expired), else the least recently seen (counted as evicted).
+//! one (counted as expired), else the least recently seen half-open one, else the least
+//! recently seen (counted as evicted).
+//!
+//! # Admission of half-open flows
+//!
+//! A half-open flow (a TCP SYN, no handshake ACK yet) costs a client nothing to create, and a
+//! flood of SYNs from spoofed sources creates them at line rate. So half-open flows live in
+//! their own bounded share of the table, at most [`HALF_OPEN_SHARE`] of `capacity`, and make
+//! room only among themselves: a new half-open flow that finds its share (or the table) full
+//! replaces an expired or the least recently seen half-open entry of its probe window, and if
+//! the window holds none it is not tracked at all (counted in
+//! [`FlowTableStats::untracked`]; the frame itself is still decided by bucket ownership: its
+//! next packet, the handshake's ACK, is tracked as an established flow). So a SYN flood can
+//! never evict an established, closing or UDP flow, which is what a handoff (the old owner
+//! serves what it tracks) and the "done" step rely on.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -54,6 +68,9 @@ pub const EVICTION_WINDOW: usize = 8;
 
 /// Bytes of one slot.
 pub const SLOT_BYTES: usize = 16;
+
+/// The share of `capacity` half-open flows may take, as (numerator, denominator): one half.
+pub const HALF_OPEN_SHARE: (usize, usize) = (1, 2);
 
 /// Slots in one 64-byte cache line: a probe run starts at the first of them.
 const SLOTS_PER_LINE: usize = 64 / SLOT_BYTES;
@@ -291,6 +308,9 @@ pub struct Upsert {
     pub is_new: bool,
     /// A live entry was evicted to make room.
     pub evicted: bool,
+    /// The flow is in the table now (false: a half-open flow that found no room among the
+    /// half-open ones; see the module doc's admission).
+    pub tracked: bool,
 }
 
 /// Counters since construction. `inserted == len + evicted + expired + removed` always.
@@ -300,10 +320,16 @@ pub struct FlowTableStats {
     pub inserted: u64,
     /// Live entries dropped to make room: each is a flow the node forgot while it was alive.
     pub evicted: u64,
+    /// Of `evicted`, half-open entries (replaced by newer half-open flows, or by any new flow
+    /// when the table is full: see the module doc's admission).
+    pub evicted_half_open: u64,
     /// Entries dropped after their idle timeout (by a sweep, or reused as a victim).
     pub expired: u64,
     /// Entries dropped by [`FlowTable::remove`].
     pub removed: u64,
+    /// New half-open flows not tracked: the half-open share of the table had no room for
+    /// them (a SYN flood, most likely).
+    pub untracked: u64,
 }
 
 /// One slot: see the module doc's layout.
@@ -413,6 +439,10 @@ pub struct FlowTable {
     /// Where the next [`FlowTable::expire`] call resumes.
     cursor: usize,
     stats: FlowTableStats,
+    /// Entries in state SynSeen, expired ones not yet swept included.
+    half_open: usize,
+    /// Most half-open entries (see the module doc's admission).
+    half_open_cap: usize,
 }
 
 impl FlowTable {
@@ -431,6 +461,8 @@ impl FlowTable {
             timeouts: timeouts.into(),
             cursor: 0,
             stats: FlowTableStats::default(),
+            half_open: 0,
+            half_open_cap: (capacity * HALF_OPEN_SHARE.0 / HALF_OPEN_SHARE.1).max(1),
         }
     }
 
@@ -465,6 +497,11 @@ impl FlowTable {
 
     pub fn stats(&self) -> FlowTableStats {
         self.stats
+    }
+
+    /// Half-open entries held (TCP SYN seen, no ACK yet), expired ones not yet swept included.
+    pub fn half_open(&self) -> usize {
+        self.half_open
     }
 
     /// Entries held in `bucket`, expired ones not yet swept included: the handoff's "done"
@@ -553,6 +590,10 @@ impl FlowTable {
             FlowState::from_raw(slot.state)
         };
         let state = FlowState::next(prev, proto, flags);
+        // A known flow changes state in place: it stays tracked (a reused 4-tuple's SYN may
+        // take the half-open count one past its share until the next insertion makes room).
+        self.half_open = self.half_open + usize::from(state as u8 == STATE_SYN)
+            - usize::from(slot.state == STATE_SYN);
         slot.state = state as u8;
         slot.proto = proto;
         slot.last_seen = now_t;
@@ -560,6 +601,7 @@ impl FlowTable {
             state,
             is_new: expired,
             evicted: false,
+            tracked: true,
         }
     }
 
@@ -574,11 +616,26 @@ impl FlowTable {
         flags: TcpFlags,
         now_t: u32,
     ) -> Upsert {
-        let mut evicted = false;
-        if self.len >= self.capacity {
-            evicted = self.make_room(hash, now_t);
-        }
         let state = FlowState::next(None, proto, flags);
+        let half_open = state == FlowState::SynSeen;
+        let mut evicted = false;
+        if half_open && (self.half_open >= self.half_open_cap || self.len >= self.capacity) {
+            match self.make_room(hash, now_t, true) {
+                Room::Expired => {}
+                Room::Evicted => evicted = true,
+                Room::None => {
+                    self.stats.untracked += 1;
+                    return Upsert {
+                        state,
+                        is_new: true,
+                        evicted: false,
+                        tracked: false,
+                    };
+                }
+            }
+        } else if self.len >= self.capacity {
+            evicted = self.make_room(hash, now_t, false) == Room::Evicted;
+        }
         let mut i = self.home(hash);
         while !self.slots[i].is_empty() {
             i = (i + 1) & self.mask;
@@ -591,12 +648,14 @@ impl FlowTable {
             proto,
         };
         self.len += 1;
+        self.half_open += usize::from(half_open);
         self.per_bucket[bucket.index()] += 1;
         self.stats.inserted += 1;
         Upsert {
             state,
             is_new: true,
             evicted,
+            tracked: true,
         }
     }
 
@@ -669,26 +728,28 @@ impl FlowTable {
         !slot.is_empty() && idle <= u32::MAX / 2 && idle > self.timeouts.of(slot.state, slot.proto)
     }
 
-    /// Drops one entry from the probe run at `hash`'s home to make room. Returns whether the
-    /// victim was live (an eviction) rather than expired.
-    fn make_room(&mut self, hash: u64, now_t: u32) -> bool {
+    /// Drops one entry among the first [`EVICTION_WINDOW`] entries of the probe run at
+    /// `hash`'s home to make room: an expired one, else the least recently seen half-open one,
+    /// else (unless `half_open_only`) the least recently seen one. With `half_open_only`, only
+    /// half-open entries are candidates, expired or not.
+    fn make_room(&mut self, hash: u64, now_t: u32, half_open_only: bool) -> Room {
         let mut i = self.home(hash);
-        let mut victim = None;
-        let mut oldest = 0u32;
+        // (is half-open, idle ticks, slot): the best victim so far.
+        let mut victim: Option<(bool, u32, usize)> = None;
         let mut seen = 0;
         // The table holds `capacity >= 1` entries, so this finds one within `slots` steps.
         for _ in 0..self.slots.len() {
             let slot = &self.slots[i];
             if !slot.is_empty() {
-                if self.is_expired(slot, now_t) {
+                let syn = slot.state == STATE_SYN;
+                if (syn || !half_open_only) && self.is_expired(slot, now_t) {
                     self.delete_at(i);
                     self.stats.expired += 1;
-                    return false;
+                    return Room::Expired;
                 }
                 let idle = now_t.wrapping_sub(slot.last_seen);
-                if idle > oldest || victim.is_none() {
-                    oldest = idle;
-                    victim = Some(i);
+                if (syn || !half_open_only) && victim.is_none_or(|v| (syn, idle) > (v.0, v.1)) {
+                    victim = Some((syn, idle, i));
                 }
                 seen += 1;
                 if seen == EVICTION_WINDOW {
@@ -698,12 +759,13 @@ impl FlowTable {
             i = (i + 1) & self.mask;
         }
         match victim {
-            Some(v) => {
+            Some((syn, _, v)) => {
                 self.delete_at(v);
                 self.stats.evicted += 1;
-                true
+                self.stats.evicted_half_open += u64::from(syn);
+                Room::Evicted
             }
-            None => false,
+            None => Room::None,
         }
     }
 
@@ -712,6 +774,7 @@ impl FlowTable {
         let bucket = self.slots[hole].bucket as usize;
         self.per_bucket[bucket] -= 1;
         self.len -= 1;
+        self.half_open -= usize::from(self.slots[hole].state == STATE_SYN);
         let mut j = hole;
         loop {
             j = (j + 1) & self.mask;
@@ -728,6 +791,17 @@ impl FlowTable {
         }
         self.slots[hole].state = EMPTY;
     }
+}
+
+/// What [`FlowTable::make_room`] freed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Room {
+    /// An expired entry.
+    Expired,
+    /// A live entry.
+    Evicted,
+    /// Nothing: no candidate in the window.
+    None,
 }
 
 impl fmt::Debug for FlowTable {
@@ -811,6 +885,8 @@ mod tests {
             st.inserted,
             t.len as u64 + st.evicted + st.expired + st.removed
         );
+        let syn = occupied.iter().filter(|s| s.state == STATE_SYN).count();
+        assert_eq!(syn, t.half_open, "half-open count drifted");
     }
 
     #[test]
@@ -1017,6 +1093,10 @@ mod tests {
         let mut t = table(8);
         for n in 0..8 {
             t.up(&flow(n, TCP), Bucket(n as u16), TcpFlags::SYN, 0);
+            // Half-open flows take at most half the table: complete the handshakes.
+            if n != 3 {
+                t.up(&flow(n, TCP), Bucket(n as u16), TcpFlags::ACK, 0);
+            }
         }
         // Keep all but flow 3 fresh; flow 3's SYN state times out.
         for n in (0..8).filter(|&n| n != 3) {
@@ -1027,11 +1107,60 @@ mod tests {
         // The window covers all 8 entries here, so the expired one must be the victim.
         assert!(t.g(&flow(3, TCP), 31 * SEC).is_none());
         assert_eq!((t.stats().evicted, t.stats().expired), (0, 1));
-        // Now nothing is expired: the oldest live entry goes, and it is counted.
+        // Now nothing is expired: a half-open newcomer may only replace a half-open entry
+        // (flow 100, the only one).
         let u = t.up(&flow(101, TCP), Bucket(101), TcpFlags::SYN, 32 * SEC);
-        assert!(u.evicted);
+        assert!(u.evicted && u.tracked);
+        assert!(t.g(&flow(100, TCP), 32 * SEC).is_none());
         assert_eq!(t.stats().evicted, 1);
+        // An established newcomer takes a half-open entry first, then the least recently seen.
+        let u = t.up(&flow(102, TCP), Bucket(102), TcpFlags::ACK, 33 * SEC);
+        assert!(u.evicted && t.g(&flow(101, TCP), 33 * SEC).is_none());
+        assert_eq!(t.half_open(), 0);
+        let u = t.up(&flow(103, TCP), Bucket(103), TcpFlags::ACK, 34 * SEC);
+        assert!(u.evicted);
+        assert_eq!(t.stats().evicted, 3);
         assert_eq!(t.len(), 8);
+        check(&t);
+    }
+
+    #[test]
+    fn a_syn_flood_never_evicts_established_flows() {
+        let capacity = 1000;
+        let mut t = table(capacity);
+        // 600 established connections.
+        for n in 0..600 {
+            t.up(&flow(n, TCP), Bucket(n as u16), TcpFlags::SYN, 0);
+            t.up(&flow(n, TCP), Bucket(n as u16), TcpFlags::ACK, 0);
+        }
+        // A million SYNs from spoofed sources, none ever answered, over 20 s.
+        for n in 0..1_000_000u32 {
+            let now = u64::from(n) * 20_000;
+            let u = t.up(&flow(10_000 + n, TCP), Bucket(n as u16), TcpFlags::SYN, now);
+            assert_eq!(u.state, FlowState::SynSeen);
+        }
+        let now = 20 * SEC;
+        assert!(
+            (0..600).all(|n| t.g(&flow(n, TCP), now).is_some()),
+            "established kept"
+        );
+        let st = t.stats();
+        assert!(t.half_open() <= capacity / 2, "{}", t.half_open());
+        assert!(st.untracked > 0 && st.evicted > 0, "{st:?}");
+        assert_eq!(
+            st.evicted, st.evicted_half_open,
+            "only half-open entries evicted"
+        );
+        assert_eq!(
+            st.untracked + st.evicted + t.half_open() as u64 + st.expired,
+            1_000_000,
+            "every SYN tracked (and maybe replaced later) or counted as untracked"
+        );
+        check(&t);
+        // A real client's handshake still completes: its ACK is tracked as established even
+        // if its SYN was not.
+        let u = t.up(&flow(5_000_000, TCP), Bucket(7), TcpFlags::ACK, now);
+        assert!(u.tracked && u.state == FlowState::Established);
         check(&t);
     }
 
@@ -1124,12 +1253,26 @@ mod tests {
                         let full = t.len() == t.capacity();
                         let had = t.find(flow(k, proto_of(k)).hash.0).is_some();
                         let before = t.stats();
+                        let settled = |t: &FlowTable| {
+                            t.slots.iter().filter(|s| !s.is_empty() && s.state != STATE_SYN).count()
+                        };
+                        let settled_before = settled(&t);
                         let u = t.up(&flow(k, proto_of(k)), Bucket(k as u16), TcpFlags(f), now);
                         let after = t.stats();
-                        prop_assert!(t.g(&flow(k, proto_of(k)), now).is_some());
+                        prop_assert_eq!(u.tracked, t.g(&flow(k, proto_of(k)), now).is_some());
+                        prop_assert_eq!(!u.tracked, after.untracked == before.untracked + 1);
                         prop_assert_eq!(u.evicted, after.evicted == before.evicted + 1);
                         if u.evicted {
-                            prop_assert!(full && !had);
+                            prop_assert!(!had);
+                        }
+                        if u.evicted && u.state != FlowState::SynSeen {
+                            prop_assert!(full);
+                        }
+                        if !had && u.state == FlowState::SynSeen {
+                            // A new half-open flow never displaces any other kind.
+                            prop_assert!(settled(&t) >= settled_before);
+                        } else {
+                            prop_assert!(u.tracked);
                         }
                     }
                     Op::Remove(k) => {
@@ -1149,7 +1292,8 @@ mod tests {
         /// With room for every key and no time passing, the table is an exact map.
         #[test]
         fn matches_a_map_when_never_full(ops in ops(60)) {
-            let mut t = table(60);
+            // Room for every key, and for every key half-open at once.
+            let mut t = table(120);
             let mut model: HashMap<u32, FlowState> = HashMap::new();
             for op in ops {
                 match op {

@@ -303,6 +303,8 @@ pub struct Membership {
     report: Option<(PlanId, u32)>,
     coord: Coord,
     refused: [[u64; Refusal::ALL.len()]; 2],
+    /// Messages accepted, per path.
+    accepted: [u64; 2],
     /// Last refusal for a bad MAC or config digest: blocks a lonely bootstrap.
     last_auth_refusal: Option<u64>,
     drained: bool,
@@ -338,6 +340,7 @@ impl Membership {
                 last_rebalance: 0,
             },
             refused: [[0; Refusal::ALL.len()]; 2],
+            accepted: [0; 2],
             last_auth_refusal: None,
             drained: false,
             heartbeats_sent: 0,
@@ -362,6 +365,7 @@ impl Membership {
         if let Err(r) = self.accept(&msg, now, out) {
             return self.refuse(path, r, now);
         }
+        self.accepted[path.index()] += 1;
         match msg.body {
             Body::Heartbeat(hb) => {
                 if let Some((id, _)) = hb.plan {
@@ -373,6 +377,8 @@ impl Membership {
             }
             Body::Plan(plan) => {
                 if let Err(r) = self.consider_plan(plan, now, out) {
+                    // Counted once: refused, not accepted.
+                    self.accepted[path.index()] -= 1;
                     self.refuse(path, r, now);
                 }
             }
@@ -580,6 +586,12 @@ impl Membership {
     }
 
     /// Messages refused on `path` for `reason`.
+    /// Messages accepted on `path`: every message handled is either accepted or refused (by
+    /// [`Membership::refused`]), once.
+    pub fn accepted(&self, path: Path) -> u64 {
+        self.accepted[path.index()]
+    }
+
     pub fn refused(&self, path: Path, reason: Refusal) -> u64 {
         self.refused[path.index()][reason.index()]
     }

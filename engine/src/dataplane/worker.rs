@@ -394,9 +394,7 @@ fn core_loop(shared: &Shared, index: usize) {
                     }
                     Action::ToControl => {
                         bump(&c.to_control, 1);
-                        if let Some(payload) = m.data().get(14..) {
-                            link.received_on_wire(payload);
-                        }
+                        link.received_on_wire(m.data());
                         push_dropped(&mut dropped, m);
                     }
                     Action::Hold(key) => match hold.put(key, now, m) {
@@ -479,6 +477,7 @@ fn core_loop(shared: &Shared, index: usize) {
                 if room.len() >= frame.len() {
                     room[..frame.len()].copy_from_slice(&frame);
                     m.set_len(frame.len());
+                    bump(&c.control_tx, 1);
                     to_wire.push(m);
                 }
             }
@@ -490,7 +489,13 @@ fn core_loop(shared: &Shared, index: usize) {
         if iterations.is_multiple_of(MAINTAIN_EVERY) {
             pipeline.maintain(now, EXPIRE_BUDGET);
             link.core_flows[index].store(pipeline.flows().len() as u64, Relaxed);
-            link.core_evictions[index].store(pipeline.flows().stats().evicted, Relaxed);
+            let (own, learned) = (pipeline.flows().stats(), pipeline.learned().stats());
+            link.core_evictions[index].store(own.evicted - own.evicted_half_open, Relaxed);
+            let half_open = own.evicted_half_open
+                + own.untracked
+                + learned.evicted_half_open
+                + learned.untracked;
+            link.core_half_open_dropped[index].store(half_open, Relaxed);
             link.core_duplicate_risk[index].store(pipeline.duplicate_risk(), Relaxed);
             if index == 0 {
                 // SAFETY: the pool outlives the packet loops (`run` frees it after they return).
