@@ -129,6 +129,21 @@ enum Command {
         #[arg(long)]
         cleanup: bool,
     },
+    /// The soak: N nodes under steady load for MINUTES while the last node is killed and
+    /// restarted, cut off and put back, drained and undrained, in turn; checks that nothing
+    /// leaked (mbufs, memory), nothing was delivered twice and only the crashed node's
+    /// connections were lost. Writes soak.md, soak.json, soak.csv and plots into --out.
+    Soak {
+        #[arg(long, default_value_t = 1.0)]
+        minutes: f64,
+        #[arg(long, default_value_t = 2)]
+        nodes: u8,
+        /// `wrk` connections throughout.
+        #[arg(long, default_value_t = 20)]
+        clients: u32,
+        #[arg(long, default_value = "soak-out")]
+        out: PathBuf,
+    },
     /// The lab's connection probe (started by `lab` in the client namespace).
     #[command(hide = true)]
     LabProbe {
@@ -272,6 +287,44 @@ fn execute(cli: Cli) -> Result<(), String> {
                 return Err(format!(
                     "the lab found problems:\n  {}",
                     failures.join("\n  ")
+                ));
+            }
+            Ok(())
+        }
+        Command::Soak {
+            minutes,
+            nodes,
+            clients,
+            out,
+        } => {
+            use clonecluster::lab::soak::{run as soak_run, SoakOptions};
+            if !(2..=8).contains(&nodes) {
+                return Err(format!("--nodes {nodes}: the soak runs 2 to 8 nodes"));
+            }
+            if !(0.5..=24.0 * 60.0).contains(&minutes) || clients == 0 {
+                return Err("--minutes: from 0.5 to 1440; --clients: a positive number".into());
+            }
+            let opts = SoakOptions {
+                bin: std::env::current_exe().map_err(|e| e.to_string())?,
+                prefix: "ccsoak".to_owned(),
+                nodes,
+                minutes,
+                clients,
+                out: out.clone(),
+                interrupted: clonecluster::lab::run::interrupted,
+            };
+            let r = soak_run(&opts)?;
+            println!("report: {}", out.join("soak.md").display());
+            let failed: Vec<String> = r
+                .checks
+                .iter()
+                .filter(|c| !c.held)
+                .map(|c| format!("{}: {}", c.what, c.detail))
+                .collect();
+            if !failed.is_empty() {
+                return Err(format!(
+                    "the soak found problems:\n  {}",
+                    failed.join("\n  ")
                 ));
             }
             Ok(())

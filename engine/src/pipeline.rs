@@ -415,6 +415,12 @@ impl Pipeline {
 
     /// Swaps in a new ownership snapshot (between bursts).
     pub fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
+        // A node found dead serves nothing any more: the flows learned as an old owner's are
+        // forgotten (they may be the dead node's), so that the owner takes their packets and
+        // their clients get an RST rather than silence.
+        if snapshot.dead() & !self.snapshot.dead() != 0 {
+            self.learned.clear();
+        }
         self.snapshot = snapshot;
     }
 
@@ -653,12 +659,16 @@ impl Pipeline {
                 self.flows.prefetch(hash);
                 self.learned.prefetch(hash);
             }
-            // Owner or not is a coin toss per frame in a 2-node cluster: no jump on it.
+            // Owner or not is a coin toss per frame in a 2-node cluster: no jump on it. A bucket
+            // that is another node's may still hold flows this node served before it moved
+            // (they stay this node's until they end): its frames take the full decision.
             Role::Owner | Role::NotOwner | Role::Releasing { .. } => {
-                self.flows.prefetch_if(hash, role != Role::NotOwner)
+                let mine = (role != Role::NotOwner) | (self.flows.count_in_bucket(bucket) != 0);
+                self.flows.prefetch_if(hash, mine);
+                return !mine;
             }
         }
-        role == Role::NotOwner
+        false
     }
 
     /// The second half of [`Pipeline::from_wire`]: `prepared` must come from
@@ -800,11 +810,16 @@ impl Pipeline {
     ) -> Action {
         let role = self.snapshot.role(bucket, self.id.node);
         let deliver = match role {
+            // A flow the old owner of this bucket still serves after the handoff (DESIGN.md,
+            // "Long-lived flows"): learned, never in this node's own table, not starting again.
+            Role::Owner if self.old_owners_flow(bucket, hash, proto, flags, now) => false,
             Role::Owner if self.service.refuse_new => {
                 !(proto == 6 && flags.is_initial_syn()) || self.flows.get(hash, now).is_some()
             }
             Role::Owner => true,
-            Role::NotOwner => false,
+            // The bucket moved on, but a flow this node served before it did stays this node's
+            // for as long as it lives (a new connection on its 4-tuple does not).
+            Role::NotOwner => self.still_serving(hash, proto, flags, now),
             Role::Learning { from } => {
                 // Only the learn phase's flows are the old owner's: once it has released the
                 // bucket it takes no new flow, so a flow first seen then is nobody's yet (its
@@ -819,17 +834,7 @@ impl Pipeline {
                 }
                 false
             }
-            Role::Releasing { .. } => match self.flows.get(hash, now) {
-                // A SYN on the 4-tuple of a connection that has ended (clients reuse ports
-                // quickly) starts a new flow, which this node no longer takes: forget the old
-                // one, or its later packets would be delivered here as well as to the new owner.
-                Some(e) if e.state == FlowState::Closing && starts_again(proto, flags) => {
-                    self.flows.remove(hash);
-                    false
-                }
-                Some(_) => true,
-                None => false,
-            },
+            Role::Releasing { .. } => self.still_serving(hash, proto, flags, now),
             Role::Acquiring { .. } => {
                 if self.flows.get(hash, now).is_some() {
                     true
@@ -876,6 +881,51 @@ impl Pipeline {
         }
         self.flows.upsert(hash, proto, bucket, flags, now);
         Action::Deliver
+    }
+
+    /// Whether a packet of a bucket this node no longer takes new flows in belongs to a flow
+    /// it still serves: one in its own table. A SYN on the 4-tuple of a connection that has
+    /// ended (clients reuse ports quickly) starts a new flow, which this node no longer takes:
+    /// the old entry is forgotten, or its later packets would be delivered here as well as by
+    /// the owner.
+    fn still_serving(&mut self, hash: FlowHash, proto: u8, flags: TcpFlags, now: u64) -> bool {
+        match self.flows.get(hash, now) {
+            Some(e) if e.state == FlowState::Closing && starts_again(proto, flags) => {
+                self.flows.remove(hash);
+                false
+            }
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    /// Whether a packet of a bucket this node owns outright belongs to a flow the bucket's
+    /// previous owner still serves: learned during the handoff and not in this node's own
+    /// table. Such a flow stays tracked (its state and idle time) for as long as it lives; one
+    /// that has ended and starts again is a new flow, this node's.
+    #[inline]
+    fn old_owners_flow(
+        &mut self,
+        bucket: Bucket,
+        hash: FlowHash,
+        proto: u8,
+        flags: TcpFlags,
+        now: u64,
+    ) -> bool {
+        if self.learned.is_empty() {
+            return false;
+        }
+        match self.learned.get(hash, now) {
+            Some(e) if e.state == FlowState::Closing && starts_again(proto, flags) => {
+                self.learned.remove(hash);
+                false
+            }
+            Some(_) if self.flows.get(hash, now).is_none() => {
+                self.learned.upsert(hash, proto, bucket, flags, now);
+                true
+            }
+            Some(_) | None => false,
+        }
     }
 
     /// An ICMP error goes where the flow it quotes is served: the owner, or during a handoff
@@ -2005,6 +2055,56 @@ mod tests {
                 .map(|(i, &f)| self.send(port, f, t + i as u64))
                 .collect()
         }
+    }
+
+    /// DESIGN.md, "Long-lived flows": a join's plan reaches Done (its release deadline
+    /// passed) while a connection of the old owner lives on. The old owner keeps serving it,
+    /// the new owner keeps leaving it alone, and new connections in the bucket are the new
+    /// owner's; once it ends, its reused 4-tuple is a new flow. If the old owner dies, the new
+    /// owner forgets what it learned and takes the flow's packets (its kernel answers RST).
+    #[test]
+    fn a_long_flow_outlives_its_handoff_until_it_ends_or_its_node_dies() {
+        let mut h = Handoff::new(&[1], &[1, 2]);
+        let ports = h.moving_ports(1, 2, 3);
+        let (long, other, orphan) = (ports[0], ports[1], ports[2]);
+        for port in [long, orphan] {
+            assert_eq!(h.send(port, 0x02, 1), vec![1]);
+            assert_eq!(h.send(port, 0x10, 2), vec![1]);
+        }
+        let mut t = 10;
+        for phase in [Phase::Learn, Phase::Release, Phase::Acquire] {
+            h.set_all(phase);
+            for port in [long, orphan] {
+                assert_eq!(h.send(port, 0x18, t), vec![1], "{phase:?}");
+            }
+            t += 1;
+        }
+        let done = Arc::new(stable_snapshot(&h.to));
+        for p in h.nodes.iter_mut() {
+            p.set_snapshot(Arc::clone(&done));
+        }
+        for _ in 0..5 {
+            for port in [long, orphan] {
+                assert_eq!(h.send(port, 0x18, t), vec![1], "after the plan");
+            }
+            t += 1;
+        }
+        assert_eq!(
+            h.send(other, 0x02, t),
+            vec![2],
+            "a new connection is the new owner's"
+        );
+        // The long connection ends; its 4-tuple starts again: a new flow, the owner's.
+        assert_eq!(h.send(long, 0x11, t + 1), vec![1]);
+        assert_eq!(h.send(long, 0x02, t + 2), vec![2]);
+        assert_eq!(h.send(long, 0x10, t + 3), vec![2]);
+        // Node 1 dies: node 2, which finds it dead, takes what node 1 still served.
+        let alone = OwnershipTable::build(3, &[Member::new(2, 100).unwrap()]).unwrap();
+        h.nodes[1].set_snapshot(Arc::new(stable_snapshot(&alone).with_dead(0b01)));
+        let mut f = ipv4_frame(Handoff::CLIENT, orphan, &Kind::Tcp(0x18));
+        let len = f.len();
+        f.resize(2048, 0);
+        assert_eq!(h.nodes[1].from_wire(&mut f, len, t + 4), Action::Deliver);
     }
 
     /// Clients reuse a source port soon after a connection closed. During a handoff the old

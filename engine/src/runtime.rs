@@ -69,6 +69,8 @@ pub struct ControlLink {
     pub counters: Vec<CoreCounters>,
     /// Set while the local service fails its health check: cores take no new TCP connection.
     pub refuse_new: AtomicBool,
+    /// Whether the wire port has link, as core 0 last read it.
+    pub wire_link_up: AtomicBool,
     /// Peers that announce a failing service (bit `id - 1`).
     pub refusing_peers: AtomicU64,
     /// The health-checked TCP port whose refusals cores hold back (0: none).
@@ -118,6 +120,7 @@ impl ControlLink {
             core_half_open_dropped: (0..cores).map(|_| AtomicU64::new(0)).collect(),
             core_duplicate_risk: (0..cores).map(|_| AtomicU64::new(0)).collect(),
             refuse_new: AtomicBool::new(false),
+            wire_link_up: AtomicBool::new(true),
             refusing_peers: AtomicU64::new(0),
             hold_refusals_on: AtomicU32::new(0),
             burst_latency_ns: (0..cores).map(|_| Default::default()).collect(),
@@ -549,6 +552,7 @@ pub fn control_thread(
                 watchdog_warned = stalled;
             }
             link.refusing_peers.store(m.refusing_peers(), Relaxed);
+            m.set_wire_link(link.wire_link_up.load(Relaxed), now_ns(), &mut out);
             m.handle_tick(now_ns(), &mut out);
             link.set_members(&m);
             let mut v = control_view(&m, me, now_ns());
@@ -695,6 +699,16 @@ fn log_event(node: u8, epoch: u64, e: &Event) {
             )
         }
         Event::Drained => tracing::info!(node, epoch, "drained: this node owns no bucket"),
+        Event::Fenced { fenced: true } => tracing::warn!(
+            node,
+            epoch,
+            "fenced: the wire port has no link; this node owns nothing until it is back"
+        ),
+        Event::Fenced { fenced: false } => tracing::info!(
+            node,
+            epoch,
+            "fence lifted: the wire link is back and the cluster's plan heard"
+        ),
         Event::VersionRefused {
             version,
             node: sender,
@@ -948,12 +962,13 @@ fn status_json(m: &Membership, seen: &Seen<'_>) -> serde_json::Value {
             let hb = m.peer(mem.id).and_then(|p| p.heartbeat);
             let load = if mem.id == me { Some(self_load) } else { hb.map(|h| h.load) };
             // A failing service (it refuses new connections) first, then a drain.
-            let (refusing, draining) = if mem.id == me {
-                (m.refusing(), m.draining())
+            let (refusing, draining, fenced) = if mem.id == me {
+                (m.refusing(), m.draining(), m.fenced())
             } else {
-                hb.map_or((false, false), |h| (h.refusing, h.draining))
+                hb.map_or((false, false, false), |h| (h.refusing, h.draining, h.fenced))
             };
             let state = match (refusing, draining) {
+                _ if fenced => "fenced",
                 (true, _) => "failing",
                 (false, true) => "draining",
                 (false, false) => "up",
@@ -990,9 +1005,15 @@ fn status_json(m: &Membership, seen: &Seen<'_>) -> serde_json::Value {
                     hb.map(|h| h.load),
                 )
             };
+            let fenced = if id == me {
+                m.fenced()
+            } else {
+                hb.is_some_and(|h| h.fenced)
+            };
             // Out of the plan's target table, but a node still serves the connections it had
             // until the plan is done: draining until then, drained after.
             let state = match (refusing, draining) {
+                _ if fenced => "fenced",
                 (true, _) => "failing",
                 (false, true) if snapshot.phase() == control::Phase::Done => "drained",
                 (false, true) => "draining",
@@ -1018,6 +1039,7 @@ fn status_json(m: &Membership, seen: &Seen<'_>) -> serde_json::Value {
         "draining": m.draining(),
         "drained": m.is_drained(),
         "refusing": m.refusing(),
+        "fenced": m.fenced(),
         "protocol_version": m.speaks(),
         "healthy": health,
         "members": members,

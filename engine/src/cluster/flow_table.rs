@@ -659,6 +659,21 @@ impl FlowTable {
         }
     }
 
+    /// Forgets every flow (counted as removed). Walks every slot: not for the packet path's
+    /// every frame, only for rare events (a node found dead).
+    pub fn clear(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        for slot in self.slots.iter_mut() {
+            slot.state = EMPTY;
+        }
+        self.per_bucket.fill(0);
+        self.stats.removed += self.len as u64;
+        self.len = 0;
+        self.half_open = 0;
+    }
+
     /// Forgets a flow; returns its entry if it was held (expired or not).
     pub fn remove(&mut self, hash: FlowHash) -> Option<FlowEntry> {
         let i = self.find(hash.0)?;

@@ -33,6 +33,15 @@
 //!   the coordinator formalizes the loss with a new plan `to − dead` (no bucket moves).
 //! - Joins, drains, undrains, weight changes and by-load rebalances are new plans from the
 //!   effective table to the desired one, one plan at a time, always through the four phases.
+//! - **Fencing** (DESIGN.md, "Liveness"): a node whose wire port has no link cannot receive
+//!   its share, whatever its control channel says. It fences itself ([`Membership::set_wire_link`]):
+//!   its snapshot owns nothing, it coordinates nothing, and its heartbeats say `fenced`, so that
+//!   every peer that still hears it treats it as dead for ownership (takes its buckets at once,
+//!   leaves it out of the next plan) while it stays a live member for messages. It stays
+//!   fenced for `dead_after` intervals after its link comes back, so that it hears the
+//!   cluster's current plan before it owns anything again (a node cut off both networks
+//!   believes every peer dead; unfenced at once, it would deliver their flows until their plan
+//!   reached it). It then rejoins through a normal plan.
 //! - **Versions** (rolling upgrades): a node understands its format version and the one before
 //!   and speaks the newest that every live peer understands: the lowest of the newest versions
 //!   each live peer has sent in its current run. A node that speaks the older version because
@@ -183,6 +192,8 @@ pub enum Event {
     PhaseChanged { plan: PlanId, phase: Phase },
     /// This node drains and owns nothing any more: it may stop.
     Drained,
+    /// This node fenced itself (its wire port lost link), or lifted its fence.
+    Fenced { fenced: bool },
     /// A control message in a format version this node does not speak was refused (its
     /// header claims `node`, unauthenticated). Emitted for the first such message of each
     /// version, then at most once a minute per version.
@@ -292,13 +303,19 @@ pub struct Membership {
     draining: bool,
     /// The local service fails its health check (announced in heartbeats).
     refusing: bool,
+    /// The wire port has link (as the data path last said).
+    wire_up: bool,
+    /// When the wire link last came back (None: it never went down).
+    wire_up_since: Option<u64>,
+    /// Fenced: this node owns nothing and coordinates nothing (announced in heartbeats).
+    fenced: bool,
     weight: Weight,
     load: Load,
     peers: Vec<Option<Peer>>,
     cur: Option<Current>,
     max_epoch_seen: u64,
     snapshot: Arc<Snapshot>,
-    snap_key: Option<(PlanId, Phase, u64)>,
+    snap_key: Option<(PlanId, Phase, u64, bool)>,
     /// (plan, buckets released with flows left) from the last `report_flows`.
     report: Option<(PlanId, u32)>,
     coord: Coord,
@@ -326,6 +343,9 @@ impl Membership {
             last_heartbeat: None,
             draining: false,
             refusing: false,
+            wire_up: true,
+            wire_up_since: None,
+            fenced: false,
             load: Load::default(),
             peers: vec![None; 64],
             cur: None,
@@ -416,6 +436,7 @@ impl Membership {
     /// `interval`.
     pub fn handle_tick(&mut self, now: u64, out: &mut Vec<Output>) {
         self.started.get_or_insert(now);
+        self.update_fence(now, out);
         let span = self.cfg.dead_span();
         let interval = self.cfg.interval;
         for (i, slot) in self.peers.iter_mut().enumerate() {
@@ -501,13 +522,58 @@ impl Membership {
         bits
     }
 
+    /// The data path's word on the wire port's link. Down fences this node at once; back up,
+    /// it stays fenced for `dead_after` intervals (see the module doc).
+    pub fn set_wire_link(&mut self, up: bool, now: u64, out: &mut Vec<Output>) {
+        if up != self.wire_up {
+            self.wire_up = up;
+            if up {
+                self.wire_up_since = Some(now);
+            }
+        }
+        self.update_fence(now, out);
+    }
+
+    /// Whether this node is fenced (see the module doc).
+    pub fn fenced(&self) -> bool {
+        self.fenced
+    }
+
+    fn update_fence(&mut self, now: u64, out: &mut Vec<Output>) {
+        let settling = self
+            .wire_up_since
+            .is_some_and(|t| now.saturating_sub(t) < self.cfg.dead_span());
+        let fenced = !self.wire_up || settling;
+        if fenced != self.fenced {
+            self.fenced = fenced;
+            out.push(Output::Event(Event::Fenced { fenced }));
+            self.refresh(now, out);
+            self.send_heartbeat(now, out);
+        }
+    }
+
+    /// Bit `id - 1` per node that may own buckets now: live and not fenced (itself included
+    /// unless fenced).
+    fn serving_bits(&self) -> u64 {
+        let mut bits = if self.fenced { 0 } else { bit(self.cfg.me) };
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.as_ref()
+                .is_some_and(|p| p.alive && !p.hb.is_some_and(|h| h.fenced))
+            {
+                bits |= 1 << i;
+            }
+        }
+        bits
+    }
+
     /// Whether some live peer takes new flows (neither draining nor refusing): only then is it
     /// worth holding back this node's refusals for a client to retry elsewhere.
     pub fn others_serve(&self) -> bool {
-        self.peers
-            .iter()
-            .flatten()
-            .any(|p| p.alive && p.hb.is_some_and(|h| !h.draining && !h.refusing))
+        self.peers.iter().flatten().any(|p| {
+            p.alive
+                && p.hb
+                    .is_some_and(|h| !h.draining && !h.refusing && !h.fenced)
+        })
     }
 
     /// Operator: take a share of buckets again.
@@ -603,7 +669,11 @@ impl Membership {
 
     /// Whether this node creates and advances plans now.
     pub fn is_coordinator(&self) -> bool {
-        let live = self.live_bits();
+        // A fenced node coordinates nothing; the others do without it.
+        let live = self.serving_bits();
+        if live & bit(self.cfg.me) == 0 {
+            return false;
+        }
         let cands = match &self.cur {
             Some(c) => members_bits(&c.plan) & live,
             None => 0,
@@ -818,7 +888,7 @@ impl Membership {
     /// Dead members of the current plan (bit per node), as this node sees them now.
     fn dead_members(&self) -> u64 {
         match &self.cur {
-            Some(c) => members_bits(&c.plan) & !self.live_bits(),
+            Some(c) => members_bits(&c.plan) & !self.serving_bits(),
             None => 0,
         }
     }
@@ -829,7 +899,7 @@ impl Membership {
         let Some(c) = &self.cur else {
             return Vec::new();
         };
-        let live = self.live_bits();
+        let live = self.serving_bits();
         let alive = |list: &[Member]| -> Vec<Member> {
             list.iter()
                 .copied()
@@ -875,7 +945,7 @@ impl Membership {
     fn refresh(&mut self, _now: u64, out: &mut Vec<Output>) {
         let Some(c) = &self.cur else { return };
         let dead = self.dead_members();
-        let key = (c.plan.id, c.plan.phase, dead);
+        let key = (c.plan.id, c.plan.phase, dead, self.fenced);
         if self.snap_key == Some(key) {
             return;
         }
@@ -906,6 +976,13 @@ impl Membership {
             out.push(Output::Event(Event::TakeOver { dead }));
         }
         self.snap_key = Some(key);
+        let snap = snap.with_dead(dead);
+        // Fenced: the same plan and tables, but this node owns nothing in them.
+        let snap = if self.fenced {
+            snap.without(self.cfg.me)
+        } else {
+            snap
+        };
         self.snapshot = Arc::new(snap);
         out.push(Output::Publish(self.snapshot.clone()));
         let owns_nothing =
@@ -961,6 +1038,7 @@ impl Membership {
             load: self.load,
             draining: self.draining,
             refusing: self.refusing,
+            fenced: self.fenced,
             view: self.live_bits(),
             plan,
             table_digest: self.snapshot.digest(),
@@ -1086,11 +1164,11 @@ impl Membership {
         for i in 0..64usize {
             let id = node_of(i);
             let (draining, weight) = if id == self.cfg.me {
-                (self.draining, self.weight)
+                (self.draining || self.fenced, self.weight)
             } else {
                 match &self.peers[i] {
                     Some(p) if p.alive => match (&p.hb, eff.iter().find(|m| m.id == id)) {
-                        (Some(h), _) => (h.draining, h.weight),
+                        (Some(h), _) => (h.draining || h.fenced, h.weight),
                         (None, Some(m)) => (false, m.weight),
                         (None, None) => continue,
                     },

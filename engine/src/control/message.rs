@@ -13,9 +13,10 @@
 //!
 //! - **1**: the format of every release before versions were negotiated.
 //! - **2**: the heartbeat's flags gain bit 1, `refusing` (the sender's service fails its health
-//!   check). Encoded as version 1, a heartbeat leaves the bit clear: a version-1 node cannot act
-//!   on it (and the first releases of version 1 refuse it as malformed). Decoding version 1
-//!   accepts the bit, which later version-1 releases set.
+//!   check), and bit 2, `fenced` (its wire port has no link: it owns nothing). Encoded as
+//!   version 1, a heartbeat leaves both clear: a version-1 node cannot act on them (and the
+//!   first releases of version 1 refuse bit 1 as malformed). Decoding version 1 accepts bit 1,
+//!   which later version-1 releases set.
 //!
 //! ```text
 //! offset len  field
@@ -226,7 +227,7 @@ pub struct Load {
 /// Sent by every node every interval on both paths.
 ///
 /// Body layout (47 bytes): node MAC 6, weight u32, active flows u32, busy ‰ u16, flags u8
-/// (bit 0 draining, bit 1 refusing from version 2 on), view u64, plan epoch u64 (0 = no plan), plan proposer u8 (0 = none), phase
+/// (bit 0 draining, from version 2 on bit 1 refusing and bit 2 fenced), view u64, plan epoch u64 (0 = no plan), plan proposer u8 (0 = none), phase
 /// u8 (0 = none), table digest u64, releasing_left u32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -238,6 +239,9 @@ pub struct Heartbeat {
     /// The sender's service fails its health check: it takes no new TCP connection, so a
     /// node learning a bucket from it must not count a new SYN as the sender's.
     pub refusing: bool,
+    /// The sender's wire port has no link (or just got it back): it owns nothing, and peers
+    /// take its buckets (see `Membership`'s fencing).
+    pub fenced: bool,
     /// Bit `id - 1` set for each node the sender considers live (itself included).
     pub view: u64,
     /// The plan the sender follows and the phase it has reached and published.
@@ -322,9 +326,9 @@ impl Message {
                 b.extend_from_slice(&h.weight.get().to_be_bytes());
                 b.extend_from_slice(&h.load.active_flows.to_be_bytes());
                 b.extend_from_slice(&h.load.busy_permille.to_be_bytes());
-                // Version 1 has no `refusing` bit (see the module doc).
-                let refusing = h.refusing && version >= 2;
-                b.push(u8::from(h.draining) | (u8::from(refusing) << 1));
+                // Version 1 has no `refusing` or `fenced` bit (see the module doc).
+                let (refusing, fenced) = (h.refusing && version >= 2, h.fenced && version >= 2);
+                b.push(u8::from(h.draining) | (u8::from(refusing) << 1) | (u8::from(fenced) << 2));
                 b.extend_from_slice(&h.view.to_be_bytes());
                 let (epoch, proposer, phase) = match h.plan {
                     Some((id, phase)) => (id.epoch, id.proposer.get(), phase as u8),
@@ -444,7 +448,8 @@ pub fn decode(
             let active_flows = r.u32()?;
             let busy_permille = r.u16()?;
             let flags = r.u8()?;
-            if flags > 3 || busy_permille > 1000 {
+            let known_flags = if version >= 2 { 7 } else { 3 };
+            if flags > known_flags || busy_permille > 1000 {
                 return Err(Refusal::Malformed);
             }
             let view = r.u64()?;
@@ -471,6 +476,7 @@ pub fn decode(
                 },
                 draining: flags & 1 == 1,
                 refusing: flags & 2 == 2,
+                fenced: flags & 4 == 4,
                 view,
                 plan,
                 table_digest,
@@ -574,6 +580,7 @@ mod tests {
                 },
                 draining: true,
                 refusing: true,
+                fenced: true,
                 view: 0b111,
                 plan: Some((
                     PlanId {
@@ -629,6 +636,7 @@ mod tests {
             h.plan = None;
             h.draining = false;
             h.refusing = false;
+            h.fenced = false;
         }
         assert_eq!(dec(&m.encode(&key()), Path::Udp), Ok(m));
         assert!(plan().encode(&key()).len() <= 1500 - 14);
@@ -663,10 +671,10 @@ mod tests {
             assert_eq!(&b[14..22], &42u64.to_be_bytes());
             assert_eq!(&b[30..36], &[2, 0xcc, 0, 0, 0, 3]);
             assert_eq!(&b[36..40], &100u32.to_be_bytes());
-            // Flags: draining, and refusing only from version 2 on.
+            // Flags: draining, and refusing and fenced only from version 2 on.
             assert_eq!(
                 b[46],
-                if version == 1 { 0b01 } else { 0b11 },
+                if version == 1 { 0b001 } else { 0b111 },
                 "version {version}"
             );
         }
@@ -682,7 +690,7 @@ mod tests {
         let Body::Heartbeat(h) = got.body else {
             panic!("a heartbeat")
         };
-        assert!(!h.refusing && h.draining);
+        assert!(!h.refusing && !h.fenced && h.draining);
         // Later version-1 releases set the bit: it is read.
         let mut b = m.encode(&key());
         b.truncate(b.len() - TAG_LEN);

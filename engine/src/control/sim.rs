@@ -986,3 +986,75 @@ fn an_unknown_version_is_refused_counted_and_said() {
     sim.run_until(4 * SEC);
     sim.assert_converged();
 }
+
+#[test]
+fn a_node_without_wire_link_fences_itself_and_rejoins() {
+    let mut sim = cluster(91, &[1, 2, 3]);
+    sim.run_until(3 * SEC);
+    sim.assert_converged();
+    // Node 2's wire port loses link; its control channel still works.
+    sim.input(2, |m, now, out| m.set_wire_link(false, now, out));
+    assert!(sim.node(2).fenced());
+    assert_eq!(
+        sim.node(2).snapshot().accepting_count(n(2)),
+        0,
+        "owns nothing at once"
+    );
+    sim.run_until(3 * SEC + 300 * MS);
+    // Its peers took its buckets (every bucket has an owner) without finding it dead.
+    let c = sim.assert_converged();
+    assert_eq!(share(&c, 2), 0.0, "{c:?}");
+    assert!((share(&c, 1) + share(&c, 3) - 1.0).abs() < 1e-9, "{c:?}");
+    assert!(!sim
+        .events
+        .iter()
+        .any(|(_, _, e)| matches!(e, Event::PeerDead { .. })));
+    sim.run_until(8 * SEC);
+    let c = sim.assert_converged();
+    assert_eq!(
+        share(&c, 2),
+        0.0,
+        "the plan left the fenced node out: {c:?}"
+    );
+    // Link back: it waits dead_after intervals, then rejoins through a plan.
+    sim.input(2, |m, now, out| m.set_wire_link(true, now, out));
+    assert!(sim.node(2).fenced(), "not before it has heard the cluster");
+    sim.run_until(16 * SEC);
+    assert!(!sim.node(2).fenced());
+    let c = sim.assert_converged();
+    assert!((share(&c, 2) - 1.0 / 3.0).abs() < 0.01, "{c:?}");
+    let fenced: Vec<bool> = sim
+        .events_of(2)
+        .filter_map(|e| match e {
+            Event::Fenced { fenced } => Some(*fenced),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fenced, vec![true, false]);
+}
+
+#[test]
+fn a_node_cut_off_both_networks_takes_nothing_back_when_it_returns() {
+    let mut sim = cluster(92, &[1, 2, 3]);
+    sim.run_until(3 * SEC);
+    sim.assert_converged();
+    // Node 3's cable is pulled: no link, and nobody hears it on either path.
+    sim.partition(&[(1, 0), (2, 0), (3, 1)]);
+    sim.input(3, |m, now, out| m.set_wire_link(false, now, out));
+    sim.run_until(8 * SEC);
+    // Its side owns nothing (it cannot receive anyway); the others own everything.
+    assert_eq!(sim.node(3).snapshot().accepting_count(n(3)), 0);
+    let others: u32 = [1, 2]
+        .iter()
+        .map(|&i| sim.node(i).snapshot().accepting_count(n(i)))
+        .sum();
+    assert_eq!(others, BUCKETS as u32);
+    // Cable back: no grace for the invariant, no bucket is ever taken by two nodes.
+    sim.heal(0);
+    sim.input(3, |m, now, out| m.set_wire_link(true, now, out));
+    sim.run_until(20 * SEC);
+    let c = sim.assert_converged();
+    for id in 1..=3 {
+        assert!((share(&c, id) - 1.0 / 3.0).abs() < 0.01, "{c:?}");
+    }
+}

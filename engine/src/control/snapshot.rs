@@ -59,6 +59,8 @@ pub struct Snapshot {
     moving: u32,
     releasers: u64,
     digest: u64,
+    /// Members of the plan this node found dead (bit `id - 1`) when it built the snapshot.
+    dead: u64,
 }
 
 impl Snapshot {
@@ -72,6 +74,7 @@ impl Snapshot {
             moving: 0,
             releasers: 0,
             digest: 0,
+            dead: 0,
         }
     }
 
@@ -117,7 +120,41 @@ impl Snapshot {
             moving,
             releasers,
             digest,
+            dead: 0,
         }
+    }
+
+    /// The same snapshot, saying which plan members were found dead (bit `id - 1`).
+    pub(crate) fn with_dead(mut self, dead: u64) -> Snapshot {
+        self.dead = dead;
+        self
+    }
+
+    /// Plan members this node had found dead when it built the snapshot (bit `id - 1`): a
+    /// data path that sees a node newly dead forgets what it learned as old owners' flows.
+    pub fn dead(&self) -> u64 {
+        self.dead
+    }
+
+    /// The same snapshot with `me` owning nothing: every bucket it owns or would take is
+    /// nobody's here (a fenced node's view; the others take those buckets in theirs).
+    pub(crate) fn without(&self, me: NodeId) -> Snapshot {
+        let me = me.get();
+        let mut s = self.clone();
+        for o in s.owners.iter_mut() {
+            if *o == me {
+                *o = 0;
+            }
+        }
+        if let Some(t) = s.targets.as_mut() {
+            for o in t.iter_mut() {
+                if *o == me {
+                    *o = 0;
+                }
+            }
+        }
+        s.releasers &= !(1u64 << (me - 1));
+        s
     }
 
     /// The epoch of the plan this snapshot follows (0 before any plan).

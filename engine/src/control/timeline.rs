@@ -52,6 +52,8 @@ pub enum What {
     TakeOver { dead: Vec<u8> },
     /// This node drained: it owns no bucket.
     Drained,
+    /// This node fenced itself (its wire port lost link: it owns nothing), or lifted its fence.
+    Fenced { fenced: bool },
 }
 
 impl What {
@@ -81,6 +83,7 @@ impl What {
                     .collect(),
             },
             Event::Drained => What::Drained,
+            Event::Fenced { fenced } => What::Fenced { fenced: *fenced },
             Event::PeerUp { .. } | Event::PeerRejoined { .. } | Event::VersionRefused { .. } => {
                 return None
             }

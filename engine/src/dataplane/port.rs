@@ -36,6 +36,44 @@ pub struct Port {
     pub queues: u16,
     /// Whether RX interrupts were configured (the PMD may still refuse them per queue).
     pub rx_interrupts: bool,
+    /// Where its link state is read.
+    pub link_watch: LinkWatch,
+}
+
+/// How a port's link state is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkWatch {
+    /// The PMD's own link state (a NIC), by port id.
+    Pmd(u16),
+    /// `net_af_packet` reports its link up whatever its kernel interface does: that
+    /// interface's `operstate` in sysfs instead (the namespace's own, under `ip netns exec`).
+    Kernel(std::path::PathBuf),
+}
+
+impl LinkWatch {
+    /// How `spec`'s link is read once it is port `id`.
+    pub fn for_port(spec: &PortSpec, id: u16) -> LinkWatch {
+        match spec {
+            PortSpec::Vdev(v) if v.starts_with("net_af_packet") => v
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("iface="))
+                .map_or(LinkWatch::Pmd(id), |iface| {
+                    LinkWatch::Kernel(format!("/sys/class/net/{iface}/operstate").into())
+                }),
+            _ => LinkWatch::Pmd(id),
+        }
+    }
+
+    /// Whether the link is up now, without waiting. An interface whose state the kernel does
+    /// not know (`unknown`, as for some virtual devices) counts as up; one that is gone, down.
+    pub fn up(&self) -> bool {
+        match self {
+            LinkWatch::Pmd(id) => link_state(*id).0,
+            LinkWatch::Kernel(path) => {
+                std::fs::read_to_string(path).is_ok_and(|s| matches!(s.trim(), "up" | "unknown"))
+            }
+        }
+    }
 }
 
 fn check(ret: i32, role: PortRole, what: &str, fix: &str) -> Result<(), StartError> {
@@ -169,6 +207,7 @@ impl Port {
             name,
             queues,
             rx_interrupts,
+            link_watch: LinkWatch::for_port(spec, id),
         })
     }
 
@@ -186,12 +225,16 @@ impl Port {
 
     /// Link state (up, speed in Mb/s), without waiting.
     pub fn link(&self) -> (bool, u32) {
-        let mut link = sys::rte_eth_link::default();
-        // SAFETY: valid port id and out-pointer.
-        unsafe { sys::rte_eth_link_get_nowait(self.id, &mut link) };
-        // The status bit is a bitfield in the generated struct.
-        (link.link_status() != 0, link.link_speed)
+        link_state(self.id)
     }
+}
+
+fn link_state(id: u16) -> (bool, u32) {
+    let mut link = sys::rte_eth_link::default();
+    // SAFETY: a started port's id and a valid out-pointer; the call only fills `link`.
+    unsafe { sys::rte_eth_link_get_nowait(id, &mut link) };
+    // The status bit is a bitfield in the generated struct.
+    (link.link_status() != 0, link.link_speed)
 }
 
 impl Drop for Port {
@@ -205,5 +248,27 @@ impl Drop for Port {
         unsafe {
             sys::rte_eth_dev_close(self.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn af_packet_links_are_read_from_the_kernel_interface() {
+        let spec = PortSpec::Vdev("net_af_packet0,iface=eth0,qpairs=2".into());
+        assert_eq!(
+            LinkWatch::for_port(&spec, 3),
+            LinkWatch::Kernel("/sys/class/net/eth0/operstate".into())
+        );
+        for other in [
+            PortSpec::Vdev("net_tap0,iface=cc0".into()),
+            PortSpec::Pci("0000:01:00.0".into()),
+        ] {
+            assert_eq!(LinkWatch::for_port(&other, 3), LinkWatch::Pmd(3));
+        }
+        // An interface that does not exist has no link.
+        assert!(!LinkWatch::Kernel("/sys/class/net/no-such-interface/operstate".into()).up());
     }
 }

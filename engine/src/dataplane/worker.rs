@@ -67,6 +67,8 @@ struct Shared {
     assumed: Option<Arc<crate::control::Snapshot>>,
     /// The bucket hash's implementation (`dataplane.hash_lanes`).
     lanes: Lanes,
+    /// Where the wire port's link state is read.
+    wire_link: super::port::LinkWatch,
 }
 
 /// Benchmarks only: `nodes=N,handoff=P` makes the packet cores assume they are this node of an
@@ -162,6 +164,7 @@ pub fn run(
         stop,
         assumed,
         lanes,
+        wire_link: wire.link_watch.clone(),
     };
     tracing::info!(
         "clonecluster: node {} running on cores {:?}: wire port {} ({}), host port {} ({}), \
@@ -254,6 +257,8 @@ const LATENCY_SAMPLE_EVERY: u32 = 8;
 /// Loop iterations between looks at the control link (a new snapshot, refusal, control frames
 /// to send): its atomics sit on lines the control thread writes, so every look can miss.
 const CONTROL_EVERY: u32 = 16;
+/// How often core 0 reads the wire port's link state, ns (a syscall on `net_af_packet`).
+const LINK_CHECK_NS: u64 = 100_000_000;
 /// How often a releasing node recounts its flows per bucket.
 const COUNT_EVERY_NS: u64 = 50_000_000;
 
@@ -317,6 +322,7 @@ fn core_loop(shared: &Shared, index: usize) {
     // Time spent on polls that received frames, published with the other per-core figures.
     let mut busy_ns: u64 = 0;
     let mut next_count: u64 = 0;
+    let mut next_link_check: u64 = 0;
     // Burst processing times (RX to the last TX of the burst), published once a second.
     let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 100_000_000, 2)
         .expect("valid histogram bounds");
@@ -464,6 +470,11 @@ fn core_loop(shared: &Shared, index: usize) {
                 next_count = 0;
                 sweeps_since_change = 0;
             }
+        }
+        // Core 0 says whether the wire port has link (a node without it fences itself).
+        if control_turn && index == 0 && now >= next_link_check {
+            next_link_check = now + LINK_CHECK_NS;
+            link.wire_link_up.store(shared.wire_link.up(), Relaxed);
         }
         if control_turn && index == 0 && !link.wire_out.1.is_empty() {
             // SAFETY: the pool outlives the packet loops (`run` frees it after they return).

@@ -39,6 +39,10 @@ pub struct Cluster {
     pub all_ids: Vec<u8>,
     /// Engine PIDs by node.
     pub engines: Vec<(u8, u32)>,
+    /// nginx PIDs by node.
+    nginx: Vec<(u8, u32)>,
+    /// Engine starts so far, by node (a restart logs to a new file).
+    runs: Vec<(u8, u32)>,
     dir: tempfile::TempDir,
     /// Engine logs go to `<log_prefix>-node<ID>.log`.
     log_prefix: PathBuf,
@@ -66,6 +70,8 @@ impl Cluster {
             kind,
             all_ids: all_ids.to_vec(),
             engines: Vec::new(),
+            nginx: Vec::new(),
+            runs: Vec::new(),
             dir,
             log_prefix,
             bin: bin.to_owned(),
@@ -83,28 +89,9 @@ impl Cluster {
     /// Adds node `id` to the network and starts what runs on it.
     pub fn start_node(&mut self, id: u8) -> Result<(), String> {
         match self.kind.clone() {
-            Kind::Engine(policy) => {
+            Kind::Engine(_) => {
                 let ns = self.topo.add_node(id)?;
-                let opts = EngineOptions {
-                    policy: if policy == "by-load" {
-                        "by-load"
-                    } else {
-                        "hash"
-                    },
-                    ..EngineOptions::default()
-                };
-                let cfg = engine_config(self.dir.path(), id, &self.all_ids, &opts)
-                    .map_err(|e| format!("cannot write node {id}'s config: {e}"))?;
-                let log = PathBuf::from(format!("{}-node{id}.log", self.log_prefix.display()));
-                let engine = start_engine(&self.bin, &ns, &cfg, &log)
-                    .map_err(|e| format!("cannot start node {id}'s engine: {e}"))?;
-                let pid = self.topo.adopt(engine);
-                self.engines.push((id, pid));
-                configure_host_port(&ns, Duration::from_secs(30))
-                    .map_err(|e| format!("{e} (see {})", log.display()))?;
-                let nginx = start_nginx(&ns, self.dir.path(), id, BIG_KIB)
-                    .map_err(|e| format!("cannot start nginx on node {id}: {e}"))?;
-                self.topo.adopt(nginx);
+                self.start_engine(id, &ns)?;
             }
             Kind::Kernel => {
                 let count = self.all_ids.len() as u8;
@@ -116,6 +103,112 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Starts node `id`'s engine (again) in its namespace, then nginx behind it (a restart
+    /// stops the node's earlier nginx first).
+    fn start_engine(&mut self, id: u8, ns: &super::topology::Ns) -> Result<(), String> {
+        let Kind::Engine(policy) = self.kind.clone() else {
+            return Err("kernel nodes run no engine".into());
+        };
+        let opts = EngineOptions {
+            policy: if policy == "by-load" {
+                "by-load"
+            } else {
+                "hash"
+            },
+            ..EngineOptions::default()
+        };
+        let cfg = engine_config(self.dir.path(), id, &self.all_ids, &opts)
+            .map_err(|e| format!("cannot write node {id}'s config: {e}"))?;
+        let run = match self.runs.iter_mut().find(|(i, _)| *i == id) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                self.runs.push((id, 1));
+                1
+            }
+        };
+        let log = if run == 1 {
+            PathBuf::from(format!("{}-node{id}.log", self.log_prefix.display()))
+        } else {
+            PathBuf::from(format!(
+                "{}-node{id}-run{run}.log",
+                self.log_prefix.display()
+            ))
+        };
+        let engine = start_engine(&self.bin, ns, &cfg, &log)
+            .map_err(|e| format!("cannot start node {id}'s engine: {e}"))?;
+        let pid = self.topo.adopt(engine);
+        self.engines.retain(|(i, _)| *i != id);
+        self.engines.push((id, pid));
+        configure_host_port(ns, Duration::from_secs(30))
+            .map_err(|e| format!("{e} (see {})", log.display()))?;
+        if let Some(pos) = self.nginx.iter().position(|(i, _)| *i == id) {
+            let (_, old) = self.nginx.remove(pos);
+            self.topo.kill(old);
+        }
+        let nginx = start_nginx(ns, self.dir.path(), id, BIG_KIB)
+            .map_err(|e| format!("cannot start nginx on node {id}: {e}"))?;
+        let pid = self.topo.adopt(nginx);
+        self.nginx.push((id, pid));
+        Ok(())
+    }
+
+    /// Starts node `id`'s engine again after it died, in the same namespace (its counters in
+    /// the namespace, such as the lab's nftables ones, survive).
+    pub fn restart_engine(&mut self, id: u8) -> Result<(), String> {
+        let ns = self
+            .topo
+            .node(id)
+            .cloned()
+            .ok_or_else(|| format!("no node {id}"))?;
+        self.start_engine(id, &ns)
+    }
+
+    /// Kills node `id`'s engine (SIGKILL, no goodbye).
+    pub fn kill_engine(&mut self, id: u8) -> Result<(), String> {
+        let pid = self
+            .engine_pid(id)
+            .ok_or_else(|| format!("node {id} runs no engine"))?;
+        self.topo.kill(pid);
+        self.engines.retain(|(i, _)| *i != id);
+        Ok(())
+    }
+
+    /// Takes node `id` off both networks (its wire and control links down: a pulled cable), or
+    /// puts it back.
+    pub fn set_links(&self, id: u8, up: bool) -> Result<(), String> {
+        let ns = self.topo.node(id).ok_or_else(|| format!("no node {id}"))?;
+        let state = if up { "up" } else { "down" };
+        for link in ["eth0", "ctl0"] {
+            ns.run(&["ip", "link", "set", link, state])?;
+        }
+        Ok(())
+    }
+
+    /// Node `id`'s `/metrics` page (empty if it does not answer).
+    pub fn metrics(&self, id: u8) -> String {
+        let Some(ns) = self.topo.node(id) else {
+            return String::new();
+        };
+        let url = format!("http://{}:9100/metrics", control_ip(id));
+        ns.run(&["curl", "-s", "-m", "3", &url]).unwrap_or_default()
+    }
+
+    /// Resident memory of node `id`'s engine, KiB (from `/proc`).
+    pub fn engine_rss_kib(&self, id: u8) -> Option<u64> {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.engine_pid(id)?)).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     }
 
     pub fn engine_pid(&self, id: u8) -> Option<u32> {
@@ -219,6 +312,24 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// Every engine log of this cluster (restarts included), as (path, text).
+    pub fn logs(&self) -> Vec<(String, String)> {
+        let prefix = self.log_prefix.display().to_string();
+        let mut logs = Vec::new();
+        for (id, runs) in &self.runs {
+            for run in 1..=*runs {
+                let path = if run == 1 {
+                    format!("{prefix}-node{id}.log")
+                } else {
+                    format!("{prefix}-node{id}-run{run}.log")
+                };
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                logs.push((path, text));
+            }
+        }
+        logs
+    }
+
     /// Times an engine declared a peer dead so far (from the engines' JSON logs).
     pub fn peer_deaths(&self) -> usize {
         self.engines

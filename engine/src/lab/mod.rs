@@ -14,6 +14,7 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod services;
+pub mod soak;
 pub mod topology;
 
 pub use topology::{Ns, Topology};

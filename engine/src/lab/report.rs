@@ -322,34 +322,47 @@ fn plot(
     results: &[ConfigResult],
     value: impl Fn(&Step) -> f64,
 ) -> Result<String, String> {
+    let series: Vec<(String, Vec<(f64, f64)>)> = results
+        .iter()
+        .map(|r| {
+            let points = r
+                .steps
+                .iter()
+                .map(|s| (f64::from(s.clients), value(s)))
+                .collect();
+            (r.name.clone(), points)
+        })
+        .collect();
+    line_plot(title, "clients", unit, &series)
+}
+
+/// An SVG line chart: one line (with its points marked) per named series of (x, y).
+pub fn line_plot(
+    title: &str,
+    x_desc: &str,
+    unit: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<String, String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (720, 440)).into_drawing_area();
         let e = |e: DrawingAreaErrorKind<_>| format!("plot {title}: {e}");
         root.fill(&WHITE).map_err(e)?;
-        let xmax = results
-            .iter()
-            .flat_map(|r| r.steps.iter().map(|s| s.clients))
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let ymax = results
-            .iter()
-            .flat_map(|r| r.steps.iter().map(&value))
-            .fold(0.0, f64::max)
-            .max(1e-9)
-            * 1.1;
+        let all = || series.iter().flat_map(|(_, p)| p.iter());
+        let xmax = all().map(|p| p.0).fold(0.0, f64::max).max(1.0);
+        let ymax = all().map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.1;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d(0u32..xmax + xmax / 20 + 1, 0f64..ymax)
+            .build_cartesian_2d(0f64..xmax * 1.05, 0f64..ymax)
             .map_err(e)?;
         chart
             .configure_mesh()
-            .x_desc("clients")
+            .x_desc(x_desc)
             .y_desc(unit)
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_label_formatter(&|y| {
                 if ymax >= 100.0 {
                     format!("{y:.0}")
@@ -359,13 +372,12 @@ fn plot(
             })
             .draw()
             .map_err(e)?;
-        for (i, r) in results.iter().enumerate() {
+        for (i, (name, points)) in series.iter().enumerate() {
             let colour = Palette99::pick(i).to_rgba();
-            let points: Vec<(u32, f64)> = r.steps.iter().map(|s| (s.clients, value(s))).collect();
             chart
                 .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
                 .map_err(e)?
-                .label(r.name.clone())
+                .label(name.clone())
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
                 });

@@ -104,7 +104,8 @@ fn interrupt_flag() -> &'static Arc<AtomicBool> {
     })
 }
 
-fn interrupted() -> bool {
+/// Whether SIGINT, SIGTERM or SIGHUP arrived (the flag is set up on first use).
+pub fn interrupted() -> bool {
     interrupt_flag().load(Ordering::Relaxed)
 }
 
