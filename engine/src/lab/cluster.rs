@@ -189,6 +189,13 @@ impl Cluster {
         Ok(())
     }
 
+    /// Takes node `id`'s wire link down (its control network stays up), or puts it back.
+    pub fn set_wire(&self, id: u8, up: bool) -> Result<(), String> {
+        let ns = self.topo.node(id).ok_or_else(|| format!("no node {id}"))?;
+        ns.run(&["ip", "link", "set", "eth0", if up { "up" } else { "down" }])
+            .map(|_| ())
+    }
+
     /// Node `id`'s `/metrics` page (empty if it does not answer).
     pub fn metrics(&self, id: u8) -> String {
         let Some(ns) = self.topo.node(id) else {

@@ -1,5 +1,6 @@
 //! The soak: a cluster under steady load for many minutes while the last node is killed and
-//! restarted, cut off both networks and put back, drained and undrained, over and over; every
+//! restarted, cut off both networks and put back, has its wire cut (control network up) and
+//! mended, is drained and undrained, over and over; every
 //! node sampled on the way, and at the end the checks that say nothing leaked and nothing
 //! drifted (`clonecluster soak`).
 //!
@@ -81,16 +82,20 @@ pub enum Action {
     Restart,
     Cut,
     Restore,
+    WireCut,
+    WireBack,
     Drain,
     Undrain,
 }
 
 impl Action {
-    const CYCLE: [Action; 6] = [
+    const CYCLE: [Action; 8] = [
         Action::Kill,
         Action::Restart,
         Action::Cut,
         Action::Restore,
+        Action::WireCut,
+        Action::WireBack,
         Action::Drain,
         Action::Undrain,
     ];
@@ -101,6 +106,8 @@ impl Action {
             Action::Restart => "restart",
             Action::Cut => "cut off both networks",
             Action::Restore => "networks back",
+            Action::WireCut => "wire cut (control network up)",
+            Action::WireBack => "wire back",
             Action::Drain => "drain",
             Action::Undrain => "undrain",
         }
@@ -108,14 +115,16 @@ impl Action {
 
     /// The node stops serving at once (its connections may be lost).
     fn crashes(self) -> bool {
-        matches!(self, Action::Kill | Action::Cut)
+        matches!(self, Action::Kill | Action::Cut | Action::WireCut)
     }
 
     /// How the move is measured (`measure`): the node leaves, comes back, or drains.
     fn measured_as(self) -> Scenario {
         match self {
-            Action::Kill | Action::Cut => Scenario::Failover,
-            Action::Restart | Action::Restore | Action::Undrain => Scenario::Join,
+            Action::Kill | Action::Cut | Action::WireCut => Scenario::Failover,
+            Action::Restart | Action::Restore | Action::WireBack | Action::Undrain => {
+                Scenario::Join
+            }
             Action::Drain => Scenario::Drain,
         }
     }
@@ -230,6 +239,8 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, String> {
             Action::Restart => c.restart_engine(node)?,
             Action::Cut => c.set_links(node, false)?,
             Action::Restore => c.set_links(node, true)?,
+            Action::WireCut => c.set_wire(node, false)?,
+            Action::WireBack => c.set_wire(node, true)?,
             Action::Drain => {
                 crate::runtime::operator_command(&c.socket(node), "drain")
                     .map_err(|e| format!("drain node {node}: {e}"))?;
@@ -241,7 +252,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, String> {
         }
         let mut observer = Observer::new(action.measured_as(), node, &ids, at_ms);
         let (asked, settle_on): (&[u8], Vec<u8>) = match action {
-            Action::Kill | Action::Cut | Action::Drain => (&ids, others.clone()),
+            Action::Kill | Action::Cut | Action::WireCut | Action::Drain => (&ids, others.clone()),
             _ => (&ids, ids.clone()),
         };
         let begun = Instant::now();
@@ -341,6 +352,7 @@ fn restore_node(c: &mut Cluster, events: &[Event], node: u8) -> Result<(), Strin
     match events.last().map(|e| e.action) {
         Some(Action::Kill) => c.restart_engine(node)?,
         Some(Action::Cut) => c.set_links(node, true)?,
+        Some(Action::WireCut) => c.set_wire(node, true)?,
         Some(Action::Drain) => {
             crate::runtime::operator_command(&c.socket(node), "undrain")
                 .map_err(|e| format!("undrain node {node}: {e}"))?;
