@@ -71,6 +71,29 @@ impl Lab {
         self.nginx.insert(id, pid);
     }
 
+    /// Restarts node `id`'s engine with its service stopped (nginx killed, not restarted).
+    fn restart_without_service(&mut self, id: u8) {
+        self.kill_engine(id);
+        if let Some(pid) = self.nginx.remove(&id) {
+            self.topo.kill(pid);
+        }
+        let ns = self.topo.node(id).unwrap().clone();
+        let cfg = engine_config(self.dir.path(), id, &self.ids, &self.opts).unwrap();
+        let log = self.dir.path().join(format!("node{id}-restarted.log"));
+        let engine = start_engine(Path::new(BIN), &ns, &cfg, &log).unwrap();
+        let pid = self.topo.adopt(engine);
+        self.engines.insert(id, pid);
+        configure_host_port(&ns, Duration::from_secs(30)).unwrap();
+    }
+
+    /// Starts nginx on node `id` again.
+    fn start_service(&mut self, id: u8) {
+        let ns = self.topo.node(id).unwrap().clone();
+        let nginx = start_nginx(&ns, self.dir.path(), id, 1024).unwrap();
+        let pid = self.topo.adopt(nginx);
+        self.nginx.insert(id, pid);
+    }
+
     fn kill_engine(&mut self, id: u8) {
         let pid = self.engines.remove(&id).unwrap();
         signal(pid, "KILL");
@@ -773,7 +796,8 @@ fn a_failing_service_drains_its_node_and_recovers() {
                 .is_some_and(|m| m.starts_with("health transition"))
         })
         .collect();
-    assert_eq!(transitions.len(), 2, "{transitions:?}");
+    // It came up (the node joined drained until then), failed, recovered.
+    assert_eq!(transitions.len(), 3, "{transitions:?}");
     // And one per handoff step: node 2's drain and its return went through every phase.
     let phases: Vec<&str> = log
         .iter()
@@ -786,8 +810,10 @@ fn a_failing_service_drains_its_node_and_recovers() {
             "{phase}: {phases:?}"
         );
     }
-    assert_eq!(transitions[0]["to"], "failing");
-    assert_eq!(transitions[1]["to"], "healthy");
+    assert_eq!(transitions[0]["from"], "starting");
+    assert_eq!(transitions[0]["to"], "healthy");
+    assert_eq!(transitions[1]["to"], "failing");
+    assert_eq!(transitions[2]["to"], "healthy");
     assert!(transitions
         .iter()
         .all(|l| l["node"] == 2 && l["epoch"].is_u64()));
@@ -1119,12 +1145,15 @@ fn heartbeat_loss_rises_for_a_dead_peer_and_json_logs_carry_node_and_epoch() {
 impl Lab {
     /// `tests/flood.py ARGS` from the client namespace: what it sent, by kind.
     fn spawn_flood(&self, args: &[&str]) -> Child {
+        self.spawn_flood_in(&self.topo.client, args)
+    }
+
+    /// `tests/flood.py ARGS` from namespace `ns`.
+    fn spawn_flood_in(&self, ns: &clonecluster::lab::Ns, args: &[&str]) -> Child {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/flood.py");
         let mut cmd = vec!["python3", script.to_str().unwrap()];
         cmd.extend_from_slice(args);
-        self.topo
-            .client
-            .command(&cmd)
+        ns.command(&cmd)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -1232,6 +1261,33 @@ fn floods_on_the_segment_are_counted_and_break_nothing() {
         lab.logs()
     );
 
+    // Forged and replayed control datagrams on the side channel, from node 1's namespace to
+    // node 2's control address: refused and counted, nobody declared dead.
+    let udp_refused =
+        |lab: &Lab| metric(&lab.metrics(2), "control_refused_total", &["path=\"Udp\""]);
+    let before = udp_refused(&lab);
+    let node1 = lab.topo.node(1).unwrap().clone();
+    let sent =
+        flood_result(lab.spawn_flood_in(&node1, &["udp", "ctl0", "198.19.0.2", "7946", "3", "4"]));
+    eprintln!("f: UDP flood sent {sent}");
+    assert!(
+        sent["genuine-captured"].as_u64().unwrap() > 0,
+        "nothing to replay"
+    );
+    let refused = udp_refused(&lab) - before;
+    eprintln!("f: node 2 refused {refused} control datagrams");
+    assert!(
+        refused > 10_000,
+        "node 2 refused only {refused} forged or replayed datagrams"
+    );
+    let (by_node, failed) = lab.requests(20);
+    assert_eq!(
+        failed,
+        0,
+        "after the UDP flood: {by_node:?}\n{}",
+        lab.logs()
+    );
+
     // A SYN flood from spoofed sources, and node 2 drained while it runs.
     let syn = lab.spawn_flood(&["syn", "eth0", "300000", CLUSTER_MAC, "198.18.0.1", "3"]);
     std::thread::sleep(Duration::from_millis(500));
@@ -1303,4 +1359,46 @@ fn floods_on_the_segment_are_counted_and_break_nothing() {
         );
     }
     assert!(half_open > 0, "the SYN flood filled the half-open share");
+}
+
+/// A node whose service never answered since it started joins drained: it takes no share (no
+/// new connection fails for it), and takes its share once the service answers.
+#[test]
+fn a_node_whose_service_never_came_up_takes_no_share() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ids = [1u8, 2];
+    let mut lab = Lab::new("n", &ids);
+    lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    lab.restart_without_service(2);
+    // Node 2 is up and heard, with no bucket.
+    lab.wait_status(
+        &ids,
+        Duration::from_secs(30),
+        "node 2 back, drained",
+        |all| {
+            settled(all)
+                && all.iter().all(|s| accepting(s, 2) == 0)
+                && all[0]["outside"]
+                    .as_array()
+                    .is_some_and(|o| o.iter().any(|n| n["node"] == 2))
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (by_node, failed) = lab.requests(20);
+    assert_eq!(
+        failed,
+        0,
+        "a node without its service took connections: {by_node:?}\n{}",
+        lab.logs()
+    );
+    assert_eq!(by_node.keys().copied().collect::<Vec<_>>(), vec![1]);
+    // The service answers: node 2 takes its share.
+    lab.start_service(2);
+    lab.wait_status(&ids, Duration::from_secs(30), "node 2 serving", |all| {
+        settled(all) && all.iter().all(|s| accepting(s, 2) > 0)
+    });
+    let (by_node, failed) = lab.requests(40);
+    assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
+    assert!(by_node.get(&2).copied().unwrap_or(0) > 0, "{by_node:?}");
 }

@@ -11,6 +11,9 @@ Run only inside a namespace the test made (it sends on the interface it is given
       so the tag never matches), half of them from the members' MACs (comma-separated), the
       other half from random MACs; plus genuine control frames captured on IFACE for up to 2 s
       first, replayed over and over (authentic, but stale: replays).
+  flood.py udp     IFACE DST_IP PORT SECONDS SEED
+      forged control datagrams (a plausible header on the UDP path, the rest random) to
+      DST_IP:PORT, mixed with genuine ones captured on IFACE for up to 2 s first (replays).
   flood.py syn     IFACE COUNT DST_MAC DST_IP SEED
       COUNT TCP SYNs to DST_IP:80, each from a distinct spoofed source (address in
       198.18.128.0/17, 32768 of them, each with its own ports), checksums correct, as fast as
@@ -93,8 +96,10 @@ def random_frames(rng, dst):
     return frames
 
 
-def capture_control(iface, seconds):
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(CONTROL))
+def capture(iface, ethertype, seconds, pick):
+    """Up to 20 frames of `ethertype` seen on `iface` within `seconds`, as `pick(frame)` gives
+    them (None: not wanted)."""
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
     s.bind((iface, 0))
     s.settimeout(0.2)
     got = []
@@ -104,10 +109,16 @@ def capture_control(iface, seconds):
             frame = s.recv(2048)
         except socket.timeout:
             continue
-        if len(frame) > 14 and frame[12:14] == struct.pack("!H", CONTROL):
-            got.append(frame)
+        if len(frame) > 14 and frame[12:14] == struct.pack("!H", ethertype):
+            wanted = pick(frame)
+            if wanted is not None:
+                got.append(wanted)
     s.close()
     return got
+
+
+def capture_control(iface, seconds):
+    return capture(iface, CONTROL, seconds, lambda frame: frame)
 
 
 def control_frames(rng, members, genuine):
@@ -126,6 +137,42 @@ def control_frames(rng, members, genuine):
         frame = b"\xff" * 6 + src + struct.pack("!H", CONTROL) + payload
         frames.append((kind, frame.ljust(60, b"\0")))
     return frames
+
+
+def capture_udp(iface, port, seconds):
+    """Payloads of UDP datagrams to `port` seen on `iface`."""
+    def payload(frame):
+        ihl = (frame[14] & 0x0F) * 4
+        udp = frame[14 + ihl:]
+        if frame[23] == 17 and len(udp) >= 8 and struct.unpack("!H", udp[2:4])[0] == port:
+            return udp[8:]
+        return None
+
+    return capture(iface, 0x0800, seconds, payload)
+
+
+def udp_flood(iface, dst_ip, port, seconds, rng):
+    genuine = capture_udp(iface, port, 2.0)
+    out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    counts = {"genuine-captured": len(genuine)}
+    end = time.monotonic() + seconds
+    n = 0
+    while True:
+        if n % 256 == 0 and time.monotonic() >= end:
+            break
+        if genuine and n % 4 == 0:
+            kind, data = "replayed", genuine[n % len(genuine)]
+        else:
+            kind = "forged"
+            data = b"CC" + bytes([rng.choice([1, 2]), rng.randint(1, 3), 1, rng.randint(1, 3)])
+            data += rng.randbytes(rng.choice([47 + 24 + 16, rng.randint(0, 300)]))
+        try:
+            out.sendto(data, (dst_ip, port))
+            counts[kind] = counts.get(kind, 0) + 1
+        except OSError:
+            pass
+        n += 1
+    return counts
 
 
 def syn_flood(sock, count, dst, dst_ip, rng):
@@ -167,11 +214,14 @@ def main(argv):
         genuine = capture_control(iface, 2.0)
         counts = send_for(sock, seconds, control_frames(random.Random(seed), members, genuine))
         counts["genuine-captured"] = len(genuine)
+    elif what == "udp":
+        dst_ip, port, seconds, seed = argv[3], int(argv[4]), float(argv[5]), int(argv[6])
+        counts = udp_flood(iface, dst_ip, port, seconds, random.Random(seed))
     elif what == "syn":
         count, dst, dst_ip, seed = int(argv[3]), mac(argv[4]), argv[5], int(argv[6])
         counts = syn_flood(sock, count, dst, dst_ip, random.Random(seed))
     else:
-        sys.exit("flood.py: random, control or syn (see the docstring)")
+        sys.exit("flood.py: random, control, udp or syn (see the docstring)")
     counts["seconds"] = round(time.monotonic() - start, 2)
     print(json.dumps(counts))
 

@@ -99,6 +99,8 @@ impl HealthConfig {
 #[derive(Debug)]
 pub struct Health {
     healthy: AtomicBool,
+    /// The service has answered at least once.
+    came_up: AtomicBool,
     /// Completed checks, and of those the failed ones.
     checks: AtomicU64,
     failures: AtomicU64,
@@ -112,6 +114,11 @@ pub struct Health {
 impl Health {
     pub fn healthy(&self) -> bool {
         self.healthy.load(Relaxed)
+    }
+
+    /// Whether the service has answered at least once since the node started.
+    pub fn came_up(&self) -> bool {
+        self.came_up.load(Relaxed)
     }
 
     /// Completed checks and failed checks since the start.
@@ -181,11 +188,13 @@ pub fn check_once(cfg: &HealthConfig) -> Result<(), String> {
     }
 }
 
-/// Starts the checker thread. The service counts as healthy until, after it first answered,
-/// `fall` checks in a row fail.
+/// Starts the checker thread. The service counts as failing until it first answers (a node
+/// whose service never came up must not take a share: DESIGN.md, "Liveness"), healthy from its
+/// first answer on, and failing again after `fall` checks in a row fail.
 pub fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
     let health = Arc::new(Health {
-        healthy: AtomicBool::new(true),
+        healthy: AtomicBool::new(false),
+        came_up: AtomicBool::new(false),
         checks: AtomicU64::new(0),
         failures: AtomicU64::new(0),
         thread: std::sync::OnceLock::new(),
@@ -197,8 +206,8 @@ pub fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
         .name("health".into())
         .spawn(move || {
             let (mut ok_run, mut fail_run) = (0u32, 0u32);
-            // Until the service has answered once it is starting, not failing: a node whose
-            // engine starts before its service must not drain itself at once.
+            // Until the service has answered once it is starting: not healthy, but its failures
+            // are not a transition (nothing to log, nothing to count towards `fall`).
             let mut came_up = false;
             loop {
                 let result = check_once(&cfg);
@@ -207,9 +216,20 @@ pub fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
                 if result.is_err() {
                     shared.failures.fetch_add(1, Relaxed);
                 }
-                came_up |= result.is_ok();
                 match &result {
                     Err(_) if !came_up => {}
+                    Ok(()) if !came_up => {
+                        came_up = true;
+                        ok_run = 1;
+                        shared.healthy.store(true, Relaxed);
+                        shared.came_up.store(true, Relaxed);
+                        tracing::info!(
+                            node,
+                            from = "starting",
+                            to = "healthy",
+                            "health transition: service came up"
+                        );
+                    }
                     Ok(()) => {
                         ok_run += 1;
                         fail_run = 0;

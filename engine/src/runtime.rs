@@ -525,11 +525,19 @@ pub fn control_thread(
                 };
                 link.hold_refusals_on.store(hold, Relaxed);
                 if !healthy && !drained_by_health && !m.draining() {
-                    tracing::warn!(
-                        node = cfg.node.id,
-                        epoch = m.epoch(),
-                        "service unhealthy: draining"
-                    );
+                    if h.came_up() {
+                        tracing::warn!(
+                            node = cfg.node.id,
+                            epoch = m.epoch(),
+                            "service unhealthy: draining"
+                        );
+                    } else {
+                        tracing::info!(
+                            node = cfg.node.id,
+                            epoch = m.epoch(),
+                            "service not up yet: joining drained until it answers"
+                        );
+                    }
                     m.drain(now_ns(), &mut out);
                     drained_by_health = true;
                 } else if healthy && drained_by_health {
