@@ -188,9 +188,10 @@ pub fn check_once(cfg: &HealthConfig) -> Result<(), String> {
     }
 }
 
-/// Starts the checker thread. The service counts as failing until it first answers (a node
-/// whose service never came up must not take a share: DESIGN.md, "Liveness"), healthy from its
-/// first answer on, and failing again after `fall` checks in a row fail.
+/// Starts the checker thread. The service counts as failing until it has answered `rise`
+/// checks in a row (a node whose service never came up must not take a share: DESIGN.md,
+/// "Liveness"; failures until then count towards nothing), then healthy, and failing again
+/// after `fall` checks in a row fail.
 pub fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
     let health = Arc::new(Health {
         healthy: AtomicBool::new(false),
@@ -206,8 +207,8 @@ pub fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
         .name("health".into())
         .spawn(move || {
             let (mut ok_run, mut fail_run) = (0u32, 0u32);
-            // Until the service has answered once it is starting: not healthy, but its failures
-            // are not a transition (nothing to log, nothing to count towards `fall`).
+            // Until the service has answered `rise` times in a row it is starting: not healthy,
+            // but its failures are not a transition (nothing to log, nothing towards `fall`).
             let mut came_up = false;
             loop {
                 let result = check_once(&cfg);
@@ -217,10 +218,11 @@ pub fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
                     shared.failures.fetch_add(1, Relaxed);
                 }
                 match &result {
-                    Err(_) if !came_up => {}
+                    Err(_) if !came_up => ok_run = 0,
+                    Ok(()) if !came_up && ok_run + 1 < cfg.rise => ok_run += 1,
                     Ok(()) if !came_up => {
                         came_up = true;
-                        ok_run = 1;
+                        ok_run += 1;
                         shared.healthy.store(true, Relaxed);
                         shared.came_up.store(true, Relaxed);
                         tracing::info!(

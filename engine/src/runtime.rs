@@ -453,6 +453,13 @@ pub fn control_thread(
         ),
         None => None,
     };
+    if health.is_none() {
+        tracing::info!(
+            node = cfg.node.id,
+            "no health section: this node cannot know whether its service is up; it takes its \
+             share as soon as it joins"
+        );
+    }
     let watchdog_span = cfg
         .health
         .as_ref()
