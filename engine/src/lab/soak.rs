@@ -728,7 +728,8 @@ fn markdown(r: &SoakResult) -> String {
         md,
         "# clonecluster soak\n\n{:.1} minutes, {} nodes (`hash`), {} `wrk` connections and the \
          connection probe throughout; node {} killed and restarted, cut off both networks and \
-         put back, drained and undrained, in turn. Result: **{}**.\n",
+         put back, its wire cut (control network up) and mended, drained and undrained, in \
+         turn. Result: **{}**.\n",
         r.minutes,
         r.nodes,
         r.clients,
