@@ -190,29 +190,7 @@ impl Lab {
 
     /// Long downloads (1 MiB at 256 KiB/s: about 4 s each), started now.
     fn start_downloads(&self, n: usize) -> Vec<Child> {
-        (0..n)
-            .map(|_| {
-                self.topo
-                    .client
-                    .command(&[
-                        "curl",
-                        "-s",
-                        "-o",
-                        "/dev/null",
-                        "-m",
-                        "60",
-                        "--limit-rate",
-                        "256k",
-                        "-w",
-                        "%{http_code} %{size_download}",
-                        "http://198.18.0.1/big",
-                    ])
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect()
+        self.start_slow_downloads(n, "256k")
     }
 
     /// Waits until `check` holds for the statuses of `nodes`.

@@ -196,6 +196,53 @@ impl Cluster {
             .map(|_| ())
     }
 
+    /// Starts the connection probe (`lab-probe`) in the client namespace against the cluster
+    /// address for `duration`, writing its record to `out`; returns its PID (adopted).
+    pub fn start_probe(&mut self, duration: Duration, out: &Path) -> Result<u32, String> {
+        let probe = self
+            .topo
+            .client
+            .command(&[
+                &self.bin.to_string_lossy(),
+                "lab-probe",
+                "--target",
+                &format!("{}:80", super::topology::CLUSTER_IP),
+                "--duration-ms",
+                &duration.as_millis().to_string(),
+                "--out",
+            ])
+            .arg(out)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start the probe: {e}"))?;
+        Ok(self.topo.adopt(probe))
+    }
+
+    /// Waits (up to `grace`) for the probe started by [`Cluster::start_probe`] to end on its
+    /// own; kills it and fails if it does not.
+    pub fn finish_probe(
+        &mut self,
+        pid: u32,
+        grace: Duration,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<(), String> {
+        let mut probe = self.topo.release(pid).ok_or("the probe is gone")?;
+        let deadline = Instant::now() + grace;
+        loop {
+            match probe.try_wait() {
+                Ok(Some(_)) => return Ok(()),
+                _ if Instant::now() > deadline || interrupted() => {
+                    let _ = probe.kill();
+                    let _ = probe.wait();
+                    return Err("the probe did not finish".into());
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
     /// Node `id`'s `/metrics` page (empty if it does not answer).
     pub fn metrics(&self, id: u8) -> String {
         let Some(ns) = self.topo.node(id) else {

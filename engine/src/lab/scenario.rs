@@ -9,7 +9,6 @@
 //! Load is `wrk` (totals) plus the connection probe (per connection, which node answered).
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::cluster::{Cluster, Kind};
@@ -17,7 +16,7 @@ use super::load::Wrk;
 use super::measure::{Observer, Timings};
 use super::probe::{self, now_ms};
 use super::report::ScenarioResult;
-use super::topology::{CLUSTER_IP, CLUSTER_MAC};
+use super::topology::CLUSTER_MAC;
 
 /// The scenarios, by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,25 +88,7 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
 
     // The probe and wrk run for the whole scenario; the event comes a third of the way in.
     let probe_file = c.dir().join("probe.jsonl");
-    let probe = c
-        .topo
-        .client
-        .command(&[
-            &r.bin.to_string_lossy(),
-            "lab-probe",
-            "--target",
-            &format!("{CLUSTER_IP}:80"),
-            "--duration-ms",
-            &(u64::from(r.duration_s) * 1000).to_string(),
-            "--out",
-        ])
-        .arg(&probe_file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("cannot start the probe: {e}"))?;
-    let probe_pid = c.topo.adopt(probe);
+    let probe_pid = c.start_probe(Duration::from_secs(u64::from(r.duration_s)), &probe_file)?;
     let wrk = Wrk::start(&c.topo.client, r.clients, r.duration_s, "/")?;
     let load_started = Instant::now();
     pause(
@@ -161,19 +142,7 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
 
     let step = wrk.finish(&r.interrupted)?;
     // The probe stops on its own at the end of its duration.
-    let mut probe = c.topo.release(probe_pid).ok_or("the probe is gone")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match probe.try_wait() {
-            Ok(Some(_)) => break,
-            _ if Instant::now() > deadline || (r.interrupted)() => {
-                let _ = probe.kill();
-                let _ = probe.wait();
-                return Err("the probe did not finish".into());
-            }
-            _ => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
+    c.finish_probe(probe_pid, Duration::from_secs(10), &r.interrupted)?;
     let samples = probe::read(&probe_file)?;
     // Keep the evidence beside the report: every probe request, and each node's last status.
     let keep = |suffix: &str, text: String| {

@@ -24,7 +24,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -190,25 +189,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, String> {
     let total = Duration::from_secs_f64(o.minutes * 60.0);
     let sample_every = (total / 8).clamp(Duration::from_secs(5), Duration::from_secs(60));
     let probe_file = c.dir().join("probe.jsonl");
-    let probe = c
-        .topo
-        .client
-        .command(&[
-            &o.bin.to_string_lossy(),
-            "lab-probe",
-            "--target",
-            &format!("{CLUSTER_IP}:80"),
-            "--duration-ms",
-            &total.as_millis().to_string(),
-            "--out",
-        ])
-        .arg(&probe_file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("cannot start the probe: {e}"))?;
-    let probe_pid = c.topo.adopt(probe);
+    let probe_pid = c.start_probe(total, &probe_file)?;
     let wrk = Wrk::start(&c.topo.client, o.clients, total.as_secs() as u32, "/")?;
     let start = Instant::now();
     let mut samples = Vec::new();
@@ -302,16 +283,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, String> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let _ = wrk.finish(&o.interrupted)?;
-    let mut probe = c.topo.release(probe_pid).ok_or("the probe is gone")?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !matches!(probe.try_wait(), Ok(Some(_))) {
-        if Instant::now() > deadline {
-            let _ = probe.kill();
-            let _ = probe.wait();
-            return Err("the probe did not finish".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.finish_probe(probe_pid, Duration::from_secs(15), &o.interrupted)?;
     // Quiet: every connection closed, held fragments expired; then the last reading.
     std::thread::sleep(Duration::from_secs(3));
     sample(&c, &mut samples, true);
