@@ -247,6 +247,7 @@ impl Lab {
         let cfg = self.config(via);
         let out = run_cmd(&[
             "owner-of",
+            "--json",
             "--config",
             cfg.to_str().unwrap(),
             src,
@@ -394,6 +395,7 @@ fn scenario(tag: &str, ids: &[u8]) {
         let cfg = lab.config(ids[0]);
         let reply = run_cmd(&[
             "owner-of",
+            "--json",
             "--config",
             cfg.to_str().unwrap(),
             &format!("198.18.0.100:{port}"),

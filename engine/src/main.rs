@@ -10,7 +10,9 @@ use clap::{Parser, Subcommand};
 use clonecluster::config::Config;
 use clonecluster::control::Snapshot;
 use clonecluster::dataplane;
-use clonecluster::runtime::{control_thread, operator_command, ControlLink, Requests};
+use clonecluster::cluster::NodeId;
+use clonecluster::operator::{self, Reply, Request, Status};
+use clonecluster::runtime::{control_thread, ControlLink, Requests};
 
 /// A Clone Cluster packet engine: several servers, one IP, one MAC, no dispatcher.
 #[derive(Debug, Parser)]
@@ -80,6 +82,9 @@ enum Command {
         /// tcp or udp.
         #[arg(default_value = "tcp")]
         proto: String,
+        /// Print the node's reply as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Re-read the node's YAML: show what changed, apply what can change live (node.weight),
     /// refuse the rest with the reason, change nothing if the file is broken.
@@ -427,31 +432,38 @@ fn execute(cli: Cli) -> Result<(), String> {
             config,
             node,
             node_id,
-        } => operator(&config, &with_node("drain", node.or(node_id))),
+        } => operator(&config, drain_request(node.or(node_id), true)?, false),
         Command::Undrain {
             config,
             node,
             node_id,
-        } => operator(&config, &with_node("undrain", node.or(node_id))),
-        Command::Status { config, json } => {
-            if json {
-                operator(&config, "status")
-            } else {
-                status_table(&config)
-            }
-        }
-        Command::Reload { config } => operator(&config, "reload"),
+        } => operator(&config, drain_request(node.or(node_id), false)?, false),
+        Command::Status { config, json } => operator(&config, Request::Status, json),
+        Command::Reload { config } => operator(&config, Request::Reload, false),
         Command::OwnerOf {
             config,
             src,
             dst,
             proto,
-        } => operator(&config, &format!("owner-of {src} {dst} {proto}")),
+            json,
+        } => {
+            let request = Request::parse(&format!("owner-of {src} {dst} {proto}"))?;
+            operator(&config, request, json)
+        }
     }
 }
 
-/// Sends an operator command to the node described by `config` over its control socket.
-fn operator(config: &std::path::Path, command: &str) -> Result<(), String> {
+fn drain_request(node: Option<u8>, drain: bool) -> Result<Request, String> {
+    let node = match node {
+        Some(n) => Some(NodeId::new(n).ok_or("a node id is 1..=64")?),
+        None => None,
+    };
+    Ok(Request::Drain { node, drain })
+}
+
+/// Sends an operator request to the node described by `config` over its control socket and
+/// prints its reply: for people, or as the node's JSON line with `json`.
+fn operator(config: &std::path::Path, request: Request, json: bool) -> Result<(), String> {
     let loaded = Config::load(config).map_err(|e| e.to_string())?;
     let socket = loaded.config.control.socket.ok_or_else(|| {
         format!(
@@ -460,62 +472,78 @@ fn operator(config: &std::path::Path, command: &str) -> Result<(), String> {
             config.display()
         )
     })?;
-    let reply = operator_command(&socket, command)?;
-    println!("{reply}");
-    if reply.contains("\"ok\":false") {
-        return Err(format!("the node refused `{command}`"));
+    let line = operator::call_raw(&socket, &request).map_err(|e| e.to_string())?;
+    let reply = Reply::decode(&request, &line)?;
+    if json {
+        println!("{line}");
+    } else {
+        print_reply(&reply);
     }
-    Ok(())
+    match reply {
+        Reply::Refused(r) => Err(format!("the node refused `{request}`: {}", r.error)),
+        _ => Ok(()),
+    }
+}
+
+/// A reply in words.
+fn print_reply(reply: &Reply) {
+    match reply {
+        Reply::Status(s) => status_table(s),
+        Reply::Drain(d) => {
+            let what = if d.draining {
+                "draining: it hands its buckets over"
+            } else {
+                "undrained: it takes its share again"
+            };
+            let how = if d.relayed { " (request relayed)" } else { "" };
+            println!("node {}: {what}{how}", d.node);
+        }
+        Reply::Reload(r) if r.changed.is_empty() => println!("reload: nothing changed"),
+        Reply::Reload(r) => println!("reload: applied {}", r.applied.join(", ")),
+        Reply::OwnerOf(o) => {
+            let opt = |n: Option<u8>| n.map_or("nobody (handoff gap)".to_owned(), |n| format!("node {n}"));
+            println!("flow                {}", o.flow);
+            println!("bucket              {} (affinity {})", o.bucket, o.affinity.name());
+            println!("epoch, phase        {}, {}", o.epoch, o.phase.name());
+            println!("new flows go to     {}", opt(o.new_flows_owner));
+            println!("owner when settled  {}", opt(o.owner_when_settled));
+            println!("this node           {}", o.role_of_this_node);
+        }
+        Reply::Refused(r) => {
+            println!("refused: {}", r.error);
+            if let Some(changed) = r.changed.as_ref().filter(|c| !c.is_empty()) {
+                println!("changed keys: {}", changed.join(", "));
+            }
+        }
+    }
 }
 
 /// `status` as a table for people.
-fn status_table(config: &std::path::Path) -> Result<(), String> {
-    let loaded = Config::load(config).map_err(|e| e.to_string())?;
-    let socket = loaded.config.control.socket.ok_or_else(|| {
-        format!(
-            "{}: `control.socket`: not set\n  fix: set it and restart the node",
-            config.display()
-        )
-    })?;
-    let reply = operator_command(&socket, "status")?;
-    let s: serde_json::Value =
-        serde_json::from_str(&reply).map_err(|e| format!("bad reply from the node: {e}"))?;
+fn status_table(s: &Status) {
     println!(
         "node {} | epoch {} | phase {} | moving buckets {} | healthy {}",
-        s["node"],
-        s["epoch"],
-        s["phase"].as_str().unwrap_or("?"),
-        s["moving"],
-        s["healthy"]
-            .as_bool()
-            .map_or("-".to_owned(), |h| h.to_string())
+        s.node,
+        s.epoch,
+        s.phase.name(),
+        s.moving,
+        s.healthy.map_or("-".to_owned(), |h| h.to_string())
     );
     println!(
         "{:>4}  {:<9} {:>6} {:>10} {:>10} {:>8} {:>6}",
         "node", "state", "weight", "accepting", "buckets", "flows", "busy"
     );
-    let outside = s["outside"].as_array().into_iter().flatten();
-    for m in s["members"].as_array().into_iter().flatten().chain(outside) {
-        let opt = |v: &serde_json::Value| v.as_u64().map_or("-".to_owned(), |n| n.to_string());
+    let opt = |v: Option<u32>| v.map_or("-".to_owned(), |n| n.to_string());
+    for m in s.nodes() {
         println!(
             "{:>4}  {:<9} {:>6} {:>10} {:>10} {:>8} {:>6}",
-            m["node"].to_string(),
-            m["state"].as_str().unwrap_or("?"),
-            opt(&m["weight"]),
-            m["accepting_buckets"].to_string(),
-            m["final_buckets"].to_string(),
-            opt(&m["active_flows"]),
-            m["busy_permille"]
-                .as_u64()
+            m.node,
+            m.state.name(),
+            opt(m.weight),
+            m.accepting_buckets,
+            m.final_buckets,
+            opt(m.active_flows),
+            m.busy_permille
                 .map_or("-".to_owned(), |p| format!("{}%", p / 10)),
         );
-    }
-    Ok(())
-}
-
-fn with_node(command: &str, node: Option<u8>) -> String {
-    match node {
-        Some(n) => format!("{command} {n}"),
-        None => command.to_owned(),
     }
 }

@@ -18,7 +18,10 @@ use siphasher::sip::SipHasher13;
 
 use crate::cluster::{Bucket, NodeId, Weight, BUCKETS};
 use crate::config::{Loaded, Policy as ConfigPolicy};
-use crate::control::{self, Event, Load, Membership, Output, Path, Refusal, Snapshot, Timeline};
+use crate::control::{
+    self, Event, Load, Membership, Node, Output, Path, Refusal, Snapshot, Timeline, Verdict,
+};
+use crate::operator::{Refused, Reply, Request};
 use crate::counters::CoreCounters;
 
 /// Wire frames queued between the cores and the control thread, each way. Heartbeats are a few
@@ -407,6 +410,8 @@ pub struct Requests {
 
 /// Runs the control thread until the node has stopped; sets `stop_cores` when the packet cores
 /// must end (after a drain on SIGTERM, or at once on a second signal).
+///
+/// It only moves bytes and verdicts: every decision is the [`Node`]'s.
 pub fn control_thread(
     loaded: Loaded,
     link: Arc<ControlLink>,
@@ -418,34 +423,20 @@ pub fn control_thread(
     let incarnation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
-    let mut m = Membership::new(membership_config(&loaded, incarnation));
     let me = NodeId::new(cfg.node.id).expect("validated");
+    let mut node = Node::new(
+        Membership::new(membership_config(&loaded, incarnation)),
+        control::Settings {
+            drain_deadline: cfg.control.drain_deadline.0.as_nanos() as u64,
+            health_port: cfg.health.as_ref().map(|h| h.address.port()),
+            hasher: crate::cluster::BucketHasher::new(&loaded.secret),
+            affinity: cfg.cluster.affinity,
+        },
+    );
     let interval = cfg.control.interval.0;
     // Ticks more often than the interval: the state machine sends heartbeats on its own clock.
     let tick = (interval / 4).max(Duration::from_millis(5));
-
-    let socket = match cfg.control.listen {
-        Some(addr) => {
-            let s = UdpSocket::bind(addr).map_err(|e| {
-                format!(
-                    "`control.listen`: cannot bind {addr}: {e}\n  fix: use an address of this \
-                     node's control network (or leave the key out to use the wire path only)"
-                )
-            })?;
-            s.set_read_timeout(Some(tick)).map_err(|e| e.to_string())?;
-            Some(s)
-        }
-        None => None,
-    };
-    let operator = match &cfg.control.socket {
-        Some(path) => Some(OperatorSocket::bind(path.clone())?),
-        None => None,
-    };
-    let peers: Vec<SocketAddr> = cfg.control.peers.clone();
-    let view = Arc::new(ArcSwap::from_pointee(ControlView::default()));
-    if let Some(addr) = cfg.control.metrics {
-        crate::metrics::serve(addr, cfg.node.id, Arc::clone(&link), Arc::clone(&view))?;
-    }
+    let io = ControlIo::open(&loaded, &link, tick)?;
     let health = match &cfg.health {
         Some(h) => Some(
             crate::health::spawn(cfg.node.id, h.clone())
@@ -460,122 +451,57 @@ pub fn control_thread(
              share as soon as it joins"
         );
     }
-    let watchdog_span = cfg
-        .health
-        .as_ref()
-        .map(|h| (h.interval.0 + h.timeout.0) * 3)
-        .unwrap_or_default();
-    let mut drained_by_health = false;
-    let mut refusals_seen = 0u64;
+    let mut watch = HealthWatch::new(cfg);
     let mut current = loaded.clone();
-    let mut last_load = Load::default();
     let mut busy = BusyShare::new(start);
-    let mut watchdog_warned = false;
-    let owners = OwnerLookup {
-        hasher: crate::cluster::BucketHasher::new(&loaded.secret),
-        affinity: cfg.cluster.affinity,
-        me,
-    };
     let mut out = Vec::new();
-    let mut terminating_since: Option<Instant> = None;
     let mut timeline = Timeline::default();
     let mut buf = [0u8; 2048];
     let mut next_tick = start;
     let mut next_report = start;
     let now_ns = || start.elapsed().as_nanos() as u64;
 
-    m.handle_tick(now_ns(), &mut out);
+    node.handle_tick(now_ns(), &mut out);
     loop {
-        // Side channel.
-        match &socket {
+        // Side channel, then the wire heartbeats the cores received. A payload without a whole
+        // length-prefixed message is malformed like any other.
+        match &io.socket {
             Some(s) => {
                 if let Ok((n, _from)) = s.recv_from(&mut buf) {
-                    m.handle_message(Path::Udp, &buf[..n], now_ns(), &mut out);
+                    node.handle_message(Path::Udp, &buf[..n], now_ns(), &mut out);
                 }
             }
             None => std::thread::sleep(tick),
         }
-        // Wire heartbeats received by the cores. A payload without a whole length-prefixed
-        // message is malformed like any other.
         for payload in link.wire_received() {
             let msg = wire_payload(&payload).unwrap_or_default();
-            m.handle_message(Path::Wire, msg, now_ns(), &mut out);
+            node.handle_message(Path::Wire, msg, now_ns(), &mut out);
         }
         let now = Instant::now();
         if now >= next_tick {
             next_tick = now + tick;
             let busy_ns: u64 = link.core_busy_ns.iter().map(|b| b.load(Relaxed)).sum();
             let flows: u64 = link.core_flows.iter().map(|f| f.load(Relaxed)).sum();
-            last_load = Load {
+            node.set_load(Load {
                 active_flows: flows.min(u64::from(u32::MAX)) as u32,
                 busy_permille: busy.permille(now, busy_ns, link.core_busy_ns.len()),
-            };
-            m.set_load(last_load);
-            // The health verdict: failing drains this node, recovering undrains what it drained.
-            if let (Some(h), Some(hc)) = (&health, &cfg.health) {
-                // A connection the service refused is evidence: check at once.
-                let refusals = link.service_refusals();
-                if refusals != refusals_seen {
-                    refusals_seen = refusals;
-                    h.check_now();
-                }
-                let healthy = h.healthy();
-                // Refuse (and hold back refusals) only while someone else takes new flows: a
-                // node alone, or a cluster whose services all fail, answers as best it can.
-                let others = m.others_serve();
-                m.set_refusing(!healthy && others, now_ns(), &mut out);
-                link.refuse_new.store(m.refusing(), Relaxed);
-                let hold = if others {
-                    u32::from(hc.address.port())
-                } else {
-                    0
-                };
-                link.hold_refusals_on.store(hold, Relaxed);
-                if !healthy && !drained_by_health && !m.draining() {
-                    if h.came_up() {
-                        tracing::warn!(
-                            node = cfg.node.id,
-                            epoch = m.epoch(),
-                            "service unhealthy: draining"
-                        );
-                    } else {
-                        tracing::info!(
-                            node = cfg.node.id,
-                            epoch = m.epoch(),
-                            "service not up yet: joining drained until it answers"
-                        );
-                    }
-                    m.drain(now_ns(), &mut out);
-                    drained_by_health = true;
-                } else if healthy && drained_by_health {
-                    tracing::info!(
-                        node = cfg.node.id,
-                        epoch = m.epoch(),
-                        "service healthy: undraining"
-                    );
-                    m.undrain(now_ns(), &mut out);
-                    drained_by_health = false;
-                }
-                let stalled = h.since_last_check() > watchdog_span;
-                if stalled && !watchdog_warned {
-                    tracing::error!(
-                        node = cfg.node.id,
-                        epoch = m.epoch(),
-                        "watchdog: the health checker stopped running"
-                    );
-                }
-                watchdog_warned = stalled;
+            });
+            if let Some(h) = &health {
+                let guard = node.health(watch.verdict(h, &link, me), now_ns(), &mut out);
+                link.refuse_new.store(guard.refuse_new, Relaxed);
+                link.hold_refusals_on
+                    .store(u32::from(guard.hold_refusals_on), Relaxed);
             }
-            link.refusing_peers.store(m.refusing_peers(), Relaxed);
-            m.set_wire_link(link.wire_link_up.load(Relaxed), now_ns(), &mut out);
-            m.handle_tick(now_ns(), &mut out);
-            link.set_members(&m);
-            let mut v = control_view(&m, me, now_ns());
+            link.refusing_peers.store(node.refusing_peers(), Relaxed);
+            node.set_wire_link(link.wire_link_up.load(Relaxed), now_ns(), &mut out);
+            node.handle_tick(now_ns(), &mut out);
+            link.set_members(&node);
+            let mut v = control_view(&node, me, now_ns());
             if let Some(h) = &health {
                 v.healthy = Some(h.healthy());
                 v.health_checks = h.checks();
             }
-            view.store(Arc::new(v));
+            io.view.store(Arc::new(v));
         }
         // Flow counts of the buckets this node releases, for the "done" step.
         if now >= next_report {
@@ -584,50 +510,79 @@ pub fn control_thread(
             let releasing: Vec<Bucket> = snapshot.releasing(me).collect();
             if !releasing.is_empty() {
                 if let Some(counts) = link.releasing_counts(&releasing) {
-                    m.report_flows(&counts, now_ns(), &mut out);
+                    node.report_flows(&counts, now_ns(), &mut out);
                 }
             }
         }
-        if let Some(op) = &operator {
-            let healthy = health.as_ref().map(|h| h.healthy());
-            op.serve(
-                &mut m,
-                &owners,
-                &mut current,
-                Seen {
-                    health: healthy,
-                    load: last_load,
-                    timeline: &timeline,
-                },
-                now_ns(),
-                &mut out,
-            );
+        if let Some(op) = &io.operator {
+            op.serve(&mut node, &mut current, &timeline, now_ns(), &mut out);
         }
-        // SIGTERM: drain first, stop when drained or at the deadline; a second signal stops now.
         if requests.terminate.load(Relaxed) {
-            match terminating_since {
-                None => {
-                    tracing::info!(node = cfg.node.id, epoch = m.epoch(), "SIGTERM: draining");
-                    terminating_since = Some(Instant::now());
-                    m.drain(now_ns(), &mut out);
-                }
-                Some(since) => {
-                    let alone = m.live_members().len() <= 1;
-                    if m.is_drained() || alone || since.elapsed() >= cfg.control.drain_deadline.0 {
-                        tracing::info!(
-                            node = cfg.node.id,
-                            epoch = m.epoch(),
-                            drained = m.is_drained(),
-                            "stopping"
-                        );
-                        stop_cores.store(true, Relaxed);
-                    }
-                }
-            }
+            node.terminate(now_ns(), &mut out);
         }
-        // Log lines carry the epoch in force when what they report happened: events queued
-        // before a new plan keep the old epoch, the plan's adoption and what follows the new
-        // one (the outputs are in the order the state machine produced them).
+        if node.stopping() {
+            stop_cores.store(true, Relaxed);
+        }
+        io.carry_out(&mut out, &link, &mut timeline, cfg.node.id);
+        crate::logging::set_epoch(node.epoch());
+        if stop_cores.load(Relaxed) {
+            return Ok(());
+        }
+    }
+}
+
+/// The control thread's sockets: the side channel, the operator's socket and the metrics view.
+struct ControlIo {
+    socket: Option<UdpSocket>,
+    peers: Vec<SocketAddr>,
+    operator: Option<OperatorSocket>,
+    view: Arc<ArcSwap<ControlView>>,
+}
+
+impl ControlIo {
+    fn open(loaded: &Loaded, link: &Arc<ControlLink>, tick: Duration) -> Result<ControlIo, String> {
+        let cfg = &loaded.config;
+        let socket = match cfg.control.listen {
+            Some(addr) => {
+                let s = UdpSocket::bind(addr).map_err(|e| {
+                    format!(
+                        "`control.listen`: cannot bind {addr}: {e}\n  fix: use an address of this \
+                         node's control network (or leave the key out to use the wire path only)"
+                    )
+                })?;
+                s.set_read_timeout(Some(tick)).map_err(|e| e.to_string())?;
+                Some(s)
+            }
+            None => None,
+        };
+        let operator = match &cfg.control.socket {
+            Some(path) => Some(OperatorSocket::bind(path.clone())?),
+            None => None,
+        };
+        let view = Arc::new(ArcSwap::from_pointee(ControlView::default()));
+        if let Some(addr) = cfg.control.metrics {
+            crate::metrics::serve(addr, cfg.node.id, Arc::clone(link), Arc::clone(&view))?;
+        }
+        Ok(ControlIo {
+            socket,
+            peers: cfg.control.peers.clone(),
+            operator,
+            view,
+        })
+    }
+
+    /// Carries out the node's outputs in order: sends, snapshots to the cores, log lines.
+    ///
+    /// Log lines carry the epoch in force when what they report happened: events queued before
+    /// a new plan keep the old epoch, the plan's adoption and what follows the new one (the
+    /// outputs are in the order the state machine produced them).
+    fn carry_out(
+        &self,
+        out: &mut Vec<Output>,
+        link: &ControlLink,
+        timeline: &mut Timeline,
+        me: u8,
+    ) {
         for o in out.drain(..) {
             if let Output::Event(Event::PlanAdopted { plan, .. }) = &o {
                 crate::logging::set_epoch(plan.epoch);
@@ -637,8 +592,8 @@ pub fn control_thread(
                     path: Path::Udp,
                     bytes,
                 } => {
-                    if let Some(s) = &socket {
-                        for p in &peers {
+                    if let Some(s) = &self.socket {
+                        for p in &self.peers {
                             let _ = s.send_to(&bytes, p);
                         }
                     }
@@ -652,13 +607,48 @@ pub fn control_thread(
                 Output::Publish(snapshot) => link.publish(snapshot),
                 Output::Event(e) => {
                     timeline.record(unix_ms(), &e);
-                    log_event(cfg.node.id, crate::logging::context().1, &e);
+                    log_event(me, crate::logging::context().1, &e);
                 }
             }
         }
-        crate::logging::set_epoch(m.epoch());
-        if stop_cores.load(Relaxed) {
-            return Ok(());
+    }
+}
+
+/// Reads the health checker for the node: its verdict, a check at once when the service
+/// refused a connection (evidence), and a warning if the checker stopped running.
+struct HealthWatch {
+    refusals_seen: u64,
+    watchdog_span: Duration,
+    watchdog_warned: bool,
+}
+
+impl HealthWatch {
+    fn new(cfg: &crate::config::Config) -> HealthWatch {
+        HealthWatch {
+            refusals_seen: 0,
+            watchdog_span: cfg
+                .health
+                .as_ref()
+                .map(|h| (h.interval.0 + h.timeout.0) * 3)
+                .unwrap_or_default(),
+            watchdog_warned: false,
+        }
+    }
+
+    fn verdict(&mut self, h: &crate::health::Health, link: &ControlLink, me: NodeId) -> Verdict {
+        let refusals = link.service_refusals();
+        if refusals != self.refusals_seen {
+            self.refusals_seen = refusals;
+            h.check_now();
+        }
+        let stalled = h.since_last_check() > self.watchdog_span;
+        if stalled && !self.watchdog_warned {
+            tracing::error!(node = me.get(), "watchdog: the health checker stopped running");
+        }
+        self.watchdog_warned = stalled;
+        Verdict {
+            healthy: h.healthy(),
+            came_up: h.came_up(),
         }
     }
 }
@@ -724,6 +714,17 @@ fn log_event(node: u8, epoch: u64, e: &Event) {
             epoch,
             "fence lifted: the wire link is back and the cluster's plan heard"
         ),
+        Event::ServiceDown { came_up: true } => {
+            tracing::warn!(node, epoch, "service unhealthy: draining")
+        }
+        Event::ServiceDown { came_up: false } => tracing::info!(
+            node,
+            epoch,
+            "service not up yet: joining drained until it answers"
+        ),
+        Event::ServiceUp => tracing::info!(node, epoch, "service healthy: undraining"),
+        Event::Terminating => tracing::info!(node, epoch, "SIGTERM: draining"),
+        Event::Stopping { drained } => tracing::info!(node, epoch, drained, "stopping"),
         Event::VersionRefused {
             version,
             node: sender,
@@ -764,12 +765,13 @@ impl OperatorSocket {
         Ok(OperatorSocket { listener, path })
     }
 
+    /// Answers one pending request, if any: the [`Node`] decides, this only reads the line
+    /// (and, for `reload`, the node's file) and writes the reply.
     fn serve(
         &self,
-        m: &mut Membership,
-        owners: &OwnerLookup,
+        node: &mut Node,
         current: &mut Loaded,
-        seen: Seen<'_>,
+        timeline: &Timeline,
         now: u64,
         out: &mut Vec<Output>,
     ) {
@@ -783,39 +785,13 @@ impl OperatorSocket {
         if reader.read_line(&mut line).is_err() {
             return;
         }
-        let reply = match line.trim() {
-            cmd if cmd == "drain"
-                || cmd == "undrain"
-                || cmd.starts_with("drain ")
-                || cmd.starts_with("undrain ") =>
-            {
-                let drain = cmd.starts_with("drain");
-                let me = m.config().me;
-                match cmd
-                    .split_whitespace()
-                    .nth(1)
-                    .map(|n| n.parse::<u8>().ok().and_then(NodeId::new))
-                {
-                    None => {
-                        m.request(me, drain, now, out);
-                        serde_json::json!({"ok": true, "node": me.get(), "draining": drain})
-                    }
-                    Some(Some(target)) => {
-                        m.request(target, drain, now, out);
-                        serde_json::json!({"ok": true, "node": target.get(), "draining": drain, "relayed": target != me})
-                    }
-                    Some(None) => serde_json::json!({"ok": false, "error": "a node id is 1..=64"}),
-                }
-            }
-            "status" => status_json(m, &seen),
-            "reload" => reload(current, m, now, out),
-            cmd if cmd.starts_with("owner-of ") => owners.answer(m.snapshot(), &cmd[9..]),
-            other => {
-                serde_json::json!({"ok": false, "error": format!("unknown command `{other}`")})
-            }
+        let reply = match Request::parse(&line) {
+            Err(error) => Reply::Refused(Refused::new(error)),
+            Ok(Request::Reload) => reload(current, node, now, out),
+            Ok(request) => node.request(&request, timeline, now, out),
         };
         let mut w = &stream;
-        let _ = writeln!(w, "{reply}");
+        let _ = writeln!(w, "{}", reply.to_line());
     }
 }
 
@@ -825,22 +801,17 @@ impl Drop for OperatorSocket {
     }
 }
 
-/// Keys `reload` applies to a running node; any other change needs a restart.
-const LIVE_KEYS: &[&str] = &["node.weight"];
-
-/// Re-reads the node's YAML: validates it, lists what changed, applies what can change live and
-/// refuses, changing nothing, if anything else changed or the file is broken.
-fn reload(
-    current: &mut Loaded,
-    m: &mut Membership,
-    now: u64,
-    out: &mut Vec<Output>,
-) -> serde_json::Value {
+/// `reload`: re-reads the node's YAML and lets the [`Node`] decide over the keys that changed;
+/// a broken file changes nothing.
+fn reload(current: &mut Loaded, node: &mut Node, now: u64, out: &mut Vec<Output>) -> Reply {
     let next = match crate::config::Config::load(&current.path) {
         Ok(next) => next,
         Err(e) => {
             tracing::warn!(error = %e, "reload refused: nothing changed");
-            return serde_json::json!({"ok": false, "error": e.to_string(), "changed": []});
+            return Reply::Refused(Refused {
+                error: e.to_string(),
+                changed: Some(Vec::new()),
+            });
         }
     };
     let mut changed = Vec::new();
@@ -852,33 +823,25 @@ fn reload(
     if next.secret != current.secret {
         changed.push("cluster.secret_file (contents)".to_owned());
     }
-    let fixed: Vec<&String> = changed
-        .iter()
-        .filter(|k| !LIVE_KEYS.contains(&k.as_str()))
-        .collect();
-    if !fixed.is_empty() {
-        let error =
-            format!(
-            "these keys cannot change while the node runs: {}; nothing was applied (restart the \
-             node, draining it first, to change them)",
-            fixed.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
-        );
-        tracing::warn!(%error, "reload refused");
-        return serde_json::json!({"ok": false, "error": error, "changed": changed});
-    }
-    if next.config.node.weight != current.config.node.weight {
-        if let Some(w) = Weight::new(next.config.node.weight) {
-            tracing::info!(
-                from = current.config.node.weight,
-                to = next.config.node.weight,
-                epoch = m.epoch(),
-                "reload: weight changed"
-            );
-            m.set_weight(w, now, out);
+    let weight = (next.config.node.weight != current.config.node.weight)
+        .then(|| Weight::new(next.config.node.weight))
+        .flatten();
+    let reply = node.reload(changed, weight, now, out);
+    match &reply {
+        Reply::Refused(r) => tracing::warn!(error = %r.error, "reload refused"),
+        _ => {
+            if weight.is_some() {
+                tracing::info!(
+                    from = current.config.node.weight,
+                    to = next.config.node.weight,
+                    epoch = node.epoch(),
+                    "reload: weight changed"
+                );
+            }
+            *current = next;
         }
     }
-    *current = next;
-    serde_json::json!({"ok": true, "changed": changed, "applied": changed})
+    reply
 }
 
 /// Dotted keys whose values differ between two JSON trees.
@@ -906,180 +869,6 @@ fn diff_keys(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &m
         _ if a != b => out.push(prefix.to_owned()),
         _ => {}
     }
-}
-
-/// `owner-of SRC_IP:PORT DST_IP:PORT [tcp|udp]`: which node owns a flow, and why.
-struct OwnerLookup {
-    hasher: crate::cluster::BucketHasher,
-    affinity: crate::cluster::Affinity,
-    me: NodeId,
-}
-
-impl OwnerLookup {
-    fn answer(&self, snapshot: &Snapshot, args: &str) -> serde_json::Value {
-        let parts: Vec<&str> = args.split_whitespace().collect();
-        let parsed = match parts.as_slice() {
-            [src, dst] => Some((*src, *dst, "tcp")),
-            [src, dst, proto] => Some((*src, *dst, *proto)),
-            _ => None,
-        };
-        let Some((src, dst, proto)) = parsed else {
-            return serde_json::json!({"ok": false, "error": "usage: owner-of SRC_IP:PORT DST_IP:PORT [tcp|udp]"});
-        };
-        let (Ok(src), Ok(dst)) = (src.parse::<SocketAddr>(), dst.parse::<SocketAddr>()) else {
-            return serde_json::json!({"ok": false, "error": "addresses are IP:PORT ([IPv6]:PORT)"});
-        };
-        let proto_num = match proto {
-            "tcp" => 6,
-            "udp" => 17,
-            other => {
-                return serde_json::json!({"ok": false, "error": format!("protocol `{other}`: tcp or udp")})
-            }
-        };
-        let key = crate::cluster::FlowKey::new(self.affinity, src.ip(), src.port(), proto_num);
-        let bucket = self.hasher.bucket(&key);
-        let role = snapshot.role(bucket, self.me);
-        serde_json::json!({
-            "ok": true,
-            "flow": format!("{src} -> {dst} {proto}"),
-            "affinity": format!("{:?}", self.affinity),
-            "bucket": bucket.0,
-            "epoch": snapshot.epoch(),
-            "phase": format!("{:?}", snapshot.phase()),
-            "new_flows_owner": snapshot.new_flow_owner(bucket).map(|n| n.get()),
-            "owner_when_settled": snapshot.final_owner(bucket).map(|n| n.get()),
-            "role_of_this_node": format!("{role:?}"),
-        })
-    }
-}
-
-/// What the control thread knows of this node beyond the state machine, for `status`.
-struct Seen<'a> {
-    /// The health checker's verdict, if there is a health check.
-    health: Option<bool>,
-    load: Load,
-    timeline: &'a Timeline,
-}
-
-fn status_json(m: &Membership, seen: &Seen<'_>) -> serde_json::Value {
-    let Seen {
-        health,
-        load: self_load,
-        timeline,
-    } = *seen;
-    let snapshot = m.snapshot();
-    let me = m.config().me;
-    let members: Vec<serde_json::Value> = m
-        .live_members()
-        .iter()
-        .map(|mem| {
-            // What each node last said of itself in its heartbeat (this node: its own state).
-            let hb = m.peer(mem.id).and_then(|p| p.heartbeat);
-            let load = if mem.id == me { Some(self_load) } else { hb.map(|h| h.load) };
-            // A failing service (it refuses new connections) first, then a drain.
-            let (refusing, draining, fenced) = if mem.id == me {
-                (m.refusing(), m.draining(), m.fenced())
-            } else {
-                hb.map_or((false, false, false), |h| (h.refusing, h.draining, h.fenced))
-            };
-            let state = match (refusing, draining) {
-                _ if fenced => "fenced",
-                (true, _) => "failing",
-                (false, true) => "draining",
-                (false, false) => "up",
-            };
-            serde_json::json!({
-                "node": mem.id.get(),
-                "state": state,
-                "weight": mem.weight.get(),
-                "accepting_buckets": snapshot.accepting_count(mem.id),
-                "final_buckets": Bucket::all().filter(|&b| snapshot.final_owner(b) == Some(mem.id)).count(),
-                "active_flows": load.map(|l| l.active_flows),
-                "busy_permille": load.map(|l| l.busy_permille),
-            })
-        })
-        .collect();
-    // Live nodes the table leaves out (drained, or failing and drained): no buckets, but an
-    // operator wants to see them and why.
-    let in_table: u64 = m
-        .live_members()
-        .iter()
-        .fold(0, |bits, mem| bits | 1u64 << mem.id.index());
-    let outside: Vec<serde_json::Value> = (1..=64u8)
-        .filter_map(NodeId::new)
-        .filter(|id| m.live_bits() & !in_table & (1u64 << id.index()) != 0)
-        .map(|id| {
-            let hb = m.peer(id).and_then(|p| p.heartbeat);
-            let (refusing, draining, weight, load) = if id == me {
-                (m.refusing(), m.draining(), None, Some(self_load))
-            } else {
-                (
-                    hb.is_some_and(|h| h.refusing),
-                    hb.is_some_and(|h| h.draining),
-                    hb.map(|h| h.weight.get()),
-                    hb.map(|h| h.load),
-                )
-            };
-            let fenced = if id == me {
-                m.fenced()
-            } else {
-                hb.is_some_and(|h| h.fenced)
-            };
-            // Out of the plan's target table, but a node still serves the connections it had
-            // until the plan is done: draining until then, drained after.
-            let state = match (refusing, draining) {
-                _ if fenced => "fenced",
-                (true, _) => "failing",
-                (false, true) if snapshot.phase() == control::Phase::Done => "drained",
-                (false, true) => "draining",
-                (false, false) => "joining",
-            };
-            serde_json::json!({
-                "node": id.get(),
-                "state": state,
-                "weight": weight,
-                "accepting_buckets": snapshot.accepting_count(id),
-                "final_buckets": 0,
-                "active_flows": load.map(|l| l.active_flows),
-                "busy_permille": load.map(|l| l.busy_permille),
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "ok": true,
-        "epoch": m.epoch(),
-        "phase": format!("{:?}", snapshot.phase()),
-        "moving": snapshot.moving_count(),
-        "node": me.get(),
-        "draining": m.draining(),
-        "drained": m.is_drained(),
-        "refusing": m.refusing(),
-        "fenced": m.fenced(),
-        "protocol_version": m.speaks(),
-        "healthy": health,
-        "members": members,
-        "outside": outside,
-        "timeline": timeline.steps().collect::<Vec<_>>(),
-    })
-}
-
-/// Sends one command to a node's control socket and returns its JSON reply.
-pub fn operator_command(socket: &std::path::Path, command: &str) -> Result<String, String> {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
-        format!(
-            "cannot reach the node at {}: {e} (is it running, and is control.socket this path?)",
-            socket.display()
-        )
-    })?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    writeln!(stream, "{command}").map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut reply)
-        .map_err(|e| format!("no reply from {}: {e}", socket.display()))?;
-    Ok(reply.trim().to_owned())
 }
 
 /// The packet cores' busy share between two control ticks, from their busy-time totals.

@@ -110,6 +110,17 @@ pub enum Affinity {
     Network,
 }
 
+impl Affinity {
+    /// The affinity as the YAML names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Affinity::None => "none",
+            Affinity::Single => "single",
+            Affinity::Network => "network",
+        }
+    }
+}
+
 /// A node's share weight: its expected share of buckets is `weight / sum(weights)`.
 ///
 /// Never zero: a node that should take no new buckets leaves the membership (or drains)

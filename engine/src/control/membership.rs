@@ -194,6 +194,15 @@ pub enum Event {
     Drained,
     /// This node fenced itself (its wire port lost link), or lifted its fence.
     Fenced { fenced: bool },
+    /// The node's service failed (`came_up`: it had answered before; otherwise it never has):
+    /// it drains ([`super::Node::health`]).
+    ServiceDown { came_up: bool },
+    /// The service answers again: the node undrains what its health drained.
+    ServiceUp,
+    /// SIGTERM: the node drains before it stops.
+    Terminating,
+    /// The node stops its packet cores (`drained`: it had handed every bucket over).
+    Stopping { drained: bool },
     /// A control message in a format version this node does not speak was refused (its
     /// header claims `node`, unauthenticated). Emitted for the first such message of each
     /// version, then at most once a minute per version.
@@ -596,6 +605,11 @@ impl Membership {
     /// This node's current load, sent with the next heartbeat (used by `ByLoad`).
     pub fn set_load(&mut self, load: Load) {
         self.load = load;
+    }
+
+    /// The load last given by [`Membership::set_load`].
+    pub fn load(&self) -> Load {
+        self.load
     }
 
     // ---------------------------------------------------------------- accessors

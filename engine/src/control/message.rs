@@ -180,6 +180,16 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The phase in words, for people.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Learn => "learn",
+            Phase::Release => "release",
+            Phase::Acquire => "acquire",
+            Phase::Done => "done",
+        }
+    }
+
     fn from_code(c: u8) -> Option<Phase> {
         Some(match c {
             1 => Phase::Learn,

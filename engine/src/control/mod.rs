@@ -16,10 +16,13 @@
 //! - [`message`]: the authenticated, versioned wire format of control messages.
 //! - [`snapshot`]: [`Snapshot`] and [`Role`], what the data path consumes.
 //! - [`membership`]: the [`Membership`] state machine and its [`Config`].
+//! - [`node`]: [`Node`], the membership plus the node's own rules (health, SIGTERM, operator
+//!   requests): what the control thread drives.
 //! - [`timeline`]: the last steps a node took, stamped, as `status` reports them.
 
 pub mod membership;
 pub mod message;
+pub mod node;
 pub mod snapshot;
 pub mod timeline;
 
@@ -33,5 +36,6 @@ pub use message::{
     decode, ControlKey, Heartbeat, Load, Message, Path, Phase, Plan, PlanId, Refusal,
     CONTROL_KEY_LABEL, ETHERTYPE, LEFT_UNKNOWN, MAX_LEN, PREVIOUS_VERSION, VERSION,
 };
+pub use node::{Node, ServiceGuard, Settings, Verdict};
 pub use snapshot::{Role, Snapshot};
 pub use timeline::{Step, Steps, Timeline, What};

@@ -1,4 +1,4 @@
-//! Seeded virtual-time simulation of N [`Membership`] state machines on a lossy network with
+//! Seeded virtual-time simulation of N [`Node`]s (each a [`Membership`] with its own rules) on a lossy network with
 //! two paths (side UDP and wire), with cuts and partitions. No sockets, no sleeps, no threads.
 //!
 //! The invariant is checked every time any node publishes a snapshot or stops (the only
@@ -59,7 +59,11 @@ impl PathNet {
 type LoadModel = Box<dyn Fn(&Snapshot, NodeId) -> Load>;
 
 struct SimNode {
-    m: Membership,
+    m: Node,
+    /// The service's health verdict, given to the node every tick (None: no health check).
+    verdict: Option<Verdict>,
+    /// What the node last told the data path about its service's refusals.
+    guard: ServiceGuard,
     up: bool,
     next_tick: u64,
     /// Partition side.
@@ -130,6 +134,15 @@ fn n(id: u8) -> NodeId {
     NodeId::new(id).unwrap()
 }
 
+fn settings() -> Settings {
+    Settings {
+        drain_deadline: 20 * SEC,
+        health_port: Some(80),
+        hasher: crate::cluster::BucketHasher::new(SECRET),
+        affinity: crate::cluster::Affinity::None,
+    }
+}
+
 fn config(id: u8, incarnation: u64) -> Config {
     let mut c = Config::new(n(id), incarnation, [2, 0xcc, 0, 0, 0, id], SECRET, DIGEST);
     c.learn = SEC;
@@ -174,7 +187,9 @@ impl Sim {
         let interval = cfg.interval;
         let first = self.now + self.rng.range(0, interval - 1);
         self.nodes[i] = Some(SimNode {
-            m: Membership::new(cfg),
+            m: Node::new(Membership::new(cfg), settings()),
+            verdict: None,
+            guard: ServiceGuard::default(),
             up: true,
             next_tick: first,
             side: 0,
@@ -200,7 +215,7 @@ impl Sim {
         self.check();
     }
 
-    fn node(&self, id: u8) -> &Membership {
+    fn node(&self, id: u8) -> &Node {
         &self.nodes[n(id).index()].as_ref().unwrap().m
     }
 
@@ -210,6 +225,11 @@ impl Sim {
 
     /// Runs an operator/data-path input on node `id` at the current instant.
     fn input(&mut self, id: u8, f: impl FnOnce(&mut Membership, u64, &mut Vec<Output>)) {
+        self.input_node(id, |node, now, out| f(node.membership_mut(), now, out));
+    }
+
+    /// Runs an input of the node's own rules (health, SIGTERM, operator) on node `id` now.
+    fn input_node(&mut self, id: u8, f: impl FnOnce(&mut Node, u64, &mut Vec<Output>)) {
         let now = self.now;
         let mut out = Vec::new();
         f(&mut self.node_mut(id).m, now, &mut out);
@@ -328,6 +348,9 @@ impl Sim {
                         };
                         node.m.report_flows(&flows, now, &mut out);
                     }
+                    if let Some(v) = node.verdict {
+                        node.guard = node.m.health(v, now, &mut out);
+                    }
                     node.m.handle_tick(now, &mut out);
                     let next = now + node.m.config().interval;
                     node.next_tick = next;
@@ -422,7 +445,7 @@ impl Sim {
             .iter()
             .flatten()
             .filter(|x| x.up)
-            .map(|x| &x.m)
+            .map(|x| &*x.m)
             .filter(|m| m.plan().is_some())
             .collect();
         let first = live[0];
@@ -1057,4 +1080,167 @@ fn a_node_cut_off_both_networks_takes_nothing_back_when_it_returns() {
     for id in 1..=3 {
         assert!((share(&c, id) - 1.0 / 3.0).abs() < 0.01, "{c:?}");
     }
+}
+
+const FAILING: Verdict = Verdict {
+    healthy: false,
+    came_up: true,
+};
+const HEALTHY: Verdict = Verdict {
+    healthy: true,
+    came_up: true,
+};
+
+#[test]
+fn a_failing_service_drains_its_node_and_its_recovery_undrains_it() {
+    let mut sim = cluster(11, &[1, 2, 3]);
+    for id in 1..=3 {
+        sim.node_mut(id).verdict = Some(HEALTHY);
+    }
+    sim.run_until(3 * SEC);
+    // Others take new flows: the service's refusals on the health port are held back, should
+    // it refuse one.
+    let healthy_guard = ServiceGuard {
+        refuse_new: false,
+        hold_refusals_on: 80,
+    };
+    assert_eq!(sim.node_mut(2).guard, healthy_guard);
+    // Node 2's service fails: it refuses at once (holding back its service's RSTs on the
+    // health port, as others take new flows) and drains, losslessly (the invariant holds at
+    // every instant).
+    sim.node_mut(2).verdict = Some(FAILING);
+    sim.run_until(3 * SEC + 100 * MS);
+    assert_eq!(
+        sim.node_mut(2).guard,
+        ServiceGuard {
+            refuse_new: true,
+            hold_refusals_on: 80
+        }
+    );
+    assert!(sim.node(2).draining());
+    assert!(sim
+        .events_of(2)
+        .any(|e| *e == Event::ServiceDown { came_up: true }));
+    sim.run_until(10 * SEC);
+    let c = sim.assert_converged();
+    assert_eq!(share(&c, 2), 0.0, "{c:?}");
+    // It recovers: it undrains and takes its share again.
+    sim.node_mut(2).verdict = Some(HEALTHY);
+    sim.run_until(18 * SEC);
+    let c = sim.assert_converged();
+    assert!((share(&c, 2) - 1.0 / 3.0).abs() < 0.01, "{c:?}");
+    assert!(sim.events_of(2).any(|e| *e == Event::ServiceUp));
+    assert_eq!(sim.node_mut(2).guard, healthy_guard);
+
+    // An operator's drain is the operator's: a good verdict does not undo it.
+    sim.input_node(3, |node, now, out| {
+        node.request(
+            &crate::operator::Request::Drain {
+                node: None,
+                drain: true,
+            },
+            &Timeline::default(),
+            now,
+            out,
+        );
+    });
+    sim.run_until(26 * SEC);
+    let c = sim.assert_converged();
+    assert_eq!(share(&c, 3), 0.0, "{c:?}");
+    assert!(sim.node(3).draining());
+}
+
+#[test]
+fn a_node_alone_with_a_failing_service_refuses_nothing() {
+    let mut sim = cluster(12, &[1]);
+    sim.node_mut(1).verdict = Some(FAILING);
+    sim.run_until(4 * SEC);
+    // Nobody else could take its clients: it answers as best it can.
+    assert_eq!(sim.node_mut(1).guard, ServiceGuard::default());
+    let c = sim.assert_converged();
+    assert_eq!(share(&c, 1), 1.0, "{c:?}");
+}
+
+#[test]
+fn a_node_whose_service_never_answered_joins_drained_until_it_does() {
+    let mut sim = cluster(13, &[1, 2]);
+    sim.add(3);
+    sim.node_mut(3).verdict = Some(Verdict {
+        healthy: false,
+        came_up: false,
+    });
+    sim.run_until(10 * SEC);
+    let c = sim.assert_converged();
+    assert_eq!(share(&c, 3), 0.0, "{c:?}");
+    assert!(sim
+        .events_of(3)
+        .any(|e| *e == Event::ServiceDown { came_up: false }));
+    sim.node_mut(3).verdict = Some(HEALTHY);
+    sim.run_until(18 * SEC);
+    let c = sim.assert_converged();
+    assert!((share(&c, 3) - 1.0 / 3.0).abs() < 0.01, "{c:?}");
+}
+
+/// Runs until node `id` decides to stop (or `end`); returns when it did.
+fn until_stopping(sim: &mut Sim, id: u8, end: u64) -> Option<u64> {
+    while sim.now < end {
+        if sim.node(id).stopping() {
+            return Some(sim.now);
+        }
+        let next = sim.now + 10 * MS;
+        sim.run_until(next);
+    }
+    None
+}
+
+#[test]
+fn sigterm_drains_then_stops_and_the_others_lose_nothing() {
+    let mut sim = cluster(14, &[1, 2, 3]);
+    let t0 = sim.now;
+    sim.input_node(2, |node, now, out| node.terminate(now, out));
+    assert!(sim.events_of(2).any(|e| *e == Event::Terminating));
+    assert!(!sim.node(2).stopping(), "stopped before its buckets moved");
+    let at = until_stopping(&mut sim, 2, t0 + 20 * SEC).expect("never stopped");
+    // It stopped because it was drained, long before the deadline.
+    assert!(sim.node(2).is_drained());
+    assert!(sim
+        .events_of(2)
+        .any(|e| *e == Event::Stopping { drained: true }));
+    assert!(at - t0 < 10 * SEC, "{} ms", (at - t0) / MS);
+    // It goes; the others own every bucket already: no takeover, no dead peer's buckets.
+    sim.stop(2);
+    sim.run_until(at + 5 * SEC);
+    let c = sim.assert_converged();
+    assert!((share(&c, 1) - 0.5).abs() < 0.01, "{c:?}");
+    assert!(!sim.events_of(1).any(|e| matches!(e, Event::TakeOver { .. })));
+}
+
+#[test]
+fn sigterm_stops_at_the_deadline_when_flows_outlive_it() {
+    // Connections in released buckets last longer than the 20 s drain deadline (and the
+    // release deadline is longer still): the node stops at the deadline, not drained.
+    let mut sim = Sim::new(15);
+    for id in 1..=2 {
+        let mut c = config(id, 1_000);
+        c.release_deadline = 120 * SEC;
+        sim.start(c);
+    }
+    sim.run_until(2 * SEC);
+    sim.flow_linger = 60 * SEC;
+    let t0 = sim.now;
+    sim.input_node(2, |node, now, out| node.terminate(now, out));
+    let at = until_stopping(&mut sim, 2, t0 + 40 * SEC).expect("never stopped");
+    assert!(!sim.node(2).is_drained());
+    assert!(sim
+        .events_of(2)
+        .any(|e| *e == Event::Stopping { drained: false }));
+    let took = at - t0;
+    assert!((20 * SEC..20 * SEC + 100 * MS).contains(&took), "{} ms", took / MS);
+}
+
+#[test]
+fn sigterm_on_a_node_alone_stops_at_once() {
+    let mut sim = cluster(16, &[1]);
+    sim.input_node(1, |node, now, out| node.terminate(now, out));
+    assert!(sim.node(1).stopping());
 }

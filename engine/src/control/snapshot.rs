@@ -41,6 +41,19 @@ pub enum Role {
     Acquiring { from: NodeId },
 }
 
+impl std::fmt::Display for Role {
+    /// The role in words, as `owner-of` reports it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Owner => f.write_str("owner"),
+            Role::NotOwner => f.write_str("not the owner"),
+            Role::Learning { from } => write!(f, "learning the flows of {from}"),
+            Role::Releasing { to } => write!(f, "releasing to {to}"),
+            Role::Acquiring { from } => write!(f, "acquiring from {from}"),
+        }
+    }
+}
+
 impl Role {
     /// Whether a frame that starts a new flow is ours.
     #[inline]

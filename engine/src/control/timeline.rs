@@ -84,9 +84,13 @@ impl What {
             },
             Event::Drained => What::Drained,
             Event::Fenced { fenced } => What::Fenced { fenced: *fenced },
-            Event::PeerUp { .. } | Event::PeerRejoined { .. } | Event::VersionRefused { .. } => {
-                return None
-            }
+            Event::PeerUp { .. }
+            | Event::PeerRejoined { .. }
+            | Event::VersionRefused { .. }
+            | Event::ServiceDown { .. }
+            | Event::ServiceUp
+            | Event::Terminating
+            | Event::Stopping { .. } => return None,
         })
     }
 }

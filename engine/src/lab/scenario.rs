@@ -108,7 +108,10 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         }
         Scenario::Join => c.start_node(node)?,
         Scenario::Drain => {
-            crate::runtime::operator_command(&c.socket(node), "drain")
+            crate::operator::call_raw(
+                &c.socket(node),
+                &crate::operator::Request::Drain { node: None, drain: true },
+            )
                 .map_err(|e| format!("drain node {node}: {e}"))?;
         }
     }

@@ -1,0 +1,512 @@
+//! The operator's protocol: typed requests and replies exchanged over a node's control socket,
+//! one line each way (a request word, then one JSON object with `ok`).
+//!
+//! It owns the types both ends share — the node that answers ([`crate::control::Node`] builds
+//! every reply), the CLI, the lab and the tests that ask — so that renaming a field of `status`
+//! is a compile error on every side, not a silent mismatch. It also owns the client: [`call`]
+//! sends one request and decodes the reply into its type.
+//!
+//! It must never decide anything: what a request does to the node is the control plane's
+//! business; here are only the words, their parsing and their JSON form.
+
+use std::fmt;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::{Affinity, NodeId};
+use crate::control::{Phase, Step};
+
+/// One request to a node, as the operator writes it on the socket (`drain 2`, `status`, …).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// The node's view of the cluster: [`Status`].
+    Status,
+    /// Drain (`drain: true`) or undrain a node: this one, or `node` through this one.
+    Drain { node: Option<NodeId>, drain: bool },
+    /// Re-read the node's YAML and apply what can change live: [`ReloadReply`].
+    Reload,
+    /// Which node owns a flow, and why: [`OwnerReply`].
+    OwnerOf {
+        src: SocketAddr,
+        dst: SocketAddr,
+        proto: Proto,
+    },
+}
+
+/// A transport protocol `owner-of` can be asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+impl std::str::FromStr for Proto {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Proto, String> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            other => Err(format!("protocol `{other}`: tcp or udp")),
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Request {
+    /// Parses one request line; the error is the reply's text.
+    pub fn parse(line: &str) -> Result<Request, String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["status"] => Ok(Request::Status),
+            ["reload"] => Ok(Request::Reload),
+            [verb @ ("drain" | "undrain"), rest @ ..] => {
+                let node = match rest {
+                    [] => None,
+                    [n] => Some(
+                        n.parse::<u8>()
+                            .ok()
+                            .and_then(NodeId::new)
+                            .ok_or("a node id is 1..=64")?,
+                    ),
+                    _ => return Err(format!("usage: {verb} [NODE]")),
+                };
+                Ok(Request::Drain {
+                    node,
+                    drain: *verb == "drain",
+                })
+            }
+            ["owner-of", rest @ ..] => {
+                let usage = "usage: owner-of SRC_IP:PORT DST_IP:PORT [tcp|udp]";
+                let (src, dst, proto) = match rest {
+                    [src, dst] => (*src, *dst, "tcp"),
+                    [src, dst, proto] => (*src, *dst, *proto),
+                    _ => return Err(usage.to_owned()),
+                };
+                let (Ok(src), Ok(dst)) = (src.parse(), dst.parse()) else {
+                    return Err("addresses are IP:PORT ([IPv6]:PORT)".to_owned());
+                };
+                Ok(Request::OwnerOf {
+                    src,
+                    dst,
+                    proto: proto.parse()?,
+                })
+            }
+            [] => Err("empty request".to_owned()),
+            _ => Err(format!("unknown command `{}`", line.trim())),
+        }
+    }
+}
+
+impl fmt::Display for Request {
+    /// The request's line on the socket (what [`Request::parse`] reads back).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Request::Status => f.write_str("status"),
+            Request::Reload => f.write_str("reload"),
+            Request::Drain { node, drain } => {
+                f.write_str(if *drain { "drain" } else { "undrain" })?;
+                match node {
+                    Some(n) => write!(f, " {}", n.get()),
+                    None => Ok(()),
+                }
+            }
+            Request::OwnerOf { src, dst, proto } => write!(f, "owner-of {src} {dst} {proto}"),
+        }
+    }
+}
+
+/// A node's answer to one [`Request`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Status(Box<Status>),
+    Drain(DrainReply),
+    Reload(ReloadReply),
+    OwnerOf(OwnerReply),
+    /// The node refused the request and changed nothing.
+    Refused(Refused),
+}
+
+/// The state of a node as `status` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Serving its share.
+    Up,
+    /// Its service fails: it refuses new connections.
+    Failing,
+    /// Handing its buckets over; it still serves the connections it had.
+    Draining,
+    /// Out of the table and done handing over.
+    Drained,
+    /// Alive, waiting for a plan that gives it buckets.
+    Joining,
+    /// It cannot serve (its data path is down): it owns nothing.
+    Fenced,
+}
+
+impl NodeState {
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeState::Up => "up",
+            NodeState::Failing => "failing",
+            NodeState::Draining => "draining",
+            NodeState::Drained => "drained",
+            NodeState::Joining => "joining",
+            NodeState::Fenced => "fenced",
+        }
+    }
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One node in [`Status`], as the answering node knows it (itself: first hand; a peer: from
+/// its last heartbeat).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node: u8,
+    pub state: NodeState,
+    /// None where the answering node has not heard it.
+    pub weight: Option<u32>,
+    pub accepting_buckets: u32,
+    /// Buckets it owns once the current plan is done.
+    pub final_buckets: u32,
+    pub active_flows: Option<u32>,
+    pub busy_permille: Option<u16>,
+}
+
+/// The reply to `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The answering node.
+    pub node: u8,
+    pub epoch: u64,
+    pub phase: Phase,
+    /// Buckets changing owner in the current plan.
+    pub moving: u32,
+    pub draining: bool,
+    pub drained: bool,
+    pub refusing: bool,
+    #[serde(default)]
+    pub fenced: bool,
+    #[serde(default)]
+    pub protocol_version: u8,
+    /// The health checker's verdict (None: no health check configured).
+    pub healthy: Option<bool>,
+    /// The members of the current table.
+    pub members: Vec<NodeStatus>,
+    /// Live nodes the table leaves out (joining, drained, failing, fenced).
+    pub outside: Vec<NodeStatus>,
+    /// The last ownership steps this node took.
+    #[serde(default)]
+    pub timeline: Vec<Step>,
+}
+
+impl Status {
+    /// Every node the answering one knows alive: the table's members, then the others.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeStatus> {
+        self.members.iter().chain(&self.outside)
+    }
+
+    /// The node `id`, if the answering node knows it alive.
+    pub fn node(&self, id: u8) -> Option<&NodeStatus> {
+        self.nodes().find(|n| n.node == id)
+    }
+
+    /// The ids of the current table's members.
+    pub fn member_ids(&self) -> Vec<u8> {
+        self.members.iter().map(|m| m.node).collect()
+    }
+}
+
+/// The reply to `drain` and `undrain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainReply {
+    pub node: u8,
+    pub draining: bool,
+    /// The request was for another node and was relayed to it.
+    #[serde(default)]
+    pub relayed: bool,
+}
+
+/// The reply to `reload` when it applied: the keys that changed (all of them live keys).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReply {
+    pub changed: Vec<String>,
+    pub applied: Vec<String>,
+}
+
+/// The reply to `owner-of`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerReply {
+    /// The flow as asked, `SRC -> DST proto`.
+    pub flow: String,
+    pub affinity: Affinity,
+    pub bucket: u32,
+    pub epoch: u64,
+    pub phase: Phase,
+    /// The node that takes a new flow of this bucket now (None: nobody, the release gap).
+    pub new_flows_owner: Option<u8>,
+    pub owner_when_settled: Option<u8>,
+    /// The answering node's role for the bucket, in words.
+    pub role_of_this_node: String,
+}
+
+/// A refused request: why, and for `reload` the keys that differed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<Vec<String>>,
+}
+
+impl Refused {
+    pub fn new(error: impl Into<String>) -> Refused {
+        Refused {
+            error: error.into(),
+            changed: None,
+        }
+    }
+}
+
+impl Reply {
+    /// The reply's line on the socket: its JSON object with `ok` added.
+    pub fn to_line(&self) -> String {
+        let (ok, body) = match self {
+            Reply::Status(s) => (true, serde_json::to_value(s)),
+            Reply::Drain(d) => (true, serde_json::to_value(d)),
+            Reply::Reload(r) => (true, serde_json::to_value(r)),
+            Reply::OwnerOf(o) => (true, serde_json::to_value(o)),
+            Reply::Refused(r) => (false, serde_json::to_value(r)),
+        };
+        let mut body = body.unwrap_or_default();
+        if let Some(map) = body.as_object_mut() {
+            map.insert("ok".to_owned(), ok.into());
+        }
+        body.to_string()
+    }
+
+    /// Reads the line a node answered to `request`.
+    pub fn decode(request: &Request, line: &str) -> Result<Reply, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("a reply that is not JSON: {e}"))?;
+        let bad = |e: serde_json::Error| format!("a reply this version cannot read: {e}");
+        if value.get("ok") == Some(&serde_json::Value::Bool(false)) {
+            return serde_json::from_value(value).map(Reply::Refused).map_err(bad);
+        }
+        Ok(match request {
+            Request::Status => Reply::Status(serde_json::from_value(value).map_err(bad)?),
+            Request::Drain { .. } => Reply::Drain(serde_json::from_value(value).map_err(bad)?),
+            Request::Reload => Reply::Reload(serde_json::from_value(value).map_err(bad)?),
+            Request::OwnerOf { .. } => {
+                Reply::OwnerOf(serde_json::from_value(value).map_err(bad)?)
+            }
+        })
+    }
+}
+
+/// A request that got no usable answer: the node is unreachable, silent or refused it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    /// No answer (the text says why and what to check).
+    Unreachable(String),
+    /// The node answered and refused; nothing changed.
+    Refused(Refused),
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallError::Unreachable(why) => f.write_str(why),
+            CallError::Refused(r) => write!(f, "the node refused: {}", r.error),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// Sends `request` to the node listening on `socket` and returns its reply line as sent.
+pub fn call_raw(socket: &Path, request: &Request) -> Result<String, CallError> {
+    let unreachable = |what: String| CallError::Unreachable(what);
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+        unreachable(format!(
+            "cannot reach the node at {}: {e} (is it running, and is control.socket this path?)",
+            socket.display()
+        ))
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| unreachable(e.to_string()))?;
+    writeln!(stream, "{request}").map_err(|e| unreachable(e.to_string()))?;
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(|e| unreachable(format!("no reply from {}: {e}", socket.display())))?;
+    Ok(reply.trim().to_owned())
+}
+
+/// Sends `request` to the node listening on `socket` and decodes its reply.
+pub fn call(socket: &Path, request: &Request) -> Result<Reply, CallError> {
+    let line = call_raw(socket, request)?;
+    match Reply::decode(request, &line).map_err(CallError::Unreachable)? {
+        Reply::Refused(r) => Err(CallError::Refused(r)),
+        reply => Ok(reply),
+    }
+}
+
+/// `status` of the node listening on `socket`.
+pub fn status(socket: &Path) -> Result<Status, CallError> {
+    match call(socket, &Request::Status)? {
+        Reply::Status(s) => Ok(*s),
+        _ => Err(CallError::Unreachable("a reply to another request".to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_read_back_what_they_write() {
+        let n2 = NodeId::new(2);
+        for r in [
+            Request::Status,
+            Request::Reload,
+            Request::Drain {
+                node: None,
+                drain: true,
+            },
+            Request::Drain {
+                node: n2,
+                drain: false,
+            },
+            Request::OwnerOf {
+                src: "198.18.0.5:4000".parse().unwrap(),
+                dst: "[2001:2::1]:80".parse().unwrap(),
+                proto: Proto::Udp,
+            },
+        ] {
+            assert_eq!(Request::parse(&r.to_string()), Ok(r.clone()), "{r}");
+        }
+        assert_eq!(
+            Request::parse("owner-of 198.18.0.5:4000 198.18.0.1:80"),
+            Ok(Request::OwnerOf {
+                src: "198.18.0.5:4000".parse().unwrap(),
+                dst: "198.18.0.1:80".parse().unwrap(),
+                proto: Proto::Tcp
+            })
+        );
+    }
+
+    #[test]
+    fn bad_requests_say_why() {
+        assert_eq!(
+            Request::parse("drain 0"),
+            Err("a node id is 1..=64".to_owned())
+        );
+        assert_eq!(
+            Request::parse("drain 70"),
+            Err("a node id is 1..=64".to_owned())
+        );
+        assert_eq!(
+            Request::parse("frobnicate"),
+            Err("unknown command `frobnicate`".to_owned())
+        );
+        assert!(Request::parse("owner-of 1.2.3.4 5.6.7.8:80")
+            .unwrap_err()
+            .contains("IP:PORT"));
+        assert!(Request::parse("owner-of 198.18.0.5:1 198.18.0.1:80 sctp")
+            .unwrap_err()
+            .contains("tcp or udp"));
+    }
+
+    #[test]
+    fn replies_decode_into_their_types() {
+        let status = Status {
+            node: 1,
+            epoch: 4,
+            phase: Phase::Done,
+            moving: 0,
+            draining: false,
+            drained: false,
+            refusing: false,
+            fenced: false,
+            protocol_version: 2,
+            healthy: Some(true),
+            members: vec![NodeStatus {
+                node: 1,
+                state: NodeState::Up,
+                weight: Some(100),
+                accepting_buckets: 65536,
+                final_buckets: 65536,
+                active_flows: Some(3),
+                busy_permille: None,
+            }],
+            outside: vec![],
+            timeline: vec![],
+        };
+        let line = Reply::Status(Box::new(status.clone())).to_line();
+        assert!(line.contains("\"ok\":true"), "{line}");
+        assert!(line.contains("\"phase\":\"Done\""), "{line}");
+        assert_eq!(
+            Reply::decode(&Request::Status, &line),
+            Ok(Reply::Status(Box::new(status)))
+        );
+        let refused = Reply::Refused(Refused::new("a node id is 1..=64")).to_line();
+        assert_eq!(refused, r#"{"error":"a node id is 1..=64","ok":false}"#);
+        assert_eq!(
+            Reply::decode(&Request::Reload, &refused),
+            Ok(Reply::Refused(Refused::new("a node id is 1..=64")))
+        );
+        assert!(Reply::decode(&Request::Status, "{\"ok\":true}")
+            .unwrap_err()
+            .contains("cannot read"));
+    }
+
+    #[test]
+    fn a_recorded_status_of_an_older_node_still_reads() {
+        // Lines recorded by the lab before `fenced` and `protocol_version` existed.
+        let polls = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/drain-status-polls.jsonl"
+        ))
+        .unwrap();
+        for line in polls.lines().filter(|l| l.contains("\"ok\":true")) {
+            let Ok(Reply::Status(s)) = Reply::decode(&Request::Status, line) else {
+                panic!("unreadable: {line}");
+            };
+            assert!(s.node(1).is_some());
+        }
+    }
+}
