@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use crate::cluster::siphash::HashLanes;
 pub use crate::cluster::Affinity;
 use crate::wire::EthernetAddress;
 
@@ -64,7 +65,7 @@ pub struct Config {
     pub dataplane: DataplaneConfig,
     /// Health check of the local service: failing drains the node, recovering undrains it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health: Option<crate::health::HealthConfig>,
+    pub health: Option<HealthConfig>,
 }
 
 /// What every node of the cluster shares: the cluster address and the secret.
@@ -251,21 +252,6 @@ pub enum IdleMode {
     Interrupt,
     /// Back off with short sleeps after empty polls (net_af_packet, shared lab machines).
     Adaptive,
-}
-
-/// Which SipHash implementation hashes each burst's flow keys. All give the same values (the
-/// buckets do not depend on it); `auto` picks the fastest this CPU has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum HashLanes {
-    #[default]
-    Auto,
-    /// Plain 64-bit arithmetic: any CPU.
-    Scalar,
-    /// 256-bit vector registers (x86-64 with AVX2).
-    Avx2,
-    /// 256-bit vector registers with AVX-512VL's rotations (x86-64 with AVX-512F and VL).
-    Avx512,
 }
 
 /// The DPDK side of the node.
@@ -724,6 +710,49 @@ fn yaml_error(e: &serde_path_to_error::Error<serde_norway::Error>, file: &str) -
         problem: format!("{msg}{at}"),
         fix,
     }
+}
+
+/// The `health` section of a node's configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `GET path` on `address` must answer with `expect_status`. Leave out `http_path` for a
+    /// plain TCP connect check.
+    pub address: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_path: Option<String>,
+    #[serde(default = "health_status")]
+    pub expect_status: u16,
+    #[serde(default = "health_interval")]
+    pub interval: Span,
+    /// The interval while a verdict is changing (after a first failure or success, or a
+    /// refused connection seen on the data path). Default: a quarter of `interval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fast_interval: Option<Span>,
+    #[serde(default = "health_timeout")]
+    pub timeout: Span,
+    /// Consecutive successes that make a failing service healthy again.
+    #[serde(default = "health_rise")]
+    pub rise: u32,
+    /// Consecutive failures that make a healthy service failing.
+    #[serde(default = "health_fall")]
+    pub fall: u32,
+}
+
+fn health_status() -> u16 {
+    200
+}
+fn health_interval() -> Span {
+    Span(Duration::from_millis(500))
+}
+fn health_timeout() -> Span {
+    Span(Duration::from_millis(300))
+}
+fn health_rise() -> u32 {
+    3
+}
+fn health_fall() -> u32 {
+    2
 }
 
 #[cfg(test)]

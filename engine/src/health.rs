@@ -34,57 +34,12 @@
 //! RST).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
-use crate::config::Span;
-
-/// The `health` section of a node's configuration.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthConfig {
-    /// `GET path` on `address` must answer with `expect_status`. Leave out `http_path` for a
-    /// plain TCP connect check.
-    pub address: SocketAddr,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http_path: Option<String>,
-    #[serde(default = "default_status")]
-    pub expect_status: u16,
-    #[serde(default = "default_interval")]
-    pub interval: Span,
-    /// The interval while a verdict is changing (after a first failure or success, or a
-    /// refused connection seen on the data path). Default: a quarter of `interval`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fast_interval: Option<Span>,
-    #[serde(default = "default_timeout")]
-    pub timeout: Span,
-    /// Consecutive successes that make a failing service healthy again.
-    #[serde(default = "default_rise")]
-    pub rise: u32,
-    /// Consecutive failures that make a healthy service failing.
-    #[serde(default = "default_fall")]
-    pub fall: u32,
-}
-
-fn default_status() -> u16 {
-    200
-}
-fn default_interval() -> Span {
-    Span(Duration::from_millis(500))
-}
-fn default_timeout() -> Span {
-    Span(Duration::from_millis(300))
-}
-fn default_rise() -> u32 {
-    3
-}
-fn default_fall() -> u32 {
-    2
-}
+pub use crate::config::HealthConfig;
 
 impl HealthConfig {
     /// The interval between checks while a verdict is changing.

@@ -17,8 +17,6 @@
 //! - [`logging`]: log lines that carry the node id and the current epoch (text or JSON).
 //! - [`lab`]: the namespace lab (bridge, nodes, client) for tests and `clonecluster lab`.
 //! - [`metrics`]: Prometheus `/metrics` over HTTP.
-//! - [`operator`]: the operator's typed requests and replies on the control socket (shared by
-//!   the node, the CLI, the lab and the tests).
 //! - [`runtime`]: the control thread: sockets, timers, the state machine, snapshots to cores.
 //! - [`dataplane`]: the only code that touches DPDK: EAL, ports, mbufs, per-core loops.
 pub mod cluster;
@@ -30,7 +28,6 @@ pub mod health;
 pub mod lab;
 pub mod logging;
 pub mod metrics;
-pub mod operator;
 pub mod pipeline;
 pub mod replay;
 pub mod runtime;

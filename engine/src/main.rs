@@ -11,7 +11,7 @@ use clonecluster::config::Config;
 use clonecluster::control::Snapshot;
 use clonecluster::dataplane;
 use clonecluster::cluster::NodeId;
-use clonecluster::operator::{self, Reply, Request, Status};
+use clonecluster::control::operator::{self, Reply, Request, Status};
 use clonecluster::runtime::{control_thread, ControlLink, Requests};
 
 /// A Clone Cluster packet engine: several servers, one IP, one MAC, no dispatcher.

@@ -21,7 +21,7 @@ use crate::config::{Loaded, Policy as ConfigPolicy};
 use crate::control::{
     self, Event, Load, Membership, Node, Output, Path, Refusal, Snapshot, Timeline, Verdict,
 };
-use crate::operator::{Refused, Reply, Request};
+use crate::control::operator::{Refused, Reply, Request};
 use crate::counters::CoreCounters;
 
 /// Wire frames queued between the cores and the control thread, each way. Heartbeats are a few

@@ -125,6 +125,22 @@ pub enum Lanes {
     Avx512,
 }
 
+/// Which SipHash implementation hashes each burst's flow keys. All give the same values (the
+/// buckets do not depend on it); `auto` picks the fastest this CPU has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashLanes {
+    #[default]
+    Auto,
+    /// Plain 64-bit arithmetic: any CPU.
+    Scalar,
+    /// 256-bit vector registers (x86-64 with AVX2).
+    Avx2,
+    /// 256-bit vector registers with AVX-512VL's rotations (x86-64 with AVX-512F and VL).
+    Avx512,
+}
+
+
 impl Lanes {
     /// The fastest implementation this CPU runs.
     pub fn best() -> Lanes {
@@ -150,8 +166,7 @@ impl Lanes {
 
     /// What `dataplane.hash_lanes` asks for: `Auto` is [`Lanes::best`]; an implementation
     /// this CPU lacks is an error saying which.
-    pub fn from_config(wanted: crate::config::HashLanes) -> Result<Lanes, String> {
-        use crate::config::HashLanes;
+    pub fn from_config(wanted: HashLanes) -> Result<Lanes, String> {
         let lanes = match wanted {
             HashLanes::Auto => return Ok(Lanes::best()),
             HashLanes::Scalar => Lanes::Scalar,
@@ -394,7 +409,6 @@ mod tests {
 
     #[test]
     fn config_asks_for_an_implementation() {
-        use crate::config::HashLanes;
         assert_eq!(Lanes::from_config(HashLanes::Auto), Ok(Lanes::best()));
         assert_eq!(Lanes::from_config(HashLanes::Scalar), Ok(Lanes::Scalar));
         for (wanted, lanes) in [

@@ -18,11 +18,14 @@
 //! - [`membership`]: the [`Membership`] state machine and its [`Config`].
 //! - [`node`]: [`Node`], the membership plus the node's own rules (health, SIGTERM, operator
 //!   requests): what the control thread drives.
+//! - [`operator`]: the operator's typed requests and replies on the control socket, shared by
+//!   the node, the CLI, the lab and the tests.
 //! - [`timeline`]: the last steps a node took, stamped, as `status` reports them.
 
 pub mod membership;
 pub mod message;
 pub mod node;
+pub mod operator;
 pub mod snapshot;
 pub mod timeline;
 

@@ -23,7 +23,7 @@ use super::membership::{Event, Membership, Output};
 use super::message::{Load, Phase};
 use super::timeline::Timeline;
 use crate::cluster::{Affinity, Bucket, BucketHasher, FlowKey, NodeId, Weight};
-use crate::operator::{
+use crate::control::operator::{
     DrainReply, NodeState, NodeStatus, OwnerReply, Refused, ReloadReply, Reply, Request, Status,
 };
 

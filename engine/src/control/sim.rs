@@ -1135,7 +1135,7 @@ fn a_failing_service_drains_its_node_and_its_recovery_undrains_it() {
     // An operator's drain is the operator's: a good verdict does not undo it.
     sim.input_node(3, |node, now, out| {
         node.request(
-            &crate::operator::Request::Drain {
+            &crate::control::operator::Request::Drain {
                 node: None,
                 drain: true,
             },

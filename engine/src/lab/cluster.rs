@@ -275,7 +275,7 @@ impl Cluster {
 
     /// Node `id`'s `status` (JSON), if it answers.
     pub fn status(&self, id: u8) -> Option<serde_json::Value> {
-        crate::operator::call_raw(&self.socket(id), &crate::operator::Request::Status)
+        crate::control::operator::call_raw(&self.socket(id), &crate::control::operator::Request::Status)
             .ok()
             .and_then(|r| serde_json::from_str(&r).ok())
     }

@@ -108,9 +108,9 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         }
         Scenario::Join => c.start_node(node)?,
         Scenario::Drain => {
-            crate::operator::call_raw(
+            crate::control::operator::call_raw(
                 &c.socket(node),
-                &crate::operator::Request::Drain { node: None, drain: true },
+                &crate::control::operator::Request::Drain { node: None, drain: true },
             )
                 .map_err(|e| format!("drain node {node}: {e}"))?;
         }

@@ -223,16 +223,16 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, String> {
             Action::WireCut => c.set_wire(node, false)?,
             Action::WireBack => c.set_wire(node, true)?,
             Action::Drain => {
-                crate::operator::call_raw(
+                crate::control::operator::call_raw(
                 &c.socket(node),
-                &crate::operator::Request::Drain { node: None, drain: true },
+                &crate::control::operator::Request::Drain { node: None, drain: true },
             )
                     .map_err(|e| format!("drain node {node}: {e}"))?;
             }
             Action::Undrain => {
-                crate::operator::call_raw(
+                crate::control::operator::call_raw(
                 &c.socket(node),
-                &crate::operator::Request::Drain { node: None, drain: false },
+                &crate::control::operator::Request::Drain { node: None, drain: false },
             )
                     .map_err(|e| format!("undrain node {node}: {e}"))?;
             }
@@ -332,9 +332,9 @@ fn restore_node(c: &mut Cluster, events: &[Event], node: u8) -> Result<(), Strin
         Some(Action::Cut) => c.set_links(node, true)?,
         Some(Action::WireCut) => c.set_wire(node, true)?,
         Some(Action::Drain) => {
-            crate::operator::call_raw(
+            crate::control::operator::call_raw(
                 &c.socket(node),
-                &crate::operator::Request::Drain { node: None, drain: false },
+                &crate::control::operator::Request::Drain { node: None, drain: false },
             )
                 .map_err(|e| format!("undrain node {node}: {e}"))?;
         }

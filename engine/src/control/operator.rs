@@ -1,7 +1,7 @@
 //! The operator's protocol: typed requests and replies exchanged over a node's control socket,
 //! one line each way (a request word, then one JSON object with `ok`).
 //!
-//! It owns the types both ends share — the node that answers ([`crate::control::Node`] builds
+//! It owns the types both ends share — the node that answers ([`super::Node`] builds
 //! every reply), the CLI, the lab and the tests that ask — so that renaming a field of `status`
 //! is a compile error on every side, not a silent mismatch. It also owns the client: [`call`]
 //! sends one request and decodes the reply into its type.
@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{Affinity, NodeId};
-use crate::control::{Phase, Step};
+use super::{Phase, Step};
 
 /// One request to a node, as the operator writes it on the socket (`drain 2`, `status`, …).
 #[derive(Debug, Clone, PartialEq, Eq)]
