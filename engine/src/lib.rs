@@ -15,7 +15,6 @@
 //! - [`health`]: the application health check that drains a failing node, and how refused
 //!   connections are held back meanwhile.
 //! - [`logging`]: log lines that carry the node id and the current epoch (text or JSON).
-//! - [`lab`]: the namespace lab (bridge, nodes, client) for tests and `clonecluster lab`.
 //! - [`metrics`]: Prometheus `/metrics` over HTTP.
 //! - [`runtime`]: the control thread: sockets, timers, the state machine, snapshots to cores.
 //! - [`dataplane`]: the only code that touches DPDK: EAL, ports, mbufs, per-core loops.
@@ -25,7 +24,6 @@ pub mod control;
 pub mod counters;
 pub mod dataplane;
 pub mod health;
-pub mod lab;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;

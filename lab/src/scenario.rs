@@ -17,6 +17,7 @@ use super::measure::{Observer, Timings};
 use super::probe::{self, now_ms};
 use super::report::ScenarioResult;
 use super::topology::CLUSTER_MAC;
+use super::Programs;
 
 /// The scenarios, by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +50,7 @@ impl Scenario {
 /// What a scenario run needs.
 #[derive(Debug)]
 pub struct ScenarioRun<'a> {
-    pub bin: &'a Path,
+    pub programs: &'a Programs,
     pub prefix: &'a str,
     pub nodes: u8,
     pub policy: &'a str,
@@ -77,7 +78,7 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
     let others: Vec<u8> = ids.iter().copied().filter(|&i| i != node).collect();
     let initial = if s == Scenario::Join { &others } else { &ids };
     let mut c = Cluster::start(
-        r.bin,
+        r.programs,
         r.prefix,
         Kind::Engine(r.policy.to_owned()),
         &ids,
@@ -108,7 +109,7 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         }
         Scenario::Join => c.start_node(node)?,
         Scenario::Drain => {
-            crate::runtime::operator_command(&c.socket(node), "drain")
+            clonecluster::runtime::operator_command(&c.socket(node), "drain")
                 .map_err(|e| format!("drain node {node}: {e}"))?;
         }
     }

@@ -10,7 +10,7 @@
 //! This module owns the rule "which step of which node ends which timing"; it never talks to a
 //! node (the scenario feeds it the replies).
 
-use crate::control::{Phase, Step, Steps};
+use clonecluster::control::{Phase, Step, Steps};
 
 use super::scenario::Scenario;
 

@@ -9,6 +9,7 @@ use super::services::{
     configure_host_port, engine_config, start_engine, start_nginx, EngineOptions,
 };
 use super::topology::{control_ip, Topology};
+use super::Programs;
 
 /// What runs on the nodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,14 +47,14 @@ pub struct Cluster {
     dir: tempfile::TempDir,
     /// Engine logs go to `<log_prefix>-node<ID>.log`.
     log_prefix: PathBuf,
-    bin: PathBuf,
+    programs: Programs,
 }
 
 impl Cluster {
     /// Builds the topology and starts the nodes in `start` (a subset of `all_ids`; the rest can
     /// join later with [`Cluster::start_node`]).
     pub fn start(
-        bin: &Path,
+        programs: &Programs,
         prefix: &str,
         kind: Kind,
         all_ids: &[u8],
@@ -74,7 +75,7 @@ impl Cluster {
             runs: Vec::new(),
             dir,
             log_prefix,
-            bin: bin.to_owned(),
+            programs: programs.clone(),
         };
         for &id in start {
             c.start_node(id)?;
@@ -139,7 +140,7 @@ impl Cluster {
                 self.log_prefix.display()
             ))
         };
-        let engine = start_engine(&self.bin, ns, &cfg, &log)
+        let engine = start_engine(&self.programs.engine, ns, &cfg, &log)
             .map_err(|e| format!("cannot start node {id}'s engine: {e}"))?;
         let pid = self.topo.adopt(engine);
         self.engines.retain(|(i, _)| *i != id);
@@ -203,7 +204,7 @@ impl Cluster {
             .topo
             .client
             .command(&[
-                &self.bin.to_string_lossy(),
+                &self.programs.probe.to_string_lossy(),
                 "lab-probe",
                 "--target",
                 &format!("{}:80", super::topology::CLUSTER_IP),
@@ -275,7 +276,7 @@ impl Cluster {
 
     /// Node `id`'s `status` (JSON), if it answers.
     pub fn status(&self, id: u8) -> Option<serde_json::Value> {
-        crate::runtime::operator_command(&self.socket(id), "status")
+        clonecluster::runtime::operator_command(&self.socket(id), "status")
             .ok()
             .and_then(|r| serde_json::from_str(&r).ok())
     }
