@@ -10,10 +10,10 @@ use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use clonecluster::lab::services::{
+use clonecluster_lab::services::{
     configure_host_port, engine_config, start_engine, start_nginx, EngineOptions,
 };
-use clonecluster::lab::topology::{Topology, CLUSTER_MAC, PINNED_CLIENT_PORTS};
+use clonecluster_lab::topology::{Topology, CLUSTER_MAC, PINNED_CLIENT_PORTS};
 use common::*;
 
 /// One cluster at a time: two cores do not carry two labs.
@@ -59,7 +59,7 @@ impl Lab {
         let ns = self.topo.node(id).unwrap().clone();
         let cfg = engine_config(self.dir.path(), id, &self.ids, &self.opts).unwrap();
         let log = self.dir.path().join(format!("node{id}.log"));
-        let engine = start_engine(Path::new(BIN), &ns, &cfg, &log).unwrap();
+        let engine = start_engine(bin(), &ns, &cfg, &log).unwrap();
         let pid = self.topo.adopt(engine);
         self.engines.insert(id, pid);
         configure_host_port(&ns, Duration::from_secs(30)).unwrap();
@@ -80,7 +80,7 @@ impl Lab {
         let ns = self.topo.node(id).unwrap().clone();
         let cfg = engine_config(self.dir.path(), id, &self.ids, &self.opts).unwrap();
         let log = self.dir.path().join(format!("node{id}-restarted.log"));
-        let engine = start_engine(Path::new(BIN), &ns, &cfg, &log).unwrap();
+        let engine = start_engine(bin(), &ns, &cfg, &log).unwrap();
         let pid = self.topo.adopt(engine);
         self.engines.insert(id, pid);
         configure_host_port(&ns, Duration::from_secs(30)).unwrap();
@@ -881,52 +881,6 @@ fn three_nodes_failover_and_rejoin() {
     scenario("b", &[1, 2, 3]);
 }
 
-/// A TCP SYN from `src:sport` (MAC 02:00:00:00:00:64) to the cluster address, port 80, with
-/// valid IPv4 and TCP checksums.
-fn syn_frame(src: [u8; 4], sport: u16) -> Vec<u8> {
-    let dst = [198, 18, 0, 1];
-    let mut tcp = vec![0u8; 20];
-    tcp[..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
-    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = 0x02;
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src);
-    pseudo.extend_from_slice(&dst);
-    pseudo.extend_from_slice(&[0, 6, 0, 20]);
-    pseudo.extend_from_slice(&tcp);
-    let sum = checksum(&pseudo);
-    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-    let mut ip = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0];
-    ip.extend_from_slice(&src);
-    ip.extend_from_slice(&dst);
-    let sum = checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    let mut f = Vec::new();
-    f.extend_from_slice(&CLUSTER_MAC_BYTES);
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x64]);
-    f.extend_from_slice(&[8, 0]);
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&tcp);
-    f
-}
-
-const CLUSTER_MAC_BYTES: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 1];
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for pair in bytes.chunks(2) {
-        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// What the operator sees on a running cluster (`status --json`, `owner-of`) is what `replay`
 /// computes offline for the same cluster config and the same flows: the node that takes each
 /// flow, and each node's bucket count.
@@ -970,7 +924,7 @@ fn status_and_owner_of_agree_with_replay() {
         .collect();
     let frames: Vec<Vec<u8>> = all_flows
         .iter()
-        .map(|&(ip, port)| syn_frame(ip, port))
+        .map(|&(ip, port)| clonecluster::testkit::build::syn(ip, port))
         .collect();
     let whole = replay_of("all.pcap", &frames);
     assert_eq!(whole["duplicates"], 0, "{whole}");
@@ -1127,7 +1081,7 @@ impl Lab {
     }
 
     /// `tests/flood.py ARGS` from namespace `ns`.
-    fn spawn_flood_in(&self, ns: &clonecluster::lab::Ns, args: &[&str]) -> Child {
+    fn spawn_flood_in(&self, ns: &clonecluster_lab::Ns, args: &[&str]) -> Child {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/flood.py");
         let mut cmd = vec!["python3", script.to_str().unwrap()];
         cmd.extend_from_slice(args);
@@ -1222,8 +1176,8 @@ fn floods_on_the_segment_are_counted_and_break_nothing() {
     // Forged control frames, half from the members' MACs, and genuine ones replayed.
     let members = format!(
         "{},{}",
-        clonecluster::lab::topology::node_mac(1),
-        clonecluster::lab::topology::node_mac(2)
+        clonecluster_lab::topology::node_mac(1),
+        clonecluster_lab::topology::node_mac(2)
     );
     let sent = lab.flood(&["control", "eth0", "3", &members, "2"]);
     eprintln!("f: control flood sent {sent}");

@@ -18,6 +18,8 @@
 //! - [`metrics`]: Prometheus `/metrics` over HTTP.
 //! - [`runtime`]: the control thread: sockets, timers, the state machine, snapshots to cores.
 //! - [`dataplane`]: the only code that touches DPDK: EAL, ports, mbufs, per-core loops.
+//! - `testkit` (unit tests and the `testkit` feature only): captured frames, frame builders,
+//!   checksums and pcap files shared by every test and bench.
 pub mod cluster;
 pub mod config;
 pub mod control;
@@ -29,4 +31,6 @@ pub mod metrics;
 pub mod pipeline;
 pub mod replay;
 pub mod runtime;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod wire;

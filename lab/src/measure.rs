@@ -138,7 +138,7 @@ mod tests {
     /// the moment the lab asked for the drain (recorded from a lab run's polls, one in five
     /// kept): no poll ever shows node 2 `draining` among the members; by the first poll after the
     /// drain it is already `drained`, outside the table.
-    const DRAIN_POLLS: &str = include_str!("../../../tests/fixtures/drain-status-polls.jsonl");
+    const DRAIN_POLLS: &str = include_str!("../../tests/fixtures/drain-status-polls.jsonl");
 
     #[test]
     fn drain_timings_come_from_the_plan_even_if_draining_is_never_seen() {

@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 
-use super::testdata::ALL;
+use crate::testkit::frames::ALL;
 use super::*;
 
 /// Runs every checked constructor and every getter that a successful check makes safe.
