@@ -45,26 +45,46 @@ fn ping_crosses_the_engine_and_only_the_source_mac_changes() {
     let (w, c) = (format!("cctw{pid}"), format!("cctc{pid}"));
     run(&["ip", "link", "add", &w, "type", "veth", "peer", "name", &c]).unwrap();
     run(&["ip", "link", "set", &w, "netns", node.name(), "name", "w0"]).unwrap();
-    run(&["ip", "link", "set", &c, "netns", client.name(), "name", "c0"]).unwrap();
+    run(&[
+        "ip",
+        "link",
+        "set",
+        &c,
+        "netns",
+        client.name(),
+        "name",
+        "c0",
+    ])
+    .unwrap();
     // Silence: no IPv6 chatter anywhere (new interfaces such as the tap inherit `default`).
     for ns in [&node, &client] {
-        ns.run(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]).unwrap();
-        ns.run(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]).unwrap();
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+            .unwrap();
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])
+            .unwrap();
     }
     // Frames larger than an mbuf (GSO) must not reach af_packet.
     node.run(&[
         "ethtool", "-K", "w0", "tso", "off", "gso", "off", "gro", "off",
-    ]).unwrap();
-    client.run(&[
-        "ethtool", "-K", "c0", "tso", "off", "gso", "off", "gro", "off",
-    ]).unwrap();
-    client.run(&["ip", "link", "set", "c0", "address", "02:00:00:00:aa:02"]).unwrap();
-    client.run(&["ip", "addr", "add", "198.18.0.2/24", "dev", "c0"]).unwrap();
+    ])
+    .unwrap();
+    client
+        .run(&[
+            "ethtool", "-K", "c0", "tso", "off", "gso", "off", "gro", "off",
+        ])
+        .unwrap();
+    client
+        .run(&["ip", "link", "set", "c0", "address", "02:00:00:00:aa:02"])
+        .unwrap();
+    client
+        .run(&["ip", "addr", "add", "198.18.0.2/24", "dev", "c0"])
+        .unwrap();
     client.run(&["ip", "link", "set", "c0", "up"]).unwrap();
     // The node's kernel must never speak on the wire veth itself: with the cluster IP on cc0 it
     // would otherwise answer ARP for it on w0 too (Linux answers for any local address on any
     // interface), from w0's own MAC, racing the engine.
-    node.run(&["ip", "link", "set", "w0", "arp", "off"]).unwrap();
+    node.run(&["ip", "link", "set", "w0", "arp", "off"])
+        .unwrap();
     node.run(&["ip", "link", "set", "w0", "up"]).unwrap();
 
     let config = scratch.write(
@@ -86,7 +106,8 @@ fn ping_crosses_the_engine_and_only_the_source_mac_changes() {
         link.contains("02:cc:00:00:00:01"),
         "tap MAC is not the cluster MAC: {link}"
     );
-    node.run(&["ip", "addr", "add", "198.18.0.1/24", "dev", "cc0"]).unwrap();
+    node.run(&["ip", "addr", "add", "198.18.0.1/24", "dev", "cc0"])
+        .unwrap();
     node.run(&["ip", "link", "set", "cc0", "up"]).unwrap();
 
     let client_pcap = scratch.path("client.pcap");

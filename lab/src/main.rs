@@ -272,9 +272,9 @@ fn check_lab_request(
             "failover" => scenarios.push(Scenario::Failover),
             "join" => scenarios.push(Scenario::Join),
             "drain" => scenarios.push(Scenario::Drain),
-            other => bail!(
-                "--scenario {other}: use ramp, failover, join or drain (comma-separated)"
-            ),
+            other => {
+                bail!("--scenario {other}: use ramp, failover, join or drain (comma-separated)")
+            }
         }
     }
     if scenario_duration < 6 || scenario_clients == 0 {
@@ -283,9 +283,9 @@ fn check_lab_request(
     let kernel_baseline = match baseline {
         None => false,
         Some("kernel") => true,
-        Some(other) => bail!(
-            "--baseline {other}: the only baseline is `kernel` (the nftables clone cluster)"
-        ),
+        Some(other) => {
+            bail!("--baseline {other}: the only baseline is `kernel` (the nftables clone cluster)")
+        }
     };
     Ok(LabRequest {
         ramp,

@@ -45,7 +45,13 @@ pub fn ethernet(src: [u8; 6], dst: [u8; 6], ethertype: u16) -> Vec<u8> {
 /// Ethernet (from `mac` to the cluster MAC) + IPv4 from `src` to the cluster address (DF, TTL
 /// 64, ident 0x1234) + the L4 header and payload `l4`, whose checksum at offset `csum_at` (if
 /// any) is filled in under the pseudo-header.
-pub fn ipv4(mac: [u8; 6], src: [u8; 4], proto: u8, l4: &mut [u8], csum_at: Option<usize>) -> Vec<u8> {
+pub fn ipv4(
+    mac: [u8; 6],
+    src: [u8; 4],
+    proto: u8,
+    l4: &mut [u8],
+    csum_at: Option<usize>,
+) -> Vec<u8> {
     let mut f = ethernet(mac, CLUSTER_MAC, 0x0800);
     let total = (20 + l4.len()) as u16;
     let mut ip = [0u8; 20];
@@ -203,9 +209,6 @@ mod tests {
         // One buffer or split parts: the same sum.
         let data = [1u8, 2, 3, 4, 5, 6];
         assert_eq!(checksum(&[&data]), checksum(&[&data[..2], &data[2..]]));
-        assert_eq!(
-            checksum(&[&data]),
-            crate::wire::checksum::checksum(&data)
-        );
+        assert_eq!(checksum(&[&data]), crate::wire::checksum::checksum(&data));
     }
 }
