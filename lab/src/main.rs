@@ -173,36 +173,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             nodes,
             clients,
             out,
-        } => {
-            use clonecluster_lab::soak::{run as soak_run, SoakOptions};
-            if !(2..=8).contains(&nodes) {
-                bail!("--nodes {nodes}: the soak runs 2 to 8 nodes");
-            }
-            if !(0.5..=24.0 * 60.0).contains(&minutes) || clients == 0 {
-                bail!("--minutes: from 0.5 to 1440; --clients: a positive number");
-            }
-            let opts = SoakOptions {
-                programs: programs(engine)?,
-                prefix: "ccsoak".to_owned(),
-                nodes,
-                minutes,
-                clients,
-                out: out.clone(),
-                interrupted: clonecluster_lab::run::interrupted,
-            };
-            let r = soak_run(&opts).map_err(anyhow::Error::msg)?;
-            println!("report: {}", out.join("soak.md").display());
-            let failed: Vec<String> = r
-                .checks
-                .iter()
-                .filter(|c| !c.held)
-                .map(|c| format!("{}: {}", c.what, c.detail))
-                .collect();
-            if !failed.is_empty() {
-                bail!("the soak found problems:\n  {}", failed.join("\n  "));
-            }
-            Ok(())
-        }
+        } => soak(engine, minutes, nodes, clients, out),
         Command::LabProbe {
             target,
             keepalive,
@@ -211,20 +182,66 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             duration_ms,
             out,
         } => {
-            use clonecluster_lab::probe;
-            let opts = probe::ProbeOptions {
+            let opts = clonecluster_lab::probe::ProbeOptions {
                 target,
                 keepalive,
                 new_threads: new,
                 interval: std::time::Duration::from_millis(interval_ms),
                 duration: std::time::Duration::from_millis(duration_ms),
             };
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone());
-            let samples = probe::run(&opts, &stop);
-            probe::write(&out, &samples).with_context(|| out.display().to_string())
+            probe(&opts, &out)
         }
     }
+}
+
+/// `soak`: checks the request, runs it, fails if a check failed.
+fn soak(
+    engine: Option<&std::path::Path>,
+    minutes: f64,
+    nodes: u8,
+    clients: u32,
+    out: PathBuf,
+) -> anyhow::Result<()> {
+    use clonecluster_lab::soak::{run as soak_run, SoakOptions};
+    if !(2..=8).contains(&nodes) {
+        bail!("--nodes {nodes}: the soak runs 2 to 8 nodes");
+    }
+    if !(0.5..=24.0 * 60.0).contains(&minutes) || clients == 0 {
+        bail!("--minutes: from 0.5 to 1440; --clients: a positive number");
+    }
+    let opts = SoakOptions {
+        programs: programs(engine)?,
+        prefix: "ccsoak".to_owned(),
+        nodes,
+        minutes,
+        clients,
+        out: out.clone(),
+        interrupted: clonecluster_lab::run::interrupted,
+    };
+    let r = soak_run(&opts).map_err(anyhow::Error::msg)?;
+    println!("report: {}", out.join("soak.md").display());
+    let failed: Vec<String> = r
+        .checks
+        .iter()
+        .filter(|c| !c.held)
+        .map(|c| format!("{}: {}", c.what, c.detail))
+        .collect();
+    if !failed.is_empty() {
+        bail!("the soak found problems:\n  {}", failed.join("\n  "));
+    }
+    Ok(())
+}
+
+/// `lab-probe`: the connection probe, until its duration ends or SIGTERM.
+fn probe(
+    opts: &clonecluster_lab::probe::ProbeOptions,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    use clonecluster_lab::probe;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone());
+    let samples = probe::run(opts, &stop);
+    probe::write(out, &samples).with_context(|| out.display().to_string())
 }
 
 /// The engine named with --engine or CLONECLUSTER_ENGINE, or found next to this program.
