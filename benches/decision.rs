@@ -50,12 +50,8 @@ fn synthetic(i: u32) -> Vec<u8> {
 }
 
 fn mix() -> Vec<Vec<u8>> {
-    let bytes: &[u8] = include_bytes!("../tests/fixtures/lab-mix.pcap");
-    let mut r = pcap_file::pcap::PcapReader::new(bytes).expect("pcap");
-    let mut frames = Vec::new();
-    while let Some(p) = r.next_packet() {
-        frames.push(p.expect("packet").data.into_owned());
-    }
+    use clonecluster::testkit::pcap::{fixture, read_pcap};
+    let mut frames = read_pcap(&fixture("lab-mix.pcap"));
     frames.extend((0..4096).map(synthetic));
     frames
 }

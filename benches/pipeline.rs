@@ -74,15 +74,15 @@ use clonecluster::cluster::flow_table::SLOT_BYTES;
 use clonecluster::cluster::{FlowTable, NodeId, BUCKETS};
 use clonecluster::config::Config;
 use clonecluster::pipeline::{learned_capacity, TableSizes};
+use clonecluster::testkit::build::{
+    arp_request, icmp_echo, ipv4, ipv6, tcp, udp, udp_fragments, PSH_ACK, SYN,
+};
 
 mod common;
 
 use common::{core, eal_memory, env_or, median, secs, use_hugepages};
 
 const ENGINE: &str = env!("CARGO_BIN_EXE_clonecluster");
-const CLUSTER_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 1];
-const CLUSTER_IP: [u8; 4] = [198, 18, 0, 1];
-const CLUSTER_IP6: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 /// Allowed difference between the engine's and replay's shares, in percentage points.
 const TOLERANCE_PCT: f64 = 1.0;
 /// Buffer bytes per mbuf (headroom included) for both programs: minimum-size frames fit.
@@ -93,158 +93,6 @@ const MBUF_SIZE_PCAP: u32 = 2048 + 128;
 const MBUF_OVERHEAD: u64 = 128 + 64;
 
 // ---- traffic ------------------------------------------------------------------------------
-
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    for part in parts {
-        let mut chunks = part.chunks_exact(2);
-        for c in &mut chunks {
-            sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-        }
-        if let [b] = chunks.remainder() {
-            sum += u32::from(*b) << 8;
-        }
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn ethernet(src: [u8; 6], dst: [u8; 6], ethertype: u16) -> Vec<u8> {
-    let mut f = Vec::with_capacity(80);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f
-}
-
-/// Ethernet + IPv4 (+ the L4 header and payload `l4`, whose checksum at `csum_at` is filled in).
-fn ipv4(mac: [u8; 6], src: [u8; 4], proto: u8, l4: &mut [u8], csum_at: Option<usize>) -> Vec<u8> {
-    let mut f = ethernet(mac, CLUSTER_MAC, 0x0800);
-    let total = (20 + l4.len()) as u16;
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
-    ip[6] = 0x40; // DF
-    ip[8] = 64;
-    ip[9] = proto;
-    ip[12..16].copy_from_slice(&src);
-    ip[16..20].copy_from_slice(&CLUSTER_IP);
-    let c = checksum(&[&ip]);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    if let Some(at) = csum_at {
-        let mut pseudo = [0u8; 12];
-        pseudo[0..4].copy_from_slice(&src);
-        pseudo[4..8].copy_from_slice(&CLUSTER_IP);
-        pseudo[9] = proto;
-        pseudo[10..12].copy_from_slice(&(l4.len() as u16).to_be_bytes());
-        let c = checksum(&[&pseudo, l4]);
-        l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
-    }
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(l4);
-    f
-}
-
-fn ipv6(mac: [u8; 6], src: [u8; 16], proto: u8, l4: &mut [u8], csum_at: usize) -> Vec<u8> {
-    let mut f = ethernet(mac, CLUSTER_MAC, 0x86dd);
-    let mut ip = [0u8; 40];
-    ip[0] = 0x60;
-    ip[4..6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
-    ip[6] = proto;
-    ip[7] = 64;
-    ip[8..24].copy_from_slice(&src);
-    ip[24..40].copy_from_slice(&CLUSTER_IP6);
-    let mut pseudo = [0u8; 40];
-    pseudo[0..16].copy_from_slice(&src);
-    pseudo[16..32].copy_from_slice(&CLUSTER_IP6);
-    pseudo[32..36].copy_from_slice(&(l4.len() as u32).to_be_bytes());
-    pseudo[39] = proto;
-    let c = checksum(&[&pseudo, l4]);
-    l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(l4);
-    f
-}
-
-fn tcp(sport: u16, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
-    let mut t = vec![0u8; 20];
-    t[0..2].copy_from_slice(&sport.to_be_bytes());
-    t[2..4].copy_from_slice(&80u16.to_be_bytes());
-    t[4..8].copy_from_slice(&seq.to_be_bytes());
-    t[8..12].copy_from_slice(&ack.to_be_bytes());
-    t[12] = 5 << 4;
-    t[13] = flags;
-    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    t.extend_from_slice(payload);
-    t
-}
-
-fn udp(sport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut u = vec![0u8; 8];
-    u[0..2].copy_from_slice(&sport.to_be_bytes());
-    u[2..4].copy_from_slice(&53u16.to_be_bytes());
-    u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    u.extend_from_slice(payload);
-    u
-}
-
-fn arp_request(mac: [u8; 6], src: [u8; 4]) -> Vec<u8> {
-    let mut f = ethernet(mac, [0xff; 6], 0x0806);
-    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&CLUSTER_IP);
-    f
-}
-
-/// The two IPv4 fragments of a 24-byte UDP datagram (header + 16 bytes of data): the first 16
-/// bytes (UDP header included) with "more fragments", then 8 bytes at offset 16.
-fn udp_fragments(mac: [u8; 6], src: [u8; 4], sport: u16, ident: u16) -> [Vec<u8>; 2] {
-    let mut dgram = udp(sport, b"fragmented-data!");
-    let mut pseudo = [0u8; 12];
-    pseudo[0..4].copy_from_slice(&src);
-    pseudo[4..8].copy_from_slice(&CLUSTER_IP);
-    pseudo[9] = 17;
-    pseudo[10..12].copy_from_slice(&(dgram.len() as u16).to_be_bytes());
-    let c = checksum(&[&pseudo, &dgram]);
-    dgram[6..8].copy_from_slice(&c.to_be_bytes());
-    let fragment = |offset_units: u16, more: bool, data: &[u8]| {
-        let mut f = ethernet(mac, CLUSTER_MAC, 0x0800);
-        let mut ip = [0u8; 20];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
-        ip[4..6].copy_from_slice(&ident.to_be_bytes());
-        let frag = (u16::from(more) << 13) | offset_units;
-        ip[6..8].copy_from_slice(&frag.to_be_bytes());
-        ip[8] = 64;
-        ip[9] = 17;
-        ip[12..16].copy_from_slice(&src);
-        ip[16..20].copy_from_slice(&CLUSTER_IP);
-        let c = checksum(&[&ip]);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        f.extend_from_slice(&ip);
-        f.extend_from_slice(data);
-        f.resize(f.len().max(60), 0);
-        f
-    };
-    [
-        fragment(0, true, &dgram[..16]),
-        fragment(2, false, &dgram[16..]),
-    ]
-}
-
-fn icmp_echo(mac: [u8; 6], src: [u8; 4], seq: u16) -> Vec<u8> {
-    let mut i = vec![8, 0, 0, 0, 0x12, 0x34];
-    i.extend_from_slice(&seq.to_be_bytes());
-    i.extend_from_slice(b"clonecluster-ping");
-    let c = checksum(&[&i]);
-    i[2..4].copy_from_slice(&c.to_be_bytes());
-    ipv4(mac, src, 1, &mut i, None)
-}
 
 /// One scenario: a row of the table.
 #[derive(Debug, Clone)]
@@ -415,8 +263,6 @@ impl Scenario {
 /// Frame `round` (0..3) of flow `i`: TCP SYN then data, or UDP; with one frame per flow, the
 /// data segment.
 fn flow_frame(i: u32, round: u32, ipv6_pct: u32) -> Vec<u8> {
-    const SYN: u8 = 0x02;
-    const PSH_ACK: u8 = 0x18;
     let client = i % 65536;
     let sport = 1024 + ((i / 65536) % 64000) as u16 + (i % 7) as u16 * 1000;
     let mac = [0x02, 0xc1, 0, (client >> 8) as u8, client as u8, 0];

@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-cargo build --release --locked -p clonecluster
-target/release/clonecluster lab --nodes 2 --clients 10,50,100,150,200,300 --duration 3 \
+# The engine and the lab are built side by side: the lab runs target/release/clonecluster.
+cargo build --release --locked -p clonecluster -p clonecluster-lab
+target/release/clonecluster-lab lab --nodes 2 --clients 10,50,100,150,200,300 --duration 3 \
   --scenario ramp,failover,join,drain --baseline kernel --out lab-out

@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
+# This also builds the engine binary, target/debug/clonecluster, which the lab crate's namespace
+# tests (cluster_netns, af_packet_netns, lab) start: Cargo builds no binary of another package
+# for a test.
 cargo build --workspace --all-targets --locked
 cargo test --workspace --all-targets --locked
 bash scripts/lint-docker.sh

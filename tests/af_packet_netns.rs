@@ -9,13 +9,14 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
+use clonecluster_lab::topology::{run, LoneNs, Ns};
 use common::*;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x02];
 
 /// tcpdump on `iface` in `ns`, writing every frame to `file` as it arrives.
-fn capture(ns: &Netns, iface: &str, file: &std::path::Path) -> Proc {
-    let mut cmd = ns.cmd(&[
+fn capture(ns: &Ns, iface: &str, file: &std::path::Path) -> Proc {
+    let mut cmd = ns.command(&[
         "tcpdump",
         "-Z",
         "root",
@@ -38,33 +39,53 @@ fn capture(ns: &Netns, iface: &str, file: &std::path::Path) -> Proc {
 fn ping_crosses_the_engine_and_only_the_source_mac_changes() {
     require_root();
     let scratch = Scratch::new();
-    let node = Netns::new("afn");
-    let client = Netns::new("afc");
     let pid = std::process::id();
+    let node = LoneNs::create(&format!("cct-afn-{pid}")).unwrap();
+    let client = LoneNs::create(&format!("cct-afc-{pid}")).unwrap();
     let (w, c) = (format!("cctw{pid}"), format!("cctc{pid}"));
-    sh(&["ip", "link", "add", &w, "type", "veth", "peer", "name", &c]);
-    sh(&["ip", "link", "set", &w, "netns", &node.name, "name", "w0"]);
-    sh(&["ip", "link", "set", &c, "netns", &client.name, "name", "c0"]);
+    run(&["ip", "link", "add", &w, "type", "veth", "peer", "name", &c]).unwrap();
+    run(&["ip", "link", "set", &w, "netns", node.name(), "name", "w0"]).unwrap();
+    run(&[
+        "ip",
+        "link",
+        "set",
+        &c,
+        "netns",
+        client.name(),
+        "name",
+        "c0",
+    ])
+    .unwrap();
     // Silence: no IPv6 chatter anywhere (new interfaces such as the tap inherit `default`).
     for ns in [&node, &client] {
-        ns.sh(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
-        ns.sh(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+            .unwrap();
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])
+            .unwrap();
     }
     // Frames larger than an mbuf (GSO) must not reach af_packet.
-    node.sh(&[
+    node.run(&[
         "ethtool", "-K", "w0", "tso", "off", "gso", "off", "gro", "off",
-    ]);
-    client.sh(&[
-        "ethtool", "-K", "c0", "tso", "off", "gso", "off", "gro", "off",
-    ]);
-    client.sh(&["ip", "link", "set", "c0", "address", "02:00:00:00:aa:02"]);
-    client.sh(&["ip", "addr", "add", "198.18.0.2/24", "dev", "c0"]);
-    client.sh(&["ip", "link", "set", "c0", "up"]);
+    ])
+    .unwrap();
+    client
+        .run(&[
+            "ethtool", "-K", "c0", "tso", "off", "gso", "off", "gro", "off",
+        ])
+        .unwrap();
+    client
+        .run(&["ip", "link", "set", "c0", "address", "02:00:00:00:aa:02"])
+        .unwrap();
+    client
+        .run(&["ip", "addr", "add", "198.18.0.2/24", "dev", "c0"])
+        .unwrap();
+    client.run(&["ip", "link", "set", "c0", "up"]).unwrap();
     // The node's kernel must never speak on the wire veth itself: with the cluster IP on cc0 it
     // would otherwise answer ARP for it on w0 too (Linux answers for any local address on any
     // interface), from w0's own MAC, racing the engine.
-    node.sh(&["ip", "link", "set", "w0", "arp", "off"]);
-    node.sh(&["ip", "link", "set", "w0", "up"]);
+    node.run(&["ip", "link", "set", "w0", "arp", "off"])
+        .unwrap();
+    node.run(&["ip", "link", "set", "w0", "up"]).unwrap();
 
     let config = scratch.write(
         "node.yaml",
@@ -75,18 +96,19 @@ fn ping_crosses_the_engine_and_only_the_source_mac_changes() {
             "  idle: interrupt\n  idle_max_sleep: 1ms\n",
         ),
     );
-    let mut cmd = node.cmd(&[BIN, "run", "--json", "--config"]);
+    let mut cmd = node.command(&[&bin().to_string_lossy(), "run", "--json", "--config"]);
     cmd.arg(&config);
     let mut engine = Proc::spawn(cmd);
     engine.wait_stderr("running on cores", Duration::from_secs(30));
     // The engine gave the tap the cluster MAC; the node's kernel serves the cluster IP on it.
-    let link = node.sh(&["ip", "link", "show", "cc0"]);
+    let link = node.run(&["ip", "link", "show", "cc0"]).unwrap();
     assert!(
         link.contains("02:cc:00:00:00:01"),
         "tap MAC is not the cluster MAC: {link}"
     );
-    node.sh(&["ip", "addr", "add", "198.18.0.1/24", "dev", "cc0"]);
-    node.sh(&["ip", "link", "set", "cc0", "up"]);
+    node.run(&["ip", "addr", "add", "198.18.0.1/24", "dev", "cc0"])
+        .unwrap();
+    node.run(&["ip", "link", "set", "cc0", "up"]).unwrap();
 
     let client_pcap = scratch.path("client.pcap");
     let host_pcap = scratch.path("host.pcap");
@@ -94,7 +116,7 @@ fn ping_crosses_the_engine_and_only_the_source_mac_changes() {
     let cap_host = capture(&node, "cc0", &host_pcap);
 
     let ping = client
-        .cmd(&[
+        .command(&[
             "ping",
             "-c",
             "3",
@@ -115,7 +137,7 @@ fn ping_crosses_the_engine_and_only_the_source_mac_changes() {
         String::from_utf8_lossy(&ping.stderr)
     );
     let udp = client
-        .cmd(&["bash", "-c", "echo clonecluster > /dev/udp/198.18.0.1/9"])
+        .command(&["bash", "-c", "echo clonecluster > /dev/udp/198.18.0.1/9"])
         .status()
         .expect("udp");
     assert!(udp.success());

@@ -10,10 +10,12 @@ use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use clonecluster::lab::services::{
+use clonecluster_lab::services::{
     configure_host_port, engine_config, start_engine, start_nginx, EngineOptions,
 };
-use clonecluster::lab::topology::{Topology, CLUSTER_MAC, PINNED_CLIENT_PORTS};
+use clonecluster::control::operator::Status;
+use clonecluster::control::Phase;
+use clonecluster_lab::topology::{Topology, CLUSTER_MAC, PINNED_CLIENT_PORTS};
 use common::*;
 
 /// One cluster at a time: two cores do not carry two labs.
@@ -59,7 +61,7 @@ impl Lab {
         let ns = self.topo.node(id).unwrap().clone();
         let cfg = engine_config(self.dir.path(), id, &self.ids, &self.opts).unwrap();
         let log = self.dir.path().join(format!("node{id}.log"));
-        let engine = start_engine(Path::new(BIN), &ns, &cfg, &log).unwrap();
+        let engine = start_engine(bin(), &ns, &cfg, &log).unwrap();
         let pid = self.topo.adopt(engine);
         self.engines.insert(id, pid);
         configure_host_port(&ns, Duration::from_secs(30)).unwrap();
@@ -80,7 +82,7 @@ impl Lab {
         let ns = self.topo.node(id).unwrap().clone();
         let cfg = engine_config(self.dir.path(), id, &self.ids, &self.opts).unwrap();
         let log = self.dir.path().join(format!("node{id}-restarted.log"));
-        let engine = start_engine(Path::new(BIN), &ns, &cfg, &log).unwrap();
+        let engine = start_engine(bin(), &ns, &cfg, &log).unwrap();
         let pid = self.topo.adopt(engine);
         self.engines.insert(id, pid);
         configure_host_port(&ns, Duration::from_secs(30)).unwrap();
@@ -100,7 +102,8 @@ impl Lab {
         self.topo.kill(pid);
     }
 
-    fn status(&self, id: u8) -> Option<serde_json::Value> {
+    /// Node `id`'s `status --json`, read as the operator protocol's type.
+    fn status(&self, id: u8) -> Option<Status> {
         let out = run_cmd(&[
             "status",
             "--json",
@@ -116,13 +119,7 @@ impl Lab {
         loop {
             let ok = nodes.iter().all(|&id| {
                 self.status(id).is_some_and(|s| {
-                    let members: Vec<u64> = s["members"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|m| m["node"].as_u64()).collect())
-                        .unwrap_or_default();
-                    members == nodes.iter().map(|&n| u64::from(n)).collect::<Vec<_>>()
-                        && s["phase"] == "Done"
-                        && s["moving"] == 0
+                    s.member_ids() == nodes && s.phase == Phase::Done && s.moving == 0
                 })
             });
             if ok {
@@ -199,12 +196,11 @@ impl Lab {
         nodes: &[u8],
         timeout: Duration,
         what: &str,
-        check: impl Fn(&[serde_json::Value]) -> bool,
+        check: impl Fn(&[Status]) -> bool,
     ) -> Duration {
         let start = Instant::now();
         loop {
-            let all: Vec<serde_json::Value> =
-                nodes.iter().filter_map(|&id| self.status(id)).collect();
+            let all: Vec<Status> = nodes.iter().filter_map(|&id| self.status(id)).collect();
             if all.len() == nodes.len() && check(&all) {
                 return start.elapsed();
             }
@@ -549,16 +545,16 @@ fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
 }
 
 /// How many buckets `node` takes new flows in, in a status reply.
-fn accepting(status: &serde_json::Value, node: u8) -> u64 {
-    status["members"]
-        .as_array()
-        .and_then(|a| a.iter().find(|m| m["node"] == node))
-        .and_then(|m| m["accepting_buckets"].as_u64())
-        .unwrap_or(0)
+fn accepting(status: &Status, node: u8) -> u64 {
+    status
+        .members
+        .iter()
+        .find(|m| m.node == node)
+        .map_or(0, |m| u64::from(m.accepting_buckets))
 }
 
-fn settled(all: &[serde_json::Value]) -> bool {
-    all.iter().all(|s| s["phase"] == "Done" && s["moving"] == 0)
+fn settled(all: &[Status]) -> bool {
+    all.iter().all(|s| s.phase == Phase::Done && s.moving == 0)
 }
 
 fn check_downloads(lab: &Lab, downloads: Vec<Child>, when: &str) {
@@ -685,7 +681,7 @@ fn a_failing_service_drains_its_node_and_recovers() {
     let pinned_requests = lab.spawn_pinned_requests(&pinned, 10);
     let window = lab.spawn_requests(20, 0.1, 10);
     lab.wait_status(&[2], Duration::from_secs(10), "node 2 failing", |all| {
-        all[0]["healthy"] == false && all[0]["refusing"] == true
+        all[0].healthy == Some(false) && all[0].refusing
     });
     let failing = stopped.elapsed();
     lab.wait_status(
@@ -749,7 +745,7 @@ fn a_failing_service_drains_its_node_and_recovers() {
     let pid = lab.topo.adopt(nginx);
     lab.nginx.insert(2, pid);
     lab.wait_status(&[2], Duration::from_secs(10), "node 2 healthy", |all| {
-        all[0]["healthy"] == true && all[0]["refusing"] == false
+        all[0].healthy == Some(true) && !all[0].refusing
     });
     let healthy = restarted.elapsed();
     lab.wait_status(&ids, Duration::from_secs(30), "node 2 back", |all| {
@@ -867,7 +863,7 @@ fn reload_moves_buckets_for_a_new_weight_and_refuses_a_broken_file() {
     );
     let after = lab.status(1).unwrap();
     assert_eq!(
-        before["epoch"], after["epoch"],
+        before.epoch, after.epoch,
         "a refused reload changed the cluster"
     );
     assert_eq!(accepting(&before, 1), accepting(&after, 1));
@@ -883,52 +879,6 @@ fn three_nodes_failover_and_rejoin() {
     scenario("b", &[1, 2, 3]);
 }
 
-/// A TCP SYN from `src:sport` (MAC 02:00:00:00:00:64) to the cluster address, port 80, with
-/// valid IPv4 and TCP checksums.
-fn syn_frame(src: [u8; 4], sport: u16) -> Vec<u8> {
-    let dst = [198, 18, 0, 1];
-    let mut tcp = vec![0u8; 20];
-    tcp[..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
-    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = 0x02;
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src);
-    pseudo.extend_from_slice(&dst);
-    pseudo.extend_from_slice(&[0, 6, 0, 20]);
-    pseudo.extend_from_slice(&tcp);
-    let sum = checksum(&pseudo);
-    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-    let mut ip = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0];
-    ip.extend_from_slice(&src);
-    ip.extend_from_slice(&dst);
-    let sum = checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    let mut f = Vec::new();
-    f.extend_from_slice(&CLUSTER_MAC_BYTES);
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x64]);
-    f.extend_from_slice(&[8, 0]);
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&tcp);
-    f
-}
-
-const CLUSTER_MAC_BYTES: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 1];
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for pair in bytes.chunks(2) {
-        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// What the operator sees on a running cluster (`status --json`, `owner-of`) is what `replay`
 /// computes offline for the same cluster config and the same flows: the node that takes each
 /// flow, and each node's bucket count.
@@ -939,7 +889,7 @@ fn status_and_owner_of_agree_with_replay() {
     let ids = [1u8, 2, 3];
     let lab = Lab::new("o", &ids);
     lab.converged(&ids, Duration::from_secs(30)).unwrap();
-    let statuses: Vec<serde_json::Value> = ids.iter().map(|&id| lab.status(id).unwrap()).collect();
+    let statuses: Vec<Status> = ids.iter().map(|&id| lab.status(id).unwrap()).collect();
     let scratch = tempfile::tempdir().unwrap();
 
     // Replay of one SYN per flow: which simulated node delivers it.
@@ -972,7 +922,7 @@ fn status_and_owner_of_agree_with_replay() {
         .collect();
     let frames: Vec<Vec<u8>> = all_flows
         .iter()
-        .map(|&(ip, port)| syn_frame(ip, port))
+        .map(|&(ip, port)| clonecluster::testkit::build::syn(ip, port))
         .collect();
     let whole = replay_of("all.pcap", &frames);
     assert_eq!(whole["duplicates"], 0, "{whole}");
@@ -981,22 +931,23 @@ fn status_and_owner_of_agree_with_replay() {
 
     // Each node's bucket count: the same in every node's status as in replay's table.
     for s in &statuses {
-        assert_eq!(s["epoch"], statuses[0]["epoch"], "{statuses:?}");
+        assert_eq!(s.epoch, statuses[0].epoch, "{statuses:?}");
         for n in whole["nodes"].as_array().unwrap() {
             let id = n["node"].as_u64().unwrap() as u8;
-            let member = s["members"]
-                .as_array()
-                .unwrap()
+            let member = s
+                .members
                 .iter()
-                .find(|m| m["node"] == id)
-                .unwrap_or_else(|| panic!("node {id} missing in {s}"));
+                .find(|m| m.node == id)
+                .unwrap_or_else(|| panic!("node {id} missing in {s:?}"));
             assert_eq!(
-                member["final_buckets"], n["buckets"],
-                "node {id}: {s} vs {whole}"
+                u64::from(member.final_buckets),
+                n["buckets"],
+                "node {id}: {s:?} vs {whole}"
             );
             assert_eq!(
-                member["accepting_buckets"], n["buckets"],
-                "node {id}: {s} vs {whole}"
+                u64::from(member.accepting_buckets),
+                n["buckets"],
+                "node {id}: {s:?} vs {whole}"
             );
         }
     }
@@ -1129,7 +1080,7 @@ impl Lab {
     }
 
     /// `tests/flood.py ARGS` from namespace `ns`.
-    fn spawn_flood_in(&self, ns: &clonecluster::lab::Ns, args: &[&str]) -> Child {
+    fn spawn_flood_in(&self, ns: &clonecluster_lab::Ns, args: &[&str]) -> Child {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/flood.py");
         let mut cmd = vec!["python3", script.to_str().unwrap()];
         cmd.extend_from_slice(args);
@@ -1224,8 +1175,8 @@ fn floods_on_the_segment_are_counted_and_break_nothing() {
     // Forged control frames, half from the members' MACs, and genuine ones replayed.
     let members = format!(
         "{},{}",
-        clonecluster::lab::topology::node_mac(1),
-        clonecluster::lab::topology::node_mac(2)
+        clonecluster_lab::topology::node_mac(1),
+        clonecluster_lab::topology::node_mac(2)
     );
     let sent = lab.flood(&["control", "eth0", "3", &members, "2"]);
     eprintln!("f: control flood sent {sent}");
@@ -1359,9 +1310,7 @@ fn a_node_whose_service_never_came_up_takes_no_share() {
         |all| {
             settled(all)
                 && all.iter().all(|s| accepting(s, 2) == 0)
-                && all[0]["outside"]
-                    .as_array()
-                    .is_some_and(|o| o.iter().any(|n| n["node"] == 2))
+                && all[0].outside.iter().any(|n| n.node == 2)
         },
     );
     std::thread::sleep(Duration::from_secs(2));

@@ -1,5 +1,5 @@
-//! `clonecluster lab`, short: a 1-node baseline and a 2-node `hash` cluster under two wrk steps,
-//! then the failover scenario. Every request of the ramp succeeds, both nodes serve a fair
+//! `clonecluster-lab lab`, short: a 1-node baseline and a 2-node `hash` cluster under two wrk
+//! steps, then the failover scenario. Every request of the ramp succeeds, both nodes serve a fair
 //! share, the learning switch never holds the cluster MAC, ARP answers come from a node MAC with
 //! the cluster MAC inside, and after a kill -9 only the dead node's connections are lost and
 //! every new connection after the takeover succeeds.
@@ -7,6 +7,15 @@
 mod common;
 
 use common::*;
+
+/// Runs the lab binary to completion. It finds the engine next to itself, where
+/// `cargo build --workspace --all-targets` puts both.
+fn run_lab(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_clonecluster-lab"))
+        .args(args)
+        .output()
+        .expect("run clonecluster-lab")
+}
 
 /// One lab at a time: two cores do not carry two.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -16,7 +25,7 @@ fn a_short_lab_run_with_failover() {
     require_root();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tempfile::tempdir().unwrap();
-    let run = run_cmd(&[
+    let run = run_lab(&[
         "lab",
         "--nodes",
         "2",
@@ -129,14 +138,14 @@ fn a_broken_lab_request_is_refused_plainly() {
         ),
         (&["lab", "--nodes", "1"][..], "--nodes 1"),
     ] {
-        let run = run_cmd(args);
+        let run = run_lab(args);
         let stderr = String::from_utf8_lossy(&run.stderr);
         assert!(!run.status.success(), "{args:?}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
 
-/// One minute of `clonecluster soak`: kill -9 and restart, a cut of both networks and its
+/// One minute of `clonecluster-lab soak`: kill -9 and restart, a cut of both networks and its
 /// healing, a wire cut and its mending, under load. It fails on a leak (mbufs not back to
 /// their baseline, memory growing), a packet delivered twice, a connection lost that the
 /// crashed node did not hold, or a move that did not settle.
@@ -145,7 +154,7 @@ fn a_one_minute_soak_leaks_nothing_and_loses_only_what_crashed() {
     require_root();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tempfile::tempdir().unwrap();
-    let run = run_cmd(&[
+    let run = run_lab(&[
         "soak",
         "--minutes",
         "1",

@@ -49,7 +49,7 @@ fn frames_cross_the_engine_in_both_directions() {
         ),
     );
 
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args(["run", "--json", "--config"]).arg(&config);
     let mut engine = Proc::spawn(cmd);
     engine.wait_stderr("running on cores", Duration::from_secs(30));

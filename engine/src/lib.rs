@@ -15,20 +15,22 @@
 //! - [`health`]: the application health check that drains a failing node, and how refused
 //!   connections are held back meanwhile.
 //! - [`logging`]: log lines that carry the node id and the current epoch (text or JSON).
-//! - [`lab`]: the namespace lab (bridge, nodes, client) for tests and `clonecluster lab`.
 //! - [`metrics`]: Prometheus `/metrics` over HTTP.
 //! - [`runtime`]: the control thread: sockets, timers, the state machine, snapshots to cores.
 //! - [`dataplane`]: the only code that touches DPDK: EAL, ports, mbufs, per-core loops.
+//! - `testkit` (unit tests and the `testkit` feature only): captured frames, frame builders,
+//!   checksums and pcap files shared by every test and bench.
 pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod counters;
 pub mod dataplane;
 pub mod health;
-pub mod lab;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
 pub mod replay;
 pub mod runtime;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod wire;

@@ -1,22 +1,33 @@
-//! Helpers shared by the integration tests: the binary, configs, pcaps, namespaces and child
-//! processes, all cleaned up by guard values (by PID, by the name the test created).
+//! Helpers shared by the integration tests of the engine crate and of the lab crate: the engine
+//! binary, configs and child processes, all cleaned up by guard values (by PID). Frames and pcap
+//! files come from `clonecluster::testkit`; namespaces and the lab network from the lab crate's
+//! `topology` and `services`.
 
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_clonecluster");
-pub const CLUSTER_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 1];
+#[allow(unused_imports)]
+pub use clonecluster::testkit::build::CLUSTER_MAC;
+#[allow(unused_imports)]
+pub use clonecluster::testkit::pcap::{fixture, read_pcap, write_pcap};
+
+/// The node MAC of [`node_config`] (node 1).
 pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 
-pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
+/// The engine binary. The engine crate's own tests get its path from Cargo; the lab crate's
+/// tests, for which Cargo builds no engine, find the one `cargo build --workspace --all-targets`
+/// left in the same target directory (and panic saying so if it is missing).
+pub fn bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| match option_env!("CARGO_BIN_EXE_clonecluster") {
+        Some(p) => PathBuf::from(p),
+        None => clonecluster::testkit::built_binary("clonecluster"),
+    })
 }
 
 /// A temporary directory holding a config and a secret.
@@ -70,7 +81,7 @@ dataplane:
 
 /// Runs the binary to completion.
 pub fn run_cmd(args: &[&str]) -> Output {
-    Command::new(BIN)
+    Command::new(bin())
         .args(args)
         .output()
         .expect("run clonecluster")
@@ -180,27 +191,6 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
     None
 }
 
-/// Every frame of a pcap file, in order.
-pub fn read_pcap(path: &Path) -> Vec<Vec<u8>> {
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut reader = pcap_file::pcap::PcapReader::new(file).expect("pcap header");
-    let mut frames = Vec::new();
-    while let Some(pkt) = reader.next_packet() {
-        frames.push(pkt.expect("pcap packet").data.into_owned());
-    }
-    frames
-}
-
-pub fn write_pcap(path: &Path, frames: &[Vec<u8>]) {
-    let file = std::fs::File::create(path).expect("create pcap");
-    let mut w = pcap_file::pcap::PcapWriter::new(file).expect("pcap writer");
-    for (i, f) in frames.iter().enumerate() {
-        let pkt =
-            pcap_file::pcap::PcapPacket::new(Duration::from_micros(i as u64), f.len() as u32, f);
-        w.write_packet(&pkt).expect("write packet");
-    }
-}
-
 pub fn require_root() {
     // SAFETY-free check: root is needed for namespaces and DPDK; CI runs as root.
     let uid = std::fs::read_to_string("/proc/self/status")
@@ -215,60 +205,4 @@ pub fn require_root() {
         uid, "0",
         "this test needs root (network namespaces, DPDK); run it as root"
     );
-}
-
-/// Runs a command, panicking with its output if it fails.
-pub fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A network namespace created by the test and deleted when dropped.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(tag: &str) -> Netns {
-        let name = format!("cct-{tag}-{}", std::process::id());
-        // A namespace of the same name can only be left from an earlier run of this same PID.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        sh(&["ip", "netns", "add", &name]);
-        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        Netns { name }
-    }
-
-    /// `ip netns exec NAME args...` as a Command.
-    pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).args(args);
-        c
-    }
-
-    pub fn sh(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "netns", "exec", self.name.as_str()];
-        full.extend_from_slice(args);
-        sh(&full)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Deleting the namespace removes the veth ends and taps inside it.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }

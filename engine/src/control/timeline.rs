@@ -4,7 +4,7 @@
 //! Why it exists: a state that lasts a few hundred milliseconds (a peer seen `draining`, a
 //! plan in `Release`) can be missed by anyone who polls, on a slow machine or a fast one. The
 //! steps themselves stay: "plan 7 (members 1) adopted at t, reached Acquire at t + 1 s". The lab
-//! measures its scenarios from these ([`crate::lab`]'s `measure`), and an operator reads what
+//! measures its scenarios from these (the lab crate's `measure`), and an operator reads what
 //! happened after the fact.
 //!
 //! It owns only the bounded list of steps and their typed form, shared by the node that writes

@@ -262,8 +262,8 @@ pub fn build_reply(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::frames::*;
     use crate::wire::ethernet::Frame;
-    use crate::wire::testdata::*;
 
     const HOST_A: EthernetAddress = EthernetAddress([0x62, 0xdd, 0xe8, 0x65, 0xd9, 0x68]);
     const HOST_B: EthernetAddress = EthernetAddress([0xe2, 0xb2, 0x52, 0xc6, 0x15, 0xcf]);

@@ -322,7 +322,7 @@ impl Repr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::testdata::*;
+    use crate::testkit::frames::*;
 
     const HOST_A: EthernetAddress = EthernetAddress([0x62, 0xdd, 0xe8, 0x65, 0xd9, 0x68]);
     const HOST_B: EthernetAddress = EthernetAddress([0xe2, 0xb2, 0x52, 0xc6, 0x15, 0xcf]);

@@ -4,8 +4,8 @@
 
 use proptest::prelude::*;
 
-use super::testdata::ALL;
 use super::*;
+use crate::testkit::frames::ALL;
 
 /// Runs every checked constructor and every getter that a successful check makes safe.
 fn exercise(bytes: &[u8]) {

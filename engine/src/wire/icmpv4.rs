@@ -239,7 +239,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::testdata::*;
+    use crate::testkit::frames::*;
     use crate::wire::{ipv4, udp, IpProtocol};
     use std::net::Ipv4Addr;
 

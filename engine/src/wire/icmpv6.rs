@@ -602,7 +602,7 @@ impl NeighborAdvertFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::testdata::*;
+    use crate::testkit::frames::*;
     use crate::wire::udp;
 
     const HOST_A: EthernetAddress = EthernetAddress([0x62, 0xdd, 0xe8, 0x65, 0xd9, 0x68]);

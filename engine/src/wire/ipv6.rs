@@ -335,7 +335,7 @@ impl Repr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::testdata::*;
+    use crate::testkit::frames::*;
 
     fn ip(frame: &[u8]) -> Packet<&[u8]> {
         Packet::new_checked(&frame[14..]).unwrap()

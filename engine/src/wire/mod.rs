@@ -80,8 +80,6 @@ pub mod udp;
 
 #[cfg(test)]
 mod fuzz;
-#[cfg(test)]
-pub(crate) mod testdata;
 
 pub use classify::{parse_ip_flow, parse_l2_l4, Fragment, IcmpInfo, IpFlow, Parsed, QuotedFlow};
 pub use ethernet::{EtherType, EthernetAddress};

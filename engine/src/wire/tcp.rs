@@ -364,7 +364,7 @@ impl Repr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::testdata::*;
+    use crate::testkit::frames::*;
     use crate::wire::{ipv4, ipv6};
 
     /// (src, dst, segment) of a captured TCP/IPv4 frame.

@@ -196,7 +196,7 @@ impl Repr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::testdata::*;
+    use crate::testkit::frames::*;
 
     const V4_A: [u8; 4] = [198, 18, 99, 1];
     const V4_B: [u8; 4] = [198, 18, 99, 2];

@@ -10,7 +10,8 @@
 //! This module owns the rule "which step of which node ends which timing"; it never talks to a
 //! node (the scenario feeds it the replies).
 
-use crate::control::{Phase, Step, Steps};
+use clonecluster::control::operator::Status;
+use clonecluster::control::{Phase, Step, Steps};
 
 use super::scenario::Scenario;
 
@@ -59,10 +60,8 @@ impl Observer {
     }
 
     /// Takes node `id`'s `status` reply (its `timeline`; a reply without one is ignored).
-    pub fn observe(&mut self, id: u8, status: &serde_json::Value) {
-        let Ok(steps) = serde_json::from_value::<Vec<Step>>(status["timeline"].clone()) else {
-            return;
-        };
+    pub fn observe(&mut self, id: u8, status: &Status) {
+        let steps = status.timeline.clone();
         match self.timelines.iter_mut().find(|(i, _)| *i == id) {
             Some((_, t)) => *t = steps,
             None => self.timelines.push((id, steps)),
@@ -133,12 +132,13 @@ fn same_set(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clonecluster::control::operator::NodeState;
 
     /// Status replies as node 1 and node 2 gave them while node 2 drained, after a line with
     /// the moment the lab asked for the drain (recorded from a lab run's polls, one in five
     /// kept): no poll ever shows node 2 `draining` among the members; by the first poll after the
     /// drain it is already `drained`, outside the table.
-    const DRAIN_POLLS: &str = include_str!("../../../tests/fixtures/drain-status-polls.jsonl");
+    const DRAIN_POLLS: &str = include_str!("../../tests/fixtures/drain-status-polls.jsonl");
 
     #[test]
     fn drain_timings_come_from_the_plan_even_if_draining_is_never_seen() {
@@ -149,14 +149,9 @@ mod tests {
         let mut seen_draining = false;
         let mut polls = 0;
         for line in lines {
-            let reply: serde_json::Value = serde_json::from_str(line).unwrap();
-            let node = reply["node"].as_u64().unwrap() as u8;
-            seen_draining |= reply["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|m| m["state"] == "draining");
-            obs.observe(node, &reply);
+            let reply: Status = serde_json::from_str(line).unwrap();
+            seen_draining |= reply.nodes().any(|m| m.state == NodeState::Draining);
+            obs.observe(reply.node, &reply);
             polls += 1;
         }
         assert!(polls >= 4, "the fixture has the polls");
@@ -183,8 +178,13 @@ mod tests {
         j
     }
 
-    fn status(steps: Vec<serde_json::Value>) -> serde_json::Value {
-        serde_json::json!({ "timeline": steps })
+    fn status(steps: Vec<serde_json::Value>) -> Status {
+        serde_json::from_value(serde_json::json!({
+            "node": 1, "epoch": 1, "phase": "Done", "moving": 0, "draining": false,
+            "drained": false, "refusing": false, "healthy": null, "members": [], "outside": [],
+            "timeline": steps,
+        }))
+        .unwrap()
     }
 
     #[test]

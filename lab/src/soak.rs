@@ -2,7 +2,7 @@
 //! restarted, cut off both networks and put back, has its wire cut (control network up) and
 //! mended, is drained and undrained, over and over; every
 //! node sampled on the way, and at the end the checks that say nothing leaked and nothing
-//! drifted (`clonecluster soak`).
+//! drifted (`clonecluster-lab soak`).
 //!
 //! What it checks, and how:
 //! - **mbufs**: each engine's `mbufs_in_use` once the load has stopped is back to the lowest it
@@ -35,6 +35,7 @@ use super::probe::{self, now_ms};
 use super::report::{line_plot, node_list};
 use super::scenario::Scenario;
 use super::topology::CLUSTER_IP;
+use super::Programs;
 
 /// How long an event's move and the cluster's settling may take before the soak says so.
 pub const SETTLE: Duration = Duration::from_secs(40);
@@ -47,7 +48,8 @@ pub const MBUF_SLACK: u64 = 64;
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct SoakOptions {
-    pub bin: PathBuf,
+    /// The engine and the probe.
+    pub programs: Programs,
     pub prefix: String,
     pub nodes: u8,
     pub minutes: f64,
@@ -176,7 +178,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, String> {
     let node = o.nodes;
     let others: Vec<u8> = ids.iter().copied().filter(|&i| i != node).collect();
     let mut c = Cluster::start(
-        &o.bin,
+        &o.programs,
         &o.prefix,
         Kind::Engine("hash".to_owned()),
         &ids,
@@ -223,18 +225,10 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, String> {
             Action::WireCut => c.set_wire(node, false)?,
             Action::WireBack => c.set_wire(node, true)?,
             Action::Drain => {
-                crate::control::operator::call_raw(
-                &c.socket(node),
-                &crate::control::operator::Request::Drain { node: None, drain: true },
-            )
-                    .map_err(|e| format!("drain node {node}: {e}"))?;
+                c.drain(node, true)?;
             }
             Action::Undrain => {
-                crate::control::operator::call_raw(
-                &c.socket(node),
-                &crate::control::operator::Request::Drain { node: None, drain: false },
-            )
-                    .map_err(|e| format!("undrain node {node}: {e}"))?;
+                c.drain(node, false)?;
             }
         }
         let mut observer = Observer::new(action.measured_as(), node, &ids, at_ms);
@@ -332,11 +326,7 @@ fn restore_node(c: &mut Cluster, events: &[Event], node: u8) -> Result<(), Strin
         Some(Action::Cut) => c.set_links(node, true)?,
         Some(Action::WireCut) => c.set_wire(node, true)?,
         Some(Action::Drain) => {
-            crate::control::operator::call_raw(
-                &c.socket(node),
-                &crate::control::operator::Request::Drain { node: None, drain: false },
-            )
-                .map_err(|e| format!("undrain node {node}: {e}"))?;
+            c.drain(node, false)?;
         }
         _ => {}
     }

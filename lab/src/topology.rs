@@ -68,6 +68,48 @@ impl Ns {
         full.extend_from_slice(args);
         run(&full)
     }
+
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A namespace of its own, outside any [`Topology`] (for a check that needs one namespace and a
+/// veth rather than the lab network), deleted when dropped: the veth ends and taps inside go
+/// with it. The processes started in it are the caller's to stop first, by PID.
+#[derive(Debug)]
+pub struct LoneNs(Ns);
+
+impl LoneNs {
+    /// Creates namespace `name` with its loopback up. A namespace of the same name can only be
+    /// left by an earlier run that used the same name: it is removed first.
+    pub fn create(name: &str) -> Result<LoneNs, String> {
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        run(&["ip", "netns", "add", name])?;
+        let ns = LoneNs(Ns(name.to_owned()));
+        ns.run(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+}
+
+impl std::ops::Deref for LoneNs {
+    type Target = Ns;
+
+    fn deref(&self) -> &Ns {
+        &self.0
+    }
+}
+
+impl Drop for LoneNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.0 .0])
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
 /// The lab network; torn down on drop.

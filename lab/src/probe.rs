@@ -1,7 +1,7 @@
 //! The lab's connection probe: what a scenario (failover, join, drain) does to individual
 //! connections, which `wrk`'s totals cannot tell.
 //!
-//! It runs in the client namespace (`clonecluster lab-probe`, started by the lab) beside the
+//! It runs in the client namespace (`clonecluster-lab lab-probe`, started by the lab) beside the
 //! `wrk` load and records, per request, when it was sent, whether it succeeded and which node
 //! answered (`GET /id` returns the node id):
 //! - `keepalive`: a few long-lived keep-alive connections, each asking every `interval`; one that

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::topology::{node_mac, Topology, CLUSTER_IP, CLUSTER_MAC};
-use crate::wire::{arp, ethernet};
+use clonecluster::wire::{arp, ethernet};
 
 /// What the checks found in one configuration.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -176,7 +176,7 @@ pub fn check_arp(topo: &Topology, dir: &Path, pre: &mut Preconditions) -> Result
         .status();
     let _ = tcpdump.wait();
     result?;
-    let frames: Vec<Vec<u8>> = crate::replay::read_pcap(&pcap)?
+    let frames: Vec<Vec<u8>> = clonecluster::replay::read_pcap(&pcap)?
         .into_iter()
         .map(|(_, f)| f)
         .collect();

@@ -1,4 +1,4 @@
-//! `clonecluster lab`: the paper's experiment on one machine. For each configuration (1 node,
+//! `clonecluster-lab lab`: the paper's experiment on one machine. For each configuration (1 node,
 //! N nodes per policy, and with `--baseline kernel` the kernel-only clone cluster of 1 and N
 //! nodes) it builds the namespace network, starts the nodes, waits until the cluster has
 //! formed, drives a ramp of client counts with `wrk` from the client namespace, checks the
@@ -20,11 +20,13 @@ use super::load::{Step, Wrk};
 use super::report::{self, slug, ConfigResult, ScenarioResult};
 use super::scenario::{self, Scenario, ScenarioRun};
 use super::topology::{remove_namespaces, CLUSTER_MAC};
+use super::Programs;
 
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct LabOptions {
-    pub bin: PathBuf,
+    /// The engine and the probe.
+    pub programs: Programs,
     pub nodes: u8,
     /// Policies to run with `nodes` nodes, after the 1-node baseline.
     pub policies: Vec<String>,
@@ -163,7 +165,7 @@ fn run_all(opts: &LabOptions) -> Result<LabResults, String> {
     if !left.is_empty() {
         return Err(format!(
             "namespaces from an earlier lab run are still there (with whatever it started in \
-             them): {}\n  fix: run `clonecluster lab --cleanup` (it stops those processes by PID \
+             them): {}\n  fix: run `clonecluster-lab lab --cleanup` (it stops those processes by PID \
              and removes the namespaces)",
             left.join(", ")
         ));
@@ -216,7 +218,7 @@ fn run_all(opts: &LabOptions) -> Result<LabResults, String> {
         let r = scenario::run(
             s,
             &ScenarioRun {
-                bin: &opts.bin,
+                programs: &opts.programs,
                 prefix: &opts.prefix,
                 nodes: opts.nodes,
                 policy,
@@ -268,7 +270,7 @@ fn run_config(
         Kind::Kernel => "jhash".to_owned(),
     };
     let c = Cluster::start(
-        &opts.bin,
+        &opts.programs,
         &opts.prefix,
         kind.clone(),
         &ids,

@@ -17,6 +17,7 @@ use super::measure::{Observer, Timings};
 use super::probe::{self, now_ms};
 use super::report::ScenarioResult;
 use super::topology::CLUSTER_MAC;
+use super::Programs;
 
 /// The scenarios, by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +50,7 @@ impl Scenario {
 /// What a scenario run needs.
 #[derive(Debug)]
 pub struct ScenarioRun<'a> {
-    pub bin: &'a Path,
+    pub programs: &'a Programs,
     pub prefix: &'a str,
     pub nodes: u8,
     pub policy: &'a str,
@@ -77,7 +78,7 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
     let others: Vec<u8> = ids.iter().copied().filter(|&i| i != node).collect();
     let initial = if s == Scenario::Join { &others } else { &ids };
     let mut c = Cluster::start(
-        r.bin,
+        r.programs,
         r.prefix,
         Kind::Engine(r.policy.to_owned()),
         &ids,
@@ -108,11 +109,7 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         }
         Scenario::Join => c.start_node(node)?,
         Scenario::Drain => {
-            crate::control::operator::call_raw(
-                &c.socket(node),
-                &crate::control::operator::Request::Drain { node: None, drain: true },
-            )
-                .map_err(|e| format!("drain node {node}: {e}"))?;
+            c.drain(node, true)?;
         }
     }
     // The timings are the nodes' own stamps of the steps they took (see `measure`): polling
@@ -132,7 +129,8 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         for &id in asked {
             if let Some(st) = c.status(id) {
                 observer.observe(id, &st);
-                polls.push_str(&format!("{st}\n"));
+                polls.push_str(&serde_json::to_string(&st).map_err(|e| e.to_string())?);
+                polls.push('\n');
             }
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -156,7 +154,7 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         "probe.jsonl",
         std::fs::read_to_string(&probe_file).map_err(|e| e.to_string())?,
     )?;
-    let statuses: Vec<serde_json::Value> = ids.iter().filter_map(|&i| c.status(i)).collect();
+    let statuses: Vec<_> = ids.iter().filter_map(|&i| c.status(i)).collect();
     keep("status-polls.jsonl", polls)?;
     keep(
         "status.json",

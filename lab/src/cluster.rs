@@ -9,6 +9,9 @@ use super::services::{
     configure_host_port, engine_config, start_engine, start_nginx, EngineOptions,
 };
 use super::topology::{control_ip, Topology};
+use super::Programs;
+use clonecluster::control::operator::{self, Request, Status};
+use clonecluster::control::Phase;
 
 /// What runs on the nodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,14 +49,14 @@ pub struct Cluster {
     dir: tempfile::TempDir,
     /// Engine logs go to `<log_prefix>-node<ID>.log`.
     log_prefix: PathBuf,
-    bin: PathBuf,
+    programs: Programs,
 }
 
 impl Cluster {
     /// Builds the topology and starts the nodes in `start` (a subset of `all_ids`; the rest can
     /// join later with [`Cluster::start_node`]).
     pub fn start(
-        bin: &Path,
+        programs: &Programs,
         prefix: &str,
         kind: Kind,
         all_ids: &[u8],
@@ -74,7 +77,7 @@ impl Cluster {
             runs: Vec::new(),
             dir,
             log_prefix,
-            bin: bin.to_owned(),
+            programs: programs.clone(),
         };
         for &id in start {
             c.start_node(id)?;
@@ -139,7 +142,7 @@ impl Cluster {
                 self.log_prefix.display()
             ))
         };
-        let engine = start_engine(&self.bin, ns, &cfg, &log)
+        let engine = start_engine(&self.programs.engine, ns, &cfg, &log)
             .map_err(|e| format!("cannot start node {id}'s engine: {e}"))?;
         let pid = self.topo.adopt(engine);
         self.engines.retain(|(i, _)| *i != id);
@@ -203,7 +206,7 @@ impl Cluster {
             .topo
             .client
             .command(&[
-                &self.bin.to_string_lossy(),
+                &self.programs.probe.to_string_lossy(),
                 "lab-probe",
                 "--target",
                 &format!("{}:80", super::topology::CLUSTER_IP),
@@ -273,21 +276,27 @@ impl Cluster {
         self.dir.path().join(format!("node{id}.sock"))
     }
 
-    /// Node `id`'s `status` (JSON), if it answers.
-    pub fn status(&self, id: u8) -> Option<serde_json::Value> {
-        crate::control::operator::call_raw(&self.socket(id), &crate::control::operator::Request::Status)
-            .ok()
-            .and_then(|r| serde_json::from_str(&r).ok())
+    /// Node `id`'s `status`, if it answers.
+    pub fn status(&self, id: u8) -> Option<Status> {
+        operator::status(&self.socket(id)).ok()
+    }
+
+    /// Drains (`drain`) or undrains node `id` through its own socket.
+    pub fn drain(&self, id: u8, drain: bool) -> Result<(), String> {
+        let request = Request::Drain { node: None, drain };
+        operator::call(&self.socket(id), &request)
+            .map(drop)
+            .map_err(|e| format!("{request} node {id}: {e}"))
     }
 
     /// Whether every node in `ids` sees exactly `ids` as members, with nothing moving.
     pub fn formed(&self, ids: &[u8]) -> bool {
         ids.iter().all(|&id| {
             self.status(id).is_some_and(|s| {
-                s["phase"] == "Done"
-                    && s["moving"] == 0
-                    && members(&s).len() == ids.len()
-                    && ids.iter().all(|i| members(&s).contains(i))
+                s.phase == Phase::Done
+                    && s.moving == 0
+                    && s.members.len() == ids.len()
+                    && ids.iter().all(|i| s.member_ids().contains(i))
             })
         })
     }
@@ -298,13 +307,13 @@ impl Cluster {
     pub fn moved(&self, ask: &[u8], expect: &[u8]) -> bool {
         ask.iter().all(|&id| {
             self.status(id).is_some_and(|s| {
-                let m = members(&s);
+                let m = s.member_ids();
                 m.len() == expect.len()
                     && expect.iter().all(|i| m.contains(i))
-                    && s["members"].as_array().is_some_and(|v| {
-                        v.iter()
-                            .all(|x| x["accepting_buckets"] == x["final_buckets"])
-                    })
+                    && s
+                        .members
+                        .iter()
+                        .all(|x| x.accepting_buckets == x.final_buckets)
             })
         })
     }
@@ -400,17 +409,6 @@ impl Cluster {
     }
 }
 
-/// Node ids in a `status` reply's member list.
-pub fn members(status: &serde_json::Value) -> Vec<u8> {
-    status["members"]
-        .as_array()
-        .map(|m| {
-            m.iter()
-                .filter_map(|x| x["node"].as_u64().map(|n| n as u8))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// `InSegs` of the `Tcp:` lines of `/proc/net/snmp`.
 fn tcp_in_segments(snmp: &str) -> Option<u64> {
@@ -454,12 +452,5 @@ mod tests {
         let s = shares(&[(1, 10), (2, 0)], &[(1, 40), (2, 30), (3, 0)]);
         assert_eq!(s, vec![(1, 0.5), (2, 0.5), (3, 0.0)]);
         assert_eq!(shares(&[], &[(1, 0)]), vec![(1, 0.0)]);
-    }
-
-    #[test]
-    fn reads_members() {
-        let s = serde_json::json!({"members": [{"node": 1}, {"node": 3}]});
-        assert_eq!(members(&s), vec![1, 3]);
-        assert!(members(&serde_json::json!({})).is_empty());
     }
 }

@@ -1,0 +1,27 @@
+//! clonecluster-lab: the namespace lab. A real layer-2 network with a learning switch, nodes
+//! running the engine, and a client, all on one machine; the paper's experiment (`lab`), the
+//! scenarios (failover, join, drain) and the soak run on it, and the engine's namespace tests
+//! build their clusters from its topology and services.
+//!
+//! This crate owns everything the lab needs that the engine binary must not carry (plots,
+//! progress bars, temporary directories). It drives the engine only from outside: it starts the
+//! `clonecluster` binary ([`programs`] finds it), talks to it over its operator socket and reads
+//! its `/metrics` and logs. It runs `ip`, `sysctl` and `ethtool` commands and starts processes;
+//! it must never touch an interface or address outside the namespaces it creates, and it cleans
+//! up by PID and by the names it made.
+
+pub mod checks;
+pub mod cluster;
+pub mod load;
+pub mod measure;
+pub mod probe;
+pub mod programs;
+pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod services;
+pub mod soak;
+pub mod topology;
+
+pub use programs::Programs;
+pub use topology::{Ns, Topology};
