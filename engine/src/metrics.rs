@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::control::{Path, Refusal};
+use crate::dataplane::{ControlLink, CoreLink};
 use crate::pipeline::DropReason;
-use crate::runtime::{ControlLink, ControlView};
+use crate::runtime::ControlView;
 
 /// Renders every metric of the node.
 pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
@@ -31,18 +32,18 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         }
     };
     let per_core = |f: &dyn Fn(&crate::counters::CoreStats) -> u64| -> Vec<(String, u64)> {
-        link.counters
+        link.cores
             .iter()
             .enumerate()
-            .map(|(i, c)| (format!(",core=\"{i}\""), f(&c.snapshot())))
+            .map(|(i, c)| (format!(",core=\"{i}\""), f(&c.counters.snapshot())))
             .collect()
     };
-    // One sample per core from a per-core atomic published by the cores.
-    let per_core_atomic = |values: &[AtomicU64]| -> Vec<(String, u64)> {
-        values
+    // One sample per core from a figure each core publishes in its `CoreLink`.
+    let per_core_figure = |figure: &dyn Fn(&CoreLink) -> &AtomicU64| -> Vec<(String, u64)> {
+        link.cores
             .iter()
             .enumerate()
-            .map(|(i, v)| (format!(",core=\"{i}\""), v.load(Relaxed)))
+            .map(|(i, c)| (format!(",core=\"{i}\""), figure(c).load(Relaxed)))
             .collect()
     };
     metric(
@@ -103,8 +104,8 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         &per_core(&|s| s.control_tx),
     );
     let mut dropped = Vec::new();
-    for (i, c) in link.counters.iter().enumerate() {
-        let s = c.snapshot();
+    for (i, c) in link.cores.iter().enumerate() {
+        let s = c.counters.snapshot();
         for (reason, n) in DropReason::all().iter().zip(s.dropped) {
             dropped.push((format!(",core=\"{i}\",reason=\"{}\"", reason.label()), n));
         }
@@ -115,7 +116,7 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         "Frames dropped, by reason (not-owned, malformed-*, ...).",
         &dropped,
     );
-    let flows = per_core_atomic(&link.core_flows);
+    let flows = per_core_figure(&|c| &c.flows);
     metric(
         "flows_tracked",
         "gauge",
@@ -123,8 +124,8 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         &flows,
     );
     let mut latency = Vec::new();
-    for (i, q) in link.burst_latency_ns.iter().enumerate() {
-        for (slot, label) in q.iter().zip(["0.5", "0.99", "0.999", "1"]) {
+    for (i, c) in link.cores.iter().enumerate() {
+        for (slot, label) in c.burst_latency_ns.iter().zip(["0.5", "0.99", "0.999", "1"]) {
             latency.push((
                 format!(",core=\"{i}\",quantile=\"{label}\""),
                 slot.load(Relaxed),
@@ -137,7 +138,7 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         "Wire burst processing time over the last second (hdrhistogram quantiles; 1 = max).",
         &latency,
     );
-    let busy = per_core_atomic(&link.core_busy_ns);
+    let busy = per_core_figure(&|c| &c.busy_ns);
     metric(
         "core_busy_ns_total",
         "counter",
@@ -145,7 +146,7 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
          queues or slept): its rate over 1e9 is the core's busy share.",
         &busy,
     );
-    let evictions = per_core_atomic(&link.core_evictions);
+    let evictions = per_core_figure(&|c| &c.evictions);
     metric(
         "flow_evictions_total",
         "counter",
@@ -153,7 +154,7 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
          dataplane.flow_capacity).",
         &evictions,
     );
-    let half_open = per_core_atomic(&link.core_half_open_dropped);
+    let half_open = per_core_figure(&|c| &c.half_open_dropped);
     metric(
         "half_open_flows_dropped_total",
         "counter",
@@ -163,7 +164,7 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
          and established flows are never evicted for them.",
         &half_open,
     );
-    let risk = per_core_atomic(&link.core_duplicate_risk);
+    let risk = per_core_figure(&|c| &c.duplicate_risk);
     metric(
         "duplicate_risk_frames_total",
         "counter",
