@@ -17,13 +17,20 @@
 //! - [`logging`]: log lines that carry the node id and the current epoch (text or JSON).
 //! - [`metrics`]: Prometheus `/metrics` over HTTP.
 //! - [`runtime`]: the control thread: sockets, timers, the state machine, snapshots to cores.
-//! - [`dataplane`]: the only code that touches DPDK: EAL, ports, mbufs, per-core loops.
+//! - [`dataplane`]: the only code that touches DPDK: EAL, ports, mbufs, the packet cores and
+//!   the link they share with the control thread.
 //! - `testkit` (unit tests and the `testkit` feature only): captured frames, frame builders,
 //!   checksums and pcap files shared by every test and bench.
+//!
+//! `unsafe` code is denied everywhere but in [`dataplane`] (DPDK's FFI) and in
+//! `cluster::siphash` and `cluster::flow_table` (SIMD hashing, the flow table's aligned slots).
+#![deny(unsafe_code)]
+
 pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod counters;
+#[allow(unsafe_code)]
 pub mod dataplane;
 pub mod health;
 pub mod logging;

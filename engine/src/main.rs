@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use clonecluster::config::Config;
-use clonecluster::control::Snapshot;
-use clonecluster::dataplane;
 use clonecluster::cluster::NodeId;
+use clonecluster::config::{Config, Loaded};
+use clonecluster::control::Snapshot;
 use clonecluster::control::operator::{self, Reply, Request, Status};
-use clonecluster::runtime::{control_thread, ControlLink, Requests};
+use clonecluster::dataplane::{self, ControlLink, StartError};
+use clonecluster::runtime::{control_thread, Requests};
 
 /// A Clone Cluster packet engine: several servers, one IP, one MAC, no dispatcher.
 #[derive(Debug, Parser)]
@@ -156,6 +156,8 @@ fn execute(cli: Cli) -> Result<(), String> {
             let loaded = Config::load(&config).map_err(|e| e.to_string())?;
             clonecluster::logging::set_node(loaded.config.node.id);
             clonecluster::logging::route_dpdk_logs()?;
+            let assumed =
+                assumed_snapshot(&loaded).map_err(|e| format!("{}: {e}", config.display()))?;
             let requests = Arc::new(Requests::default());
             for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 let requests = Arc::clone(&requests);
@@ -189,7 +191,12 @@ fn execute(cli: Cli) -> Result<(), String> {
                     })
                     .map_err(|e| format!("cannot start the control thread: {e}"))?
             };
-            let report = dataplane::run(&loaded, Arc::clone(&stop), link);
+            let start = dataplane::Start {
+                stop: Arc::clone(&stop),
+                link,
+                assumed,
+            };
+            let report = dataplane::run(&loaded, start);
             stop.store(true, Ordering::Relaxed);
             let control = control
                 .join()
@@ -229,6 +236,44 @@ fn execute(cli: Cli) -> Result<(), String> {
             operator(&config, request, json)
         }
     }
+}
+
+/// Benchmarks only: `nodes=N,handoff=P` makes the packet cores assume they are this node of an
+/// N-node cluster with P% of the buckets in handoff
+/// ([`clonecluster::replay::assumed_snapshot`]), from the first frame on, and ignore the control
+/// thread's snapshots. `benches/pipeline.rs` sets it so that a single engine measures a node of
+/// a larger cluster and `replay` can predict its every decision.
+const ASSUME_ENV: &str = "CLONECLUSTER_BENCH_ASSUME";
+
+/// The snapshot [`ASSUME_ENV`] asks for, if it is set.
+fn assumed_snapshot(loaded: &Loaded) -> Result<Option<Arc<Snapshot>>, StartError> {
+    let Ok(spec) = std::env::var(ASSUME_ENV) else {
+        return Ok(None);
+    };
+    let bad = |why: String| StartError {
+        key: ASSUME_ENV,
+        problem: why,
+        fix: "set it to `nodes=N,handoff=P` (N 1..=64, P percent 0..=100), or unset it".into(),
+    };
+    let (mut nodes, mut handoff) = (1u8, 0u8);
+    for part in spec.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some(("nodes", v)) => nodes = v.parse().map_err(|_| bad(format!("nodes `{v}`")))?,
+            Some(("handoff", v)) => {
+                handoff = v.parse().map_err(|_| bad(format!("handoff `{v}`")))?
+            }
+            _ => return Err(bad(format!("`{part}` is not nodes=N or handoff=P"))),
+        }
+    }
+    let me = NodeId::new(loaded.config.node.id).expect("validated: node.id is 1..=64");
+    let snapshot =
+        clonecluster::replay::assumed_snapshot(loaded, nodes, handoff, me).map_err(bad)?;
+    tracing::warn!(
+        nodes,
+        handoff,
+        "{ASSUME_ENV} is set: the packet cores assume a fixed ownership (benchmarks only)"
+    );
+    Ok(Some(Arc::new(snapshot)))
 }
 
 fn drain_request(node: Option<u8>, drain: bool) -> Result<Request, String> {

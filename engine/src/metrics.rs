@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::control::{Path, Refusal};
+use crate::dataplane::{ControlLink, CoreLink};
 use crate::pipeline::DropReason;
-use crate::runtime::{ControlLink, ControlView};
 
 /// Renders every metric of the node.
 pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
@@ -31,18 +31,18 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         }
     };
     let per_core = |f: &dyn Fn(&crate::counters::CoreStats) -> u64| -> Vec<(String, u64)> {
-        link.counters
+        link.cores
             .iter()
             .enumerate()
-            .map(|(i, c)| (format!(",core=\"{i}\""), f(&c.snapshot())))
+            .map(|(i, c)| (format!(",core=\"{i}\""), f(&c.counters.snapshot())))
             .collect()
     };
-    // One sample per core from a per-core atomic published by the cores.
-    let per_core_atomic = |values: &[AtomicU64]| -> Vec<(String, u64)> {
-        values
+    // One sample per core from a figure each core publishes in its `CoreLink`.
+    let per_core_figure = |figure: &dyn Fn(&CoreLink) -> &AtomicU64| -> Vec<(String, u64)> {
+        link.cores
             .iter()
             .enumerate()
-            .map(|(i, v)| (format!(",core=\"{i}\""), v.load(Relaxed)))
+            .map(|(i, c)| (format!(",core=\"{i}\""), figure(c).load(Relaxed)))
             .collect()
     };
     metric(
@@ -103,8 +103,8 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         &per_core(&|s| s.control_tx),
     );
     let mut dropped = Vec::new();
-    for (i, c) in link.counters.iter().enumerate() {
-        let s = c.snapshot();
+    for (i, c) in link.cores.iter().enumerate() {
+        let s = c.counters.snapshot();
         for (reason, n) in DropReason::all().iter().zip(s.dropped) {
             dropped.push((format!(",core=\"{i}\",reason=\"{}\"", reason.label()), n));
         }
@@ -115,7 +115,7 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         "Frames dropped, by reason (not-owned, malformed-*, ...).",
         &dropped,
     );
-    let flows = per_core_atomic(&link.core_flows);
+    let flows = per_core_figure(&|c| &c.flows);
     metric(
         "flows_tracked",
         "gauge",
@@ -123,8 +123,8 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         &flows,
     );
     let mut latency = Vec::new();
-    for (i, q) in link.burst_latency_ns.iter().enumerate() {
-        for (slot, label) in q.iter().zip(["0.5", "0.99", "0.999", "1"]) {
+    for (i, c) in link.cores.iter().enumerate() {
+        for (slot, label) in c.burst_latency_ns.iter().zip(["0.5", "0.99", "0.999", "1"]) {
             latency.push((
                 format!(",core=\"{i}\",quantile=\"{label}\""),
                 slot.load(Relaxed),
@@ -137,7 +137,7 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         "Wire burst processing time over the last second (hdrhistogram quantiles; 1 = max).",
         &latency,
     );
-    let busy = per_core_atomic(&link.core_busy_ns);
+    let busy = per_core_figure(&|c| &c.busy_ns);
     metric(
         "core_busy_ns_total",
         "counter",
@@ -145,7 +145,7 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
          queues or slept): its rate over 1e9 is the core's busy share.",
         &busy,
     );
-    let evictions = per_core_atomic(&link.core_evictions);
+    let evictions = per_core_figure(&|c| &c.evictions);
     metric(
         "flow_evictions_total",
         "counter",
@@ -153,7 +153,7 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
          dataplane.flow_capacity).",
         &evictions,
     );
-    let half_open = per_core_atomic(&link.core_half_open_dropped);
+    let half_open = per_core_figure(&|c| &c.half_open_dropped);
     metric(
         "half_open_flows_dropped_total",
         "counter",
@@ -163,7 +163,7 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
          and established flows are never evicted for them.",
         &half_open,
     );
-    let risk = per_core_atomic(&link.core_duplicate_risk);
+    let risk = per_core_figure(&|c| &c.duplicate_risk);
     metric(
         "duplicate_risk_frames_total",
         "counter",
@@ -254,7 +254,7 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
         "Milliseconds since the peer's last accepted message, by path.",
         &seen,
     );
-    let per_path = |f: &dyn Fn(&crate::runtime::PeerView, usize) -> u64| -> Vec<(String, u64)> {
+    let per_path = |f: &dyn Fn(&PeerView, usize) -> u64| -> Vec<(String, u64)> {
         let mut rows = Vec::new();
         for p in &view.peers {
             for path in Path::ALL {
@@ -384,3 +384,43 @@ pub fn serve(
         .map_err(|e| e.to_string())?;
     Ok(())
 }
+
+/// What the control thread last knew, for the metrics endpoint (published every tick).
+#[derive(Debug, Clone, Default)]
+pub struct ControlView {
+    pub epoch: u64,
+    /// The control message format version this node speaks.
+    pub protocol_version: u8,
+    /// Buckets in which this node takes new flows.
+    pub accepting: u32,
+    pub moving: u32,
+    pub draining: bool,
+    /// The health checker's verdict (None: no health check configured), whether this node
+    /// refuses new connections, and its checks so far (all, failed).
+    pub healthy: Option<bool>,
+    pub refusing: bool,
+    pub health_checks: (u64, u64),
+    /// Live members: (id, weight).
+    pub members: Vec<(u8, u32)>,
+    pub peers: Vec<PeerView>,
+    /// Refused control messages by [path][reason].
+    pub refused: [[u64; Refusal::ALL.len()]; 2],
+    /// Accepted control messages by path.
+    pub accepted: [u64; 2],
+}
+
+/// One peer in [`ControlView`].
+#[derive(Debug, Clone, Default)]
+pub struct PeerView {
+    pub node: u8,
+    pub alive: bool,
+    /// Milliseconds since its last accepted message, per path (UDP, wire).
+    pub last_seen_ms_ago: [Option<u64>; 2],
+    /// Heartbeats expected but not heard, and messages lost (sequence gaps), per path.
+    pub missed: [u64; 2],
+    pub lost: [u64; 2],
+    /// It announces a failing service.
+    pub refusing: bool,
+}
+
+

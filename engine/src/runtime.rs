@@ -8,274 +8,21 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
 use siphasher::sip::SipHasher13;
 
-use crate::cluster::{Bucket, NodeId, Weight, BUCKETS};
+use crate::cluster::{Bucket, NodeId, Weight};
 use crate::config::{Loaded, Policy as ConfigPolicy};
-use crate::control::{
-    self, Event, Load, Membership, Node, Output, Path, Refusal, Snapshot, Timeline, Verdict,
-};
 use crate::control::operator::{Refused, Reply, Request};
-use crate::counters::CoreCounters;
-
-/// Wire frames queued between the cores and the control thread, each way. Heartbeats are a few
-/// per interval per node: this only bounds a burst of forged ones.
-const CHANNEL_DEPTH: usize = 1024;
-
-/// Wire control frames each member's MAC may queue ahead of the rest per control tick (a
-/// member sends a heartbeat, and the coordinator a plan, per interval on the wire; a tick is a
-/// quarter interval or less). A flood that forges a member's MAC spends that member's
-/// allowance, and its frames then queue with everyone else's: it can starve only the member
-/// whose MAC it forges, on the wire path only.
-pub const MEMBER_ALLOWANCE: u32 = 8;
-
-/// Frames from strangers the control thread authenticates per loop turn (after every member's):
-/// a flood of forged control frames costs the control thread a bounded share of its time.
-const STRANGERS_PER_TURN: usize = 256;
-
-/// What the packet cores and the control thread share.
-pub struct ControlLink {
-    /// The ownership snapshot in force; cores reload it when `version` changes.
-    pub snapshot: ArcSwap<Snapshot>,
-    pub version: AtomicU64,
-    /// Control messages to send on the wire port (payload only; core 0 frames and sends them).
-    pub wire_out: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
-    /// Control frames received on the wire port from a member's MAC, within its allowance
-    /// (payload only): the control thread reads these first.
-    pub wire_in_members: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
-    /// Every other control frame received on the wire port (payload only).
-    pub wire_in: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
-    /// Wire control frames the cores could not queue for the control thread: [members, others].
-    pub wire_in_dropped: [AtomicU64; 2],
-    /// The node MAC of each live member (index `id - 1`; 0 = none), as its authenticated
-    /// heartbeats give it, 48 bits in a u64.
-    pub member_macs: [AtomicU64; 64],
-    /// Frames each member's MAC may still queue ahead this tick (refilled by the control
-    /// thread to [`MEMBER_ALLOWANCE`]).
-    pub member_allowance: [AtomicU32; 64],
-    /// Per core: live flows per bucket, written for the buckets this node is releasing.
-    pub bucket_flows: Vec<Box<[AtomicU32]>>,
-    /// Per core: the snapshot version `bucket_flows` was last computed for.
-    pub bucket_flows_version: Vec<AtomicU64>,
-    /// Per core: flows in its flow table.
-    pub core_flows: Vec<AtomicU64>,
-    /// Per core: nanoseconds spent on polls that received frames, from its start (the rest of
-    /// its time it polled empty queues or slept).
-    pub core_busy_ns: Vec<AtomicU64>,
-    /// Per core: its packet counters.
-    pub counters: Vec<CoreCounters>,
-    /// Set while the local service fails its health check: cores take no new TCP connection.
-    pub refuse_new: AtomicBool,
-    /// Whether the wire port has link, as core 0 last read it.
-    pub wire_link_up: AtomicBool,
-    /// Peers that announce a failing service (bit `id - 1`).
-    pub refusing_peers: AtomicU64,
-    /// The health-checked TCP port whose refusals cores hold back (0: none).
-    pub hold_refusals_on: AtomicU32,
-    /// Per core: live flows (not half-open) its flow table had to forget to make room.
-    pub core_evictions: Vec<AtomicU64>,
-    /// Per core: half-open flows its flow tables (own and learned) forgot or never tracked,
-    /// their half-open share being full (see `FlowTable`'s admission).
-    pub core_half_open_dropped: Vec<AtomicU64>,
-    /// Per core: [`crate::pipeline::Pipeline::duplicate_risk`].
-    pub core_duplicate_risk: Vec<AtomicU64>,
-    /// Mbufs out of the pool, as core 0 last saw.
-    pub mbufs_in_use: AtomicU64,
-    /// Per core: burst processing time over the last second, ns: p50, p99, p99.9, max.
-    pub burst_latency_ns: Vec<[AtomicU64; 4]>,
-}
-
-impl std::fmt::Debug for ControlLink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ControlLink")
-            .field("version", &self.version.load(Relaxed))
-            .field("epoch", &self.snapshot.load().epoch())
-            .finish()
-    }
-}
-
-impl ControlLink {
-    pub fn new(cores: usize, initial: Arc<Snapshot>) -> ControlLink {
-        ControlLink {
-            snapshot: ArcSwap::new(initial),
-            version: AtomicU64::new(1),
-            wire_out: crossbeam_channel::bounded(CHANNEL_DEPTH),
-            wire_in_members: crossbeam_channel::bounded(CHANNEL_DEPTH),
-            wire_in: crossbeam_channel::bounded(CHANNEL_DEPTH),
-            wire_in_dropped: Default::default(),
-            member_macs: std::array::from_fn(|_| AtomicU64::new(0)),
-            member_allowance: std::array::from_fn(|_| AtomicU32::new(0)),
-            bucket_flows: (0..cores)
-                .map(|_| (0..BUCKETS).map(|_| AtomicU32::new(0)).collect())
-                .collect(),
-            bucket_flows_version: (0..cores).map(|_| AtomicU64::new(0)).collect(),
-            core_flows: (0..cores).map(|_| AtomicU64::new(0)).collect(),
-            core_busy_ns: (0..cores).map(|_| AtomicU64::new(0)).collect(),
-            counters: (0..cores).map(|_| CoreCounters::default()).collect(),
-            mbufs_in_use: AtomicU64::new(0),
-            core_evictions: (0..cores).map(|_| AtomicU64::new(0)).collect(),
-            core_half_open_dropped: (0..cores).map(|_| AtomicU64::new(0)).collect(),
-            core_duplicate_risk: (0..cores).map(|_| AtomicU64::new(0)).collect(),
-            refuse_new: AtomicBool::new(false),
-            wire_link_up: AtomicBool::new(true),
-            refusing_peers: AtomicU64::new(0),
-            hold_refusals_on: AtomicU32::new(0),
-            burst_latency_ns: (0..cores).map(|_| Default::default()).collect(),
-        }
-    }
-
-    /// The service state the cores apply, read between bursts.
-    #[inline]
-    pub fn service(&self) -> crate::pipeline::ServiceState {
-        let port = self.hold_refusals_on.load(Relaxed);
-        crate::pipeline::ServiceState {
-            refuse_new: self.refuse_new.load(Relaxed),
-            refusing_peers: self.refusing_peers.load(Relaxed),
-            hold_refusals_on: u16::try_from(port).ok().filter(|&p| p != 0),
-        }
-    }
-
-    /// Connections the local service refused whose RST the cores held back, over all cores.
-    pub fn service_refusals(&self) -> u64 {
-        let i = crate::pipeline::DropReason::ServiceRefused.index();
-        self.counters
-            .iter()
-            .map(|c| c.dropped[i].load(Relaxed))
-            .sum()
-    }
-
-    /// Makes `snapshot` the cores' current one.
-    pub fn publish(&self, snapshot: Arc<Snapshot>) {
-        self.snapshot.store(snapshot);
-        self.version.fetch_add(1, Relaxed);
-    }
-
-    /// From a core: a control frame (the whole Ethernet frame) arrived on the wire. Queued
-    /// ahead if its source is a member's MAC within that member's allowance, else behind;
-    /// counted if its queue is full. Never blocks.
-    pub fn received_on_wire(&self, frame: &[u8]) {
-        let payload = frame.get(14..).unwrap_or_default();
-        let queue = usize::from(
-            frame
-                .get(6..12)
-                .is_some_and(|src| self.member_may_queue(src)),
-        );
-        let (tx, dropped) = match queue {
-            0 => (&self.wire_in.0, &self.wire_in_dropped[1]),
-            _ => (&self.wire_in_members.0, &self.wire_in_dropped[0]),
-        };
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            tx.try_send(payload.to_vec())
-        {
-            dropped.fetch_add(1, Relaxed);
-        }
-    }
-
-    /// Whether `src` is a live member's MAC with allowance left this tick (spending one).
-    fn member_may_queue(&self, src: &[u8]) -> bool {
-        let mut mac = [0u8; 8];
-        mac[2..].copy_from_slice(src);
-        let mac = u64::from_be_bytes(mac);
-        if mac == 0 {
-            return false;
-        }
-        self.member_macs
-            .iter()
-            .position(|m| m.load(Relaxed) == mac)
-            .is_some_and(|i| {
-                self.member_allowance[i]
-                    .fetch_update(Relaxed, Relaxed, |a| a.checked_sub(1))
-                    .is_ok()
-            })
-    }
-
-    /// From the control thread, every tick: the live members' MACs, and a fresh allowance.
-    fn set_members(&self, m: &Membership) {
-        for (i, (mac, allowance)) in self
-            .member_macs
-            .iter()
-            .zip(&self.member_allowance)
-            .enumerate()
-        {
-            let known = NodeId::new(i as u8 + 1)
-                .and_then(|id| m.peer(id))
-                .filter(|p| p.alive)
-                .and_then(|p| p.heartbeat)
-                .map_or(0, |hb| {
-                    let mut b = [0u8; 8];
-                    b[2..].copy_from_slice(&hb.node_mac);
-                    u64::from_be_bytes(b)
-                });
-            mac.store(known, Relaxed);
-            allowance.store(if known == 0 { 0 } else { MEMBER_ALLOWANCE }, Relaxed);
-        }
-    }
-
-    /// From the control thread: the next wire control payloads to authenticate, members' first
-    /// (all of them), then at most [`STRANGERS_PER_TURN`] others.
-    fn wire_received(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
-        self.wire_in_members
-            .1
-            .try_iter()
-            .chain(self.wire_in.1.try_iter().take(STRANGERS_PER_TURN))
-    }
-
-    /// Flow counts of `buckets` summed over cores, if every core has counted them for the
-    /// current snapshot.
-    fn releasing_counts(&self, buckets: &[Bucket]) -> Option<Vec<(Bucket, u32)>> {
-        let version = self.version.load(Relaxed);
-        if self
-            .bucket_flows_version
-            .iter()
-            .any(|v| v.load(Relaxed) != version)
-        {
-            return None;
-        }
-        Some(
-            buckets
-                .iter()
-                .map(|&b| {
-                    let n = self
-                        .bucket_flows
-                        .iter()
-                        .map(|c| c[b.index()].load(Relaxed))
-                        .sum();
-                    (b, n)
-                })
-                .collect(),
-        )
-    }
-}
-
-/// Wire frames carry a control message behind a 2-byte length, because Ethernet pads short
-/// frames and the message's MAC covers its exact bytes.
-pub fn wire_payload(frame_payload: &[u8]) -> Option<&[u8]> {
-    let len = usize::from(u16::from_be_bytes([
-        *frame_payload.first()?,
-        *frame_payload.get(1)?,
-    ]));
-    frame_payload.get(2..2 + len)
-}
-
-/// A whole Ethernet frame carrying `message` from `node_mac` to everyone.
-pub fn wire_frame(node_mac: [u8; 6], message: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(16 + message.len());
-    f.extend_from_slice(&[0xff; 6]);
-    f.extend_from_slice(&node_mac);
-    f.extend_from_slice(&control::ETHERTYPE.to_be_bytes());
-    f.extend_from_slice(&(message.len() as u16).to_be_bytes());
-    f.extend_from_slice(message);
-    if f.len() < 60 {
-        f.resize(60, 0);
-    }
-    f
-}
+use crate::control::{
+    self, Event, Load, Membership, Node, Output, Path, Refusal, Timeline, Verdict,
+};
+use crate::dataplane::{wire_payload, ControlLink};
+use crate::metrics::{ControlView, PeerView};
 
 /// What every node of a cluster must agree on, hashed: nodes with another digest are refused.
 pub fn config_digest(loaded: &Loaded) -> u64 {
@@ -318,44 +65,6 @@ pub fn membership_config(loaded: &Loaded, incarnation: u64) -> control::Config {
     m.learn = c.control.handoff_learn.0.as_nanos() as u64;
     m.release_deadline = c.control.release_deadline.0.as_nanos() as u64;
     m
-}
-
-/// What the control thread last knew, for the metrics endpoint (published every tick).
-#[derive(Debug, Clone, Default)]
-pub struct ControlView {
-    pub epoch: u64,
-    /// The control message format version this node speaks.
-    pub protocol_version: u8,
-    /// Buckets in which this node takes new flows.
-    pub accepting: u32,
-    pub moving: u32,
-    pub draining: bool,
-    /// The health checker's verdict (None: no health check configured), whether this node
-    /// refuses new connections, and its checks so far (all, failed).
-    pub healthy: Option<bool>,
-    pub refusing: bool,
-    pub health_checks: (u64, u64),
-    /// Live members: (id, weight).
-    pub members: Vec<(u8, u32)>,
-    pub peers: Vec<PeerView>,
-    /// Refused control messages by [path][reason].
-    pub refused: [[u64; Refusal::ALL.len()]; 2],
-    /// Accepted control messages by path.
-    pub accepted: [u64; 2],
-}
-
-/// One peer in [`ControlView`].
-#[derive(Debug, Clone, Default)]
-pub struct PeerView {
-    pub node: u8,
-    pub alive: bool,
-    /// Milliseconds since its last accepted message, per path (UDP, wire).
-    pub last_seen_ms_ago: [Option<u64>; 2],
-    /// Heartbeats expected but not heard, and messages lost (sequence gaps), per path.
-    pub missed: [u64; 2],
-    pub lost: [u64; 2],
-    /// It announces a failing service.
-    pub refusing: bool,
 }
 
 fn control_view(m: &Membership, me: NodeId, now: u64) -> ControlView {
@@ -480,11 +189,11 @@ pub fn control_thread(
         let now = Instant::now();
         if now >= next_tick {
             next_tick = now + tick;
-            let busy_ns: u64 = link.core_busy_ns.iter().map(|b| b.load(Relaxed)).sum();
-            let flows: u64 = link.core_flows.iter().map(|f| f.load(Relaxed)).sum();
+            let busy_ns: u64 = link.cores.iter().map(|c| c.busy_ns.load(Relaxed)).sum();
+            let flows: u64 = link.cores.iter().map(|c| c.flows.load(Relaxed)).sum();
             node.set_load(Load {
                 active_flows: flows.min(u64::from(u32::MAX)) as u32,
-                busy_permille: busy.permille(now, busy_ns, link.core_busy_ns.len()),
+                busy_permille: busy.permille(now, busy_ns, link.cores.len()),
             });
             if let Some(h) = &health {
                 let guard = node.health(watch.verdict(h, &link, me), now_ns(), &mut out);
@@ -899,58 +608,6 @@ impl BusyShare {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn frame(src: [u8; 6], payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![0xff; 6];
-        f.extend_from_slice(&src);
-        f.extend_from_slice(&control::ETHERTYPE.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
-
-    #[test]
-    fn members_frames_queue_ahead_of_a_flood_within_their_allowance() {
-        let link = ControlLink::new(1, Arc::new(Snapshot::empty()));
-        let member = [2, 0xcc, 0, 0, 0, 2];
-        link.member_macs[1].store(0x02cc_0000_0002, Relaxed);
-        link.member_allowance[1].store(2, Relaxed);
-        // A flood from strangers (and from nobody: a zero MAC is nobody's) fills their queue.
-        for i in 0..CHANNEL_DEPTH + 5 {
-            let src = if i == 0 {
-                [0; 6]
-            } else {
-                [2, 0, 0, 0, 0, (i % 250) as u8]
-            };
-            link.received_on_wire(&frame(src, b"forged"));
-        }
-        assert_eq!(
-            link.wire_in_dropped[1].load(Relaxed),
-            5,
-            "every drop counted"
-        );
-        // The member's frames still get through, ahead, within its allowance; past it they
-        // queue with the strangers' (full: counted).
-        for n in 0..3u8 {
-            link.received_on_wire(&frame(member, &[n]));
-        }
-        assert_eq!(link.wire_in_dropped[1].load(Relaxed), 6);
-        assert_eq!(link.wire_in_dropped[0].load(Relaxed), 0);
-        let turn: Vec<Vec<u8>> = link.wire_received().collect();
-        assert_eq!(&turn[..2], &[vec![0], vec![1]], "members first");
-        assert_eq!(
-            turn.len(),
-            2 + STRANGERS_PER_TURN,
-            "then a bounded share of the rest"
-        );
-        // A frame too short for a header reaches the control thread as an empty payload (and
-        // is refused there as malformed), not lost on the way.
-        while link.wire_received().next().is_some() {}
-        link.received_on_wire(&[0xff; 10]);
-        assert_eq!(
-            link.wire_received().collect::<Vec<_>>(),
-            vec![Vec::<u8>::new()]
-        );
-    }
 
     #[test]
     fn busy_share_is_busy_time_over_wall_time_per_core() {

@@ -22,9 +22,11 @@ use std::num::NonZeroU8;
 use serde::{Deserialize, Serialize};
 
 pub mod flow_key;
+#[allow(unsafe_code)] // aligned slot allocation
 pub mod flow_table;
 pub mod fragments;
 pub mod ownership;
+#[allow(unsafe_code)] // SIMD intrinsics
 pub mod siphash;
 
 pub use flow_key::{

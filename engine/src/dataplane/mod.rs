@@ -1,17 +1,35 @@
-//! The only code that touches DPDK: EAL start, mempool, ports, mbufs and the per-core loops.
+//! The only code that touches DPDK: EAL start, mempool, ports, mbufs, DPDK's log stream and
+//! the packet cores, and the [`ControlLink`] through which those cores and the control thread
+//! share state.
 //!
 //! Everything above this module works on byte slices; here those slices come from mbufs. Every
 //! `unsafe` block says why it is sound. Nothing on the packet path allocates, locks or logs.
+//! This module must never import the control thread (`runtime`) or the offline replay: what
+//! they need of each other passes through the link, and what a benchmark wants through
+//! [`Start`].
+//!
+//! - `worker`: [`run`]: EAL, pool and ports up, one [`core::Core`] per lcore, counters back.
+//! - `core`: one packet core's loop and everything it owns.
+//! - `idle`: how a core waits on empty queues.
+//! - `link`: [`ControlLink`] and its per-core part, `CoreLink`.
+//! - `eal`, `mbuf`, `port`, `log`: the DPDK objects, and DPDK's log messages as events.
 
+mod core;
 mod eal;
+mod idle;
+mod link;
+mod log;
 mod mbuf;
 mod port;
 mod worker;
 
 pub use eal::{Eal, Mempool};
+pub use link::ControlLink;
+pub(crate) use link::{wire_payload, CoreLink};
+pub(crate) use log::route_logs;
 pub use mbuf::{Burst, Mbuf, BURST};
 pub use port::{Port, PortRole};
-pub use worker::{run, CoreCounters, CoreStats, RunReport};
+pub use worker::{run, CoreCounters, CoreStats, RunReport, Start};
 
 use std::ffi::CStr;
 

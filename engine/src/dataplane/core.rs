@@ -1,0 +1,553 @@
+//! One packet core: its run-to-completion loop over its own queue pair, and everything that
+//! loop owns (its pipeline, its bursts and TX queues, its fragment hold, its idle strategy, its
+//! clock and its latency histogram).
+//!
+//! Two directions per core, each on the core's own queue of each port:
+//! wire RX → [`Pipeline::decide`] → host TX (or wire TX for replies), and
+//! host RX → [`Pipeline::from_host`] (source MAC := node MAC) → wire TX.
+//! Between bursts it picks up the control thread's news from the [`ControlLink`] (a new
+//! ownership snapshot, the service state; on core 0, control messages to send) and now and then
+//! publishes its figures in its own [`CoreLink`]. Nothing here allocates, locks or logs per
+//! frame, and a core never waits on the control thread.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dpdk_sys as sys;
+
+use super::idle::Idle;
+use super::link::{wire_frame, ControlLink, CoreLink};
+use super::worker::Shared;
+use super::{Burst, Mbuf, Mempool, BURST};
+use crate::counters::CoreCounters;
+use crate::pipeline::{Action, DropReason, FragmentHold, Pipeline, Prepared};
+
+/// Later fragments a core holds at most, waiting for their first.
+const HOLD_CAPACITY: usize = 64;
+/// Loop iterations between housekeeping rounds (flow expiry, held fragments).
+const MAINTAIN_EVERY: u32 = 1024;
+/// Flow-table slots a housekeeping round may sweep.
+const EXPIRE_BUDGET: usize = 256;
+/// One wire burst in this many has its processing time recorded.
+const LATENCY_SAMPLE_EVERY: u32 = 8;
+/// How often the burst latency quantiles are published, ns.
+const LATENCY_EVERY_NS: u64 = 1_000_000_000;
+/// Loop iterations between looks at the control link (a new snapshot, refusal, control frames
+/// to send): its atomics sit on lines the control thread writes, so every look can miss.
+const CONTROL_EVERY: u32 = 16;
+/// How often core 0 reads the wire port's link state, ns (a syscall on `net_af_packet`).
+const LINK_CHECK_NS: u64 = 100_000_000;
+/// How often a releasing node recounts its flows per bucket.
+const COUNT_EVERY_NS: u64 = 50_000_000;
+
+/// One packet core's state; [`Core::run`] is its loop.
+pub(super) struct Core<'a> {
+    shared: &'a Shared,
+    link: &'a ControlLink,
+    /// This core's part of the link: where it publishes its counters and figures.
+    mine: &'a CoreLink,
+    /// Its index in `dataplane.cores`, which is also its queue on both ports.
+    index: usize,
+    queue: u16,
+    /// The snapshot version the pipeline follows.
+    version: u64,
+    rx: Burst,
+    /// The wire burst's frames, parsed and hashed before any is decided.
+    prepared: [Prepared; BURST],
+    /// The pipeline and where its decisions send frames.
+    fwd: Forward<'a>,
+    idle: Idle,
+    clock: Clock,
+    /// Burst processing times (RX to the last TX of the burst), published once a second.
+    latency: hdrhistogram::Histogram<u64>,
+    next_latency: u64,
+    /// Loop iterations and wire bursts so far (wrapping).
+    iterations: u32,
+    bursts: u32,
+    /// Time spent on polls that received frames, not yet published.
+    busy_ns: u64,
+    /// When the previous poll started, and whether it received frames: each poll's time is
+    /// known at the start of the next (one clock read per poll, as many as one per burst when
+    /// the core is saturated).
+    poll_start: u64,
+    poll_busy: bool,
+    next_link_check: u64,
+    /// When releasing buckets are next counted, and the sweeps run under the current snapshot.
+    next_count: u64,
+    sweeps_since_change: u32,
+}
+
+/// What decides each frame and where the decision sends it: the pipeline, the fragment hold,
+/// the two TX queues and the burst's drops.
+struct Forward<'a> {
+    pipeline: Pipeline,
+    hold: FragmentHold<Mbuf>,
+    to_host: TxQueue<'a>,
+    to_wire: TxQueue<'a>,
+    /// Dropped frames, freed in bulk at the end of each burst.
+    dropped: Burst,
+    /// Drops counted per frame, published once per burst.
+    drops: [u64; DropReason::COUNT],
+    counters: &'a CoreCounters,
+    link: &'a ControlLink,
+}
+
+/// A TX burst bound to its port and queue, flushed when full and after every RX burst.
+struct TxQueue<'a> {
+    burst: Burst,
+    port: u16,
+    queue: u16,
+    sent: &'a AtomicU64,
+    unsent: &'a AtomicU64,
+}
+
+impl<'a> Core<'a> {
+    /// Core `index` of `shared.cores`, once the control thread has published a first ownership
+    /// snapshot (or `stop` is set): before it, this node cannot know which flows are its own,
+    /// so frames wait in the ports.
+    pub(super) fn new(shared: &'a Shared, index: usize) -> Core<'a> {
+        let link = &*shared.link;
+        let mine = &link.cores[index];
+        let queue = index as u16;
+        while shared.assumed.is_none()
+            && link.snapshot.load().plan().is_none()
+            && !shared.stop.load(Relaxed)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let version = link.version.load(Relaxed);
+        let snapshot = match &shared.assumed {
+            Some(assumed) => Arc::clone(assumed),
+            None => link.snapshot.load_full(),
+        };
+        let mut pipeline = Pipeline::new(
+            shared.identity.clone(),
+            &shared.secret,
+            snapshot,
+            shared.sizes,
+        );
+        pipeline.set_hash_lanes(shared.lanes);
+        let c = &mine.counters;
+        let tx = |port, sent| TxQueue {
+            burst: Burst::new(),
+            port,
+            queue,
+            sent,
+            unsent: &c.tx_unsent,
+        };
+        let clock = Clock::new();
+        Core {
+            shared,
+            link,
+            mine,
+            index,
+            queue,
+            version,
+            rx: Burst::new(),
+            prepared: [Prepared::default(); BURST],
+            fwd: Forward {
+                pipeline,
+                hold: FragmentHold::new(HOLD_CAPACITY, shared.sizes.fragment_timeout),
+                to_host: tx(shared.host, &c.host_tx),
+                to_wire: tx(shared.wire, &c.wire_tx),
+                dropped: Burst::new(),
+                drops: [0; DropReason::COUNT],
+                counters: c,
+                link,
+            },
+            idle: Idle::new(shared, queue),
+            latency: hdrhistogram::Histogram::<u64>::new_with_bounds(1, 100_000_000, 2)
+                .expect("valid histogram bounds"),
+            next_latency: 0,
+            iterations: 0,
+            bursts: 0,
+            busy_ns: 0,
+            poll_start: clock.now(),
+            poll_busy: false,
+            next_link_check: 0,
+            next_count: 0,
+            sweeps_since_change: 0,
+            clock,
+        }
+    }
+
+    /// Both directions on this core's queue pair until `stop`.
+    pub(super) fn run(mut self) {
+        while !self.shared.stop.load(Relaxed) {
+            let now = self.start_poll();
+            let from_wire = self.poll_wire(now);
+            let from_host = self.poll_host(now);
+            if self.iterations.is_multiple_of(CONTROL_EVERY) {
+                self.between_bursts();
+                if self.index == 0 {
+                    self.watch_wire_link(now);
+                    self.send_control_frames();
+                }
+            }
+            self.poll_busy = from_wire + from_host > 0;
+            self.iterations = self.iterations.wrapping_add(1);
+            if self.iterations.is_multiple_of(MAINTAIN_EVERY) {
+                self.maintain(now);
+                self.publish(now);
+            }
+            self.count_releasing();
+            self.idle.after_poll(from_wire + from_host);
+        }
+        self.stop();
+    }
+
+    /// Reads the clock for this poll and books the previous poll's time if it was busy.
+    /// Reading the clock costs (a VM may trap on the TSC): once per poll, for the busy time,
+    /// the frames of both directions and the burst latency.
+    #[inline(always)]
+    fn start_poll(&mut self) -> u64 {
+        let now = self.clock.now();
+        if self.poll_busy {
+            self.busy_ns += now.saturating_sub(self.poll_start);
+        }
+        self.poll_start = now;
+        now
+    }
+
+    /// A wire burst: prepared (parsed, hashed, prefetched) as a whole, then decided frame by
+    /// frame. One burst in [`LATENCY_SAMPLE_EVERY`] has its time recorded, from before its RX
+    /// to after its last TX.
+    #[inline(always)]
+    fn poll_wire(&mut self, now: u64) -> usize {
+        let received = self.rx.rx(self.shared.wire, self.queue);
+        if received == 0 {
+            return 0;
+        }
+        let sampled = self.bursts.is_multiple_of(LATENCY_SAMPLE_EVERY);
+        bump(&self.mine.counters.wire_rx, received);
+        self.bursts = self.bursts.wrapping_add(1);
+        // Two passes: parse, hash and prefetch every frame's flow-table line first, then
+        // decide, so the burst's cache misses overlap instead of adding up.
+        let others = {
+            let mut frames: [Option<&[u8]>; BURST] = [None; BURST];
+            for (i, frame) in frames.iter_mut().enumerate().take(received) {
+                *frame = self.rx.frame(i);
+            }
+            let prepared = &mut self.prepared[..received];
+            self.fwd
+                .pipeline
+                .prepare_burst(&frames[..received], prepared)
+        };
+        let fwd = &mut self.fwd;
+        // Frames of buckets that are simply other nodes': dropped in bulk, so that whether a
+        // frame is this node's (a coin toss in a 2-node cluster) is never a jump.
+        fwd.drops[DropReason::NotOwned.index()] += u64::from(others.count_ones());
+        for (i, m) in self.rx.drain_split(others, &mut fwd.dropped) {
+            fwd.wire_frame(m, &self.prepared[i], now);
+        }
+        fwd.to_host.flush();
+        fwd.to_wire.flush();
+        fwd.dropped.free_all();
+        publish_drops(&mut fwd.drops, fwd.counters);
+        if sampled {
+            let took = self.clock.now().saturating_sub(now).max(1);
+            self.latency.saturating_record(took);
+        }
+        received
+    }
+
+    /// A host burst: every frame goes to the wire with the node MAC as its source.
+    #[inline(always)]
+    fn poll_host(&mut self, now: u64) -> usize {
+        let received = self.rx.rx(self.shared.host, self.queue);
+        if received == 0 {
+            return 0;
+        }
+        bump(&self.mine.counters.host_rx, received);
+        let fwd = &mut self.fwd;
+        for m in self.rx.drain() {
+            fwd.host_frame(m, now);
+        }
+        fwd.to_wire.flush();
+        fwd.dropped.free_all();
+        publish_drops(&mut fwd.drops, fwd.counters);
+        received
+    }
+
+    /// Between bursts, every few iterations: the service state, and a new ownership snapshot.
+    #[inline]
+    fn between_bursts(&mut self) {
+        let pipeline = &mut self.fwd.pipeline;
+        pipeline.set_service(self.link.service());
+        let v = self.link.version.load(Relaxed);
+        if v != self.version && self.shared.assumed.is_none() {
+            self.version = v;
+            pipeline.set_snapshot(self.link.snapshot.load_full());
+            self.next_count = 0;
+            self.sweeps_since_change = 0;
+        }
+    }
+
+    /// Core 0 says whether the wire port has link (a node without it fences itself).
+    #[inline]
+    fn watch_wire_link(&mut self, now: u64) {
+        if now >= self.next_link_check {
+            self.next_link_check = now + LINK_CHECK_NS;
+            let up = self.shared.wire_link.up();
+            self.link.wire_link_up.store(up, Relaxed);
+        }
+    }
+
+    /// Core 0 frames the control thread's messages and sends them on the wire.
+    #[inline]
+    fn send_control_frames(&mut self) {
+        let queue = &self.link.wire_out.1;
+        if queue.is_empty() {
+            return;
+        }
+        // SAFETY: the pool outlives the packet loops (`run` frees it after they return).
+        let pool = unsafe { Mempool::borrow(self.shared.pool) };
+        let to_wire = &mut self.fwd.to_wire;
+        while let Ok(message) = queue.try_recv() {
+            let frame = wire_frame(self.shared.identity.node_mac.0, &message);
+            let Some(mut m) = Mbuf::alloc(&pool) else {
+                break;
+            };
+            let room = m.room_mut();
+            if room.len() >= frame.len() {
+                room[..frame.len()].copy_from_slice(&frame);
+                m.set_len(frame.len());
+                bump(&self.mine.counters.control_tx, 1);
+                to_wire.push(m);
+            }
+        }
+        to_wire.flush();
+    }
+
+    /// Housekeeping: expired flows leave the tables, expired held fragments are freed.
+    #[inline(never)]
+    fn maintain(&mut self, now: u64) {
+        let fwd = &mut self.fwd;
+        fwd.pipeline.maintain(now, EXPIRE_BUDGET);
+        let drops = &mut fwd.drops;
+        fwd.hold.expire(now, |m| {
+            drop(m);
+            drops[DropReason::FragmentExpired.index()] += 1;
+        });
+        publish_drops(&mut fwd.drops, fwd.counters);
+    }
+
+    /// Publishes this core's figures in its [`CoreLink`]; core 0 also the pool's.
+    #[inline(never)]
+    fn publish(&mut self, now: u64) {
+        let (mine, pipeline) = (self.mine, &self.fwd.pipeline);
+        mine.flows.store(pipeline.flows().len() as u64, Relaxed);
+        let (own, learned) = (pipeline.flows().stats(), pipeline.learned().stats());
+        mine.evictions
+            .store(own.evicted - own.evicted_half_open, Relaxed);
+        let half_open =
+            own.evicted_half_open + own.untracked + learned.evicted_half_open + learned.untracked;
+        mine.half_open_dropped.store(half_open, Relaxed);
+        mine.duplicate_risk
+            .store(pipeline.duplicate_risk(), Relaxed);
+        if self.index == 0 {
+            // SAFETY: the pool outlives the packet loops (`run` frees it after they return).
+            let pool = unsafe { Mempool::borrow(self.shared.pool) };
+            self.link
+                .mbufs_in_use
+                .store(u64::from(pool.in_use()), Relaxed);
+        }
+        mine.busy_ns
+            .fetch_add(std::mem::take(&mut self.busy_ns), Relaxed);
+        if now >= self.next_latency {
+            self.next_latency = now + LATENCY_EVERY_NS;
+            if !self.latency.is_empty() {
+                let out = &mine.burst_latency_ns;
+                for (slot, q) in out.iter().zip([0.5, 0.99, 0.999]) {
+                    slot.store(self.latency.value_at_quantile(q), Relaxed);
+                }
+                out[3].store(self.latency.max(), Relaxed);
+            }
+            self.latency.reset();
+        }
+    }
+
+    /// While buckets move, counts the live flows of those this node releases for the control
+    /// thread's "done" step, a few times per second.
+    #[inline(always)]
+    fn count_releasing(&mut self) {
+        if self.fwd.pipeline.snapshot().moving_count() > 0 {
+            let now = self.clock.now();
+            if now >= self.next_count {
+                self.recount_releasing(now);
+            }
+        }
+    }
+
+    /// Each round sweeps an eighth of the flow table, so expired flows leave the counts within
+    /// a second.
+    #[inline(never)]
+    fn recount_releasing(&mut self, now: u64) {
+        self.next_count = now + COUNT_EVERY_NS;
+        let pipeline = &mut self.fwd.pipeline;
+        let eighth = pipeline.flows().slot_count() / 8;
+        pipeline.maintain(now, eighth);
+        let counts = &self.mine.bucket_flows;
+        for b in pipeline.snapshot().releasing(self.shared.identity.node) {
+            counts[b].store(pipeline.flows().count_in_bucket(b), Relaxed);
+        }
+        self.sweeps_since_change = self.sweeps_since_change.saturating_add(1);
+        // The counts hold for this snapshot once a whole sweep has run under it.
+        if self.sweeps_since_change >= 8 {
+            self.mine.bucket_flows_version.store(self.version, Relaxed);
+        }
+    }
+
+    /// After the loop: the last busy time is published, held fragments are freed.
+    fn stop(mut self) {
+        if self.poll_busy {
+            self.busy_ns += self.clock.now().saturating_sub(self.poll_start);
+        }
+        self.mine.busy_ns.fetch_add(self.busy_ns, Relaxed);
+        self.fwd.hold.drain(drop);
+    }
+}
+
+impl Forward<'_> {
+    /// Decides one wire frame and sends it where the decision says.
+    #[inline(always)]
+    fn wire_frame(&mut self, mut m: Mbuf, prep: &Prepared, now: u64) {
+        let len = m.len();
+        let c = self.counters;
+        match self.pipeline.decide(m.room_mut(), len, prep, now) {
+            Action::Deliver | Action::DeliverShared => self.to_host.push(m),
+            Action::ToWire => self.to_wire.push(m),
+            Action::Reply { len } => {
+                m.set_len(len);
+                bump(&c.replies, 1);
+                self.to_wire.push(m);
+            }
+            Action::ToControl => {
+                bump(&c.to_control, 1);
+                self.link.received_on_wire(m.data());
+                push_dropped(&mut self.dropped, m);
+            }
+            Action::Hold(key) => match self.hold.put(key, now, m) {
+                Ok(()) => bump(&c.held, 1),
+                Err(m) => {
+                    drop(m);
+                    self.drops[DropReason::FragmentExpired.index()] += 1;
+                }
+            },
+            Action::Drop(reason) => {
+                self.drops[reason.index()] += 1;
+                push_dropped(&mut self.dropped, m);
+            }
+        }
+        if let Some(released) = self.pipeline.take_released() {
+            let (to_host, drops) = (&mut self.to_host, &mut self.drops);
+            self.hold.release(&released.key, |m| {
+                if released.owned {
+                    to_host.push(m);
+                } else {
+                    drop(m);
+                    drops[DropReason::NotOwned.index()] += 1;
+                }
+            });
+        }
+    }
+
+    /// Sends one host frame to the wire (or drops it).
+    #[inline(always)]
+    fn host_frame(&mut self, mut m: Mbuf, now: u64) {
+        let action = if m.is_chained() {
+            Action::Drop(DropReason::Chained)
+        } else {
+            self.pipeline.from_host(m.data_mut(), now)
+        };
+        match action {
+            Action::Drop(reason) => {
+                self.drops[reason.index()] += 1;
+                push_dropped(&mut self.dropped, m);
+            }
+            _ => self.to_wire.push(m),
+        }
+    }
+}
+
+impl TxQueue<'_> {
+    #[inline(always)]
+    fn push(&mut self, m: Mbuf) {
+        if self.burst.is_full() {
+            self.flush();
+        }
+        // Not full any more: push cannot hand the mbuf back.
+        let _ = self.burst.push(m);
+    }
+
+    #[inline(always)]
+    fn flush(&mut self) {
+        if self.burst.is_empty() {
+            return;
+        }
+        let (sent, unsent) = self.burst.tx(self.port, self.queue);
+        bump(self.sent, sent);
+        if unsent > 0 {
+            bump(self.unsent, unsent);
+        }
+    }
+}
+
+/// Adds the burst's drop counts to the core's counters and clears them.
+#[inline(always)]
+fn publish_drops(drops: &mut [u64; DropReason::COUNT], c: &CoreCounters) {
+    for (local, shared) in drops.iter_mut().zip(&c.dropped) {
+        if *local != 0 {
+            shared.store(shared.load(Relaxed) + *local, Relaxed);
+            *local = 0;
+        }
+    }
+}
+
+/// Keeps a dropped mbuf for the bulk free at the end of the burst (one RX burst fills at most
+/// one burst of drops).
+#[inline(always)]
+fn push_dropped(dropped: &mut Burst, m: Mbuf) {
+    if let Err(m) = dropped.push(m) {
+        drop(m);
+    }
+}
+
+#[inline(always)]
+fn bump(counter: &AtomicU64, n: usize) {
+    // Single writer: a load and a store, no locked read-modify-write on the packet path.
+    counter.store(counter.load(Relaxed) + n as u64, Relaxed);
+}
+
+/// Monotonic nanoseconds from the TSC, for flow and fragment timeouts: cheaper than a clock
+/// call per burst.
+struct Clock {
+    start: u64,
+    /// Nanoseconds per TSC tick, as a 32.32 fixed-point number.
+    ns_per_tick: u128,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        // SAFETY: plain reads of the TSC and of the frequency the EAL measured at start.
+        let (start, hz) = unsafe { (sys::rte_rdtsc(), sys::rte_get_tsc_hz()) };
+        Clock {
+            start,
+            ns_per_tick: (1_000_000_000u128 << 32) / u128::from(hz.max(1)),
+        }
+    }
+
+    #[inline(always)]
+    fn now(&self) -> u64 {
+        // The instruction itself where we know it (DPDK's `rte_rdtsc` is the same `rdtsc`, but
+        // behind a wrapper call).
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `rdtsc` only reads the time-stamp counter.
+        let tsc = unsafe { std::arch::x86_64::_rdtsc() };
+        #[cfg(not(target_arch = "x86_64"))]
+        // SAFETY: a plain read of the TSC.
+        let tsc = unsafe { sys::rte_rdtsc() };
+        ((u128::from(tsc.wrapping_sub(self.start)) * self.ns_per_tick) >> 32) as u64
+    }
+}

@@ -1,0 +1,149 @@
+//! How a packet core waits when its queues are empty, by `dataplane.idle`: busy polling,
+//! adaptive sleeps, or RX interrupts (with a fallback to adaptive sleeps where a port has
+//! none). It must never delay a frame that is already in a queue.
+
+use std::time::Duration;
+
+use dpdk_sys as sys;
+
+use super::strerror;
+use super::worker::Shared;
+use crate::config::IdleMode;
+
+/// Polls without traffic before a core starts to back off.
+const SPIN_POLLS: u32 = 64;
+const FIRST_SLEEP: Duration = Duration::from_micros(10);
+/// Longest epoll wait when every port can wake us: only bounds how late `stop` is seen.
+const INTERRUPT_WAIT_MS: i32 = 100;
+
+/// What a core does after a poll, by idle mode.
+pub(super) struct Idle {
+    mode: IdleMode,
+    empty_polls: u32,
+    sleep: Duration,
+    max_sleep: Duration,
+    /// Interrupt mode: (port, queue) pairs registered with this thread's epoll.
+    intr: [(u16, u16, bool); 2],
+    armed: bool,
+    wait_ms: i32,
+}
+
+impl Idle {
+    pub(super) fn new(shared: &Shared, queue: u16) -> Idle {
+        let mut mode = shared.idle;
+        let mut intr = [(shared.wire, queue, false), (shared.host, queue, false)];
+        if mode == IdleMode::Interrupt {
+            for (entry, capable) in intr.iter_mut().zip([shared.wire_intr, shared.host_intr]) {
+                if !capable {
+                    continue;
+                }
+                // SAFETY: the port was started with RX interrupts configured and `queue` is
+                // one of its queues; the epoll instance is this thread's own.
+                let ret = unsafe {
+                    sys::rte_eth_dev_rx_intr_ctl_q(
+                        entry.0,
+                        entry.1,
+                        sys::RTE_EPOLL_PER_THREAD,
+                        sys::RTE_INTR_EVENT_ADD as i32,
+                        std::ptr::null_mut(),
+                    )
+                };
+                entry.2 = ret == 0;
+                if ret != 0 {
+                    tracing::info!(port = entry.0, queue, "no RX interrupt: {}", strerror(ret));
+                }
+            }
+            if !intr.iter().any(|e| e.2) {
+                tracing::info!(
+                    queue,
+                    "no port has RX interrupts: falling back to adaptive idle"
+                );
+                mode = IdleMode::Adaptive;
+            }
+        }
+        // When a port cannot wake us, the wait is bounded like an adaptive sleep.
+        let all_capable = intr.iter().all(|e| e.2);
+        let max_ms = shared.max_sleep.as_millis().clamp(1, i32::MAX as u128) as i32;
+        Idle {
+            mode,
+            empty_polls: 0,
+            sleep: FIRST_SLEEP,
+            max_sleep: shared.max_sleep.max(FIRST_SLEEP),
+            intr,
+            armed: false,
+            wait_ms: if all_capable {
+                INTERRUPT_WAIT_MS
+            } else {
+                max_ms
+            },
+        }
+    }
+
+    #[inline(always)]
+    pub(super) fn after_poll(&mut self, received: usize) {
+        if received > 0 {
+            if self.empty_polls != 0 {
+                self.empty_polls = 0;
+                self.sleep = FIRST_SLEEP;
+                self.disarm();
+            }
+            return;
+        }
+        match self.mode {
+            IdleMode::Busy => {}
+            IdleMode::Adaptive => {
+                self.empty_polls += 1;
+                if self.empty_polls > SPIN_POLLS {
+                    std::thread::sleep(self.sleep);
+                    self.sleep = (self.sleep * 2).min(self.max_sleep);
+                }
+            }
+            IdleMode::Interrupt => {
+                self.empty_polls += 1;
+                if self.empty_polls <= SPIN_POLLS {
+                    return;
+                }
+                if !self.armed {
+                    // Arm, then poll once more before sleeping: a frame that arrived before the
+                    // arm raised no interrupt.
+                    self.arm();
+                    return;
+                }
+                let mut events = [sys::rte_epoll_event::default(); 2];
+                // SAFETY: `events` has room for 2 events; the epoll instance is this thread's.
+                unsafe {
+                    sys::rte_epoll_wait(
+                        sys::RTE_EPOLL_PER_THREAD,
+                        events.as_mut_ptr(),
+                        events.len() as i32,
+                        self.wait_ms,
+                    );
+                }
+                self.disarm();
+            }
+        }
+    }
+
+    fn arm(&mut self) {
+        for &(port, queue, capable) in &self.intr {
+            if capable {
+                // SAFETY: the queue was registered for interrupts in `new`.
+                unsafe { sys::rte_eth_dev_rx_intr_enable(port, queue) };
+            }
+        }
+        self.armed = true;
+    }
+
+    fn disarm(&mut self) {
+        if !self.armed {
+            return;
+        }
+        for &(port, queue, capable) in &self.intr {
+            if capable {
+                // SAFETY: the queue was registered for interrupts in `new`.
+                unsafe { sys::rte_eth_dev_rx_intr_disable(port, queue) };
+            }
+        }
+        self.armed = false;
+    }
+}

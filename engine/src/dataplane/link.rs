@@ -1,0 +1,355 @@
+//! The link between the packet cores and the control thread: the one place they share state.
+//!
+//! The control thread writes the ownership snapshot (an [`ArcSwap`] the cores pick up between
+//! bursts), the service state and the wire control messages to send; the cores write back the
+//! wire control frames they received and, each in its own cache-aligned [`CoreLink`], their
+//! packet counters and the figures the control thread, the metrics endpoint and the handoff's
+//! "done" step read. Everything here is an atomic, a lock-free channel or an `ArcSwap`: neither
+//! side ever waits on the other, and nothing a core does per frame allocates, except queueing a
+//! received control frame's payload.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::cluster::{Bucket, NodeId, BUCKETS};
+use crate::control::{self, Membership, Snapshot};
+use crate::counters::CoreCounters;
+
+/// Wire frames queued between the cores and the control thread, each way. Heartbeats are a few
+/// per interval per node: this only bounds a burst of forged ones.
+const CHANNEL_DEPTH: usize = 1024;
+
+/// Wire control frames each member's MAC may queue ahead of the rest per control tick (a
+/// member sends a heartbeat, and the coordinator a plan, per interval on the wire; a tick is a
+/// quarter interval or less). A flood that forges a member's MAC spends that member's
+/// allowance, and its frames then queue with everyone else's: it can starve only the member
+/// whose MAC it forges, on the wire path only.
+pub(crate) const MEMBER_ALLOWANCE: u32 = 8;
+
+/// Frames from strangers the control thread authenticates per loop turn (after every member's):
+/// a flood of forged control frames costs the control thread a bounded share of its time.
+const STRANGERS_PER_TURN: usize = 256;
+
+/// What the packet cores and the control thread share.
+pub struct ControlLink {
+    /// The ownership snapshot in force; cores reload it when `version` changes.
+    pub(crate) snapshot: ArcSwap<Snapshot>,
+    pub(crate) version: AtomicU64,
+    /// Control messages to send on the wire port (payload only; core 0 frames and sends them).
+    pub(crate) wire_out: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
+    /// Control frames received on the wire port from a member's MAC, within its allowance
+    /// (payload only): the control thread reads these first.
+    wire_in_members: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
+    /// Every other control frame received on the wire port (payload only).
+    wire_in: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
+    /// Wire control frames the cores could not queue for the control thread: [members, others].
+    pub(crate) wire_in_dropped: [AtomicU64; 2],
+    /// The node MAC of each live member (index `id - 1`; 0 = none), as its authenticated
+    /// heartbeats give it, 48 bits in a u64.
+    member_macs: [AtomicU64; 64],
+    /// Frames each member's MAC may still queue ahead this tick (refilled by the control
+    /// thread to [`MEMBER_ALLOWANCE`]).
+    member_allowance: [AtomicU32; 64],
+    /// Per packet core, in `dataplane.cores` order: what it publishes.
+    pub(crate) cores: Vec<CoreLink>,
+    /// Set while the local service fails its health check: cores take no new TCP connection.
+    pub(crate) refuse_new: AtomicBool,
+    /// Whether the wire port has link, as core 0 last read it.
+    pub(crate) wire_link_up: AtomicBool,
+    /// Peers that announce a failing service (bit `id - 1`).
+    pub(crate) refusing_peers: AtomicU64,
+    /// The health-checked TCP port whose refusals cores hold back (0: none).
+    pub(crate) hold_refusals_on: AtomicU32,
+    /// Mbufs out of the pool, as core 0 last saw.
+    pub(crate) mbufs_in_use: AtomicU64,
+}
+
+/// What one packet core publishes: its packet counters and its figures. One writer (its core),
+/// which stores relaxed; readers (the control thread, the metrics endpoint, the exit report)
+/// load relaxed. Cache-aligned so that two cores never share a line. A new per-core figure is
+/// one field here, one store in the core, one metric line.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub(crate) struct CoreLink {
+    /// Its packet counters (stored per burst).
+    pub(crate) counters: CoreCounters,
+    /// Flows in its flow table.
+    pub(crate) flows: AtomicU64,
+    /// Nanoseconds spent on polls that received frames, from its start (the rest of its time
+    /// it polled empty queues or slept).
+    pub(crate) busy_ns: AtomicU64,
+    /// Live flows (not half-open) its flow table had to forget to make room.
+    pub(crate) evictions: AtomicU64,
+    /// Half-open flows its flow tables (own and learned) forgot or never tracked, their
+    /// half-open share being full (see `FlowTable`'s admission).
+    pub(crate) half_open_dropped: AtomicU64,
+    /// [`crate::pipeline::Pipeline::duplicate_risk`].
+    pub(crate) duplicate_risk: AtomicU64,
+    /// Burst processing time over the last second, ns: p50, p99, p99.9, max.
+    pub(crate) burst_latency_ns: [AtomicU64; 4],
+    /// Live flows per bucket, written for the buckets this node is releasing.
+    pub(crate) bucket_flows: BucketFlows,
+    /// The snapshot version `bucket_flows` was last computed for.
+    pub(crate) bucket_flows_version: AtomicU64,
+}
+
+/// One count per bucket (indexed by [`Bucket::index`]).
+#[derive(Debug)]
+pub(crate) struct BucketFlows(Box<[AtomicU32]>);
+
+impl Default for BucketFlows {
+    fn default() -> Self {
+        BucketFlows((0..BUCKETS).map(|_| AtomicU32::new(0)).collect())
+    }
+}
+
+impl std::ops::Index<Bucket> for BucketFlows {
+    type Output = AtomicU32;
+
+    #[inline]
+    fn index(&self, b: Bucket) -> &AtomicU32 {
+        &self.0[b.index()]
+    }
+}
+
+impl std::fmt::Debug for ControlLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlLink")
+            .field("version", &self.version.load(Relaxed))
+            .field("epoch", &self.snapshot.load().epoch())
+            .finish()
+    }
+}
+
+impl ControlLink {
+    pub fn new(cores: usize, initial: Arc<Snapshot>) -> ControlLink {
+        ControlLink {
+            snapshot: ArcSwap::new(initial),
+            version: AtomicU64::new(1),
+            wire_out: crossbeam_channel::bounded(CHANNEL_DEPTH),
+            wire_in_members: crossbeam_channel::bounded(CHANNEL_DEPTH),
+            wire_in: crossbeam_channel::bounded(CHANNEL_DEPTH),
+            wire_in_dropped: Default::default(),
+            member_macs: std::array::from_fn(|_| AtomicU64::new(0)),
+            member_allowance: std::array::from_fn(|_| AtomicU32::new(0)),
+            cores: (0..cores).map(|_| CoreLink::default()).collect(),
+            mbufs_in_use: AtomicU64::new(0),
+            refuse_new: AtomicBool::new(false),
+            wire_link_up: AtomicBool::new(true),
+            refusing_peers: AtomicU64::new(0),
+            hold_refusals_on: AtomicU32::new(0),
+        }
+    }
+
+    /// The service state the cores apply, read between bursts.
+    #[inline]
+    pub(crate) fn service(&self) -> crate::pipeline::ServiceState {
+        let port = self.hold_refusals_on.load(Relaxed);
+        crate::pipeline::ServiceState {
+            refuse_new: self.refuse_new.load(Relaxed),
+            refusing_peers: self.refusing_peers.load(Relaxed),
+            hold_refusals_on: u16::try_from(port).ok().filter(|&p| p != 0),
+        }
+    }
+
+    /// Connections the local service refused whose RST the cores held back, over all cores.
+    pub(crate) fn service_refusals(&self) -> u64 {
+        let i = crate::pipeline::DropReason::ServiceRefused.index();
+        self.cores
+            .iter()
+            .map(|c| c.counters.dropped[i].load(Relaxed))
+            .sum()
+    }
+
+    /// Makes `snapshot` the cores' current one.
+    pub(crate) fn publish(&self, snapshot: Arc<Snapshot>) {
+        self.snapshot.store(snapshot);
+        self.version.fetch_add(1, Relaxed);
+    }
+
+    /// From a core: a control frame (the whole Ethernet frame) arrived on the wire. Queued
+    /// ahead if its source is a member's MAC within that member's allowance, else behind;
+    /// counted if its queue is full. Never blocks.
+    pub(crate) fn received_on_wire(&self, frame: &[u8]) {
+        let payload = frame.get(14..).unwrap_or_default();
+        let queue = usize::from(
+            frame
+                .get(6..12)
+                .is_some_and(|src| self.member_may_queue(src)),
+        );
+        let (tx, dropped) = match queue {
+            0 => (&self.wire_in.0, &self.wire_in_dropped[1]),
+            _ => (&self.wire_in_members.0, &self.wire_in_dropped[0]),
+        };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            tx.try_send(payload.to_vec())
+        {
+            dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Whether `src` is a live member's MAC with allowance left this tick (spending one).
+    fn member_may_queue(&self, src: &[u8]) -> bool {
+        let mut mac = [0u8; 8];
+        mac[2..].copy_from_slice(src);
+        let mac = u64::from_be_bytes(mac);
+        if mac == 0 {
+            return false;
+        }
+        self.member_macs
+            .iter()
+            .position(|m| m.load(Relaxed) == mac)
+            .is_some_and(|i| {
+                self.member_allowance[i]
+                    .fetch_update(Relaxed, Relaxed, |a| a.checked_sub(1))
+                    .is_ok()
+            })
+    }
+
+    /// From the control thread, every tick: the live members' MACs, and a fresh allowance.
+    pub(crate) fn set_members(&self, m: &Membership) {
+        for (i, (mac, allowance)) in self
+            .member_macs
+            .iter()
+            .zip(&self.member_allowance)
+            .enumerate()
+        {
+            let known = NodeId::new(i as u8 + 1)
+                .and_then(|id| m.peer(id))
+                .filter(|p| p.alive)
+                .and_then(|p| p.heartbeat)
+                .map_or(0, |hb| {
+                    let mut b = [0u8; 8];
+                    b[2..].copy_from_slice(&hb.node_mac);
+                    u64::from_be_bytes(b)
+                });
+            mac.store(known, Relaxed);
+            allowance.store(if known == 0 { 0 } else { MEMBER_ALLOWANCE }, Relaxed);
+        }
+    }
+
+    /// From the control thread: the next wire control payloads to authenticate, members' first
+    /// (all of them), then at most [`STRANGERS_PER_TURN`] others.
+    pub(crate) fn wire_received(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
+        self.wire_in_members
+            .1
+            .try_iter()
+            .chain(self.wire_in.1.try_iter().take(STRANGERS_PER_TURN))
+    }
+
+    /// Flow counts of `buckets` summed over cores, if every core has counted them for the
+    /// current snapshot.
+    pub(crate) fn releasing_counts(&self, buckets: &[Bucket]) -> Option<Vec<(Bucket, u32)>> {
+        let version = self.version.load(Relaxed);
+        if self
+            .cores
+            .iter()
+            .any(|c| c.bucket_flows_version.load(Relaxed) != version)
+        {
+            return None;
+        }
+        Some(
+            buckets
+                .iter()
+                .map(|&b| {
+                    let n = self
+                        .cores
+                        .iter()
+                        .map(|c| c.bucket_flows[b].load(Relaxed))
+                        .sum();
+                    (b, n)
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Wire frames carry a control message behind a 2-byte length, because Ethernet pads short
+/// frames and the message's MAC covers its exact bytes.
+pub(crate) fn wire_payload(frame_payload: &[u8]) -> Option<&[u8]> {
+    let len = usize::from(u16::from_be_bytes([
+        *frame_payload.first()?,
+        *frame_payload.get(1)?,
+    ]));
+    frame_payload.get(2..2 + len)
+}
+
+/// A whole Ethernet frame carrying `message` from `node_mac` to everyone.
+pub(crate) fn wire_frame(node_mac: [u8; 6], message: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(16 + message.len());
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&node_mac);
+    f.extend_from_slice(&control::ETHERTYPE.to_be_bytes());
+    f.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    f.extend_from_slice(message);
+    if f.len() < 60 {
+        f.resize(60, 0);
+    }
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(src: [u8; 6], payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&control::ETHERTYPE.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn members_frames_queue_ahead_of_a_flood_within_their_allowance() {
+        let link = ControlLink::new(1, Arc::new(Snapshot::empty()));
+        let member = [2, 0xcc, 0, 0, 0, 2];
+        link.member_macs[1].store(0x02cc_0000_0002, Relaxed);
+        link.member_allowance[1].store(2, Relaxed);
+        // A flood from strangers (and from nobody: a zero MAC is nobody's) fills their queue.
+        for i in 0..CHANNEL_DEPTH + 5 {
+            let src = if i == 0 {
+                [0; 6]
+            } else {
+                [2, 0, 0, 0, 0, (i % 250) as u8]
+            };
+            link.received_on_wire(&frame(src, b"forged"));
+        }
+        assert_eq!(
+            link.wire_in_dropped[1].load(Relaxed),
+            5,
+            "every drop counted"
+        );
+        // The member's frames still get through, ahead, within its allowance; past it they
+        // queue with the strangers' (full: counted).
+        for n in 0..3u8 {
+            link.received_on_wire(&frame(member, &[n]));
+        }
+        assert_eq!(link.wire_in_dropped[1].load(Relaxed), 6);
+        assert_eq!(link.wire_in_dropped[0].load(Relaxed), 0);
+        let turn: Vec<Vec<u8>> = link.wire_received().collect();
+        assert_eq!(&turn[..2], &[vec![0], vec![1]], "members first");
+        assert_eq!(
+            turn.len(),
+            2 + STRANGERS_PER_TURN,
+            "then a bounded share of the rest"
+        );
+        // A frame too short for a header reaches the control thread as an empty payload (and
+        // is refused there as malformed), not lost on the way.
+        while link.wire_received().next().is_some() {}
+        link.received_on_wire(&[0xff; 10]);
+        assert_eq!(
+            link.wire_received().collect::<Vec<_>>(),
+            vec![Vec::<u8>::new()]
+        );
+    }
+
+    #[test]
+    fn a_core_link_has_cache_lines_of_its_own() {
+        assert_eq!(std::mem::align_of::<CoreLink>(), 64);
+        assert_eq!(std::mem::size_of::<CoreLink>() % 64, 0);
+    }
+}
