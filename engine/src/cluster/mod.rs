@@ -14,6 +14,8 @@
 //! - [`ownership`]: [`OwnershipTable`], bucket → node by weighted rendezvous hashing.
 //! - [`flow_table`]: [`FlowTable`], the bounded table of flows this node owns.
 //! - [`fragments`]: [`FragmentTracker`], which later IP fragments belong to this node.
+//! - [`handoff`]: the handoff rule, what a node does with a packet of a bucket it has a
+//!   [`Role`] for (owner, old or new owner of a moving bucket), as a pure function.
 //! - [`siphash`]: SipHash-1-3 of fixed-size messages, scalar and in x86 vector lanes.
 
 use std::fmt;
@@ -24,6 +26,7 @@ use serde::{Deserialize, Serialize};
 pub mod flow_key;
 pub mod flow_table;
 pub mod fragments;
+pub mod handoff;
 pub mod ownership;
 pub mod siphash;
 
@@ -35,6 +38,7 @@ pub use flow_table::{
     Upsert,
 };
 pub use fragments::{FragmentKey, FragmentStats, FragmentTracker, FragmentVerdict};
+pub use handoff::Role;
 pub use ownership::OwnershipTable;
 
 /// A node's id in the cluster: 1..=64, unique among members.
