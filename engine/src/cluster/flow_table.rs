@@ -62,6 +62,7 @@ use std::time::Duration;
 use super::flow_key::Bucket;
 #[cfg(test)]
 use super::flow_key::BUCKETS;
+use crate::wire::IpProtocol;
 
 /// How many occupied slots an insertion into a full table inspects to choose a victim.
 pub const EVICTION_WINDOW: usize = 8;
@@ -75,8 +76,8 @@ pub const HALF_OPEN_SHARE: (usize, usize) = (1, 2);
 /// Slots in one 64-byte cache line: a probe run starts at the first of them.
 const SLOTS_PER_LINE: usize = 64 / SLOT_BYTES;
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
+const TCP: u8 = IpProtocol::Tcp.raw();
+const UDP: u8 = IpProtocol::Udp.raw();
 
 /// `last_seen` is kept in ticks of 2^TICK_SHIFT ns (~16.8 ms).
 const TICK_SHIFT: u32 = 24;

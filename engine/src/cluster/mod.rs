@@ -14,6 +14,8 @@
 //! - [`ownership`]: [`OwnershipTable`], bucket → node by weighted rendezvous hashing.
 //! - [`flow_table`]: [`FlowTable`], the bounded table of flows this node owns.
 //! - [`fragments`]: [`FragmentTracker`], which later IP fragments belong to this node.
+//! - [`handoff`]: the handoff rule, what a node does with a packet of a bucket it has a
+//!   [`Role`] for (owner, old or new owner of a moving bucket), as a pure function.
 //! - [`siphash`]: SipHash-1-3 of fixed-size messages, scalar and in x86 vector lanes.
 
 use std::fmt;
@@ -25,6 +27,7 @@ pub mod flow_key;
 #[allow(unsafe_code)] // aligned slot allocation
 pub mod flow_table;
 pub mod fragments;
+pub mod handoff;
 pub mod ownership;
 #[allow(unsafe_code)] // SIMD intrinsics
 pub mod siphash;
@@ -37,6 +40,7 @@ pub use flow_table::{
     Upsert,
 };
 pub use fragments::{FragmentKey, FragmentStats, FragmentTracker, FragmentVerdict};
+pub use handoff::Role;
 pub use ownership::OwnershipTable;
 
 /// A node's id in the cluster: 1..=64, unique among members.

@@ -1,9 +1,9 @@
 //! The wire format of control messages: a fixed, versioned binary encoding, authenticated.
 //!
 //! The same bytes travel on the side UDP channel (one datagram per message) and inside wire
-//! broadcast frames with EtherType [`ETHERTYPE`] (the message is the frame's payload). Every
-//! integer is **big-endian** (network order). No serde: the layout below is the contract, pinned
-//! by a test vector, and changes only with a [`VERSION`] bump.
+//! broadcast frames with EtherType [`crate::wire::CONTROL_ETHERTYPE`] (the message is the
+//! frame's payload). Every integer is **big-endian** (network order). No serde: the layout below
+//! is the contract, pinned by a test vector, and changes only with a [`VERSION`] bump.
 //!
 //! # Versions
 //!
@@ -48,8 +48,6 @@ use sha2::Sha256;
 
 use crate::cluster::{derive_key, Member, NodeId, Weight};
 
-/// EtherType of control messages carried on the wire port (IEEE local experimental 2).
-pub const ETHERTYPE: u16 = 0x88b5;
 /// The newest format version this code speaks.
 pub const VERSION: u8 = 2;
 /// The oldest format version this code still decodes and can speak: the version before.

@@ -37,7 +37,7 @@ pub use membership::{
 };
 pub use message::{
     decode, ControlKey, Heartbeat, Load, Message, Path, Phase, Plan, PlanId, Refusal,
-    CONTROL_KEY_LABEL, ETHERTYPE, LEFT_UNKNOWN, MAX_LEN, PREVIOUS_VERSION, VERSION,
+    CONTROL_KEY_LABEL, LEFT_UNKNOWN, MAX_LEN, PREVIOUS_VERSION, VERSION,
 };
 pub use node::{Node, ServiceGuard, Settings, Verdict};
 pub use snapshot::{Role, Snapshot};

@@ -15,52 +15,8 @@ use crate::cluster::{Bucket, NodeId, BUCKETS};
 
 use super::message::{Phase, PlanId};
 
-/// What node `me` does with a frame of bucket `b` (DESIGN.md, "Changing owners without losing
-/// connections"). Exactly one live node at a time is `Owner` or `Acquiring` for a bucket (the
-/// invariant the simulations check), and during the release gap nobody is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    /// Deliver every packet of the bucket; new flows are ours. Unknown non-SYN TCP packets go to
-    /// our kernel, which answers with RST.
-    Owner,
-    /// Drop every packet of the bucket (but keep nothing: no learning).
-    NotOwner,
-    /// The bucket will move to us from `from`. Deliver nothing; record every flow key seen in
-    /// the bucket as "learned-`from`" (the old owner's), so that we never take those flows
-    /// after acquire. Learned entries end on FIN/RST or idle timeout.
-    Learning { from: NodeId },
-    /// The bucket moves from us to `to`. Take NO new flow; deliver a packet only if its key is a
-    /// live entry of our own flow table (a retransmitted SYN of a connection we accepted
-    /// included). Report how many flows are left (`Membership::report_flows`).
-    Releasing { to: NodeId },
-    /// The bucket moves to us from `from`, which has released it. Deliver a packet if its key is
-    /// in our own flow table, or if it starts a new flow whose key is not learned-`from` (TCP: a
-    /// SYN without ACK; UDP and the rest: any packet). Never take a TCP packet without SYN and
-    /// with an unknown key (a long-idle connection of `from`). Keep recording learned-`from`
-    /// keys for packets of flows we do not take.
-    Acquiring { from: NodeId },
-}
-
-impl std::fmt::Display for Role {
-    /// The role in words, as `owner-of` reports it.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Role::Owner => f.write_str("owner"),
-            Role::NotOwner => f.write_str("not the owner"),
-            Role::Learning { from } => write!(f, "learning the flows of {from}"),
-            Role::Releasing { to } => write!(f, "releasing to {to}"),
-            Role::Acquiring { from } => write!(f, "acquiring from {from}"),
-        }
-    }
-}
-
-impl Role {
-    /// Whether a frame that starts a new flow is ours.
-    #[inline]
-    pub fn accepts_new_flows(self) -> bool {
-        matches!(self, Role::Owner | Role::Acquiring { .. })
-    }
-}
+/// What node `me` does with a frame of bucket `b`: defined with the handoff rule it drives.
+pub use crate::cluster::Role;
 
 /// One ownership state of the cluster as this node sees it: what packet cores read.
 #[derive(Clone)]

@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::cluster::{Bucket, NodeId, BUCKETS};
-use crate::control::{self, Membership, Snapshot};
+use crate::control::{Membership, Snapshot};
 use crate::counters::CoreCounters;
 
 /// Wire frames queued between the cores and the control thread, each way. Heartbeats are a few
@@ -282,7 +282,7 @@ pub(crate) fn wire_frame(node_mac: [u8; 6], message: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(16 + message.len());
     f.extend_from_slice(&[0xff; 6]);
     f.extend_from_slice(&node_mac);
-    f.extend_from_slice(&control::ETHERTYPE.to_be_bytes());
+    f.extend_from_slice(&crate::wire::CONTROL_ETHERTYPE.to_be_bytes());
     f.extend_from_slice(&(message.len() as u16).to_be_bytes());
     f.extend_from_slice(message);
     if f.len() < 60 {
@@ -298,7 +298,7 @@ mod tests {
     fn frame(src: [u8; 6], payload: &[u8]) -> Vec<u8> {
         let mut f = vec![0xff; 6];
         f.extend_from_slice(&src);
-        f.extend_from_slice(&control::ETHERTYPE.to_be_bytes());
+        f.extend_from_slice(&crate::wire::CONTROL_ETHERTYPE.to_be_bytes());
         f.extend_from_slice(payload);
         f
     }

@@ -189,7 +189,7 @@ pub struct IpFlow {
     pub src: IpAddr,
     /// IP destination.
     pub dst: IpAddr,
-    /// 6 (TCP) or 17 (UDP).
+    /// [`IpProtocol::Tcp`] or [`IpProtocol::Udp`], as a number.
     pub protocol: u8,
     /// TCP/UDP source port.
     pub src_port: u16,
@@ -207,8 +207,10 @@ pub struct IpFlow {
 #[inline(always)]
 pub fn parse_ip_flow(frame: &[u8]) -> Option<IpFlow> {
     const L3: usize = 14;
+    const IPV4: [u8; 2] = EtherType::Ipv4.raw().to_be_bytes();
+    const IPV6: [u8; 2] = EtherType::Ipv6.raw().to_be_bytes();
     let ethertype = frame.get(12..14)?;
-    if ethertype == [0x08, 0x00] {
+    if ethertype == IPV4 {
         const L4: usize = L3 + ipv4::HEADER_LEN;
         // The IPv4 header and at least a UDP header's worth: one bounds check.
         let h: &[u8; L4 + udp::HEADER_LEN] = frame.get(..L4 + udp::HEADER_LEN)?.try_into().ok()?;
@@ -231,7 +233,7 @@ pub fn parse_ip_flow(frame: &[u8]) -> Option<IpFlow> {
             src.into(),
             dst.into(),
         )
-    } else if ethertype == [0x86, 0xdd] {
+    } else if ethertype == IPV6 {
         const L4: usize = L3 + ipv6::HEADER_LEN;
         let h: &[u8; L4 + udp::HEADER_LEN] = frame.get(..L4 + udp::HEADER_LEN)?.try_into().ok()?;
         if h[L3] >> 4 != 6 {
@@ -272,8 +274,10 @@ fn l4_flow(
     src: IpAddr,
     dst: IpAddr,
 ) -> Option<IpFlow> {
+    const TCP: u8 = IpProtocol::Tcp.raw();
+    const UDP: u8 = IpProtocol::Udp.raw();
     let tcp_flags = match protocol {
-        6 => {
+        TCP => {
             // The whole TCP header, options included, inside the IP payload.
             let fixed = frame.get(l4..l4 + tcp::HEADER_LEN)?;
             let header_len = usize::from(fixed[12] >> 4) * 4;
@@ -282,7 +286,7 @@ fn l4_flow(
             }
             fixed[13]
         }
-        17 => {
+        UDP => {
             // The caller checked that the 8 bytes are in the frame.
             let udp_len = usize::from(u16::from_be_bytes([frame[l4 + 4], frame[l4 + 5]]));
             if l4_len < udp::HEADER_LEN || udp_len < udp::HEADER_LEN || udp_len > l4_len {

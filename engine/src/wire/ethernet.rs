@@ -143,6 +143,11 @@ pub const HEADER_LEN: usize = 14;
 pub const VLAN_HEADER_LEN: usize = 18;
 const TPID_8021Q: u16 = 0x8100;
 
+/// The EtherType of the cluster's control frames (wire heartbeats): 0x88b5, IEEE 802 "local
+/// experimental EtherType 1". Named here, once, for the control transport that sends them and
+/// the data path that hands them to the control thread.
+pub const CONTROL_ETHERTYPE: u16 = 0x88b5;
+
 /// A view of an Ethernet II frame (optionally with one 802.1Q tag).
 #[derive(Debug, Clone)]
 pub struct Frame<T: AsRef<[u8]>> {

@@ -55,12 +55,21 @@ mod macros {
                 }
             }
 
-            impl ::core::convert::From<$name> for $ty {
-                fn from(value: $name) -> Self {
-                    match value {
+            impl $name {
+                /// The raw value (what `From` gives, usable in `const` items).
+                #[inline]
+                pub const fn raw(self) -> $ty {
+                    match self {
                         $( $name::$variant => $value, )+
                         $name::Unknown(other) => other,
                     }
+                }
+            }
+
+            impl ::core::convert::From<$name> for $ty {
+                #[inline]
+                fn from(value: $name) -> Self {
+                    value.raw()
                 }
             }
         };
@@ -82,7 +91,7 @@ pub mod udp;
 mod fuzz;
 
 pub use classify::{parse_ip_flow, parse_l2_l4, Fragment, IcmpInfo, IpFlow, Parsed, QuotedFlow};
-pub use ethernet::{EtherType, EthernetAddress};
+pub use ethernet::{EtherType, EthernetAddress, CONTROL_ETHERTYPE};
 pub use tcp::TcpFlags;
 
 /// Why a packet could not be read. Small and `Copy`, so the data path can count drops per

@@ -163,7 +163,7 @@ impl Config {
 #[derive(Debug, Clone)]
 pub enum Output {
     /// Broadcast `bytes` to every peer on `path` (UDP: each configured peer; wire: one
-    /// broadcast frame, EtherType [`super::ETHERTYPE`], source = node MAC).
+    /// broadcast frame, EtherType [`crate::wire::CONTROL_ETHERTYPE`], source = node MAC).
     Send { path: Path, bytes: Vec<u8> },
     /// Make this snapshot the packet cores' current one. It must be visible to the cores
     /// (stored) before any later `Send` of the same batch goes out: those sends acknowledge it.

@@ -1,0 +1,230 @@
+//! The decision for a frame from the wire, once prepared: the TCP/UDP shortcut straight to the
+//! handoff rule ([`crate::cluster::handoff`]), and the full path for everything else (ARP,
+//! neighbour discovery, ICMP, fragments, group addresses, heartbeats).
+//!
+//! The rule decides; this file looks the flow up in the tables and carries the verdict out.
+
+use std::net::IpAddr;
+
+use crate::cluster::handoff::{self, FlowLookup, Forget, Take};
+use crate::cluster::{Bucket, FlowHash, FlowState, FlowTable, TcpFlags};
+use crate::control::Phase;
+use crate::wire::{self, ethernet, parse_l2_l4, EtherType, IpProtocol, Parsed, CONTROL_ETHERTYPE};
+
+use super::prepare::bucket_from;
+use super::types::TCP;
+use super::{Action, DropReason, Pipeline, Prepared};
+
+/// This node's two flow tables, asked about one flow at `now`: what the handoff rule reads.
+struct Tables<'a> {
+    own: &'a FlowTable,
+    learned: &'a FlowTable,
+    hash: FlowHash,
+    now: u64,
+}
+
+impl FlowLookup for Tables<'_> {
+    #[inline(always)]
+    fn own(&self) -> Option<FlowState> {
+        self.own.get(self.hash, self.now).map(|e| e.state)
+    }
+
+    #[inline(always)]
+    fn learned(&self) -> Option<FlowState> {
+        // Flows are learned only around handoffs: while there are none, an owner's frames skip
+        // the lookup (and its cache miss: the table is not prefetched for an owned bucket).
+        if self.learned.is_empty() {
+            return None;
+        }
+        self.learned.get(self.hash, self.now).map(|e| e.state)
+    }
+}
+
+impl Pipeline {
+    /// Whether this node takes new flows (and stateless traffic) of `bucket` now.
+    #[inline]
+    pub(super) fn mine(&self, bucket: Bucket) -> bool {
+        self.snapshot.new_flow_owner(bucket) == Some(self.id.node)
+    }
+
+    /// A frame from the shared segment. `buf` holds the frame in its first `len` bytes and may
+    /// be longer: a reply is written in place and may outgrow the request.
+    ///
+    /// The same as [`Pipeline::prepare`] then [`Pipeline::decide`]; a burst does better with
+    /// all its `prepare`s first (the flow-table lines they prefetch arrive meanwhile).
+    #[inline]
+    pub fn from_wire(&mut self, buf: &mut [u8], len: usize, now: u64) -> Action {
+        let prepared = match buf.get(..len) {
+            Some(frame) => self.prepare(frame),
+            None => Prepared::Drop(DropReason::Malformed(wire::Error::BadLength)),
+        };
+        self.decide(buf, len, &prepared, now)
+    }
+
+    /// The second half of [`Pipeline::from_wire`]: `prepared` must come from
+    /// [`Pipeline::prepare`] of the frame in `buf[..len]`, under the same snapshot.
+    #[inline]
+    pub fn decide(&mut self, buf: &mut [u8], len: usize, prepared: &Prepared, now: u64) -> Action {
+        match *prepared {
+            Prepared::Drop(reason) => Action::Drop(reason),
+            Prepared::Shared => Action::DeliverShared,
+            Prepared::Flow {
+                bucket,
+                hash,
+                proto,
+                flags,
+            } => self.flow_packet(bucket, hash, proto, flags, now),
+            Prepared::Other => self.decide_full(buf, len, now),
+        }
+    }
+
+    /// [`Pipeline::from_wire`] without the TCP/UDP shortcut of [`Pipeline::prepare`].
+    #[inline(never)]
+    pub(super) fn decide_full(&mut self, buf: &mut [u8], len: usize, now: u64) -> Action {
+        let Some(frame) = buf.get(..len) else {
+            return Action::Drop(DropReason::Malformed(wire::Error::BadLength));
+        };
+        if frame.len() < ethernet::HEADER_LEN {
+            return Action::Drop(DropReason::Malformed(wire::Error::Truncated));
+        }
+        let dst = ethernet::Frame::new_unchecked(frame).dst();
+        if dst == self.id.node_mac {
+            return Action::DeliverShared;
+        }
+        let group = dst.is_multicast(); // broadcast included
+        if !group && dst != self.id.cluster_mac {
+            return Action::Drop(DropReason::NotForUs);
+        }
+        // Borrowed out of the result: `Parsed` is large enough that moving it costs a memcpy.
+        let parsed = parse_l2_l4(frame);
+        let p = match &parsed {
+            Ok(p) => p,
+            Err(e) => return Action::Drop(DropReason::Malformed(*e)),
+        };
+        match p.ethertype {
+            EtherType::Arp => self.arp_from_wire(buf, len, p),
+            EtherType::Ipv4 | EtherType::Ipv6 => self.ip_from_wire(buf, len, p, group, now),
+            EtherType::Unknown(CONTROL_ETHERTYPE) => Action::ToControl,
+            _ if group => Action::DeliverShared,
+            _ => Action::Drop(DropReason::NotForUs),
+        }
+    }
+
+    fn ip_from_wire(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        p: &Parsed,
+        group: bool,
+        now: u64,
+    ) -> Action {
+        if p.protocol == IpProtocol::Icmpv6 {
+            if let Some(icmp) = p.icmp {
+                if let Some(action) = self.ndisc_from_wire(buf, len, p, icmp.msg_type) {
+                    return action;
+                }
+            }
+        }
+        let to_cluster = match p.dst_ip {
+            IpAddr::V4(a) => a == self.id.cluster_ip,
+            IpAddr::V6(a) => Some(a) == self.id.cluster_ip6,
+        };
+        if group && !to_cluster {
+            // Broadcast and multicast IP: every host.
+            return Action::DeliverShared;
+        }
+        // Unicast IP to the cluster MAC: exactly one node delivers, whatever the address.
+        if let Some(frag) = p.fragment {
+            return self.fragment_from_wire(p, frag, now);
+        }
+        let key_hash = self.key_hash(p);
+        let bucket = bucket_from(key_hash);
+        let proto = u8::from(p.protocol);
+        match (p.src_port, p.dst_port) {
+            (Some(sp), Some(dp)) => {
+                let hash = FlowHash::new(key_hash, p.dst_ip, sp, dp, proto);
+                self.flow_packet(bucket, hash, proto, TcpFlags(p.tcp_flags.0 as u8), now)
+            }
+            _ if p.icmp.is_some_and(|i| i.is_error) => self.icmp_error(key_hash, p, now),
+            _ if self.mine(bucket) => Action::Deliver,
+            _ => Action::Drop(DropReason::NotOwned),
+        }
+    }
+
+    /// A TCP or UDP packet of flow `hash` (IP protocol `proto`) in `bucket`: the handoff rule
+    /// decides by this node's role for the bucket, and this carries its verdict out.
+    #[inline]
+    fn flow_packet(
+        &mut self,
+        bucket: Bucket,
+        hash: FlowHash,
+        proto: u8,
+        flags: TcpFlags,
+        now: u64,
+    ) -> Action {
+        let verdict = handoff::verdict(
+            self.snapshot.role(bucket, self.id.node),
+            self.snapshot.phase() == Phase::Release,
+            handoff::Packet {
+                tcp: proto == TCP,
+                flags,
+            },
+            handoff::Health {
+                refuse_new: self.service.refuse_new,
+                refusing_peers: self.service.refusing_peers,
+            },
+            &Tables {
+                own: &self.flows,
+                learned: &self.learned,
+                hash,
+                now,
+            },
+        );
+        match verdict.forget {
+            Forget::Nothing => {}
+            Forget::Own => {
+                self.flows.remove(hash);
+            }
+            Forget::Learned => {
+                self.learned.remove(hash);
+            }
+        }
+        match verdict.take {
+            Take::Deliver => {}
+            Take::DeliverAtRisk => self.duplicate_risk += 1,
+            Take::Learn => {
+                self.learned.upsert(hash, proto, bucket, flags, now);
+                return Action::Drop(DropReason::NotOwned);
+            }
+            Take::NotOwned => return Action::Drop(DropReason::NotOwned),
+            // The old owner counts the packets it must refuse between release and acquire
+            // (once per packet in the cluster): new flows that nobody takes yet.
+            Take::ReleaseGap => return Action::Drop(DropReason::ReleaseGap),
+        }
+        self.flows.upsert(hash, proto, bucket, flags, now);
+        Action::Deliver
+    }
+
+    /// An ICMP error goes where the flow it quotes is served (the handoff rule's
+    /// [`handoff::serves_icmp_error`]). `key_hash` is the keyed hash of the quoted flow's key.
+    fn icmp_error(&mut self, key_hash: u64, p: &Parsed, now: u64) -> Action {
+        let bucket = bucket_from(key_hash);
+        let quoted = p.icmp.and_then(|i| i.quoted);
+        let flow = quoted.and_then(|q| match (q.src_port, q.dst_port) {
+            // The quoted packet went from the cluster to the client: reverse it.
+            (Some(sp), Some(dp)) => Some(Tables {
+                own: &self.flows,
+                learned: &self.learned,
+                hash: FlowHash::new(key_hash, q.src_ip, dp, sp, u8::from(q.protocol)),
+                now,
+            }),
+            _ => None,
+        });
+        let role = self.snapshot.role(bucket, self.id.node);
+        if handoff::serves_icmp_error(role, flow.as_ref()) {
+            Action::Deliver
+        } else {
+            Action::Drop(DropReason::NotOwned)
+        }
+    }
+}

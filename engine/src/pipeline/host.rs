@@ -1,0 +1,123 @@
+//! The host side: frames from the node's kernel, on their way to the wire port.
+//!
+//! Every frame leaves with the node MAC as its Ethernet source (DESIGN.md, "Why it works on a
+//! learning switch"). The kernel's own ARP replies, announcements and neighbour advertisements
+//! for the cluster address are dropped (the designated node's engine answers instead), and a
+//! server's FIN or RST ends its flow in the flow table; a refusal on the health-checked port is
+//! held back ([`super::ServiceState::hold_refusals_on`]).
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use crate::cluster::{FlowHash, FlowKey, FlowState, TcpFlags};
+use crate::wire::{self, arp, ethernet, icmpv6, ipv4, parse_l2_l4, tcp, EtherType, IpProtocol};
+
+use super::types::TCP;
+use super::{Action, DropReason, Pipeline};
+
+impl Pipeline {
+    /// A frame from the node's kernel, on its way to the wire. Its Ethernet source becomes the
+    /// node MAC, always: if the switch ever saw the cluster MAC as a source it would learn it
+    /// on this node's port and the other nodes would stop hearing the cluster. The kernel's own
+    /// answers for the cluster address are dropped: the engine's designated node answers.
+    #[inline]
+    pub fn from_host(&mut self, frame: &mut [u8], now: u64) -> Action {
+        if frame.len() < ethernet::HEADER_LEN {
+            return Action::Drop(DropReason::Malformed(wire::Error::Truncated));
+        }
+        let ethertype = ethernet::Frame::new_unchecked(&*frame).outer_ethertype();
+        // The server ending a connection (FIN or RST) ends its flow here too: a connection the
+        // service refused or reset would otherwise hold up a handoff's "done" until it times out.
+        // Checked cheaply on plain IPv4/TCP first; only FIN/RST segments are parsed.
+        if ethertype == EtherType::Ipv4 && ends_connection(frame) && self.server_closed(frame, now)
+        {
+            return Action::Drop(DropReason::ServiceRefused);
+        }
+        // Only ARP and IPv6 can carry the kernel's own address answers; IPv4 passes at once.
+        if matches!(
+            ethertype,
+            EtherType::Arp | EtherType::Ipv6 | EtherType::Vlan
+        ) {
+            if let Some(reason) = self.host_suppressed(frame) {
+                return Action::Drop(reason);
+            }
+        }
+        ethernet::Frame::new_unchecked(frame).set_src(self.id.node_mac);
+        Action::ToWire
+    }
+
+    /// The server sent FIN or RST: the flow ends. Returns true when the segment is the kernel
+    /// refusing a new connection on the held port (see
+    /// [`super::ServiceState::hold_refusals_on`]): the
+    /// caller drops it, and the flow is forgotten so that the retransmitted SYN is a new flow.
+    fn server_closed(&mut self, frame: &[u8], now: u64) -> bool {
+        let Ok(p) = parse_l2_l4(frame) else {
+            return false;
+        };
+        let (Some(sp), Some(dp)) = (p.src_port, p.dst_port) else {
+            return false;
+        };
+        // The server's segment, reversed: the flow as the client sends it.
+        let key = FlowKey::new(self.id.affinity, p.dst_ip, dp, TCP);
+        let hash = FlowHash::new(self.hasher.hash(&key), p.src_ip, dp, sp, TCP);
+        let Some(entry) = self.flows.get(hash, now) else {
+            return false;
+        };
+        let flags = TcpFlags(p.tcp_flags.0 as u8);
+        let refusal = flags.contains(TcpFlags::RST)
+            && entry.state == FlowState::SynSeen
+            && self.service.hold_refusals_on == Some(sp)
+            && p.src_ip == IpAddr::V4(self.id.cluster_ip);
+        if refusal {
+            self.flows.remove(hash);
+            return true;
+        }
+        self.flows.upsert(hash, TCP, entry.bucket, flags, now);
+        false
+    }
+
+    fn host_suppressed(&self, frame: &[u8]) -> Option<DropReason> {
+        let p = parse_l2_l4(frame).ok()?;
+        match p.ethertype {
+            EtherType::Arp => {
+                let pkt = arp::Packet::new_checked(&frame[p.l3_offset..]).ok()?;
+                let r = arp::Repr::parse(&pkt).ok()?;
+                let about_cluster = r.source_protocol_addr == self.id.cluster_ip;
+                let gratuitous = r.source_protocol_addr == r.target_protocol_addr;
+                let is_reply = r.operation == arp::Operation::Reply;
+                // The kernel's replies for the cluster IP and its announcements of it; its
+                // requests (resolving a client) pass.
+                (about_cluster && (is_reply || gratuitous)).then_some(DropReason::HostSuppressed)
+            }
+            EtherType::Ipv6 if p.protocol == IpProtocol::Icmpv6 => {
+                let cluster_ip6 = self.id.cluster_ip6?;
+                let icmp = p.icmp?;
+                let msg = icmpv6::Message::from(icmp.msg_type);
+                let pkt = icmpv6::Packet::new_checked(&frame[p.l4_offset..p.l4_offset + p.l4_len])
+                    .ok()?;
+                let target = pkt.target_addr()?;
+                let unspecified = p.src_ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+                let suppress = target == cluster_ip6
+                    && (msg == icmpv6::Message::NeighborAdvert
+                        || (msg == icmpv6::Message::NeighborSolicit && unspecified));
+                suppress.then_some(DropReason::HostSuppressed)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Whether `frame` (an IPv4 frame) is plain TCP over IPv4 without options carrying a FIN or an
+/// RST: read at fixed offsets, before any parse, on every IPv4 frame from the host.
+#[inline(always)]
+fn ends_connection(frame: &[u8]) -> bool {
+    const TCP_AT: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN;
+    let Some(headers) = frame.get(ethernet::HEADER_LEN..TCP_AT + tcp::HEADER_LEN) else {
+        return false;
+    };
+    let ip = ipv4::Packet::new_unchecked(headers);
+    let segment = tcp::Packet::new_unchecked(&headers[ipv4::HEADER_LEN..]);
+    ip.protocol() == IpProtocol::Tcp
+        && ip.version() == 4
+        && ip.header_len() == ipv4::HEADER_LEN
+        && (segment.flags().fin() || segment.flags().rst())
+}

@@ -1,0 +1,130 @@
+//! A pipeline's state: construction, what the packet core changes between bursts (snapshot,
+//! service health, hash lanes, housekeeping) and read access for its counters.
+//!
+//! Nothing here runs per frame.
+
+use std::sync::Arc;
+
+use crate::cluster::{
+    derive_key, BucketHasher, FlowTable, FragmentTracker, NodeId, OwnershipTable,
+};
+use crate::control::{Phase, PlanId, Snapshot};
+
+use super::{NodeIdentity, Pipeline, Released, ServiceState, TableSizes};
+
+/// A snapshot in which `table` is in force with nothing moving (a node alone, `replay`).
+pub fn stable_snapshot(table: &OwnershipTable) -> Snapshot {
+    let proposer = table
+        .members()
+        .first()
+        .map_or(NodeId::new(1).expect("1 is valid"), |m| m.id);
+    Snapshot::build(
+        PlanId {
+            epoch: table.epoch(),
+            proposer,
+        },
+        Phase::Done,
+        |b| table.owner(b),
+        None,
+        table.digest(),
+    )
+}
+
+/// The learned-flows table's capacity for a flow table of `flows`.
+pub fn learned_capacity(flows: usize) -> usize {
+    (flows / 4).max(1024)
+}
+
+impl Pipeline {
+    pub fn new(
+        id: NodeIdentity,
+        secret: &[u8],
+        snapshot: Arc<Snapshot>,
+        sizes: TableSizes,
+    ) -> Pipeline {
+        let table_key = derive_key(secret, b"clonecluster flow table v1");
+        Pipeline {
+            hasher: BucketHasher::new(secret),
+            snapshot,
+            flows: FlowTable::new(sizes.flows, sizes.flow_timeouts),
+            // Learned flows matter only while buckets move: a quarter of the size suffices.
+            learned: FlowTable::new(learned_capacity(sizes.flows), sizes.flow_timeouts),
+            fragments: FragmentTracker::new(
+                sizes.fragments,
+                sizes.fragment_waits,
+                sizes.fragment_timeout,
+                &table_key,
+            ),
+            released: None,
+            service: ServiceState::default(),
+            duplicate_risk: 0,
+            id,
+        }
+    }
+
+    /// Frames this node delivered, while acquiring a bucket, as the start of a flow that the
+    /// old owner may still be serving: a UDP (or other non-TCP) flow it did not learn — one
+    /// idle through the whole learn phase, or forgotten by a full learned-flows table — and a
+    /// learned SYN retransmitted that the old owner may have answered. Each such frame may
+    /// reach two hosts; 0 in a clean handoff of TCP traffic.
+    pub fn duplicate_risk(&self) -> u64 {
+        self.duplicate_risk
+    }
+
+    pub fn identity(&self) -> &NodeIdentity {
+        &self.id
+    }
+
+    /// The ownership snapshot in force.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
+
+    /// The health of the local service and of the peers' (between bursts; see
+    /// [`ServiceState`]).
+    #[inline]
+    pub fn set_service(&mut self, service: ServiceState) {
+        self.service = service;
+    }
+
+    /// The SipHash implementation that hashes bursts (`dataplane.hash_lanes`); decisions do
+    /// not change.
+    pub fn set_hash_lanes(&mut self, lanes: crate::cluster::siphash::Lanes) {
+        self.hasher.set_lanes(lanes);
+    }
+
+    /// Swaps in a new ownership snapshot (between bursts).
+    pub fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
+        // A node found dead serves nothing any more: the flows learned as an old owner's are
+        // forgotten (they may be the dead node's), so that the owner takes their packets and
+        // their clients get an RST rather than silence.
+        if snapshot.dead() & !self.snapshot.dead() != 0 {
+            self.learned.clear();
+        }
+        self.snapshot = snapshot;
+    }
+
+    pub fn flows(&self) -> &FlowTable {
+        &self.flows
+    }
+
+    pub fn learned(&self) -> &FlowTable {
+        &self.learned
+    }
+
+    pub fn fragments(&self) -> &FragmentTracker {
+        &self.fragments
+    }
+
+    /// After an action: the first fragment of a held datagram was just decided.
+    #[inline]
+    pub fn take_released(&mut self) -> Option<Released> {
+        self.released.take()
+    }
+
+    /// Housekeeping between bursts: expire idle flows, a bounded amount at a time.
+    pub fn maintain(&mut self, now: u64, budget: usize) -> usize {
+        self.learned.expire(now, budget / 4 + 1);
+        self.flows.expire(now, budget)
+    }
+}

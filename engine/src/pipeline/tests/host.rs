@@ -1,0 +1,116 @@
+//! Frames from the host: the kernel's own answers for the cluster address, the node MAC as
+//! source, and server FIN/RST ending flows.
+
+use super::*;
+
+#[test]
+fn host_side_rules() {
+    let frames = capture();
+    let mut p = alone();
+    // The kernel's ARP reply for the cluster IP is dropped: the engine answers.
+    let mut reply = frames
+        .iter()
+        .find(|f| f[12..14] == [8, 6] && f[21] == 2 && f[28..32] == [198, 18, 0, 1])
+        .unwrap()
+        .clone();
+    assert_eq!(
+        p.from_host(&mut reply, 0),
+        Action::Drop(DropReason::HostSuppressed)
+    );
+    // So is its neighbour advertisement for the cluster IPv6 address.
+    let cluster6: Ipv6Addr = "2001:2::1".parse().unwrap();
+    let mut na = frames
+        .iter()
+        .find(|f| f[12..14] == [0x86, 0xdd] && f[54] == 136 && f[62..78] == cluster6.octets())
+        .unwrap()
+        .clone();
+    assert_eq!(
+        p.from_host(&mut na, 0),
+        Action::Drop(DropReason::HostSuppressed)
+    );
+    // Everything else passes with the node MAC as source and nothing else changed.
+    for f in frames.iter().filter(|f| f[6..12] == CLUSTER_MAC.0) {
+        let mut out = f.clone();
+        match p.from_host(&mut out, 0) {
+            Action::ToWire => {
+                assert_eq!(out[6..12], NODE_MAC.0);
+                assert_eq!(out[..6], f[..6]);
+                assert_eq!(out[12..], f[12..]);
+            }
+            Action::Drop(DropReason::HostSuppressed) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // The kernel's own ARP requests (resolving a client) pass.
+    let mut req = reply.clone();
+    req[21] = 1;
+    req[38..42].copy_from_slice(&[198, 18, 0, 2]);
+    assert_eq!(p.from_host(&mut req, 0), Action::ToWire);
+}
+
+#[test]
+fn a_server_reset_ends_the_flow() {
+    let mut p = alone();
+    let client = Ipv4Addr::new(198, 19, 0, 7);
+    let syn = ipv4_frame(client, 40_000, &Kind::Tcp(0x02));
+    let mut buf = vec![0u8; 2048];
+    buf[..syn.len()].copy_from_slice(&syn);
+    assert_eq!(p.from_wire(&mut buf, syn.len(), 1), Action::Deliver);
+    assert_eq!(p.flows().len(), 1);
+    // The kernel refuses it: RST|ACK from 198.18.0.1:80 to the client.
+    let mut rst = ipv4_frame(client, 40_000, &Kind::Tcp(0x14));
+    rst[26..30].copy_from_slice(&[198, 18, 0, 1]);
+    rst[30..34].copy_from_slice(&client.octets());
+    rst[34..36].copy_from_slice(&80u16.to_be_bytes());
+    rst[36..38].copy_from_slice(&40_000u16.to_be_bytes());
+    assert_eq!(p.from_host(&mut rst, 2), Action::ToWire);
+    let key = FlowKey::new(Affinity::None, IpAddr::V4(client), 40_000, 6);
+    let id = FlowHash::new(
+        p.hasher.hash(&key),
+        IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+        40_000,
+        80,
+        6,
+    );
+    assert_eq!(
+        p.flows().get(id, 2).map(|e| e.state),
+        Some(crate::cluster::FlowState::Closing)
+    );
+}
+
+/// The kernel's RST to a SYN on the health-checked port is held back while another node
+/// serves, and the flow forgotten: the retransmitted SYN is a new flow again.
+#[test]
+fn a_refused_connection_is_held_back_on_the_checked_port_only() {
+    let client = Ipv4Addr::new(198, 19, 0, 7);
+    let rst_to = |port: u16| {
+        let mut rst = ipv4_frame(client, port, &Kind::Tcp(0x14));
+        rst[26..30].copy_from_slice(&[198, 18, 0, 1]);
+        rst[30..34].copy_from_slice(&client.octets());
+        rst[34..36].copy_from_slice(&80u16.to_be_bytes());
+        rst[36..38].copy_from_slice(&port.to_be_bytes());
+        rst
+    };
+    for (hold, port, held) in [
+        (Some(80), 40_000, true),
+        (Some(443), 40_001, false),
+        (None, 40_002, false),
+    ] {
+        let mut p = alone();
+        p.set_service(ServiceState {
+            hold_refusals_on: hold,
+            ..ServiceState::default()
+        });
+        let syn = ipv4_frame(client, port, &Kind::Tcp(0x02));
+        let mut buf = vec![0u8; 2048];
+        buf[..syn.len()].copy_from_slice(&syn);
+        assert_eq!(p.from_wire(&mut buf, syn.len(), 1), Action::Deliver);
+        let expect = if held {
+            Action::Drop(DropReason::ServiceRefused)
+        } else {
+            Action::ToWire
+        };
+        assert_eq!(p.from_host(&mut rst_to(port), 2), expect, "hold {hold:?}");
+        assert_eq!(p.flows().len(), usize::from(!held), "hold {hold:?}");
+    }
+}
