@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use crate::cluster::siphash::HashLanes;
 pub use crate::cluster::Affinity;
+use crate::cluster::{NodeId, Weight};
 use crate::wire::EthernetAddress;
 
 // A MAC as written in YAML: `02:cc:00:00:00:01`.
@@ -105,15 +106,15 @@ pub enum Policy {
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// 1..=64, unique in the cluster.
-    pub id: u8,
+    pub id: NodeId,
     /// This node's own MAC: the Ethernet source of every frame it sends.
     pub mac: EthernetAddress,
     #[serde(default = "default_weight")]
-    pub weight: u32,
+    pub weight: Weight,
 }
 
-fn default_weight() -> u32 {
-    100
+fn default_weight() -> Weight {
+    Weight::new(100).unwrap_or_else(|| unreachable!("100 is a weight"))
 }
 
 /// The side UDP channel for membership.
@@ -413,20 +414,6 @@ impl Config {
             problem,
             fix: fix.to_owned(),
         };
-        if !(1..=64).contains(&self.node.id) {
-            return Err(err(
-                "node.id",
-                format!("{} is out of range", self.node.id),
-                "give each node a unique id from 1 to 64",
-            ));
-        }
-        if self.node.weight == 0 {
-            return Err(err(
-                "node.weight",
-                "a weight of 0 would give this node no buckets".into(),
-                "use a positive weight (100 is the default); to take a node out, drain it",
-            ));
-        }
         if !self.cluster.mac.is_unicast() || self.cluster.mac == EthernetAddress::ZERO {
             return Err(err(
                 "cluster.mac",
@@ -786,7 +773,7 @@ dataplane:
         let c = parse(LAB).unwrap();
         assert_eq!(c.cluster.ip, Ipv4Addr::new(198, 18, 0, 1));
         assert_eq!(c.cluster.mac.0, [2, 0xcc, 0, 0, 0, 1]);
-        assert_eq!(c.node.weight, 100);
+        assert_eq!(c.node.weight.get(), 100);
         assert_eq!(c.control.interval.0, Duration::from_millis(100));
         assert_eq!(c.dataplane.idle, IdleMode::Adaptive);
         assert_eq!(c.dataplane.wire_port.device_name(), "net_af_packet0");

@@ -154,7 +154,7 @@ fn execute(cli: Cli) -> Result<(), String> {
         }
         Command::Run { config, json } => {
             let loaded = Config::load(&config).map_err(|e| e.to_string())?;
-            clonecluster::logging::set_node(loaded.config.node.id);
+            clonecluster::logging::set_node(loaded.config.node.id.get());
             clonecluster::logging::route_dpdk_logs()?;
             let assumed =
                 assumed_snapshot(&loaded).map_err(|e| format!("{}: {e}", config.display()))?;
@@ -265,7 +265,7 @@ fn assumed_snapshot(loaded: &Loaded) -> Result<Option<Arc<Snapshot>>, StartError
             _ => return Err(bad(format!("`{part}` is not nodes=N or handoff=P"))),
         }
     }
-    let me = NodeId::new(loaded.config.node.id).expect("validated: node.id is 1..=64");
+    let me = loaded.config.node.id;
     let snapshot =
         clonecluster::replay::assumed_snapshot(loaded, nodes, handoff, me).map_err(bad)?;
     tracing::warn!(

@@ -108,7 +108,7 @@ pub fn simulated_identity(loaded: &Loaded, id: u8) -> NodeIdentity {
 /// `weighted` policy, equal weights otherwise.
 pub fn simulated_table(loaded: &Loaded, nodes: u8) -> Result<OwnershipTable, String> {
     let weight = match loaded.config.cluster.policy {
-        Policy::Weighted => loaded.config.node.weight,
+        Policy::Weighted => loaded.config.node.weight.get(),
         _ => 100,
     };
     let members: Vec<Member> = (1..=nodes)

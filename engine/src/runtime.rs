@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use siphasher::sip::SipHasher13;
 
-use crate::cluster::{Bucket, NodeId, Weight};
+use crate::cluster::{Bucket, NodeId};
 use crate::config::{Loaded, Policy as ConfigPolicy};
 use crate::control::operator::{Refused, Reply, Request};
 use crate::control::{
@@ -46,7 +46,7 @@ pub fn config_digest(loaded: &Loaded) -> u64 {
 /// The membership configuration a node's YAML describes.
 pub fn membership_config(loaded: &Loaded, incarnation: u64) -> control::Config {
     let c = &loaded.config;
-    let me = NodeId::new(c.node.id).expect("validated");
+    let me = c.node.id;
     let mut m = control::Config::new(
         me,
         incarnation,
@@ -54,7 +54,7 @@ pub fn membership_config(loaded: &Loaded, incarnation: u64) -> control::Config {
         &loaded.secret,
         config_digest(loaded),
     );
-    m.weight = Weight::new(c.node.weight).expect("validated: nonzero");
+    m.weight = c.node.weight;
     m.policy = match c.cluster.policy {
         ConfigPolicy::Hash => control::Policy::Hash,
         ConfigPolicy::Weighted => control::Policy::Weighted,
@@ -132,7 +132,7 @@ pub fn control_thread(
     let incarnation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
-    let me = NodeId::new(cfg.node.id).expect("validated");
+    let me = cfg.node.id;
     let mut node = Node::new(
         Membership::new(membership_config(&loaded, incarnation)),
         control::Settings {
@@ -148,14 +148,14 @@ pub fn control_thread(
     let io = ControlIo::open(&loaded, &link, tick)?;
     let health = match &cfg.health {
         Some(h) => Some(
-            crate::health::spawn(cfg.node.id, h.clone())
+            crate::health::spawn(me.get(), h.clone())
                 .map_err(|e| format!("cannot start the health checker: {e}"))?,
         ),
         None => None,
     };
     if health.is_none() {
         tracing::info!(
-            node = cfg.node.id,
+            node = me.get(),
             "no health section: this node cannot know whether its service is up; it takes its \
              share as soon as it joins"
         );
@@ -232,7 +232,7 @@ pub fn control_thread(
         if node.stopping() {
             stop_cores.store(true, Relaxed);
         }
-        io.carry_out(&mut out, &link, &mut timeline, cfg.node.id);
+        io.carry_out(&mut out, &link, &mut timeline, me.get());
         crate::logging::set_epoch(node.epoch());
         if stop_cores.load(Relaxed) {
             return Ok(());
@@ -270,7 +270,7 @@ impl ControlIo {
         };
         let view = Arc::new(ArcSwap::from_pointee(ControlView::default()));
         if let Some(addr) = cfg.control.metrics {
-            crate::metrics::serve(addr, cfg.node.id, Arc::clone(link), Arc::clone(&view))?;
+            crate::metrics::serve(addr, cfg.node.id.get(), Arc::clone(link), Arc::clone(&view))?;
         }
         Ok(ControlIo {
             socket,
@@ -533,16 +533,15 @@ fn reload(current: &mut Loaded, node: &mut Node, now: u64, out: &mut Vec<Output>
         changed.push("cluster.secret_file (contents)".to_owned());
     }
     let weight = (next.config.node.weight != current.config.node.weight)
-        .then(|| Weight::new(next.config.node.weight))
-        .flatten();
+        .then_some(next.config.node.weight);
     let reply = node.reload(changed, weight, now, out);
     match &reply {
         Reply::Refused(r) => tracing::warn!(error = %r.error, "reload refused"),
         _ => {
             if weight.is_some() {
                 tracing::info!(
-                    from = current.config.node.weight,
-                    to = next.config.node.weight,
+                    from = current.config.node.weight.get(),
+                    to = next.config.node.weight.get(),
                     epoch = node.epoch(),
                     "reload: weight changed"
                 );

@@ -183,9 +183,9 @@ impl Member {
 /// Why cluster state could not be built. Nothing is changed when one is returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ClusterError {
-    #[error("node id {0} is out of range: node ids are 1..=64")]
+    #[error("node id {0} is out of range 1..=64; give each node a unique id from 1 to 64")]
     InvalidNodeId(u8),
-    #[error("weight 0 is not allowed: weights are 1 or more")]
+    #[error("a weight of 0 would give this node no buckets; use a positive weight (100 is the default); to take a node out, drain it")]
     ZeroWeight,
     #[error("an ownership table needs at least one member")]
     NoMembers,

@@ -103,7 +103,7 @@ pub fn run(loaded: &Loaded, start: Start) -> Result<RunReport, StartError> {
         )
     })?;
     tracing::info!(?lanes, "bucket hash implementation");
-    let eal = Eal::start(dp, cfg.node.id)?;
+    let eal = Eal::start(dp, cfg.node.id.get())?;
     let pool = Mempool::create(&eal, dp.pool_size, dp.mbuf_size)?;
     let queues = dp.cores.len() as u16;
     let desc = (dp.rx_descriptors, dp.tx_descriptors);

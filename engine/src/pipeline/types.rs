@@ -146,7 +146,7 @@ impl NodeIdentity {
     /// The identity a validated configuration describes.
     pub fn from_config(c: &crate::config::Config) -> NodeIdentity {
         NodeIdentity {
-            node: NodeId::new(c.node.id).expect("validated: node.id is 1..=64"),
+            node: c.node.id,
             node_mac: c.node.mac,
             cluster_mac: c.cluster.mac,
             cluster_ip: c.cluster.ip,
