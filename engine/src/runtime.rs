@@ -21,7 +21,7 @@ use crate::control::operator::{Refused, Reply, Request};
 use crate::control::{
     self, Event, Load, Membership, Node, Output, Path, Refusal, Timeline, Verdict,
 };
-use crate::dataplane::{wire_payload, ControlLink};
+use crate::dataplane::{wire_payload, ControlLink, FOLLOWS_ON_WAKE};
 use crate::metrics::{ControlView, PeerView};
 
 /// What every node of a cluster must agree on, hashed: nodes with another digest are refused.
@@ -161,6 +161,7 @@ pub fn control_thread(
         );
     }
     let mut watch = HealthWatch::new(cfg);
+    let mut cores = CoreWatch::new(link.cores.len(), interval * cfg.control.dead_after);
     let mut current = loaded.clone();
     let mut busy = BusyShare::new(start);
     let mut out = Vec::new();
@@ -203,6 +204,7 @@ pub fn control_thread(
             }
             link.refusing_peers.store(node.refusing_peers(), Relaxed);
             node.set_wire_link(link.wire_link_up.load(Relaxed), now_ns(), &mut out);
+            node.set_cores_running(cores.running(&link, now, me), now_ns(), &mut out);
             node.handle_tick(now_ns(), &mut out);
             link.set_members(&node);
             let mut v = control_view(&node, me, now_ns());
@@ -313,13 +315,79 @@ impl ControlIo {
                 } => {
                     let _ = link.wire_out.0.try_send(bytes);
                 }
-                Output::Publish(snapshot) => link.publish(snapshot),
+                Output::Publish(snapshot) => {
+                    // What follows in this batch (a phase reached, a plan acknowledged)
+                    // announces that this node acts on the snapshot: only once every packet
+                    // core does.
+                    let version = link.publish(snapshot);
+                    let late = link.await_adoption(version, ADOPTION_PATIENCE);
+                    if !late.is_empty() {
+                        tracing::error!(
+                            node = me,
+                            cores = late.iter().map(usize::to_string).collect::<Vec<_>>().join(", "),
+                            "packet cores did not take up the new ownership snapshot in time: \
+                             announcing it anyway"
+                        );
+                    }
+                }
                 Output::Event(e) => {
                     timeline.record(unix_ms(), &e);
                     log_event(me, crate::logging::context().1, &e);
                 }
             }
         }
+    }
+}
+
+/// How long a packet core may take to follow a new ownership snapshot before the control
+/// thread announces it anyway (a core that awake takes it up within 16 loop turns; a sleeping
+/// one counts as having it).
+const ADOPTION_PATIENCE: Duration = Duration::from_millis(500);
+
+/// Watches the packet cores' loop counts: a core that stops looping while awake for longer
+/// than the failover budget has stalled, and the node must fence itself.
+struct CoreWatch {
+    /// Per core: its last loop count and when it last changed (or the core was asleep).
+    seen: Vec<(u64, Instant)>,
+    budget: Duration,
+    stalled: bool,
+}
+
+impl CoreWatch {
+    fn new(cores: usize, budget: Duration) -> CoreWatch {
+        let now = Instant::now();
+        CoreWatch {
+            seen: vec![(0, now); cores],
+            budget: budget.max(Duration::from_millis(250)),
+            stalled: false,
+        }
+    }
+
+    /// Whether every core loops (or sleeps); logs when a core stalls and when all run again.
+    fn running(&mut self, link: &ControlLink, now: Instant, me: NodeId) -> bool {
+        let mut stalled = Vec::new();
+        for (i, (c, (loops, since))) in link.cores.iter().zip(&mut self.seen).enumerate() {
+            let asleep = c.decides_under.load(Relaxed) & FOLLOWS_ON_WAKE != 0;
+            let l = c.loops.load(Relaxed);
+            if l != *loops || asleep {
+                *loops = l;
+                *since = now;
+            } else if now.saturating_duration_since(*since) > self.budget {
+                stalled.push(i.to_string());
+            }
+        }
+        let was = self.stalled;
+        self.stalled = !stalled.is_empty();
+        if self.stalled && !was {
+            tracing::error!(
+                node = me.get(),
+                cores = stalled.join(", "),
+                "packet core stalled: fencing this node until every core loops again"
+            );
+        } else if was && !self.stalled {
+            tracing::info!(node = me.get(), "every packet core loops again");
+        }
+        !self.stalled
     }
 }
 

@@ -145,6 +145,11 @@ impl Node {
         self.m.set_wire_link(up, now, out);
     }
 
+    /// Whether every packet core loops (see [`Membership::set_cores_running`]).
+    pub fn set_cores_running(&mut self, up: bool, now: u64, out: &mut Vec<Output>) {
+        self.m.set_cores_running(up, now, out);
+    }
+
     /// Flows left in released buckets (see [`Membership::report_flows`]).
     pub fn report_flows(&mut self, flows: &[(Bucket, u32)], now: u64, out: &mut Vec<Output>) {
         self.m.report_flows(flows, now, out);

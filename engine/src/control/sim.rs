@@ -1012,11 +1012,21 @@ fn an_unknown_version_is_refused_counted_and_said() {
 
 #[test]
 fn a_node_without_wire_link_fences_itself_and_rejoins() {
-    let mut sim = cluster(91, &[1, 2, 3]);
+    fences_itself_and_rejoins(91, Membership::set_wire_link);
+}
+
+#[test]
+fn a_node_whose_packet_core_stalls_fences_itself_and_rejoins() {
+    fences_itself_and_rejoins(92, Membership::set_cores_running);
+}
+
+/// Node 2's data path goes down (`set(false)`: its wire link, or a packet core) while its
+/// control channel works, then comes back.
+fn fences_itself_and_rejoins(seed: u64, set: fn(&mut Membership, bool, u64, &mut Vec<Output>)) {
+    let mut sim = cluster(seed, &[1, 2, 3]);
     sim.run_until(3 * SEC);
     sim.assert_converged();
-    // Node 2's wire port loses link; its control channel still works.
-    sim.input(2, |m, now, out| m.set_wire_link(false, now, out));
+    sim.input(2, |m, now, out| set(m, false, now, out));
     assert!(sim.node(2).fenced());
     assert_eq!(
         sim.node(2).snapshot().accepting_count(n(2)),
@@ -1039,8 +1049,8 @@ fn a_node_without_wire_link_fences_itself_and_rejoins() {
         0.0,
         "the plan left the fenced node out: {c:?}"
     );
-    // Link back: it waits dead_after intervals, then rejoins through a plan.
-    sim.input(2, |m, now, out| m.set_wire_link(true, now, out));
+    // Back: it waits dead_after intervals, then rejoins through a plan.
+    sim.input(2, |m, now, out| set(m, true, now, out));
     assert!(sim.node(2).fenced(), "not before it has heard the cluster");
     sim.run_until(16 * SEC);
     assert!(!sim.node(2).fenced());

@@ -116,7 +116,15 @@ impl<'a> Core<'a> {
         {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let version = link.version.load(Relaxed);
+        // Awake (under no version yet) before reading the version: see `CoreLink::decide_under`.
+        let follows = shared.assumed.is_none();
+        if follows {
+            mine.decide_under(0);
+        }
+        let version = link.current_version();
+        if follows {
+            mine.decide_under(version);
+        }
         let snapshot = match &shared.assumed {
             Some(assumed) => Arc::clone(assumed),
             None => link.snapshot.load_full(),
@@ -192,7 +200,12 @@ impl<'a> Core<'a> {
                 self.publish(now);
             }
             self.count_releasing();
-            self.idle.after_poll(from_wire + from_host);
+            let mark = self.shared.assumed.is_none().then_some((self.mine, self.version));
+            if self.idle.after_poll(from_wire + from_host, mark) {
+                // Woken up: adopt a newer snapshot before deciding anything.
+                self.between_bursts();
+                self.mine.loops.store(u64::from(self.iterations), Relaxed);
+            }
         }
         self.stop();
     }
@@ -275,10 +288,12 @@ impl<'a> Core<'a> {
     fn between_bursts(&mut self) {
         let pipeline = &mut self.fwd.pipeline;
         pipeline.set_service(self.link.service());
-        let v = self.link.version.load(Relaxed);
+        self.mine.loops.store(u64::from(self.iterations), Relaxed);
+        let v = self.link.current_version();
         if v != self.version && self.shared.assumed.is_none() {
             self.version = v;
             pipeline.set_snapshot(self.link.snapshot.load_full());
+            self.mine.decide_under(v);
             self.next_count = 0;
             self.sweeps_since_change = 0;
         }

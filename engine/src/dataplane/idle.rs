@@ -7,6 +7,7 @@ use std::time::Duration;
 use dpdk_sys as sys;
 
 use super::strerror;
+use super::link::CoreLink;
 use super::worker::Shared;
 use crate::config::IdleMode;
 
@@ -79,49 +80,62 @@ impl Idle {
         }
     }
 
+    /// After a poll that received `received` frames: maybe sleep. Returns whether it slept;
+    /// while it sleeps, `mark` (the core's link, when it follows the control thread's
+    /// snapshots) says so, and the core must then adopt the current snapshot before it decides
+    /// anything (see [`CoreLink::decides_under`]).
     #[inline(always)]
-    pub(super) fn after_poll(&mut self, received: usize) {
+    pub(super) fn after_poll(&mut self, received: usize, mark: Option<(&CoreLink, u64)>) -> bool {
         if received > 0 {
             if self.empty_polls != 0 {
                 self.empty_polls = 0;
                 self.sleep = FIRST_SLEEP;
                 self.disarm();
             }
-            return;
+            return false;
         }
         match self.mode {
-            IdleMode::Busy => {}
+            IdleMode::Busy => false,
             IdleMode::Adaptive => {
                 self.empty_polls += 1;
-                if self.empty_polls > SPIN_POLLS {
-                    std::thread::sleep(self.sleep);
-                    self.sleep = (self.sleep * 2).min(self.max_sleep);
+                if self.empty_polls <= SPIN_POLLS {
+                    return false;
                 }
+                let sleep = self.sleep;
+                asleep(mark, || std::thread::sleep(sleep));
+                self.sleep = (self.sleep * 2).min(self.max_sleep);
+                true
             }
             IdleMode::Interrupt => {
                 self.empty_polls += 1;
                 if self.empty_polls <= SPIN_POLLS {
-                    return;
+                    return false;
                 }
                 if !self.armed {
                     // Arm, then poll once more before sleeping: a frame that arrived before the
                     // arm raised no interrupt.
                     self.arm();
-                    return;
+                    return false;
                 }
-                let mut events = [sys::rte_epoll_event::default(); 2];
-                // SAFETY: `events` has room for 2 events; the epoll instance is this thread's.
-                unsafe {
-                    sys::rte_epoll_wait(
-                        sys::RTE_EPOLL_PER_THREAD,
-                        events.as_mut_ptr(),
-                        events.len() as i32,
-                        self.wait_ms,
-                    );
-                }
-                self.disarm();
+                asleep(mark, || self.wait());
+                true
             }
         }
+    }
+
+    /// Interrupt mode: waits for an RX interrupt (or `wait_ms`).
+    fn wait(&mut self) {
+        let mut events = [sys::rte_epoll_event::default(); 2];
+        // SAFETY: `events` has room for 2 events; the epoll instance is this thread's.
+        unsafe {
+            sys::rte_epoll_wait(
+                sys::RTE_EPOLL_PER_THREAD,
+                events.as_mut_ptr(),
+                events.len() as i32,
+                self.wait_ms,
+            );
+        }
+        self.disarm();
     }
 
     fn arm(&mut self) {
@@ -145,5 +159,18 @@ impl Idle {
             }
         }
         self.armed = false;
+    }
+}
+
+/// Runs `sleep` with the core marked as following the snapshot on wake-up, then marks it awake
+/// under the same version (the core then reads the current version before deciding).
+#[inline]
+fn asleep(mark: Option<(&CoreLink, u64)>, sleep: impl FnOnce()) {
+    if let Some((link, version)) = mark {
+        link.sleep_after(version);
+        sleep();
+        link.decide_under(version);
+    } else {
+        sleep();
     }
 }

@@ -8,7 +8,7 @@
 //! side ever waits on the other, and nothing a core does per frame allocates, except queueing a
 //! received control frame's payload.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -94,6 +94,49 @@ pub(crate) struct CoreLink {
     pub(crate) bucket_flows: BucketFlows,
     /// The snapshot version `bucket_flows` was last computed for.
     pub(crate) bucket_flows_version: AtomicU64,
+    /// The snapshot version this core decides under, with [`FOLLOWS_ON_WAKE`] set while it
+    /// sleeps (or has not started): it then reads the version before it decides anything, so
+    /// it counts as having adopted any snapshot. See [`ControlLink::adopted_by_all`].
+    pub(crate) decides_under: AtomicU64,
+    /// Its loop turns, published every few turns and after every sleep: a count that stops
+    /// while the core is awake is a stalled core.
+    pub(crate) loops: AtomicU64,
+}
+
+/// The bit of [`CoreLink::decides_under`] that says the core will read the snapshot version
+/// before its next decision (it sleeps, or has not started).
+pub(crate) const FOLLOWS_ON_WAKE: u64 = 1 << 63;
+
+impl CoreLink {
+    fn new() -> CoreLink {
+        CoreLink {
+            decides_under: AtomicU64::new(FOLLOWS_ON_WAKE),
+            ..CoreLink::default()
+        }
+    }
+
+    /// From its core: it now decides under snapshot `version` (and is awake).
+    ///
+    /// Sequentially consistent with [`ControlLink::publish`]'s version bump and
+    /// [`ControlLink::adopted_by_all`]'s reads: a core that clears [`FOLLOWS_ON_WAKE`] and then
+    /// reads the version either sees the new one, or the control thread sees it awake and waits
+    /// for it.
+    #[inline]
+    pub(crate) fn decide_under(&self, version: u64) {
+        self.decides_under.store(version, SeqCst);
+    }
+
+    /// From its core: it goes to sleep having decided under `version`.
+    #[inline]
+    pub(crate) fn sleep_after(&self, version: u64) {
+        self.decides_under.store(version | FOLLOWS_ON_WAKE, SeqCst);
+    }
+
+    /// Whether the core decides under `version` or newer, or reads it before deciding anything.
+    fn has_adopted(&self, version: u64) -> bool {
+        let state = self.decides_under.load(SeqCst);
+        state & FOLLOWS_ON_WAKE != 0 || state >= version
+    }
 }
 
 /// One count per bucket (indexed by [`Bucket::index`]).
@@ -135,7 +178,7 @@ impl ControlLink {
             wire_in_dropped: Default::default(),
             member_macs: std::array::from_fn(|_| AtomicU64::new(0)),
             member_allowance: std::array::from_fn(|_| AtomicU32::new(0)),
-            cores: (0..cores).map(|_| CoreLink::default()).collect(),
+            cores: (0..cores).map(|_| CoreLink::new()).collect(),
             mbufs_in_use: AtomicU64::new(0),
             refuse_new: AtomicBool::new(false),
             wire_link_up: AtomicBool::new(true),
@@ -164,10 +207,40 @@ impl ControlLink {
             .sum()
     }
 
-    /// Makes `snapshot` the cores' current one.
-    pub(crate) fn publish(&self, snapshot: Arc<Snapshot>) {
+    /// Makes `snapshot` the cores' current one; returns its version.
+    pub(crate) fn publish(&self, snapshot: Arc<Snapshot>) -> u64 {
         self.snapshot.store(snapshot);
-        self.version.fetch_add(1, Relaxed);
+        self.version.fetch_add(1, SeqCst) + 1
+    }
+
+    /// The snapshot version the cores must follow (read before deciding after a sleep).
+    #[inline]
+    pub(crate) fn current_version(&self) -> u64 {
+        self.version.load(SeqCst)
+    }
+
+    /// Whether every core decides under snapshot `version` (or newer), or will read it before
+    /// its next decision: only then may the node announce what the snapshot says (a phase it
+    /// reached acknowledges that it acts on it).
+    pub(crate) fn adopted_by_all(&self, version: u64) -> bool {
+        self.cores.iter().all(|c| c.has_adopted(version))
+    }
+
+    /// Waits until [`ControlLink::adopted_by_all`] (`version`), at most `patience`; returns
+    /// the indexes of the cores that had not adopted it by then (empty: all had).
+    pub(crate) fn await_adoption(&self, version: u64, patience: std::time::Duration) -> Vec<usize> {
+        let start = std::time::Instant::now();
+        loop {
+            if self.adopted_by_all(version) {
+                return Vec::new();
+            }
+            if start.elapsed() >= patience {
+                return (0..self.cores.len())
+                    .filter(|&i| !self.cores[i].has_adopted(version))
+                    .collect();
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
     }
 
     /// From a core: a control frame (the whole Ethernet frame) arrived on the wire. Queued
@@ -301,6 +374,67 @@ mod tests {
         f.extend_from_slice(&crate::wire::CONTROL_ETHERTYPE.to_be_bytes());
         f.extend_from_slice(payload);
         f
+    }
+
+    fn snapshot() -> Arc<Snapshot> {
+        let me = crate::cluster::Member {
+            id: NodeId::new(1).unwrap(),
+            weight: crate::cluster::Weight::new(100).unwrap(),
+        };
+        let table = crate::cluster::OwnershipTable::build(1, &[me]).unwrap();
+        Arc::new(crate::pipeline::stable_snapshot(&table))
+    }
+
+    #[test]
+    fn a_snapshot_is_adopted_when_every_awake_core_decides_under_it() {
+        let link = ControlLink::new(2, snapshot());
+        // Cores that have not started read the version before deciding anything.
+        assert!(link.adopted_by_all(link.current_version()));
+        link.cores[0].decide_under(1);
+        link.cores[1].decide_under(1);
+        let v = link.publish(snapshot());
+        assert_eq!(v, 2);
+        assert!(!link.adopted_by_all(v), "both cores still decide under 1");
+        link.cores[0].decide_under(v);
+        assert!(!link.adopted_by_all(v));
+        assert_eq!(
+            link.await_adoption(v, std::time::Duration::from_millis(5)),
+            vec![1],
+            "core 1 is late"
+        );
+        // Asleep, core 1 reads the version before its next decision: it counts.
+        link.cores[1].sleep_after(1);
+        assert!(link.adopted_by_all(v));
+        // Awake again under the old version (it has not looked yet): not any more.
+        link.cores[1].decide_under(1);
+        assert!(!link.adopted_by_all(v));
+        link.cores[1].decide_under(v);
+        assert!(link.await_adoption(v, std::time::Duration::ZERO).is_empty());
+    }
+
+    #[test]
+    fn a_core_that_wakes_sees_every_snapshot_published_while_it_slept() {
+        // A core marks itself awake, then reads the version; the control thread publishes,
+        // then reads the marks: whatever the interleaving, either the core reads the new
+        // version or the control thread sees it awake under the old one.
+        for _ in 0..200 {
+            let link = Arc::new(ControlLink::new(1, snapshot()));
+            link.cores[0].sleep_after(1);
+            let core = {
+                let link = Arc::clone(&link);
+                std::thread::spawn(move || {
+                    link.cores[0].decide_under(1);
+                    link.current_version()
+                })
+            };
+            let v = link.publish(snapshot());
+            let control_sees_adopted = link.adopted_by_all(v);
+            let core_read = core.join().unwrap();
+            assert!(
+                core_read == v || !control_sees_adopted,
+                "the core decides under {core_read} while the control thread announced {v}"
+            );
+        }
     }
 
     #[test]

@@ -33,12 +33,13 @@
 //!   the coordinator formalizes the loss with a new plan `to − dead` (no bucket moves).
 //! - Joins, drains, undrains, weight changes and by-load rebalances are new plans from the
 //!   effective table to the desired one, one plan at a time, always through the four phases.
-//! - **Fencing** (DESIGN.md, "Liveness"): a node whose wire port has no link cannot receive
-//!   its share, whatever its control channel says. It fences itself ([`Membership::set_wire_link`]):
+//! - **Fencing** (DESIGN.md, "Liveness"): a node whose wire port has no link, or one of whose
+//!   packet cores stalled, cannot serve its share, whatever its control channel says. It
+//!   fences itself ([`Membership::set_wire_link`], [`Membership::set_cores_running`]):
 //!   its snapshot owns nothing, it coordinates nothing, and its heartbeats say `fenced`, so that
 //!   every peer that still hears it treats it as dead for ownership (takes its buckets at once,
 //!   leaves it out of the next plan) while it stays a live member for messages. It stays
-//!   fenced for `dead_after` intervals after its link comes back, so that it hears the
+//!   fenced for `dead_after` intervals after its data path comes back, so that it hears the
 //!   cluster's current plan before it owns anything again (a node cut off both networks
 //!   believes every peer dead; unfenced at once, it would deliver their flows until their plan
 //!   reached it). It then rejoins through a normal plan.
@@ -195,7 +196,8 @@ pub enum Event {
     PhaseChanged { plan: PlanId, phase: Phase },
     /// This node drains and owns nothing any more: it may stop.
     Drained,
-    /// This node fenced itself (its wire port lost link), or lifted its fence.
+    /// This node fenced itself (its wire port lost link, or a packet core stalled), or lifted
+    /// its fence.
     Fenced { fenced: bool },
     /// The node's service failed (`came_up`: it had answered before; otherwise it never has):
     /// it drains ([`super::Node::health`]).
@@ -317,7 +319,10 @@ pub struct Membership {
     refusing: bool,
     /// The wire port has link (as the data path last said).
     wire_up: bool,
-    /// When the wire link last came back (None: it never went down).
+    /// Every packet core loops (as the control thread last saw).
+    cores_up: bool,
+    /// When the data path (wire link and packet cores) last came back (None: it never went
+    /// down).
     wire_up_since: Option<u64>,
     /// Fenced: this node owns nothing and coordinates nothing (announced in heartbeats).
     fenced: bool,
@@ -356,6 +361,7 @@ impl Membership {
             draining: false,
             refusing: false,
             wire_up: true,
+            cores_up: true,
             wire_up_since: None,
             fenced: false,
             load: Load::default(),
@@ -537,11 +543,27 @@ impl Membership {
     /// The data path's word on the wire port's link. Down fences this node at once; back up,
     /// it stays fenced for `dead_after` intervals (see the module doc).
     pub fn set_wire_link(&mut self, up: bool, now: u64, out: &mut Vec<Output>) {
-        if up != self.wire_up {
-            self.wire_up = up;
-            if up {
-                self.wire_up_since = Some(now);
-            }
+        let was = self.data_path_up();
+        self.wire_up = up;
+        self.data_path_changed(was, now, out);
+    }
+
+    /// The control thread's word on the packet cores: `false` while one of them has stalled
+    /// (it stopped looping while awake). Like a wire link down: the node fences itself, and
+    /// stays fenced for `dead_after` intervals after every core loops again.
+    pub fn set_cores_running(&mut self, up: bool, now: u64, out: &mut Vec<Output>) {
+        let was = self.data_path_up();
+        self.cores_up = up;
+        self.data_path_changed(was, now, out);
+    }
+
+    fn data_path_up(&self) -> bool {
+        self.wire_up && self.cores_up
+    }
+
+    fn data_path_changed(&mut self, was: bool, now: u64, out: &mut Vec<Output>) {
+        if !was && self.data_path_up() {
+            self.wire_up_since = Some(now);
         }
         self.update_fence(now, out);
     }
@@ -555,7 +577,7 @@ impl Membership {
         let settling = self
             .wire_up_since
             .is_some_and(|t| now.saturating_sub(t) < self.cfg.dead_span());
-        let fenced = !self.wire_up || settling;
+        let fenced = !self.data_path_up() || settling;
         if fenced != self.fenced {
             self.fenced = fenced;
             out.push(Output::Event(Event::Fenced { fenced }));
