@@ -244,6 +244,8 @@ pub fn control_thread(
 
 /// The control thread's sockets: the side channel, the operator's socket and the metrics view.
 struct ControlIo {
+    /// How long to wait for the cores to follow a snapshot (see [`ADOPTION_SHARE_OF_BUDGET`]).
+    adoption_patience: Duration,
     socket: Option<UdpSocket>,
     peers: Vec<SocketAddr>,
     operator: Option<OperatorSocket>,
@@ -274,7 +276,9 @@ impl ControlIo {
         if let Some(addr) = cfg.control.metrics {
             crate::metrics::serve(addr, cfg.node.id.get(), Arc::clone(link), Arc::clone(&view))?;
         }
+        let budget = cfg.control.interval.0 * cfg.control.dead_after;
         Ok(ControlIo {
+            adoption_patience: (budget / ADOPTION_SHARE_OF_BUDGET).max(Duration::from_millis(10)),
             socket,
             peers: cfg.control.peers.clone(),
             operator,
@@ -320,7 +324,7 @@ impl ControlIo {
                     // announces that this node acts on the snapshot: only once every packet
                     // core does.
                     let version = link.publish(snapshot);
-                    let late = link.await_adoption(version, ADOPTION_PATIENCE);
+                    let late = link.await_adoption(version, self.adoption_patience);
                     if !late.is_empty() {
                         tracing::error!(
                             node = me,
@@ -339,10 +343,11 @@ impl ControlIo {
     }
 }
 
-/// How long a packet core may take to follow a new ownership snapshot before the control
-/// thread announces it anyway (a core that awake takes it up within 16 loop turns; a sleeping
-/// one counts as having it).
-const ADOPTION_PATIENCE: Duration = Duration::from_millis(500);
+/// The share of the failover budget (`dead_after` intervals) the control thread may wait for
+/// the packet cores to follow a new ownership snapshot before it announces it anyway (an awake
+/// core takes it up within 16 loop turns; a sleeping one counts as having it). It sends nothing
+/// meanwhile, heartbeats included: a longer wait would make its peers find it dead.
+const ADOPTION_SHARE_OF_BUDGET: u32 = 3;
 
 /// Watches the packet cores' loop counts: a core that stops looping while awake for longer
 /// than the failover budget has stalled, and the node must fence itself.
