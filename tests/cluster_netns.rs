@@ -1331,3 +1331,37 @@ fn a_node_whose_service_never_came_up_takes_no_share() {
     assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
     assert!(by_node.get(&2).copied().unwrap_or(0) > 0, "{by_node:?}");
 }
+
+/// A packet core that stops looping (the test hook of the `testkit` feature: SIGUSR1 stalls
+/// core 0 of node 2 until SIGUSR2) fences its node: the node says so, its peer takes its
+/// buckets and every new connection succeeds; once the core runs again the node rejoins and
+/// takes its share.
+#[test]
+fn a_stalled_packet_core_fences_its_node_until_it_runs_again() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ids = [1u8, 2];
+    let lab = Lab::new("s", &ids);
+    lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    let pid = lab.engines[&2];
+    signal(pid, "USR1");
+    let took = lab.wait_status(&ids, Duration::from_secs(10), "node 2 fenced", |all| {
+        all.iter().all(|s| accepting(s, 2) == 0) && all[1].fenced
+    });
+    eprintln!("s: node 2 fenced and its buckets taken {took:?} after its core stalled");
+    assert!(
+        lab.logs().contains("packet core stalled"),
+        "no log line says why:\n{}",
+        lab.logs()
+    );
+    let (by_node, failed) = lab.requests(40);
+    assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
+    assert_eq!(by_node.keys().copied().collect::<Vec<_>>(), vec![1]);
+    signal(pid, "USR2");
+    lab.wait_status(&ids, Duration::from_secs(30), "node 2 back", |all| {
+        settled(all) && all.iter().all(|s| accepting(s, 2) > 0 && !s.fenced)
+    });
+    let (by_node, failed) = lab.requests(40);
+    assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
+    assert!(by_node.get(&2).copied().unwrap_or(0) > 0, "{by_node:?}");
+}

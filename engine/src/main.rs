@@ -169,6 +169,9 @@ fn execute(cli: Cli) -> Result<(), String> {
                 }
                 .map_err(|e| format!("cannot install the signal handler: {e}"))?;
             }
+            #[cfg(feature = "testkit")]
+            dataplane::test_hooks::install()
+                .map_err(|e| format!("cannot install the test hooks: {e}"))?;
             let stop = Arc::new(AtomicBool::new(false));
             let link = Arc::new(ControlLink::new(
                 loaded.config.dataplane.cores.len(),

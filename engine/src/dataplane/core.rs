@@ -183,6 +183,8 @@ impl<'a> Core<'a> {
     /// Both directions on this core's queue pair until `stop`.
     pub(super) fn run(mut self) {
         while !self.shared.stop.load(Relaxed) {
+            #[cfg(feature = "testkit")]
+            super::test_hooks::hold(self.index);
             let now = self.start_poll();
             let from_wire = self.poll_wire(now);
             let from_host = self.poll_host(now);

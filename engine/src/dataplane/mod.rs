@@ -13,6 +13,7 @@
 //! - `idle`: how a core waits on empty queues.
 //! - `link`: [`ControlLink`] and its per-core part, `CoreLink`.
 //! - `eal`, `mbuf`, `port`, `log`: the DPDK objects, and DPDK's log messages as events.
+//! - `test_hooks` (feature `testkit` only): a stalled core on demand, for tests.
 
 mod core;
 mod eal;
@@ -21,6 +22,8 @@ mod link;
 mod log;
 mod mbuf;
 mod port;
+#[cfg(feature = "testkit")]
+pub mod test_hooks;
 mod worker;
 
 pub use eal::{Eal, Mempool};
