@@ -39,6 +39,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::{anyhow, Context};
+
 pub use crate::config::HealthConfig;
 
 impl HealthConfig {
@@ -96,22 +98,22 @@ impl Health {
 }
 
 /// One check: Ok if the service answered as expected.
-pub fn check_once(cfg: &HealthConfig) -> Result<(), String> {
+pub fn check_once(cfg: &HealthConfig) -> anyhow::Result<()> {
     let mut stream = TcpStream::connect_timeout(&cfg.address, cfg.timeout.0)
-        .map_err(|e| format!("connect {}: {e}", cfg.address))?;
+        .with_context(|| format!("connect {}", cfg.address))?;
     let Some(path) = &cfg.http_path else {
         return Ok(());
     };
     stream
         .set_read_timeout(Some(cfg.timeout.0))
         .and_then(|_| stream.set_write_timeout(Some(cfg.timeout.0)))
-        .map_err(|e| e.to_string())?;
+        .context("set the socket timeouts")?;
     write!(
         stream,
         "GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: clonecluster-health\r\n\r\n",
         cfg.address.ip()
     )
-    .map_err(|e| format!("send: {e}"))?;
+    .context("send")?;
     let mut head = [0u8; 64];
     // With a socket timeout set, the kernel never restarts a read that a signal interrupted
     // (signal(7)), whatever SA_RESTART says: any signal to the process would fail the check.
@@ -122,7 +124,7 @@ pub fn check_once(cfg: &HealthConfig) -> Result<(), String> {
             Err(e)
                 if e.kind() == std::io::ErrorKind::Interrupted
                     && std::time::Instant::now() < deadline => {}
-            Err(e) => return Err(format!("read: {e}")),
+            Err(e) => return Err(anyhow::Error::new(e).context("read")),
         }
     };
     let line = String::from_utf8_lossy(&head[..n]);
@@ -131,15 +133,15 @@ pub fn check_once(cfg: &HealthConfig) -> Result<(), String> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| {
-            format!(
-                "not an HTTP answer: {:?}",
-                line.lines().next().unwrap_or("")
+            anyhow!(
+                "not an HTTP answer: `{}`",
+                line.lines().next().unwrap_or("").escape_debug()
             )
         })?;
     if status == cfg.expect_status {
         Ok(())
     } else {
-        Err(format!("status {status}, expected {}", cfg.expect_status))
+        Err(anyhow!("status {status}, expected {}", cfg.expect_status))
     }
 }
 
@@ -209,7 +211,7 @@ pub fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
                             tracing::warn!(
                                 node,
                                 checks = fail_run,
-                                error = %e,
+                                error = %format_args!("{e:#}"),
                                 from = "healthy",
                                 to = "failing",
                                 "health transition: service failing"

@@ -169,7 +169,7 @@ impl Visit for Fields {
 /// Sends DPDK's own log messages (EAL, PMDs, telemetry) through this module, so that they too
 /// are lines with the node and the epoch (target `dpdk`, level from DPDK's), not bare text on
 /// stderr. Call it before the EAL starts; without it DPDK writes to stderr itself.
-pub fn route_dpdk_logs() -> Result<(), String> {
+pub fn route_dpdk_logs() -> anyhow::Result<()> {
     crate::dataplane::route_logs()
 }
 

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
+
 use crate::control::{Path, Refusal};
 use crate::dataplane::{ControlLink, CoreLink};
 use crate::pipeline::DropReason;
@@ -351,9 +353,9 @@ pub fn serve(
     node: u8,
     link: Arc<ControlLink>,
     view: Arc<arc_swap::ArcSwap<ControlView>>,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).map_err(|e| {
-        format!(
+        anyhow::anyhow!(
             "`control.metrics`: cannot bind {addr}: {e}\n  fix: use a free port on this node's \
              management address"
         )
@@ -381,7 +383,7 @@ pub fn serve(
                 );
             }
         })
-        .map_err(|e| e.to_string())?;
+        .context("cannot start the metrics thread")?;
     Ok(())
 }
 

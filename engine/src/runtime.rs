@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::{anyhow, Context};
 use arc_swap::ArcSwap;
 use siphasher::sip::SipHasher13;
 
@@ -126,7 +127,7 @@ pub fn control_thread(
     link: Arc<ControlLink>,
     requests: Arc<Requests>,
     stop_cores: Arc<AtomicBool>,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let cfg = &loaded.config;
     let start = Instant::now();
     let incarnation = std::time::SystemTime::now()
@@ -148,8 +149,7 @@ pub fn control_thread(
     let io = ControlIo::open(&loaded, &link, tick)?;
     let health = match &cfg.health {
         Some(h) => Some(
-            crate::health::spawn(me.get(), h.clone())
-                .map_err(|e| format!("cannot start the health checker: {e}"))?,
+            crate::health::spawn(me.get(), h.clone()).context("cannot start the health checker")?,
         ),
         None => None,
     };
@@ -249,17 +249,19 @@ struct ControlIo {
 }
 
 impl ControlIo {
-    fn open(loaded: &Loaded, link: &Arc<ControlLink>, tick: Duration) -> Result<ControlIo, String> {
+    fn open(loaded: &Loaded, link: &Arc<ControlLink>, tick: Duration) -> anyhow::Result<ControlIo> {
         let cfg = &loaded.config;
         let socket = match cfg.control.listen {
             Some(addr) => {
                 let s = UdpSocket::bind(addr).map_err(|e| {
-                    format!(
+                    anyhow!(
                         "`control.listen`: cannot bind {addr}: {e}\n  fix: use an address of this \
                          node's control network (or leave the key out to use the wire path only)"
                     )
                 })?;
-                s.set_read_timeout(Some(tick)).map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(tick)).with_context(|| {
+                    format!("`control.listen`: cannot set a read timeout on {addr}")
+                })?;
                 Some(s)
             }
             None => None,
@@ -458,19 +460,24 @@ struct OperatorSocket {
 }
 
 impl OperatorSocket {
-    fn bind(path: PathBuf) -> Result<OperatorSocket, String> {
+    fn bind(path: PathBuf) -> anyhow::Result<OperatorSocket> {
         // A socket file left by a crashed run is stale: nobody can be listening on it.
         if path.exists() && std::os::unix::net::UnixStream::connect(&path).is_err() {
             let _ = std::fs::remove_file(&path);
         }
         let listener = UnixListener::bind(&path).map_err(|e| {
-            format!(
+            anyhow!(
                 "`control.socket`: cannot bind {}: {e}\n  fix: choose a path in a writable \
                  directory that no other node uses",
                 path.display()
             )
         })?;
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        listener.set_nonblocking(true).with_context(|| {
+            format!(
+                "`control.socket`: cannot make {} non-blocking",
+                path.display()
+            )
+        })?;
         Ok(OperatorSocket { listener, path })
     }
 
