@@ -400,8 +400,12 @@ fn log_event(node: u8, epoch: u64, e: &Event) {
             epoch,
             plan_epoch = plan.epoch,
             proposer = %plan.proposer,
-            ?phase,
-            members = ?members.iter().map(|m| m.id.get()).collect::<Vec<_>>(),
+            phase = phase.name(),
+            members = %members
+                .iter()
+                .map(|m| m.id.get().to_string())
+                .collect::<Vec<_>>()
+                .join(","),
             moving,
             "ownership plan adopted"
         ),
@@ -410,7 +414,7 @@ fn log_event(node: u8, epoch: u64, e: &Event) {
                 node,
                 epoch,
                 plan_epoch = plan.epoch,
-                ?phase,
+                phase = phase.name(),
                 "handoff phase"
             )
         }
