@@ -41,11 +41,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 
-pub use crate::config::HealthConfig;
+pub(crate) use crate::config::HealthConfig;
 
 impl HealthConfig {
     /// The interval between checks while a verdict is changing.
-    pub fn fast_interval(&self) -> Duration {
+    pub(crate) fn fast_interval(&self) -> Duration {
         self.fast_interval
             .map_or(self.interval.0 / 4, |s| s.0)
             .clamp(Duration::from_millis(1), self.interval.0)
@@ -54,7 +54,7 @@ impl HealthConfig {
 
 /// What the checker publishes.
 #[derive(Debug)]
-pub struct Health {
+pub(crate) struct Health {
     healthy: AtomicBool,
     /// The service has answered at least once.
     came_up: AtomicBool,
@@ -69,36 +69,36 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn healthy(&self) -> bool {
+    pub(crate) fn healthy(&self) -> bool {
         self.healthy.load(Relaxed)
     }
 
     /// Whether the service has answered at least once since the node started.
-    pub fn came_up(&self) -> bool {
+    pub(crate) fn came_up(&self) -> bool {
         self.came_up.load(Relaxed)
     }
 
     /// Completed checks and failed checks since the start.
-    pub fn checks(&self) -> (u64, u64) {
+    pub(crate) fn checks(&self) -> (u64, u64) {
         (self.checks.load(Relaxed), self.failures.load(Relaxed))
     }
 
     /// Runs the next check now (live traffic showed the service refusing a connection).
-    pub fn check_now(&self) {
+    pub(crate) fn check_now(&self) {
         if let Some(t) = self.thread.get() {
             t.unpark();
         }
     }
 
     /// How long ago the checker last completed a check.
-    pub fn since_last_check(&self) -> Duration {
+    pub(crate) fn since_last_check(&self) -> Duration {
         let now = self.started.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_check_ms.load(Relaxed)))
     }
 }
 
 /// One check: Ok if the service answered as expected.
-pub fn check_once(cfg: &HealthConfig) -> anyhow::Result<()> {
+pub(crate) fn check_once(cfg: &HealthConfig) -> anyhow::Result<()> {
     let mut stream = TcpStream::connect_timeout(&cfg.address, cfg.timeout.0)
         .with_context(|| format!("connect {}", cfg.address))?;
     let Some(path) = &cfg.http_path else {
@@ -149,7 +149,7 @@ pub fn check_once(cfg: &HealthConfig) -> anyhow::Result<()> {
 /// checks in a row (a node whose service never came up must not take a share: DESIGN.md,
 /// "Liveness"; failures until then count towards nothing), then healthy, and failing again
 /// after `fall` checks in a row fail.
-pub fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
+pub(crate) fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
     let health = Arc::new(Health {
         healthy: AtomicBool::new(false),
         came_up: AtomicBool::new(false),

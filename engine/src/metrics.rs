@@ -20,7 +20,7 @@ use crate::dataplane::{ControlLink, CoreLink};
 use crate::pipeline::DropReason;
 
 /// Renders every metric of the node.
-pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
+pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
     let mut out = String::with_capacity(8192);
     let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
         let _ = writeln!(out, "# HELP clonecluster_{name} {help}");
@@ -348,7 +348,7 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
 }
 
 /// Serves `/metrics` on `addr` until the process ends.
-pub fn serve(
+pub(crate) fn serve(
     addr: SocketAddr,
     node: u8,
     link: Arc<ControlLink>,
@@ -389,7 +389,7 @@ pub fn serve(
 
 /// What the control thread last knew, for the metrics endpoint (published every tick).
 #[derive(Debug, Clone, Default)]
-pub struct ControlView {
+pub(crate) struct ControlView {
     pub epoch: u64,
     /// The control message format version this node speaks.
     pub protocol_version: u8,
@@ -413,7 +413,7 @@ pub struct ControlView {
 
 /// One peer in [`ControlView`].
 #[derive(Debug, Clone, Default)]
-pub struct PeerView {
+pub(crate) struct PeerView {
     pub node: u8,
     pub alive: bool,
     /// Milliseconds since its last accepted message, per path (UDP, wire).

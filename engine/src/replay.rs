@@ -98,7 +98,7 @@ impl std::fmt::Display for ReplayReport {
 }
 
 /// The simulated node `id` of a cluster described by `loaded`.
-pub fn simulated_identity(loaded: &Loaded, id: u8) -> NodeIdentity {
+pub(crate) fn simulated_identity(loaded: &Loaded, id: u8) -> NodeIdentity {
     let mut identity = NodeIdentity::from_config(&loaded.config);
     identity.node = crate::cluster::NodeId::new(id).expect("1..=64");
     identity.node_mac = EthernetAddress([0x02, 0, 0, 0, 0, id]);
@@ -107,7 +107,7 @@ pub fn simulated_identity(loaded: &Loaded, id: u8) -> NodeIdentity {
 
 /// The table N simulated nodes share: ids 1..=N, the configured weight for each under the
 /// `weighted` policy, equal weights otherwise.
-pub fn simulated_table(loaded: &Loaded, nodes: u8) -> anyhow::Result<OwnershipTable> {
+pub(crate) fn simulated_table(loaded: &Loaded, nodes: u8) -> anyhow::Result<OwnershipTable> {
     let weight = match loaded.config.cluster.policy {
         Policy::Weighted => loaded.config.node.weight.get(),
         _ => 100,

@@ -26,7 +26,7 @@ use crate::dataplane::{wire_payload, ControlLink};
 use crate::metrics::{ControlView, PeerView};
 
 /// What every node of a cluster must agree on, hashed: nodes with another digest are refused.
-pub fn config_digest(loaded: &Loaded) -> u64 {
+pub(crate) fn config_digest(loaded: &Loaded) -> u64 {
     let c = &loaded.config;
     let canonical = format!(
         "v1 ip={} ip6={:?} mac={} affinity={:?} policy={:?} interval={:?} dead_after={} learn={:?}",
@@ -45,7 +45,7 @@ pub fn config_digest(loaded: &Loaded) -> u64 {
 }
 
 /// The membership configuration a node's YAML describes.
-pub fn membership_config(loaded: &Loaded, incarnation: u64) -> control::Config {
+pub(crate) fn membership_config(loaded: &Loaded, incarnation: u64) -> control::Config {
     let c = &loaded.config;
     let me = c.node.id;
     let mut m = control::Config::new(

@@ -23,7 +23,7 @@ mod mbuf;
 mod port;
 mod worker;
 
-pub use eal::{Eal, Mempool};
+pub(crate) use eal::{Eal, Mempool};
 pub use link::ControlLink;
 pub(crate) use link::{wire_payload, CoreLink};
 pub(crate) use log::route_logs;
