@@ -780,7 +780,7 @@ fn a_failing_service_drains_its_node_and_recovers() {
         .filter(|l| l["message"] == "handoff phase")
         .filter_map(|l| l["phase"].as_str())
         .collect();
-    for phase in ["Release", "Acquire", "Done"] {
+    for phase in ["release", "acquire", "done"] {
         assert!(
             phases.iter().filter(|&&p| p == phase).count() >= 2,
             "{phase}: {phases:?}"

@@ -255,6 +255,17 @@ pub enum IdleMode {
     Adaptive,
 }
 
+impl IdleMode {
+    /// The mode as written in the YAML.
+    pub fn name(self) -> &'static str {
+        match self {
+            IdleMode::Busy => "busy",
+            IdleMode::Interrupt => "interrupt",
+            IdleMode::Adaptive => "adaptive",
+        }
+    }
+}
+
 /// The DPDK side of the node.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -463,8 +474,9 @@ impl Config {
                 return Err(err(
                     "health.timeout",
                     format!(
-                        "{:?} is longer than the interval {:?}",
-                        h.timeout.0, h.interval.0
+                        "{} is longer than the interval {}",
+                        humantime::format_duration(h.timeout.0),
+                        humantime::format_duration(h.interval.0)
                     ),
                     "make the timeout shorter than the interval",
                 ));

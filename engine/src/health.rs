@@ -39,11 +39,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use crate::config::HealthConfig;
+use anyhow::{anyhow, Context};
+
+pub(crate) use crate::config::HealthConfig;
 
 impl HealthConfig {
     /// The interval between checks while a verdict is changing.
-    pub fn fast_interval(&self) -> Duration {
+    pub(crate) fn fast_interval(&self) -> Duration {
         self.fast_interval
             .map_or(self.interval.0 / 4, |s| s.0)
             .clamp(Duration::from_millis(1), self.interval.0)
@@ -52,7 +54,7 @@ impl HealthConfig {
 
 /// What the checker publishes.
 #[derive(Debug)]
-pub struct Health {
+pub(crate) struct Health {
     healthy: AtomicBool,
     /// The service has answered at least once.
     came_up: AtomicBool,
@@ -67,51 +69,51 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn healthy(&self) -> bool {
+    pub(crate) fn healthy(&self) -> bool {
         self.healthy.load(Relaxed)
     }
 
     /// Whether the service has answered at least once since the node started.
-    pub fn came_up(&self) -> bool {
+    pub(crate) fn came_up(&self) -> bool {
         self.came_up.load(Relaxed)
     }
 
     /// Completed checks and failed checks since the start.
-    pub fn checks(&self) -> (u64, u64) {
+    pub(crate) fn checks(&self) -> (u64, u64) {
         (self.checks.load(Relaxed), self.failures.load(Relaxed))
     }
 
     /// Runs the next check now (live traffic showed the service refusing a connection).
-    pub fn check_now(&self) {
+    pub(crate) fn check_now(&self) {
         if let Some(t) = self.thread.get() {
             t.unpark();
         }
     }
 
     /// How long ago the checker last completed a check.
-    pub fn since_last_check(&self) -> Duration {
+    pub(crate) fn since_last_check(&self) -> Duration {
         let now = self.started.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_check_ms.load(Relaxed)))
     }
 }
 
 /// One check: Ok if the service answered as expected.
-pub fn check_once(cfg: &HealthConfig) -> Result<(), String> {
+pub(crate) fn check_once(cfg: &HealthConfig) -> anyhow::Result<()> {
     let mut stream = TcpStream::connect_timeout(&cfg.address, cfg.timeout.0)
-        .map_err(|e| format!("connect {}: {e}", cfg.address))?;
+        .with_context(|| format!("connect {}", cfg.address))?;
     let Some(path) = &cfg.http_path else {
         return Ok(());
     };
     stream
         .set_read_timeout(Some(cfg.timeout.0))
         .and_then(|_| stream.set_write_timeout(Some(cfg.timeout.0)))
-        .map_err(|e| e.to_string())?;
+        .context("set the socket timeouts")?;
     write!(
         stream,
         "GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: clonecluster-health\r\n\r\n",
         cfg.address.ip()
     )
-    .map_err(|e| format!("send: {e}"))?;
+    .context("send")?;
     let mut head = [0u8; 64];
     // With a socket timeout set, the kernel never restarts a read that a signal interrupted
     // (signal(7)), whatever SA_RESTART says: any signal to the process would fail the check.
@@ -122,7 +124,7 @@ pub fn check_once(cfg: &HealthConfig) -> Result<(), String> {
             Err(e)
                 if e.kind() == std::io::ErrorKind::Interrupted
                     && std::time::Instant::now() < deadline => {}
-            Err(e) => return Err(format!("read: {e}")),
+            Err(e) => return Err(anyhow::Error::new(e).context("read")),
         }
     };
     let line = String::from_utf8_lossy(&head[..n]);
@@ -131,15 +133,15 @@ pub fn check_once(cfg: &HealthConfig) -> Result<(), String> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| {
-            format!(
-                "not an HTTP answer: {:?}",
-                line.lines().next().unwrap_or("")
+            anyhow!(
+                "not an HTTP answer: `{}`",
+                line.lines().next().unwrap_or("").escape_debug()
             )
         })?;
     if status == cfg.expect_status {
         Ok(())
     } else {
-        Err(format!("status {status}, expected {}", cfg.expect_status))
+        Err(anyhow!("status {status}, expected {}", cfg.expect_status))
     }
 }
 
@@ -147,7 +149,7 @@ pub fn check_once(cfg: &HealthConfig) -> Result<(), String> {
 /// checks in a row (a node whose service never came up must not take a share: DESIGN.md,
 /// "Liveness"; failures until then count towards nothing), then healthy, and failing again
 /// after `fall` checks in a row fail.
-pub fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
+pub(crate) fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
     let health = Arc::new(Health {
         healthy: AtomicBool::new(false),
         came_up: AtomicBool::new(false),
@@ -209,7 +211,7 @@ pub fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>> {
                             tracing::warn!(
                                 node,
                                 checks = fail_run,
-                                error = %e,
+                                error = %format_args!("{e:#}"),
                                 from = "healthy",
                                 to = "failing",
                                 "health transition: service failing"

@@ -38,12 +38,12 @@ pub fn set_node(id: u8) {
 }
 
 /// The epoch of the ownership plan this node follows now.
-pub fn set_epoch(epoch: u64) {
+pub(crate) fn set_epoch(epoch: u64) {
     EPOCH.store(epoch, Relaxed);
 }
 
 /// The node id and epoch every line carries.
-pub fn context() -> (u8, u64) {
+pub(crate) fn context() -> (u8, u64) {
     (NODE.load(Relaxed), EPOCH.load(Relaxed))
 }
 
@@ -64,7 +64,7 @@ pub fn init(json: bool) {
 
 /// The event formatter (see the module doc).
 #[derive(Debug, Clone, Copy)]
-pub struct LineFormat {
+pub(crate) struct LineFormat {
     pub json: bool,
 }
 
@@ -169,7 +169,7 @@ impl Visit for Fields {
 /// Sends DPDK's own log messages (EAL, PMDs, telemetry) through this module, so that they too
 /// are lines with the node and the epoch (target `dpdk`, level from DPDK's), not bare text on
 /// stderr. Call it before the EAL starts; without it DPDK writes to stderr itself.
-pub fn route_dpdk_logs() -> Result<(), String> {
+pub fn route_dpdk_logs() -> anyhow::Result<()> {
     crate::dataplane::route_logs()
 }
 

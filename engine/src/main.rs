@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 
 use clonecluster::cluster::NodeId;
@@ -119,16 +120,16 @@ fn main() -> ExitCode {
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("clonecluster: error: {e}");
+            eprintln!("clonecluster: error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn execute(cli: Cli) -> Result<(), String> {
+fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Check { config } => {
-            let loaded = Config::load(&config).map_err(|e| e.to_string())?;
+            let loaded = Config::load(&config)?;
             println!("# {}: valid", config.display());
             print!("{}", loaded.config.to_yaml());
             Ok(())
@@ -139,25 +140,22 @@ fn execute(cli: Cli) -> Result<(), String> {
             json,
             pcap,
         } => {
-            let loaded = Config::load(&config).map_err(|e| e.to_string())?;
-            let frames = clonecluster::replay::read_pcap(&pcap)?;
+            let loaded = Config::load(&config)?;
+            let frames = clonecluster::replay::read_pcap(&pcap).map_err(anyhow::Error::msg)?;
             let report = clonecluster::replay::replay(&loaded, nodes, frames)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&report).map_err(|e| e.to_string())?
-                );
+                println!("{}", serde_json::to_string(&report)?);
             } else {
                 println!("{report}");
             }
             Ok(())
         }
         Command::Run { config, json } => {
-            let loaded = Config::load(&config).map_err(|e| e.to_string())?;
+            let loaded = Config::load(&config)?;
             clonecluster::logging::set_node(loaded.config.node.id.get());
             clonecluster::logging::route_dpdk_logs()?;
             let assumed =
-                assumed_snapshot(&loaded).map_err(|e| format!("{}: {e}", config.display()))?;
+                assumed_snapshot(&loaded).with_context(|| config.display().to_string())?;
             let requests = Arc::new(Requests::default());
             for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 let requests = Arc::clone(&requests);
@@ -167,7 +165,7 @@ fn execute(cli: Cli) -> Result<(), String> {
                         requests.terminate.store(true, Ordering::Relaxed)
                     })
                 }
-                .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+                .context("cannot install the signal handler")?;
             }
             #[cfg(feature = "testkit")]
             dataplane::test_hooks::install()
@@ -192,7 +190,7 @@ fn execute(cli: Cli) -> Result<(), String> {
                         stop.store(true, Ordering::Relaxed);
                         result
                     })
-                    .map_err(|e| format!("cannot start the control thread: {e}"))?
+                    .context("cannot start the control thread")?
             };
             let start = dataplane::Start {
                 stop: Arc::clone(&stop),
@@ -203,14 +201,11 @@ fn execute(cli: Cli) -> Result<(), String> {
             stop.store(true, Ordering::Relaxed);
             let control = control
                 .join()
-                .map_err(|_| "the control thread panicked".to_owned())?;
-            control.map_err(|e| format!("{}: {e}", config.display()))?;
-            let report = report.map_err(|e| format!("{}: {e}", config.display()))?;
+                .map_err(|_| anyhow!("the control thread panicked"))?;
+            control.with_context(|| config.display().to_string())?;
+            let report = report.with_context(|| config.display().to_string())?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&report).map_err(|e| e.to_string())?
-                );
+                println!("{}", serde_json::to_string(&report)?);
             } else {
                 println!("{report}");
             }
@@ -235,7 +230,8 @@ fn execute(cli: Cli) -> Result<(), String> {
             proto,
             json,
         } => {
-            let request = Request::parse(&format!("owner-of {src} {dst} {proto}"))?;
+            let request = Request::parse(&format!("owner-of {src} {dst} {proto}"))
+                .map_err(anyhow::Error::msg)?;
             operator(&config, request, json)
         }
     }
@@ -269,8 +265,8 @@ fn assumed_snapshot(loaded: &Loaded) -> Result<Option<Arc<Snapshot>>, StartError
         }
     }
     let me = loaded.config.node.id;
-    let snapshot =
-        clonecluster::replay::assumed_snapshot(loaded, nodes, handoff, me).map_err(bad)?;
+    let snapshot = clonecluster::replay::assumed_snapshot(loaded, nodes, handoff, me)
+        .map_err(|e| bad(format!("{e:#}")))?;
     tracing::warn!(
         nodes,
         handoff,
@@ -279,9 +275,9 @@ fn assumed_snapshot(loaded: &Loaded) -> Result<Option<Arc<Snapshot>>, StartError
     Ok(Some(Arc::new(snapshot)))
 }
 
-fn drain_request(node: Option<u8>, drain: bool) -> Result<Request, String> {
+fn drain_request(node: Option<u8>, drain: bool) -> anyhow::Result<Request> {
     let node = match node {
-        Some(n) => Some(NodeId::new(n).ok_or("a node id is 1..=64")?),
+        Some(n) => Some(NodeId::new(n).context("a node id is 1..=64")?),
         None => None,
     };
     Ok(Request::Drain { node, drain })
@@ -289,24 +285,24 @@ fn drain_request(node: Option<u8>, drain: bool) -> Result<Request, String> {
 
 /// Sends an operator request to the node described by `config` over its control socket and
 /// prints its reply: for people, or as the node's JSON line with `json`.
-fn operator(config: &std::path::Path, request: Request, json: bool) -> Result<(), String> {
-    let loaded = Config::load(config).map_err(|e| e.to_string())?;
+fn operator(config: &std::path::Path, request: Request, json: bool) -> anyhow::Result<()> {
+    let loaded = Config::load(config)?;
     let socket = loaded.config.control.socket.ok_or_else(|| {
-        format!(
+        anyhow!(
             "{}: `control.socket`: not set, so the node takes no operator commands\n  fix: set \
              control.socket to a path such as /run/clonecluster/control.sock and restart it",
             config.display()
         )
     })?;
-    let line = operator::call_raw(&socket, &request).map_err(|e| e.to_string())?;
-    let reply = Reply::decode(&request, &line)?;
+    let line = operator::call_raw(&socket, &request)?;
+    let reply = Reply::decode(&request, &line).map_err(anyhow::Error::msg)?;
     if json {
         println!("{line}");
     } else {
         print_reply(&reply);
     }
     match reply {
-        Reply::Refused(r) => Err(format!("the node refused `{request}`: {}", r.error)),
+        Reply::Refused(r) => bail!("the node refused `{request}`: {}", r.error),
         _ => Ok(()),
     }
 }

@@ -13,12 +13,14 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
+
 use crate::control::{Path, Refusal};
 use crate::dataplane::{ControlLink, CoreLink};
 use crate::pipeline::DropReason;
 
 /// Renders every metric of the node.
-pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
+pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
     let mut out = String::with_capacity(8192);
     let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
         let _ = writeln!(out, "# HELP clonecluster_{name} {help}");
@@ -346,14 +348,14 @@ pub fn render(node: u8, link: &ControlLink, view: &ControlView) -> String {
 }
 
 /// Serves `/metrics` on `addr` until the process ends.
-pub fn serve(
+pub(crate) fn serve(
     addr: SocketAddr,
     node: u8,
     link: Arc<ControlLink>,
     view: Arc<arc_swap::ArcSwap<ControlView>>,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).map_err(|e| {
-        format!(
+        anyhow::anyhow!(
             "`control.metrics`: cannot bind {addr}: {e}\n  fix: use a free port on this node's \
              management address"
         )
@@ -381,13 +383,13 @@ pub fn serve(
                 );
             }
         })
-        .map_err(|e| e.to_string())?;
+        .context("cannot start the metrics thread")?;
     Ok(())
 }
 
 /// What the control thread last knew, for the metrics endpoint (published every tick).
 #[derive(Debug, Clone, Default)]
-pub struct ControlView {
+pub(crate) struct ControlView {
     pub epoch: u64,
     /// The control message format version this node speaks.
     pub protocol_version: u8,
@@ -411,7 +413,7 @@ pub struct ControlView {
 
 /// One peer in [`ControlView`].
 #[derive(Debug, Clone, Default)]
-pub struct PeerView {
+pub(crate) struct PeerView {
     pub node: u8,
     pub alive: bool,
     /// Milliseconds since its last accepted message, per path (UDP, wire).

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::bail;
 use serde::Serialize;
 
 use crate::cluster::{Bucket, Member, NodeId, OwnershipTable};
@@ -97,7 +98,7 @@ impl std::fmt::Display for ReplayReport {
 }
 
 /// The simulated node `id` of a cluster described by `loaded`.
-pub fn simulated_identity(loaded: &Loaded, id: u8) -> NodeIdentity {
+pub(crate) fn simulated_identity(loaded: &Loaded, id: u8) -> NodeIdentity {
     let mut identity = NodeIdentity::from_config(&loaded.config);
     identity.node = crate::cluster::NodeId::new(id).expect("1..=64");
     identity.node_mac = EthernetAddress([0x02, 0, 0, 0, 0, id]);
@@ -106,15 +107,15 @@ pub fn simulated_identity(loaded: &Loaded, id: u8) -> NodeIdentity {
 
 /// The table N simulated nodes share: ids 1..=N, the configured weight for each under the
 /// `weighted` policy, equal weights otherwise.
-pub fn simulated_table(loaded: &Loaded, nodes: u8) -> Result<OwnershipTable, String> {
+pub(crate) fn simulated_table(loaded: &Loaded, nodes: u8) -> anyhow::Result<OwnershipTable> {
     let weight = match loaded.config.cluster.policy {
         Policy::Weighted => loaded.config.node.weight.get(),
         _ => 100,
     };
     let members: Vec<Member> = (1..=nodes)
-        .map(|id| Member::new(id, weight).map_err(|e| e.to_string()))
+        .map(|id| Member::new(id, weight))
         .collect::<Result<_, _>>()?;
-    OwnershipTable::build(1, &members).map_err(|e| e.to_string())
+    Ok(OwnershipTable::build(1, &members)?)
 }
 
 /// The ownership a benchmark assumes instead of running the membership protocol: nodes
@@ -127,15 +128,12 @@ pub fn assumed_snapshot(
     nodes: u8,
     handoff_pct: u8,
     me: NodeId,
-) -> Result<Snapshot, String> {
+) -> anyhow::Result<Snapshot> {
     if !(1..=64).contains(&nodes) || me.get() > nodes {
-        return Err(format!(
-            "a cluster of {nodes} nodes (1 to 64) with node {} in it",
-            me.get()
-        ));
+        bail!("a cluster of {nodes} nodes (1 to 64) with {me} in it");
     }
     if handoff_pct > 100 {
-        return Err(format!("{handoff_pct}% of the buckets cannot move"));
+        bail!("{handoff_pct}% of the buckets cannot move");
     }
     let table = simulated_table(loaded, nodes)?;
     if handoff_pct == 0 || nodes == 1 {
@@ -165,9 +163,9 @@ pub fn replay(
     loaded: &Loaded,
     nodes: u8,
     frames: impl IntoIterator<Item = (u64, Vec<u8>)>,
-) -> Result<ReplayReport, String> {
+) -> anyhow::Result<ReplayReport> {
     if !(1..=64).contains(&nodes) {
-        return Err(format!("--nodes {nodes}: a cluster has 1 to 64 nodes"));
+        bail!("--nodes {nodes}: a cluster has 1 to 64 nodes");
     }
     let table = simulated_table(loaded, nodes)?;
     let snapshot = Arc::new(stable_snapshot(&table));

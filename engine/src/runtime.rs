@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::{anyhow, Context};
 use arc_swap::ArcSwap;
 use siphasher::sip::SipHasher13;
 
@@ -25,7 +26,7 @@ use crate::dataplane::{wire_payload, ControlLink, FOLLOWS_ON_WAKE};
 use crate::metrics::{ControlView, PeerView};
 
 /// What every node of a cluster must agree on, hashed: nodes with another digest are refused.
-pub fn config_digest(loaded: &Loaded) -> u64 {
+pub(crate) fn config_digest(loaded: &Loaded) -> u64 {
     let c = &loaded.config;
     let canonical = format!(
         "v1 ip={} ip6={:?} mac={} affinity={:?} policy={:?} interval={:?} dead_after={} learn={:?}",
@@ -44,7 +45,7 @@ pub fn config_digest(loaded: &Loaded) -> u64 {
 }
 
 /// The membership configuration a node's YAML describes.
-pub fn membership_config(loaded: &Loaded, incarnation: u64) -> control::Config {
+pub(crate) fn membership_config(loaded: &Loaded, incarnation: u64) -> control::Config {
     let c = &loaded.config;
     let me = c.node.id;
     let mut m = control::Config::new(
@@ -126,7 +127,7 @@ pub fn control_thread(
     link: Arc<ControlLink>,
     requests: Arc<Requests>,
     stop_cores: Arc<AtomicBool>,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let cfg = &loaded.config;
     let start = Instant::now();
     let incarnation = std::time::SystemTime::now()
@@ -148,8 +149,7 @@ pub fn control_thread(
     let io = ControlIo::open(&loaded, &link, tick)?;
     let health = match &cfg.health {
         Some(h) => Some(
-            crate::health::spawn(me.get(), h.clone())
-                .map_err(|e| format!("cannot start the health checker: {e}"))?,
+            crate::health::spawn(me.get(), h.clone()).context("cannot start the health checker")?,
         ),
         None => None,
     };
@@ -253,17 +253,19 @@ struct ControlIo {
 }
 
 impl ControlIo {
-    fn open(loaded: &Loaded, link: &Arc<ControlLink>, tick: Duration) -> Result<ControlIo, String> {
+    fn open(loaded: &Loaded, link: &Arc<ControlLink>, tick: Duration) -> anyhow::Result<ControlIo> {
         let cfg = &loaded.config;
         let socket = match cfg.control.listen {
             Some(addr) => {
                 let s = UdpSocket::bind(addr).map_err(|e| {
-                    format!(
+                    anyhow!(
                         "`control.listen`: cannot bind {addr}: {e}\n  fix: use an address of this \
                          node's control network (or leave the key out to use the wire path only)"
                     )
                 })?;
-                s.set_read_timeout(Some(tick)).map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(tick)).with_context(|| {
+                    format!("`control.listen`: cannot set a read timeout on {addr}")
+                })?;
                 Some(s)
             }
             None => None,
@@ -471,8 +473,12 @@ fn log_event(node: u8, epoch: u64, e: &Event) {
             epoch,
             plan_epoch = plan.epoch,
             proposer = %plan.proposer,
-            ?phase,
-            members = ?members.iter().map(|m| m.id.get()).collect::<Vec<_>>(),
+            phase = phase.name(),
+            members = %members
+                .iter()
+                .map(|m| m.id.get().to_string())
+                .collect::<Vec<_>>()
+                .join(","),
             moving,
             "ownership plan adopted"
         ),
@@ -481,7 +487,7 @@ fn log_event(node: u8, epoch: u64, e: &Event) {
                 node,
                 epoch,
                 plan_epoch = plan.epoch,
-                ?phase,
+                phase = phase.name(),
                 "handoff phase"
             )
         }
@@ -531,19 +537,24 @@ struct OperatorSocket {
 }
 
 impl OperatorSocket {
-    fn bind(path: PathBuf) -> Result<OperatorSocket, String> {
+    fn bind(path: PathBuf) -> anyhow::Result<OperatorSocket> {
         // A socket file left by a crashed run is stale: nobody can be listening on it.
         if path.exists() && std::os::unix::net::UnixStream::connect(&path).is_err() {
             let _ = std::fs::remove_file(&path);
         }
         let listener = UnixListener::bind(&path).map_err(|e| {
-            format!(
+            anyhow!(
                 "`control.socket`: cannot bind {}: {e}\n  fix: choose a path in a writable \
                  directory that no other node uses",
                 path.display()
             )
         })?;
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        listener.set_nonblocking(true).with_context(|| {
+            format!(
+                "`control.socket`: cannot make {} non-blocking",
+                path.display()
+            )
+        })?;
         Ok(OperatorSocket { listener, path })
     }
 

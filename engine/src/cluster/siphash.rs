@@ -142,6 +142,15 @@ pub enum HashLanes {
 
 
 impl Lanes {
+    /// The implementation as `dataplane.hash_lanes` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Lanes::Scalar => "scalar",
+            Lanes::Avx2 => "avx2",
+            Lanes::Avx512 => "avx512",
+        }
+    }
+
     /// The fastest implementation this CPU runs.
     pub fn best() -> Lanes {
         // `available` lists them slowest first.
@@ -177,12 +186,16 @@ impl Lanes {
             Ok(lanes)
         } else {
             Err(format!(
-                "`{}` is not available on this CPU (it has {:?})",
+                "`{}` is not available on this CPU (it has {})",
                 match lanes {
                     Lanes::Avx2 => "avx2: it needs AVX2",
                     _ => "avx512: it needs AVX-512F and AVX-512VL",
                 },
                 Lanes::available()
+                    .iter()
+                    .map(|l| l.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         }
     }

@@ -19,7 +19,7 @@ impl Eal {
     /// the EAL, then creates the configured vdevs one by one so that a bad one is named.
     pub fn start(dp: &DataplaneConfig, node_id: u8) -> Result<Eal, StartError> {
         let args = eal_args(dp, node_id);
-        tracing::debug!(?args, "starting the EAL");
+        tracing::debug!(args = %args.join(" "), "starting the EAL");
         // The EAL keeps pointers into argv for the life of the process: leak the strings.
         let owned: Vec<CString> = args
             .iter()

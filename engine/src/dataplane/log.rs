@@ -6,7 +6,7 @@
 /// Opens DPDK's log stream on a `fopencookie` stream whose writes become `tracing` events
 /// (target `dpdk`, level from DPDK's). Call it before the EAL starts; without it DPDK writes to
 /// stderr itself.
-pub(crate) fn route_logs() -> Result<(), String> {
+pub(crate) fn route_logs() -> anyhow::Result<()> {
     use std::os::raw::{c_char, c_int, c_void};
 
     /// glibc's `cookie_io_functions_t`: the callbacks of a `fopencookie` stream.
@@ -62,13 +62,13 @@ pub(crate) fn route_logs() -> Result<(), String> {
     // the stream keeps no pointer to the cookie (null) or to `funcs` (passed by value).
     let stream = unsafe { fopencookie(std::ptr::null_mut(), c"w".as_ptr(), funcs) };
     if stream.is_null() {
-        return Err("cannot open a log stream for DPDK (fopencookie failed)".into());
+        anyhow::bail!("cannot open a log stream for DPDK (fopencookie failed)");
     }
     // SAFETY: `stream` is a valid FILE that lives for the rest of the process (never closed);
     // DPDK only writes to it and flushes after each message.
     let ret = unsafe { dpdk_sys::rte_openlog_stream(stream) };
     if ret != 0 {
-        return Err(format!("rte_openlog_stream failed: {ret}"));
+        anyhow::bail!("rte_openlog_stream failed: {ret}");
     }
     Ok(())
 }

@@ -26,7 +26,7 @@ mod port;
 pub mod test_hooks;
 mod worker;
 
-pub use eal::{Eal, Mempool};
+pub(crate) use eal::{Eal, Mempool};
 pub use link::ControlLink;
 pub(crate) use link::{wire_payload, CoreLink, FOLLOWS_ON_WAKE};
 pub(crate) use log::route_logs;

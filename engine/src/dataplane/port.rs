@@ -212,12 +212,12 @@ impl Port {
     }
 
     /// Sets the port's own MAC (on net_tap: the kernel interface's MAC).
-    pub fn set_mac(&self, mac: EthernetAddress) -> Result<(), String> {
+    pub fn set_mac(&self, mac: EthernetAddress) -> anyhow::Result<()> {
         let mut addr = sys::rte_ether_addr { addr_bytes: mac.0 };
         // SAFETY: valid port id and address struct.
         let ret = unsafe { sys::rte_eth_dev_default_mac_addr_set(self.id, &mut addr) };
         if ret < 0 {
-            Err(strerror(ret))
+            Err(anyhow::anyhow!(strerror(ret)))
         } else {
             Ok(())
         }

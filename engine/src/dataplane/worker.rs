@@ -102,7 +102,7 @@ pub fn run(loaded: &Loaded, start: Start) -> Result<RunReport, StartError> {
             "use `auto` (the fastest this CPU has, the default) or `scalar`",
         )
     })?;
-    tracing::info!(?lanes, "bucket hash implementation");
+    tracing::info!(lanes = lanes.name(), "bucket hash implementation");
     let eal = Eal::start(dp, cfg.node.id.get())?;
     let pool = Mempool::create(&eal, dp.pool_size, dp.mbuf_size)?;
     let queues = dp.cores.len() as u16;
@@ -137,15 +137,19 @@ pub fn run(loaded: &Loaded, start: Start) -> Result<RunReport, StartError> {
         wire_link: wire.link_watch.clone(),
     };
     tracing::info!(
-        "clonecluster: node {} running on cores {:?}: wire port {} ({}), host port {} ({}), \
-         idle {:?}",
+        "clonecluster: {} running on cores {}: wire port {} ({}), host port {} ({}), \
+         idle {}",
         cfg.node.id,
-        dp.cores,
+        dp.cores
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
         wire.name,
         wire.id,
         host.name,
         host.id,
-        dp.idle
+        dp.idle.name()
     );
     let started = std::time::Instant::now();
     // SAFETY: `shared` outlives every packet loop: rte_eal_mp_wait_lcore below returns only
