@@ -168,8 +168,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 .context("cannot install the signal handler")?;
             }
             #[cfg(feature = "testkit")]
-            dataplane::test_hooks::install()
-                .map_err(|e| format!("cannot install the test hooks: {e}"))?;
+            dataplane::test_hooks::install().context("cannot install the test hooks")?;
             let stop = Arc::new(AtomicBool::new(false));
             let link = Arc::new(ControlLink::new(
                 loaded.config.dataplane.cores.len(),
