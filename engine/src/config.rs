@@ -419,12 +419,15 @@ impl Config {
 
     /// Checks what the types alone cannot.
     pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
-        let err = |key: &str, problem: String, fix: &str| ConfigError {
-            file: file.to_owned(),
-            key: key.to_owned(),
-            problem,
-            fix: fix.to_owned(),
-        };
+        self.validate_addresses(file)?;
+        self.validate_control(file)?;
+        self.validate_cores_and_ports(file)?;
+        self.validate_sizes(file)
+    }
+
+    /// The cluster and node MACs.
+    fn validate_addresses(&self, file: &str) -> Result<(), ConfigError> {
+        let err = problem(file);
         if !self.cluster.mac.is_unicast() || self.cluster.mac == EthernetAddress::ZERO {
             return Err(err(
                 "cluster.mac",
@@ -448,6 +451,12 @@ impl Config {
                 "give the node its own MAC, different from cluster.mac",
             ));
         }
+        Ok(())
+    }
+
+    /// The control channel and the health check.
+    fn validate_control(&self, file: &str) -> Result<(), ConfigError> {
+        let err = problem(file);
         if self.control.dead_after == 0 {
             return Err(err(
                 "control.dead_after",
@@ -482,6 +491,12 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// The packet cores and the two ports.
+    fn validate_cores_and_ports(&self, file: &str) -> Result<(), ConfigError> {
+        let err = problem(file);
         let dp = &self.dataplane;
         if dp.cores.is_empty() {
             return Err(err(
@@ -543,6 +558,13 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Table, mbuf and pool sizes, and the EAL memory they need.
+    fn validate_sizes(&self, file: &str) -> Result<(), ConfigError> {
+        let err = problem(file);
+        let dp = &self.dataplane;
         if !(1024..=1 << 26).contains(&dp.flow_capacity) {
             return Err(err(
                 "dataplane.flow_capacity",
@@ -652,6 +674,16 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
         .rposition(|c| !c.is_ascii_whitespace())
         .map_or(0, |i| i + 1);
     &b[..end]
+}
+
+/// A [`ConfigError`] maker for one file: `err(key, problem, fix)`.
+fn problem(file: &str) -> impl Fn(&str, String, &str) -> ConfigError + '_ {
+    move |key, problem, fix| ConfigError {
+        file: file.to_owned(),
+        key: key.to_owned(),
+        problem,
+        fix: fix.to_owned(),
+    }
 }
 
 /// Turns a serde error into one that names the key and says what to do.
