@@ -451,81 +451,9 @@ pub fn decode(
             if signed.len() != HEADER_LEN + HEARTBEAT_BODY {
                 return Err(Refusal::Malformed);
             }
-            let node_mac = r.take::<6>()?;
-            let weight = r.weight()?;
-            let active_flows = r.u32()?;
-            let busy_permille = r.u16()?;
-            let flags = r.u8()?;
-            let known_flags = if version >= 2 { 7 } else { 3 };
-            if flags > known_flags || busy_permille > 1000 {
-                return Err(Refusal::Malformed);
-            }
-            let view = r.u64()?;
-            let epoch = r.u64()?;
-            let proposer = r.u8()?;
-            let phase = r.u8()?;
-            let plan = match (epoch, proposer, phase) {
-                (0, 0, 0) => None,
-                (0, _, _) => return Err(Refusal::Malformed),
-                (epoch, p, ph) => {
-                    let proposer = NodeId::new(p).ok_or(Refusal::Malformed)?;
-                    let phase = Phase::from_code(ph).ok_or(Refusal::Malformed)?;
-                    Some((PlanId { epoch, proposer }, phase))
-                }
-            };
-            let table_digest = r.u64()?;
-            let releasing_left = r.u32()?;
-            Body::Heartbeat(Heartbeat {
-                node_mac,
-                weight,
-                load: Load {
-                    active_flows,
-                    busy_permille,
-                },
-                draining: flags & 1 == 1,
-                refusing: flags & 2 == 2,
-                fenced: flags & 4 == 4,
-                view,
-                plan,
-                table_digest,
-                releasing_left,
-            })
+            Body::Heartbeat(heartbeat(&mut r, version)?)
         }
-        KIND_PLAN => {
-            let epoch = r.u64()?;
-            let proposer = r.node()?;
-            let phase = Phase::from_code(r.u8()?).ok_or(Refusal::Malformed)?;
-            let from_digest = r.u64()?;
-            let to_digest = r.u64()?;
-            let n_from = usize::from(r.u8()?);
-            let n_to = usize::from(r.u8()?);
-            if epoch == 0 || n_from > 64 || n_to == 0 || n_to > 64 {
-                return Err(Refusal::Malformed);
-            }
-            let mut members = |n: usize| -> Result<Vec<Member>, Refusal> {
-                let mut v = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let id = r.node()?;
-                    let weight = r.weight()?;
-                    // Sorted and distinct: one encoding per plan.
-                    if v.last().is_some_and(|m: &Member| m.id >= id) {
-                        return Err(Refusal::Malformed);
-                    }
-                    v.push(Member { id, weight });
-                }
-                Ok(v)
-            };
-            let from = members(n_from)?;
-            let to = members(n_to)?;
-            Body::Plan(Plan {
-                id: PlanId { epoch, proposer },
-                phase,
-                from,
-                to,
-                from_digest,
-                to_digest,
-            })
-        }
+        KIND_PLAN => Body::Plan(plan(&mut r)?),
         KIND_REQUEST => {
             let target = r.node()?;
             let drain = match r.u8()? {
@@ -554,6 +482,86 @@ pub fn decode(
         path,
         config_digest: digest,
         body,
+    })
+}
+
+/// A heartbeat's body (its length already checked), in format `version`.
+fn heartbeat(r: &mut Reader<'_>, version: u8) -> Result<Heartbeat, Refusal> {
+    let node_mac = r.take::<6>()?;
+    let weight = r.weight()?;
+    let active_flows = r.u32()?;
+    let busy_permille = r.u16()?;
+    let flags = r.u8()?;
+    let known_flags = if version >= 2 { 7 } else { 3 };
+    if flags > known_flags || busy_permille > 1000 {
+        return Err(Refusal::Malformed);
+    }
+    let view = r.u64()?;
+    let epoch = r.u64()?;
+    let proposer = r.u8()?;
+    let phase = r.u8()?;
+    let plan = match (epoch, proposer, phase) {
+        (0, 0, 0) => None,
+        (0, _, _) => return Err(Refusal::Malformed),
+        (epoch, p, ph) => {
+            let proposer = NodeId::new(p).ok_or(Refusal::Malformed)?;
+            let phase = Phase::from_code(ph).ok_or(Refusal::Malformed)?;
+            Some((PlanId { epoch, proposer }, phase))
+        }
+    };
+    let table_digest = r.u64()?;
+    let releasing_left = r.u32()?;
+    Ok(Heartbeat {
+        node_mac,
+        weight,
+        load: Load {
+            active_flows,
+            busy_permille,
+        },
+        draining: flags & 1 == 1,
+        refusing: flags & 2 == 2,
+        fenced: flags & 4 == 4,
+        view,
+        plan,
+        table_digest,
+        releasing_left,
+    })
+}
+
+/// A plan's body.
+fn plan(r: &mut Reader<'_>) -> Result<Plan, Refusal> {
+    let epoch = r.u64()?;
+    let proposer = r.node()?;
+    let phase = Phase::from_code(r.u8()?).ok_or(Refusal::Malformed)?;
+    let from_digest = r.u64()?;
+    let to_digest = r.u64()?;
+    let n_from = usize::from(r.u8()?);
+    let n_to = usize::from(r.u8()?);
+    if epoch == 0 || n_from > 64 || n_to == 0 || n_to > 64 {
+        return Err(Refusal::Malformed);
+    }
+    let mut members = |n: usize| -> Result<Vec<Member>, Refusal> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = r.node()?;
+            let weight = r.weight()?;
+            // Sorted and distinct: one encoding per plan.
+            if v.last().is_some_and(|m: &Member| m.id >= id) {
+                return Err(Refusal::Malformed);
+            }
+            v.push(Member { id, weight });
+        }
+        Ok(v)
+    };
+    let from = members(n_from)?;
+    let to = members(n_to)?;
+    Ok(Plan {
+        id: PlanId { epoch, proposer },
+        phase,
+        from,
+        to,
+        from_digest,
+        to_digest,
     })
 }
 
