@@ -27,5 +27,5 @@ ethtool -K cc0 tx off >/dev/null
 ip addr add "$cluster_ip/24" dev cc0
 ip link set cc0 up
 mkdir -p /var/www/html && echo "${HOSTNAME}" > /var/www/html/id
-nginx -g 'daemon on; master_process on; worker_processes 1;'
+nginx   # Debian's nginx.conf: a master and a worker per core, as a daemon
 wait $engine

@@ -44,7 +44,8 @@ fail() {
   exit 1
 }
 trap cleanup EXIT
-trap 'fail "\`$BASH_COMMAND\` failed (exit $?)"' ERR
+# (in a command substitution, only that substitution ends: the line that used it says why)
+trap 'rc=$?; [ "$BASH_SUBSHELL" = 0 ] || exit "$rc"; fail "\`$BASH_COMMAND\` failed (exit $rc)"' ERR
 elapsed() { echo "$(( $(date +%s) - $1 ))"; }
 
 step="the systemd unit test"
@@ -79,7 +80,8 @@ if ! podman image exists docker.io/library/debian:12-slim; then
     root=$(mktemp -d "$cache/rootfs.XXXXXX")
     debootstrap --variant=minbase bookworm "$root" "$mirror" >"$cache/debootstrap.log" 2>&1 \
       || fail "debootstrap from $mirror failed: $(tail -n 1 "$cache/debootstrap.log")"
-    # As Debian's own slim image: security and updates suites, no package lists or caches.
+    # As Debian's own slim image: security and updates suites, no package lists or caches, no
+    # documentation, manual pages or translations (now or from packages installed later).
     rm -f "$root/etc/apt/sources.list"
     printf '%s\n' 'Types: deb' "URIs: $mirror" 'Suites: bookworm bookworm-updates' \
       'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' '' \
@@ -88,6 +90,13 @@ if ! podman image exists docker.io/library/debian:12-slim; then
       > "$root/etc/apt/sources.list.d/debian.sources"
     rm -rf "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb \
       "$root"/var/lib/apt/lists/* "$root"/var/log/*.log "$root"/var/log/apt/*
+    printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' \
+      'path-exclude /usr/share/man/*' 'path-exclude /usr/share/info/*' \
+      'path-exclude /usr/share/locale/*' 'path-exclude /usr/share/lintian/*' \
+      > "$root/etc/dpkg/dpkg.cfg.d/slim"
+    find "$root/usr/share/doc" -mindepth 1 ! -name copyright ! -type d -delete
+    rm -rf "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/* \
+      "$root"/usr/share/lintian/*
     tar -C "$root" --numeric-owner -czf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
     rm -rf "$root"
   fi
@@ -103,9 +112,14 @@ cargo vendor -q --locked --versioned-dirs .vendor >/dev/null
 step="building the image"
 t=$(date +%s)
 work=$(mktemp -d /tmp/clonecluster-imagetest.XXXXXX)
-podman build -q -f docker/Dockerfile --target lab -t "$image:lab" . >"$work/build.log" 2>&1 \
+# The dev profile by default: the smoke test needs a working binary, not a fast one, and the
+# release build (LTO, one codegen unit) takes several minutes more on two cores.
+profile=${IMAGE_TEST_PROFILE:-dev}
+podman build -f docker/Dockerfile --build-arg PROFILE="$profile" --target lab -t "$image:lab" . \
+  >"$work/build.log" 2>&1 \
   || fail "podman build --target lab failed: $(grep -v '^$' "$work/build.log" | tail -n 3 | tr '\n' ' ')"
-podman build -q -f docker/Dockerfile -t "$image:node" . >>"$work/build.log" 2>&1 \
+podman build -f docker/Dockerfile --build-arg PROFILE="$profile" -t "$image:node" . \
+  >>"$work/build.log" 2>&1 \
   || fail "podman build (node) failed: $(grep -v '^$' "$work/build.log" | tail -n 3 | tr '\n' ' ')"
 build_s=$(elapsed "$t")
 rm -rf .vendor
@@ -118,7 +132,7 @@ step="starting the compose lab"
 # docker/compose.yaml, as podman commands: networks (internal, with their subnets and gateways)
 # and services (addresses, MACs, capabilities, devices, sysctls, volumes, environment).
 python3 - "$prefix" "$image:lab" docker/compose.yaml >"$work/lab.sh" <<'EOF'
-import shlex, sys, yaml
+import json, os, shlex, sys, yaml
 prefix, image, path = sys.argv[1:4]
 c = yaml.safe_load(open(path))
 for name, net in c["networks"].items():
@@ -141,13 +155,12 @@ for name, s in c["services"].items():
     args += [x for cap in s.get("cap_add", []) for x in ("--cap-add", cap)]
     for v in s.get("volumes", []):
         src, rest = v.split(":", 1)
-        args += ["-v", f"docker/{src[2:] if src.startswith('./') else src}:{rest}"]
+        args += ["-v", os.path.abspath(os.path.join(os.path.dirname(path), src)) + ":" + rest]
     if "stop_grace_period" in s:
         args += ["--stop-timeout", s["stop_grace_period"].rstrip("s")]
     if "entrypoint" in s:
-        args += ["--entrypoint", s["entrypoint"][0]]
+        args += ["--entrypoint", json.dumps([a.replace("$$", "$") for a in s["entrypoint"]])]
     args.append(image)
-    args += s.get("entrypoint", [])[1:]
     print(shlex.join(args) + " >/dev/null")
 EOF
 bash -e "$work/lab.sh" 2>"$work/lab.err" || fail "$(tail -n 1 "$work/lab.err")"
@@ -157,7 +170,7 @@ status_json() { podman exec "$prefix-node1" clonecluster status --json --config 
 both_up() {
   local i
   for i in $(seq 1 150); do
-    if status_json 2>/dev/null | python3 -c '
+    if status_json 2>/dev/null | python3 2>/dev/null -c '
 import json, sys
 s = json.load(sys.stdin)
 up = [m for m in s["members"] if m["state"] == "up" and m["accepting_buckets"] > 0]
@@ -166,7 +179,9 @@ sys.exit(0 if len(up) == 2 and s["phase"] == "Done" and s["moving"] == 0 else 1)
     fi
     sleep 0.2
   done
-  fail "node 1 does not see both nodes up with buckets in 30 s: $(status_json 2>&1 | tr -d '\n' | cut -c1-200)"
+  fail "node 1 does not see both nodes up with buckets in 30 s; last log lines:" \
+    "node 1: $(podman logs --tail 1 "$prefix-node1" 2>&1 | cut -c1-200 || true)" \
+    "node 2: $(podman logs --tail 1 "$prefix-node2" 2>&1 | cut -c1-200 || true)"
 }
 # Client side: `loops` request loops, each a new connection per request, until /tmp/stop
 # exists; every answer (the node's name) or "lost" is one line in /tmp/req.N.
@@ -240,7 +255,8 @@ dl2_cut=$(awk '$2 == 400001 && $4 != 0' "$work/downloads" | wc -l)
 step="cleaning up"
 trap - ERR
 cleanup
-echo "image: node $node_size, lab $lab_size; built in ${build_s} s (base image ${base_s} s)"
+echo "image ($profile profile): node $node_size, lab $lab_size; built in ${build_s} s" \
+     "(base image ${base_s} s)"
 echo "compose lab: both nodes up ${up_s} s after start; 200 requests: node1 $share1, node2 $share2, lost 0"
 echo "  node 2 stopped (SIGTERM, drain first): $stop_total requests, node 2 served $stop2, lost $stop_lost"
 echo "  node 2 killed (SIGKILL): $kill_total requests, lost $kill_lost; slow downloads: node 1" \

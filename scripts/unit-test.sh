@@ -36,7 +36,8 @@ fail() {
   exit 1
 }
 trap cleanup EXIT
-trap 'fail "\`$BASH_COMMAND\` failed (exit $?)"' ERR
+# (in a command substitution, only that substitution ends: the line that used it says why)
+trap 'rc=$?; [ "$BASH_SUBSHELL" = 0 ] || exit "$rc"; fail "\`$BASH_COMMAND\` failed (exit $rc)"' ERR
 
 step="building the binary"
 if [ -z "${CLONECLUSTER_BIN:-}" ]; then cargo build -q --locked -p clonecluster; fi
