@@ -33,9 +33,17 @@ cleanup() {
   for n in segment control; do podman network rm -f "$prefix-$n" >/dev/null 2>&1; done
   if [ -z "${IMAGE_TEST_KEEP:-}" ]; then
     podman rmi -f "$image:lab" "$image:node" >/dev/null 2>&1
+    # The build stage's untagged layers (and those of a failed build): the images this run
+    # made that no tag names, newest first (removing one removes its untagged parents).
+    local id
+    for id in $(podman images -a -q --no-trunc 2>/dev/null); do
+      grep -qx "$id" "$images_before" 2>/dev/null && continue
+      [ "$(podman image inspect --format '{{len .RepoTags}}' "$id" 2>/dev/null)" = 0 ] \
+        && podman rmi "$id" >/dev/null 2>&1
+    done
     [ -n "$made_base" ] && podman rmi -f docker.io/library/debian:12-slim >/dev/null 2>&1
   fi
-  rm -rf .vendor "${work:-}"
+  rm -rf .vendor "${work:-}" "${images_before:-}" "${rootfs:-}"
   return 0
 }
 fail() {
@@ -71,13 +79,16 @@ if [ ! -f "$conf" ]; then
 fi
 podman info >/dev/null 2>&1 || fail "podman does not work here: $(podman info 2>&1 | tail -n 1)"
 
+images_before=$(mktemp /tmp/clonecluster-images.XXXXXX)
+podman images -a -q --no-trunc > "$images_before"
+
 step="making debian:12-slim"
 t=$(date +%s)
 if ! podman image exists docker.io/library/debian:12-slim; then
   tarball=$cache/debian-12-minbase.tar.gz
   if [ ! -s "$tarball" ]; then
     mkdir -p "$cache"
-    root=$(mktemp -d "$cache/rootfs.XXXXXX")
+    rootfs=$(mktemp -d "$cache/rootfs.XXXXXX") && root=$rootfs
     debootstrap --variant=minbase bookworm "$root" "$mirror" >"$cache/debootstrap.log" 2>&1 \
       || fail "debootstrap from $mirror failed: $(tail -n 1 "$cache/debootstrap.log")"
     # As Debian's own slim image: security and updates suites, no package lists or caches, no
@@ -99,6 +110,7 @@ if ! podman image exists docker.io/library/debian:12-slim; then
       "$root"/usr/share/lintian/*
     tar -C "$root" --numeric-owner -czf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
     rm -rf "$root"
+    rootfs=
   fi
   podman import -q --change 'CMD ["bash"]' "$tarball" docker.io/library/debian:12-slim >/dev/null
   made_base=1
@@ -225,13 +237,16 @@ stop2=$(count node2 stop)
 step="restarting node 2"
 podman start "$prefix-node2" >/dev/null
 both_up
-# One slow download per connection: the file's size names the node that serves it.
-podman exec "$prefix-node1" sh -c 'head -c 400000 /dev/zero > /var/www/html/big'
-podman exec "$prefix-node2" sh -c 'head -c 400001 /dev/zero > /var/www/html/big'
+# Slow downloads (nginx sends at 100 kB/s, so the connections live through the kill); the
+# file's size names the node that serves it.
+for n in 1 2; do
+  podman exec "$prefix-node$n" sh -c "head -c 40000$((n - 1)) /dev/zero > /var/www/html/big
+    echo 'limit_rate 100k;' > /etc/nginx/conf.d/slow.conf && nginx -s reload"
+done
 
 step="killing node 2 (SIGKILL)"
 podman exec "$prefix-client" bash -c 'rm -f /tmp/dl.*; for n in 1 2 3 4 5 6 7 8; do
-    (curl -s -m 30 -o /dev/null --limit-rate 100k -w "%{http_code} %header{content-length} %{size_download}" \
+    (curl -s -m 30 -o /dev/null -w "%{http_code} %header{content-length} %{size_download}" \
        http://198.18.0.1/big; echo " $?") > /tmp/dl.$n 2>&1 &
   done'
 start_requests
