@@ -143,7 +143,7 @@ node_size=$(size "$image:node") lab_size=$(size "$image:lab")
 step="starting the compose lab"
 # docker/compose.yaml, as podman commands: networks (internal, with their subnets and gateways)
 # and services (addresses, MACs, capabilities, devices, sysctls, volumes, environment).
-python3 - "$prefix" "$image:lab" docker/compose.yaml >"$work/lab.sh" <<'EOF'
+/usr/bin/python3 - "$prefix" "$image:lab" docker/compose.yaml >"$work/lab.sh" <<'EOF'
 import json, os, shlex, sys, yaml
 prefix, image, path = sys.argv[1:4]
 c = yaml.safe_load(open(path))
@@ -241,7 +241,7 @@ both_up
 # file's size names the node that serves it.
 for n in 1 2; do
   podman exec "$prefix-node$n" sh -c "head -c 40000$((n - 1)) /dev/zero > /var/www/html/big
-    echo 'limit_rate 100k;' > /etc/nginx/conf.d/slow.conf && nginx -s reload"
+    echo 'limit_rate 100k;' > /etc/nginx/conf.d/slow.conf && nginx -s reload 2>/dev/null"
 done
 
 step="killing node 2 (SIGKILL)"
