@@ -48,6 +48,13 @@ cleanup() {
 }
 fail() {
   trap - ERR
+  # The containers' logs, for a failure after the lab started.
+  local c logs=lab-out/image-test
+  if podman container exists "$prefix-node1" 2>/dev/null; then
+    mkdir -p "$logs"
+    for c in node1 node2; do podman logs "$prefix-$c" >"$logs/$c.log" 2>&1 || true; done
+    set -- "$@" "(node logs in $logs/)"
+  fi
   echo "image-test: stopped at $step: $*" >&2
   exit 1
 }
@@ -201,7 +208,7 @@ start_requests() {
   podman exec "$prefix-client" bash -c 'rm -f /tmp/stop /tmp/req.*
     for n in 1 2; do
       (while [ ! -e /tmp/stop ]; do
-         curl -s -m 5 http://198.18.0.1/id || echo lost
+         curl -s -m 5 http://198.18.0.1/id || echo "lost (curl exit $?) at $(date +%T.%N)"
        done > /tmp/req.$n) &
     done'
 }
@@ -209,7 +216,10 @@ stop_requests() {
   podman exec "$prefix-client" bash -c 'touch /tmp/stop; while pgrep -x curl >/dev/null; do sleep 0.1; done
     sleep 0.2; cat /tmp/req.*' > "$work/$1"
 }
-count() { grep -cx "$1" "$work/$2" || true; }
+count() { grep -c "^$1\( \|$\)" "$work/$2" || true; }
+# How the lost requests of a phase failed (curl's exit status: 7 refused, 28 timed out, 52 or
+# 56 reset, ...) and when.
+how_lost() { grep '^lost' "$work/$1" | sort | uniq -c | sed 's/^ *//' | tr '\n' ';' || true; }
 
 step="waiting for both nodes"
 t=$(date +%s)
@@ -227,12 +237,15 @@ share1=$(count node1 share) share2=$(count node2 share) share_lost=$(count lost 
 step="stopping node 2 (SIGTERM)"
 start_requests
 sleep 2
+stop_from=$(date +%T.%N)
 podman stop -t 30 "$prefix-node2" >/dev/null
+stop_to=$(date +%T.%N)
 sleep 2
 stop_requests stop
 stop_total=$(wc -l < "$work/stop") stop_lost=$(count lost stop)
 stop2=$(count node2 stop)
-[ "$stop_lost" = 0 ] || fail "$stop_lost of $stop_total requests lost while node 2 drained"
+[ "$stop_lost" = 0 ] || fail "$stop_lost of $stop_total requests lost while node 2 drained: $(how_lost stop)" \
+  "(podman stop ran from $stop_from to $stop_to)"
 
 step="restarting node 2"
 podman start "$prefix-node2" >/dev/null
@@ -265,7 +278,8 @@ dl2_cut=$(awk '$2 == 400001 && $4 != 0' "$work/downloads" | wc -l)
 [ "$dl1_ok" = "$dl1" ] || fail "$((dl1 - dl1_ok)) of node 1's $dl1 downloads broke when node 2 was killed"
 [ "$((dl1 + dl2))" = 8 ] || fail "downloads without an answer: $(tr '\n' ';' < "$work/downloads")"
 # Only requests in flight on node 2 at the kill may be lost: at most one per request loop.
-[ "$kill_lost" -le 2 ] || fail "$kill_lost of $kill_total requests lost when node 2 was killed (more than were in flight)"
+[ "$kill_lost" -le 2 ] \
+  || fail "$kill_lost of $kill_total requests lost when node 2 was killed (more than were in flight): $(how_lost kill)"
 
 step="cleaning up"
 trap - ERR
