@@ -5,6 +5,15 @@ set -euo pipefail
 config=${1:-/etc/clonecluster/node.yaml}
 cluster_ip=${CLUSTER_IP:-198.18.0.1}
 
+# The wire port is eth0 (the lab configs say iface=eth0), but neither Docker nor podman promises
+# which network becomes eth0: the segment is the one with an address in the cluster's /24; if
+# that is another interface, the two swap names.
+wire=$(ip -o -4 addr show | awk -v net="${cluster_ip%.*}." 'index($4, net) == 1 {print $2; exit}')
+if [ -n "$wire" ] && [ "$wire" != eth0 ]; then
+  ip link set eth0 down && ip link set "$wire" down
+  ip link set eth0 name ccswap0 && ip link set "$wire" name eth0 && ip link set ccswap0 name "$wire"
+  ip link set eth0 up && ip link set "$wire" up
+fi
 ip link set eth0 arp off
 # compose.yaml sets these (`sysctls:`; /proc/sys is read-only inside a container); a
 # privileged container may set them itself. Refuse to start with IPv6 on: the kernel would
@@ -27,5 +36,5 @@ ethtool -K cc0 tx off >/dev/null
 ip addr add "$cluster_ip/24" dev cc0
 ip link set cc0 up
 mkdir -p /var/www/html && echo "${HOSTNAME}" > /var/www/html/id
-nginx -g 'daemon on; master_process on; worker_processes 1;'
+nginx   # Debian's nginx.conf: a master and a worker per core, as a daemon
 wait $engine

@@ -20,3 +20,4 @@ bash scripts/lint-docker.sh
 # Every parser and the whole decision under the fuzzer, briefly (malformed frames must be
 # counted and dropped, never panic).
 FUZZ_SECONDS=${FUZZ_SECONDS:-20} bash scripts/fuzz.sh
+bash scripts/image-test.sh   # the image (podman), the compose lab smoke test, the systemd unit
