@@ -143,7 +143,8 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    const DELIVER: Verdict = Verdict::only(Take::Deliver);
+    /// Deliver, and nothing else: the common case.
+    pub const DELIVER: Verdict = Verdict::only(Take::Deliver);
 
     #[inline]
     const fn only(take: Take) -> Verdict {

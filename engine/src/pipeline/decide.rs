@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use crate::cluster::handoff::{self, FlowLookup, Forget, Take};
+use crate::cluster::handoff::{self, FlowLookup, Forget, Take, Verdict};
 use crate::cluster::{Bucket, FlowHash, FlowState, FlowTable, TcpFlags};
 use crate::control::Phase;
 use crate::wire::{self, ethernet, parse_l2_l4, EtherType, IpProtocol, Parsed, CONTROL_ETHERTYPE};
@@ -180,6 +180,25 @@ impl Pipeline {
                 now,
             },
         );
+        // The common case first, on its own: the rest is out of line.
+        if verdict == Verdict::DELIVER {
+            self.flows.upsert(hash, proto, bucket, flags, now);
+            return Action::Deliver;
+        }
+        self.carry_out(verdict, bucket, hash, proto, flags, now)
+    }
+
+    /// Everything but a plain delivery: what a verdict of the handoff rule asks for.
+    #[inline(never)]
+    fn carry_out(
+        &mut self,
+        verdict: Verdict,
+        bucket: Bucket,
+        hash: FlowHash,
+        proto: u8,
+        flags: TcpFlags,
+        now: u64,
+    ) -> Action {
         match verdict.forget {
             Forget::Nothing => {}
             Forget::Own => {
