@@ -166,7 +166,7 @@ step="ExecReload"
 sed -i 's/weight: 100/weight: 150/' "$work/etc/node1.yaml"
 : > "$work/commands.log"
 run_exec ExecReload
-grep -q '"applied":\["node.weight"\]' "$work/commands.log" \
+grep -q 'reload: applied node.weight' "$work/commands.log" \
   || fail "ExecReload did not apply node.weight: $(tail -n 1 "$work/commands.log")"
 grep -q "reload: weight changed from=100 to=150" "$work/engine.log" \
   || fail "the engine's log does not show the weight change"
