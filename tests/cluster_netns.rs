@@ -10,11 +10,11 @@ use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use clonecluster::control::operator::Status;
+use clonecluster::control::Phase;
 use clonecluster_lab::services::{
     configure_host_port, engine_config, start_engine, start_nginx, EngineOptions,
 };
-use clonecluster::control::operator::Status;
-use clonecluster::control::Phase;
 use clonecluster_lab::topology::{Topology, CLUSTER_MAC, PINNED_CLIENT_PORTS};
 use common::*;
 

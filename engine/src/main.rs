@@ -10,8 +10,8 @@ use clap::{Parser, Subcommand};
 
 use clonecluster::cluster::NodeId;
 use clonecluster::config::{Config, Loaded};
-use clonecluster::control::Snapshot;
 use clonecluster::control::operator::{self, Reply, Request, Status};
+use clonecluster::control::Snapshot;
 use clonecluster::dataplane::{self, ControlLink, StartError};
 use clonecluster::runtime::{control_thread, Requests};
 
@@ -322,9 +322,15 @@ fn print_reply(reply: &Reply) {
         Reply::Reload(r) if r.changed.is_empty() => println!("reload: nothing changed"),
         Reply::Reload(r) => println!("reload: applied {}", r.applied.join(", ")),
         Reply::OwnerOf(o) => {
-            let opt = |n: Option<u8>| n.map_or("nobody (handoff gap)".to_owned(), |n| format!("node {n}"));
+            let opt = |n: Option<u8>| {
+                n.map_or("nobody (handoff gap)".to_owned(), |n| format!("node {n}"))
+            };
             println!("flow                {}", o.flow);
-            println!("bucket              {} (affinity {})", o.bucket, o.affinity.name());
+            println!(
+                "bucket              {} (affinity {})",
+                o.bucket,
+                o.affinity.name()
+            );
             println!("epoch, phase        {}, {}", o.epoch, o.phase.name());
             println!("new flows go to     {}", opt(o.new_flows_owner));
             println!("owner when settled  {}", opt(o.owner_when_settled));

@@ -424,5 +424,3 @@ pub(crate) struct PeerView {
     /// It announces a failing service.
     pub refusing: bool,
 }
-
-

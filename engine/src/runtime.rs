@@ -330,7 +330,11 @@ impl ControlIo {
                     if !late.is_empty() {
                         tracing::error!(
                             node = me,
-                            cores = late.iter().map(usize::to_string).collect::<Vec<_>>().join(", "),
+                            cores = late
+                                .iter()
+                                .map(usize::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", "),
                             "packet cores did not take up the new ownership snapshot in time: \
                              announcing it anyway"
                         );
@@ -427,7 +431,10 @@ impl HealthWatch {
         }
         let stalled = h.since_last_check() > self.watchdog_span;
         if stalled && !self.watchdog_warned {
-            tracing::error!(node = me.get(), "watchdog: the health checker stopped running");
+            tracing::error!(
+                node = me.get(),
+                "watchdog: the health checker stopped running"
+            );
         }
         self.watchdog_warned = stalled;
         Verdict {
@@ -616,8 +623,8 @@ fn reload(current: &mut Loaded, node: &mut Node, now: u64, out: &mut Vec<Output>
     if next.secret != current.secret {
         changed.push("cluster.secret_file (contents)".to_owned());
     }
-    let weight = (next.config.node.weight != current.config.node.weight)
-        .then_some(next.config.node.weight);
+    let weight =
+        (next.config.node.weight != current.config.node.weight).then_some(next.config.node.weight);
     let reply = node.reload(changed, weight, now, out);
     match &reply {
         Reply::Refused(r) => tracing::warn!(error = %r.error, "reload refused"),

@@ -310,8 +310,7 @@ impl Cluster {
                 let m = s.member_ids();
                 m.len() == expect.len()
                     && expect.iter().all(|i| m.contains(i))
-                    && s
-                        .members
+                    && s.members
                         .iter()
                         .all(|x| x.accepting_buckets == x.final_buckets)
             })
@@ -408,7 +407,6 @@ impl Cluster {
             .sum()
     }
 }
-
 
 /// `InSegs` of the `Tcp:` lines of `/proc/net/snmp`.
 fn tcp_in_segments(snmp: &str) -> Option<u64> {

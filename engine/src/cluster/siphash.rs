@@ -140,7 +140,6 @@ pub enum HashLanes {
     Avx512,
 }
 
-
 impl Lanes {
     /// The implementation as `dataplane.hash_lanes` names it.
     pub fn name(self) -> &'static str {

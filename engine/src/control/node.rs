@@ -226,7 +226,8 @@ impl Node {
                 })
             }
             Request::OwnerOf { src, dst, proto } => {
-                let key = FlowKey::new(self.settings.affinity, src.ip(), src.port(), proto.number());
+                let key =
+                    FlowKey::new(self.settings.affinity, src.ip(), src.port(), proto.number());
                 let bucket = self.settings.hasher.bucket(&key);
                 let snapshot = self.m.snapshot();
                 Reply::OwnerOf(OwnerReply {
@@ -332,7 +333,13 @@ impl Node {
             (m.refusing(), m.draining(), m.fenced(), Some(m.load()), None)
         } else {
             hb.map_or((false, false, false, None, None), |h| {
-                (h.refusing, h.draining, h.fenced, Some(h.load), Some(h.weight.get()))
+                (
+                    h.refusing,
+                    h.draining,
+                    h.fenced,
+                    Some(h.load),
+                    Some(h.weight.get()),
+                )
             })
         };
         // A fence first, then a failing service, then a drain. Out of the plan's target table,
@@ -416,7 +423,11 @@ mod tests {
             panic!("no owner-of reply");
         };
         assert_eq!(o.flow, "198.18.0.100:40000 -> 198.18.0.1:80 tcp");
-        assert!(!o.role_of_this_node.contains('{'), "{}", o.role_of_this_node);
+        assert!(
+            !o.role_of_this_node.contains('{'),
+            "{}",
+            o.role_of_this_node
+        );
     }
 
     #[test]
@@ -428,7 +439,10 @@ mod tests {
         assert_eq!(s.node, 1);
         assert_eq!(s.healthy, None);
         let me = s.node(1).expect("this node is alive");
-        assert!(matches!(me.state, NodeState::Up | NodeState::Joining), "{me:?}");
+        assert!(
+            matches!(me.state, NodeState::Up | NodeState::Joining),
+            "{me:?}"
+        );
         let _ = n.request(
             &Request::Drain {
                 node: None,

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{Affinity, NodeId};
 use super::{Phase, Step};
+use crate::cluster::{Affinity, NodeId};
 
 /// One request to a node, as the operator writes it on the socket (`drain 2`, `status`, …).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -323,15 +323,15 @@ impl Reply {
             serde_json::from_str(line).map_err(|e| format!("a reply that is not JSON: {e}"))?;
         let bad = |e: serde_json::Error| format!("a reply this version cannot read: {e}");
         if value.get("ok") == Some(&serde_json::Value::Bool(false)) {
-            return serde_json::from_value(value).map(Reply::Refused).map_err(bad);
+            return serde_json::from_value(value)
+                .map(Reply::Refused)
+                .map_err(bad);
         }
         Ok(match request {
             Request::Status => Reply::Status(serde_json::from_value(value).map_err(bad)?),
             Request::Drain { .. } => Reply::Drain(serde_json::from_value(value).map_err(bad)?),
             Request::Reload => Reply::Reload(serde_json::from_value(value).map_err(bad)?),
-            Request::OwnerOf { .. } => {
-                Reply::OwnerOf(serde_json::from_value(value).map_err(bad)?)
-            }
+            Request::OwnerOf { .. } => Reply::OwnerOf(serde_json::from_value(value).map_err(bad)?),
         })
     }
 }
@@ -389,7 +389,9 @@ pub fn call(socket: &Path, request: &Request) -> Result<Reply, CallError> {
 pub fn status(socket: &Path) -> Result<Status, CallError> {
     match call(socket, &Request::Status)? {
         Reply::Status(s) => Ok(*s),
-        _ => Err(CallError::Unreachable("a reply to another request".to_owned())),
+        _ => Err(CallError::Unreachable(
+            "a reply to another request".to_owned(),
+        )),
     }
 }
 

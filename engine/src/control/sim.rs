@@ -100,7 +100,10 @@ enum Ev {
         snapshot: Arc<Snapshot>,
     },
     /// The outputs that followed a publish, carried out once the node's cores adopted it.
-    Outputs { from: usize, out: Vec<Output> },
+    Outputs {
+        from: usize,
+        out: Vec<Output>,
+    },
 }
 
 struct Item {
@@ -1333,7 +1336,9 @@ fn sigterm_drains_then_stops_and_the_others_lose_nothing() {
     sim.run_until(at + 5 * SEC);
     let c = sim.assert_converged();
     assert!((share(&c, 1) - 0.5).abs() < 0.01, "{c:?}");
-    assert!(!sim.events_of(1).any(|e| matches!(e, Event::TakeOver { .. })));
+    assert!(!sim
+        .events_of(1)
+        .any(|e| matches!(e, Event::TakeOver { .. })));
 }
 
 #[test]
@@ -1356,7 +1361,11 @@ fn sigterm_stops_at_the_deadline_when_flows_outlive_it() {
         .events_of(2)
         .any(|e| *e == Event::Stopping { drained: false }));
     let took = at - t0;
-    assert!((20 * SEC..20 * SEC + 100 * MS).contains(&took), "{} ms", took / MS);
+    assert!(
+        (20 * SEC..20 * SEC + 100 * MS).contains(&took),
+        "{} ms",
+        took / MS
+    );
 }
 
 #[test]
@@ -1400,7 +1409,9 @@ fn join_drain_fail(sim: &mut Sim, interval: u64) {
     let c = sim.assert_converged();
     assert_eq!(share(&c, 2), 0.0, "{c:?}");
     assert!(
-        !sim.events.iter().any(|(_, _, e)| matches!(e, Event::PeerDead { .. })),
+        !sim.events
+            .iter()
+            .any(|(_, _, e)| matches!(e, Event::PeerDead { .. })),
         "a false death:\n{}",
         sim.log_tail()
     );
@@ -1415,7 +1426,11 @@ fn snapshots_are_announced_only_once_cores_lagging_up_to_a_second_have_them() {
         let mut sim = lagging_cluster(200 + seed, SEC, SEC, false);
         sim.assert_converged();
         join_drain_fail(&mut sim, SEC);
-        assert!(sim.checks > 100, "the invariant was checked {} times", sim.checks);
+        assert!(
+            sim.checks > 100,
+            "the invariant was checked {} times",
+            sim.checks
+        );
     }
 }
 

@@ -202,7 +202,11 @@ impl<'a> Core<'a> {
                 self.publish(now);
             }
             self.count_releasing();
-            let mark = self.shared.assumed.is_none().then_some((self.mine, self.version));
+            let mark = self
+                .shared
+                .assumed
+                .is_none()
+                .then_some((self.mine, self.version));
             if self.idle.after_poll(from_wire + from_host, mark) {
                 // Woken up: adopt a newer snapshot before deciding anything.
                 self.between_bursts();

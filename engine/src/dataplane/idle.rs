@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use dpdk_sys as sys;
 
-use super::strerror;
 use super::link::CoreLink;
+use super::strerror;
 use super::worker::Shared;
 use crate::config::IdleMode;
 

@@ -334,7 +334,13 @@ impl Membership {
     }
 
     /// Creates, adopts and sends a plan from `from` to `to`.
-    pub(super) fn propose(&mut self, from: Vec<Member>, to: Vec<Member>, now: u64, out: &mut Vec<Output>) {
+    pub(super) fn propose(
+        &mut self,
+        from: Vec<Member>,
+        to: Vec<Member>,
+        now: u64,
+        out: &mut Vec<Output>,
+    ) {
         let epoch = self.max_epoch_seen.max(self.epoch()) + 1;
         self.max_epoch_seen = epoch;
         let (Ok(from_t), Ok(to_t)) = (

@@ -14,7 +14,13 @@ impl Membership {
     }
 
     /// Counts a message of an unknown version, and says so the first time and once a minute.
-    pub(super) fn refuse_version(&mut self, path: Path, bytes: &[u8], now: u64, out: &mut Vec<Output>) {
+    pub(super) fn refuse_version(
+        &mut self,
+        path: Path,
+        bytes: &[u8],
+        now: u64,
+        out: &mut Vec<Output>,
+    ) {
         self.refuse(path, Refusal::UnknownVersion, now);
         let (version, node) = (bytes[2], bytes[5]);
         let due = match self.version_logged.iter_mut().find(|(v, _)| *v == version) {
@@ -52,7 +58,12 @@ impl Membership {
     }
 
     /// Replay and incarnation checks; records liveness of an accepted message's sender.
-    pub(super) fn accept(&mut self, msg: &Message, now: u64, out: &mut Vec<Output>) -> Result<(), Refusal> {
+    pub(super) fn accept(
+        &mut self,
+        msg: &Message,
+        now: u64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), Refusal> {
         if msg.node == self.cfg.me {
             return Err(Refusal::FromSelf);
         }
