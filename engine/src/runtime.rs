@@ -22,7 +22,7 @@ use crate::control::operator::{Refused, Reply, Request};
 use crate::control::{
     self, Event, Load, Membership, Node, Output, Path, Refusal, Timeline, Verdict,
 };
-use crate::dataplane::{wire_payload, ControlLink, FOLLOWS_ON_WAKE};
+use crate::dataplane::{wire_payload, ControlLink};
 use crate::metrics::{ControlView, PeerView};
 
 /// What every node of a cluster must agree on, hashed: nodes with another digest are refused.
@@ -378,7 +378,7 @@ impl CoreWatch {
     fn running(&mut self, link: &ControlLink, now: Instant, me: NodeId) -> bool {
         let mut stalled = Vec::new();
         for (i, (c, (loops, since))) in link.cores.iter().zip(&mut self.seen).enumerate() {
-            let asleep = c.decides_under.load(Relaxed) & FOLLOWS_ON_WAKE != 0;
+            let asleep = c.asleep();
             let l = c.loops.load(Relaxed);
             if l != *loops || asleep {
                 *loops = l;

@@ -137,6 +137,11 @@ impl CoreLink {
         let state = self.decides_under.load(SeqCst);
         state & FOLLOWS_ON_WAKE != 0 || state >= version
     }
+
+    /// Whether the core sleeps (or has not started): it loops again when it wakes.
+    pub(crate) fn asleep(&self) -> bool {
+        self.decides_under.load(Relaxed) & FOLLOWS_ON_WAKE != 0
+    }
 }
 
 /// One count per bucket (indexed by [`Bucket::index`]).

@@ -323,7 +323,7 @@ pub struct Membership {
     cores_up: bool,
     /// When the data path (wire link and packet cores) last came back (None: it never went
     /// down).
-    wire_up_since: Option<u64>,
+    data_path_up_since: Option<u64>,
     /// Fenced: this node owns nothing and coordinates nothing (announced in heartbeats).
     fenced: bool,
     weight: Weight,
@@ -362,7 +362,7 @@ impl Membership {
             refusing: false,
             wire_up: true,
             cores_up: true,
-            wire_up_since: None,
+            data_path_up_since: None,
             fenced: false,
             load: Load::default(),
             peers: vec![None; 64],
@@ -563,7 +563,7 @@ impl Membership {
 
     fn data_path_changed(&mut self, was: bool, now: u64, out: &mut Vec<Output>) {
         if !was && self.data_path_up() {
-            self.wire_up_since = Some(now);
+            self.data_path_up_since = Some(now);
         }
         self.update_fence(now, out);
     }
@@ -575,7 +575,7 @@ impl Membership {
 
     fn update_fence(&mut self, now: u64, out: &mut Vec<Output>) {
         let settling = self
-            .wire_up_since
+            .data_path_up_since
             .is_some_and(|t| now.saturating_sub(t) < self.cfg.dead_span());
         let fenced = !self.data_path_up() || settling;
         if fenced != self.fenced {
