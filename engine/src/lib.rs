@@ -5,6 +5,7 @@
 //! `DESIGN.md`'s layout:
 //!
 //! - [`config`]: the YAML configuration, typed and validated.
+//! - [`appliance`]: appliance mode's services, port rules, backend tables and delivery.
 //! - [`wire`]: zero-copy packet views and builders (Ethernet/VLAN, ARP, IPv4/IPv6, TCP, UDP,
 //!   ICMPv4/ICMPv6 with neighbour discovery) and the one-pass classifier; no DPDK types.
 //! - [`cluster`]: flow keys, buckets, the ownership table, flow and fragment tracking (pure logic).
@@ -26,6 +27,7 @@
 //! `cluster::siphash` and `cluster::flow_table` (SIMD hashing, the flow table's aligned slots).
 #![deny(unsafe_code)]
 
+pub mod appliance;
 pub mod cluster;
 pub mod config;
 pub mod control;

@@ -22,8 +22,10 @@
 //!
 //! Open addressing with linear probing over a power-of-two array of 16-byte slots (four per
 //! cache line), at most 3/4 full (`slots = next_power_of_two(ceil(capacity * 4 / 3))`): the
-//! fingerprint (8), `last_seen` in ticks of 2^24 ns (~16.8 ms; 4), the bucket (2), the state
-//! (1, 0 = empty) and the IP protocol (1, for its timeout). A probe run starts at the first
+//! fingerprint (8), `last_seen` in ticks of 2^24 ns (~16.8 ms; 4), the bucket (2), and 2 bytes
+//! of state (4 bits, 0 = empty; UDP's open state apart from other protocols', for its timeout)
+//! and backend (12 bits: the backend an appliance chose for the flow, so that a change of the
+//! backend pool moves no existing flow). A probe run starts at the first
 //! slot of the cache line the fingerprint's low bits pick (its home), not at a slot within it:
 //! at 10 million flows in 2^24 slots, 7% of lookups then read a second line, against 27% with a
 //! slot-granular home — and at that size every line read is a memory access. Deletion shifts
@@ -261,12 +263,12 @@ impl From<FlowTimeouts> for TimeoutTicks {
 
 impl TimeoutTicks {
     #[inline]
-    fn of(&self, state: u8, proto: u8) -> u32 {
+    fn of(&self, state: u8) -> u32 {
         match state {
             STATE_SYN => self.tcp_syn,
             STATE_ESTABLISHED => self.tcp_established,
             STATE_CLOSING => self.tcp_closing,
-            _ if proto == UDP => self.udp,
+            STATE_OPEN_UDP => self.udp,
             _ => self.other,
         }
     }
@@ -277,12 +279,27 @@ const STATE_OPEN: u8 = FlowState::Open as u8;
 const STATE_SYN: u8 = FlowState::SynSeen as u8;
 const STATE_ESTABLISHED: u8 = FlowState::Established as u8;
 const STATE_CLOSING: u8 = FlowState::Closing as u8;
+/// [`FlowState::Open`] of a UDP flow (its own idle timeout).
+const STATE_OPEN_UDP: u8 = 5;
+/// The state's bits in [`Slot::meta`]; the backend id takes the rest.
+const STATE_MASK: u16 = 0xf;
+const BACKEND_SHIFT: u32 = 4;
+
+/// The slot form of a state: UDP's `Open` apart, for its timeout.
+#[inline(always)]
+fn raw_state(state: FlowState, proto: u8) -> u8 {
+    if state == FlowState::Open && proto == UDP {
+        STATE_OPEN_UDP
+    } else {
+        state as u8
+    }
+}
 
 impl FlowState {
     #[inline]
     fn from_raw(raw: u8) -> Option<FlowState> {
         match raw {
-            STATE_OPEN => Some(FlowState::Open),
+            STATE_OPEN | STATE_OPEN_UDP => Some(FlowState::Open),
             STATE_SYN => Some(FlowState::SynSeen),
             STATE_ESTABLISHED => Some(FlowState::Established),
             STATE_CLOSING => Some(FlowState::Closing),
@@ -298,6 +315,8 @@ pub struct FlowEntry {
     pub state: FlowState,
     /// The `now` of the last packet seen, rounded down to a tick (2^24 ns).
     pub last_seen: u64,
+    /// The backend an appliance chose for the flow (0: none yet; see [`FlowTable::set_backend`]).
+    pub backend: u16,
 }
 
 /// What [`FlowTable::upsert`] did.
@@ -312,6 +331,8 @@ pub struct Upsert {
     /// The flow is in the table now (false: a half-open flow that found no room among the
     /// half-open ones; see the module doc's admission).
     pub tracked: bool,
+    /// The backend recorded for the flow (0: none: a new flow, or not an appliance's).
+    pub backend: u16,
 }
 
 /// Counters since construction. `inserted == len + evicted + expired + removed` always.
@@ -341,15 +362,30 @@ struct Slot {
     /// Ticks (see [`ticks`]) of the last packet.
     last_seen: u32,
     bucket: u16,
-    /// `EMPTY` or a [`FlowState`] as `u8`.
-    state: u8,
-    proto: u8,
+    /// Bits 0..4: `EMPTY` or the state ([`raw_state`]); bits 4..16: the backend id (0: none).
+    meta: u16,
 }
 
 impl Slot {
     #[inline(always)]
     fn is_empty(&self) -> bool {
-        self.state == EMPTY
+        self.state() == EMPTY
+    }
+
+    #[inline(always)]
+    fn state(&self) -> u8 {
+        // The mask keeps 4 bits: the truncation is exact.
+        (self.meta & STATE_MASK) as u8
+    }
+
+    #[inline(always)]
+    fn set_state(&mut self, state: u8) {
+        self.meta = (self.meta & !STATE_MASK) | u16::from(state);
+    }
+
+    #[inline(always)]
+    fn backend(&self) -> u16 {
+        self.meta >> BACKEND_SHIFT
     }
 }
 
@@ -553,9 +589,22 @@ impl FlowTable {
         }
         Some(FlowEntry {
             bucket: Bucket(slot.bucket),
-            state: FlowState::from_raw(slot.state)?,
+            state: FlowState::from_raw(slot.state())?,
             last_seen: u64::from(slot.last_seen) << TICK_SHIFT,
+            backend: slot.backend(),
         })
+    }
+
+    /// Records the backend an appliance chose for flow `hash` (1..=4095; see
+    /// [`crate::config::MAX_BACKENDS`]); returns whether the flow is in the table.
+    pub fn set_backend(&mut self, hash: FlowHash, backend: u16) -> bool {
+        debug_assert!(backend < 1 << (16 - BACKEND_SHIFT));
+        let Some(i) = self.find(hash.0) else {
+            return false;
+        };
+        let slot = &mut self.slots[i];
+        slot.meta = (slot.meta & STATE_MASK) | (backend << BACKEND_SHIFT);
+        true
     }
 
     /// Records a packet of flow `hash` (IP protocol `proto`, in `bucket`) at `now`: creates the
@@ -586,23 +635,25 @@ impl FlowTable {
         }
         let slot = &mut self.slots[i];
         let prev = if expired {
+            // A new flow chooses its backend anew.
+            slot.meta &= STATE_MASK;
             None
         } else {
-            FlowState::from_raw(slot.state)
+            FlowState::from_raw(slot.state())
         };
         let state = FlowState::next(prev, proto, flags);
         // A known flow changes state in place: it stays tracked (a reused 4-tuple's SYN may
         // take the half-open count one past its share until the next insertion makes room).
         self.half_open = self.half_open + usize::from(state as u8 == STATE_SYN)
-            - usize::from(slot.state == STATE_SYN);
-        slot.state = state as u8;
-        slot.proto = proto;
+            - usize::from(slot.state() == STATE_SYN);
+        slot.set_state(raw_state(state, proto));
         slot.last_seen = now_t;
         Upsert {
             state,
             is_new: expired,
             evicted: false,
             tracked: true,
+            backend: slot.backend(),
         }
     }
 
@@ -631,6 +682,7 @@ impl FlowTable {
                         is_new: true,
                         evicted: false,
                         tracked: false,
+                        backend: 0,
                     };
                 }
             }
@@ -645,8 +697,7 @@ impl FlowTable {
             hash,
             last_seen: now_t,
             bucket: bucket.0,
-            state: state as u8,
-            proto,
+            meta: u16::from(raw_state(state, proto)),
         };
         self.len += 1;
         self.half_open += usize::from(half_open);
@@ -657,6 +708,7 @@ impl FlowTable {
             is_new: true,
             evicted,
             tracked: true,
+            backend: 0,
         }
     }
 
@@ -667,7 +719,7 @@ impl FlowTable {
             return;
         }
         for slot in self.slots.iter_mut() {
-            slot.state = EMPTY;
+            slot.meta = 0;
         }
         self.per_bucket.fill(0);
         self.stats.removed += self.len as u64;
@@ -683,8 +735,9 @@ impl FlowTable {
         self.stats.removed += 1;
         Some(FlowEntry {
             bucket: Bucket(slot.bucket),
-            state: FlowState::from_raw(slot.state)?,
+            state: FlowState::from_raw(slot.state())?,
             last_seen: u64::from(slot.last_seen) << TICK_SHIFT,
+            backend: slot.backend(),
         })
     }
 
@@ -741,7 +794,7 @@ impl FlowTable {
     fn is_expired(&self, slot: &Slot, now_t: u32) -> bool {
         let idle = now_t.wrapping_sub(slot.last_seen);
         // A `now` before `last_seen` (a wrapped difference in the upper half) is not idleness.
-        !slot.is_empty() && idle <= u32::MAX / 2 && idle > self.timeouts.of(slot.state, slot.proto)
+        !slot.is_empty() && idle <= u32::MAX / 2 && idle > self.timeouts.of(slot.state())
     }
 
     /// Drops one entry among the first [`EVICTION_WINDOW`] entries of the probe run at
@@ -757,7 +810,7 @@ impl FlowTable {
         for _ in 0..self.slots.len() {
             let slot = &self.slots[i];
             if !slot.is_empty() {
-                let syn = slot.state == STATE_SYN;
+                let syn = slot.state() == STATE_SYN;
                 if (syn || !half_open_only) && self.is_expired(slot, now_t) {
                     self.delete_at(i);
                     self.stats.expired += 1;
@@ -790,7 +843,7 @@ impl FlowTable {
         let bucket = self.slots[hole].bucket as usize;
         self.per_bucket[bucket] -= 1;
         self.len -= 1;
-        self.half_open -= usize::from(self.slots[hole].state == STATE_SYN);
+        self.half_open -= usize::from(self.slots[hole].state() == STATE_SYN);
         let mut j = hole;
         loop {
             j = (j + 1) & self.mask;
@@ -805,7 +858,7 @@ impl FlowTable {
                 hole = j;
             }
         }
-        self.slots[hole].state = EMPTY;
+        self.slots[hole].meta = 0;
     }
 }
 
@@ -901,8 +954,32 @@ mod tests {
             st.inserted,
             t.len as u64 + st.evicted + st.expired + st.removed
         );
-        let syn = occupied.iter().filter(|s| s.state == STATE_SYN).count();
+        let syn = occupied.iter().filter(|s| s.state() == STATE_SYN).count();
         assert_eq!(syn, t.half_open, "half-open count drifted");
+    }
+
+    #[test]
+    fn backend_is_kept_with_the_flow_and_forgotten_with_it() {
+        let mut t = table(100);
+        let (f, b) = (flow(1, TCP), Bucket(7));
+        assert!(!t.set_backend(f.hash, 9), "not in the table yet");
+        assert_eq!(t.up(&f, b, TcpFlags::SYN, SEC).backend, 0);
+        assert!(t.set_backend(f.hash, 4095));
+        // State changes keep it; the state is unchanged by it.
+        let u = t.up(&f, b, TcpFlags::ACK, 2 * SEC);
+        assert_eq!((u.state, u.backend), (FlowState::Established, 4095));
+        assert_eq!(t.g(&f, 2 * SEC).map(|e| e.backend), Some(4095));
+        // UDP keeps its own timeout next to a backend.
+        let udp = flow(2, UDP);
+        t.up(&udp, b, TcpFlags::NONE, SEC);
+        assert!(t.set_backend(udp.hash, 3));
+        assert_eq!(t.g(&udp, 20 * SEC).map(|e| e.backend), Some(3));
+        assert_eq!(t.g(&udp, 40 * SEC), None, "UDP's 30 s timeout");
+        // A flow that starts over after its timeout chooses again.
+        let u = t.up(&udp, b, TcpFlags::NONE, 40 * SEC);
+        assert_eq!((u.is_new, u.backend), (true, 0));
+        assert_eq!(t.rm(&f).map(|e| e.backend), Some(4095));
+        check(&t);
     }
 
     #[test]
@@ -1270,7 +1347,7 @@ mod tests {
                         let had = t.find(flow(k, proto_of(k)).hash.0).is_some();
                         let before = t.stats();
                         let settled = |t: &FlowTable| {
-                            t.slots.iter().filter(|s| !s.is_empty() && s.state != STATE_SYN).count()
+                            t.slots.iter().filter(|s| !s.is_empty() && s.state() != STATE_SYN).count()
                         };
                         let settled_before = settled(&t);
                         let u = t.up(&flow(k, proto_of(k)), Bucket(k as u16), TcpFlags(f), now);

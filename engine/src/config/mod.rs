@@ -16,6 +16,13 @@ pub use crate::cluster::Affinity;
 use crate::cluster::{NodeId, Weight};
 use crate::wire::EthernetAddress;
 
+mod services;
+
+pub use services::{
+    BackendConfig, BackendHealthConfig, Delivery, PortRange, RuleMode, ServiceConfig,
+    ServiceProtocol, Unmatched, MAX_BACKENDS,
+};
+
 // A MAC as written in YAML: `02:cc:00:00:00:01`.
 impl<'de> Deserialize<'de> for EthernetAddress {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -67,6 +74,13 @@ pub struct Config {
     /// Health check of the local service: failing drains the node, recovering undrains it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthConfig>,
+    /// Appliance mode's port rules (DESIGN.md, "Two delivery modes"): leave out for server
+    /// mode, where the cluster address is delivered to every node's own kernel.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceConfig>,
+    /// Traffic to a service address that matches no rule.
+    #[serde(default)]
+    pub unmatched: Unmatched,
 }
 
 /// What every node of the cluster shares: the cluster address and the secret.
@@ -111,6 +125,13 @@ pub struct NodeConfig {
     pub mac: EthernetAddress,
     #[serde(default = "default_weight")]
     pub weight: Weight,
+    /// This node's own IPv4 address on the wire: the outer source of encapsulated frames and
+    /// the sender of ARP requests for backends (appliance mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
+    /// This node's own IPv6 address on the wire, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
 }
 
 fn default_weight() -> Weight {
@@ -422,7 +443,8 @@ impl Config {
         self.validate_addresses(file)?;
         self.validate_control(file)?;
         self.validate_cores_and_ports(file)?;
-        self.validate_sizes(file)
+        self.validate_sizes(file)?;
+        self.validate_services(file)
     }
 
     /// The cluster and node MACs.
@@ -787,7 +809,7 @@ fn health_fall() -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) const LAB: &str = r#"

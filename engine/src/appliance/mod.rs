@@ -1,0 +1,355 @@
+//! Appliance mode (DESIGN.md, "Two delivery modes"): the services a cluster answers for, their
+//! port rules, and the backend a new flow of a service goes to.
+//!
+//! [`Services`] is the compiled, immutable form of the configuration's `services` section plus
+//! what the control plane learned about the backends (MACs, health): packet cores hold it as an
+//! `Arc` and swap it between bursts, as they do the ownership snapshot. It answers three
+//! questions per frame: which rule a destination matches ([`Services::lookup`]), which backend
+//! a new flow of a rule goes to ([`Services::choose`], a Maglev table per rule: [`maglev`]),
+//! and where a backend id the flow table remembers points ([`Services::backend`]).
+//! [`encap`] rewrites or encapsulates a frame for its backend.
+//!
+//! Backend ids are small integers (1..=[`crate::config::MAX_BACKENDS`]) that the flow table
+//! keeps per flow; a backend keeps its id across reloads ([`Services::compile`] with the
+//! previous services), so a flow keeps its backend whatever happens to the pool.
+//!
+//! Nothing here reads a clock, does I/O or allocates per frame.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::cluster::{derive_key, Affinity, NodeId};
+use crate::config::{Config, Delivery, PortRange, RuleMode, Unmatched};
+use crate::wire::EthernetAddress;
+
+pub mod encap;
+pub mod maglev;
+
+use maglev::{Candidate, Maglev};
+
+/// The HMAC label of the key every node builds backend tables with.
+pub const BACKEND_KEY_LABEL: &[u8] = b"clonecluster backend table v1";
+
+/// What a backend is for new flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendState {
+    /// Takes new flows by its weight.
+    Up,
+    /// Failed its health checks (as the cluster agreed): no new flows.
+    Down,
+    /// Drained by the operator: its flows continue, no new ones.
+    Drained,
+}
+
+impl BackendState {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendState::Up => "up",
+            BackendState::Down => "down",
+            BackendState::Drained => "drained",
+        }
+    }
+}
+
+/// One backend of a rule.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// Stable while the backend stays in its service (see the module doc).
+    pub id: u16,
+    pub name: String,
+    pub ip: IpAddr,
+    /// Where its frames go on the wire: configured, or learned by ARP/NDP (`None`: not yet).
+    pub mac: Option<EthernetAddress>,
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+/// One port rule, compiled.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+    /// IP protocol number.
+    pub proto: u8,
+    pub ports: Vec<PortRange>,
+    pub mode: RuleMode,
+    /// `single` rules: the nodes in order of preference.
+    pub priority: Vec<NodeId>,
+    pub affinity: Affinity,
+    pub delivery: Delivery,
+    pub gue_port: u16,
+    pub mtu: u16,
+    pub backends: Vec<Backend>,
+    table: Maglev,
+}
+
+impl Rule {
+    /// Whether a frame to `dst` with IP protocol `proto` and port `port` is this rule's.
+    #[inline]
+    fn matches(&self, dst: IpAddr, proto: u8, port: u16) -> bool {
+        self.proto == proto
+            && self.addresses.contains(&dst)
+            && self.ports.iter().any(|p| p.contains(port))
+    }
+
+    /// The node that takes a `single` rule: the first of its priority list that `serving`
+    /// (bit `id - 1`) says can serve.
+    pub fn single_owner(&self, serving: u64) -> Option<NodeId> {
+        let up = |n: &NodeId| serving & (1u64 << (n.get() - 1)) != 0;
+        if self.priority.is_empty() {
+            (1..=64u8)
+                .filter_map(NodeId::new)
+                .find(|n| up(n))
+        } else {
+            self.priority.iter().copied().find(up)
+        }
+    }
+}
+
+/// What a destination matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Match {
+    /// Not a service address: the cluster's own traffic (server mode).
+    Cluster,
+    /// Rule `n` of [`Services::rules`].
+    Rule(usize),
+    /// A service address, but no rule has this protocol and port.
+    NoRule,
+}
+
+/// Every rule of the node, compiled (see the module doc).
+#[derive(Debug, Clone, Default)]
+pub struct Services {
+    rules: Vec<Rule>,
+    /// Every service address, once.
+    addresses: Vec<IpAddr>,
+    unmatched: Unmatched,
+    /// Any rule at all: without, every frame takes server mode's path untouched.
+    active: bool,
+    /// Any `single` rule: ownership is not by bucket alone.
+    has_single: bool,
+    /// Backend id -> (rule, backend index), for ids up to the largest.
+    by_id: Vec<Option<(u16, u16)>>,
+    /// The agreed backend table's epoch this was built from (0: the configuration's).
+    pub epoch: u64,
+}
+
+impl Services {
+    /// No service: server mode.
+    pub fn none() -> Arc<Services> {
+        Arc::new(Services::default())
+    }
+
+    /// The rules of `config`, with backend tables keyed by `secret`. Backends that were in
+    /// `previous` (same rule name and address) keep their id, MAC and state.
+    pub fn compile(config: &Config, secret: &[u8], previous: Option<&Services>) -> Services {
+        let key = derive_key(secret, BACKEND_KEY_LABEL);
+        let mut used: Vec<bool> = vec![false; crate::config::MAX_BACKENDS + 1];
+        used[0] = true;
+        let old = |rule: &str, ip: IpAddr| {
+            previous.and_then(|p| {
+                p.rules
+                    .iter()
+                    .find(|r| r.name == rule)
+                    .and_then(|r| r.backends.iter().find(|b| b.ip == ip))
+            })
+        };
+        // Ids of backends that stay are taken first, so new ones never collide with them.
+        for s in &config.services {
+            for b in &s.backends {
+                if let Some(o) = old(&s.name, b.ip) {
+                    used[usize::from(o.id)] = true;
+                }
+            }
+        }
+        let mut next_free = 1usize;
+        let mut rules = Vec::new();
+        for s in &config.services {
+            let backends: Vec<Backend> = s
+                .backends
+                .iter()
+                .map(|b| {
+                    let o = old(&s.name, b.ip);
+                    let id = match o {
+                        Some(o) => o.id,
+                        None => {
+                            while used[next_free] {
+                                next_free += 1;
+                            }
+                            used[next_free] = true;
+                            // At most MAX_BACKENDS (4095) ids: validated, fits in u16.
+                            next_free as u16
+                        }
+                    };
+                    Backend {
+                        id,
+                        name: b.label(),
+                        ip: b.ip,
+                        mac: b.mac.or(o.and_then(|o| o.mac)),
+                        weight: b.weight,
+                        state: o.map_or(BackendState::Up, |o| o.state),
+                    }
+                })
+                .collect();
+            rules.push(Rule {
+                name: s.name.clone(),
+                addresses: s.addresses.clone(),
+                proto: s.protocol.number(),
+                ports: s.ports.clone(),
+                mode: s.mode,
+                priority: s.priority.clone(),
+                affinity: s.affinity,
+                delivery: s.delivery,
+                gue_port: s.gue_port,
+                mtu: s.mtu,
+                table: Maglev::build(&candidates(&backends), &key),
+                backends,
+            });
+        }
+        let mut services = Services {
+            rules,
+            unmatched: config.unmatched,
+            epoch: previous.map_or(0, |p| p.epoch),
+            ..Services::default()
+        };
+        services.index();
+        services
+    }
+
+    /// The derived lookups: addresses, flags, ids.
+    fn index(&mut self) {
+        self.addresses.clear();
+        for r in &self.rules {
+            for a in &r.addresses {
+                if !self.addresses.contains(a) {
+                    self.addresses.push(*a);
+                }
+            }
+        }
+        self.active = !self.rules.is_empty();
+        self.has_single = self.rules.iter().any(|r| r.mode == RuleMode::Single);
+        self.by_id.clear();
+        for (ri, r) in self.rules.iter().enumerate() {
+            for (bi, b) in r.backends.iter().enumerate() {
+                let id = usize::from(b.id);
+                if self.by_id.len() <= id {
+                    self.by_id.resize(id + 1, None);
+                }
+                // Rules and backends per rule are bounded by MAX_BACKENDS: both fit in u16.
+                self.by_id[id] = Some((ri as u16, bi as u16));
+            }
+        }
+    }
+
+    /// The same services with backend `id`'s state (or MAC) changed and the tables rebuilt.
+    pub fn with_backend(
+        &self,
+        secret: &[u8],
+        id: u16,
+        change: impl FnOnce(&mut Backend),
+    ) -> Services {
+        let mut s = self.clone();
+        if let Some(Some((ri, bi))) = self.by_id.get(usize::from(id)) {
+            let rule = &mut s.rules[usize::from(*ri)];
+            change(&mut rule.backends[usize::from(*bi)]);
+            let key = derive_key(secret, BACKEND_KEY_LABEL);
+            rule.table = Maglev::build(&candidates(&rule.backends), &key);
+        }
+        s
+    }
+
+    /// Whether there is any rule (else server mode's path, untouched).
+    #[inline(always)]
+    pub fn active(&self) -> bool {
+        self.active
+    }
+
+    /// Whether any rule is `single`: its frames are not owned by bucket.
+    #[inline(always)]
+    pub fn has_single(&self) -> bool {
+        self.has_single
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Every service address.
+    pub fn addresses(&self) -> &[IpAddr] {
+        &self.addresses
+    }
+
+    /// Whether `ip` is a service address (answered by ARP/NDP like the cluster address).
+    #[inline]
+    pub fn is_address(&self, ip: IpAddr) -> bool {
+        self.addresses.contains(&ip)
+    }
+
+    pub fn unmatched(&self) -> Unmatched {
+        self.unmatched
+    }
+
+    /// The rule a frame to `dst` (IP protocol `proto`, destination port `port`) falls under.
+    #[inline]
+    pub fn lookup(&self, dst: IpAddr, proto: u8, port: u16) -> Match {
+        if !self.addresses.contains(&dst) {
+            return Match::Cluster;
+        }
+        match self.rules.iter().position(|r| r.matches(dst, proto, port)) {
+            Some(i) => Match::Rule(i),
+            None => Match::NoRule,
+        }
+    }
+
+    /// The backend a new flow of rule `rule` with affinity hash `h` goes to.
+    #[inline]
+    pub fn choose(&self, rule: usize, h: u64) -> Option<&Backend> {
+        let r = self.rules.get(rule)?;
+        r.table.lookup(h).map(|i| &r.backends[i])
+    }
+
+    /// The backend with id `id`, if it is still rule `rule`'s.
+    #[inline]
+    pub fn backend(&self, rule: usize, id: u16) -> Option<&Backend> {
+        match self.by_id.get(usize::from(id)) {
+            Some(Some((ri, bi))) if usize::from(*ri) == rule => {
+                Some(&self.rules[rule].backends[usize::from(*bi)])
+            }
+            _ => None,
+        }
+    }
+
+    /// Every backend, with its rule's index.
+    pub fn backends(&self) -> impl Iterator<Item = (usize, &Backend)> {
+        self.rules
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| r.backends.iter().map(move |b| (i, b)))
+    }
+
+    /// Entries of rule `rule`'s table per backend (its share of new flows), in backend order.
+    pub fn shares(&self, rule: usize) -> Vec<usize> {
+        self.rules
+            .get(rule)
+            .map(|r| r.table.shares(r.backends.len()))
+            .unwrap_or_default()
+    }
+}
+
+/// What a rule's table is built from: up backends with their weight, the rest with none.
+fn candidates(backends: &[Backend]) -> Vec<Candidate> {
+    backends
+        .iter()
+        .map(|b| Candidate {
+            ip: b.ip,
+            weight: if b.state == BackendState::Up {
+                b.weight
+            } else {
+                0
+            },
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,136 @@
+use super::*;
+use crate::config::Config;
+
+const CONF: &str = r#"
+cluster:
+  ip: 198.18.0.1
+  mac: 02:cc:00:00:00:01
+  secret_file: secret
+node:
+  id: 1
+  mac: 02:00:00:00:00:01
+  ip: 198.18.0.11
+dataplane:
+  eal_args: [--no-huge, -m, "256"]
+  wire_port: { vdev: "net_af_packet0,iface=eth0" }
+  host_port: { vdev: "net_tap0,iface=cc0" }
+services:
+  - name: web
+    addresses: [198.18.0.100, "2001:2::100"]
+    ports: [80, "8000-8001"]
+    delivery: dsr
+    backends:
+      - { ip: 198.18.0.21, mac: 02:bb:00:00:00:01 }
+      - { ip: 198.18.0.22, mac: 02:bb:00:00:00:02 }
+      - { ip: "2001:2::22", mac: 02:bb:00:00:00:02 }
+  - name: dns
+    addresses: [198.18.0.100]
+    protocol: udp
+    ports: [53]
+    mode: single
+    priority: [2, 1]
+    delivery: gue
+    backends:
+      - { ip: 198.18.1.21 }
+  - name: closed
+    addresses: [198.18.0.101]
+    ports: [22]
+    mode: disabled
+"#;
+
+fn config(text: &str) -> Config {
+    let c = Config::parse(text, "t.yaml").unwrap();
+    c.validate("t.yaml").unwrap();
+    c
+}
+
+fn v4(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn destinations_match_rules_by_address_protocol_and_port() {
+    let s = Services::compile(&config(CONF), b"secret", None);
+    assert!(s.active() && s.has_single());
+    assert_eq!(s.lookup(v4("198.18.0.100"), 6, 80), Match::Rule(0));
+    assert_eq!(s.lookup(v4("198.18.0.100"), 6, 8001), Match::Rule(0));
+    assert_eq!(s.lookup(v4("2001:2::100"), 6, 8000), Match::Rule(0));
+    assert_eq!(s.lookup(v4("198.18.0.100"), 17, 53), Match::Rule(1));
+    assert_eq!(s.lookup(v4("198.18.0.100"), 6, 53), Match::NoRule);
+    assert_eq!(s.lookup(v4("198.18.0.100"), 6, 8002), Match::NoRule);
+    assert_eq!(s.lookup(v4("198.18.0.101"), 6, 22), Match::Rule(2));
+    assert_eq!(s.lookup(v4("198.18.0.1"), 6, 80), Match::Cluster);
+    assert!(s.is_address(v4("2001:2::100")) && !s.is_address(v4("198.18.0.1")));
+    assert!(!Services::none().active());
+}
+
+#[test]
+fn single_rules_go_to_the_first_serving_node_by_priority() {
+    let s = Services::compile(&config(CONF), b"secret", None);
+    let dns = &s.rules()[1];
+    let n = |i| NodeId::new(i).unwrap();
+    assert_eq!(dns.single_owner(0b11), Some(n(2)));
+    assert_eq!(dns.single_owner(0b01), Some(n(1)));
+    assert_eq!(dns.single_owner(0b100), None, "node 3 is not in the list");
+    let mut web = s.rules()[0].clone();
+    web.priority.clear();
+    assert_eq!(web.single_owner(0b110), Some(n(2)), "no list: lowest id");
+}
+
+#[test]
+fn backends_keep_their_ids_across_reloads() {
+    let c = config(CONF);
+    let s = Services::compile(&c, b"secret", None);
+    let ids: Vec<u16> = s.backends().map(|(_, b)| b.id).collect();
+    assert_eq!(ids, [1, 2, 3, 4]);
+    // Drop the first backend of `web`, add one: the others keep their ids, the new one takes
+    // a free id, and a learned MAC and a state carry over.
+    let learned = s.with_backend(b"secret", 4, |b| {
+        b.mac = Some(EthernetAddress([2, 0xbb, 0, 0, 0, 9]));
+        b.state = BackendState::Down;
+    });
+    let text = CONF
+        .replace("      - { ip: 198.18.0.21, mac: 02:bb:00:00:00:01 }\n", "")
+        .replace(
+            "      - { ip: 198.18.1.21 }\n",
+            "      - { ip: 198.18.1.21 }\n      - { ip: 198.18.1.22, mac: 02:bb:00:00:00:07 }\n",
+        );
+    let r = Services::compile(&config(&text), b"secret", Some(&learned));
+    let got: Vec<(IpAddr, u16)> = r.backends().map(|(_, b)| (b.ip, b.id)).collect();
+    assert_eq!(
+        got,
+        [
+            (v4("198.18.0.22"), 2),
+            (v4("2001:2::22"), 3),
+            (v4("198.18.1.21"), 4),
+            (v4("198.18.1.22"), 1)
+        ]
+    );
+    let dns = r.backend(1, 4).unwrap();
+    assert_eq!(dns.mac, Some(EthernetAddress([2, 0xbb, 0, 0, 0, 9])));
+    assert_eq!(dns.state, BackendState::Down);
+    assert!(r.backend(0, 4).is_none(), "id 4 is not web's");
+    assert!(r.backend(0, 1).is_none(), "id 1 is dns's now");
+}
+
+#[test]
+fn a_backend_out_of_service_gets_no_new_flows() {
+    let s = Services::compile(&config(CONF), b"secret", None);
+    let chosen = |s: &Services| {
+        let mut n = [0u32; 5];
+        for x in 0..20_000u64 {
+            let h = x.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            n[usize::from(s.choose(0, h).unwrap().id)] += 1;
+        }
+        n
+    };
+    let all = chosen(&s);
+    assert!(all[1] > 0 && all[2] > 0 && all[3] > 0);
+    let drained = s.with_backend(b"secret", 2, |b| b.state = BackendState::Drained);
+    let n = chosen(&drained);
+    assert_eq!(n[2], 0);
+    assert!(n[1] > 0 && n[3] > 0);
+    // Same table on every node: the secret decides, not the order of construction.
+    let again = Services::compile(&config(CONF), b"secret", None);
+    assert_eq!(chosen(&again), all);
+}

@@ -1,0 +1,597 @@
+//! The `services` section: appliance mode's virtual addresses, port rules and backend pools
+//! (DESIGN.md, "Two delivery modes"), as written in YAML, and their checks.
+//!
+//! Owns the shape and the validation of what an operator writes; never compiles tables (that is
+//! [`crate::appliance`]) and never touches the network.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{problem, Affinity, Config, ConfigError, Span};
+use crate::cluster::NodeId;
+use crate::wire::EthernetAddress;
+
+/// One port rule: traffic to `addresses` with `protocol` and a destination port in `ports`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// A short name for status, metrics and logs (letters, digits, `-`, `_`).
+    pub name: String,
+    /// The virtual addresses (IPv4 and/or IPv6) the cluster answers ARP/NDP for.
+    pub addresses: Vec<IpAddr>,
+    #[serde(default)]
+    pub protocol: ServiceProtocol,
+    /// Single ports and ranges: `[80, 443, "8000-8099"]`.
+    pub ports: Vec<PortRange>,
+    #[serde(default)]
+    pub mode: RuleMode,
+    /// `single` rules: the nodes in order of preference (default: ascending node id).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub priority: Vec<NodeId>,
+    /// Which flows go to the same backend: `none` (each connection on its own), `single` (every
+    /// connection of a client address), `network` (every client of a /24 or /64).
+    #[serde(default)]
+    pub affinity: Affinity,
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// `gue` delivery: the backends' GUE port.
+    #[serde(default = "default_gue_port")]
+    pub gue_port: u16,
+    /// Encapsulated delivery: the path MTU towards the backends; a client datagram with DF set
+    /// that would exceed it once encapsulated gets "fragmentation needed" / "packet too big".
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendConfig>,
+    /// How every node checks every backend (leave out: backends are taken as healthy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_health: Option<BackendHealthConfig>,
+}
+
+fn default_gue_port() -> u16 {
+    6080
+}
+fn default_mtu() -> u16 {
+    1500
+}
+
+/// One backend server of a service.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// A short name for status and metrics (default: the address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub ip: IpAddr,
+    /// The backend's MAC (DSR) or the next hop's (encapsulation); leave out to resolve it by
+    /// ARP/NDP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<EthernetAddress>,
+    /// Relative share of new flows; 0 sends it no new flows (its existing flows continue).
+    #[serde(default = "default_backend_weight")]
+    pub weight: u32,
+}
+
+fn default_backend_weight() -> u32 {
+    100
+}
+
+impl BackendConfig {
+    /// The name status and metrics show.
+    pub fn label(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.ip.to_string())
+    }
+}
+
+/// How every node checks a service's backends.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendHealthConfig {
+    /// The port checked on each backend's address.
+    pub port: u16,
+    /// `GET http_path` must answer `expect_status`; leave out for a TCP connect check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_path: Option<String>,
+    #[serde(default = "default_expect")]
+    pub expect_status: u16,
+    #[serde(default = "default_check_interval")]
+    pub interval: Span,
+    #[serde(default = "default_check_timeout")]
+    pub timeout: Span,
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+fn default_expect() -> u16 {
+    200
+}
+fn default_check_interval() -> Span {
+    Span(std::time::Duration::from_millis(500))
+}
+fn default_check_timeout() -> Span {
+    Span(std::time::Duration::from_millis(300))
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    2
+}
+
+/// The transport protocol of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceProtocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl ServiceProtocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            ServiceProtocol::Tcp => 6,
+            ServiceProtocol::Udp => 17,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ServiceProtocol::Tcp => "tcp",
+            ServiceProtocol::Udp => "udp",
+        }
+    }
+}
+
+/// Windows NLB's filtering modes for a port rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleMode {
+    /// Buckets over the nodes (the default).
+    #[default]
+    Multiple,
+    /// One node, by priority, takes the whole rule; the next takes over when it cannot serve.
+    Single,
+    /// Dropped and counted.
+    Disabled,
+}
+
+impl RuleMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            RuleMode::Multiple => "multiple",
+            RuleMode::Single => "single",
+            RuleMode::Disabled => "disabled",
+        }
+    }
+}
+
+/// Where an owned frame of the rule goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// This node's own kernel (server mode).
+    #[default]
+    Local,
+    /// Direct server return: the frame goes to the backend's MAC unchanged above layer 2.
+    Dsr,
+    /// IP in IP (IPv4 in IPv4, IPv6 in IPv6) to the backend's address.
+    Ipip,
+    /// Generic UDP encapsulation to the backend's address and `gue_port`.
+    Gue,
+}
+
+impl Delivery {
+    pub fn name(self) -> &'static str {
+        match self {
+            Delivery::Local => "local",
+            Delivery::Dsr => "dsr",
+            Delivery::Ipip => "ipip",
+            Delivery::Gue => "gue",
+        }
+    }
+
+    /// Whether owned frames leave on the wire towards a backend.
+    pub fn is_appliance(self) -> bool {
+        self != Delivery::Local
+    }
+}
+
+/// Traffic to a service address that matches no rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmatched {
+    /// Dropped and counted as `no-rule`.
+    #[default]
+    Drop,
+    /// Delivered to the owning node's own kernel, as server mode does.
+    Local,
+}
+
+/// A port or an inclusive range of ports: `80` or `"8000-8099"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+
+    fn overlaps(&self, other: &PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Port(u16),
+            Text(String),
+        }
+        let bad = |s: &str| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a port or a port range; write 80 or \"8000-8099\" (1-65535)"
+            ))
+        };
+        let (first, last) = match Raw::deserialize(d)? {
+            Raw::Port(p) => (p, p),
+            Raw::Text(s) => {
+                let parse = |t: &str| t.trim().parse::<u16>().map_err(|_| bad(&s));
+                match s.split_once('-') {
+                    Some((a, b)) => (parse(a)?, parse(b)?),
+                    None => {
+                        let p = parse(&s)?;
+                        (p, p)
+                    }
+                }
+            }
+        };
+        if first == 0 || first > last {
+            return Err(bad(&format!("{first}-{last}")));
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.first == self.last {
+            s.serialize_u16(self.first)
+        } else {
+            s.collect_str(&format_args!("{}-{}", self.first, self.last))
+        }
+    }
+}
+
+/// Most backends in all services together (the flow table keeps a 12-bit backend id).
+pub const MAX_BACKENDS: usize = 4095;
+
+impl Config {
+    /// The services: names, addresses, overlapping rules, backends.
+    pub(super) fn validate_services(&self, file: &str) -> Result<(), ConfigError> {
+        let err = problem(file);
+        let mut names = HashSet::new();
+        let mut backends = 0usize;
+        let node_addresses: Vec<IpAddr> = self.node_addresses();
+        for (i, s) in self.services.iter().enumerate() {
+            let at = |key: &str| format!("services[{i}].{key}");
+            if s.name.is_empty()
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(err(
+                    &at("name"),
+                    format!("`{}` is not a usable service name", s.name),
+                    "use letters, digits, `-` and `_`, e.g. web-https",
+                ));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(err(
+                    &at("name"),
+                    format!("a second service is named `{}`", s.name),
+                    "give every service its own name",
+                ));
+            }
+            if s.addresses.is_empty() {
+                return Err(err(
+                    &at("addresses"),
+                    "no virtual address".into(),
+                    "list at least one address, e.g. [198.18.0.100]",
+                ));
+            }
+            for a in &s.addresses {
+                if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+                    return Err(err(
+                        &at("addresses"),
+                        format!("{a} cannot be a virtual address"),
+                        "use a unicast address of the segment, e.g. 198.18.0.100",
+                    ));
+                }
+                if node_addresses.contains(a) {
+                    return Err(err(
+                        &at("addresses"),
+                        format!("{a} is this node's own address (node.ip / node.ip6)"),
+                        "give the service an address no node uses",
+                    ));
+                }
+            }
+            if s.ports.is_empty() {
+                return Err(err(
+                    &at("ports"),
+                    "no port".into(),
+                    "list ports or ranges, e.g. [80, \"8000-8099\"]",
+                ));
+            }
+            if s.mode == RuleMode::Single {
+                let mut seen = HashSet::new();
+                if let Some(dup) = s.priority.iter().find(|n| !seen.insert(**n)) {
+                    return Err(err(
+                        &at("priority"),
+                        format!("node {dup} is listed twice"),
+                        "list each node once, the preferred first",
+                    ));
+                }
+            } else if !s.priority.is_empty() {
+                return Err(err(
+                    &at("priority"),
+                    format!("a priority list on a `{}` rule has no effect", s.mode.name()),
+                    "remove it, or set mode: single",
+                ));
+            }
+            self.validate_delivery(file, i, s, &node_addresses)?;
+            backends += s.backends.len();
+            for (j, earlier) in self.services[..i].iter().enumerate() {
+                if earlier.protocol == s.protocol
+                    && earlier.addresses.iter().any(|a| s.addresses.contains(a))
+                    && earlier
+                        .ports
+                        .iter()
+                        .any(|p| s.ports.iter().any(|q| p.overlaps(q)))
+                {
+                    return Err(err(
+                        &at("ports"),
+                        format!(
+                            "overlaps service `{}` (services[{j}]): same address, protocol and \
+                             port; a frame must match one rule",
+                            earlier.name
+                        ),
+                        "split the port ranges so that no port is in both rules",
+                    ));
+                }
+            }
+        }
+        if backends > MAX_BACKENDS {
+            return Err(err(
+                "services",
+                format!("{backends} backends in all; at most {MAX_BACKENDS}"),
+                "use fewer backends per node configuration",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_delivery(
+        &self,
+        file: &str,
+        i: usize,
+        s: &ServiceConfig,
+        node_addresses: &[IpAddr],
+    ) -> Result<(), ConfigError> {
+        let err = problem(file);
+        let at = |key: &str| format!("services[{i}].{key}");
+        if !s.delivery.is_appliance() {
+            if !s.backends.is_empty() || s.backend_health.is_some() {
+                return Err(err(
+                    &at("backends"),
+                    "a `local` service delivers to this node's kernel: backends are unused".into(),
+                    "remove the backends, or set delivery: dsr, ipip or gue",
+                ));
+            }
+            return Ok(());
+        }
+        if s.backends.is_empty() && s.mode != RuleMode::Disabled {
+            return Err(err(
+                &at("backends"),
+                format!("`{}` delivery needs at least one backend", s.delivery.name()),
+                "list the backends, e.g. - { ip: 198.18.0.21 }",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (j, b) in s.backends.iter().enumerate() {
+            let key = format!("services[{i}].backends[{j}]");
+            if !seen.insert(b.ip) {
+                return Err(err(
+                    &format!("{key}.ip"),
+                    format!("{} is listed twice", b.ip),
+                    "list each backend once; use weight for a larger share",
+                ));
+            }
+            if s.addresses.contains(&b.ip) || node_addresses.contains(&b.ip) {
+                return Err(err(
+                    &format!("{key}.ip"),
+                    format!("{} is a virtual address or a node's own address", b.ip),
+                    "use the backend server's own address",
+                ));
+            }
+            if b.ip.is_unspecified() || b.ip.is_multicast() || b.ip.is_loopback() {
+                return Err(err(
+                    &format!("{key}.ip"),
+                    format!("{} cannot be a backend address", b.ip),
+                    "use the backend server's unicast address",
+                ));
+            }
+            if let Some(mac) = b.mac {
+                if !mac.is_unicast() || mac == EthernetAddress::ZERO {
+                    return Err(err(
+                        &format!("{key}.mac"),
+                        format!("{mac} is not a unicast MAC"),
+                        "write the backend's (or next hop's) own MAC, or leave it out to use ARP",
+                    ));
+                }
+                if mac == self.cluster.mac || mac == self.node.mac {
+                    return Err(err(
+                        &format!("{key}.mac"),
+                        format!("{mac} is the cluster's or this node's MAC"),
+                        "write the backend's (or next hop's) own MAC",
+                    ));
+                }
+            }
+            if s.delivery == Delivery::Dsr
+                && s.addresses.iter().all(|a| a.is_ipv4() != b.ip.is_ipv4())
+            {
+                return Err(err(
+                    &format!("{key}.ip"),
+                    "no virtual address of the same IP version".into(),
+                    "DSR keeps the packet: give the service an address of the backend's version",
+                ));
+            }
+        }
+        if matches!(s.delivery, Delivery::Ipip | Delivery::Gue) {
+            let has = |v4: bool| node_addresses.iter().any(|a| a.is_ipv4() == v4);
+            if let Some(b) = s.backends.iter().find(|b| !has(b.ip.is_ipv4())) {
+                return Err(err(
+                    "node.ip",
+                    format!(
+                        "service `{}` encapsulates to {}: the node needs its own address of that \
+                         IP version as the outer source",
+                        s.name, b.ip
+                    ),
+                    "set node.ip (IPv4) or node.ip6 (IPv6) to this node's address on the wire",
+                ));
+            }
+            if s.mtu < 1280 {
+                return Err(err(
+                    &at("mtu"),
+                    format!("{} is below the IPv6 minimum", s.mtu),
+                    "use the backend path's MTU, 1500 on most networks",
+                ));
+            }
+        }
+        if s.backends.iter().all(|b| b.weight == 0) && !s.backends.is_empty() {
+            return Err(err(
+                &at("backends"),
+                "every backend has weight 0: no new flow could be served".into(),
+                "give at least one backend a weight above 0",
+            ));
+        }
+        if let Some(h) = &s.backend_health {
+            if h.rise == 0 || h.fall == 0 || h.interval.0.is_zero() || h.timeout.0.is_zero() {
+                return Err(err(
+                    &at("backend_health"),
+                    "rise, fall, interval and timeout must all be above 0".into(),
+                    "use e.g. interval: 500ms, timeout: 300ms, rise: 2, fall: 2",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// This node's own addresses on the wire.
+    pub fn node_addresses(&self) -> Vec<IpAddr> {
+        let mut v = Vec::new();
+        if let Some(a) = self.node.ip {
+            v.push(IpAddr::V4(a));
+        }
+        if let Some(a) = self.node.ip6 {
+            v.push(IpAddr::V6(a));
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::LAB;
+    use super::*;
+
+    const APPLIANCE: &str = r#"
+services:
+  - name: web
+    addresses: [198.18.0.100]
+    ports: [80, "8000-8001"]
+    delivery: dsr
+    backends:
+      - { ip: 198.18.0.21, mac: 02:bb:00:00:00:01 }
+      - { ip: 198.18.0.22, weight: 50 }
+  - name: api
+    addresses: [198.18.0.100]
+    ports: [443]
+    mode: single
+    priority: [2, 1]
+    delivery: gue
+    backends:
+      - { name: far, ip: 198.18.1.21 }
+"#;
+
+    fn with(services: &str) -> String {
+        LAB.replace("  mac: 02:00:00:00:00:01\n", "  mac: 02:00:00:00:00:01\n  ip: 198.18.0.11\n")
+            + services
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let c = Config::parse(text, "t.yaml")?;
+        c.validate("t.yaml")?;
+        Ok(c)
+    }
+
+    #[test]
+    fn appliance_example_parses_and_round_trips() {
+        let c = parse(&with(APPLIANCE)).unwrap();
+        assert_eq!(c.services.len(), 2);
+        let web = &c.services[0];
+        assert_eq!(web.ports[1], PortRange { first: 8000, last: 8001 });
+        assert_eq!(web.backends[1].weight, 50);
+        assert_eq!(c.services[1].delivery, Delivery::Gue);
+        assert_eq!(c.services[1].gue_port, 6080);
+        let again = parse(&c.to_yaml()).unwrap();
+        assert_eq!(again.to_yaml(), c.to_yaml());
+    }
+
+    #[test]
+    fn every_kind_of_mistake_names_key_and_fix() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("8000-8001", "8001-8000", "services[0].ports[1]"),
+            ("[80, ", "[0, ", "services[0].ports[0]"),
+            ("name: api", "name: web", "services[1].name"),
+            ("[443]", "[80]", "services[1].ports"),
+            ("02:bb:00:00:00:01", "01:00:5e:00:00:01", "services[0].backends[0].mac"),
+            ("02:bb:00:00:00:01", "02:cc:00:00:00:01", "services[0].backends[0].mac"),
+            ("198.18.0.22, weight", "198.18.0.100, weight", "services[0].backends[1].ip"),
+            ("198.18.0.22, weight", "198.18.0.21, weight", "services[0].backends[1].ip"),
+            ("addresses: [198.18.0.100]\n    ports: [80", "addresses: [198.18.0.11]\n    ports: [80", "services[0].addresses"),
+            ("priority: [2, 1]", "priority: [2, 2]", "services[1].priority"),
+            ("delivery: dsr", "delivery: dsr\n    priority: [1]", "services[0].priority"),
+            ("delivery: gue", "delivery: gue\n    mtu: 500", "services[1].mtu"),
+            ("delivery: dsr", "delivery: tunnel", "services[0].delivery"),
+            ("name: web", "name: web site", "services[0].name"),
+        ];
+        for (from, to, key) in cases {
+            let text = with(APPLIANCE).replacen(from, to, 1);
+            assert_ne!(text, with(APPLIANCE), "{from} not found");
+            let e = parse(&text).expect_err(to);
+            assert_eq!(&e.key, key, "{to}: {e}");
+            assert_eq!(e.file, "t.yaml");
+            assert!(!e.fix.is_empty(), "{e}");
+        }
+        // Encapsulation needs the node's own address as the outer source.
+        let e = parse(&(LAB.to_owned() + APPLIANCE)).unwrap_err();
+        assert_eq!(e.key, "node.ip", "{e}");
+        // A local service with backends, and weights that serve nobody.
+        let e = parse(&with(&APPLIANCE.replace("delivery: dsr", "delivery: local"))).unwrap_err();
+        assert_eq!(e.key, "services[0].backends", "{e}");
+        let e = parse(&with(&APPLIANCE.replace("{ name: far, ip: 198.18.1.21 }", "{ ip: 198.18.1.21, weight: 0 }"))).unwrap_err();
+        assert_eq!(e.key, "services[1].backends", "{e}");
+    }
+}
