@@ -18,6 +18,8 @@ pub struct CoreCounters {
     /// Frames the wire port's TX queue took (the host's frames and replies).
     pub wire_tx: AtomicU64,
     pub replies: AtomicU64,
+    /// Frames sent to a backend (appliance mode).
+    pub to_backend: AtomicU64,
     pub to_control: AtomicU64,
     /// The control thread's messages this core framed and queued for the wire port (core 0).
     pub control_tx: AtomicU64,
@@ -36,6 +38,7 @@ impl CoreCounters {
             host_tx: self.host_tx.load(Relaxed),
             wire_tx: self.wire_tx.load(Relaxed),
             replies: self.replies.load(Relaxed),
+            to_backend: self.to_backend.load(Relaxed),
             to_control: self.to_control.load(Relaxed),
             control_tx: self.control_tx.load(Relaxed),
             tx_unsent: self.tx_unsent.load(Relaxed),
@@ -53,6 +56,7 @@ pub struct CoreStats {
     pub host_tx: u64,
     pub wire_tx: u64,
     pub replies: u64,
+    pub to_backend: u64,
     pub to_control: u64,
     pub control_tx: u64,
     pub tx_unsent: u64,
@@ -72,6 +76,7 @@ impl CoreStats {
         self.host_tx += o.host_tx;
         self.wire_tx += o.wire_tx;
         self.replies += o.replies;
+        self.to_backend += o.to_backend;
         self.to_control += o.to_control;
         self.control_tx += o.control_tx;
         self.tx_unsent += o.tx_unsent;

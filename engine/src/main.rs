@@ -174,6 +174,11 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 loaded.config.dataplane.cores.len(),
                 Arc::new(Snapshot::empty()),
             ));
+            link.publish_services(Arc::new(clonecluster::appliance::Services::compile(
+                &loaded.config,
+                &loaded.secret,
+                None,
+            )));
             let control = {
                 let (loaded, link, requests, stop) = (
                     loaded.clone(),

@@ -78,6 +78,12 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
         &per_core(&|s| s.replies),
     );
     metric(
+        "backend_frames_total",
+        "counter",
+        "Frames forwarded to a backend (appliance mode: DSR or encapsulated).",
+        &per_core(&|s| s.to_backend),
+    );
+    metric(
         "tx_unsent_total",
         "counter",
         "Frames a TX queue did not take (freed).",

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::bail;
 use serde::Serialize;
 
+use crate::appliance::Services;
 use crate::cluster::{Bucket, Member, NodeId, OwnershipTable};
 use crate::config::{Loaded, Policy};
 use crate::control::{Phase, PlanId, Snapshot};
@@ -45,6 +46,17 @@ pub struct NodeCounts {
     pub to_control: u64,
     /// Buckets this node owns.
     pub buckets: u32,
+    /// Cluster frames this node forwarded to a backend (appliance mode).
+    pub forwarded: u64,
+}
+
+/// What the simulated nodes together sent to one backend (appliance mode).
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct BackendCounts {
+    pub service: String,
+    pub backend: String,
+    pub frames: u64,
+    pub new_flows: u64,
 }
 
 /// The outcome of a replay.
@@ -55,6 +67,8 @@ pub struct ReplayReport {
     pub duplicates: u64,
     pub orphans: u64,
     pub nodes: Vec<NodeCounts>,
+    /// Per backend of every service, in configuration order (empty in server mode).
+    pub backends: Vec<BackendCounts>,
 }
 
 impl std::fmt::Display for ReplayReport {
@@ -88,6 +102,22 @@ impl std::fmt::Display for ReplayReport {
                 n.held,
                 n.to_control
             )?;
+        }
+        if !self.backends.is_empty() {
+            writeln!(
+                f,
+                "{:>12} {:>20} {:>9} {:>9}",
+                "service", "backend", "frames", "new flows"
+            )?;
+            for b in &self.backends {
+                writeln!(
+                    f,
+                    "{:>12} {:>20} {:>9} {:>9}",
+                    b.service, b.backend, b.frames, b.new_flows
+                )?;
+            }
+            let forwarded: u64 = self.nodes.iter().map(|n| n.forwarded).sum();
+            writeln!(f, "forwarded to backends: {forwarded}")?;
         }
         write!(
             f,
@@ -187,14 +217,16 @@ pub fn replay_with(
     sizes: TableSizes,
     frames: impl IntoIterator<Item = (u64, Vec<u8>)>,
 ) -> ReplayReport {
+    let services = Arc::new(replay_services(loaded));
     let mut sims: Vec<(Pipeline, FragmentHold<usize>, NodeCounts)> = ids
         .map(|id| {
-            let p = Pipeline::new(
+            let mut p = Pipeline::new(
                 simulated_identity(loaded, id),
                 &loaded.secret,
                 Arc::clone(snapshot),
                 sizes,
             );
+            p.set_services(Arc::clone(&services));
             let me = p.identity().node;
             let counts = NodeCounts {
                 node: id,
@@ -234,6 +266,18 @@ pub fn replay_with(
                 Action::DeliverShared => counts.shared += 1,
                 Action::ToControl => counts.to_control += 1,
                 Action::ToWire => {}
+                Action::ToBackend { push } => {
+                    counts.forwarded += 1;
+                    delivered_by[index] += 1;
+                    exclusive[index] = true;
+                    if push > 0 {
+                        let mut grown = vec![0u8; usize::from(push) + len];
+                        grown[usize::from(push)..].copy_from_slice(&buf[..len]);
+                        if pipeline.take_encap(&mut grown).is_none() {
+                            counts.malformed += 1;
+                        }
+                    }
+                }
                 Action::Hold(key) => {
                     exclusive[index] = true;
                     if hold.put(key, ts, index).is_ok() {
@@ -287,8 +331,42 @@ pub fn replay_with(
             }
         }
     }
+    for rule in services.rules() {
+        for b in &rule.backends {
+            let id = usize::from(b.id);
+            let sum = |f: &dyn Fn(&crate::pipeline::ApplianceCounts) -> &Vec<u64>| {
+                sims.iter()
+                    .map(|(p, _, _)| f(p.appliance_counts()).get(id).copied().unwrap_or(0))
+                    .sum()
+            };
+            report.backends.push(BackendCounts {
+                service: rule.name.clone(),
+                backend: b.name.clone(),
+                frames: sum(&|c| &c.frames),
+                new_flows: sum(&|c| &c.new_flows),
+            });
+        }
+    }
     report.nodes = sims.into_iter().map(|(_, _, c)| c).collect();
     report
+}
+
+/// The configuration's services for an offline replay: a backend whose MAC the nodes would
+/// learn by ARP/NDP gets a stand-in (02:ba:00:00:<id>), so that its frames are counted.
+fn replay_services(loaded: &Loaded) -> Services {
+    let mut services = Services::compile(&loaded.config, &loaded.secret, None);
+    let unresolved: Vec<u16> = services
+        .backends()
+        .filter(|(_, b)| b.mac.is_none())
+        .map(|(_, b)| b.id)
+        .collect();
+    for id in unresolved {
+        let [hi, lo] = id.to_be_bytes();
+        services = services.with_backend(&loaded.secret, id, |b| {
+            b.mac = Some(EthernetAddress([0x02, 0xba, 0, 0, hi, lo]));
+        });
+    }
+    services
 }
 
 /// Every frame of a pcap file with its timestamp in nanoseconds.

@@ -16,6 +16,7 @@ use anyhow::{anyhow, Context};
 use arc_swap::ArcSwap;
 use siphasher::sip::SipHasher13;
 
+use crate::appliance::Services;
 use crate::cluster::{Bucket, NodeId};
 use crate::config::{Loaded, Policy as ConfigPolicy};
 use crate::control::operator::{Refused, Reply, Request};
@@ -226,7 +227,14 @@ pub fn control_thread(
             }
         }
         if let Some(op) = &io.operator {
-            op.serve(&mut node, &mut current, &timeline, now_ns(), &mut out);
+            op.serve(
+                &mut node,
+                &mut current,
+                &timeline,
+                &link,
+                now_ns(),
+                &mut out,
+            );
         }
         if requests.terminate.load(Relaxed) {
             node.terminate(now_ns(), &mut out);
@@ -572,6 +580,7 @@ impl OperatorSocket {
         node: &mut Node,
         current: &mut Loaded,
         timeline: &Timeline,
+        link: &ControlLink,
         now: u64,
         out: &mut Vec<Output>,
     ) {
@@ -587,7 +596,7 @@ impl OperatorSocket {
         }
         let reply = match Request::parse(&line) {
             Err(error) => Reply::Refused(Refused::new(error)),
-            Ok(Request::Reload) => reload(current, node, now, out),
+            Ok(Request::Reload) => reload(current, node, link, now, out),
             Ok(request) => node.request(&request, timeline, now, out),
         };
         let mut w = &stream;
@@ -603,7 +612,13 @@ impl Drop for OperatorSocket {
 
 /// `reload`: re-reads the node's YAML and lets the [`Node`] decide over the keys that changed;
 /// a broken file changes nothing.
-fn reload(current: &mut Loaded, node: &mut Node, now: u64, out: &mut Vec<Output>) -> Reply {
+fn reload(
+    current: &mut Loaded,
+    node: &mut Node,
+    link: &ControlLink,
+    now: u64,
+    out: &mut Vec<Output>,
+) -> Reply {
     let next = match crate::config::Config::load(&current.path) {
         Ok(next) => next,
         Err(e) => {
@@ -625,6 +640,9 @@ fn reload(current: &mut Loaded, node: &mut Node, now: u64, out: &mut Vec<Output>
     }
     let weight =
         (next.config.node.weight != current.config.node.weight).then_some(next.config.node.weight);
+    let services_changed = changed
+        .iter()
+        .any(|k| k == "services" || k.starts_with("services.") || k == "unmatched");
     let reply = node.reload(changed, weight, now, out);
     match &reply {
         Reply::Refused(r) => tracing::warn!(error = %r.error, "reload refused"),
@@ -636,6 +654,17 @@ fn reload(current: &mut Loaded, node: &mut Node, now: u64, out: &mut Vec<Output>
                     epoch = node.epoch(),
                     "reload: weight changed"
                 );
+            }
+            if services_changed {
+                // Backends that stay keep their ids, learned MACs and states.
+                let services =
+                    Services::compile(&next.config, &next.secret, Some(&link.services()));
+                tracing::info!(
+                    services = services.rules().len(),
+                    backends = services.backends().count(),
+                    "reload: services changed"
+                );
+                link.publish_services(Arc::new(services));
             }
             *current = next;
         }

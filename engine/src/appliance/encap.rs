@@ -311,15 +311,22 @@ mod tests {
     #[test]
     fn ipip_and_gue_over_ipv6() {
         let f = client_syn();
-        let (src, dst): (IpAddr, IpAddr) =
-            ("2001:2::11".parse().unwrap(), "2001:2:1::21".parse().unwrap());
+        let (src, dst): (IpAddr, IpAddr) = (
+            "2001:2::11".parse().unwrap(),
+            "2001:2:1::21".parse().unwrap(),
+        );
         let g = encap(Tunnel::Ipip, src, dst, &f);
         let outer = ipv6::Packet::new_checked(&g[14..]).unwrap();
         assert_eq!(outer.next_header(), IpProtocol::from(4u8));
         assert_eq!(&g[54..], &f[14..]);
         let g = encap(Tunnel::Gue { port: 6080 }, src, dst, &f);
         let udp = &g[54..];
-        assert!(checksum::verify_with_pseudo_header(&src, &dst, IpProtocol::Udp, udp));
+        assert!(checksum::verify_with_pseudo_header(
+            &src,
+            &dst,
+            IpProtocol::Udp,
+            udp
+        ));
     }
 
     #[test]
@@ -332,7 +339,10 @@ mod tests {
         let n = too_big(&mut f, 14, len - 14, 1480, NODE).unwrap();
         let p = parse_l2_l4(&f[..n]).unwrap();
         assert_eq!(p.dst_ip, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 50)));
-        assert_eq!(p.src_ip, IpAddr::V4(Ipv4Addr::from(crate::testkit::build::CLUSTER_IP)));
+        assert_eq!(
+            p.src_ip,
+            IpAddr::V4(Ipv4Addr::from(crate::testkit::build::CLUSTER_IP))
+        );
         let icmp = p.icmp.unwrap();
         assert!(icmp.is_error);
         assert_eq!(&f[..6], &[2, 0, 0, 0, 0, 0x64]);

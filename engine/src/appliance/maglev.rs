@@ -188,7 +188,10 @@ mod tests {
         let p = pool(10);
         let a = Maglev::build(&p, &KEY);
         let b = Maglev::build(&p, &KEY);
-        assert_eq!(a.entries, b.entries, "deterministic: every node builds the same table");
+        assert_eq!(
+            a.entries, b.entries,
+            "deterministic: every node builds the same table"
+        );
         let c = Maglev::build(&p, b"another key 16by");
         assert_ne!(a.entries, c.entries);
     }

@@ -97,9 +97,7 @@ impl Rule {
     pub fn single_owner(&self, serving: u64) -> Option<NodeId> {
         let up = |n: &NodeId| serving & (1u64 << (n.get() - 1)) != 0;
         if self.priority.is_empty() {
-            (1..=64u8)
-                .filter_map(NodeId::new)
-                .find(|n| up(n))
+            (1..=64u8).filter_map(NodeId::new).find(|n| up(n))
         } else {
             self.priority.iter().copied().find(up)
         }

@@ -346,7 +346,10 @@ impl Config {
             } else if !s.priority.is_empty() {
                 return Err(err(
                     &at("priority"),
-                    format!("a priority list on a `{}` rule has no effect", s.mode.name()),
+                    format!(
+                        "a priority list on a `{}` rule has no effect",
+                        s.mode.name()
+                    ),
                     "remove it, or set mode: single",
                 ));
             }
@@ -404,7 +407,10 @@ impl Config {
         if s.backends.is_empty() && s.mode != RuleMode::Disabled {
             return Err(err(
                 &at("backends"),
-                format!("`{}` delivery needs at least one backend", s.delivery.name()),
+                format!(
+                    "`{}` delivery needs at least one backend",
+                    s.delivery.name()
+                ),
                 "list the backends, e.g. - { ip: 198.18.0.21 }",
             ));
         }
@@ -536,8 +542,10 @@ services:
 "#;
 
     fn with(services: &str) -> String {
-        LAB.replace("  mac: 02:00:00:00:00:01\n", "  mac: 02:00:00:00:00:01\n  ip: 198.18.0.11\n")
-            + services
+        LAB.replace(
+            "  mac: 02:00:00:00:00:01\n",
+            "  mac: 02:00:00:00:00:01\n  ip: 198.18.0.11\n",
+        ) + services
     }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -551,7 +559,13 @@ services:
         let c = parse(&with(APPLIANCE)).unwrap();
         assert_eq!(c.services.len(), 2);
         let web = &c.services[0];
-        assert_eq!(web.ports[1], PortRange { first: 8000, last: 8001 });
+        assert_eq!(
+            web.ports[1],
+            PortRange {
+                first: 8000,
+                last: 8001
+            }
+        );
         assert_eq!(web.backends[1].weight, 50);
         assert_eq!(c.services[1].delivery, Delivery::Gue);
         assert_eq!(c.services[1].gue_port, 6080);
@@ -566,14 +580,46 @@ services:
             ("[80, ", "[0, ", "services[0].ports[0]"),
             ("name: api", "name: web", "services[1].name"),
             ("[443]", "[80]", "services[1].ports"),
-            ("02:bb:00:00:00:01", "01:00:5e:00:00:01", "services[0].backends[0].mac"),
-            ("02:bb:00:00:00:01", "02:cc:00:00:00:01", "services[0].backends[0].mac"),
-            ("198.18.0.22, weight", "198.18.0.100, weight", "services[0].backends[1].ip"),
-            ("198.18.0.22, weight", "198.18.0.21, weight", "services[0].backends[1].ip"),
-            ("addresses: [198.18.0.100]\n    ports: [80", "addresses: [198.18.0.11]\n    ports: [80", "services[0].addresses"),
-            ("priority: [2, 1]", "priority: [2, 2]", "services[1].priority"),
-            ("delivery: dsr", "delivery: dsr\n    priority: [1]", "services[0].priority"),
-            ("delivery: gue", "delivery: gue\n    mtu: 500", "services[1].mtu"),
+            (
+                "02:bb:00:00:00:01",
+                "01:00:5e:00:00:01",
+                "services[0].backends[0].mac",
+            ),
+            (
+                "02:bb:00:00:00:01",
+                "02:cc:00:00:00:01",
+                "services[0].backends[0].mac",
+            ),
+            (
+                "198.18.0.22, weight",
+                "198.18.0.100, weight",
+                "services[0].backends[1].ip",
+            ),
+            (
+                "198.18.0.22, weight",
+                "198.18.0.21, weight",
+                "services[0].backends[1].ip",
+            ),
+            (
+                "addresses: [198.18.0.100]\n    ports: [80",
+                "addresses: [198.18.0.11]\n    ports: [80",
+                "services[0].addresses",
+            ),
+            (
+                "priority: [2, 1]",
+                "priority: [2, 2]",
+                "services[1].priority",
+            ),
+            (
+                "delivery: dsr",
+                "delivery: dsr\n    priority: [1]",
+                "services[0].priority",
+            ),
+            (
+                "delivery: gue",
+                "delivery: gue\n    mtu: 500",
+                "services[1].mtu",
+            ),
             ("delivery: dsr", "delivery: tunnel", "services[0].delivery"),
             ("name: web", "name: web site", "services[0].name"),
         ];
@@ -589,9 +635,16 @@ services:
         let e = parse(&(LAB.to_owned() + APPLIANCE)).unwrap_err();
         assert_eq!(e.key, "node.ip", "{e}");
         // A local service with backends, and weights that serve nobody.
-        let e = parse(&with(&APPLIANCE.replace("delivery: dsr", "delivery: local"))).unwrap_err();
+        let e = parse(&with(
+            &APPLIANCE.replace("delivery: dsr", "delivery: local"),
+        ))
+        .unwrap_err();
         assert_eq!(e.key, "services[0].backends", "{e}");
-        let e = parse(&with(&APPLIANCE.replace("{ name: far, ip: 198.18.1.21 }", "{ ip: 198.18.1.21, weight: 0 }"))).unwrap_err();
+        let e = parse(&with(&APPLIANCE.replace(
+            "{ name: far, ip: 198.18.1.21 }",
+            "{ ip: 198.18.1.21, weight: 0 }",
+        )))
+        .unwrap_err();
         assert_eq!(e.key, "services[1].backends", "{e}");
     }
 }

@@ -30,6 +30,12 @@ use crate::control::operator::{
 /// Keys `reload` applies to a running node; any other change needs a restart.
 pub const LIVE_KEYS: &[&str] = &["node.weight"];
 
+/// Appliance mode's services and backends change live (`reload`): backends that stay keep
+/// their flows.
+fn is_live_services_key(key: &str) -> bool {
+    key == "services" || key.starts_with("services.") || key == "unmatched"
+}
+
 /// What the node needs beyond the membership's own configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -258,7 +264,7 @@ impl Node {
         let fixed: Vec<&str> = changed
             .iter()
             .map(String::as_str)
-            .filter(|k| !LIVE_KEYS.contains(k))
+            .filter(|k| !LIVE_KEYS.contains(k) && !is_live_services_key(k))
             .collect();
         if !fixed.is_empty() {
             let error = format!(

@@ -199,6 +199,18 @@ impl Snapshot {
         }
     }
 
+    /// The nodes that take new flows of at least one bucket (bit `id - 1`): the ones that
+    /// serve. Walks every bucket: call it when a snapshot arrives, not per frame.
+    pub fn serving(&self) -> u64 {
+        let mut bits = 0u64;
+        for b in Bucket::all() {
+            if let Some(n) = self.new_flow_owner(b) {
+                bits |= 1u64 << (n.get() - 1);
+            }
+        }
+        bits
+    }
+
     /// The owner of `bucket` once every handoff of the snapshot is done.
     #[inline]
     pub fn final_owner(&self, bucket: Bucket) -> Option<NodeId> {

@@ -52,6 +52,8 @@ pub(super) struct Core<'a> {
     queue: u16,
     /// The snapshot version the pipeline follows.
     version: u64,
+    /// The services version the pipeline follows.
+    services_version: u64,
     rx: Burst,
     /// The wire burst's frames, parsed and hashed before any is decided.
     prepared: [Prepared; BURST],
@@ -152,6 +154,7 @@ impl<'a> Core<'a> {
             index,
             queue,
             version,
+            services_version: u64::MAX,
             rx: Burst::new(),
             prepared: [Prepared::default(); BURST],
             fwd: Forward {
@@ -295,6 +298,11 @@ impl<'a> Core<'a> {
         let pipeline = &mut self.fwd.pipeline;
         pipeline.set_service(self.link.service());
         self.mine.loops.store(u64::from(self.iterations), Relaxed);
+        let sv = self.link.services_version.load(Relaxed);
+        if sv != self.services_version {
+            self.services_version = sv;
+            pipeline.set_services(self.link.services.load_full());
+        }
         let v = self.link.current_version();
         if v != self.version && self.shared.assumed.is_none() {
             self.version = v;
@@ -439,6 +447,29 @@ impl Forward<'_> {
         match self.pipeline.decide(m.room_mut(), len, prep, now) {
             Action::Deliver | Action::DeliverShared => self.to_host.push(m),
             Action::ToWire => self.to_wire.push(m),
+            Action::ToBackend { push: 0 } => {
+                bump(&c.to_backend, 1);
+                self.to_wire.push(m);
+            }
+            Action::ToBackend { push } => {
+                let grown = m.prepend(usize::from(push));
+                match grown
+                    .then(|| self.pipeline.take_encap(m.data_mut()))
+                    .flatten()
+                {
+                    Some(len) => {
+                        m.set_len(len);
+                        bump(&c.to_backend, 1);
+                        self.to_wire.push(m);
+                    }
+                    None => {
+                        // No headroom (or nothing to write): counted, never sent half-built.
+                        self.pipeline.take_encap(&mut []);
+                        self.drops[DropReason::NoBackend.index()] += 1;
+                        push_dropped(&mut self.dropped, m);
+                    }
+                }
+            }
             Action::Reply { len } => {
                 m.set_len(len);
                 bump(&c.replies, 1);

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
+use crate::appliance::Services;
 use crate::cluster::{Bucket, NodeId, BUCKETS};
 use crate::control::{Membership, Snapshot};
 use crate::counters::CoreCounters;
@@ -65,6 +66,10 @@ pub struct ControlLink {
     pub(crate) hold_refusals_on: AtomicU32,
     /// Mbufs out of the pool, as core 0 last saw.
     pub(crate) mbufs_in_use: AtomicU64,
+    /// Appliance mode's services (rules, backend tables, backend MACs); cores reload them when
+    /// `services_version` changes.
+    pub(crate) services: ArcSwap<Services>,
+    pub(crate) services_version: AtomicU64,
 }
 
 /// What one packet core publishes: its packet counters and its figures. One writer (its core),
@@ -189,7 +194,21 @@ impl ControlLink {
             wire_link_up: AtomicBool::new(true),
             refusing_peers: AtomicU64::new(0),
             hold_refusals_on: AtomicU32::new(0),
+            services: ArcSwap::new(Services::none()),
+            services_version: AtomicU64::new(0),
         }
+    }
+
+    /// New services for the cores (at start, after a reload, a learned backend MAC or an
+    /// agreed change of backend health); they adopt them between bursts.
+    pub fn publish_services(&self, services: Arc<Services>) {
+        self.services.store(services);
+        self.services_version.fetch_add(1, SeqCst);
+    }
+
+    /// The services in force.
+    pub fn services(&self) -> Arc<Services> {
+        self.services.load_full()
     }
 
     /// The service state the cores apply, read between bursts.

@@ -88,6 +88,26 @@ impl Mbuf {
         }
     }
 
+    /// Grows a single-segment frame by `n` bytes at the front, into the headroom (what
+    /// `rte_pktmbuf_prepend` does); `false` if the headroom is too small (nothing changes).
+    pub fn prepend(&mut self, n: usize) -> bool {
+        let Ok(n16) = u16::try_from(n) else {
+            return false;
+        };
+        // SAFETY: we own the mbuf; moving data_off back by at most data_off stays inside the
+        // buffer, and the new bytes are initialised (see `room_mut`).
+        unsafe {
+            let m = self.raw.as_mut();
+            if m.data_off < n16 || usize::from(m.data_len) + n > usize::from(u16::MAX) {
+                return false;
+            }
+            m.data_off -= n16;
+            m.data_len += n16;
+            m.pkt_len += u32::from(n16);
+        }
+        true
+    }
+
     /// Whether the frame spans several segments (only the first is inspected).
     pub fn is_chained(&self) -> bool {
         // SAFETY: reading a field of an mbuf we own.

@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 
 use crate::cluster::handoff::{self, FlowLookup, Forget, Take, Verdict};
-use crate::cluster::{Bucket, FlowHash, FlowState, FlowTable, TcpFlags};
+use crate::cluster::{Bucket, FlowHash, FlowState, FlowTable, TcpFlags, Upsert};
 use crate::control::Phase;
 use crate::wire::{self, ethernet, parse_l2_l4, EtherType, IpProtocol, Parsed, CONTROL_ETHERTYPE};
 
@@ -73,7 +73,12 @@ impl Pipeline {
                 hash,
                 proto,
                 flags,
-            } => self.flow_packet(bucket, hash, proto, flags, now),
+            } => {
+                if self.services.active() {
+                    return self.service_flow(buf, len, bucket, hash, proto, flags, now);
+                }
+                self.flow_packet(bucket, hash, proto, flags, now)
+            }
             Prepared::Other => self.decide_full(buf, len, now),
         }
     }
@@ -151,10 +156,10 @@ impl Pipeline {
         }
     }
 
-    /// A TCP or UDP packet of flow `hash` (IP protocol `proto`) in `bucket`: the handoff rule
-    /// decides by this node's role for the bucket, and this carries its verdict out.
+    /// A TCP or UDP packet of flow `hash` (IP protocol `proto`) in `bucket`, for this node's
+    /// host if it is this node's: see [`Pipeline::flow_verdict`].
     #[inline]
-    fn flow_packet(
+    pub(super) fn flow_packet(
         &mut self,
         bucket: Bucket,
         hash: FlowHash,
@@ -162,6 +167,24 @@ impl Pipeline {
         flags: TcpFlags,
         now: u64,
     ) -> Action {
+        match self.flow_verdict(bucket, hash, proto, flags, now) {
+            Ok(_) => Action::Deliver,
+            Err(action) => action,
+        }
+    }
+
+    /// The handoff rule decides by this node's role for the bucket, and this carries its
+    /// verdict out: `Ok` with the flow-table entry if this node takes the packet, else what to
+    /// do with it instead.
+    #[inline(always)]
+    pub(super) fn flow_verdict(
+        &mut self,
+        bucket: Bucket,
+        hash: FlowHash,
+        proto: u8,
+        flags: TcpFlags,
+        now: u64,
+    ) -> Result<Upsert, Action> {
         let verdict = handoff::verdict(
             self.snapshot.role(bucket, self.id.node),
             self.snapshot.phase() == Phase::Release,
@@ -182,8 +205,7 @@ impl Pipeline {
         );
         // The common case first, on its own: the rest is out of line.
         if verdict == Verdict::DELIVER {
-            self.flows.upsert(hash, proto, bucket, flags, now);
-            return Action::Deliver;
+            return Ok(self.flows.upsert(hash, proto, bucket, flags, now));
         }
         self.carry_out(verdict, bucket, hash, proto, flags, now)
     }
@@ -198,7 +220,7 @@ impl Pipeline {
         proto: u8,
         flags: TcpFlags,
         now: u64,
-    ) -> Action {
+    ) -> Result<Upsert, Action> {
         match verdict.forget {
             Forget::Nothing => {}
             Forget::Own => {
@@ -213,15 +235,14 @@ impl Pipeline {
             Take::DeliverAtRisk => self.duplicate_risk += 1,
             Take::Learn => {
                 self.learned.upsert(hash, proto, bucket, flags, now);
-                return Action::Drop(DropReason::NotOwned);
+                return Err(Action::Drop(DropReason::NotOwned));
             }
-            Take::NotOwned => return Action::Drop(DropReason::NotOwned),
+            Take::NotOwned => return Err(Action::Drop(DropReason::NotOwned)),
             // The old owner counts the packets it must refuse between release and acquire
             // (once per packet in the cluster): new flows that nobody takes yet.
-            Take::ReleaseGap => return Action::Drop(DropReason::ReleaseGap),
+            Take::ReleaseGap => return Err(Action::Drop(DropReason::ReleaseGap)),
         }
-        self.flows.upsert(hash, proto, bucket, flags, now);
-        Action::Deliver
+        Ok(self.flows.upsert(hash, proto, bucket, flags, now))
     }
 
     /// An ICMP error goes where the flow it quotes is served (the handoff rule's

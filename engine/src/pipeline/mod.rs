@@ -31,15 +31,19 @@
 //! - `state`: construction, what the core changes between bursts, read access for counters.
 //! - `prepare`: burst preparation: parse, hash eight flow keys at a time, prefetch.
 //! - `decide`: the decision for a frame from the wire.
+//! - `appliance`: frames to a service address: port rule, ownership, backend, delivery.
 //! - `neighbour`: answers to ARP requests and neighbour solicitations for the cluster address.
 //! - `host`: frames from the node's kernel.
 //! - `hold`: IP fragments, and [`FragmentHold`] for later fragments that came first.
 
 use std::sync::Arc;
 
+use crate::appliance::encap::Encap;
+use crate::appliance::Services;
 use crate::cluster::{BucketHasher, FlowTable, FragmentTracker};
 use crate::control::Snapshot;
 
+mod appliance;
 mod decide;
 mod hold;
 mod host;
@@ -51,6 +55,7 @@ mod types;
 #[cfg(test)]
 mod tests;
 
+pub use appliance::ApplianceCounts;
 pub use hold::FragmentHold;
 pub use prepare::Prepared;
 pub use state::{learned_capacity, stable_snapshot};
@@ -76,6 +81,14 @@ pub struct Pipeline {
     service: ServiceState,
     /// See [`Pipeline::duplicate_risk`].
     duplicate_risk: u64,
+    /// Appliance mode's rules and backends ([`Services::none`] in server mode).
+    services: Arc<Services>,
+    /// Nodes that own buckets in the snapshot (bit `id - 1`): who may take a `single` rule.
+    serving: u64,
+    /// The encapsulation of the last [`Action::ToBackend`], for [`Pipeline::take_encap`].
+    pending: Option<Encap>,
+    /// Per backend: frames, bytes, new flows (appliance mode).
+    appliance: ApplianceCounts,
 }
 
 impl std::fmt::Debug for Pipeline {

@@ -1,4 +1,5 @@
-//! Neighbour answers for the cluster address: ARP requests and IPv6 neighbour solicitations.
+//! Neighbour answers for the cluster address and the service addresses (appliance mode): ARP
+//! requests and IPv6 neighbour solicitations.
 //!
 //! ONE designated node answers (the owner of the requester's bucket), from its node MAC, with
 //! the cluster MAC inside the ARP payload or the target link-layer option (DESIGN.md, "Why it
@@ -27,7 +28,10 @@ impl Pipeline {
             Ok(r) => r,
             Err(e) => return Action::Drop(DropReason::Malformed(e)),
         };
-        if !request.is_request_for(self.id.cluster_ip) {
+        let target = request.target_protocol_addr;
+        if !request.is_request_for(self.id.cluster_ip)
+            && !(request.is_request_for(target) && self.services.is_address(IpAddr::V4(target)))
+        {
             // Replies to the cluster MAC (some node's kernel asked) and everything else: every
             // host may need them.
             return Action::DeliverShared;
@@ -62,7 +66,7 @@ impl Pipeline {
         {
             return None;
         }
-        let (Some(cluster_ip6), IpAddr::V6(src)) = (self.id.cluster_ip6, p.src_ip) else {
+        let IpAddr::V6(src) = p.src_ip else {
             return Some(Action::DeliverShared);
         };
         if msg != icmpv6::Message::NeighborSolicit {
@@ -79,7 +83,9 @@ impl Pipeline {
         let icmpv6::NdiscRepr::NeighborSolicit { target_addr, .. } = solicitation else {
             return Some(Action::DeliverShared);
         };
-        if target_addr != cluster_ip6 {
+        if Some(target_addr) != self.id.cluster_ip6
+            && !self.services.is_address(IpAddr::V6(target_addr))
+        {
             return Some(Action::DeliverShared);
         }
         // RFC 4861 7.1.1: a solicitation that crossed a router is invalid.

@@ -10,7 +10,8 @@ use crate::cluster::{
 };
 use crate::control::{Phase, PlanId, Snapshot};
 
-use super::{NodeIdentity, Pipeline, Released, ServiceState, TableSizes};
+use super::{ApplianceCounts, NodeIdentity, Pipeline, Released, ServiceState, TableSizes};
+use crate::appliance::Services;
 
 /// A snapshot in which `table` is in force with nothing moving (a node alone, `replay`).
 pub fn stable_snapshot(table: &OwnershipTable) -> Snapshot {
@@ -30,6 +31,11 @@ pub fn stable_snapshot(table: &OwnershipTable) -> Snapshot {
     )
 }
 
+/// The nodes that take new flows of some bucket in `snapshot` (bit `id - 1`).
+fn serving(snapshot: &Snapshot) -> u64 {
+    snapshot.serving()
+}
+
 /// The learned-flows table's capacity for a flow table of `flows`.
 pub fn learned_capacity(flows: usize) -> usize {
     (flows / 4).max(1024)
@@ -45,7 +51,6 @@ impl Pipeline {
         let table_key = derive_key(secret, b"clonecluster flow table v1");
         Pipeline {
             hasher: BucketHasher::new(secret),
-            snapshot,
             flows: FlowTable::new(sizes.flows, sizes.flow_timeouts),
             // Learned flows matter only while buckets move: a quarter of the size suffices.
             learned: FlowTable::new(learned_capacity(sizes.flows), sizes.flow_timeouts),
@@ -58,8 +63,37 @@ impl Pipeline {
             released: None,
             service: ServiceState::default(),
             duplicate_risk: 0,
+            serving: 0,
+            snapshot,
+            services: Services::none(),
+            pending: None,
+            appliance: ApplianceCounts::default(),
             id,
         }
+    }
+
+    /// Swaps in new services (appliance mode; between bursts).
+    pub fn set_services(&mut self, services: Arc<Services>) {
+        let max = services
+            .backends()
+            .map(|(_, b)| usize::from(b.id))
+            .max()
+            .unwrap_or(0);
+        self.appliance.fit(max);
+        if services.has_single() {
+            self.serving = serving(&self.snapshot);
+        }
+        self.services = services;
+    }
+
+    /// The services in force.
+    pub fn services(&self) -> &Arc<Services> {
+        &self.services
+    }
+
+    /// What this pipeline sent to each backend.
+    pub fn appliance_counts(&self) -> &ApplianceCounts {
+        &self.appliance
     }
 
     /// Frames this node delivered, while acquiring a bucket, as the start of a flow that the
@@ -100,6 +134,9 @@ impl Pipeline {
         // their clients get an RST rather than silence.
         if snapshot.dead() & !self.snapshot.dead() != 0 {
             self.learned.clear();
+        }
+        if self.services.has_single() {
+            self.serving = serving(&snapshot);
         }
         self.snapshot = snapshot;
     }

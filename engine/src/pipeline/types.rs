@@ -36,9 +36,16 @@ pub enum DropReason {
     /// service is not listening). Held back so that the client retransmits its SYN, which
     /// another node takes once this one drains ([`ServiceState::hold_refusals_on`]).
     ServiceRefused,
+    /// To a service address, but no port rule has its protocol and port (`unmatched: drop`).
+    NoRule,
+    /// A port rule in mode `disabled`.
+    RuleDisabled,
+    /// A service frame with no backend to go to: none takes new flows, or its MAC is not
+    /// resolved yet, or no node address of its IP version to encapsulate from.
+    NoBackend,
 }
 
-const BASE_REASONS: usize = 7;
+const BASE_REASONS: usize = 10;
 
 impl DropReason {
     /// Number of distinct counters ([`DropReason::index`] is below it).
@@ -55,6 +62,9 @@ impl DropReason {
             DropReason::FragmentExpired => 4,
             DropReason::ReleaseGap => 5,
             DropReason::ServiceRefused => 6,
+            DropReason::NoRule => 7,
+            DropReason::RuleDisabled => 8,
+            DropReason::NoBackend => 9,
             DropReason::Malformed(e) => BASE_REASONS + e.index(),
         }
     }
@@ -70,6 +80,9 @@ impl DropReason {
             DropReason::FragmentExpired,
             DropReason::ReleaseGap,
             DropReason::ServiceRefused,
+            DropReason::NoRule,
+            DropReason::RuleDisabled,
+            DropReason::NoBackend,
         ]
         .into_iter()
         .chain(wire::Error::ALL.into_iter().map(DropReason::Malformed))
@@ -89,6 +102,9 @@ impl DropReason {
             DropReason::FragmentExpired => "fragment-expired".into(),
             DropReason::ReleaseGap => "release-gap".into(),
             DropReason::ServiceRefused => "service-refused".into(),
+            DropReason::NoRule => "no-rule".into(),
+            DropReason::RuleDisabled => "rule-disabled".into(),
+            DropReason::NoBackend => "no-backend".into(),
             DropReason::Malformed(e) => format!("malformed-{}", e.as_str()),
         }
     }
@@ -110,6 +126,12 @@ pub enum Action {
     ToWire,
     /// A wire heartbeat: hand it to the control thread.
     ToControl,
+    /// Appliance mode: send on the wire to a backend. The frame was rewritten in place (DSR);
+    /// for an encapsulation, first add `push` bytes in front of it and have
+    /// [`Pipeline::take_encap`] write the outer headers (`push` 0: nothing to add).
+    ToBackend {
+        push: u16,
+    },
     /// A later fragment whose first fragment has not been seen: hold it until
     /// [`Pipeline::take_released`] says what became of its datagram, or it expires.
     Hold(FragmentKey),
@@ -140,6 +162,9 @@ pub struct NodeIdentity {
     pub cluster_ip: Ipv4Addr,
     pub cluster_ip6: Option<Ipv6Addr>,
     pub affinity: Affinity,
+    /// The node's own addresses: the outer source of encapsulated frames (appliance mode).
+    pub node_ip: Option<Ipv4Addr>,
+    pub node_ip6: Option<Ipv6Addr>,
 }
 
 impl NodeIdentity {
@@ -152,6 +177,8 @@ impl NodeIdentity {
             cluster_ip: c.cluster.ip,
             cluster_ip6: c.cluster.ip6,
             affinity: c.cluster.affinity,
+            node_ip: c.node.ip,
+            node_ip6: c.node.ip6,
         }
     }
 }

@@ -33,6 +33,8 @@ fn identity(node: u8) -> NodeIdentity {
         cluster_ip: Ipv4Addr::new(198, 18, 0, 1),
         cluster_ip6: Some("2001:2::1".parse().unwrap()),
         affinity: Affinity::None,
+        node_ip: None,
+        node_ip6: None,
     }
 }
 
