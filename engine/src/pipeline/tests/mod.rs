@@ -14,6 +14,7 @@ use crate::cluster::{
 use crate::control::{Phase, PlanId, Role, Snapshot};
 use crate::wire::{parse_l2_l4, EthernetAddress};
 
+mod appliance;
 mod handoff;
 mod host;
 mod neighbour;

@@ -1,0 +1,209 @@
+//! Appliance mode: frames to a service address go from their one owner to their backend, and
+//! every node chooses the same backend for a flow.
+
+use super::*;
+use crate::appliance::{BackendState, Services};
+use crate::config::Config;
+use crate::testkit::build;
+
+/// Two DSR backends and a GUE backend behind the cluster address's port 80 (the test frames'
+/// destination), a disabled rule on port 22 and nothing on the other ports.
+const SERVICES: &str = r#"
+cluster:
+  ip: 198.18.0.1
+  mac: 02:cc:00:00:00:01
+  secret_file: secret
+node:
+  id: 1
+  mac: 02:00:00:00:00:01
+  ip: 198.18.0.11
+dataplane:
+  eal_args: [--no-huge, -m, "256"]
+  wire_port: { vdev: "net_af_packet0,iface=eth0" }
+  host_port: { vdev: "net_tap0,iface=cc0" }
+services:
+  - name: web
+    addresses: [198.18.0.1]
+    ports: [80]
+    delivery: DELIVERY
+    backends:
+      - { ip: 198.18.0.21, mac: 02:bb:00:00:00:01 }
+      - { ip: 198.18.0.22, mac: 02:bb:00:00:00:02 }
+      - { ip: 198.18.0.23, mac: 02:bb:00:00:00:03 }
+  - name: ssh
+    addresses: [198.18.0.1]
+    ports: [22]
+    mode: disabled
+"#;
+
+fn services(delivery: &str) -> Arc<Services> {
+    let text = SERVICES.replace("DELIVERY", delivery);
+    let c = Config::parse(&text, "t.yaml").unwrap();
+    c.validate("t.yaml").unwrap();
+    Arc::new(Services::compile(&c, SECRET, None))
+}
+
+fn appliances(n: u8, delivery: &str) -> Vec<Pipeline> {
+    let members: Vec<Member> = (1..=n).map(|i| Member::new(i, 100).unwrap()).collect();
+    let mut nodes = cluster(&members);
+    let s = services(delivery);
+    for p in nodes.iter_mut() {
+        p.id.node_ip = Some(Ipv4Addr::new(198, 18, 0, 10 + p.id.node.get()));
+        p.set_services(Arc::clone(&s));
+    }
+    nodes
+}
+
+/// A TCP segment from `src:sport` to the cluster address's `port`.
+fn segment(src: [u8; 4], sport: u16, port: u16, flags: u8) -> Vec<u8> {
+    let mut t = build::tcp(sport, 1, 1, flags, b"");
+    t[2..4].copy_from_slice(&port.to_be_bytes());
+    build::ipv4([2, 0, 0, 0, 0, 0x64], src, 6, &mut t, Some(16))
+}
+
+/// What node `p` does with `frame`: the action and the frame after it.
+fn run(p: &mut Pipeline, frame: &[u8], now: u64) -> (Action, Vec<u8>) {
+    let mut buf = vec![0u8; 2048];
+    buf[..frame.len()].copy_from_slice(frame);
+    let action = p.from_wire(&mut buf, frame.len(), now);
+    let out = match action {
+        Action::ToBackend { push } if push > 0 => {
+            let mut grown = vec![0u8; usize::from(push) + frame.len()];
+            grown[usize::from(push)..].copy_from_slice(&buf[..frame.len()]);
+            let n = p.take_encap(&mut grown).unwrap();
+            grown.truncate(n);
+            grown
+        }
+        Action::Reply { len } => buf[..len].to_vec(),
+        _ => buf[..frame.len()].to_vec(),
+    };
+    (action, out)
+}
+
+fn client(i: u32) -> ([u8; 4], u16) {
+    ([198, 18, 2 + (i / 200) as u8, (i % 200) as u8 + 1], 30000 + (i % 1000) as u16)
+}
+
+#[test]
+fn one_owner_forwards_each_flow_to_a_backend_by_dsr() {
+    let mut nodes = appliances(2, "dsr");
+    let mut per_backend = [0u32; 4];
+    for i in 0..600 {
+        let (src, sport) = client(i);
+        let syn = segment(src, sport, 80, 0x02);
+        let mut forwarded = 0;
+        for p in nodes.iter_mut() {
+            let node_mac = p.id.node_mac;
+            match run(p, &syn, 1) {
+                (Action::ToBackend { push: 0 }, out) => {
+                    forwarded += 1;
+                    assert_eq!(out[..6][..5], [2, 0xbb, 0, 0, 0], "to a backend MAC");
+                    assert_eq!(&out[6..12], &node_mac.0, "from the node MAC");
+                    assert_eq!(out[12..], syn[12..], "unchanged above layer 2");
+                    per_backend[usize::from(out[5])] += 1;
+                }
+                (Action::Drop(DropReason::NotOwned), _) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(forwarded, 1, "exactly one node forwards");
+    }
+    assert!(per_backend[1..].iter().all(|&n| n > 120), "{per_backend:?}");
+    let delivered: u64 = nodes
+        .iter()
+        .map(|p| p.appliance_counts().frames.iter().sum::<u64>())
+        .sum();
+    assert_eq!(delivered, 600);
+}
+
+#[test]
+fn a_new_owner_sends_a_flow_to_the_same_backend() {
+    // Node 1 alone serves the flows; node 2 alone (its successor after node 1 died) picks
+    // their next segments up mid-stream.
+    let mut first = appliances(1, "dsr").remove(0);
+    let mut next = appliances(1, "dsr").remove(0);
+    next.id.node = NodeId::new(2).unwrap();
+    let table = OwnershipTable::build(2, &[Member::new(2, 100).unwrap()]).unwrap();
+    next.set_snapshot(Arc::new(stable_snapshot(&table)));
+    for i in 0..200 {
+        let (src, sport) = client(i);
+        let (_, a) = run(&mut first, &segment(src, sport, 80, 0x02), 1);
+        let (action, b) = run(&mut next, &segment(src, sport, 80, 0x10), 2);
+        assert_eq!(action, Action::ToBackend { push: 0 });
+        assert_eq!(a[..6], b[..6], "flow {i}: the same backend");
+    }
+}
+
+#[test]
+fn a_change_of_the_pool_moves_no_existing_flow() {
+    let mut p = appliances(1, "dsr").remove(0);
+    let mut before = Vec::new();
+    for i in 0..300 {
+        let (src, sport) = client(i);
+        before.push(run(&mut p, &segment(src, sport, 80, 0x02), 1).1[5]);
+    }
+    // Backend 1 drained, backend 2 failed: no new flows to either, existing ones stay.
+    let s = p.services().with_backend(SECRET, 1, |b| b.state = BackendState::Drained);
+    let s = s.with_backend(SECRET, 2, |b| b.state = BackendState::Down);
+    p.set_services(Arc::new(s));
+    for (i, backend) in before.iter().enumerate() {
+        let (src, sport) = client(i as u32);
+        let (_, out) = run(&mut p, &segment(src, sport, 80, 0x10), 2);
+        assert_eq!(out[5], *backend, "flow {i} stays on its backend");
+    }
+    for i in 1000..1100 {
+        let (src, sport) = client(i);
+        let (_, out) = run(&mut p, &segment(src, sport, 80, 0x02), 3);
+        assert_eq!(out[5], 3, "new flows only to the backend that is up");
+    }
+}
+
+#[test]
+fn rules_drop_what_they_do_not_serve() {
+    let mut p = appliances(1, "dsr").remove(0);
+    let (src, sport) = client(1);
+    let ssh = segment(src, sport, 22, 0x02);
+    assert_eq!(run(&mut p, &ssh, 1).0, Action::Drop(DropReason::RuleDisabled));
+    let other = segment(src, sport, 8080, 0x02);
+    assert_eq!(run(&mut p, &other, 1).0, Action::Drop(DropReason::NoRule));
+    // ARP for a service address is answered like the cluster address's.
+    let arp = build::arp_request([2, 0, 0, 0, 0, 0x64], [198, 18, 0, 50]);
+    assert!(matches!(run(&mut p, &arp, 1).0, Action::Reply { .. }));
+    // A backend without a MAC yet: nothing is sent.
+    let s = p.services().with_backend(SECRET, 1, |b| b.mac = None);
+    let s = s.with_backend(SECRET, 2, |b| b.mac = None);
+    let s = s.with_backend(SECRET, 3, |b| b.mac = None);
+    p.set_services(Arc::new(s));
+    let web = segment(src, sport, 80, 0x02);
+    assert_eq!(run(&mut p, &web, 1).0, Action::Drop(DropReason::NoBackend));
+}
+
+#[test]
+fn gue_and_ipip_carry_the_client_packet_from_the_node_address() {
+    for (delivery, push, proto) in [("gue", 32, 17u8), ("ipip", 20, 4)] {
+        let mut p = appliances(1, delivery).remove(0);
+        let (src, sport) = client(7);
+        let syn = segment(src, sport, 80, 0x02);
+        let (action, out) = run(&mut p, &syn, 1);
+        assert_eq!(action, Action::ToBackend { push });
+        let outer = parse_l2_l4(&out).unwrap();
+        assert_eq!(outer.src_ip, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11)));
+        assert_eq!(u8::from(outer.protocol), proto);
+        assert_eq!(&out[out.len() - (syn.len() - 14)..], &syn[14..], "{delivery}");
+    }
+}
+
+#[test]
+fn a_datagram_too_big_for_the_tunnel_gets_fragmentation_needed() {
+    let mut p = appliances(1, "gue").remove(0);
+    let (src, sport) = client(9);
+    let mut t = build::tcp(sport, 1, 1, 0x10, &[0u8; 1460]);
+    t[2..4].copy_from_slice(&80u16.to_be_bytes());
+    let big = build::ipv4([2, 0, 0, 0, 0, 0x64], src, 6, &mut t, Some(16));
+    let (action, out) = run(&mut p, &big, 1);
+    assert!(matches!(action, Action::Reply { .. }), "{action:?}");
+    let icmp = parse_l2_l4(&out).unwrap();
+    assert_eq!(icmp.dst_ip, IpAddr::V4(Ipv4Addr::from(src)));
+    assert_eq!(u16::from_be_bytes([out[40], out[41]]), 1500 - 32);
+    assert_eq!(p.appliance_counts().too_big, 1);
+}
