@@ -29,6 +29,16 @@ pub fn node_mac(id: u8) -> String {
     format!("02:00:00:00:00:{id:02x}")
 }
 
+/// Backend `index`'s MAC (appliance mode).
+pub fn backend_mac(index: u8) -> String {
+    format!("02:bb:00:00:00:{index:02x}")
+}
+
+/// Backend `index`'s own address on the segment (appliance mode): 198.18.0.20 + index.
+pub fn backend_ip(index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 20 + index)
+}
+
 /// Node `id`'s address on the control network.
 pub fn control_ip(id: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, 0, id)
@@ -119,6 +129,8 @@ pub struct Topology {
     pub switch: Ns,
     pub client: Ns,
     pub nodes: Vec<(u8, Ns)>,
+    /// Appliance mode's backend servers (index, namespace).
+    pub backends: Vec<(u8, Ns)>,
     children: Vec<Child>,
 }
 
@@ -130,6 +142,7 @@ impl Topology {
             switch: Ns(format!("{prefix}-sw")),
             client: Ns(format!("{prefix}-c")),
             nodes: Vec::new(),
+            backends: Vec::new(),
             children: Vec::new(),
         };
         // Leftovers of a crashed run with the same prefix are removed first.
@@ -232,6 +245,63 @@ impl Topology {
         self.add_control_port(id, &ns)?;
         self.nodes.push((id, ns.clone()));
         Ok(ns)
+    }
+
+    /// Creates backend `index`'s namespace for appliance mode: `eth0` on br0 with MAC
+    /// [`backend_mac`] and address [`backend_ip`], and the cluster address on loopback, which
+    /// it never answers ARP for (`arp_ignore=1`, `arp_announce=2`): the appliances forward
+    /// client frames to its MAC (DSR) and it answers the client directly from the cluster
+    /// address.
+    pub fn add_backend(&mut self, index: u8) -> Result<Ns, String> {
+        let ns = Ns(format!("{}-b{index}", self.prefix));
+        run(&["ip", "netns", "add", &ns.0])?;
+        ns.run(&["ip", "link", "set", "lo", "up"])?;
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])?;
+        for (key, value) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+            for dev in ["all", "default"] {
+                ns.run(&[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv4.conf.{dev}.{key}={value}"),
+                ])?;
+            }
+        }
+        self.attach(&format!("b{index}"), &ns, "br0", "eth0")?;
+        for (key, value) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+            ns.run(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.conf.eth0.{key}={value}"),
+            ])?;
+        }
+        ns.run(&["ip", "link", "set", "eth0", "address", &backend_mac(index)])?;
+        ns.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", backend_ip(index)),
+            "dev",
+            "eth0",
+        ])?;
+        ns.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{CLUSTER_IP}/32"),
+            "dev",
+            "lo",
+        ])?;
+        ns.run(&["ip", "link", "set", "eth0", "up"])?;
+        self.backends.push((index, ns.clone()));
+        Ok(ns)
+    }
+
+    pub fn backend(&self, index: u8) -> Option<&Ns> {
+        self.backends
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, ns)| ns)
     }
 
     /// A node's namespace with `eth0` on br0, down, and no IPv6 anywhere: nothing the node's

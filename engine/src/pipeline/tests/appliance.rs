@@ -81,7 +81,10 @@ fn run(p: &mut Pipeline, frame: &[u8], now: u64) -> (Action, Vec<u8>) {
 }
 
 fn client(i: u32) -> ([u8; 4], u16) {
-    ([198, 18, 2 + (i / 200) as u8, (i % 200) as u8 + 1], 30000 + (i % 1000) as u16)
+    (
+        [198, 18, 2 + (i / 200) as u8, (i % 200) as u8 + 1],
+        30000 + (i % 1000) as u16,
+    )
 }
 
 #[test]
@@ -143,7 +146,9 @@ fn a_change_of_the_pool_moves_no_existing_flow() {
         before.push(run(&mut p, &segment(src, sport, 80, 0x02), 1).1[5]);
     }
     // Backend 1 drained, backend 2 failed: no new flows to either, existing ones stay.
-    let s = p.services().with_backend(SECRET, 1, |b| b.state = BackendState::Drained);
+    let s = p
+        .services()
+        .with_backend(SECRET, 1, |b| b.state = BackendState::Drained);
     let s = s.with_backend(SECRET, 2, |b| b.state = BackendState::Down);
     p.set_services(Arc::new(s));
     for (i, backend) in before.iter().enumerate() {
@@ -163,7 +168,10 @@ fn rules_drop_what_they_do_not_serve() {
     let mut p = appliances(1, "dsr").remove(0);
     let (src, sport) = client(1);
     let ssh = segment(src, sport, 22, 0x02);
-    assert_eq!(run(&mut p, &ssh, 1).0, Action::Drop(DropReason::RuleDisabled));
+    assert_eq!(
+        run(&mut p, &ssh, 1).0,
+        Action::Drop(DropReason::RuleDisabled)
+    );
     let other = segment(src, sport, 8080, 0x02);
     assert_eq!(run(&mut p, &other, 1).0, Action::Drop(DropReason::NoRule));
     // ARP for a service address is answered like the cluster address's.
@@ -189,7 +197,11 @@ fn gue_and_ipip_carry_the_client_packet_from_the_node_address() {
         let outer = parse_l2_l4(&out).unwrap();
         assert_eq!(outer.src_ip, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11)));
         assert_eq!(u8::from(outer.protocol), proto);
-        assert_eq!(&out[out.len() - (syn.len() - 14)..], &syn[14..], "{delivery}");
+        assert_eq!(
+            &out[out.len() - (syn.len() - 14)..],
+            &syn[14..],
+            "{delivery}"
+        );
     }
 }
 

@@ -1,0 +1,244 @@
+//! Appliance mode with real engines in namespaces: two appliance nodes in front of three
+//! backends (nginx with the service address on loopback, `arp_ignore=1`, `arp_announce=2`)
+//! behind the learning bridge, DSR end to end. The headline: `kill -9` of an appliance under
+//! load with long downloads running loses no connection, because its successor sends every
+//! flow to the backend it was already going to.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use clonecluster::control::operator::Status;
+use clonecluster_lab::services::{
+    configure_host_port, engine_config, start_engine, start_nginx, EngineOptions,
+};
+use clonecluster_lab::topology::{backend_ip, backend_mac, Topology, CLUSTER_IP, CLUSTER_MAC};
+use common::*;
+
+const BACKENDS: [u8; 3] = [1, 2, 3];
+/// What a backend's `/id` answers: 10 + its index (nodes answer 1, 2, ...).
+const fn backend_id(index: u8) -> u8 {
+    10 + index
+}
+
+struct Appliances {
+    topo: Topology,
+    dir: tempfile::TempDir,
+    engines: BTreeMap<u8, u32>,
+}
+
+impl Appliances {
+    fn new(tag: &str, nodes: &[u8]) -> Appliances {
+        let mut topo = Topology::build(&format!("cc{tag}{}", std::process::id() % 100_000), nodes)
+            .expect("build the lab network");
+        let dir = tempfile::Builder::new().prefix("ccapp").tempdir().unwrap();
+        for i in BACKENDS {
+            let ns = topo.add_backend(i).expect("a backend namespace");
+            let nginx = start_nginx(&ns, dir.path(), backend_id(i), 4096).unwrap();
+            topo.adopt(nginx);
+        }
+        let mut lab = Appliances {
+            topo,
+            dir,
+            engines: BTreeMap::new(),
+        };
+        for &id in nodes {
+            lab.start_node(id, nodes);
+        }
+        lab
+    }
+
+    fn config(&self, id: u8) -> PathBuf {
+        self.dir.path().join(format!("node{id}.yaml"))
+    }
+
+    /// The lab's engine config, as an appliance: no local service (so no health check of
+    /// one), the node's own address, and the cluster address's port 80 forwarded by DSR.
+    fn start_node(&mut self, id: u8, nodes: &[u8]) {
+        let path = engine_config(self.dir.path(), id, nodes, &EngineOptions::default()).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let health_start = text.find("health:\n").unwrap();
+        let health_end = text.find("dataplane:\n").unwrap();
+        let mut text = format!("{}{}", &text[..health_start], &text[health_end..]);
+        text = text.replace(
+            &format!("  id: {id}\n"),
+            &format!("  id: {id}\n  ip: 198.18.0.{}\n", 10 + id),
+        );
+        text.push_str(&format!(
+            "services:\n  - name: web\n    addresses: [{CLUSTER_IP}]\n    ports: [80]\n    \
+             delivery: dsr\n    backends:\n{}",
+            BACKENDS
+                .iter()
+                .map(|&i| format!(
+                    "      - {{ name: b{i}, ip: {}, mac: \"{}\" }}\n",
+                    backend_ip(i),
+                    backend_mac(i)
+                ))
+                .collect::<String>()
+        ));
+        std::fs::write(&path, text).unwrap();
+        let ns = self.topo.node(id).unwrap().clone();
+        let log = self.dir.path().join(format!("node{id}.log"));
+        let engine = start_engine(bin(), &ns, &path, &log).unwrap();
+        let pid = self.topo.adopt(engine);
+        self.engines.insert(id, pid);
+        // Waits for the engine's tap (the node's kernel serves nothing here).
+        configure_host_port(&ns, Duration::from_secs(30)).unwrap();
+    }
+
+    fn status(&self, id: u8) -> Option<Status> {
+        let out = run_cmd(&[
+            "status",
+            "--json",
+            "--config",
+            self.config(id).to_str().unwrap(),
+        ]);
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn wait_members(&self, nodes: &[u8], timeout: Duration) {
+        let start = Instant::now();
+        while !nodes.iter().all(|&id| {
+            self.status(id)
+                .is_some_and(|s| s.member_ids() == nodes && s.moving == 0)
+        }) {
+            assert!(
+                start.elapsed() < timeout,
+                "no convergence to {nodes:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.engines
+            .keys()
+            .map(|id| {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("node{id}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(12).collect();
+                format!("--- node {id} (newest first):\n{}", tail.join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `n` new connections, one request each: who answered (backend ids), and how many failed.
+    fn requests(&self, n: usize) -> (BTreeMap<u8, usize>, usize) {
+        let script = format!(
+            "for i in $(seq 1 {n}); do curl -s -m 5 http://{CLUSTER_IP}/id || echo fail; done"
+        );
+        let out = self
+            .topo
+            .client
+            .command(&["bash", "-c", &script])
+            .output()
+            .unwrap();
+        let mut by = BTreeMap::new();
+        let mut failed = 0;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            match line.trim().parse::<u8>() {
+                Ok(id) => *by.entry(id).or_insert(0) += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        failed += n.saturating_sub(by.values().sum::<usize>() + failed);
+        (by, failed)
+    }
+
+    /// Downloads of the backends' 4 MiB `/big` at `rate`, started now.
+    fn downloads(&self, n: usize, rate: &str) -> Vec<Child> {
+        (0..n)
+            .map(|_| {
+                self.topo
+                    .client
+                    .command(&[
+                        "curl",
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-m",
+                        "120",
+                        "--limit-rate",
+                        rate,
+                        "-w",
+                        "%{http_code} %{size_download}",
+                        &format!("http://{CLUSTER_IP}/big"),
+                    ])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect()
+    }
+}
+
+/// How many of `downloads` ended complete (HTTP 200 and every byte).
+fn complete(downloads: Vec<Child>) -> (usize, Vec<String>) {
+    let mut ok = 0;
+    let mut results = Vec::new();
+    for d in downloads {
+        let out = d.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if text == format!("200 {}", 4096 * 1024) {
+            ok += 1;
+        }
+        results.push(text);
+    }
+    (ok, results)
+}
+
+#[test]
+fn appliances_forward_by_dsr_and_a_killed_appliance_loses_no_connection() {
+    require_root();
+    let mut lab = Appliances::new("ap", &[1, 2]);
+    lab.wait_members(&[1, 2], Duration::from_secs(30));
+
+    // Every backend serves; the replies come from the backends directly.
+    let (by, failed) = lab.requests(60);
+    assert_eq!(failed, 0, "{by:?}\n{}", lab.logs());
+    for i in BACKENDS {
+        assert!(
+            by.get(&backend_id(i)).copied().unwrap_or(0) > 0,
+            "backend {i} served nothing: {by:?}"
+        );
+    }
+    assert!(by.keys().all(|id| *id > 10), "only backends answer: {by:?}");
+
+    // The headline: long downloads through both appliances, then kill -9 of one.
+    let downloads = lab.downloads(8, "512k");
+    std::thread::sleep(Duration::from_secs(2));
+    let victim = lab.engines.remove(&2).unwrap();
+    signal(victim, "KILL");
+    lab.topo.kill(victim);
+    let killed_at = Instant::now();
+    let (by_after, failed_after) = lab.requests(20);
+    let (ok, results) = complete(downloads);
+    assert_eq!(
+        ok,
+        8,
+        "every download survives the appliance's death: {results:?}\n{}",
+        lab.logs()
+    );
+    assert_eq!(
+        failed_after, 0,
+        "new connections after the kill: {by_after:?}"
+    );
+    eprintln!(
+        "kill -9 of an appliance: 8 of 8 downloads complete, 20 of 20 new requests served \
+         ({:.1} s after the kill)",
+        killed_at.elapsed().as_secs_f64()
+    );
+
+    // The switch never learned the cluster MAC: no node sent from it.
+    let learned = lab.topo.learned_macs().unwrap();
+    assert!(
+        !learned.iter().any(|m| m.eq_ignore_ascii_case(CLUSTER_MAC)),
+        "{learned:?}"
+    );
+}
