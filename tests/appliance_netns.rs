@@ -213,6 +213,14 @@ fn appliances_forward_by_dsr_and_a_killed_appliance_loses_no_connection() {
     // The headline: long downloads through both appliances, then kill -9 of one.
     let downloads = lab.downloads(8, "512k");
     std::thread::sleep(Duration::from_secs(2));
+    // Both appliances carry some of them (else the kill would prove nothing).
+    for id in [1, 2] {
+        let flows = lab
+            .status(id)
+            .and_then(|s| s.node(id).and_then(|n| n.active_flows))
+            .unwrap_or(0);
+        assert!(flows > 0, "node {id} forwards no flow before the kill");
+    }
     let victim = lab.engines.remove(&2).unwrap();
     signal(victim, "KILL");
     lab.topo.kill(victim);
@@ -233,6 +241,23 @@ fn appliances_forward_by_dsr_and_a_killed_appliance_loses_no_connection() {
         "kill -9 of an appliance: 8 of 8 downloads complete, 20 of 20 new requests served \
          ({:.1} s after the kill)",
         killed_at.elapsed().as_secs_f64()
+    );
+
+    // The backends answered the client directly: the surviving appliance forwarded the
+    // client's frames to them and delivered next to nothing to its own kernel.
+    let text = lab
+        .topo
+        .node(1)
+        .unwrap()
+        .run(&["curl", "-s", "-m", "5", "http://198.19.0.1:9100/metrics"])
+        .unwrap();
+    let (forwarded, to_host) = (
+        metric(&text, "backend_frames_total", &[]),
+        metric(&text, "host_tx_frames_total", &[]),
+    );
+    assert!(
+        forwarded > 1000 && to_host < forwarded / 20,
+        "forwarded {forwarded}, to the host {to_host}"
     );
 
     // The switch never learned the cluster MAC: no node sent from it.

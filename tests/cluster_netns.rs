@@ -535,14 +535,6 @@ fn served(child: Child, n: usize) -> (BTreeMap<u8, usize>, usize) {
     (by_node, failed)
 }
 
-/// The sum of every sample of `clonecluster_NAME` whose labels contain all of `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("clonecluster_{name}{{")))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
 
 /// How many buckets `node` takes new flows in, in a status reply.
 fn accepting(status: &Status, node: u8) -> u64 {

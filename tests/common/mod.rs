@@ -206,3 +206,12 @@ pub fn require_root() {
         "this test needs root (network namespaces, DPDK); run it as root"
     );
 }
+
+/// The sum of every sample of `clonecluster_NAME` whose labels contain all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("clonecluster_{name}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
