@@ -535,7 +535,6 @@ fn served(child: Child, n: usize) -> (BTreeMap<u8, usize>, usize) {
     (by_node, failed)
 }
 
-
 /// How many buckets `node` takes new flows in, in a status reply.
 fn accepting(status: &Status, node: u8) -> u64 {
     status
