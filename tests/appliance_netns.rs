@@ -58,7 +58,8 @@ impl Appliances {
     }
 
     /// The lab's engine config, as an appliance: no local service (so no health check of
-    /// one), the node's own address, and the cluster address's port 80 forwarded by DSR.
+    /// one), the node's own address, and the cluster address's port 80 forwarded by DSR to the
+    /// three backends (the third one's MAC left to ARP).
     fn start_node(&mut self, id: u8, nodes: &[u8]) {
         let path = engine_config(self.dir.path(), id, nodes, &EngineOptions::default()).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -74,11 +75,15 @@ impl Appliances {
              delivery: dsr\n    backends:\n{}",
             BACKENDS
                 .iter()
-                .map(|&i| format!(
-                    "      - {{ name: b{i}, ip: {}, mac: \"{}\" }}\n",
-                    backend_ip(i),
-                    backend_mac(i)
-                ))
+                .map(|&i| match i {
+                    // The last one's MAC is learned by ARP.
+                    3 => format!("      - {{ name: b{i}, ip: {} }}\n", backend_ip(i)),
+                    _ => format!(
+                        "      - {{ name: b{i}, ip: {}, mac: \"{}\" }}\n",
+                        backend_ip(i),
+                        backend_mac(i)
+                    ),
+                })
                 .collect::<String>()
         ));
         std::fs::write(&path, text).unwrap();

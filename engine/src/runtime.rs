@@ -16,6 +16,7 @@ use anyhow::{anyhow, Context};
 use arc_swap::ArcSwap;
 use siphasher::sip::SipHasher13;
 
+use crate::appliance::neighbours::Neighbours;
 use crate::appliance::Services;
 use crate::cluster::{Bucket, NodeId};
 use crate::config::{Loaded, Policy as ConfigPolicy};
@@ -163,6 +164,7 @@ pub fn control_thread(
     }
     let mut watch = HealthWatch::new(cfg);
     let mut cores = CoreWatch::new(link.cores.len(), interval * cfg.control.dead_after);
+    let mut backends = BackendWatch::new(&loaded, &link);
     let mut current = loaded.clone();
     let mut busy = BusyShare::new(start);
     let mut out = Vec::new();
@@ -207,6 +209,7 @@ pub fn control_thread(
             node.set_wire_link(link.wire_link_up.load(Relaxed), now_ns(), &mut out);
             node.set_cores_running(cores.running(&link, now, me), now_ns(), &mut out);
             node.handle_tick(now_ns(), &mut out);
+            backends.tick(&link, now_ns());
             link.set_members(&node);
             let mut v = control_view(&node, me, now_ns());
             if let Some(h) = &health {
@@ -607,6 +610,57 @@ impl OperatorSocket {
 impl Drop for OperatorSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Appliance mode's backends as the control thread keeps them: their MACs learned by ARP and
+/// neighbour discovery ([`Neighbours`] decides; this sends its requests through core 0, feeds it
+/// the answers the cores copied, and publishes what it learns to the cores).
+struct BackendWatch {
+    neighbours: Neighbours,
+    secret: Vec<u8>,
+    /// The services version last seen (a reload changes the backends to resolve).
+    seen: u64,
+}
+
+impl BackendWatch {
+    fn new(loaded: &Loaded, link: &ControlLink) -> BackendWatch {
+        let c = &loaded.config;
+        BackendWatch {
+            neighbours: Neighbours::new(&link.services(), c.node.mac, c.node.ip, c.node.ip6),
+            secret: loaded.secret.clone(),
+            seen: link.services_version.load(Relaxed),
+        }
+    }
+
+    fn tick(&mut self, link: &ControlLink, now: u64) {
+        let version = link.services_version.load(Relaxed);
+        if version != self.seen {
+            self.seen = version;
+            self.neighbours.update(&link.services());
+        }
+        link.wants_neighbours
+            .store(self.neighbours.wants_answers(), Relaxed);
+        for frame in self.neighbours.tick(now) {
+            link.send_frame(frame);
+        }
+        for frame in link.neighbour_answers() {
+            let Some((id, mac)) = self.neighbours.received(&frame) else {
+                continue;
+            };
+            let services = link.services();
+            if let Some((_, b)) = services.backends().find(|(_, b)| b.id == id) {
+                tracing::info!(
+                    backend = %b.name,
+                    address = %b.ip,
+                    mac = %mac,
+                    "backend MAC learned"
+                );
+            }
+            let next = services.with_backend(&self.secret, id, |b| b.mac = Some(mac));
+            link.publish_services(Arc::new(next));
+            self.seen = link.services_version.load(Relaxed);
+        }
     }
 }
 

@@ -24,6 +24,7 @@ use crate::wire::EthernetAddress;
 
 pub mod encap;
 pub mod maglev;
+pub mod neighbours;
 
 use maglev::{Candidate, Maglev};
 
@@ -60,6 +61,8 @@ pub struct Backend {
     pub ip: IpAddr,
     /// Where its frames go on the wire: configured, or learned by ARP/NDP (`None`: not yet).
     pub mac: Option<EthernetAddress>,
+    /// The MAC is the configuration's (else [`neighbours`] learns it).
+    pub configured_mac: bool,
     pub weight: u32,
     pub state: BackendState,
 }
@@ -184,6 +187,7 @@ impl Services {
                         name: b.label(),
                         ip: b.ip,
                         mac: b.mac.or(o.and_then(|o| o.mac)),
+                        configured_mac: b.mac.is_some(),
                         weight: b.weight,
                         state: o.map_or(BackendState::Up, |o| o.state),
                     }

@@ -327,23 +327,37 @@ impl<'a> Core<'a> {
     #[inline]
     fn send_control_frames(&mut self) {
         let queue = &self.link.wire_out.1;
-        if queue.is_empty() {
+        let frames = &self.link.frames_out.1;
+        if queue.is_empty() && frames.is_empty() {
             return;
         }
         // SAFETY: the pool outlives the packet loops (`run` frees it after they return).
         let pool = unsafe { Mempool::borrow(self.shared.pool) };
         let to_wire = &mut self.fwd.to_wire;
-        while let Ok(message) = queue.try_recv() {
-            let frame = wire_frame(self.shared.identity.node_mac.0, &message);
+        let sent = &self.mine.counters.control_tx;
+        let mut send = |frame: &[u8]| {
             let Some(mut m) = Mbuf::alloc(&pool) else {
-                break;
+                return false;
             };
             let room = m.room_mut();
             if room.len() >= frame.len() {
-                room[..frame.len()].copy_from_slice(&frame);
+                room[..frame.len()].copy_from_slice(frame);
                 m.set_len(frame.len());
-                bump(&self.mine.counters.control_tx, 1);
+                bump(sent, 1);
                 to_wire.push(m);
+            }
+            true
+        };
+        let node_mac = self.shared.identity.node_mac.0;
+        while let Ok(message) = queue.try_recv() {
+            if !send(&wire_frame(node_mac, &message)) {
+                break;
+            }
+        }
+        // Whole frames (neighbour requests for backends) go as they are.
+        while let Ok(frame) = frames.try_recv() {
+            if !send(&frame) {
+                break;
             }
         }
         to_wire.flush();
@@ -445,7 +459,11 @@ impl Forward<'_> {
         let len = m.len();
         let c = self.counters;
         match self.pipeline.decide(m.room_mut(), len, prep, now) {
-            Action::Deliver | Action::DeliverShared => self.to_host.push(m),
+            Action::Deliver => self.to_host.push(m),
+            Action::DeliverShared => {
+                self.link.neighbour_answer(m.data());
+                self.to_host.push(m);
+            }
             Action::ToWire => self.to_wire.push(m),
             Action::ToBackend { push: 0 } => {
                 bump(&c.to_backend, 1);

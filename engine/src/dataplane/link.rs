@@ -70,6 +70,13 @@ pub struct ControlLink {
     /// `services_version` changes.
     pub(crate) services: ArcSwap<Services>,
     pub(crate) services_version: AtomicU64,
+    /// Whole frames the control thread sends on the wire port (ARP requests and neighbour
+    /// solicitations for backends; core 0 sends them).
+    pub(crate) frames_out: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
+    /// ARP replies and neighbour advertisements the cores copied for the control thread,
+    /// while `wants_neighbours` is set.
+    neighbours_in: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
+    pub(crate) wants_neighbours: AtomicBool,
 }
 
 /// What one packet core publishes: its packet counters and its figures. One writer (its core),
@@ -196,7 +203,30 @@ impl ControlLink {
             hold_refusals_on: AtomicU32::new(0),
             services: ArcSwap::new(Services::none()),
             services_version: AtomicU64::new(0),
+            frames_out: crossbeam_channel::bounded(CHANNEL_DEPTH),
+            neighbours_in: crossbeam_channel::bounded(CHANNEL_DEPTH),
+            wants_neighbours: AtomicBool::new(false),
         }
+    }
+
+    /// From the control thread: a whole frame for core 0 to send on the wire (dropped if the
+    /// queue is full: requests are repeated).
+    pub fn send_frame(&self, frame: Vec<u8>) {
+        let _ = self.frames_out.0.try_send(frame);
+    }
+
+    /// From a core: a neighbour answer to the node's MAC, for the control thread (only while
+    /// it wants them; dropped if the queue is full: requests are repeated).
+    #[inline]
+    pub(crate) fn neighbour_answer(&self, frame: &[u8]) {
+        if self.wants_neighbours.load(Relaxed) && crate::appliance::neighbours::is_answer(frame) {
+            let _ = self.neighbours_in.0.try_send(frame.to_vec());
+        }
+    }
+
+    /// The neighbour answers the cores copied since the last call.
+    pub fn neighbour_answers(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
+        self.neighbours_in.1.try_iter()
     }
 
     /// New services for the cores (at start, after a reload, a learned backend MAC or an

@@ -1,0 +1,358 @@
+//! Backend MACs learned by ARP (IPv4) and neighbour discovery (IPv6): appliance mode sends a
+//! backend's frames to its MAC, which the configuration may leave out.
+//!
+//! Sans-IO: [`Neighbours::tick`] says which requests to send now (whole Ethernet frames, from
+//! the node's own MAC and address), [`Neighbours::received`] reads an ARP reply or neighbour
+//! advertisement the wire brought to the node's MAC and says which backend's MAC it taught or
+//! changed. A backend is asked every [`RETRY`] until it answers, then every [`REFRESH`] (a
+//! backend replaced by another machine at the same address is followed within one refresh).
+//! A backend that stops answering keeps its last MAC: its health check, not ARP, says whether
+//! it serves.
+//!
+//! Owns only the resolution state; never sends, reads a clock or touches [`super::Services`]
+//! (the control thread publishes what this learns).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use crate::wire::{self, arp, icmpv6, EtherType, EthernetAddress, IpProtocol};
+
+use super::Services;
+
+/// Between requests to a backend that has not answered yet.
+pub const RETRY: Duration = Duration::from_secs(1);
+/// Between requests to a backend whose MAC is known.
+pub const REFRESH: Duration = Duration::from_secs(30);
+
+/// One backend to resolve.
+#[derive(Debug, Clone)]
+struct Entry {
+    id: u16,
+    ip: IpAddr,
+    mac: Option<EthernetAddress>,
+    next_ask: u64,
+}
+
+/// The resolution state of every backend without a configured MAC.
+#[derive(Debug, Clone)]
+pub struct Neighbours {
+    entries: Vec<Entry>,
+    node_mac: EthernetAddress,
+    node_ip: Option<Ipv4Addr>,
+    node_ip6: Option<Ipv6Addr>,
+}
+
+impl Neighbours {
+    /// For the backends of `services` that have no configured MAC, asked from `node_mac` and
+    /// the node's addresses.
+    pub fn new(
+        services: &Services,
+        node_mac: EthernetAddress,
+        node_ip: Option<Ipv4Addr>,
+        node_ip6: Option<Ipv6Addr>,
+    ) -> Neighbours {
+        let mut n = Neighbours {
+            entries: Vec::new(),
+            node_mac,
+            node_ip,
+            node_ip6,
+        };
+        n.update(services);
+        n
+    }
+
+    /// After a reload: new backends are asked at once, removed ones forgotten, known MACs kept.
+    pub fn update(&mut self, services: &Services) {
+        let wanted: Vec<(u16, IpAddr)> = services
+            .backends()
+            .filter(|(_, b)| !b.configured_mac)
+            .map(|(_, b)| (b.id, b.ip))
+            .collect();
+        self.entries.retain(|e| wanted.contains(&(e.id, e.ip)));
+        for (id, ip) in wanted {
+            if !self.entries.iter().any(|e| e.id == id) {
+                self.entries.push(Entry {
+                    id,
+                    ip,
+                    mac: None,
+                    next_ask: 0,
+                });
+            }
+        }
+    }
+
+    /// Whether answers matter (some backend is resolved here): the data path copies ARP
+    /// replies and neighbour advertisements to the node's MAC only then.
+    pub fn wants_answers(&self) -> bool {
+        !self.entries.is_empty()
+    }
+
+    /// Backends not resolved yet, by id.
+    pub fn unresolved(&self) -> impl Iterator<Item = u16> + '_ {
+        self.entries
+            .iter()
+            .filter(|e| e.mac.is_none())
+            .map(|e| e.id)
+    }
+
+    /// The requests due at `now` (nanoseconds), as whole frames for the wire.
+    pub fn tick(&mut self, now: u64) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for e in self.entries.iter_mut() {
+            if now < e.next_ask {
+                continue;
+            }
+            let every = if e.mac.is_some() { REFRESH } else { RETRY };
+            e.next_ask = now + every.as_nanos() as u64;
+            let frame = match e.ip {
+                IpAddr::V4(ip) => self
+                    .node_ip
+                    .map(|src| arp_request(self.node_mac, src, ip, e.mac)),
+                IpAddr::V6(ip) => self
+                    .node_ip6
+                    .and_then(|src| solicitation(self.node_mac, src, ip, e.mac)),
+            };
+            out.extend(frame);
+        }
+        out
+    }
+
+    /// An ARP reply or neighbour advertisement to the node's MAC: the backend id and MAC it
+    /// taught, if it is news (a first answer or a changed MAC).
+    pub fn received(&mut self, frame: &[u8]) -> Option<(u16, EthernetAddress)> {
+        let (ip, mac) = answer(frame)?;
+        let e = self.entries.iter_mut().find(|e| e.ip == ip)?;
+        if e.mac == Some(mac) {
+            return None;
+        }
+        let first = e.mac.is_none();
+        e.mac = Some(mac);
+        if first {
+            // The next request is a refresh.
+            e.next_ask =
+                e.next_ask.saturating_sub(RETRY.as_nanos() as u64) + REFRESH.as_nanos() as u64;
+        }
+        Some((e.id, mac))
+    }
+}
+
+/// Whether `frame` is an ARP reply or a neighbour advertisement (for the data path's copy to
+/// the control thread; cheap, no full parse).
+#[inline]
+pub fn is_answer(frame: &[u8]) -> bool {
+    match frame.get(12..14) {
+        Some([0x08, 0x06]) => frame.get(20..22) == Some(&[0, 2]),
+        // IPv6, next header ICMPv6, type 136 (no extension headers: NDP has none).
+        Some([0x86, 0xdd]) => frame.get(20) == Some(&58) && frame.get(54) == Some(&136),
+        _ => false,
+    }
+}
+
+/// The address and MAC an answer teaches.
+fn answer(frame: &[u8]) -> Option<(IpAddr, EthernetAddress)> {
+    let p = wire::parse_l2_l4(frame).ok()?;
+    match p.ethertype {
+        EtherType::Arp => {
+            let r = arp::Repr::parse(&arp::Packet::new_checked(frame.get(p.l3_offset..)?).ok()?)
+                .ok()?;
+            (r.operation == arp::Operation::Reply)
+                .then_some((IpAddr::V4(r.source_protocol_addr), r.source_hardware_addr))
+        }
+        EtherType::Ipv6 if p.protocol == IpProtocol::Icmpv6 => {
+            let packet =
+                icmpv6::Packet::new_checked(frame.get(p.l4_offset..p.l4_offset + p.l4_len)?)
+                    .ok()?;
+            match icmpv6::NdiscRepr::parse(&packet).ok()? {
+                icmpv6::NdiscRepr::NeighborAdvert {
+                    target_addr,
+                    lladdr: Some(mac),
+                    ..
+                } => Some((IpAddr::V6(target_addr), mac)),
+                // An advertisement without the option comes from the Ethernet source.
+                icmpv6::NdiscRepr::NeighborAdvert { target_addr, .. } => Some((
+                    IpAddr::V6(target_addr),
+                    EthernetAddress(frame.get(6..12)?.try_into().ok()?),
+                )),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// "Who has `target`? Tell `src`": broadcast, or unicast to the known MAC for a refresh.
+fn arp_request(
+    node_mac: EthernetAddress,
+    src: Ipv4Addr,
+    target: Ipv4Addr,
+    known: Option<EthernetAddress>,
+) -> Vec<u8> {
+    let mut f = vec![0u8; 60];
+    f[..6].copy_from_slice(&known.map_or([0xff; 6], |m| m.0));
+    f[6..12].copy_from_slice(&node_mac.0);
+    f[12..14].copy_from_slice(&EtherType::Arp.raw().to_be_bytes());
+    let r = arp::Repr {
+        operation: arp::Operation::Request,
+        source_hardware_addr: node_mac,
+        source_protocol_addr: src,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    };
+    // 60 bytes hold the 28-byte ARP packet after the header: emit cannot fail.
+    let _ = r.emit(&mut f[14..]);
+    f
+}
+
+/// A neighbour solicitation for `target` from `src`, to its solicited-node group (or to the
+/// known MAC and address for a refresh), with the node MAC as source link-layer address.
+fn solicitation(
+    node_mac: EthernetAddress,
+    src: Ipv6Addr,
+    target: Ipv6Addr,
+    known: Option<EthernetAddress>,
+) -> Option<Vec<u8>> {
+    let t = target.octets();
+    let (dst_mac, dst_ip) = match known {
+        Some(mac) => (mac.0, target),
+        None => {
+            let group = Ipv6Addr::new(
+                0xff02,
+                0,
+                0,
+                0,
+                0,
+                1,
+                0xff00 | u16::from(t[13]),
+                u16::from_be_bytes([t[14], t[15]]),
+            );
+            ([0x33, 0x33, 0xff, t[13], t[14], t[15]], group)
+        }
+    };
+    let ns = icmpv6::NdiscRepr::NeighborSolicit {
+        target_addr: target,
+        lladdr: Some(node_mac),
+    };
+    let icmp_len = ns.buffer_len();
+    let mut f = vec![0u8; 14 + 40 + icmp_len];
+    f[..6].copy_from_slice(&dst_mac);
+    f[6..12].copy_from_slice(&node_mac.0);
+    f[12..14].copy_from_slice(&EtherType::Ipv6.raw().to_be_bytes());
+    let ip = &mut f[14..54];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&u16::try_from(icmp_len).ok()?.to_be_bytes());
+    ip[6] = IpProtocol::Icmpv6.raw();
+    ip[7] = 255;
+    ip[8..24].copy_from_slice(&src.octets());
+    ip[24..40].copy_from_slice(&dst_ip.octets());
+    ns.emit(&mut f[54..], &src, &dst_ip).ok()?;
+    Some(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const NODE: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 1]);
+    const B: EthernetAddress = EthernetAddress([2, 0xbb, 0, 0, 0, 7]);
+
+    fn services() -> Services {
+        let text = r#"
+cluster: { ip: 198.18.0.1, mac: "02:cc:00:00:00:01", secret_file: secret }
+node: { id: 1, mac: "02:00:00:00:00:01", ip: 198.18.0.11, ip6: "2001:2::11" }
+dataplane:
+  wire_port: { vdev: "net_af_packet0,iface=eth0" }
+  host_port: { vdev: "net_tap0,iface=cc0" }
+services:
+  - name: web
+    addresses: [198.18.0.100, "2001:2::100"]
+    ports: [80]
+    delivery: dsr
+    backends:
+      - { ip: 198.18.0.21, mac: "02:bb:00:00:00:01" }
+      - { ip: 198.18.0.22 }
+      - { ip: "2001:2::22" }
+"#;
+        let c = Config::parse(text, "t.yaml").unwrap();
+        c.validate("t.yaml").unwrap();
+        Services::compile(&c, b"secret", None)
+    }
+
+    fn neighbours() -> Neighbours {
+        Neighbours::new(
+            &services(),
+            NODE,
+            Some(Ipv4Addr::new(198, 18, 0, 11)),
+            Some("2001:2::11".parse().unwrap()),
+        )
+    }
+
+    /// The backend's answer to `request`, as a real host writes it.
+    fn arp_reply_to(request: &[u8], mac: EthernetAddress) -> Vec<u8> {
+        let r = arp::Repr::parse(&arp::Packet::new_checked(&request[14..]).unwrap()).unwrap();
+        let mut f = vec![0u8; 60];
+        f[..6].copy_from_slice(&NODE.0);
+        f[6..12].copy_from_slice(&mac.0);
+        f[12..14].copy_from_slice(&[0x08, 0x06]);
+        let answer = arp::Repr {
+            operation: arp::Operation::Reply,
+            source_hardware_addr: mac,
+            source_protocol_addr: r.target_protocol_addr,
+            target_hardware_addr: r.source_hardware_addr,
+            target_protocol_addr: r.source_protocol_addr,
+        };
+        answer.emit(&mut f[14..]).unwrap();
+        f
+    }
+
+    #[test]
+    fn asks_for_unconfigured_backends_until_they_answer_then_refreshes() {
+        let mut n = neighbours();
+        assert!(n.wants_answers());
+        assert_eq!(
+            n.unresolved().count(),
+            2,
+            "the configured MAC is not asked for"
+        );
+        let sent = n.tick(0);
+        assert_eq!(sent.len(), 2);
+        let arp = sent.iter().find(|f| f[12..14] == [0x08, 0x06]).unwrap();
+        assert_eq!(&arp[..6], &[0xff; 6]);
+        assert_eq!(&arp[6..12], &NODE.0);
+        let ns = sent.iter().find(|f| f[12..14] == [0x86, 0xdd]).unwrap();
+        let p = wire::parse_l2_l4(ns).unwrap();
+        assert_eq!(p.hop_limit, 255);
+        assert_eq!(&ns[..3], &[0x33, 0x33, 0xff]);
+        assert!(n.tick(500_000_000).is_empty(), "not again before a second");
+        assert_eq!(n.tick(1_000_000_000).len(), 2, "again after a second");
+        // The answer teaches the MAC once; the next request is a unicast refresh.
+        let reply = arp_reply_to(arp, B);
+        assert!(is_answer(&reply) && !is_answer(arp));
+        assert_eq!(n.received(&reply), Some((2, B)));
+        assert_eq!(n.received(&reply), None, "no news");
+        assert_eq!(n.unresolved().count(), 1);
+        let later = n.tick(5_000_000_000);
+        assert_eq!(
+            later.len(),
+            1,
+            "only the unresolved one within the refresh time"
+        );
+        let refresh = n.tick(32_000_000_000);
+        let arp = refresh.iter().find(|f| f[12..14] == [0x08, 0x06]).unwrap();
+        assert_eq!(&arp[..6], &B.0, "a refresh goes to the known MAC");
+        // A changed MAC is news.
+        let moved = EthernetAddress([2, 0xbb, 0, 0, 0, 8]);
+        assert_eq!(n.received(&arp_reply_to(arp, moved)), Some((2, moved)));
+    }
+
+    #[test]
+    fn reloads_keep_what_was_learned() {
+        let mut n = neighbours();
+        let sent = n.tick(0);
+        let arp = sent.iter().find(|f| f[12..14] == [0x08, 0x06]).unwrap();
+        n.received(&arp_reply_to(arp, B));
+        n.update(&services());
+        assert_eq!(n.unresolved().count(), 1);
+        assert!(n.received(&[0u8; 10]).is_none(), "garbage is ignored");
+    }
+}
