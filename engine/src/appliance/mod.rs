@@ -23,6 +23,7 @@ use crate::config::{Config, Delivery, PortRange, RuleMode, Unmatched};
 use crate::wire::EthernetAddress;
 
 pub mod encap;
+pub mod health;
 pub mod maglev;
 pub mod neighbours;
 
@@ -257,6 +258,27 @@ impl Services {
             let key = derive_key(secret, BACKEND_KEY_LABEL);
             rule.table = Maglev::build(&candidates(&rule.backends), &key);
         }
+        s
+    }
+
+    /// The same services under the agreed backend table: its down and drained backends take
+    /// no new flows, every other one is up (tables rebuilt, epoch taken).
+    pub fn with_table(&self, secret: &[u8], table: &health::BackendTable) -> Services {
+        let mut s = self.clone();
+        let key = derive_key(secret, BACKEND_KEY_LABEL);
+        for rule in s.rules.iter_mut() {
+            for b in rule.backends.iter_mut() {
+                b.state = if table.drained.contains(&b.id) {
+                    BackendState::Drained
+                } else if table.down.contains(&b.id) {
+                    BackendState::Down
+                } else {
+                    BackendState::Up
+                };
+            }
+            rule.table = Maglev::build(&candidates(&rule.backends), &key);
+        }
+        s.epoch = table.epoch;
         s
     }
 

@@ -134,3 +134,41 @@ fn a_backend_out_of_service_gets_no_new_flows() {
     let again = Services::compile(&config(CONF), b"secret", None);
     assert_eq!(chosen(&again), all);
 }
+
+#[test]
+fn the_agreed_table_sets_every_state_and_the_epoch() {
+    let s = Services::compile(&config(CONF), b"secret", None);
+    let table = health::BackendTable {
+        epoch: 7,
+        down: [1].into_iter().collect(),
+        drained: [2].into_iter().collect(),
+    };
+    let t = s.with_table(b"secret", &table);
+    let states: Vec<BackendState> = t.backends().map(|(_, b)| b.state).collect();
+    assert_eq!(
+        states,
+        [
+            BackendState::Down,
+            BackendState::Drained,
+            BackendState::Up,
+            BackendState::Up
+        ]
+    );
+    assert_eq!(t.epoch, 7);
+    for x in 0..2000u64 {
+        let id = t
+            .choose(0, x.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .unwrap()
+            .id;
+        assert_eq!(id, 3, "only the backend that is up takes new flows of web");
+    }
+    // Back up: the next table restores it.
+    let up = t.with_table(
+        b"secret",
+        &health::BackendTable {
+            epoch: 8,
+            ..Default::default()
+        },
+    );
+    assert!(up.backends().all(|(_, b)| b.state == BackendState::Up));
+}
