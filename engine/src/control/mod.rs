@@ -21,7 +21,9 @@
 //! - [`operator`]: the operator's typed requests and replies on the control socket, shared by
 //!   the node, the CLI, the lab and the tests.
 //! - [`timeline`]: the last steps a node took, stamped, as `status` reports them.
+//! - [`backends`]: appliance mode's agreed backend table, driven by the membership.
 
+pub mod backends;
 pub mod membership;
 pub mod message;
 pub mod node;
