@@ -219,3 +219,63 @@ fn a_datagram_too_big_for_the_tunnel_gets_fragmentation_needed() {
     assert_eq!(u16::from_be_bytes([out[40], out[41]]), 1500 - 32);
     assert_eq!(p.appliance_counts().too_big, 1);
 }
+
+/// An IPv6 service: GUE over IPv6 from the node's IPv6 address, and "packet too big".
+#[test]
+fn ipv6_services_encapsulate_in_ipv6_and_answer_packet_too_big() {
+    let text = SERVICES
+        .replace("DELIVERY", "gue")
+        .replace(
+            "  ip: 198.18.0.11\n",
+            "  ip: 198.18.0.11\n  ip6: \"2001:2::11\"\n",
+        )
+        .replace(
+            "    addresses: [198.18.0.1]\n    ports: [80]",
+            "    addresses: [\"2001:2::1\"]\n    ports: [80]",
+        )
+        .replace("ip: 198.18.0.21,", "ip: \"2001:2::21\",")
+        .replace("ip: 198.18.0.22,", "ip: \"2001:2::22\",")
+        .replace("ip: 198.18.0.23,", "ip: \"2001:2::23\",");
+    let c = Config::parse(&text, "t.yaml").unwrap();
+    c.validate("t.yaml").unwrap();
+    let mut p = cluster(&[Member::new(1, 100).unwrap()]).remove(0);
+    p.id.node_ip6 = Some("2001:2::11".parse().unwrap());
+    p.set_services(Arc::new(Services::compile(&c, SECRET, None)));
+    let src = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x50];
+    let mut t = build::tcp(40000, 1, 0, 0x02, b"");
+    let syn = build::ipv6([2, 0, 0, 0, 0, 0x64], src, 6, &mut t, 16);
+    let (action, out) = run(&mut p, &syn, 1);
+    assert_eq!(action, Action::ToBackend { push: 52 });
+    let outer = parse_l2_l4(&out).unwrap();
+    let node: IpAddr = "2001:2::11".parse().unwrap();
+    assert_eq!(outer.src_ip, node);
+    assert!(crate::wire::checksum::verify_with_pseudo_header(
+        &outer.src_ip,
+        &outer.dst_ip,
+        crate::wire::IpProtocol::Udp,
+        &out[54..]
+    ));
+    assert_eq!(
+        &out[14 + 40 + 8..14 + 40 + 12],
+        &[0, 41, 0, 0],
+        "GUE, inner IPv6"
+    );
+    // A segment too big for the tunnel: ICMPv6 "packet too big" to the client, valid.
+    let mut t = build::tcp(40000, 1, 1, 0x10, &[0u8; 1400]);
+    let big = build::ipv6([2, 0, 0, 0, 0, 0x64], src, 6, &mut t, 16);
+    let (action, out) = run(&mut p, &big, 2);
+    assert!(matches!(action, Action::Reply { .. }), "{action:?}");
+    let icmp = parse_l2_l4(&out).unwrap();
+    assert_eq!(icmp.dst_ip, IpAddr::V6(src.into()));
+    assert_eq!(out[54], 2, "packet too big");
+    assert_eq!(
+        u32::from_be_bytes([out[58], out[59], out[60], out[61]]),
+        1500 - 52
+    );
+    assert!(crate::wire::checksum::verify_with_pseudo_header(
+        &icmp.src_ip,
+        &icmp.dst_ip,
+        crate::wire::IpProtocol::Icmpv6,
+        &out[54..]
+    ));
+}
