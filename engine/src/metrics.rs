@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::appliance::BackendState;
 use crate::control::{Path, Refusal};
 use crate::dataplane::{ControlLink, CoreLink};
 use crate::pipeline::DropReason;
@@ -83,6 +84,9 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
         "Frames forwarded to a backend (appliance mode: DSR or encapsulated).",
         &per_core(&|s| s.to_backend),
     );
+    for (name, kind, help, rows) in service_metrics(link) {
+        metric(name, kind, help, &rows);
+    }
     metric(
         "tx_unsent_total",
         "counter",
@@ -351,6 +355,124 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
         &refused,
     );
     out
+}
+
+/// One metric: its name (without `clonecluster_`), kind, help and rows (labels after `node`,
+/// value).
+type Metric = (&'static str, &'static str, &'static str, Vec<(String, u64)>);
+
+/// Appliance mode's metrics, per service (summed over its backends) and per backend (summed
+/// over cores), from the services in force: none without services. Per backend, flows are
+/// counted as they start (`new_flows`): the flow table does not count a backend's current
+/// flows.
+fn service_metrics(link: &ControlLink) -> Vec<Metric> {
+    let services = link.services();
+    if !services.active() {
+        return Vec::new();
+    }
+    let (mut frames, mut bytes, mut flows) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut b_frames, mut b_bytes, mut b_flows) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut state, mut weight) = (Vec::new(), Vec::new());
+    for rule in services.rules() {
+        let service = format!(",service=\"{}\"", escape(&rule.name));
+        let mut total = crate::dataplane::BackendCounts::default();
+        for b in &rule.backends {
+            let n = link.backend_counts(b.id);
+            total.frames += n.frames;
+            total.bytes += n.bytes;
+            total.new_flows += n.new_flows;
+            let labels = format!("{service},backend=\"{}\"", escape(&b.name));
+            b_frames.push((labels.clone(), n.frames));
+            b_bytes.push((labels.clone(), n.bytes));
+            b_flows.push((labels.clone(), n.new_flows));
+            weight.push((labels.clone(), u64::from(b.weight)));
+            for s in [BackendState::Up, BackendState::Down, BackendState::Drained] {
+                let labels = format!("{labels},state=\"{}\"", s.name());
+                state.push((labels, u64::from(b.state == s)));
+            }
+        }
+        frames.push((service.clone(), total.frames));
+        bytes.push((service.clone(), total.bytes));
+        flows.push((service, total.new_flows));
+    }
+    let too_big = link
+        .cores
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!(",core=\"{i}\""), c.backends.too_big.load(Relaxed)))
+        .collect();
+    vec![
+        (
+            "service_frames_total",
+            "counter",
+            "Frames forwarded to the service's backends.",
+            frames,
+        ),
+        (
+            "service_bytes_total",
+            "counter",
+            "Bytes forwarded to the service's backends, as sent (encapsulation included).",
+            bytes,
+        ),
+        (
+            "service_new_flows_total",
+            "counter",
+            "New flows the service's backend tables assigned on this node.",
+            flows,
+        ),
+        (
+            "service_backend_frames_total",
+            "counter",
+            "Frames forwarded to the backend.",
+            b_frames,
+        ),
+        (
+            "service_backend_bytes_total",
+            "counter",
+            "Bytes forwarded to the backend, as sent (encapsulation included).",
+            b_bytes,
+        ),
+        (
+            "service_backend_new_flows_total",
+            "counter",
+            "New flows this node sent to the backend (its current flows are not counted: a \
+             flow keeps its backend until it ends).",
+            b_flows,
+        ),
+        (
+            "service_backend_state",
+            "gauge",
+            "1 for the backend's state: up (takes new flows), down (failed its health checks), \
+             drained (keeps its flows, takes no new ones).",
+            state,
+        ),
+        (
+            "service_backend_weight",
+            "gauge",
+            "The backend's configured weight.",
+            weight,
+        ),
+        (
+            "services_epoch",
+            "gauge",
+            "Epoch of the agreed backend table in force (0: the configuration's).",
+            vec![(String::new(), services.epoch)],
+        ),
+        (
+            "too_big_total",
+            "counter",
+            "Datagrams too big for an encapsulated backend path: answered with ICMP \
+             fragmentation needed / packet too big (DF set), or dropped.",
+            too_big,
+        ),
+    ]
+}
+
+/// A label value in the text format: backslash, double quote and newline escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Serves `/metrics` on `addr` until the process ends.
