@@ -252,10 +252,11 @@ fn services_summary(loaded: &Loaded) -> String {
     }
     let services = Services::compile(&loaded.config, &loaded.secret, None);
     let rules = services.rules();
+    let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     let mut out = format!(
-        "# services: {} rule(s), {} backend(s), unmatched traffic: {}\n",
-        rules.len(),
-        services.backends().count(),
+        "# services: {}, {}, unmatched traffic: {}\n",
+        count(rules.len(), "rule"),
+        count(services.backends().count(), "backend"),
         match loaded.config.unmatched {
             Unmatched::Drop => "dropped",
             Unmatched::Local => "delivered locally",

@@ -552,3 +552,127 @@ pub(crate) struct PeerView {
     /// It announces a failing service.
     pub refusing: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::appliance::Services;
+    use crate::config::Config;
+    use crate::control::Snapshot;
+    use crate::pipeline::ApplianceCounts;
+
+    /// Two services on one address; backend `b` has a name that needs escaping.
+    const SERVICES: &str = r#"
+services:
+  - name: web
+    addresses: [198.18.0.100]
+    ports: [80]
+    delivery: dsr
+    backends:
+      - { name: a, ip: 198.18.0.21, mac: 02:bb:00:00:00:01 }
+      - { name: 'b "2"', ip: 198.18.0.22, mac: 02:bb:00:00:00:02 }
+  - name: api
+    addresses: [198.18.0.100]
+    ports: [443]
+    delivery: gue
+    backends:
+      - { name: c, ip: 198.18.1.21, mac: 02:bb:00:00:00:03 }
+"#;
+
+    fn value(text: &str, line_start: &str) -> u64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .unwrap_or_else(|| panic!("no `{line_start}` in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn every_service_and_backend_has_its_labelled_rows() {
+        let text = crate::config::tests::LAB.replace(
+            "  mac: 02:00:00:00:00:01\n",
+            "  mac: 02:00:00:00:00:01\n  ip: 198.18.0.11\n",
+        ) + SERVICES;
+        let config = Config::parse(&text, "t.yaml").unwrap();
+        config.validate("t.yaml").unwrap();
+        let link = ControlLink::new(2, Arc::new(Snapshot::empty()));
+        let view = ControlView::default();
+        assert!(
+            !render(1, &link, &view).contains("clonecluster_service"),
+            "server mode: no service rows"
+        );
+        let mut services = Services::compile(&config, b"0123456789abcdef", None);
+        services.epoch = 7;
+        let ids: Vec<u16> = services.backends().map(|(_, b)| b.id).collect();
+        let b = ids[1];
+        let services = services.with_backend(b"0123456789abcdef", b, |b| {
+            b.state = crate::appliance::BackendState::Drained
+        });
+        link.publish_services(Arc::new(services));
+        // What two cores' pipelines counted, by backend id.
+        let counts = |frames: [u64; 3], too_big| {
+            let mut c = ApplianceCounts {
+                frames: vec![0; 4],
+                bytes: vec![0; 4],
+                new_flows: vec![0; 4],
+                too_big,
+            };
+            for (id, n) in ids.iter().zip(frames) {
+                let id = usize::from(*id);
+                c.frames[id] = n;
+                c.bytes[id] = n * 100;
+                c.new_flows[id] = n / 2;
+            }
+            c
+        };
+        link.cores[0].backends.store(&counts([10, 20, 30], 1));
+        link.cores[1].backends.store(&counts([1, 2, 3], 4));
+        let text = render(1, &link, &view);
+        let row = |name: &str, labels: &str| {
+            value(
+                &text,
+                &format!("clonecluster_{name}{{node=\"1\"{labels}}} "),
+            )
+        };
+        let web_a = ",service=\"web\",backend=\"a\"";
+        let web_b = ",service=\"web\",backend=\"b \\\"2\\\"\"";
+        let api_c = ",service=\"api\",backend=\"c\"";
+        assert_eq!(row("service_backend_frames_total", web_a), 11);
+        assert_eq!(row("service_backend_frames_total", web_b), 22);
+        assert_eq!(row("service_backend_frames_total", api_c), 33);
+        assert_eq!(row("service_backend_bytes_total", api_c), 3300);
+        assert_eq!(row("service_backend_new_flows_total", web_b), 11);
+        assert_eq!(row("service_frames_total", ",service=\"web\""), 33);
+        assert_eq!(row("service_bytes_total", ",service=\"web\""), 3300);
+        assert_eq!(row("service_new_flows_total", ",service=\"api\""), 16);
+        assert_eq!(
+            row("service_backend_state", &format!("{web_a},state=\"up\"")),
+            1
+        );
+        assert_eq!(
+            row(
+                "service_backend_state",
+                &format!("{web_a},state=\"drained\"")
+            ),
+            0
+        );
+        assert_eq!(
+            row(
+                "service_backend_state",
+                &format!("{web_b},state=\"drained\"")
+            ),
+            1
+        );
+        assert_eq!(
+            row("service_backend_state", &format!("{web_b},state=\"up\"")),
+            0
+        );
+        assert_eq!(row("service_backend_weight", api_c), 100);
+        assert_eq!(row("services_epoch", ""), 7);
+        assert_eq!(row("too_big_total", ",core=\"1\""), 4);
+        assert!(
+            text.contains("# TYPE clonecluster_service_backend_state gauge"),
+            "{text}"
+        );
+    }
+}

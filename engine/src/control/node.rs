@@ -268,7 +268,7 @@ impl Node {
                     services,
                     &self.settings.hasher,
                     self.settings.affinity,
-                    self.m.snapshot().serving(),
+                    || self.m.snapshot().serving(),
                     *src,
                     *dst,
                     proto.number(),

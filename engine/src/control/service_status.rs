@@ -134,12 +134,12 @@ fn protocol_name(proto: u8) -> String {
 /// The flow `src -> dst` (IP protocol `proto`) as appliance mode sees it: None if `dst` is no
 /// service address. `hasher` and `affinity` are the cluster's (the bucket hash's), as the
 /// pipeline computes the flow's fingerprint; `serving` says which nodes serve (bit `id - 1`),
-/// for `single` rules.
+/// asked only for a `single` rule ([`crate::control::Snapshot::serving`] walks every bucket).
 pub fn owner_of_service(
     services: &Services,
     hasher: &BucketHasher,
     affinity: Affinity,
-    serving: u64,
+    serving: impl FnOnce() -> u64,
     src: SocketAddr,
     dst: SocketAddr,
     proto: u8,
@@ -177,7 +177,7 @@ pub fn owner_of_service(
             return Some(answer);
         }
         RuleMode::Single => {
-            answer.rule_owner = rule.single_owner(serving).map(NodeId::get);
+            answer.rule_owner = rule.single_owner(serving()).map(NodeId::get);
             if answer.rule_owner.is_none() {
                 answer.outcome = "dropped: no node can take this single rule".to_owned();
                 return Some(answer);
@@ -236,17 +236,23 @@ pub fn services_table(services: &[ServiceStatus]) -> String {
         if s.backends.is_empty() {
             continue;
         }
+        let name_w = s.backends.iter().map(|b| b.name.len()).fold(7, usize::max);
+        let addr_w = s
+            .backends
+            .iter()
+            .map(|b| b.address.to_string().len())
+            .fold(7, usize::max);
         let _ = writeln!(
             out,
-            "  {:<16} {:<39} {:<17} {:>6}  {:<8} {:>6}",
+            "  {:<name_w$} {:<addr_w$} {:<17} {:>6}  {:<8} {:>6}",
             "backend", "address", "mac", "weight", "state", "share"
         );
         for b in &s.backends {
             let _ = writeln!(
                 out,
-                "  {:<16} {:<39} {:<17} {:>6}  {:<8} {:>5.1}%",
+                "  {:<name_w$} {:<addr_w$} {:<17} {:>6}  {:<8} {:>5.1}%",
                 b.name,
-                b.address,
+                b.address.to_string(),
                 b.mac.map_or("unresolved".to_owned(), |m| m.to_string()),
                 b.weight,
                 b.state,
