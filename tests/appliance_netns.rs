@@ -299,6 +299,31 @@ fn appliances_forward_by_dsr_and_a_killed_appliance_loses_no_connection() {
         forwarded > 1000 && to_host < forwarded / 20,
         "forwarded {forwarded}, to the host {to_host}"
     );
+    // The same frames by service and backend: the cores' per-backend counts, published every
+    // few hundred loop turns (never ahead of the per-core counter, bumped per frame).
+    let web = ["service=\"web\""];
+    let by_backend = metric(&text, "service_backend_frames_total", &web);
+    assert!(
+        by_backend > 1000 && by_backend <= forwarded,
+        "by backend {by_backend}, forwarded {forwarded}"
+    );
+    assert!(metric(&text, "service_backend_new_flows_total", &web) > 0);
+    assert_eq!(
+        metric(&text, "service_backend_state", &["state=\"up\""]),
+        BACKENDS.len() as u64
+    );
+    // `status` lists the service and its backends, all up, sharing the whole table.
+    let status = lab.status(1).expect("status --json parses");
+    let [service] = &status.services[..] else {
+        panic!("one service expected: {:?}", status.services);
+    };
+    assert_eq!(service.backends.len(), BACKENDS.len());
+    assert!(service
+        .backends
+        .iter()
+        .all(|b| b.state == "up" && b.mac.is_some()));
+    let entries: u32 = service.backends.iter().map(|b| b.table_entries).sum();
+    assert_eq!(entries, service.table_size);
 
     // The switch never learned the cluster MAC: no node sent from it.
     let learned = lab.topo.learned_macs().unwrap();

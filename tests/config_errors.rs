@@ -146,9 +146,51 @@ fn check_prints_the_effective_config() {
 }
 
 #[test]
+fn check_summarises_the_appliance_example_services() {
+    let s = Scratch::new();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/appliance-node.yaml");
+    let text = std::fs::read_to_string(&path).expect("example config");
+    let cfg = s.write("appliance-node.yaml", &text);
+    let out = run_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The example's promises: a DSR and a GUE rule on one address, backends with and without
+    // static MACs, backend health, unmatched traffic, the node's own address.
+    for want in [
+        "# services: 2 rules, 5 backends, unmatched traffic: dropped",
+        "service web: 198.18.0.100 tcp port 80,8000-8099 | multiple, delivery dsr",
+        "service api: 198.18.0.100 tcp port 443 | multiple, delivery gue",
+        "02:bb:00:00:00:21",
+        "unresolved",
+        "backend_health:",
+        "unmatched: drop",
+        "  ip: 198.18.0.11",
+    ] {
+        assert!(stdout.contains(want), "no `{want}` in\n{stdout}");
+    }
+    let web_3 = stdout
+        .lines()
+        .find(|l| l.contains("web-3"))
+        .expect("web-3 listed");
+    assert!(web_3.ends_with("20.0%"), "weight 50 of 250: {web_3}");
+    // What check prints is a configuration that checks again (the summary is comments).
+    let again = s.write("again.yaml", &stdout);
+    let out = run_cmd(&["check", "--config", again.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn the_example_configs_are_valid() {
     let s = Scratch::new();
-    for name in ["lab-node.yaml", "pci-node.yaml"] {
+    for name in ["lab-node.yaml", "pci-node.yaml", "appliance-node.yaml"] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../conf")
             .join(name);

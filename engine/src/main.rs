@@ -8,9 +8,11 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 
+use clonecluster::appliance::Services;
 use clonecluster::cluster::NodeId;
-use clonecluster::config::{Config, Loaded};
+use clonecluster::config::{Config, Loaded, Unmatched};
 use clonecluster::control::operator::{self, Reply, Request, Status};
+use clonecluster::control::service_status::{services_status, services_table};
 use clonecluster::control::Snapshot;
 use clonecluster::dataplane::{self, ControlLink, StartError};
 use clonecluster::runtime::{control_thread, Requests};
@@ -131,6 +133,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Check { config } => {
             let loaded = Config::load(&config)?;
             println!("# {}: valid", config.display());
+            print!("{}", services_summary(&loaded));
             print!("{}", loaded.config.to_yaml());
             Ok(())
         }
@@ -174,7 +177,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 loaded.config.dataplane.cores.len(),
                 Arc::new(Snapshot::empty()),
             ));
-            link.publish_services(Arc::new(clonecluster::appliance::Services::compile(
+            link.publish_services(Arc::new(Services::compile(
                 &loaded.config,
                 &loaded.secret,
                 None,
@@ -239,6 +242,32 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             operator(&config, request, json)
         }
     }
+}
+
+/// `check`'s summary of the services (rules, backends, shares of new flows), as YAML comments
+/// so that the printed configuration stays valid; empty without services.
+fn services_summary(loaded: &Loaded) -> String {
+    if loaded.config.services.is_empty() {
+        return String::new();
+    }
+    let services = Services::compile(&loaded.config, &loaded.secret, None);
+    let rules = services.rules();
+    let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    let mut out = format!(
+        "# services: {}, {}, unmatched traffic: {}\n",
+        count(rules.len(), "rule"),
+        count(services.backends().count(), "backend"),
+        match loaded.config.unmatched {
+            Unmatched::Drop => "dropped",
+            Unmatched::Local => "delivered locally",
+        }
+    );
+    for line in services_table(&services_status(&services)).lines() {
+        out.push_str("#   ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// Benchmarks only: `nodes=N,handoff=P` makes the packet cores assume they are this node of an
@@ -340,6 +369,9 @@ fn print_reply(reply: &Reply) {
             println!("new flows go to     {}", opt(o.new_flows_owner));
             println!("owner when settled  {}", opt(o.owner_when_settled));
             println!("this node           {}", o.role_of_this_node);
+            if let Some(service) = &o.service {
+                print!("{service}");
+            }
         }
         Reply::Refused(r) => {
             println!("refused: {}", r.error);
@@ -377,5 +409,9 @@ fn status_table(s: &Status) {
             m.busy_permille
                 .map_or("-".to_owned(), |p| format!("{}%", p / 10)),
         );
+    }
+    if !s.services.is_empty() {
+        println!("services (backend table epoch {})", s.services_epoch);
+        print!("{}", services_table(&s.services));
     }
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::appliance::BackendState;
 use crate::control::{Path, Refusal};
 use crate::dataplane::{ControlLink, CoreLink};
 use crate::pipeline::DropReason;
@@ -83,6 +84,9 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
         "Frames forwarded to a backend (appliance mode: DSR or encapsulated).",
         &per_core(&|s| s.to_backend),
     );
+    for (name, kind, help, rows) in service_metrics(link) {
+        metric(name, kind, help, &rows);
+    }
     metric(
         "tx_unsent_total",
         "counter",
@@ -353,6 +357,124 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
     out
 }
 
+/// One metric: its name (without `clonecluster_`), kind, help and rows (labels after `node`,
+/// value).
+type Metric = (&'static str, &'static str, &'static str, Vec<(String, u64)>);
+
+/// Appliance mode's metrics, per service (summed over its backends) and per backend (summed
+/// over cores), from the services in force: none without services. Per backend, flows are
+/// counted as they start (`new_flows`): the flow table does not count a backend's current
+/// flows.
+fn service_metrics(link: &ControlLink) -> Vec<Metric> {
+    let services = link.services();
+    if !services.active() {
+        return Vec::new();
+    }
+    let (mut frames, mut bytes, mut flows) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut b_frames, mut b_bytes, mut b_flows) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut state, mut weight) = (Vec::new(), Vec::new());
+    for rule in services.rules() {
+        let service = format!(",service=\"{}\"", escape(&rule.name));
+        let mut total = crate::dataplane::BackendCounts::default();
+        for b in &rule.backends {
+            let n = link.backend_counts(b.id);
+            total.frames += n.frames;
+            total.bytes += n.bytes;
+            total.new_flows += n.new_flows;
+            let labels = format!("{service},backend=\"{}\"", escape(&b.name));
+            b_frames.push((labels.clone(), n.frames));
+            b_bytes.push((labels.clone(), n.bytes));
+            b_flows.push((labels.clone(), n.new_flows));
+            weight.push((labels.clone(), u64::from(b.weight)));
+            for s in [BackendState::Up, BackendState::Down, BackendState::Drained] {
+                let labels = format!("{labels},state=\"{}\"", s.name());
+                state.push((labels, u64::from(b.state == s)));
+            }
+        }
+        frames.push((service.clone(), total.frames));
+        bytes.push((service.clone(), total.bytes));
+        flows.push((service, total.new_flows));
+    }
+    let too_big = link
+        .cores
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!(",core=\"{i}\""), c.backends.too_big.load(Relaxed)))
+        .collect();
+    vec![
+        (
+            "service_frames_total",
+            "counter",
+            "Frames forwarded to the service's backends.",
+            frames,
+        ),
+        (
+            "service_bytes_total",
+            "counter",
+            "Bytes forwarded to the service's backends, as sent (encapsulation included).",
+            bytes,
+        ),
+        (
+            "service_new_flows_total",
+            "counter",
+            "New flows the service's backend tables assigned on this node.",
+            flows,
+        ),
+        (
+            "service_backend_frames_total",
+            "counter",
+            "Frames forwarded to the backend.",
+            b_frames,
+        ),
+        (
+            "service_backend_bytes_total",
+            "counter",
+            "Bytes forwarded to the backend, as sent (encapsulation included).",
+            b_bytes,
+        ),
+        (
+            "service_backend_new_flows_total",
+            "counter",
+            "New flows this node sent to the backend (its current flows are not counted: a \
+             flow keeps its backend until it ends).",
+            b_flows,
+        ),
+        (
+            "service_backend_state",
+            "gauge",
+            "1 for the backend's state: up (takes new flows), down (failed its health checks), \
+             drained (keeps its flows, takes no new ones).",
+            state,
+        ),
+        (
+            "service_backend_weight",
+            "gauge",
+            "The backend's configured weight.",
+            weight,
+        ),
+        (
+            "services_epoch",
+            "gauge",
+            "Epoch of the agreed backend table in force (0: the configuration's).",
+            vec![(String::new(), services.epoch)],
+        ),
+        (
+            "too_big_total",
+            "counter",
+            "Datagrams too big for an encapsulated backend path: answered with ICMP \
+             fragmentation needed / packet too big (DF set), or dropped.",
+            too_big,
+        ),
+    ]
+}
+
+/// A label value in the text format: backslash, double quote and newline escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// Serves `/metrics` on `addr` until the process ends.
 pub(crate) fn serve(
     addr: SocketAddr,
@@ -429,4 +551,128 @@ pub(crate) struct PeerView {
     pub lost: [u64; 2],
     /// It announces a failing service.
     pub refusing: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::appliance::Services;
+    use crate::config::Config;
+    use crate::control::Snapshot;
+    use crate::pipeline::ApplianceCounts;
+
+    /// Two services on one address; backend `b` has a name that needs escaping.
+    const SERVICES: &str = r#"
+services:
+  - name: web
+    addresses: [198.18.0.100]
+    ports: [80]
+    delivery: dsr
+    backends:
+      - { name: a, ip: 198.18.0.21, mac: 02:bb:00:00:00:01 }
+      - { name: 'b "2"', ip: 198.18.0.22, mac: 02:bb:00:00:00:02 }
+  - name: api
+    addresses: [198.18.0.100]
+    ports: [443]
+    delivery: gue
+    backends:
+      - { name: c, ip: 198.18.1.21, mac: 02:bb:00:00:00:03 }
+"#;
+
+    fn value(text: &str, line_start: &str) -> u64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .unwrap_or_else(|| panic!("no `{line_start}` in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn every_service_and_backend_has_its_labelled_rows() {
+        let text = crate::config::tests::LAB.replace(
+            "  mac: 02:00:00:00:00:01\n",
+            "  mac: 02:00:00:00:00:01\n  ip: 198.18.0.11\n",
+        ) + SERVICES;
+        let config = Config::parse(&text, "t.yaml").unwrap();
+        config.validate("t.yaml").unwrap();
+        let link = ControlLink::new(2, Arc::new(Snapshot::empty()));
+        let view = ControlView::default();
+        assert!(
+            !render(1, &link, &view).contains("clonecluster_service"),
+            "server mode: no service rows"
+        );
+        let mut services = Services::compile(&config, b"0123456789abcdef", None);
+        services.epoch = 7;
+        let ids: Vec<u16> = services.backends().map(|(_, b)| b.id).collect();
+        let b = ids[1];
+        let services = services.with_backend(b"0123456789abcdef", b, |b| {
+            b.state = crate::appliance::BackendState::Drained
+        });
+        link.publish_services(Arc::new(services));
+        // What two cores' pipelines counted, by backend id.
+        let counts = |frames: [u64; 3], too_big| {
+            let mut c = ApplianceCounts {
+                frames: vec![0; 4],
+                bytes: vec![0; 4],
+                new_flows: vec![0; 4],
+                too_big,
+            };
+            for (id, n) in ids.iter().zip(frames) {
+                let id = usize::from(*id);
+                c.frames[id] = n;
+                c.bytes[id] = n * 100;
+                c.new_flows[id] = n / 2;
+            }
+            c
+        };
+        link.cores[0].backends.store(&counts([10, 20, 30], 1));
+        link.cores[1].backends.store(&counts([1, 2, 3], 4));
+        let text = render(1, &link, &view);
+        let row = |name: &str, labels: &str| {
+            value(
+                &text,
+                &format!("clonecluster_{name}{{node=\"1\"{labels}}} "),
+            )
+        };
+        let web_a = ",service=\"web\",backend=\"a\"";
+        let web_b = ",service=\"web\",backend=\"b \\\"2\\\"\"";
+        let api_c = ",service=\"api\",backend=\"c\"";
+        assert_eq!(row("service_backend_frames_total", web_a), 11);
+        assert_eq!(row("service_backend_frames_total", web_b), 22);
+        assert_eq!(row("service_backend_frames_total", api_c), 33);
+        assert_eq!(row("service_backend_bytes_total", api_c), 3300);
+        assert_eq!(row("service_backend_new_flows_total", web_b), 11);
+        assert_eq!(row("service_frames_total", ",service=\"web\""), 33);
+        assert_eq!(row("service_bytes_total", ",service=\"web\""), 3300);
+        assert_eq!(row("service_new_flows_total", ",service=\"api\""), 16);
+        assert_eq!(
+            row("service_backend_state", &format!("{web_a},state=\"up\"")),
+            1
+        );
+        assert_eq!(
+            row(
+                "service_backend_state",
+                &format!("{web_a},state=\"drained\"")
+            ),
+            0
+        );
+        assert_eq!(
+            row(
+                "service_backend_state",
+                &format!("{web_b},state=\"drained\"")
+            ),
+            1
+        );
+        assert_eq!(
+            row("service_backend_state", &format!("{web_b},state=\"up\"")),
+            0
+        );
+        assert_eq!(row("service_backend_weight", api_c), 100);
+        assert_eq!(row("services_epoch", ""), 7);
+        assert_eq!(row("too_big_total", ",core=\"1\""), 4);
+        assert!(
+            text.contains("# TYPE clonecluster_service_backend_state gauge"),
+            "{text}"
+        );
+    }
 }

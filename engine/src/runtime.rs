@@ -600,7 +600,11 @@ impl OperatorSocket {
         let reply = match Request::parse(&line) {
             Err(error) => Reply::Refused(Refused::new(error)),
             Ok(Request::Reload) => reload(current, node, link, now, out),
-            Ok(request) => node.request(&request, timeline, now, out),
+            Ok(request) => {
+                let mut reply = node.request(&request, timeline, now, out);
+                node.describe_services(&request, &mut reply, &link.services());
+                reply
+            }
         };
         let mut w = &stream;
         let _ = writeln!(w, "{}", reply.to_line());

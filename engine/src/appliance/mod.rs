@@ -18,7 +18,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::cluster::{derive_key, Affinity, NodeId};
+use crate::cluster::{derive_key, Affinity, BucketHasher, FlowHash, FlowKey, NodeId};
 use crate::config::{Config, Delivery, PortRange, RuleMode, Unmatched};
 use crate::wire::EthernetAddress;
 
@@ -94,6 +94,26 @@ impl Rule {
         self.proto == proto
             && self.addresses.contains(&dst)
             && self.ports.iter().any(|p| p.contains(port))
+    }
+
+    /// The hash that picks a new flow's backend in this rule's table: with affinity `none` the
+    /// flow's fingerprint `flow` (a keyed hash of the 5-tuple, the same on every node), else the
+    /// keyed hash of the client's flow key under the rule's affinity, so that every connection
+    /// of a client (or of its network) goes to the same backend. The pipeline and `owner-of`
+    /// both pick through [`Services::choose_new`], so they cannot disagree.
+    #[inline]
+    pub fn affinity_hash(
+        &self,
+        hasher: &BucketHasher,
+        flow: FlowHash,
+        src: IpAddr,
+        src_port: u16,
+        proto: u8,
+    ) -> u64 {
+        match self.affinity {
+            Affinity::None => flow.0,
+            a => hasher.hash(&FlowKey::new(a, src, src_port, proto)),
+        }
     }
 
     /// The node that takes a `single` rule: the first of its priority list that `serving`
@@ -330,6 +350,25 @@ impl Services {
     pub fn choose(&self, rule: usize, h: u64) -> Option<&Backend> {
         let r = self.rules.get(rule)?;
         r.table.lookup(h).map(|i| &r.backends[i])
+    }
+
+    /// The backend a new flow of rule `rule` goes to: the flow `src:src_port` (IP protocol
+    /// `proto`) whose fingerprint is `flow`, at its [`Rule::affinity_hash`].
+    #[inline]
+    pub fn choose_new(
+        &self,
+        rule: usize,
+        hasher: &BucketHasher,
+        flow: FlowHash,
+        src: IpAddr,
+        src_port: u16,
+        proto: u8,
+    ) -> Option<&Backend> {
+        let h = self
+            .rules
+            .get(rule)?
+            .affinity_hash(hasher, flow, src, src_port, proto);
+        self.choose(rule, h)
     }
 
     /// The backend with id `id`, if it is still rule `rule`'s.

@@ -20,6 +20,8 @@
 //!   requests): what the control thread drives.
 //! - [`operator`]: the operator's typed requests and replies on the control socket, shared by
 //!   the node, the CLI, the lab and the tests.
+//! - [`service_status`]: what `status`, `owner-of` and `check` say about appliance mode's
+//!   services and backends.
 //! - [`timeline`]: the last steps a node took, stamped, as `status` reports them.
 //! - [`backends`]: appliance mode's agreed backend table, driven by the membership.
 
@@ -28,6 +30,7 @@ pub mod membership;
 pub mod message;
 pub mod node;
 pub mod operator;
+pub mod service_status;
 pub mod snapshot;
 pub mod timeline;
 

@@ -21,7 +21,9 @@ use std::ops::Deref;
 
 use super::membership::{Event, Membership, Output};
 use super::message::{Load, Phase};
+use super::service_status;
 use super::timeline::Timeline;
+use crate::appliance::Services;
 use crate::cluster::{Affinity, Bucket, BucketHasher, FlowKey, NodeId, Weight};
 use crate::control::operator::{
     DrainReply, NodeState, NodeStatus, OwnerReply, Refused, ReloadReply, Reply, Request, Status,
@@ -245,9 +247,34 @@ impl Node {
                     new_flows_owner: snapshot.new_flow_owner(bucket).map(NodeId::get),
                     owner_when_settled: snapshot.final_owner(bucket).map(NodeId::get),
                     role_of_this_node: snapshot.role(bucket, self.m.config().me).to_string(),
+                    service: None,
                 })
             }
             Request::Reload => Reply::Refused(Refused::new("reload needs the node's file")),
+        }
+    }
+
+    /// Adds appliance mode's part to the reply to `request`: the rules and backends of
+    /// `services` (the ones in force) to `status`, and to `owner-of` the flow's rule and the
+    /// backend a new flow of it goes to.
+    pub fn describe_services(&self, request: &Request, reply: &mut Reply, services: &Services) {
+        match (request, reply) {
+            (Request::Status, Reply::Status(s)) => {
+                s.services = service_status::services_status(services);
+                s.services_epoch = services.epoch;
+            }
+            (Request::OwnerOf { src, dst, proto }, Reply::OwnerOf(o)) => {
+                o.service = service_status::owner_of_service(
+                    services,
+                    &self.settings.hasher,
+                    self.settings.affinity,
+                    || self.m.snapshot().serving(),
+                    *src,
+                    *dst,
+                    proto.number(),
+                );
+            }
+            _ => {}
         }
     }
 
@@ -326,6 +353,8 @@ impl Node {
             members,
             outside,
             timeline: timeline.steps().cloned().collect(),
+            services: Vec::new(),
+            services_epoch: 0,
         }
     }
 

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::service_status::{BackendStatus, OwnerBackend, OwnerService, ServiceStatus};
 use super::{Phase, Step};
 use crate::cluster::{Affinity, NodeId};
 
@@ -231,6 +232,12 @@ pub struct Status {
     /// The last ownership steps this node took.
     #[serde(default)]
     pub timeline: Vec<Step>,
+    /// Appliance mode: the port rules in force and their backends (empty: server mode).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceStatus>,
+    /// The agreed backend table's epoch the services were built from (0: the configuration's).
+    #[serde(default)]
+    pub services_epoch: u64,
 }
 
 impl Status {
@@ -281,6 +288,9 @@ pub struct OwnerReply {
     pub owner_when_settled: Option<u8>,
     /// The answering node's role for the bucket, in words.
     pub role_of_this_node: String,
+    /// A flow to a service address (appliance mode): its rule and the backend a new flow gets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<OwnerService>,
 }
 
 /// A refused request: why, and for `reload` the keys that differed.
@@ -477,6 +487,8 @@ mod tests {
             }],
             outside: vec![],
             timeline: vec![],
+            services: vec![],
+            services_epoch: 0,
         };
         let line = Reply::Status(Box::new(status.clone())).to_line();
         assert!(line.contains("\"ok\":true"), "{line}");

@@ -389,6 +389,9 @@ impl<'a> Core<'a> {
         mine.half_open_dropped.store(half_open, Relaxed);
         mine.duplicate_risk
             .store(pipeline.duplicate_risk(), Relaxed);
+        if pipeline.services().active() {
+            mine.backends.store(pipeline.appliance_counts());
+        }
         if self.index == 0 {
             // SAFETY: the pool outlives the packet loops (`run` frees it after they return).
             let pool = unsafe { Mempool::borrow(self.shared.pool) };

@@ -113,6 +113,71 @@ pub(crate) struct CoreLink {
     /// Its loop turns, published every few turns and after every sleep: a count that stops
     /// while the core is awake is a stalled core.
     pub(crate) loops: AtomicU64,
+    /// What it sent to each backend (appliance mode), by backend id.
+    pub(crate) backends: BackendFigures,
+}
+
+/// One core's appliance counts ([`crate::pipeline::ApplianceCounts`]) as the control thread
+/// reads them: per backend id (0 unused, up to [`crate::config::MAX_BACKENDS`]), allocated once
+/// when the link is made, so that neither a reload nor a frame allocates.
+#[derive(Debug)]
+pub(crate) struct BackendFigures {
+    frames: Box<[AtomicU64]>,
+    bytes: Box<[AtomicU64]>,
+    new_flows: Box<[AtomicU64]>,
+    /// Datagrams too big for an encapsulated path.
+    pub(crate) too_big: AtomicU64,
+}
+
+impl Default for BackendFigures {
+    fn default() -> Self {
+        let ids = || {
+            (0..=crate::config::MAX_BACKENDS)
+                .map(|_| AtomicU64::new(0))
+                .collect()
+        };
+        BackendFigures {
+            frames: ids(),
+            bytes: ids(),
+            new_flows: ids(),
+            too_big: AtomicU64::new(0),
+        }
+    }
+}
+
+/// One backend's counts: what one core, or all of them, sent it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct BackendCounts {
+    pub frames: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+impl BackendFigures {
+    /// From its core: its pipeline's counts (relaxed stores; only the ids it has room for,
+    /// which are the ids of the services it has seen).
+    pub(crate) fn store(&self, counts: &crate::pipeline::ApplianceCounts) {
+        for (out, ins) in [
+            (&self.frames, &counts.frames),
+            (&self.bytes, &counts.bytes),
+            (&self.new_flows, &counts.new_flows),
+        ] {
+            for (o, &n) in out.iter().zip(ins) {
+                o.store(n, Relaxed);
+            }
+        }
+        self.too_big.store(counts.too_big, Relaxed);
+    }
+
+    /// What the core sent backend `id` (zero for an id it never saw).
+    pub(crate) fn get(&self, id: u16) -> BackendCounts {
+        let at = |v: &[AtomicU64]| v.get(usize::from(id)).map_or(0, |a| a.load(Relaxed));
+        BackendCounts {
+            frames: at(&self.frames),
+            bytes: at(&self.bytes),
+            new_flows: at(&self.new_flows),
+        }
+    }
 }
 
 /// The bit of [`CoreLink::decides_under`] that says the core will read the snapshot version
@@ -365,6 +430,18 @@ impl ControlLink {
             .1
             .try_iter()
             .chain(self.wire_in.1.try_iter().take(STRANGERS_PER_TURN))
+    }
+
+    /// What every core together sent backend `id`.
+    pub(crate) fn backend_counts(&self, id: u16) -> BackendCounts {
+        self.cores.iter().fold(BackendCounts::default(), |t, c| {
+            let n = c.backends.get(id);
+            BackendCounts {
+                frames: t.frames + n.frames,
+                bytes: t.bytes + n.bytes,
+                new_flows: t.new_flows + n.new_flows,
+            }
+        })
     }
 
     /// Flow counts of `buckets` summed over cores, if every core has counted them for the

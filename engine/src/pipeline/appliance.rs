@@ -13,8 +13,8 @@ use std::net::IpAddr;
 
 use crate::appliance::encap::{self, Encap, Tunnel};
 use crate::appliance::{Match, Rule};
-use crate::cluster::{Bucket, FlowHash, FlowKey, TcpFlags, Upsert};
-use crate::config::{Affinity, Delivery, RuleMode, Unmatched};
+use crate::cluster::{Bucket, FlowHash, TcpFlags, Upsert};
+use crate::config::{Delivery, RuleMode, Unmatched};
 use crate::wire::{self, parse_ip_flow, parse_l2_l4};
 
 use super::{Action, DropReason, Pipeline};
@@ -134,13 +134,10 @@ impl Pipeline {
         let backend = match remembered {
             Some(b) => b,
             None => {
-                let h = match rule.affinity {
-                    // Each connection on its own: its fingerprint is a keyed hash of the
-                    // 5-tuple, the same on every node.
-                    Affinity::None => hash.0,
-                    a => self.hasher.hash(&FlowKey::new(a, d.src, d.src_port, proto)),
-                };
-                let Some(b) = self.services.choose(r, h) else {
+                let chosen =
+                    self.services
+                        .choose_new(r, &self.hasher, hash, d.src, d.src_port, proto);
+                let Some(b) = chosen else {
                     return Action::Drop(DropReason::NoBackend);
                 };
                 if upsert.tracked {

@@ -279,3 +279,67 @@ fn ipv6_services_encapsulate_in_ipv6_and_answer_packet_too_big() {
         &out[54..]
     ));
 }
+
+#[test]
+fn owner_of_names_the_backend_the_pipeline_picks() {
+    use crate::cluster::BucketHasher;
+    use crate::control::operator::{Proto, Reply, Request};
+    use crate::control::{Membership, Node, Settings, Timeline};
+    // The cluster's affinity makes the flow's fingerprint (the backend hash of a rule without
+    // affinity); a rule's own affinity makes a keyed hash of the client instead.
+    let cases = [
+        (Affinity::None, "none"),
+        (Affinity::Single, "none"),
+        (Affinity::None, "network"),
+        (Affinity::Network, "single"),
+    ];
+    for (cluster_affinity, rule_affinity) in cases {
+        let delivery = format!("dsr\n    affinity: {rule_affinity}");
+        let mut p = appliances(1, &delivery).remove(0);
+        p.id.affinity = cluster_affinity;
+        let me = NodeId::new(1).unwrap();
+        let membership = crate::control::Config::new(me, 1, NODE_MAC.0, SECRET, 7);
+        let mut node = Node::new(
+            Membership::new(membership),
+            Settings {
+                drain_deadline: 1_000_000_000,
+                health_port: None,
+                hasher: BucketHasher::new(SECRET),
+                affinity: cluster_affinity,
+            },
+        );
+        let services = Arc::clone(p.services());
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..1000 {
+            let (src, sport) = client(i);
+            let (action, out) = run(&mut p, &segment(src, sport, 80, 0x02), 1);
+            assert_eq!(action, Action::ToBackend { push: 0 });
+            let request = Request::OwnerOf {
+                src: (Ipv4Addr::from(src), sport).into(),
+                dst: (Ipv4Addr::new(198, 18, 0, 1), 80).into(),
+                proto: Proto::Tcp,
+            };
+            let mut reply = node.request(&request, &Timeline::default(), 0, &mut Vec::new());
+            node.describe_services(&request, &mut reply, &services);
+            let Reply::OwnerOf(o) = reply else {
+                panic!("no owner-of reply");
+            };
+            let service = o.service.expect("a flow to a service");
+            assert_eq!(service.rule.as_deref(), Some("web"));
+            let named = service.backend.expect("a backend");
+            let (_, b) = services.backends().find(|(_, b)| b.id == named.id).unwrap();
+            assert_eq!(
+                b.mac.unwrap().0[..],
+                out[..6],
+                "flow {i} ({cluster_affinity:?}, rule affinity {rule_affinity}): owner-of names \
+                 {}, the pipeline sent it elsewhere",
+                named.name
+            );
+            seen.insert(named.id);
+        }
+        assert!(
+            seen.len() >= 2,
+            "{rule_affinity}: one backend only: {seen:?}"
+        );
+    }
+}

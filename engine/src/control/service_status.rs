@@ -1,0 +1,305 @@
+//! What `status`, `owner-of` and `check` say about appliance mode's services (DESIGN.md, "Two
+//! delivery modes"): the port rules in force with their backends' state and share of new flows,
+//! and for one flow its rule and the backend a new flow of it goes to.
+//!
+//! It owns these reply types, their building from the compiled [`Services`] and their text for
+//! people. The backend a flow gets is the one [`Services::choose_new`] picks, the same call the
+//! pipeline makes, so that `owner-of` cannot name another backend than the data path uses. It
+//! must never change the services, do I/O or read a clock.
+
+use std::fmt::{self, Write as _};
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::appliance::maglev::TABLE_SIZE;
+use crate::appliance::{Match, Services};
+use crate::cluster::{Affinity, BucketHasher, FlowHash, FlowKey, NodeId};
+use crate::config::{Delivery, PortRange, RuleMode, Unmatched};
+use crate::wire::EthernetAddress;
+
+/// One port rule of appliance mode, as `status` and `check` list it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    pub ports: Vec<PortRange>,
+    pub mode: RuleMode,
+    pub affinity: Affinity,
+    pub delivery: Delivery,
+    /// Entries of its backend table: a backend's share of new flows is its `table_entries`
+    /// over these.
+    pub table_size: u32,
+    pub backends: Vec<BackendStatus>,
+}
+
+/// One backend of a [`ServiceStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    /// Stable while the backend stays in its service (the flow table remembers it per flow).
+    pub id: u16,
+    pub name: String,
+    pub address: IpAddr,
+    /// Its MAC (DSR) or its next hop's (encapsulation); None: not resolved yet.
+    pub mac: Option<EthernetAddress>,
+    pub weight: u32,
+    /// `up` (takes new flows), `down` (failed its health checks) or `drained` (keeps its flows,
+    /// takes no new ones).
+    pub state: String,
+    /// Entries of the rule's table that are this backend's.
+    pub table_entries: u32,
+}
+
+impl BackendStatus {
+    /// Its share of the rule's new flows, in percent.
+    pub fn share_percent(&self, table_size: u32) -> f64 {
+        f64::from(self.table_entries) * 100.0 / f64::from(table_size.max(1))
+    }
+}
+
+/// What `owner-of` adds for a flow to a service address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerService {
+    /// The port rule the flow falls under (None: a service address, but no rule has this
+    /// protocol and port).
+    pub rule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<RuleMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+    /// A `single` rule: the node that takes every flow of the rule (None: no node can serve).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_owner: Option<u8>,
+    /// The backend a new flow goes to (a flow already running keeps the one it has).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<OwnerBackend>,
+    /// What becomes of a new flow's frames, in words.
+    pub outcome: String,
+}
+
+/// The backend of [`OwnerService`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerBackend {
+    pub id: u16,
+    pub name: String,
+    pub address: IpAddr,
+}
+
+/// Every rule of `services` with its backends, in configuration order.
+pub fn services_status(services: &Services) -> Vec<ServiceStatus> {
+    services
+        .rules()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let shares = services.shares(i);
+            ServiceStatus {
+                name: r.name.clone(),
+                addresses: r.addresses.clone(),
+                protocol: protocol_name(r.proto),
+                ports: r.ports.clone(),
+                mode: r.mode,
+                affinity: r.affinity,
+                delivery: r.delivery,
+                table_size: TABLE_SIZE as u32,
+                backends: r
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .map(|(j, b)| BackendStatus {
+                        id: b.id,
+                        name: b.name.clone(),
+                        address: b.ip,
+                        mac: b.mac,
+                        weight: b.weight,
+                        state: b.state.name().to_owned(),
+                        table_entries: shares.get(j).map_or(0, |&n| n as u32),
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+fn protocol_name(proto: u8) -> String {
+    match proto {
+        6 => "tcp".to_owned(),
+        17 => "udp".to_owned(),
+        n => format!("protocol {n}"),
+    }
+}
+
+/// The flow `src -> dst` (IP protocol `proto`) as appliance mode sees it: None if `dst` is no
+/// service address. `hasher` and `affinity` are the cluster's (the bucket hash's), as the
+/// pipeline computes the flow's fingerprint; `serving` says which nodes serve (bit `id - 1`),
+/// asked only for a `single` rule ([`crate::control::Snapshot::serving`] walks every bucket).
+pub fn owner_of_service(
+    services: &Services,
+    hasher: &BucketHasher,
+    affinity: Affinity,
+    serving: impl FnOnce() -> u64,
+    src: SocketAddr,
+    dst: SocketAddr,
+    proto: u8,
+) -> Option<OwnerService> {
+    let mut answer = OwnerService {
+        rule: None,
+        mode: None,
+        delivery: None,
+        rule_owner: None,
+        backend: None,
+        outcome: String::new(),
+    };
+    let r = match services.lookup(dst.ip(), proto, dst.port()) {
+        Match::Cluster => return None,
+        Match::NoRule => {
+            answer.outcome = match services.unmatched() {
+                Unmatched::Drop => "dropped: no rule has this protocol and port (unmatched: drop)",
+                Unmatched::Local => {
+                    "delivered to the owner's own kernel: no rule has this protocol and port \
+                     (unmatched: local)"
+                }
+            }
+            .to_owned();
+            return Some(answer);
+        }
+        Match::Rule(r) => r,
+    };
+    let rule = &services.rules()[r];
+    answer.rule = Some(rule.name.clone());
+    answer.mode = Some(rule.mode);
+    answer.delivery = Some(rule.delivery);
+    match rule.mode {
+        RuleMode::Disabled => {
+            answer.outcome = "dropped: the rule is disabled".to_owned();
+            return Some(answer);
+        }
+        RuleMode::Single => {
+            answer.rule_owner = rule.single_owner(serving()).map(NodeId::get);
+            if answer.rule_owner.is_none() {
+                answer.outcome = "dropped: no node can take this single rule".to_owned();
+                return Some(answer);
+            }
+        }
+        RuleMode::Multiple => {}
+    }
+    if rule.delivery == Delivery::Local {
+        answer.outcome = "delivered to the owner's own kernel (delivery: local)".to_owned();
+        return Some(answer);
+    }
+    // The fingerprint the pipeline computes for the flow (`prepare`), then its choice.
+    let key = FlowKey::new(affinity, src.ip(), src.port(), proto);
+    let flow = FlowHash::new(hasher.hash(&key), dst.ip(), src.port(), dst.port(), proto);
+    let Some(b) = services.choose_new(r, hasher, flow, src.ip(), src.port(), proto) else {
+        answer.outcome =
+            "dropped: no backend takes new flows (all down, drained or of weight 0)".to_owned();
+        return Some(answer);
+    };
+    answer.outcome = match b.mac {
+        Some(_) => format!(
+            "forwarded to backend {} ({}) by {}",
+            b.name,
+            b.ip,
+            rule.delivery.name()
+        ),
+        None => format!(
+            "dropped until backend {}'s MAC (or its next hop's) is resolved",
+            b.name
+        ),
+    };
+    answer.backend = Some(OwnerBackend {
+        id: b.id,
+        name: b.name.clone(),
+        address: b.ip,
+    });
+    Some(answer)
+}
+
+/// The services as a table for people (`status`, `check`); empty without services.
+pub fn services_table(services: &[ServiceStatus]) -> String {
+    let mut out = String::new();
+    for s in services {
+        let list = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(",");
+        let _ = writeln!(
+            out,
+            "service {}: {} {} port {} | {}, delivery {}, affinity {}",
+            s.name,
+            list(&mut s.addresses.iter().map(IpAddr::to_string)),
+            s.protocol,
+            list(&mut s.ports.iter().map(|p| PortText(*p).to_string())),
+            s.mode.name(),
+            s.delivery.name(),
+            s.affinity.name(),
+        );
+        if s.backends.is_empty() {
+            continue;
+        }
+        let name_w = s.backends.iter().map(|b| b.name.len()).fold(7, usize::max);
+        let addr_w = s
+            .backends
+            .iter()
+            .map(|b| b.address.to_string().len())
+            .fold(7, usize::max);
+        let _ = writeln!(
+            out,
+            "  {:<name_w$} {:<addr_w$} {:<17} {:>6}  {:<8} {:>6}",
+            "backend", "address", "mac", "weight", "state", "share"
+        );
+        for b in &s.backends {
+            let _ = writeln!(
+                out,
+                "  {:<name_w$} {:<addr_w$} {:<17} {:>6}  {:<8} {:>5.1}%",
+                b.name,
+                b.address.to_string(),
+                b.mac.map_or("unresolved".to_owned(), |m| m.to_string()),
+                b.weight,
+                b.state,
+                b.share_percent(s.table_size),
+            );
+        }
+    }
+    out
+}
+
+/// A port or a range as an operator writes it: `80`, `8000-8099`.
+struct PortText(PortRange);
+
+impl fmt::Display for PortText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            PortRange { first, last } if first == last => write!(f, "{first}"),
+            PortRange { first, last } => write!(f, "{first}-{last}"),
+        }
+    }
+}
+
+impl fmt::Display for OwnerService {
+    /// The lines `owner-of` adds for a service flow.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.rule, self.mode, self.delivery) {
+            (Some(rule), Some(mode), Some(delivery)) => writeln!(
+                f,
+                "rule                {rule} ({}, delivery {})",
+                mode.name(),
+                delivery.name()
+            )?,
+            _ => writeln!(f, "rule                none")?,
+        }
+        if let Some(n) = self.rule_owner {
+            writeln!(f, "rule taken by       node {n} (single rule: by priority)")?;
+        }
+        if let Some(b) = &self.backend {
+            writeln!(
+                f,
+                "backend (new flow)  {} {} (id {})",
+                b.name, b.address, b.id
+            )?;
+        }
+        writeln!(f, "outcome             {}", self.outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests;
