@@ -25,6 +25,95 @@ pub struct Backends {
     pub table: Option<BackendTable>,
 }
 
+/// Most backend ids in one list of a message (down or drained, reported or agreed): a message
+/// fits the control format's size bound. Beyond that many at once, the rest count as up.
+pub const MAX_IDS: usize = 64;
+
+impl Backends {
+    /// The body's bytes: digest u64, the report's down and drained lists, then 0, or 1 and the
+    /// table (epoch u64, down and drained lists). A list is a count u8 and that many ids u16.
+    pub fn encode(&self, b: &mut Vec<u8>) {
+        fn list(b: &mut Vec<u8>, ids: &std::collections::BTreeSet<u16>) {
+            // At most MAX_IDS (64): fits in u8.
+            b.push(ids.len().min(MAX_IDS) as u8);
+            for id in ids.iter().take(MAX_IDS) {
+                b.extend_from_slice(&id.to_be_bytes());
+            }
+        }
+        b.extend_from_slice(&self.digest.to_be_bytes());
+        list(b, &self.report.down);
+        list(b, &self.report.drained);
+        match &self.table {
+            None => b.push(0),
+            Some(t) => {
+                b.push(1);
+                b.extend_from_slice(&t.epoch.to_be_bytes());
+                list(b, &t.down);
+                list(b, &t.drained);
+            }
+        }
+    }
+
+    /// Reads a body written by [`Backends::encode`] at the start of `bytes`; returns it and the
+    /// bytes it took, `None` if malformed. Never panics.
+    pub fn decode(bytes: &[u8]) -> Option<(Backends, usize)> {
+        let mut r = Cursor { bytes, at: 0 };
+        let digest = r.u64()?;
+        let report = Report {
+            down: r.list()?,
+            drained: r.list()?,
+        };
+        let table = match r.take(1)?[0] {
+            0 => None,
+            1 => Some(BackendTable {
+                epoch: r.u64()?,
+                down: r.list()?,
+                drained: r.list()?,
+            }),
+            _ => return None,
+        };
+        Some((
+            Backends {
+                digest,
+                report,
+                table,
+            },
+            r.at,
+        ))
+    }
+}
+
+/// Reads a [`Backends`] body.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.bytes.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn list(&mut self) -> Option<std::collections::BTreeSet<u16>> {
+        let n = usize::from(self.take(1)?[0]);
+        if n > MAX_IDS {
+            return None;
+        }
+        Some(
+            self.take(2 * n)?
+                .chunks_exact(2)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                .collect(),
+        )
+    }
+}
+
 /// See the module doc.
 #[derive(Debug, Clone, Default)]
 pub struct BackendAgreement {
@@ -227,6 +316,35 @@ mod tests {
             nodes[0].table().down.is_empty(),
             "alone, it trusts its own checks"
         );
+    }
+
+    #[test]
+    fn the_body_round_trips_and_refuses_garbage() {
+        let m = Backends {
+            digest: 0x0102_0304_0506_0708,
+            report: Report {
+                down: [3, 4000].into_iter().collect(),
+                drained: [9].into_iter().collect(),
+            },
+            table: Some(BackendTable {
+                epoch: 12,
+                down: [3].into_iter().collect(),
+                drained: Default::default(),
+            }),
+        };
+        let mut b = Vec::new();
+        m.encode(&mut b);
+        assert_eq!(Backends::decode(&b), Some((m.clone(), b.len())));
+        for cut in 0..b.len() {
+            assert_eq!(Backends::decode(&b[..cut]), None, "cut at {cut}");
+        }
+        let mut bad = b.clone();
+        bad[8] = 200;
+        assert_eq!(Backends::decode(&bad), None, "a list longer than MAX_IDS");
+        let no_table = Backends { table: None, ..m };
+        let mut b = Vec::new();
+        no_table.encode(&mut b);
+        assert_eq!(Backends::decode(&b), Some((no_table, b.len())));
     }
 
     #[test]
