@@ -499,15 +499,20 @@ fn log_event(node: u8, epoch: u64, e: &Event) {
             )
         }
         Event::Drained => tracing::info!(node, epoch, "drained: this node owns no bucket"),
-        Event::Fenced { fenced: true } => tracing::warn!(
+        Event::Fenced {
+            fenced: true,
+            reasons,
+        } => tracing::warn!(
             node,
             epoch,
-            "fenced: the wire port has no link; this node owns nothing until it is back"
+            reasons = %reasons.iter().map(|r| r.label()).collect::<Vec<_>>().join(","),
+            "fenced: {}; this node owns nothing until it is back",
+            reasons.words()
         ),
-        Event::Fenced { fenced: false } => tracing::info!(
+        Event::Fenced { fenced: false, .. } => tracing::info!(
             node,
             epoch,
-            "fence lifted: the wire link is back and the cluster's plan heard"
+            "fence lifted: the data path serves again and the cluster's plan heard"
         ),
         Event::ServiceDown { came_up: true } => {
             tracing::warn!(node, epoch, "service unhealthy: draining")

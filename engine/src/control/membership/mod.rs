@@ -77,8 +77,11 @@ use super::message::{
 };
 use super::snapshot::Snapshot;
 
+mod fence;
 mod plan;
 mod receive;
+
+pub use fence::{FenceReasons, WIRE_REPORT_VERSION};
 
 const MS: u64 = 1_000_000;
 const SEC: u64 = 1_000 * MS;
@@ -196,9 +199,8 @@ pub enum Event {
     PhaseChanged { plan: PlanId, phase: Phase },
     /// This node drains and owns nothing any more: it may stop.
     Drained,
-    /// This node fenced itself (its wire port lost link, or a packet core stalled), or lifted
-    /// its fence.
-    Fenced { fenced: bool },
+    /// This node fenced itself (`reasons`: why), or lifted its fence.
+    Fenced { fenced: bool, reasons: FenceReasons },
     /// The node's service failed (`came_up`: it had answered before; otherwise it never has):
     /// it drains ([`super::Node::health`]).
     ServiceDown { came_up: bool },
@@ -249,6 +251,8 @@ struct Peer {
     lost: [u64; 2],
     /// The newest format version it sent in its current incarnation (0: none heard yet).
     version: u8,
+    /// When it last became live (heard, or presumed, after being dead or unknown).
+    alive_since: u64,
 }
 
 impl Peer {
@@ -264,6 +268,7 @@ impl Peer {
             missed: [0; 2],
             silent: [0; 2],
             lost: [0; 2],
+            alive_since: presumed.unwrap_or(0),
         }
     }
 
@@ -321,9 +326,12 @@ pub struct Membership {
     wire_up: bool,
     /// Every packet core loops (as the control thread last saw).
     cores_up: bool,
-    /// When the data path (wire link and packet cores) last came back (None: it never went
-    /// down).
+    /// When the last cause of the fence (see [`FenceReasons`]) cleared (None: never fenced).
     data_path_up_since: Option<u64>,
+    /// The causes of the fence at the last evaluation (settling aside).
+    fence_causes: FenceReasons,
+    /// The wire report (heard bits, deaf) of the last heartbeat sent.
+    last_wire_report: (u64, bool),
     /// Fenced: this node owns nothing and coordinates nothing (announced in heartbeats).
     fenced: bool,
     weight: Weight,
@@ -363,6 +371,8 @@ impl Membership {
             wire_up: true,
             cores_up: true,
             data_path_up_since: None,
+            fence_causes: FenceReasons::NONE,
+            last_wire_report: (0, false),
             fenced: false,
             load: Load::default(),
             peers: vec![None; 64],
@@ -430,6 +440,7 @@ impl Membership {
             }
             Body::Request(_) => {}
         }
+        self.update_fence(now, out);
         self.refresh(now, out);
     }
 
@@ -454,7 +465,6 @@ impl Membership {
     /// `interval`.
     pub fn handle_tick(&mut self, now: u64, out: &mut Vec<Output>) {
         self.started.get_or_insert(now);
-        self.update_fence(now, out);
         let span = self.cfg.dead_span();
         let interval = self.cfg.interval;
         for (i, slot) in self.peers.iter_mut().enumerate() {
@@ -466,6 +476,8 @@ impl Membership {
                 out.push(Output::Event(Event::PeerDead { node }));
             }
         }
+        // After the deaths: a peer silent on both paths is dead, not a sign of a deaf wire.
+        self.update_fence(now, out);
         self.refresh(now, out);
         self.coordinate(now, out);
         if self
@@ -533,66 +545,6 @@ impl Membership {
         for (i, p) in self.peers.iter().enumerate() {
             if p.as_ref()
                 .is_some_and(|p| p.alive && p.hb.is_some_and(|h| h.refusing))
-            {
-                bits |= 1 << i;
-            }
-        }
-        bits
-    }
-
-    /// The data path's word on the wire port's link. Down fences this node at once; back up,
-    /// it stays fenced for `dead_after` intervals (see the module doc).
-    pub fn set_wire_link(&mut self, up: bool, now: u64, out: &mut Vec<Output>) {
-        let was = self.data_path_up();
-        self.wire_up = up;
-        self.data_path_changed(was, now, out);
-    }
-
-    /// The control thread's word on the packet cores: `false` while one of them has stalled
-    /// (it stopped looping while awake). Like a wire link down: the node fences itself, and
-    /// stays fenced for `dead_after` intervals after every core loops again.
-    pub fn set_cores_running(&mut self, up: bool, now: u64, out: &mut Vec<Output>) {
-        let was = self.data_path_up();
-        self.cores_up = up;
-        self.data_path_changed(was, now, out);
-    }
-
-    fn data_path_up(&self) -> bool {
-        self.wire_up && self.cores_up
-    }
-
-    fn data_path_changed(&mut self, was: bool, now: u64, out: &mut Vec<Output>) {
-        if !was && self.data_path_up() {
-            self.data_path_up_since = Some(now);
-        }
-        self.update_fence(now, out);
-    }
-
-    /// Whether this node is fenced (see the module doc).
-    pub fn fenced(&self) -> bool {
-        self.fenced
-    }
-
-    fn update_fence(&mut self, now: u64, out: &mut Vec<Output>) {
-        let settling = self
-            .data_path_up_since
-            .is_some_and(|t| now.saturating_sub(t) < self.cfg.dead_span());
-        let fenced = !self.data_path_up() || settling;
-        if fenced != self.fenced {
-            self.fenced = fenced;
-            out.push(Output::Event(Event::Fenced { fenced }));
-            self.refresh(now, out);
-            self.send_heartbeat(now, out);
-        }
-    }
-
-    /// Bit `id - 1` per node that may own buckets now: live and not fenced (itself included
-    /// unless fenced).
-    fn serving_bits(&self) -> u64 {
-        let mut bits = if self.fenced { 0 } else { bit(self.cfg.me) };
-        for (i, p) in self.peers.iter().enumerate() {
-            if p.as_ref()
-                .is_some_and(|p| p.alive && !p.hb.is_some_and(|h| h.fenced))
             {
                 bits |= 1 << i;
             }

@@ -103,6 +103,7 @@ impl Membership {
         peer.silent[pi] = 0;
         if !peer.alive {
             peer.alive = true;
+            peer.alive_since = now;
             out.push(Output::Event(Event::PeerUp {
                 node: msg.node,
                 incarnation: msg.incarnation,
