@@ -154,6 +154,12 @@ struct Sim {
     /// Announce what follows a publish without waiting for the cores (what the engine did
     /// before it acknowledged snapshots): the invariant must then break.
     announce_before_adoption: bool,
+    /// Per sender index and path: bit per receiver index its messages do not reach.
+    severed: Vec<[u64; 2]>,
+    /// Nodes (index) that cannot serve, from when on they must own nothing.
+    unable: Vec<(usize, u64)>,
+    /// Compare owners per partition side (as while `partitioned`) though messages still flow.
+    compare_sides: bool,
 }
 
 fn n(id: u8) -> NodeId {
@@ -198,6 +204,9 @@ impl Sim {
             last_sent: vec![[None, None]; 64],
             core_lag: 0,
             announce_before_adoption: false,
+            severed: vec![[0; 2]; 64],
+            unable: Vec::new(),
+            compare_sides: false,
         }
     }
 
@@ -283,7 +292,7 @@ impl Sim {
     }
 
     fn connected(&self, a: usize, b: usize, path: Path) -> bool {
-        if self.cut[path.index()] {
+        if self.cut[path.index()] || self.severed[a][path.index()] & (1 << b) != 0 {
             return false;
         }
         if self.partitioned {
@@ -505,7 +514,7 @@ impl Sim {
                 (x.m.config().me, cores, x.side)
             })
             .collect();
-        let split = self.partitioned || self.now < self.heal_grace_until;
+        let split = self.partitioned || self.compare_sides || self.now < self.heal_grace_until;
         let mut uncovered = 0u32;
         for b in Bucket::all() {
             let mut acc: [Option<NodeId>; 4] = [None; 4];
@@ -529,6 +538,20 @@ impl Sim {
                 acc[slot] = Some(*me);
             }
             uncovered += u32::from(!any);
+        }
+        for &(i, from) in &self.unable {
+            let Some((me, cores, _)) = live.iter().find(|l| l.0.index() == i) else {
+                continue;
+            };
+            let owned = cores.iter().map(|s| s.accepting_count(*me)).max();
+            if self.now >= from && owned.unwrap_or(0) > 0 {
+                panic!(
+                    "t={} ms: {me} cannot serve but accepts new flows in {} buckets\n{}",
+                    self.now / MS,
+                    owned.unwrap_or(0),
+                    self.log_tail()
+                );
+            }
         }
         if let (Some(t0), None) = (self.stopped_at, self.takeover) {
             if uncovered == 0 {
@@ -1473,3 +1496,6 @@ fn without_acknowledgement_lagging_cores_take_the_same_flow() {
         join_drain_fail(&mut sim, 500 * MS);
     }
 }
+
+/// Liveness by the data path: every pair of (wire path, UDP path) states for a peer.
+mod liveness;

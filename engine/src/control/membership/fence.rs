@@ -25,7 +25,8 @@ impl FenceReasons {
     pub const HEARS_NO_PEER_ON_WIRE: FenceReasons = FenceReasons(4);
     /// The peers that hear the wire do not hear this node on it.
     pub const UNHEARD_ON_WIRE: FenceReasons = FenceReasons(8);
-    /// The causes cleared less than `dead_after` intervals ago.
+    /// Its causes cleared, but its data path (link, cores) came back less than `dead_after`
+    /// intervals ago, or a peer has not yet said it heard the fence.
     pub const SETTLING: FenceReasons = FenceReasons(16);
     /// Every single reason, in the order they are listed.
     pub const ALL: [FenceReasons; 5] = [
@@ -82,7 +83,7 @@ impl FenceReasons {
                 2 => "a packet core stalled",
                 4 => "it hears no peer on the wire (peers are live on the control network)",
                 8 => "no peer hears it on the wire",
-                _ => "its data path came back: waiting dead_after intervals for the cluster",
+                _ => "waiting for the cluster to hear that it is back",
             })
             .collect();
         if words.is_empty() {
@@ -136,29 +137,49 @@ impl Membership {
     }
 
     /// Re-evaluates the fence: its causes now, and `dead_after` intervals of settling after
-    /// they cleared. Says so (event, heartbeat) when it changes; sends a heartbeat when the
-    /// wire report changes, so that a peer waiting for it hears it at once.
+    /// a data path outage. Says so (event, heartbeat) when it changes; sends a heartbeat when
+    /// the wire report changes, so that a peer waiting for it hears it at once.
     pub(super) fn update_fence(&mut self, now: u64, out: &mut Vec<Output>) {
         let causes = self.fence_causes_now();
-        if !self.fence_causes.is_empty() && causes.is_empty() {
+        // Settling follows a data path outage only: a node fenced by the wire rules heard the
+        // cluster's plan all along on UDP.
+        let path = |r: FenceReasons| {
+            r.contains(FenceReasons::LINK_DOWN) || r.contains(FenceReasons::CORE_STALLED)
+        };
+        if path(self.fence_causes) && !path(causes) {
             self.data_path_up_since = Some(now);
         }
         self.fence_causes = causes;
         let settling = self
             .data_path_up_since
             .is_some_and(|t| now.saturating_sub(t) < self.cfg.dead_span());
-        let fenced = !causes.is_empty() || settling;
+        let fenced = !causes.is_empty() || settling || (self.fenced && !self.fence_heard());
         if fenced != self.fenced {
             self.fenced = fenced;
             let reasons = self.fence_reasons();
             out.push(Output::Event(Event::Fenced { fenced, reasons }));
             self.refresh(now, out);
             self.send_heartbeat(now, out);
-        } else if self.last_heartbeat.is_some()
-            && (self.wire_heard(), self.wire_deaf()) != self.last_wire_report
-        {
+        } else if self.last_heartbeat.is_some() && self.wire_report() != self.last_wire_report {
             self.send_heartbeat(now, out);
         }
+    }
+
+    /// Whether every live peer that reports has said it no longer counts this node as serving:
+    /// it heard the fence, so a report of it that counts this node again can only follow the
+    /// lift (heartbeats are taken in sequence order), and withholding waits for exactly that.
+    fn fence_heard(&self) -> bool {
+        let me = bit(self.cfg.me);
+        self.peers
+            .iter()
+            .flatten()
+            .all(|p| !p.alive || p.hb.is_none_or(|h| h.serving.is_none_or(|s| s & me == 0)))
+    }
+
+    /// What this node's heartbeats report on the wire and on whom it lets own buckets:
+    /// (wire_heard, wire_deaf, serving).
+    pub(super) fn wire_report(&self) -> (u64, bool, u64) {
+        (self.wire_heard(), self.wire_deaf(), self.serving_bits())
     }
 
     fn fence_causes_now(&self) -> FenceReasons {

@@ -155,9 +155,9 @@ impl Membership {
             (Some((id, _)), Some((rid, left))) if id == rid => left,
             _ => LEFT_UNKNOWN,
         };
-        let wire_heard = self.wire_heard();
-        let wire_deaf = self.wire_deaf();
-        self.last_wire_report = (wire_heard, wire_deaf);
+        let report = self.wire_report();
+        self.last_wire_report = report;
+        let (wire_heard, wire_deaf, serving) = report;
         let hb = Heartbeat {
             node_mac: self.cfg.node_mac,
             weight: self.weight,
@@ -167,7 +167,7 @@ impl Membership {
             fenced: self.fenced,
             wire_deaf,
             wire_heard: Some(wire_heard),
-            serving: Some(self.serving_bits()),
+            serving: Some(serving),
             view: self.live_bits(),
             plan,
             table_digest: self.snapshot.digest(),

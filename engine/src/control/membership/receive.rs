@@ -78,6 +78,7 @@ impl Membership {
             peer.incarnation = msg.incarnation;
             peer.last_seq = [0; 2];
             peer.hb = None;
+            peer.hb_seq = 0;
             // A restart may be a downgrade: its newest version is learned again.
             peer.version = 0;
             if heard_before {
