@@ -83,6 +83,8 @@ fn control_view(m: &Membership, me: NodeId, now: u64) -> ControlView {
         accepting: snapshot.accepting_count(me),
         moving: snapshot.moving_count(),
         draining: m.draining(),
+        fence_reasons: m.fence_reasons(),
+        wire_peers_heard: u64::from(m.wire_heard().count_ones()),
         healthy: None,
         refusing: m.refusing(),
         health_checks: (0, 0),
