@@ -1375,7 +1375,7 @@ fn block_wire_control(lab: &Lab, id: u8, on: bool) {
     let script = if on {
         format!(
             "table bridge {table} {{\n\
-             chain fwd {{ type filter hook forward priority 0; policy accept;\n\
+             chain drop88b5 {{ type filter hook forward priority 0; policy accept;\n\
              iifname \"{port}\" ether type 0x88b5 drop\n\
              oifname \"{port}\" ether type 0x88b5 drop\n\
              }}\n}}\n"
