@@ -79,6 +79,8 @@ impl Membership {
             peer.last_seq = [0; 2];
             peer.hb = None;
             peer.hb_seq = 0;
+            // A new run: its wire path gets the grace of a node that just came up.
+            peer.alive_since = now;
             // A restart may be a downgrade: its newest version is learned again.
             peer.version = 0;
             if heard_before {
