@@ -401,7 +401,8 @@ pub struct Membership {
     wire_up: bool,
     /// Every packet core loops (as the control thread last saw).
     cores_up: bool,
-    /// When the last cause of the fence (see [`FenceReasons`]) cleared (None: never fenced).
+    /// When the data path (wire link and packet cores) last came back (None: it never went
+    /// down); the fence holds for `dead_after` intervals after it.
     data_path_up_since: Option<u64>,
     /// The causes of the fence at the last evaluation (settling aside).
     fence_causes: FenceReasons,
