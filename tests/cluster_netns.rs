@@ -1356,3 +1356,93 @@ fn a_stalled_packet_core_fences_its_node_until_it_runs_again() {
     assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
     assert!(by_node.get(&2).copied().unwrap_or(0) > 0, "{by_node:?}");
 }
+
+/// Drops (`on`) or passes again the control frames (EtherType 0x88b5) of node `id`'s wire
+/// port, both ways, at the switch (a bridge-family nftables table in the switch namespace):
+/// its link stays up, and its data frames and the control network pass.
+fn block_wire_control(lab: &Lab, id: u8, on: bool) {
+    let table = format!("ccblock{id}");
+    let port = lab.topo.wire_port(id);
+    let script = if on {
+        format!(
+            "table bridge {table} {{\n\
+             chain drop88b5 {{ type filter hook forward priority 0; policy accept;\n\
+             iifname \"{port}\" ether type 0x88b5 drop\n\
+             oifname \"{port}\" ether type 0x88b5 drop\n\
+             }}\n}}\n"
+        )
+    } else {
+        format!("delete table bridge {table}\n")
+    };
+    let mut nft = lab
+        .topo
+        .switch
+        .command(&["nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nft");
+    {
+        use std::io::Write;
+        let mut stdin = nft.stdin.take().unwrap();
+        stdin.write_all(script.as_bytes()).unwrap();
+    }
+    let out = nft.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft refused: {}\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Node 2's control frames are dropped on its wire port, both ways, while its link and the
+/// control network stay up (a filtering switch port): neither node hears the other on the wire,
+/// so node 2, the higher id, fences itself ("hears no peer on the wire": status, log and
+/// metric) and node 1 serves every new connection; once the frames pass again node 2 rejoins
+/// and serves its share.
+#[test]
+fn a_node_unheard_on_the_wire_fences_itself_until_its_control_frames_pass() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ids = [1u8, 2];
+    let lab = Lab::new("u", &ids);
+    lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    block_wire_control(&lab, 2, true);
+    let took = lab.wait_status(&ids, Duration::from_secs(10), "node 2 fenced", |all| {
+        all.iter().all(|s| accepting(s, 2) == 0)
+            && all[1].fenced
+            && all[1]
+                .fence_reasons
+                .iter()
+                .any(|r| r == "hears-no-peer-on-wire")
+            && !all[0].fenced
+            && all.iter().all(|s| accepting(s, 1) == 65536)
+    });
+    eprintln!(
+        "u: node 2 fenced and its buckets taken {took:?} after its wire control frames stopped"
+    );
+    assert!(
+        lab.logs().contains("hears no peer on the wire"),
+        "no log line says why:\n{}",
+        lab.logs()
+    );
+    let m = lab.metrics(2);
+    assert_eq!(
+        metric(&m, "fenced", &["reason=\"hears-no-peer-on-wire\""]),
+        1,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "wire_peers_heard", &[]), 0, "{m}");
+    let (by_node, failed) = lab.requests(40);
+    assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
+    assert_eq!(by_node.keys().copied().collect::<Vec<_>>(), vec![1]);
+    block_wire_control(&lab, 2, false);
+    lab.wait_status(&ids, Duration::from_secs(30), "node 2 back", |all| {
+        settled(all) && all.iter().all(|s| accepting(s, 2) > 0 && !s.fenced)
+    });
+    let m = lab.metrics(2);
+    assert_eq!(metric(&m, "fenced", &[]), 0, "{m}");
+    let (by_node, failed) = lab.requests(40);
+    assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
+    assert!(by_node.get(&2).copied().unwrap_or(0) > 0, "{by_node:?}");
+}

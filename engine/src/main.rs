@@ -392,6 +392,12 @@ fn status_table(s: &Status) {
         s.moving,
         s.healthy.map_or("-".to_owned(), |h| h.to_string())
     );
+    if s.fenced {
+        println!(
+            "fenced: {} (this node owns nothing)",
+            s.fence_reasons.join(", ")
+        );
+    }
     println!(
         "{:>4}  {:<9} {:>6} {:>10} {:>10} {:>8} {:>6}",
         "node", "state", "weight", "accepting", "buckets", "flows", "busy"

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::appliance::BackendState;
-use crate::control::{Path, Refusal};
+use crate::control::{FenceReasons, Path, Refusal};
 use crate::dataplane::{ControlLink, CoreLink};
 use crate::pipeline::DropReason;
 
@@ -234,6 +234,26 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
         "gauge",
         "1 while this node drains.",
         &[(String::new(), u64::from(view.draining))],
+    );
+    let fenced: Vec<(String, u64)> = FenceReasons::ALL
+        .iter()
+        .map(|r| {
+            let on = view.fence_reasons.contains(*r);
+            (format!(",reason=\"{}\"", r.label()), u64::from(on))
+        })
+        .collect();
+    metric(
+        "fenced",
+        "gauge",
+        "1 per reason this node is fenced for (it owns nothing): link-down, core-stalled, \
+         hears-no-peer-on-wire, unheard-on-wire, settling.",
+        &fenced,
+    );
+    metric(
+        "wire_peers_heard",
+        "gauge",
+        "Live peers whose heartbeats this node hears on the wire.",
+        &[(String::new(), view.wire_peers_heard)],
     );
     metric(
         "members_live",
@@ -525,6 +545,10 @@ pub(crate) struct ControlView {
     pub accepting: u32,
     pub moving: u32,
     pub draining: bool,
+    /// Why this node is fenced (empty: it is not).
+    pub fence_reasons: FenceReasons,
+    /// Live peers heard on the wire.
+    pub wire_peers_heard: u64,
     /// The health checker's verdict (None: no health check configured), whether this node
     /// refuses new connections, and its checks so far (all, failed).
     pub healthy: Option<bool>,

@@ -85,6 +85,8 @@ fn control_view(m: &Membership, me: NodeId, now: u64) -> ControlView {
         accepting: snapshot.accepting_count(me),
         moving: snapshot.moving_count(),
         draining: m.draining(),
+        fence_reasons: m.fence_reasons(),
+        wire_peers_heard: u64::from(m.wire_heard().count_ones()),
         healthy: None,
         refusing: m.refusing(),
         health_checks: (0, 0),
@@ -510,15 +512,20 @@ fn log_event(node: u8, epoch: u64, e: &Event) {
             )
         }
         Event::Drained => tracing::info!(node, epoch, "drained: this node owns no bucket"),
-        Event::Fenced { fenced: true } => tracing::warn!(
+        Event::Fenced {
+            fenced: true,
+            reasons,
+        } => tracing::warn!(
             node,
             epoch,
-            "fenced: the wire port has no link; this node owns nothing until it is back"
+            reasons = %reasons.iter().map(|r| r.label()).collect::<Vec<_>>().join(","),
+            "fenced: {}; this node owns nothing until it is back",
+            reasons.words()
         ),
-        Event::Fenced { fenced: false } => tracing::info!(
+        Event::Fenced { fenced: false, .. } => tracing::info!(
             node,
             epoch,
-            "fence lifted: the wire link is back and the cluster's plan heard"
+            "fence lifted: the data path serves again and the cluster's plan heard"
         ),
         Event::ServiceDown { came_up: true } => {
             tracing::warn!(node, epoch, "service unhealthy: draining")

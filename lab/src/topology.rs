@@ -360,6 +360,11 @@ impl Topology {
         Ok(())
     }
 
+    /// The switch-side end (in the switch namespace, on br0) of node `id`'s wire veth.
+    pub fn wire_port(&self, id: u8) -> String {
+        format!("{}n{id}", short(&self.prefix))
+    }
+
     pub fn node(&self, id: u8) -> Option<&Ns> {
         self.nodes.iter().find(|(i, _)| *i == id).map(|(_, ns)| ns)
     }

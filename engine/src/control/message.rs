@@ -17,11 +17,17 @@
 //!   version 1, a heartbeat leaves both clear: a version-1 node cannot act on them (and the
 //!   first releases of version 1 refuse bit 1 as malformed). Decoding version 1 accepts bit 1,
 //!   which later version-1 releases set.
+//! - **3**: the heartbeat's flags gain bit 3, `wire_deaf` (the sender's data path is up but it
+//!   hears no peer on the wire), and its body grows by two bitmaps (bit `id - 1` per node):
+//!   `wire_heard`, the peers whose wire heartbeats the sender hears, and `serving`, the nodes
+//!   it lets own buckets (live and not fenced). Encoded as version 2, a heartbeat leaves the
+//!   bit clear and the bitmaps out; decoded from version 2, both bitmaps are `None`
+//!   (unknown), which [`super::Membership`] reads as "no report".
 //!
 //! ```text
 //! offset len  field
 //!      0   2  magic "CC" (0x43 0x43)
-//!      2   1  version (1 or 2)
+//!      2   1  version (2 or 3)
 //!      3   1  kind: 1 heartbeat, 2 plan
 //!      4   1  path the sender put it on: 1 UDP, 2 wire (authenticated: no cross-path replay)
 //!      5   1  sender node id (1..=64)
@@ -49,7 +55,7 @@ use sha2::Sha256;
 use crate::cluster::{derive_key, Member, NodeId, Weight};
 
 /// The newest format version this code speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// The oldest format version this code still decodes and can speak: the version before.
 pub const PREVIOUS_VERSION: u8 = VERSION - 1;
 /// HMAC label of the control-message key.
@@ -58,7 +64,9 @@ pub const CONTROL_KEY_LABEL: &[u8] = b"clonecluster control v1";
 const MAGIC: [u8; 2] = *b"CC";
 const HEADER_LEN: usize = 30;
 const TAG_LEN: usize = 16;
-const HEARTBEAT_BODY: usize = 47;
+/// A heartbeat's body up to version 2; version 3 adds two bitmaps.
+const HEARTBEAT_BODY_V2: usize = 47;
+const HEARTBEAT_BODY: usize = HEARTBEAT_BODY_V2 + 16;
 const PLAN_FIXED: usize = 28;
 const MEMBER_LEN: usize = 5;
 /// The longest message: a plan listing 64 + 64 members. Fits a 1500-byte frame.
@@ -234,9 +242,11 @@ pub struct Load {
 
 /// Sent by every node every interval on both paths.
 ///
-/// Body layout (47 bytes): node MAC 6, weight u32, active flows u32, busy ‰ u16, flags u8
-/// (bit 0 draining, from version 2 on bit 1 refusing and bit 2 fenced), view u64, plan epoch u64 (0 = no plan), plan proposer u8 (0 = none), phase
-/// u8 (0 = none), table digest u64, releasing_left u32.
+/// Body layout (version 2: 47 bytes; version 3: 63): node MAC 6, weight u32, active flows u32,
+/// busy ‰ u16, flags u8 (bit 0 draining, bit 1 refusing, bit 2 fenced, from version 3 on
+/// bit 3 wire_deaf), view u64, plan epoch u64 (0 = no plan), plan proposer u8 (0 = none),
+/// phase u8 (0 = none), table digest u64, releasing_left u32; from version 3 on, wire_heard
+/// u64 and serving u64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heartbeat {
     pub node_mac: [u8; 6],
@@ -247,9 +257,18 @@ pub struct Heartbeat {
     /// The sender's service fails its health check: it takes no new TCP connection, so a
     /// node learning a bucket from it must not count a new SYN as the sender's.
     pub refusing: bool,
-    /// The sender's wire port has no link (or just got it back): it owns nothing, and peers
+    /// The sender's data path cannot serve (or just came back): it owns nothing, and peers
     /// take its buckets (see `Membership`'s fencing).
     pub fenced: bool,
+    /// The sender's wire link and packet cores are up, peers are live, and it hears none of
+    /// them on the wire (version 3; false when decoded from version 2).
+    pub wire_deaf: bool,
+    /// Bit `id - 1` per peer whose wire heartbeats the sender hears (None: a version-2
+    /// heartbeat, no report).
+    pub wire_heard: Option<u64>,
+    /// Bit `id - 1` per node the sender lets own buckets: live and not fenced, itself included
+    /// unless fenced (None: a version-2 heartbeat, no report).
+    pub serving: Option<u64>,
     /// Bit `id - 1` set for each node the sender considers live (itself included).
     pub view: u64,
     /// The plan the sender follows and the phase it has reached and published.
@@ -334,9 +353,14 @@ impl Message {
                 b.extend_from_slice(&h.weight.get().to_be_bytes());
                 b.extend_from_slice(&h.load.active_flows.to_be_bytes());
                 b.extend_from_slice(&h.load.busy_permille.to_be_bytes());
-                // Version 1 has no `refusing` or `fenced` bit (see the module doc).
-                let (refusing, fenced) = (h.refusing && version >= 2, h.fenced && version >= 2);
-                b.push(u8::from(h.draining) | (u8::from(refusing) << 1) | (u8::from(fenced) << 2));
+                // Version 2 has no `wire_deaf` bit (see the module doc).
+                let deaf = h.wire_deaf && version >= 3;
+                b.push(
+                    u8::from(h.draining)
+                        | (u8::from(h.refusing) << 1)
+                        | (u8::from(h.fenced) << 2)
+                        | (u8::from(deaf) << 3),
+                );
                 b.extend_from_slice(&h.view.to_be_bytes());
                 let (epoch, proposer, phase) = match h.plan {
                     Some((id, phase)) => (id.epoch, id.proposer.get(), phase as u8),
@@ -347,6 +371,10 @@ impl Message {
                 b.push(phase);
                 b.extend_from_slice(&h.table_digest.to_be_bytes());
                 b.extend_from_slice(&h.releasing_left.to_be_bytes());
+                if version >= 3 {
+                    b.extend_from_slice(&h.wire_heard.unwrap_or(0).to_be_bytes());
+                    b.extend_from_slice(&h.serving.unwrap_or(0).to_be_bytes());
+                }
             }
             Body::Request(r) => {
                 b.push(r.target.get());
@@ -448,7 +476,12 @@ pub fn decode(
     let digest = r.u64()?;
     let body = match kind {
         KIND_HEARTBEAT => {
-            if signed.len() != HEADER_LEN + HEARTBEAT_BODY {
+            let body = if version >= 3 {
+                HEARTBEAT_BODY
+            } else {
+                HEARTBEAT_BODY_V2
+            };
+            if signed.len() != HEADER_LEN + body {
                 return Err(Refusal::Malformed);
             }
             Body::Heartbeat(heartbeat(&mut r, version)?)
@@ -492,7 +525,7 @@ fn heartbeat(r: &mut Reader<'_>, version: u8) -> Result<Heartbeat, Refusal> {
     let active_flows = r.u32()?;
     let busy_permille = r.u16()?;
     let flags = r.u8()?;
-    let known_flags = if version >= 2 { 7 } else { 3 };
+    let known_flags = if version >= 3 { 15 } else { 7 };
     if flags > known_flags || busy_permille > 1000 {
         return Err(Refusal::Malformed);
     }
@@ -511,6 +544,11 @@ fn heartbeat(r: &mut Reader<'_>, version: u8) -> Result<Heartbeat, Refusal> {
     };
     let table_digest = r.u64()?;
     let releasing_left = r.u32()?;
+    let (wire_heard, serving) = if version >= 3 {
+        (Some(r.u64()?), Some(r.u64()?))
+    } else {
+        (None, None)
+    };
     Ok(Heartbeat {
         node_mac,
         weight,
@@ -521,6 +559,9 @@ fn heartbeat(r: &mut Reader<'_>, version: u8) -> Result<Heartbeat, Refusal> {
         draining: flags & 1 == 1,
         refusing: flags & 2 == 2,
         fenced: flags & 4 == 4,
+        wire_deaf: flags & 8 == 8,
+        wire_heard,
+        serving,
         view,
         plan,
         table_digest,
@@ -597,6 +638,9 @@ mod tests {
                 draining: true,
                 refusing: true,
                 fenced: true,
+                wire_deaf: true,
+                wire_heard: Some(0b101),
+                serving: Some(0b110),
                 view: 0b111,
                 plan: Some((
                     PlanId {
@@ -653,6 +697,9 @@ mod tests {
             h.draining = false;
             h.refusing = false;
             h.fenced = false;
+            h.wire_deaf = false;
+            h.wire_heard = Some(0);
+            h.serving = Some(u64::MAX);
         }
         assert_eq!(dec(&m.encode(&key()), Path::Udp), Ok(m));
         assert!(plan().encode(&key()).len() <= 1500 - 14);
@@ -678,47 +725,65 @@ mod tests {
     /// PINNED: the layout is the wire contract; change it only with a VERSION bump.
     #[test]
     fn pinned_heartbeat_layout() {
-        for version in [1, 2] {
+        for version in [2, 3] {
             let mut m = heartbeat(Path::Udp);
             m.version = version;
             let b = m.encode(&key());
-            assert_eq!(b.len(), HEADER_LEN + HEARTBEAT_BODY + TAG_LEN);
+            let body = if version == 2 { 47 } else { 63 };
+            assert_eq!(b.len(), HEADER_LEN + body + TAG_LEN);
             assert_eq!(&b[..6], &[b'C', b'C', version, 1, 1, 3]);
             assert_eq!(&b[14..22], &42u64.to_be_bytes());
             assert_eq!(&b[30..36], &[2, 0xcc, 0, 0, 0, 3]);
             assert_eq!(&b[36..40], &100u32.to_be_bytes());
-            // Flags: draining, and refusing and fenced only from version 2 on.
+            // Flags: draining, refusing, fenced, and wire_deaf only from version 3 on.
             assert_eq!(
                 b[46],
-                if version == 1 { 0b001 } else { 0b111 },
+                if version == 2 { 0b0111 } else { 0b1111 },
                 "version {version}"
             );
+            assert_eq!(&b[73..77], &7u32.to_be_bytes(), "releasing_left");
+            if version == 3 {
+                assert_eq!(&b[77..85], &0b101u64.to_be_bytes(), "wire_heard");
+                assert_eq!(&b[85..93], &0b110u64.to_be_bytes(), "serving");
+            }
         }
     }
 
     #[test]
     fn the_previous_version_is_spoken_and_understood() {
-        // Encoded as version 1, `refusing` is left out; everything else survives.
+        // Encoded as version 2, the wire report is left out; everything else survives.
         let mut m = heartbeat(Path::Wire);
         m.version = PREVIOUS_VERSION;
         let got = dec(&m.encode(&key()), Path::Wire).unwrap();
-        assert_eq!(got.version, 1);
+        assert_eq!(got.version, 2);
         let Body::Heartbeat(h) = got.body else {
             panic!("a heartbeat")
         };
-        assert!(!h.refusing && !h.fenced && h.draining);
-        // Later version-1 releases set the bit: it is read.
+        assert!(h.refusing && h.fenced && h.draining && !h.wire_deaf);
+        assert_eq!((h.wire_heard, h.serving), (None, None), "no report");
+        let Body::Heartbeat(sent) = m.body else {
+            panic!("a heartbeat")
+        };
+        let same = Heartbeat {
+            wire_deaf: false,
+            wire_heard: None,
+            serving: None,
+            ..sent
+        };
+        assert_eq!(h, same);
+        // A version-2 heartbeat with the version-3 flag bit is malformed.
         let mut b = m.encode(&key());
         b.truncate(b.len() - TAG_LEN);
-        b[46] |= 0b10;
+        b[46] |= 0b1000;
         let mut mac = key().mac();
         mac.update(&b);
         let tag = mac.finalize().into_bytes();
         b.extend_from_slice(&tag[..TAG_LEN]);
-        let Body::Heartbeat(h) = dec(&b, Path::Wire).unwrap().body else {
-            panic!("a heartbeat")
-        };
-        assert!(h.refusing);
+        assert_eq!(dec(&b, Path::Wire), Err(Refusal::Malformed));
+        // Version 1 is two releases back: refused.
+        let mut b = m.encode(&key());
+        b[2] = 1;
+        assert_eq!(dec(&b, Path::Wire), Err(Refusal::UnknownVersion));
         // Plans and requests are the same in both versions.
         let mut p = plan();
         p.version = PREVIOUS_VERSION;
@@ -769,9 +834,10 @@ mod tests {
                 v[bit / 8] ^= 1 << (bit % 8);
                 let got = dec(&v, m.path);
                 // Magic and version are checked before the tag; everything else is the tag.
+                // A flipped version bit that names the other known version fails the tag.
                 let want = match bit / 8 {
                     0 | 1 => Refusal::Malformed,
-                    2 => Refusal::UnknownVersion,
+                    2 if !(PREVIOUS_VERSION..=VERSION).contains(&v[2]) => Refusal::UnknownVersion,
                     _ => Refusal::BadMac,
                 };
                 assert_eq!(got, Err(want), "bit {bit}");

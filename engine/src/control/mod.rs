@@ -38,7 +38,7 @@ pub mod timeline;
 mod sim;
 
 pub use membership::{
-    Config, Event, Membership, Output, PeerInfo, Policy, HASH_WEIGHT, PROBE_EVERY,
+    Config, Event, FenceReasons, Membership, Output, PeerInfo, Policy, HASH_WEIGHT, PROBE_EVERY,
 };
 pub use message::{
     decode, ControlKey, Heartbeat, Load, Message, Path, Phase, Plan, PlanId, Refusal,

@@ -348,6 +348,11 @@ impl Node {
             drained: m.is_drained(),
             refusing: m.refusing(),
             fenced: m.fenced(),
+            fence_reasons: m
+                .fence_reasons()
+                .iter()
+                .map(|r| r.label().to_owned())
+                .collect(),
             protocol_version: m.speaks(),
             healthy: self.healthy(),
             members,

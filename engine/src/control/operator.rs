@@ -221,6 +221,10 @@ pub struct Status {
     pub refusing: bool,
     #[serde(default)]
     pub fenced: bool,
+    /// Why it is fenced, by label (`link-down`, `core-stalled`, `hears-no-peer-on-wire`,
+    /// `unheard-on-wire`, `settling`); empty when it is not.
+    #[serde(default)]
+    pub fence_reasons: Vec<String>,
     #[serde(default)]
     pub protocol_version: u8,
     /// The health checker's verdict (None: no health check configured).
@@ -473,8 +477,9 @@ mod tests {
             draining: false,
             drained: false,
             refusing: false,
-            fenced: false,
-            protocol_version: 2,
+            fenced: true,
+            fence_reasons: vec!["hears-no-peer-on-wire".to_owned()],
+            protocol_version: 3,
             healthy: Some(true),
             members: vec![NodeStatus {
                 node: 1,

@@ -83,7 +83,7 @@ impl What {
                     .collect(),
             },
             Event::Drained => What::Drained,
-            Event::Fenced { fenced } => What::Fenced { fenced: *fenced },
+            Event::Fenced { fenced, .. } => What::Fenced { fenced: *fenced },
             Event::PeerUp { .. }
             | Event::PeerRejoined { .. }
             | Event::VersionRefused { .. }

@@ -10,7 +10,7 @@
 //!
 //! - Every node sends a [`Heartbeat`] every `interval` on BOTH paths (side UDP and wire frame).
 //!   A peer is dead when both paths have been silent for `dead_after` intervals, checked at
-//!   each tick.
+//!   each tick. (A peer silent on the wire alone is not dead: see "Liveness by the data path".)
 //! - The **coordinator** is the lowest live node id among the members of the current plan (or
 //!   among all live nodes if none of them is live). It alone creates plans and advances their
 //!   phase, and re-sends its current [`Plan`] every tick on both paths.
@@ -33,16 +33,25 @@
 //!   the coordinator formalizes the loss with a new plan `to − dead` (no bucket moves).
 //! - Joins, drains, undrains, weight changes and by-load rebalances are new plans from the
 //!   effective table to the desired one, one plan at a time, always through the four phases.
-//! - **Fencing** (DESIGN.md, "Liveness"): a node whose wire port has no link, or one of whose
-//!   packet cores stalled, cannot serve its share, whatever its control channel says. It
-//!   fences itself ([`Membership::set_wire_link`], [`Membership::set_cores_running`]):
-//!   its snapshot owns nothing, it coordinates nothing, and its heartbeats say `fenced`, so that
-//!   every peer that still hears it treats it as dead for ownership (takes its buckets at once,
-//!   leaves it out of the next plan) while it stays a live member for messages. It stays
-//!   fenced for `dead_after` intervals after its data path comes back, so that it hears the
-//!   cluster's current plan before it owns anything again (a node cut off both networks
-//!   believes every peer dead; unfenced at once, it would deliver their flows until their plan
-//!   reached it). It then rejoins through a normal plan.
+//! - **Fencing** (DESIGN.md, "Liveness"): a node that cannot serve its share, whatever its
+//!   control channel says, fences itself: its snapshot owns nothing, it coordinates nothing,
+//!   and its heartbeats say `fenced`, so that every peer that still hears it treats it as dead
+//!   for ownership (takes its buckets at once, leaves it out of the next plan) while it stays a
+//!   live member for messages. The reasons ([`FenceReasons`], see "Liveness by the data path"
+//!   below): its wire port has no link ([`Membership::set_wire_link`]), a packet core stalled
+//!   ([`Membership::set_cores_running`]), it hears no peer on the wire, or no peer hears it
+//!   there. After a data path outage (link, cores) it stays fenced for `dead_after` intervals,
+//!   so that it hears the cluster's current plan before it owns anything again (a node cut off
+//!   both networks believes every peer dead; unfenced at once, it would deliver their flows
+//!   until their plan reached it). It then rejoins through a normal plan.
+//! - **Withholding**: a node owns nothing while a live peer's newest heartbeat leaves it out
+//!   of that peer's `serving` set (the peer finds it dead or fenced, so it may stand in for
+//!   it). A fenced node lifts its fence only once every live peer's newest heartbeat leaves it
+//!   out (they heard the fence); so the next one that counts it in was sent after the peer
+//!   heard the lift, and after the peer published the snapshot that stops standing in (a
+//!   heartbeat follows the publish it acknowledges). Heartbeats are taken in sequence order
+//!   over both paths. So ownership moves away from a node only on its own word (its fence) or
+//!   its death, and back to it only on every peer's word: never to two nodes at once.
 //! - **Versions** (rolling upgrades): a node understands its format version and the one before
 //!   and speaks the newest that every live peer understands: the lowest of the newest versions
 //!   each live peer has sent in its current run. A node that speaks the older version because
@@ -51,10 +60,68 @@
 //!   unknown version); once the last older node is gone or upgraded, every node speaks the new
 //!   version. The first refusal of each unknown version, then one a minute, is an [`Event`].
 //!
+//! # Liveness by the data path
+//!
+//! A node counts as alive for ownership only while its wire port has link, its packet cores
+//! loop, and the wire carries its heartbeats. Heartbeats go on both paths; from format version
+//! [`WIRE_REPORT_VERSION`] on they carry the sender's wire report: `wire_heard` (the peers it
+//! hears on the wire), `wire_deaf` (its link and cores are up, peers are live, and it hears
+//! none of them on the wire) and `serving` (the nodes it lets own buckets). A live peer is
+//! **silent on the wire** once one of its UDP messages arrives `dead_after` intervals after
+//! its last wire message (or after it came up); a stopped peer, silent on both paths, is found
+//! dead instead. The wire rules (they apply while every live peer speaks that version):
+//!
+//! - **Deaf**: a node with live peers that hears none of them on the wire fences itself
+//!   (`hears-no-peer-on-wire`), unless no live peer can serve instead of it: every live peer
+//!   is fenced or deaf too, and none of the deaf ones has a lower id. So when nobody hears
+//!   anybody on the wire (two nodes whose wire path is silent both ways, or a switch that
+//!   drops every control frame), exactly one node, the lowest id, keeps serving: the nodes
+//!   cannot tell whose wire is broken, and fencing them all would serve nothing.
+//! - **Unheard**: a node fences itself (`unheard-on-wire`) when some live, unfenced, not-deaf
+//!   peer reports its wire (a witness: it hears some peer on the wire) and no such witness
+//!   hears this node there: its own sending side is the broken one. One peer that does not
+//!   hear it while another does fences nobody (a broken path between two ports, both serve).
+//! - Peers never take the buckets of a node that is only silent on the wire: they take them
+//!   when its heartbeat says `fenced`, which it says from the reports they send it (on UDP as
+//!   well as the wire). So a bucket moves only after its owner stopped accepting new flows in
+//!   it, and a node cut off on the wire alone is substituted within the failover budget:
+//!   `dead_after` intervals, the heartbeat that reveals it, and one message each way.
+//!
+//! The rule for every state of one node's two paths to its peers (the others' paths up), as
+//! `sim::liveness` simulates it in two- and three-node clusters, checking at every instant
+//! that no bucket is taken by two nodes and none, once the budget has passed, by a node that
+//! cannot serve:
+//!
+//! ```text
+//! wire path of N           UDP   outcome
+//! up                       up    nothing changes
+//! up                       down  nothing changes: heard on the wire, no death, no fence
+//! link down                up    N fences at once (link-down); peers take on its heartbeat
+//! link down                down  N fences at once; peers find it dead after dead_after
+//! silent both ways         up    N hears nobody: fences (hears-no-peer-on-wire) unless kept
+//!   (link up, filtered)          as the lowest of the deaf; 3+ nodes: N fences, peers take;
+//!                                2 nodes: both are deaf, node 2 fences, node 1 takes all
+//! N's frames lost          up    3+ nodes: the witnesses hear each other, not N: N fences
+//!                                (unheard-on-wire); 2 nodes: the peer hears nobody and is
+//!                                not kept (N hears it): the peer fences, N takes all
+//! peers' frames lost       up    N hears nobody and is not kept (peers hear it): N fences
+//! silent both ways         down  a partition (see Failure modes): each side takes all
+//! N's frames lost          down  one-way partition: peers find N dead and take its buckets;
+//!                                N hears them say so (`serving`) and withholds one message
+//!                                later (N can serve nothing: nobody hears it)
+//! peers' frames lost       down  one-way partition: N hears nobody, finds them dead and
+//!                                takes all; peers hear it say so and withhold one message
+//!                                later (the cluster then rests on N)
+//! ```
+//!
+//! When the path comes back the rule that fenced lifts, after settling for a link or a core;
+//! the node withholds until every live peer counts it as serving, then rejoins through a plan.
+//!
 //! # Failure modes (what is given up)
 //!
 //! - A partition (both paths cut) is indistinguishable from a failure: each side takes the
-//!   other's buckets. After healing, the newer plan wins (ties: the smaller proposer id), the
+//!   other's buckets (one-way on the wire with UDP cut too: see the table above, where the
+//!   overlap lasts one message). After healing, the newer plan wins (ties: the smaller proposer id), the
 //!   losing side drops what it took and a join plan rebalances. Connections opened on the
 //!   losing side during the partition are lost.
 //! - A member that dies while buckets move to it is substituted by the next target in the
@@ -65,6 +132,11 @@
 //!   it refuses messages for a bad MAC or another config digest (fail closed): a misconfigured
 //!   node that joins a running cluster takes no traffic. (Two lone nodes with different
 //!   configurations both stay closed: the operator sees the refusal counters.)
+//! - The wire rules need every live peer's report: while an older peer is live (the cluster
+//!   speaks the version before [`WIRE_REPORT_VERSION`]), only link and core fences apply.
+//! - Two nodes cannot tell a node's broken receive side from its peer's broken send side: the
+//!   node that hears nobody fences. If it was the sender that broke, nobody serves until it is
+//!   repaired or a third node joins.
 
 use std::sync::Arc;
 
@@ -77,8 +149,11 @@ use super::message::{
 };
 use super::snapshot::Snapshot;
 
+mod fence;
 mod plan;
 mod receive;
+
+pub use fence::{FenceReasons, WIRE_REPORT_VERSION};
 
 const MS: u64 = 1_000_000;
 const SEC: u64 = 1_000 * MS;
@@ -196,9 +271,8 @@ pub enum Event {
     PhaseChanged { plan: PlanId, phase: Phase },
     /// This node drains and owns nothing any more: it may stop.
     Drained,
-    /// This node fenced itself (its wire port lost link, or a packet core stalled), or lifted
-    /// its fence.
-    Fenced { fenced: bool },
+    /// This node fenced itself (`reasons`: why), or lifted its fence.
+    Fenced { fenced: bool, reasons: FenceReasons },
     /// The node's service failed (`came_up`: it had answered before; otherwise it never has):
     /// it drains ([`super::Node::health`]).
     ServiceDown { came_up: bool },
@@ -243,12 +317,16 @@ struct Peer {
     presumed: Option<u64>,
     alive: bool,
     hb: Option<Heartbeat>,
+    /// The sequence number of the message `hb` came in.
+    hb_seq: u64,
     missed: [u64; 2],
     /// Of `missed`, those counted during the current silence.
     silent: [u64; 2],
     lost: [u64; 2],
     /// The newest format version it sent in its current incarnation (0: none heard yet).
     version: u8,
+    /// When it last became live (heard, or presumed, after being dead or unknown).
+    alive_since: u64,
 }
 
 impl Peer {
@@ -261,9 +339,11 @@ impl Peer {
             presumed,
             alive,
             hb: None,
+            hb_seq: 0,
             missed: [0; 2],
             silent: [0; 2],
             lost: [0; 2],
+            alive_since: presumed.unwrap_or(0),
         }
     }
 
@@ -322,8 +402,12 @@ pub struct Membership {
     /// Every packet core loops (as the control thread last saw).
     cores_up: bool,
     /// When the data path (wire link and packet cores) last came back (None: it never went
-    /// down).
+    /// down); the fence holds for `dead_after` intervals after it.
     data_path_up_since: Option<u64>,
+    /// The causes of the fence at the last evaluation (settling aside).
+    fence_causes: FenceReasons,
+    /// The wire report of the last heartbeat sent ([`Membership::wire_report`]).
+    last_wire_report: (u64, bool, u64),
     /// Fenced: this node owns nothing and coordinates nothing (announced in heartbeats).
     fenced: bool,
     weight: Weight,
@@ -363,6 +447,8 @@ impl Membership {
             wire_up: true,
             cores_up: true,
             data_path_up_since: None,
+            fence_causes: FenceReasons::NONE,
+            last_wire_report: (0, false, 0),
             fenced: false,
             load: Load::default(),
             peers: vec![None; 64],
@@ -409,8 +495,13 @@ impl Membership {
                 if let Some((id, _)) = hb.plan {
                     self.max_epoch_seen = self.max_epoch_seen.max(id.epoch);
                 }
+                // The newest heartbeat over both paths: a late copy of an older one on the
+                // other path must not bring back what the sender has since changed.
                 if let Some(p) = self.peers[msg.node.index()].as_mut() {
-                    p.hb = Some(hb);
+                    if msg.seq > p.hb_seq {
+                        p.hb = Some(hb);
+                        p.hb_seq = msg.seq;
+                    }
                 }
             }
             Body::Plan(plan) => {
@@ -430,6 +521,7 @@ impl Membership {
             }
             Body::Request(_) => {}
         }
+        self.update_fence(now, out);
         self.refresh(now, out);
     }
 
@@ -454,7 +546,6 @@ impl Membership {
     /// `interval`.
     pub fn handle_tick(&mut self, now: u64, out: &mut Vec<Output>) {
         self.started.get_or_insert(now);
-        self.update_fence(now, out);
         let span = self.cfg.dead_span();
         let interval = self.cfg.interval;
         for (i, slot) in self.peers.iter_mut().enumerate() {
@@ -466,6 +557,8 @@ impl Membership {
                 out.push(Output::Event(Event::PeerDead { node }));
             }
         }
+        // After the deaths: a peer silent on both paths is dead, not a sign of a deaf wire.
+        self.update_fence(now, out);
         self.refresh(now, out);
         self.coordinate(now, out);
         if self
@@ -533,66 +626,6 @@ impl Membership {
         for (i, p) in self.peers.iter().enumerate() {
             if p.as_ref()
                 .is_some_and(|p| p.alive && p.hb.is_some_and(|h| h.refusing))
-            {
-                bits |= 1 << i;
-            }
-        }
-        bits
-    }
-
-    /// The data path's word on the wire port's link. Down fences this node at once; back up,
-    /// it stays fenced for `dead_after` intervals (see the module doc).
-    pub fn set_wire_link(&mut self, up: bool, now: u64, out: &mut Vec<Output>) {
-        let was = self.data_path_up();
-        self.wire_up = up;
-        self.data_path_changed(was, now, out);
-    }
-
-    /// The control thread's word on the packet cores: `false` while one of them has stalled
-    /// (it stopped looping while awake). Like a wire link down: the node fences itself, and
-    /// stays fenced for `dead_after` intervals after every core loops again.
-    pub fn set_cores_running(&mut self, up: bool, now: u64, out: &mut Vec<Output>) {
-        let was = self.data_path_up();
-        self.cores_up = up;
-        self.data_path_changed(was, now, out);
-    }
-
-    fn data_path_up(&self) -> bool {
-        self.wire_up && self.cores_up
-    }
-
-    fn data_path_changed(&mut self, was: bool, now: u64, out: &mut Vec<Output>) {
-        if !was && self.data_path_up() {
-            self.data_path_up_since = Some(now);
-        }
-        self.update_fence(now, out);
-    }
-
-    /// Whether this node is fenced (see the module doc).
-    pub fn fenced(&self) -> bool {
-        self.fenced
-    }
-
-    fn update_fence(&mut self, now: u64, out: &mut Vec<Output>) {
-        let settling = self
-            .data_path_up_since
-            .is_some_and(|t| now.saturating_sub(t) < self.cfg.dead_span());
-        let fenced = !self.data_path_up() || settling;
-        if fenced != self.fenced {
-            self.fenced = fenced;
-            out.push(Output::Event(Event::Fenced { fenced }));
-            self.refresh(now, out);
-            self.send_heartbeat(now, out);
-        }
-    }
-
-    /// Bit `id - 1` per node that may own buckets now: live and not fenced (itself included
-    /// unless fenced).
-    fn serving_bits(&self) -> u64 {
-        let mut bits = if self.fenced { 0 } else { bit(self.cfg.me) };
-        for (i, p) in self.peers.iter().enumerate() {
-            if p.as_ref()
-                .is_some_and(|p| p.alive && !p.hb.is_some_and(|h| h.fenced))
             {
                 bits |= 1 << i;
             }

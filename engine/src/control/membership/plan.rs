@@ -64,9 +64,11 @@ impl Membership {
 
     /// Rebuilds and publishes the snapshot if the plan, phase or dead set changed.
     pub(super) fn refresh(&mut self, _now: u64, out: &mut Vec<Output>) {
-        let Some(c) = &self.cur else { return };
         let dead = self.dead_members();
-        let key = (c.plan.id, c.plan.phase, dead, self.fenced);
+        // Fenced, or waiting for a peer to stop standing in for it: it owns nothing.
+        let owns_nothing = self.fenced || self.withholding();
+        let Some(c) = &self.cur else { return };
+        let key = (c.plan.id, c.plan.phase, dead, owns_nothing);
         if self.snap_key == Some(key) {
             return;
         }
@@ -98,17 +100,17 @@ impl Membership {
         }
         self.snap_key = Some(key);
         let snap = snap.with_dead(dead);
-        // Fenced: the same plan and tables, but this node owns nothing in them.
-        let snap = if self.fenced {
+        // The same plan and tables, but this node owns nothing in them.
+        let snap = if owns_nothing {
             snap.without(self.cfg.me)
         } else {
             snap
         };
         self.snapshot = Arc::new(snap);
         out.push(Output::Publish(self.snapshot.clone()));
-        let owns_nothing =
+        let out_of_table =
             phase == Phase::Done && !eff.members().iter().any(|m| m.id == self.cfg.me);
-        if self.draining && owns_nothing && !self.drained {
+        if self.draining && out_of_table && !self.drained {
             self.drained = true;
             out.push(Output::Event(Event::Drained));
         }
@@ -153,6 +155,9 @@ impl Membership {
             (Some((id, _)), Some((rid, left))) if id == rid => left,
             _ => LEFT_UNKNOWN,
         };
+        let report = self.wire_report();
+        self.last_wire_report = report;
+        let (wire_heard, wire_deaf, serving) = report;
         let hb = Heartbeat {
             node_mac: self.cfg.node_mac,
             weight: self.weight,
@@ -160,6 +165,9 @@ impl Membership {
             draining: self.draining,
             refusing: self.refusing,
             fenced: self.fenced,
+            wire_deaf,
+            wire_heard: Some(wire_heard),
+            serving: Some(serving),
             view: self.live_bits(),
             plan,
             table_digest: self.snapshot.digest(),

@@ -78,6 +78,9 @@ impl Membership {
             peer.incarnation = msg.incarnation;
             peer.last_seq = [0; 2];
             peer.hb = None;
+            peer.hb_seq = 0;
+            // A new run: its wire path gets the grace of a node that just came up.
+            peer.alive_since = now;
             // A restart may be a downgrade: its newest version is learned again.
             peer.version = 0;
             if heard_before {
@@ -103,6 +106,7 @@ impl Membership {
         peer.silent[pi] = 0;
         if !peer.alive {
             peer.alive = true;
+            peer.alive_since = now;
             out.push(Output::Event(Event::PeerUp {
                 node: msg.node,
                 incarnation: msg.incarnation,

@@ -110,6 +110,7 @@ fn status_with_services_reads_back_and_an_old_status_still_reads() {
         drained: false,
         refusing: false,
         fenced: false,
+        fence_reasons: vec![],
         protocol_version: 2,
         healthy: None,
         members: vec![],
