@@ -25,11 +25,18 @@
 //!    rate / testpmd rate per CPU second (= testpmd cycles / engine cycles); on a shared
 //!    machine they are far steadier than wall-clock ratios.
 //! 4. Correctness gate: the shares of wire frames the engine delivered to the host, answered
-//!    on the wire and dropped must match what [`clonecluster::replay::replay_with`] computes for
-//!    the same files, ownership and table sizes (within 1 percentage point), or the bench exits
-//!    non-zero.
-//! 5. Memory: the flow table's footprint per core at 1 thousand to 10 million flows, and the
-//!    packet pool the run needed.
+//!    on the wire, dropped and (appliance rows) forwarded to a backend must match what
+//!    [`clonecluster::replay::replay_with`] computes for the same files, ownership, services and
+//!    table sizes (within 1 percentage point), and every frame offered to the wire port must
+//!    be sent or counted unsent, or the bench exits non-zero.
+//! 5. Memory: the flow table's footprint per core at 1 thousand to 10 million flows, the
+//!    appliance's per-flow and per-service memory, and the packet pool the run needed. The
+//!    table's header names the CPU model.
+//!
+//! Appliance rows (`delivery=dsr|gue|ipip`, [`appliance`]): the engine gets `node.ip` and a TCP
+//! and a UDP service on the cluster addresses, all ports, 8 backends each with static MACs;
+//! owned flow frames go to their backend out of the wire port (rewritten, or encapsulated in
+//! the mbuf's headroom), and testpmd loops the wire port onto itself to pay the same TX.
 //!
 //! `net_pcap` in `infinite_rx` mode keeps each file in mbufs and copies every frame into a fresh
 //! mbuf on receive (both programs pay that copy; at 100 thousand flows and more the file's mbufs
@@ -52,8 +59,10 @@
 //! buckets moving) [0], `CC_BENCH_CORES` (1 or 2) [1], `CC_BENCH_CAPACITY` (flow-table capacity
 //! per core) [flows per core, at least 262144], `CC_BENCH_FPF` (frames per flow, 1 or 3) [3, or
 //! 1 above a million flows], `CC_BENCH_SCENARIOS` (several rows: `;`-separated lists of
-//! `flows=,ipv6=,nodes=,handoff=,cores=,capacity=,fpf=,lanes=,huge=,input=` overriding the
-//! above, e.g. `flows=1000;flows=10000000;nodes=4,handoff=10`), `CC_BENCH_LANES` (the engine's
+//! `flows=,ipv6=,nodes=,handoff=,cores=,capacity=,fpf=,lanes=,huge=,input=,delivery=`
+//! overriding the above, e.g. `flows=1000;flows=10000000;nodes=4,handoff=10;delivery=gue`),
+//! `CC_BENCH_DELIVERY` (`local`: server mode, owned frames to the host port; `dsr`, `gue` or
+//! `ipip`: appliance mode) [local], `CC_BENCH_LANES` (the engine's
 //! `dataplane.hash_lanes`: auto, scalar, avx2, avx512) [auto], `CC_BENCH_SECS` (per run) [3],
 //! `CC_BENCH_ROUNDS` [3], `CC_BENCH_CORE` (the forwarding core with one core) [1],
 //! `CC_BENCH_TESTPMD` (the testpmd modes to run, e.g. `5tswap`, or none for engine A/B runs)
@@ -72,12 +81,13 @@ use std::time::{Duration, Instant};
 
 use clonecluster::cluster::flow_table::SLOT_BYTES;
 use clonecluster::cluster::{FlowTable, NodeId, BUCKETS};
-use clonecluster::config::Config;
+use clonecluster::config::{Config, Delivery};
 use clonecluster::pipeline::{learned_capacity, TableSizes};
 use clonecluster::testkit::build::{
     arp_request, icmp_echo, ipv4, ipv6, tcp, udp, udp_fragments, PSH_ACK, SYN,
 };
 
+mod appliance;
 mod common;
 
 use common::{core, eal_memory, env_or, median, secs, use_hugepages};
@@ -114,6 +124,9 @@ struct Scenario {
     huge: bool,
     /// Where the forwarder's wire frames come from.
     input: Input,
+    /// Where owned flow frames go: the host (`local`, server mode) or a backend out of the
+    /// wire port (`dsr`, `gue`, `ipip`: see the `appliance` module).
+    delivery: Delivery,
 }
 
 /// The wire port's input.
@@ -152,6 +165,9 @@ impl Scenario {
             lanes: std::env::var("CC_BENCH_LANES").unwrap_or_else(|_| "auto".into()),
             huge: env_or("CC_BENCH_HUGE", 1) != 0,
             input: Input::parse(&std::env::var("CC_BENCH_INPUT").unwrap_or_else(|_| "pcap".into())),
+            delivery: appliance::parse(
+                &std::env::var("CC_BENCH_DELIVERY").unwrap_or_else(|_| "local".into()),
+            ),
         };
         s.capacity = env_or("CC_BENCH_CAPACITY", 0);
         s.fpf = env_or("CC_BENCH_FPF", 0);
@@ -188,6 +204,10 @@ impl Scenario {
             }
             if k == "input" {
                 self.input = Input::parse(v);
+                continue;
+            }
+            if k == "delivery" {
+                self.delivery = appliance::parse(v);
                 continue;
             }
             let n: u64 = v
@@ -238,6 +258,9 @@ impl Scenario {
         }
         if self.input == Input::Memif {
             l += " memif";
+        }
+        if self.delivery.is_appliance() {
+            l += &format!(" {}", self.delivery.name());
         }
         if self.lanes != "auto" {
             l += &format!(" {}", self.lanes);
@@ -434,7 +457,7 @@ impl Setup {
 node:
   id: 1
   mac: 02:00:00:00:00:01
-dataplane:
+{node_ip}dataplane:
   eal_args: [{mem}, --log-level=lib.eal:warning]
   file_prefix: cc-bench-pipeline-{pid}
   wire_port: {{ vdev: "{wire}" }}
@@ -447,7 +470,7 @@ dataplane:
   hash_lanes: {lanes}
 control:
   metrics: 127.0.0.1:{metrics}
-"#,
+{services}"#,
                 mem = self
                     .eal_memory
                     .iter()
@@ -462,6 +485,8 @@ control:
                 lanes = self.scenario.lanes,
                 mbuf_size = self.scenario.mbuf_size(),
                 metrics = self.metrics_port,
+                node_ip = appliance::node_lines(self.scenario.delivery),
+                services = appliance::services_section(self.scenario.delivery),
             ),
         )
         .unwrap();
@@ -621,11 +646,16 @@ struct EngineRun {
     replies: u64,
     dropped: u64,
     tx_unsent: u64,
+    /// Frames to backends and wire TX (appliance rows).
+    forwarding: appliance::Forwarding,
+    /// Frames to backends per wire frame after the warm-up (the per-core
+    /// `backend_frames_total` of `/metrics`, summed).
+    steady_to_backend: f64,
 }
 
-/// The engine's received wire frames and busy nanoseconds so far (all cores), from its
-/// `/metrics`.
-fn scrape(port: u16) -> Option<(u64, u64)> {
+/// The engine's received wire frames, busy nanoseconds and frames sent to backends so far (all
+/// cores), from its `/metrics`.
+fn scrape(port: u16) -> Option<(u64, u64, u64)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -644,6 +674,7 @@ fn scrape(port: u16) -> Option<(u64, u64)> {
     Some((
         sum("clonecluster_wire_rx_frames_total")?,
         sum("clonecluster_core_busy_ns_total")?,
+        sum("clonecluster_backend_frames_total")?,
     ))
 }
 
@@ -654,16 +685,18 @@ struct Reading {
     cpu: f64,
     rx: u64,
     busy_ns: u64,
+    to_backend: u64,
 }
 
 impl Reading {
     fn take(pid: u32, port: u16) -> Option<Reading> {
-        let (rx, busy_ns) = scrape(port)?;
+        let (rx, busy_ns, to_backend) = scrape(port)?;
         Some(Reading {
             at: Instant::now(),
             cpu: cpu_secs(pid)?,
             rx,
             busy_ns,
+            to_backend,
         })
     }
 
@@ -774,6 +807,15 @@ fn engine_run(setup: &Setup) -> EngineRun {
         replies: get("replies"),
         dropped,
         tx_unsent: get("tx_unsent"),
+        forwarding: appliance::Forwarding {
+            to_backend: get("to_backend"),
+            wire_tx: get("wire_tx"),
+            replies: get("replies"),
+            control_tx: get("control_tx"),
+            tx_unsent: get("tx_unsent"),
+        },
+        steady_to_backend: end.to_backend.saturating_sub(warm.to_backend) as f64
+            / end.rx.saturating_sub(warm.rx).max(1) as f64,
     }
 }
 
@@ -804,6 +846,7 @@ fn testpmd_run(setup: &Setup, mode: &str) -> Option<Run> {
         format!("--txq={queues}"),
         format!("--forward-mode={mode}"),
     ])
+    .args(appliance::testpmd_args(setup.scenario.delivery))
     // Busy cycles: those of bursts that received frames, printed when it stops.
     .args((setup.scenario.input == Input::Memif).then_some("--record-core-cycles"))
     .stdin(Stdio::null())
@@ -872,17 +915,21 @@ fn testpmd_run(setup: &Setup, mode: &str) -> Option<Run> {
     })
 }
 
-fn cpu_hz() -> Option<f64> {
+/// The first value of a `/proc/cpuinfo` field.
+fn cpuinfo(field: &str) -> Option<String> {
     let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = text
+    let value = text
         .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
+        .find(|l| l.split(':').next().is_some_and(|k| k.trim() == field))?
+        .split_once(':')?
+        .1
         .trim()
-        .parse()
-        .ok()?;
-    Some(mhz * 1e6)
+        .to_owned();
+    Some(value)
+}
+
+fn cpu_hz() -> Option<f64> {
+    Some(cpuinfo("cpu MHz")?.parse::<f64>().ok()? * 1e6)
 }
 
 fn memory_report() {
@@ -902,6 +949,7 @@ fn memory_report() {
             (bytes + learned_bytes) as f64 / (1 << 20) as f64,
         );
     }
+    appliance::memory_note();
 }
 
 /// What the engine must do with the scenario's frames.
@@ -909,6 +957,8 @@ struct Expected {
     host: f64,
     answered: f64,
     dropped: f64,
+    /// To a backend (appliance rows).
+    forwarded: f64,
 }
 
 /// Replays each queue's file twice (as the engine sees it loop) through one simulated node 1
@@ -922,7 +972,7 @@ fn expected(setup: &Setup) -> Expected {
             .expect("assumed ownership"),
     );
     let sizes = TableSizes::from_config(&loaded.config);
-    let (mut frames, mut host, mut answered, mut dropped) = (0u64, 0u64, 0u64, 0u64);
+    let (mut frames, mut host, mut answered, mut dropped, mut forwarded) = (0u64, 0, 0, 0, 0);
     for queue in 0..s.cores {
         let pass = || traffic(s).filter(move |(q, _)| *q == queue).map(|(_, f)| f);
         let twice = pass()
@@ -935,12 +985,14 @@ fn expected(setup: &Setup) -> Expected {
         host += node.delivered + node.shared;
         answered += node.answered;
         dropped += node.dropped;
+        forwarded += node.forwarded;
     }
     let f = frames.max(1) as f64;
     Expected {
         host: host as f64 / f,
         answered: answered as f64 / f,
         dropped: dropped as f64 / f,
+        forwarded: forwarded as f64 / f,
     }
 }
 
@@ -956,6 +1008,8 @@ struct Row {
     testpmd: [Option<Run>; 3],
     ok: bool,
     input: Input,
+    /// The engine's frames a TX queue did not take, per wire frame (median).
+    unsent: f64,
 }
 
 const MODES: [&str; 3] = ["io", "macswap", "5tswap"];
@@ -1025,6 +1079,7 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
     let mut warmup = Vec::new();
     let mut testpmd: Vec<Vec<Run>> = vec![Vec::new(); MODES.len()];
     let mut ok = true;
+    let mut unsent = Vec::new();
     for round in 1..=rounds {
         let input = generator();
         let r = engine_run(&setup);
@@ -1053,6 +1108,20 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
             exp.dropped * 100.0,
             r.tx_unsent,
         );
+        let forwarding = s.delivery.is_appliance().then(|| {
+            let f = &r.forwarding;
+            eprintln!(
+                "round {round}: to backends {:.2}% vs replay {:.2}% (after the warm-up, from \
+                 /metrics: {:.2}%), wire tx {}, replies {}, control frames {}",
+                f.to_backend as f64 / rx * 100.0,
+                exp.forwarded * 100.0,
+                r.steady_to_backend * 100.0,
+                f.wire_tx,
+                f.replies,
+                f.control_tx,
+            );
+            f.check(r.wire_rx, exp.forwarded, TOLERANCE_PCT)
+        });
         let off = |a: f64, b: f64| (a - b).abs() * 100.0 > TOLERANCE_PCT;
         if r.wire_rx == 0
             || off(host, exp.host)
@@ -1062,6 +1131,11 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
             eprintln!("round {round}: WRONG: the engine's shares differ from replay's");
             ok = false;
         }
+        if let Some(Some(why)) = forwarding {
+            eprintln!("round {round}: WRONG: forwarding: {why}");
+            ok = false;
+        }
+        unsent.push(r.tx_unsent as f64 / rx);
         engine.push(r.run);
         warmup.push(r.warmup);
         for (i, mode) in MODES.iter().enumerate() {
@@ -1106,6 +1180,7 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
         testpmd: [med(&testpmd[0]), med(&testpmd[1]), med(&testpmd[2])],
         ok,
         input: s.input,
+        unsent: median(unsent),
     }
 }
 
@@ -1118,15 +1193,26 @@ fn print_table(rows: &[Row], rounds: usize) {
             "?".into()
         }
     };
+    let field = |f: &str| cpuinfo(f).unwrap_or_else(|| "?".into());
     println!(
-        "\npipeline vs dpdk-testpmd: 60-byte frames looping from net_pcap0 (infinite_rx) to \
+        "\nCPU: {} (family {}, model {}, stepping {}; a VM may name it vaguely)",
+        field("model name"),
+        field("cpu family"),
+        field("model"),
+        field("stepping")
+    );
+    println!(
+        "pipeline vs dpdk-testpmd: 60-byte frames looping from net_pcap0 (infinite_rx) to \
          net_null1, {} s per run after a warm-up, median of {rounds} round(s); cycles/frame = \
          CPU time x {:.0} MHz / frames; ratios = engine / testpmd frames per CPU second \
          (wall-clock ratios in brackets); warm = the engine's cycles/frame in its warm-up (the \
          first pass over the files, at least 1 s: every flow new in its first frame). Rows \
          marked memif: the wire port is a memif ring a generator on the other CPU fills (testpmd \
          forwarding the same files, TX retry), and cycles and ratios count the busy time of \
-         each forwarder's core (polls that received frames) instead of its CPU time",
+         each forwarder's core (polls that received frames) instead of its CPU time. Rows \
+         marked dsr, gue or ipip: the engine is an appliance and forwards owned flows to \
+         backends out of the wire port, and testpmd loops the wire port onto itself \
+         (--port-topology=loop) likewise",
         secs(),
         hz / 1e6
     );
@@ -1182,8 +1268,12 @@ fn print_table(rows: &[Row], rounds: usize) {
     }
     for r in rows {
         println!(
-            "  {}: packet pool {} MiB ({} B per mbuf)",
-            r.label, r.pool_mib, r.mbuf_bytes
+            "  {}: packet pool {} MiB ({} B per mbuf), engine TX unsent {:.3}% of its wire \
+             frames",
+            r.label,
+            r.pool_mib,
+            r.mbuf_bytes,
+            r.unsent * 100.0
         );
     }
 }
