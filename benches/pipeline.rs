@@ -657,6 +657,8 @@ struct Expected {
     dropped: f64,
     /// To a backend (appliance rows).
     forwarded: f64,
+    /// Backend choices (flows new to the flow table) per frame to a backend, over both passes.
+    choices: f64,
 }
 
 /// Replays each queue's file twice (as the engine sees it loop) through one simulated node 1
@@ -671,6 +673,7 @@ fn expected(setup: &Setup) -> Expected {
     );
     let sizes = TableSizes::from_config(&loaded.config);
     let (mut frames, mut host, mut answered, mut dropped, mut forwarded) = (0u64, 0, 0, 0, 0);
+    let mut choices = 0u64;
     for queue in 0..s.cores {
         let pass = || traffic(s).filter(move |(q, _)| *q == queue).map(|(_, f)| f);
         let twice = pass()
@@ -684,6 +687,7 @@ fn expected(setup: &Setup) -> Expected {
         answered += node.answered;
         dropped += node.dropped;
         forwarded += node.forwarded;
+        choices += report.backends.iter().map(|b| b.new_flows).sum::<u64>();
     }
     let f = frames.max(1) as f64;
     Expected {
@@ -691,6 +695,7 @@ fn expected(setup: &Setup) -> Expected {
         answered: answered as f64 / f,
         dropped: dropped as f64 / f,
         forwarded: forwarded as f64 / f,
+        choices: choices as f64 / forwarded.max(1) as f64,
     }
 }
 
@@ -817,6 +822,14 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
         setup.eal_memory.join(" ")
     );
     let exp = expected(&setup);
+    if s.delivery.is_appliance() {
+        eprintln!(
+            "replay (two passes over the files): {:.2}% of frames to backends, {:.3} backend \
+             choices (new flows) per frame to a backend",
+            exp.forwarded * 100.0,
+            exp.choices
+        );
+    }
     let testpmd_modes = std::env::var("CC_BENCH_TESTPMD").unwrap_or_else(|_| MODES.join(","));
     if s.input == Input::Memif {
         eprintln!(
@@ -1023,7 +1036,7 @@ fn main() {
         .collect();
     if !wrong.is_empty() {
         eprintln!(
-            "FAIL: the engine's delivered/answered/dropped shares differ from replay's by more \
+            "FAIL: the engine's delivered/answered/dropped/forwarded shares differ from replay's by more \
              than {TOLERANCE_PCT} point(s) in: {wrong:?}"
         );
         std::process::exit(1);
