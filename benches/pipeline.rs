@@ -25,11 +25,18 @@
 //!    rate / testpmd rate per CPU second (= testpmd cycles / engine cycles); on a shared
 //!    machine they are far steadier than wall-clock ratios.
 //! 4. Correctness gate: the shares of wire frames the engine delivered to the host, answered
-//!    on the wire and dropped must match what [`clonecluster::replay::replay_with`] computes for
-//!    the same files, ownership and table sizes (within 1 percentage point), or the bench exits
-//!    non-zero.
-//! 5. Memory: the flow table's footprint per core at 1 thousand to 10 million flows, and the
-//!    packet pool the run needed.
+//!    on the wire, dropped and (appliance rows) forwarded to a backend must match what
+//!    [`clonecluster::replay::replay_with`] computes for the same files, ownership, services and
+//!    table sizes (within 1 percentage point), and every frame offered to the wire port must
+//!    be sent or counted unsent, or the bench exits non-zero.
+//! 5. Memory: the flow table's footprint per core at 1 thousand to 10 million flows, the
+//!    appliance's per-flow and per-service memory, and the packet pool the run needed. The
+//!    table's header names the CPU model.
+//!
+//! Appliance rows (`delivery=dsr|gue|ipip`, [`appliance`]): the engine gets `node.ip` and a TCP
+//! and a UDP service on the cluster addresses, all ports, 8 backends each with static MACs;
+//! owned flow frames go to their backend out of the wire port (rewritten, or encapsulated in
+//! the mbuf's headroom), and testpmd loops the wire port onto itself to pay the same TX.
 //!
 //! `net_pcap` in `infinite_rx` mode keeps each file in mbufs and copies every frame into a fresh
 //! mbuf on receive (both programs pay that copy; at 100 thousand flows and more the file's mbufs
@@ -52,8 +59,10 @@
 //! buckets moving) [0], `CC_BENCH_CORES` (1 or 2) [1], `CC_BENCH_CAPACITY` (flow-table capacity
 //! per core) [flows per core, at least 262144], `CC_BENCH_FPF` (frames per flow, 1 or 3) [3, or
 //! 1 above a million flows], `CC_BENCH_SCENARIOS` (several rows: `;`-separated lists of
-//! `flows=,ipv6=,nodes=,handoff=,cores=,capacity=,fpf=,lanes=,huge=,input=` overriding the
-//! above, e.g. `flows=1000;flows=10000000;nodes=4,handoff=10`), `CC_BENCH_LANES` (the engine's
+//! `flows=,ipv6=,nodes=,handoff=,cores=,capacity=,fpf=,lanes=,huge=,input=,delivery=`
+//! overriding the above, e.g. `flows=1000;flows=10000000;nodes=4,handoff=10;delivery=gue`),
+//! `CC_BENCH_DELIVERY` (`local`: server mode, owned frames to the host port; `dsr`, `gue` or
+//! `ipip`: appliance mode) [local], `CC_BENCH_LANES` (the engine's
 //! `dataplane.hash_lanes`: auto, scalar, avx2, avx512) [auto], `CC_BENCH_SECS` (per run) [3],
 //! `CC_BENCH_ROUNDS` [3], `CC_BENCH_CORE` (the forwarding core with one core) [1],
 //! `CC_BENCH_TESTPMD` (the testpmd modes to run, e.g. `5tswap`, or none for engine A/B runs)
@@ -72,307 +81,19 @@ use std::time::{Duration, Instant};
 
 use clonecluster::cluster::flow_table::SLOT_BYTES;
 use clonecluster::cluster::{FlowTable, NodeId, BUCKETS};
-use clonecluster::config::Config;
+use clonecluster::config::{Config, Delivery};
 use clonecluster::pipeline::{learned_capacity, TableSizes};
-use clonecluster::testkit::build::{
-    arp_request, icmp_echo, ipv4, ipv6, tcp, udp, udp_fragments, PSH_ACK, SYN,
-};
 
+mod appliance;
 mod common;
+mod scenario;
 
 use common::{core, eal_memory, env_or, median, secs, use_hugepages};
+use scenario::{traffic, write_pcaps, Input, Scenario};
 
 const ENGINE: &str = env!("CARGO_BIN_EXE_clonecluster");
 /// Allowed difference between the engine's and replay's shares, in percentage points.
 const TOLERANCE_PCT: f64 = 1.0;
-/// Buffer bytes per mbuf (headroom included) for both programs: minimum-size frames fit.
-const MBUF_SIZE: u32 = 384;
-/// The same for a capture given with `CC_BENCH_PCAP` (frames up to 2048 bytes).
-const MBUF_SIZE_PCAP: u32 = 2048 + 128;
-/// Bytes an mbuf takes in the pool besides its buffer (rte_mbuf header, mempool header).
-const MBUF_OVERHEAD: u64 = 128 + 64;
-
-// ---- traffic ------------------------------------------------------------------------------
-
-/// One scenario: a row of the table.
-#[derive(Debug, Clone)]
-struct Scenario {
-    flows: u32,
-    ipv6_pct: u32,
-    nodes: u8,
-    handoff_pct: u8,
-    cores: usize,
-    /// Flow-table capacity per core.
-    capacity: u32,
-    /// Frames per flow: 3 (TCP: SYN and two data segments) or 1 (one data segment).
-    fpf: u32,
-    /// A capture to send instead of the generated mix (`CC_BENCH_PCAP`).
-    pcap: Option<PathBuf>,
-    /// `dataplane.hash_lanes` of the engine: auto, scalar, avx2 or avx512.
-    lanes: String,
-    /// Use hugepages when present (`huge=0` / `CC_BENCH_HUGE=0`: `--no-huge` regardless).
-    huge: bool,
-    /// Where the forwarder's wire frames come from.
-    input: Input,
-}
-
-/// The wire port's input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Input {
-    /// `net_pcap` with `infinite_rx`: the forwarder's own core copies each frame out of the
-    /// file's mbufs (cold at 100 thousand flows and more).
-    Pcap,
-    /// `net_memif` (client) fed by a generator on the other CPU: testpmd forwarding the same
-    /// files into the memif server with TX retry. The forwarder copies each frame out of a ring
-    /// the generator just wrote, as a NIC's DMA leaves frames in the cache.
-    Memif,
-}
-
-impl Input {
-    fn parse(v: &str) -> Input {
-        match v {
-            "pcap" => Input::Pcap,
-            "memif" => Input::Memif,
-            _ => panic!("input: `{v}` is not pcap or memif"),
-        }
-    }
-}
-
-impl Scenario {
-    fn from_env() -> Scenario {
-        let mut s = Scenario {
-            flows: env_or("CC_BENCH_FLOWS", 1000),
-            ipv6_pct: env_or("CC_BENCH_IPV6", 10),
-            nodes: env_or("CC_BENCH_NODES", 1),
-            handoff_pct: env_or("CC_BENCH_HANDOFF", 0),
-            cores: env_or("CC_BENCH_CORES", 1),
-            capacity: 0,
-            fpf: 0,
-            pcap: std::env::var_os("CC_BENCH_PCAP").map(PathBuf::from),
-            lanes: std::env::var("CC_BENCH_LANES").unwrap_or_else(|_| "auto".into()),
-            huge: env_or("CC_BENCH_HUGE", 1) != 0,
-            input: Input::parse(&std::env::var("CC_BENCH_INPUT").unwrap_or_else(|_| "pcap".into())),
-        };
-        s.capacity = env_or("CC_BENCH_CAPACITY", 0);
-        s.fpf = env_or("CC_BENCH_FPF", 0);
-        s
-    }
-
-    /// Fills in the defaults that depend on other fields.
-    fn resolved(mut self) -> Scenario {
-        self.cores = self.cores.clamp(1, 2);
-        if self.fpf == 0 {
-            self.fpf = if self.flows > 1_000_000 { 1 } else { 3 };
-        }
-        self.fpf = if self.fpf >= 3 { 3 } else { 1 };
-        if self.capacity == 0 {
-            let per_core = self.flows.div_ceil(self.cores as u32);
-            self.capacity = per_core.max(1 << 18);
-        }
-        self.capacity = self.capacity.clamp(1024, 1 << 26);
-        assert!(
-            self.input == Input::Pcap || self.cores == 1,
-            "input=memif needs the second CPU for its generator: only with cores=1"
-        );
-        self
-    }
-
-    fn apply(&mut self, spec: &str) {
-        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .unwrap_or_else(|| panic!("CC_BENCH_SCENARIOS: `{part}` is not key=value"));
-            if k == "lanes" {
-                self.lanes = v.to_string();
-                continue;
-            }
-            if k == "input" {
-                self.input = Input::parse(v);
-                continue;
-            }
-            let n: u64 = v
-                .parse()
-                .unwrap_or_else(|_| panic!("CC_BENCH_SCENARIOS: `{part}`: not a number"));
-            match k {
-                "flows" => self.flows = n as u32,
-                "ipv6" => self.ipv6_pct = n as u32,
-                "nodes" => self.nodes = n as u8,
-                "handoff" => self.handoff_pct = n as u8,
-                "cores" => self.cores = n as usize,
-                "capacity" => self.capacity = n as u32,
-                "fpf" => self.fpf = n as u32,
-                "huge" => self.huge = n != 0,
-                _ => panic!("CC_BENCH_SCENARIOS: unknown key `{k}`"),
-            }
-        }
-    }
-
-    fn label(&self) -> String {
-        let flows = match self.flows {
-            f if f >= 1_000_000 && f % 1_000_000 == 0 => format!("{}M", f / 1_000_000),
-            f if f >= 1000 && f % 1000 == 0 => format!("{}k", f / 1000),
-            f => f.to_string(),
-        };
-        let mut l = match &self.pcap {
-            Some(p) => format!(
-                "pcap {}",
-                p.file_name().unwrap_or_default().to_string_lossy()
-            ),
-            None => format!("{flows} flows"),
-        };
-        if self.nodes > 1 {
-            l += &format!(" N={}", self.nodes);
-        }
-        if self.handoff_pct > 0 {
-            l += &format!(" ho={}%", self.handoff_pct);
-        }
-        if self.cores > 1 {
-            l += &format!(" {}c", self.cores);
-        }
-        if self.ipv6_pct != 10 {
-            l += &format!(" v6={}%", self.ipv6_pct);
-        }
-        let default_capacity = self.flows.div_ceil(self.cores as u32).max(1 << 18);
-        if self.capacity != default_capacity {
-            l += &format!(" cap={}", self.capacity);
-        }
-        if self.input == Input::Memif {
-            l += " memif";
-        }
-        if self.lanes != "auto" {
-            l += &format!(" {}", self.lanes);
-        }
-        l
-    }
-
-    /// Buffer bytes per mbuf.
-    fn mbuf_size(&self) -> u32 {
-        if self.pcap.is_some() {
-            MBUF_SIZE_PCAP
-        } else {
-            MBUF_SIZE
-        }
-    }
-
-    /// Bytes one mbuf takes in the pool.
-    fn mbuf_footprint(&self) -> u64 {
-        u64::from(self.mbuf_size()) + MBUF_OVERHEAD
-    }
-}
-
-/// Frame `round` (0..3) of flow `i`: TCP SYN then data, or UDP; with one frame per flow, the
-/// data segment.
-fn flow_frame(i: u32, round: u32, ipv6_pct: u32) -> Vec<u8> {
-    let client = i % 65536;
-    let sport = 1024 + ((i / 65536) % 64000) as u16 + (i % 7) as u16 * 1000;
-    let mac = [0x02, 0xc1, 0, (client >> 8) as u8, client as u8, 0];
-    let v4 = [198, 19, (client >> 8) as u8, client as u8];
-    let mut v6 = [0u8; 16];
-    v6[..8].copy_from_slice(&[0x20, 0x01, 0, 2, 0, 1, 0, 0]);
-    v6[12..].copy_from_slice(&i.to_be_bytes());
-    let is_v6 = (i.wrapping_mul(2654435761) % 100) < ipv6_pct;
-    let is_tcp = i % 10 < 7;
-    let (mut l4, proto, csum_at) = if is_tcp {
-        let (flags, payload): (u8, &[u8]) = if round == 0 {
-            (SYN, b"")
-        } else {
-            (PSH_ACK, b"GET / HTTP/1.1\r\n")
-        };
-        let seq = 1000 + round * 16;
-        (tcp(sport, seq, 5000, flags, payload), 6, 16)
-    } else {
-        (udp(sport, b"query-0123456789"), 17, 6)
-    };
-    let mut f = if is_v6 {
-        ipv6(mac, v6, proto, &mut l4, csum_at)
-    } else {
-        ipv4(mac, v4, proto, &mut l4, Some(csum_at))
-    };
-    f.resize(f.len().max(60), 0);
-    f
-}
-
-/// The frames of the scenario, in file order, each with its queue (packet core): the frames of
-/// `CC_BENCH_PCAP` dealt round-robin, or the generated flow mix.
-fn traffic(s: &Scenario) -> Box<dyn Iterator<Item = (usize, Vec<u8>)> + '_> {
-    match &s.pcap {
-        Some(path) => Box::new(capture(path, s.cores)),
-        None => Box::new(flow_mix(s)),
-    }
-}
-
-/// The frames of a capture, frame `n` to queue `n mod cores`.
-fn capture(path: &Path, cores: usize) -> impl Iterator<Item = (usize, Vec<u8>)> {
-    let file = std::fs::File::open(path)
-        .unwrap_or_else(|e| panic!("CC_BENCH_PCAP {}: {e}", path.display()));
-    let mut reader = pcap_file::pcap::PcapReader::new(std::io::BufReader::new(file))
-        .unwrap_or_else(|e| panic!("CC_BENCH_PCAP {}: not a pcap file: {e}", path.display()));
-    let mut frames = Vec::new();
-    while let Some(packet) = reader.next_packet() {
-        let packet = packet.unwrap_or_else(|e| panic!("CC_BENCH_PCAP {}: {e}", path.display()));
-        frames.push(packet.data.into_owned());
-    }
-    frames
-        .into_iter()
-        .enumerate()
-        .map(move |(n, f)| (n % cores, f))
-}
-
-/// The generated flow mix: flow frames, and after every 64th an ARP request, every 97th an
-/// ICMP echo request, every 128th the two fragments of a UDP datagram.
-fn flow_mix(s: &Scenario) -> impl Iterator<Item = (usize, Vec<u8>)> + '_ {
-    let rounds: &'static [u32] = if s.fpf == 1 { &[1] } else { &[0, 1, 2] };
-    rounds.iter().enumerate().flat_map(move |(r, &round)| {
-        (0..s.flows).flat_map(move |i| {
-            let queue = i as usize % s.cores;
-            let mut out = Vec::with_capacity(3);
-            out.push((queue, flow_frame(i, round, s.ipv6_pct)));
-            // Flow frames so far.
-            let n = (r as u32).wrapping_mul(s.flows).wrapping_add(i + 1);
-            let client = i % 65536;
-            let mac = [0x02, 0xc1, 0, (client >> 8) as u8, client as u8, 0];
-            let v4 = [198, 19, (client >> 8) as u8, client as u8];
-            if n.is_multiple_of(64) {
-                out.push((queue, arp_request(mac, v4)));
-            }
-            if n.is_multiple_of(97) {
-                let mut f = icmp_echo(mac, v4, n as u16);
-                f.resize(f.len().max(60), 0);
-                out.push((queue, f));
-            }
-            if n.is_multiple_of(128) {
-                let sport = 40_000 + (n / 128 % 20_000) as u16;
-                for f in udp_fragments(mac, v4, sport, n as u16) {
-                    out.push((queue, f));
-                }
-            }
-            out
-        })
-    })
-}
-
-/// Writes one pcap per queue; returns the frame count of each.
-fn write_pcaps(paths: &[PathBuf], frames: impl Iterator<Item = (usize, Vec<u8>)>) -> Vec<u64> {
-    use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
-    let mut writers: Vec<_> = paths
-        .iter()
-        .map(|p| {
-            let file =
-                std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(p).unwrap());
-            PcapWriter::with_header(file, PcapHeader::default()).unwrap()
-        })
-        .collect();
-    let mut counts = vec![0u64; paths.len()];
-    for (queue, f) in frames {
-        let ts = Duration::from_micros(counts[queue]);
-        writers[queue]
-            .write_packet(&PcapPacket::new(ts, f.len() as u32, &f))
-            .unwrap();
-        counts[queue] += 1;
-    }
-    counts
-}
-
 // ---- programs -------------------------------------------------------------------------------
 
 struct Setup {
@@ -434,7 +155,7 @@ impl Setup {
 node:
   id: 1
   mac: 02:00:00:00:00:01
-dataplane:
+{node_ip}dataplane:
   eal_args: [{mem}, --log-level=lib.eal:warning]
   file_prefix: cc-bench-pipeline-{pid}
   wire_port: {{ vdev: "{wire}" }}
@@ -447,7 +168,7 @@ dataplane:
   hash_lanes: {lanes}
 control:
   metrics: 127.0.0.1:{metrics}
-"#,
+{services}"#,
                 mem = self
                     .eal_memory
                     .iter()
@@ -462,6 +183,8 @@ control:
                 lanes = self.scenario.lanes,
                 mbuf_size = self.scenario.mbuf_size(),
                 metrics = self.metrics_port,
+                node_ip = appliance::node_lines(self.scenario.delivery),
+                services = appliance::services_section(self.scenario.delivery),
             ),
         )
         .unwrap();
@@ -621,11 +344,16 @@ struct EngineRun {
     replies: u64,
     dropped: u64,
     tx_unsent: u64,
+    /// Frames to backends and wire TX (appliance rows).
+    forwarding: appliance::Forwarding,
+    /// Frames to backends per wire frame after the warm-up (the per-core
+    /// `backend_frames_total` of `/metrics`, summed).
+    steady_to_backend: f64,
 }
 
-/// The engine's received wire frames and busy nanoseconds so far (all cores), from its
-/// `/metrics`.
-fn scrape(port: u16) -> Option<(u64, u64)> {
+/// The engine's received wire frames, busy nanoseconds and frames sent to backends so far (all
+/// cores), from its `/metrics`.
+fn scrape(port: u16) -> Option<(u64, u64, u64)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -644,6 +372,7 @@ fn scrape(port: u16) -> Option<(u64, u64)> {
     Some((
         sum("clonecluster_wire_rx_frames_total")?,
         sum("clonecluster_core_busy_ns_total")?,
+        sum("clonecluster_backend_frames_total")?,
     ))
 }
 
@@ -654,16 +383,18 @@ struct Reading {
     cpu: f64,
     rx: u64,
     busy_ns: u64,
+    to_backend: u64,
 }
 
 impl Reading {
     fn take(pid: u32, port: u16) -> Option<Reading> {
-        let (rx, busy_ns) = scrape(port)?;
+        let (rx, busy_ns, to_backend) = scrape(port)?;
         Some(Reading {
             at: Instant::now(),
             cpu: cpu_secs(pid)?,
             rx,
             busy_ns,
+            to_backend,
         })
     }
 
@@ -774,6 +505,15 @@ fn engine_run(setup: &Setup) -> EngineRun {
         replies: get("replies"),
         dropped,
         tx_unsent: get("tx_unsent"),
+        forwarding: appliance::Forwarding {
+            to_backend: get("to_backend"),
+            wire_tx: get("wire_tx"),
+            replies: get("replies"),
+            control_tx: get("control_tx"),
+            tx_unsent: get("tx_unsent"),
+        },
+        steady_to_backend: end.to_backend.saturating_sub(warm.to_backend) as f64
+            / end.rx.saturating_sub(warm.rx).max(1) as f64,
     }
 }
 
@@ -804,6 +544,7 @@ fn testpmd_run(setup: &Setup, mode: &str) -> Option<Run> {
         format!("--txq={queues}"),
         format!("--forward-mode={mode}"),
     ])
+    .args(appliance::testpmd_args(setup.scenario.delivery))
     // Busy cycles: those of bursts that received frames, printed when it stops.
     .args((setup.scenario.input == Input::Memif).then_some("--record-core-cycles"))
     .stdin(Stdio::null())
@@ -872,17 +613,21 @@ fn testpmd_run(setup: &Setup, mode: &str) -> Option<Run> {
     })
 }
 
-fn cpu_hz() -> Option<f64> {
+/// The first value of a `/proc/cpuinfo` field.
+fn cpuinfo(field: &str) -> Option<String> {
     let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = text
+    let value = text
         .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
+        .find(|l| l.split(':').next().is_some_and(|k| k.trim() == field))?
+        .split_once(':')?
+        .1
         .trim()
-        .parse()
-        .ok()?;
-    Some(mhz * 1e6)
+        .to_owned();
+    Some(value)
+}
+
+fn cpu_hz() -> Option<f64> {
+    Some(cpuinfo("cpu MHz")?.parse::<f64>().ok()? * 1e6)
 }
 
 fn memory_report() {
@@ -902,6 +647,7 @@ fn memory_report() {
             (bytes + learned_bytes) as f64 / (1 << 20) as f64,
         );
     }
+    appliance::memory_note();
 }
 
 /// What the engine must do with the scenario's frames.
@@ -909,6 +655,10 @@ struct Expected {
     host: f64,
     answered: f64,
     dropped: f64,
+    /// To a backend (appliance rows).
+    forwarded: f64,
+    /// Backend choices (flows new to the flow table) per frame to a backend, over both passes.
+    choices: f64,
 }
 
 /// Replays each queue's file twice (as the engine sees it loop) through one simulated node 1
@@ -922,7 +672,8 @@ fn expected(setup: &Setup) -> Expected {
             .expect("assumed ownership"),
     );
     let sizes = TableSizes::from_config(&loaded.config);
-    let (mut frames, mut host, mut answered, mut dropped) = (0u64, 0u64, 0u64, 0u64);
+    let (mut frames, mut host, mut answered, mut dropped, mut forwarded) = (0u64, 0, 0, 0, 0);
+    let mut choices = 0u64;
     for queue in 0..s.cores {
         let pass = || traffic(s).filter(move |(q, _)| *q == queue).map(|(_, f)| f);
         let twice = pass()
@@ -935,12 +686,16 @@ fn expected(setup: &Setup) -> Expected {
         host += node.delivered + node.shared;
         answered += node.answered;
         dropped += node.dropped;
+        forwarded += node.forwarded;
+        choices += report.backends.iter().map(|b| b.new_flows).sum::<u64>();
     }
     let f = frames.max(1) as f64;
     Expected {
         host: host as f64 / f,
         answered: answered as f64 / f,
         dropped: dropped as f64 / f,
+        forwarded: forwarded as f64 / f,
+        choices: choices as f64 / forwarded.max(1) as f64,
     }
 }
 
@@ -956,6 +711,65 @@ struct Row {
     testpmd: [Option<Run>; 3],
     ok: bool,
     input: Input,
+    /// The engine's frames a TX queue did not take, per wire frame (median).
+    unsent: f64,
+}
+
+/// Prints one engine run's figures and shares against replay's; whether they match.
+fn check_round(round: usize, r: &EngineRun, exp: &Expected, delivery: Delivery) -> bool {
+    let mut ok = true;
+    let rx = r.wire_rx.max(1) as f64;
+    let (host, answered, dropped) = (
+        r.host_tx as f64 / rx,
+        r.replies as f64 / rx,
+        r.dropped as f64 / rx,
+    );
+    eprintln!(
+        "round {round}: clonecluster {:.2} Mpps, {:.2} M frames per CPU second, {:.2} M per \
+         busy second (warm-up, every flow new at first: {:.2} M per CPU second; wire_rx {}, \
+         to host {:.2}% vs replay {:.2}%, answered {:.2}% vs {:.2}%, dropped {:.2}% vs \
+         {:.2}%, tx unsent {})",
+        r.run.rate / 1e6,
+        r.run.cpu_rate / 1e6,
+        r.run.busy_rate.unwrap_or(0.0) / 1e6,
+        r.warmup.cpu_rate / 1e6,
+        r.wire_rx,
+        host * 100.0,
+        exp.host * 100.0,
+        answered * 100.0,
+        exp.answered * 100.0,
+        dropped * 100.0,
+        exp.dropped * 100.0,
+        r.tx_unsent,
+    );
+    let forwarding = delivery.is_appliance().then(|| {
+        let f = &r.forwarding;
+        eprintln!(
+            "round {round}: to backends {:.2}% vs replay {:.2}% (after the warm-up, from \
+             /metrics: {:.2}%), wire tx {}, replies {}, control frames {}",
+            f.to_backend as f64 / rx * 100.0,
+            exp.forwarded * 100.0,
+            r.steady_to_backend * 100.0,
+            f.wire_tx,
+            f.replies,
+            f.control_tx,
+        );
+        f.check(r.wire_rx, exp.forwarded, TOLERANCE_PCT)
+    });
+    let off = |a: f64, b: f64| (a - b).abs() * 100.0 > TOLERANCE_PCT;
+    if r.wire_rx == 0
+        || off(host, exp.host)
+        || off(answered, exp.answered)
+        || off(dropped, exp.dropped)
+    {
+        eprintln!("round {round}: WRONG: the engine's shares differ from replay's");
+        ok = false;
+    }
+    if let Some(Some(why)) = forwarding {
+        eprintln!("round {round}: WRONG: forwarding: {why}");
+        ok = false;
+    }
+    ok
 }
 
 const MODES: [&str; 3] = ["io", "macswap", "5tswap"];
@@ -1008,6 +822,14 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
         setup.eal_memory.join(" ")
     );
     let exp = expected(&setup);
+    if s.delivery.is_appliance() {
+        eprintln!(
+            "replay (two passes over the files): {:.2}% of frames to backends, {:.3} backend \
+             choices (new flows) per frame to a backend",
+            exp.forwarded * 100.0,
+            exp.choices
+        );
+    }
     let testpmd_modes = std::env::var("CC_BENCH_TESTPMD").unwrap_or_else(|_| MODES.join(","));
     if s.input == Input::Memif {
         eprintln!(
@@ -1025,43 +847,13 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
     let mut warmup = Vec::new();
     let mut testpmd: Vec<Vec<Run>> = vec![Vec::new(); MODES.len()];
     let mut ok = true;
+    let mut unsent = Vec::new();
     for round in 1..=rounds {
         let input = generator();
         let r = engine_run(&setup);
         drop(input);
-        let rx = r.wire_rx.max(1) as f64;
-        let (host, answered, dropped) = (
-            r.host_tx as f64 / rx,
-            r.replies as f64 / rx,
-            r.dropped as f64 / rx,
-        );
-        eprintln!(
-            "round {round}: clonecluster {:.2} Mpps, {:.2} M frames per CPU second, {:.2} M per \
-             busy second (warm-up, every flow new at first: {:.2} M per CPU second; wire_rx {}, \
-             to host {:.2}% vs replay {:.2}%, answered {:.2}% vs {:.2}%, dropped {:.2}% vs \
-             {:.2}%, tx unsent {})",
-            r.run.rate / 1e6,
-            r.run.cpu_rate / 1e6,
-            r.run.busy_rate.unwrap_or(0.0) / 1e6,
-            r.warmup.cpu_rate / 1e6,
-            r.wire_rx,
-            host * 100.0,
-            exp.host * 100.0,
-            answered * 100.0,
-            exp.answered * 100.0,
-            dropped * 100.0,
-            exp.dropped * 100.0,
-            r.tx_unsent,
-        );
-        let off = |a: f64, b: f64| (a - b).abs() * 100.0 > TOLERANCE_PCT;
-        if r.wire_rx == 0
-            || off(host, exp.host)
-            || off(answered, exp.answered)
-            || off(dropped, exp.dropped)
-        {
-            eprintln!("round {round}: WRONG: the engine's shares differ from replay's");
-            ok = false;
-        }
+        ok &= check_round(round, &r, &exp, s.delivery);
+        unsent.push(r.tx_unsent as f64 / r.wire_rx.max(1) as f64);
         engine.push(r.run);
         warmup.push(r.warmup);
         for (i, mode) in MODES.iter().enumerate() {
@@ -1106,6 +898,7 @@ fn run_scenario(scenario: Scenario, dir: &Path, rounds: usize) -> Row {
         testpmd: [med(&testpmd[0]), med(&testpmd[1]), med(&testpmd[2])],
         ok,
         input: s.input,
+        unsent: median(unsent),
     }
 }
 
@@ -1118,15 +911,26 @@ fn print_table(rows: &[Row], rounds: usize) {
             "?".into()
         }
     };
+    let field = |f: &str| cpuinfo(f).unwrap_or_else(|| "?".into());
     println!(
-        "\npipeline vs dpdk-testpmd: 60-byte frames looping from net_pcap0 (infinite_rx) to \
+        "\nCPU: {} (family {}, model {}, stepping {}; a VM may name it vaguely)",
+        field("model name"),
+        field("cpu family"),
+        field("model"),
+        field("stepping")
+    );
+    println!(
+        "pipeline vs dpdk-testpmd: 60-byte frames looping from net_pcap0 (infinite_rx) to \
          net_null1, {} s per run after a warm-up, median of {rounds} round(s); cycles/frame = \
          CPU time x {:.0} MHz / frames; ratios = engine / testpmd frames per CPU second \
          (wall-clock ratios in brackets); warm = the engine's cycles/frame in its warm-up (the \
          first pass over the files, at least 1 s: every flow new in its first frame). Rows \
          marked memif: the wire port is a memif ring a generator on the other CPU fills (testpmd \
          forwarding the same files, TX retry), and cycles and ratios count the busy time of \
-         each forwarder's core (polls that received frames) instead of its CPU time",
+         each forwarder's core (polls that received frames) instead of its CPU time. Rows \
+         marked dsr, gue or ipip: the engine is an appliance and forwards owned flows to \
+         backends out of the wire port, and testpmd loops the wire port onto itself \
+         (--port-topology=loop) likewise",
         secs(),
         hz / 1e6
     );
@@ -1182,8 +986,12 @@ fn print_table(rows: &[Row], rounds: usize) {
     }
     for r in rows {
         println!(
-            "  {}: packet pool {} MiB ({} B per mbuf)",
-            r.label, r.pool_mib, r.mbuf_bytes
+            "  {}: packet pool {} MiB ({} B per mbuf), engine TX unsent {:.3}% of its wire \
+             frames",
+            r.label,
+            r.pool_mib,
+            r.mbuf_bytes,
+            r.unsent * 100.0
         );
     }
 }
@@ -1228,7 +1036,7 @@ fn main() {
         .collect();
     if !wrong.is_empty() {
         eprintln!(
-            "FAIL: the engine's delivered/answered/dropped shares differ from replay's by more \
+            "FAIL: the engine's delivered/answered/dropped/forwarded shares differ from replay's by more \
              than {TOLERANCE_PCT} point(s) in: {wrong:?}"
         );
         std::process::exit(1);
