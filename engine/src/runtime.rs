@@ -16,6 +16,7 @@ use anyhow::{anyhow, Context};
 use arc_swap::ArcSwap;
 use siphasher::sip::SipHasher13;
 
+use crate::appliance::health::{spawn_checker, LocalVerdicts, Report};
 use crate::appliance::neighbours::Neighbours;
 use crate::appliance::Services;
 use crate::cluster::{Bucket, NodeId};
@@ -46,6 +47,19 @@ pub(crate) fn config_digest(loaded: &Loaded) -> u64 {
     std::hash::Hasher::finish(&h)
 }
 
+/// What every node's services must agree on (appliance mode), hashed: the rules and their
+/// backends as configured; 0 without any backend (then no backend messages are sent).
+pub(crate) fn services_digest(loaded: &Loaded) -> u64 {
+    let c = &loaded.config;
+    if c.services.iter().all(|s| s.backends.is_empty()) {
+        return 0;
+    }
+    let canonical = serde_json::to_string(&c.services).unwrap_or_default();
+    let mut h = SipHasher13::new_with_keys(0x7365727669636573, 0x6261636b656e6473);
+    std::hash::Hasher::write(&mut h, canonical.as_bytes());
+    std::hash::Hasher::finish(&h).max(1)
+}
+
 /// The membership configuration a node's YAML describes.
 pub(crate) fn membership_config(loaded: &Loaded, incarnation: u64) -> control::Config {
     let c = &loaded.config;
@@ -58,6 +72,7 @@ pub(crate) fn membership_config(loaded: &Loaded, incarnation: u64) -> control::C
         config_digest(loaded),
     );
     m.weight = c.node.weight;
+    m.services_digest = services_digest(loaded);
     m.policy = match c.cluster.policy {
         ConfigPolicy::Hash => control::Policy::Hash,
         ConfigPolicy::Weighted => control::Policy::Weighted,
@@ -212,6 +227,7 @@ pub fn control_thread(
             node.set_cores_running(cores.running(&link, now, me), now_ns(), &mut out);
             node.handle_tick(now_ns(), &mut out);
             backends.tick(&link, now_ns());
+            node.set_backend_report(backends.report(node.drained_backends()));
             link.set_members(&node);
             let mut v = control_view(&node, me, now_ns());
             if let Some(h) = &health {
@@ -263,6 +279,8 @@ struct ControlIo {
     peers: Vec<SocketAddr>,
     operator: Option<OperatorSocket>,
     view: Arc<ArcSwap<ControlView>>,
+    /// Keys the backend tables of an agreed backend table's services.
+    secret: Vec<u8>,
 }
 
 impl ControlIo {
@@ -293,6 +311,7 @@ impl ControlIo {
         }
         let budget = cfg.control.interval.0 * cfg.control.dead_after;
         Ok(ControlIo {
+            secret: loaded.secret.clone(),
             adoption_patience: (budget / ADOPTION_SHARE_OF_BUDGET).max(Duration::from_millis(10)),
             socket,
             peers: cfg.control.peers.clone(),
@@ -356,6 +375,29 @@ impl ControlIo {
                 Output::Event(e) => {
                     timeline.record(unix_ms(), &e);
                     log_event(me, crate::logging::context().1, &e);
+                }
+                Output::Backends(table) => {
+                    let services = link.services().with_table(&self.secret, &table);
+                    let names = |ids: &std::collections::BTreeSet<u16>| {
+                        let v: Vec<String> = services
+                            .backends()
+                            .filter(|(_, b)| ids.contains(&b.id))
+                            .map(|(_, b)| b.name.clone())
+                            .collect();
+                        if v.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            v.join(", ")
+                        }
+                    };
+                    tracing::info!(
+                        node = me,
+                        backend_epoch = table.epoch,
+                        down = %names(&table.down),
+                        drained = %names(&table.drained),
+                        "agreed backend table applied"
+                    );
+                    link.publish_services(Arc::new(services));
                 }
             }
         }
@@ -629,6 +671,8 @@ impl Drop for OperatorSocket {
 /// the answers the cores copied, and publishes what it learns to the cores).
 struct BackendWatch {
     neighbours: Neighbours,
+    /// The backend checker's verdicts (None: no service checks its backends).
+    checks: Option<Arc<LocalVerdicts>>,
     secret: Vec<u8>,
     /// The services version last seen (a reload changes the backends to resolve).
     seen: u64,
@@ -637,10 +681,30 @@ struct BackendWatch {
 impl BackendWatch {
     fn new(loaded: &Loaded, link: &ControlLink) -> BackendWatch {
         let c = &loaded.config;
+        let checks = match spawn_checker(c, &link.services()) {
+            Ok(checks) => checks,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the backend checker: backends count as up");
+                None
+            }
+        };
         BackendWatch {
+            checks,
             neighbours: Neighbours::new(&link.services(), c.node.mac, c.node.ip, c.node.ip6),
             secret: loaded.secret.clone(),
             seen: link.services_version.load(Relaxed),
+        }
+    }
+
+    /// This node's backend report: its checker's verdicts (none down without checks) and its
+    /// operator's drained backends.
+    fn report(&self, drained: &std::collections::BTreeSet<u16>) -> Option<Report> {
+        match &self.checks {
+            Some(c) => c.report(drained),
+            None => Some(Report {
+                down: Default::default(),
+                drained: drained.clone(),
+            }),
         }
     }
 

@@ -118,11 +118,24 @@ impl Hysteresis {
 #[derive(Debug, Default)]
 pub struct LocalVerdicts {
     down: Mutex<BTreeSet<u16>>,
+    /// Every backend has been checked enough times (`rise` or `fall`) for its verdict to mean
+    /// something: before that, the node reports nothing.
+    settled: std::sync::atomic::AtomicBool,
 }
 
 impl LocalVerdicts {
     pub fn down(&self) -> BTreeSet<u16> {
         self.down.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// The node's report: its verdicts once settled (with `drained`), else `None`.
+    pub fn report(&self, drained: &BTreeSet<u16>) -> Option<Report> {
+        self.settled
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then(|| Report {
+                down: self.down(),
+                drained: drained.clone(),
+            })
     }
 }
 
@@ -183,7 +196,13 @@ pub fn spawn_checker(
     let verdicts = Arc::new(LocalVerdicts {
         // Down until they answer (see `Hysteresis::new`).
         down: Mutex::new(targets.iter().map(|(t, _, _)| t.id).collect()),
+        settled: Default::default(),
     });
+    let rounds_to_settle = targets
+        .iter()
+        .map(|(_, rise, fall)| (*rise).max(*fall))
+        .max()
+        .unwrap_or(1);
     let shared = Arc::clone(&verdicts);
     let interval = targets
         .iter()
@@ -197,6 +216,7 @@ pub fn spawn_checker(
                 .into_iter()
                 .map(|(t, rise, fall)| (t, Hysteresis::new(rise, fall)))
                 .collect();
+            let mut rounds = 0u32;
             loop {
                 let started = std::time::Instant::now();
                 for (t, h) in states.iter_mut() {
@@ -218,6 +238,12 @@ pub fn spawn_checker(
                             ),
                         }
                     }
+                }
+                rounds = rounds.saturating_add(1);
+                if rounds == rounds_to_settle {
+                    shared
+                        .settled
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 std::thread::sleep(interval.saturating_sub(started.elapsed()));
             }

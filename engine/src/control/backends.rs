@@ -21,7 +21,8 @@ use crate::cluster::NodeId;
 pub struct Backends {
     /// Digest of the sender's configured services and backends (0: none configured).
     pub digest: u64,
-    pub report: Report,
+    /// `None` while the sender's checks have not settled yet (it counts for nothing then).
+    pub report: Option<Report>,
     pub table: Option<BackendTable>,
 }
 
@@ -30,8 +31,9 @@ pub struct Backends {
 pub const MAX_IDS: usize = 64;
 
 impl Backends {
-    /// The body's bytes: digest u64, the report's down and drained lists, then 0, or 1 and the
-    /// table (epoch u64, down and drained lists). A list is a count u8 and that many ids u16.
+    /// The body's bytes: digest u64, then 0, or 1 and the report's down and drained lists, then
+    /// 0, or 1 and the table (epoch u64, down and drained lists). A list is a count u8 and that
+    /// many ids u16.
     pub fn encode(&self, b: &mut Vec<u8>) {
         fn list(b: &mut Vec<u8>, ids: &std::collections::BTreeSet<u16>) {
             // At most MAX_IDS (64): fits in u8.
@@ -41,8 +43,14 @@ impl Backends {
             }
         }
         b.extend_from_slice(&self.digest.to_be_bytes());
-        list(b, &self.report.down);
-        list(b, &self.report.drained);
+        match &self.report {
+            None => b.push(0),
+            Some(r) => {
+                b.push(1);
+                list(b, &r.down);
+                list(b, &r.drained);
+            }
+        }
         match &self.table {
             None => b.push(0),
             Some(t) => {
@@ -59,9 +67,13 @@ impl Backends {
     pub fn decode(bytes: &[u8]) -> Option<(Backends, usize)> {
         let mut r = Cursor { bytes, at: 0 };
         let digest = r.u64()?;
-        let report = Report {
-            down: r.list()?,
-            drained: r.list()?,
+        let report = match r.take(1)?[0] {
+            0 => None,
+            1 => Some(Report {
+                down: r.list()?,
+                drained: r.list()?,
+            }),
+            _ => return None,
         };
         let table = match r.take(1)?[0] {
             0 => None,
@@ -118,7 +130,7 @@ impl<'a> Cursor<'a> {
 #[derive(Debug, Clone, Default)]
 pub struct BackendAgreement {
     digest: u64,
-    own: Report,
+    own: Option<Report>,
     table: BackendTable,
     /// The last report of each peer with our digest, by node id.
     peers: BTreeMap<u8, Report>,
@@ -151,13 +163,14 @@ impl BackendAgreement {
         }
     }
 
-    /// What this node sees now (its checker's verdicts, its operator's drains).
-    pub fn set_own(&mut self, report: Report) {
+    /// What this node sees now (its checker's verdicts, its operator's drains); `None` while
+    /// its checks have not settled.
+    pub fn set_own(&mut self, report: Option<Report>) {
         self.own = report;
     }
 
-    pub fn own(&self) -> &Report {
-        &self.own
+    pub fn own(&self) -> Option<&Report> {
+        self.own.as_ref()
     }
 
     /// The table in force here.
@@ -185,7 +198,14 @@ impl BackendAgreement {
             return None;
         }
         self.mismatched &= !bit;
-        self.peers.insert(from.get(), msg.report.clone());
+        match &msg.report {
+            Some(r) => {
+                self.peers.insert(from.get(), r.clone());
+            }
+            None => {
+                self.peers.remove(&from.get());
+            }
+        }
         let table = msg.table.as_ref()?;
         self.max_epoch = self.max_epoch.max(table.epoch);
         if from_coordinator && *table != self.table {
@@ -209,7 +229,7 @@ impl BackendAgreement {
             .iter()
             .filter(|(id, _)| **id != me.get() && live & (1u64 << (**id - 1)) != 0)
             .map(|(_, r)| r)
-            .chain(std::iter::once(&self.own));
+            .chain(self.own.as_ref());
         let agreed = agree(reports)?;
         let mut next = self.table.next(&agreed)?;
         next.epoch = next.epoch.max(self.max_epoch + 1);
@@ -243,6 +263,13 @@ mod tests {
         }
     }
 
+    /// A node that checks and sees every backend up.
+    fn settled(digest: u64) -> BackendAgreement {
+        let mut a = BackendAgreement::new(digest);
+        a.set_own(Some(Report::default()));
+        a
+    }
+
     /// Three nodes exchange messages for a few rounds; node 1 coordinates.
     fn rounds(nodes: &mut [BackendAgreement], live: u64, k: usize) {
         for _ in 0..k {
@@ -266,9 +293,9 @@ mod tests {
 
     #[test]
     fn every_node_ends_on_the_coordinators_table() {
-        let mut nodes = vec![BackendAgreement::new(42); 3];
-        nodes[1].set_own(down(&[5]));
-        nodes[2].set_own(down(&[5, 6]));
+        let mut nodes = vec![settled(42); 3];
+        nodes[1].set_own(Some(down(&[5])));
+        nodes[2].set_own(Some(down(&[5, 6])));
         rounds(&mut nodes, 0b111, 3);
         for a in &nodes {
             assert_eq!(
@@ -279,7 +306,7 @@ mod tests {
             assert_eq!(a.table().epoch, nodes[0].table().epoch);
         }
         let before = nodes[0].table().epoch;
-        nodes[1].set_own(down(&[]));
+        nodes[1].set_own(Some(down(&[])));
         rounds(&mut nodes, 0b111, 3);
         assert!(nodes.iter().all(|a| a.table().down.is_empty()));
         assert!(nodes[2].table().epoch > before);
@@ -287,12 +314,8 @@ mod tests {
 
     #[test]
     fn dead_nodes_and_other_configurations_do_not_count() {
-        let mut nodes = vec![
-            BackendAgreement::new(42),
-            BackendAgreement::new(42),
-            BackendAgreement::new(43),
-        ];
-        nodes[2].set_own(down(&[5]));
+        let mut nodes = vec![settled(42), settled(42), settled(43)];
+        nodes[2].set_own(Some(down(&[5])));
         rounds(&mut nodes, 0b111, 3);
         assert!(
             nodes[0].table().down.is_empty(),
@@ -303,7 +326,7 @@ mod tests {
             nodes[2].table().down.is_empty(),
             "it applies no table of another digest"
         );
-        nodes[1].set_own(down(&[5]));
+        nodes[1].set_own(Some(down(&[5])));
         rounds(&mut nodes, 0b011, 2);
         assert_eq!(
             nodes[0].table().down,
@@ -322,10 +345,10 @@ mod tests {
     fn the_body_round_trips_and_refuses_garbage() {
         let m = Backends {
             digest: 0x0102_0304_0506_0708,
-            report: Report {
+            report: Some(Report {
                 down: [3, 4000].into_iter().collect(),
                 drained: [9].into_iter().collect(),
-            },
+            }),
             table: Some(BackendTable {
                 epoch: 12,
                 down: [3].into_iter().collect(),
@@ -339,9 +362,13 @@ mod tests {
             assert_eq!(Backends::decode(&b[..cut]), None, "cut at {cut}");
         }
         let mut bad = b.clone();
-        bad[8] = 200;
+        bad[9] = 200;
         assert_eq!(Backends::decode(&bad), None, "a list longer than MAX_IDS");
-        let no_table = Backends { table: None, ..m };
+        let no_table = Backends {
+            table: None,
+            report: None,
+            ..m
+        };
         let mut b = Vec::new();
         no_table.encode(&mut b);
         assert_eq!(Backends::decode(&b), Some((no_table, b.len())));
@@ -349,14 +376,14 @@ mod tests {
 
     #[test]
     fn a_new_coordinator_goes_on_from_the_highest_epoch() {
-        let mut nodes = vec![BackendAgreement::new(42); 2];
-        nodes[0].set_own(down(&[1]));
+        let mut nodes = vec![settled(42); 2];
+        nodes[0].set_own(Some(down(&[1])));
         rounds(&mut nodes, 0b11, 2);
         let epoch = nodes[1].table().epoch;
         assert!(epoch > 0);
         // Node 1 is gone; node 2 coordinates and sees backend 1 back.
         nodes[1].forget(n(1));
-        nodes[1].set_own(down(&[]));
+        nodes[1].set_own(Some(down(&[])));
         let t = nodes[1].coordinate(n(2), 0b10).unwrap();
         assert!(t.epoch > epoch && t.down.is_empty());
         assert_eq!(

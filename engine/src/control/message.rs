@@ -52,6 +52,7 @@ use std::fmt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use super::backends::Backends;
 use crate::cluster::{derive_key, Member, NodeId, Weight};
 
 /// The newest format version this code speaks.
@@ -75,6 +76,8 @@ pub const MAX_LEN: usize = HEADER_LEN + PLAN_FIXED + 128 * MEMBER_LEN + TAG_LEN;
 const KIND_HEARTBEAT: u8 = 1;
 const KIND_PLAN: u8 = 2;
 const KIND_REQUEST: u8 = 3;
+/// Appliance mode's backend reports and table (version 3 and later).
+const KIND_BACKENDS: u8 = 4;
 
 /// `releasing_left` value meaning "no flow report yet".
 pub const LEFT_UNKNOWN: u32 = u32::MAX;
@@ -305,6 +308,9 @@ pub enum Body {
     Plan(Plan),
     /// An operator's request, relayed by the node it was given to, for node `target`.
     Request(Request),
+    /// Appliance mode: the sender's backend report and, from the coordinator, the agreed
+    /// backend table (version 3 and later; see [`super::backends`]).
+    Backends(Backends),
 }
 
 /// An operator's request for another node (`clonecluster drain --node N`). Body layout: target
@@ -341,6 +347,7 @@ impl Message {
             Body::Heartbeat(_) => KIND_HEARTBEAT,
             Body::Plan(_) => KIND_PLAN,
             Body::Request(_) => KIND_REQUEST,
+            Body::Backends(_) => KIND_BACKENDS,
         });
         b.push(self.path.code());
         b.push(self.node.get());
@@ -376,6 +383,7 @@ impl Message {
                     b.extend_from_slice(&h.serving.unwrap_or(0).to_be_bytes());
                 }
             }
+            Body::Backends(x) => x.encode(&mut b),
             Body::Request(r) => {
                 b.push(r.target.get());
                 b.push(if r.drain { 1 } else { 2 });
@@ -495,6 +503,11 @@ pub fn decode(
                 _ => return Err(Refusal::Malformed),
             };
             Body::Request(Request { target, drain })
+        }
+        KIND_BACKENDS if version >= 3 => {
+            let (x, n) = Backends::decode(&signed[r.at..]).ok_or(Refusal::Malformed)?;
+            r.at += n;
+            Body::Backends(x)
         }
         _ => return Err(Refusal::Malformed),
     };

@@ -79,6 +79,9 @@ pub struct Node {
     /// When SIGTERM arrived (ns).
     terminating_since: Option<u64>,
     stopping: bool,
+    /// Backend ids this node's operator drained (`drain-backend`), reported to the
+    /// coordinator for the agreed backend table.
+    drained_backends: std::collections::BTreeSet<u16>,
 }
 
 impl Deref for Node {
@@ -98,6 +101,7 @@ impl Node {
             drained_by_health: false,
             terminating_since: None,
             stopping: false,
+            drained_backends: Default::default(),
         }
     }
 
@@ -146,6 +150,16 @@ impl Node {
     /// The data path's load (see [`Membership::set_load`]).
     pub fn set_load(&mut self, load: Load) {
         self.m.set_load(load);
+    }
+
+    /// This node's backend report (see [`Membership::set_backend_report`]).
+    pub fn set_backend_report(&mut self, report: Option<crate::appliance::health::Report>) {
+        self.m.set_backend_report(report);
+    }
+
+    /// Backend ids this node's operator drained.
+    pub fn drained_backends(&self) -> &std::collections::BTreeSet<u16> {
+        &self.drained_backends
     }
 
     /// The wire port's link (see [`Membership::set_wire_link`]).

@@ -79,6 +79,8 @@ struct SimNode {
     published: u64,
     /// Its control thread waits for its cores until then (no tick, no message handled).
     blocked_until: u64,
+    /// The agreed backend table it last applied (appliance mode).
+    backends: Option<crate::appliance::health::BackendTable>,
 }
 
 /// Packet cores per simulated node.
@@ -238,6 +240,7 @@ impl Sim {
             releasing_since: None,
             load: Box::new(|_, _| Load::default()),
             load_for: None,
+            backends: None,
         });
         self.push(first, Ev::Tick(i));
         self.dirty = true;
@@ -331,6 +334,11 @@ impl Sim {
                                 },
                             );
                         }
+                    }
+                }
+                Output::Backends(t) => {
+                    if let Some(node) = self.nodes[from].as_mut() {
+                        node.backends = Some(t);
                     }
                 }
                 Output::Publish(s) => {
@@ -1498,4 +1506,5 @@ fn without_acknowledgement_lagging_cores_take_the_same_flow() {
 }
 
 /// Liveness by the data path: every pair of (wire path, UDP path) states for a peer.
+mod backends;
 mod liveness;

@@ -143,6 +143,7 @@ use std::sync::Arc;
 use crate::cluster::{Bucket, Member, NodeId, OwnershipTable, Weight, BUCKETS};
 pub use crate::config::Policy;
 
+use super::backends::BackendAgreement;
 use super::message::{
     decode, Body, ControlKey, Heartbeat, Load, Message, Path, Phase, Plan, PlanId, Refusal,
     LEFT_UNKNOWN, PREVIOUS_VERSION, VERSION,
@@ -199,6 +200,9 @@ pub struct Config {
     /// The newest format version this node speaks ([`VERSION`]; tests set the previous one to
     /// play a node of the release before, which also refuses anything newer).
     pub newest_version: u8,
+    /// Digest of the configured services and backends (appliance mode; 0: none, and no
+    /// backend messages are sent).
+    pub services_digest: u64,
 }
 
 impl Config {
@@ -226,6 +230,7 @@ impl Config {
             config_digest,
             key: ControlKey::from_secret(cluster_secret),
             newest_version: VERSION,
+            services_digest: 0,
         }
     }
 
@@ -246,6 +251,8 @@ pub enum Output {
     Publish(Arc<Snapshot>),
     /// Something worth a log line.
     Event(Event),
+    /// Appliance mode: a new agreed backend table to apply to the services.
+    Backends(crate::appliance::health::BackendTable),
 }
 
 /// Log-worthy changes.
@@ -391,6 +398,8 @@ struct Coord {
 #[derive(Debug)]
 pub struct Membership {
     cfg: Config,
+    /// Appliance mode's agreed backend table ([`super::backends`]).
+    backends: BackendAgreement,
     seq: u64,
     started: Option<u64>,
     last_heartbeat: Option<u64>,
@@ -438,6 +447,7 @@ impl Membership {
     pub fn new(cfg: Config) -> Membership {
         Membership {
             weight: cfg.weight,
+            backends: BackendAgreement::new(cfg.services_digest),
             cfg,
             seq: 0,
             started: None,
@@ -520,6 +530,12 @@ impl Membership {
                 }
             }
             Body::Request(_) => {}
+            Body::Backends(b) => {
+                let from_coordinator = self.coordinator() == Some(msg.node);
+                if let Some(table) = self.backends.received(msg.node, &b, from_coordinator) {
+                    out.push(Output::Backends(table));
+                }
+            }
         }
         self.update_fence(now, out);
         self.refresh(now, out);
@@ -555,6 +571,7 @@ impl Membership {
                 p.alive = false;
                 let node = node_of(i);
                 out.push(Output::Event(Event::PeerDead { node }));
+                self.backends.forget(node);
             }
         }
         // After the deaths: a peer silent on both paths is dead, not a sign of a deaf wire.
@@ -569,6 +586,25 @@ impl Membership {
             if self.is_coordinator() {
                 self.send_plan(out);
             }
+            self.agree_on_backends(out);
+        }
+    }
+
+    /// Appliance mode, once per heartbeat: the coordinator moves the backend table on, and
+    /// every node sends its report (the coordinator its table too). Only in format version 3
+    /// and later: a node of the release before would refuse the message.
+    fn agree_on_backends(&mut self, out: &mut Vec<Output>) {
+        if !self.backends.active() || self.speaks() < 3 {
+            return;
+        }
+        let coordinator = self.is_coordinator();
+        if coordinator {
+            if let Some(table) = self.backends.coordinate(self.cfg.me, self.serving_bits()) {
+                out.push(Output::Backends(table));
+            }
+        }
+        if let Some(m) = self.backends.message(coordinator) {
+            self.send(Body::Backends(m), out);
         }
     }
 
@@ -737,6 +773,29 @@ impl Membership {
     /// Messages refused for `reason` on both paths.
     pub fn refused_total(&self, reason: Refusal) -> u64 {
         Path::ALL.iter().map(|&p| self.refused(p, reason)).sum()
+    }
+
+    /// The node that coordinates as this one sees it: the lowest serving member of the current
+    /// plan (or the lowest serving node without one).
+    pub fn coordinator(&self) -> Option<NodeId> {
+        let live = self.serving_bits();
+        let cands = match &self.cur {
+            Some(c) => members_bits(&c.plan) & live,
+            None => 0,
+        };
+        let cands = if cands == 0 { live } else { cands };
+        (cands != 0).then(|| node_of(cands.trailing_zeros() as usize))
+    }
+
+    /// What this node reports about the backends (its checker's verdicts and its operator's
+    /// drains; `None` while its checks have not settled).
+    pub fn set_backend_report(&mut self, report: Option<crate::appliance::health::Report>) {
+        self.backends.set_own(report);
+    }
+
+    /// The backend agreement (table in force, own report, peers whose services differ).
+    pub fn backends(&self) -> &BackendAgreement {
+        &self.backends
     }
 
     /// Whether this node creates and advances plans now.
