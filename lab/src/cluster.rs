@@ -283,7 +283,11 @@ impl Cluster {
 
     /// Drains (`drain`) or undrains node `id` through its own socket.
     pub fn drain(&self, id: u8, drain: bool) -> Result<(), String> {
-        let request = Request::Drain { node: None, drain };
+        let request = Request::Drain {
+            node: None,
+            drain,
+            deadline: None,
+        };
         operator::call(&self.socket(id), &request)
             .map(drop)
             .map_err(|e| format!("{request} node {id}: {e}"))

@@ -219,7 +219,8 @@ fn still_serving(packet: Packet, tables: &impl FlowLookup, otherwise: Take) -> V
     }
 }
 
-/// The new owner delivers nothing yet and records the old owner's flows. Only the learn
+/// The new owner delivers nothing yet but its own earlier flows, and records the old owner's
+/// flows. Only the learn
 /// phase's new flows are the old owner's: once it has released the bucket it takes no new
 /// flow, so a flow first seen then is nobody's yet (its SYN is retransmitted and taken after
 /// acquire). Known ones are kept fresh. An old owner whose service fails takes no new
@@ -232,6 +233,13 @@ fn learning(
     health: Health,
     tables: &impl FlowLookup,
 ) -> Verdict {
+    // A flow this node served before the bucket moved away, now moving back: still its own
+    // (DESIGN.md, "Long-lived flows"); the current owner has it learned and leaves it alone.
+    if let Some(state) = tables.own() {
+        if !(state == FlowState::Closing && packet.opens_connection()) {
+            return Verdict::DELIVER;
+        }
+    }
     let known = tables.learned().is_some();
     let refused = packet.opens_connection() && health.refuses(from);
     if known || (!release_gap && !refused) {

@@ -162,7 +162,7 @@ fn n(id: u8) -> NodeId {
 
 fn settings() -> Settings {
     Settings {
-        drain_deadline: 20 * SEC,
+        drain_deadline: Some(20 * SEC),
         health_port: Some(80),
         hasher: crate::cluster::BucketHasher::new(SECRET),
         affinity: crate::cluster::Affinity::None,
@@ -1262,6 +1262,7 @@ fn a_failing_service_drains_its_node_and_its_recovery_undrains_it() {
             &crate::control::operator::Request::Drain {
                 node: None,
                 drain: true,
+                deadline: None,
             },
             &Timeline::default(),
             now,

@@ -162,8 +162,9 @@ impl Pipeline {
         flags: TcpFlags,
         now: u64,
     ) -> Action {
+        let role = self.snapshot.role(bucket, self.id.node);
         let verdict = handoff::verdict(
-            self.snapshot.role(bucket, self.id.node),
+            role,
             self.snapshot.phase() == Phase::Release,
             handoff::Packet {
                 tcp: proto == TCP,
@@ -181,10 +182,21 @@ impl Pipeline {
             },
         );
         // The common case first, on its own: the rest is out of line.
-        if verdict == Verdict::DELIVER {
+        if verdict == Verdict::DELIVER
+            && (role.accepts_new_flows() || !self.snapshot.cuts(self.id.node))
+        {
             self.flows.upsert(hash, proto, bucket, flags, now);
             return Action::Deliver;
         }
+        let verdict = if verdict == Verdict::DELIVER {
+            // A drain past its deadline serves no flow of a bucket it released any more.
+            Verdict {
+                take: Take::NotOwned,
+                forget: Forget::Own,
+            }
+        } else {
+            verdict
+        };
         self.carry_out(verdict, bucket, hash, proto, flags, now)
     }
 

@@ -66,10 +66,33 @@ impl Membership {
     pub(super) fn refresh(&mut self, _now: u64, out: &mut Vec<Output>) {
         let Some(c) = &self.cur else { return };
         let dead = self.dead_members();
-        let key = (c.plan.id, c.plan.phase, dead, self.fenced);
+        let key = (
+            c.plan.id,
+            c.plan.phase,
+            dead,
+            self.fenced,
+            self.linger.generation,
+        );
         if self.snap_key == Some(key) {
             return;
         }
+        let (next_plan, next_phase) = (c.plan.id, c.plan.phase);
+        if self
+            .snap_key
+            .is_some_and(|k| (k.0, k.1) != (next_plan, next_phase))
+        {
+            // A plan whose buckets moved is over: what it left becomes obligations.
+            self.settle(next_plan, next_phase);
+        }
+        let Some(c) = &self.cur else { return };
+        let dead = self.dead_members();
+        let key = (
+            c.plan.id,
+            c.plan.phase,
+            dead,
+            self.fenced,
+            self.linger.generation,
+        );
         let old_dead = self
             .snap_key
             .filter(|k| k.0 == c.plan.id)
@@ -97,7 +120,7 @@ impl Membership {
             out.push(Output::Event(Event::TakeOver { dead }));
         }
         self.snap_key = Some(key);
-        let snap = snap.with_dead(dead);
+        let snap = self.obligations(snap.with_dead(dead));
         // Fenced: the same plan and tables, but this node owns nothing in them.
         let snap = if self.fenced {
             snap.without(self.cfg.me)
@@ -106,12 +129,7 @@ impl Membership {
         };
         self.snapshot = Arc::new(snap);
         out.push(Output::Publish(self.snapshot.clone()));
-        let owns_nothing =
-            phase == Phase::Done && !eff.members().iter().any(|m| m.id == self.cfg.me);
-        if self.draining && owns_nothing && !self.drained {
-            self.drained = true;
-            out.push(Output::Event(Event::Drained));
-        }
+        self.check_drained(out);
     }
 
     // ---------------------------------------------------------------- sending
@@ -152,6 +170,11 @@ impl Membership {
             _ if !releasing => 0,
             (Some((id, _)), Some((rid, left))) if id == rid => left,
             _ => LEFT_UNKNOWN,
+        };
+        // Buckets held from earlier plans count too (see `linger.rs`).
+        let left = match left {
+            LEFT_UNKNOWN => LEFT_UNKNOWN,
+            n => n.saturating_add(self.held_count()).min(LEFT_UNKNOWN - 1),
         };
         let hb = Heartbeat {
             node_mac: self.cfg.node_mac,
