@@ -70,7 +70,9 @@ impl std::str::FromStr for DrainDeadline {
 impl fmt::Display for DrainDeadline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DrainDeadline::After(d) => write!(f, "{}", humantime::format_duration(*d)),
+            // One word (the request line is split on spaces): whole seconds, else ms.
+            DrainDeadline::After(d) if d.subsec_nanos() == 0 => write!(f, "{}s", d.as_secs()),
+            DrainDeadline::After(d) => write!(f, "{}ms", d.as_millis()),
             DrainDeadline::Wait => f.write_str("none"),
         }
     }
@@ -546,6 +548,8 @@ mod tests {
             moving: 0,
             draining: false,
             drained: false,
+            drain_cut: false,
+            owed_buckets: 0,
             refusing: false,
             fenced: false,
             protocol_version: 2,
@@ -558,6 +562,8 @@ mod tests {
                 final_buckets: 65536,
                 active_flows: Some(3),
                 busy_permille: None,
+                held_buckets: None,
+                held_flows: None,
             }],
             outside: vec![],
             timeline: vec![],

@@ -68,8 +68,9 @@ struct SimNode {
     next_tick: u64,
     /// Partition side.
     side: u8,
-    /// When this node started releasing in the current plan (for the flow model).
-    releasing_since: Option<(PlanId, u64)>,
+    /// The flow model: per plan in which it released buckets, one flow in the first of them
+    /// that ends `flow_linger` after the release began (plan, bucket, end).
+    long_flows: Vec<(PlanId, Bucket, u64)>,
     load: LoadModel,
     /// The snapshot the load was last computed for.
     load_for: Option<Arc<Snapshot>>,
@@ -226,7 +227,7 @@ impl Sim {
             up: true,
             next_tick: first,
             side: 0,
-            releasing_since: None,
+            long_flows: Vec::new(),
             load: Box::new(|_, _| Load::default()),
             load_for: None,
         });
@@ -444,18 +445,16 @@ impl Sim {
                     if let Some(first) = snap.releasing(me).next() {
                         debug_assert!(snap.is_releasing(me));
                         let id = snap.plan().unwrap();
-                        let since = match node.releasing_since {
-                            Some((p, t)) if p == id => t,
-                            _ => {
-                                node.releasing_since = Some((id, now));
-                                now
-                            }
-                        };
-                        let flows: Vec<(Bucket, u32)> = if now - since < self.flow_linger {
-                            vec![(first, 1)]
-                        } else {
-                            Vec::new()
-                        };
+                        if !node.long_flows.iter().any(|f| f.0 == id) {
+                            node.long_flows.push((id, first, now + self.flow_linger));
+                        }
+                    }
+                    node.long_flows.retain(|f| f.2 > now);
+                    if snap.counts(me) {
+                        let flows: Vec<(Bucket, u32)> = snap
+                            .counted(me)
+                            .map(|b| (b, u32::from(node.long_flows.iter().any(|f| f.1 == b))))
+                            .collect();
                         node.m.report_flows(&flows, now, &mut out);
                     }
                     if let Some(v) = node.verdict {
@@ -1446,3 +1445,5 @@ fn without_acknowledgement_lagging_cores_take_the_same_flow() {
         join_drain_fail(&mut sim, 500 * MS);
     }
 }
+
+mod long_flows;

@@ -499,8 +499,9 @@ impl Membership {
     }
 
     /// Flow counts from the data path for the buckets this node releases or still holds
-    /// ([`Snapshot::counted`]); buckets not listed count as 0. Call it every tick or so while
-    /// there are any; the plan completes when every releasing node reports 0.
+    /// ([`Snapshot::counted`]): released buckets not listed count as 0, held ones not listed
+    /// keep their last count (list every counted bucket, zeros included). Call it every tick or
+    /// so while there are any; the plan completes when every releasing node reports 0.
     pub fn report_flows(&mut self, flows: &[(Bucket, u32)], now: u64, out: &mut Vec<Output>) {
         let releasing = self.take_counts(flows);
         let Some(id) = self.snapshot.plan() else {
