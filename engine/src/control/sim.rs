@@ -449,12 +449,11 @@ impl Sim {
                             node.long_flows.push((id, first, now + self.flow_linger));
                         }
                     }
-                    node.long_flows.retain(|f| f.2 > now);
                     if snap.counts(me) {
-                        let flows: Vec<(Bucket, u32)> = snap
-                            .counted(me)
-                            .map(|b| (b, u32::from(node.long_flows.iter().any(|f| f.1 == b))))
-                            .collect();
+                        let lives =
+                            |b: Bucket| node.long_flows.iter().any(|f| f.1 == b && f.2 > now);
+                        let flows: Vec<(Bucket, u32)> =
+                            snap.counted(me).map(|b| (b, u32::from(lives(b)))).collect();
                         node.m.report_flows(&flows, now, &mut out);
                     }
                     if let Some(v) = node.verdict {
