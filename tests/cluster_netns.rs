@@ -1365,3 +1365,146 @@ fn a_stalled_packet_core_fences_its_node_until_it_runs_again() {
     assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
     assert!(by_node.get(&2).copied().unwrap_or(0) > 0, "{by_node:?}");
 }
+
+/// Waits until no child of `downloads` runs any more.
+fn downloads_running(downloads: &mut [Child]) -> bool {
+    downloads
+        .iter_mut()
+        .any(|d| d.try_wait().ok().flatten().is_none())
+}
+
+/// The largest number of connections node `id` serves in buckets it handed over, seen on its
+/// status until `until` holds (polled).
+fn held_flows(status: &Status, id: u8) -> u64 {
+    status.node(id).and_then(|n| n.held_flows).unwrap_or(0)
+}
+
+/// Long downloads (1 MiB at 48 KiB/s: about 21 s, several release deadlines of 2 s) on node 1
+/// alone, then node 2 joins, then two weight changes: each plan completes at its deadline
+/// while downloads still run in the buckets it moved, the next plan proceeds, and every
+/// download completes. Then `drain --deadline none` of node 1 during new downloads: it is not
+/// drained while it still serves one of them, and is once they have ended.
+#[test]
+fn long_downloads_outlive_a_join_and_weight_changes_and_a_drain_waits_for_them() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ids = [1u8, 2];
+    let opts = EngineOptions {
+        policy: "weighted",
+        release_deadline: "2s",
+        ..EngineOptions::default()
+    };
+    let mut lab = Lab::with_options("l", &ids, opts);
+    lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    lab.kill_engine(2);
+    lab.converged(&[1], Duration::from_secs(30)).unwrap();
+
+    let downloads = lab.start_slow_downloads(8, "48k");
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    lab.start_node(2);
+    lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    // The join completed while node 1 still served downloads in buckets it handed over.
+    let s = lab.status(1).unwrap();
+    eprintln!(
+        "l: join done {:?} after node 2 started; node 1 still serves {} connections in {:?} \
+         handed-over buckets",
+        started.elapsed(),
+        held_flows(&s, 1),
+        s.node(1).and_then(|n| n.held_buckets)
+    );
+    assert!(held_flows(&s, 1) > 0, "{s:?}");
+    assert!(metric(&lab.metrics(1), "released_flows", &[]) > 0);
+
+    let cfg = lab.config(1);
+    let original = std::fs::read_to_string(&cfg).unwrap();
+    let epoch = s.epoch;
+    for (weight, share) in [(300, 0.75), (100, 0.5)] {
+        std::fs::write(
+            &cfg,
+            original.replace("  id: 1\n", &format!("  id: 1\n  weight: {weight}\n")),
+        )
+        .unwrap();
+        let out = run_cmd(&["reload", "--config", cfg.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+        let took = lab.wait_status(&ids, Duration::from_secs(30), "weight change", |all| {
+            settled(all)
+                && all.iter().all(|s| {
+                    let a = accepting(s, 1);
+                    s.epoch > epoch && (a as f64 / 65536.0 - share).abs() < 0.01
+                })
+        });
+        eprintln!("l: weight {weight} on node 1 settled in {took:?}");
+    }
+    let s = lab.status(1).unwrap();
+    assert!(
+        s.epoch >= epoch + 2,
+        "the weight changes made no plans: {s:?}"
+    );
+    check_downloads(&lab, downloads, "a join and two weight changes");
+
+    // A drain without a deadline waits for the last connection.
+    let mut downloads = lab.start_slow_downloads(6, "96k");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = run_cmd(&[
+        "drain",
+        "--deadline",
+        "none",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    lab.wait_status(&ids, Duration::from_secs(30), "drain of node 1", |all| {
+        settled(all) && all.iter().all(|s| accepting(s, 1) == 0)
+    });
+    let mut served_while_drained = 0;
+    while downloads_running(&mut downloads) {
+        let s = lab.status(1).unwrap();
+        if held_flows(&s, 1) > 0 {
+            served_while_drained += 1;
+            assert!(
+                !s.drained,
+                "node 1 said drained while it still served connections: {s:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        served_while_drained > 0,
+        "no download went through node 1: nothing was shown"
+    );
+    check_downloads(&lab, downloads, "a drain without a deadline");
+    let took = lab.wait_status(&[1], Duration::from_secs(10), "node 1 drained", |all| {
+        all[0].drained
+    });
+    eprintln!("l: node 1 drained {took:?} after the last download ended");
+}
+
+/// By-load steps while long downloads run on the old owner: node 2 joins a node 1 that holds
+/// every download, and the by-load policy moves buckets towards the idle node in steps, each a
+/// plan that completes at its 2 s release deadline; every download completes.
+#[test]
+fn long_downloads_outlive_by_load_steps() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ids = [1u8, 2];
+    let opts = EngineOptions {
+        policy: "by-load",
+        release_deadline: "2s",
+        ..EngineOptions::default()
+    };
+    let mut lab = Lab::with_options("b", &ids, opts);
+    lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    lab.kill_engine(2);
+    lab.converged(&[1], Duration::from_secs(30)).unwrap();
+    let downloads = lab.start_slow_downloads(8, "40k");
+    std::thread::sleep(Duration::from_secs(1));
+    lab.start_node(2);
+    lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    // Node 1 serves every download, node 2 nothing: a by-load step moves buckets to node 2.
+    let took = lab.wait_status(&ids, Duration::from_secs(20), "a by-load step", |all| {
+        settled(all) && all.iter().all(|s| accepting(s, 2) > 34_000)
+    });
+    eprintln!("l: a by-load step settled {took:?} after the join");
+    check_downloads(&lab, downloads, "a join and by-load steps");
+}
