@@ -265,6 +265,38 @@ impl Lab {
             .collect()
     }
 
+    /// Long downloads (1 MiB at `rate`), one from each client port, started now.
+    fn start_pinned_downloads(&self, ports: &[u16], rate: &str) -> Vec<Child> {
+        ports
+            .iter()
+            .map(|p| {
+                // Spread out: a burst of processes on a 2-core machine stalls the engines.
+                std::thread::sleep(Duration::from_millis(50));
+                self.topo
+                    .client
+                    .command(&[
+                        "curl",
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-m",
+                        "120",
+                        "--local-port",
+                        &p.to_string(),
+                        "--limit-rate",
+                        rate,
+                        "-w",
+                        "%{http_code} %{size_download}",
+                        "http://198.18.0.1/big",
+                    ])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect()
+    }
+
     /// Starts one request per client port, all at once (`curl -m timeout`); see `served`.
     fn spawn_pinned_requests(&self, ports: &[u16], timeout: u32) -> Child {
         let script: String = ports
@@ -1480,9 +1512,28 @@ fn long_downloads_outlive_a_join_and_weight_changes_and_a_drain_waits_for_them()
     eprintln!("l: node 1 drained {took:?} after the last download ended");
 }
 
-/// By-load steps while long downloads run on the old owner: node 2 joins a node 1 that holds
-/// every download, and the by-load policy moves buckets towards the idle node in steps, each a
-/// plan that completes at its 2 s release deadline; every download completes.
+/// Who owns the buckets of the client's connections from `ports` in a table of nodes 1 and 2
+/// at weight 100 (the by-load policy's first table), computed as the engine does.
+fn owners_of_ports(lab: &Lab, ports: std::ops::Range<u16>) -> Vec<(u16, u8)> {
+    use clonecluster::cluster::{Affinity, BucketHasher, FlowKey, Member, OwnershipTable};
+    let secret = std::fs::read(lab.dir.path().join("secret")).unwrap();
+    let hasher = BucketHasher::new(&secret);
+    let members = [Member::new(1, 100).unwrap(), Member::new(2, 100).unwrap()];
+    let table = OwnershipTable::build(1, &members).unwrap();
+    let client = "198.18.0.100".parse().unwrap();
+    ports
+        .map(|p| {
+            let b = hasher.bucket(&FlowKey::new(Affinity::None, client, p, 6));
+            (p, table.owner(b).get())
+        })
+        .collect()
+}
+
+/// By-load steps while long downloads run on their old owner: 16 downloads from client ports
+/// whose buckets node 1 owns and 8 from node 2's (1 MiB at 40 KiB/s: about 26 s) unbalance the
+/// load; the by-load policy moves buckets in steps (which way depends on the busy time each
+/// node measures too), each a plan that completes at its 2 s release deadline while downloads
+/// still run in buckets it moved. Every download completes.
 #[test]
 fn long_downloads_outlive_by_load_steps() {
     require_root();
@@ -1493,18 +1544,54 @@ fn long_downloads_outlive_by_load_steps() {
         release_deadline: "2s",
         ..EngineOptions::default()
     };
-    let mut lab = Lab::with_options("b", &ids, opts);
+    let lab = Lab::with_options("b", &ids, opts);
     lab.converged(&ids, Duration::from_secs(30)).unwrap();
-    lab.kill_engine(2);
-    lab.converged(&[1], Duration::from_secs(30)).unwrap();
-    let downloads = lab.start_slow_downloads(8, "40k");
-    std::thread::sleep(Duration::from_secs(1));
-    lab.start_node(2);
-    lab.converged(&ids, Duration::from_secs(30)).unwrap();
-    // Node 1 serves every download, node 2 nothing: a by-load step moves buckets to node 2.
-    let took = lab.wait_status(&ids, Duration::from_secs(20), "a by-load step", |all| {
-        settled(all) && all.iter().all(|s| accepting(s, 2) > 34_000)
-    });
-    eprintln!("l: a by-load step settled {took:?} after the join");
-    check_downloads(&lab, downloads, "a join and by-load steps");
+    // The client ports by their owner, from the table itself: 60 `owner-of` calls would keep
+    // a loaded node's control thread from its heartbeats. Two of them check the table.
+    let first = *PINNED_CLIENT_PORTS.start() + 2000;
+    let owner = owners_of_ports(&lab, first..first + 400);
+    let pick = |node: u8, n: usize| -> Vec<u16> {
+        let v: Vec<u16> = owner
+            .iter()
+            .filter(|o| o.1 == node)
+            .map(|o| o.0)
+            .take(n)
+            .collect();
+        assert_eq!(v.len(), n);
+        assert_eq!(lab.ports_owned_by(node, v[0], 1), vec![v[0]]);
+        v
+    };
+    let mut ports = pick(1, 16);
+    ports.extend(pick(2, 8));
+    let epoch = lab.status(1).unwrap().epoch;
+    let downloads = lab.start_pinned_downloads(&ports, "40k");
+    // A by-load step: a plan that changes the weights, done while node 1 still serves
+    // downloads in buckets it moved.
+    // Polled gently: a status is a process and a request to the control thread.
+    let start = Instant::now();
+    let mut held = 0;
+    loop {
+        let all: Vec<Status> = ids.iter().filter_map(|&id| lab.status(id)).collect();
+        if let Some(s) = all.first() {
+            // Either node may hand buckets over (the load it measures decides).
+            let most = s.nodes().filter_map(|n| n.held_buckets).max().unwrap_or(0);
+            held = held.max(most);
+            let stepped = s.epoch > epoch && s.members.iter().any(|m| m.weight != Some(100));
+            if all.len() == ids.len() && settled(&all) && stepped && held > 0 {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no by-load step with downloads in moved buckets: {all:?}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let took = start.elapsed();
+    eprintln!(
+        "b: a by-load step settled {took:?} after the downloads began; downloads still ran in \
+         {held} buckets it handed over"
+    );
+    check_downloads(&lab, downloads, "by-load steps");
 }
