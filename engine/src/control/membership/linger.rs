@@ -221,6 +221,7 @@ impl Membership {
             }
         }
         let before = self.linger.owed.len();
+        let owed_to = self.linger.owed.values().fold(0, |a, &b| a | b);
         let mut changed = false;
         self.linger.owed.retain(|_, bits| {
             let kept = *bits & !done;
@@ -236,7 +237,7 @@ impl Membership {
             .retain(|&b, _| snapshot.final_owner(Bucket(b)) != Some(me));
         // A draining peer whose obligations ended (its flows did, or its drain cut them): what
         // was learned of its flows is forgotten once, until it undrains.
-        let newly = gone_draining & !self.linger.forgot;
+        let newly = gone_draining & owed_to & !self.linger.forgot;
         let undrained = self.linger.forgot & !self.draining_peers();
         self.linger.forgot = (self.linger.forgot | newly) & !undrained;
         if changed
