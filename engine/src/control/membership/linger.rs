@@ -137,7 +137,6 @@ impl Membership {
         let me = self.cfg.me;
         let cut = self.linger.cut;
         let mut releasing = Vec::new();
-        let mut emptied = false;
         for &(b, n) in flows {
             let n = if cut { 0 } else { n };
             if matches!(
@@ -148,17 +147,15 @@ impl Membership {
             } else if let Some(h) = self.linger.held.get_mut(&b.0) {
                 *h = n;
                 if n == 0 {
+                    // The data path may keep counting it until the next snapshot: no rebuild
+                    // for that alone.
                     self.linger.held.remove(&b.0);
-                    emptied = true;
                 }
             }
         }
         if let Some(id) = self.snapshot.plan() {
             let map = releasing.iter().map(|&(b, n)| (b.0, n)).collect();
             self.linger.counts = Some((id, map));
-        }
-        if emptied {
-            self.linger.generation += 1;
         }
         releasing
     }
@@ -231,7 +228,6 @@ impl Membership {
         });
         let snapshot = &self.snapshot;
         let me = self.cfg.me;
-        let held_before = self.linger.held.len();
         self.linger
             .held
             .retain(|&b, _| snapshot.final_owner(Bucket(b)) != Some(me));
@@ -240,12 +236,9 @@ impl Membership {
         let newly = gone_draining & owed_to & !self.linger.forgot;
         let undrained = self.linger.forgot & !self.draining_peers();
         self.linger.forgot = (self.linger.forgot | newly) & !undrained;
-        if changed
-            || before != self.linger.owed.len()
-            || held_before != self.linger.held.len()
-            || newly != 0
-            || undrained != 0
-        {
+        // A new snapshot only when what the packet cores decide by changes (a bucket no longer
+        // owed, a node forgotten); held buckets that emptied are dropped from the next one.
+        if changed || before != self.linger.owed.len() || newly != 0 || undrained != 0 {
             self.linger.generation += 1;
         }
         self.refresh(now, out);
