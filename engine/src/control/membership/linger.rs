@@ -153,7 +153,10 @@ impl Membership {
                 }
             }
         }
-        if let Some(id) = self.snapshot.plan() {
+        // Counted under an older snapshot (the data path's lags the plan's by a publish, and
+        // held buckets are counted in every phase), a report may name none of the buckets this
+        // plan releases: it says nothing of them.
+        if let (Some(id), false) = (self.snapshot.plan(), releasing.is_empty()) {
             let map = releasing.iter().map(|&(b, n)| (b.0, n)).collect();
             self.linger.counts = Some((id, map));
         }

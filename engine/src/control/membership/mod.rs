@@ -507,7 +507,8 @@ impl Membership {
         let Some(id) = self.snapshot.plan() else {
             return;
         };
-        if !matches!(self.snapshot.phase(), Phase::Release | Phase::Acquire) {
+        if !matches!(self.snapshot.phase(), Phase::Release | Phase::Acquire) || releasing.is_empty()
+        {
             return;
         }
         let left = releasing.iter().filter(|&&(_, n)| n > 0).count() as u32;
