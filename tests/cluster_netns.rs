@@ -1492,14 +1492,6 @@ fn long_downloads_outlive_a_join_and_weight_changes_and_a_drain_waits_for_them()
     let mut served_while_drained = 0;
     while downloads_running(&mut downloads) {
         let s = lab.status(1).unwrap();
-        eprintln!(
-            "DBG drained {} {:?} | {:?}",
-            s.drained,
-            s.nodes()
-                .map(|n| (n.node, n.active_flows, n.held_buckets, n.held_flows))
-                .collect::<Vec<_>>(),
-            lab.status(2).map(|s| s.owed_buckets)
-        );
         if held_flows(&s, 1) > 0 {
             served_while_drained += 1;
             assert!(
