@@ -26,8 +26,12 @@
 //!   it released ([`Snapshot::cuts`]) and says it holds nothing; the others forget what they
 //!   learned, so that their kernels answer those flows' next packets with RST.
 //!
-//! What is given up: a plan whose releasing node still holds buckets of an earlier plan
-//! completes at `release_deadline` (the heartbeat carries one count for both). A node that
+//! What is given up (the heartbeat's one count, `releasing_left`, carries no bucket list, so
+//! the wire format stays as it is): a plan whose releasing node still holds buckets of an
+//! earlier plan completes at `release_deadline`; a plan that completes with flows left makes
+//! every bucket it moved from that node owed (not only those still holding flows), and they
+//! are all released together when the node holds nothing: until then their owner leaves a
+//! stray TCP packet of an unknown connection unanswered instead of answering with RST. A node that
 //! joins while obligations are open does not know them (they are kept by nodes that saw the
 //! plan complete); if it later becomes the owner of such a bucket it may answer with RST a
 //! flow of the old owner that was idle through its whole learn phase.
