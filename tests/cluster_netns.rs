@@ -265,6 +265,38 @@ impl Lab {
             .collect()
     }
 
+    /// Long downloads (1 MiB at `rate`), one from each client port, started now.
+    fn start_pinned_downloads(&self, ports: &[u16], rate: &str) -> Vec<Child> {
+        ports
+            .iter()
+            .map(|p| {
+                // Spread out: a burst of processes on a 2-core machine stalls the engines.
+                std::thread::sleep(Duration::from_millis(50));
+                self.topo
+                    .client
+                    .command(&[
+                        "curl",
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-m",
+                        "120",
+                        "--local-port",
+                        &p.to_string(),
+                        "--limit-rate",
+                        rate,
+                        "-w",
+                        "%{http_code} %{size_download}",
+                        "http://198.18.0.1/big",
+                    ])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect()
+    }
+
     /// Starts one request per client port, all at once (`curl -m timeout`); see `served`.
     fn spawn_pinned_requests(&self, ports: &[u16], timeout: u32) -> Child {
         let script: String = ports
@@ -1445,4 +1477,202 @@ fn a_node_unheard_on_the_wire_fences_itself_until_its_control_frames_pass() {
     let (by_node, failed) = lab.requests(40);
     assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
     assert!(by_node.get(&2).copied().unwrap_or(0) > 0, "{by_node:?}");
+}
+
+/// Waits until no child of `downloads` runs any more.
+fn downloads_running(downloads: &mut [Child]) -> bool {
+    downloads
+        .iter_mut()
+        .any(|d| d.try_wait().ok().flatten().is_none())
+}
+
+/// The largest number of connections node `id` serves in buckets it handed over, seen on its
+/// status until `until` holds (polled).
+fn held_flows(status: &Status, id: u8) -> u64 {
+    status.node(id).and_then(|n| n.held_flows).unwrap_or(0)
+}
+
+/// Long downloads (1 MiB at 48 KiB/s: about 21 s, several release deadlines of 2 s) on node 1
+/// alone, then node 2 joins, then two weight changes: each plan completes at its deadline
+/// while downloads still run in the buckets it moved, the next plan proceeds, and every
+/// download completes. Then `drain --deadline none` of node 1 during new downloads: it is not
+/// drained while it still serves one of them, and is once they have ended.
+#[test]
+fn long_downloads_outlive_a_join_and_weight_changes_and_a_drain_waits_for_them() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ids = [1u8, 2];
+    let opts = EngineOptions {
+        policy: "weighted",
+        release_deadline: "2s",
+        ..EngineOptions::default()
+    };
+    let mut lab = Lab::with_options("l", &ids, opts);
+    lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    lab.kill_engine(2);
+    lab.converged(&[1], Duration::from_secs(30)).unwrap();
+
+    let downloads = lab.start_slow_downloads(8, "48k");
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    lab.start_node(2);
+    lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    // The join completed while node 1 still served downloads in buckets it handed over.
+    let s = lab.status(1).unwrap();
+    eprintln!(
+        "l: join done {:?} after node 2 started; node 1 still serves {} connections in {:?} \
+         handed-over buckets",
+        started.elapsed(),
+        held_flows(&s, 1),
+        s.node(1).and_then(|n| n.held_buckets)
+    );
+    assert!(held_flows(&s, 1) > 0, "{s:?}");
+    assert!(metric(&lab.metrics(1), "released_flows", &[]) > 0);
+
+    let cfg = lab.config(1);
+    let original = std::fs::read_to_string(&cfg).unwrap();
+    let epoch = s.epoch;
+    for (weight, share) in [(300, 0.75), (100, 0.5)] {
+        std::fs::write(
+            &cfg,
+            original.replace("  id: 1\n", &format!("  id: 1\n  weight: {weight}\n")),
+        )
+        .unwrap();
+        let out = run_cmd(&["reload", "--config", cfg.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+        let took = lab.wait_status(&ids, Duration::from_secs(30), "weight change", |all| {
+            settled(all)
+                && all.iter().all(|s| {
+                    let a = accepting(s, 1);
+                    s.epoch > epoch && (a as f64 / 65536.0 - share).abs() < 0.01
+                })
+        });
+        eprintln!("l: weight {weight} on node 1 settled in {took:?}");
+    }
+    let s = lab.status(1).unwrap();
+    assert!(
+        s.epoch >= epoch + 2,
+        "the weight changes made no plans: {s:?}"
+    );
+    check_downloads(&lab, downloads, "a join and two weight changes");
+
+    // A drain without a deadline waits for the last connection.
+    let mut downloads = lab.start_slow_downloads(6, "96k");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = run_cmd(&[
+        "drain",
+        "--deadline",
+        "none",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    lab.wait_status(&ids, Duration::from_secs(30), "drain of node 1", |all| {
+        settled(all) && all.iter().all(|s| accepting(s, 1) == 0)
+    });
+    let mut served_while_drained = 0;
+    while downloads_running(&mut downloads) {
+        let s = lab.status(1).unwrap();
+        if held_flows(&s, 1) > 0 {
+            served_while_drained += 1;
+            assert!(
+                !s.drained,
+                "node 1 said drained while it still served connections: {s:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        served_while_drained > 0,
+        "no download went through node 1: nothing was shown"
+    );
+    check_downloads(&lab, downloads, "a drain without a deadline");
+    let took = lab.wait_status(&[1], Duration::from_secs(10), "node 1 drained", |all| {
+        all[0].drained
+    });
+    eprintln!("l: node 1 drained {took:?} after the last download ended");
+}
+
+/// Who owns the buckets of the client's connections from `ports` in a table of nodes 1 and 2
+/// at weight 100 (the by-load policy's first table), computed as the engine does.
+fn owners_of_ports(lab: &Lab, ports: std::ops::Range<u16>) -> Vec<(u16, u8)> {
+    use clonecluster::cluster::{Affinity, BucketHasher, FlowKey, Member, OwnershipTable};
+    let secret = std::fs::read(lab.dir.path().join("secret")).unwrap();
+    let hasher = BucketHasher::new(&secret);
+    let members = [Member::new(1, 100).unwrap(), Member::new(2, 100).unwrap()];
+    let table = OwnershipTable::build(1, &members).unwrap();
+    let client = "198.18.0.100".parse().unwrap();
+    ports
+        .map(|p| {
+            let b = hasher.bucket(&FlowKey::new(Affinity::None, client, p, 6));
+            (p, table.owner(b).get())
+        })
+        .collect()
+}
+
+/// By-load steps while long downloads run on their old owner: 16 downloads from client ports
+/// whose buckets node 1 owns and 8 from node 2's (1 MiB at 40 KiB/s: about 26 s) unbalance the
+/// load; the by-load policy moves buckets in steps (which way depends on the busy time each
+/// node measures too), each a plan that completes at its 2 s release deadline while downloads
+/// still run in buckets it moved. Every download completes.
+#[test]
+fn long_downloads_outlive_by_load_steps() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ids = [1u8, 2];
+    let opts = EngineOptions {
+        policy: "by-load",
+        release_deadline: "2s",
+        ..EngineOptions::default()
+    };
+    let lab = Lab::with_options("b", &ids, opts);
+    lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    // The client ports by their owner, from the table itself: 60 `owner-of` calls would keep
+    // a loaded node's control thread from its heartbeats. Two of them check the table.
+    let first = *PINNED_CLIENT_PORTS.start() + 2000;
+    let owner = owners_of_ports(&lab, first..first + 400);
+    let pick = |node: u8, n: usize| -> Vec<u16> {
+        let v: Vec<u16> = owner
+            .iter()
+            .filter(|o| o.1 == node)
+            .map(|o| o.0)
+            .take(n)
+            .collect();
+        assert_eq!(v.len(), n);
+        assert_eq!(lab.ports_owned_by(node, v[0], 1), vec![v[0]]);
+        v
+    };
+    let mut ports = pick(1, 16);
+    ports.extend(pick(2, 8));
+    let epoch = lab.status(1).unwrap().epoch;
+    let downloads = lab.start_pinned_downloads(&ports, "40k");
+    // A by-load step: a plan that changes the weights, done while node 1 still serves
+    // downloads in buckets it moved.
+    // Polled gently: a status is a process and a request to the control thread.
+    let start = Instant::now();
+    let mut held = 0;
+    loop {
+        let all: Vec<Status> = ids.iter().filter_map(|&id| lab.status(id)).collect();
+        if let Some(s) = all.first() {
+            // Either node may hand buckets over (the load it measures decides).
+            let most = s.nodes().filter_map(|n| n.held_buckets).max().unwrap_or(0);
+            held = held.max(most);
+            let stepped = s.epoch > epoch && s.members.iter().any(|m| m.weight != Some(100));
+            if all.len() == ids.len() && settled(&all) && stepped && held > 0 {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no by-load step with downloads in moved buckets: {all:?}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let took = start.elapsed();
+    eprintln!(
+        "b: a by-load step settled {took:?} after the downloads began; downloads still ran in \
+         {held} buckets it handed over"
+    );
+    check_downloads(&lab, downloads, "by-load steps");
 }

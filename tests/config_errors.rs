@@ -46,6 +46,26 @@ fn unknown_key() {
 }
 
 #[test]
+fn a_drain_deadline_is_a_duration_or_none() {
+    let s = Scratch::new();
+    let with = |v: &str| {
+        good("x").replace(
+            "dataplane:\n",
+            &format!("control:\n  drain_deadline: {v}\ndataplane:\n"),
+        )
+    };
+    let cfg = s.write("c.yaml", &with("soon"));
+    let out = run_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+    let err = assert_clean_failure(&out, "c.yaml", "control.drain_deadline");
+    assert!(err.contains("none"), "the fix should offer none: {err}");
+    for ok in ["none", "90s"] {
+        let cfg = s.write("c.yaml", &with(ok));
+        let out = run_cmd(&["check", "--config", cfg.to_str().unwrap()]);
+        assert!(out.status.success(), "{ok}: {out:?}");
+    }
+}
+
+#[test]
 fn bad_mac() {
     let s = Scratch::new();
     let cfg = s.write(

@@ -62,6 +62,12 @@ enum Command {
         /// The same as --node.
         #[arg(value_name = "NODE", conflicts_with = "node")]
         node_id: Option<u8>,
+        /// When the connections the node still serves in the buckets it handed over are cut:
+        /// a duration after the drain begins (30s, 2m), or `none` to wait for the last one.
+        /// Default: the node's control.drain_deadline (always, for a drain relayed to another
+        /// node).
+        #[arg(long, value_name = "DURATION|none")]
+        deadline: Option<operator::DrainDeadline>,
     },
     /// Undo a drain: the node takes its share again.
     Undrain {
@@ -222,12 +228,21 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             config,
             node,
             node_id,
-        } => operator(&config, drain_request(node.or(node_id), true)?, false),
+            deadline,
+        } => operator(
+            &config,
+            drain_request(node.or(node_id), true, deadline)?,
+            false,
+        ),
         Command::Undrain {
             config,
             node,
             node_id,
-        } => operator(&config, drain_request(node.or(node_id), false)?, false),
+        } => operator(
+            &config,
+            drain_request(node.or(node_id), false, None)?,
+            false,
+        ),
         Command::Status { config, json } => operator(&config, Request::Status, json),
         Command::Reload { config } => operator(&config, Request::Reload, false),
         Command::OwnerOf {
@@ -308,12 +323,20 @@ fn assumed_snapshot(loaded: &Loaded) -> Result<Option<Arc<Snapshot>>, StartError
     Ok(Some(Arc::new(snapshot)))
 }
 
-fn drain_request(node: Option<u8>, drain: bool) -> anyhow::Result<Request> {
+fn drain_request(
+    node: Option<u8>,
+    drain: bool,
+    deadline: Option<operator::DrainDeadline>,
+) -> anyhow::Result<Request> {
     let node = match node {
         Some(n) => Some(NodeId::new(n).context("a node id is 1..=64")?),
         None => None,
     };
-    Ok(Request::Drain { node, drain })
+    Ok(Request::Drain {
+        node,
+        drain,
+        deadline,
+    })
 }
 
 /// Sends an operator request to the node described by `config` over its control socket and
@@ -398,14 +421,23 @@ fn status_table(s: &Status) {
             s.fence_reasons.join(", ")
         );
     }
+    if s.drain_cut {
+        println!("this node's drain reached its deadline: its old connections were cut");
+    }
     println!(
-        "{:>4}  {:<9} {:>6} {:>10} {:>10} {:>8} {:>6}",
-        "node", "state", "weight", "accepting", "buckets", "flows", "busy"
+        "{:>4}  {:<9} {:>6} {:>10} {:>10} {:>8} {:>6} {:>14}",
+        "node", "state", "weight", "accepting", "buckets", "flows", "busy", "handed-over"
     );
     let opt = |v: Option<u32>| v.map_or("-".to_owned(), |n| n.to_string());
     for m in s.nodes() {
+        // Handed over, still serving: buckets (and, for the answering node, connections).
+        let held = match (m.held_buckets, m.held_flows) {
+            (Some(b), Some(f)) => format!("{f} in {b}"),
+            (Some(b), None) => format!("in {b}"),
+            _ => "-".to_owned(),
+        };
         println!(
-            "{:>4}  {:<9} {:>6} {:>10} {:>10} {:>8} {:>6}",
+            "{:>4}  {:<9} {:>6} {:>10} {:>10} {:>8} {:>6} {:>14}",
             m.node,
             m.state.name(),
             opt(m.weight),
@@ -414,6 +446,14 @@ fn status_table(s: &Status) {
             opt(m.active_flows),
             m.busy_permille
                 .map_or("-".to_owned(), |p| format!("{}%", p / 10)),
+            held,
+        );
+    }
+    if s.owed_buckets > 0 {
+        println!(
+            "{} buckets still hold connections of an earlier owner (it serves them until they \
+             end)",
+            s.owed_buckets
         );
     }
     if !s.services.is_empty() {

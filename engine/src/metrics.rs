@@ -256,6 +256,26 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
         &[(String::new(), view.wire_peers_heard)],
     );
     metric(
+        "released_flows",
+        "gauge",
+        "Connections this node still serves in buckets it handed over (this plan's and earlier \
+         plans'): they stay its own until they end, or a drain's deadline cuts them.",
+        &[(String::new(), view.released_flows)],
+    );
+    metric(
+        "released_buckets_held",
+        "gauge",
+        "Buckets this node handed over that still hold connections it serves.",
+        &[(String::new(), u64::from(view.held_buckets))],
+    );
+    metric(
+        "buckets_owed",
+        "gauge",
+        "Buckets whose earlier owner still serves connections in them: their owner takes new \
+         flows there but leaves every connection it does not know to the earlier owner.",
+        &[(String::new(), u64::from(view.owed_buckets))],
+    );
+    metric(
         "members_live",
         "gauge",
         "Live members of the cluster.",
@@ -549,6 +569,11 @@ pub(crate) struct ControlView {
     pub fence_reasons: FenceReasons,
     /// Live peers heard on the wire.
     pub wire_peers_heard: u64,
+    /// Connections still served in buckets handed over, the buckets holding them, and the
+    /// buckets owed to an earlier owner (DESIGN.md, "Long-lived flows").
+    pub released_flows: u64,
+    pub held_buckets: u32,
+    pub owed_buckets: u32,
     /// The health checker's verdict (None: no health check configured), whether this node
     /// refuses new connections, and its checks so far (all, failed).
     pub healthy: Option<bool>,

@@ -82,6 +82,7 @@ pub(crate) fn membership_config(loaded: &Loaded, incarnation: u64) -> control::C
     m.dead_after = c.control.dead_after;
     m.learn = c.control.handoff_learn.0.as_nanos() as u64;
     m.release_deadline = c.control.release_deadline.0.as_nanos() as u64;
+    m.drain_deadline = c.control.drain_deadline.0.map(|d| d.as_nanos() as u64);
     m
 }
 
@@ -102,6 +103,9 @@ fn control_view(m: &Membership, me: NodeId, now: u64) -> ControlView {
         draining: m.draining(),
         fence_reasons: m.fence_reasons(),
         wire_peers_heard: u64::from(m.wire_heard().count_ones()),
+        released_flows: m.released_flows(),
+        held_buckets: m.held_buckets(),
+        owed_buckets: m.owed_buckets(),
         healthy: None,
         refusing: m.refusing(),
         health_checks: (0, 0),
@@ -156,7 +160,7 @@ pub fn control_thread(
     let mut node = Node::new(
         Membership::new(membership_config(&loaded, incarnation)),
         control::Settings {
-            drain_deadline: cfg.control.drain_deadline.0.as_nanos() as u64,
+            drain_deadline: cfg.control.drain_deadline.0.map(|d| d.as_nanos() as u64),
             health_port: cfg.health.as_ref().map(|h| h.address.port()),
             hasher: crate::cluster::BucketHasher::new(&loaded.secret),
             affinity: cfg.cluster.affinity,
@@ -236,11 +240,11 @@ pub fn control_thread(
             }
             io.view.store(Arc::new(v));
         }
-        // Flow counts of the buckets this node releases, for the "done" step.
+        // Flow counts of the buckets this node releases or still holds (the "done" step).
         if now >= next_report {
             next_report = now + interval;
             let snapshot = link.snapshot.load();
-            let releasing: Vec<Bucket> = snapshot.releasing(me).collect();
+            let releasing: Vec<Bucket> = snapshot.counted(me).collect();
             if !releasing.is_empty() {
                 if let Some(counts) = link.releasing_counts(&releasing) {
                     node.report_flows(&counts, now_ns(), &mut out);
@@ -553,7 +557,16 @@ fn log_event(node: u8, epoch: u64, e: &Event) {
                 "handoff phase"
             )
         }
-        Event::Drained => tracing::info!(node, epoch, "drained: this node owns no bucket"),
+        Event::Drained => tracing::info!(
+            node,
+            epoch,
+            "drained: this node owns no bucket and serves no flow of one it released"
+        ),
+        Event::DrainCut => tracing::warn!(
+            node,
+            epoch,
+            "drain deadline: the flows still served in released buckets were cut"
+        ),
         Event::Fenced {
             fenced: true,
             reasons,

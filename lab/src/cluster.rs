@@ -283,7 +283,11 @@ impl Cluster {
 
     /// Drains (`drain`) or undrains node `id` through its own socket.
     pub fn drain(&self, id: u8, drain: bool) -> Result<(), String> {
-        let request = Request::Drain { node: None, drain };
+        let request = Request::Drain {
+            node: None,
+            drain,
+            deadline: None,
+        };
         operator::call(&self.socket(id), &request)
             .map(drop)
             .map_err(|e| format!("{request} node {id}: {e}"))
@@ -303,7 +307,8 @@ impl Cluster {
 
     /// Whether every node in `ask` sees exactly `expect` as members (a draining node has left
     /// them) and sends every new flow to its final owner (the handoff reached Acquire; the old
-    /// owners may still serve the connections they had, until they end or `release_deadline`).
+    /// owners still serve the connections they had, until they end: a plan completes at
+    /// `release_deadline` at the latest, leaving the rest to them).
     pub fn moved(&self, ask: &[u8], expect: &[u8]) -> bool {
         ask.iter().all(|&id| {
             self.status(id).is_some_and(|s| {

@@ -278,8 +278,9 @@ fn markdown(
              and fresh connections asking `GET /id`, which names the node that answered); the \
              event happens a third of the way in. *Detected*: until the other nodes saw it; \
              *moved*: until every new flow went to its final owner; *done*: until the plan finished (the \
-             old owner's keep-alive connections keep it open until they end or \
-             `release_deadline`, 10 s in the lab: often after the scenario). *Lost*: probe keep-alive \
+             old owner's keep-alive connections keep it open until they end or for \
+             `release_deadline`, 10 s in the lab, often after the scenario; those still open then \
+             stay with the old owner). *Lost*: probe keep-alive \
              connections that failed after the event, by the node that served them.\n\n\
              | scenario | node | detected ms | moved ms | done ms | wrk req/s | wrk errors | probe requests | \
              probe failed | lost | new conn. failed after moved | slow connects | \

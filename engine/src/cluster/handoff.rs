@@ -219,7 +219,8 @@ fn still_serving(packet: Packet, tables: &impl FlowLookup, otherwise: Take) -> V
     }
 }
 
-/// The new owner delivers nothing yet and records the old owner's flows. Only the learn
+/// The new owner delivers nothing yet but its own earlier flows, and records the old owner's
+/// flows. Only the learn
 /// phase's new flows are the old owner's: once it has released the bucket it takes no new
 /// flow, so a flow first seen then is nobody's yet (its SYN is retransmitted and taken after
 /// acquire). Known ones are kept fresh. An old owner whose service fails takes no new
@@ -232,6 +233,13 @@ fn learning(
     health: Health,
     tables: &impl FlowLookup,
 ) -> Verdict {
+    // A flow this node served before the bucket moved away, now moving back: still its own
+    // (DESIGN.md, "Long-lived flows"); the current owner has it learned and leaves it alone.
+    if let Some(state) = tables.own() {
+        if !(state == FlowState::Closing && packet.opens_connection()) {
+            return Verdict::DELIVER;
+        }
+    }
     let known = tables.learned().is_some();
     let refused = packet.opens_connection() && health.refuses(from);
     if known || (!release_gap && !refused) {
@@ -440,6 +448,9 @@ mod tests {
             ("learning: the failing old owner's known flow", learning, false, SYN, PEER_1_FAILING, None, Some(SynSeen), LEARN),
             ("learning: the failing old owner still serves UDP", learning, false, UDP, PEER_1_FAILING, None, None, LEARN),
             ("learning: the failing old owner's packets of known flows", learning, false, ACK, PEER_1_FAILING, None, None, LEARN),
+            ("learning: its own flow, the bucket moving back", learning, false, ACK, HEALTHY, Some(Established), None, DELIVER),
+            ("learning, gap: its own flow, the bucket moving back", learning, true, ACK, HEALTHY, Some(Established), None, DELIVER),
+            ("learning: a SYN on its own ended flow is the old owner's", learning, false, SYN, HEALTHY, Some(Closing), None, LEARN),
             ("learning: another peer's failure changes nothing", learning, false, SYN, Health { refusing_peers: 0b10, ..HEALTHY }, None, None, LEARN),
             ("learning: its own failure changes nothing", learning, false, SYN, FAILING, None, None, LEARN),
             // Acquiring.
@@ -550,7 +561,8 @@ mod tests {
         out
     }
 
-    /// Over every input: the new owner delivers nothing while learning; only it takes a flow
+    /// Over every input: the new owner delivers nothing while learning but its own earlier
+    /// flows; only it takes a flow
     /// at a risk; the node that does not own the bucket learns nothing; only the old owner
     /// reports the release gap, and only in it; an own entry is forgotten only by a node that
     /// no longer takes new flows, when it had ended; a learned one only for a SYN, when it had
@@ -567,7 +579,8 @@ mod tests {
             let learning = matches!(role, Role::Learning { .. });
             let releasing = matches!(role, Role::Releasing { .. });
             let allowed = match got.take {
-                Take::Deliver => !learning,
+                // Learning, only a flow of its own table (served before the bucket moved).
+                Take::Deliver => !learning || own.is_some(),
                 Take::DeliverAtRisk => matches!(role, Role::Acquiring { .. }),
                 Take::Learn => role != Role::NotOwner && !releasing,
                 Take::ReleaseGap => releasing && gap,
@@ -582,7 +595,7 @@ mod tests {
                 }
             };
             assert!(forgets, "{ctx}");
-            if own.is_some() && !learning && !packet.opens_connection() {
+            if own.is_some() && !packet.opens_connection() {
                 assert_eq!(got.take, Take::Deliver, "{ctx}");
             }
         }

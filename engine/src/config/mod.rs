@@ -62,6 +62,36 @@ impl Serialize for Span {
     }
 }
 
+/// A deadline as written in YAML: a duration (`30s`, `2m`) or `none` (no deadline: wait).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Deadline(pub Option<Duration>);
+
+impl<'de> Deserialize<'de> for Deadline {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim() == "none" {
+            return Ok(Deadline(None));
+        }
+        humantime::parse_duration(&s)
+            .map(|d| Deadline(Some(d)))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "`{s}` is neither a duration ({e}) nor `none`; write it like 30s or 2m, \
+                     or none to wait for the last connection"
+                ))
+            })
+    }
+}
+
+impl Serialize for Deadline {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(d) => s.collect_str(&humantime::format_duration(d)),
+            None => s.serialize_str("none"),
+        }
+    }
+}
+
 /// The whole node configuration (one YAML file per node).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -159,15 +189,20 @@ pub struct ControlConfig {
     /// Local control socket for operator commands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
-    /// How long SIGTERM waits for this node to drain before exiting.
+    /// The only deadline that ends connections: how long a drain (SIGTERM's, or `clonecluster
+    /// drain` without `--deadline`) waits for the connections this node still serves in the
+    /// buckets it handed over; at the deadline they are cut (SIGTERM: the node stops). `none`:
+    /// wait for the last one.
     #[serde(default = "default_drain_deadline")]
-    pub drain_deadline: Span,
+    pub drain_deadline: Deadline,
     /// How long a bucket's new owner learns the old owner's flows before the old owner
     /// releases it: at least the SYN retransmit span of your clients.
     #[serde(default = "default_handoff_learn")]
     pub handoff_learn: Span,
-    /// How long an old owner may keep serving released flows before the new owner takes the
-    /// bucket outright.
+    /// How long a plan (join, drain, weight change, by-load step) waits after acquire for the
+    /// old owners' connections in the buckets it moves before it completes. It never ends a
+    /// connection: those still open stay with their old owner, bucket by bucket, and the next
+    /// plan may start. Shorter: plans follow each other sooner.
     #[serde(default = "default_release_deadline")]
     pub release_deadline: Span,
 }
@@ -185,8 +220,8 @@ fn default_interval() -> Span {
 fn default_dead_after() -> u32 {
     3
 }
-fn default_drain_deadline() -> Span {
-    Span(Duration::from_secs(10))
+fn default_drain_deadline() -> Deadline {
+    Deadline(Some(Duration::from_secs(10)))
 }
 
 impl Default for ControlConfig {

@@ -278,8 +278,9 @@ pub struct Heartbeat {
     pub plan: Option<(PlanId, Phase)>,
     /// Digest of the sender's target table (its effective table once the plan is done).
     pub table_digest: u64,
-    /// Buckets the sender releases in the current plan that still hold live flows, as last
-    /// reported by its data path; [`LEFT_UNKNOWN`] before the first report.
+    /// Buckets the sender releases in the current plan, or released in an earlier one and
+    /// still serves connections in, that hold live flows, as last reported by its data path;
+    /// [`LEFT_UNKNOWN`] before the first report of the current plan.
     pub releasing_left: u32,
 }
 

@@ -8,9 +8,11 @@
 //!   other node takes new flows: a node alone, or a cluster whose services all fail, answers as
 //!   best it can) and drains it; a node whose service never answered yet joins drained. A good
 //!   verdict undrains what health drained (never an operator's drain).
-//! - **SIGTERM.** The first signal drains the node; it stops once drained, once it is alone, or
-//!   at `drain_deadline`, whichever comes first.
-//! - **Operator requests.** `drain`/`undrain` (this node or relayed to another), `status`,
+//! - **SIGTERM.** The first signal drains the node; it stops once drained (it owns nothing and
+//!   the last connection of the buckets it handed over has ended), once it is alone, or at
+//!   `drain_deadline` (none: never), whichever comes first.
+//! - **Operator requests.** `drain [--deadline D|none]`/`undrain` (this node or relayed to
+//!   another: a relayed drain has the target's `control.drain_deadline`), `status`,
 //!   `owner-of`, and `reload`'s verdict over the keys that changed (only `node.weight` applies
 //!   live; anything else refuses the whole reload).
 //!
@@ -26,7 +28,8 @@ use super::timeline::Timeline;
 use crate::appliance::Services;
 use crate::cluster::{Affinity, Bucket, BucketHasher, FlowKey, NodeId, Weight};
 use crate::control::operator::{
-    DrainReply, NodeState, NodeStatus, OwnerReply, Refused, ReloadReply, Reply, Request, Status,
+    DrainDeadline, DrainReply, NodeState, NodeStatus, OwnerReply, Refused, ReloadReply, Reply,
+    Request, Status,
 };
 
 /// Keys `reload` applies to a running node; any other change needs a restart.
@@ -41,8 +44,9 @@ fn is_live_services_key(key: &str) -> bool {
 /// What the node needs beyond the membership's own configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// How long a SIGTERM drain may take before the node stops anyway (ns).
-    pub drain_deadline: u64,
+    /// How long a SIGTERM drain may take before the node stops anyway (ns; None: until the
+    /// last connection of the buckets it handed over has ended).
+    pub drain_deadline: Option<u64>,
     /// The service's port whose refusals the data path holds back while the node refuses
     /// (None: no health check, the node cannot know whether its service is up).
     pub health_port: Option<u16>,
@@ -138,7 +142,10 @@ impl Node {
         // Alone: no other node is alive to take over (not "alone in the target table": a
         // drain's plan leaves this node out of it at once, long before it is drained).
         let alone = self.m.live_bits().count_ones() <= 1;
-        let late = now.saturating_sub(since) >= self.settings.drain_deadline;
+        let late = self
+            .settings
+            .drain_deadline
+            .is_some_and(|d| now.saturating_sub(since) >= d);
         if !self.stopping && (self.m.is_drained() || alone || late) {
             self.stopping = true;
             out.push(Output::Event(Event::Stopping {
@@ -237,10 +244,25 @@ impl Node {
     ) -> Reply {
         match request {
             Request::Status => Reply::Status(Box::new(self.status(timeline))),
-            Request::Drain { node, drain } => {
+            Request::Drain {
+                node,
+                drain,
+                deadline,
+            } => {
                 let me = self.m.config().me;
                 let target = node.unwrap_or(me);
-                self.m.request(target, *drain, now, out);
+                match deadline {
+                    Some(d) if target == me && *drain => {
+                        let at = match d {
+                            DrainDeadline::After(d) => {
+                                Some(now.saturating_add(d.as_nanos() as u64))
+                            }
+                            DrainDeadline::Wait => None,
+                        };
+                        self.m.drain_until(at, now, out);
+                    }
+                    _ => self.m.request(target, *drain, now, out),
+                }
                 Reply::Drain(DrainReply {
                     node: target.get(),
                     draining: *drain,
@@ -360,6 +382,8 @@ impl Node {
             moving: snapshot.moving_count(),
             draining: m.draining(),
             drained: m.is_drained(),
+            drain_cut: m.cut(),
+            owed_buckets: m.owed_buckets(),
             refusing: m.refusing(),
             fenced: m.fenced(),
             fence_reasons: m
@@ -396,13 +420,26 @@ impl Node {
                 )
             })
         };
+        let (held_buckets, held_flows) = if id == m.config().me {
+            (Some(m.held_buckets()), Some(m.released_flows()))
+        } else {
+            let left = hb.map(|h| h.releasing_left);
+            (left.filter(|&n| n != crate::control::LEFT_UNKNOWN), None)
+        };
         // A fence first, then a failing service, then a drain. Out of the plan's target table,
-        // a node still serves the connections it had until the plan is done: draining until
-        // then, drained after.
+        // a node still serves the connections it had until the plan is done and the last of
+        // them has ended (or its drain's deadline cut them): draining until then, drained after.
+        let holds_nothing = if id == m.config().me {
+            m.is_drained()
+        } else {
+            held_buckets == Some(0)
+        };
         let state = match (refusing, draining) {
             _ if fenced => NodeState::Fenced,
             (true, _) => NodeState::Failing,
-            (false, true) if outside && snapshot.phase() == Phase::Done => NodeState::Drained,
+            (false, true) if outside && snapshot.phase() == Phase::Done && holds_nothing => {
+                NodeState::Drained
+            }
             (false, true) => NodeState::Draining,
             (false, false) if outside => NodeState::Joining,
             (false, false) => NodeState::Up,
@@ -415,6 +452,8 @@ impl Node {
             final_buckets: 0,
             active_flows: load.map(|l| l.active_flows),
             busy_permille: load.map(|l| l.busy_permille),
+            held_buckets,
+            held_flows,
         }
     }
 }
@@ -430,7 +469,7 @@ mod tests {
         Node::new(
             m,
             Settings {
-                drain_deadline: 1_000_000_000,
+                drain_deadline: Some(1_000_000_000),
                 health_port: None,
                 hasher: BucketHasher::new(b"secret"),
                 affinity: Affinity::None,
@@ -501,6 +540,7 @@ mod tests {
             &Request::Drain {
                 node: None,
                 drain: true,
+                deadline: None,
             },
             &Timeline::default(),
             0,

@@ -26,8 +26,14 @@ use crate::cluster::{Affinity, NodeId};
 pub enum Request {
     /// The node's view of the cluster: [`Status`].
     Status,
-    /// Drain (`drain: true`) or undrain a node: this one, or `node` through this one.
-    Drain { node: Option<NodeId>, drain: bool },
+    /// Drain (`drain: true`) or undrain a node: this one, or `node` through this one. A drain's
+    /// `deadline` ends the connections the node still serves in the buckets it handed over
+    /// (None: the node's `control.drain_deadline`; a relayed drain always uses the target's).
+    Drain {
+        node: Option<NodeId>,
+        drain: bool,
+        deadline: Option<DrainDeadline>,
+    },
     /// Re-read the node's YAML and apply what can change live: [`ReloadReply`].
     Reload,
     /// Which node owns a flow, and why: [`OwnerReply`].
@@ -36,6 +42,41 @@ pub enum Request {
         dst: SocketAddr,
         proto: Proto,
     },
+}
+
+/// A drain's own deadline (`drain --deadline 30s`, `drain --deadline none`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainDeadline {
+    /// Cut the connections still served this long after the drain began.
+    After(Duration),
+    /// Wait for the last connection.
+    Wait,
+}
+
+impl std::str::FromStr for DrainDeadline {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<DrainDeadline, String> {
+        if s == "none" {
+            return Ok(DrainDeadline::Wait);
+        }
+        humantime::parse_duration(s)
+            .map(DrainDeadline::After)
+            .map_err(|e| {
+                format!("deadline `{s}`: {e}; write a duration like 30s or 2m, or none to wait")
+            })
+    }
+}
+
+impl fmt::Display for DrainDeadline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // One word (the request line is split on spaces): whole seconds, else ms.
+            DrainDeadline::After(d) if d.subsec_nanos() == 0 => write!(f, "{}s", d.as_secs()),
+            DrainDeadline::After(d) => write!(f, "{}ms", d.as_millis()),
+            DrainDeadline::Wait => f.write_str("none"),
+        }
+    }
 }
 
 /// A transport protocol `owner-of` can be asked about.
@@ -89,6 +130,10 @@ impl Request {
             ["status"] => Ok(Request::Status),
             ["reload"] => Ok(Request::Reload),
             [verb @ ("drain" | "undrain"), rest @ ..] => {
+                let (rest, deadline) = match rest {
+                    [rest @ .., "--deadline", d] if *verb == "drain" => (rest, Some(d.parse()?)),
+                    _ => (rest, None),
+                };
                 let node = match rest {
                     [] => None,
                     [n] => Some(
@@ -97,11 +142,15 @@ impl Request {
                             .and_then(NodeId::new)
                             .ok_or("a node id is 1..=64")?,
                     ),
+                    _ if *verb == "drain" => {
+                        return Err("usage: drain [NODE] [--deadline DURATION|none]".to_owned())
+                    }
                     _ => return Err(format!("usage: {verb} [NODE]")),
                 };
                 Ok(Request::Drain {
                     node,
                     drain: *verb == "drain",
+                    deadline,
                 })
             }
             ["owner-of", rest @ ..] => {
@@ -132,10 +181,17 @@ impl fmt::Display for Request {
         match self {
             Request::Status => f.write_str("status"),
             Request::Reload => f.write_str("reload"),
-            Request::Drain { node, drain } => {
+            Request::Drain {
+                node,
+                drain,
+                deadline,
+            } => {
                 f.write_str(if *drain { "drain" } else { "undrain" })?;
-                match node {
-                    Some(n) => write!(f, " {}", n.get()),
+                if let Some(n) = node {
+                    write!(f, " {}", n.get())?;
+                }
+                match deadline {
+                    Some(d) => write!(f, " --deadline {d}"),
                     None => Ok(()),
                 }
             }
@@ -205,6 +261,14 @@ pub struct NodeStatus {
     pub final_buckets: u32,
     pub active_flows: Option<u32>,
     pub busy_permille: Option<u16>,
+    /// Buckets it handed over that still hold connections it serves (DESIGN.md, "Long-lived
+    /// flows"), this plan's and earlier plans'; None where not heard.
+    #[serde(default)]
+    pub held_buckets: Option<u32>,
+    /// Those connections (flows), for the answering node itself only (a peer's heartbeat
+    /// carries the buckets, not the flows).
+    #[serde(default)]
+    pub held_flows: Option<u64>,
 }
 
 /// The reply to `status`.
@@ -218,6 +282,12 @@ pub struct Status {
     pub moving: u32,
     pub draining: bool,
     pub drained: bool,
+    /// Its drain reached its deadline and cut the connections it still served.
+    #[serde(default)]
+    pub drain_cut: bool,
+    /// Buckets whose earlier owner still serves connections in them, as this node sees them.
+    #[serde(default)]
+    pub owed_buckets: u32,
     pub refusing: bool,
     #[serde(default)]
     pub fenced: bool,
@@ -422,10 +492,22 @@ mod tests {
             Request::Drain {
                 node: None,
                 drain: true,
+                deadline: None,
             },
             Request::Drain {
                 node: n2,
                 drain: false,
+                deadline: None,
+            },
+            Request::Drain {
+                node: n2,
+                drain: true,
+                deadline: Some(DrainDeadline::After(Duration::from_secs(90))),
+            },
+            Request::Drain {
+                node: None,
+                drain: true,
+                deadline: Some(DrainDeadline::Wait),
             },
             Request::OwnerOf {
                 src: "198.18.0.5:4000".parse().unwrap(),
@@ -455,6 +537,10 @@ mod tests {
             Request::parse("drain 70"),
             Err("a node id is 1..=64".to_owned())
         );
+        assert!(Request::parse("drain --deadline soon")
+            .unwrap_err()
+            .contains("or none to wait"));
+        assert!(Request::parse("undrain --deadline 5s").is_err());
         assert_eq!(
             Request::parse("frobnicate"),
             Err("unknown command `frobnicate`".to_owned())
@@ -476,6 +562,8 @@ mod tests {
             moving: 0,
             draining: false,
             drained: false,
+            drain_cut: false,
+            owed_buckets: 0,
             refusing: false,
             fenced: true,
             fence_reasons: vec!["hears-no-peer-on-wire".to_owned()],
@@ -489,6 +577,8 @@ mod tests {
                 final_buckets: 65536,
                 active_flows: Some(3),
                 busy_permille: None,
+                held_buckets: None,
+                held_flows: None,
             }],
             outside: vec![],
             timeline: vec![],

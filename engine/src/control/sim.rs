@@ -68,8 +68,9 @@ struct SimNode {
     next_tick: u64,
     /// Partition side.
     side: u8,
-    /// When this node started releasing in the current plan (for the flow model).
-    releasing_since: Option<(PlanId, u64)>,
+    /// The flow model: per plan in which it released buckets, one flow in the first of them
+    /// that ends `flow_linger` after the release began (plan, bucket, end).
+    long_flows: Vec<(PlanId, Bucket, u64)>,
     load: LoadModel,
     /// The snapshot the load was last computed for.
     load_for: Option<Arc<Snapshot>>,
@@ -170,7 +171,7 @@ fn n(id: u8) -> NodeId {
 
 fn settings() -> Settings {
     Settings {
-        drain_deadline: 20 * SEC,
+        drain_deadline: Some(20 * SEC),
         health_port: Some(80),
         hasher: crate::cluster::BucketHasher::new(SECRET),
         affinity: crate::cluster::Affinity::None,
@@ -237,7 +238,7 @@ impl Sim {
             up: true,
             next_tick: first,
             side: 0,
-            releasing_since: None,
+            long_flows: Vec::new(),
             load: Box::new(|_, _| Load::default()),
             load_for: None,
             backends: None,
@@ -464,18 +465,15 @@ impl Sim {
                     if let Some(first) = snap.releasing(me).next() {
                         debug_assert!(snap.is_releasing(me));
                         let id = snap.plan().unwrap();
-                        let since = match node.releasing_since {
-                            Some((p, t)) if p == id => t,
-                            _ => {
-                                node.releasing_since = Some((id, now));
-                                now
-                            }
-                        };
-                        let flows: Vec<(Bucket, u32)> = if now - since < self.flow_linger {
-                            vec![(first, 1)]
-                        } else {
-                            Vec::new()
-                        };
+                        if !node.long_flows.iter().any(|f| f.0 == id) {
+                            node.long_flows.push((id, first, now + self.flow_linger));
+                        }
+                    }
+                    if snap.counts(me) {
+                        let lives =
+                            |b: Bucket| node.long_flows.iter().any(|f| f.1 == b && f.2 > now);
+                        let flows: Vec<(Bucket, u32)> =
+                            snap.counted(me).map(|b| (b, u32::from(lives(b)))).collect();
                         node.m.report_flows(&flows, now, &mut out);
                     }
                     if let Some(v) = node.verdict {
@@ -1321,6 +1319,7 @@ fn a_failing_service_drains_its_node_and_its_recovery_undrains_it() {
             &crate::control::operator::Request::Drain {
                 node: None,
                 drain: true,
+                deadline: None,
             },
             &Timeline::default(),
             now,
@@ -1508,3 +1507,4 @@ fn without_acknowledgement_lagging_cores_take_the_same_flow() {
 /// Liveness by the data path: every pair of (wire path, UDP path) states for a peer.
 mod backends;
 mod liveness;
+mod long_flows;

@@ -8,6 +8,13 @@
 //! bucket now (for a moving bucket: the old owner, A) and, while a plan is in progress,
 //! `targets[b]`, the owner the bucket moves to (B). A bucket moves iff `owners[b] !=
 //! targets[b]`; one phase applies to every moving bucket of the snapshot.
+//!
+//! Long-lived flows (DESIGN.md, "Long-lived flows"): a bucket whose earlier owner still serves
+//! flows after its plan completed is *owed* to that node (`owed[b]`, 0 = nobody): its owner
+//! plays [`Role::Acquiring`] for it rather than [`Role::Owner`] (it takes new flows, never a
+//! TCP packet of a flow it does not know, which is the old owner's), and the old owner counts
+//! its flows in the buckets it released ([`Snapshot::counted`]). A node whose drain reached its
+//! deadline serves none of those flows any more ([`Snapshot::cut`]).
 
 use std::fmt;
 
@@ -30,6 +37,13 @@ pub struct Snapshot {
     digest: u64,
     /// Members of the plan this node found dead (bit `id - 1`) when it built the snapshot.
     dead: u64,
+    /// Per bucket, an earlier owner that still serves flows in it (0: none).
+    owed: Option<Box<[u8; BUCKETS]>>,
+    /// Buckets this node released in an earlier plan and still serves flows in.
+    held: Vec<Bucket>,
+    /// Nodes whose released flows ended by a drain's deadline (bit `id - 1`), this node
+    /// included: it serves none of them any more, and the others forget what they learned.
+    cut: u64,
 }
 
 impl Snapshot {
@@ -44,6 +58,9 @@ impl Snapshot {
             releasers: 0,
             digest: 0,
             dead: 0,
+            owed: None,
+            held: Vec::new(),
+            cut: 0,
         }
     }
 
@@ -90,6 +107,9 @@ impl Snapshot {
             releasers,
             digest,
             dead: 0,
+            owed: None,
+            held: Vec::new(),
+            cut: 0,
         }
     }
 
@@ -103,6 +123,58 @@ impl Snapshot {
     /// data path that sees a node newly dead forgets what it learned as old owners' flows.
     pub fn dead(&self) -> u64 {
         self.dead
+    }
+
+    /// The same snapshot with the long-lived flows' obligations: `owed` per bucket (see the
+    /// module doc; `None` or 0: nothing owed), the buckets `held` by this node, and the nodes
+    /// whose released flows were `cut`.
+    pub(crate) fn with_obligations(
+        mut self,
+        owed: Option<Box<[u8; BUCKETS]>>,
+        held: Vec<Bucket>,
+        cut: u64,
+    ) -> Snapshot {
+        self.owed = owed;
+        self.held = held;
+        self.cut = cut;
+        self
+    }
+
+    /// Nodes whose flows in released buckets ended by a drain's deadline (bit `id - 1`): a data
+    /// path that sees a node newly cut forgets what it learned, like for a dead node.
+    pub fn cut(&self) -> u64 {
+        self.cut
+    }
+
+    /// Whether `me` stopped serving the flows of buckets it released (its drain's deadline).
+    #[inline]
+    pub fn cuts(&self, me: NodeId) -> bool {
+        self.cut & (1 << me.index()) != 0
+    }
+
+    /// The earlier owner that still serves flows in `bucket`, if any.
+    #[inline]
+    pub fn owed_to(&self, bucket: Bucket) -> Option<NodeId> {
+        NodeId::new(self.owed.as_ref()?[bucket.index()])
+    }
+
+    /// Buckets owed to an earlier owner (see [`Snapshot::owed_to`]).
+    pub fn owed_count(&self) -> u32 {
+        self.owed
+            .as_ref()
+            .map_or(0, |o| o.iter().filter(|&&n| n != 0).count() as u32)
+    }
+
+    /// The buckets whose flows `me`'s data path counts for `Membership::report_flows`: those it
+    /// releases now, then those it released earlier and still serves flows in.
+    pub fn counted(&self, me: NodeId) -> impl Iterator<Item = Bucket> + '_ {
+        self.releasing(me).chain(self.held.iter().copied())
+    }
+
+    /// Whether `me`'s data path should count flows ([`Snapshot::counted`] is not empty).
+    #[inline]
+    pub fn counts(&self, me: NodeId) -> bool {
+        self.is_releasing(me) || !self.held.is_empty()
     }
 
     /// The same snapshot with `me` owning nothing: every bucket it owns or would take is
@@ -153,19 +225,11 @@ impl Snapshot {
         let me = me.get();
         let owner = self.owners[bucket.index()];
         let Some(targets) = &self.targets else {
-            return if owner == me {
-                Role::Owner
-            } else {
-                Role::NotOwner
-            };
+            return self.settled(bucket, owner, me);
         };
         let target = targets[bucket.index()];
         if owner == target || (me != owner && me != target) {
-            return if owner == me {
-                Role::Owner
-            } else {
-                Role::NotOwner
-            };
+            return self.settled(bucket, owner, me);
         }
         // A moving bucket: both ids are valid nodes (0 only appears in the empty snapshot).
         let (Some(from), Some(to)) = (NodeId::new(owner), NodeId::new(target)) else {
@@ -176,6 +240,22 @@ impl Snapshot {
             (true, _) => Role::Releasing { to },
             (false, Phase::Acquire) => Role::Acquiring { from },
             (false, _) => Role::Learning { from },
+        }
+    }
+
+    /// The role in a bucket that does not move: its owner's, acquiring while an earlier owner
+    /// still serves flows in it.
+    #[inline]
+    fn settled(&self, bucket: Bucket, owner: u8, me: u8) -> Role {
+        if owner != me {
+            return Role::NotOwner;
+        }
+        match self.owed.as_ref().map(|o| o[bucket.index()]) {
+            Some(from) if from != 0 && from != me => match NodeId::new(from) {
+                Some(from) => Role::Acquiring { from },
+                None => Role::Owner,
+            },
+            _ => Role::Owner,
         }
     }
 
@@ -276,6 +356,7 @@ impl fmt::Debug for Snapshot {
             .field("plan", &self.plan)
             .field("phase", &self.phase)
             .field("moving", &self.moving)
+            .field("held", &self.held.len())
             .field("digest", &format_args!("{:#018x}", self.digest))
             .finish_non_exhaustive()
     }

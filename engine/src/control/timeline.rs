@@ -50,8 +50,10 @@ pub enum What {
     PeerDead { peer: u8 },
     /// The buckets of the dead plan members (`dead`) were taken at once.
     TakeOver { dead: Vec<u8> },
-    /// This node drained: it owns no bucket.
+    /// This node drained: it owns no bucket and serves no flow of a bucket it released.
     Drained,
+    /// This node's drain reached its deadline: the flows it still served were cut.
+    DrainCut,
     /// This node fenced itself (its wire port lost link: it owns nothing), or lifted its fence.
     Fenced { fenced: bool },
 }
@@ -83,6 +85,7 @@ impl What {
                     .collect(),
             },
             Event::Drained => What::Drained,
+            Event::DrainCut => What::DrainCut,
             Event::Fenced { fenced, .. } => What::Fenced { fenced: *fenced },
             Event::PeerUp { .. }
             | Event::PeerRejoined { .. }

@@ -414,11 +414,17 @@ impl<'a> Core<'a> {
         }
     }
 
-    /// While buckets move, counts the live flows of those this node releases for the control
-    /// thread's "done" step, a few times per second.
+    /// While buckets move, or this node still serves flows in buckets it released earlier,
+    /// counts the live flows of those buckets for the control thread (the "done" step and the
+    /// held buckets), a few times per second.
     #[inline(always)]
     fn count_releasing(&mut self) {
-        if self.fwd.pipeline.snapshot().moving_count() > 0 {
+        if self
+            .fwd
+            .pipeline
+            .snapshot()
+            .counts(self.shared.identity.node)
+        {
             let now = self.clock.now();
             if now >= self.next_count {
                 self.recount_releasing(now);
@@ -435,7 +441,7 @@ impl<'a> Core<'a> {
         let eighth = pipeline.flows().slot_count() / 8;
         pipeline.maintain(now, eighth);
         let counts = &self.mine.bucket_flows;
-        for b in pipeline.snapshot().releasing(self.shared.identity.node) {
+        for b in pipeline.snapshot().counted(self.shared.identity.node) {
             counts[b].store(pipeline.flows().count_in_bucket(b), Relaxed);
         }
         self.sweeps_since_change = self.sweeps_since_change.saturating_add(1);

@@ -185,8 +185,9 @@ impl Pipeline {
         flags: TcpFlags,
         now: u64,
     ) -> Result<Upsert, Action> {
+        let role = self.snapshot.role(bucket, self.id.node);
         let verdict = handoff::verdict(
-            self.snapshot.role(bucket, self.id.node),
+            role,
             self.snapshot.phase() == Phase::Release,
             handoff::Packet {
                 tcp: proto == TCP,
@@ -204,9 +205,20 @@ impl Pipeline {
             },
         );
         // The common case first, on its own: the rest is out of line.
-        if verdict == Verdict::DELIVER {
+        if verdict == Verdict::DELIVER
+            && (role.accepts_new_flows() || !self.snapshot.cuts(self.id.node))
+        {
             return Ok(self.flows.upsert(hash, proto, bucket, flags, now));
         }
+        let verdict = if verdict == Verdict::DELIVER {
+            // A drain past its deadline serves no flow of a bucket it released any more.
+            Verdict {
+                take: Take::NotOwned,
+                forget: Forget::Own,
+            }
+        } else {
+            verdict
+        };
         self.carry_out(verdict, bucket, hash, proto, flags, now)
     }
 

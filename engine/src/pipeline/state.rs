@@ -132,7 +132,9 @@ impl Pipeline {
         // A node found dead serves nothing any more: the flows learned as an old owner's are
         // forgotten (they may be the dead node's), so that the owner takes their packets and
         // their clients get an RST rather than silence.
-        if snapshot.dead() & !self.snapshot.dead() != 0 {
+        // Likewise for a node whose drain cut the flows it still served in released buckets.
+        let gone = |s: &Snapshot| s.dead() | s.cut();
+        if gone(&snapshot) & !gone(&self.snapshot) != 0 {
             self.learned.clear();
         }
         if self.services.has_single() {

@@ -22,7 +22,12 @@
 //!   live member has acknowledged Learn for `learn`; Release → Acquire once every live member
 //!   has acknowledged Release (so every old owner has stopped taking new flows before any new
 //!   owner starts); Acquire → Done once every live releasing node reports 0 flows left in the
-//!   buckets it releases, or `release_deadline` after Acquire.
+//!   buckets it releases (and in those it still holds from earlier plans), or
+//!   `release_deadline` after Acquire. Completing a plan never ends a connection: the buckets
+//!   that still hold flows stay per-bucket obligations (`linger.rs`): the old owner keeps
+//!   serving its flows in them, and whoever owns such a bucket keeps acquiring it (it never
+//!   takes a TCP packet of a flow it does not know) until the old owner holds nothing. Only a
+//!   drain's deadline (`drain --deadline`, `control.drain_deadline`) cuts those flows.
 //! - **Failures move at once**: each node, the moment it declares a member dead, recomputes its
 //!   snapshot with the dead nodes substituted: target `t(b) = build(to − dead).owner(b)`,
 //!   current owner `f(b) = build(from).owner(b)` unless dead, else `t(b)`. So a dead node's
@@ -151,6 +156,7 @@ use super::message::{
 use super::snapshot::Snapshot;
 
 mod fence;
+mod linger;
 mod plan;
 mod receive;
 
@@ -185,8 +191,14 @@ pub struct Config {
     pub dead_after: u32,
     /// How long new owners learn before the old owners release, ns (default 3 s).
     pub learn: u64,
-    /// How long an old owner may keep serving released buckets after acquire, ns (default 10 s).
+    /// How long a plan waits after acquire for the old owners' flows in the buckets it moves
+    /// before it completes, ns (default 10 s). It ends no connection: the flows left stay with
+    /// their old owner (see `linger.rs`).
     pub release_deadline: u64,
+    /// When an operator's drain (without a deadline of its own, or relayed from another node)
+    /// ends the flows this node still serves in buckets it released, ns after the drain; None:
+    /// it waits for the last one.
+    pub drain_deadline: Option<u64>,
     /// By-load: how often weights are recomputed, ns (default 5 s).
     pub rebalance_every: u64,
     /// By-load: rebalance only if some node's relative load is off by more than this, ‰
@@ -224,6 +236,7 @@ impl Config {
             dead_after: 3,
             learn: 3 * SEC,
             release_deadline: 10 * SEC,
+            drain_deadline: None,
             rebalance_every: 5 * SEC,
             rebalance_hysteresis_permille: 150,
             rebalance_max_moved_permille: 62,
@@ -276,8 +289,11 @@ pub enum Event {
     },
     /// The followed plan reached a new phase.
     PhaseChanged { plan: PlanId, phase: Phase },
-    /// This node drains and owns nothing any more: it may stop.
+    /// This node drains, owns nothing and serves no flow of a bucket it released: it may stop.
     Drained,
+    /// This node's drain reached its deadline: it stopped serving the flows of the buckets it
+    /// released (their clients get an RST from the new owners).
+    DrainCut,
     /// This node fenced itself (`reasons`: why), or lifted its fence.
     Fenced { fenced: bool, reasons: FenceReasons },
     /// The node's service failed (`came_up`: it had answered before; otherwise it never has):
@@ -425,7 +441,7 @@ pub struct Membership {
     cur: Option<Current>,
     max_epoch_seen: u64,
     snapshot: Arc<Snapshot>,
-    snap_key: Option<(PlanId, Phase, u64, bool)>,
+    snap_key: Option<(PlanId, Phase, u64, bool, u64)>,
     /// (plan, buckets released with flows left) from the last `report_flows`.
     report: Option<(PlanId, u32)>,
     coord: Coord,
@@ -439,6 +455,8 @@ pub struct Membership {
     heartbeats_sent: u64,
     /// When each unknown version was last logged, by version.
     version_logged: Vec<(u8, u64)>,
+    /// Obligations left by completed plans (long-lived flows, `linger.rs`).
+    linger: linger::Linger,
 }
 
 impl Membership {
@@ -479,6 +497,7 @@ impl Membership {
             drained: false,
             heartbeats_sent: 0,
             version_logged: Vec::new(),
+            linger: linger::Linger::default(),
         }
     }
 
@@ -524,7 +543,7 @@ impl Membership {
             // Sent on both paths: the first copy acts, the second finds the state already set.
             Body::Request(req) if req.target == self.cfg.me => {
                 if req.drain && !self.draining {
-                    self.drain(now, out);
+                    self.drain_by_operator(now, out);
                 } else if !req.drain && self.draining {
                     self.undrain(now, out);
                 }
@@ -546,7 +565,7 @@ impl Membership {
     pub fn request(&mut self, target: NodeId, drain: bool, now: u64, out: &mut Vec<Output>) {
         if target == self.cfg.me {
             if drain {
-                self.drain(now, out);
+                self.drain_by_operator(now, out);
             } else {
                 self.undrain(now, out);
             }
@@ -576,6 +595,7 @@ impl Membership {
         }
         // After the deaths: a peer silent on both paths is dead, not a sign of a deaf wire.
         self.update_fence(now, out);
+        self.review_obligations(now, out);
         self.refresh(now, out);
         self.coordinate(now, out);
         if self
@@ -608,23 +628,20 @@ impl Membership {
         }
     }
 
-    /// Flow counts from the data path for the buckets this node releases
-    /// ([`Snapshot::releasing`]); buckets not listed count as 0. Call it every tick or so while
-    /// releasing; the plan completes when every releasing node reports 0.
+    /// Flow counts from the data path for the buckets this node releases or still holds
+    /// ([`Snapshot::counted`]): released buckets not listed count as 0, held ones not listed
+    /// keep their last count (list every counted bucket, zeros included). Call it every tick or
+    /// so while there are any; the plan completes when every releasing node reports 0.
     pub fn report_flows(&mut self, flows: &[(Bucket, u32)], now: u64, out: &mut Vec<Output>) {
+        let releasing = self.take_counts(flows);
         let Some(id) = self.snapshot.plan() else {
             return;
         };
-        if !matches!(self.snapshot.phase(), Phase::Release | Phase::Acquire) {
+        if !matches!(self.snapshot.phase(), Phase::Release | Phase::Acquire) || releasing.is_empty()
+        {
             return;
         }
-        let me = self.cfg.me;
-        let left = flows
-            .iter()
-            .filter(|&&(b, n)| {
-                n > 0 && matches!(self.snapshot.role(b, me), super::Role::Releasing { .. })
-            })
-            .count() as u32;
+        let left = releasing.iter().filter(|&&(_, n)| n > 0).count() as u32;
         let before = self.report.filter(|r| r.0 == id).map(|r| r.1);
         self.report = Some((id, left));
         if left == 0 && before != Some(0) {
@@ -682,6 +699,7 @@ impl Membership {
     /// Operator: take a share of buckets again.
     pub fn undrain(&mut self, now: u64, out: &mut Vec<Output>) {
         if self.draining {
+            self.reset_cut();
             self.draining = false;
             self.drained = false;
             self.send_heartbeat(now, out);

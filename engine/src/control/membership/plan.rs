@@ -68,10 +68,33 @@ impl Membership {
         // Fenced, or waiting for a peer to stop standing in for it: it owns nothing.
         let owns_nothing = self.fenced || self.withholding();
         let Some(c) = &self.cur else { return };
-        let key = (c.plan.id, c.plan.phase, dead, owns_nothing);
+        let key = (
+            c.plan.id,
+            c.plan.phase,
+            dead,
+            owns_nothing,
+            self.linger.generation,
+        );
         if self.snap_key == Some(key) {
             return;
         }
+        let (next_plan, next_phase) = (c.plan.id, c.plan.phase);
+        if self
+            .snap_key
+            .is_some_and(|k| (k.0, k.1) != (next_plan, next_phase))
+        {
+            // A plan whose buckets moved is over: what it left becomes obligations.
+            self.settle(next_plan, next_phase);
+        }
+        let Some(c) = &self.cur else { return };
+        let dead = self.dead_members();
+        let key = (
+            c.plan.id,
+            c.plan.phase,
+            dead,
+            owns_nothing,
+            self.linger.generation,
+        );
         let old_dead = self
             .snap_key
             .filter(|k| k.0 == c.plan.id)
@@ -99,7 +122,7 @@ impl Membership {
             out.push(Output::Event(Event::TakeOver { dead }));
         }
         self.snap_key = Some(key);
-        let snap = snap.with_dead(dead);
+        let snap = self.obligations(snap.with_dead(dead));
         // The same plan and tables, but this node owns nothing in them.
         let snap = if owns_nothing {
             snap.without(self.cfg.me)
@@ -108,12 +131,7 @@ impl Membership {
         };
         self.snapshot = Arc::new(snap);
         out.push(Output::Publish(self.snapshot.clone()));
-        let out_of_table =
-            phase == Phase::Done && !eff.members().iter().any(|m| m.id == self.cfg.me);
-        if self.draining && out_of_table && !self.drained {
-            self.drained = true;
-            out.push(Output::Event(Event::Drained));
-        }
+        self.check_drained(out);
     }
 
     // ---------------------------------------------------------------- sending
@@ -158,6 +176,11 @@ impl Membership {
         let report = self.wire_report();
         self.last_wire_report = report;
         let (wire_heard, wire_deaf, serving) = report;
+        // Buckets held from earlier plans count too (see `linger.rs`).
+        let left = match left {
+            LEFT_UNKNOWN => LEFT_UNKNOWN,
+            n => n.saturating_add(self.held_count()).min(LEFT_UNKNOWN - 1),
+        };
         let hb = Heartbeat {
             node_mac: self.cfg.node_mac,
             weight: self.weight,

@@ -111,6 +111,8 @@ fn status_with_services_reads_back_and_an_old_status_still_reads() {
         refusing: false,
         fenced: false,
         fence_reasons: vec![],
+        drain_cut: false,
+        owed_buckets: 0,
         protocol_version: 2,
         healthy: None,
         members: vec![],

@@ -302,7 +302,7 @@ fn owner_of_names_the_backend_the_pipeline_picks() {
         let mut node = Node::new(
             Membership::new(membership),
             Settings {
-                drain_deadline: 1_000_000_000,
+                drain_deadline: Some(1_000_000_000),
                 health_port: None,
                 hasher: BucketHasher::new(SECRET),
                 affinity: cluster_affinity,

@@ -465,3 +465,80 @@ fn unlearned_udp_taken_while_acquiring_is_duplicate_risk() {
     let risk: Vec<u64> = h.nodes.iter().map(Pipeline::duplicate_risk).collect();
     assert_eq!(risk, vec![0, 1]);
 }
+
+/// After a plan completed with a connection still open on the old owner (node 1): the owner of
+/// the owed bucket (node 2) takes new connections there but leaves a packet of a connection it
+/// does not know alone (as plain owner, its kernel would answer with RST); the old owner keeps
+/// serving its connection until its drain's deadline cuts it, and then forgets it.
+#[test]
+fn an_owed_bucket_is_acquired_not_owned_and_a_cut_drain_serves_no_old_flow() {
+    let n = |i| NodeId::new(i).unwrap();
+    let from = OwnershipTable::build(1, &[Member::new(1, 100).unwrap()]).unwrap();
+    let to = OwnershipTable::build(
+        2,
+        &[Member::new(1, 100).unwrap(), Member::new(2, 100).unwrap()],
+    )
+    .unwrap();
+    let plan = PlanId {
+        epoch: 2,
+        proposer: n(1),
+    };
+    // Done: the moved buckets owed to node 1 (and, `cut`, node 1's drain past its deadline).
+    let done = |owed: bool, cut: u64| {
+        let s = Snapshot::build(plan, Phase::Done, |b| to.owner(b), None, to.digest());
+        let mut a: Box<[u8; crate::cluster::BUCKETS]> = vec![0u8; crate::cluster::BUCKETS]
+            .into_boxed_slice()
+            .try_into()
+            .unwrap();
+        for b in Bucket::all() {
+            if owed && to.owner(b) != from.owner(b) {
+                a[b.index()] = 1;
+            }
+        }
+        Arc::new(s.with_obligations(owed.then_some(a), Vec::new(), cut))
+    };
+    let mut a = Pipeline::new(
+        identity(1),
+        SECRET,
+        Arc::new(stable_snapshot(&from)),
+        small(),
+    );
+    let mut b = Pipeline::new(identity(2), SECRET, done(true, 0), small());
+    let client = Ipv4Addr::new(198, 19, 0, 9);
+    let port = (30_000..40_000u16)
+        .find(|&port| {
+            let f = ipv4_frame(client, port, &Kind::Tcp(0x02));
+            to.owner(b.bucket_of(&parse_l2_l4(&f).unwrap())).get() == 2
+        })
+        .unwrap();
+    let syn = ipv4_frame(client, port, &Kind::Tcp(0x02));
+    let ack = ipv4_frame(client, port, &Kind::Tcp(0x10));
+    let new_syn = ipv4_frame(client, port + 1, &Kind::Tcp(0x02));
+    let mut buf = vec![0u8; 2048];
+    let mut send = |p: &mut Pipeline, f: &[u8], now| {
+        buf[..f.len()].copy_from_slice(f);
+        p.from_wire(&mut buf, f.len(), now)
+    };
+    // Node 1 served the connection before the bucket moved.
+    assert_eq!(send(&mut a, &syn, 1), Action::Deliver);
+    assert_eq!(send(&mut a, &ack, 2), Action::Deliver);
+    a.set_snapshot(done(true, 0));
+    let bucket = b.bucket_of(&parse_l2_l4(&ack).unwrap());
+    assert_eq!(
+        b.snapshot().role(bucket, n(2)),
+        Role::Acquiring { from: n(1) }
+    );
+    // Node 1 still serves it, node 2 leaves it alone, and takes a new connection.
+    assert_eq!(send(&mut a, &ack, 3), Action::Deliver);
+    assert_eq!(send(&mut b, &ack, 3), Action::Drop(DropReason::NotOwned));
+    if to.owner(b.bucket_of(&parse_l2_l4(&new_syn).unwrap())).get() == 2 {
+        assert_eq!(send(&mut b, &new_syn, 3), Action::Deliver);
+    }
+    // Without the obligation, node 2 would hand the packet to its kernel (an RST).
+    b.set_snapshot(done(false, 0));
+    assert_eq!(send(&mut b, &ack, 4), Action::Deliver);
+    // Node 1's drain reaches its deadline: it serves the connection no more, and forgets it.
+    a.set_snapshot(done(false, 1));
+    assert_eq!(send(&mut a, &ack, 5), Action::Drop(DropReason::NotOwned));
+    assert_eq!(a.flows().count_in_bucket(bucket), 0);
+}

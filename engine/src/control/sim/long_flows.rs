@@ -1,0 +1,155 @@
+//! Long-lived flows in the simulator (DESIGN.md, "Long-lived flows"): plans complete while a
+//! connection of a bucket they moved lives on with its old owner, later plans proceed and keep
+//! the obligation, and only a drain's deadline ends such a connection.
+//!
+//! The flow model (`Sim::flow_linger`): a node that releases buckets in a plan keeps one flow in
+//! the first of them for `flow_linger` after the release began.
+
+use super::*;
+
+/// The bucket node `id` still holds flows in (it released it, its flow lives on).
+fn held_bucket(sim: &Sim, id: u8) -> Option<Bucket> {
+    let snap = sim.node(id).snapshot().clone();
+    let me = n(id);
+    let b = snap.counted(me).find(|&b| snap.final_owner(b) != Some(me));
+    b
+}
+
+/// The node that owns `b` once settled, as node `id` sees it, and its role there in its own
+/// snapshot.
+fn owner_role(sim: &Sim, b: Bucket) -> (u8, Role) {
+    let owner = sim.node(1).snapshot().final_owner(b).unwrap();
+    let role = sim.node(owner.get()).snapshot().role(b, owner);
+    (owner.get(), role)
+}
+
+fn done_plans(sim: &Sim, id: u8) -> usize {
+    sim.events_of(id)
+        .filter(|e| {
+            matches!(
+                e,
+                Event::PhaseChanged {
+                    phase: Phase::Done,
+                    ..
+                }
+            )
+        })
+        .count()
+}
+
+#[test]
+fn a_join_completes_while_a_long_flow_lives_and_the_next_plan_proceeds() {
+    let mut sim = cluster(31, &[1, 2]);
+    sim.flow_linger = 60 * SEC;
+    let t0 = sim.now;
+    sim.add(3);
+    // Learn 1 s, then the release deadline (5 s): the plan completes with the flows left.
+    sim.run_until(t0 + 10 * SEC);
+    sim.assert_converged();
+    let b = held_bucket(&sim, 1).expect("node 1 still serves its flow in a bucket it released");
+    assert!(sim.node(1).held_buckets() >= 1 && sim.node(1).released_flows() >= 1);
+    assert!(!sim.node(1).snapshot().cuts(n(1)));
+    // Its new owner takes new flows there, and leaves every flow it does not know to node 1.
+    let (owner, role) = owner_role(&sim, b);
+    assert_eq!(role, Role::Acquiring { from: n(1) }, "owner {owner}");
+    assert_eq!(sim.node(owner).snapshot().new_flow_owner(b), Some(n(owner)));
+    // The status names what node 1 still serves, on node 1 and on its peers.
+    let st = sim.node(1).status(&Timeline::default());
+    assert_eq!(st.node(1).unwrap().held_flows, Some(1));
+    let st = sim.node(3).status(&Timeline::default());
+    assert!(st.node(1).unwrap().held_buckets.is_some_and(|b| b >= 1));
+
+    // The next plan (another join) proceeds and completes; the flow still lives on node 1.
+    let before = done_plans(&sim, 1);
+    sim.add(4);
+    sim.run_until(t0 + 25 * SEC);
+    sim.assert_converged();
+    assert!(
+        done_plans(&sim, 1) > before,
+        "the next plan never completed"
+    );
+    assert_eq!(held_bucket(&sim, 1), Some(b), "the flow was cut");
+    let (owner, role) = owner_role(&sim, b);
+    if owner != 1 {
+        assert_eq!(role, Role::Acquiring { from: n(1) }, "owner {owner}");
+    }
+
+    // Once the flows have ended (the second plan started one of its own), the bucket is its
+    // owner's outright.
+    sim.run_until(t0 + 90 * SEC);
+    assert_eq!(held_bucket(&sim, 1), None);
+    assert_eq!(sim.node(1).held_buckets(), 0);
+    let (_, role) = owner_role(&sim, b);
+    assert_eq!(role, Role::Owner);
+    assert!((1..=4).all(|id| sim.node(id).owed_buckets() == 0));
+}
+
+#[test]
+fn a_drain_with_a_deadline_cuts_at_the_deadline() {
+    let mut sim = cluster(32, &[1, 2, 3]);
+    sim.flow_linger = 60 * SEC;
+    let t0 = sim.now;
+    sim.input(2, |m, now, out| {
+        m.drain_until(Some(now + 15 * SEC), now, out)
+    });
+    sim.run_until(t0 + 14 * SEC);
+    // The plan is done, node 2 owns nothing but still serves its flow: not drained.
+    sim.assert_converged();
+    assert!(sim.node(2).held_buckets() >= 1);
+    assert!(!sim.node(2).is_drained() && !sim.node(2).cut());
+    assert!(!sim.events_of(2).any(|e| *e == Event::DrainCut));
+    let b = held_bucket(&sim, 2).unwrap();
+    assert_eq!(owner_role(&sim, b).1, Role::Acquiring { from: n(2) });
+    // At the deadline it cuts: it serves none of those flows, it is drained, and the others
+    // forget what they learned of them and own the bucket outright.
+    sim.run_until(t0 + 15 * SEC + 500 * MS);
+    assert!(sim.node(2).cut() && sim.node(2).is_drained());
+    assert!(sim.events_of(2).any(|e| *e == Event::DrainCut));
+    assert!(sim.node(2).snapshot().cuts(n(2)));
+    assert_eq!(sim.node(2).held_buckets(), 0);
+    let (owner, role) = owner_role(&sim, b);
+    assert_eq!(role, Role::Owner);
+    assert!(sim.node(owner).snapshot().cut() & (1 << 1) != 0);
+    // Undrained, it takes its share again and serves what it takes.
+    sim.input(2, |m, now, out| m.undrain(now, out));
+    sim.run_until(t0 + 25 * SEC);
+    let c = sim.assert_converged();
+    assert!((share(&c, 2) - 1.0 / 3.0).abs() < 0.01, "{c:?}");
+    assert!(!sim.node(2).snapshot().cuts(n(2)));
+}
+
+#[test]
+fn a_drain_without_a_deadline_waits_for_the_last_flow() {
+    let mut sim = cluster(33, &[1, 2, 3]);
+    sim.flow_linger = 30 * SEC;
+    let t0 = sim.now;
+    sim.input_node(2, |node, now, out| {
+        node.request(
+            &crate::control::operator::Request::Drain {
+                node: None,
+                drain: true,
+                deadline: Some(crate::control::operator::DrainDeadline::Wait),
+            },
+            &Timeline::default(),
+            now,
+            out,
+        );
+    });
+    sim.run_until(t0 + 25 * SEC);
+    sim.assert_converged();
+    assert_eq!(sim.node(2).snapshot().accepting_count(n(2)), 0);
+    assert!(!sim.node(2).is_drained() && !sim.node(2).cut());
+    let st = sim.node(1).status(&Timeline::default());
+    assert_eq!(
+        st.node(2).map(|s| s.state),
+        Some(crate::control::operator::NodeState::Draining)
+    );
+    sim.run_until(t0 + 35 * SEC);
+    assert!(sim.node(2).is_drained() && !sim.node(2).cut());
+    assert!(sim.events_of(2).any(|e| *e == Event::Drained));
+    let st = sim.node(1).status(&Timeline::default());
+    assert_eq!(
+        st.node(2).map(|s| s.state),
+        Some(crate::control::operator::NodeState::Drained)
+    );
+}
