@@ -12,9 +12,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use clonecluster::control::operator::Status;
-use clonecluster_lab::services::{
-    configure_host_port, engine_config, start_engine, start_nginx, EngineOptions,
-};
+use clonecluster_lab::services::{engine_config, start_engine, start_nginx_on, EngineOptions};
 use clonecluster_lab::topology::{
     backend_ip, backend_mac, Topology, CLIENT_IP, CLUSTER_IP, CLUSTER_MAC, PINNED_CLIENT_PORTS,
 };
@@ -53,6 +51,8 @@ struct Appliances {
     topo: Topology,
     dir: tempfile::TempDir,
     engines: BTreeMap<u8, u32>,
+    /// nginx's PID on each backend.
+    servers: BTreeMap<u8, u32>,
 }
 
 impl Appliances {
@@ -62,15 +62,18 @@ impl Appliances {
         let mut topo = Topology::build(&format!("cc{tag}{}", std::process::id() % 100_000), nodes)
             .expect("build the lab network");
         let dir = tempfile::Builder::new().prefix("ccapp").tempdir().unwrap();
+        let mut servers = BTreeMap::new();
         for i in BACKENDS {
             let ns = topo.add_backend(i).expect("a backend namespace");
-            let nginx = start_nginx(&ns, dir.path(), backend_id(i), 4096).unwrap();
-            topo.adopt(nginx);
+            // Port 80 of every address: the cluster address (DSR) and its own (checks).
+            let nginx = start_nginx_on(&ns, dir.path(), backend_id(i), 4096, "80").unwrap();
+            servers.insert(i, topo.adopt(nginx));
         }
         let mut lab = Appliances {
             topo,
             dir,
             engines: BTreeMap::new(),
+            servers,
         };
         for &id in nodes {
             lab.start_node(id, nodes, services);
@@ -101,8 +104,24 @@ impl Appliances {
         let engine = start_engine(bin(), &ns, &path, &log).unwrap();
         let pid = self.topo.adopt(engine);
         self.engines.insert(id, pid);
-        // Waits for the engine's tap (the node's kernel serves nothing here).
-        configure_host_port(&ns, Duration::from_secs(30)).unwrap();
+        // The node's kernel serves nothing here; it holds the node's own address (the source
+        // of its backend checks), not the cluster's.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ns.run(&["ip", "link", "show", "cc0"]).is_err() {
+            assert!(Instant::now() < deadline, "the engine created no cc0 tap");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ns.run(&["ethtool", "-K", "cc0", "tx", "off"]).unwrap();
+        ns.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("198.18.0.{}/24", 10 + id),
+            "dev",
+            "cc0",
+        ])
+        .unwrap();
+        ns.run(&["ip", "link", "set", "cc0", "up"]).unwrap();
     }
 
     fn status(&self, id: u8) -> Option<Status> {
@@ -445,4 +464,109 @@ fn parse_mac(s: &str) -> [u8; 6] {
         .map(|x| u8::from_str_radix(x, 16).unwrap())
         .collect();
     v.try_into().unwrap()
+}
+
+/// The backends' agreed state as node `id` sees it: (backend name, state) in config order.
+fn backend_states(lab: &Appliances, id: u8) -> Vec<(String, String)> {
+    lab.status(id)
+        .map(|s| {
+            s.services
+                .iter()
+                .flat_map(|r| r.backends.iter().map(|b| (b.name.clone(), b.state.clone())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until every appliance in `nodes` sees the backends in `want` (name, state).
+fn wait_states(lab: &Appliances, nodes: &[u8], want: &[(&str, &str)], timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let ok = nodes.iter().all(|&id| {
+            let states = backend_states(lab, id);
+            want.iter()
+                .all(|(n, st)| states.iter().any(|(bn, bs)| bn == n && bs == st))
+        });
+        if ok {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "backends never {want:?}: {:?}\n{}",
+            backend_states(lab, nodes[0]),
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A drained backend keeps every flow it has and gets no new one; a killed backend loses only
+/// its own connections, and new connections avoid it once the cluster agrees it is down.
+#[test]
+fn a_drained_backend_keeps_its_flows_and_a_killed_one_is_avoided() {
+    require_root();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = dsr_web()
+        + "    backend_health: { port: 80, http_path: /id, interval: 200ms, timeout: 200ms, \
+           rise: 2, fall: 2 }\n";
+    let lab = Appliances::new("ah", &[1, 2], &services);
+    lab.wait_members(&[1, 2], Duration::from_secs(30));
+    let all_up = [("b1", "up"), ("b2", "up"), ("b3", "up")];
+    wait_states(&lab, &[1, 2], &all_up, Duration::from_secs(20));
+
+    // Drain backend 1 through node 2's operator: both appliances stop choosing it, its
+    // downloads finish.
+    let first = *PINNED_CLIENT_PORTS.start();
+    let ports: Vec<u16> = (first..first + 12).collect();
+    let downloads = lab.downloads(&ports, "1m");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = run_cmd(&[
+        "drain-backend",
+        "--config",
+        lab.config(2).to_str().unwrap(),
+        "b1",
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.contains("web/b1") && said.contains("drained"),
+        "{said}"
+    );
+    wait_states(&lab, &[1, 2], &[("b1", "drained")], Duration::from_secs(5));
+    let (by, failed) = lab.requests(30);
+    assert_eq!(failed, 0, "{by:?}");
+    assert!(
+        !by.contains_key(&backend_id(1)),
+        "a drained backend took new flows: {by:?}"
+    );
+    let (ok, results) = complete(downloads);
+    assert_eq!(ok, 12, "a drain loses nothing: {results:?}");
+
+    // Kill backend 2's server under load: only its connections are lost.
+    let ports: Vec<u16> = (first + 100..first + 112).collect();
+    let downloads = lab.downloads(&ports, "512k");
+    std::thread::sleep(Duration::from_millis(800));
+    let victim = lab.servers[&2];
+    signal(victim, "KILL");
+    let killed = Instant::now();
+    wait_states(&lab, &[1, 2], &[("b2", "down")], Duration::from_secs(5));
+    let avoided_after = killed.elapsed();
+    let (by, failed) = lab.requests(30);
+    assert_eq!(failed, 0, "new connections once b2 is down: {by:?}");
+    assert_eq!(
+        by.keys().copied().collect::<Vec<_>>(),
+        vec![backend_id(3)],
+        "b1 drained, b2 down: only b3 serves"
+    );
+    let (ok, results) = complete(downloads);
+    // Downloads were spread over b2 and b3 (b1 drained): b2's were cut, b3's completed.
+    let cut = results
+        .iter()
+        .filter(|r| !r.ends_with(&(4096 * 1024).to_string()))
+        .count();
+    assert!(cut > 0 && ok > 0 && ok + cut == 12, "{results:?}");
+    eprintln!(
+        "backend killed: {cut} of 12 downloads cut (its own), {ok} complete; new connections \
+         avoid it after {:.2} s (health: fall 2 x 200 ms)",
+        avoided_after.as_secs_f64()
+    );
 }

@@ -95,6 +95,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Appliance mode: send a backend no new flows, cluster-wide (its flows continue); the
+    /// coordinator's next backend table applies it on every node.
+    DrainBackend {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The backend's name (every service's backend of that name), or SERVICE/NAME.
+        backend: String,
+    },
+    /// Appliance mode: undo `drain-backend`.
+    UndrainBackend {
+        #[arg(long, short)]
+        config: PathBuf,
+        backend: String,
+    },
     /// Re-read the node's YAML: show what changed, apply what can change live (node.weight),
     /// refuse the rest with the reason, change nothing if the file is broken.
     Reload {
@@ -245,6 +259,22 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         ),
         Command::Status { config, json } => operator(&config, Request::Status, json),
         Command::Reload { config } => operator(&config, Request::Reload, false),
+        Command::DrainBackend { config, backend } => operator(
+            &config,
+            Request::DrainBackend {
+                name: backend,
+                drain: true,
+            },
+            false,
+        ),
+        Command::UndrainBackend { config, backend } => operator(
+            &config,
+            Request::DrainBackend {
+                name: backend,
+                drain: false,
+            },
+            false,
+        ),
         Command::OwnerOf {
             config,
             src,
@@ -378,6 +408,7 @@ fn print_reply(reply: &Reply) {
         }
         Reply::Reload(r) if r.changed.is_empty() => println!("reload: nothing changed"),
         Reply::Reload(r) => println!("reload: applied {}", r.applied.join(", ")),
+        Reply::DrainBackend(b) => println!("{b}"),
         Reply::OwnerOf(o) => {
             let opt = |n: Option<u8>| {
                 n.map_or("nobody (handoff gap)".to_owned(), |n| format!("node {n}"))

@@ -662,6 +662,13 @@ impl OperatorSocket {
         let reply = match Request::parse(&line) {
             Err(error) => Reply::Refused(Refused::new(error)),
             Ok(Request::Reload) => reload(current, node, link, now, out),
+            Ok(Request::DrainBackend { name, drain }) => {
+                let reply = node.drain_backend(&name, drain, &link.services());
+                if let Reply::DrainBackend(r) = &reply {
+                    tracing::info!(backends = %r.backends.join(", "), drained = drain, "operator: drain-backend");
+                }
+                reply
+            }
             Ok(request) => {
                 let mut reply = node.request(&request, timeline, now, out);
                 node.describe_services(&request, &mut reply, &link.services());

@@ -169,6 +169,48 @@ impl Node {
         &self.drained_backends
     }
 
+    /// `drain-backend NAME` / `undrain-backend NAME` against `services`: NAME is a backend's
+    /// name (every service's backend of that name) or `SERVICE/NAME`. What this node reports
+    /// changes; the coordinator's next backend table applies it cluster-wide.
+    pub fn drain_backend(
+        &mut self,
+        name: &str,
+        drain: bool,
+        services: &crate::appliance::Services,
+    ) -> Reply {
+        let (service, backend) = match name.split_once('/') {
+            Some((s, b)) => (Some(s), b),
+            None => (None, name),
+        };
+        let matched: Vec<(u16, String)> = services
+            .rules()
+            .iter()
+            .filter(|r| service.is_none_or(|s| s == r.name))
+            .flat_map(|r| {
+                r.backends
+                    .iter()
+                    .filter(|b| b.name == backend || b.ip.to_string() == backend)
+                    .map(move |b| (b.id, format!("{}/{}", r.name, b.name)))
+            })
+            .collect();
+        if matched.is_empty() {
+            return Reply::Refused(Refused::new(format!(
+                "no backend `{name}`; `status` lists the services and their backends"
+            )));
+        }
+        for (id, _) in &matched {
+            if drain {
+                self.drained_backends.insert(*id);
+            } else {
+                self.drained_backends.remove(id);
+            }
+        }
+        Reply::DrainBackend(super::operator::BackendReply {
+            backends: matched.into_iter().map(|(_, n)| n).collect(),
+            drained: drain,
+        })
+    }
+
     /// The wire port's link (see [`Membership::set_wire_link`]).
     pub fn set_wire_link(&mut self, up: bool, now: u64, out: &mut Vec<Output>) {
         self.m.set_wire_link(up, now, out);
@@ -287,6 +329,9 @@ impl Node {
                 })
             }
             Request::Reload => Reply::Refused(Refused::new("reload needs the node's file")),
+            Request::DrainBackend { .. } => {
+                Reply::Refused(Refused::new("drain-backend needs the node's services"))
+            }
         }
     }
 

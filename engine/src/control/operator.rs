@@ -36,6 +36,9 @@ pub enum Request {
     },
     /// Re-read the node's YAML and apply what can change live: [`ReloadReply`].
     Reload,
+    /// Appliance mode: take a backend out of new flows (`drain: true`; its flows continue) or
+    /// back in, cluster-wide (through the agreed backend table): [`BackendReply`].
+    DrainBackend { name: String, drain: bool },
     /// Which node owns a flow, and why: [`OwnerReply`].
     OwnerOf {
         src: SocketAddr,
@@ -169,6 +172,13 @@ impl Request {
                     proto: proto.parse()?,
                 })
             }
+            [verb @ ("drain-backend" | "undrain-backend"), name] => Ok(Request::DrainBackend {
+                name: (*name).to_owned(),
+                drain: *verb == "drain-backend",
+            }),
+            [verb @ ("drain-backend" | "undrain-backend"), ..] => {
+                Err(format!("usage: {verb} BACKEND (its name, or SERVICE/NAME)"))
+            }
             [] => Err("empty request".to_owned()),
             _ => Err(format!("unknown command `{}`", line.trim())),
         }
@@ -196,6 +206,14 @@ impl fmt::Display for Request {
                 }
             }
             Request::OwnerOf { src, dst, proto } => write!(f, "owner-of {src} {dst} {proto}"),
+            Request::DrainBackend { name, drain } => {
+                let verb = if *drain {
+                    "drain-backend"
+                } else {
+                    "undrain-backend"
+                };
+                write!(f, "{verb} {name}")
+            }
         }
     }
 }
@@ -207,6 +225,7 @@ pub enum Reply {
     Drain(DrainReply),
     Reload(ReloadReply),
     OwnerOf(OwnerReply),
+    DrainBackend(BackendReply),
     /// The node refused the request and changed nothing.
     Refused(Refused),
 }
@@ -392,6 +411,7 @@ impl Reply {
             Reply::Drain(d) => (true, serde_json::to_value(d)),
             Reply::Reload(r) => (true, serde_json::to_value(r)),
             Reply::OwnerOf(o) => (true, serde_json::to_value(o)),
+            Reply::DrainBackend(b) => (true, serde_json::to_value(b)),
             Reply::Refused(r) => (false, serde_json::to_value(r)),
         };
         let mut body = body.unwrap_or_default();
@@ -416,7 +436,34 @@ impl Reply {
             Request::Drain { .. } => Reply::Drain(serde_json::from_value(value).map_err(bad)?),
             Request::Reload => Reply::Reload(serde_json::from_value(value).map_err(bad)?),
             Request::OwnerOf { .. } => Reply::OwnerOf(serde_json::from_value(value).map_err(bad)?),
+            Request::DrainBackend { .. } => {
+                Reply::DrainBackend(serde_json::from_value(value).map_err(bad)?)
+            }
         })
+    }
+}
+
+/// The reply to `drain-backend` / `undrain-backend`: the backends it applies to (a name may
+/// be in several services) and what this node now reports for them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendReply {
+    /// `service/backend` of each backend matched.
+    pub backends: Vec<String>,
+    pub drained: bool,
+}
+
+impl fmt::Display for BackendReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} (the cluster applies it with its next backend table)",
+            self.backends.join(", "),
+            if self.drained {
+                "drained: no new flows, its flows continue"
+            } else {
+                "takes new flows again"
+            }
+        )
     }
 }
 

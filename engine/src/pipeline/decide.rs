@@ -67,7 +67,7 @@ impl Pipeline {
     pub fn decide(&mut self, buf: &mut [u8], len: usize, prepared: &Prepared, now: u64) -> Action {
         match *prepared {
             Prepared::Drop(reason) => Action::Drop(reason),
-            Prepared::Shared => Action::DeliverShared,
+            Prepared::Shared => self.to_own_host(buf),
             Prepared::Flow {
                 bucket,
                 hash,
@@ -83,6 +83,18 @@ impl Pipeline {
         }
     }
 
+    /// A frame for the node's own MAC: to its host, addressed to the host port's MAC (the
+    /// cluster MAC: the kernel takes frames for its interface's own address only). The node's
+    /// kernel announces its own addresses with the node MAC (`Pipeline::from_host`), so that
+    /// what it asks for itself (an appliance's backend checks, say) comes back to this node.
+    #[inline(never)]
+    fn to_own_host(&self, buf: &mut [u8]) -> Action {
+        if let Some(dst) = buf.get_mut(..6) {
+            dst.copy_from_slice(&self.id.cluster_mac.0);
+        }
+        Action::DeliverShared
+    }
+
     /// [`Pipeline::from_wire`] without the TCP/UDP shortcut of [`Pipeline::prepare`].
     #[inline(never)]
     pub(super) fn decide_full(&mut self, buf: &mut [u8], len: usize, now: u64) -> Action {
@@ -94,7 +106,7 @@ impl Pipeline {
         }
         let dst = ethernet::Frame::new_unchecked(frame).dst();
         if dst == self.id.node_mac {
-            return Action::DeliverShared;
+            return self.to_own_host(buf);
         }
         let group = dst.is_multicast(); // broadcast included
         if !group && dst != self.id.cluster_mac {

@@ -41,8 +41,32 @@ impl Pipeline {
                 return Action::Drop(reason);
             }
         }
+        if ethertype == EtherType::Arp {
+            self.own_arp(frame);
+        }
         ethernet::Frame::new_unchecked(frame).set_src(self.id.node_mac);
         Action::ToWire
+    }
+
+    /// The kernel's ARP about an address of its own other than the cluster's (the node's own
+    /// address: an appliance checking its backends) names the node MAC as its sender, so that
+    /// the answers come back to this node rather than to whichever node owns their bucket
+    /// (the kernel's interface has the cluster MAC).
+    fn own_arp(&self, frame: &mut [u8]) {
+        let Ok(p) = parse_l2_l4(frame) else {
+            return;
+        };
+        let Some(arp_bytes) = frame.get_mut(p.l3_offset..) else {
+            return;
+        };
+        let Ok(mut pkt) = arp::Packet::new_checked(arp_bytes) else {
+            return;
+        };
+        if pkt.source_protocol_addr() != self.id.cluster_ip
+            && pkt.source_hardware_addr() == self.id.cluster_mac
+        {
+            pkt.set_source_hardware_addr(self.id.node_mac);
+        }
     }
 
     /// The server sent FIN or RST: the flow ends. Returns true when the segment is the kernel
