@@ -409,7 +409,7 @@ impl Cluster {
 }
 
 /// `InSegs` of the `Tcp:` lines of `/proc/net/snmp`.
-fn tcp_in_segments(snmp: &str) -> Option<u64> {
+pub fn tcp_in_segments(snmp: &str) -> Option<u64> {
     let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
     let names: Vec<&str> = tcp.next()?.split_whitespace().collect();
     let values: Vec<&str> = tcp.next()?.split_whitespace().collect();

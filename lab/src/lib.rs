@@ -10,8 +10,14 @@
 //! it must never touch an interface or address outside the namespaces it creates, and it cleans
 //! up by PID and by the names it made.
 
+pub mod applab;
+pub mod applab_checks;
+pub mod applab_report;
+pub mod applab_scenario;
+pub mod appliance;
 pub mod checks;
 pub mod cluster;
+pub mod dispatch;
 pub mod load;
 pub mod measure;
 pub mod probe;

@@ -31,8 +31,18 @@ enum Command {
     /// 1 node, then N nodes per policy, each under a ramp of wrk clients; writes CSVs,
     /// report.md and SVG plots into --out.
     Lab {
+        /// `server` (the engines are the servers: the paper's experiment) or `appliance` (a
+        /// clone cluster of engine appliances in front of --backends nginx backends, against one
+        /// backend alone, the kernel director (nftables) and HAProxy; scenarios:
+        /// appliance-kill, appliance-join, director-kill).
+        #[arg(long, default_value = "server")]
+        mode: String,
+        /// Nodes (appliance mode: appliances, K).
         #[arg(long, default_value_t = 2)]
         nodes: u8,
+        /// Appliance mode: backends behind the appliances and dispatchers (M).
+        #[arg(long, default_value_t = 3)]
+        backends: u8,
         /// Policies for the N-node runs (comma-separated: hash, by-load).
         #[arg(long, default_value = "hash,by-load", value_delimiter = ',')]
         policy: Vec<String>,
@@ -109,7 +119,9 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
     let engine = cli.engine.as_deref();
     match cli.command {
         Command::Lab {
+            mode,
             nodes,
+            backends,
             policy,
             clients,
             duration,
@@ -130,6 +142,26 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     removed.join(", ")
                 );
                 return Ok(());
+            }
+            if mode == "appliance" {
+                let opts = appliance_request(
+                    engine,
+                    nodes,
+                    backends,
+                    clients,
+                    duration,
+                    &scenario,
+                    scenario_clients,
+                    scenario_duration,
+                    out.clone(),
+                )?;
+                if baseline.is_some() {
+                    bail!("--baseline: appliance mode always runs its baselines (the kernel director and HAProxy)");
+                }
+                return appliance(&opts);
+            }
+            if mode != "server" {
+                bail!("--mode {mode}: use server or appliance");
             }
             let checked = check_lab_request(
                 nodes,
@@ -192,6 +224,85 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             probe(&opts, &out)
         }
     }
+}
+
+/// `lab --mode appliance`'s flags, checked.
+#[allow(clippy::too_many_arguments)]
+fn appliance_request(
+    engine: Option<&std::path::Path>,
+    nodes: u8,
+    backends: u8,
+    clients: Vec<u32>,
+    duration: u32,
+    scenario: &[String],
+    scenario_clients: u32,
+    scenario_duration: u32,
+    out: PathBuf,
+) -> anyhow::Result<clonecluster_lab::applab::ApplianceOptions> {
+    use clonecluster_lab::applab_scenario::AppScenario;
+    if !(1..=8).contains(&nodes) || !(1..=20).contains(&backends) {
+        bail!("--nodes {nodes} --backends {backends}: appliance mode runs 1 to 8 appliances and 1 to 20 backends");
+    }
+    if clients.is_empty() || clients.contains(&0) || duration == 0 {
+        bail!("--clients and --duration: give positive numbers");
+    }
+    if scenario_duration < 6 || scenario_clients == 0 {
+        bail!("--scenario-duration must be at least 6 s and --scenario-clients positive");
+    }
+    let mut ramp = false;
+    let mut scenarios = Vec::new();
+    for s in scenario {
+        match AppScenario::parse(s) {
+            _ if s == "ramp" => ramp = true,
+            Some(x) if nodes < 2 && x != AppScenario::DirectorKill => {
+                bail!("--scenario {s}: needs --nodes 2 or more")
+            }
+            Some(x) => scenarios.push(x),
+            None => bail!(
+                "--scenario {s}: appliance mode runs ramp, appliance-kill, appliance-join and \
+                 director-kill (comma-separated)"
+            ),
+        }
+    }
+    Ok(clonecluster_lab::applab::ApplianceOptions {
+        programs: programs(engine)?,
+        nodes,
+        backends,
+        clients,
+        duration_s: duration,
+        ramp,
+        scenarios,
+        scenario_clients,
+        scenario_duration_s: scenario_duration,
+        out,
+        prefix: "cclab".to_owned(),
+    })
+}
+
+/// `lab --mode appliance`: runs it, says where the report is, fails if a check failed.
+fn appliance(opts: &clonecluster_lab::applab::ApplianceOptions) -> anyhow::Result<()> {
+    let say = |line: String| eprintln!("{line}");
+    let results = clonecluster_lab::applab::run(opts, &say).map_err(|e| {
+        if e == "interrupted" {
+            anyhow::anyhow!(
+                "interrupted: the lab stopped every process it started (by PID) and removed its \
+                 namespaces"
+            )
+        } else {
+            anyhow::Error::msg(e)
+        }
+    })?;
+    println!(
+        "report: {}\nplots: {} {}",
+        opts.out.join("report.md").display(),
+        opts.out.join("throughput.svg").display(),
+        opts.out.join("response_time.svg").display()
+    );
+    let failures = results.failures();
+    if !failures.is_empty() {
+        bail!("the lab found problems:\n  {}", failures.join("\n  "));
+    }
+    Ok(())
 }
 
 /// `soak`: checks the request, runs it, fails if a check failed.

@@ -92,7 +92,7 @@ pub fn write_all(
     scenarios: &[ScenarioResult],
 ) -> Result<(), String> {
     for c in configs {
-        write(out, &format!("{}.csv", slug(&c.name)), csv(c))?;
+        write(out, &format!("{}.csv", slug(&c.name)), steps_csv(&c.steps))?;
     }
     write(
         out,
@@ -130,9 +130,10 @@ pub fn slug(name: &str) -> String {
     name.replace(' ', "-")
 }
 
-fn csv(r: &ConfigResult) -> String {
+/// One configuration's ramp as CSV.
+pub fn steps_csv(steps: &[Step]) -> String {
     let mut csv = String::from("step,clients,rps,transfer_mib_s,mean_ms,p99_ms,errors,timeouts\n");
-    for (i, s) in r.steps.iter().enumerate() {
+    for (i, s) in steps.iter().enumerate() {
         let _ = writeln!(
             csv,
             "{},{},{:.1},{:.3},{:.3},{:.3},{},{}",

@@ -112,7 +112,7 @@ pub fn interrupted() -> bool {
 }
 
 /// Namespaces an earlier run with this prefix left behind.
-fn leftovers(prefix: &str) -> Vec<String> {
+pub(crate) fn leftovers(prefix: &str) -> Vec<String> {
     let list = super::topology::run(&["ip", "netns", "list"]).unwrap_or_default();
     list.lines()
         .filter_map(|l| l.split_whitespace().next())

@@ -143,6 +143,18 @@ pub fn configure_host_port(ns: &Ns, timeout: std::time::Duration) -> Result<(), 
 /// (`master_process off`), so that stopping its PID stops the server: a master killed with
 /// SIGKILL would leave its worker serving.
 pub fn start_nginx(ns: &Ns, dir: &Path, id: u8, big_kib: usize) -> std::io::Result<Child> {
+    start_nginx_on(ns, dir, id, big_kib, &format!("{CLUSTER_IP}:80"))
+}
+
+/// [`start_nginx`] listening on `listen` (nginx's `listen` argument: an appliance lab backend
+/// listens on port 80 of every address, so that a proxy can reach it at its own address too).
+pub fn start_nginx_on(
+    ns: &Ns,
+    dir: &Path,
+    id: u8,
+    big_kib: usize,
+    listen: &str,
+) -> std::io::Result<Child> {
     let root = dir.join(format!("node{id}"));
     let www = root.join("www");
     std::fs::create_dir_all(&www)?;
@@ -171,7 +183,7 @@ http {{
     scgi_temp_path {root}/tmp;
     keepalive_requests 1000000;
     server {{
-        listen {CLUSTER_IP}:80;
+        listen {listen};
         root {www};
     }}
 }}
