@@ -367,31 +367,28 @@ impl ApplianceLab {
             .collect()
     }
 
-    /// Downloads of the backends' `/big` from the client ports `ports` at `rate` (curl's
-    /// `--limit-rate`), started now; a download stalled for 4 s gives up (a lost connection).
-    pub fn downloads(&mut self, ports: &[u16], rate: &str) -> Result<Vec<u32>, String> {
-        let mut pids = Vec::new();
+    /// Downloads of the backends' `/big` from the client ports `ports`, read at `kib_s` KiB/s
+    /// by a thread of the lab from curl's output (curl 7.88's own `--limit-rate` lets some
+    /// transfers through at full speed), started now. A download stalled for 4 s gives up (a
+    /// lost connection).
+    pub fn downloads(&mut self, ports: &[u16], kib_s: u64) -> Result<Vec<Download>, String> {
+        let mut downloads = Vec::new();
         for port in ports {
-            let child = self
+            let mut child = self
                 .topo
                 .client
                 .command(&[
                     "curl",
                     "-s",
-                    "-o",
-                    "/dev/null",
+                    "-f",
                     "-m",
                     "60",
                     "--speed-limit",
                     "1",
                     "--speed-time",
                     "4",
-                    "--limit-rate",
-                    rate,
                     "--local-port",
                     &port.to_string(),
-                    "-w",
-                    "%{http_code} %{size_download}",
                     &format!("http://{CLUSTER_IP}/big"),
                 ])
                 .stdin(Stdio::null())
@@ -399,30 +396,42 @@ impl ApplianceLab {
                 .stderr(Stdio::null())
                 .spawn()
                 .map_err(|e| format!("cannot start curl: {e}"))?;
-            pids.push(self.topo.adopt(child));
+            let out = child.stdout.take().ok_or("curl has no stdout")?;
+            let reader = std::thread::spawn(move || read_slowly(out, kib_s));
+            downloads.push(Download {
+                pid: self.topo.adopt(child),
+                reader,
+            });
         }
-        Ok(pids)
+        Ok(downloads)
     }
 
-    /// Waits (until `deadline`) for the downloads `pids` and counts those that ended complete
-    /// (HTTP 200 and every byte); one still running then is killed and counts as lost.
-    pub fn finish_downloads(&mut self, pids: &[u32], deadline: Instant) -> usize {
-        let mut complete = 0;
-        for &pid in pids {
-            let Some(mut child) = self.topo.release(pid) else {
+    /// Waits (until `deadline`) for the downloads; returns how each ended (`complete`, or
+    /// curl's exit and the bytes read). One still running at the deadline is killed.
+    pub fn finish_downloads(&mut self, downloads: Vec<Download>, deadline: Instant) -> Vec<String> {
+        let mut ends = Vec::new();
+        for d in downloads {
+            let Some(mut child) = self.topo.release(d.pid) else {
                 continue;
             };
-            if wait_until(&mut child, deadline).is_none() {
+            let status = wait_until(&mut child, deadline);
+            if status.is_none() {
                 let _ = child.kill();
+                let _ = child.wait();
             }
-            if let Ok(out) = child.wait_with_output() {
-                let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-                if text == format!("200 {}", BIG_KIB * 1024) {
-                    complete += 1;
-                }
-            }
+            let bytes = d.reader.join().unwrap_or(0);
+            ends.push(match status {
+                Some(s) if s.success() && bytes == (BIG_KIB * 1024) as u64 => "complete".to_owned(),
+                Some(s) => format!("curl {s}, {bytes} bytes"),
+                None => format!("still running at the end, {bytes} bytes"),
+            });
         }
-        complete
+        ends
+    }
+
+    /// Whether a download ended complete ([`ApplianceLab::finish_downloads`]).
+    pub fn complete(end: &str) -> bool {
+        end == "complete"
     }
 
     /// Starts the connection probe in the client namespace for `duration` (adopted; its record
@@ -472,6 +481,32 @@ impl ApplianceLab {
                     .count()
             })
             .sum()
+    }
+}
+
+/// A long download in progress: curl's PID (adopted) and the thread reading its output.
+#[derive(Debug)]
+pub struct Download {
+    pub pid: u32,
+    reader: std::thread::JoinHandle<u64>,
+}
+
+/// Reads `out` to its end at `kib_s` KiB/s at most; returns the bytes read.
+fn read_slowly(mut out: impl std::io::Read, kib_s: u64) -> u64 {
+    const CHUNK: usize = 16 * 1024;
+    let mut buf = vec![0u8; CHUNK];
+    let start = Instant::now();
+    let mut total = 0u64;
+    loop {
+        // Not ahead of the rate: wait until `total` bytes are due.
+        let due = Duration::from_secs_f64(total as f64 / (kib_s.max(1) * 1024) as f64);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        match out.read(&mut buf) {
+            Ok(0) | Err(_) => return total,
+            Ok(n) => total += n as u64,
+        }
     }
 }
 
