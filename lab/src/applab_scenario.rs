@@ -354,7 +354,7 @@ mod tests {
 
     #[test]
     fn served_again_is_the_first_fresh_success_after_the_event() {
-        let sample = |t_ms, kind, ok| Sample {
+        let sample = |t_ms, kind, ok: bool| Sample {
             t_ms,
             kind,
             slot: 0,
