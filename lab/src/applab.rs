@@ -178,6 +178,7 @@ fn run_config(
         opts.backends,
         &ids,
         &ids,
+        false,
         opts.out.join(slug(name)),
     )?;
     let formed = lab.wait_formed(&ids, Duration::from_secs(30), &interrupted)?;

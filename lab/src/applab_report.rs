@@ -297,18 +297,20 @@ fn scenario_table(md: &mut String, r: &AppResults) {
          the event comes a third of the way in. *Takeover*: from the kill until every other \
          appliance sent the victim's new flows on (the appliances' own timelines). *Lost*: probe \
          keep-alive connections that failed after the event (by the backend that served them) and \
-         downloads not complete. *Served again*: from the event until a fresh connection was \
-         served.\n\n\
+         downloads not complete. *Slow connects*: fresh connections that waited for a SYN \
+         retransmission (1 s: their SYN was lost, e.g. to a dead appliance before the takeover). \
+         *Served again*: from the event until a fresh connection was served (its connect \
+         completed after the event).\n\n\
          | scenario | in front | detected | takeover / moved | lost: probe | lost: downloads | \
-         wrk req/s | wrk errors | probe failed | new after moved failed | served again | \
-         expectation | result |\n\
-         |---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|\n",
+         wrk req/s | wrk errors | probe failed | new after moved failed | slow connects | \
+         served again | expectation | result |\n\
+         |---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
     );
     for s in &r.scenarios {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} of {} ({} through the {}) | {:.0} | {} | {} of {} | \
-             {} of {} | {} | {} | {} |",
+             {} of {} | {} | {} | {} | {} |",
             s.scenario,
             s.config,
             ms(s.detected_ms),
@@ -319,7 +321,10 @@ fn scenario_table(md: &mut String, r: &AppResults) {
             s.downloads_through_node,
             match s.scenario.as_str() {
                 "director-kill" => "director".to_owned(),
-                "appliance-kill" => format!("victim, appliance {}", s.node),
+                "appliance-kill" | "appliance-wire-cut" => {
+                    format!("victim, appliance {}", s.node)
+                }
+                "backend-kill" => format!("dead backend {}: not pinned", s.node),
                 _ => format!("new appliance {}: none pinned", s.node),
             },
             s.wrk.rps,
@@ -328,6 +333,7 @@ fn scenario_table(md: &mut String, r: &AppResults) {
             s.probe.requests,
             s.probe.new_failed_after_settled,
             s.probe.new_after_settled,
+            s.probe.slow_connects,
             s.served_again_ms
                 .map_or("never (within the run)".to_owned(), |v| format!("{v} ms")),
             s.expectation,

@@ -29,33 +29,44 @@ use super::topology::{CLUSTER_MAC, PINNED_CLIENT_PORTS};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum AppScenario {
     ApplianceKill,
+    ApplianceWireCut,
     ApplianceJoin,
+    BackendKill,
     DirectorKill,
 }
+
+/// Every scenario, in the order of their names' list.
+pub const ALL: [AppScenario; 5] = [
+    AppScenario::ApplianceKill,
+    AppScenario::ApplianceWireCut,
+    AppScenario::ApplianceJoin,
+    AppScenario::BackendKill,
+    AppScenario::DirectorKill,
+];
 
 impl AppScenario {
     pub fn name(self) -> &'static str {
         match self {
             AppScenario::ApplianceKill => "appliance-kill",
+            AppScenario::ApplianceWireCut => "appliance-wire-cut",
             AppScenario::ApplianceJoin => "appliance-join",
+            AppScenario::BackendKill => "backend-kill",
             AppScenario::DirectorKill => "director-kill",
         }
     }
 
     pub fn parse(s: &str) -> Option<AppScenario> {
-        [
-            AppScenario::ApplianceKill,
-            AppScenario::ApplianceJoin,
-            AppScenario::DirectorKill,
-        ]
-        .into_iter()
-        .find(|x| x.name() == s)
+        ALL.into_iter().find(|x| x.name() == s)
     }
 
     fn expectation(self) -> &'static str {
         match self {
-            AppScenario::ApplianceKill => {
+            AppScenario::ApplianceKill | AppScenario::ApplianceWireCut => {
                 "0 connections lost; every new connection after the takeover succeeds"
+            }
+            AppScenario::BackendKill => {
+                "only the dead backend's connections lost; new connections avoid it after the \
+                 health budget (fall x interval, then the agreed table)"
             }
             AppScenario::ApplianceJoin => "0 connections lost; the new appliance forwards",
             AppScenario::DirectorKill => {
@@ -76,7 +87,7 @@ pub struct AppScenarioResult {
     pub scenario: String,
     /// What stood in front of the backends: "2 appliances", "kernel director".
     pub config: String,
-    /// The appliance killed or joined (0: the dispatcher).
+    /// The appliance killed, cut or joined, or the backend killed (0: the dispatcher).
     pub node: u8,
     pub clients: u32,
     pub duration_s: u32,
@@ -152,38 +163,51 @@ fn pause(d: Duration) -> Result<(), String> {
     Ok(())
 }
 
-/// The first successful fresh connection after `event_ms`, in ms after it.
-fn served_again(samples: &[Sample], event_ms: u64) -> Option<u64> {
+/// When a fresh connection was first served after `since_ms` (its connect completed then and
+/// its request succeeded), in ms after `since_ms`.
+fn served_again(samples: &[Sample], since_ms: u64) -> Option<u64> {
     samples
         .iter()
-        .filter(|s| s.kind == Kind::New && s.ok && s.t_ms >= event_ms)
-        .map(|s| s.t_ms - event_ms)
+        .filter(|s| s.kind == Kind::New && s.ok)
+        .map(|s| s.t_ms + s.connect_ms)
+        .filter(|&t| t >= since_ms)
+        .map(|t| t - since_ms)
         .min()
 }
 
-pub fn run(s: AppScenario, opts: &ApplianceOptions) -> Result<AppScenarioResult, String> {
+/// The lab a scenario runs on, started and serving: (lab, the node acted on, the
+/// configuration's name, every appliance id).
+fn start(
+    s: AppScenario,
+    opts: &ApplianceOptions,
+) -> Result<(ApplianceLab, u8, String, Vec<u8>), String> {
     let k = opts.nodes;
     let ids: Vec<u8> = (1..=k).collect();
     let (dispatch, node, config) = match s {
         AppScenario::DirectorKill => (Dispatch::Director, 0, "kernel director".to_owned()),
+        AppScenario::BackendKill => (
+            Dispatch::Appliances,
+            opts.backends,
+            format!("{k} appliances"),
+        ),
         _ => (Dispatch::Appliances, k, format!("{k} appliances")),
     };
-    let others: Vec<u8> = ids.iter().copied().filter(|&i| i != node).collect();
-    let initial = if s == AppScenario::ApplianceJoin {
-        &others
-    } else {
-        &ids
-    };
-    let mut lab = ApplianceLab::start(
+    let initial: Vec<u8> = ids
+        .iter()
+        .copied()
+        .filter(|&i| s != AppScenario::ApplianceJoin || i != node)
+        .collect();
+    let lab = ApplianceLab::start(
         &opts.programs,
         &opts.prefix,
         dispatch,
         opts.backends,
         &ids,
-        initial,
+        &initial,
+        s == AppScenario::BackendKill,
         opts.out.join(format!("scenario-{}", s.name())),
     )?;
-    lab.wait_formed(initial, Duration::from_secs(30), &interrupted)?;
+    lab.wait_formed(&initial, Duration::from_secs(30), &interrupted)?;
     lab.wait_serving(Duration::from_secs(20), &interrupted)?;
     // The client's receive buffer is capped, so that a download stays in flight: a DSR backend
     // would otherwise push the whole file into it within the first second, and a download
@@ -191,21 +215,28 @@ pub fn run(s: AppScenario, opts: &ApplianceOptions) -> Result<AppScenarioResult,
     lab.topo
         .client
         .run(&["sysctl", "-qw", "net.ipv4.tcp_rmem=4096 65536 65536"])?;
+    Ok((lab, node, config, ids))
+}
 
-    // Downloads: half through the victim of a kill (client ports its buckets hold).
+/// Client ports of the downloads (half through the victim appliance, client ports whose buckets
+/// it holds) and how many go through the node acted on.
+fn download_ports(s: AppScenario, lab: &ApplianceLab, node: u8) -> (Vec<u16>, usize) {
     let first = *PINNED_CLIENT_PORTS.start();
-    let ports: Vec<u16> = if s == AppScenario::ApplianceKill {
-        let mut p = lab.ports_owned_by(1, node, first, DOWNLOADS / 2);
-        p.extend(lab.ports_owned_by(1, 1, first + 1000, DOWNLOADS - p.len()));
-        p
-    } else {
-        (first..first + DOWNLOADS as u16).collect()
-    };
-    let through_node = match s {
-        AppScenario::ApplianceKill => DOWNLOADS / 2,
-        AppScenario::ApplianceJoin => 0,
-        AppScenario::DirectorKill => ports.len(),
-    };
+    match s {
+        AppScenario::ApplianceKill | AppScenario::ApplianceWireCut => {
+            let mut p = lab.ports_owned_by(1, node, first, DOWNLOADS / 2);
+            let through = p.len();
+            p.extend(lab.ports_owned_by(1, 1, first + 1000, DOWNLOADS - p.len()));
+            (p, through)
+        }
+        AppScenario::DirectorKill => ((first..first + DOWNLOADS as u16).collect(), DOWNLOADS),
+        _ => ((first..first + DOWNLOADS as u16).collect(), 0),
+    }
+}
+
+pub fn run(s: AppScenario, opts: &ApplianceOptions) -> Result<AppScenarioResult, String> {
+    let (mut lab, node, config, ids) = start(s, opts)?;
+    let (ports, through_node) = download_ports(s, &lab, node);
     let duration = Duration::from_secs(u64::from(opts.scenario_duration_s));
     let probe_file = lab.dir().join("probe.jsonl");
     let probe_pid = lab.start_probe(duration, &probe_file)?;
@@ -226,7 +257,9 @@ pub fn run(s: AppScenario, opts: &ApplianceOptions) -> Result<AppScenarioResult,
     let event_after_ms = load_started.elapsed().as_millis() as u64;
     match s {
         AppScenario::ApplianceKill => lab.kill_engine(node)?,
+        AppScenario::ApplianceWireCut => lab.set_wire(node, false)?,
         AppScenario::ApplianceJoin => lab.start_node(node)?,
+        AppScenario::BackendKill => lab.kill_backend(node)?,
         AppScenario::DirectorKill => lab.kill_dispatcher()?,
     }
     // Requests started before the action completed may still have been served.
@@ -235,25 +268,14 @@ pub fn run(s: AppScenario, opts: &ApplianceOptions) -> Result<AppScenarioResult,
     let step = wrk.finish(&interrupted)?;
     lab.finish_probe(probe_pid, Duration::from_secs(10))?;
     let ends = lab.finish_downloads(downloads, Instant::now() + Duration::from_secs(20));
-    let complete = ends.iter().filter(|e| ApplianceLab::complete(e)).count();
     let samples = probe::read(&probe_file)?;
     let keep = opts.out.join(format!("scenario-{}-probe.jsonl", s.name()));
     std::fs::copy(&probe_file, &keep).map_err(|e| format!("{}: {e}", keep.display()))?;
     let settled_at = timings.moved_ms.map_or(u64::MAX, |v| event_ms + v);
-    let verdict = probe::analyse(&samples, event_ms, settled_at);
-    let learned = lab
-        .topo
-        .learned_macs()
-        .unwrap_or_default()
-        .iter()
-        .any(|m| m == CLUSTER_MAC);
-    let joined_forwards = || {
-        let after = lab.forwarded();
-        let grew = |id: u8| {
-            let b = fwd_before.iter().find(|(i, _)| *i == id).map_or(0, |x| x.1);
-            after.iter().any(|&(i, a)| i == id && a > b)
-        };
-        grew(node)
+    let after = lab.forwarded();
+    let grew = |id: u8| {
+        let b = fwd_before.iter().find(|(i, _)| *i == id).map_or(0, |x| x.1);
+        after.iter().any(|&(i, a)| i == id && a > b)
     };
     let mut r = AppScenarioResult {
         scenario: s.name().to_owned(),
@@ -267,34 +289,55 @@ pub fn run(s: AppScenario, opts: &ApplianceOptions) -> Result<AppScenarioResult,
         done_ms: timings.done_ms,
         served_again_ms: served_again(&samples, acted_ms).map(|v| v + (acted_ms - event_ms)),
         wrk: step,
-        probe: verdict,
+        probe: probe::analyse(&samples, event_ms, settled_at),
         downloads: ports.len(),
-        downloads_through_node: through_node.min(ports.len()),
-        downloads_complete: complete,
+        downloads_through_node: through_node,
+        downloads_complete: ends.iter().filter(|e| ApplianceLab::complete(e)).count(),
         download_ends: ends,
-        cluster_mac_learned: learned,
+        cluster_mac_learned: lab
+            .topo
+            .learned_macs()
+            .unwrap_or_default()
+            .iter()
+            .any(|m| m == CLUSTER_MAC),
         peer_deaths_before_event: deaths_before,
         expectation: s.expectation().to_owned(),
         passed: false,
     };
-    let no_loss = r.lost() == 0 && r.wrk.errors == 0 && r.probe.failed == 0;
-    let after_move =
-        r.probe.new_after_settled > 0 && r.probe.new_failed_after_settled == 0 && !learned;
-    r.passed = match s {
-        AppScenario::ApplianceKill => {
-            r.moved_ms.is_some()
-                && deaths_before == 0
-                && after_move
-                && r.lost() == 0
-                && r.wrk.errors == 0
-                && r.downloads == DOWNLOADS
+    r.passed = judge(s, &r, s == AppScenario::ApplianceJoin && grew(node));
+    Ok(r)
+}
+
+/// Whether scenario `s` kept its promise (`joined_forwards`: the joined appliance forwarded).
+fn judge(s: AppScenario, r: &AppScenarioResult, joined_forwards: bool) -> bool {
+    let after_move = r.moved_ms.is_some()
+        && r.peer_deaths_before_event == 0
+        && r.probe.new_after_settled > 0
+        && r.probe.new_failed_after_settled == 0
+        && !r.cluster_mac_learned;
+    match s {
+        AppScenario::ApplianceKill | AppScenario::ApplianceWireCut => {
+            after_move && r.lost() == 0 && r.wrk.errors == 0 && r.downloads == DOWNLOADS
         }
         AppScenario::ApplianceJoin => {
-            r.moved_ms.is_some() && deaths_before == 0 && after_move && no_loss && joined_forwards()
+            after_move
+                && r.lost() == 0
+                && r.wrk.errors == 0
+                && r.probe.failed == 0
+                && joined_forwards
+        }
+        AppScenario::BackendKill => {
+            // Only the dead backend's connections lost, and fresh connections served without a
+            // failure for the last 2 s of the scenario at least.
+            let end_ms = u64::from(r.duration_s) * 1000 - r.event_after_ms;
+            r.probe
+                .lost_by_node
+                .iter()
+                .all(|(b, _)| *b == super::appliance::backend_id(r.node))
+                && r.probe.last_disturbed_ms.is_none_or(|t| t + 2000 <= end_ms)
         }
         AppScenario::DirectorKill => r.downloads_complete == 0 && r.served_again_ms.is_none(),
-    };
-    Ok(r)
+    }
 }
 
 /// Polls the appliances' status until the timings are complete or `limit` passed since the
@@ -309,14 +352,14 @@ fn observe(
     limit: Duration,
 ) -> Result<Timings, String> {
     let kind = match s {
-        AppScenario::ApplianceKill => Scenario::Failover,
+        AppScenario::ApplianceKill | AppScenario::ApplianceWireCut => Scenario::Failover,
         AppScenario::ApplianceJoin => Scenario::Join,
-        AppScenario::DirectorKill => {
+        AppScenario::BackendKill | AppScenario::DirectorKill => {
             pause(limit.saturating_sub(event.elapsed()))?;
             return Ok(Timings::default());
         }
     };
-    let asked: Vec<u8> = if s == AppScenario::ApplianceKill {
+    let asked: Vec<u8> = if kind == Scenario::Failover {
         ids.iter().copied().filter(|&i| i != node).collect()
     } else {
         ids.to_vec()
@@ -342,11 +385,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for s in [
-            AppScenario::ApplianceKill,
-            AppScenario::ApplianceJoin,
-            AppScenario::DirectorKill,
-        ] {
+        for s in ALL {
             assert_eq!(AppScenario::parse(s.name()), Some(s));
         }
         assert_eq!(AppScenario::parse("failover"), None);
@@ -370,7 +409,10 @@ mod tests {
             sample(130, Kind::Keepalive, true),
             sample(400, Kind::New, true),
         ];
-        assert_eq!(served_again(&samples, 100), Some(300));
+        // A connect that started before and completed after counts (connects take 1 ms).
+        assert_eq!(served_again(&samples, 100), Some(301));
+        assert_eq!(served_again(&samples, 91), Some(0));
+        assert_eq!(served_again(&samples, 92), Some(309));
         assert_eq!(served_again(&samples[..3], 100), None);
     }
 }

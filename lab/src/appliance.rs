@@ -60,8 +60,10 @@ pub fn node_ip(id: u8) -> std::net::Ipv4Addr {
 }
 
 /// The `services:` list of the appliance lab: port 80 of the cluster address forwarded by DSR
-/// to `backends`; every backend's MAC configured but the last one's, left to ARP.
-pub fn dsr_service(backends: &[u8]) -> String {
+/// to `backends`; every backend's MAC configured but the last one's, left to ARP. With `health`,
+/// every appliance checks every backend (`GET /id` every 200 ms, 2 failures to fall, 2 successes
+/// to rise); without, backends are taken as healthy.
+pub fn dsr_service(backends: &[u8], health: bool) -> String {
     let last = backends.last().copied();
     let lines: String = backends
         .iter()
@@ -77,9 +79,15 @@ pub fn dsr_service(backends: &[u8]) -> String {
             }
         })
         .collect();
+    let check = if health {
+        "    backend_health: { port: 80, http_path: /id, interval: 200ms, timeout: 200ms, \
+         rise: 2, fall: 2 }\n"
+    } else {
+        ""
+    };
     format!(
         "services:\n  - name: web\n    addresses: [{CLUSTER_IP}]\n    ports: [80]\n    \
-         delivery: dsr\n    backends:\n{lines}"
+         delivery: dsr\n{check}    backends:\n{lines}"
     )
 }
 
@@ -112,6 +120,10 @@ pub struct ApplianceLab {
     pub all_ids: Vec<u8>,
     /// Engine PIDs by appliance.
     pub engines: Vec<(u8, u32)>,
+    /// nginx PIDs by backend.
+    nginx: Vec<(u8, u32)>,
+    /// The appliances check the backends' health (`GET /id` every 200 ms, fall and rise 2).
+    health: bool,
     /// The dispatcher's namespace and (HAProxy) process.
     pub dispatcher: Option<Ns>,
     haproxy: Option<u32>,
@@ -131,6 +143,7 @@ impl ApplianceLab {
         backends: u8,
         all_ids: &[u8],
         start: &[u8],
+        health: bool,
         log_prefix: PathBuf,
     ) -> Result<ApplianceLab, String> {
         let topo = Topology::build(prefix, &[])?;
@@ -144,6 +157,8 @@ impl ApplianceLab {
             backends: (1..=backends).collect(),
             all_ids: all_ids.to_vec(),
             engines: Vec::new(),
+            nginx: Vec::new(),
+            health,
             dispatcher: None,
             haproxy: None,
             dir,
@@ -160,7 +175,8 @@ impl ApplianceLab {
             let ns = lab.topo.add_backend(i)?;
             let nginx = start_nginx_on(&ns, lab.dir.path(), backend_id(i), BIG_KIB, "80")
                 .map_err(|e| format!("cannot start nginx on backend {i}: {e}"))?;
-            lab.topo.adopt(nginx);
+            let pid = lab.topo.adopt(nginx);
+            lab.nginx.push((i, pid));
         }
         match dispatch {
             Dispatch::Alone => {
@@ -214,7 +230,7 @@ impl ApplianceLab {
             self.dir.path(),
             id,
             &self.all_ids,
-            &dsr_service(&self.backends),
+            &dsr_service(&self.backends, self.health),
         )?;
         let log = self.log(id);
         let engine = start_engine(&self.programs.engine, &ns, &cfg, &log)
@@ -236,6 +252,29 @@ impl ApplianceLab {
         let (_, pid) = self.engines.remove(pos);
         self.topo.kill(pid);
         Ok(())
+    }
+
+    /// Kills backend `index`'s nginx (SIGKILL): its kernel resets its connections and refuses
+    /// new ones.
+    pub fn kill_backend(&mut self, index: u8) -> Result<(), String> {
+        let pos = self
+            .nginx
+            .iter()
+            .position(|(i, _)| *i == index)
+            .ok_or_else(|| format!("backend {index} runs no nginx"))?;
+        let (_, pid) = self.nginx.remove(pos);
+        self.topo.kill(pid);
+        Ok(())
+    }
+
+    /// Takes appliance `id`'s wire link down (its control network stays up), or puts it back.
+    pub fn set_wire(&self, id: u8, up: bool) -> Result<(), String> {
+        let ns = self
+            .topo
+            .node(id)
+            .ok_or_else(|| format!("no appliance {id}"))?;
+        ns.run(&["ip", "link", "set", "eth0", if up { "up" } else { "down" }])
+            .map(drop)
     }
 
     /// The dispatcher dies: HAProxy is killed (SIGKILL); the kernel director's machine stops
@@ -527,7 +566,9 @@ mod tests {
 
     #[test]
     fn the_service_leaves_the_last_backend_to_arp() {
-        let s = dsr_service(&[1, 2, 3]);
+        let s = dsr_service(&[1, 2, 3], false);
+        assert!(!s.contains("backend_health"), "{s}");
+        assert!(dsr_service(&[1], true).contains("backend_health: { port: 80, http_path: /id"));
         assert!(
             s.contains("ip: 198.18.0.21, mac: \"02:bb:00:00:00:01\""),
             "{s}"
@@ -539,10 +580,10 @@ mod tests {
     #[test]
     fn an_appliance_config_has_no_local_health_check() {
         let dir = tempfile::tempdir().unwrap();
-        let p = appliance_config(dir.path(), 2, &[1, 2], &dsr_service(&[1])).unwrap();
+        let p = appliance_config(dir.path(), 2, &[1, 2], &dsr_service(&[1], false)).unwrap();
         let text = std::fs::read_to_string(p).unwrap();
         assert!(!text.contains("health:"), "{text}");
         assert!(text.contains("  id: 2\n  ip: 198.18.0.12\n"), "{text}");
-        assert!(text.ends_with(&dsr_service(&[1])), "{text}");
+        assert!(text.ends_with(&dsr_service(&[1], false)), "{text}");
     }
 }

@@ -34,7 +34,7 @@ enum Command {
         /// `server` (the engines are the servers: the paper's experiment) or `appliance` (a
         /// clone cluster of engine appliances in front of --backends nginx backends, against one
         /// backend alone, the kernel director (nftables) and HAProxy; scenarios:
-        /// appliance-kill, appliance-join, director-kill).
+        /// appliance-kill, appliance-wire-cut, appliance-join, backend-kill, director-kill).
         #[arg(long, default_value = "server")]
         mode: String,
         /// Nodes (appliance mode: appliances, K).
@@ -254,13 +254,17 @@ fn appliance_request(
     for s in scenario {
         match AppScenario::parse(s) {
             _ if s == "ramp" => ramp = true,
-            Some(x) if nodes < 2 && x != AppScenario::DirectorKill => {
+            Some(x)
+                if nodes < 2
+                    && x != AppScenario::DirectorKill
+                    && x != AppScenario::BackendKill =>
+            {
                 bail!("--scenario {s}: needs --nodes 2 or more")
             }
             Some(x) => scenarios.push(x),
             None => bail!(
-                "--scenario {s}: appliance mode runs ramp, appliance-kill, appliance-join and \
-                 director-kill (comma-separated)"
+                "--scenario {s}: appliance mode runs ramp, appliance-kill, appliance-wire-cut, appliance-join, \
+                 backend-kill and director-kill (comma-separated)"
             ),
         }
     }
