@@ -299,8 +299,8 @@ fn scenario_table(md: &mut String, r: &AppResults) {
          keep-alive connections that failed after the event (by the backend that served them) and \
          downloads not complete. *Slow connects*: fresh connections that waited for a SYN \
          retransmission (1 s: their SYN was lost, e.g. to a dead appliance before the takeover). \
-         *Served again*: from the event until a fresh connection was served (its connect \
-         completed after the event).\n\n\
+         *Served again*: from the event until a probe request was served again (nothing was \
+         served in between).\n\n\
          | scenario | in front | detected | takeover / moved | lost: probe | lost: downloads | \
          wrk req/s | wrk errors | probe failed | new after moved failed | slow connects | \
          served again | expectation | result |\n\

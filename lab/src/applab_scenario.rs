@@ -19,7 +19,7 @@ use super::applab::ApplianceOptions;
 use super::appliance::{ApplianceLab, Dispatch};
 use super::load::{Step, Wrk};
 use super::measure::{Observer, Timings};
-use super::probe::{self, now_ms, Kind, Sample, Verdict};
+use super::probe::{self, now_ms, Sample, Verdict};
 use super::report::{ms, per_node};
 use super::run::interrupted;
 use super::scenario::Scenario;
@@ -105,7 +105,7 @@ pub struct AppScenarioResult {
     pub downloads_complete: usize,
     /// How each download ended: `complete`, or curl's exit and the bytes read.
     pub download_ends: Vec<String>,
-    /// From the event until a new connection was served again (None: never, within the run).
+    /// From the event until the probe was served again (None: never, within the run).
     pub served_again_ms: Option<u64>,
     pub cluster_mac_learned: bool,
     /// Live peers declared dead before the event (the scenario is then void).
@@ -163,12 +163,13 @@ fn pause(d: Duration) -> Result<(), String> {
     Ok(())
 }
 
-/// When a fresh connection was first served after `since_ms` (its connect completed then and
-/// its request succeeded), in ms after `since_ms`.
+/// When a request of the probe was first served after `since_ms` (a keep-alive request sent
+/// then, or a fresh connection whose connect completed then, answered), in ms after
+/// `since_ms`: how long nothing was served.
 fn served_again(samples: &[Sample], since_ms: u64) -> Option<u64> {
     samples
         .iter()
-        .filter(|s| s.kind == Kind::New && s.ok)
+        .filter(|s| s.ok)
         .map(|s| s.t_ms + s.connect_ms)
         .filter(|&t| t >= since_ms)
         .map(|t| t - since_ms)
@@ -382,6 +383,7 @@ fn observe(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::Kind;
 
     #[test]
     fn names_round_trip() {
@@ -392,7 +394,7 @@ mod tests {
     }
 
     #[test]
-    fn served_again_is_the_first_fresh_success_after_the_event() {
+    fn served_again_is_the_first_success_after_the_event() {
         let sample = |t_ms, kind, ok: bool| Sample {
             t_ms,
             kind,
@@ -409,10 +411,11 @@ mod tests {
             sample(130, Kind::Keepalive, true),
             sample(400, Kind::New, true),
         ];
-        // A connect that started before and completed after counts (connects take 1 ms).
-        assert_eq!(served_again(&samples, 100), Some(301));
+        // A connect that started before and completed after counts (connects take 1 ms); so
+        // does a keep-alive request.
+        assert_eq!(served_again(&samples, 100), Some(31));
         assert_eq!(served_again(&samples, 91), Some(0));
-        assert_eq!(served_again(&samples, 92), Some(309));
-        assert_eq!(served_again(&samples[..3], 100), None);
+        assert_eq!(served_again(&samples, 132), Some(269));
+        assert_eq!(served_again(&samples[..2], 100), None);
     }
 }

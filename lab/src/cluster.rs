@@ -20,6 +20,8 @@ pub enum Kind {
     Engine(String),
     /// The nftables clone cluster, no engine.
     Kernel,
+    /// One node with `dpdk-testpmd` io instead of the engine: the ports' ceiling.
+    Testpmd,
 }
 
 impl Kind {
@@ -27,6 +29,7 @@ impl Kind {
         match self {
             Kind::Engine(_) => "engine",
             Kind::Kernel => "kernel",
+            Kind::Testpmd => "testpmd",
         }
     }
 }
@@ -100,6 +103,17 @@ impl Cluster {
                 let count = self.all_ids.len() as u8;
                 let index = self.all_ids.iter().position(|&i| i == id).unwrap_or(0) as u8;
                 let ns = self.topo.add_kernel_node(id, index, count)?;
+                let nginx = start_nginx(&ns, self.dir.path(), id, BIG_KIB)
+                    .map_err(|e| format!("cannot start nginx on node {id}: {e}"))?;
+                self.topo.adopt(nginx);
+            }
+            Kind::Testpmd => {
+                let ns = self.topo.add_node(id)?;
+                let log = PathBuf::from(format!("{}-testpmd{id}.log", self.log_prefix.display()));
+                let testpmd = super::ceiling::start_testpmd(&ns, id, &log)?;
+                self.topo.adopt(testpmd);
+                super::ceiling::configure_tap(&ns, Duration::from_secs(30))
+                    .map_err(|e| format!("{e} (see {})", log.display()))?;
                 let nginx = start_nginx(&ns, self.dir.path(), id, BIG_KIB)
                     .map_err(|e| format!("cannot start nginx on node {id}: {e}"))?;
                 self.topo.adopt(nginx);
@@ -325,7 +339,7 @@ impl Cluster {
         interrupted: &dyn Fn() -> bool,
     ) -> Result<Duration, String> {
         let start = Instant::now();
-        if self.kind == Kind::Kernel {
+        if matches!(self.kind, Kind::Kernel | Kind::Testpmd) {
             return Ok(Duration::ZERO);
         }
         while !self.formed(ids) {
@@ -362,7 +376,7 @@ impl Cluster {
                             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
                             .sum()
                     }
-                    Kind::Kernel => {
+                    Kind::Kernel | Kind::Testpmd => {
                         let snmp = ns.run(&["cat", "/proc/net/snmp"]).unwrap_or_default();
                         tcp_in_segments(&snmp).unwrap_or(0)
                     }

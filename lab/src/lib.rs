@@ -17,6 +17,7 @@ pub mod applab_checks;
 pub mod applab_report;
 pub mod applab_scenario;
 pub mod appliance;
+pub mod ceiling;
 pub mod checks;
 pub mod cluster;
 pub mod dispatch;

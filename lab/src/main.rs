@@ -62,9 +62,11 @@ enum Command {
         /// Seconds per scenario (the event comes a third of the way in).
         #[arg(long, default_value_t = 9)]
         scenario_duration: u32,
-        /// Also run this baseline on the same topology: `kernel` (the nftables clone cluster).
-        #[arg(long)]
-        baseline: Option<String>,
+        /// Also run these baselines on the same topology (comma-separated): `kernel` (the
+        /// nftables clone cluster), `testpmd` (1 node with dpdk-testpmd io in the engine's
+        /// place: the ports' ceiling).
+        #[arg(long, value_delimiter = ',')]
+        baseline: Vec<String>,
         #[arg(long, default_value = "lab-out")]
         out: PathBuf,
         /// Remove what a crashed earlier run left (namespaces with the lab's prefix) and exit.
@@ -155,7 +157,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     scenario_duration,
                     out.clone(),
                 )?;
-                if baseline.is_some() {
+                if !baseline.is_empty() {
                     bail!("--baseline: appliance mode always runs its baselines (the kernel director and HAProxy)");
                 }
                 return appliance(&opts);
@@ -171,7 +173,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 &scenario,
                 scenario_clients,
                 scenario_duration,
-                baseline.as_deref(),
+                &baseline,
             )?;
             let opts = LabOptions {
                 programs: programs(engine)?,
@@ -184,6 +186,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 scenario_clients,
                 scenario_duration_s: scenario_duration,
                 kernel_baseline: checked.kernel_baseline,
+                testpmd_ceiling: checked.testpmd_ceiling,
                 out: out.clone(),
                 prefix: PREFIX.to_owned(),
             };
@@ -371,6 +374,7 @@ struct LabRequest {
     ramp: bool,
     scenarios: Vec<clonecluster_lab::scenario::Scenario>,
     kernel_baseline: bool,
+    testpmd_ceiling: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -382,7 +386,7 @@ fn check_lab_request(
     scenario: &[String],
     scenario_clients: u32,
     scenario_duration: u32,
-    baseline: Option<&str>,
+    baseline: &[String],
 ) -> anyhow::Result<LabRequest> {
     use clonecluster_lab::scenario::Scenario;
     if !(2..=8).contains(&nodes) {
@@ -412,16 +416,21 @@ fn check_lab_request(
     if scenario_duration < 6 || scenario_clients == 0 {
         bail!("--scenario-duration must be at least 6 s and --scenario-clients positive");
     }
-    let kernel_baseline = match baseline {
-        None => false,
-        Some("kernel") => true,
-        Some(other) => {
-            bail!("--baseline {other}: the only baseline is `kernel` (the nftables clone cluster)")
+    let (mut kernel_baseline, mut testpmd_ceiling) = (false, false);
+    for b in baseline {
+        match b.as_str() {
+            "kernel" => kernel_baseline = true,
+            "testpmd" => testpmd_ceiling = true,
+            other => bail!(
+                "--baseline {other}: use kernel (the nftables clone cluster) and/or testpmd \
+                 (dpdk-testpmd io in one node's engine's place)"
+            ),
         }
-    };
+    }
     Ok(LabRequest {
         ramp,
         scenarios,
         kernel_baseline,
+        testpmd_ceiling,
     })
 }
