@@ -263,8 +263,14 @@ pub fn run(s: AppScenario, opts: &ApplianceOptions) -> Result<AppScenarioResult,
         AppScenario::BackendKill => lab.kill_backend(node)?,
         AppScenario::DirectorKill => lab.kill_dispatcher()?,
     }
-    // Requests started before the action completed may still have been served.
-    let acted_ms = now_ms();
+    // The director's death is its port going down, a command that takes a few ms: requests
+    // started before it completed may still have been served. A kill, a cut or a start takes
+    // effect at once (waiting for the process's end or the tap is not part of it).
+    let served_since = if s == AppScenario::DirectorKill {
+        now_ms()
+    } else {
+        event_ms
+    };
     let timings = observe(s, &lab, node, &ids, event_ms, event, duration * 2 / 3)?;
     let step = wrk.finish(&interrupted)?;
     lab.finish_probe(probe_pid, Duration::from_secs(10))?;
@@ -288,7 +294,8 @@ pub fn run(s: AppScenario, opts: &ApplianceOptions) -> Result<AppScenarioResult,
         detected_ms: timings.detected_ms,
         moved_ms: timings.moved_ms,
         done_ms: timings.done_ms,
-        served_again_ms: served_again(&samples, acted_ms).map(|v| v + (acted_ms - event_ms)),
+        served_again_ms: served_again(&samples, served_since)
+            .map(|v| v + (served_since - event_ms)),
         wrk: step,
         probe: probe::analyse(&samples, event_ms, settled_at),
         downloads: ports.len(),
