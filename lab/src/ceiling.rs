@@ -15,11 +15,17 @@ use super::topology::{Ns, CLUSTER_IP, CLUSTER_MAC};
 /// The program.
 pub const TESTPMD: &str = "dpdk-testpmd";
 
-/// Starts testpmd `io` in `ns` between `eth0` (af_packet) and a new tap `cc0`, one forwarding
-/// core, statistics every second (without `--stats-period` testpmd exits when its stdin
-/// closes); its output goes to `log`.
-pub fn start_testpmd(ns: &Ns, id: u8, log: &Path) -> Result<Child, String> {
+/// Starts testpmd `io` in `ns` between `eth0` (af_packet, or with `xdp` af_xdp: native XDP on
+/// the veth, copy mode, queue 0, no preferred busy polling) and a new tap `cc0`, one
+/// forwarding core, statistics every second (without `--stats-period` testpmd exits when its
+/// stdin closes); its output goes to `log`.
+pub fn start_testpmd(ns: &Ns, id: u8, xdp: bool, log: &Path) -> Result<Child, String> {
     let log = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let wire = if xdp {
+        "net_af_xdp0,iface=eth0,start_queue=0,queue_count=1,busy_budget=0"
+    } else {
+        "net_af_packet0,iface=eth0"
+    };
     ns.command(&[
         TESTPMD,
         "--no-huge",
@@ -32,7 +38,7 @@ pub fn start_testpmd(ns: &Ns, id: u8, log: &Path) -> Result<Child, String> {
         "--file-prefix",
         &format!("cclab-testpmd-{id}-{}", std::process::id()),
         "--vdev",
-        "net_af_packet0,iface=eth0",
+        wire,
         "--vdev",
         "net_tap0,iface=cc0",
         "--",

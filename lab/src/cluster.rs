@@ -20,8 +20,9 @@ pub enum Kind {
     Engine(String),
     /// The nftables clone cluster, no engine.
     Kernel,
-    /// One node with `dpdk-testpmd` io instead of the engine: the ports' ceiling.
-    Testpmd,
+    /// One node with `dpdk-testpmd` io instead of the engine: the ports' ceiling; `true`: the
+    /// wire port is `net_af_xdp` rather than `net_af_packet`.
+    Testpmd(bool),
 }
 
 impl Kind {
@@ -29,7 +30,7 @@ impl Kind {
         match self {
             Kind::Engine(_) => "engine",
             Kind::Kernel => "kernel",
-            Kind::Testpmd => "testpmd",
+            Kind::Testpmd(_) => "testpmd",
         }
     }
 }
@@ -107,10 +108,10 @@ impl Cluster {
                     .map_err(|e| format!("cannot start nginx on node {id}: {e}"))?;
                 self.topo.adopt(nginx);
             }
-            Kind::Testpmd => {
+            Kind::Testpmd(xdp) => {
                 let ns = self.topo.add_node(id)?;
                 let log = PathBuf::from(format!("{}-testpmd{id}.log", self.log_prefix.display()));
-                let testpmd = super::ceiling::start_testpmd(&ns, id, &log)?;
+                let testpmd = super::ceiling::start_testpmd(&ns, id, xdp, &log)?;
                 self.topo.adopt(testpmd);
                 super::ceiling::configure_tap(&ns, Duration::from_secs(30))
                     .map_err(|e| format!("{e} (see {})", log.display()))?;
@@ -339,7 +340,7 @@ impl Cluster {
         interrupted: &dyn Fn() -> bool,
     ) -> Result<Duration, String> {
         let start = Instant::now();
-        if matches!(self.kind, Kind::Kernel | Kind::Testpmd) {
+        if matches!(self.kind, Kind::Kernel | Kind::Testpmd(_)) {
             return Ok(Duration::ZERO);
         }
         while !self.formed(ids) {
@@ -376,7 +377,7 @@ impl Cluster {
                             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
                             .sum()
                     }
-                    Kind::Kernel | Kind::Testpmd => {
+                    Kind::Kernel | Kind::Testpmd(_) => {
                         let snmp = ns.run(&["cat", "/proc/net/snmp"]).unwrap_or_default();
                         tcp_in_segments(&snmp).unwrap_or(0)
                     }

@@ -64,7 +64,7 @@ enum Command {
         scenario_duration: u32,
         /// Also run these baselines on the same topology (comma-separated): `kernel` (the
         /// nftables clone cluster), `testpmd` (1 node with dpdk-testpmd io in the engine's
-        /// place: the ports' ceiling).
+        /// place: the ports' ceiling), `testpmd-xdp` (the same with net_af_xdp on the wire).
         #[arg(long, value_delimiter = ',')]
         baseline: Vec<String>,
         #[arg(long, default_value = "lab-out")]
@@ -187,6 +187,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 scenario_duration_s: scenario_duration,
                 kernel_baseline: checked.kernel_baseline,
                 testpmd_ceiling: checked.testpmd_ceiling,
+                testpmd_xdp: checked.testpmd_xdp,
                 out: out.clone(),
                 prefix: PREFIX.to_owned(),
             };
@@ -375,6 +376,7 @@ struct LabRequest {
     scenarios: Vec<clonecluster_lab::scenario::Scenario>,
     kernel_baseline: bool,
     testpmd_ceiling: bool,
+    testpmd_xdp: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -416,14 +418,16 @@ fn check_lab_request(
     if scenario_duration < 6 || scenario_clients == 0 {
         bail!("--scenario-duration must be at least 6 s and --scenario-clients positive");
     }
-    let (mut kernel_baseline, mut testpmd_ceiling) = (false, false);
+    let (mut kernel_baseline, mut testpmd_ceiling, mut testpmd_xdp) = (false, false, false);
     for b in baseline {
         match b.as_str() {
             "kernel" => kernel_baseline = true,
             "testpmd" => testpmd_ceiling = true,
+            "testpmd-xdp" => testpmd_xdp = true,
             other => bail!(
-                "--baseline {other}: use kernel (the nftables clone cluster) and/or testpmd \
-                 (dpdk-testpmd io in one node's engine's place)"
+                "--baseline {other}: use kernel (the nftables clone cluster), testpmd \
+                 (dpdk-testpmd io in one node's engine's place) and/or testpmd-xdp (the same \
+                 with net_af_xdp on the wire veth)"
             ),
         }
     }
@@ -432,5 +436,6 @@ fn check_lab_request(
         scenarios,
         kernel_baseline,
         testpmd_ceiling,
+        testpmd_xdp,
     })
 }

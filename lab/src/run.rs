@@ -43,6 +43,8 @@ pub struct LabOptions {
     pub kernel_baseline: bool,
     /// Also run 1 node with testpmd io in the engine's place (the ports' ceiling).
     pub testpmd_ceiling: bool,
+    /// The same with `net_af_xdp` as the wire port.
+    pub testpmd_xdp: bool,
     pub out: PathBuf,
     /// Namespace name prefix (short: interface names are made from it).
     pub prefix: String,
@@ -147,7 +149,14 @@ fn configs(opts: &LabOptions) -> Vec<(String, u8, Kind)> {
         ));
     }
     if opts.testpmd_ceiling {
-        v.push(("1 node testpmd io".to_owned(), 1, Kind::Testpmd));
+        v.push(("1 node testpmd io".to_owned(), 1, Kind::Testpmd(false)));
+    }
+    if opts.testpmd_xdp {
+        v.push((
+            "1 node testpmd io af_xdp".to_owned(),
+            1,
+            Kind::Testpmd(true),
+        ));
     }
     v
 }
@@ -273,7 +282,7 @@ fn run_config(
     let policy = match &kind {
         Kind::Engine(p) => p.clone(),
         Kind::Kernel => "jhash".to_owned(),
-        Kind::Testpmd => "io".to_owned(),
+        Kind::Testpmd(_) => "io".to_owned(),
     };
     let c = Cluster::start(
         &opts.programs,
@@ -288,7 +297,7 @@ fn run_config(
     check_arp(&c.topo, c.dir(), &mut pre)?;
     // testpmd forwards frames as they are: the kernel behind it answers ARP from the cluster
     // MAC and the switch learns it. The ceiling is not a clone cluster: not judged as one.
-    let ceiling = kind == Kind::Testpmd;
+    let ceiling = matches!(kind, Kind::Testpmd(_));
     if ceiling {
         pre.arp_bad.clear();
     }
