@@ -15,6 +15,7 @@ packages=(
   iproute2 iputils-ping ethtool tcpdump curl         # namespaces and captures in tests
   ca-certificates
   nginx-light wrk nftables                           # the lab's servers, load and baseline
+  haproxy                                            # the appliance lab's proxy baseline
 )
 missing=()
 for p in "${packages[@]}"; do

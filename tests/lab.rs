@@ -2,7 +2,8 @@
 //! steps, then the failover scenario. Every request of the ramp succeeds, both nodes serve a fair
 //! share, the learning switch never holds the cluster MAC, ARP answers come from a node MAC with
 //! the cluster MAC inside, and after a kill -9 only the dead node's connections are lost and
-//! every new connection after the takeover succeeds.
+//! every new connection after the takeover succeeds. Appliance mode's headline: a killed
+//! appliance loses no connection, a killed director all of its own.
 
 mod common;
 
@@ -128,6 +129,71 @@ fn no_namespaces_left(prefix: &str) {
     assert!(!netns.contains(prefix), "namespaces left: {netns}");
 }
 
+/// Appliance mode's headline, through the lab: killing an appliance (kill -9) under load with
+/// long downloads running (half of them through it) loses no connection, and every new
+/// connection after the takeover succeeds; killing the kernel director, the single dispatcher,
+/// loses every connection through it, and nothing is served afterwards.
+#[test]
+fn a_killed_appliance_loses_nothing_and_a_killed_director_loses_everything() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tempfile::tempdir().unwrap();
+    let run = run_lab(&[
+        "lab",
+        "--mode",
+        "appliance",
+        "--scenario",
+        "appliance-kill,director-kill",
+        "--scenario-clients",
+        "8",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("results.json")).unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    let scenarios = results["scenarios"].as_array().cloned().unwrap_or_default();
+    assert_eq!(scenarios.len(), 2, "{stderr}");
+    let (kill, director) = (&scenarios[0], &scenarios[1]);
+    let lost = |s: &serde_json::Value| -> u64 {
+        s["probe"]["lost_by_node"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l[1].as_u64().unwrap())
+            .sum()
+    };
+
+    assert_eq!(kill["scenario"], "appliance-kill");
+    assert_eq!(kill["downloads"], 8, "{kill}");
+    assert_eq!(kill["downloads_through_node"], 4, "{kill}");
+    assert_eq!(
+        kill["downloads_complete"], 8,
+        "every download survives: {kill}"
+    );
+    assert_eq!(lost(kill), 0, "no probe connection lost: {kill}");
+    assert!(kill["moved_ms"].is_u64(), "the takeover happened: {kill}");
+    assert!(
+        kill["probe"]["new_after_settled"].as_u64().unwrap() > 0,
+        "{kill}"
+    );
+    assert_eq!(kill["probe"]["new_failed_after_settled"], 0, "{kill}");
+    assert_eq!(kill["passed"], true, "{kill}");
+
+    assert_eq!(director["scenario"], "director-kill");
+    assert_eq!(director["downloads"], 8, "{director}");
+    assert_eq!(director["downloads_complete"], 0, "{director}");
+    // The probe keeps 8 keep-alive connections open: every one is lost.
+    assert_eq!(lost(director), 8, "{director}");
+    assert!(director["served_again_ms"].is_null(), "{director}");
+    assert!(run.status.success(), "{stderr}");
+    let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(report.contains("| appliance-kill |") && report.contains("| director-kill |"));
+    no_namespaces_left("cclab-");
+}
+
 #[test]
 fn a_broken_lab_request_is_refused_plainly() {
     for (args, needle) in [
@@ -137,6 +203,23 @@ fn a_broken_lab_request_is_refused_plainly() {
             "--baseline iptables",
         ),
         (&["lab", "--nodes", "1"][..], "--nodes 1"),
+        (&["lab", "--mode", "cloud"][..], "--mode cloud"),
+        (
+            &["lab", "--mode", "appliance", "--scenario", "failover"][..],
+            "--scenario failover",
+        ),
+        (
+            &[
+                "lab",
+                "--mode",
+                "appliance",
+                "--nodes",
+                "1",
+                "--scenario",
+                "appliance-kill",
+            ][..],
+            "needs --nodes 2",
+        ),
     ] {
         let run = run_lab(args);
         let stderr = String::from_utf8_lossy(&run.stderr);

@@ -117,6 +117,25 @@ pub fn judge_arp(frames: &[Vec<u8>], node_macs: &[(u8, [u8; 6])]) -> (usize, Vec
 /// Makes the client resolve the cluster address afresh while capturing on its port, and judges
 /// the ARP replies it gets.
 pub fn check_arp(topo: &Topology, dir: &Path, pre: &mut Preconditions) -> Result<(), String> {
+    let frames = capture_arp(topo, dir)?;
+    let macs: Vec<(u8, [u8; 6])> = topo
+        .nodes
+        .iter()
+        .filter_map(|(id, _)| {
+            let m: ethernet::EthernetAddress = node_mac(*id).parse().ok()?;
+            Some((*id, m.0))
+        })
+        .collect();
+    let (replies, by, bad) = judge_arp(&frames, &macs);
+    pre.arp_replies = replies;
+    pre.arp_answered_by = by;
+    pre.arp_bad = bad;
+    Ok(())
+}
+
+/// Makes the client resolve the cluster address afresh (one request) while capturing ARP on its
+/// port; returns the frames captured.
+pub fn capture_arp(topo: &Topology, dir: &Path) -> Result<Vec<Vec<u8>>, String> {
     let pcap = dir.join("arp.pcap");
     let mut tcpdump = topo
         .client
@@ -176,23 +195,10 @@ pub fn check_arp(topo: &Topology, dir: &Path, pre: &mut Preconditions) -> Result
         .status();
     let _ = tcpdump.wait();
     result?;
-    let frames: Vec<Vec<u8>> = clonecluster::replay::read_pcap(&pcap)?
+    Ok(clonecluster::replay::read_pcap(&pcap)?
         .into_iter()
         .map(|(_, f)| f)
-        .collect();
-    let macs: Vec<(u8, [u8; 6])> = topo
-        .nodes
-        .iter()
-        .filter_map(|(id, _)| {
-            let m: ethernet::EthernetAddress = node_mac(*id).parse().ok()?;
-            Some((*id, m.0))
-        })
-        .collect();
-    let (replies, by, bad) = judge_arp(&frames, &macs);
-    pre.arp_replies = replies;
-    pre.arp_answered_by = by;
-    pre.arp_bad = bad;
-    Ok(())
+        .collect())
 }
 
 #[cfg(test)]

@@ -20,6 +20,9 @@ pub enum Kind {
     Engine(String),
     /// The nftables clone cluster, no engine.
     Kernel,
+    /// One node with `dpdk-testpmd` io instead of the engine: the ports' ceiling; `true`: the
+    /// wire port is `net_af_xdp` rather than `net_af_packet`.
+    Testpmd(bool),
 }
 
 impl Kind {
@@ -27,6 +30,7 @@ impl Kind {
         match self {
             Kind::Engine(_) => "engine",
             Kind::Kernel => "kernel",
+            Kind::Testpmd(_) => "testpmd",
         }
     }
 }
@@ -100,6 +104,17 @@ impl Cluster {
                 let count = self.all_ids.len() as u8;
                 let index = self.all_ids.iter().position(|&i| i == id).unwrap_or(0) as u8;
                 let ns = self.topo.add_kernel_node(id, index, count)?;
+                let nginx = start_nginx(&ns, self.dir.path(), id, BIG_KIB)
+                    .map_err(|e| format!("cannot start nginx on node {id}: {e}"))?;
+                self.topo.adopt(nginx);
+            }
+            Kind::Testpmd(xdp) => {
+                let ns = self.topo.add_node(id)?;
+                let log = PathBuf::from(format!("{}-testpmd{id}.log", self.log_prefix.display()));
+                let testpmd = super::ceiling::start_testpmd(&ns, id, xdp, &log)?;
+                self.topo.adopt(testpmd);
+                super::ceiling::configure_tap(&ns, Duration::from_secs(30))
+                    .map_err(|e| format!("{e} (see {})", log.display()))?;
                 let nginx = start_nginx(&ns, self.dir.path(), id, BIG_KIB)
                     .map_err(|e| format!("cannot start nginx on node {id}: {e}"))?;
                 self.topo.adopt(nginx);
@@ -330,7 +345,7 @@ impl Cluster {
         interrupted: &dyn Fn() -> bool,
     ) -> Result<Duration, String> {
         let start = Instant::now();
-        if self.kind == Kind::Kernel {
+        if matches!(self.kind, Kind::Kernel | Kind::Testpmd(_)) {
             return Ok(Duration::ZERO);
         }
         while !self.formed(ids) {
@@ -367,7 +382,7 @@ impl Cluster {
                             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
                             .sum()
                     }
-                    Kind::Kernel => {
+                    Kind::Kernel | Kind::Testpmd(_) => {
                         let snmp = ns.run(&["cat", "/proc/net/snmp"]).unwrap_or_default();
                         tcp_in_segments(&snmp).unwrap_or(0)
                     }
@@ -414,7 +429,7 @@ impl Cluster {
 }
 
 /// `InSegs` of the `Tcp:` lines of `/proc/net/snmp`.
-fn tcp_in_segments(snmp: &str) -> Option<u64> {
+pub fn tcp_in_segments(snmp: &str) -> Option<u64> {
     let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
     let names: Vec<&str> = tcp.next()?.split_whitespace().collect();
     let values: Vec<&str> = tcp.next()?.split_whitespace().collect();

@@ -1,6 +1,8 @@
 //! clonecluster-lab: the namespace lab. A real layer-2 network with a learning switch, nodes
 //! running the engine, and a client, all on one machine; the paper's experiment (`lab`), the
-//! scenarios (failover, join, drain) and the soak run on it, and the engine's namespace tests
+//! scenarios (failover, join, drain), appliance mode's experiment (`lab --mode appliance`:
+//! engine appliances against one dispatcher in front of the same backends) and the soak run on
+//! it, and the engine's namespace tests
 //! build their clusters from its topology and services.
 //!
 //! This crate owns everything the lab needs that the engine binary must not carry (plots,
@@ -10,8 +12,15 @@
 //! it must never touch an interface or address outside the namespaces it creates, and it cleans
 //! up by PID and by the names it made.
 
+pub mod applab;
+pub mod applab_checks;
+pub mod applab_report;
+pub mod applab_scenario;
+pub mod appliance;
+pub mod ceiling;
 pub mod checks;
 pub mod cluster;
+pub mod dispatch;
 pub mod load;
 pub mod measure;
 pub mod probe;

@@ -31,8 +31,18 @@ enum Command {
     /// 1 node, then N nodes per policy, each under a ramp of wrk clients; writes CSVs,
     /// report.md and SVG plots into --out.
     Lab {
+        /// `server` (the engines are the servers: the paper's experiment) or `appliance` (a
+        /// clone cluster of engine appliances in front of --backends nginx backends, against one
+        /// backend alone, the kernel director (nftables) and HAProxy; scenarios:
+        /// appliance-kill, appliance-wire-cut, appliance-join, backend-kill, director-kill).
+        #[arg(long, default_value = "server")]
+        mode: String,
+        /// Nodes (appliance mode: appliances, K).
         #[arg(long, default_value_t = 2)]
         nodes: u8,
+        /// Appliance mode: backends behind the appliances and dispatchers (M).
+        #[arg(long, default_value_t = 3)]
+        backends: u8,
         /// Policies for the N-node runs (comma-separated: hash, by-load).
         #[arg(long, default_value = "hash,by-load", value_delimiter = ',')]
         policy: Vec<String>,
@@ -52,9 +62,11 @@ enum Command {
         /// Seconds per scenario (the event comes a third of the way in).
         #[arg(long, default_value_t = 9)]
         scenario_duration: u32,
-        /// Also run this baseline on the same topology: `kernel` (the nftables clone cluster).
-        #[arg(long)]
-        baseline: Option<String>,
+        /// Also run these baselines on the same topology (comma-separated): `kernel` (the
+        /// nftables clone cluster), `testpmd` (1 node with dpdk-testpmd io in the engine's
+        /// place: the ports' ceiling), `testpmd-xdp` (the same with net_af_xdp on the wire).
+        #[arg(long, value_delimiter = ',')]
+        baseline: Vec<String>,
         #[arg(long, default_value = "lab-out")]
         out: PathBuf,
         /// Remove what a crashed earlier run left (namespaces with the lab's prefix) and exit.
@@ -109,7 +121,9 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
     let engine = cli.engine.as_deref();
     match cli.command {
         Command::Lab {
+            mode,
             nodes,
+            backends,
             policy,
             clients,
             duration,
@@ -131,6 +145,26 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
+            if mode == "appliance" {
+                let opts = appliance_request(
+                    engine,
+                    nodes,
+                    backends,
+                    clients,
+                    duration,
+                    &scenario,
+                    scenario_clients,
+                    scenario_duration,
+                    out.clone(),
+                )?;
+                if !baseline.is_empty() {
+                    bail!("--baseline: appliance mode always runs its baselines (the kernel director and HAProxy)");
+                }
+                return appliance(&opts);
+            }
+            if mode != "server" {
+                bail!("--mode {mode}: use server or appliance");
+            }
             let checked = check_lab_request(
                 nodes,
                 &policy,
@@ -139,7 +173,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 &scenario,
                 scenario_clients,
                 scenario_duration,
-                baseline.as_deref(),
+                &baseline,
             )?;
             let opts = LabOptions {
                 programs: programs(engine)?,
@@ -152,6 +186,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 scenario_clients,
                 scenario_duration_s: scenario_duration,
                 kernel_baseline: checked.kernel_baseline,
+                testpmd_ceiling: checked.testpmd_ceiling,
+                testpmd_xdp: checked.testpmd_xdp,
                 out: out.clone(),
                 prefix: PREFIX.to_owned(),
             };
@@ -192,6 +228,89 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             probe(&opts, &out)
         }
     }
+}
+
+/// `lab --mode appliance`'s flags, checked.
+#[allow(clippy::too_many_arguments)]
+fn appliance_request(
+    engine: Option<&std::path::Path>,
+    nodes: u8,
+    backends: u8,
+    clients: Vec<u32>,
+    duration: u32,
+    scenario: &[String],
+    scenario_clients: u32,
+    scenario_duration: u32,
+    out: PathBuf,
+) -> anyhow::Result<clonecluster_lab::applab::ApplianceOptions> {
+    use clonecluster_lab::applab_scenario::AppScenario;
+    if !(1..=8).contains(&nodes) || !(1..=20).contains(&backends) {
+        bail!("--nodes {nodes} --backends {backends}: appliance mode runs 1 to 8 appliances and 1 to 20 backends");
+    }
+    if clients.is_empty() || clients.contains(&0) || duration == 0 {
+        bail!("--clients and --duration: give positive numbers");
+    }
+    if scenario_duration < 6 || scenario_clients == 0 {
+        bail!("--scenario-duration must be at least 6 s and --scenario-clients positive");
+    }
+    let mut ramp = false;
+    let mut scenarios = Vec::new();
+    for s in scenario {
+        match AppScenario::parse(s) {
+            _ if s == "ramp" => ramp = true,
+            Some(x)
+                if nodes < 2
+                    && x != AppScenario::DirectorKill
+                    && x != AppScenario::BackendKill =>
+            {
+                bail!("--scenario {s}: needs --nodes 2 or more")
+            }
+            Some(x) => scenarios.push(x),
+            None => bail!(
+                "--scenario {s}: appliance mode runs ramp, appliance-kill, appliance-wire-cut, appliance-join, \
+                 backend-kill and director-kill (comma-separated)"
+            ),
+        }
+    }
+    Ok(clonecluster_lab::applab::ApplianceOptions {
+        programs: programs(engine)?,
+        nodes,
+        backends,
+        clients,
+        duration_s: duration,
+        ramp,
+        scenarios,
+        scenario_clients,
+        scenario_duration_s: scenario_duration,
+        out,
+        prefix: "cclab".to_owned(),
+    })
+}
+
+/// `lab --mode appliance`: runs it, says where the report is, fails if a check failed.
+fn appliance(opts: &clonecluster_lab::applab::ApplianceOptions) -> anyhow::Result<()> {
+    let say = |line: String| eprintln!("{line}");
+    let results = clonecluster_lab::applab::run(opts, &say).map_err(|e| {
+        if e == "interrupted" {
+            anyhow::anyhow!(
+                "interrupted: the lab stopped every process it started (by PID) and removed its \
+                 namespaces"
+            )
+        } else {
+            anyhow::Error::msg(e)
+        }
+    })?;
+    println!(
+        "report: {}\nplots: {} {}",
+        opts.out.join("report.md").display(),
+        opts.out.join("throughput.svg").display(),
+        opts.out.join("response_time.svg").display()
+    );
+    let failures = results.failures();
+    if !failures.is_empty() {
+        bail!("the lab found problems:\n  {}", failures.join("\n  "));
+    }
+    Ok(())
 }
 
 /// `soak`: checks the request, runs it, fails if a check failed.
@@ -256,6 +375,8 @@ struct LabRequest {
     ramp: bool,
     scenarios: Vec<clonecluster_lab::scenario::Scenario>,
     kernel_baseline: bool,
+    testpmd_ceiling: bool,
+    testpmd_xdp: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -267,7 +388,7 @@ fn check_lab_request(
     scenario: &[String],
     scenario_clients: u32,
     scenario_duration: u32,
-    baseline: Option<&str>,
+    baseline: &[String],
 ) -> anyhow::Result<LabRequest> {
     use clonecluster_lab::scenario::Scenario;
     if !(2..=8).contains(&nodes) {
@@ -297,16 +418,24 @@ fn check_lab_request(
     if scenario_duration < 6 || scenario_clients == 0 {
         bail!("--scenario-duration must be at least 6 s and --scenario-clients positive");
     }
-    let kernel_baseline = match baseline {
-        None => false,
-        Some("kernel") => true,
-        Some(other) => {
-            bail!("--baseline {other}: the only baseline is `kernel` (the nftables clone cluster)")
+    let (mut kernel_baseline, mut testpmd_ceiling, mut testpmd_xdp) = (false, false, false);
+    for b in baseline {
+        match b.as_str() {
+            "kernel" => kernel_baseline = true,
+            "testpmd" => testpmd_ceiling = true,
+            "testpmd-xdp" => testpmd_xdp = true,
+            other => bail!(
+                "--baseline {other}: use kernel (the nftables clone cluster), testpmd \
+                 (dpdk-testpmd io in one node's engine's place) and/or testpmd-xdp (the same \
+                 with net_af_xdp on the wire veth)"
+            ),
         }
-    };
+    }
     Ok(LabRequest {
         ramp,
         scenarios,
         kernel_baseline,
+        testpmd_ceiling,
+        testpmd_xdp,
     })
 }

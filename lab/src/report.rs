@@ -92,7 +92,7 @@ pub fn write_all(
     scenarios: &[ScenarioResult],
 ) -> Result<(), String> {
     for c in configs {
-        write(out, &format!("{}.csv", slug(&c.name)), csv(c))?;
+        write(out, &format!("{}.csv", slug(&c.name)), steps_csv(&c.steps))?;
     }
     write(
         out,
@@ -130,9 +130,10 @@ pub fn slug(name: &str) -> String {
     name.replace(' ', "-")
 }
 
-fn csv(r: &ConfigResult) -> String {
+/// One configuration's ramp as CSV.
+pub fn steps_csv(steps: &[Step]) -> String {
     let mut csv = String::from("step,clients,rps,transfer_mib_s,mean_ms,p99_ms,errors,timeouts\n");
-    for (i, s) in r.steps.iter().enumerate() {
+    for (i, s) in steps.iter().enumerate() {
         let _ = writeln!(
             csv,
             "{},{},{:.1},{:.3},{:.3},{:.3},{},{}",
@@ -211,30 +212,28 @@ fn markdown(
                 pairs.push((e, k));
             }
         }
-        if !pairs.is_empty() {
-            md.push_str("## Engine / kernel clone cluster (throughput ratio, same clients)\n\n| engine | kernel |");
-            for c in clients {
-                let _ = write!(md, " {c} clients |");
+        ratio_table(
+            &mut md,
+            "Engine / kernel clone cluster (throughput ratio, same clients)",
+            "kernel",
+            &pairs,
+            clients,
+        );
+        // The engine beside testpmd io on the same ports: what the engine costs over the ports.
+        let mut pairs = Vec::new();
+        for t in configs.iter().filter(|c| c.kind == "testpmd") {
+            for e in configs.iter().filter(|c| c.kind == "engine") {
+                pairs.push((e, t));
             }
-            md.push_str("\n|---|---|");
-            md.push_str(&"---:|".repeat(clients.len()));
-            md.push('\n');
-            for (e, k) in pairs {
-                let _ = write!(md, "| {} | {} |", e.name, k.name);
-                for c in clients {
-                    let rps =
-                        |r: &ConfigResult| r.steps.iter().find(|s| s.clients == *c).map(|s| s.rps);
-                    match (rps(e), rps(k)) {
-                        (Some(a), Some(b)) if b > 0.0 => {
-                            let _ = write!(md, " {:.2} |", a / b);
-                        }
-                        _ => md.push_str(" - |"),
-                    }
-                }
-                md.push('\n');
-            }
-            md.push('\n');
         }
+        ratio_table(
+            &mut md,
+            "Engine / testpmd io ceiling (throughput ratio, same clients; testpmd io forwards \
+             between the same af_packet and tap ports of one node, busy polling a core)",
+            "ceiling",
+            &pairs,
+            clients,
+        );
     }
     for r in configs {
         let _ = writeln!(md, "## {}\n", r.name);
@@ -243,10 +242,13 @@ fn markdown(
             md,
             "{}Shares of delivered traffic: {}. ARP replies seen by the client: {} (from node {}). \
              Preconditions: {}.\n",
-            if r.kind == "engine" {
-                format!("Formed in {} ms. ", r.formed_in_ms)
-            } else {
-                String::new()
+            match r.kind.as_str() {
+                "engine" => format!("Formed in {} ms. ", r.formed_in_ms),
+                "testpmd" => "testpmd io passes every frame as it is (the node's kernel answers \
+                              ARP from the cluster MAC, and the switch learns it): a ceiling for \
+                              the ports, not judged as a clone cluster. "
+                    .to_owned(),
+                _ => String::new(),
             },
             r.node_shares
                 .iter()
@@ -314,6 +316,40 @@ fn markdown(
         md.push('\n');
     }
     md
+}
+
+/// A table of `engine / base` throughput ratios per client count (nothing if no pairs).
+fn ratio_table(
+    md: &mut String,
+    title: &str,
+    base: &str,
+    pairs: &[(&ConfigResult, &ConfigResult)],
+    clients: &[u32],
+) {
+    if pairs.is_empty() {
+        return;
+    }
+    let _ = write!(md, "## {title}\n\n| engine | {base} |");
+    for c in clients {
+        let _ = write!(md, " {c} clients |");
+    }
+    md.push_str("\n|---|---|");
+    md.push_str(&"---:|".repeat(clients.len()));
+    md.push('\n');
+    for (e, k) in pairs {
+        let _ = write!(md, "| {} | {} |", e.name, k.name);
+        for c in clients {
+            let rps = |r: &ConfigResult| r.steps.iter().find(|s| s.clients == *c).map(|s| s.rps);
+            match (rps(e), rps(k)) {
+                (Some(a), Some(b)) if b > 0.0 => {
+                    let _ = write!(md, " {:.2} |", a / b);
+                }
+                _ => md.push_str(" - |"),
+            }
+        }
+        md.push('\n');
+    }
+    md.push('\n');
 }
 
 /// A line chart: clients on x, `value` on y, one line per configuration.

@@ -24,6 +24,11 @@ pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 pub const PINNED_CLIENT_PORTS: std::ops::RangeInclusive<u16> = 41000..=43999;
 pub const CLUSTER_MAC: &str = "02:cc:00:00:00:01";
 
+/// The appliance lab's single dispatcher (the kernel director or HAProxy): its MAC and its own
+/// address on the segment.
+pub const DISPATCHER_MAC: &str = "02:dd:00:00:00:01";
+pub const DISPATCHER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 9);
+
 /// Node `id`'s MAC.
 pub fn node_mac(id: u8) -> String {
     format!("02:00:00:00:00:{id:02x}")
@@ -294,6 +299,25 @@ impl Topology {
         ])?;
         ns.run(&["ip", "link", "set", "eth0", "up"])?;
         self.backends.push((index, ns.clone()));
+        Ok(ns)
+    }
+
+    /// Creates the appliance lab's dispatcher namespace `<prefix>-d`: `eth0` on br0 with
+    /// [`DISPATCHER_MAC`], its own address [`DISPATCHER_IP`] and the cluster address, which its
+    /// kernel answers ARP for (one machine in front of the backends, the design a clone cluster
+    /// avoids). What dispatches (nftables or HAProxy) is started separately.
+    pub fn add_dispatcher(&mut self) -> Result<Ns, String> {
+        let ns = Ns(format!("{}-d", self.prefix));
+        run(&["ip", "netns", "add", &ns.0])?;
+        ns.run(&["ip", "link", "set", "lo", "up"])?;
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])?;
+        self.attach("d", &ns, "br0", "eth0")?;
+        ns.run(&["ip", "link", "set", "eth0", "address", DISPATCHER_MAC])?;
+        for addr in [format!("{DISPATCHER_IP}/24"), format!("{CLUSTER_IP}/32")] {
+            ns.run(&["ip", "addr", "add", &addr, "dev", "eth0"])?;
+        }
+        ns.run(&["ip", "link", "set", "eth0", "up"])?;
         Ok(ns)
     }
 
