@@ -12,6 +12,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use clonecluster::control::operator::Status;
+use clonecluster_lab::appliance::read_slowly;
 use clonecluster_lab::services::{engine_config, start_engine, start_nginx_on, EngineOptions};
 use clonecluster_lab::topology::{
     backend_ip, backend_mac, Topology, CLIENT_IP, CLUSTER_IP, CLUSTER_MAC, PINNED_CLIENT_PORTS,
@@ -207,49 +208,72 @@ impl Appliances {
             .collect()
     }
 
-    /// Downloads of the backends' 4 MiB `/big` at `rate` from the client ports `ports`,
-    /// started now.
-    fn downloads(&self, ports: &[u16], rate: &str) -> Vec<Child> {
+    /// Downloads of the backends' 4 MiB `/big` from the client ports `ports`, read by a thread
+    /// at `kib_s` KiB/s (curl 7.88's own `--limit-rate` lets some transfers through at full
+    /// speed) through a client receive buffer of 64 KiB: they last 4 MiB / `kib_s`, so they are
+    /// running when the test breaks something. Started now.
+    fn downloads(&self, ports: &[u16], kib_s: u64) -> Vec<Download> {
+        self.topo
+            .client
+            .run(&["sysctl", "-qw", "net.ipv4.tcp_rmem=4096 65536 65536"])
+            .unwrap();
         ports
             .iter()
             .map(|port| {
-                self.topo
+                let mut curl = self
+                    .topo
                     .client
                     .command(&[
                         "curl",
                         "-s",
-                        "-o",
-                        "/dev/null",
+                        "-f",
                         "-m",
                         "120",
-                        "--limit-rate",
-                        rate,
                         "--local-port",
                         &port.to_string(),
-                        "-w",
-                        "%{http_code} %{size_download}",
                         &format!("http://{CLUSTER_IP}/big"),
                     ])
+                    .stdin(Stdio::null())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::null())
                     .spawn()
-                    .unwrap()
+                    .unwrap();
+                let out = curl.stdout.take().unwrap();
+                let reader = std::thread::spawn(move || read_slowly(out, kib_s));
+                Download { curl, reader }
             })
             .collect()
     }
 }
 
-/// How many of `downloads` ended complete (HTTP 200 and every byte).
-fn complete(downloads: Vec<Child>) -> (usize, Vec<String>) {
+/// A download in progress: curl, and the thread reading its output.
+struct Download {
+    curl: Child,
+    reader: std::thread::JoinHandle<u64>,
+}
+
+/// Whether some of `downloads` still run (and how many).
+fn running(downloads: &mut [Download]) -> usize {
+    downloads
+        .iter_mut()
+        .map(|d| d.curl.try_wait().ok().flatten().is_none())
+        .filter(|running| *running)
+        .count()
+}
+
+/// How many of `downloads` ended complete (curl succeeded and every byte was read).
+fn complete(downloads: Vec<Download>) -> (usize, Vec<String>) {
     let mut ok = 0;
     let mut results = Vec::new();
-    for d in downloads {
-        let out = d.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        if text == format!("200 {}", 4096 * 1024) {
+    for mut d in downloads {
+        let status = d.curl.wait().unwrap();
+        let bytes = d.reader.join().unwrap_or(0);
+        if status.success() && bytes == 4096 * 1024 {
             ok += 1;
+            results.push("complete".to_owned());
+        } else {
+            results.push(format!("curl {status}, {bytes} bytes"));
         }
-        results.push(text);
     }
     (ok, results)
 }
@@ -278,8 +302,13 @@ fn appliances_forward_by_dsr_and_a_killed_appliance_loses_no_connection() {
     let mut ports = lab.ports_owned_by(2, first, 4);
     ports.extend(lab.ports_owned_by(1, first, 4));
     assert_eq!(ports.len(), 8);
-    let downloads = lab.downloads(&ports, "512k");
+    let mut downloads = lab.downloads(&ports, 512);
     std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        running(&mut downloads),
+        8,
+        "the downloads run when the appliance dies"
+    );
     let victim = lab.engines.remove(&2).unwrap();
     signal(victim, "KILL");
     lab.topo.kill(victim);
@@ -518,8 +547,13 @@ fn a_drained_backend_keeps_its_flows_and_a_killed_one_is_avoided() {
     // downloads finish.
     let first = *PINNED_CLIENT_PORTS.start();
     let ports: Vec<u16> = (first..first + 12).collect();
-    let downloads = lab.downloads(&ports, "1m");
+    let mut downloads = lab.downloads(&ports, 1024);
     std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        running(&mut downloads),
+        12,
+        "the downloads run when b1 is drained"
+    );
     let out = run_cmd(&[
         "drain-backend",
         "--config",
@@ -543,8 +577,13 @@ fn a_drained_backend_keeps_its_flows_and_a_killed_one_is_avoided() {
 
     // Kill backend 2's server under load: only its connections are lost.
     let ports: Vec<u16> = (first + 100..first + 112).collect();
-    let downloads = lab.downloads(&ports, "512k");
+    let mut downloads = lab.downloads(&ports, 512);
     std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        running(&mut downloads),
+        12,
+        "the downloads run when b2 dies"
+    );
     let victim = lab.servers[&2];
     signal(victim, "KILL");
     let killed = Instant::now();
@@ -559,10 +598,7 @@ fn a_drained_backend_keeps_its_flows_and_a_killed_one_is_avoided() {
     );
     let (ok, results) = complete(downloads);
     // Downloads were spread over b2 and b3 (b1 drained): b2's were cut, b3's completed.
-    let cut = results
-        .iter()
-        .filter(|r| !r.ends_with(&(4096 * 1024).to_string()))
-        .count();
+    let cut = results.iter().filter(|r| *r != "complete").count();
     assert!(cut > 0 && ok > 0 && ok + cut == 12, "{results:?}");
     eprintln!(
         "backend killed: {cut} of 12 downloads cut (its own), {ok} complete; new connections \

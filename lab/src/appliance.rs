@@ -531,7 +531,7 @@ pub struct Download {
 }
 
 /// Reads `out` to its end at `kib_s` KiB/s at most; returns the bytes read.
-fn read_slowly(mut out: impl std::io::Read, kib_s: u64) -> u64 {
+pub fn read_slowly(mut out: impl std::io::Read, kib_s: u64) -> u64 {
     const CHUNK: usize = 16 * 1024;
     let mut buf = vec![0u8; CHUNK];
     let start = Instant::now();
