@@ -193,7 +193,7 @@ pub fn too_big(
     out[6..12].copy_from_slice(&node_mac.0);
     let ip_total = u16::try_from(total - ETH).ok()?;
     if v6 {
-        let (client, service) = (addr6(&src, 8), addr6(&src, 24));
+        let (client, service) = (addr6(src, 8), addr6(src, 24));
         out[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
         let h = &mut out[ETH..ETH + IPV6];
         h[..4].copy_from_slice(&0x6000_0000u32.to_be_bytes());

@@ -69,6 +69,8 @@ impl Destination {
 
 impl Pipeline {
     /// A TCP/UDP frame while services are configured: by its rule, or the cluster's own path.
+    /// (The arguments are a prepared flow frame's parts, as `flow_packet` takes them.)
+    #[allow(clippy::too_many_arguments)]
     #[inline(never)]
     pub(super) fn service_flow(
         &mut self,
@@ -111,12 +113,12 @@ impl Pipeline {
         if delivery == Delivery::Local {
             return Action::Deliver;
         }
-        self.to_backend(buf, len, r, &d, hash, proto, upsert)
+        self.forward_to_backend(buf, len, r, &d, hash, proto, upsert)
     }
 
     /// An owned frame of appliance rule `r`: to the flow's backend.
     #[allow(clippy::too_many_arguments)]
-    fn to_backend(
+    fn forward_to_backend(
         &mut self,
         buf: &mut [u8],
         len: usize,

@@ -29,9 +29,9 @@ impl Pipeline {
             Err(e) => return Action::Drop(DropReason::Malformed(e)),
         };
         let target = request.target_protocol_addr;
-        if !request.is_request_for(self.id.cluster_ip)
-            && !(request.is_request_for(target) && self.services.is_address(IpAddr::V4(target)))
-        {
+        let for_us = request.is_request_for(self.id.cluster_ip)
+            || (request.is_request_for(target) && self.services.is_address(IpAddr::V4(target)));
+        if !for_us {
             // Replies to the cluster MAC (some node's kernel asked) and everything else: every
             // host may need them.
             return Action::DeliverShared;
