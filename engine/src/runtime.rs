@@ -186,6 +186,7 @@ pub fn control_thread(
     let mut watch = HealthWatch::new(cfg);
     let mut cores = CoreWatch::new(link.cores.len(), interval * cfg.control.dead_after);
     let mut backends = BackendWatch::new(&loaded, &link);
+    let mut wire_dropped_seen = 0u64;
     let mut current = loaded.clone();
     let mut busy = BusyShare::new(start);
     let mut out = Vec::new();
@@ -227,6 +228,12 @@ pub fn control_thread(
                     .store(u32::from(guard.hold_refusals_on), Relaxed);
             }
             link.refusing_peers.store(node.refusing_peers(), Relaxed);
+            // Control frames the cores could not queue: a flood on the wire, not a dead one.
+            let dropped: u64 = link.wire_in_dropped.iter().map(|d| d.load(Relaxed)).sum();
+            if dropped != wire_dropped_seen {
+                wire_dropped_seen = dropped;
+                node.note_wire_noise(now_ns());
+            }
             node.set_wire_link(link.wire_link_up.load(Relaxed), now_ns(), &mut out);
             node.set_cores_running(cores.running(&link, now, me), now_ns(), &mut out);
             node.handle_tick(now_ns(), &mut out);

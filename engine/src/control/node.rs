@@ -159,6 +159,12 @@ impl Node {
         self.m.set_load(load);
     }
 
+    /// The wire brought control frames the data path could not queue (see
+    /// [`Membership::note_wire_noise`]).
+    pub fn note_wire_noise(&mut self, now: u64) {
+        self.m.note_wire_noise(now);
+    }
+
     /// This node's backend report (see [`Membership::set_backend_report`]).
     pub fn set_backend_report(&mut self, report: Option<crate::appliance::health::Report>) {
         self.m.set_backend_report(report);

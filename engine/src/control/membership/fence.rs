@@ -202,9 +202,22 @@ impl Membership {
         let since = p.last_seen[Path::Wire.index()]
             .unwrap_or(0)
             .max(p.alive_since);
-        p.alive
-            && p.last_seen[Path::Udp.index()]
-                .is_some_and(|u| u >= since.saturating_add(self.cfg.dead_span()))
+        let span = self.cfg.dead_span();
+        let udp = p.last_seen[Path::Udp.index()];
+        // Control frames this node could not use came in since, within the last span (as of
+        // the peer's last UDP message): the wire carries frames, and the peer's heartbeats may
+        // be lost among them (a flood of forged ones filling the queue). That is no evidence
+        // of a dead wire path, and must not fence anyone.
+        let noisy = self
+            .last_wire_noise
+            .is_some_and(|t| t > since && udp.is_some_and(|u| t.saturating_add(span) > u));
+        p.alive && !noisy && udp.is_some_and(|u| u >= since.saturating_add(span))
+    }
+
+    /// The wire brought control frames this node could not use at `now`: refused (forged,
+    /// replayed, malformed, another cluster's) or dropped because their queue was full.
+    pub fn note_wire_noise(&mut self, now: u64) {
+        self.last_wire_noise = Some(now);
     }
 
     /// Bit `id - 1` per live peer not silent on the wire (this node's wire report).

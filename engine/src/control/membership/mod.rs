@@ -416,6 +416,9 @@ pub struct Membership {
     cfg: Config,
     /// Appliance mode's agreed backend table ([`super::backends`]).
     backends: BackendAgreement,
+    /// When the wire last brought control frames this node could not use (see
+    /// `fence.rs`, `wire_silent`).
+    last_wire_noise: Option<u64>,
     seq: u64,
     started: Option<u64>,
     last_heartbeat: Option<u64>,
@@ -466,6 +469,7 @@ impl Membership {
         Membership {
             weight: cfg.weight,
             backends: BackendAgreement::new(cfg.services_digest),
+            last_wire_noise: None,
             cfg,
             seq: 0,
             started: None,

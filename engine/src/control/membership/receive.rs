@@ -8,6 +8,18 @@ impl Membership {
 
     pub(super) fn refuse(&mut self, path: Path, r: Refusal, now: u64) {
         self.refused[path.index()][r.index()] += 1;
+        // Junk on the wire (not a genuine message's late or duplicate copy).
+        let junk = matches!(
+            r,
+            Refusal::Malformed
+                | Refusal::UnknownVersion
+                | Refusal::BadMac
+                | Refusal::WrongPath
+                | Refusal::WrongDigest
+        );
+        if path == Path::Wire && junk {
+            self.note_wire_noise(now);
+        }
         if matches!(r, Refusal::BadMac | Refusal::WrongDigest) {
             self.last_auth_refusal = Some(now);
         }

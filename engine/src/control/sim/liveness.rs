@@ -270,3 +270,40 @@ fn every_path_state_in_a_two_node_cluster() {
 fn every_path_state_in_a_three_node_cluster() {
     table(3, 600);
 }
+
+/// A flood of control frames on the wire that the nodes cannot use (forged, malformed) is not
+/// a dead wire path: while it lasts, genuine heartbeats lost among it fence nobody. Once it
+/// stops, a wire that really carries nothing between the nodes fences as the table says.
+#[test]
+fn a_flood_of_unusable_control_frames_fences_nobody() {
+    let ids = [1u8, 2];
+    let mut sim = cluster(71, &ids);
+    sim.run_until(3 * SEC);
+    sim.assert_converged();
+    // The flood: every genuine wire frame between the nodes is lost, and junk arrives on both
+    // nodes' wire ports every 20 ms.
+    sim.fault(2, &[1], Wire::Filtered, Udp::Up, true);
+    let junk = [0x5au8; 60];
+    let end = sim.now + 3 * SEC;
+    while sim.now < end {
+        for id in ids {
+            sim.input(id, |m, now, out| {
+                m.handle_message(Path::Wire, &junk, now, out)
+            });
+        }
+        let next = sim.now + 20 * MS;
+        sim.run_until(next);
+        for id in ids {
+            assert!(!sim.node(id).fenced(), "node {id} fenced by a flood");
+        }
+        assert_eq!(sim.doubled(), 0);
+    }
+    let (counts, uncovered) = sim.coverage();
+    assert_eq!(uncovered, 0, "{counts:?}");
+    assert!(counts.iter().all(|c| c.1 > 0), "both serve: {counts:?}");
+    // The junk stops, the wire stays silent: node 2 fences (the two-node rule).
+    let quiet = sim.now;
+    sim.run_until(quiet + 2 * SEC);
+    assert!(sim.node(2).fenced(), "a silent wire still fences");
+    assert!(!sim.node(1).fenced());
+}
