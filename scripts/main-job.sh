@@ -3,7 +3,7 @@
 # in network namespaces, nginx behind each engine; wrk ramps against 1 node, 2 nodes `hash`,
 # 2 nodes `by-load` and, on the same topology, the kernel-only clone cluster (nftables) of 1
 # and 2 nodes, and 1 node with testpmd io in the engine's place (the ports' ceiling); then the
-# failover, join and drain scenarios under load. The report and plots
+# failover (kill -9), wire-cut (wire port down), join and drain scenarios under load. The report and plots
 # land in lab-out/. Then appliance mode: 3 backends behind one backend alone, the kernel
 # director (nftables), HAProxy and 1 and 2 engine appliances, the same ramp in shorter steps,
 # and an appliance killed, its wire cut, an appliance joining and the director killed under
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 # The engine and the lab are built side by side: the lab runs target/release/clonecluster.
 cargo build --release --locked -p clonecluster -p clonecluster-lab
 target/release/clonecluster-lab lab --nodes 2 --clients 10,50,100,150,200,300 --duration 3 \
-  --scenario ramp,failover,join,drain --baseline kernel,testpmd --out lab-out
+  --scenario ramp,failover,wire-cut,join,drain --baseline kernel,testpmd --out lab-out
 target/release/clonecluster-lab lab --mode appliance --nodes 2 --backends 3 \
   --clients 10,50,100,200 --duration 2 \
   --scenario ramp,appliance-kill,appliance-wire-cut,appliance-join,director-kill --out lab-out/appliance

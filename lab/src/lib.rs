@@ -1,6 +1,6 @@
 //! clonecluster-lab: the namespace lab. A real layer-2 network with a learning switch, nodes
 //! running the engine, and a client, all on one machine; the paper's experiment (`lab`), the
-//! scenarios (failover, join, drain), appliance mode's experiment (`lab --mode appliance`:
+//! scenarios (failover, wire-cut, join, drain), appliance mode's experiment (`lab --mode appliance`:
 //! engine appliances against one dispatcher in front of the same backends) and the soak run on
 //! it, and the engine's namespace tests
 //! build their clusters from its topology and services.

@@ -53,7 +53,8 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         duration: u32,
         /// What to run (comma-separated): ramp (the paper's figures), failover (kill -9 one
-        /// engine mid-load), join (add a node mid-load), drain (drain one node mid-load).
+        /// engine mid-load), wire-cut (one node's wire port down, its control network up),
+        /// join (add a node mid-load), drain (drain one node mid-load).
         #[arg(long, default_value = "ramp", value_delimiter = ',')]
         scenario: Vec<String>,
         /// Clients during a scenario.
@@ -408,10 +409,11 @@ fn check_lab_request(
         match s.as_str() {
             "ramp" => ramp = true,
             "failover" => scenarios.push(Scenario::Failover),
+            "wire-cut" => scenarios.push(Scenario::WireCut),
             "join" => scenarios.push(Scenario::Join),
             "drain" => scenarios.push(Scenario::Drain),
             other => {
-                bail!("--scenario {other}: use ramp, failover, join or drain (comma-separated)")
+                bail!("--scenario {other}: use ramp, failover, wire-cut, join or drain (comma-separated)")
             }
         }
     }

@@ -100,7 +100,7 @@ impl Observer {
             })
         };
         let t = match self.scenario {
-            Scenario::Failover => Timings {
+            Scenario::Failover | Scenario::WireCut => Timings {
                 detected_ms: self.all(&others, |t| t.found_dead(since, node)),
                 moved_ms: self.all(&others, |t| t.took_over(since, node)),
                 // The coordinator formalizes the loss with a plan of the survivors.

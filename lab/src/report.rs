@@ -53,6 +53,8 @@ pub struct ScenarioResult {
     pub cluster_mac_learned: bool,
     /// Live peers declared dead before the event (must be 0: the scenario is then void).
     pub peer_deaths_before_event: usize,
+    /// For a wire cut: whether the cut node said in its status that it was fenced.
+    pub cut_node_fenced: Option<bool>,
     /// What the scenario promises, and whether it held.
     pub expectation: String,
     pub passed: bool,
@@ -314,6 +316,25 @@ fn markdown(
             );
         }
         md.push('\n');
+        for s in scenarios {
+            if let Some(f) = s.cut_node_fenced {
+                let _ = writeln!(
+                    md,
+                    "{}: node {} {} in its status that it was fenced.\n",
+                    s.scenario,
+                    s.node,
+                    if f { "said" } else { "did **not** say" }
+                );
+            }
+        }
+        let takeovers: Vec<String> = scenarios
+            .iter()
+            .filter(|s| s.scenario == "failover" || s.scenario == "wire-cut")
+            .map(|s| format!("{} {}", s.scenario, ms(s.moved_ms)))
+            .collect();
+        if !takeovers.is_empty() {
+            let _ = writeln!(md, "Takeover (moved): {}.\n", takeovers.join(", "));
+        }
     }
     md
 }

@@ -3,7 +3,7 @@
 //! nodes) it builds the namespace network, starts the nodes, waits until the cluster has
 //! formed, drives a ramp of client counts with `wrk` from the client namespace, checks the
 //! Clone Cluster's preconditions, and tears everything down; then it runs the scenarios asked
-//! for (failover, join, drain). It writes the report files ([`super::report`]) and shows a
+//! for (failover, wire-cut, join, drain). It writes the report files ([`super::report`]) and shows a
 //! progress bar. Ctrl-C (or SIGTERM) stops it at the next check, and everything it started is
 //! torn down (processes by PID, then the namespaces).
 

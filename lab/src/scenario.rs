@@ -2,6 +2,10 @@
 //! - `failover`: the last node's engine is killed (SIGKILL, no goodbye). The others must detect
 //!   it and take its buckets; only the dead node's connections may be lost, and every new
 //!   connection after the takeover must succeed.
+//! - `wire-cut`: the last node's wire port goes down (`ip link set eth0 down` in its namespace)
+//!   while its control network stays up. The node must fence itself and the others take its
+//!   buckets as for a kill (DESIGN.md, "Liveness"); the same promises as `failover`, and the
+//!   cut node must say in its status that it is fenced.
 //! - `join`: the last node starts mid-load and joins; no request may fail, and it must serve.
 //! - `drain`: the last node is drained through the operator socket; no request may fail, and
 //!   after the drain it takes no new connection.
@@ -23,6 +27,7 @@ use super::Programs;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
     Failover,
+    WireCut,
     Join,
     Drain,
 }
@@ -31,6 +36,7 @@ impl Scenario {
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Failover => "failover",
+            Scenario::WireCut => "wire-cut",
             Scenario::Join => "join",
             Scenario::Drain => "drain",
         }
@@ -40,6 +46,10 @@ impl Scenario {
         match self {
             Scenario::Failover => {
                 "only the dead node's connections lost; every new connection after the takeover succeeds"
+            }
+            Scenario::WireCut => {
+                "the cut node fences itself; only its connections lost; every new connection after \
+                 the takeover succeeds"
             }
             Scenario::Join => "no request fails; the new node serves",
             Scenario::Drain => "no request fails; the drained node takes no new connection",
@@ -107,6 +117,7 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
             let pid = c.engine_pid(node).ok_or("no engine to kill")?;
             c.topo.kill(pid);
         }
+        Scenario::WireCut => c.set_wire(node, false)?,
         Scenario::Join => c.start_node(node)?,
         Scenario::Drain => {
             c.drain(node, true)?;
@@ -117,7 +128,8 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
     // Every reply is kept beside the report.
     let mut observer = Observer::new(s, node, &ids, event_ms);
     let mut polls = format!("{}\n", serde_json::json!({ "event_ms": event_ms }));
-    let asked: &[u8] = if s == Scenario::Failover {
+    let crash = matches!(s, Scenario::Failover | Scenario::WireCut);
+    let asked: &[u8] = if crash {
         &others
     } else {
         &ids
@@ -135,6 +147,11 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The cut node still answers on its operator socket: it must say it is fenced.
+    let fenced = (s == Scenario::WireCut).then(|| {
+        c.status(node)
+            .is_some_and(|st| st.fenced)
+    });
     let Timings {
         detected_ms,
         moved_ms,
@@ -176,6 +193,9 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         && verdict.new_failed_after_settled == 0
         && match s {
             Scenario::Failover => verdict.lost_by_node.iter().all(|(n, _)| *n == node),
+            Scenario::WireCut => {
+                fenced == Some(true) && verdict.lost_by_node.iter().all(|(n, _)| *n == node)
+            }
             Scenario::Join => {
                 step.errors == 0
                     && verdict.failed == 0
@@ -202,6 +222,7 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         probe: verdict,
         cluster_mac_learned: learned,
         peer_deaths_before_event: deaths_before,
+        cut_node_fenced: fenced,
         expectation: s.expectation().to_owned(),
         passed,
     })
