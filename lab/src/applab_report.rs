@@ -295,7 +295,9 @@ fn scenario_table(md: &mut String, r: &AppResults) {
          fresh ones asking `GET /id`, which names the backend) and long downloads (2 MiB at \
          256 KiB/s; for a kill, half of them from client ports whose bucket the victim holds); \
          the event comes a third of the way in. *Takeover*: from the kill until every other \
-         appliance sent the victim's new flows on (the appliances' own timelines). *Lost*: probe \
+         appliance sent the victim's new flows on (the appliances' own timelines); for a backend \
+         killed or drained, *detected* and *moved* are when the first and the last appliance \
+         showed it `down` or `drained` in its status (from then on it gets no new flow). *Lost*: probe \
          keep-alive connections that failed after the event (by the backend that served them) and \
          downloads not complete. *Slow connects*: fresh connections that waited for a SYN \
          retransmission (1 s: their SYN was lost, e.g. to a dead appliance before the takeover). \
@@ -325,6 +327,7 @@ fn scenario_table(md: &mut String, r: &AppResults) {
                     format!("victim, appliance {}", s.node)
                 }
                 "backend-kill" => format!("dead backend {}: not pinned", s.node),
+                "backend-drain" => format!("drained backend {}: not pinned", s.node),
                 _ => format!("new appliance {}: none pinned", s.node),
             },
             s.wrk.rps,

@@ -32,15 +32,17 @@ pub enum AppScenario {
     ApplianceWireCut,
     ApplianceJoin,
     BackendKill,
+    BackendDrain,
     DirectorKill,
 }
 
 /// Every scenario, in the order of their names' list.
-pub const ALL: [AppScenario; 5] = [
+pub const ALL: [AppScenario; 6] = [
     AppScenario::ApplianceKill,
     AppScenario::ApplianceWireCut,
     AppScenario::ApplianceJoin,
     AppScenario::BackendKill,
+    AppScenario::BackendDrain,
     AppScenario::DirectorKill,
 ];
 
@@ -51,6 +53,7 @@ impl AppScenario {
             AppScenario::ApplianceWireCut => "appliance-wire-cut",
             AppScenario::ApplianceJoin => "appliance-join",
             AppScenario::BackendKill => "backend-kill",
+            AppScenario::BackendDrain => "backend-drain",
             AppScenario::DirectorKill => "director-kill",
         }
     }
@@ -67,6 +70,10 @@ impl AppScenario {
             AppScenario::BackendKill => {
                 "only the dead backend's connections lost; new connections avoid it after the \
                  health budget (fall x interval, then the agreed table)"
+            }
+            AppScenario::BackendDrain => {
+                "0 connections lost (its downloads complete); new connections avoid it once every \
+                 appliance has the agreed table"
             }
             AppScenario::ApplianceJoin => "0 connections lost; the new appliance forwards",
             AppScenario::DirectorKill => {
@@ -186,7 +193,7 @@ fn start(
     let ids: Vec<u8> = (1..=k).collect();
     let (dispatch, node, config) = match s {
         AppScenario::DirectorKill => (Dispatch::Director, 0, "kernel director".to_owned()),
-        AppScenario::BackendKill => (
+        AppScenario::BackendKill | AppScenario::BackendDrain => (
             Dispatch::Appliances,
             opts.backends,
             format!("{k} appliances"),
@@ -205,7 +212,7 @@ fn start(
         opts.backends,
         &ids,
         &initial,
-        s == AppScenario::BackendKill,
+        matches!(s, AppScenario::BackendKill | AppScenario::BackendDrain),
         opts.out.join(format!("scenario-{}", s.name())),
     )?;
     lab.wait_formed(&initial, Duration::from_secs(30), &interrupted)?;
@@ -261,6 +268,7 @@ pub fn run(s: AppScenario, opts: &ApplianceOptions) -> Result<AppScenarioResult,
         AppScenario::ApplianceWireCut => lab.set_wire(node, false)?,
         AppScenario::ApplianceJoin => lab.start_node(node)?,
         AppScenario::BackendKill => lab.kill_backend(node)?,
+        AppScenario::BackendDrain => lab.drain_backend(1, node)?,
         AppScenario::DirectorKill => lab.kill_dispatcher()?,
     }
     // The director's death is its port going down, a command that takes a few ms: requests
@@ -335,14 +343,24 @@ fn judge(s: AppScenario, r: &AppScenarioResult, joined_forwards: bool) -> bool {
                 && joined_forwards
         }
         AppScenario::BackendKill => {
-            // Only the dead backend's connections lost, and fresh connections served without a
-            // failure for the last 2 s of the scenario at least.
-            let end_ms = u64::from(r.duration_s) * 1000 - r.event_after_ms;
-            r.probe
-                .lost_by_node
-                .iter()
-                .all(|(b, _)| *b == super::appliance::backend_id(r.node))
-                && r.probe.last_disturbed_ms.is_none_or(|t| t + 2000 <= end_ms)
+            // Only the dead backend's connections lost, and once every appliance agreed it is
+            // down, no new connection fails and none goes to it.
+            let dead = super::appliance::backend_id(r.node);
+            r.moved_ms.is_some()
+                && r.probe.new_after_settled > 0
+                && r.probe.new_failed_after_settled == 0
+                && !r.probe.nodes_after_settled.contains(&dead)
+                && r.probe.lost_by_node.iter().all(|(b, _)| *b == dead)
+        }
+        AppScenario::BackendDrain => {
+            let drained = super::appliance::backend_id(r.node);
+            r.moved_ms.is_some()
+                && r.lost() == 0
+                && r.wrk.errors == 0
+                && r.probe.failed == 0
+                && r.downloads == DOWNLOADS
+                && r.probe.new_after_settled > 0
+                && !r.probe.nodes_after_settled.contains(&drained)
         }
         AppScenario::DirectorKill => r.downloads_complete == 0 && r.served_again_ms.is_none(),
     }
@@ -362,7 +380,15 @@ fn observe(
     let kind = match s {
         AppScenario::ApplianceKill | AppScenario::ApplianceWireCut => Scenario::Failover,
         AppScenario::ApplianceJoin => Scenario::Join,
-        AppScenario::BackendKill | AppScenario::DirectorKill => {
+        AppScenario::BackendKill | AppScenario::BackendDrain => {
+            let state = if s == AppScenario::BackendKill {
+                "down"
+            } else {
+                "drained"
+            };
+            return observe_backend(lab, node, state, ids, event, limit);
+        }
+        AppScenario::DirectorKill => {
             pause(limit.saturating_sub(event.elapsed()))?;
             return Ok(Timings::default());
         }
@@ -385,6 +411,48 @@ fn observe(
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(observer.timings())
+}
+
+/// Polls the appliances until every one of `ids` shows backend `index` in `state` in its
+/// status (the agreed table: it takes no new flow from then on), then waits out `limit`.
+/// Detected: the first appliance to show it; moved: the last.
+fn observe_backend(
+    lab: &ApplianceLab,
+    index: u8,
+    state: &str,
+    ids: &[u8],
+    event: Instant,
+    limit: Duration,
+) -> Result<Timings, String> {
+    let name = format!("b{index}");
+    let mut seen: Vec<(u8, u64)> = Vec::new();
+    while event.elapsed() < limit && seen.len() < ids.len() {
+        if interrupted() {
+            return Err("interrupted".into());
+        }
+        for &id in ids {
+            if seen.iter().any(|(i, _)| *i == id) {
+                continue;
+            }
+            let shows = lab.status(id).is_some_and(|st| {
+                st.services
+                    .iter()
+                    .flat_map(|sv| &sv.backends)
+                    .any(|b| b.name == name && b.state == state)
+            });
+            if shows {
+                seen.push((id, event.elapsed().as_millis() as u64));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pause(limit.saturating_sub(event.elapsed()))?;
+    let complete = seen.len() == ids.len();
+    Ok(Timings {
+        detected_ms: seen.iter().map(|(_, t)| *t).min(),
+        moved_ms: complete.then(|| seen.iter().map(|(_, t)| *t).max().unwrap_or(0)),
+        done_ms: None,
+    })
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use clonecluster::control::operator::{self, Proto, Reply, Request, Status};
 use super::cluster::tcp_in_segments;
 use super::dispatch::{director_rules, load_nft, start_haproxy};
 use super::services::{
-    configure_host_port, engine_config, start_engine, start_nginx_on, EngineOptions,
+    configure_host_port_as, engine_config, start_engine, start_nginx_on, EngineOptions,
 };
 use super::topology::{backend_ip, backend_mac, control_ip, Ns, Topology, CLIENT_IP, CLUSTER_IP};
 use super::Programs;
@@ -237,8 +237,9 @@ impl ApplianceLab {
             .map_err(|e| format!("cannot start node {id}'s engine: {e}"))?;
         let pid = self.topo.adopt(engine);
         self.engines.push((id, pid));
-        // The engine's tap comes up; the node's kernel serves nothing here.
-        configure_host_port(&ns, Duration::from_secs(30))
+        // The engine's tap comes up; the node's kernel serves nothing here: it holds the node's
+        // own address, the source of its backend checks.
+        configure_host_port_as(&ns, &format!("{}/24", node_ip(id)), Duration::from_secs(30))
             .map_err(|e| format!("{e} (see {})", log.display()))
     }
 
@@ -265,6 +266,18 @@ impl ApplianceLab {
         let (_, pid) = self.nginx.remove(pos);
         self.topo.kill(pid);
         Ok(())
+    }
+
+    /// Drains backend `index` through appliance `via`'s operator socket (`drain-backend bN`):
+    /// the coordinator publishes the table without it for new flows; its flows stay.
+    pub fn drain_backend(&self, via: u8, index: u8) -> Result<(), String> {
+        let request = Request::DrainBackend {
+            name: format!("b{index}"),
+            drain: true,
+        };
+        operator::call(&self.socket(via), &request)
+            .map(drop)
+            .map_err(|e| format!("{request} through appliance {via}: {e}"))
     }
 
     /// Takes appliance `id`'s wire link down (its control network stays up), or puts it back.

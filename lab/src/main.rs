@@ -34,7 +34,8 @@ enum Command {
         /// `server` (the engines are the servers: the paper's experiment) or `appliance` (a
         /// clone cluster of engine appliances in front of --backends nginx backends, against one
         /// backend alone, the kernel director (nftables) and HAProxy; scenarios:
-        /// appliance-kill, appliance-wire-cut, appliance-join, backend-kill, director-kill).
+        /// appliance-kill, appliance-wire-cut, appliance-join, backend-kill, backend-drain,
+        /// director-kill).
         #[arg(long, default_value = "server")]
         mode: String,
         /// Nodes (appliance mode: appliances, K).
@@ -262,14 +263,15 @@ fn appliance_request(
             Some(x)
                 if nodes < 2
                     && x != AppScenario::DirectorKill
-                    && x != AppScenario::BackendKill =>
+                    && x != AppScenario::BackendKill
+                    && x != AppScenario::BackendDrain =>
             {
                 bail!("--scenario {s}: needs --nodes 2 or more")
             }
             Some(x) => scenarios.push(x),
             None => bail!(
                 "--scenario {s}: appliance mode runs ramp, appliance-kill, appliance-wire-cut, appliance-join, \
-                 backend-kill and director-kill (comma-separated)"
+                 backend-kill, backend-drain and director-kill (comma-separated)"
             ),
         }
     }

@@ -117,6 +117,17 @@ pub fn start_engine(bin: &Path, ns: &Ns, config: &Path, log: &Path) -> std::io::
 /// Waits until the engine in `ns` has created its tap, then gives the node's kernel the cluster
 /// address on it.
 pub fn configure_host_port(ns: &Ns, timeout: std::time::Duration) -> Result<(), String> {
+    configure_host_port_as(ns, &format!("{CLUSTER_IP}/24"), timeout)
+}
+
+/// [`configure_host_port`] with `addr` (address/prefix) on the tap instead of the cluster
+/// address: an appliance's kernel serves nothing and holds the node's own address, the source
+/// of its backend checks (a backend holds the cluster address itself, on loopback).
+pub fn configure_host_port_as(
+    ns: &Ns,
+    addr: &str,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
     let deadline = std::time::Instant::now() + timeout;
     while ns.run(&["ip", "link", "show", "cc0"]).is_err() {
         if std::time::Instant::now() > deadline {
@@ -126,14 +137,7 @@ pub fn configure_host_port(ns: &Ns, timeout: std::time::Duration) -> Result<(), 
     }
     // The kernel must fill its checksums itself: the engine forwards frames as they are.
     ns.run(&["ethtool", "-K", "cc0", "tx", "off"])?;
-    ns.run(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{CLUSTER_IP}/24"),
-        "dev",
-        "cc0",
-    ])?;
+    ns.run(&["ip", "addr", "add", addr, "dev", "cc0"])?;
     ns.run(&["ip", "link", "set", "cc0", "up"])?;
     Ok(())
 }
