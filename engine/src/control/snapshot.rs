@@ -236,7 +236,9 @@ impl Snapshot {
             return Role::NotOwner;
         };
         match (me == owner, self.phase) {
-            (true, Phase::Learn) => Role::Owner,
+            // Still the owner while the target learns: as in a bucket that does not move, an
+            // earlier owner's flows (an owed bucket moving again) are not ours to answer.
+            (true, Phase::Learn) => self.settled(bucket, owner, me),
             (true, _) => Role::Releasing { to },
             (false, Phase::Acquire) => Role::Acquiring { from },
             (false, _) => Role::Learning { from },
@@ -414,5 +416,38 @@ mod tests {
         assert_eq!(s.releasing(n(1)).count(), 21846);
         assert_eq!(s.releasers(), 1);
         assert!(Snapshot::empty().role(Bucket(9), n(1)) == Role::NotOwner);
+    }
+
+    /// A bucket owed to node 1 (it moved 1 → 2 and node 1 still serves a flow in it) moves again
+    /// in a later plan: while the target learns, node 2 is still the bucket's owner but must
+    /// not take node 1's flows (as `Owner`, its kernel would answer them with RST).
+    #[test]
+    fn an_owed_bucket_that_moves_again_stays_owed_in_learn() {
+        let id = PlanId {
+            epoch: 6,
+            proposer: n(1),
+        };
+        let owed = || {
+            let mut a: Box<[u8; BUCKETS]> = vec![0u8; BUCKETS]
+                .into_boxed_slice()
+                .try_into()
+                .unwrap_or_else(|_| unreachable!());
+            a[0] = 1;
+            Some(a)
+        };
+        // Bucket 0: owned by 2, owed to 1, moving 2 → 1 (back) or 2 → 3.
+        for to in [1, 3] {
+            let target = |b: Bucket| n(if b.index() == 0 { to } else { 2 });
+            let role = |phase| {
+                Snapshot::build(id, phase, |_| n(2), Some(&target), 0)
+                    .with_obligations(owed(), Vec::new(), 0)
+                    .role(Bucket(0), n(2))
+            };
+            assert_eq!(role(Phase::Learn), Role::Acquiring { from: n(1) }, "to {to}");
+            assert_eq!(role(Phase::Release), Role::Releasing { to: n(to) });
+            // A bucket nobody owed moves as before.
+            let plain = Snapshot::build(id, Phase::Learn, |_| n(2), Some(&target), 0);
+            assert_eq!(plain.role(Bucket(0), n(2)), Role::Owner);
+        }
     }
 }
