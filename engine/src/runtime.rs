@@ -532,7 +532,11 @@ fn log_event(node: u8, epoch: u64, e: &Event) {
             tracing::warn!(
                 node,
                 epoch,
-                dead = format!("{dead:#x}"),
+                dead = (0..64u8)
+                    .filter(|i| dead >> i & 1 == 1)
+                    .map(|i| format!("node {}", i + 1))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 "took over dead nodes' buckets"
             )
         }

@@ -118,8 +118,10 @@ impl Membership {
             }
             _ => Snapshot::build(id, Phase::Done, |b| eff.owner(b), None, eff.digest()),
         };
-        if dead != old_dead && dead & !old_dead != 0 {
-            out.push(Output::Event(Event::TakeOver { dead }));
+        // Peers' buckets taken (this node's own, when it is fenced, are the others' to take).
+        let peers_dead = dead & !bit(self.cfg.me);
+        if peers_dead & !old_dead != 0 {
+            out.push(Output::Event(Event::TakeOver { dead: peers_dead }));
         }
         self.snap_key = Some(key);
         let snap = self.obligations(snap.with_dead(dead));
