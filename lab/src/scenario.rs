@@ -129,11 +129,7 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
     let mut observer = Observer::new(s, node, &ids, event_ms);
     let mut polls = format!("{}\n", serde_json::json!({ "event_ms": event_ms }));
     let crash = matches!(s, Scenario::Failover | Scenario::WireCut);
-    let asked: &[u8] = if crash {
-        &others
-    } else {
-        &ids
-    };
+    let asked: &[u8] = if crash { &others } else { &ids };
     while event.elapsed() < limit && !observer.timings().complete() {
         if (r.interrupted)() {
             return Err("interrupted".into());
@@ -148,10 +144,7 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         std::thread::sleep(Duration::from_millis(100));
     }
     // The cut node still answers on its operator socket: it must say it is fenced.
-    let fenced = (s == Scenario::WireCut).then(|| {
-        c.status(node)
-            .is_some_and(|st| st.fenced)
-    });
+    let fenced = (s == Scenario::WireCut).then(|| c.status(node).is_some_and(|st| st.fenced));
     let Timings {
         detected_ms,
         moved_ms,

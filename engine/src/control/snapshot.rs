@@ -443,7 +443,11 @@ mod tests {
                     .with_obligations(owed(), Vec::new(), 0)
                     .role(Bucket(0), n(2))
             };
-            assert_eq!(role(Phase::Learn), Role::Acquiring { from: n(1) }, "to {to}");
+            assert_eq!(
+                role(Phase::Learn),
+                Role::Acquiring { from: n(1) },
+                "to {to}"
+            );
             assert_eq!(role(Phase::Release), Role::Releasing { to: n(to) });
             // A bucket nobody owed moves as before.
             let plain = Snapshot::build(id, Phase::Learn, |_| n(2), Some(&target), 0);

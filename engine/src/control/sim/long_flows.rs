@@ -60,9 +60,42 @@ fn a_join_completes_while_a_long_flow_lives_and_the_next_plan_proceeds() {
     assert!(st.node(1).unwrap().held_buckets.is_some_and(|b| b >= 1));
 
     // The next plan (another join) proceeds and completes; the flow still lives on node 1.
+    // Every bucket the plan moved away from node 1 is owed to it. At every instant, no node
+    // plays `Owner` for a bucket it sees owed to node 1 (its kernel would answer node 1's flows
+    // with RST), whether the next plan moves that bucket again or not.
+    let owed: Vec<Bucket> = Bucket::all()
+        .filter(|&b| sim.node(2).snapshot().owed_to(b) == Some(n(1)))
+        .collect();
+    assert!(owed.contains(&b));
     let before = done_plans(&sim, 1);
     sim.add(4);
-    sim.run_until(t0 + 25 * SEC);
+    let owners: Vec<_> = owed
+        .iter()
+        .map(|&o| sim.node(2).snapshot().final_owner(o))
+        .collect();
+    while sim.now < t0 + 25 * SEC {
+        let t = sim.now + 50 * MS;
+        sim.run_until(t);
+        for id in 2..=4 {
+            let snap = sim.node(id).snapshot().clone();
+            for &o in owed.iter().filter(|&&o| snap.owed_to(o) == Some(n(1))) {
+                assert_ne!(
+                    snap.role(o, n(id)),
+                    Role::Owner,
+                    "node {id}, bucket {} owed to node 1, at {} ms",
+                    o.0,
+                    (sim.now - t0) / MS
+                );
+            }
+        }
+    }
+    // The check meant something: the next plan moved owed buckets again.
+    let moved_again = owed
+        .iter()
+        .zip(&owners)
+        .filter(|(&o, &was)| sim.node(2).snapshot().final_owner(o) != was)
+        .count();
+    assert!(moved_again > 0);
     sim.assert_converged();
     assert!(
         done_plans(&sim, 1) > before,
