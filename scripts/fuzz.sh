@@ -24,6 +24,8 @@ while off + 16 <= len(data):
         os.makedirs(os.path.join(out, t), exist_ok=True)
         prefix = b'\x80' if t == 'decision' else (b'\x00' if t == 'wire_parsers' else b'')
         open(os.path.join(out, t, '%05d' % n), 'wb').write(prefix + frame)
+    # The decision target's appliance node (mode bit 6) gets every frame too.
+    open(os.path.join(out, 'decision', 'a%05d' % n), 'wb').write(b'\xc0' + frame)
     off += 16 + incl
     n += 1
 PY
