@@ -101,7 +101,16 @@ impl Observer {
         };
         let t = match self.scenario {
             Scenario::Failover | Scenario::WireCut => Timings {
-                detected_ms: self.all(&others, |t| t.found_dead(since, node)),
+                // A cut node stays alive on the control network: the others see it when they
+                // take its buckets.
+                detected_ms: self.all(&others, |t| {
+                    t.found_dead(since, node)
+                        .or(if self.scenario == Scenario::WireCut {
+                            t.took_over(since, node)
+                        } else {
+                            None
+                        })
+                }),
                 moved_ms: self.all(&others, |t| t.took_over(since, node)),
                 // The coordinator formalizes the loss with a plan of the survivors.
                 done_ms: plan_reached(&others, false, true, Phase::Done),

@@ -12,11 +12,12 @@
 use std::net::IpAddr;
 
 use crate::appliance::encap::{self, Encap, Tunnel};
-use crate::appliance::{Match, Rule};
+use crate::appliance::{BackendState, Match, Rule};
 use crate::cluster::{Bucket, FlowHash, TcpFlags, Upsert};
 use crate::config::{Delivery, RuleMode, Unmatched};
 use crate::wire::{self, parse_ip_flow, parse_l2_l4};
 
+use super::types::TCP;
 use super::{Action, DropReason, Pipeline};
 
 /// What the service path reads of a frame beyond its flow: where its IP packet is and whom it
@@ -113,10 +114,16 @@ impl Pipeline {
         if delivery == Delivery::Local {
             return Action::Deliver;
         }
-        self.forward_to_backend(buf, len, r, &d, hash, proto, upsert)
+        self.forward_to_backend(buf, len, r, &d, hash, proto, flags, upsert)
     }
 
     /// An owned frame of appliance rule `r`: to the flow's backend.
+    ///
+    /// The flow table's backend holds, whatever the backend's health since (a verdict may be
+    /// wrong; a connection it still serves is not cut), except for a connection's first SYN: a
+    /// client that reuses the port of a connection its backend refused or lost (no TIME_WAIT
+    /// after a reset) starts a new connection, which must not go to a backend that is down or
+    /// drained.
     #[allow(clippy::too_many_arguments)]
     fn forward_to_backend(
         &mut self,
@@ -126,12 +133,16 @@ impl Pipeline {
         d: &Destination,
         hash: FlowHash,
         proto: u8,
+        flags: TcpFlags,
         upsert: Upsert,
     ) -> Action {
         let rule: &Rule = &self.services.rules()[r];
         let remembered = match upsert.backend {
             0 => None,
-            id => self.services.backend(r, id),
+            id => self
+                .services
+                .backend(r, id)
+                .filter(|b| b.state == BackendState::Up || proto != TCP || !flags.is_initial_syn()),
         };
         let backend = match remembered {
             Some(b) => b,

@@ -163,6 +163,43 @@ fn a_change_of_the_pool_moves_no_existing_flow() {
     }
 }
 
+/// A client port whose last connection went to a backend that has since failed or been
+/// drained (refused: no TIME_WAIT, so the port comes back at once): the new connection's SYN
+/// goes to a backend that is up, and the flow stays there; segments of the old connection still
+/// go to the old backend until then.
+#[test]
+fn a_new_connection_on_a_reused_port_avoids_a_backend_that_is_down_or_drained() {
+    let mut p = appliances(1, "dsr").remove(0);
+    let mut on = Vec::new();
+    for i in 0..300 {
+        let (src, sport) = client(i);
+        on.push(run(&mut p, &segment(src, sport, 80, 0x02), 1).1[5]);
+    }
+    let s = p
+        .services()
+        .with_backend(SECRET, 1, |b| b.state = BackendState::Down);
+    let s = s.with_backend(SECRET, 2, |b| b.state = BackendState::Drained);
+    p.set_services(Arc::new(s));
+    let mut moved = 0;
+    for (i, &was) in on.iter().enumerate() {
+        let (src, sport) = client(i as u32);
+        let (_, ack) = run(&mut p, &segment(src, sport, 80, 0x10), 2);
+        assert_eq!(
+            ack[5], was,
+            "flow {i}: a segment of the old connection stays"
+        );
+        let (_, syn) = run(&mut p, &segment(src, sport, 80, 0x02), 3);
+        assert_eq!(
+            syn[5], 3,
+            "flow {i}: a new connection only to the backend that is up"
+        );
+        let (_, next) = run(&mut p, &segment(src, sport, 80, 0x10), 4);
+        assert_eq!(next[5], 3, "flow {i}: and it stays there");
+        moved += usize::from(was != 3);
+    }
+    assert!(moved > 100, "{moved}");
+}
+
 #[test]
 fn rules_drop_what_they_do_not_serve() {
     let mut p = appliances(1, "dsr").remove(0);
