@@ -293,7 +293,8 @@ fn scenario_table(md: &mut String, r: &AppResults) {
     md.push_str(
         "## Scenarios\n\nSteady `wrk` load, the connection probe (keep-alive connections and \
          fresh ones asking `GET /id`, which names the backend) and long downloads (2 MiB at \
-         256 KiB/s; for a kill, half of them from client ports whose bucket the victim holds); \
+         256 KiB/s; for a kill, half of them from client ports whose bucket the victim holds; for a \
+         backend killed or drained, half from client ports the appliances send to that backend); \
          the event comes a third of the way in. *Takeover*: from the kill until every other \
          appliance sent the victim's new flows on (the appliances' own timelines); for a backend \
          killed or drained, *detected* and *moved* are when the first and the last appliance \
@@ -326,8 +327,8 @@ fn scenario_table(md: &mut String, r: &AppResults) {
                 "appliance-kill" | "appliance-wire-cut" => {
                     format!("victim, appliance {}", s.node)
                 }
-                "backend-kill" => format!("dead backend {}: not pinned", s.node),
-                "backend-drain" => format!("drained backend {}: not pinned", s.node),
+                "backend-kill" => format!("dead backend {}", s.node),
+                "backend-drain" => format!("drained backend {}", s.node),
                 _ => format!("new appliance {}: none pinned", s.node),
             },
             s.wrk.rps,

@@ -237,6 +237,12 @@ fn download_ports(s: AppScenario, lab: &ApplianceLab, node: u8) -> (Vec<u16>, us
             p.extend(lab.ports_owned_by(1, 1, first + 1000, DOWNLOADS - p.len()));
             (p, through)
         }
+        AppScenario::BackendKill | AppScenario::BackendDrain => {
+            let mut p = lab.ports_to_backend(1, node, false, first, DOWNLOADS / 2);
+            let through = p.len();
+            p.extend(lab.ports_to_backend(1, node, true, first + 1000, DOWNLOADS - p.len()));
+            (p, through)
+        }
         AppScenario::DirectorKill => ((first..first + DOWNLOADS as u16).collect(), DOWNLOADS),
         _ => ((first..first + DOWNLOADS as u16).collect(), 0),
     }
@@ -346,11 +352,19 @@ fn judge(s: AppScenario, r: &AppScenarioResult, joined_forwards: bool) -> bool {
             // Only the dead backend's connections lost, and once every appliance agreed it is
             // down, no new connection fails and none goes to it.
             let dead = super::appliance::backend_id(r.node);
+            // The downloads are listed through the dead backend first: only those may end.
+            let others_complete = r
+                .download_ends
+                .iter()
+                .skip(r.downloads_through_node)
+                .all(|e| ApplianceLab::complete(e));
             r.moved_ms.is_some()
                 && r.probe.new_after_settled > 0
                 && r.probe.new_failed_after_settled == 0
                 && !r.probe.nodes_after_settled.contains(&dead)
                 && r.probe.lost_by_node.iter().all(|(b, _)| *b == dead)
+                && r.downloads == DOWNLOADS
+                && others_complete
         }
         AppScenario::BackendDrain => {
             let drained = super::appliance::backend_id(r.node);

@@ -419,6 +419,34 @@ impl ApplianceLab {
             .collect()
     }
 
+    /// The first `n` client ports from `first` on whose new connections (to port 80 of the
+    /// cluster address) go to backend `index`, as appliance `ask` says; `except`: to any other.
+    pub fn ports_to_backend(
+        &self,
+        ask: u8,
+        index: u8,
+        except: bool,
+        first: u16,
+        n: usize,
+    ) -> Vec<u16> {
+        let name = format!("b{index}");
+        (first..first.saturating_add(1000))
+            .filter(|&port| {
+                let request = Request::OwnerOf {
+                    src: std::net::SocketAddr::new(CLIENT_IP.into(), port),
+                    dst: std::net::SocketAddr::new(CLUSTER_IP.into(), 80),
+                    proto: Proto::Tcp,
+                };
+                let to = match operator::call(&self.socket(ask), &request) {
+                    Ok(Reply::OwnerOf(o)) => o.service.and_then(|s| s.backend).map(|b| b.name),
+                    _ => None,
+                };
+                to.is_some_and(|b| (b == name) != except)
+            })
+            .take(n)
+            .collect()
+    }
+
     /// Downloads of the backends' `/big` from the client ports `ports`, read at `kib_s` KiB/s
     /// by a thread of the lab from curl's output (curl 7.88's own `--limit-rate` lets some
     /// transfers through at full speed), started now. A download stalled for 4 s gives up (a
