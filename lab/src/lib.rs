@@ -21,6 +21,7 @@ pub mod ceiling;
 pub mod checks;
 pub mod cluster;
 pub mod dispatch;
+pub mod encap_check;
 pub mod load;
 pub mod measure;
 pub mod probe;
