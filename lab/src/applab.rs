@@ -2,8 +2,10 @@
 //! M backends behind (a) nothing (one backend alone), (b) one dispatcher, the design the paper
 //! set out to avoid (the kernel director with nftables, HAProxy), and (c) a clone cluster of
 //! engine appliances with 1 and K nodes; each under the same `wrk` ramp, with the
-//! preconditions checked ([`super::applab_checks`]); then the scenarios asked for
-//! ([`super::applab_scenario`]) and the report ([`super::applab_report`]).
+//! preconditions checked ([`super::applab_checks`]); where this kernel cannot decapsulate
+//! GUE or IP-in-IP, the encapsulated frames an appliance sends checked frame by frame from a
+//! capture on a backend's port ([`super::applab_encap`], with the ramp); then the scenarios
+//! asked for ([`super::applab_scenario`]) and the report ([`super::applab_report`]).
 //!
 //! Ctrl-C (or SIGTERM) stops it at the next check; everything it started is torn down (processes
 //! by PID, then the namespaces), as in server mode.
@@ -13,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::applab_checks::{arp_answers, backends_answering, idle, AppChecks};
+use super::applab_checks::{arp_answers, backends_answering, encap_failures, idle, AppChecks};
+use super::applab_encap::{self, EncapStep};
 use super::applab_scenario::{self, AppScenario, AppScenarioResult};
 use super::appliance::{ApplianceLab, Dispatch};
 use super::checks::{capture_arp, judge_arp};
@@ -70,6 +73,9 @@ pub struct AppResults {
     pub configs: Vec<AppConfigResult>,
     pub scenarios: Vec<AppScenarioResult>,
     pub kernel: KernelFeatures,
+    /// The encapsulated frames checked from a capture (with the ramp, where this kernel cannot
+    /// decapsulate them).
+    pub encap: Option<EncapStep>,
     /// Wall time of the whole run, s.
     pub took_s: f64,
 }
@@ -81,6 +87,11 @@ impl AppResults {
         for c in &self.configs {
             for p in &c.failures {
                 f.push(format!("{}: {p}", c.name));
+            }
+        }
+        if let Some(e) = &self.encap {
+            for p in encap_failures(e) {
+                f.push(format!("encapsulated delivery: {p}"));
             }
         }
         for s in self.scenarios.iter().filter(|s| !s.passed) {
@@ -138,6 +149,7 @@ pub fn run(opts: &ApplianceOptions, say: &dyn Fn(String)) -> Result<AppResults, 
         configs: Vec::new(),
         scenarios: Vec::new(),
         kernel,
+        encap: None,
         took_s: 0.0,
     };
     let list = if opts.ramp { configs(opts) } else { Vec::new() };
@@ -152,6 +164,20 @@ pub fn run(opts: &ApplianceOptions, say: &dyn Fn(String)) -> Result<AppResults, 
             say(format!("{name}: PRECONDITION FAILED: {f}"));
         }
         results.configs.push(r);
+    }
+    if opts.ramp && !results.kernel.decapsulates() {
+        let e = applab_encap::run(opts)?;
+        say(format!(
+            "encapsulated delivery (GUE and IP-in-IP from appliance {} to backend {}, from a \
+             capture): {}",
+            e.appliance,
+            e.backend,
+            e.check.summary()
+        ));
+        for f in encap_failures(&e) {
+            say(format!("encapsulated delivery: PRECONDITION FAILED: {f}"));
+        }
+        results.encap = Some(e);
     }
     for &s in &opts.scenarios {
         let r = applab_scenario::run(s, opts)?;

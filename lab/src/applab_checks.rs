@@ -3,7 +3,9 @@
 //! - ARP answers for the cluster address come from one appliance, from its node MAC with the
 //!   cluster MAC inside (server mode's rule, [`super::checks::judge_arp`]);
 //! - backends never answer ARP for the cluster address (they hold it on loopback only);
-//! - every appliance forwarded traffic and every backend received some.
+//! - every appliance forwarded traffic and every backend received some;
+//! - where this kernel cannot decapsulate them, every GUE and IP-in-IP frame an appliance sent
+//!   to a backend is well formed, and there were some of each ([`encap_failures`]).
 //!
 //! Which of them apply depends on what stands in front of the backends: a dispatcher answers
 //! ARP itself with its own MAC, and a backend alone answers for the address by design.
@@ -11,6 +13,7 @@
 
 use serde::Serialize;
 
+use super::applab_encap::{EncapStep, GUE_SERVICE_PORT, IPIP_SERVICE_PORT};
 use super::appliance::Dispatch;
 use super::report::node_list;
 use super::topology::{backend_mac, CLUSTER_IP, CLUSTER_MAC};
@@ -94,6 +97,32 @@ impl AppChecks {
         }
         f
     }
+}
+
+/// What is wrong with the encapsulated frames captured on a backend's port, in words: a
+/// malformed frame (the first one's problem), or no frame of a tunnel at all.
+pub fn encap_failures(e: &EncapStep) -> Vec<String> {
+    let c = &e.check;
+    let mut f = Vec::new();
+    if let Some(p) = &c.first_problem {
+        f.push(format!(
+            "{} of {} encapsulated frame(s) captured on backend {}'s port malformed; the first: {p}",
+            c.malformed, c.frames, e.backend
+        ));
+    }
+    for (n, what, port) in [
+        (c.gue, "GUE", GUE_SERVICE_PORT),
+        (c.ipip, "IP-in-IP", IPIP_SERVICE_PORT),
+    ] {
+        if n == 0 {
+            f.push(format!(
+                "no {what} frame reached backend {}'s port (requests to port {port} of \
+                 {CLUSTER_IP} through appliance {})",
+                e.backend, e.appliance
+            ));
+        }
+    }
+    f
 }
 
 /// The ARP replies for the cluster address among `frames`, as (Ethernet source, MAC inside).
@@ -185,6 +214,43 @@ mod tests {
             ..AppChecks::default()
         };
         assert!(good.failures(Dispatch::Appliances).is_empty());
+    }
+
+    #[test]
+    fn encapsulated_frames_fail_when_malformed_or_missing() {
+        let step = |check| EncapStep {
+            backend: 1,
+            appliance: 1,
+            requests_per_service: 2,
+            capture: "c.pcap".to_owned(),
+            check,
+            took_ms: 0,
+        };
+        let good = crate::encap_check::EncapCheck {
+            frames: 4,
+            gue: 2,
+            ipip: 2,
+            ..Default::default()
+        };
+        assert!(encap_failures(&step(good.clone())).is_empty());
+        let bad = crate::encap_check::EncapCheck {
+            malformed: 1,
+            first_problem: Some("frame 2 (GUE): outer UDP checksum 0x0001 does not verify".into()),
+            ipip: 0,
+            ..good
+        };
+        let f = encap_failures(&step(bad));
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert_eq!(
+            f[0],
+            "1 of 4 encapsulated frame(s) captured on backend 1's port malformed; the first: \
+             frame 2 (GUE): outer UDP checksum 0x0001 does not verify"
+        );
+        assert!(
+            f[1].starts_with("no IP-in-IP frame reached backend 1's port"),
+            "{}",
+            f[1]
+        );
     }
 
     #[test]

@@ -124,6 +124,9 @@ pub struct ApplianceLab {
     nginx: Vec<(u8, u32)>,
     /// The appliances check the backends' health (`GET /id` every 200 ms, fall and rise 2).
     health: bool,
+    /// More entries of the `services:` list (YAML list items), after the DSR web service, for
+    /// the appliances started from now on (the encapsulation step's `gue` and `ipip`).
+    pub extra_services: String,
     /// The dispatcher's namespace and (HAProxy) process.
     pub dispatcher: Option<Ns>,
     haproxy: Option<u32>,
@@ -159,6 +162,7 @@ impl ApplianceLab {
             engines: Vec::new(),
             nginx: Vec::new(),
             health,
+            extra_services: String::new(),
             dispatcher: None,
             haproxy: None,
             dir,
@@ -226,12 +230,8 @@ impl ApplianceLab {
     /// Adds appliance `id` to the network and starts its engine.
     pub fn start_node(&mut self, id: u8) -> Result<(), String> {
         let ns = self.topo.add_node(id)?;
-        let cfg = appliance_config(
-            self.dir.path(),
-            id,
-            &self.all_ids,
-            &dsr_service(&self.backends, self.health),
-        )?;
+        let services = dsr_service(&self.backends, self.health) + &self.extra_services;
+        let cfg = appliance_config(self.dir.path(), id, &self.all_ids, &services)?;
         let log = self.log(id);
         let engine = start_engine(&self.programs.engine, &ns, &cfg, &log)
             .map_err(|e| format!("cannot start node {id}'s engine: {e}"))?;

@@ -138,6 +138,14 @@ pub struct KernelFeatures {
     pub fou: Feature,
 }
 
+impl KernelFeatures {
+    /// A backend here can decapsulate both IP-in-IP and GUE (`ipip` and `gue` delivery could
+    /// run end to end); false when either is missing or could not be told.
+    pub fn decapsulates(&self) -> bool {
+        self.ipip.present == Some(true) && self.fou.present == Some(true)
+    }
+}
+
 /// The kernel's build config (`/proc/config.gz`, else `/boot/config-RELEASE`), if readable.
 fn kernel_config() -> Option<(String, String)> {
     if let Ok(out) = std::process::Command::new("zcat")

@@ -14,6 +14,7 @@
 
 pub mod applab;
 pub mod applab_checks;
+pub mod applab_encap;
 pub mod applab_report;
 pub mod applab_scenario;
 pub mod appliance;
