@@ -12,7 +12,9 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use clonecluster::control::operator::Status;
+use clonecluster_lab::applab_encap;
 use clonecluster_lab::appliance::read_slowly;
+use clonecluster_lab::encap_check::check_frames;
 use clonecluster_lab::services::{engine_config, start_engine, start_nginx_on, EngineOptions};
 use clonecluster_lab::topology::{
     backend_ip, backend_mac, Topology, CLIENT_IP, CLUSTER_IP, CLUSTER_MAC, PINNED_CLIENT_PORTS,
@@ -382,20 +384,13 @@ fn appliances_forward_by_dsr_and_a_killed_appliance_loses_no_connection() {
 }
 
 /// GUE and IP-in-IP leave the appliance well formed, checked frame by frame in a capture on a
-/// backend's port (this kernel has neither FOU nor IPIP to decapsulate them: LAB.md).
+/// backend's port (this kernel has neither FOU nor IPIP to decapsulate them: LAB.md) by the
+/// lab's own check ([`clonecluster_lab::encap_check`], which the appliance lab runs too).
 #[test]
 fn gue_and_ipip_frames_reach_the_backend_well_formed() {
     require_root();
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let services = format!(
-        "services:\n\
-         \x20 - {{ name: gue, addresses: [{CLUSTER_IP}], ports: [8080], delivery: gue, \
-         backends: [{{ ip: {b}, mac: \"{m}\" }}] }}\n\
-         \x20 - {{ name: ipip, addresses: [{CLUSTER_IP}], ports: [8081], delivery: ipip, \
-         backends: [{{ ip: {b}, mac: \"{m}\" }}] }}\n",
-        b = backend_ip(1),
-        m = backend_mac(1)
-    );
+    let services = format!("services:\n{}", applab_encap::encap_services(1));
     let lab = Appliances::new("ag", &[1], &services);
     lab.wait_members(&[1], Duration::from_secs(30));
     let capture = lab.dir.path().join("backend1.pcap");
@@ -403,7 +398,7 @@ fn gue_and_ipip_frames_reach_the_backend_well_formed() {
     let mut tcpdump = backend
         .command(&["tcpdump", "-i", "eth0", "-U", "-n", "-w"])
         .arg(&capture)
-        .args(["ip proto 4 or udp port 6080"])
+        .args([format!("ip proto 4 or udp port {}", applab_encap::GUE_PORT)])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -420,7 +415,10 @@ fn gue_and_ipip_frames_reach_the_backend_well_formed() {
         }
     }
     // Nothing answers behind the tunnels: each curl retransmits its SYN until it gives up.
-    for port in [8080, 8081] {
+    for port in [
+        applab_encap::GUE_SERVICE_PORT,
+        applab_encap::IPIP_SERVICE_PORT,
+    ] {
         let _ = lab
             .topo
             .client
@@ -435,64 +433,11 @@ fn gue_and_ipip_frames_reach_the_backend_well_formed() {
     }
     signal(tcpdump.id(), "TERM");
     let _ = tcpdump.wait();
-    let frames = read_pcap(&capture);
-    let node_ip: std::net::IpAddr = "198.18.0.11".parse().unwrap();
-    let (mut gue, mut ipip) = (0, 0);
-    for f in &frames {
-        assert_eq!(f[..6], parse_mac(&backend_mac(1)), "to the backend's MAC");
-        assert_eq!(
-            f[6..12],
-            parse_mac(&clonecluster_lab::topology::node_mac(1))
-        );
-        let outer = clonecluster::wire::parse_l2_l4(f).expect("a valid outer packet");
-        assert_eq!(outer.src_ip, node_ip);
-        assert_eq!(outer.dst_ip, std::net::IpAddr::V4(backend_ip(1)));
-        let ip = clonecluster::wire::ipv4::Packet::new_checked(&f[14..]).unwrap();
-        assert!(ip.verify_checksum(), "outer IPv4 checksum");
-        let inner_at = match u8::from(outer.protocol) {
-            17 => {
-                assert_eq!(outer.dst_port, Some(6080));
-                assert!(
-                    outer.src_port.unwrap() >= 0xc000,
-                    "an ephemeral entropy port"
-                );
-                assert_eq!(f[42..46], [0, 4, 0, 0], "GUE version 0, inner IPv4");
-                gue += 1;
-                46
-            }
-            4 => {
-                ipip += 1;
-                34
-            }
-            other => panic!("protocol {other}"),
-        };
-        // The client's own packet, unchanged: a SYN to the service port, checksums valid.
-        let mut inner = f[..14].to_vec();
-        inner[12..14].copy_from_slice(&[0x08, 0x00]);
-        inner.extend_from_slice(&f[inner_at..]);
-        let p = clonecluster::wire::parse_l2_l4(&inner).expect("a valid inner packet");
-        assert_eq!(p.src_ip, std::net::IpAddr::V4(CLIENT_IP));
-        assert_eq!(p.dst_ip, std::net::IpAddr::V4(CLUSTER_IP));
-        let port = if inner_at == 46 { 8080 } else { 8081 };
-        assert_eq!(p.dst_port, Some(port));
-        let tcp = clonecluster::wire::tcp::Packet::new_checked(&inner[p.l4_offset..]).unwrap();
-        assert!(
-            tcp.verify_checksum(&p.src_ip, &p.dst_ip),
-            "inner TCP checksum"
-        );
-    }
-    assert!(
-        gue > 0 && ipip > 0,
-        "captured {gue} GUE and {ipip} IP-in-IP frames"
-    );
-}
-
-fn parse_mac(s: &str) -> [u8; 6] {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|x| u8::from_str_radix(x, 16).unwrap())
-        .collect();
-    v.try_into().unwrap()
+    // Every frame: from node 1's MAC and address to backend 1's, outer checksum, GUE port,
+    // entropy port and header, and the client's packet inside unchanged (checksums valid).
+    let check = check_frames(&read_pcap(&capture), &applab_encap::expect(1, 1));
+    assert!(check.well_formed(), "{}", check.summary());
+    assert!(check.gue > 0 && check.ipip > 0, "{}", check.summary());
 }
 
 /// The backends' agreed state as node `id` sees it: (backend name, state) in config order.
