@@ -13,10 +13,17 @@ use std::time::{Duration, Instant};
 use clonecluster::control::operator::Status;
 use clonecluster::control::Phase;
 use clonecluster_lab::services::{
-    configure_host_port, engine_config, start_engine, start_nginx, EngineOptions,
+    configure_host_port, configure_host_port6, engine_config, start_engine, start_nginx,
+    start_nginx_on, EngineOptions,
 };
-use clonecluster_lab::topology::{Topology, CLUSTER_MAC, PINNED_CLIENT_PORTS};
+use clonecluster_lab::topology::{
+    Topology, CLIENT_IP6, CLUSTER_IP6, CLUSTER_MAC, PINNED_CLIENT_PORTS,
+};
 use common::*;
+
+/// The node id page over IPv4, and over IPv6 (curl arguments: `-g` for the literal address).
+const IPV4_ID: &str = "http://198.18.0.1/id";
+const IPV6_ID: &str = "-g -6 http://[2001:2::1]/id";
 
 /// One cluster at a time: two cores do not carry two labs.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -26,6 +33,9 @@ struct Lab {
     dir: tempfile::TempDir,
     engines: BTreeMap<u8, u32>,
     nginx: BTreeMap<u8, u32>,
+    /// A dual-stack lab's (`opts.ip6`) second nginx per node, on the cluster's IPv6 address
+    /// alone: stopping it fails the node's service on IPv6 only.
+    nginx6: BTreeMap<u8, u32>,
     ids: Vec<u8>,
     opts: EngineOptions,
 }
@@ -44,9 +54,13 @@ impl Lab {
             dir,
             engines: BTreeMap::new(),
             nginx: BTreeMap::new(),
+            nginx6: BTreeMap::new(),
             ids: ids.to_vec(),
             opts,
         };
+        if lab.opts.ip6.is_some() {
+            lab.topo.client_ipv6().expect("IPv6 on the client");
+        }
         for &id in ids {
             lab.start_node(id);
         }
@@ -71,6 +85,23 @@ impl Lab {
         let nginx = start_nginx(&ns, self.dir.path(), id, 1024).unwrap();
         let pid = self.topo.adopt(nginx);
         self.nginx.insert(id, pid);
+        if let Some(ip6) = self.opts.ip6 {
+            configure_host_port6(&ns, ip6).unwrap();
+            self.start_service6(id);
+        }
+    }
+
+    /// Starts node `id`'s IPv6 nginx (a dual-stack lab), stopping an earlier one.
+    fn start_service6(&mut self, id: u8) {
+        let ip6 = self.opts.ip6.expect("a dual-stack lab");
+        if let Some(old) = self.nginx6.remove(&id) {
+            self.topo.kill(old);
+        }
+        let ns = self.topo.node(id).unwrap().clone();
+        let dir = self.dir.path().join("v6");
+        let nginx = start_nginx_on(&ns, &dir, id, 64, &format!("[{ip6}]:80")).unwrap();
+        let pid = self.topo.adopt(nginx);
+        self.nginx6.insert(id, pid);
     }
 
     /// Restarts node `id`'s engine with its service stopped (nginx killed, not restarted).
@@ -164,9 +195,13 @@ impl Lab {
 
     /// Like `requests`, with `gap` seconds between the requests.
     fn requests_spaced(&self, n: usize, gap: f64) -> (BTreeMap<u8, usize>, usize) {
-        let script = format!(
-            "for i in $(seq 1 {n}); do curl -s -m 5 http://198.18.0.1/id || echo fail; sleep {gap}; done"
-        );
+        self.requests_to(IPV4_ID, n, gap)
+    }
+
+    /// Like `requests_spaced`, with curl arguments `url` (`IPV4_ID` or `IPV6_ID`).
+    fn requests_to(&self, url: &str, n: usize, gap: f64) -> (BTreeMap<u8, usize>, usize) {
+        let script =
+            format!("for i in $(seq 1 {n}); do curl -s -m 5 {url} || echo fail; sleep {gap}; done");
         let out = self
             .topo
             .client
@@ -255,10 +290,22 @@ impl Lab {
 
     /// `n` client ports of 198.18.0.100, from `first` on, whose new flows `node` takes now.
     fn ports_owned_by(&self, node: u8, first: u16, n: usize) -> Vec<u16> {
+        self.ports_owned_by_at(node, first, n, "198.18.0.100", "198.18.0.1:80")
+    }
+
+    /// `ports_owned_by` for the client at `client` (an address as `owner-of` takes it: IPv6 in
+    /// brackets) connecting to `cluster` (address and port).
+    fn ports_owned_by_at(
+        &self,
+        node: u8,
+        first: u16,
+        n: usize,
+        client: &str,
+        cluster: &str,
+    ) -> Vec<u16> {
         (first..first + 2000)
             .filter(|port| {
-                self.owner_of(1, &format!("198.18.0.100:{port}"), "198.18.0.1:80", "tcp")
-                    ["new_flows_owner"]
+                self.owner_of(1, &format!("{client}:{port}"), cluster, "tcp")["new_flows_owner"]
                     == node
             })
             .take(n)
@@ -299,13 +346,14 @@ impl Lab {
 
     /// Starts one request per client port, all at once (`curl -m timeout`); see `served`.
     fn spawn_pinned_requests(&self, ports: &[u16], timeout: u32) -> Child {
+        self.spawn_pinned_requests_to(IPV4_ID, ports, timeout)
+    }
+
+    /// `spawn_pinned_requests` with curl arguments `url` (`IPV4_ID` or `IPV6_ID`).
+    fn spawn_pinned_requests_to(&self, url: &str, ports: &[u16], timeout: u32) -> Child {
         let script: String = ports
             .iter()
-            .map(|p| {
-                format!(
-                    "(curl -s -m {timeout} --local-port {p} http://198.18.0.1/id || echo fail) & "
-                )
-            })
+            .map(|p| format!("(curl -s -m {timeout} --local-port {p} {url} || echo fail) & "))
             .collect::<String>()
             + "wait";
         self.topo
@@ -319,8 +367,13 @@ impl Lab {
 
     /// Starts `n` new connections one after the other, `gap` seconds apart (`curl -m timeout`).
     fn spawn_requests(&self, n: usize, gap: f64, timeout: u32) -> Child {
+        self.spawn_requests_to(IPV4_ID, n, gap, timeout)
+    }
+
+    /// `spawn_requests` with curl arguments `url` (`IPV4_ID` or `IPV6_ID`).
+    fn spawn_requests_to(&self, url: &str, n: usize, gap: f64, timeout: u32) -> Child {
         let script = format!(
-            "for i in $(seq 1 {n}); do curl -s -m {timeout} http://198.18.0.1/id || echo fail; sleep {gap}; done"
+            "for i in $(seq 1 {n}); do curl -s -m {timeout} {url} || echo fail; sleep {gap}; done"
         );
         self.topo
             .client
@@ -1675,4 +1728,205 @@ fn long_downloads_outlive_by_load_steps() {
          {held} buckets it handed over"
     );
     check_downloads(&lab, downloads, "by-load steps");
+}
+
+/// The client's neighbour entry for the cluster's IPv6 address (`ip -6 neigh`).
+fn client_neighbour6(lab: &Lab) -> String {
+    lab.topo
+        .client
+        .run(&[
+            "ip",
+            "-6",
+            "neigh",
+            "show",
+            &CLUSTER_IP6.to_string(),
+            "dev",
+            "eth0",
+        ])
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// A dual-stack cluster (issue 17, "IPv6 live"): `cluster.ip6` on every node's tap, nginx on
+/// both addresses, the health check on both (`health.address6`). The client resolves the
+/// cluster's IPv6 address through the engines (the designated node answers the solicitation,
+/// from its node MAC, with the cluster MAC inside) and its IPv6 connections are shared by both
+/// nodes; a service failing on IPv6 alone drains its node with no IPv6 connection refused (the
+/// kernel's RSTs held back), and it comes back; a `kill -9` of an engine under IPv6 load leaves
+/// every new IPv6 connection to the survivor.
+#[test]
+fn dual_stack_ndp_health_and_failover_over_ipv6() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ids = [1u8, 2];
+    let opts = EngineOptions {
+        ip6: Some(CLUSTER_IP6),
+        ..EngineOptions::default()
+    };
+    let mut lab = Lab::with_options("6", &ids, opts);
+    let formed = lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    // Each node's service answers on both addresses before it takes a share.
+    lab.wait_status(&ids, Duration::from_secs(20), "both nodes serve", |all| {
+        settled(all)
+            && all.iter().all(|s| s.healthy == Some(true))
+            && ids
+                .iter()
+                .all(|&id| all.iter().all(|s| accepting(s, id) > 0))
+    });
+    eprintln!("6: dual-stack cluster of {ids:?} formed in {formed:?}");
+
+    // NDP through the engines: the client has never talked to the cluster (no ARP either), so
+    // the answers counted now are neighbour advertisements for its solicitations.
+    let answers = |lab: &Lab| -> u64 {
+        ids.iter()
+            .map(|&id| metric(&lab.metrics(id), "answers_total", &[]))
+            .sum()
+    };
+    let answers_before = answers(&lab);
+    assert_eq!(client_neighbour6(&lab), "", "resolved before any request");
+    let (by_node, failed) = lab.requests_to(IPV6_ID, 60, 0.0);
+    let neighbour = client_neighbour6(&lab);
+    let ndp_answers = answers(&lab) - answers_before;
+    eprintln!(
+        "6: 60 IPv6 requests by node: {by_node:?}, failed {failed}; client neighbour entry \
+         `{neighbour}`; neighbour answers sent by the engines: {ndp_answers}"
+    );
+    assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
+    for id in ids {
+        assert!(
+            by_node.get(&id).copied().unwrap_or(0) > 0,
+            "node {id} served no IPv6 connection: {by_node:?}"
+        );
+    }
+    assert!(
+        neighbour.contains(&format!("lladdr {CLUSTER_MAC}")) && !neighbour.contains("FAILED"),
+        "{neighbour}"
+    );
+    assert!(ndp_answers >= 1, "no engine answered a solicitation");
+    // And IPv4 on the same cluster.
+    let (by_node, failed) = lab.requests(20);
+    eprintln!("6: 20 IPv4 requests by node: {by_node:?}, failed {failed}");
+    assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
+    assert!(
+        !lab.cluster_mac_learned(),
+        "the switch learned the cluster MAC"
+    );
+
+    // The health check over IPv6: node 2's service stops answering on IPv6 alone (its IPv4
+    // nginx keeps serving). At once, IPv6 connections to node 2's buckets and a stream of
+    // others: node 2's kernel refuses the first SYNs; the engine holds those RSTs back and checks
+    // at once, the IPv6 checks fail, node 2 refuses new connections and drains; no request may
+    // fail (the curl timeout leaves room for two SYN retransmissions).
+    let client6 = format!("[{CLIENT_IP6}]");
+    let cluster6 = format!("[{CLUSTER_IP6}]:80");
+    let pinned = lab.ports_owned_by_at(
+        2,
+        PINNED_CLIENT_PORTS.start() + 1000,
+        4,
+        &client6,
+        &cluster6,
+    );
+    assert_eq!(pinned.len(), 4);
+    let held_before = metric(
+        &lab.metrics(2),
+        "dropped_frames_total",
+        &["reason=\"service-refused\""],
+    );
+    let nginx6 = lab.nginx6.remove(&2).unwrap();
+    lab.topo.kill(nginx6);
+    let stopped = Instant::now();
+    let pinned_requests = lab.spawn_pinned_requests_to(IPV6_ID, &pinned, 10);
+    let window = lab.spawn_requests_to(IPV6_ID, 20, 0.1, 10);
+    lab.wait_status(&[2], Duration::from_secs(10), "node 2 failing", |all| {
+        all[0].healthy == Some(false) && all[0].refusing
+    });
+    let failing = stopped.elapsed();
+    lab.wait_status(
+        &ids,
+        Duration::from_secs(30),
+        "health drain of node 2",
+        |all| settled(all) && all.iter().all(|s| accepting(s, 2) == 0),
+    );
+    let drained = stopped.elapsed();
+    let (on_pinned, pinned_failed) = served(pinned_requests, pinned.len());
+    let (in_window, window_failed) = served(window, 20);
+    let held = metric(
+        &lab.metrics(2),
+        "dropped_frames_total",
+        &["reason=\"service-refused\""],
+    ) - held_before;
+    eprintln!(
+        "6: IPv6 nginx stopped on node 2: failing after {failing:?}, drained after {drained:?}; \
+         4 IPv6 requests to node 2's buckets: {on_pinned:?}, failed {pinned_failed}; 20 more \
+         over 2 s: {in_window:?}, failed {window_failed}; IPv6 refusals held back by node 2: \
+         {held}"
+    );
+    assert_eq!(pinned_failed, 0, "{on_pinned:?}\n{}", lab.logs());
+    assert_eq!(window_failed, 0, "{in_window:?}\n{}", lab.logs());
+    assert!(!on_pinned.contains_key(&2), "{on_pinned:?}");
+    // The pinned SYNs reached node 2's kernel before its checks could fail (`fall` of them):
+    // its refusals were held back, not sent.
+    assert!(held >= 1, "no IPv6 refusal held back\n{}", lab.logs());
+    // The failing check names the IPv6 address.
+    let failed_check = lab
+        .json_log(2)
+        .into_iter()
+        .find(|l| l["to"] == "failing")
+        .expect("a transition to failing");
+    assert!(
+        failed_check["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&cluster6)),
+        "{failed_check}"
+    );
+    for url in [IPV6_ID, IPV4_ID] {
+        let (by_node, failed) = lab.requests_to(url, 20, 0.0);
+        eprintln!("6: while node 2's IPv6 service is down, `{url}`: {by_node:?}, failed {failed}");
+        assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
+        assert_eq!(by_node.keys().collect::<Vec<_>>(), [&1], "{by_node:?}");
+    }
+
+    // It answers on IPv6 again: healthy, and both nodes share the IPv6 connections again.
+    lab.start_service6(2);
+    let restarted = Instant::now();
+    lab.wait_status(&ids, Duration::from_secs(30), "node 2 back", |all| {
+        settled(all)
+            && all
+                .iter()
+                .all(|s| accepting(s, 2) > 0 && s.healthy == Some(true))
+    });
+    eprintln!(
+        "6: IPv6 nginx restarted on node 2: back after {:?}",
+        restarted.elapsed()
+    );
+    let (by_node, failed) = lab.requests_to(IPV6_ID, 30, 0.0);
+    assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
+    assert!(by_node.get(&2).copied().unwrap_or(0) > 0, "{by_node:?}");
+
+    // Failover over IPv6: kill -9 node 2's engine under a stream of new IPv6 connections.
+    let stream = lab.spawn_requests_to(IPV6_ID, 30, 0.1, 10);
+    std::thread::sleep(Duration::from_millis(1000));
+    let killed = Instant::now();
+    lab.kill_engine(2);
+    lab.converged(&[1], Duration::from_secs(10)).unwrap();
+    let takeover = killed.elapsed();
+    let (during, during_failed) = served(stream, 30);
+    let (after, after_failed) = lab.requests_to(IPV6_ID, 40, 0.0);
+    let neighbour = client_neighbour6(&lab);
+    eprintln!(
+        "6: kill -9 of node 2's engine: takeover after {takeover:?}; 30 IPv6 requests across \
+         it: {during:?}, failed {during_failed}; 40 after: {after:?}, failed {after_failed}; \
+         client neighbour entry `{neighbour}`"
+    );
+    assert_eq!(after_failed, 0, "{after:?}\n{}", lab.logs());
+    assert_eq!(after.keys().collect::<Vec<_>>(), [&1], "{after:?}");
+    assert!(
+        neighbour.contains(&format!("lladdr {CLUSTER_MAC}")),
+        "{neighbour}"
+    );
+    assert!(
+        !lab.cluster_mac_learned(),
+        "the switch learned the cluster MAC"
+    );
 }

@@ -30,11 +30,13 @@
 //! The client's connection is delayed by one or two SYN retransmissions (1 s, then 2 s more)
 //! instead of failing. With no other node to take the flow (a node alone, or every node
 //! failing), nothing is held back and nothing is refused: a client is better served by a quick
-//! RST than by a silent black hole. IPv4 only for the held refusals (the IPv6 path delivers the
-//! RST).
+//! RST than by a silent black hole. Both address families are covered: the refusals are held
+//! on IPv4 and IPv6 alike, and a dual-stack service is checked on its IPv6 address too
+//! (`health.address6`), so that a service that stops answering on one family only still
+//! drains its node.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,6 +51,11 @@ impl HealthConfig {
         self.fast_interval
             .map_or(self.interval.0 / 4, |s| s.0)
             .clamp(Duration::from_millis(1), self.interval.0)
+    }
+
+    /// The addresses every check asks: `address`, and `address6` for a dual-stack service.
+    pub(crate) fn addresses(&self) -> impl Iterator<Item = SocketAddr> {
+        std::iter::once(self.address).chain(self.address6)
     }
 }
 
@@ -97,10 +104,18 @@ impl Health {
     }
 }
 
-/// One check: Ok if the service answered as expected.
+/// One check: Ok if the service answered as expected on every address it is checked on
+/// ([`HealthConfig::addresses`]: a dual-stack service must answer on both), one after the
+/// other, each within `timeout`.
 pub(crate) fn check_once(cfg: &HealthConfig) -> anyhow::Result<()> {
-    let mut stream = TcpStream::connect_timeout(&cfg.address, cfg.timeout.0)
-        .with_context(|| format!("connect {}", cfg.address))?;
+    cfg.addresses()
+        .try_for_each(|address| check_at(cfg, address))
+}
+
+/// The check on one address.
+fn check_at(cfg: &HealthConfig, address: SocketAddr) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&address, cfg.timeout.0)
+        .with_context(|| format!("connect {address}"))?;
     let Some(path) = &cfg.http_path else {
         return Ok(());
     };
@@ -108,12 +123,14 @@ pub(crate) fn check_once(cfg: &HealthConfig) -> anyhow::Result<()> {
         .set_read_timeout(Some(cfg.timeout.0))
         .and_then(|_| stream.set_write_timeout(Some(cfg.timeout.0)))
         .context("set the socket timeouts")?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: clonecluster-health\r\n\r\n",
-        cfg.address.ip()
-    )
-    .context("send")?;
+    // One write: the request in one segment.
+    let request = format!(
+        "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: clonecluster-health\r\n\r\n",
+        host = HostHeader(address.ip())
+    );
+    stream
+        .write_all(request.as_bytes())
+        .with_context(|| format!("send to {address}"))?;
     let mut head = [0u8; 64];
     // With a socket timeout set, the kernel never restarts a read that a signal interrupted
     // (signal(7)), whatever SA_RESTART says: any signal to the process would fail the check.
@@ -124,7 +141,7 @@ pub(crate) fn check_once(cfg: &HealthConfig) -> anyhow::Result<()> {
             Err(e)
                 if e.kind() == std::io::ErrorKind::Interrupted
                     && std::time::Instant::now() < deadline => {}
-            Err(e) => return Err(anyhow::Error::new(e).context("read")),
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("read from {address}"))),
         }
     };
     let line = String::from_utf8_lossy(&head[..n]);
@@ -134,14 +151,29 @@ pub(crate) fn check_once(cfg: &HealthConfig) -> anyhow::Result<()> {
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| {
             anyhow!(
-                "not an HTTP answer: `{}`",
+                "{address}: not an HTTP answer: `{}`",
                 line.lines().next().unwrap_or("").escape_debug()
             )
         })?;
     if status == cfg.expect_status {
         Ok(())
     } else {
-        Err(anyhow!("status {status}, expected {}", cfg.expect_status))
+        Err(anyhow!(
+            "{address}: status {status}, expected {}",
+            cfg.expect_status
+        ))
+    }
+}
+
+/// An address as the `Host` header writes it: an IPv6 address in brackets (RFC 7230 5.4).
+struct HostHeader(IpAddr);
+
+impl std::fmt::Display for HostHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            IpAddr::V4(a) => write!(f, "{a}"),
+            IpAddr::V6(a) => write!(f, "[{a}]"),
+        }
     }
 }
 
@@ -236,4 +268,72 @@ pub(crate) fn spawn(node: u8, cfg: HealthConfig) -> std::io::Result<Arc<Health>>
         })?;
     let _ = health.thread.set(handle.thread().clone());
     Ok(health)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::config::Span;
+
+    /// A one-connection-at-a-time HTTP server on `listener` answering `status`, on a thread.
+    fn serve(listener: TcpListener, status: u16) {
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                // The whole request first: closing with unread bytes would reset the connection.
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 512];
+                while !request.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = write!(stream, "HTTP/1.0 {status} X\r\n\r\n");
+            }
+        });
+    }
+
+    fn config(address: SocketAddr, address6: Option<SocketAddr>) -> HealthConfig {
+        HealthConfig {
+            address,
+            address6,
+            http_path: Some("/".into()),
+            expect_status: 200,
+            interval: Span(Duration::from_millis(500)),
+            fast_interval: None,
+            timeout: Span(Duration::from_millis(500)),
+            rise: 1,
+            fall: 1,
+        }
+    }
+
+    /// A dual-stack service answers only if it answers on both addresses: a service up on IPv4
+    /// alone fails the check, which names the IPv6 address.
+    #[test]
+    fn a_dual_stack_check_needs_both_addresses() {
+        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let Ok(v6) = TcpListener::bind("[::1]:0") else {
+            eprintln!("no IPv6 loopback here: skipped");
+            return;
+        };
+        let (a4, a6) = (v4.local_addr().unwrap(), v6.local_addr().unwrap());
+        serve(v4, 200);
+        assert!(check_once(&config(a4, None)).is_ok());
+        // The IPv6 service answers, then stops listening (refused).
+        serve(v6, 200);
+        check_once(&config(a4, Some(a6))).unwrap();
+        let closed = TcpListener::bind("[::1]:0").unwrap().local_addr().unwrap();
+        let e = check_once(&config(a4, Some(closed))).unwrap_err();
+        assert!(format!("{e:#}").contains(&closed.to_string()), "{e:#}");
+        // A wrong status on IPv6 alone fails too.
+        let wrong = TcpListener::bind("[::1]:0").unwrap();
+        let wrong_at = wrong.local_addr().unwrap();
+        serve(wrong, 503);
+        let e = check_once(&config(a4, Some(wrong_at))).unwrap_err();
+        assert!(format!("{e:#}").contains("status 503"), "{e:#}");
+        assert_eq!(HostHeader(a6.ip()).to_string(), "[::1]");
+    }
 }

@@ -1,6 +1,7 @@
 //! What runs inside a lab node besides the engine: the engine itself (from a generated config)
 //! and nginx on the cluster address, each node serving files that name it.
 
+use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 
@@ -14,6 +15,9 @@ pub struct EngineOptions {
     pub handoff_learn: &'static str,
     pub release_deadline: &'static str,
     pub drain_deadline: &'static str,
+    /// A dual-stack cluster: `cluster.ip6`, and the health check asks the service on it too
+    /// (`health.address6`). Off by default.
+    pub ip6: Option<Ipv6Addr>,
 }
 
 impl Default for EngineOptions {
@@ -24,6 +28,7 @@ impl Default for EngineOptions {
             handoff_learn: "1s",
             release_deadline: "10s",
             drain_deadline: "20s",
+            ip6: None,
         }
     }
 }
@@ -50,7 +55,7 @@ pub fn engine_config(
         &path,
         format!(
             r#"cluster:
-  ip: {CLUSTER_IP}
+  ip: {CLUSTER_IP}{ip6}
   mac: {CLUSTER_MAC}
   secret_file: secret
   policy: {policy}
@@ -66,7 +71,7 @@ control:
   release_deadline: {release}
   drain_deadline: {drain}
 health:
-  address: {CLUSTER_IP}:80
+  address: {CLUSTER_IP}:80{address6}
   http_path: /id
   interval: 400ms
   timeout: 400ms
@@ -84,6 +89,14 @@ dataplane:
   flow_capacity: 65536
 "#,
             policy = opts.policy,
+            ip6 = opts
+                .ip6
+                .map(|a| format!("\n  ip6: {a}"))
+                .unwrap_or_default(),
+            address6 = opts
+                .ip6
+                .map(|a| format!("\n  address6: \"[{a}]:80\""))
+                .unwrap_or_default(),
             mac = node_mac(id),
             listen = control_ip(id),
             peers = peers.join(", "),
@@ -118,6 +131,30 @@ pub fn start_engine(bin: &Path, ns: &Ns, config: &Path, log: &Path) -> std::io::
 /// address on it.
 pub fn configure_host_port(ns: &Ns, timeout: std::time::Duration) -> Result<(), String> {
     configure_host_port_as(ns, &format!("{CLUSTER_IP}/24"), timeout)
+}
+
+/// Gives the node's kernel the cluster's IPv6 address `ip6` (a /64) on the tap, after
+/// [`configure_host_port`]. The namespace's interfaces start without IPv6; the tap gets it with
+/// no link-local address (one made from the cluster MAC would be the same on every node) and no
+/// duplicate address detection (every node holds the cluster address: each would find the
+/// others' and give it up). Loopback gets IPv6 too: the kernel delivers its connections to its
+/// own addresses (the health check's) through it.
+pub fn configure_host_port6(ns: &Ns, ip6: Ipv6Addr) -> Result<(), String> {
+    ns.run(&["sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=0"])?;
+    ns.run(&["ip", "link", "set", "cc0", "addrgenmode", "none"])?;
+    ns.run(&["sysctl", "-qw", "net.ipv6.conf.cc0.accept_dad=0"])?;
+    ns.run(&["sysctl", "-qw", "net.ipv6.conf.cc0.disable_ipv6=0"])?;
+    ns.run(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{ip6}/64"),
+        "dev",
+        "cc0",
+        "nodad",
+    ])?;
+    Ok(())
 }
 
 /// [`configure_host_port`] with `addr` (address/prefix) on the tap instead of the cluster

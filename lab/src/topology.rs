@@ -13,13 +13,17 @@
 //! creating veth pairs that are moved out at once. [`Topology`] deletes it all on drop, after
 //! killing the processes it started (by PID).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Command, Stdio};
 
 /// The cluster address used in the lab.
 pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The client's address on the shared segment.
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// The cluster's IPv6 address in a dual-stack lab (2001:2::/64 is the segment's prefix).
+pub const CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+/// The client's IPv6 address in a dual-stack lab.
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x100);
 /// The client's ports that checks pin and the kernel never picks as ephemeral ones.
 pub const PINNED_CLIENT_PORTS: std::ops::RangeInclusive<u16> = 41000..=43999;
 pub const CLUSTER_MAC: &str = "02:cc:00:00:00:01";
@@ -196,6 +200,25 @@ impl Topology {
             t.add_node(id)?;
         }
         Ok(t)
+    }
+
+    /// Makes the lab dual-stack on the client's side: IPv6 on its `eth0` (IPv6 stays off
+    /// elsewhere; the nodes' taps get it from `services::configure_host_port6`) with
+    /// [`CLIENT_IP6`] (`nodad`: usable at once).
+    pub fn client_ipv6(&self) -> Result<(), String> {
+        let c = &self.client;
+        c.run(&["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=0"])?;
+        c.run(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{CLIENT_IP6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        Ok(())
     }
 
     /// Creates node `id`'s namespace, its silent wire port `eth0` on br0 and its control port

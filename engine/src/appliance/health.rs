@@ -172,6 +172,7 @@ fn targets(config: &Config, services: &super::Services) -> Vec<(Target, u32, u32
 fn check_config(h: &BackendHealthConfig, address: SocketAddr) -> HealthConfig {
     HealthConfig {
         address,
+        address6: None,
         http_path: h.http_path.clone(),
         expect_status: h.expect_status,
         interval: h.interval,

@@ -536,6 +536,19 @@ impl Config {
                     "use e.g. rise: 3, fall: 2",
                 ));
             }
+            if let Some(a6) = h.address6 {
+                if !a6.is_ipv6() || a6.port() != h.address.port() {
+                    return Err(err(
+                        "health.address6",
+                        format!(
+                            "{a6} is not an IPv6 address on the port of health.address ({})",
+                            h.address.port()
+                        ),
+                        "write the service's IPv6 address in brackets with the same port, like \
+                         \"[2001:db8::1]:80\"",
+                    ));
+                }
+            }
             if h.timeout.0 > h.interval.0 {
                 return Err(err(
                     "health.timeout",
@@ -807,6 +820,11 @@ pub struct HealthConfig {
     /// `GET path` on `address` must answer with `expect_status`. Leave out `http_path` for a
     /// plain TCP connect check.
     pub address: SocketAddr,
+    /// A dual-stack service (`cluster.ip6`): the same check on its IPv6 address too, on the
+    /// same port (`"[2001:db8::1]:80"`). The service counts as answering only when both
+    /// addresses answer, and refusals are held back on IPv6 as on IPv4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<SocketAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_path: Option<String>,
     #[serde(default = "health_status")]
@@ -934,6 +952,30 @@ dataplane:
         assert!(e.fix.contains("-m"), "{e}");
         let e = parse(&LAB.replace("[--no-huge,", "[--no-huge, -l, \"0\",")).unwrap_err();
         assert_eq!(e.key, "dataplane.eal_args");
+    }
+
+    #[test]
+    fn health_checks_an_ipv6_address_on_the_same_port() {
+        let health = |a6: &str| {
+            format!(
+                "{LAB}health:\n  address: 198.18.0.1:80\n  address6: \"{a6}\"\n  http_path: /\n"
+            )
+        };
+        let c = parse(&health("[2001:2::1]:80")).unwrap();
+        let h = c.health.as_ref().unwrap();
+        assert_eq!(h.address6, Some("[2001:2::1]:80".parse().unwrap()));
+        assert_eq!(
+            h.addresses().collect::<Vec<_>>(),
+            ["198.18.0.1:80".parse().unwrap(), h.address6.unwrap()]
+        );
+        // It round-trips; without it, nothing is written.
+        let again = parse(&c.to_yaml()).unwrap();
+        assert_eq!(again.to_yaml(), c.to_yaml());
+        assert!(!parse(LAB).unwrap().to_yaml().contains("address6"));
+        for bad in ["[2001:2::1]:8080", "198.18.0.2:80"] {
+            let e = parse(&health(bad)).unwrap_err();
+            assert_eq!(e.key, "health.address6", "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -3,13 +3,15 @@
 //! Every frame leaves with the node MAC as its Ethernet source (DESIGN.md, "Why it works on a
 //! learning switch"). The kernel's own ARP replies, announcements and neighbour advertisements
 //! for the cluster address are dropped (the designated node's engine answers instead), and a
-//! server's FIN or RST ends its flow in the flow table; a refusal on the health-checked port is
-//! held back ([`super::ServiceState::hold_refusals_on`]).
+//! server's FIN or RST ends its flow in the flow table (IPv4 and IPv6); a refusal on the
+//! health-checked port is held back ([`super::ServiceState::hold_refusals_on`]).
 
 use std::net::{IpAddr, Ipv6Addr};
 
 use crate::cluster::{FlowHash, FlowKey, FlowState, TcpFlags};
-use crate::wire::{self, arp, ethernet, icmpv6, ipv4, parse_l2_l4, tcp, EtherType, IpProtocol};
+use crate::wire::{
+    self, arp, ethernet, icmpv6, ipv4, ipv6, parse_l2_l4, tcp, EtherType, IpProtocol,
+};
 
 use super::types::TCP;
 use super::{Action, DropReason, Pipeline};
@@ -27,9 +29,8 @@ impl Pipeline {
         let ethertype = ethernet::Frame::new_unchecked(&*frame).outer_ethertype();
         // The server ending a connection (FIN or RST) ends its flow here too: a connection the
         // service refused or reset would otherwise hold up a handoff's "done" until it times out.
-        // Checked cheaply on plain IPv4/TCP first; only FIN/RST segments are parsed.
-        if ethertype == EtherType::Ipv4 && ends_connection(frame) && self.server_closed(frame, now)
-        {
+        // Checked cheaply on plain IPv4/TCP and IPv6/TCP first; only FIN/RST segments are parsed.
+        if ends_connection(ethertype, frame) && self.server_closed(frame, now) {
             return Action::Drop(DropReason::ServiceRefused);
         }
         // Only ARP and IPv6 can carry the kernel's own address answers; IPv4 passes at once.
@@ -90,13 +91,21 @@ impl Pipeline {
         let refusal = flags.contains(TcpFlags::RST)
             && entry.state == FlowState::SynSeen
             && self.service.hold_refusals_on == Some(sp)
-            && p.src_ip == IpAddr::V4(self.id.cluster_ip);
+            && self.is_cluster_address(p.src_ip);
         if refusal {
             self.flows.remove(hash);
             return true;
         }
         self.flows.upsert(hash, TCP, entry.bucket, flags, now);
         false
+    }
+
+    /// The cluster's IPv4 address or its IPv6 address.
+    fn is_cluster_address(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => a == self.id.cluster_ip,
+            IpAddr::V6(a) => Some(a) == self.id.cluster_ip6,
+        }
     }
 
     fn host_suppressed(&self, frame: &[u8]) -> Option<DropReason> {
@@ -130,18 +139,27 @@ impl Pipeline {
     }
 }
 
-/// Whether `frame` (an IPv4 frame) is plain TCP over IPv4 without options carrying a FIN or an
-/// RST: read at fixed offsets, before any parse, on every IPv4 frame from the host.
+/// Whether `frame` (of `ethertype`) is plain TCP carrying a FIN or an RST, over IPv4 without
+/// options or over IPv6 without extension headers (how the kernel sends its segments): read at
+/// fixed offsets, before any parse, on every IP frame from the host.
 #[inline(always)]
-fn ends_connection(frame: &[u8]) -> bool {
-    const TCP_AT: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN;
-    let Some(headers) = frame.get(ethernet::HEADER_LEN..TCP_AT + tcp::HEADER_LEN) else {
+fn ends_connection(ethertype: EtherType, frame: &[u8]) -> bool {
+    let ip_len = match ethertype {
+        EtherType::Ipv4 => ipv4::HEADER_LEN,
+        EtherType::Ipv6 => ipv6::HEADER_LEN,
+        _ => return false,
+    };
+    let tcp_at = ethernet::HEADER_LEN + ip_len;
+    let Some(headers) = frame.get(ethernet::HEADER_LEN..tcp_at + tcp::HEADER_LEN) else {
         return false;
     };
-    let ip = ipv4::Packet::new_unchecked(headers);
-    let segment = tcp::Packet::new_unchecked(&headers[ipv4::HEADER_LEN..]);
-    ip.protocol() == IpProtocol::Tcp
-        && ip.version() == 4
-        && ip.header_len() == ipv4::HEADER_LEN
-        && (segment.flags().fin() || segment.flags().rst())
+    let plain_tcp = if ethertype == EtherType::Ipv4 {
+        let ip = ipv4::Packet::new_unchecked(headers);
+        ip.protocol() == IpProtocol::Tcp && ip.version() == 4 && ip.header_len() == ip_len
+    } else {
+        let ip = ipv6::Packet::new_unchecked(headers);
+        ip.next_header() == IpProtocol::Tcp && ip.version() == 6
+    };
+    let segment = tcp::Packet::new_unchecked(&headers[ip_len..]);
+    plain_tcp && (segment.flags().fin() || segment.flags().rst())
 }

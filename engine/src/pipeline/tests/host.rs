@@ -114,3 +114,66 @@ fn a_refused_connection_is_held_back_on_the_checked_port_only() {
         assert_eq!(p.flows().len(), usize::from(!held), "hold {hold:?}");
     }
 }
+
+/// The same on IPv6: the server's FIN or RST from the cluster's IPv6 address ends the flow, and
+/// the kernel's RST to a SYN on the health-checked port is held back while another node serves.
+#[test]
+fn ipv6_server_segments_end_flows_and_refusals_are_held_back() {
+    use crate::testkit::build;
+    let client: Ipv6Addr = "2001:2::100".parse().unwrap();
+    let cluster6 = IpAddr::V6("2001:2::1".parse().unwrap());
+    let syn = |port: u16| {
+        let mut t = build::tcp(port, 1, 0, build::SYN, b"");
+        build::ipv6(CLIENT_MAC.0, client.octets(), 6, &mut t, 16)
+    };
+    // The server's segment: the client's frame with addresses and ports swapped.
+    let from_server = |port: u16, flags: u8| {
+        let mut f = syn(port);
+        f[..6].copy_from_slice(&CLIENT_MAC.0);
+        f[6..12].copy_from_slice(&CLUSTER_MAC.0);
+        let (dst, src) = (f[38..54].to_vec(), f[22..38].to_vec());
+        f[22..38].copy_from_slice(&dst);
+        f[38..54].copy_from_slice(&src);
+        f[54..56].copy_from_slice(&80u16.to_be_bytes());
+        f[56..58].copy_from_slice(&port.to_be_bytes());
+        f[67] = flags;
+        f
+    };
+    let flow = |p: &Pipeline, port: u16| {
+        let key = FlowKey::new(Affinity::None, IpAddr::V6(client), port, 6);
+        let id = FlowHash::new(p.hasher.hash(&key), cluster6, port, 80, 6);
+        p.flows().get(id, 2).map(|e| e.state)
+    };
+    // (port the refusals are held on, the server's flags, held back, flow state after)
+    let closing = Some(crate::cluster::FlowState::Closing);
+    for (hold, port, flags, held, after) in [
+        (Some(80), 40_000, 0x14, true, None),
+        (Some(443), 40_001, 0x14, false, closing),
+        (None, 40_002, 0x14, false, closing),
+        (Some(80), 40_003, 0x11, false, closing),
+    ] {
+        let mut p = alone();
+        p.set_service(ServiceState {
+            hold_refusals_on: hold,
+            ..ServiceState::default()
+        });
+        let syn = syn(port);
+        let mut buf = vec![0u8; 2048];
+        buf[..syn.len()].copy_from_slice(&syn);
+        assert_eq!(p.from_wire(&mut buf, syn.len(), 1), Action::Deliver);
+        assert_eq!(flow(&p, port), Some(crate::cluster::FlowState::SynSeen));
+        let expect = if held {
+            Action::Drop(DropReason::ServiceRefused)
+        } else {
+            Action::ToWire
+        };
+        let mut segment = from_server(port, flags);
+        assert_eq!(
+            p.from_host(&mut segment, 2),
+            expect,
+            "hold {hold:?} {flags:#x}"
+        );
+        assert_eq!(flow(&p, port), after, "hold {hold:?} {flags:#x}");
+        assert_eq!(p.flows().len(), usize::from(!held), "hold {hold:?}");
+    }
+}
