@@ -175,6 +175,15 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
          and established flows are never evicted for them.",
         &half_open,
     );
+    let full = per_core_figure(&|c| &c.wire_full_bursts);
+    metric(
+        "wire_full_bursts_total",
+        "counter",
+        "Wire polls that returned a whole burst: the receive queue was backed up, and frames \
+         may have been lost before the core saw them (a flood, or more traffic than the core \
+         takes). Meanwhile missing wire heartbeats are not taken as a dead wire path.",
+        &full,
+    );
     let risk = per_core_figure(&|c| &c.duplicate_risk);
     metric(
         "duplicate_risk_frames_total",

@@ -186,7 +186,7 @@ pub fn control_thread(
     let mut watch = HealthWatch::new(cfg);
     let mut cores = CoreWatch::new(link.cores.len(), interval * cfg.control.dead_after);
     let mut backends = BackendWatch::new(&loaded, &link);
-    let mut wire_dropped_seen = 0u64;
+    let mut wire_dropped_seen = (0u64, 0u64);
     let mut current = loaded.clone();
     let mut busy = BusyShare::new(start);
     let mut out = Vec::new();
@@ -228,10 +228,17 @@ pub fn control_thread(
                     .store(u32::from(guard.hold_refusals_on), Relaxed);
             }
             link.refusing_peers.store(node.refusing_peers(), Relaxed);
-            // Control frames the cores could not queue: a flood on the wire, not a dead one.
+            // Control frames the cores could not queue, or a receive queue backed up (whole
+            // bursts: frames may be lost before the cores see them, an af_packet ring or a NIC
+            // does not say which): a flood or a saturated wire, not a dead one.
             let dropped: u64 = link.wire_in_dropped.iter().map(|d| d.load(Relaxed)).sum();
-            if dropped != wire_dropped_seen {
-                wire_dropped_seen = dropped;
+            let full: u64 = link
+                .cores
+                .iter()
+                .map(|c| c.wire_full_bursts.load(Relaxed))
+                .sum();
+            if (dropped, full) != wire_dropped_seen {
+                wire_dropped_seen = (dropped, full);
                 node.note_wire_noise(now_ns());
             }
             node.set_wire_link(link.wire_link_up.load(Relaxed), now_ns(), &mut out);

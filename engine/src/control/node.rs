@@ -159,8 +159,8 @@ impl Node {
         self.m.set_load(load);
     }
 
-    /// The wire brought control frames the data path could not queue (see
-    /// [`Membership::note_wire_noise`]).
+    /// The wire brought control frames the data path could not queue, or a backed-up receive
+    /// queue (see [`Membership::note_wire_noise`]).
     pub fn note_wire_noise(&mut self, now: u64) {
         self.m.note_wire_noise(now);
     }

@@ -67,6 +67,8 @@ pub(super) struct Core<'a> {
     /// Loop iterations and wire bursts so far (wrapping).
     iterations: u32,
     bursts: u32,
+    /// Wire polls that returned a whole burst (see `CoreLink::wire_full_bursts`).
+    full_bursts: u64,
     /// Time spent on polls that received frames, not yet published.
     busy_ns: u64,
     /// When the previous poll started, and whether it received frames: each poll's time is
@@ -173,6 +175,7 @@ impl<'a> Core<'a> {
             next_latency: 0,
             iterations: 0,
             bursts: 0,
+            full_bursts: 0,
             busy_ns: 0,
             poll_start: clock.now(),
             poll_busy: false,
@@ -244,6 +247,7 @@ impl<'a> Core<'a> {
         let sampled = self.bursts.is_multiple_of(LATENCY_SAMPLE_EVERY);
         bump(&self.mine.counters.wire_rx, received);
         self.bursts = self.bursts.wrapping_add(1);
+        self.full_bursts += u64::from(received == BURST);
         // Two passes: parse, hash and prefetch every frame's flow-table line first, then
         // decide, so the burst's cache misses overlap instead of adding up.
         let others = {
@@ -401,6 +405,7 @@ impl<'a> Core<'a> {
         }
         mine.busy_ns
             .fetch_add(std::mem::take(&mut self.busy_ns), Relaxed);
+        mine.wire_full_bursts.store(self.full_bursts, Relaxed);
         if now >= self.next_latency {
             self.next_latency = now + LATENCY_EVERY_NS;
             if !self.latency.is_empty() {

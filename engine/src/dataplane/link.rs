@@ -110,6 +110,9 @@ pub(crate) struct CoreLink {
     /// sleeps (or has not started): it then reads the version before it decides anything, so
     /// it counts as having adopted any snapshot. See [`ControlLink::adopted_by_all`].
     pub(crate) decides_under: AtomicU64,
+    /// Wire polls that returned a whole burst: the receive queue was backed up, and frames
+    /// (heartbeats among them) may have been lost before the core saw them.
+    pub(crate) wire_full_bursts: AtomicU64,
     /// Its loop turns, published every few turns and after every sleep: a count that stops
     /// while the core is awake is a stalled core.
     pub(crate) loops: AtomicU64,

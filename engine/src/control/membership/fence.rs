@@ -204,10 +204,11 @@ impl Membership {
             .max(p.alive_since);
         let span = self.cfg.dead_span();
         let udp = p.last_seen[Path::Udp.index()];
-        // Control frames this node could not use came in since, within the last span (as of
-        // the peer's last UDP message): the wire carries frames, and the peer's heartbeats may
-        // be lost among them (a flood of forged ones filling the queue). That is no evidence
-        // of a dead wire path, and must not fence anyone.
+        // Control frames this node could not use came in since, or a receive queue was backed
+        // up, within the last span (as of the peer's last UDP message): the wire carries
+        // frames, and the peer's heartbeats may be lost among them (a flood filling the queue
+        // or the ring before it). That is no evidence of a dead wire path, and must not fence
+        // anyone.
         let noisy = self
             .last_wire_noise
             .is_some_and(|t| t > since && udp.is_some_and(|u| t.saturating_add(span) > u));
@@ -215,7 +216,9 @@ impl Membership {
     }
 
     /// The wire brought control frames this node could not use at `now`: refused (forged,
-    /// replayed, malformed, another cluster's) or dropped because their queue was full.
+    /// replayed, malformed, another cluster's) or dropped because their queue was full; or a
+    /// receive queue was backed up (frames may have been lost before the data path saw
+    /// them).
     pub fn note_wire_noise(&mut self, now: u64) {
         self.last_wire_noise = Some(now);
     }
