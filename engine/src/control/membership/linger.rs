@@ -10,7 +10,8 @@
 //! - **Held** (on the old owner A): the buckets A released that still hold flows of its own
 //!   table. A's data path keeps delivering those flows (the handoff rule: a flow a node served
 //!   stays its own) and counts them ([`Snapshot::counted`]); a bucket leaves the held set when
-//!   its count is 0, or when A owns it again. A heartbeat's `releasing_left` says how many
+//!   its count is 0, or when A takes its new flows again (a later plan moving it back, from
+//!   that plan's acquire phase on). A heartbeat's `releasing_left` says how many
 //!   buckets A still releases or holds, the current plan's and earlier plans' together.
 //! - **Owed** (on every node, for whichever node owns the bucket): bucket b is owed to A when a
 //!   plan moved b away from A and A still had flows left when the plan completed. The owner of
@@ -235,9 +236,12 @@ impl Membership {
         });
         let snapshot = &self.snapshot;
         let me = self.cfg.me;
+        // A held bucket moving back to this node stays held until this node takes its new
+        // flows (acquire): until then its current owner must keep leaving this node's flows
+        // alone, which it does only while this node says it holds something.
         self.linger
             .held
-            .retain(|&b, _| snapshot.final_owner(Bucket(b)) != Some(me));
+            .retain(|&b, _| snapshot.new_flow_owner(Bucket(b)) != Some(me));
         // A draining peer whose obligations ended (its flows did, or its drain cut them): what
         // was learned of its flows is forgotten once, until it undrains.
         let newly = gone_draining & owed_to & !self.linger.forgot;

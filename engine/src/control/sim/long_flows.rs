@@ -117,6 +117,42 @@ fn a_join_completes_while_a_long_flow_lives_and_the_next_plan_proceeds() {
     assert!((1..=4).all(|id| sim.node(id).owed_buckets() == 0));
 }
 
+/// A long flow's bucket moves away (a join) and, while the flow lives, back (the joined node
+/// drains): at no instant does a node other than the flow's own play `Owner` for that bucket
+/// (its kernel would answer the flow with RST), and the flow's node serves it throughout.
+#[test]
+fn a_bucket_that_moves_back_to_the_node_serving_its_long_flow_never_gets_another_owner() {
+    let mut sim = cluster(34, &[1, 2]);
+    sim.flow_linger = 60 * SEC;
+    let t0 = sim.now;
+    sim.add(3);
+    sim.run_until(t0 + 10 * SEC);
+    sim.assert_converged();
+    let b = held_bucket(&sim, 1).expect("node 1 still serves its flow in a bucket it released");
+    assert_eq!(sim.node(1).snapshot().final_owner(b), Some(n(3)));
+    // Node 3 drains: its buckets go back to the nodes that had them, b to node 1.
+    sim.input(3, |m, now, out| m.drain(now, out));
+    let mut back = false;
+    while sim.now < t0 + 30 * SEC {
+        let t = sim.now + 20 * MS;
+        sim.run_until(t);
+        for id in 2..=3 {
+            let role = sim.node(id).snapshot().role(b, n(id));
+            assert_ne!(
+                role,
+                Role::Owner,
+                "node {id} owns node 1's flow's bucket at {} ms",
+                (sim.now - t0) / MS
+            );
+        }
+        back |= sim.node(1).snapshot().final_owner(b) == Some(n(1));
+    }
+    assert!(back, "the drain never moved the bucket back to node 1");
+    sim.assert_converged();
+    // Node 1 owns it again (acquiring from node 3 if node 3's own flow lives on there).
+    assert_eq!(owner_role(&sim, b).0, 1);
+}
+
 #[test]
 fn a_drain_with_a_deadline_cuts_at_the_deadline() {
     let mut sim = cluster(32, &[1, 2, 3]);
