@@ -2,8 +2,9 @@
 //! steps, then the failover scenario. Every request of the ramp succeeds, both nodes serve a fair
 //! share, the learning switch never holds the cluster MAC, ARP answers come from a node MAC with
 //! the cluster MAC inside, and after a kill -9 only the dead node's connections are lost and
-//! every new connection after the takeover succeeds. Appliance mode's headline: a killed
-//! appliance loses no connection, a killed director all of its own.
+//! every new connection after the takeover succeeds, over IPv4 and IPv6 (the scenario runs
+//! dual-stack). Appliance mode's headline: a killed appliance loses no connection, a killed
+//! director all of its own.
 
 mod common;
 
@@ -91,6 +92,16 @@ fn a_short_lab_run_with_failover() {
     assert!(probe["new_after_settled"].as_u64().unwrap() > 0, "{f}");
     assert_eq!(probe["new_failed_after_settled"], 0, "{f}");
     assert_eq!(probe["nodes_after_settled"], serde_json::json!([1]), "{f}");
+    // The scenario ran dual-stack: IPv6 connections too, none failing after the takeover, and
+    // the client resolved the cluster's IPv6 address to the cluster MAC (NDP by the engines).
+    let v6 = &probe["ipv6"];
+    assert!(v6["new_after_settled"].as_u64().unwrap() > 0, "{f}");
+    assert_eq!(v6["new_failed_after_settled"], 0, "{f}");
+    assert!(
+        v6["requests"].as_u64().unwrap() > v6["new"].as_u64().unwrap(),
+        "IPv6 keep-alive requests too: {f}"
+    );
+    assert_eq!(f["ipv6_neighbour_is_cluster_mac"], true, "{f}");
     assert_eq!(f["cluster_mac_learned"], false, "{f}");
     assert_eq!(f["passed"], true, "{f}");
 
@@ -109,7 +120,10 @@ fn a_short_lab_run_with_failover() {
     assert_eq!(csv.lines().count(), 3);
     let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(
-        report.contains("## Scenarios") && report.contains("failover"),
+        report.contains("## Scenarios")
+            && report.contains("failover")
+            && report.contains("dual-stack")
+            && report.contains("IPv6 new conn. (failed)"),
         "{report}"
     );
     // Nothing is left behind.

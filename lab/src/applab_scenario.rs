@@ -493,6 +493,7 @@ mod tests {
             ok,
             connect_ms: 1,
             error: String::new(),
+            family: crate::probe::Family::Ipv4,
         };
         let samples = vec![
             sample(90, Kind::New, true),

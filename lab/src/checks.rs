@@ -3,11 +3,15 @@
 //!   if it did, only that port would hear the cluster;
 //! - ARP answers for the cluster address carry the cluster MAC in the payload and a node MAC
 //!   (never the cluster MAC) as the Ethernet source;
-//! - every node received traffic (its share of delivered frames is above zero).
+//! - every node received traffic (its share of delivered frames is above zero);
+//! - dual-stack (the scenarios): the client's neighbour entry for the cluster's IPv6 address is
+//!   the cluster MAC (the engines answered its neighbour solicitations, as they answer ARP).
 //!
-//! [`judge_arp`] works on captured frames and is unit-tested without a network.
+//! [`judge_arp`] works on captured frames and [`neighbour_is_cluster_mac`] on `ip -6 neigh`'s
+//! line; both are unit-tested without a network.
 
 use std::io::{BufRead, BufReader};
+use std::net::Ipv6Addr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -201,6 +205,28 @@ pub fn capture_arp(topo: &Topology, dir: &Path) -> Result<Vec<Vec<u8>>, String> 
         .collect())
 }
 
+/// The client's neighbour entry for `ip6` (a line of `ip -6 neigh show`, trimmed; empty if it
+/// has none).
+pub fn client_neighbour6(topo: &Topology, ip6: Ipv6Addr) -> String {
+    topo.client
+        .run(&["ip", "-6", "neigh", "show", &ip6.to_string(), "dev", "eth0"])
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// Whether a neighbour entry (`2001:2::1 lladdr 02:cc:00:00:00:01 REACHABLE`) resolves the
+/// address to the cluster MAC: a link-layer address, that one, and not a failed resolution.
+pub fn neighbour_is_cluster_mac(entry: &str) -> bool {
+    let words: Vec<&str> = entry.split_whitespace().collect();
+    let lladdr = words
+        .windows(2)
+        .find(|w| w[0] == "lladdr")
+        .map(|w| w[1].to_ascii_lowercase());
+    lladdr.as_deref() == Some(CLUSTER_MAC)
+        && !words.iter().any(|w| *w == "FAILED" || *w == "INCOMPLETE")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +259,22 @@ mod tests {
         let (_, by, bad) = judge_arp(&[reply(n1, n1)], &macs);
         assert_eq!(by, vec![1]);
         assert!(bad[0].contains("not the cluster MAC"), "{bad:?}");
+    }
+
+    #[test]
+    fn the_neighbour_entry_must_be_the_cluster_mac() {
+        for (entry, ok) in [
+            ("2001:2::1 lladdr 02:cc:00:00:00:01 REACHABLE", true),
+            ("2001:2::1 lladdr 02:CC:00:00:00:01 STALE", true),
+            ("lladdr 02:cc:00:00:00:01 DELAY", true),
+            // A node's own MAC: the node's kernel answered, not the engine.
+            ("2001:2::1 lladdr 02:00:00:00:00:02 REACHABLE", false),
+            ("2001:2::1 INCOMPLETE", false),
+            ("2001:2::1 lladdr 02:cc:00:00:00:01 FAILED", false),
+            ("", false),
+        ] {
+            assert_eq!(neighbour_is_cluster_mac(entry), ok, "{entry}");
+        }
     }
 
     #[test]

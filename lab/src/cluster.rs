@@ -1,12 +1,16 @@
 //! A running lab cluster: the topology, and per node either the engine with nginx behind its
 //! tap (`Kind::Engine`) or the kernel-only clone cluster with nginx on `eth0`
-//! (`Kind::Kernel`), plus the questions the lab asks it (status, traffic delivered).
+//! (`Kind::Kernel`), plus the questions the lab asks it (status, traffic delivered). An engine
+//! cluster can run dual-stack ([`Cluster::start_with`]): the cluster's IPv6 address beside the
+//! IPv4 one on every node, and on the client.
 
+use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::services::{
-    configure_host_port, engine_config, start_engine, start_nginx, EngineOptions,
+    configure_host_port, configure_host_port6, engine_config, start_engine, start_nginx,
+    start_nginx_dual, EngineOptions,
 };
 use super::topology::{control_ip, Topology};
 use super::Programs;
@@ -44,6 +48,8 @@ pub struct Cluster {
     pub kind: Kind,
     /// Every node the cluster may have (engine configs list them all as peers).
     pub all_ids: Vec<u8>,
+    /// The cluster's IPv6 address, if it runs dual-stack.
+    pub ip6: Option<Ipv6Addr>,
     /// Engine PIDs by node.
     pub engines: Vec<(u8, u32)>,
     /// nginx PIDs by node.
@@ -67,7 +73,33 @@ impl Cluster {
         start: &[u8],
         log_prefix: PathBuf,
     ) -> Result<Cluster, String> {
+        Cluster::start_with(programs, prefix, kind, all_ids, start, log_prefix, None)
+    }
+
+    /// [`Cluster::start`], dual-stack if `ip6` is given (engine clusters only): the client gets
+    /// its IPv6 address ([`Topology::client_ipv6`]), every node's engine `cluster.ip6` and the
+    /// IPv6 health check (`health.address6`), its tap the address
+    /// ([`configure_host_port6`]) and its nginx a second `listen` on it; the probe sends half
+    /// its connections there.
+    pub fn start_with(
+        programs: &Programs,
+        prefix: &str,
+        kind: Kind,
+        all_ids: &[u8],
+        start: &[u8],
+        log_prefix: PathBuf,
+        ip6: Option<Ipv6Addr>,
+    ) -> Result<Cluster, String> {
+        if ip6.is_some() && !matches!(kind, Kind::Engine(_)) {
+            return Err(format!(
+                "only engine clusters run dual-stack, not {}",
+                kind.label()
+            ));
+        }
         let topo = Topology::build(prefix, &[])?;
+        if ip6.is_some() {
+            topo.client_ipv6()?;
+        }
         let dir = tempfile::Builder::new()
             .prefix("cclab")
             .tempdir()
@@ -76,6 +108,7 @@ impl Cluster {
             topo,
             kind,
             all_ids: all_ids.to_vec(),
+            ip6,
             engines: Vec::new(),
             nginx: Vec::new(),
             runs: Vec::new(),
@@ -135,6 +168,7 @@ impl Cluster {
             } else {
                 "hash"
             },
+            ip6: self.ip6,
             ..EngineOptions::default()
         };
         let cfg = engine_config(self.dir.path(), id, &self.all_ids, &opts)
@@ -164,12 +198,18 @@ impl Cluster {
         self.engines.push((id, pid));
         configure_host_port(ns, Duration::from_secs(30))
             .map_err(|e| format!("{e} (see {})", log.display()))?;
+        if let Some(ip6) = self.ip6 {
+            configure_host_port6(ns, ip6)?;
+        }
         if let Some(pos) = self.nginx.iter().position(|(i, _)| *i == id) {
             let (_, old) = self.nginx.remove(pos);
             self.topo.kill(old);
         }
-        let nginx = start_nginx(ns, self.dir.path(), id, BIG_KIB)
-            .map_err(|e| format!("cannot start nginx on node {id}: {e}"))?;
+        let nginx = match self.ip6 {
+            Some(ip6) => start_nginx_dual(ns, self.dir.path(), id, BIG_KIB, ip6),
+            None => start_nginx(ns, self.dir.path(), id, BIG_KIB),
+        }
+        .map_err(|e| format!("cannot start nginx on node {id}: {e}"))?;
         let pid = self.topo.adopt(nginx);
         self.nginx.push((id, pid));
         Ok(())
@@ -215,20 +255,26 @@ impl Cluster {
     }
 
     /// Starts the connection probe (`lab-probe`) in the client namespace against the cluster
-    /// address for `duration`, writing its record to `out`; returns its PID (adopted).
+    /// address (and, dual-stack, its IPv6 address: half the connections) for `duration`,
+    /// writing its record to `out`; returns its PID (adopted).
     pub fn start_probe(&mut self, duration: Duration, out: &Path) -> Result<u32, String> {
+        let mut args = vec![
+            self.programs.probe.to_string_lossy().into_owned(),
+            "lab-probe".to_owned(),
+            "--target".to_owned(),
+            format!("{}:80", super::topology::CLUSTER_IP),
+            "--duration-ms".to_owned(),
+            duration.as_millis().to_string(),
+        ];
+        if let Some(ip6) = self.ip6 {
+            args.extend(["--target6".to_owned(), format!("[{ip6}]:80")]);
+        }
+        args.push("--out".to_owned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let probe = self
             .topo
             .client
-            .command(&[
-                &self.programs.probe.to_string_lossy(),
-                "lab-probe",
-                "--target",
-                &format!("{}:80", super::topology::CLUSTER_IP),
-                "--duration-ms",
-                &duration.as_millis().to_string(),
-                "--out",
-            ])
+            .command(&args)
             .arg(out)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

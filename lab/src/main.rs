@@ -95,6 +95,10 @@ enum Command {
     LabProbe {
         #[arg(long)]
         target: std::net::SocketAddr,
+        /// The cluster's IPv6 address and port: every other keep-alive slot and fresh
+        /// connection goes there (a dual-stack probe).
+        #[arg(long)]
+        target6: Option<std::net::SocketAddr>,
         #[arg(long, default_value_t = 8)]
         keepalive: usize,
         #[arg(long, default_value_t = 4)]
@@ -214,6 +218,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         } => soak(engine, minutes, nodes, clients, out),
         Command::LabProbe {
             target,
+            target6,
             keepalive,
             new,
             interval_ms,
@@ -222,6 +227,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         } => {
             let opts = clonecluster_lab::probe::ProbeOptions {
                 target,
+                target6,
                 keepalive,
                 new_threads: new,
                 interval: std::time::Duration::from_millis(interval_ms),

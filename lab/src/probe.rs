@@ -11,6 +11,11 @@
 //!   new flows land on every bucket; a failure is a failed request, and a connect that took a
 //!   SYN retransmission (≥ 900 ms) is counted as slow.
 //!
+//! Dual-stack (`--target6`, the cluster's IPv6 address): every other keep-alive slot (the odd
+//! ones) and every other fresh connection of each `new` thread (the odd ones) go to the IPv6
+//! target instead; each sample records its address family, and [`analyse`] counts the IPv6
+//! requests apart ([`FamilyCounts`]) besides the totals, which cover both families.
+//!
 //! Times are wall-clock milliseconds since the Unix epoch, so the lab can put its own events
 //! (the kill, the drain, the join) on the same axis. [`analyse`] turns a record into a verdict
 //! and is plain Rust, unit-tested on made-up records.
@@ -33,6 +38,8 @@ pub const SLOW_CONNECT_MS: u64 = 900;
 #[derive(Debug, Clone)]
 pub struct ProbeOptions {
     pub target: SocketAddr,
+    /// The cluster's IPv6 address and port (dual-stack): half the connections go there.
+    pub target6: Option<SocketAddr>,
     pub keepalive: usize,
     pub new_threads: usize,
     pub interval: Duration,
@@ -56,6 +63,9 @@ pub struct Sample {
     pub connect_ms: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// The address family of the connection (records without it are IPv4).
+    #[serde(default)]
+    pub family: Family,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +73,34 @@ pub struct Sample {
 pub enum Kind {
     Keepalive,
     New,
+}
+
+/// The address family of a probe connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    #[default]
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn of(addr: &SocketAddr) -> Family {
+        if addr.is_ipv6() {
+            Family::Ipv6
+        } else {
+            Family::Ipv4
+        }
+    }
+}
+
+/// Where connection `n` goes (a keep-alive slot's number, or a `new` thread's connection
+/// count): the odd ones to `target6` if there is one, the rest to `target`.
+pub fn target_for(opts: &ProbeOptions, n: u32) -> SocketAddr {
+    match opts.target6 {
+        Some(t6) if n % 2 == 1 => t6,
+        _ => opts.target,
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -106,13 +144,19 @@ fn keepalive_slot(
     stop: &AtomicBool,
     samples: &Mutex<Vec<Sample>>,
 ) {
+    // A slot keeps its family across reconnects.
+    let target = target_for(opts, slot);
+    let family = Family::of(&target);
     let mut conn = 0;
     while running(deadline, stop) {
         let t_ms = now_ms();
-        let stream = match connect(opts.target) {
+        let stream = match connect(target) {
             Ok(s) => s,
             Err(e) => {
-                push(samples, failure(t_ms, Kind::Keepalive, slot, conn, 0, e));
+                push(
+                    samples,
+                    failure(t_ms, Kind::Keepalive, slot, conn, 0, e).of(family),
+                );
                 conn += 1;
                 std::thread::sleep(opts.interval);
                 continue;
@@ -122,9 +166,15 @@ fn keepalive_slot(
         while running(deadline, stop) {
             let t_ms = now_ms();
             match request(&mut reader, true) {
-                Ok(node) => push(samples, success(t_ms, Kind::Keepalive, slot, conn, node, 0)),
+                Ok(node) => push(
+                    samples,
+                    success(t_ms, Kind::Keepalive, slot, conn, node, 0).of(family),
+                ),
                 Err(e) => {
-                    push(samples, failure(t_ms, Kind::Keepalive, slot, conn, 0, e));
+                    push(
+                        samples,
+                        failure(t_ms, Kind::Keepalive, slot, conn, 0, e).of(family),
+                    );
                     break;
                 }
             }
@@ -144,8 +194,9 @@ fn new_connections(
     let mut conn = 0;
     while running(deadline, stop) {
         let t_ms = now_ms();
+        let target = target_for(opts, conn);
         let started = Instant::now();
-        let result = connect(opts.target).and_then(|s| {
+        let result = connect(target).and_then(|s| {
             let connect_ms = started.elapsed().as_millis() as u64;
             let mut reader = BufReader::new(s);
             request(&mut reader, false).map(|node| (node, connect_ms))
@@ -161,7 +212,7 @@ fn new_connections(
                 e,
             ),
         };
-        push(samples, sample);
+        push(samples, sample.of(Family::of(&target)));
         conn += 1;
         std::thread::sleep(opts.interval);
     }
@@ -177,6 +228,7 @@ fn success(t_ms: u64, kind: Kind, slot: u32, conn: u32, node: u8, connect_ms: u6
         ok: true,
         connect_ms,
         error: String::new(),
+        family: Family::Ipv4,
     }
 }
 
@@ -190,6 +242,13 @@ fn failure(t_ms: u64, kind: Kind, slot: u32, conn: u32, connect_ms: u64, error: 
         ok: false,
         connect_ms,
         error,
+        family: Family::Ipv4,
+    }
+}
+
+impl Sample {
+    fn of(self, family: Family) -> Sample {
+        Sample { family, ..self }
     }
 }
 
@@ -285,6 +344,31 @@ pub struct Verdict {
     pub last_disturbed_ms: Option<u64>,
     /// Nodes that answered `new` requests after `settled_ms`.
     pub nodes_after_settled: Vec<u8>,
+    /// The IPv6 requests among all these (a dual-stack probe; all zero otherwise).
+    pub ipv6: FamilyCounts,
+}
+
+/// One address family's share of a record: the counts of [`Verdict`] for its requests alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FamilyCounts {
+    /// Requests (keep-alive and `new`), and those that failed.
+    pub requests: usize,
+    pub failed: usize,
+    /// `new` requests (a fresh connection each), and those that failed.
+    pub new: usize,
+    pub new_failed: usize,
+    /// `new` requests that started after `settled_ms`, and those that failed (must be 0).
+    pub new_after_settled: usize,
+    pub new_failed_after_settled: usize,
+    /// Keep-alive connections lost after the event (counted in `lost_by_node` too).
+    pub lost: usize,
+}
+
+impl FamilyCounts {
+    /// Keep-alive requests.
+    pub fn keepalive(&self) -> usize {
+        self.requests.saturating_sub(self.new)
+    }
 }
 
 /// Judges a record: `event_ms` is when the lab acted, `settled_ms` when the engines said the
@@ -295,6 +379,9 @@ pub fn analyse(samples: &[Sample], event_ms: u64, settled_ms: u64) -> Verdict {
         failed: samples.iter().filter(|s| !s.ok).count(),
         ..Verdict::default()
     };
+    let v6 = |s: &&Sample| s.family == Family::Ipv6;
+    v.ipv6.requests = samples.iter().filter(v6).count();
+    v.ipv6.failed = samples.iter().filter(v6).filter(|s| !s.ok).count();
     // Keep-alive connections: (slot, conn) -> last node that answered.
     let mut last_node: std::collections::BTreeMap<(u32, u32), u8> = Default::default();
     for s in samples.iter().filter(|s| s.kind == Kind::Keepalive) {
@@ -304,6 +391,9 @@ pub fn analyse(samples: &[Sample], event_ms: u64, settled_ms: u64) -> Verdict {
             }
             (false, _) if s.t_ms >= event_ms => {
                 if let Some(&n) = last_node.get(&(s.slot, s.conn)) {
+                    if s.family == Family::Ipv6 {
+                        v.ipv6.lost += 1;
+                    }
                     match v.lost_by_node.iter_mut().find(|(id, _)| *id == n) {
                         Some(e) => e.1 += 1,
                         None => v.lost_by_node.push((n, 1)),
@@ -316,6 +406,13 @@ pub fn analyse(samples: &[Sample], event_ms: u64, settled_ms: u64) -> Verdict {
     v.lost_by_node.sort_unstable();
     for s in samples.iter().filter(|s| s.kind == Kind::New) {
         let slow = s.connect_ms >= SLOW_CONNECT_MS;
+        let ipv6 = s.family == Family::Ipv6;
+        if ipv6 {
+            v.ipv6.new += 1;
+            if !s.ok {
+                v.ipv6.new_failed += 1;
+            }
+        }
         if !s.ok {
             v.new_failed += 1;
         }
@@ -330,6 +427,12 @@ pub fn analyse(samples: &[Sample], event_ms: u64, settled_ms: u64) -> Verdict {
             v.new_after_settled += 1;
             if !s.ok {
                 v.new_failed_after_settled += 1;
+            }
+            if ipv6 {
+                v.ipv6.new_after_settled += 1;
+                if !s.ok {
+                    v.ipv6.new_failed_after_settled += 1;
+                }
             }
             if let Some(n) = s.node {
                 if !v.nodes_after_settled.contains(&n) {
@@ -360,7 +463,93 @@ mod tests {
             } else {
                 "read: reset".into()
             },
+            family: Family::Ipv4,
         }
+    }
+
+    fn s6(t_ms: u64, kind: Kind, slot: u32, conn: u32, node: Option<u8>) -> Sample {
+        Sample {
+            family: Family::Ipv6,
+            ..s(t_ms, kind, slot, conn, node, 1)
+        }
+    }
+
+    #[test]
+    fn every_other_connection_goes_to_the_ipv6_target() {
+        let mut opts = ProbeOptions {
+            target: "198.18.0.1:80".parse().unwrap(),
+            target6: None,
+            keepalive: 8,
+            new_threads: 4,
+            interval: Duration::from_millis(20),
+            duration: Duration::from_secs(1),
+        };
+        assert!((0..6).all(|n| target_for(&opts, n) == opts.target));
+        opts.target6 = Some("[2001:2::1]:80".parse().unwrap());
+        let families: Vec<Family> = (0..4).map(|n| Family::of(&target_for(&opts, n))).collect();
+        use Family::*;
+        assert_eq!(families, [Ipv4, Ipv6, Ipv4, Ipv6]);
+    }
+
+    #[test]
+    fn ipv6_requests_are_counted_apart_and_in_the_totals() {
+        use Kind::*;
+        let samples = vec![
+            s(100, Keepalive, 0, 0, Some(1), 0),
+            s6(100, Keepalive, 1, 0, Some(2)),
+            s6(110, Keepalive, 3, 0, Some(1)),
+            s6(150, New, 0, 1, Some(2)),
+            // The event at 200: node 2's IPv6 keep-alive connection is lost, one IPv6 connect
+            // to its buckets fails before the move, none after.
+            s6(260, Keepalive, 1, 0, None),
+            s6(270, Keepalive, 3, 0, Some(1)),
+            s6(220, New, 1, 1, None),
+            s(230, New, 0, 2, Some(1), 1),
+            s6(400, New, 0, 3, Some(1)),
+            s6(410, New, 1, 3, Some(1)),
+            s(420, New, 1, 4, Some(1), 1),
+        ];
+        let v = analyse(&samples, 200, 350);
+        assert_eq!((v.requests, v.failed), (11, 2));
+        assert_eq!(v.lost_by_node, vec![(2, 1)]);
+        assert_eq!((v.new_after_settled, v.new_failed_after_settled), (3, 0));
+        assert_eq!(
+            v.ipv6,
+            FamilyCounts {
+                requests: 8,
+                failed: 2,
+                new: 4,
+                new_failed: 1,
+                new_after_settled: 2,
+                new_failed_after_settled: 0,
+                lost: 1,
+            }
+        );
+        assert_eq!(v.ipv6.keepalive(), 4);
+        // A failed IPv6 connection after the move fails the totals too.
+        let mut late = samples.clone();
+        late.push(s6(500, New, 2, 0, None));
+        let v = analyse(&late, 200, 350);
+        assert_eq!(v.new_failed_after_settled, 1);
+        assert_eq!(v.ipv6.new_failed_after_settled, 1);
+        // An IPv4-only record has no IPv6 counts.
+        let v4: Vec<Sample> = samples
+            .iter()
+            .map(|x| Sample {
+                family: Family::Ipv4,
+                ..x.clone()
+            })
+            .collect();
+        assert_eq!(analyse(&v4, 200, 350).ipv6, FamilyCounts::default());
+    }
+
+    #[test]
+    fn records_without_a_family_are_ipv4() {
+        let line = r#"{"t_ms":1,"kind":"new","slot":0,"conn":0,"node":3,"ok":true,"connect_ms":2}"#;
+        let sample: Sample = serde_json::from_str(line).unwrap();
+        assert_eq!(sample.family, Family::Ipv4);
+        let v6 = serde_json::to_string(&s6(1, Kind::New, 0, 1, Some(3))).unwrap();
+        assert!(v6.contains(r#""family":"ipv6""#), "{v6}");
     }
 
     #[test]
@@ -399,6 +588,7 @@ mod tests {
         let samples = vec![
             s(1, Kind::New, 0, 0, Some(3), 2),
             s(2, Kind::Keepalive, 1, 0, None, 0),
+            s6(3, Kind::New, 0, 1, Some(2)),
         ];
         write(&p, &samples).unwrap();
         assert_eq!(read(&p).unwrap(), samples);
@@ -408,9 +598,41 @@ mod tests {
 
     #[test]
     fn the_probe_reads_node_ids_from_a_server() {
-        // A tiny server on loopback answering like nginx serving /id.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
+        // A tiny server on loopback answering like nginx serving /id, on IPv6 loopback too
+        // where the machine has it (the probe is then dual-stack).
+        let addr = serve_id("127.0.0.1:0").unwrap();
+        let target6 = serve_id("[::1]:0");
+        let opts = ProbeOptions {
+            target: addr,
+            target6,
+            keepalive: 2,
+            new_threads: 1,
+            interval: Duration::from_millis(10),
+            duration: Duration::from_millis(200),
+        };
+        let samples = run(&opts, &AtomicBool::new(false));
+        assert!(samples.iter().any(|s| s.kind == Kind::Keepalive));
+        assert!(samples.iter().any(|s| s.kind == Kind::New));
+        assert!(
+            samples.iter().all(|s| s.ok && s.node == Some(7)),
+            "{samples:?}"
+        );
+        for kind in [Kind::Keepalive, Kind::New] {
+            let v6 = samples
+                .iter()
+                .any(|s| s.kind == kind && s.family == Family::Ipv6);
+            let v4 = samples
+                .iter()
+                .any(|s| s.kind == kind && s.family == Family::Ipv4);
+            assert!(v4 && v6 == target6.is_some(), "{kind:?}: {samples:?}");
+        }
+    }
+
+    /// A server on `bind` answering every request with node id 7; its address, or None if it
+    /// cannot bind.
+    fn serve_id(bind: &str) -> Option<SocketAddr> {
+        let listener = std::net::TcpListener::bind(bind).ok()?;
+        let addr = listener.local_addr().ok()?;
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 std::thread::spawn(move || {
@@ -430,19 +652,6 @@ mod tests {
                 });
             }
         });
-        let opts = ProbeOptions {
-            target: addr,
-            keepalive: 2,
-            new_threads: 1,
-            interval: Duration::from_millis(10),
-            duration: Duration::from_millis(200),
-        };
-        let samples = run(&opts, &AtomicBool::new(false));
-        assert!(samples.iter().any(|s| s.kind == Kind::Keepalive));
-        assert!(samples.iter().any(|s| s.kind == Kind::New));
-        assert!(
-            samples.iter().all(|s| s.ok && s.node == Some(7)),
-            "{samples:?}"
-        );
+        Some(addr)
     }
 }

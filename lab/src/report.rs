@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::checks::Preconditions;
 use super::load::Step;
 use super::probe::Verdict;
+use super::topology::{CLIENT_IP6, CLUSTER_IP, CLUSTER_IP6, CLUSTER_MAC};
 
 /// One configuration's ramp.
 #[derive(Debug, Clone, Serialize)]
@@ -51,6 +52,10 @@ pub struct ScenarioResult {
     pub probe: Verdict,
     /// Whether the switch held the cluster MAC at the end (it must not).
     pub cluster_mac_learned: bool,
+    /// The client's neighbour entry for the cluster's IPv6 address at the end (`ip -6 neigh`;
+    /// the scenarios run dual-stack), and whether it is the cluster MAC (it must be).
+    pub ipv6_neighbour: String,
+    pub ipv6_neighbour_is_cluster_mac: bool,
     /// Live peers declared dead before the event (must be 0: the scenario is then void).
     pub peer_deaths_before_event: usize,
     /// For a wire cut: whether the cut node said in its status that it was fenced.
@@ -285,37 +290,21 @@ fn markdown(
              old owner's keep-alive connections keep it open until they end or for \
              `release_deadline`, 10 s in the lab, often after the scenario; those still open then \
              stay with the old owner). *Lost*: probe keep-alive \
-             connections that failed after the event, by the node that served them.\n\n\
-             | scenario | node | detected ms | moved ms | done ms | wrk req/s | wrk errors | probe requests | \
+             connections that failed after the event, by the node that served them.\n\n",
+        );
+        md.push_str(&dual_stack_paragraph());
+        md.push_str(
+            "| scenario | node | detected ms | moved ms | done ms | wrk req/s | wrk errors | probe requests | \
              probe failed | lost | new conn. failed after moved | slow connects | \
-             expectation | result |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|\n",
+             IPv6 new conn. (failed) | IPv6 keep-alive req. (lost conn.) | expectation | result |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---|\n",
         );
         for s in scenarios {
-            let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
-            let _ = writeln!(
-                md,
-                "| {} ({} nodes {}) | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
-                s.scenario,
-                s.nodes,
-                s.policy,
-                s.node,
-                opt(s.detected_ms),
-                opt(s.moved_ms),
-                opt(s.done_ms),
-                s.wrk.rps,
-                s.wrk.errors,
-                s.probe.requests,
-                s.probe.failed,
-                per_node(&s.probe.lost_by_node),
-                s.probe.new_failed_after_settled,
-                s.probe.new_after_settled,
-                s.probe.slow_connects,
-                s.expectation,
-                if s.passed { "held" } else { "**FAILED**" }
-            );
+            md.push_str(&scenario_row(s));
+            md.push('\n');
         }
         md.push('\n');
+        md.push_str(&neighbour_line(scenarios));
         for s in scenarios {
             if let Some(f) = s.cut_node_fenced {
                 let _ = writeln!(
@@ -337,6 +326,82 @@ fn markdown(
         }
     }
     md
+}
+
+/// What the report says of the scenarios' second family.
+fn dual_stack_paragraph() -> String {
+    format!(
+        "The scenarios run dual-stack: every node holds the cluster's IPv6 address {CLUSTER_IP6} \
+         beside {CLUSTER_IP} (`cluster.ip6`; its health check asks the service on both), the \
+         client has {CLIENT_IP6}, and the engines answer the client's neighbour solicitations \
+         with the cluster MAC as they answer ARP (NDP through the engines). `wrk` stays on IPv4; \
+         every other probe keep-alive slot and every other fresh probe connection goes to \
+         [{CLUSTER_IP6}]:80. The probe columns count both families, the IPv6 columns the IPv6 \
+         requests alone; the promises hold for both.\n\n"
+    )
+}
+
+/// One scenario's row of the scenarios table (without its newline).
+pub fn scenario_row(s: &ScenarioResult) -> String {
+    let opt = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+    let v6 = &s.probe.ipv6;
+    format!(
+        "| {} ({} nodes {}) | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} / {} | {} | {} ({}) | {} ({}) | {} | {} |",
+        s.scenario,
+        s.nodes,
+        s.policy,
+        s.node,
+        opt(s.detected_ms),
+        opt(s.moved_ms),
+        opt(s.done_ms),
+        s.wrk.rps,
+        s.wrk.errors,
+        s.probe.requests,
+        s.probe.failed,
+        per_node(&s.probe.lost_by_node),
+        s.probe.new_failed_after_settled,
+        s.probe.new_after_settled,
+        s.probe.slow_connects,
+        v6.new,
+        v6.new_failed,
+        v6.keepalive(),
+        v6.lost,
+        s.expectation,
+        if s.passed { "held" } else { "**FAILED**" }
+    )
+}
+
+/// The NDP precondition of the scenarios in one line: whether the client's neighbour entry for
+/// the cluster's IPv6 address was the cluster MAC after each.
+pub fn neighbour_line(scenarios: &[ScenarioResult]) -> String {
+    let (good, bad): (Vec<_>, Vec<_>) = scenarios
+        .iter()
+        .partition(|s| s.ipv6_neighbour_is_cluster_mac);
+    let mut line = String::from("NDP: ");
+    if !good.is_empty() {
+        let names: Vec<&str> = good.iter().map(|s| s.scenario.as_str()).collect();
+        let _ = write!(
+            line,
+            "the client's neighbour entry for {CLUSTER_IP6} was the cluster MAC {CLUSTER_MAC} \
+             after {}",
+            names.join(", ")
+        );
+    }
+    for (i, s) in bad.iter().enumerate() {
+        let _ = write!(
+            line,
+            "{}after {} it was **not** the cluster MAC: `{}`",
+            if i == 0 && good.is_empty() { "" } else { "; " },
+            s.scenario,
+            if s.ipv6_neighbour.is_empty() {
+                "no entry"
+            } else {
+                s.ipv6_neighbour.as_str()
+            }
+        );
+    }
+    line.push_str(".\n\n");
+    line
 }
 
 /// A table of `engine / base` throughput ratios per client count (nothing if no pairs).
@@ -510,5 +575,85 @@ mod tests {
         assert!(md.contains("| 2 nodes hash | 150 | 500 |"), "{md}");
         let csv = std::fs::read_to_string(dir.path().join("1-node.csv")).unwrap();
         assert_eq!(csv.lines().count(), 3);
+    }
+
+    fn scenario(name: &str, neighbour_ok: bool) -> ScenarioResult {
+        ScenarioResult {
+            scenario: name.into(),
+            nodes: 2,
+            policy: "hash".into(),
+            node: 2,
+            clients: 10,
+            duration_s: 9,
+            event_after_ms: 3000,
+            detected_ms: Some(900),
+            moved_ms: Some(1000),
+            done_ms: None,
+            wrk: Step {
+                rps: 1234.4,
+                ..Step::default()
+            },
+            probe: Verdict {
+                requests: 900,
+                failed: 5,
+                lost_by_node: vec![(2, 4)],
+                new_after_settled: 300,
+                ipv6: crate::probe::FamilyCounts {
+                    requests: 450,
+                    failed: 3,
+                    new: 200,
+                    new_failed: 1,
+                    new_after_settled: 150,
+                    new_failed_after_settled: 0,
+                    lost: 2,
+                },
+                ..Verdict::default()
+            },
+            cluster_mac_learned: false,
+            ipv6_neighbour: if neighbour_ok {
+                "2001:2::1 lladdr 02:cc:00:00:00:01 REACHABLE".into()
+            } else {
+                String::new()
+            },
+            ipv6_neighbour_is_cluster_mac: neighbour_ok,
+            peer_deaths_before_event: 0,
+            cut_node_fenced: None,
+            expectation: "only the dead node's connections lost".into(),
+            passed: neighbour_ok,
+        }
+    }
+
+    #[test]
+    fn the_scenarios_name_their_ipv6_requests() {
+        let row = scenario_row(&scenario("failover", true));
+        assert_eq!(
+            row,
+            "| failover (2 nodes hash) | 2 | 900 | 1000 | - | 1234 | 0 | 900 | 5 | node 2: 4 | \
+             0 / 300 | 0 | 200 (1) | 250 (2) | only the dead node's connections lost | held |"
+        );
+        assert_eq!(
+            neighbour_line(&[scenario("failover", true), scenario("join", true)]),
+            "NDP: the client's neighbour entry for 2001:2::1 was the cluster MAC \
+             02:cc:00:00:00:01 after failover, join.\n\n"
+        );
+        assert_eq!(
+            neighbour_line(&[scenario("failover", true), scenario("drain", false)]),
+            "NDP: the client's neighbour entry for 2001:2::1 was the cluster MAC \
+             02:cc:00:00:00:01 after failover; after drain it was **not** the cluster MAC: \
+             `no entry`.\n\n"
+        );
+        let md = markdown(&[10], 3, &[], &[scenario("failover", true)]);
+        assert!(
+            md.contains("The scenarios run dual-stack")
+                && md.contains("NDP through the engines")
+                && md.contains("| IPv6 new conn. (failed) | IPv6 keep-alive req. (lost conn.) |")
+                && md.contains(&row),
+            "{md}"
+        );
+        // The table's separator has a cell per column.
+        let header = md.lines().find(|l| l.starts_with("| scenario |")).unwrap();
+        let separator = md.lines().find(|l| l.starts_with("|---|---:|")).unwrap();
+        assert_eq!(header.matches('|').count(), separator.matches('|').count());
+        assert_eq!(row.matches('|').count(), header.matches('|').count());
     }
 }

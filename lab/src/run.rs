@@ -3,9 +3,10 @@
 //! nodes) it builds the namespace network, starts the nodes, waits until the cluster has
 //! formed, drives a ramp of client counts with `wrk` from the client namespace, checks the
 //! Clone Cluster's preconditions, and tears everything down; then it runs the scenarios asked
-//! for (failover, wire-cut, join, drain). It writes the report files ([`super::report`]) and shows a
-//! progress bar. Ctrl-C (or SIGTERM) stops it at the next check, and everything it started is
-//! torn down (processes by PID, then the namespaces).
+//! for (failover, wire-cut, join, drain; dual-stack, see [`super::scenario`]). It writes the
+//! report files ([`super::report`]) and shows a progress bar. Ctrl-C (or SIGTERM) stops it at
+//! the next check, and everything it started is torn down (processes by PID, then the
+//! namespaces).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,10 +75,12 @@ impl LabResults {
                     s.scenario, s.peer_deaths_before_event
                 ));
             } else if !s.passed {
+                let v6 = &s.probe.ipv6;
                 f.push(format!(
                     "scenario {}: expected {}; got {} wrk errors, {} probe failures, lost \
-                     connections {}, {} of {} new connections failed after the move (moved \
-                     after {}; the nodes' plans are in scenario-{}-status-polls.jsonl)",
+                     connections {}, {} of {} new connections failed after the move (IPv6: {} \
+                     failures, {} lost, {} of {} new connections failed after the move; moved \
+                     after {}; the nodes' plans are in scenario-{}-status-polls.jsonl){}",
                     s.scenario,
                     s.expectation,
                     s.wrk.errors,
@@ -85,8 +88,22 @@ impl LabResults {
                     report::per_node(&s.probe.lost_by_node),
                     s.probe.new_failed_after_settled,
                     s.probe.new_after_settled,
+                    v6.failed,
+                    v6.lost,
+                    v6.new_failed_after_settled,
+                    v6.new_after_settled,
                     report::ms(s.moved_ms),
-                    s.scenario
+                    s.scenario,
+                    if s.ipv6_neighbour_is_cluster_mac {
+                        String::new()
+                    } else {
+                        format!(
+                            "; the client's neighbour entry for the cluster's IPv6 address is \
+                             not the cluster MAC {CLUSTER_MAC}: `{}` (no engine answered its \
+                             neighbour solicitation)",
+                            s.ipv6_neighbour
+                        )
+                    }
                 ));
             }
         }
@@ -245,7 +262,8 @@ fn run_all(opts: &LabOptions) -> Result<LabResults, String> {
         bar.inc(1);
         say(format!(
             "[{}/{total}] scenario {} of node {}: detected {}, moved {}, done {}, \
-             {} wrk errors, probe {} failed of {}, lost {}: {}",
+             {} wrk errors, probe {} failed of {}, lost {}; IPv6 {} new conn. ({} failed), {} \
+             keep-alive req. ({} lost), neighbour {}: {}",
             bar.position(),
             r.scenario,
             r.node,
@@ -256,6 +274,15 @@ fn run_all(opts: &LabOptions) -> Result<LabResults, String> {
             r.probe.failed,
             r.probe.requests,
             report::per_node(&r.probe.lost_by_node),
+            r.probe.ipv6.new,
+            r.probe.ipv6.new_failed,
+            r.probe.ipv6.keepalive(),
+            r.probe.ipv6.lost,
+            if r.ipv6_neighbour_is_cluster_mac {
+                "the cluster MAC"
+            } else {
+                "NOT the cluster MAC"
+            },
             if r.passed { "held" } else { "FAILED" }
         ));
         results.scenarios.push(r);

@@ -11,16 +11,25 @@
 //!   after the drain it takes no new connection.
 //!
 //! Load is `wrk` (totals) plus the connection probe (per connection, which node answered).
+//!
+//! The scenario clusters run dual-stack: every node holds the cluster's IPv6 address
+//! (`cluster.ip6`, [`CLUSTER_IP6`]) beside the IPv4 one, checks its service on both, and the
+//! engines answer the client's neighbour solicitations as they answer ARP. `wrk` stays on IPv4;
+//! the probe sends every other keep-alive slot and fresh connection over IPv6. The promises
+//! hold for both families (the probe's totals cover both; a scenario needs IPv6 connections
+//! after the move, and the client's neighbour entry for the IPv6 address must be the cluster
+//! MAC).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use super::checks::{client_neighbour6, neighbour_is_cluster_mac};
 use super::cluster::{Cluster, Kind};
 use super::load::Wrk;
 use super::measure::{Observer, Timings};
 use super::probe::{self, now_ms};
 use super::report::ScenarioResult;
-use super::topology::CLUSTER_MAC;
+use super::topology::{CLUSTER_IP6, CLUSTER_MAC};
 use super::Programs;
 
 /// The scenarios, by name.
@@ -45,14 +54,17 @@ impl Scenario {
     fn expectation(self) -> &'static str {
         match self {
             Scenario::Failover => {
-                "only the dead node's connections lost; every new connection after the takeover succeeds"
+                "only the dead node's connections lost; every new connection after the takeover \
+                 succeeds; IPv4 and IPv6 alike"
             }
             Scenario::WireCut => {
                 "the cut node fences itself; only its connections lost; every new connection after \
-                 the takeover succeeds"
+                 the takeover succeeds; IPv4 and IPv6 alike"
             }
-            Scenario::Join => "no request fails; the new node serves",
-            Scenario::Drain => "no request fails; the drained node takes no new connection",
+            Scenario::Join => "no request fails; the new node serves; IPv4 and IPv6 alike",
+            Scenario::Drain => {
+                "no request fails; the drained node takes no new connection; IPv4 and IPv6 alike"
+            }
         }
     }
 }
@@ -87,13 +99,14 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
     let node = r.nodes;
     let others: Vec<u8> = ids.iter().copied().filter(|&i| i != node).collect();
     let initial = if s == Scenario::Join { &others } else { &ids };
-    let mut c = Cluster::start(
+    let mut c = Cluster::start_with(
         r.programs,
         r.prefix,
         Kind::Engine(r.policy.to_owned()),
         &ids,
         initial,
         r.out.join(format!("scenario-{}", s.name())),
+        Some(CLUSTER_IP6),
     )?;
     c.wait_formed(initial, Duration::from_secs(30), &r.interrupted)?;
 
@@ -155,6 +168,10 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
     // The probe stops on its own at the end of its duration.
     c.finish_probe(probe_pid, Duration::from_secs(10), &r.interrupted)?;
     let samples = probe::read(&probe_file)?;
+    // NDP through the engines: the client resolved the cluster's IPv6 address to the cluster
+    // MAC (and still does after the event).
+    let neighbour = client_neighbour6(&c.topo, CLUSTER_IP6);
+    let neighbour_ok = neighbour_is_cluster_mac(&neighbour);
     // Keep the evidence beside the report: every probe request, and each node's last status.
     let keep = |suffix: &str, text: String| {
         let path = r.out.join(format!("scenario-{}-{suffix}", s.name()));
@@ -182,7 +199,9 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
     let passed = moved_ms.is_some()
         && deaths_before == 0
         && !learned
+        && neighbour_ok
         && verdict.new_after_settled > 0
+        && verdict.ipv6.new_after_settled > 0
         && verdict.new_failed_after_settled == 0
         && match s {
             Scenario::Failover => verdict.lost_by_node.iter().all(|(n, _)| *n == node),
@@ -214,6 +233,8 @@ pub fn run(s: Scenario, r: &ScenarioRun<'_>) -> Result<ScenarioResult, String> {
         wrk: step,
         probe: verdict,
         cluster_mac_learned: learned,
+        ipv6_neighbour: neighbour,
+        ipv6_neighbour_is_cluster_mac: neighbour_ok,
         peer_deaths_before_event: deaths_before,
         cut_node_fenced: fenced,
         expectation: s.expectation().to_owned(),

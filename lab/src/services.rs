@@ -196,6 +196,35 @@ pub fn start_nginx_on(
     big_kib: usize,
     listen: &str,
 ) -> std::io::Result<Child> {
+    start_nginx_listening(ns, dir, id, big_kib, &[listen])
+}
+
+/// [`start_nginx`] on the cluster's IPv4 address and on `ip6` (a dual-stack node: one server
+/// for both, so that stopping its PID stops the node's service on both).
+pub fn start_nginx_dual(
+    ns: &Ns,
+    dir: &Path,
+    id: u8,
+    big_kib: usize,
+    ip6: Ipv6Addr,
+) -> std::io::Result<Child> {
+    start_nginx_listening(
+        ns,
+        dir,
+        id,
+        big_kib,
+        &[&format!("{CLUSTER_IP}:80"), &format!("[{ip6}]:80")],
+    )
+}
+
+/// [`start_nginx`] with one `listen` directive per entry of `listen`.
+fn start_nginx_listening(
+    ns: &Ns,
+    dir: &Path,
+    id: u8,
+    big_kib: usize,
+    listen: &[&str],
+) -> std::io::Result<Child> {
     let root = dir.join(format!("node{id}"));
     let www = root.join("www");
     std::fs::create_dir_all(&www)?;
@@ -224,13 +253,16 @@ http {{
     scgi_temp_path {root}/tmp;
     keepalive_requests 1000000;
     server {{
-        listen {listen};
-        root {www};
+{listen}        root {www};
     }}
 }}
 "#,
             root = root.display(),
             www = www.display(),
+            listen = listen
+                .iter()
+                .map(|l| format!("        listen {l};\n"))
+                .collect::<String>(),
         ),
     )?;
     std::fs::create_dir_all(root.join("tmp"))?;

@@ -793,6 +793,7 @@ mod tests {
             ok: true,
             connect_ms: 0,
             error: String::new(),
+            family: probe::Family::Ipv4,
         }
     }
 
