@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 # The engine and the lab are built side by side: the lab runs target/release/clonecluster.
 cargo build --release --locked -p clonecluster -p clonecluster-lab
-target/release/clonecluster-lab lab --nodes 2 --clients 10,50,100,150,200,300 --duration 3 \
+target/release/clonecluster-lab lab --nodes 2 --clients 10,50,100,200,300 --duration 2 \
   --scenario ramp,failover,wire-cut,join,drain --baseline kernel,testpmd --out lab-out
 target/release/clonecluster-lab lab --mode appliance --nodes 2 --backends 3 \
   --clients 10,50,100,200 --duration 2 \
