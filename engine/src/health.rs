@@ -135,15 +135,19 @@ fn check_at(cfg: &HealthConfig, address: SocketAddr) -> anyhow::Result<()> {
     // With a socket timeout set, the kernel never restarts a read that a signal interrupted
     // (signal(7)), whatever SA_RESTART says: any signal to the process would fail the check.
     let deadline = std::time::Instant::now() + cfg.timeout.0;
-    let n = loop {
-        match stream.read(&mut head) {
-            Ok(n) => break n,
+    // The status line may come in several segments (a server writing it piece by piece):
+    // read until its end, a full buffer or the server's close.
+    let mut n = 0;
+    while n < head.len() && !head[..n].contains(&b'\n') {
+        match stream.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(got) => n += got,
             Err(e)
                 if e.kind() == std::io::ErrorKind::Interrupted
                     && std::time::Instant::now() < deadline => {}
             Err(e) => return Err(anyhow::Error::new(e).context(format!("read from {address}"))),
         }
-    };
+    }
     let line = String::from_utf8_lossy(&head[..n]);
     let status: u16 = line
         .split_whitespace()
