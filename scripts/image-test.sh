@@ -30,7 +30,14 @@ cleanup() {
   trap - ERR
   local c n
   for c in client node1 node2; do podman rm -f -t 0 "$prefix-$c" >/dev/null 2>&1; done
-  for n in segment control; do podman network rm -f "$prefix-$n" >/dev/null 2>&1; done
+  # A removed network may leave its bridge behind (seen here: `podman2` holding the control
+  # subnet, so that the next run could not create its network): remove it by name.
+  local br
+  for n in segment control; do
+    br=$(podman network inspect --format '{{.NetworkInterface}}' "$prefix-$n" 2>/dev/null)
+    podman network rm -f "$prefix-$n" >/dev/null 2>&1
+    [ -n "$br" ] && ip link del "$br" >/dev/null 2>&1
+  done
   if [ -z "${IMAGE_TEST_KEEP:-}" ]; then
     podman rmi -f "$image:lab" "$image:node" >/dev/null 2>&1
     # The build stage's untagged layers (and those of a failed build): the images this run
