@@ -34,7 +34,7 @@ cleanup() {
   # subnet, so that the next run could not create its network): remove it by name.
   local br
   for n in segment control; do
-    br=$(podman network inspect --format '{{.NetworkInterface}}' "$prefix-$n" 2>/dev/null)
+    br=$(podman network inspect --format '{{.NetworkInterface}}' "$prefix-$n" 2>/dev/null || true)
     podman network rm -f "$prefix-$n" >/dev/null 2>&1
     [ -n "$br" ] && ip link del "$br" >/dev/null 2>&1
   done
