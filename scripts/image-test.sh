@@ -36,7 +36,7 @@ cleanup() {
   for n in segment control; do
     br=$(podman network inspect --format '{{.NetworkInterface}}' "$prefix-$n" 2>/dev/null || true)
     podman network rm -f "$prefix-$n" >/dev/null 2>&1
-    [ -n "$br" ] && ip link del "$br" >/dev/null 2>&1
+    if [ -n "$br" ]; then ip link del "$br" >/dev/null 2>&1 || true; fi
   done
   if [ -z "${IMAGE_TEST_KEEP:-}" ]; then
     podman rmi -f "$image:lab" "$image:node" >/dev/null 2>&1
