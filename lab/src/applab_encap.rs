@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use super::applab::ApplianceOptions;
 use super::appliance::{node_ip, ApplianceLab, Dispatch};
+use super::checks::tcpdump;
 use super::encap_check::{check_frames, EncapCheck, Expect};
 use super::run::interrupted;
 use super::topology::{backend_ip, backend_mac, node_mac, CLIENT_IP, CLUSTER_IP};
@@ -133,23 +134,7 @@ fn start_capture(
         .backend(index)
         .cloned()
         .ok_or_else(|| format!("no backend {index}"))?;
-    let mut child = ns
-        .command(&[
-            "tcpdump",
-            "-i",
-            "eth0",
-            "-n",
-            "-U",
-            "--immediate-mode",
-            "-Z",
-            "root",
-            "-w",
-        ])
-        .arg(pcap)
-        .arg(format!("ip proto 4 or udp port {GUE_PORT}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+    let mut child = tcpdump(&ns, pcap, &format!("ip proto 4 or udp port {GUE_PORT}"))
         .spawn()
         .map_err(|e| format!("cannot start tcpdump: {e}"))?;
     let err = child.stderr.take();

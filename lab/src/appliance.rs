@@ -110,6 +110,12 @@ pub fn appliance_config(dir: &Path, id: u8, ids: &[u8], services: &str) -> Resul
     Ok(path)
 }
 
+/// Takes the PID of `id` out of a list of (id, PID).
+fn take_pid(pids: &mut Vec<(u8, u32)>, id: u8) -> Option<u32> {
+    let pos = pids.iter().position(|(i, _)| *i == id)?;
+    Some(pids.remove(pos).1)
+}
+
 #[derive(Debug)]
 pub struct ApplianceLab {
     pub topo: Topology,
@@ -245,12 +251,8 @@ impl ApplianceLab {
 
     /// Kills appliance `id`'s engine (SIGKILL, no goodbye).
     pub fn kill_engine(&mut self, id: u8) -> Result<(), String> {
-        let pos = self
-            .engines
-            .iter()
-            .position(|(i, _)| *i == id)
+        let pid = take_pid(&mut self.engines, id)
             .ok_or_else(|| format!("appliance {id} runs no engine"))?;
-        let (_, pid) = self.engines.remove(pos);
         self.topo.kill(pid);
         Ok(())
     }
@@ -258,12 +260,8 @@ impl ApplianceLab {
     /// Kills backend `index`'s nginx (SIGKILL): its kernel resets its connections and refuses
     /// new ones.
     pub fn kill_backend(&mut self, index: u8) -> Result<(), String> {
-        let pos = self
-            .nginx
-            .iter()
-            .position(|(i, _)| *i == index)
+        let pid = take_pid(&mut self.nginx, index)
             .ok_or_else(|| format!("backend {index} runs no nginx"))?;
-        let (_, pid) = self.nginx.remove(pos);
         self.topo.kill(pid);
         Ok(())
     }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::topology::{node_mac, Topology, CLUSTER_IP, CLUSTER_MAC};
+use super::topology::{node_mac, Ns, Topology, CLUSTER_IP, CLUSTER_MAC};
 use clonecluster::wire::{arp, ethernet};
 
 /// What the checks found in one configuration.
@@ -118,6 +118,28 @@ pub fn judge_arp(frames: &[Vec<u8>], node_macs: &[(u8, [u8; 6])]) -> (usize, Vec
     (replies, by, bad)
 }
 
+/// tcpdump writing what `filter` selects on `ns`'s port `eth0` into `pcap`, packet by packet;
+/// its standard error piped (it says "listening on" once it captures).
+pub fn tcpdump(ns: &Ns, pcap: &Path, filter: &str) -> std::process::Command {
+    let mut c = ns.command(&[
+        "tcpdump",
+        "-i",
+        "eth0",
+        "-n",
+        "-U",
+        "--immediate-mode",
+        "-Z",
+        "root",
+        "-w",
+    ]);
+    c.arg(pcap)
+        .arg(filter)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
 /// Makes the client resolve the cluster address afresh while capturing on its port, and judges
 /// the ARP replies it gets.
 pub fn check_arp(topo: &Topology, dir: &Path, pre: &mut Preconditions) -> Result<(), String> {
@@ -141,24 +163,7 @@ pub fn check_arp(topo: &Topology, dir: &Path, pre: &mut Preconditions) -> Result
 /// port; returns the frames captured.
 pub fn capture_arp(topo: &Topology, dir: &Path) -> Result<Vec<Vec<u8>>, String> {
     let pcap = dir.join("arp.pcap");
-    let mut tcpdump = topo
-        .client
-        .command(&[
-            "tcpdump",
-            "-i",
-            "eth0",
-            "-n",
-            "-U",
-            "--immediate-mode",
-            "-Z",
-            "root",
-            "-w",
-        ])
-        .arg(&pcap)
-        .arg("arp")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+    let mut tcpdump = tcpdump(&topo.client, &pcap, "arp")
         .spawn()
         .map_err(|e| format!("cannot start tcpdump: {e}"))?;
     // tcpdump says "listening on" once it captures.

@@ -62,39 +62,43 @@ impl Membership {
         Some(t)
     }
 
-    /// Rebuilds and publishes the snapshot if the plan, phase or dead set changed.
-    pub(super) fn refresh(&mut self, _now: u64, out: &mut Vec<Output>) {
-        let dead = self.dead_members();
-        // Fenced, or waiting for a peer to stop standing in for it: it owns nothing.
-        let owns_nothing = self.fenced || self.withholding();
-        let Some(c) = &self.cur else { return };
-        let key = (
+    /// What the published snapshot is built from: the plan, its phase, the dead members,
+    /// whether this node owns nothing, and the obligations' generation (None: no plan yet).
+    fn snapshot_key(&self, owns_nothing: bool) -> Option<(PlanId, Phase, u64, bool, u64)> {
+        let c = self.cur.as_ref()?;
+        Some((
             c.plan.id,
             c.plan.phase,
-            dead,
+            self.dead_members(),
             owns_nothing,
             self.linger.generation,
-        );
+        ))
+    }
+
+    /// Rebuilds and publishes the snapshot if the plan, phase or dead set changed.
+    pub(super) fn refresh(&mut self, _now: u64, out: &mut Vec<Output>) {
+        // Fenced, or waiting for a peer to stop standing in for it: it owns nothing.
+        let owns_nothing = self.fenced || self.withholding();
+        let Some(key) = self.snapshot_key(owns_nothing) else {
+            return;
+        };
         if self.snap_key == Some(key) {
             return;
         }
-        let (next_plan, next_phase) = (c.plan.id, c.plan.phase);
+        let (next_plan, next_phase) = (key.0, key.1);
         if self
             .snap_key
             .is_some_and(|k| (k.0, k.1) != (next_plan, next_phase))
         {
-            // A plan whose buckets moved is over: what it left becomes obligations.
+            // A plan whose buckets moved is over: what it left becomes obligations (which
+            // changes the key's generation).
             self.settle(next_plan, next_phase);
         }
+        let Some(key) = self.snapshot_key(owns_nothing) else {
+            return;
+        };
+        let dead = key.2;
         let Some(c) = &self.cur else { return };
-        let dead = self.dead_members();
-        let key = (
-            c.plan.id,
-            c.plan.phase,
-            dead,
-            owns_nothing,
-            self.linger.generation,
-        );
         let old_dead = self
             .snap_key
             .filter(|k| k.0 == c.plan.id)
