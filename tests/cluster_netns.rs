@@ -1930,3 +1930,245 @@ fn dual_stack_ndp_health_and_failover_over_ipv6() {
         "the switch learned the cluster MAC"
     );
 }
+
+/// UDP datagrams node `id`'s kernel found no socket for, over IPv4 (`Udp: NoPorts` in its
+/// namespace's `/proc/net/snmp`) and over IPv6 (`Udp6NoPorts` in `/proc/net/snmp6`): every
+/// datagram to the cluster's closed port 9 that the engines delivered to it.
+fn udp_no_ports(lab: &Lab, id: u8) -> (u64, u64) {
+    let ns = lab.topo.node(id).unwrap();
+    let v4 = ns.run(&["cat", "/proc/net/snmp"]).unwrap();
+    let mut udp = v4.lines().filter(|l| l.starts_with("Udp: "));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "NoPorts")
+        .unwrap();
+    let v4 = values.split_whitespace().nth(at).unwrap().parse().unwrap();
+    let v6 = ns.run(&["cat", "/proc/net/snmp6"]).unwrap();
+    let v6 = v6
+        .lines()
+        .find_map(|l| l.strip_prefix("Udp6NoPorts"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (v4, v6)
+}
+
+/// Sends `n` UDP datagrams of `size` bytes from the client to `addr` port 9, each from its own
+/// socket (its own source port, so its own bucket), paced at 2 ms.
+fn send_udp(lab: &Lab, family: &str, addr: &str, n: usize, size: usize) {
+    let script = format!(
+        "import socket, time\n\
+         for i in range({n}):\n\
+         \x20   s = socket.socket(socket.{family}, socket.SOCK_DGRAM)\n\
+         \x20   s.sendto(b'x' * {size}, ('{addr}', 9))\n\
+         \x20   s.close()\n\
+         \x20   time.sleep(0.002)\n"
+    );
+    lab.topo
+        .client
+        .run(&["python3", "-c", &script])
+        .expect("the UDP sender runs");
+}
+
+/// `ping` of `target` with `size`-byte echoes: its summary line.
+fn ping(lab: &Lab, target: &str, size: u32, count: u32) -> String {
+    let out = lab
+        .topo
+        .client
+        .command(&[
+            "ping",
+            "-n",
+            "-q",
+            "-s",
+            &size.to_string(),
+            "-i",
+            "0.1",
+            "-W",
+            "2",
+            "-c",
+            &count.to_string(),
+            target,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("received"))
+        .collect()
+}
+
+/// Datagrams to the cluster, counted by the nodes' kernels: IPv4 ones of 100 bytes and IPv6
+/// ones of 3000 (three fragments each at MTU 1500), `n` of each; and pings with 3000-byte IPv6
+/// echoes. Each must reach exactly one kernel: the sums of the kernels' counts equal what was
+/// sent (more would be duplicates; a loss under 1 % is the shared machine's).
+fn each_datagram_reaches_one_kernel(lab: &Lab, ids: &[u8], n: usize, when: &str) {
+    let counts = |lab: &Lab| -> (u64, u64) {
+        ids.iter()
+            .map(|&id| udp_no_ports(lab, id))
+            .fold((0, 0), |(a, b), (x, y)| (a + x, b + y))
+    };
+    let before = counts(lab);
+    send_udp(lab, "AF_INET", "198.18.0.1", n, 100);
+    send_udp(lab, "AF_INET6", "2001:2::1", n, 3000);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = counts(lab);
+    let (v4, v6) = (after.0 - before.0, after.1 - before.1);
+    let pings = ping(lab, "2001:2::1", 3000, 20);
+    eprintln!(
+        "c: {when}: {n} IPv4 datagrams, {v4} delivered; {n} fragmented IPv6 datagrams, {v6} \
+         delivered; fragmented IPv6 ping: {pings}"
+    );
+    for (family, delivered) in [("IPv4", v4), ("IPv6", v6)] {
+        assert!(
+            delivered <= n as u64,
+            "{when}: {delivered} deliveries of {n} {family} datagrams: duplicates"
+        );
+        assert!(
+            delivered >= n as u64 * 99 / 100,
+            "{when}: {delivered} of {n} {family} datagrams delivered\n{}",
+            lab.logs()
+        );
+    }
+    assert!(
+        pings.contains("20 packets transmitted, 20 received") && !pings.contains("duplicates"),
+        "{when}: {pings}"
+    );
+}
+
+/// Two packet cores per node: the wire port an af_packet socket with two queue pairs (the
+/// kernel spreads flows over them by its own hash), the tap two queues (the kernel picks by
+/// its own flow steering). Each frame is decided on its flow's home core, so both directions of
+/// a connection, all fragments of a datagram and the RSTs the engine holds back meet the state
+/// they need: across a join, a drain, a service refusal and a failover, every connection
+/// survives and every datagram reaches exactly one kernel.
+#[test]
+fn two_packet_cores_per_node_deliver_each_flow_once_across_join_drain_refusal_and_failover() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ids = [1u8, 2];
+    let opts = EngineOptions {
+        cores: 2,
+        release_deadline: "2s",
+        ip6: Some(CLUSTER_IP6),
+        ..EngineOptions::default()
+    };
+    let mut lab = Lab::with_options("c", &ids, opts);
+    lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    lab.kill_engine(2);
+    lab.converged(&[1], Duration::from_secs(30)).unwrap();
+
+    // A join under load: long downloads (1 MiB at 48 KiB/s, about 21 s) and a stream of new
+    // connections across it.
+    let downloads = lab.start_slow_downloads(8, "48k");
+    std::thread::sleep(Duration::from_secs(1));
+    let stream = lab.spawn_requests(40, 0.1, 10);
+    lab.start_node(2);
+    lab.converged(&ids, Duration::from_secs(30)).unwrap();
+    let (across_join, join_failed) = served(stream, 40);
+    eprintln!("c: 40 requests across node 2's join: {across_join:?}, failed {join_failed}");
+    assert_eq!(join_failed, 0, "{across_join:?}\n{}", lab.logs());
+    lab.wait_status(&ids, Duration::from_secs(20), "both nodes serve", |all| {
+        settled(all)
+            && ids
+                .iter()
+                .all(|&id| all.iter().all(|s| accepting(s, id) > 0))
+    });
+    let (by_node, failed) = lab.requests(40);
+    eprintln!("c: 40 requests on two 2-core nodes: {by_node:?}, failed {failed}");
+    assert_eq!(failed, 0, "{by_node:?}\n{}", lab.logs());
+    assert!(by_node.len() == 2, "{by_node:?}");
+
+    // Every datagram reaches exactly one kernel, fragmented or not.
+    each_datagram_reaches_one_kernel(&lab, &ids, 300, "two nodes");
+    // Both cores of each node received frames, and frames received on a core that was not
+    // their home were passed to it.
+    for id in ids {
+        let text = lab.metrics(id);
+        for core in ["core=\"0\"", "core=\"1\""] {
+            let rx = metric(&text, "wire_rx_frames_total", &[core]);
+            assert!(rx > 0, "node {id}, {core}: no wire frame\n{text}");
+        }
+        assert_eq!(
+            metric(
+                &text,
+                "dropped_frames_total",
+                &["reason=\"core-queue-full\""]
+            ),
+            0
+        );
+    }
+    let passed: u64 = ids
+        .iter()
+        .map(|&id| metric(&lab.metrics(id), "frames_passed_total", &[]))
+        .sum();
+    eprintln!("c: frames passed between cores: {passed}");
+    assert!(passed > 0, "no frame was passed to its home core");
+
+    // A drain of node 2 while the downloads run: no connection lost, new ones go to node 1.
+    let cfg2 = lab.config(2);
+    let out = run_cmd(&["drain", "--config", cfg2.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let stream = lab.spawn_requests(30, 0.1, 10);
+    lab.wait_status(&ids, Duration::from_secs(30), "drain of node 2", |all| {
+        settled(all) && all.iter().all(|s| accepting(s, 2) == 0)
+    });
+    let (across_drain, drain_failed) = served(stream, 30);
+    eprintln!("c: 30 requests across node 2's drain: {across_drain:?}, failed {drain_failed}");
+    assert_eq!(drain_failed, 0, "{across_drain:?}\n{}", lab.logs());
+    let out = run_cmd(&["undrain", "--config", cfg2.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    lab.wait_status(&ids, Duration::from_secs(30), "node 2 back", |all| {
+        settled(all) && all.iter().all(|s| accepting(s, 2) > 0)
+    });
+    check_downloads(&lab, downloads, "a join and a drain on 2-core nodes");
+
+    // A service refusal: node 2's nginx stops. Its kernel's RSTs to the first SYNs come back
+    // through whichever tap queue the kernel picks; the home core holds them back, the
+    // clients' retransmissions reach node 1 once node 2 drains. No request may fail.
+    let pinned = lab.ports_owned_by(2, PINNED_CLIENT_PORTS.start() + 1000, 4);
+    let nginx = lab.nginx.remove(&2).unwrap();
+    lab.topo.kill(nginx);
+    let pinned_requests = lab.spawn_pinned_requests(&pinned, 10);
+    let window = lab.spawn_requests(20, 0.1, 10);
+    lab.wait_status(
+        &ids,
+        Duration::from_secs(30),
+        "health drain of node 2",
+        |all| settled(all) && all.iter().all(|s| accepting(s, 2) == 0),
+    );
+    let (on_pinned, pinned_failed) = served(pinned_requests, pinned.len());
+    let (in_window, window_failed) = served(window, 20);
+    let held = metric(
+        &lab.metrics(2),
+        "dropped_frames_total",
+        &["reason=\"service-refused\""],
+    );
+    eprintln!(
+        "c: node 2's service stopped: {} requests to its buckets {on_pinned:?}, failed \
+         {pinned_failed}; 20 more {in_window:?}, failed {window_failed}; refusals held: {held}",
+        pinned.len()
+    );
+    assert_eq!(pinned_failed, 0, "{on_pinned:?}\n{}", lab.logs());
+    assert_eq!(window_failed, 0, "{in_window:?}\n{}", lab.logs());
+    assert!(held >= 1, "no refusal held back\n{}", lab.logs());
+    lab.start_service(2);
+    lab.wait_status(
+        &ids,
+        Duration::from_secs(30),
+        "node 2 healthy again",
+        |all| settled(all) && all.iter().all(|s| accepting(s, 2) > 0),
+    );
+
+    // Failover: kill -9 of node 2's engine; node 1's two cores take everything.
+    let killed = Instant::now();
+    lab.kill_engine(2);
+    lab.converged(&[1], Duration::from_secs(10)).unwrap();
+    let takeover = killed.elapsed();
+    let (after, after_failed) = lab.requests(40);
+    eprintln!("c: kill -9 of node 2: takeover after {takeover:?}; 40 requests after: {after:?}, failed {after_failed}");
+    assert_eq!(after_failed, 0, "{after:?}\n{}", lab.logs());
+    assert_eq!(after.keys().collect::<Vec<_>>(), [&1], "{after:?}");
+    each_datagram_reaches_one_kernel(&lab, &[1], 200, "node 1 alone");
+}

@@ -27,6 +27,8 @@ pub struct CoreCounters {
     pub tx_unsent: AtomicU64,
     /// Later fragments held until their first fragment was seen.
     pub held: AtomicU64,
+    /// Frames passed to the core that holds their flow's state (several cores only).
+    pub passed: AtomicU64,
     pub dropped: [AtomicU64; DropReason::COUNT],
 }
 
@@ -43,6 +45,7 @@ impl CoreCounters {
             control_tx: self.control_tx.load(Relaxed),
             tx_unsent: self.tx_unsent.load(Relaxed),
             held: self.held.load(Relaxed),
+            passed: self.passed.load(Relaxed),
             dropped: std::array::from_fn(|i| self.dropped[i].load(Relaxed)),
         }
     }
@@ -61,6 +64,8 @@ pub struct CoreStats {
     pub control_tx: u64,
     pub tx_unsent: u64,
     pub held: u64,
+    /// Frames passed to another core, their home.
+    pub passed: u64,
     /// Drops by reason, indexed by [`DropReason::index`].
     pub dropped: [u64; DropReason::COUNT],
 }
@@ -81,6 +86,7 @@ impl CoreStats {
         self.control_tx += o.control_tx;
         self.tx_unsent += o.tx_unsent;
         self.held += o.held;
+        self.passed += o.passed;
         for (a, b) in self.dropped.iter_mut().zip(o.dropped) {
             *a += b;
         }

@@ -94,6 +94,12 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
         &per_core(&|s| s.tx_unsent),
     );
     metric(
+        "frames_passed_total",
+        "counter",
+        "Frames passed to the packet core that holds their flow's state (several cores).",
+        &per_core(&|s| s.passed),
+    );
+    metric(
         "fragments_held_total",
         "counter",
         "Later IP fragments held until their first fragment.",

@@ -18,6 +18,9 @@ pub struct EngineOptions {
     /// A dual-stack cluster: `cluster.ip6`, and the health check asks the service on it too
     /// (`health.address6`). Off by default.
     pub ip6: Option<Ipv6Addr>,
+    /// Packet cores per node (lcores 0..cores): the wire port gets that many af_packet queue
+    /// pairs, the tap that many queues. 1 by default.
+    pub cores: u8,
 }
 
 impl Default for EngineOptions {
@@ -29,6 +32,7 @@ impl Default for EngineOptions {
             release_deadline: "10s",
             drain_deadline: "20s",
             ip6: None,
+            cores: 1,
         }
     }
 }
@@ -80,8 +84,9 @@ health:
 dataplane:
   eal_args: [--no-huge, -m, "160", --log-level=lib.eal:warning]
   file_prefix: cclab-{dirtag}-{id}
-  wire_port: {{ vdev: "net_af_packet0,iface=eth0" }}
+  wire_port: {{ vdev: "net_af_packet0,iface=eth0{qpairs}" }}
   host_port: {{ vdev: "net_tap0,iface=cc0" }}
+  cores: [{cores}]
   idle: {idle}
   pool_size: 4095
   rx_descriptors: 512
@@ -105,6 +110,15 @@ dataplane:
             release = opts.release_deadline,
             drain = opts.drain_deadline,
             idle = opts.idle,
+            qpairs = if opts.cores > 1 {
+                format!(",qpairs={}", opts.cores)
+            } else {
+                String::new()
+            },
+            cores = (0..opts.cores.max(1))
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
             dirtag = dir
                 .file_name()
                 .map(|n| n

@@ -5,6 +5,9 @@
 //! Two directions per core, each on the core's own queue of each port:
 //! wire RX → [`Pipeline::decide`] → host TX (or wire TX for replies), and
 //! host RX → [`Pipeline::from_host`] (source MAC := node MAC) → wire TX.
+//! With several cores, a frame whose home is another core ([`crate::pipeline::home_core`]) is
+//! passed to it through [`super::steer`] before anything is decided, and each core decides the
+//! frames the others passed it like its own.
 //! Between bursts it picks up the control thread's news from the [`ControlLink`] (a new
 //! ownership snapshot, the service state; on core 0, control messages to send) and now and then
 //! publishes its figures in its own [`CoreLink`]. Nothing here allocates, locks or logs per
@@ -18,10 +21,11 @@ use dpdk_sys as sys;
 
 use super::idle::Idle;
 use super::link::{wire_frame, ControlLink, CoreLink};
+use super::steer::Outgoing;
 use super::worker::Shared;
 use super::{Burst, Mbuf, Mempool, BURST};
 use crate::counters::CoreCounters;
-use crate::pipeline::{Action, DropReason, FragmentHold, Pipeline, Prepared};
+use crate::pipeline::{Action, DropReason, FragmentHold, Pipeline, Prepared, Side};
 
 /// Later fragments a core holds at most, waiting for their first.
 const HOLD_CAPACITY: usize = 64;
@@ -59,6 +63,8 @@ pub(super) struct Core<'a> {
     prepared: [Prepared; BURST],
     /// The pipeline and where its decisions send frames.
     fwd: Forward<'a>,
+    /// With several cores: where frames whose home is another core go.
+    steer: Option<Outgoing<'a>>,
     idle: Idle,
     clock: Clock,
     /// Burst processing times (RX to the last TX of the burst), published once a second.
@@ -169,6 +175,7 @@ impl<'a> Core<'a> {
                 counters: c,
                 link,
             },
+            steer: shared.rings.as_ref().map(|r| Outgoing::new(r, index)),
             idle: Idle::new(shared, queue),
             latency: hdrhistogram::Histogram::<u64>::new_with_bounds(1, 100_000_000, 2)
                 .expect("valid histogram bounds"),
@@ -194,6 +201,7 @@ impl<'a> Core<'a> {
             let now = self.start_poll();
             let from_wire = self.poll_wire(now);
             let from_host = self.poll_host(now);
+            let passed = self.poll_passed(now);
             if self.iterations.is_multiple_of(CONTROL_EVERY) {
                 self.between_bursts();
                 if self.index == 0 {
@@ -201,7 +209,7 @@ impl<'a> Core<'a> {
                     self.send_control_frames();
                 }
             }
-            self.poll_busy = from_wire + from_host > 0;
+            self.poll_busy = from_wire + from_host + passed > 0;
             self.iterations = self.iterations.wrapping_add(1);
             if self.iterations.is_multiple_of(MAINTAIN_EVERY) {
                 self.maintain(now);
@@ -213,7 +221,7 @@ impl<'a> Core<'a> {
                 .assumed
                 .is_none()
                 .then_some((self.mine, self.version));
-            if self.idle.after_poll(from_wire + from_host, mark) {
+            if self.idle.after_poll(from_wire + from_host + passed, mark) {
                 // Woken up: adopt a newer snapshot before deciding anything.
                 self.between_bursts();
                 self.mine.loops.store(u64::from(self.iterations), Relaxed);
@@ -248,6 +256,51 @@ impl<'a> Core<'a> {
         bump(&self.mine.counters.wire_rx, received);
         self.bursts = self.bursts.wrapping_add(1);
         self.full_bursts += u64::from(received == BURST);
+        self.pass_on(Side::Wire);
+        self.decide_wire_burst(now, sampled);
+        received
+    }
+
+    /// Frames whose home is another core leave `rx` for that core's ring (several cores only).
+    #[inline(always)]
+    fn pass_on(&mut self, side: Side) {
+        if let Some(steer) = &mut self.steer {
+            let (passed, refused) = steer.pass_on(&mut self.rx, side);
+            if passed + refused > 0 {
+                bump(&self.mine.counters.passed, passed);
+                self.fwd.drops[DropReason::CoreQueueFull.index()] += refused as u64;
+            }
+        }
+    }
+
+    /// Frames other cores passed to this one (their home), decided like its own.
+    #[inline(always)]
+    fn poll_passed(&mut self, now: u64) -> usize {
+        let Some(steer) = &self.steer else {
+            return 0;
+        };
+        let rings = steer.rings();
+        // SAFETY: these rings are this core's own incoming ones: it is their only consumer.
+        let from_wire = unsafe { self.rx.from_ring(rings.incoming(self.index, Side::Wire)) };
+        if from_wire > 0 {
+            self.decide_wire_burst(now, false);
+        }
+        // SAFETY: as above.
+        let from_host = unsafe { self.rx.from_ring(rings.incoming(self.index, Side::Host)) };
+        if from_host > 0 {
+            self.host_burst(now);
+        }
+        from_wire + from_host
+    }
+
+    /// Decides the wire burst in `rx`.
+    #[inline(always)]
+    fn decide_wire_burst(&mut self, now: u64, sampled: bool) {
+        let received = self.rx.len();
+        if received == 0 {
+            publish_drops(&mut self.fwd.drops, self.fwd.counters);
+            return;
+        }
         // Two passes: parse, hash and prefetch every frame's flow-table line first, then
         // decide, so the burst's cache misses overlap instead of adding up.
         let others = {
@@ -275,7 +328,6 @@ impl<'a> Core<'a> {
             let took = self.clock.now().saturating_sub(now).max(1);
             self.latency.saturating_record(took);
         }
-        received
     }
 
     /// A host burst: every frame goes to the wire with the node MAC as its source.
@@ -286,6 +338,14 @@ impl<'a> Core<'a> {
             return 0;
         }
         bump(&self.mine.counters.host_rx, received);
+        self.pass_on(Side::Host);
+        self.host_burst(now);
+        received
+    }
+
+    /// Sends the host burst in `rx` to the wire.
+    #[inline(always)]
+    fn host_burst(&mut self, now: u64) {
         let fwd = &mut self.fwd;
         for m in self.rx.drain() {
             fwd.host_frame(m, now);
@@ -293,7 +353,6 @@ impl<'a> Core<'a> {
         fwd.to_wire.flush();
         fwd.dropped.free_all();
         publish_drops(&mut fwd.drops, fwd.counters);
-        received
     }
 
     /// Between bursts, every few iterations: the service state, and a new ownership snapshot.

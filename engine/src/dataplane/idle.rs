@@ -62,8 +62,9 @@ impl Idle {
                 mode = IdleMode::Adaptive;
             }
         }
-        // When a port cannot wake us, the wait is bounded like an adaptive sleep.
-        let all_capable = intr.iter().all(|e| e.2);
+        // When a port cannot wake us, the wait is bounded like an adaptive sleep; so it is
+        // with several cores, whose rings between them raise no interrupt.
+        let all_capable = intr.iter().all(|e| e.2) && shared.cores.len() == 1;
         let max_ms = shared.max_sleep.as_millis().clamp(1, i32::MAX as u128) as i32;
         Idle {
             mode,

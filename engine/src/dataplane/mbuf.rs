@@ -258,6 +258,85 @@ impl Burst {
         }
     }
 
+    /// Takes out the frames `away` gives a destination for, handing each to `give` with it,
+    /// and keeps the others, in their order (frames spanning several segments are kept).
+    #[inline]
+    pub fn split_off(
+        &mut self,
+        mut away: impl FnMut(&[u8]) -> Option<usize>,
+        mut give: impl FnMut(usize, Mbuf),
+    ) {
+        let mut kept = 0;
+        for i in 0..self.len {
+            let dest = self.frame(i).and_then(&mut away);
+            let raw = self.slots[i];
+            match dest {
+                Some(d) => {
+                    // SAFETY: slot i (below `len`) holds an mbuf owned by the burst; it leaves
+                    // the burst here, once (the slot is overwritten or cut off below).
+                    give(d, unsafe { Mbuf::from_raw(NonNull::new_unchecked(raw)) });
+                }
+                None => {
+                    self.slots[kept] = raw;
+                    kept += 1;
+                }
+            }
+        }
+        self.len = kept;
+    }
+
+    /// Takes up to a burst of mbufs from `ring` into an empty burst; returns how many.
+    ///
+    /// # Safety
+    /// `ring` must be a valid ring of owned mbufs that this thread may dequeue from.
+    #[inline]
+    pub unsafe fn from_ring(&mut self, ring: *mut sys::rte_ring) -> usize {
+        debug_assert!(self.is_empty());
+        // SAFETY: per the caller, `ring` holds mbuf pointers whose ownership passes to us;
+        // `slots` has room for BURST of them.
+        let n = unsafe {
+            sys::rte_ring_dequeue_burst(
+                ring,
+                self.slots.as_mut_ptr().cast(),
+                BURST as u32,
+                std::ptr::null_mut(),
+            )
+        };
+        self.len = n as usize;
+        for &m in &self.slots[..self.len] {
+            prefetch_frame(m);
+        }
+        self.len
+    }
+
+    /// Puts every mbuf into `ring` (ownership passes to whoever dequeues them); those the ring
+    /// has no room for are freed. Returns how many were freed.
+    ///
+    /// # Safety
+    /// `ring` must be a valid ring of mbufs that this thread may enqueue to.
+    #[inline]
+    pub unsafe fn to_ring(&mut self, ring: *mut sys::rte_ring) -> usize {
+        if self.len == 0 {
+            return 0;
+        }
+        // SAFETY: per the caller; the first `len` slots are owned mbufs.
+        let n = unsafe {
+            sys::rte_ring_enqueue_burst(
+                ring,
+                self.slots.as_ptr().cast(),
+                self.len as u32,
+                std::ptr::null_mut(),
+            )
+        } as usize;
+        let unsent = self.len - n;
+        if unsent > 0 {
+            // SAFETY: the mbufs the ring did not take are still ours, freed once here.
+            unsafe { sys::rte_pktmbuf_free_bulk(self.slots.as_mut_ptr().add(n), unsent as u32) };
+        }
+        self.len = 0;
+        unsent
+    }
+
     /// Takes every mbuf out, in order.
     pub fn drain(&mut self) -> Drain<'_> {
         let len = std::mem::take(&mut self.len);

@@ -12,6 +12,7 @@
 //! - `core`: one packet core's loop and everything it owns.
 //! - `idle`: how a core waits on empty queues.
 //! - `link`: [`ControlLink`] and its per-core part, `CoreLink`.
+//! - `steer`: frames passed between cores, to the core that holds their flow's state.
 //! - `eal`, `mbuf`, `port`, `log`: the DPDK objects, and DPDK's log messages as events.
 //! - `test_hooks` (feature `testkit` only): a stalled core on demand, for tests.
 
@@ -22,6 +23,7 @@ mod link;
 mod log;
 mod mbuf;
 mod port;
+mod steer;
 #[cfg(feature = "testkit")]
 pub mod test_hooks;
 mod worker;

@@ -10,6 +10,7 @@ use dpdk_sys as sys;
 
 use super::core::Core;
 use super::link::ControlLink;
+use super::steer::Rings;
 use super::{strerror, Eal, Mempool, Port, PortRole, StartError};
 use crate::cluster::siphash::Lanes;
 use crate::config::{IdleMode, Loaded};
@@ -65,6 +66,8 @@ pub(super) struct Shared {
     pub(super) lanes: Lanes,
     /// Where the wire port's link state is read.
     pub(super) wire_link: super::port::LinkWatch,
+    /// With several cores, the rings between them (see [`super::steer`]).
+    pub(super) rings: Option<Rings>,
 }
 
 /// What the packet cores run with besides the node's configuration.
@@ -118,7 +121,12 @@ pub fn run(loaded: &Loaded, start: Start) -> Result<RunReport, StartError> {
         let (up, speed) = port.link();
         tracing::info!(port = %port.name, id = port.id, up, speed_mbps = speed, "port started");
     }
-    let shared = Shared {
+    let rings = if dp.cores.len() > 1 {
+        Some(Rings::create(dp.cores.len(), cfg.node.id.get())?)
+    } else {
+        None
+    };
+    let mut shared = Shared {
         wire: wire.id,
         host: host.id,
         wire_intr: wire.rx_interrupts,
@@ -135,6 +143,7 @@ pub fn run(loaded: &Loaded, start: Start) -> Result<RunReport, StartError> {
         assumed,
         lanes,
         wire_link: wire.link_watch.clone(),
+        rings,
     };
     tracing::info!(
         "clonecluster: {} running on cores {}: wire port {} ({}), host port {} ({}), \
@@ -192,7 +201,9 @@ pub fn run(loaded: &Loaded, start: Start) -> Result<RunReport, StartError> {
         in_use = pool.in_use(),
         "mbufs still out of the pool at stop"
     );
-    // Ports stop before the pool is freed, and the EAL is cleaned up last.
+    // Frames left between cores go back to the pool; ports stop before the pool is freed, and
+    // the EAL is cleaned up last.
+    drop(shared.rings.take());
     drop(wire);
     drop(host);
     drop(pool);

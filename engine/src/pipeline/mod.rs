@@ -34,6 +34,7 @@
 //! - `appliance`: frames to a service address: port rule, ownership, backend, delivery.
 //! - `neighbour`: answers to ARP requests and neighbour solicitations for the cluster address.
 //! - `host`: frames from the node's kernel.
+//! - `home`: which packet core decides a frame when a node runs several.
 //! - `hold`: IP fragments, and [`FragmentHold`] for later fragments that came first.
 
 use std::sync::Arc;
@@ -46,6 +47,7 @@ use crate::control::Snapshot;
 mod appliance;
 mod decide;
 mod hold;
+mod home;
 mod host;
 mod neighbour;
 mod prepare;
@@ -57,6 +59,7 @@ mod tests;
 
 pub use appliance::ApplianceCounts;
 pub use hold::FragmentHold;
+pub use home::{home_core, Side};
 pub use prepare::Prepared;
 pub use state::{learned_capacity, stable_snapshot};
 pub use types::{

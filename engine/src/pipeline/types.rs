@@ -43,9 +43,11 @@ pub enum DropReason {
     /// A service frame with no backend to go to: none takes new flows, or its MAC is not
     /// resolved yet, or no node address of its IP version to encapsulate from.
     NoBackend,
+    /// Several packet cores: the frame's home core had no room for it in its ring.
+    CoreQueueFull,
 }
 
-const BASE_REASONS: usize = 10;
+const BASE_REASONS: usize = 11;
 
 impl DropReason {
     /// Number of distinct counters ([`DropReason::index`] is below it).
@@ -65,6 +67,7 @@ impl DropReason {
             DropReason::NoRule => 7,
             DropReason::RuleDisabled => 8,
             DropReason::NoBackend => 9,
+            DropReason::CoreQueueFull => 10,
             DropReason::Malformed(e) => BASE_REASONS + e.index(),
         }
     }
@@ -83,6 +86,7 @@ impl DropReason {
             DropReason::NoRule,
             DropReason::RuleDisabled,
             DropReason::NoBackend,
+            DropReason::CoreQueueFull,
         ]
         .into_iter()
         .chain(wire::Error::ALL.into_iter().map(DropReason::Malformed))
@@ -105,6 +109,7 @@ impl DropReason {
             DropReason::NoRule => "no-rule".into(),
             DropReason::RuleDisabled => "rule-disabled".into(),
             DropReason::NoBackend => "no-backend".into(),
+            DropReason::CoreQueueFull => "core-queue-full".into(),
             DropReason::Malformed(e) => format!("malformed-{}", e.as_str()),
         }
     }

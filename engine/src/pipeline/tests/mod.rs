@@ -15,6 +15,7 @@ use crate::control::{Phase, PlanId, Role, Snapshot};
 use crate::wire::{parse_l2_l4, EthernetAddress};
 
 mod appliance;
+mod cores;
 mod handoff;
 mod host;
 mod neighbour;
