@@ -20,15 +20,18 @@
 //!
 //! # Layout
 //!
-//! Open addressing with linear probing over a power-of-two array of 16-byte slots (four per
-//! cache line), at most 3/4 full (`slots = next_power_of_two(ceil(capacity * 4 / 3))`): the
+//! Open addressing with linear probing over an array of 16-byte slots (four per cache line),
+//! at most 2/3 full (`slots = ceil(capacity * 3 / 2)` rounded up to whole lines: 24 bytes of
+//! slots per tracked flow, whatever the capacity, where rounding up to a power of two cost up to
+//! twice that — 33.8 bytes at a million flows): the
 //! fingerprint (8), `last_seen` in ticks of 2^24 ns (~16.8 ms; 4), the bucket (2), and 2 bytes
 //! of state (4 bits, 0 = empty; UDP's open state apart from other protocols', for its timeout)
 //! and backend (12 bits: the backend an appliance chose for the flow, so that a change of the
 //! backend pool moves no existing flow). A probe run starts at the first
-//! slot of the cache line the fingerprint's low bits pick (its home), not at a slot within it:
-//! at 10 million flows in 2^24 slots, 7% of lookups then read a second line, against 27% with a
-//! slot-granular home — and at that size every line read is a memory access. Deletion shifts
+//! slot of the cache line the fingerprint's low 32 bits pick by a multiply-shift over the line
+//! count (its home), not at a slot within it: a slot-granular home makes far more lookups read
+//! a second line, and at millions of flows every line read is a memory access. Runs wrap from
+//! the last slot to the first. Deletion shifts
 //! the rest of the probe run back (no tombstones), so runs stay short under churn. A
 //! 65536-entry `u32` array counts entries per bucket (256 KiB). [`FlowTable::prefetch`] asks
 //! for a flow's home line and the next one ahead of the lookup, so a burst's misses overlap.
@@ -468,7 +471,8 @@ impl Drop for Slots {
 /// See the module doc.
 pub struct FlowTable {
     slots: Slots,
-    mask: usize,
+    /// Cache lines of slots (`slots.len() / SLOTS_PER_LINE`).
+    lines: u64,
     capacity: usize,
     len: usize,
     per_bucket: Box<[u32]>,
@@ -491,7 +495,7 @@ impl FlowTable {
         let slots = Self::slots_for(capacity);
         FlowTable {
             slots: Slots::zeroed(slots),
-            mask: slots - 1,
+            lines: (slots / SLOTS_PER_LINE) as u64,
             capacity,
             len: 0,
             per_bucket: (0..super::BUCKETS).map(|_| 0u32).collect(),
@@ -503,12 +507,12 @@ impl FlowTable {
         }
     }
 
-    /// Slots a table of `capacity` flows has (a power of two, at most 3/4 full).
+    /// Slots a table of `capacity` flows has (whole cache lines, at most 2/3 full).
     pub fn slots_for(capacity: usize) -> usize {
         let capacity = capacity.max(1);
         capacity
-            .checked_add(capacity.div_ceil(3))
-            .and_then(usize::checked_next_power_of_two)
+            .checked_add(capacity.div_ceil(2))
+            .map(|n| n.div_ceil(SLOTS_PER_LINE) * SLOTS_PER_LINE)
             .filter(|&n| u32::try_from(n).is_ok())
             .unwrap_or_else(|| panic!("flow table capacity {capacity} is too large"))
     }
@@ -564,7 +568,7 @@ impl FlowTable {
     pub fn prefetch_if(&self, hash: FlowHash, wanted: bool) {
         let h = std::hint::select_unpredictable(wanted, self.home(hash.0), 0);
         let home = &self.slots[h];
-        let next = &self.slots[(h + SLOTS_PER_LINE) & self.mask];
+        let next = &self.slots[self.wrap(h + SLOTS_PER_LINE)];
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a prefetch is only a hint and never faults; the address is a valid slot.
         unsafe {
@@ -691,7 +695,7 @@ impl FlowTable {
         }
         let mut i = self.home(hash);
         while !self.slots[i].is_empty() {
-            i = (i + 1) & self.mask;
+            i = self.wrap(i + 1);
         }
         self.slots[i] = Slot {
             hash,
@@ -756,22 +760,42 @@ impl FlowTable {
                 self.stats.expired += 1;
                 dropped += 1;
             } else {
-                self.cursor = (i + 1) & self.mask;
+                self.cursor = self.wrap(i + 1);
             }
         }
         dropped
     }
 
-    /// Number of slots (a power of two, more than `capacity`).
+    /// Number of slots (whole cache lines, more than `capacity`).
     pub fn slot_count(&self) -> usize {
         self.slots.len()
     }
 
-    /// The slot where `hash`'s probe run starts: the first slot of the cache line its low bits
-    /// pick (see the module doc's layout).
+    /// The slot where `hash`'s probe run starts: the first slot of the cache line its low 32
+    /// bits pick (see the module doc's layout).
     #[inline(always)]
     fn home(&self, hash: u64) -> usize {
-        hash as usize & self.mask & !(SLOTS_PER_LINE - 1)
+        (((hash & 0xffff_ffff) * self.lines) >> 32) as usize * SLOTS_PER_LINE
+    }
+
+    /// Slot `i` (at most one line past the last) within the array: runs wrap to the first.
+    #[inline(always)]
+    fn wrap(&self, i: usize) -> usize {
+        if i >= self.slots.len() {
+            i - self.slots.len()
+        } else {
+            i
+        }
+    }
+
+    /// How far slot `to` lies after slot `from` along a run.
+    #[inline(always)]
+    fn distance(&self, from: usize, to: usize) -> usize {
+        if to >= from {
+            to - from
+        } else {
+            to + self.slots.len() - from
+        }
     }
 
     #[inline(always)]
@@ -785,7 +809,7 @@ impl FlowTable {
             if slot.hash == hash {
                 return Some(i);
             }
-            i = (i + 1) & self.mask;
+            i = self.wrap(i + 1);
         }
     }
 
@@ -825,7 +849,7 @@ impl FlowTable {
                     break;
                 }
             }
-            i = (i + 1) & self.mask;
+            i = self.wrap(i + 1);
         }
         match victim {
             Some((syn, _, v)) => {
@@ -846,14 +870,14 @@ impl FlowTable {
         self.half_open -= usize::from(self.slots[hole].state() == STATE_SYN);
         let mut j = hole;
         loop {
-            j = (j + 1) & self.mask;
+            j = self.wrap(j + 1);
             let slot = self.slots[j];
             if slot.is_empty() {
                 break;
             }
             let home = self.home(slot.hash);
             // `j` may move back to `hole` only if `hole` lies on its probe path home..=j.
-            if (j.wrapping_sub(home) & self.mask) >= (j.wrapping_sub(hole) & self.mask) {
+            if self.distance(home, j) >= self.distance(hole, j) {
                 self.slots[hole] = slot;
                 hole = j;
             }
@@ -991,8 +1015,14 @@ mod tests {
         );
         assert_eq!(slot, SLOT_BYTES);
         assert_eq!(std::mem::align_of::<Slot>(), 16);
-        assert_eq!(table(3).slot_count(), 4);
-        assert_eq!(table(1000).slot_count(), 2048);
+        assert_eq!(table(3).slot_count(), 8);
+        assert_eq!(table(1000).slot_count(), 1500);
+        // 24 bytes of slots per flow at every size, where powers of two cost up to twice that.
+        for capacity in [1_000, 1_000_000, 1 << 20, (1 << 20) + 1, 10_000_000] {
+            let slots = FlowTable::slots_for(capacity) * SLOT_BYTES;
+            let per_flow = slots as f64 / capacity as f64;
+            assert!(per_flow <= 24.1, "{capacity} flows: {per_flow} bytes each");
+        }
         assert_eq!(table(0).capacity(), 1);
     }
 
@@ -1029,22 +1059,25 @@ mod tests {
         assert_eq!(t.slots.as_ptr() as usize % 64, 0);
         assert_eq!(
             FlowTable::footprint(10_000_000),
-            (1 << 24) * SLOT_BYTES + BUCKETS * 4
+            15_000_000 * SLOT_BYTES + BUCKETS * 4
         );
-        assert_eq!(FlowTable::slots_for(10_000_000), 1 << 24);
+        assert_eq!(FlowTable::slots_for(10_000_000), 15_000_000);
+        assert!((1..5000).all(|c| FlowTable::slots_for(c) % SLOTS_PER_LINE == 0));
     }
 
     #[test]
     fn a_probe_run_starts_at_its_lines_first_slot() {
         let mut t = table(1000);
         let line = 37usize;
-        // Four fingerprints whose low bits pick slots 3, 2, 1 and 0 of one line, in that order:
-        // they fill the line from its start, and a fifth one for the line goes to the next.
+        // Five fingerprints whose low bits pick one line (of 375): the first four fill it from
+        // its start, the fifth goes to the next.
+        let first = ((line as u64) << 32).div_ceil(375);
         let hashes: Vec<u64> = [3u64, 2, 1, 0, 2]
             .iter()
             .enumerate()
-            .map(|(n, &j)| ((n as u64 + 1) << 32) | (line as u64 * 4 + j))
+            .map(|(n, &j)| ((n as u64 + 1) << 32) | (first + j))
             .collect();
+        assert!(hashes.iter().all(|&h| t.home(h) == line * 4));
         for &h in &hashes {
             t.upsert(FlowHash(h), TCP, Bucket(1), TcpFlags::SYN, 0);
         }
@@ -1068,7 +1101,7 @@ mod tests {
     #[test]
     fn large_tables_start_on_huge_page_boundaries() {
         let t = table(150_000);
-        assert_eq!(t.slot_count(), 1 << 18);
+        assert_eq!(t.slot_count(), 225_000);
         assert_eq!(t.slots.as_ptr() as usize % HUGE_PAGE, 0);
         assert!(t.slots.iter().all(Slot::is_empty));
         let small = table(10);

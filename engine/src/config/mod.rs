@@ -345,8 +345,8 @@ pub struct DataplaneConfig {
     /// Longest sleep of the `adaptive` idle mode (and epoll timeout of `interrupt`).
     #[serde(default = "default_idle_max_sleep")]
     pub idle_max_sleep: Span,
-    /// Flows each packet core can track (the flow table's capacity, rounded up to a power of
-    /// two).
+    /// Flows each packet core can track (the flow table's capacity: 24 bytes of slots each,
+    /// plus 256 KiB of per-bucket counts per table).
     #[serde(default = "default_flow_capacity")]
     pub flow_capacity: u32,
     /// Number of mbufs in the packet pool.
