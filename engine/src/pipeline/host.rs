@@ -42,8 +42,10 @@ impl Pipeline {
                 return Action::Drop(reason);
             }
         }
-        if ethertype == EtherType::Arp {
-            self.own_arp(frame);
+        match ethertype {
+            EtherType::Arp => self.own_arp(frame),
+            EtherType::Ipv6 => self.own_ndp(frame),
+            _ => {}
         }
         ethernet::Frame::new_unchecked(frame).set_src(self.id.node_mac);
         Action::ToWire
@@ -67,6 +69,57 @@ impl Pipeline {
             && pkt.source_hardware_addr() == self.id.cluster_mac
         {
             pkt.set_source_hardware_addr(self.id.node_mac);
+        }
+    }
+
+    /// The same for IPv6: the kernel's neighbour solicitations and advertisements from an
+    /// address of its own other than the cluster's (an appliance checking its IPv6 backends)
+    /// carry the node MAC in their link-layer address option, so that the backends' answers
+    /// come back to this node. The ICMPv6 checksum is filled in again.
+    fn own_ndp(&self, frame: &mut [u8]) {
+        const ICMPV6: u8 = 58;
+        const SOLICIT: u8 = 135;
+        const ADVERT: u8 = 136;
+        let ip = ethernet::HEADER_LEN;
+        let icmp = ip + ipv6::HEADER_LEN;
+        // Options after the type, code, checksum, flags and target (24 bytes).
+        let options = icmp + 24;
+        let Some(&kind) = frame.get(icmp) else {
+            return;
+        };
+        if frame.get(ip + 6) != Some(&ICMPV6) || !matches!(kind, SOLICIT | ADVERT) {
+            return;
+        }
+        let Ok(addrs) = <[u8; 32]>::try_from(&frame[ip + 8..ip + 40]) else {
+            return;
+        };
+        let src = Ipv6Addr::from(<[u8; 16]>::try_from(&addrs[..16]).expect("16 bytes"));
+        let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&addrs[16..]).expect("16 bytes"));
+        if src.is_unspecified() || Some(src) == self.id.cluster_ip6 {
+            return;
+        }
+        let payload_len = usize::from(u16::from_be_bytes([frame[ip + 4], frame[ip + 5]]));
+        let Some(end) = icmp.checked_add(payload_len).filter(|&e| e <= frame.len()) else {
+            return;
+        };
+        let mut at = options;
+        let mut changed = false;
+        // Each option: type, length in units of 8 bytes, value; link-layer addresses (types 1
+        // and 2) are 8 bytes long on Ethernet.
+        while at + 8 <= end {
+            let (kind, units) = (frame[at], usize::from(frame[at + 1]));
+            if units == 0 {
+                return;
+            }
+            if matches!(kind, 1 | 2) && units == 1 && frame[at + 2..at + 8] == self.id.cluster_mac.0
+            {
+                frame[at + 2..at + 8].copy_from_slice(&self.id.node_mac.0);
+                changed = true;
+            }
+            at += units * 8;
+        }
+        if changed {
+            icmpv6::Packet::new_unchecked(&mut frame[icmp..end]).fill_checksum(&src, &dst);
         }
     }
 

@@ -2,6 +2,7 @@
 //! source, and server FIN/RST ending flows.
 
 use super::*;
+use crate::wire::icmpv6;
 
 #[test]
 fn host_side_rules() {
@@ -176,4 +177,63 @@ fn ipv6_server_segments_end_flows_and_refusals_are_held_back() {
         assert_eq!(flow(&p, port), after, "hold {hold:?} {flags:#x}");
         assert_eq!(p.flows().len(), usize::from(!held), "hold {hold:?}");
     }
+}
+
+/// The kernel resolving a neighbour from an IPv6 address of its own (an appliance's node
+/// address, checking an IPv6 backend) names the node MAC in its solicitation, and so in its
+/// advertisements: the backend's answers then come to this node, not to whichever node owns
+/// their bucket. Solicitations from the cluster address keep the cluster MAC.
+#[test]
+fn the_kernels_own_ipv6_neighbour_messages_carry_the_node_mac() {
+    let own: Ipv6Addr = "2001:2::a1".parse().unwrap();
+    let backend: Ipv6Addr = "2001:2::b1".parse().unwrap();
+    let cluster6: Ipv6Addr = "2001:2::1".parse().unwrap();
+    // Type 135 (solicitation) or 136 (advertisement) from `src`, with a source (1) or target
+    // (2) link-layer address option holding the cluster MAC.
+    let message = |kind: u8, src: Ipv6Addr, target: Ipv6Addr| {
+        let mut icmp = vec![kind, 0, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&target.octets());
+        icmp.extend_from_slice(&[if kind == 135 { 1 } else { 2 }, 1]);
+        icmp.extend_from_slice(&CLUSTER_MAC.0);
+        let dst: Ipv6Addr = "ff02::1:ff00:b1".parse().unwrap();
+        let mut f = Vec::new();
+        f.extend_from_slice(&[0x33, 0x33, 0xff, 0, 0, 0xb1]);
+        f.extend_from_slice(&CLUSTER_MAC.0);
+        f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+        f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[58, 255]);
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&dst.octets());
+        icmpv6::Packet::new_unchecked(&mut icmp[..]).fill_checksum(&src, &dst);
+        f.extend_from_slice(&icmp);
+        (f, src, dst)
+    };
+    let mut p = alone();
+    for kind in [135u8, 136] {
+        let (mut f, src, dst) = message(kind, own, backend);
+        assert_eq!(p.from_host(&mut f, 0), Action::ToWire);
+        assert_eq!(f[6..12], NODE_MAC.0);
+        assert_eq!(
+            f[80..86],
+            NODE_MAC.0,
+            "type {kind}: the option names the node MAC"
+        );
+        let packet = icmpv6::Packet::new_checked(&f[54..]).unwrap();
+        assert!(packet.verify_checksum(&src, &dst), "type {kind}");
+    }
+    // From the cluster address (the kernel resolving a client): the option stays.
+    let (mut f, ..) = message(135, cluster6, backend);
+    let before = f.clone();
+    assert_eq!(p.from_host(&mut f, 0), Action::ToWire);
+    assert_eq!(f[12..], before[12..]);
+    // Truncated or odd options change nothing and never panic.
+    let (full, ..) = message(135, own, backend);
+    for len in 54..full.len() {
+        let mut f = full[..len].to_vec();
+        let _ = p.from_host(&mut f, 0);
+        assert_eq!(f[12..], full[12..len], "{len} bytes");
+    }
+    let (mut zero, ..) = message(135, own, backend);
+    zero[79] = 0;
+    let _ = p.from_host(&mut zero, 0);
 }
