@@ -56,6 +56,8 @@ struct Appliances {
     engines: BTreeMap<u8, u32>,
     /// nginx's PID on each backend.
     servers: BTreeMap<u8, u32>,
+    /// Whether nodes get an IPv6 address of their own (`node.ip6`, 2001:2::11, ...).
+    node_ip6: bool,
 }
 
 impl Appliances {
@@ -77,6 +79,7 @@ impl Appliances {
             dir,
             engines: BTreeMap::new(),
             servers,
+            node_ip6: false,
         };
         for &id in nodes {
             lab.start_node(id, nodes, services);
@@ -96,9 +99,14 @@ impl Appliances {
         let health_start = text.find("health:\n").unwrap();
         let health_end = text.find("dataplane:\n").unwrap();
         let mut text = format!("{}{}", &text[..health_start], &text[health_end..]);
+        let ip6 = if self.node_ip6 {
+            format!("  ip6: \"2001:2::{}\"\n", 10 + id)
+        } else {
+            String::new()
+        };
         text = text.replace(
             &format!("  id: {id}\n"),
-            &format!("  id: {id}\n  ip: 198.18.0.{}\n", 10 + id),
+            &format!("  id: {id}\n  ip: 198.18.0.{}\n{ip6}", 10 + id),
         );
         text.push_str(services);
         std::fs::write(&path, text).unwrap();
@@ -550,4 +558,144 @@ fn a_drained_backend_keeps_its_flows_and_a_killed_one_is_avoided() {
          avoid it after {:.2} s (health: fall 2 x 200 ms)",
         avoided_after.as_secs_f64()
     );
+}
+
+/// The backends' IPv6 addresses (2001:2::b1, ...) and the appliances' own (2001:2::11, ...).
+fn backend_ip6(index: u8) -> String {
+    format!("2001:2::b{index}")
+}
+
+/// An IPv6 service: the cluster's IPv6 address, port 80, by DSR to the three backends at their
+/// IPv6 addresses, MACs left to neighbour discovery, checked by every appliance over IPv6.
+fn dsr_web6() -> String {
+    format!(
+        "services:\n  - name: web6\n    addresses: [\"2001:2::1\"]\n    ports: [80]\n    \
+         delivery: dsr\n    backend_health: {{ port: 80, http_path: /id, interval: 200ms, \
+         timeout: 200ms, rise: 2, fall: 2 }}\n    backends:\n{}",
+        BACKENDS
+            .iter()
+            .map(|&i| format!("      - {{ name: b{i}, ip: \"{}\" }}\n", backend_ip6(i)))
+            .collect::<String>()
+    )
+}
+
+/// An IPv6 service end to end: the client resolves the service address through the
+/// appliances (NDP), the appliances resolve the backends' MACs by NDP and check them over IPv6
+/// from their own IPv6 addresses (their kernels' neighbour messages name the node MAC, so the
+/// answers come back to the node that asked), every backend serves, and a backend whose IPv6
+/// server dies is avoided once the appliances agree it is down.
+#[test]
+fn an_ipv6_service_reaches_ipv6_backends_checked_over_ipv6() {
+    require_root();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let nodes = [1u8, 2];
+    let mut lab = Appliances::new("a6", &[], "");
+    lab.node_ip6 = true;
+    lab.topo.client_ipv6().unwrap();
+    // Backends: IPv6 on their segment port and the service address on loopback (neighbour
+    // discovery answers only for the receiving interface's addresses: no arp_ignore needed),
+    // and a server on port 80 of every IPv6 address.
+    let mut servers6 = BTreeMap::new();
+    for i in BACKENDS {
+        let ns = lab.topo.backend(i).unwrap().clone();
+        for dev in ["all", "default", "eth0", "lo"] {
+            ns.run(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{dev}.disable_ipv6=0"),
+            ])
+            .unwrap();
+        }
+        let own = format!("{}/64", backend_ip6(i));
+        ns.run(&["ip", "-6", "addr", "add", &own, "dev", "eth0", "nodad"])
+            .unwrap();
+        ns.run(&["ip", "-6", "addr", "add", "2001:2::1/128", "dev", "lo"])
+            .unwrap();
+        let dir = lab.dir.path().join(format!("v6-b{i}"));
+        let nginx = start_nginx_on(&ns, &dir, backend_id(i), 64, "[::]:80").unwrap();
+        servers6.insert(i, lab.topo.adopt(nginx));
+    }
+    for id in nodes {
+        lab.topo.add_node(id).unwrap();
+    }
+    let services = dsr_web6();
+    for id in nodes {
+        lab.start_node(id, &nodes, &services);
+        // The node's own IPv6 address on its tap: the source of its IPv6 backend checks.
+        let ns = lab.topo.node(id).unwrap().clone();
+        for (key, value) in [
+            ("addr_gen_mode", "1"),
+            ("accept_dad", "0"),
+            ("disable_ipv6", "0"),
+        ] {
+            for dev in ["lo", "cc0"] {
+                ns.run(&[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv6.conf.{dev}.{key}={value}"),
+                ])
+                .unwrap();
+            }
+        }
+        let own = format!("2001:2::{}/64", 10 + id);
+        ns.run(&["ip", "-6", "addr", "add", &own, "dev", "cc0", "nodad"])
+            .unwrap();
+    }
+    lab.wait_members(&nodes, Duration::from_secs(30));
+    let all_up = [("b1", "up"), ("b2", "up"), ("b3", "up")];
+    wait_states(&lab, &nodes, &all_up, Duration::from_secs(20));
+
+    let request6 = |n: usize| -> (BTreeMap<u8, usize>, usize) {
+        let script = format!(
+            "for i in $(seq 1 {n}); do curl -s -g -6 -m 5 'http://[2001:2::1]/id' || echo fail; \
+             done"
+        );
+        let out = lab
+            .topo
+            .client
+            .command(&["bash", "-c", &script])
+            .output()
+            .unwrap();
+        let mut by = BTreeMap::new();
+        let mut failed = 0;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            match line.trim().parse::<u8>() {
+                Ok(id) => *by.entry(id).or_insert(0) += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        let answered: usize = by.values().sum();
+        (by, failed + n.saturating_sub(answered + failed))
+    };
+    let (by, failed) = request6(60);
+    let neighbour = lab
+        .topo
+        .client
+        .run(&["ip", "-6", "neigh", "show", "2001:2::1"])
+        .unwrap();
+    eprintln!("a6: 60 IPv6 requests by backend: {by:?}, failed {failed}; client: {neighbour}");
+    assert_eq!(failed, 0, "{by:?}\n{}", lab.logs());
+    for i in BACKENDS {
+        assert!(
+            by.get(&backend_id(i)).copied().unwrap_or(0) > 0,
+            "backend {i} served no IPv6 connection: {by:?}"
+        );
+    }
+    assert!(
+        neighbour.contains(&format!("lladdr {CLUSTER_MAC}")),
+        "{neighbour}"
+    );
+
+    // Backend 2's IPv6 server dies: the appliances' IPv6 checks fail and new connections
+    // avoid it.
+    signal(servers6[&2], "KILL");
+    let killed = Instant::now();
+    wait_states(&lab, &nodes, &[("b2", "down")], Duration::from_secs(5));
+    let avoided = killed.elapsed();
+    let (by, failed) = request6(30);
+    eprintln!(
+        "a6: b2's IPv6 server killed: down after {avoided:?}; 30 requests: {by:?}, failed {failed}"
+    );
+    assert_eq!(failed, 0, "{by:?}\n{}", lab.logs());
+    assert!(!by.contains_key(&backend_id(2)), "{by:?}");
 }
