@@ -18,7 +18,7 @@ use serde::Serialize;
 use super::applab_checks::{arp_answers, backends_answering, encap_failures, idle, AppChecks};
 use super::applab_encap::{self, EncapStep};
 use super::applab_scenario::{self, AppScenario, AppScenarioResult};
-use super::appliance::{ApplianceLab, Dispatch};
+use super::appliance::{ApplianceLab, Dispatch, LabPlan};
 use super::checks::{capture_arp, judge_arp};
 use super::cluster::shares;
 use super::dispatch::{kernel_features, KernelFeatures};
@@ -200,11 +200,13 @@ fn run_config(
     let lab = ApplianceLab::start(
         &opts.programs,
         &opts.prefix,
-        dispatch,
-        opts.backends,
-        &ids,
-        &ids,
-        false,
+        LabPlan {
+            dispatch,
+            backends: opts.backends,
+            all_ids: &ids,
+            start: &ids,
+            health: false,
+        },
         opts.out.join(slug(name)),
     )?;
     let formed = lab.wait_formed(&ids, Duration::from_secs(30), &interrupted)?;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::applab::ApplianceOptions;
-use super::appliance::{node_ip, ApplianceLab, Dispatch};
+use super::appliance::{node_ip, ApplianceLab, Dispatch, LabPlan};
 use super::checks::tcpdump;
 use super::encap_check::{check_frames, EncapCheck, Expect};
 use super::run::interrupted;
@@ -81,11 +81,13 @@ pub fn run(opts: &ApplianceOptions) -> Result<EncapStep, String> {
     let mut lab = ApplianceLab::start(
         &opts.programs,
         &opts.prefix,
-        Dispatch::Appliances,
-        1,
-        &[id],
-        &[],
-        false,
+        LabPlan {
+            dispatch: Dispatch::Appliances,
+            backends: 1,
+            all_ids: &[id],
+            start: &[],
+            health: false,
+        },
         opts.out.join("encap"),
     )?;
     lab.extra_services = encap_services(index);

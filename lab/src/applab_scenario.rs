@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::applab::ApplianceOptions;
-use super::appliance::{ApplianceLab, Dispatch};
+use super::appliance::{ApplianceLab, Dispatch, LabPlan};
 use super::load::{Step, Wrk};
 use super::measure::{Observer, Timings};
 use super::probe::{self, now_ms, Sample, Verdict};
@@ -208,11 +208,13 @@ fn start(
     let lab = ApplianceLab::start(
         &opts.programs,
         &opts.prefix,
-        dispatch,
-        opts.backends,
-        &ids,
-        &initial,
-        matches!(s, AppScenario::BackendKill | AppScenario::BackendDrain),
+        LabPlan {
+            dispatch,
+            backends: opts.backends,
+            all_ids: &ids,
+            start: &initial,
+            health: matches!(s, AppScenario::BackendKill | AppScenario::BackendDrain),
+        },
         opts.out.join(format!("scenario-{}", s.name())),
     )?;
     lab.wait_formed(&initial, Duration::from_secs(30), &interrupted)?;

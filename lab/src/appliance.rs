@@ -142,19 +142,37 @@ pub struct ApplianceLab {
     programs: Programs,
 }
 
+/// What an [`ApplianceLab`] starts with.
+#[derive(Debug, Clone, Copy)]
+pub struct LabPlan<'a> {
+    pub dispatch: Dispatch,
+    /// Backends (one when the backend stands alone).
+    pub backends: u8,
+    /// Every appliance the cluster may have.
+    pub all_ids: &'a [u8],
+    /// The appliances started at once (a subset of `all_ids`; the rest can join with
+    /// `start_node`).
+    pub start: &'a [u8],
+    /// The appliances check the backends' health.
+    pub health: bool,
+}
+
 impl ApplianceLab {
-    /// Builds the topology with `backends` backends, then starts the dispatcher or the
-    /// appliances in `start` (a subset of `all_ids`; the rest can join with `start_node`).
+    /// Builds the topology of `plan`, then starts its dispatcher or the appliances it starts
+    /// with.
     pub fn start(
         programs: &Programs,
         prefix: &str,
-        dispatch: Dispatch,
-        backends: u8,
-        all_ids: &[u8],
-        start: &[u8],
-        health: bool,
+        plan: LabPlan<'_>,
         log_prefix: PathBuf,
     ) -> Result<ApplianceLab, String> {
+        let LabPlan {
+            dispatch,
+            backends,
+            all_ids,
+            start,
+            health,
+        } = plan;
         let topo = Topology::build(prefix, &[])?;
         let dir = tempfile::Builder::new()
             .prefix("ccapplab")
