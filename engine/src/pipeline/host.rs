@@ -72,8 +72,8 @@ impl Pipeline {
         }
     }
 
-    /// The same for IPv6: the kernel's neighbour solicitations and advertisements from an
-    /// address of its own other than the cluster's (an appliance checking its IPv6 backends)
+    /// The same for IPv6: the kernel's neighbour solicitations and advertisements from the
+    /// node's own IPv6 address (`node.ip6`: an appliance checking its IPv6 backends)
     /// carry the node MAC in their link-layer address option, so that the backends' answers
     /// come back to this node. The ICMPv6 checksum is filled in again.
     fn own_ndp(&self, frame: &mut [u8]) {
@@ -95,7 +95,7 @@ impl Pipeline {
         };
         let src = Ipv6Addr::from(<[u8; 16]>::try_from(&addrs[..16]).expect("16 bytes"));
         let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&addrs[16..]).expect("16 bytes"));
-        if src.is_unspecified() || Some(src) == self.id.cluster_ip6 {
+        if Some(src) != self.id.node_ip6 {
             return;
         }
         let payload_len = usize::from(u16::from_be_bytes([frame[ip + 4], frame[ip + 5]]));

@@ -179,8 +179,8 @@ fn ipv6_server_segments_end_flows_and_refusals_are_held_back() {
     }
 }
 
-/// The kernel resolving a neighbour from an IPv6 address of its own (an appliance's node
-/// address, checking an IPv6 backend) names the node MAC in its solicitation, and so in its
+/// The kernel resolving a neighbour from the node's own IPv6 address (an appliance's
+/// `node.ip6`, checking an IPv6 backend) names the node MAC in its solicitation, and so in its
 /// advertisements: the backend's answers then come to this node, not to whichever node owns
 /// their bucket. Solicitations from the cluster address keep the cluster MAC.
 #[test]
@@ -208,7 +208,13 @@ fn the_kernels_own_ipv6_neighbour_messages_carry_the_node_mac() {
         f.extend_from_slice(&icmp);
         (f, src, dst)
     };
-    let mut p = alone();
+    let table = OwnershipTable::build(1, &[Member::new(1, 100).unwrap()]).unwrap();
+    let id = NodeIdentity {
+        node_ip6: Some(own),
+        ..identity(1)
+    };
+    let snapshot = Arc::new(stable_snapshot(&table));
+    let mut p = Pipeline::new(id, SECRET, snapshot, small());
     for kind in [135u8, 136] {
         let (mut f, src, dst) = message(kind, own, backend);
         assert_eq!(p.from_host(&mut f, 0), Action::ToWire);
@@ -221,10 +227,17 @@ fn the_kernels_own_ipv6_neighbour_messages_carry_the_node_mac() {
         let packet = icmpv6::Packet::new_checked(&f[54..]).unwrap();
         assert!(packet.verify_checksum(&src, &dst), "type {kind}");
     }
-    // From the cluster address (the kernel resolving a client): the option stays.
-    let (mut f, ..) = message(135, cluster6, backend);
+    // From the cluster address (the kernel resolving a client) or another address: the option
+    // stays; so it does on a node without an IPv6 address of its own.
+    for src in [cluster6, "2001:2::77".parse().unwrap()] {
+        let (mut f, ..) = message(135, src, backend);
+        let before = f.clone();
+        assert_eq!(p.from_host(&mut f, 0), Action::ToWire);
+        assert_eq!(f[12..], before[12..]);
+    }
+    let (mut f, ..) = message(135, own, backend);
     let before = f.clone();
-    assert_eq!(p.from_host(&mut f, 0), Action::ToWire);
+    assert_eq!(alone().from_host(&mut f, 0), Action::ToWire);
     assert_eq!(f[12..], before[12..]);
     // Truncated or odd options change nothing and never panic.
     let (full, ..) = message(135, own, backend);
