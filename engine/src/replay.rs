@@ -208,6 +208,10 @@ pub fn replay(
     ))
 }
 
+/// A later fragment replay holds for its first: its frame number and bytes (a released one is
+/// decided again, and may go to a backend).
+type Held = (usize, Vec<u8>);
+
 /// Replays `frames` through the simulated nodes `ids`, all under `snapshot`, each with tables
 /// of `sizes` (one simulated node of a larger cluster: `ids = 1..=1`).
 pub fn replay_with(
@@ -218,7 +222,7 @@ pub fn replay_with(
     frames: impl IntoIterator<Item = (u64, Vec<u8>)>,
 ) -> ReplayReport {
     let services = Arc::new(replay_services(loaded));
-    let mut sims: Vec<(Pipeline, FragmentHold<usize>, NodeCounts)> = ids
+    let mut sims: Vec<(Pipeline, FragmentHold<Held>, NodeCounts)> = ids
         .map(|id| {
             let mut p = Pipeline::new(
                 simulated_identity(loaded, id),
@@ -280,7 +284,7 @@ pub fn replay_with(
                 }
                 Action::Hold(key) => {
                     exclusive[index] = true;
-                    if hold.put(key, ts, index).is_ok() {
+                    if hold.put(key, ts, (index, buf[..len].to_vec())).is_ok() {
                         counts.held += 1;
                     } else {
                         counts.dropped += 1;
@@ -299,13 +303,30 @@ pub fn replay_with(
                 }
             }
             if let Some(released) = pipeline.take_released() {
-                hold.release(&released.key, |held| {
-                    if released.owned {
-                        counts.delivered += 1;
-                        delivered_by[held] += 1;
-                    } else {
-                        counts.dropped += 1;
-                        counts.not_owned += 1;
+                hold.release(&released.key, |(held, mut frame)| {
+                    let len = frame.len();
+                    frame.resize(2048.max(len), 0);
+                    match pipeline.released_fragment(&mut frame, len, ts) {
+                        Action::Deliver => {
+                            counts.delivered += 1;
+                            delivered_by[held] += 1;
+                        }
+                        Action::ToBackend { push } => {
+                            counts.forwarded += 1;
+                            delivered_by[held] += 1;
+                            if push > 0 {
+                                let mut grown = vec![0u8; usize::from(push) + len];
+                                grown[usize::from(push)..].copy_from_slice(&frame[..len]);
+                                if pipeline.take_encap(&mut grown).is_none() {
+                                    counts.malformed += 1;
+                                }
+                            }
+                        }
+                        Action::Drop(DropReason::NotOwned) => {
+                            counts.dropped += 1;
+                            counts.not_owned += 1;
+                        }
+                        _ => counts.dropped += 1,
                     }
                 });
             }

@@ -2,8 +2,9 @@
 //!
 //! Only the first fragment of a datagram carries the ports, so only it can be mapped to a
 //! bucket (DESIGN.md, "Data path"). Every node that sees a first fragment remembers, for a
-//! short time, `(src, dst, proto, ident)` and whether it owned it; later fragments are looked
-//! up. A later fragment that arrives before its first (reordering) is [`FragmentVerdict::Unknown`]:
+//! short time, `(src, dst, proto, ident)` and what it did with it ([`FirstFragment`]: another
+//! node's, delivered to its host, sent to a backend, or refused); later fragments are looked
+//! up and go the same way. A later fragment that arrives before its first (reordering) is [`FragmentVerdict::Unknown`]:
 //! its identity and arrival time go on a bounded wait list, and the caller decides what to do
 //! with the frame (hold it briefly, or drop it). When the first fragment arrives,
 //! [`FragmentTracker::first_fragment`] reports how many fragments of it were waiting.
@@ -74,15 +75,60 @@ impl fmt::Debug for FragmentKey {
     }
 }
 
+/// What this node did with a datagram's first fragment: what its later fragments get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FirstFragment {
+    /// Another node owned it.
+    #[default]
+    NotOwned,
+    /// This node owned it and delivered it to its host.
+    Owned,
+    /// This node owned it and sent it to the backend with this id (appliance mode), the outer
+    /// header's flow entropy `entropy` if encapsulated: later fragments go there the same way.
+    Forwarded { backend: u16, entropy: u16 },
+    /// This node owned it and dropped it (appliance mode: no rule, a disabled rule, no backend,
+    /// too big for the tunnel): later fragments are dropped too.
+    Refused,
+}
+
+impl FirstFragment {
+    /// [`FirstFragment::Owned`] or [`FirstFragment::NotOwned`].
+    pub fn owned(owned: bool) -> FirstFragment {
+        if owned {
+            FirstFragment::Owned
+        } else {
+            FirstFragment::NotOwned
+        }
+    }
+}
+
 /// What to do with a later (non-first) fragment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FragmentVerdict {
-    /// This node owned the first fragment: deliver.
+    /// This node owned the first fragment and delivered it: deliver.
     Owned,
     /// Another node owned the first fragment: drop.
     NotOwned,
+    /// This node sent the first fragment to a backend: send it there too.
+    Forwarded { backend: u16, entropy: u16 },
+    /// This node owned the first fragment and dropped it: drop.
+    Refused,
     /// The first fragment has not been seen (yet): the fragment was put on the wait list.
     Unknown,
+}
+
+impl From<FirstFragment> for FragmentVerdict {
+    #[inline]
+    fn from(first: FirstFragment) -> FragmentVerdict {
+        match first {
+            FirstFragment::NotOwned => FragmentVerdict::NotOwned,
+            FirstFragment::Owned => FragmentVerdict::Owned,
+            FirstFragment::Forwarded { backend, entropy } => {
+                FragmentVerdict::Forwarded { backend, entropy }
+            }
+            FirstFragment::Refused => FragmentVerdict::Refused,
+        }
+    }
 }
 
 /// Counters since construction.
@@ -175,8 +221,8 @@ impl<V: Copy + Default> Cache<V> {
 
 /// See the module doc.
 pub struct FragmentTracker {
-    /// First fragments seen: `true` if this node owned it.
-    firsts: Cache<bool>,
+    /// First fragments seen: what this node did with each.
+    firsts: Cache<FirstFragment>,
     /// Later fragments seen before their first: how many.
     waiting: Cache<u16>,
     timeout: u64,
@@ -221,13 +267,13 @@ impl FragmentTracker {
         self.stats
     }
 
-    /// A first fragment (offset 0) whose ownership the caller decided from its ports. Returns
-    /// how many later fragments of the same datagram were waiting for it (the caller delivers
-    /// the ones it held if `owned`, else drops them); their wait entry is cleared.
+    /// A first fragment (offset 0) that the caller decided from its ports: `first` is what it
+    /// did with it. Returns how many later fragments of the same datagram were waiting for it
+    /// (the caller sends the ones it held the same way); their wait entry is cleared.
     #[inline]
-    pub fn first_fragment(&mut self, key: &FragmentKey, owned: bool, now: u64) -> u16 {
+    pub fn first_fragment(&mut self, key: &FragmentKey, first: FirstFragment, now: u64) -> u16 {
         let hash = self.hash(key);
-        if self.firsts.put(key, hash, owned, now, self.timeout) {
+        if self.firsts.put(key, hash, first, now, self.timeout) {
             self.stats.firsts_evicted += 1;
         }
         match self.waiting.find(key, hash, now, self.timeout) {
@@ -249,10 +295,7 @@ impl FragmentTracker {
         if let Some(i) = self.firsts.find(key, hash, now, self.timeout) {
             let entry = &mut self.firsts.entries[i];
             entry.at = now;
-            return match entry.val {
-                Some(true) => FragmentVerdict::Owned,
-                _ => FragmentVerdict::NotOwned,
-            };
+            return entry.val.unwrap_or_default().into();
         }
         self.stats.unknown += 1;
         let count = match self.waiting.find(key, hash, now, self.timeout) {
@@ -268,8 +311,7 @@ impl FragmentTracker {
     /// The verdict for a later fragment without recording anything.
     pub fn lookup(&self, key: &FragmentKey, now: u64) -> FragmentVerdict {
         match self.firsts.find(key, self.hash(key), now, self.timeout) {
-            Some(i) if self.firsts.entries[i].val == Some(true) => FragmentVerdict::Owned,
-            Some(_) => FragmentVerdict::NotOwned,
+            Some(i) => self.firsts.entries[i].val.unwrap_or_default().into(),
             None => FragmentVerdict::Unknown,
         }
     }
@@ -333,7 +375,7 @@ mod tests {
         println!(
             "fragments: key {} bytes, entry {} bytes",
             std::mem::size_of::<FragmentKey>(),
-            std::mem::size_of::<Entry<bool>>()
+            std::mem::size_of::<Entry<FirstFragment>>()
         );
         assert_eq!(tracker(100).capacity(), 128);
         assert_eq!(tracker(0).capacity(), WAYS);
@@ -343,8 +385,11 @@ mod tests {
     fn owner_takes_later_fragments_others_drop() {
         let mut owner = tracker(64);
         let mut other = tracker(64);
-        assert_eq!(owner.first_fragment(&frag(1), true, 0), 0);
-        assert_eq!(other.first_fragment(&frag(1), false, 0), 0);
+        assert_eq!(owner.first_fragment(&frag(1), FirstFragment::Owned, 0), 0);
+        assert_eq!(
+            other.first_fragment(&frag(1), FirstFragment::NotOwned, 0),
+            0
+        );
         assert_eq!(owner.later_fragment(&frag(1), MS), FragmentVerdict::Owned);
         assert_eq!(
             other.later_fragment(&frag(1), MS),
@@ -359,35 +404,59 @@ mod tests {
     }
 
     #[test]
+    fn later_fragments_learn_where_the_first_went() {
+        let mut t = tracker(64);
+        let to = FirstFragment::Forwarded {
+            backend: 7,
+            entropy: 0x1234,
+        };
+        assert_eq!(t.later_fragment(&frag(3), 0), FragmentVerdict::Unknown);
+        assert_eq!(t.first_fragment(&frag(3), to, MS), 1);
+        assert_eq!(
+            t.later_fragment(&frag(3), 2 * MS),
+            FragmentVerdict::Forwarded {
+                backend: 7,
+                entropy: 0x1234
+            }
+        );
+        t.first_fragment(&frag(4), FirstFragment::Refused, MS);
+        assert_eq!(t.later_fragment(&frag(4), 2 * MS), FragmentVerdict::Refused);
+        assert_eq!(t.lookup(&frag(4), 2 * MS), FragmentVerdict::Refused);
+    }
+
+    #[test]
     fn early_fragments_wait_for_their_first() {
         let mut t = tracker(64);
         assert_eq!(t.later_fragment(&frag(7), 0), FragmentVerdict::Unknown);
         assert_eq!(t.later_fragment(&frag(7), MS), FragmentVerdict::Unknown);
         assert_eq!(t.waiting(&frag(7), MS), 2);
-        assert_eq!(t.first_fragment(&frag(7), true, 2 * MS), 2);
+        assert_eq!(t.first_fragment(&frag(7), FirstFragment::Owned, 2 * MS), 2);
         assert_eq!(t.waiting(&frag(7), 2 * MS), 0);
         assert_eq!(t.later_fragment(&frag(7), 3 * MS), FragmentVerdict::Owned);
         let s = t.stats();
         assert_eq!((s.unknown, s.waits_resolved), (2, 1));
         // A wait entry older than the timeout is forgotten.
         t.later_fragment(&frag(8), 0);
-        assert_eq!(t.first_fragment(&frag(8), true, 3000 * MS), 0);
+        assert_eq!(
+            t.first_fragment(&frag(8), FirstFragment::Owned, 3000 * MS),
+            0
+        );
     }
 
     #[test]
     fn full_sets_evict_and_count() {
         let mut t = FragmentTracker::new(WAYS, WAYS, DEFAULT_FRAGMENT_TIMEOUT, KEY);
         for i in 0..WAYS as u32 {
-            t.first_fragment(&frag(i), true, u64::from(i));
+            t.first_fragment(&frag(i), FirstFragment::Owned, u64::from(i));
         }
         assert_eq!(t.stats().firsts_evicted, 0);
-        t.first_fragment(&frag(100), true, 100);
+        t.first_fragment(&frag(100), FirstFragment::Owned, 100);
         assert_eq!(t.stats().firsts_evicted, 1);
         // The least recently seen (ident 0) went.
         assert_eq!(t.lookup(&frag(0), 100), FragmentVerdict::Unknown);
         assert_eq!(t.lookup(&frag(1), 100), FragmentVerdict::Owned);
         // Expired entries are reused without counting an eviction.
-        t.first_fragment(&frag(200), true, 3000 * MS);
+        t.first_fragment(&frag(200), FirstFragment::Owned, 3000 * MS);
         assert_eq!(t.stats().firsts_evicted, 1);
     }
 
@@ -402,7 +471,7 @@ mod tests {
             for (ident, first, owned, dt) in ops {
                 now += dt * MS;
                 if first {
-                    t.first_fragment(&frag(ident), owned, now);
+                    t.first_fragment(&frag(ident), FirstFragment::owned(owned), now);
                     let want = if owned { FragmentVerdict::Owned } else { FragmentVerdict::NotOwned };
                     prop_assert_eq!(t.lookup(&frag(ident), now), want);
                     prop_assert_eq!(t.waiting(&frag(ident), now), 0);

@@ -39,7 +39,7 @@ pub use flow_table::{
     FlowEntry, FlowHash, FlowRest, FlowState, FlowTable, FlowTableStats, FlowTimeouts, TcpFlags,
     Upsert,
 };
-pub use fragments::{FragmentKey, FragmentStats, FragmentTracker, FragmentVerdict};
+pub use fragments::{FirstFragment, FragmentKey, FragmentStats, FragmentTracker, FragmentVerdict};
 pub use handoff::Role;
 pub use ownership::OwnershipTable;
 

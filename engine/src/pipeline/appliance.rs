@@ -7,16 +7,22 @@
 //! every node computes the same: when the owner of a bucket changes (a join, a drain, a node
 //! dead), the new owner sends the flow to the same backend and the connection survives.
 //!
+//! An IP datagram in fragments goes the same way: its first fragment, which has the ports, is
+//! decided as a frame of its flow, and the fragment tracker remembers the backend (or the
+//! refusal) for the later ones, which go to that backend in the same delivery
+//! ([`Pipeline::later_fragment_to_backend`]) or are dropped.
+//!
 //! This file decides and rewrites; it never sends, allocates or reads a clock.
 
 use std::net::IpAddr;
 
 use crate::appliance::encap::{self, Encap, Tunnel};
-use crate::appliance::{BackendState, Match, Rule};
-use crate::cluster::{Bucket, FlowHash, TcpFlags, Upsert};
+use crate::appliance::{BackendState, Match};
+use crate::cluster::{Bucket, FirstFragment, FlowHash, TcpFlags, Upsert};
 use crate::config::{Delivery, RuleMode, Unmatched};
-use crate::wire::{self, parse_ip_flow, parse_l2_l4};
+use crate::wire::{self, parse_ip_flow, parse_l2_l4, Parsed};
 
+use super::prepare::bucket_from;
 use super::types::TCP;
 use super::{Action, DropReason, Pipeline};
 
@@ -45,6 +51,25 @@ impl Destination {
                 (p.l3_offset, p.src_ip, p.dst_ip, p.src_port?, p.dst_port?)
             }
         };
+        Destination::at(frame, l3, src, dst, src_port, dst_port)
+    }
+
+    /// The destination of an IP fragment `frame` parsed as `p` (ports 0 in a later fragment).
+    #[inline]
+    pub(super) fn of_fragment(frame: &[u8], p: &Parsed) -> Option<Destination> {
+        let (sp, dp) = (p.src_port.unwrap_or(0), p.dst_port.unwrap_or(0));
+        Destination::at(frame, p.l3_offset, p.src_ip, p.dst_ip, sp, dp)
+    }
+
+    #[inline(always)]
+    fn at(
+        frame: &[u8],
+        l3: usize,
+        src: IpAddr,
+        dst: IpAddr,
+        src_port: u16,
+        dst_port: u16,
+    ) -> Option<Destination> {
         let ip = frame.get(l3..)?;
         let (ip_len, no_frag) = match dst {
             IpAddr::V4(_) => (
@@ -68,6 +93,24 @@ impl Destination {
     }
 }
 
+/// What a service frame's rule and the cluster's ownership say of it, before any backend.
+enum Service {
+    /// Not a service's (not a service address, or no rule and `unmatched: local`): it takes
+    /// the cluster's own path.
+    Cluster,
+    /// Decided already: delivered to the host (a `local` rule) or dropped.
+    Decided(Action),
+    /// This node takes it, to a backend of rule `rule`; `upsert` is its flow-table entry.
+    Forward { rule: usize, upsert: Upsert },
+}
+
+/// 14 bits of a flow's fingerprint, the outer header's entropy (the GUE source port): the same
+/// flow, the same outer port.
+#[inline(always)]
+fn entropy(hash: FlowHash) -> u16 {
+    (hash.0 >> 48) as u16 & 0x3fff
+}
+
 impl Pipeline {
     /// A TCP/UDP frame while services are configured: by its rule, or the cluster's own path.
     /// (The arguments are a prepared flow frame's parts, as `flow_packet` takes them.)
@@ -86,12 +129,104 @@ impl Pipeline {
         let Some(d) = buf.get(..len).and_then(Destination::of) else {
             return self.flow_packet(bucket, hash, proto, flags, now);
         };
+        match self.service(&d, bucket, hash, proto, flags, now) {
+            Service::Cluster => self.flow_packet(bucket, hash, proto, flags, now),
+            Service::Decided(action) => action,
+            Service::Forward { rule, upsert } => {
+                match self.flow_backend(rule, &d, hash, proto, flags, upsert) {
+                    Some(id) => self.forward_to(buf, len, rule, id, &d, entropy(hash)),
+                    None => Action::Drop(DropReason::NoBackend),
+                }
+            }
+        }
+    }
+
+    /// The first fragment of a datagram while services are configured (`p` its parse): by its
+    /// rule, as an unfragmented frame of its flow, and what the later fragments must get.
+    /// `None`: not a service's (or not TCP/UDP): it takes the cluster's path for fragments.
+    pub(super) fn service_first_fragment(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        p: &Parsed,
+        now: u64,
+    ) -> Option<(Action, FirstFragment)> {
+        let (Some(sp), Some(dp)) = (p.src_port, p.dst_port) else {
+            return None;
+        };
+        let d = Destination::of_fragment(buf.get(..len)?, p)?;
+        let key_hash = self.key_hash(p);
+        let bucket = bucket_from(key_hash);
+        let proto = u8::from(p.protocol);
+        let hash = FlowHash::new(key_hash, p.dst_ip, sp, dp, proto);
+        let flags = TcpFlags(p.tcp_flags.0 as u8);
+        let (rule, upsert) = match self.service(&d, bucket, hash, proto, flags, now) {
+            Service::Cluster => return None,
+            Service::Decided(action) => {
+                let first = match action {
+                    Action::Deliver => FirstFragment::Owned,
+                    Action::Drop(DropReason::NotOwned | DropReason::ReleaseGap) => {
+                        FirstFragment::NotOwned
+                    }
+                    _ => FirstFragment::Refused,
+                };
+                return Some((action, first));
+            }
+            Service::Forward { rule, upsert } => (rule, upsert),
+        };
+        let Some(backend) = self.flow_backend(rule, &d, hash, proto, flags, upsert) else {
+            return Some((Action::Drop(DropReason::NoBackend), FirstFragment::Refused));
+        };
+        let entropy = entropy(hash);
+        let action = self.forward_to(buf, len, rule, backend, &d, entropy);
+        let first = match action {
+            Action::ToBackend { .. } => FirstFragment::Forwarded { backend, entropy },
+            _ => FirstFragment::Refused,
+        };
+        Some((action, first))
+    }
+
+    /// A later fragment (`p` its parse) of a datagram whose first went to backend `backend`:
+    /// to the same backend, the same way.
+    pub(super) fn later_fragment_to_backend(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        p: &Parsed,
+        backend: u16,
+        entropy: u16,
+    ) -> Action {
+        let Some(rule) = self.services.rule_of(backend) else {
+            // The services changed since the first: its backend is gone.
+            return Action::Drop(DropReason::NoBackend);
+        };
+        match buf
+            .get(..len)
+            .and_then(|frame| Destination::of_fragment(frame, p))
+        {
+            Some(d) => self.forward_to(buf, len, rule, backend, &d, entropy),
+            None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
+        }
+    }
+
+    /// A frame to `d`: its rule, and whether this node takes it (by the handoff rule, or a
+    /// `single` rule's priority).
+    #[inline(always)]
+    fn service(
+        &mut self,
+        d: &Destination,
+        bucket: Bucket,
+        hash: FlowHash,
+        proto: u8,
+        flags: TcpFlags,
+        now: u64,
+    ) -> Service {
         let r = match self.services.lookup(d.dst, proto, d.dst_port) {
-            Match::Cluster => return self.flow_packet(bucket, hash, proto, flags, now),
+            Match::Cluster => return Service::Cluster,
             Match::NoRule => {
                 return match self.services.unmatched() {
-                    Unmatched::Drop => Action::Drop(DropReason::NoRule),
-                    Unmatched::Local => self.flow_packet(bucket, hash, proto, flags, now),
+                    Unmatched::Drop => Service::Decided(Action::Drop(DropReason::NoRule)),
+                    Unmatched::Local => Service::Cluster,
                 }
             }
             Match::Rule(r) => r,
@@ -99,44 +234,41 @@ impl Pipeline {
         let rule = &self.services.rules()[r];
         let (mode, delivery) = (rule.mode, rule.delivery);
         let upsert = match mode {
-            RuleMode::Disabled => return Action::Drop(DropReason::RuleDisabled),
+            RuleMode::Disabled => return Service::Decided(Action::Drop(DropReason::RuleDisabled)),
             RuleMode::Single => {
                 if rule.single_owner(self.serving) != Some(self.id.node) {
-                    return Action::Drop(DropReason::NotOwned);
+                    return Service::Decided(Action::Drop(DropReason::NotOwned));
                 }
                 self.flows.upsert(hash, proto, bucket, flags, now)
             }
             RuleMode::Multiple => match self.flow_verdict(bucket, hash, proto, flags, now) {
                 Ok(u) => u,
-                Err(action) => return action,
+                Err(action) => return Service::Decided(action),
             },
         };
         if delivery == Delivery::Local {
-            return Action::Deliver;
+            return Service::Decided(Action::Deliver);
         }
-        self.forward_to_backend(buf, len, r, &d, hash, proto, flags, upsert)
+        Service::Forward { rule: r, upsert }
     }
 
-    /// An owned frame of appliance rule `r`: to the flow's backend.
+    /// The backend id of an owned flow of appliance rule `r` (`None`: no backend takes it).
     ///
     /// The flow table's backend holds, whatever the backend's health since (a verdict may be
     /// wrong; a connection it still serves is not cut), except for a connection's first SYN: a
     /// client that reuses the port of a connection its backend refused or lost (no TIME_WAIT
     /// after a reset) starts a new connection, which must not go to a backend that is down or
     /// drained.
-    #[allow(clippy::too_many_arguments)]
-    fn forward_to_backend(
+    #[inline(always)]
+    fn flow_backend(
         &mut self,
-        buf: &mut [u8],
-        len: usize,
         r: usize,
         d: &Destination,
         hash: FlowHash,
         proto: u8,
         flags: TcpFlags,
         upsert: Upsert,
-    ) -> Action {
-        let rule: &Rule = &self.services.rules()[r];
+    ) -> Option<u16> {
         let remembered = match upsert.backend {
             0 => None,
             id => self
@@ -144,21 +276,34 @@ impl Pipeline {
                 .backend(r, id)
                 .filter(|b| b.state == BackendState::Up || proto != TCP || !flags.is_initial_syn()),
         };
-        let backend = match remembered {
-            Some(b) => b,
-            None => {
-                let chosen =
-                    self.services
-                        .choose_new(r, &self.hasher, hash, d.src, d.src_port, proto);
-                let Some(b) = chosen else {
-                    return Action::Drop(DropReason::NoBackend);
-                };
-                if upsert.tracked {
-                    self.flows.set_backend(hash, b.id);
-                }
-                self.appliance.new_flows[usize::from(b.id)] += 1;
-                b
-            }
+        if let Some(b) = remembered {
+            return Some(b.id);
+        }
+        let b = self
+            .services
+            .choose_new(r, &self.hasher, hash, d.src, d.src_port, proto)?;
+        if upsert.tracked {
+            self.flows.set_backend(hash, b.id);
+        }
+        self.appliance.new_flows[usize::from(b.id)] += 1;
+        Some(b.id)
+    }
+
+    /// A frame to `d` of appliance rule `r`, to backend `id`: rewritten for DSR, or the
+    /// encapsulation prepared (outer entropy `entropy`), or answered "too big".
+    fn forward_to(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        r: usize,
+        id: u16,
+        d: &Destination,
+        entropy: u16,
+    ) -> Action {
+        let (Some(rule), Some(backend)) =
+            (self.services.rules().get(r), self.services.backend(r, id))
+        else {
+            return Action::Drop(DropReason::NoBackend);
         };
         let Some(mac) = backend.mac else {
             return Action::Drop(DropReason::NoBackend);
@@ -207,8 +352,7 @@ impl Pipeline {
             inner_at: d.l3,
             inner_len: d.ip_len,
             inner_v6: d.dst.is_ipv6(),
-            // 14 bits of the flow's fingerprint: the same flow, the same outer port.
-            entropy: (hash.0 >> 48) as u16 & 0x3fff,
+            entropy,
         };
         self.appliance.frames[id] += 1;
         self.appliance.bytes[id] += (14 + overhead + d.ip_len) as u64;

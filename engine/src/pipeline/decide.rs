@@ -152,7 +152,7 @@ impl Pipeline {
         }
         // Unicast IP to the cluster MAC: exactly one node delivers, whatever the address.
         if let Some(frag) = p.fragment {
-            return self.fragment_from_wire(p, frag, now);
+            return self.fragment_from_wire(buf, len, p, frag, now);
         }
         let key_hash = self.key_hash(p);
         let bucket = bucket_from(key_hash);

@@ -4,36 +4,74 @@
 //! The [`crate::cluster::FragmentTracker`] remembers which datagrams this node owns; a later
 //! fragment of a datagram it has not seen yet becomes [`Action::Hold`], and the caller keeps it
 //! in a [`FragmentHold`] until [`Pipeline::take_released`] says what became of its datagram, or
-//! it expires. The hold is generic over what it keeps (mbufs in the data plane, frame numbers in
-//! `replay`): it never looks inside, and never allocates after construction.
+//! it expires. In appliance mode the first fragment of a service's flow is decided by its rule
+//! (`appliance`), and its later fragments, held or not, go to the same backend the same way, or
+//! are dropped if it was refused. The hold is generic over what it keeps (mbufs in the data
+//! plane, frames in `replay`): it never looks inside, and never allocates after construction.
 
 use std::time::Duration;
 
-use crate::cluster::{FragmentKey, FragmentVerdict};
+use crate::cluster::{FirstFragment, FragmentKey, FragmentVerdict};
 use crate::wire::{Fragment, Parsed};
 
 use super::{Action, DropReason, Pipeline, Released};
 
 impl Pipeline {
-    /// An IP fragment to the cluster MAC (`frag` of the datagram `p` belongs to).
+    /// An IP fragment to the cluster MAC (`frag` of the datagram `p` belongs to; the frame in
+    /// `buf[..len]`, rewritten in place if it goes to a backend).
     #[inline]
-    pub(super) fn fragment_from_wire(&mut self, p: &Parsed, frag: Fragment, now: u64) -> Action {
+    pub(super) fn fragment_from_wire(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        p: &Parsed,
+        frag: Fragment,
+        now: u64,
+    ) -> Action {
         let key = FragmentKey::new(p.src_ip, p.dst_ip, u8::from(p.protocol), frag.ident);
         if frag.offset != 0 {
             return match self.fragments.later_fragment(&key, now) {
                 FragmentVerdict::Owned => Action::Deliver,
                 FragmentVerdict::NotOwned => Action::Drop(DropReason::NotOwned),
+                FragmentVerdict::Forwarded { backend, entropy } => {
+                    self.later_fragment_to_backend(buf, len, p, backend, entropy)
+                }
+                FragmentVerdict::Refused => Action::Drop(DropReason::FragmentRefused),
                 FragmentVerdict::Unknown => Action::Hold(key),
             };
         }
-        let owned = self.mine(self.bucket_of(p));
-        if self.fragments.first_fragment(&key, owned, now) > 0 {
-            self.released = Some(Released { key, owned });
-        }
-        if owned {
-            Action::Deliver
+        let service = if self.services.active() {
+            self.service_first_fragment(buf, len, p, now)
         } else {
-            Action::Drop(DropReason::NotOwned)
+            None
+        };
+        let (action, first) = service.unwrap_or_else(|| {
+            let owned = self.mine(self.bucket_of(p));
+            let action = if owned {
+                Action::Deliver
+            } else {
+                Action::Drop(DropReason::NotOwned)
+            };
+            (action, FirstFragment::owned(owned))
+        });
+        if self.fragments.first_fragment(&key, first, now) > 0 {
+            self.released = Some(Released {
+                key,
+                owned: first == FirstFragment::Owned,
+                to_backend: matches!(first, FirstFragment::Forwarded { .. }),
+            });
+        }
+        action
+    }
+
+    /// A later fragment [`Pipeline::take_released`] released (its first fragment has just been
+    /// decided), in `buf[..len]`: what to do with it, as for a frame from the wire — to the
+    /// host, to the first's backend ([`Action::ToBackend`], rewritten in place or to be
+    /// encapsulated with [`Pipeline::take_encap`]), or dropped. Never [`Action::Hold`] again.
+    pub fn released_fragment(&mut self, buf: &mut [u8], len: usize, now: u64) -> Action {
+        match self.decide_full(buf, len, now) {
+            Action::Hold(_) => Action::Drop(DropReason::FragmentExpired),
+            action => action,
         }
     }
 }

@@ -45,9 +45,13 @@ pub enum DropReason {
     NoBackend,
     /// Several packet cores: the frame's home core had no room for it in its ring.
     CoreQueueFull,
+    /// A later IP fragment of a datagram whose first fragment this node owned but dropped
+    /// (appliance mode: its rule refused it, no backend took it, or it was too big for the
+    /// tunnel).
+    FragmentRefused,
 }
 
-const BASE_REASONS: usize = 11;
+const BASE_REASONS: usize = 12;
 
 impl DropReason {
     /// Number of distinct counters ([`DropReason::index`] is below it).
@@ -68,6 +72,7 @@ impl DropReason {
             DropReason::RuleDisabled => 8,
             DropReason::NoBackend => 9,
             DropReason::CoreQueueFull => 10,
+            DropReason::FragmentRefused => 11,
             DropReason::Malformed(e) => BASE_REASONS + e.index(),
         }
     }
@@ -87,6 +92,7 @@ impl DropReason {
             DropReason::RuleDisabled,
             DropReason::NoBackend,
             DropReason::CoreQueueFull,
+            DropReason::FragmentRefused,
         ]
         .into_iter()
         .chain(wire::Error::ALL.into_iter().map(DropReason::Malformed))
@@ -110,6 +116,7 @@ impl DropReason {
             DropReason::RuleDisabled => "rule-disabled".into(),
             DropReason::NoBackend => "no-backend".into(),
             DropReason::CoreQueueFull => "core-queue-full".into(),
+            DropReason::FragmentRefused => "fragment-refused".into(),
             DropReason::Malformed(e) => format!("malformed-{}", e.as_str()),
         }
     }
@@ -150,12 +157,17 @@ impl Action {
     }
 }
 
-/// The first fragment of a datagram with held later fragments was seen: deliver them (`owned`)
-/// or drop them.
+/// The first fragment of a datagram with held later fragments was seen: deliver them to the
+/// host (`owned`), send each to the first's backend (`to_backend`), or drop them (neither).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Released {
     pub key: FragmentKey,
+    /// The first went to this node's host: so do the held fragments.
     pub owned: bool,
+    /// The first went to a backend (appliance mode): each held fragment must be rewritten for
+    /// it, by [`Pipeline::released_fragment`], and sent where the [`Action`] it returns says.
+    /// (`owned` is then false: a caller that does not know this drops them.)
+    pub to_backend: bool,
 }
 
 /// What a node is, as far as the per-frame decision is concerned.

@@ -66,18 +66,22 @@ fn run(p: &mut Pipeline, frame: &[u8], now: u64) -> (Action, Vec<u8>) {
     let mut buf = vec![0u8; 2048];
     buf[..frame.len()].copy_from_slice(frame);
     let action = p.from_wire(&mut buf, frame.len(), now);
-    let out = match action {
+    (action, carry_out(p, action, &buf, frame.len()))
+}
+
+/// The frame `buf[..len]` after `action`: encapsulated, the answer, or as it was left.
+fn carry_out(p: &mut Pipeline, action: Action, buf: &[u8], len: usize) -> Vec<u8> {
+    match action {
         Action::ToBackend { push } if push > 0 => {
-            let mut grown = vec![0u8; usize::from(push) + frame.len()];
-            grown[usize::from(push)..].copy_from_slice(&buf[..frame.len()]);
+            let mut grown = vec![0u8; usize::from(push) + len];
+            grown[usize::from(push)..].copy_from_slice(&buf[..len]);
             let n = p.take_encap(&mut grown).unwrap();
             grown.truncate(n);
             grown
         }
         Action::Reply { len } => buf[..len].to_vec(),
-        _ => buf[..frame.len()].to_vec(),
-    };
-    (action, out)
+        _ => buf[..len].to_vec(),
+    }
 }
 
 fn client(i: u32) -> ([u8; 4], u16) {
@@ -257,11 +261,11 @@ fn a_datagram_too_big_for_the_tunnel_gets_fragmentation_needed() {
     assert_eq!(p.appliance_counts().too_big, 1);
 }
 
-/// An IPv6 service: GUE over IPv6 from the node's IPv6 address, and "packet too big".
-#[test]
-fn ipv6_services_encapsulate_in_ipv6_and_answer_packet_too_big() {
+/// `n` nodes whose services are [`SERVICES`] on the cluster's IPv6 address (2001:2::1) with
+/// IPv6 backends 2001:2::21..23, each node with an IPv6 address to encapsulate from.
+fn appliances6(n: u8, delivery: &str) -> Vec<Pipeline> {
     let text = SERVICES
-        .replace("DELIVERY", "gue")
+        .replace("DELIVERY", delivery)
         .replace(
             "  ip: 198.18.0.11\n",
             "  ip: 198.18.0.11\n  ip6: \"2001:2::11\"\n",
@@ -275,9 +279,20 @@ fn ipv6_services_encapsulate_in_ipv6_and_answer_packet_too_big() {
         .replace("ip: 198.18.0.23,", "ip: \"2001:2::23\",");
     let c = Config::parse(&text, "t.yaml").unwrap();
     c.validate("t.yaml").unwrap();
-    let mut p = cluster(&[Member::new(1, 100).unwrap()]).remove(0);
-    p.id.node_ip6 = Some("2001:2::11".parse().unwrap());
-    p.set_services(Arc::new(Services::compile(&c, SECRET, None)));
+    let s = Arc::new(Services::compile(&c, SECRET, None));
+    let members: Vec<Member> = (1..=n).map(|i| Member::new(i, 100).unwrap()).collect();
+    let mut nodes = cluster(&members);
+    for p in nodes.iter_mut() {
+        p.id.node_ip6 = Some(format!("2001:2::1{}", p.id.node.get()).parse().unwrap());
+        p.set_services(Arc::clone(&s));
+    }
+    nodes
+}
+
+/// An IPv6 service: GUE over IPv6 from the node's IPv6 address, and "packet too big".
+#[test]
+fn ipv6_services_encapsulate_in_ipv6_and_answer_packet_too_big() {
+    let mut p = appliances6(1, "gue").remove(0);
     let src = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x50];
     let mut t = build::tcp(40000, 1, 0, 0x02, b"");
     let syn = build::ipv6([2, 0, 0, 0, 0, 0x64], src, 6, &mut t, 16);
@@ -378,5 +393,286 @@ fn owner_of_names_the_backend_the_pipeline_picks() {
             seen.len() >= 2,
             "{rule_affinity}: one backend only: {seen:?}"
         );
+    }
+}
+
+/// The two fragments of a TCP segment (20-byte header and 36 bytes of data) from `src:sport`
+/// to the service address's `port`: the first with the TCP header and 12 bytes of data, the
+/// second with 24 bytes at offset 32. IPv4 with identification `ident`.
+fn fragments4(src: [u8; 4], sport: u16, port: u16, ident: u16) -> [Vec<u8>; 2] {
+    let mut seg = build::tcp(sport, 1, 1, 0x18, b"abcdefghijklmnopqrstuvwxyz0123456789");
+    seg[2..4].copy_from_slice(&port.to_be_bytes());
+    let fragment = |offset: u16, more: bool, data: &[u8]| {
+        let mut f = build::ethernet([2, 0, 0, 0, 0, 0x64], build::CLUSTER_MAC, 0x0800);
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&ident.to_be_bytes());
+        ip[6..8].copy_from_slice(&((u16::from(more) << 13) | (offset / 8)).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&src);
+        ip[16..20].copy_from_slice(&build::CLUSTER_IP);
+        let c = build::checksum(&[&ip]);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(data);
+        f
+    };
+    [
+        fragment(0, true, &seg[..32]),
+        fragment(32, false, &seg[32..]),
+    ]
+}
+
+/// [`fragments4`] over IPv6 (a fragment header with identification `ident`).
+fn fragments6(src: [u8; 16], sport: u16, port: u16, ident: u32) -> [Vec<u8>; 2] {
+    let mut seg = build::tcp(sport, 1, 1, 0x18, b"abcdefghijklmnopqrstuvwxyz0123456789");
+    seg[2..4].copy_from_slice(&port.to_be_bytes());
+    let fragment = |offset: u16, more: bool, data: &[u8]| {
+        let mut f = build::ethernet([2, 0, 0, 0, 0, 0x64], build::CLUSTER_MAC, 0x86dd);
+        let mut ip = [0u8; 48];
+        ip[0] = 0x60;
+        ip[4..6].copy_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+        ip[6] = 44;
+        ip[7] = 64;
+        ip[8..24].copy_from_slice(&src);
+        ip[24..40].copy_from_slice(&build::CLUSTER_IP6);
+        ip[40] = 6;
+        ip[42..44].copy_from_slice(&(offset | u16::from(more)).to_be_bytes());
+        ip[44..48].copy_from_slice(&ident.to_be_bytes());
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(data);
+        f
+    };
+    [
+        fragment(0, true, &seg[..32]),
+        fragment(32, false, &seg[32..]),
+    ]
+}
+
+/// The fragments of flow `i` to `port`, over IPv4 or IPv6.
+fn fragments(v6: bool, i: u32, port: u16) -> [Vec<u8>; 2] {
+    let (src, sport) = client(i);
+    if v6 {
+        let mut a = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        a[12..].copy_from_slice(&src);
+        fragments6(a, sport, port, 0x1000 + i)
+    } else {
+        fragments4(src, sport, port, 0x1000 + i as u16)
+    }
+}
+
+/// `n` appliance nodes with services on the IPv4 or the IPv6 cluster address.
+fn nodes(v6: bool, n: u8, delivery: &str) -> Vec<Pipeline> {
+    if v6 {
+        appliances6(n, delivery)
+    } else {
+        appliances(n, delivery)
+    }
+}
+
+/// Where a frame the pipeline sent to a backend goes, and how: the backend MAC for DSR, the
+/// outer destination address and source port (the flow's entropy) for GUE.
+fn sent_to(out: &[u8]) -> (Vec<u8>, Option<IpAddr>, Option<u16>) {
+    let outer = parse_l2_l4(out).unwrap();
+    if outer.protocol == crate::wire::IpProtocol::Udp {
+        (out[..6].to_vec(), Some(outer.dst_ip), outer.src_port)
+    } else {
+        (out[..6].to_vec(), None, None)
+    }
+}
+
+/// The inner packet a frame to a backend carries (`out`), and the original frame's IP packet
+/// (`frame`), which it must be unchanged.
+fn assert_carries(out: &[u8], frame: &[u8], what: &str) {
+    assert_eq!(
+        &out[out.len() - (frame.len() - 14)..],
+        &frame[14..],
+        "{what}"
+    );
+}
+
+/// Appliance mode, issue 19: the later fragments of a service's flow (no ports) go where the
+/// first went — the same backend, the same delivery — from the node that owned the first,
+/// counted per backend; the other node drops them.
+#[test]
+fn later_fragments_follow_their_first_to_its_backend() {
+    for v6 in [false, true] {
+        for delivery in ["dsr", "gue"] {
+            let what = format!("{} {delivery}", if v6 { "IPv6" } else { "IPv4" });
+            let mut cluster = nodes(v6, 2, delivery);
+            let mut backends = std::collections::BTreeSet::new();
+            for i in 0..100 {
+                let [first, later] = fragments(v6, i, 80);
+                let mut forwarded = 0;
+                for p in cluster.iter_mut() {
+                    let (a, first_out) = run(p, &first, 1);
+                    let (b, later_out) = run(p, &later, 2);
+                    match (a, b) {
+                        (Action::ToBackend { .. }, Action::ToBackend { .. }) => {
+                            forwarded += 1;
+                            assert_eq!(a, b, "{what} flow {i}: the same delivery");
+                            let to = sent_to(&first_out);
+                            assert_eq!(sent_to(&later_out), to, "{what} flow {i}: same backend");
+                            assert_eq!(&later_out[6..12], &p.id.node_mac.0, "{what}");
+                            assert_carries(&first_out, &first, &what);
+                            assert_carries(&later_out, &later, &what);
+                            backends.insert(to.0);
+                        }
+                        (
+                            Action::Drop(DropReason::NotOwned),
+                            Action::Drop(DropReason::NotOwned),
+                        ) => {}
+                        other => panic!("{what} flow {i}: {other:?}"),
+                    }
+                }
+                assert_eq!(forwarded, 1, "{what} flow {i}: one node forwards");
+            }
+            assert!(backends.len() >= 2, "{what}: {backends:?}");
+            let counts: Vec<u64> = cluster
+                .iter()
+                .map(|p| p.appliance_counts().frames.iter().sum())
+                .collect();
+            assert_eq!(counts.iter().sum::<u64>(), 200, "{what}: {counts:?}");
+            let new_flows: u64 = cluster
+                .iter()
+                .map(|p| p.appliance_counts().new_flows.iter().sum::<u64>())
+                .sum();
+            assert_eq!(new_flows, 100, "{what}: one new flow per datagram");
+        }
+    }
+}
+
+/// A later fragment that arrives before its first is held; the first's decision releases it
+/// to the same backend ([`Pipeline::released_fragment`]) on the node that forwarded the first,
+/// and to nowhere on the other.
+#[test]
+fn a_later_fragment_before_its_first_is_held_then_sent_to_the_first_backend() {
+    for v6 in [false, true] {
+        for delivery in ["dsr", "gue"] {
+            let what = format!("{} {delivery}", if v6 { "IPv6" } else { "IPv4" });
+            let mut cluster = nodes(v6, 2, delivery);
+            for i in 0..50 {
+                let [first, later] = fragments(v6, i, 80);
+                let mut forwarded = 0;
+                for p in cluster.iter_mut() {
+                    let mut hold: FragmentHold<Vec<u8>> =
+                        FragmentHold::new(8, Duration::from_secs(2));
+                    let (held, _) = run(p, &later, 1);
+                    let Action::Hold(key) = held else {
+                        panic!("{what} flow {i}: {held:?}");
+                    };
+                    hold.put(key, 1, later.clone()).unwrap();
+                    let (a, first_out) = run(p, &first, 2);
+                    let released = p.take_released().expect("the first releases its fragment");
+                    assert_eq!(released.key, key);
+                    let mut outs = Vec::new();
+                    hold.release(&released.key, |frame| {
+                        let mut buf = vec![0u8; 2048];
+                        buf[..frame.len()].copy_from_slice(&frame);
+                        let b = p.released_fragment(&mut buf, frame.len(), 3);
+                        outs.push((b, carry_out(p, b, &buf, frame.len())));
+                    });
+                    assert!(hold.is_empty());
+                    let [(b, later_out)] = <[_; 1]>::try_from(outs).unwrap();
+                    match a {
+                        Action::ToBackend { .. } => {
+                            forwarded += 1;
+                            assert!(released.to_backend && !released.owned, "{what}");
+                            assert_eq!(b, a, "{what} flow {i}: the same delivery");
+                            assert_eq!(sent_to(&later_out), sent_to(&first_out), "{what}");
+                            assert_carries(&later_out, &later, &what);
+                        }
+                        Action::Drop(DropReason::NotOwned) => {
+                            assert!(!released.to_backend && !released.owned, "{what}");
+                            assert_eq!(b, Action::Drop(DropReason::NotOwned), "{what}");
+                        }
+                        other => panic!("{what} flow {i}: {other:?}"),
+                    }
+                }
+                assert_eq!(forwarded, 1, "{what} flow {i}: one node forwards");
+            }
+            let sent: u64 = cluster
+                .iter()
+                .map(|p| p.appliance_counts().frames.iter().sum::<u64>())
+                .sum();
+            assert_eq!(sent, 100, "{what}: both fragments of each datagram counted");
+        }
+    }
+}
+
+/// The later fragments of a datagram whose first this node refused (a disabled rule, no
+/// backend) are dropped and counted as such, whether they come after the first or were held.
+#[test]
+fn later_fragments_of_a_refused_first_are_dropped() {
+    for v6 in [false, true] {
+        let what = if v6 { "IPv6" } else { "IPv4" };
+        let mut p = nodes(v6, 1, "gue").remove(0);
+        // Port 22: the disabled rule's on IPv4; no rule's on IPv6 (`unmatched: drop`).
+        let refused = if v6 {
+            DropReason::NoRule
+        } else {
+            DropReason::RuleDisabled
+        };
+        let [first, later] = fragments(v6, 1, 22);
+        assert_eq!(run(&mut p, &first, 1).0, Action::Drop(refused), "{what}");
+        assert_eq!(
+            run(&mut p, &later, 2).0,
+            Action::Drop(DropReason::FragmentRefused),
+            "{what}"
+        );
+        // Held first, then released to be dropped.
+        let [first, later] = fragments(v6, 2, 22);
+        assert!(
+            matches!(run(&mut p, &later, 3).0, Action::Hold(_)),
+            "{what}"
+        );
+        run(&mut p, &first, 4);
+        let released = p.take_released().unwrap();
+        assert!(!released.owned && !released.to_backend, "{what}");
+        let mut buf = later.clone();
+        assert_eq!(
+            p.released_fragment(&mut buf, later.len(), 5),
+            Action::Drop(DropReason::FragmentRefused),
+            "{what}"
+        );
+        // No backend with a MAC: the first is dropped, and so are the later ones.
+        let s = p.services().with_backend(SECRET, 1, |b| b.mac = None);
+        let s = s.with_backend(SECRET, 2, |b| b.mac = None);
+        let s = s.with_backend(SECRET, 3, |b| b.mac = None);
+        p.set_services(Arc::new(s));
+        let [first, later] = fragments(v6, 3, 80);
+        assert_eq!(
+            run(&mut p, &first, 6).0,
+            Action::Drop(DropReason::NoBackend),
+            "{what}"
+        );
+        assert_eq!(
+            run(&mut p, &later, 7).0,
+            Action::Drop(DropReason::FragmentRefused),
+            "{what}"
+        );
+        assert_eq!(p.appliance_counts().frames.iter().sum::<u64>(), 0, "{what}");
+    }
+}
+
+/// Fragments to the cluster address on a port no rule has, with `unmatched: local` (the
+/// default), still take the cluster's path: the owner of the bucket delivers them to its host.
+#[test]
+fn fragments_outside_the_rules_keep_the_cluster_path() {
+    let mut p = appliances(1, "dsr").remove(0);
+    let [first, later] = fragments(false, 1, 8080);
+    let unmatched = p.services().unmatched();
+    let (a, _) = run(&mut p, &first, 1);
+    let (b, _) = run(&mut p, &later, 2);
+    match unmatched {
+        crate::config::Unmatched::Local => {
+            assert_eq!((a, b), (Action::Deliver, Action::Deliver));
+        }
+        crate::config::Unmatched::Drop => {
+            assert_eq!(a, Action::Drop(DropReason::NoRule));
+            assert_eq!(b, Action::Drop(DropReason::FragmentRefused));
+        }
     }
 }
