@@ -418,8 +418,8 @@ type Metric = (&'static str, &'static str, &'static str, Vec<(String, u64)>);
 
 /// Appliance mode's metrics, per service (summed over its backends) and per backend (summed
 /// over cores), from the services in force: none without services. Per backend, flows are
-/// counted as they start (`new_flows`): the flow table does not count a backend's current
-/// flows.
+/// counted as they start (`new_flows`) and as they are now in the cores' flow tables (`flows`,
+/// a gauge).
 fn service_metrics(link: &ControlLink) -> Vec<Metric> {
     let services = link.services();
     if !services.active() {
@@ -427,6 +427,7 @@ fn service_metrics(link: &ControlLink) -> Vec<Metric> {
     }
     let (mut frames, mut bytes, mut flows) = (Vec::new(), Vec::new(), Vec::new());
     let (mut b_frames, mut b_bytes, mut b_flows) = (Vec::new(), Vec::new(), Vec::new());
+    let mut b_current = Vec::new();
     let (mut state, mut weight) = (Vec::new(), Vec::new());
     for rule in services.rules() {
         let service = format!(",service=\"{}\"", escape(&rule.name));
@@ -440,6 +441,7 @@ fn service_metrics(link: &ControlLink) -> Vec<Metric> {
             b_frames.push((labels.clone(), n.frames));
             b_bytes.push((labels.clone(), n.bytes));
             b_flows.push((labels.clone(), n.new_flows));
+            b_current.push((labels.clone(), n.flows));
             weight.push((labels.clone(), u64::from(b.weight)));
             for s in [BackendState::Up, BackendState::Down, BackendState::Drained] {
                 let labels = format!("{labels},state=\"{}\"", s.name());
@@ -490,9 +492,15 @@ fn service_metrics(link: &ControlLink) -> Vec<Metric> {
         (
             "service_backend_new_flows_total",
             "counter",
-            "New flows this node sent to the backend (its current flows are not counted: a \
-             flow keeps its backend until it ends).",
+            "New flows this node sent to the backend (a flow keeps its backend until it ends).",
             b_flows,
+        ),
+        (
+            "service_backend_flows",
+            "gauge",
+            "Flows in this node's flow tables whose backend is the backend (a flow past its idle \
+             timeout counts until the table's sweep removes it).",
+            b_current,
         ),
         (
             "service_backend_state",
@@ -679,6 +687,7 @@ services:
                 frames: vec![0; 4],
                 bytes: vec![0; 4],
                 new_flows: vec![0; 4],
+                flows: vec![0; 4],
                 too_big,
             };
             for (id, n) in ids.iter().zip(frames) {
@@ -686,6 +695,7 @@ services:
                 c.frames[id] = n;
                 c.bytes[id] = n * 100;
                 c.new_flows[id] = n / 2;
+                c.flows[id] = n / 10;
             }
             c
         };
@@ -706,6 +716,12 @@ services:
         assert_eq!(row("service_backend_frames_total", api_c), 33);
         assert_eq!(row("service_backend_bytes_total", api_c), 3300);
         assert_eq!(row("service_backend_new_flows_total", web_b), 11);
+        assert_eq!(row("service_backend_flows", web_b), 2);
+        assert_eq!(row("service_backend_flows", api_c), 3);
+        assert!(
+            text.contains("# TYPE clonecluster_service_backend_flows gauge"),
+            "{text}"
+        );
         assert_eq!(row("service_frames_total", ",service=\"web\""), 33);
         assert_eq!(row("service_bytes_total", ",service=\"web\""), 3300);
         assert_eq!(row("service_new_flows_total", ",service=\"api\""), 16);

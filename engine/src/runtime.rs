@@ -22,6 +22,7 @@ use crate::appliance::Services;
 use crate::cluster::{Bucket, NodeId};
 use crate::config::{Loaded, Policy as ConfigPolicy};
 use crate::control::operator::{Refused, Reply, Request};
+use crate::control::service_status;
 use crate::control::{
     self, Event, Load, Membership, Node, Output, Path, Refusal, Timeline, Verdict,
 };
@@ -690,6 +691,9 @@ impl OperatorSocket {
             Ok(request) => {
                 let mut reply = node.request(&request, timeline, now, out);
                 node.describe_services(&request, &mut reply, &link.services());
+                if let Reply::Status(s) = &mut reply {
+                    service_status::add_flows(&mut s.services, |id| link.backend_counts(id).flows);
+                }
                 reply
             }
         };

@@ -33,7 +33,8 @@
 //! a second line, and at millions of flows every line read is a memory access. Runs wrap from
 //! the last slot to the first. Deletion shifts
 //! the rest of the probe run back (no tombstones), so runs stay short under churn. A
-//! 65536-entry `u32` array counts entries per bucket (256 KiB). [`FlowTable::prefetch`] asks
+//! 65536-entry `u32` array counts entries per bucket (256 KiB), a 4096-entry one per backend id
+//! (16 KiB; id 0: flows without a backend). [`FlowTable::prefetch`] asks
 //! for a flow's home line and the next one ahead of the lookup, so a burst's misses overlap.
 //!
 //! Ticks are 32 bits and wrap after ~2.3 years; idle times are compared with wrapping
@@ -287,6 +288,8 @@ const STATE_OPEN_UDP: u8 = 5;
 /// The state's bits in [`Slot::meta`]; the backend id takes the rest.
 const STATE_MASK: u16 = 0xf;
 const BACKEND_SHIFT: u32 = 4;
+/// Backend ids a slot can hold (0: none).
+const BACKEND_IDS: usize = 1 << (16 - BACKEND_SHIFT);
 
 /// The slot form of a state: UDP's `Open` apart, for its timeout.
 #[inline(always)]
@@ -476,6 +479,8 @@ pub struct FlowTable {
     capacity: usize,
     len: usize,
     per_bucket: Box<[u32]>,
+    /// Entries per backend id (index 0: none), for appliance mode's per-backend flow gauge.
+    per_backend: Box<[u32]>,
     timeouts: TimeoutTicks,
     /// Where the next [`FlowTable::expire`] call resumes.
     cursor: usize,
@@ -489,7 +494,7 @@ pub struct FlowTable {
 impl FlowTable {
     /// A table for at most `capacity` flows (at least 1).
     ///
-    /// Allocates everything the table will ever use: `16 * slots + 256 KiB`.
+    /// Allocates everything the table will ever use: `16 * slots + 272 KiB`.
     pub fn new(capacity: usize, timeouts: FlowTimeouts) -> FlowTable {
         let capacity = capacity.max(1);
         let slots = Self::slots_for(capacity);
@@ -499,6 +504,7 @@ impl FlowTable {
             capacity,
             len: 0,
             per_bucket: (0..super::BUCKETS).map(|_| 0u32).collect(),
+            per_backend: (0..BACKEND_IDS).map(|_| 0u32).collect(),
             timeouts: timeouts.into(),
             cursor: 0,
             stats: FlowTableStats::default(),
@@ -517,9 +523,9 @@ impl FlowTable {
             .unwrap_or_else(|| panic!("flow table capacity {capacity} is too large"))
     }
 
-    /// Bytes a table of `capacity` flows allocates (slots and per-bucket counts).
+    /// Bytes a table of `capacity` flows allocates (slots, per-bucket and per-backend counts).
     pub fn footprint(capacity: usize) -> usize {
-        Self::slots_for(capacity) * SLOT_BYTES + super::BUCKETS * 4
+        Self::slots_for(capacity) * SLOT_BYTES + super::BUCKETS * 4 + BACKEND_IDS * 4
     }
 
     /// Most entries the table holds.
@@ -550,6 +556,13 @@ impl FlowTable {
     #[inline]
     pub fn count_in_bucket(&self, bucket: Bucket) -> u32 {
         self.per_bucket[bucket.index()]
+    }
+
+    /// Entries whose backend is `id` (1..=4095; 0: entries without one), expired ones not yet
+    /// swept included, as [`FlowTable::count_in_bucket`].
+    #[inline]
+    pub fn count_for_backend(&self, id: u16) -> u32 {
+        self.per_backend.get(usize::from(id)).copied().unwrap_or(0)
     }
 
     /// Asks the CPU for the cache line of `hash`'s home slot and the line after it (where the
@@ -607,7 +620,10 @@ impl FlowTable {
             return false;
         };
         let slot = &mut self.slots[i];
+        let old = slot.backend();
         slot.meta = (slot.meta & STATE_MASK) | (backend << BACKEND_SHIFT);
+        self.per_backend[usize::from(old)] -= 1;
+        self.per_backend[usize::from(slot.backend())] += 1;
         true
     }
 
@@ -640,6 +656,8 @@ impl FlowTable {
         let slot = &mut self.slots[i];
         let prev = if expired {
             // A new flow chooses its backend anew.
+            self.per_backend[usize::from(slot.backend())] -= 1;
+            self.per_backend[0] += 1;
             slot.meta &= STATE_MASK;
             None
         } else {
@@ -706,6 +724,7 @@ impl FlowTable {
         self.len += 1;
         self.half_open += usize::from(half_open);
         self.per_bucket[bucket.index()] += 1;
+        self.per_backend[0] += 1;
         self.stats.inserted += 1;
         Upsert {
             state,
@@ -726,6 +745,7 @@ impl FlowTable {
             slot.meta = 0;
         }
         self.per_bucket.fill(0);
+        self.per_backend.fill(0);
         self.stats.removed += self.len as u64;
         self.len = 0;
         self.half_open = 0;
@@ -866,6 +886,7 @@ impl FlowTable {
     fn delete_at(&mut self, mut hole: usize) {
         let bucket = self.slots[hole].bucket as usize;
         self.per_bucket[bucket] -= 1;
+        self.per_backend[usize::from(self.slots[hole].backend())] -= 1;
         self.len -= 1;
         self.half_open -= usize::from(self.slots[hole].state() == STATE_SYN);
         let mut j = hole;
@@ -973,6 +994,14 @@ mod tests {
             per_bucket[..] == t.per_bucket[..],
             "per-bucket counts drifted"
         );
+        let mut per_backend = vec![0u32; BACKEND_IDS];
+        for s in &occupied {
+            per_backend[usize::from(s.backend())] += 1;
+        }
+        assert!(
+            per_backend[..] == t.per_backend[..],
+            "per-backend counts drifted"
+        );
         let st = t.stats;
         assert_eq!(
             st.inserted,
@@ -1003,6 +1032,37 @@ mod tests {
         let u = t.up(&udp, b, TcpFlags::NONE, 40 * SEC);
         assert_eq!((u.is_new, u.backend), (true, 0));
         assert_eq!(t.rm(&f).map(|e| e.backend), Some(4095));
+        check(&t);
+    }
+
+    #[test]
+    fn flows_are_counted_per_backend() {
+        let mut t = table(100);
+        let b = Bucket(7);
+        let flows: Vec<Flow> = (0..10).map(|n| flow(n, UDP)).collect();
+        for f in &flows {
+            t.up(f, b, TcpFlags::NONE, SEC);
+        }
+        assert_eq!(t.count_for_backend(0), 10);
+        for (i, f) in flows.iter().enumerate() {
+            t.set_backend(f.hash, 1 + (i % 2) as u16);
+        }
+        assert_eq!((t.count_for_backend(1), t.count_for_backend(2)), (5, 5));
+        // Moved, removed, expired and started over, swept: each leaves its backend's count.
+        t.set_backend(flows[0].hash, 2);
+        assert_eq!((t.count_for_backend(1), t.count_for_backend(2)), (4, 6));
+        t.rm(&flows[1]);
+        assert_eq!(t.count_for_backend(2), 5);
+        t.up(&flows[2], b, TcpFlags::NONE, 40 * SEC);
+        assert_eq!((t.count_for_backend(0), t.count_for_backend(1)), (1, 3));
+        check(&t);
+        t.expire(40 * SEC, t.slot_count());
+        assert_eq!(t.count_for_backend(1) + t.count_for_backend(2), 0);
+        assert_eq!(t.count_for_backend(0), 1);
+        check(&t);
+        t.clear();
+        assert_eq!(t.count_for_backend(0), 0);
+        assert_eq!(t.count_for_backend(4096), 0, "an id beyond the table's");
         check(&t);
     }
 
@@ -1059,7 +1119,7 @@ mod tests {
         assert_eq!(t.slots.as_ptr() as usize % 64, 0);
         assert_eq!(
             FlowTable::footprint(10_000_000),
-            15_000_000 * SLOT_BYTES + BUCKETS * 4
+            15_000_000 * SLOT_BYTES + BUCKETS * 4 + 4096 * 4
         );
         assert_eq!(FlowTable::slots_for(10_000_000), 15_000_000);
         assert!((1..5000).all(|c| FlowTable::slots_for(c) % SLOTS_PER_LINE == 0));

@@ -50,6 +50,10 @@ pub struct BackendStatus {
     pub state: String,
     /// Entries of the rule's table that are this backend's.
     pub table_entries: u32,
+    /// Flows in the node's flow tables whose backend this is (`status` of a running node;
+    /// None elsewhere, as in `check`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<u64>,
 }
 
 impl BackendStatus {
@@ -116,6 +120,7 @@ pub fn services_status(services: &Services) -> Vec<ServiceStatus> {
                         weight: b.weight,
                         state: b.state.name().to_owned(),
                         table_entries: shares.get(j).map_or(0, |&n| n as u32),
+                        flows: None,
                     })
                     .collect(),
             }
@@ -217,6 +222,14 @@ pub fn owner_of_service(
     Some(answer)
 }
 
+/// Sets each backend's current flows in `services` from `flows` (by backend id): what the
+/// running node's flow tables hold.
+pub fn add_flows(services: &mut [ServiceStatus], flows: impl Fn(u16) -> u64) {
+    for b in services.iter_mut().flat_map(|s| s.backends.iter_mut()) {
+        b.flows = Some(flows(b.id));
+    }
+}
+
 /// The services as a table for people (`status`, `check`); empty without services.
 pub fn services_table(services: &[ServiceStatus]) -> String {
     let mut out = String::new();
@@ -242,13 +255,18 @@ pub fn services_table(services: &[ServiceStatus]) -> String {
             .iter()
             .map(|b| b.address.to_string().len())
             .fold(7, usize::max);
-        let _ = writeln!(
-            out,
+        // Flows only where the node counted them (`status`, not `check`).
+        let counted = s.backends.iter().any(|b| b.flows.is_some());
+        let mut header = format!(
             "  {:<name_w$} {:<addr_w$} {:<17} {:>6}  {:<8} {:>6}",
             "backend", "address", "mac", "weight", "state", "share"
         );
+        if counted {
+            let _ = write!(header, " {:>9}", "flows");
+        }
+        let _ = writeln!(out, "{header}");
         for b in &s.backends {
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 "  {:<name_w$} {:<addr_w$} {:<17} {:>6}  {:<8} {:>5.1}%",
                 b.name,
@@ -258,6 +276,10 @@ pub fn services_table(services: &[ServiceStatus]) -> String {
                 b.state,
                 b.share_percent(s.table_size),
             );
+            if counted {
+                let _ = write!(out, " {:>9}", b.flows.unwrap_or(0));
+            }
+            let _ = writeln!(out);
         }
     }
     out

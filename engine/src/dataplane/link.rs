@@ -128,6 +128,8 @@ pub(crate) struct BackendFigures {
     frames: Box<[AtomicU64]>,
     bytes: Box<[AtomicU64]>,
     new_flows: Box<[AtomicU64]>,
+    /// Flows in the core's flow table per backend (a gauge).
+    flows: Box<[AtomicU64]>,
     /// Datagrams too big for an encapsulated path.
     pub(crate) too_big: AtomicU64,
 }
@@ -143,17 +145,20 @@ impl Default for BackendFigures {
             frames: ids(),
             bytes: ids(),
             new_flows: ids(),
+            flows: ids(),
             too_big: AtomicU64::new(0),
         }
     }
 }
 
-/// One backend's counts: what one core, or all of them, sent it.
+/// One backend's counts: what one core, or all of them, sent it, and its flows in their flow
+/// tables now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct BackendCounts {
     pub frames: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    pub flows: u64,
 }
 
 impl BackendFigures {
@@ -164,6 +169,7 @@ impl BackendFigures {
             (&self.frames, &counts.frames),
             (&self.bytes, &counts.bytes),
             (&self.new_flows, &counts.new_flows),
+            (&self.flows, &counts.flows),
         ] {
             for (o, &n) in out.iter().zip(ins) {
                 o.store(n, Relaxed);
@@ -179,6 +185,7 @@ impl BackendFigures {
             frames: at(&self.frames),
             bytes: at(&self.bytes),
             new_flows: at(&self.new_flows),
+            flows: at(&self.flows),
         }
     }
 }
@@ -443,6 +450,7 @@ impl ControlLink {
                 frames: t.frames + n.frames,
                 bytes: t.bytes + n.bytes,
                 new_flows: t.new_flows + n.new_flows,
+                flows: t.flows + n.flows,
             }
         })
     }

@@ -18,7 +18,7 @@ use std::net::IpAddr;
 
 use crate::appliance::encap::{self, Encap, Tunnel};
 use crate::appliance::{BackendState, Match};
-use crate::cluster::{Bucket, FirstFragment, FlowHash, TcpFlags, Upsert};
+use crate::cluster::{Bucket, FirstFragment, FlowHash, FlowTable, TcpFlags, Upsert};
 use crate::config::{Delivery, RuleMode, Unmatched};
 use crate::wire::{self, parse_ip_flow, parse_l2_l4, Parsed};
 
@@ -368,12 +368,15 @@ impl Pipeline {
     }
 }
 
-/// Per backend id, what this pipeline sent (appliance mode).
+/// Per backend id, what this pipeline sent (appliance mode), and its flows now.
 #[derive(Debug, Clone, Default)]
 pub struct ApplianceCounts {
     pub frames: Vec<u64>,
     pub bytes: Vec<u64>,
     pub new_flows: Vec<u64>,
+    /// Flows in the flow table whose backend is this one (a gauge, as of the last
+    /// [`Pipeline::maintain`]; expired flows not yet swept included).
+    pub flows: Vec<u64>,
     /// Datagrams too big for an encapsulated path: answered with ICMP (DF) or dropped.
     pub too_big: u64,
 }
@@ -381,10 +384,23 @@ pub struct ApplianceCounts {
 impl ApplianceCounts {
     /// Room for every backend id up to `max` (counts of known ids kept).
     pub(super) fn fit(&mut self, max: usize) {
-        for v in [&mut self.frames, &mut self.bytes, &mut self.new_flows] {
+        for v in [
+            &mut self.frames,
+            &mut self.bytes,
+            &mut self.new_flows,
+            &mut self.flows,
+        ] {
             if v.len() <= max {
                 v.resize(max + 1, 0);
             }
+        }
+    }
+
+    /// The flows of `table` per backend id, for the ids it has room for.
+    pub(super) fn count_flows(&mut self, table: &FlowTable) {
+        for (id, n) in self.flows.iter_mut().enumerate() {
+            // `fit` made room for backend ids only (at most 4095): the id fits in u16.
+            *n = u64::from(table.count_for_backend(id as u16));
         }
     }
 }

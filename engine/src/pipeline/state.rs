@@ -161,9 +161,14 @@ impl Pipeline {
         self.released.take()
     }
 
-    /// Housekeeping between bursts: expire idle flows, a bounded amount at a time.
+    /// Housekeeping between bursts: expire idle flows, a bounded amount at a time; in
+    /// appliance mode, count each backend's flows for [`Pipeline::appliance_counts`].
     pub fn maintain(&mut self, now: u64, budget: usize) -> usize {
         self.learned.expire(now, budget / 4 + 1);
-        self.flows.expire(now, budget)
+        let expired = self.flows.expire(now, budget);
+        if self.services.active() {
+            self.appliance.count_flows(&self.flows);
+        }
+        expired
     }
 }

@@ -99,6 +99,50 @@ fn status_lists_every_rule_and_backend_with_state_and_share() {
     assert!(!text.contains('{') && !text.contains("Some("), "{text}");
 }
 
+/// `status` of a running node: each backend's flows now, in the table and on the wire.
+#[test]
+fn status_shows_each_backends_current_flows() {
+    let mut status = services_status(&services());
+    add_flows(&mut status, |id| u64::from(id) * 1000);
+    let text = services_table(&status);
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{text}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(line("backend").last().map(String::as_str), Some("flows"));
+    for b in status.iter().flat_map(|s| &s.backends) {
+        let want = (u64::from(b.id) * 1000).to_string();
+        assert_eq!(line(&b.name).last(), Some(&want), "{text}");
+    }
+    let reply = Reply::Status(Box::new(Status {
+        node: 1,
+        epoch: 1,
+        phase: crate::control::Phase::Done,
+        moving: 0,
+        draining: false,
+        drained: false,
+        refusing: false,
+        fenced: false,
+        fence_reasons: vec![],
+        drain_cut: false,
+        owed_buckets: 0,
+        protocol_version: 2,
+        healthy: None,
+        members: vec![],
+        outside: vec![],
+        timeline: vec![],
+        services: status,
+        services_epoch: 0,
+    }));
+    let line = reply.to_line();
+    assert!(line.contains("\"flows\":1000"), "{line}");
+    assert_eq!(Reply::decode(&Request::Status, &line), Ok(reply));
+}
+
 #[test]
 fn status_with_services_reads_back_and_an_old_status_still_reads() {
     let status = Status {

@@ -676,3 +676,39 @@ fn fragments_outside_the_rules_keep_the_cluster_path() {
         }
     }
 }
+
+/// Each backend's current flows (the `service_backend_flows` gauge): counted from the flow
+/// table at housekeeping, moved with a flow, gone with it.
+#[test]
+fn each_backends_current_flows_are_counted() {
+    let mut p = appliances(1, "dsr").remove(0);
+    for i in 0..300 {
+        let (src, sport) = client(i);
+        run(&mut p, &segment(src, sport, 80, 0x02), 1);
+    }
+    let sweep = p.flows().slot_count();
+    p.maintain(1, sweep);
+    let counts = p.appliance_counts().clone();
+    assert_eq!(counts.flows[1..].iter().sum::<u64>(), 300);
+    for id in 1..=3 {
+        assert_eq!(counts.flows[id], counts.new_flows[id], "backend {id}");
+        assert_eq!(
+            u64::from(p.flows().count_for_backend(id as u16)),
+            counts.flows[id]
+        );
+    }
+    // Backend 1 drained: its flows stay, and stay counted.
+    let s = p
+        .services()
+        .with_backend(SECRET, 1, |b| b.state = BackendState::Drained);
+    p.set_services(Arc::new(s));
+    for i in 0..300 {
+        let (src, sport) = client(i);
+        run(&mut p, &segment(src, sport, 80, 0x10), 2);
+    }
+    p.maintain(2, sweep);
+    assert_eq!(p.appliance_counts().flows, counts.flows);
+    // Idle past every timeout: swept out of the table and the counts.
+    p.maintain(3_600_000_000_000, 2 * sweep);
+    assert!(p.appliance_counts().flows.iter().all(|&n| n == 0));
+}
