@@ -5,7 +5,8 @@
 //! at 1 thousand to 10 million flows on one node, without DPDK (`decision/one-node`); what
 //! this machine's memory alone costs the flow table's access pattern at those sizes
 //! (`decision/memory-floor`); and the bucket hash alone with each SipHash implementation the
-//! CPU runs (`decision/hash8`).
+//! CPU runs (`decision/hash8`). And appliance mode's decision (`decision/appliance`): one node
+//! forwarding every flow to a backend of its service, by DSR or GUE.
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
@@ -336,5 +337,109 @@ fn hash8(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decision, flows, memory_floor, hash8);
+/// Appliance mode (`decision/appliance/<delivery>/...`): one node that owns every bucket, a TCP
+/// and a UDP service on the cluster address (all ports, 8 backends with static MACs each), and
+/// 4096 flows of the synthetic mix, every frame forwarded to its backend. `from_wire` decides
+/// frame by frame; `burst` prepares 32 first, as the data plane does. With GUE the outer
+/// headers are written too ([`Pipeline::take_encap`]), into a scratch buffer. Each frame's
+/// destination MAC is restored before its decision (DSR rewrote it the round before), as a
+/// NIC would hand over a fresh frame: that copy is counted.
+fn appliance(c: &mut Criterion) {
+    use clonecluster::appliance::Services;
+    use clonecluster::config::Config;
+    use clonecluster::pipeline::Action;
+    const SECRET: &[u8] = b"bench-secret-0123456789abcdef";
+    let members = [Member::new(1, 100).unwrap()];
+    let snapshot = Arc::new(stable_snapshot(
+        &OwnershipTable::build(1, &members).unwrap(),
+    ));
+    let mut group = c.benchmark_group("decision/appliance");
+    for delivery in ["dsr", "gue"] {
+        let mut text = String::from(
+            "cluster:\n  ip: 198.18.0.1\n  mac: 02:cc:00:00:00:01\n  secret_file: secret\n\
+             node:\n  id: 1\n  mac: 02:00:00:00:00:01\n  ip: 198.18.0.2\n\
+             dataplane:\n  eal_args: [--no-huge]\n\
+             \x20 wire_port: { vdev: \"net_null0\" }\n  host_port: { vdev: \"net_null1\" }\n\
+             services:\n",
+        );
+        for (s, proto) in ["tcp", "udp"].iter().enumerate() {
+            text += &format!(
+                "  - name: bench-{proto}\n    addresses: [198.18.0.1]\n    protocol: {proto}\n    \
+                 ports: [\"1-65535\"]\n    delivery: {delivery}\n    backends:\n"
+            );
+            for n in 1..=8 {
+                text += &format!(
+                    "      - {{ ip: 198.18.1.{n}, mac: \"02:bb:00:00:{s:02x}:{n:02x}\" }}\n"
+                );
+            }
+        }
+        let config = Config::parse(&text, "bench.yaml").expect("bench config");
+        config.validate("bench.yaml").expect("bench config");
+        let mut id = identity(1);
+        id.node_ip = Some(Ipv4Addr::new(198, 18, 0, 2));
+        let mut pipeline = Pipeline::new(id, SECRET, Arc::clone(&snapshot), TableSizes::default());
+        pipeline.set_services(Arc::new(Services::compile(&config, SECRET, None)));
+        let mut bufs: Vec<(Vec<u8>, usize)> = (0..4096)
+            .map(|i| {
+                let mut b = synthetic(i);
+                let len = b.len();
+                b.resize(2048, 0);
+                (b, len)
+            })
+            .collect();
+        let mut scratch = vec![0u8; 2048];
+        let mut now = 0u64;
+        let (mut decided, mut forwarded) = (0u64, 0u64);
+        let mut carry_out = |pipeline: &mut Pipeline, action: Action, len: usize| match action {
+            Action::ToBackend { push: 0 } => forwarded += 1,
+            Action::ToBackend { push } => {
+                let n = usize::from(push) + len;
+                forwarded += u64::from(pipeline.take_encap(&mut scratch[..n]).is_some());
+            }
+            other => {
+                black_box(other);
+            }
+        };
+        group.throughput(Throughput::Elements(bufs.len() as u64));
+        group.bench_function(format!("{delivery}/from_wire"), |b| {
+            b.iter(|| {
+                for (buf, len) in bufs.iter_mut() {
+                    now += 50;
+                    // DSR rewrote the last round's destination: a fresh frame from the NIC.
+                    buf[..6].copy_from_slice(&CLUSTER_MAC);
+                    let action = pipeline.from_wire(black_box(buf), *len, now);
+                    carry_out(&mut pipeline, action, *len);
+                    decided += 1;
+                }
+            })
+        });
+        let mut prepared = [Prepared::default(); 32];
+        group.bench_function(format!("{delivery}/burst"), |b| {
+            b.iter(|| {
+                for chunk in bufs.chunks_mut(32) {
+                    now += 32 * 50;
+                    for (buf, _) in chunk.iter_mut() {
+                        buf[..6].copy_from_slice(&CLUSTER_MAC);
+                    }
+                    let views: [Option<&[u8]>; 32] =
+                        std::array::from_fn(|i| chunk.get(i).map(|(b, len)| &b[..*len]));
+                    // One node: nothing is another node's.
+                    pipeline.prepare_burst(black_box(&views[..chunk.len()]), &mut prepared);
+                    for ((buf, len), p) in chunk.iter_mut().zip(&prepared) {
+                        let action = pipeline.decide(black_box(buf), *len, p, now);
+                        carry_out(&mut pipeline, action, *len);
+                        decided += 1;
+                    }
+                }
+            })
+        });
+        // Every frame went to a backend, or the figure means nothing (nothing ran: `--list`).
+        assert_eq!(forwarded, decided, "{delivery}: frames not forwarded");
+        let sent: u64 = pipeline.appliance_counts().frames.iter().sum();
+        assert_eq!(sent, forwarded, "{delivery}: frames not counted");
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decision, flows, memory_floor, hash8, appliance);
 criterion_main!(benches);

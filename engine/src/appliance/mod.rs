@@ -85,6 +85,9 @@ pub struct Rule {
     pub mtu: u16,
     pub backends: Vec<Backend>,
     table: Maglev,
+    /// Bit `i` for each of its addresses that is [`Services::addresses`]' `i`-th (`i` < 64):
+    /// what [`Services::lookup_raw`] tests instead of comparing addresses.
+    address_bits: u64,
 }
 
 impl Rule {
@@ -152,6 +155,11 @@ pub struct Services {
     has_single: bool,
     /// Backend id -> (rule, backend index), for ids up to the largest.
     by_id: Vec<Option<(u16, u16)>>,
+    /// The IPv4 and IPv6 service addresses as numbers, with their index in `addresses`, for
+    /// [`Services::lookup_raw`]; both empty when there are more than 64 addresses (then it
+    /// takes [`Services::lookup`]'s way).
+    raw4: Vec<(u32, u8)>,
+    raw6: Vec<(u128, u8)>,
     /// The agreed backend table's epoch this was built from (0: the configuration's).
     pub epoch: u64,
 }
@@ -227,6 +235,7 @@ impl Services {
                 mtu: s.mtu,
                 table: Maglev::build(&candidates(&backends), &key),
                 backends,
+                address_bits: 0,
             });
         }
         let mut services = Services {
@@ -248,6 +257,25 @@ impl Services {
                     self.addresses.push(*a);
                 }
             }
+        }
+        self.raw4.clear();
+        self.raw6.clear();
+        if self.addresses.len() <= 64 {
+            for (i, a) in self.addresses.iter().enumerate() {
+                // At most 64 addresses: the index fits in u8.
+                match a {
+                    IpAddr::V4(v4) => self.raw4.push((u32::from(*v4), i as u8)),
+                    IpAddr::V6(v6) => self.raw6.push((u128::from(*v6), i as u8)),
+                }
+            }
+        }
+        for r in &mut self.rules {
+            r.address_bits = self
+                .addresses
+                .iter()
+                .enumerate()
+                .filter(|(i, a)| *i < 64 && r.addresses.contains(a))
+                .fold(0, |bits, (i, _)| bits | 1 << i);
         }
         self.active = !self.rules.is_empty();
         self.has_single = self.rules.iter().any(|r| r.mode == RuleMode::Single);
@@ -340,6 +368,43 @@ impl Services {
             return Match::Cluster;
         }
         match self.rules.iter().position(|r| r.matches(dst, proto, port)) {
+            Some(i) => Match::Rule(i),
+            None => Match::NoRule,
+        }
+    }
+
+    /// [`Services::lookup`] of a destination given as a number: IPv4's 32 bits (in the low
+    /// bits, `v6` false) or IPv6's 128. The same answer, without building, copying and
+    /// comparing `IpAddr`s: the addresses are numbers, a rule's are bits.
+    #[inline]
+    pub fn lookup_raw(&self, v6: bool, dst: u128, proto: u8, port: u16) -> Match {
+        if self.raw4.len() + self.raw6.len() != self.addresses.len() {
+            let ip = if v6 {
+                IpAddr::V6(dst.into())
+            } else {
+                // IPv4 keeps its 32 bits in the low bits: the truncation is exact.
+                IpAddr::V4((dst as u32).into())
+            };
+            return self.lookup(ip, proto, port);
+        }
+        let at = if v6 {
+            self.raw6.iter().find(|a| a.0 == dst).map(|a| a.1)
+        } else {
+            self.raw4
+                .iter()
+                .find(|a| u128::from(a.0) == dst)
+                .map(|a| a.1)
+        };
+        let Some(at) = at else {
+            return Match::Cluster;
+        };
+        let bit = 1u64 << at;
+        let rule = self.rules.iter().position(|r| {
+            r.proto == proto
+                && r.address_bits & bit != 0
+                && r.ports.iter().any(|p| p.contains(port))
+        });
+        match rule {
             Some(i) => Match::Rule(i),
             None => Match::NoRule,
         }

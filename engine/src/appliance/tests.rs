@@ -64,6 +64,53 @@ fn destinations_match_rules_by_address_protocol_and_port() {
     assert!(!Services::none().active());
 }
 
+/// The per-frame lookup by numbers answers as the lookup by `IpAddr` for every destination,
+/// protocol and port, with up to 64 service addresses (bits) and beyond (its fallback).
+#[test]
+fn the_raw_lookup_answers_as_the_lookup() {
+    let raw = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => (false, u128::from(u32::from(a))),
+        IpAddr::V6(a) => (true, u128::from(a)),
+    };
+    let many: String = (0..70).map(|i| format!(", 198.18.3.{i}")).collect();
+    let crowded = CONF.replace(
+        "    addresses: [198.18.0.101]",
+        &format!("    addresses: [198.18.0.101{many}]"),
+    );
+    for text in [CONF, crowded.as_str()] {
+        let s = Services::compile(&config(text), b"secret", None);
+        let mut dsts: Vec<IpAddr> = s.addresses().to_vec();
+        dsts.extend(
+            [
+                "198.18.0.1",
+                "2001:2::1",
+                "::ffff:198.18.0.100",
+                "198.18.3.200",
+                "0.0.0.0",
+            ]
+            .map(v4),
+        );
+        for dst in dsts {
+            for proto in [1, 6, 17] {
+                for port in [0, 22, 53, 79, 80, 81, 7999, 8000, 8001, 8002, 65535] {
+                    let (v6, n) = raw(dst);
+                    assert_eq!(
+                        s.lookup_raw(v6, n, proto, port),
+                        s.lookup(dst, proto, port),
+                        "{dst} {proto} {port}"
+                    );
+                }
+            }
+        }
+        for none in [Services::none(), Arc::new(s.clone())] {
+            assert_eq!(
+                none.lookup_raw(false, 0xc612_0001, 6, 80),
+                none.lookup(v4("198.18.0.1"), 6, 80)
+            );
+        }
+    }
+}
+
 #[test]
 fn single_rules_go_to_the_first_serving_node_by_priority() {
     let s = Services::compile(&config(CONF), b"secret", None);

@@ -20,20 +20,23 @@ use crate::appliance::encap::{self, Encap, Tunnel};
 use crate::appliance::{BackendState, Match};
 use crate::cluster::{Bucket, FirstFragment, FlowHash, FlowTable, TcpFlags, Upsert};
 use crate::config::{Delivery, RuleMode, Unmatched};
-use crate::wire::{self, parse_ip_flow, parse_l2_l4, Parsed};
+use crate::wire::{self, parse_l2_l4, Parsed};
 
 use super::prepare::bucket_from;
 use super::types::TCP;
 use super::{Action, DropReason, Pipeline};
 
 /// What the service path reads of a frame beyond its flow: where its IP packet is and whom it
-/// is for.
-#[derive(Debug, Clone, Copy)]
+/// is for. Addresses are numbers, not `IpAddr`s (17 bytes to build, copy and compare per
+/// frame): IPv4's 32 bits in the low bits, or IPv6's 128.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Destination {
     pub l3: usize,
     pub ip_len: usize,
-    pub src: IpAddr,
-    pub dst: IpAddr,
+    /// IPv6 (else IPv4).
+    pub v6: bool,
+    pub src: u128,
+    pub dst: u128,
     pub src_port: u16,
     pub dst_port: u16,
     /// IPv4's "don't fragment", or IPv6 (never fragmented on the way).
@@ -42,16 +45,24 @@ pub(super) struct Destination {
 
 impl Destination {
     /// The destination of a TCP/UDP frame (`None`: not one; it then takes the cluster's path).
+    ///
+    /// The frame comes from [`Pipeline::decide`] with [`super::Prepared::Flow`], so it has
+    /// been parsed and its TCP/UDP header checked: the common frame is read again only at
+    /// fixed offsets; any other (a VLAN tag, IPv4 options, IPv6 extension headers) is parsed.
     #[inline]
     pub(super) fn of(frame: &[u8]) -> Option<Destination> {
-        let (l3, src, dst, src_port, dst_port) = match parse_ip_flow(frame) {
-            Some(f) => (14, f.src, f.dst, f.src_port, f.dst_port),
-            None => {
-                let p = parse_l2_l4(frame).ok()?;
-                (p.l3_offset, p.src_ip, p.dst_ip, p.src_port?, p.dst_port?)
-            }
-        };
-        Destination::at(frame, l3, src, dst, src_port, dst_port)
+        if let Some(d) = Destination::common(frame) {
+            return Some(d);
+        }
+        let p = parse_l2_l4(frame).ok()?;
+        Destination::at(
+            frame,
+            p.l3_offset,
+            p.src_ip,
+            p.dst_ip,
+            p.src_port?,
+            p.dst_port?,
+        )
     }
 
     /// The destination of an IP fragment `frame` parsed as `p` (ports 0 in a later fragment).
@@ -61,8 +72,83 @@ impl Destination {
         Destination::at(frame, p.l3_offset, p.src_ip, p.dst_ip, sp, dp)
     }
 
+    /// The source address.
+    #[inline]
+    pub(super) fn src_ip(&self) -> IpAddr {
+        if self.v6 {
+            IpAddr::V6(self.src.into())
+        } else {
+            // IPv4 keeps its 32 bits in the low bits: the truncation is exact.
+            IpAddr::V4((self.src as u32).into())
+        }
+    }
+
+    /// The common frame as [`crate::wire::parse_ip_flow`] accepts it — untagged, IPv4 without options and
+    /// not a fragment, or IPv6 with TCP or UDP right after its header — with its checks of the
+    /// IP header, at fixed offsets (`None`: another frame).
     #[inline(always)]
-    fn at(
+    fn common(frame: &[u8]) -> Option<Destination> {
+        const L3: usize = 14;
+        const TCP: u8 = 6;
+        const UDP: u8 = 17;
+        match frame.get(12..14)? {
+            [0x08, 0x00] => {
+                // The IPv4 header and the ports: one bounds check.
+                let h: &[u8; L3 + 24] = frame.get(..L3 + 24)?.try_into().ok()?;
+                if h[L3] != 0x45 || h[L3 + 6] & 0x3f != 0 || h[L3 + 7] != 0 {
+                    return None;
+                }
+                if !matches!(h[L3 + 9], TCP | UDP) {
+                    return None;
+                }
+                let ip_len = usize::from(u16::from_be_bytes([h[L3 + 2], h[L3 + 3]]));
+                if ip_len < 20 || ip_len > frame.len() - L3 {
+                    return None;
+                }
+                let word = |at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+                Some(Destination {
+                    l3: L3,
+                    ip_len,
+                    v6: false,
+                    src: u128::from(word(L3 + 12)),
+                    dst: u128::from(word(L3 + 16)),
+                    src_port: u16::from_be_bytes([h[L3 + 20], h[L3 + 21]]),
+                    dst_port: u16::from_be_bytes([h[L3 + 22], h[L3 + 23]]),
+                    no_frag: h[L3 + 6] & 0x40 != 0,
+                })
+            }
+            [0x86, 0xdd] => {
+                // The IPv6 header and the ports.
+                let h: &[u8; L3 + 44] = frame.get(..L3 + 44)?.try_into().ok()?;
+                if h[L3] >> 4 != 6 || !matches!(h[L3 + 6], TCP | UDP) {
+                    return None;
+                }
+                let payload = usize::from(u16::from_be_bytes([h[L3 + 4], h[L3 + 5]]));
+                if payload > frame.len() - (L3 + 40) {
+                    return None;
+                }
+                let addr = |at: usize| {
+                    let mut a = [0u8; 16];
+                    a.copy_from_slice(&h[at..at + 16]);
+                    u128::from_be_bytes(a)
+                };
+                Some(Destination {
+                    l3: L3,
+                    ip_len: 40 + payload,
+                    v6: true,
+                    src: addr(L3 + 8),
+                    dst: addr(L3 + 24),
+                    src_port: u16::from_be_bytes([h[L3 + 40], h[L3 + 41]]),
+                    dst_port: u16::from_be_bytes([h[L3 + 42], h[L3 + 43]]),
+                    no_frag: true,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The destination of the IP packet at `l3` of `frame`, parsed (any frame).
+    pub(super) fn at(
         frame: &[u8],
         l3: usize,
         src: IpAddr,
@@ -70,6 +156,10 @@ impl Destination {
         src_port: u16,
         dst_port: u16,
     ) -> Option<Destination> {
+        let raw = |ip: IpAddr| match ip {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a),
+        };
         let ip = frame.get(l3..)?;
         let (ip_len, no_frag) = match dst {
             IpAddr::V4(_) => (
@@ -84,8 +174,9 @@ impl Destination {
         (ip_len <= ip.len()).then_some(Destination {
             l3,
             ip_len,
-            src,
-            dst,
+            v6: dst.is_ipv6(),
+            src: raw(src),
+            dst: raw(dst),
             src_port,
             dst_port,
             no_frag,
@@ -221,7 +312,7 @@ impl Pipeline {
         flags: TcpFlags,
         now: u64,
     ) -> Service {
-        let r = match self.services.lookup(d.dst, proto, d.dst_port) {
+        let r = match self.services.lookup_raw(d.v6, d.dst, proto, d.dst_port) {
             Match::Cluster => return Service::Cluster,
             Match::NoRule => {
                 return match self.services.unmatched() {
@@ -281,7 +372,7 @@ impl Pipeline {
         }
         let b = self
             .services
-            .choose_new(r, &self.hasher, hash, d.src, d.src_port, proto)?;
+            .choose_new(r, &self.hasher, hash, d.src_ip(), d.src_port, proto)?;
         if upsert.tracked {
             self.flows.set_backend(hash, b.id);
         }
@@ -351,7 +442,7 @@ impl Pipeline {
             next_hop: mac,
             inner_at: d.l3,
             inner_len: d.ip_len,
-            inner_v6: d.dst.is_ipv6(),
+            inner_v6: d.v6,
             entropy,
         };
         self.appliance.frames[id] += 1;

@@ -712,3 +712,76 @@ fn each_backends_current_flows_are_counted() {
     p.maintain(3_600_000_000_000, 2 * sweep);
     assert!(p.appliance_counts().flows.iter().all(|&n| n == 0));
 }
+
+/// The destination of a frame prepared as a flow, as the service path reads it (at fixed
+/// offsets for the common frame) and as the parser says it is.
+fn destination_agrees(p: &Pipeline, frame: &[u8]) -> Result<(), TestCaseError> {
+    use super::super::appliance::Destination;
+    if !matches!(p.prepare(frame), Prepared::Flow { .. }) {
+        return Ok(());
+    }
+    let parsed = parse_l2_l4(frame).unwrap();
+    let want = Destination::at(
+        frame,
+        parsed.l3_offset,
+        parsed.src_ip,
+        parsed.dst_ip,
+        parsed.src_port.unwrap(),
+        parsed.dst_port.unwrap(),
+    );
+    prop_assert_eq!(Destination::of(frame), want);
+    Ok(())
+}
+
+#[test]
+fn the_destination_read_at_fixed_offsets_is_the_parsers() {
+    let p = appliances(1, "dsr").remove(0);
+    let mut frames = capture();
+    for i in 0..50 {
+        let (src, sport) = client(i);
+        frames.push(segment(src, sport, 80, 0x02));
+        frames.push(build::ipv6(
+            [2, 0, 0, 0, 0, 0x64],
+            [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, i as u8],
+            17,
+            &mut build::udp(sport, b"datagram"),
+            6,
+        ));
+    }
+    let mut flows = 0;
+    for f in &frames {
+        flows += usize::from(matches!(p.prepare(f), Prepared::Flow { .. }));
+        destination_agrees(&p, f).unwrap();
+    }
+    assert!(flows > 100, "{flows}");
+}
+
+proptest! {
+    /// Frames with header bytes changed at random: whatever is still prepared as a flow has
+    /// the same destination either way.
+    #[test]
+    fn changed_headers_keep_the_destinations_agreeing(
+        v6 in any::<bool>(),
+        changes in proptest::collection::vec((0usize..62, any::<u8>()), 1..4),
+        cut in 0usize..8,
+    ) {
+        let p = appliances(1, "dsr").remove(0);
+        let mut f = if v6 {
+            build::ipv6(
+                [2, 0, 0, 0, 0, 0x64],
+                [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9],
+                6,
+                &mut build::tcp(40000, 1, 1, 0x10, b"payload"),
+                16,
+            )
+        } else {
+            segment([198, 18, 2, 9], 40000, 80, 0x10)
+        };
+        for (at, byte) in changes {
+            let len = f.len();
+            f[at % len] = byte;
+        }
+        f.truncate(f.len() - cut);
+        destination_agrees(&p, &f)?;
+    }
+}
