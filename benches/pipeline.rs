@@ -632,7 +632,8 @@ fn cpu_hz() -> Option<f64> {
 
 fn memory_report() {
     println!(
-        "flow table memory (one core; slot {SLOT_BYTES} B + {BUCKETS} x u32 per-bucket counts):"
+        "flow table memory (one core; slot {SLOT_BYTES} B + {BUCKETS} x u32 per-bucket and \
+         4096 x u32 per-backend counts):"
     );
     for capacity in [1_000usize, 1_000_000, 10_000_000] {
         let bytes = FlowTable::footprint(capacity);
