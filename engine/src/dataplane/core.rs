@@ -25,7 +25,7 @@ use super::steer::Outgoing;
 use super::worker::Shared;
 use super::{Burst, Mbuf, Mempool, BURST};
 use crate::counters::CoreCounters;
-use crate::pipeline::{Action, DropReason, FragmentHold, Pipeline, Prepared, Side};
+use crate::pipeline::{Action, DropReason, FragmentHold, Pipeline, Prepared, Released, Side};
 
 /// Later fragments a core holds at most, waiting for their first.
 const HOLD_CAPACITY: usize = 64;
@@ -199,9 +199,15 @@ impl<'a> Core<'a> {
             #[cfg(feature = "testkit")]
             super::test_hooks::hold(self.index);
             let now = self.start_poll();
-            let from_wire = self.poll_wire(now);
-            let from_host = self.poll_host(now);
-            let passed = self.poll_passed(now);
+            // With several cores: while the frames this core passes back up, it receives
+            // nothing of its own and only decides what the others passed it.
+            let paused = self.steer.as_mut().is_some_and(|s| s.backed_up());
+            let (from_wire, from_host) = if paused {
+                (0, 0)
+            } else {
+                (self.poll_wire(now), self.poll_host(now))
+            };
+            let passed = self.poll_passed(now) + usize::from(paused);
             if self.iterations.is_multiple_of(CONTROL_EVERY) {
                 self.between_bursts();
                 if self.index == 0 {
@@ -530,8 +536,18 @@ impl Forward<'_> {
     #[inline(always)]
     fn wire_frame(&mut self, mut m: Mbuf, prep: &Prepared, now: u64) {
         let len = m.len();
+        let action = self.pipeline.decide(m.room_mut(), len, prep, now);
+        self.carry_out(m, action, now);
+        if let Some(released) = self.pipeline.take_released() {
+            self.release(released, now);
+        }
+    }
+
+    /// Sends a decided wire frame where `action` says.
+    #[inline(always)]
+    fn carry_out(&mut self, mut m: Mbuf, action: Action, now: u64) {
         let c = self.counters;
-        match self.pipeline.decide(m.room_mut(), len, prep, now) {
+        match action {
             Action::Deliver => self.to_host.push(m),
             Action::DeliverShared => {
                 self.link.neighbour_answer(m.data());
@@ -583,16 +599,23 @@ impl Forward<'_> {
                 push_dropped(&mut self.dropped, m);
             }
         }
-        if let Some(released) = self.pipeline.take_released() {
-            let (to_host, drops) = (&mut self.to_host, &mut self.drops);
-            self.hold.release(&released.key, |m| {
-                if released.owned {
-                    to_host.push(m);
-                } else {
-                    drop(m);
-                    drops[DropReason::NotOwned.index()] += 1;
-                }
-            });
+    }
+
+    /// The later fragments held for a first fragment just decided: to the host if it went
+    /// there, decided again (to its backend) if it went to a backend, else dropped.
+    #[inline(never)]
+    fn release(&mut self, released: Released, now: u64) {
+        while let Some(mut m) = self.hold.take(&released.key) {
+            if released.to_backend {
+                let len = m.len();
+                let action = self.pipeline.released_fragment(m.room_mut(), len, now);
+                self.carry_out(m, action, now);
+            } else if released.owned {
+                self.to_host.push(m);
+            } else {
+                self.drops[DropReason::NotOwned.index()] += 1;
+                push_dropped(&mut self.dropped, m);
+            }
         }
     }
 

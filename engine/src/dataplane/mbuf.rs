@@ -310,22 +310,24 @@ impl Burst {
     }
 
     /// Puts every mbuf into `ring` (ownership passes to whoever dequeues them); those the ring
-    /// has no room for are freed. Returns how many were freed.
+    /// has no room for are freed. Returns how many were freed, and the ring's free slots after
+    /// (`u32::MAX` when the burst was empty).
     ///
     /// # Safety
     /// `ring` must be a valid ring of mbufs that this thread may enqueue to.
     #[inline]
-    pub unsafe fn to_ring(&mut self, ring: *mut sys::rte_ring) -> usize {
+    pub unsafe fn to_ring(&mut self, ring: *mut sys::rte_ring) -> (usize, u32) {
         if self.len == 0 {
-            return 0;
+            return (0, u32::MAX);
         }
+        let mut free = 0u32;
         // SAFETY: per the caller; the first `len` slots are owned mbufs.
         let n = unsafe {
             sys::rte_ring_enqueue_burst(
                 ring,
                 self.slots.as_ptr().cast(),
                 self.len as u32,
-                std::ptr::null_mut(),
+                &mut free,
             )
         } as usize;
         let unsent = self.len - n;
@@ -334,7 +336,7 @@ impl Burst {
             unsafe { sys::rte_pktmbuf_free_bulk(self.slots.as_mut_ptr().add(n), unsent as u32) };
         }
         self.len = 0;
-        unsent
+        (unsent, free)
     }
 
     /// Takes every mbuf out, in order.

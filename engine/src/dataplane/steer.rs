@@ -3,9 +3,12 @@
 //! core may put into and only its owner takes from.
 //!
 //! Only when a node runs more than one packet core: with one there are no rings and nothing
-//! is hashed. A frame a full ring cannot take is freed and counted (`core-queue-full`), never
-//! decided on a core that lacks its flow's state. This module must never decide anything about
-//! a frame: where it goes is the pipeline's call.
+//! is hashed. A core whose passes back up (a ring it feeds is three quarters full: its owner is
+//! slower than the traffic) stops receiving until they drain, so that overload drops frames
+//! where a port would anyway, in its receive queue, rather than between cores after they were
+//! received. A frame a full ring still cannot take is freed and counted (`core-queue-full`),
+//! never decided on a core that lacks its flow's state. This module must never decide anything
+//! about a frame: where it goes is the pipeline's call.
 
 use std::ffi::CString;
 
@@ -19,6 +22,8 @@ use crate::pipeline::Side;
 const RING_SLOTS: u32 = 1024;
 /// `RING_F_SC_DEQ` of `rte_ring_core.h` (a `#define` bindgen does not bind): one consumer.
 const RING_F_SC_DEQ: u32 = 0x0002;
+/// Free slots below which a ring counts as backed up.
+const LOW_WATER: u32 = RING_SLOTS / 4;
 
 /// Every core's incoming rings, `[core][side]`.
 pub(super) struct Rings {
@@ -101,6 +106,8 @@ pub(super) struct Outgoing<'a> {
     rings: &'a Rings,
     me: usize,
     out: Vec<[Burst; 2]>,
+    /// A ring this core feeds was backed up at the last look.
+    backed_up: bool,
 }
 
 impl<'a> Outgoing<'a> {
@@ -111,6 +118,7 @@ impl<'a> Outgoing<'a> {
             out: (0..rings.rings.len())
                 .map(|_| [Burst::new(), Burst::new()])
                 .collect(),
+            backed_up: false,
         }
     }
 
@@ -147,12 +155,33 @@ impl<'a> Outgoing<'a> {
         if passed == 0 {
             return (0, 0);
         }
-        let mut refused = 0;
+        let (mut refused, mut least_free) = (0, u32::MAX);
         for (home, bursts) in self.out.iter_mut().enumerate() {
             // SAFETY: the ring is core `home`'s, multi-producer; only its own core dequeues.
-            refused += unsafe { bursts[s].to_ring(self.rings.incoming(home, side)) };
+            let (unsent, free) = unsafe { bursts[s].to_ring(self.rings.incoming(home, side)) };
+            refused += unsent;
+            least_free = least_free.min(free);
         }
+        self.backed_up |= least_free < LOW_WATER;
         (passed - refused, refused)
+    }
+
+    /// Whether this core should leave its own queues alone for now: a ring it feeds was backed
+    /// up, and still is (looked at again only then).
+    #[inline(always)]
+    pub(super) fn backed_up(&mut self) -> bool {
+        if self.backed_up {
+            self.backed_up = self.any_backed_up();
+        }
+        self.backed_up
+    }
+
+    fn any_backed_up(&self) -> bool {
+        (0..self.cores())
+            .filter(|&core| core != self.me)
+            .flat_map(|core| [Side::Wire, Side::Host].map(|side| self.rings.incoming(core, side)))
+            // SAFETY: reading a ring's counts is safe from any thread while it exists.
+            .any(|ring| unsafe { sys::rte_ring_free_count(ring) } < LOW_WATER)
     }
 }
 

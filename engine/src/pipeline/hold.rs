@@ -103,6 +103,15 @@ impl<T> FragmentHold<T> {
         }
     }
 
+    /// Takes one held item of `key`, if any is held.
+    pub fn take(&mut self, key: &FragmentKey) -> Option<T> {
+        let slot = self
+            .slots
+            .iter_mut()
+            .find(|s| matches!(s, Some((k, _, _)) if k == key))?;
+        slot.take().map(|(_, _, item)| item)
+    }
+
     /// Takes every held item of `key`, calling `f` on each.
     pub fn release(&mut self, key: &FragmentKey, mut f: impl FnMut(T)) {
         for slot in &mut self.slots {
