@@ -1122,7 +1122,7 @@ mod tests {
             15_000_000 * SLOT_BYTES + BUCKETS * 4 + 4096 * 4
         );
         assert_eq!(FlowTable::slots_for(10_000_000), 15_000_000);
-        assert!((1..5000).all(|c| FlowTable::slots_for(c) % SLOTS_PER_LINE == 0));
+        assert!((1..5000).all(|c| FlowTable::slots_for(c).is_multiple_of(SLOTS_PER_LINE)));
     }
 
     #[test]
