@@ -175,9 +175,12 @@ impl Appliances {
 
     /// `n` new connections, one request each: who answered (backend ids), and how many failed.
     fn requests(&self, n: usize) -> (BTreeMap<u8, usize>, usize) {
-        let script = format!(
-            "for i in $(seq 1 {n}); do curl -s -m 5 http://{CLUSTER_IP}/id || echo fail; done"
-        );
+        self.requests_to(&format!("http://{CLUSTER_IP}/id"), n)
+    }
+
+    /// [`Appliances::requests`] to `url` (curl arguments: `-g -6 'http://[..]/id'` for IPv6).
+    fn requests_to(&self, url: &str, n: usize) -> (BTreeMap<u8, usize>, usize) {
+        let script = format!("for i in $(seq 1 {n}); do curl -s -m 5 {url} || echo fail; done");
         let out = self
             .topo
             .client
@@ -645,28 +648,7 @@ fn an_ipv6_service_reaches_ipv6_backends_checked_over_ipv6() {
     let all_up = [("b1", "up"), ("b2", "up"), ("b3", "up")];
     wait_states(&lab, &nodes, &all_up, Duration::from_secs(20));
 
-    let request6 = |n: usize| -> (BTreeMap<u8, usize>, usize) {
-        let script = format!(
-            "for i in $(seq 1 {n}); do curl -s -g -6 -m 5 'http://[2001:2::1]/id' || echo fail; \
-             done"
-        );
-        let out = lab
-            .topo
-            .client
-            .command(&["bash", "-c", &script])
-            .output()
-            .unwrap();
-        let mut by = BTreeMap::new();
-        let mut failed = 0;
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            match line.trim().parse::<u8>() {
-                Ok(id) => *by.entry(id).or_insert(0) += 1,
-                Err(_) => failed += 1,
-            }
-        }
-        let answered: usize = by.values().sum();
-        (by, failed + n.saturating_sub(answered + failed))
-    };
+    let request6 = |n: usize| lab.requests_to("-g -6 'http://[2001:2::1]/id'", n);
     let (by, failed) = request6(60);
     let neighbour = lab
         .topo

@@ -165,6 +165,15 @@ impl Burst {
         Ok(())
     }
 
+    /// Asks for every frame's first cache line now, so that the misses overlap instead of
+    /// being paid one after the other while the burst is processed.
+    #[inline(always)]
+    fn prefetch_frames(&self) {
+        for &m in &self.slots[..self.len] {
+            prefetch_frame(m);
+        }
+    }
+
     /// Receives into an empty burst; returns how many frames arrived.
     pub fn rx(&mut self, port: u16, queue: u16) -> usize {
         debug_assert!(self.is_empty());
@@ -173,11 +182,7 @@ impl Burst {
         let n =
             unsafe { sys::rte_eth_rx_burst(port, queue, self.slots.as_mut_ptr(), BURST as u16) };
         self.len = usize::from(n);
-        // Ask for every frame's first cache line now, so the misses overlap instead of being
-        // paid one after the other while the burst is processed.
-        for &m in &self.slots[..self.len] {
-            prefetch_frame(m);
-        }
+        self.prefetch_frames();
         self.len
     }
 
@@ -303,9 +308,7 @@ impl Burst {
             )
         };
         self.len = n as usize;
-        for &m in &self.slots[..self.len] {
-            prefetch_frame(m);
-        }
+        self.prefetch_frames();
         self.len
     }
 

@@ -118,26 +118,7 @@ fn status_shows_each_backends_current_flows() {
         let want = (u64::from(b.id) * 1000).to_string();
         assert_eq!(line(&b.name).last(), Some(&want), "{text}");
     }
-    let reply = Reply::Status(Box::new(Status {
-        node: 1,
-        epoch: 1,
-        phase: crate::control::Phase::Done,
-        moving: 0,
-        draining: false,
-        drained: false,
-        refusing: false,
-        fenced: false,
-        fence_reasons: vec![],
-        drain_cut: false,
-        owed_buckets: 0,
-        protocol_version: 2,
-        healthy: None,
-        members: vec![],
-        outside: vec![],
-        timeline: vec![],
-        services: status,
-        services_epoch: 0,
-    }));
+    let reply = Reply::Status(Box::new(node_status(1, status, 0)));
     let line = reply.to_line();
     assert!(line.contains("\"flows\":1000"), "{line}");
     assert_eq!(Reply::decode(&Request::Status, &line), Ok(reply));
@@ -145,26 +126,7 @@ fn status_shows_each_backends_current_flows() {
 
 #[test]
 fn status_with_services_reads_back_and_an_old_status_still_reads() {
-    let status = Status {
-        node: 1,
-        epoch: 4,
-        phase: crate::control::Phase::Done,
-        moving: 0,
-        draining: false,
-        drained: false,
-        refusing: false,
-        fenced: false,
-        fence_reasons: vec![],
-        drain_cut: false,
-        owed_buckets: 0,
-        protocol_version: 2,
-        healthy: None,
-        members: vec![],
-        outside: vec![],
-        timeline: vec![],
-        services: services_status(&services()),
-        services_epoch: 3,
-    };
+    let status = node_status(4, services_status(&services()), 3);
     let line = Reply::Status(Box::new(status.clone())).to_line();
     assert!(line.contains("\"mac\":\"02:bb:00:00:00:01\""), "{line}");
     assert_eq!(
@@ -246,4 +208,28 @@ fn owner_of_says_what_becomes_of_a_flow_to_a_service() {
     }
     let down = ask(&s, "198.18.0.100:80", 6, 1).unwrap();
     assert!(down.backend.is_none() && down.outcome.contains("no backend"));
+}
+
+/// Node 1's status at `epoch`, settled, with `services` at `services_epoch`.
+fn node_status(epoch: u64, services: Vec<ServiceStatus>, services_epoch: u64) -> Status {
+    Status {
+        node: 1,
+        epoch,
+        phase: crate::control::Phase::Done,
+        moving: 0,
+        draining: false,
+        drained: false,
+        refusing: false,
+        fenced: false,
+        fence_reasons: vec![],
+        drain_cut: false,
+        owed_buckets: 0,
+        protocol_version: 2,
+        healthy: None,
+        members: vec![],
+        outside: vec![],
+        timeline: vec![],
+        services,
+        services_epoch,
+    }
 }
