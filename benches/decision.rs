@@ -337,7 +337,8 @@ fn hash8(c: &mut Criterion) {
     group.finish();
 }
 
-/// Appliance mode (`decision/appliance/<delivery>/...`): one node that owns every bucket, a TCP
+/// Appliance mode (`decision/appliance/<delivery>/...`), with `server/burst` for reference (the
+/// same frames, no service: each delivered to the host): one node that owns every bucket, a TCP
 /// and a UDP service on the cluster address (all ports, 8 backends with static MACs each), and
 /// 4096 flows of the synthetic mix, every frame forwarded to its backend. `from_wire` decides
 /// frame by frame; `burst` prepares 32 first, as the data plane does. With GUE the outer
@@ -354,6 +355,38 @@ fn appliance(c: &mut Criterion) {
         &OwnershipTable::build(1, &members).unwrap(),
     ));
     let mut group = c.benchmark_group("decision/appliance");
+    // The reference: the same frames in server mode (no service), each delivered to the host.
+    {
+        let mut pipeline = Pipeline::new(
+            identity(1),
+            SECRET,
+            Arc::clone(&snapshot),
+            TableSizes::default(),
+        );
+        let mut bufs: Vec<(Vec<u8>, usize)> = (0..4096)
+            .map(|i| {
+                let b = synthetic(i);
+                let len = b.len();
+                (b, len)
+            })
+            .collect();
+        let mut prepared = [Prepared::default(); 32];
+        let mut now = 0u64;
+        group.throughput(Throughput::Elements(bufs.len() as u64));
+        group.bench_function("server/burst", |b| {
+            b.iter(|| {
+                for chunk in bufs.chunks_mut(32) {
+                    now += 32 * 50;
+                    let views: [Option<&[u8]>; 32] =
+                        std::array::from_fn(|i| chunk.get(i).map(|(b, len)| &b[..*len]));
+                    pipeline.prepare_burst(black_box(&views[..chunk.len()]), &mut prepared);
+                    for ((buf, len), p) in chunk.iter_mut().zip(&prepared) {
+                        black_box(pipeline.decide(black_box(buf), *len, p, now));
+                    }
+                }
+            })
+        });
+    }
     for delivery in ["dsr", "gue"] {
         let mut text = String::from(
             "cluster:\n  ip: 198.18.0.1\n  mac: 02:cc:00:00:00:01\n  secret_file: secret\n\

@@ -313,7 +313,7 @@ fn inner_packet(bytes: &[u8], service_port: u16, want: &Expect) -> Result<(), St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clonecluster::appliance::encap::{self, Encap};
+    use clonecluster::appliance::encap::{self, Outer};
     use clonecluster::testkit::build;
 
     const NODE_MAC: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 1]);
@@ -339,20 +339,19 @@ mod tests {
     fn encapsulated(tunnel: encap::Tunnel) -> Vec<u8> {
         let syn = build::syn([198, 18, 0, 100], 40000);
         let want = expect();
-        let e = Encap {
+        let o = Outer::new(
             tunnel,
-            src: want.node_ip.into(),
-            dst: want.backend_ip.into(),
-            node_mac: NODE_MAC,
-            next_hop: BACKEND_MAC,
-            inner_at: 14,
-            inner_len: syn.len() - 14,
-            inner_v6: false,
-            entropy: 0x1234,
-        };
-        let mut f = vec![0u8; e.push()];
+            want.node_ip.into(),
+            want.backend_ip.into(),
+            NODE_MAC,
+            BACKEND_MAC,
+        )
+        .expect("IPv4 both");
+        let mut f = vec![0u8; o.push(14)];
         f.extend_from_slice(&syn);
-        let n = e.write(&mut f).expect("room for the outer headers");
+        let n = o
+            .write(&mut f, syn.len() - 14, false, 0x1234)
+            .expect("room for the outer headers");
         f.truncate(n);
         f
     }

@@ -2,8 +2,9 @@
 //! and the ICMP answer for a datagram too big for the encapsulated path.
 //!
 //! Plain functions over byte slices. An encapsulation grows the frame at the front: the caller
-//! makes room ([`Encap::push`] bytes before the frame, an mbuf's headroom) and then calls
-//! [`Encap::write`] on the grown frame. Never reads a clock, never allocates, never panics on a
+//! makes room ([`Outer::push`] bytes before the frame, an mbuf's headroom) and then calls
+//! [`Outer::write`] on the grown frame. The outer headers to a backend are built once, when
+//! the services or the node change, and copied per frame. Never reads a clock, never allocates, never panics on a
 //! frame (lengths are checked by the caller's parse and again here).
 
 use std::net::IpAddr;
@@ -23,29 +24,6 @@ const PROTO_IPV6: u8 = 41;
 /// TTL / hop limit of the outer header.
 const OUTER_TTL: u8 = 64;
 
-/// The header checksum of the outer IPv4 header [`Encap::write`] builds (total length
-/// `total_len`, protocol `proto`), summed from its fields: summing the bytes just written, read
-/// back as 16-bit words, would stall each read on store forwarding.
-#[inline(always)]
-fn outer_ipv4_checksum(
-    total_len: u16,
-    proto: u8,
-    src: std::net::Ipv4Addr,
-    dst: std::net::Ipv4Addr,
-) -> u16 {
-    let (s, d) = (u64::from(u32::from(src)), u64::from(u32::from(dst)));
-    // Version and IHL, length, identification 0, DF, TTL and protocol, checksum 0, addresses.
-    let sum = 0x4500
-        + u64::from(total_len)
-        + 0x4000
-        + (u64::from(OUTER_TTL) << 8 | u64::from(proto))
-        + (s >> 16)
-        + (s & 0xffff)
-        + (d >> 16)
-        + (d & 0xffff);
-    checksum::finish(sum)
-}
-
 /// DSR: the frame goes to `backend`'s MAC from the node's own MAC, unchanged above layer 2.
 #[inline]
 pub fn dsr(frame: &mut [u8], node_mac: EthernetAddress, backend: EthernetAddress) {
@@ -64,89 +42,74 @@ pub enum Tunnel {
     Gue { port: u16 },
 }
 
-/// One encapsulation to carry out: everything [`Encap::write`] needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Encap {
-    pub tunnel: Tunnel,
-    /// The node's own address (the outer source) and the backend's (the outer destination):
-    /// the same IP version.
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub node_mac: EthernetAddress,
-    pub next_hop: EthernetAddress,
-    /// Where the inner IP packet starts in the original frame, and its length.
-    pub inner_at: usize,
-    pub inner_len: usize,
-    /// The inner packet is IPv6.
-    pub inner_v6: bool,
-    /// A per-flow value for the outer UDP source port (GUE): a backend's NIC spreads flows by it.
-    pub entropy: u16,
+/// Bytes of outer headers after the Ethernet header, over IPv4 or IPv6.
+pub fn overhead(tunnel: Tunnel, outer_v6: bool) -> usize {
+    let ip = if outer_v6 { IPV6 } else { IPV4 };
+    match tunnel {
+        Tunnel::Ipip => ip,
+        Tunnel::Gue { .. } => ip + UDP + GUE,
+    }
 }
 
-impl Encap {
-    /// Bytes of outer headers after the Ethernet header.
-    pub fn overhead(tunnel: Tunnel, outer_v6: bool) -> usize {
-        let ip = if outer_v6 { IPV6 } else { IPV4 };
-        match tunnel {
-            Tunnel::Ipip => ip,
-            Tunnel::Gue { .. } => ip + UDP + GUE,
-        }
-    }
+/// The most bytes of outer headers, Ethernet included (GUE over IPv6).
+const MAX_OUTER: usize = ETH + IPV6 + UDP + GUE;
 
-    /// Bytes to add before the frame (0 or more: a VLAN tag's 4 bytes are dropped).
-    pub fn push(&self) -> usize {
-        (ETH + Self::overhead(self.tunnel, self.dst.is_ipv6())).saturating_sub(self.inner_at)
-    }
+/// The outer headers to one backend, built once ([`Outer::new`]: addresses, MACs, ports,
+/// constant fields, the IPv4 checksum summed over them) and written before each frame to it
+/// ([`Outer::write`]: a copy, then the frame's lengths, inner protocol, entropy and checksums).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outer {
+    header: [u8; MAX_OUTER],
+    /// Bytes of `header` in use: Ethernet plus [`overhead`].
+    len: u8,
+    tunnel: Tunnel,
+    /// The node's own address (the outer source) and the backend's: the same IP version.
+    src: IpAddr,
+    dst: IpAddr,
+    /// IPv4: the header checksum's sum over every field but the total length and the protocol
+    /// (added per frame, so the bytes just written are never read back).
+    partial: u64,
+}
 
-    /// The outer packet's IP length.
-    pub fn outer_len(&self) -> usize {
-        Self::overhead(self.tunnel, self.dst.is_ipv6()) + self.inner_len
-    }
-
-    /// Writes the outer headers into `frame`, the original frame after [`Encap::push`] bytes
-    /// were added in front of it. Returns the new frame's length, or `None` if `frame` is too
-    /// short (nothing sensible to send).
-    pub fn write(&self, frame: &mut [u8]) -> Option<usize> {
-        let over = Self::overhead(self.tunnel, self.dst.is_ipv6());
-        let total = ETH + over + self.inner_len;
-        let frame = frame.get_mut(..total)?;
-        let outer_len = u16::try_from(over + self.inner_len).ok()?;
-        frame[..6].copy_from_slice(&self.next_hop.0);
-        frame[6..12].copy_from_slice(&self.node_mac.0);
-        let inner_proto = if self.inner_v6 {
-            PROTO_IPV6
-        } else {
-            PROTO_IPV4
-        };
-        let next = match self.tunnel {
-            Tunnel::Ipip => inner_proto,
-            Tunnel::Gue { .. } => IpProtocol::Udp.raw(),
-        };
-        let ip_len = match (self.src, self.dst) {
+impl Outer {
+    /// The outer headers from `src` (the node) to `dst` (the backend) through `next_hop`
+    /// (`None`: the addresses are not of one IP version).
+    pub fn new(
+        tunnel: Tunnel,
+        src: IpAddr,
+        dst: IpAddr,
+        node_mac: EthernetAddress,
+        next_hop: EthernetAddress,
+    ) -> Option<Outer> {
+        let mut header = [0u8; MAX_OUTER];
+        header[..6].copy_from_slice(&next_hop.0);
+        header[6..12].copy_from_slice(&node_mac.0);
+        let mut partial = 0;
+        let ip = match (src, dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
-                frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-                let h = &mut frame[ETH..ETH + IPV4];
+                header[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+                let h = &mut header[ETH..ETH + IPV4];
                 h[0] = 0x45;
-                h[1] = 0;
-                h[2..4].copy_from_slice(&outer_len.to_be_bytes());
                 // Identification 0 with DF set (RFC 6864: an atomic datagram).
-                h[4..6].fill(0);
                 h[6..8].copy_from_slice(&0x4000u16.to_be_bytes());
                 h[8] = OUTER_TTL;
-                h[9] = next;
                 h[12..16].copy_from_slice(&s.octets());
                 h[16..20].copy_from_slice(&d.octets());
-                let c = outer_ipv4_checksum(outer_len, next, s, d);
-                h[10..12].copy_from_slice(&c.to_be_bytes());
+                let (s, d) = (u64::from(u32::from(s)), u64::from(u32::from(d)));
+                // Version and IHL, DF, TTL (protocol added per frame), the addresses.
+                partial = 0x4500
+                    + 0x4000
+                    + (u64::from(OUTER_TTL) << 8)
+                    + (s >> 16)
+                    + (s & 0xffff)
+                    + (d >> 16)
+                    + (d & 0xffff);
                 IPV4
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
-                frame[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-                let h = &mut frame[ETH..ETH + IPV6];
+                header[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+                let h = &mut header[ETH..ETH + IPV6];
                 h[..4].copy_from_slice(&0x6000_0000u32.to_be_bytes());
-                let payload = outer_len - IPV6 as u16;
-                h[4..6].copy_from_slice(&payload.to_be_bytes());
-                h[6] = next;
                 h[7] = OUTER_TTL;
                 h[8..24].copy_from_slice(&s.octets());
                 h[24..40].copy_from_slice(&d.octets());
@@ -154,19 +117,74 @@ impl Encap {
             }
             _ => return None,
         };
-        if let Tunnel::Gue { port } = self.tunnel {
-            let at = ETH + ip_len;
-            let udp_len = UDP + GUE + self.inner_len;
+        if let Tunnel::Gue { port } = tunnel {
+            // Destination port; source port, length, checksum and inner protocol per frame
+            // (GUE version 0, no control flag, no optional fields: zeros).
+            header[ETH + ip + 2..ETH + ip + 4].copy_from_slice(&port.to_be_bytes());
+        }
+        Some(Outer {
+            header,
+            len: (ETH + overhead(tunnel, dst.is_ipv6())) as u8,
+            tunnel,
+            src,
+            dst,
+            partial,
+        })
+    }
+
+    /// Bytes of outer headers after the Ethernet header.
+    #[inline]
+    pub fn overhead(&self) -> usize {
+        usize::from(self.len) - ETH
+    }
+
+    /// Bytes to add before a frame whose IP packet starts at `inner_at` (0 or more: a VLAN
+    /// tag's 4 bytes are dropped).
+    #[inline]
+    pub fn push(&self, inner_at: usize) -> usize {
+        usize::from(self.len).saturating_sub(inner_at)
+    }
+
+    /// Writes the outer headers into `frame`, the original frame after [`Outer::push`] bytes
+    /// were added in front of it; the inner packet is `inner_len` bytes (IPv6 if `inner_v6`),
+    /// `entropy` the flow's 14 bits for the GUE source port. Returns the new frame's length,
+    /// or `None` if `frame` is too short (nothing sensible to send).
+    #[inline]
+    pub fn write(
+        &self,
+        frame: &mut [u8],
+        inner_len: usize,
+        inner_v6: bool,
+        entropy: u16,
+    ) -> Option<usize> {
+        let head = usize::from(self.len);
+        let total = head + inner_len;
+        let frame = frame.get_mut(..total)?;
+        let outer_len = u16::try_from(head - ETH + inner_len).ok()?;
+        frame[..head].copy_from_slice(&self.header[..head]);
+        let inner_proto = if inner_v6 { PROTO_IPV6 } else { PROTO_IPV4 };
+        let next = match self.tunnel {
+            Tunnel::Ipip => inner_proto,
+            Tunnel::Gue { .. } => IpProtocol::Udp.raw(),
+        };
+        let ip = if self.dst.is_ipv6() {
+            frame[ETH + 4..ETH + 6].copy_from_slice(&(outer_len - IPV6 as u16).to_be_bytes());
+            frame[ETH + 6] = next;
+            IPV6
+        } else {
+            frame[ETH + 2..ETH + 4].copy_from_slice(&outer_len.to_be_bytes());
+            frame[ETH + 9] = next;
+            let c = checksum::finish(self.partial + u64::from(outer_len) + u64::from(next));
+            frame[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
+            IPV4
+        };
+        if let Tunnel::Gue { .. } = self.tunnel {
+            let at = ETH + ip;
             let u = &mut frame[at..at + UDP + GUE];
             // An ephemeral source port (49152..=65535) from the flow: spread, never 0.
-            u[..2].copy_from_slice(&(0xc000 | self.entropy).to_be_bytes());
-            u[2..4].copy_from_slice(&port.to_be_bytes());
-            u[4..6].copy_from_slice(&u16::try_from(udp_len).ok()?.to_be_bytes());
-            u[6..8].fill(0);
-            // GUE version 0, no control flag, no optional fields; then the inner protocol.
-            u[8] = 0;
+            u[..2].copy_from_slice(&(0xc000 | entropy).to_be_bytes());
+            u[4..6].copy_from_slice(&u16::try_from(UDP + GUE + inner_len).ok()?.to_be_bytes());
             u[9] = inner_proto;
-            u[10..12].fill(0);
             if self.dst.is_ipv6() {
                 // IPv6 needs the UDP checksum (RFC 8200 §8.1).
                 let c = checksum::compute_with_pseudo_header(
@@ -284,7 +302,8 @@ mod tests {
         crate::testkit::build::syn([198, 18, 0, 50], 40000)
     }
 
-    /// The outer IPv4 checksum summed from the fields is the one summed over the header bytes.
+    /// The outer IPv4 checksum summed from the fields is the one summed over the header bytes,
+    /// and every field but the lengths, protocol, checksum and entropy is the template's.
     #[test]
     fn the_outer_checksum_from_fields_is_the_header_checksum() {
         let addrs = [
@@ -298,24 +317,36 @@ mod tests {
             .flat_map(|s| addrs.iter().map(move |d| (s, d)))
             .enumerate()
         {
-            for total_len in [20u16, 60, 1500, 9000, 0xffff] {
-                for proto in [4u8, 17, 41] {
-                    let mut h = [0u8; 20];
-                    h[0] = 0x45;
-                    h[2..4].copy_from_slice(&total_len.to_be_bytes());
-                    h[6] = 0x40;
-                    h[8] = OUTER_TTL;
-                    h[9] = proto;
-                    h[12..16].copy_from_slice(&s.octets());
-                    h[16..20].copy_from_slice(&d.octets());
-                    assert_eq!(
-                        outer_ipv4_checksum(total_len, proto, *s, *d),
-                        checksum::checksum(&h),
-                        "case {i}: {s} -> {d}, {total_len} bytes, protocol {proto}"
-                    );
+            for tunnel in [Tunnel::Ipip, Tunnel::Gue { port: 6080 }] {
+                let o = Outer::new(tunnel, (*s).into(), (*d).into(), NODE, BACKEND).unwrap();
+                for inner_len in [0usize, 40, 1480, 8980, 0xffff - 32] {
+                    for inner_v6 in [false, true] {
+                        let mut f = vec![0u8; o.push(14) + 14 + inner_len];
+                        let Some(n) = o.write(&mut f, inner_len, inner_v6, 0x2345) else {
+                            assert!(inner_len + o.overhead() > 0xffff, "case {i}");
+                            continue;
+                        };
+                        assert_eq!(n, f.len());
+                        let h = &f[14..34];
+                        assert_eq!(checksum::checksum(h), 0, "case {i}: {s} -> {d}, {tunnel:?}");
+                        assert_eq!(&h[12..16], &s.octets());
+                        assert_eq!(&h[16..20], &d.octets());
+                        assert_eq!((h[0], h[6], h[8]), (0x45, 0x40, OUTER_TTL));
+                        let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+                        assert_eq!(total, n - 14, "case {i}");
+                    }
                 }
             }
         }
+    }
+
+    /// Outer headers of different IP versions cannot be built.
+    #[test]
+    fn mixed_versions_have_no_outer_headers() {
+        let v4: IpAddr = Ipv4Addr::new(198, 18, 0, 11).into();
+        let v6: IpAddr = "2001:2::11".parse().unwrap();
+        assert!(Outer::new(Tunnel::Ipip, v4, v6, NODE, BACKEND).is_none());
+        assert!(Outer::new(Tunnel::Gue { port: 1 }, v6, v4, NODE, BACKEND).is_none());
     }
 
     #[test]
@@ -329,20 +360,10 @@ mod tests {
     }
 
     fn encap(tunnel: Tunnel, src: IpAddr, dst: IpAddr, f: &[u8]) -> Vec<u8> {
-        let e = Encap {
-            tunnel,
-            src,
-            dst,
-            node_mac: NODE,
-            next_hop: BACKEND,
-            inner_at: 14,
-            inner_len: f.len() - 14,
-            inner_v6: false,
-            entropy: 0x1234,
-        };
-        let mut grown = vec![0u8; e.push()];
+        let o = Outer::new(tunnel, src, dst, NODE, BACKEND).unwrap();
+        let mut grown = vec![0u8; o.push(14)];
         grown.extend_from_slice(f);
-        let n = e.write(&mut grown).unwrap();
+        let n = o.write(&mut grown, f.len() - 14, false, 0x1234).unwrap();
         assert_eq!(n, grown.len());
         grown
     }

@@ -26,6 +26,7 @@ pub mod encap;
 pub mod health;
 pub mod maglev;
 pub mod neighbours;
+pub mod route;
 
 use maglev::{Candidate, Maglev};
 

@@ -16,8 +16,9 @@
 
 use std::net::IpAddr;
 
-use crate::appliance::encap::{self, Encap, Tunnel};
-use crate::appliance::{BackendState, Match};
+use crate::appliance::encap;
+use crate::appliance::route::Way;
+use crate::appliance::Match;
 use crate::cluster::{Bucket, FirstFragment, FlowHash, FlowTable, TcpFlags, Upsert};
 use crate::config::{Delivery, RuleMode, Unmatched};
 use crate::wire::{self, parse_l2_l4, Parsed};
@@ -225,7 +226,7 @@ impl Pipeline {
             Service::Decided(action) => action,
             Service::Forward { rule, upsert } => {
                 match self.flow_backend(rule, &d, hash, proto, flags, upsert) {
-                    Some(id) => self.forward_to(buf, len, rule, id, &d, entropy(hash)),
+                    Some(id) => self.forward_to(buf, len, id, &d, entropy(hash)),
                     None => Action::Drop(DropReason::NoBackend),
                 }
             }
@@ -269,7 +270,7 @@ impl Pipeline {
             return Some((Action::Drop(DropReason::NoBackend), FirstFragment::Refused));
         };
         let entropy = entropy(hash);
-        let action = self.forward_to(buf, len, rule, backend, &d, entropy);
+        let action = self.forward_to(buf, len, backend, &d, entropy);
         let first = match action {
             Action::ToBackend { .. } => FirstFragment::Forwarded { backend, entropy },
             _ => FirstFragment::Refused,
@@ -287,15 +288,15 @@ impl Pipeline {
         backend: u16,
         entropy: u16,
     ) -> Action {
-        let Some(rule) = self.services.rule_of(backend) else {
+        if self.routes.get(backend).is_none() {
             // The services changed since the first: its backend is gone.
             return Action::Drop(DropReason::NoBackend);
-        };
+        }
         match buf
             .get(..len)
             .and_then(|frame| Destination::of_fragment(frame, p))
         {
-            Some(d) => self.forward_to(buf, len, rule, backend, &d, entropy),
+            Some(d) => self.forward_to(buf, len, backend, &d, entropy),
             None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
         }
     }
@@ -362,13 +363,13 @@ impl Pipeline {
     ) -> Option<u16> {
         let remembered = match upsert.backend {
             0 => None,
-            id => self
-                .services
-                .backend(r, id)
-                .filter(|b| b.state == BackendState::Up || proto != TCP || !flags.is_initial_syn()),
+            id => self.routes.get(id).filter(|route| {
+                usize::from(route.rule) == r
+                    && (route.up || proto != TCP || !flags.is_initial_syn())
+            }),
         };
-        if let Some(b) = remembered {
-            return Some(b.id);
+        if remembered.is_some() {
+            return Some(upsert.backend);
         }
         let b = self
             .services
@@ -380,83 +381,78 @@ impl Pipeline {
         Some(b.id)
     }
 
-    /// A frame to `d` of appliance rule `r`, to backend `id`: rewritten for DSR, or the
-    /// encapsulation prepared (outer entropy `entropy`), or answered "too big".
+    /// A frame to `d`, to backend `id`: rewritten for DSR, or the encapsulation prepared (outer
+    /// entropy `entropy`), or answered "too big".
+    #[inline(always)]
     fn forward_to(
         &mut self,
         buf: &mut [u8],
         len: usize,
-        r: usize,
         id: u16,
         d: &Destination,
         entropy: u16,
     ) -> Action {
-        let (Some(rule), Some(backend)) =
-            (self.services.rules().get(r), self.services.backend(r, id))
-        else {
+        let Some(route) = self.routes.get(id) else {
             return Action::Drop(DropReason::NoBackend);
         };
-        let Some(mac) = backend.mac else {
-            return Action::Drop(DropReason::NoBackend);
-        };
-        let id = usize::from(backend.id);
-        let tunnel = match rule.delivery {
-            Delivery::Dsr | Delivery::Local => {
-                encap::dsr(buf, self.id.node_mac, mac);
-                self.appliance.frames[id] += 1;
-                self.appliance.bytes[id] += len as u64;
-                return Action::ToBackend { push: 0 };
+        let at = usize::from(id);
+        match &route.way {
+            Way::Unreachable => Action::Drop(DropReason::NoBackend),
+            Way::Dsr(macs) => {
+                if let Some(h) = buf.get_mut(..12) {
+                    h.copy_from_slice(macs);
+                }
+                self.appliance.count(at, len);
+                Action::ToBackend { push: 0 }
             }
-            Delivery::Ipip => Tunnel::Ipip,
-            Delivery::Gue => Tunnel::Gue {
-                port: rule.gue_port,
-            },
-        };
-        let src = match backend.ip {
-            IpAddr::V4(_) => self.id.node_ip.map(IpAddr::V4),
-            IpAddr::V6(_) => self.id.node_ip6.map(IpAddr::V6),
-        };
-        let Some(src) = src else {
-            return Action::Drop(DropReason::NoBackend);
-        };
-        let overhead = Encap::overhead(tunnel, backend.ip.is_ipv6());
-        if d.ip_len + overhead > usize::from(rule.mtu) {
-            if !d.no_frag {
-                // The outer header says DF: a sender that allows fragmentation would need the
-                // node to fragment, which it does not. Counted with the too-big answers.
-                self.appliance.too_big += 1;
-                return Action::Drop(DropReason::NoBackend);
+            Way::Encap(outer) => {
+                let overhead = outer.overhead();
+                let mtu = usize::from(route.mtu);
+                if d.ip_len + overhead > mtu {
+                    // Counted with the too-big answers; a sender that allows fragmentation
+                    // (no DF in its header) would need the node to fragment, which it does
+                    // not: dropped.
+                    self.appliance.too_big += 1;
+                    if !d.no_frag {
+                        return Action::Drop(DropReason::NoBackend);
+                    }
+                    let room = u16::try_from(mtu - overhead).unwrap_or(u16::MAX);
+                    return match encap::too_big(buf, d.l3, d.ip_len, room, self.id.node_mac) {
+                        Some(len) => Action::Reply { len },
+                        None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
+                    };
+                }
+                let push = u16::try_from(outer.push(d.l3)).unwrap_or(0);
+                self.appliance.count(at, 14 + overhead + d.ip_len);
+                self.pending = Some(Pending {
+                    backend: id,
+                    inner_len: d.ip_len,
+                    inner_v6: d.v6,
+                    entropy,
+                });
+                Action::ToBackend { push }
             }
-            let room = u16::try_from(usize::from(rule.mtu) - overhead).unwrap_or(u16::MAX);
-            self.appliance.too_big += 1;
-            return match encap::too_big(buf, d.l3, d.ip_len, room, self.id.node_mac) {
-                Some(len) => Action::Reply { len },
-                None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
-            };
         }
-        let e = Encap {
-            tunnel,
-            src,
-            dst: backend.ip,
-            node_mac: self.id.node_mac,
-            next_hop: mac,
-            inner_at: d.l3,
-            inner_len: d.ip_len,
-            inner_v6: d.v6,
-            entropy,
-        };
-        self.appliance.frames[id] += 1;
-        self.appliance.bytes[id] += (14 + overhead + d.ip_len) as u64;
-        let push = u16::try_from(e.push()).unwrap_or(0);
-        self.pending = Some(e);
-        Action::ToBackend { push }
     }
 
     /// After [`Action::ToBackend`] with `push` > 0: writes the outer headers into `frame`, the
     /// frame grown by `push` bytes in front. Returns the frame's new length (`None`: drop it).
     pub fn take_encap(&mut self, frame: &mut [u8]) -> Option<usize> {
-        self.pending.take()?.write(frame)
+        let p = self.pending.take()?;
+        match &self.routes.get(p.backend)?.way {
+            Way::Encap(outer) => outer.write(frame, p.inner_len, p.inner_v6, p.entropy),
+            _ => None,
+        }
     }
+}
+
+/// An encapsulation [`Pipeline::forward_to`] decided, for [`Pipeline::take_encap`] to write.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pending {
+    backend: u16,
+    inner_len: usize,
+    inner_v6: bool,
+    entropy: u16,
 }
 
 /// Per backend id, what this pipeline sent (appliance mode), and its flows now.
@@ -473,6 +469,15 @@ pub struct ApplianceCounts {
 }
 
 impl ApplianceCounts {
+    /// One frame of `bytes` bytes sent to backend id `at`.
+    #[inline(always)]
+    fn count(&mut self, at: usize, bytes: usize) {
+        if let (Some(f), Some(b)) = (self.frames.get_mut(at), self.bytes.get_mut(at)) {
+            *f += 1;
+            *b += bytes as u64;
+        }
+    }
+
     /// Room for every backend id up to `max` (counts of known ids kept).
     pub(super) fn fit(&mut self, max: usize) {
         for v in [

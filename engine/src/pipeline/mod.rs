@@ -39,7 +39,7 @@
 
 use std::sync::Arc;
 
-use crate::appliance::encap::Encap;
+use crate::appliance::route::Routes;
 use crate::appliance::Services;
 use crate::cluster::{BucketHasher, FlowTable, FragmentTracker};
 use crate::control::Snapshot;
@@ -88,8 +88,10 @@ pub struct Pipeline {
     services: Arc<Services>,
     /// Nodes that own buckets in the snapshot (bit `id - 1`): who may take a `single` rule.
     serving: u64,
+    /// Per backend id, the way to it (built from `services` and `id`).
+    routes: Routes,
     /// The encapsulation of the last [`Action::ToBackend`], for [`Pipeline::take_encap`].
-    pending: Option<Encap>,
+    pending: Option<appliance::Pending>,
     /// Per backend: frames, bytes, new flows (appliance mode).
     appliance: ApplianceCounts,
 }

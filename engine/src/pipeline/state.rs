@@ -11,6 +11,7 @@ use crate::cluster::{
 use crate::control::{Phase, PlanId, Snapshot};
 
 use super::{ApplianceCounts, NodeIdentity, Pipeline, Released, ServiceState, TableSizes};
+use crate::appliance::route::Routes;
 use crate::appliance::Services;
 
 /// A snapshot in which `table` is in force with nothing moving (a node alone, `replay`).
@@ -66,6 +67,7 @@ impl Pipeline {
             serving: 0,
             snapshot,
             services: Services::none(),
+            routes: Routes::default(),
             pending: None,
             appliance: ApplianceCounts::default(),
             id,
@@ -80,6 +82,12 @@ impl Pipeline {
             .max()
             .unwrap_or(0);
         self.appliance.fit(max);
+        self.routes = Routes::build(
+            &services,
+            self.id.node_mac,
+            self.id.node_ip,
+            self.id.node_ip6,
+        );
         if services.has_single() {
             self.serving = serving(&self.snapshot);
         }
