@@ -363,10 +363,12 @@ fn appliance(c: &mut Criterion) {
             Arc::clone(&snapshot),
             TableSizes::default(),
         );
+        // The appliance rows' buffers: each frame in its own 2 KiB, as in an mbuf.
         let mut bufs: Vec<(Vec<u8>, usize)> = (0..4096)
             .map(|i| {
-                let b = synthetic(i);
+                let mut b = synthetic(i);
                 let len = b.len();
+                b.resize(2048, 0);
                 (b, len)
             })
             .collect();
