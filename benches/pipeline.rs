@@ -57,7 +57,8 @@
 //! Environment (defaults in brackets): `CC_BENCH_FLOWS` [1000], `CC_BENCH_IPV6` (share of flows
 //! in percent) [10], `CC_BENCH_NODES` (cluster size) [1], `CC_BENCH_HANDOFF` (percent of
 //! buckets moving) [0], `CC_BENCH_CORES` (1 or 2) [1], `CC_BENCH_CAPACITY` (flow-table capacity
-//! per core) [flows per core, at least 262144], `CC_BENCH_FPF` (frames per flow, 1 or 3) [3, or
+//! per core) [the files' flows per core, fragmented datagrams' included, at least 262144],
+//! `CC_BENCH_FPF` (frames per flow, 1 or 3) [3, or
 //! 1 above a million flows], `CC_BENCH_SCENARIOS` (several rows: `;`-separated lists of
 //! `flows=,ipv6=,nodes=,handoff=,cores=,capacity=,fpf=,lanes=,huge=,input=,delivery=`
 //! overriding the above, e.g. `flows=1000;flows=10000000;nodes=4,handoff=10;delivery=gue`),

@@ -93,6 +93,17 @@ impl Scenario {
     }
 
     /// Fills in the defaults that depend on other fields.
+    /// A table per core that holds every flow of the files: the flows, and the UDP datagram
+    /// after every 128th flow frame (in fragments: a flow of its own). Without the datagrams'
+    /// flows, a table of exactly `flows` overflowed at 10 million flows and every pass over the
+    /// files evicted and re-inserted flows (a deliberately undersized table is `capacity=`).
+    fn default_capacity(&self) -> u32 {
+        let datagrams = (u64::from(self.flows) * u64::from(self.fpf)).div_ceil(128);
+        let all = u64::from(self.flows) + datagrams;
+        let per_core = all.div_ceil(self.cores as u64);
+        u32::try_from(per_core).unwrap_or(u32::MAX).max(1 << 18)
+    }
+
     pub fn resolved(mut self) -> Scenario {
         self.cores = self.cores.clamp(1, 2);
         if self.fpf == 0 {
@@ -100,8 +111,7 @@ impl Scenario {
         }
         self.fpf = if self.fpf >= 3 { 3 } else { 1 };
         if self.capacity == 0 {
-            let per_core = self.flows.div_ceil(self.cores as u32);
-            self.capacity = per_core.max(1 << 18);
+            self.capacity = self.default_capacity();
         }
         self.capacity = self.capacity.clamp(1024, 1 << 26);
         assert!(
@@ -170,8 +180,7 @@ impl Scenario {
         if self.ipv6_pct != 10 {
             l += &format!(" v6={}%", self.ipv6_pct);
         }
-        let default_capacity = self.flows.div_ceil(self.cores as u32).max(1 << 18);
-        if self.capacity != default_capacity {
+        if self.capacity != self.default_capacity() {
             l += &format!(" cap={}", self.capacity);
         }
         if self.input == Input::Memif {
