@@ -273,7 +273,9 @@ fn memory_floor(c: &mut Criterion) {
         let bytes = FlowTable::slots_for(flows as usize) * SLOT_BYTES;
         let lines = Lines::new(bytes);
         let words = bytes / 8;
-        let mask = bytes / 64 - 1;
+        // Tables are whole lines, not a power of two: a line by multiply-shift, as the table's
+        // homes are.
+        let line_count = (bytes / 64) as u64;
         let mut next = 0u64;
         group.bench_function(format!("burst/{}", flows_label(flows)), |b| {
             b.iter(|| {
@@ -285,7 +287,8 @@ fn memory_floor(c: &mut Criterion) {
                         next + 1
                     };
                     // A random line, the same for the same flow (as a fingerprint's home).
-                    let line = (next.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 20) as usize & mask;
+                    let h = next.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+                    let line = ((h * line_count) >> 32) as usize;
                     *a = line * 8;
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: a prefetch never faults; both addresses are inside the array.
@@ -302,6 +305,52 @@ fn memory_floor(c: &mut Criterion) {
                         lines.ptr.add(a + 1).write_volatile(seen.wrapping_add(next));
                     }
                 }
+            })
+        });
+    }
+    group.finish();
+}
+
+/// What one load costs when it depends on the one before (a pointer chase through a random
+/// cycle of 64-byte lines), by working-set size (`decision/latency/<size>`): each level of
+/// this machine's caches, then its memory, as the engine meets them when its lines, the
+/// packet input's and the table's do not fit the level below. No prefetch can help a chase,
+/// so this is the latency itself (ns per element).
+fn latency(c: &mut Criterion) {
+    const CHASE: u64 = 4096;
+    let mut group = c.benchmark_group("decision/latency");
+    group.throughput(Throughput::Elements(CHASE));
+    for (label, bytes) in [
+        ("32KiB", 32usize << 10),
+        ("1MiB", 1 << 20),
+        ("4MiB", 4 << 20),
+        ("32MiB", 32 << 20),
+        ("256MiB", 256 << 20),
+    ] {
+        let lines = Lines::new(bytes);
+        let n = bytes / 64;
+        // A random cyclic order of the lines (Sattolo's shuffle: one cycle through all).
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for i in (1..n).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            order.swap(i, (x % i as u64) as usize);
+        }
+        for (i, &from) in order.iter().enumerate() {
+            let to = order[(i + 1) % n];
+            // SAFETY: both are line starts inside the array (`from * 8 < bytes / 8`).
+            unsafe { lines.ptr.add(from * 8).write((to * 8) as u64) };
+        }
+        let mut at = 0usize;
+        group.bench_function(label, |b| {
+            b.iter(|| {
+                for _ in 0..CHASE {
+                    // SAFETY: every stored value is a line start inside the array.
+                    at = unsafe { lines.ptr.add(at).read_volatile() } as usize;
+                }
+                black_box(at)
             })
         });
     }
@@ -476,5 +525,13 @@ fn appliance(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decision, flows, memory_floor, hash8, appliance);
+criterion_group!(
+    benches,
+    decision,
+    flows,
+    memory_floor,
+    latency,
+    hash8,
+    appliance
+);
 criterion_main!(benches);

@@ -25,7 +25,9 @@ use super::steer::Outgoing;
 use super::worker::Shared;
 use super::{Burst, Mbuf, Mempool, BURST};
 use crate::counters::CoreCounters;
-use crate::pipeline::{Action, DropReason, FragmentHold, Pipeline, Prepared, Released, Side};
+use crate::pipeline::{
+    Action, DropReason, FragmentHold, Pipeline, Prepared, ReleaseTo, Released, Side,
+};
 
 /// Later fragments a core holds at most, waiting for their first.
 const HOLD_CAPACITY: usize = 64;
@@ -606,15 +608,17 @@ impl Forward<'_> {
     #[inline(never)]
     fn release(&mut self, released: Released, now: u64) {
         while let Some(mut m) = self.hold.take(&released.key) {
-            if released.to_backend {
-                let len = m.len();
-                let action = self.pipeline.released_fragment(m.room_mut(), len, now);
-                self.carry_out(m, action, now);
-            } else if released.owned {
-                self.to_host.push(m);
-            } else {
-                self.drops[DropReason::NotOwned.index()] += 1;
-                push_dropped(&mut self.dropped, m);
+            match released.to {
+                ReleaseTo::Backend => {
+                    let len = m.len();
+                    let action = self.pipeline.released_fragment(m.room_mut(), len, now);
+                    self.carry_out(m, action, now);
+                }
+                ReleaseTo::Host => self.to_host.push(m),
+                ReleaseTo::Nowhere => {
+                    self.drops[DropReason::NotOwned.index()] += 1;
+                    push_dropped(&mut self.dropped, m);
+                }
             }
         }
     }

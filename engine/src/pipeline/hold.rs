@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::cluster::{FirstFragment, FragmentKey, FragmentVerdict};
 use crate::wire::{Fragment, Parsed};
 
-use super::{Action, DropReason, Pipeline, Released};
+use super::{Action, DropReason, Pipeline, ReleaseTo, Released};
 
 impl Pipeline {
     /// An IP fragment to the cluster MAC (`frag` of the datagram `p` belongs to; the frame in
@@ -55,11 +55,12 @@ impl Pipeline {
             (action, FirstFragment::owned(owned))
         });
         if self.fragments.first_fragment(&key, first, now) > 0 {
-            self.released = Some(Released {
-                key,
-                owned: first == FirstFragment::Owned,
-                to_backend: matches!(first, FirstFragment::Forwarded { .. }),
-            });
+            let to = match first {
+                FirstFragment::Owned => ReleaseTo::Host,
+                FirstFragment::Forwarded { .. } => ReleaseTo::Backend,
+                _ => ReleaseTo::Nowhere,
+            };
+            self.released = Some(Released { key, to });
         }
         action
     }

@@ -63,7 +63,7 @@ pub use home::{home_core, Side};
 pub use prepare::Prepared;
 pub use state::{learned_capacity, stable_snapshot};
 pub use types::{
-    Action, DropReason, NodeIdentity, Released, ServiceState, TableSizes, CLOSING_KEPT,
+    Action, DropReason, NodeIdentity, ReleaseTo, Released, ServiceState, TableSizes, CLOSING_KEPT,
 };
 
 /// The EtherType of wire heartbeats (see [`crate::wire::CONTROL_ETHERTYPE`]).

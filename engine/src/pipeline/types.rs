@@ -162,12 +162,19 @@ impl Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Released {
     pub key: FragmentKey,
-    /// The first went to this node's host: so do the held fragments.
-    pub owned: bool,
-    /// The first went to a backend (appliance mode): each held fragment must be rewritten for
-    /// it, by [`Pipeline::released_fragment`], and sent where the [`Action`] it returns says.
-    /// (`owned` is then false: a caller that does not know this drops them.)
-    pub to_backend: bool,
+    pub to: ReleaseTo,
+}
+
+/// Where the held fragments of a datagram go once its first fragment is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseTo {
+    /// The first went to this node's host: so do they.
+    Host,
+    /// The first went to a backend (appliance mode): each must be rewritten for it, by
+    /// [`Pipeline::released_fragment`], and sent where the [`Action`] it returns says.
+    Backend,
+    /// The first was another node's, or refused: they are dropped.
+    Nowhere,
 }
 
 /// What a node is, as far as the per-frame decision is concerned.

@@ -579,13 +579,13 @@ fn a_later_fragment_before_its_first_is_held_then_sent_to_the_first_backend() {
                     match a {
                         Action::ToBackend { .. } => {
                             forwarded += 1;
-                            assert!(released.to_backend && !released.owned, "{what}");
+                            assert_eq!(released.to, ReleaseTo::Backend, "{what}");
                             assert_eq!(b, a, "{what} flow {i}: the same delivery");
                             assert_eq!(sent_to(&later_out), sent_to(&first_out), "{what}");
                             assert_carries(&later_out, &later, &what);
                         }
                         Action::Drop(DropReason::NotOwned) => {
-                            assert!(!released.to_backend && !released.owned, "{what}");
+                            assert_eq!(released.to, ReleaseTo::Nowhere, "{what}");
                             assert_eq!(b, Action::Drop(DropReason::NotOwned), "{what}");
                         }
                         other => panic!("{what} flow {i}: {other:?}"),
@@ -630,7 +630,7 @@ fn later_fragments_of_a_refused_first_are_dropped() {
         );
         run(&mut p, &first, 4);
         let released = p.take_released().unwrap();
-        assert!(!released.owned && !released.to_backend, "{what}");
+        assert_eq!(released.to, ReleaseTo::Nowhere, "{what}");
         let mut buf = later.clone();
         assert_eq!(
             p.released_fragment(&mut buf, later.len(), 5),

@@ -80,7 +80,7 @@ fn run(p: &mut Pipeline, side: Side, frame: &[u8], now: u64) -> (Action, Option<
         Side::Wire => p.from_wire(&mut buf, frame.len(), now),
         Side::Host => p.from_host(&mut buf[..frame.len()], now),
     };
-    (action, p.take_released().map(|r| r.owned))
+    (action, p.take_released().map(|r| r.to == ReleaseTo::Host))
 }
 
 /// Decisions of `cores` pipelines over `events`, each frame decided on its home core (or, with

@@ -75,7 +75,7 @@ fn fragments_follow_their_first_even_when_it_comes_last() {
                 }
                 if let Some(r) = p.take_released() {
                     holds[n].release(&r.key, |held| {
-                        if r.owned {
+                        if r.to == ReleaseTo::Host {
                             delivered[held] += 1;
                         }
                     });
