@@ -161,7 +161,18 @@ impl Outer {
         let total = head + inner_len;
         let frame = frame.get_mut(..total)?;
         let outer_len = u16::try_from(head - ETH + inner_len).ok()?;
-        frame[..head].copy_from_slice(&self.header[..head]);
+        // One fixed-size copy per kind of header, which the compiler inlines (a length known
+        // only at run time would call `memcpy` for every frame).
+        const IPIP4: usize = ETH + IPV4;
+        const GUE4: usize = ETH + IPV4 + UDP + GUE;
+        const IPIP6: usize = ETH + IPV6;
+        match head {
+            IPIP4 => put::<IPIP4>(frame, &self.header),
+            GUE4 => put::<GUE4>(frame, &self.header),
+            IPIP6 => put::<IPIP6>(frame, &self.header),
+            MAX_OUTER => put::<MAX_OUTER>(frame, &self.header),
+            _ => frame[..head].copy_from_slice(&self.header[..head]),
+        }
         let inner_proto = if inner_v6 { PROTO_IPV6 } else { PROTO_IPV4 };
         let next = match self.tunnel {
             Tunnel::Ipip => inner_proto,
@@ -199,6 +210,12 @@ impl Outer {
         }
         Some(total)
     }
+}
+
+/// The first `N` bytes of an outer header template into `frame` (at least `N` long).
+#[inline(always)]
+fn put<const N: usize>(frame: &mut [u8], header: &[u8; MAX_OUTER]) {
+    frame[..N].copy_from_slice(&header[..N]);
 }
 
 /// Rewrites, in place, a frame whose IP packet (at `l3`, `ip_len` bytes) is too big for a path
