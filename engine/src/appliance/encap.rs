@@ -1,11 +1,12 @@
 //! How an owned frame reaches its backend: DSR's MAC rewrite, IP-in-IP and GUE encapsulation,
 //! and the ICMP answer for a datagram too big for the encapsulated path.
 //!
-//! Plain functions over byte slices. An encapsulation grows the frame at the front: the caller
-//! makes room ([`Outer::push`] bytes before the frame, an mbuf's headroom) and then calls
-//! [`Outer::write`] on the grown frame. The outer headers to a backend are built once, when
-//! the services or the node change, and copied per frame. Never reads a clock, never allocates, never panics on a
-//! frame (lengths are checked by the caller's parse and again here).
+//! Plain functions over byte slices. What reaches a backend is built once, when the services
+//! or the node change ([`dsr_macs`], [`Outer::new`]), and written per frame ([`dsr`],
+//! [`Outer::write`]). An encapsulation grows the frame at the front: the caller makes room
+//! ([`Outer::push`] bytes before the frame, an mbuf's headroom) and then writes the grown
+//! frame. Never reads a clock, never allocates, never panics on a frame (lengths are checked
+//! by the caller's parse and again here).
 
 use std::net::IpAddr;
 
@@ -24,12 +25,20 @@ const PROTO_IPV6: u8 = 41;
 /// TTL / hop limit of the outer header.
 const OUTER_TTL: u8 = 64;
 
-/// DSR: the frame goes to `backend`'s MAC from the node's own MAC, unchanged above layer 2.
-#[inline]
-pub fn dsr(frame: &mut [u8], node_mac: EthernetAddress, backend: EthernetAddress) {
+/// DSR's 12 bytes of MACs to `backend` from the node: destination, then source.
+pub fn dsr_macs(node_mac: EthernetAddress, backend: EthernetAddress) -> [u8; 12] {
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&backend.0);
+    macs[6..].copy_from_slice(&node_mac.0);
+    macs
+}
+
+/// DSR: the frame goes to the backend's MAC from the node's own ([`dsr_macs`]), unchanged
+/// above layer 2.
+#[inline(always)]
+pub fn dsr(frame: &mut [u8], macs: &[u8; 12]) {
     if let Some(h) = frame.get_mut(..12) {
-        h[..6].copy_from_slice(&backend.0);
-        h[6..12].copy_from_slice(&node_mac.0);
+        h.copy_from_slice(macs);
     }
 }
 
@@ -370,7 +379,7 @@ mod tests {
     fn dsr_rewrites_only_the_macs() {
         let mut f = client_syn();
         let before = f.clone();
-        dsr(&mut f, NODE, BACKEND);
+        dsr(&mut f, &dsr_macs(NODE, BACKEND));
         assert_eq!(&f[..6], &BACKEND.0);
         assert_eq!(&f[6..12], &NODE.0);
         assert_eq!(f[12..], before[12..]);

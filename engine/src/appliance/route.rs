@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::encap::{Outer, Tunnel};
+use super::encap::{self, Outer, Tunnel};
 use super::{BackendState, Services};
 use crate::config::Delivery;
 use crate::wire::EthernetAddress;
@@ -69,12 +69,7 @@ impl Routes {
             };
             let way = match (b.mac, tunnel) {
                 (None, _) => Way::Unreachable,
-                (Some(mac), None) => {
-                    let mut macs = [0u8; 12];
-                    macs[..6].copy_from_slice(&mac.0);
-                    macs[6..].copy_from_slice(&node_mac.0);
-                    Way::Dsr(macs)
-                }
+                (Some(mac), None) => Way::Dsr(encap::dsr_macs(node_mac, mac)),
                 (Some(mac), Some(tunnel)) => src
                     .and_then(|src| Outer::new(tunnel, src, b.ip, node_mac, mac))
                     .map_or(Way::Unreachable, Way::Encap),

@@ -399,9 +399,7 @@ impl Pipeline {
         match &route.way {
             Way::Unreachable => Action::Drop(DropReason::NoBackend),
             Way::Dsr(macs) => {
-                if let Some(h) = buf.get_mut(..12) {
-                    h.copy_from_slice(macs);
-                }
+                encap::dsr(buf, macs);
                 self.appliance.count(at, len);
                 Action::ToBackend { push: 0 }
             }
