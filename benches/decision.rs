@@ -386,6 +386,19 @@ fn hash8(c: &mut Criterion) {
     group.finish();
 }
 
+/// The appliance group's 4096 frames of the synthetic mix, each in its own 2 KiB buffer as in
+/// an mbuf, with its length.
+fn mbuf_like_frames() -> Vec<(Vec<u8>, usize)> {
+    (0..4096)
+        .map(|i| {
+            let mut b = synthetic(i);
+            let len = b.len();
+            b.resize(2048, 0);
+            (b, len)
+        })
+        .collect()
+}
+
 /// Appliance mode (`decision/appliance/<delivery>/...`), with `server/burst` for reference (the
 /// same frames, no service: each delivered to the host): one node that owns every bucket, a TCP
 /// and a UDP service on the cluster address (all ports, 8 backends with static MACs each), and
@@ -412,15 +425,7 @@ fn appliance(c: &mut Criterion) {
             Arc::clone(&snapshot),
             TableSizes::default(),
         );
-        // The appliance rows' buffers: each frame in its own 2 KiB, as in an mbuf.
-        let mut bufs: Vec<(Vec<u8>, usize)> = (0..4096)
-            .map(|i| {
-                let mut b = synthetic(i);
-                let len = b.len();
-                b.resize(2048, 0);
-                (b, len)
-            })
-            .collect();
+        let mut bufs = mbuf_like_frames();
         let mut prepared = [Prepared::default(); 32];
         let mut now = 0u64;
         group.throughput(Throughput::Elements(bufs.len() as u64));
@@ -463,14 +468,7 @@ fn appliance(c: &mut Criterion) {
         id.node_ip = Some(Ipv4Addr::new(198, 18, 0, 2));
         let mut pipeline = Pipeline::new(id, SECRET, Arc::clone(&snapshot), TableSizes::default());
         pipeline.set_services(Arc::new(Services::compile(&config, SECRET, None)));
-        let mut bufs: Vec<(Vec<u8>, usize)> = (0..4096)
-            .map(|i| {
-                let mut b = synthetic(i);
-                let len = b.len();
-                b.resize(2048, 0);
-                (b, len)
-            })
-            .collect();
+        let mut bufs = mbuf_like_frames();
         let mut scratch = vec![0u8; 2048];
         let mut now = 0u64;
         let (mut decided, mut forwarded) = (0u64, 0u64);

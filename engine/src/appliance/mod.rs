@@ -448,15 +448,6 @@ impl Services {
         }
     }
 
-    /// The index of the rule backend `id` belongs to.
-    #[inline]
-    pub fn rule_of(&self, id: u16) -> Option<usize> {
-        match self.by_id.get(usize::from(id)) {
-            Some(Some((ri, _))) => Some(usize::from(*ri)),
-            _ => None,
-        }
-    }
-
     /// Every backend, with its rule's index.
     pub fn backends(&self) -> impl Iterator<Item = (usize, &Backend)> {
         self.rules

@@ -116,11 +116,7 @@ fn one_owner_forwards_each_flow_to_a_backend_by_dsr() {
         assert_eq!(forwarded, 1, "exactly one node forwards");
     }
     assert!(per_backend[1..].iter().all(|&n| n > 120), "{per_backend:?}");
-    let delivered: u64 = nodes
-        .iter()
-        .map(|p| p.appliance_counts().frames.iter().sum::<u64>())
-        .sum();
-    assert_eq!(delivered, 600);
+    assert_eq!(frames_sent(&nodes), 600);
 }
 
 #[test]
@@ -496,51 +492,63 @@ fn assert_carries(out: &[u8], frame: &[u8], what: &str) {
 /// Appliance mode, issue 19: the later fragments of a service's flow (no ports) go where the
 /// first went — the same backend, the same delivery — from the node that owned the first,
 /// counted per backend; the other node drops them.
+/// Frames the pipelines of `cluster` sent to backends, all backends together.
+fn frames_sent(cluster: &[Pipeline]) -> u64 {
+    cluster
+        .iter()
+        .map(|p| p.appliance_counts().frames.iter().sum::<u64>())
+        .sum()
+}
+
+/// IPv4 and IPv6 × DSR and GUE, each with its label for assertion messages.
+fn versions_and_deliveries() -> impl Iterator<Item = (bool, &'static str, String)> {
+    [false, true].into_iter().flat_map(|v6| {
+        ["dsr", "gue"].into_iter().map(move |delivery| {
+            let what = format!("{} {delivery}", if v6 { "IPv6" } else { "IPv4" });
+            (v6, delivery, what)
+        })
+    })
+}
+
 #[test]
 fn later_fragments_follow_their_first_to_its_backend() {
-    for v6 in [false, true] {
-        for delivery in ["dsr", "gue"] {
-            let what = format!("{} {delivery}", if v6 { "IPv6" } else { "IPv4" });
-            let mut cluster = nodes(v6, 2, delivery);
-            let mut backends = std::collections::BTreeSet::new();
-            for i in 0..100 {
-                let [first, later] = fragments(v6, i, 80);
-                let mut forwarded = 0;
-                for p in cluster.iter_mut() {
-                    let (a, first_out) = run(p, &first, 1);
-                    let (b, later_out) = run(p, &later, 2);
-                    match (a, b) {
-                        (Action::ToBackend { .. }, Action::ToBackend { .. }) => {
-                            forwarded += 1;
-                            assert_eq!(a, b, "{what} flow {i}: the same delivery");
-                            let to = sent_to(&first_out);
-                            assert_eq!(sent_to(&later_out), to, "{what} flow {i}: same backend");
-                            assert_eq!(&later_out[6..12], &p.id.node_mac.0, "{what}");
-                            assert_carries(&first_out, &first, &what);
-                            assert_carries(&later_out, &later, &what);
-                            backends.insert(to.0);
-                        }
-                        (
-                            Action::Drop(DropReason::NotOwned),
-                            Action::Drop(DropReason::NotOwned),
-                        ) => {}
-                        other => panic!("{what} flow {i}: {other:?}"),
+    for (v6, delivery, what) in versions_and_deliveries() {
+        let mut cluster = nodes(v6, 2, delivery);
+        let mut backends = std::collections::BTreeSet::new();
+        for i in 0..100 {
+            let [first, later] = fragments(v6, i, 80);
+            let mut forwarded = 0;
+            for p in cluster.iter_mut() {
+                let (a, first_out) = run(p, &first, 1);
+                let (b, later_out) = run(p, &later, 2);
+                match (a, b) {
+                    (Action::ToBackend { .. }, Action::ToBackend { .. }) => {
+                        forwarded += 1;
+                        assert_eq!(a, b, "{what} flow {i}: the same delivery");
+                        let to = sent_to(&first_out);
+                        assert_eq!(sent_to(&later_out), to, "{what} flow {i}: same backend");
+                        assert_eq!(&later_out[6..12], &p.id.node_mac.0, "{what}");
+                        assert_carries(&first_out, &first, &what);
+                        assert_carries(&later_out, &later, &what);
+                        backends.insert(to.0);
                     }
+                    (Action::Drop(DropReason::NotOwned), Action::Drop(DropReason::NotOwned)) => {}
+                    other => panic!("{what} flow {i}: {other:?}"),
                 }
-                assert_eq!(forwarded, 1, "{what} flow {i}: one node forwards");
             }
-            assert!(backends.len() >= 2, "{what}: {backends:?}");
-            let counts: Vec<u64> = cluster
-                .iter()
-                .map(|p| p.appliance_counts().frames.iter().sum())
-                .collect();
-            assert_eq!(counts.iter().sum::<u64>(), 200, "{what}: {counts:?}");
-            let new_flows: u64 = cluster
-                .iter()
-                .map(|p| p.appliance_counts().new_flows.iter().sum::<u64>())
-                .sum();
-            assert_eq!(new_flows, 100, "{what}: one new flow per datagram");
+            assert_eq!(forwarded, 1, "{what} flow {i}: one node forwards");
         }
+        assert!(backends.len() >= 2, "{what}: {backends:?}");
+        let counts: Vec<u64> = cluster
+            .iter()
+            .map(|p| p.appliance_counts().frames.iter().sum())
+            .collect();
+        assert_eq!(counts.iter().sum::<u64>(), 200, "{what}: {counts:?}");
+        let new_flows: u64 = cluster
+            .iter()
+            .map(|p| p.appliance_counts().new_flows.iter().sum::<u64>())
+            .sum();
+        assert_eq!(new_flows, 100, "{what}: one new flow per datagram");
     }
 }
 
@@ -549,56 +557,52 @@ fn later_fragments_follow_their_first_to_its_backend() {
 /// and to nowhere on the other.
 #[test]
 fn a_later_fragment_before_its_first_is_held_then_sent_to_the_first_backend() {
-    for v6 in [false, true] {
-        for delivery in ["dsr", "gue"] {
-            let what = format!("{} {delivery}", if v6 { "IPv6" } else { "IPv4" });
-            let mut cluster = nodes(v6, 2, delivery);
-            for i in 0..50 {
-                let [first, later] = fragments(v6, i, 80);
-                let mut forwarded = 0;
-                for p in cluster.iter_mut() {
-                    let mut hold: FragmentHold<Vec<u8>> =
-                        FragmentHold::new(8, Duration::from_secs(2));
-                    let (held, _) = run(p, &later, 1);
-                    let Action::Hold(key) = held else {
-                        panic!("{what} flow {i}: {held:?}");
-                    };
-                    hold.put(key, 1, later.clone()).unwrap();
-                    let (a, first_out) = run(p, &first, 2);
-                    let released = p.take_released().expect("the first releases its fragment");
-                    assert_eq!(released.key, key);
-                    let mut outs = Vec::new();
-                    hold.release(&released.key, |frame| {
-                        let mut buf = vec![0u8; 2048];
-                        buf[..frame.len()].copy_from_slice(&frame);
-                        let b = p.released_fragment(&mut buf, frame.len(), 3);
-                        outs.push((b, carry_out(p, b, &buf, frame.len())));
-                    });
-                    assert!(hold.is_empty());
-                    let [(b, later_out)] = <[_; 1]>::try_from(outs).unwrap();
-                    match a {
-                        Action::ToBackend { .. } => {
-                            forwarded += 1;
-                            assert_eq!(released.to, ReleaseTo::Backend, "{what}");
-                            assert_eq!(b, a, "{what} flow {i}: the same delivery");
-                            assert_eq!(sent_to(&later_out), sent_to(&first_out), "{what}");
-                            assert_carries(&later_out, &later, &what);
-                        }
-                        Action::Drop(DropReason::NotOwned) => {
-                            assert_eq!(released.to, ReleaseTo::Nowhere, "{what}");
-                            assert_eq!(b, Action::Drop(DropReason::NotOwned), "{what}");
-                        }
-                        other => panic!("{what} flow {i}: {other:?}"),
+    for (v6, delivery, what) in versions_and_deliveries() {
+        let mut cluster = nodes(v6, 2, delivery);
+        for i in 0..50 {
+            let [first, later] = fragments(v6, i, 80);
+            let mut forwarded = 0;
+            for p in cluster.iter_mut() {
+                let mut hold: FragmentHold<Vec<u8>> = FragmentHold::new(8, Duration::from_secs(2));
+                let (held, _) = run(p, &later, 1);
+                let Action::Hold(key) = held else {
+                    panic!("{what} flow {i}: {held:?}");
+                };
+                hold.put(key, 1, later.clone()).unwrap();
+                let (a, first_out) = run(p, &first, 2);
+                let released = p.take_released().expect("the first releases its fragment");
+                assert_eq!(released.key, key);
+                let mut outs = Vec::new();
+                hold.release(&released.key, |frame| {
+                    let mut buf = vec![0u8; 2048];
+                    buf[..frame.len()].copy_from_slice(&frame);
+                    let b = p.released_fragment(&mut buf, frame.len(), 3);
+                    outs.push((b, carry_out(p, b, &buf, frame.len())));
+                });
+                assert!(hold.is_empty());
+                let [(b, later_out)] = <[_; 1]>::try_from(outs).unwrap();
+                match a {
+                    Action::ToBackend { .. } => {
+                        forwarded += 1;
+                        assert_eq!(released.to, ReleaseTo::Backend, "{what}");
+                        assert_eq!(b, a, "{what} flow {i}: the same delivery");
+                        assert_eq!(sent_to(&later_out), sent_to(&first_out), "{what}");
+                        assert_carries(&later_out, &later, &what);
                     }
+                    Action::Drop(DropReason::NotOwned) => {
+                        assert_eq!(released.to, ReleaseTo::Nowhere, "{what}");
+                        assert_eq!(b, Action::Drop(DropReason::NotOwned), "{what}");
+                    }
+                    other => panic!("{what} flow {i}: {other:?}"),
                 }
-                assert_eq!(forwarded, 1, "{what} flow {i}: one node forwards");
             }
-            let sent: u64 = cluster
-                .iter()
-                .map(|p| p.appliance_counts().frames.iter().sum::<u64>())
-                .sum();
-            assert_eq!(sent, 100, "{what}: both fragments of each datagram counted");
+            assert_eq!(forwarded, 1, "{what} flow {i}: one node forwards");
         }
+        assert_eq!(
+            frames_sent(&cluster),
+            100,
+            "{what}: both fragments of each datagram counted"
+        );
     }
 }
 
