@@ -183,6 +183,15 @@ pub fn verdict(
     }
 }
 
+/// Whether the rule delivers every packet of a bucket for which this node has `role`, whatever
+/// the packet and its flow's entries, while no flow is learned (`learned_any` false: no
+/// handoff under way here) and its service takes new flows: the owner's common case (see
+/// [`owner`]), which a caller may decide without asking the rule or the tables.
+#[inline(always)]
+pub fn delivers_all(role: Role, health: Health, learned_any: bool) -> bool {
+    role == Role::Owner && !health.refuse_new && !learned_any
+}
+
 /// The owner delivers, but not a flow the bucket's previous owner still serves after the
 /// handoff (DESIGN.md, "Long-lived flows": learned, never in this node's own table, not
 /// starting again), and, while its service fails, no new TCP connection.
@@ -599,6 +608,28 @@ mod tests {
                 assert_eq!(got.take, Take::Deliver, "{ctx}");
             }
         }
+    }
+
+    /// The shortcut says "deliver" only where the rule does: over every input whose learned
+    /// table is empty (no learned entry for any flow), and never with one learned entry.
+    #[test]
+    fn delivers_all_is_the_rule_s_answer() {
+        let mut shortcuts = 0;
+        for (role, gap, packet, health, own, learned) in every_input() {
+            if !delivers_all(role, health, learned.is_some()) {
+                continue;
+            }
+            shortcuts += 1;
+            assert!(learned.is_none());
+            let got = verdict(role, gap, packet, health, &Known::new(own, learned));
+            assert_eq!(
+                got,
+                Verdict::DELIVER,
+                "{role:?}, gap {gap}, {packet:?}, {health:?}, own {own:?}"
+            );
+        }
+        // Owner x 2 phases x 5 packets x 2 healths that take new flows x 5 own states.
+        assert_eq!(shortcuts, 2 * 5 * 2 * 5);
     }
 
     #[test]

@@ -198,6 +198,15 @@ impl Pipeline {
         now: u64,
     ) -> Result<Upsert, Action> {
         let role = self.snapshot.role(bucket, self.id.node);
+        let health = handoff::Health {
+            refuse_new: self.service.refuse_new,
+            refusing_peers: self.service.refusing_peers,
+        };
+        // Most frames: an owned bucket and no handoff here. The rule would deliver them
+        // whatever their flow's entries; asking it costs a call and a table lookup per frame.
+        if handoff::delivers_all(role, health, !self.learned.is_empty()) {
+            return Ok(self.flows.upsert(hash, proto, bucket, flags, now));
+        }
         let verdict = handoff::verdict(
             role,
             self.snapshot.phase() == Phase::Release,
@@ -205,10 +214,7 @@ impl Pipeline {
                 tcp: proto == TCP,
                 flags,
             },
-            handoff::Health {
-                refuse_new: self.service.refuse_new,
-                refusing_peers: self.service.refusing_peers,
-            },
+            health,
             &Tables {
                 own: &self.flows,
                 learned: &self.learned,
