@@ -664,11 +664,15 @@ impl FlowTable {
             FlowState::from_raw(slot.state())
         };
         let state = FlowState::next(prev, proto, flags);
-        // A known flow changes state in place: it stays tracked (a reused 4-tuple's SYN may
-        // take the half-open count one past its share until the next insertion makes room).
-        self.half_open = self.half_open + usize::from(state as u8 == STATE_SYN)
-            - usize::from(slot.state() == STATE_SYN);
-        slot.set_state(raw_state(state, proto));
+        let raw = raw_state(state, proto);
+        if raw != slot.state() {
+            // A known flow changes state in place: it stays tracked (a reused 4-tuple's SYN
+            // may take the half-open count one past its share until the next insertion makes
+            // room). Most packets change nothing but the time.
+            self.half_open = self.half_open + usize::from(raw == STATE_SYN)
+                - usize::from(slot.state() == STATE_SYN);
+            slot.set_state(raw);
+        }
         slot.last_seen = now_t;
         Upsert {
             state,

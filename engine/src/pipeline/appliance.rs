@@ -45,16 +45,23 @@ pub(super) struct Destination {
 }
 
 impl Destination {
-    /// The destination of a TCP/UDP frame (`None`: not one; it then takes the cluster's path).
-    ///
-    /// The frame comes from [`Pipeline::decide`] with [`super::Prepared::Flow`], so it has
-    /// been parsed and its TCP/UDP header checked: the common frame is read again only at
-    /// fixed offsets; any other (a VLAN tag, IPv4 options, IPv6 extension headers) is parsed.
-    #[inline]
-    pub(super) fn of(frame: &[u8]) -> Option<Destination> {
-        if let Some(d) = Destination::common(frame) {
-            return Some(d);
+    /// The destination of a TCP/UDP frame [`Pipeline::decide`] has with
+    /// [`super::Prepared::Flow`] (`None`: not one; it then takes the cluster's path): parsed
+    /// already, its TCP/UDP header checked, and `plain` if it is the common frame, which is
+    /// then read again only at its fixed offsets (its checks were made); any other (a VLAN
+    /// tag, IPv4 options, IPv6 extension headers) is parsed.
+    #[inline(always)]
+    pub(super) fn of_prepared(frame: &[u8], plain: bool) -> Option<Destination> {
+        if plain {
+            Destination::fixed(frame)
+        } else {
+            Destination::parsed(frame)
         }
+    }
+
+    /// A frame that is not the common one, parsed.
+    #[inline(never)]
+    fn parsed(frame: &[u8]) -> Option<Destination> {
         let p = parse_l2_l4(frame).ok()?;
         Destination::at(
             frame,
@@ -84,67 +91,44 @@ impl Destination {
         }
     }
 
-    /// The common frame as [`crate::wire::parse_ip_flow`] accepts it — untagged, IPv4 without options and
-    /// not a fragment, or IPv6 with TCP or UDP right after its header — with its checks of the
-    /// IP header, at fixed offsets (`None`: another frame).
+    /// The common frame as [`crate::wire::parse_ip_flow`] accepts it — untagged, IPv4 without
+    /// options and not a fragment, or IPv6 with TCP or UDP right after its header, its lengths
+    /// checked — read at fixed offsets without checking it again (`None` only if it is too
+    /// short to hold the headers, which such a frame never is).
     #[inline(always)]
-    fn common(frame: &[u8]) -> Option<Destination> {
+    fn fixed(frame: &[u8]) -> Option<Destination> {
         const L3: usize = 14;
-        const TCP: u8 = 6;
-        const UDP: u8 = 17;
-        match frame.get(12..14)? {
-            [0x08, 0x00] => {
-                // The IPv4 header and the ports: one bounds check.
-                let h: &[u8; L3 + 24] = frame.get(..L3 + 24)?.try_into().ok()?;
-                if h[L3] != 0x45 || h[L3 + 6] & 0x3f != 0 || h[L3 + 7] != 0 {
-                    return None;
-                }
-                if !matches!(h[L3 + 9], TCP | UDP) {
-                    return None;
-                }
-                let ip_len = usize::from(u16::from_be_bytes([h[L3 + 2], h[L3 + 3]]));
-                if ip_len < 20 || ip_len > frame.len() - L3 {
-                    return None;
-                }
-                let word = |at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
-                Some(Destination {
-                    l3: L3,
-                    ip_len,
-                    v6: false,
-                    src: u128::from(word(L3 + 12)),
-                    dst: u128::from(word(L3 + 16)),
-                    src_port: u16::from_be_bytes([h[L3 + 20], h[L3 + 21]]),
-                    dst_port: u16::from_be_bytes([h[L3 + 22], h[L3 + 23]]),
-                    no_frag: h[L3 + 6] & 0x40 != 0,
-                })
-            }
-            [0x86, 0xdd] => {
-                // The IPv6 header and the ports.
-                let h: &[u8; L3 + 44] = frame.get(..L3 + 44)?.try_into().ok()?;
-                if h[L3] >> 4 != 6 || !matches!(h[L3 + 6], TCP | UDP) {
-                    return None;
-                }
-                let payload = usize::from(u16::from_be_bytes([h[L3 + 4], h[L3 + 5]]));
-                if payload > frame.len() - (L3 + 40) {
-                    return None;
-                }
-                let addr = |at: usize| {
-                    let mut a = [0u8; 16];
-                    a.copy_from_slice(&h[at..at + 16]);
-                    u128::from_be_bytes(a)
-                };
-                Some(Destination {
-                    l3: L3,
-                    ip_len: 40 + payload,
-                    v6: true,
-                    src: addr(L3 + 8),
-                    dst: addr(L3 + 24),
-                    src_port: u16::from_be_bytes([h[L3 + 40], h[L3 + 41]]),
-                    dst_port: u16::from_be_bytes([h[L3 + 42], h[L3 + 43]]),
-                    no_frag: true,
-                })
-            }
-            _ => None,
+        if frame.get(12) == Some(&0x86) {
+            let h: &[u8; L3 + 44] = frame.get(..L3 + 44)?.try_into().ok()?;
+            let payload = usize::from(u16::from_be_bytes([h[L3 + 4], h[L3 + 5]]));
+            let addr = |at: usize| {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(&h[at..at + 16]);
+                u128::from_be_bytes(a)
+            };
+            Some(Destination {
+                l3: L3,
+                ip_len: 40 + payload,
+                v6: true,
+                src: addr(L3 + 8),
+                dst: addr(L3 + 24),
+                src_port: u16::from_be_bytes([h[L3 + 40], h[L3 + 41]]),
+                dst_port: u16::from_be_bytes([h[L3 + 42], h[L3 + 43]]),
+                no_frag: true,
+            })
+        } else {
+            let h: &[u8; L3 + 24] = frame.get(..L3 + 24)?.try_into().ok()?;
+            let word = |at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+            Some(Destination {
+                l3: L3,
+                ip_len: usize::from(u16::from_be_bytes([h[L3 + 2], h[L3 + 3]])),
+                v6: false,
+                src: u128::from(word(L3 + 12)),
+                dst: u128::from(word(L3 + 16)),
+                src_port: u16::from_be_bytes([h[L3 + 20], h[L3 + 21]]),
+                dst_port: u16::from_be_bytes([h[L3 + 22], h[L3 + 23]]),
+                no_frag: h[L3 + 6] & 0x40 != 0,
+            })
         }
     }
 
@@ -216,9 +200,13 @@ impl Pipeline {
         hash: FlowHash,
         proto: u8,
         flags: TcpFlags,
+        plain: bool,
         now: u64,
     ) -> Action {
-        let Some(d) = buf.get(..len).and_then(Destination::of) else {
+        let Some(d) = buf
+            .get(..len)
+            .and_then(|frame| Destination::of_prepared(frame, plain))
+        else {
             return self.flow_packet(bucket, hash, proto, flags, now);
         };
         match self.service(&d, bucket, hash, proto, flags, now) {

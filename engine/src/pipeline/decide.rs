@@ -73,9 +73,10 @@ impl Pipeline {
                 hash,
                 proto,
                 flags,
+                plain,
             } => {
                 if self.services.active() {
-                    return self.service_flow(buf, len, bucket, hash, proto, flags, now);
+                    return self.service_flow(buf, len, bucket, hash, proto, flags, plain, now);
                 }
                 self.flow_packet(bucket, hash, proto, flags, now)
             }

@@ -26,6 +26,8 @@ enum Parts {
         rest: FlowRest,
         proto: u8,
         flags: TcpFlags,
+        /// Read at fixed offsets ([`parse_ip_flow`]).
+        plain: bool,
     },
 }
 
@@ -44,6 +46,10 @@ pub enum Prepared {
         hash: FlowHash,
         proto: u8,
         flags: TcpFlags,
+        /// The frame is the common one [`parse_ip_flow`] reads at fixed offsets (untagged,
+        /// IPv4 without options or IPv6 with TCP/UDP right after its header, lengths checked):
+        /// the decision reads it again at those offsets without checking it again.
+        plain: bool,
     },
     /// Anything else (ARP, ICMP, fragments, group addresses, heartbeats): `decide` parses the
     /// frame again and takes the full path.
@@ -53,12 +59,13 @@ pub enum Prepared {
 impl Prepared {
     /// A flow frame whose flow key's keyed hash is `key_hash`.
     #[inline(always)]
-    fn flow(key_hash: u64, rest: &FlowRest, proto: u8, flags: TcpFlags) -> Prepared {
+    fn flow(key_hash: u64, rest: &FlowRest, proto: u8, flags: TcpFlags, plain: bool) -> Prepared {
         Prepared::Flow {
             bucket: bucket_from(key_hash),
             hash: FlowHash::from_parts(key_hash, rest),
             proto,
             flags,
+            plain,
         }
     }
 }
@@ -111,7 +118,8 @@ impl Pipeline {
                 rest,
                 proto,
                 flags,
-            } => self.finish(self.hasher.hash(&key), &rest, proto, flags),
+                plain,
+            } => self.finish(self.hasher.hash(&key), &rest, proto, flags, plain),
         }
     }
 
@@ -139,7 +147,7 @@ impl Pipeline {
         let mut others = 0u64;
         for (g, (frames, out)) in frames.chunks(LANES).zip(out.chunks_mut(LANES)).enumerate() {
             let mut keys = [[0u64; 3]; LANES];
-            let mut flows: [Option<(FlowRest, u8, TcpFlags)>; LANES] = [None; LANES];
+            let mut flows: [Option<(FlowRest, u8, TcpFlags, bool)>; LANES] = [None; LANES];
             for ((frame, out), (key, flow)) in frames
                 .iter()
                 .zip(out.iter_mut())
@@ -153,9 +161,10 @@ impl Pipeline {
                         rest,
                         proto,
                         flags,
+                        plain,
                     }) => {
                         *key = *k.words();
-                        *flow = Some((rest, proto, flags));
+                        *flow = Some((rest, proto, flags, plain));
                     }
                 }
             }
@@ -164,14 +173,18 @@ impl Pipeline {
                 continue;
             }
             let hashes = self.hasher.hash8(&keys);
-            for ((out, flow), key_hash) in out.iter_mut().zip(&flows).zip(hashes) {
-                if let Some((rest, proto, flags)) = flow {
-                    *out = Prepared::flow(key_hash, rest, *proto, *flags);
-                }
-            }
-            // `out` may be longer than the burst: only this group's frames.
-            for (j, p) in out.iter().take(frames.len()).enumerate() {
-                if let Prepared::Flow { bucket, hash, .. } = *p {
+            // Only this group's frames have a flow (`out` may be longer than the burst).
+            for (j, ((out, flow), key_hash)) in out.iter_mut().zip(&flows).zip(hashes).enumerate() {
+                if let Some((rest, proto, flags, plain)) = flow {
+                    let (bucket, hash) =
+                        (bucket_from(key_hash), FlowHash::from_parts(key_hash, rest));
+                    *out = Prepared::Flow {
+                        bucket,
+                        hash,
+                        proto: *proto,
+                        flags: *flags,
+                        plain: *plain,
+                    };
                     let not_owner = self.prefetch(bucket, hash);
                     let i = g * LANES + j;
                     if i < 64 {
@@ -211,6 +224,7 @@ impl Pipeline {
                 rest: FlowRest::new(f.dst, f.src_port, f.dst_port, f.protocol),
                 proto: f.protocol,
                 flags: TcpFlags(f.tcp_flags),
+                plain: true,
             };
         }
         let parsed = parse_l2_l4(frame);
@@ -227,6 +241,7 @@ impl Pipeline {
                     rest: FlowRest::new(p.dst_ip, sp, dp, proto),
                     proto,
                     flags: TcpFlags(p.tcp_flags.0 as u8),
+                    plain: false,
                 }
             }
             _ => Parts::Done(Prepared::Other),
@@ -235,8 +250,15 @@ impl Pipeline {
 
     /// The rest of [`Pipeline::prepare`] for a flow frame, once its key is hashed.
     #[inline(always)]
-    fn finish(&self, key_hash: u64, rest: &FlowRest, proto: u8, flags: TcpFlags) -> Prepared {
-        let prepared = Prepared::flow(key_hash, rest, proto, flags);
+    fn finish(
+        &self,
+        key_hash: u64,
+        rest: &FlowRest,
+        proto: u8,
+        flags: TcpFlags,
+        plain: bool,
+    ) -> Prepared {
+        let prepared = Prepared::flow(key_hash, rest, proto, flags, plain);
         if let Prepared::Flow { bucket, hash, .. } = prepared {
             self.prefetch(bucket, hash);
         }
