@@ -170,18 +170,7 @@ impl Outer {
         let total = head + inner_len;
         let frame = frame.get_mut(..total)?;
         let outer_len = u16::try_from(head - ETH + inner_len).ok()?;
-        // One fixed-size copy per kind of header, which the compiler inlines (a length known
-        // only at run time would call `memcpy` for every frame).
-        const IPIP4: usize = ETH + IPV4;
-        const GUE4: usize = ETH + IPV4 + UDP + GUE;
-        const IPIP6: usize = ETH + IPV6;
-        match head {
-            IPIP4 => put::<IPIP4>(frame, &self.header),
-            GUE4 => put::<GUE4>(frame, &self.header),
-            IPIP6 => put::<IPIP6>(frame, &self.header),
-            MAX_OUTER => put::<MAX_OUTER>(frame, &self.header),
-            _ => frame[..head].copy_from_slice(&self.header[..head]),
-        }
+        put(frame, &self.header, head);
         let inner_proto = if inner_v6 { PROTO_IPV6 } else { PROTO_IPV4 };
         let next = match self.tunnel {
             Tunnel::Ipip => inner_proto,
@@ -221,10 +210,23 @@ impl Outer {
     }
 }
 
-/// The first `N` bytes of an outer header template into `frame` (at least `N` long).
+/// The first `len` bytes of an outer header template (an outer header's length: 34 to
+/// [`MAX_OUTER`]) into `frame` (at least `len` long), as 16-byte copies, the last overlapping
+/// the one before: copies of a constant size, which compile to vector moves. (One copy per
+/// kind of header, each of a constant length, compiled to one `memcpy` call of the kind's
+/// length: the compiler merged the arms.)
 #[inline(always)]
-fn put<const N: usize>(frame: &mut [u8], header: &[u8; MAX_OUTER]) {
-    frame[..N].copy_from_slice(&header[..N]);
+fn put(frame: &mut [u8], header: &[u8; MAX_OUTER], len: usize) {
+    const CHUNK: usize = 16;
+    let copy = |frame: &mut [u8], at: usize| {
+        frame[at..at + CHUNK].copy_from_slice(&header[at..at + CHUNK]);
+    };
+    let mut at = 0;
+    while at + CHUNK < len {
+        copy(frame, at);
+        at += CHUNK;
+    }
+    copy(frame, len.max(CHUNK) - CHUNK);
 }
 
 /// Rewrites, in place, a frame whose IP packet (at `l3`, `ip_len` bytes) is too big for a path
