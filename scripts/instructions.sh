@@ -12,26 +12,40 @@
 # CC_INSN_SECS and 3 x CC_INSN_SECS seconds of forwarding (default 10), and the difference of
 # the two runs' instructions over the difference of their frames leaves out start-up and exit.
 # Under valgrind the CPU has no AVX-512: the engine hashes with AVX2 (~10 more instructions per
-# frame than on a CPU with AVX-512). Frames: testpmd's forwarded-frame total, the engine's
-# received wire frames; both print them when they stop.
+# frame than on a CPU with AVX-512). Frames: the frames each received from the wire port
+# (testpmd's accumulated RX-packets, the engine's wire_rx), which both print when they stop.
+# On failure the logs stay in the directory the script names.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 . scripts/setup.sh
 if ! command -v valgrind >/dev/null 2>&1; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq valgrind >/dev/null
 fi
 
 scenario=${1:-flows=1000,delivery=dsr}
 mode=${2:-5tswap}
 secs=${CC_INSN_SECS:-10}
 dir=$(mktemp -d /tmp/cc-insn.XXXXXX)
-pids=()
+# The engine under valgrind, while it runs (stopped by PID if the script ends early).
+engine_pid=
 cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  rm -rf "$dir"
+  local status=$?
+  if [ -n "$engine_pid" ]; then kill -TERM "$engine_pid" 2>/dev/null || true; fi
+  if [ "$status" = 0 ]; then
+    rm -rf "$dir"
+  else
+    echo "instructions: failed; logs in $dir" >&2
+  fi
 }
 trap cleanup EXIT
+fail() {
+  echo "instructions: $1" >&2
+  [ -f "${2:-}" ] && tail -20 "$2" >&2
+  exit 1
+}
 
 echo "instructions: writing the files of '$scenario' (one short engine run of the bench)" >&2
 CC_BENCH_DIR="$dir" CC_BENCH_TESTPMD=none CC_BENCH_SECS=1 CC_BENCH_ROUNDS=1 \
@@ -53,7 +67,7 @@ grep -q '^services:' "$config" && topology=(--port-topology=loop)
 # Total instructions in a callgrind output file.
 total() { sed -n 's/^totals: \([0-9]*\)$/\1/p' "$1" | head -1; }
 
-# testpmd for $1 seconds: prints "instructions frames".
+# testpmd for $1 seconds: writes "instructions frames" to $dir/testpmd-$1.count.
 testpmd_run() {
   local out="$dir/testpmd-$1"
   # testpmd without -i forwards until its standard input closes.
@@ -64,43 +78,59 @@ testpmd_run() {
     --forward-mode="$mode" "${topology[@]}" --nb-cores=1 --auto-start --stats-period=0 \
     >"$out.log" 2>&1
   # The accumulated statistics come last: their RX total.
-  local frames
-  frames=$(grep -A2 'Accumulated forward statistics' "$out.log" | sed -n 's/.*RX-packets: *\([0-9]*\).*/\1/p' | head -1)
-  echo "$(total "$out.cg") $frames"
+  local frames instructions
+  frames=$(grep -A2 'Accumulated forward statistics' "$out.log" | sed -n 's/.*RX-packets: *\([0-9]*\).*/\1/p' | head -1 || true)
+  instructions=$(total "$out.cg" || true)
+  [ -n "$frames" ] && [ -n "$instructions" ] || fail "testpmd printed no frame count or callgrind no total" "$out.log"
+  echo "$instructions $frames" >"$out.count"
 }
 
-# The engine for $1 seconds of forwarding: prints "instructions frames".
+# The engine for $1 seconds of forwarding: writes "instructions frames" to
+# $dir/engine-$1.count.
 engine_run() {
   local out="$dir/engine-$1"
   (cd "$dir" && exec valgrind --tool=callgrind --callgrind-out-file="$out.cg" \
     "$root/target/release/clonecluster" run --config "$config" \
     >"$out.log" 2>&1) &
-  local pid=$!
-  pids+=("$pid")
-  # Forwarding starts when the data plane logs its cores.
+  engine_pid=$!
+  # Forwarding starts when the data plane logs its cores (start-up under valgrind: seconds).
+  local started=
   for _ in $(seq 1 600); do
-    grep -q 'running on cores' "$out.log" 2>/dev/null && break
+    if grep -q 'running on cores' "$out.log" 2>/dev/null; then started=1; break; fi
+    kill -0 "$engine_pid" 2>/dev/null || break
     sleep 0.2
   done
+  [ -n "$started" ] || fail "the engine did not start forwarding" "$out.log"
   sleep "$1"
-  kill -TERM "$pid"
-  wait "$pid" || true
-  local frames
+  kill -TERM "$engine_pid"
+  wait "$engine_pid" || true
+  engine_pid=
+  local frames instructions
   frames=$(sed -n 's/^total: wire_rx=\([0-9]*\) .*/\1/p' "$out.log")
-  echo "$(total "$out.cg") $frames"
+  instructions=$(total "$out.cg" || true)
+  [ -n "$frames" ] && [ -n "$instructions" ] || fail "the engine printed no frame count or callgrind no total" "$out.log"
+  echo "$instructions $frames" >"$out.count"
 }
 
-per_frame() { python3 -c "import sys; a,b,c,d=map(int,sys.argv[1:]); print(round((c-a)/(d-b),1))" "$@"; }
+# Instructions per frame from two runs' "instructions frames" (the longer one second).
+per_frame() {
+  local a b c d
+  read -r a b <"$1"
+  read -r c d <"$2"
+  [ "$d" -gt "$b" ] || fail "the longer run counted no more frames ($b, then $d)"
+  python3 -c "import sys; a,b,c,d=map(int,sys.argv[1:]); print(round((c-a)/(d-b),1))" "$a" "$b" "$c" "$d"
+}
+frames() { echo $(($(cut -d' ' -f2 "$2") - $(cut -d' ' -f2 "$1"))); }
 
 echo "instructions: testpmd $mode, ${secs} s and $((3 * secs)) s under callgrind" >&2
-read -r t1 tf1 < <(testpmd_run "$secs")
-read -r t2 tf2 < <(testpmd_run $((3 * secs)))
+testpmd_run "$secs"
+testpmd_run $((3 * secs))
 echo "instructions: the engine, ${secs} s and $((3 * secs)) s under callgrind" >&2
-read -r e1 ef1 < <(engine_run "$secs")
-read -r e2 ef2 < <(engine_run $((3 * secs)))
-tp=$(per_frame "$t1" "$tf1" "$t2" "$tf2")
-en=$(per_frame "$e1" "$ef1" "$e2" "$ef2")
+engine_run "$secs"
+engine_run $((3 * secs))
+tp=$(per_frame "$dir/testpmd-$secs.count" "$dir/testpmd-$((3 * secs)).count")
+en=$(per_frame "$dir/engine-$secs.count" "$dir/engine-$((3 * secs)).count")
 echo "scenario $scenario: instructions per frame (callgrind, difference of two runs):"
-echo "  testpmd $mode: $tp  ($((tf2 - tf1)) frames)"
-echo "  clonecluster:  $en  ($((ef2 - ef1)) frames)"
+echo "  testpmd $mode: $tp  ($(frames "$dir/testpmd-$secs.count" "$dir/testpmd-$((3 * secs)).count") frames)"
+echo "  clonecluster:  $en  ($(frames "$dir/engine-$secs.count" "$dir/engine-$((3 * secs)).count") frames)"
 python3 -c "import sys; t,e=map(float,sys.argv[1:]); print(f'  engine / testpmd in frames per instruction: {t/e:.3f} (the bench: in frames per CPU second)')" "$tp" "$en"

@@ -212,12 +212,15 @@ impl Outer {
 
 /// The first `len` bytes of an outer header template (an outer header's length: 34 to
 /// [`MAX_OUTER`]) into `frame` (at least `len` long), as 16-byte copies, the last overlapping
-/// the one before: copies of a constant size, which compile to vector moves. (One copy per
-/// kind of header, each of a constant length, compiled to one `memcpy` call of the kind's
-/// length: the compiler merged the arms.)
+/// the one before: copies of a constant size compile to vector moves, where a copy of a length
+/// known only at run time calls `memcpy` for every frame.
 #[inline(always)]
 fn put(frame: &mut [u8], header: &[u8; MAX_OUTER], len: usize) {
     const CHUNK: usize = 16;
+    debug_assert!(
+        (CHUNK..=MAX_OUTER).contains(&len),
+        "outer header of {len} bytes"
+    );
     let copy = |frame: &mut [u8], at: usize| {
         frame[at..at + CHUNK].copy_from_slice(&header[at..at + CHUNK]);
     };

@@ -11,7 +11,9 @@
 //! This module must never read a frame, a clock or a snapshot, change a table, or allocate: the
 //! tables are asked through [`FlowLookup`], and only for what the rule needs to know (an owner
 //! with nothing learned and a healthy service looks nothing up before it delivers). It runs for
-//! every packet: everything here is `#[inline]` and takes `Copy` values.
+//! nearly every packet (an owner's, with nothing learned and a healthy service, the pipeline
+//! decides by [`delivers_all`] without asking it): everything here is inlined and takes `Copy`
+//! values.
 
 use super::{FlowState, NodeId, TcpFlags};
 
@@ -186,7 +188,7 @@ pub fn verdict(
 /// Whether the rule delivers every packet of a bucket for which this node has `role`, whatever
 /// the packet and its flow's entries, while no flow is learned (`learned_any` false: no
 /// handoff under way here) and its service takes new flows: the owner's common case (see
-/// [`owner`]), which a caller may decide without asking the rule or the tables.
+/// the rule's owner case), which a caller may decide without asking the rule or the tables.
 #[inline(always)]
 pub fn delivers_all(role: Role, health: Health, learned_any: bool) -> bool {
     role == Role::Owner && !health.refuse_new && !learned_any

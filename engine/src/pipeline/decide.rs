@@ -1,6 +1,8 @@
 //! The decision for a frame from the wire, once prepared: the TCP/UDP shortcut straight to the
-//! handoff rule ([`crate::cluster::handoff`]), and the full path for everything else (ARP,
-//! neighbour discovery, ICMP, fragments, group addresses, heartbeats).
+//! handoff rule ([`crate::cluster::handoff`]; an owner's frame with nothing learned and a
+//! healthy service straight to the flow table, as the rule would say: `handoff::delivers_all`),
+//! and the full path for everything else (ARP, neighbour discovery, ICMP, fragments, group
+//! addresses, heartbeats).
 //!
 //! The rule decides; this file looks the flow up in the tables and carries the verdict out.
 
@@ -186,7 +188,8 @@ impl Pipeline {
         }
     }
 
-    /// The handoff rule decides by this node's role for the bucket, and this carries its
+    /// The handoff rule decides by this node's role for the bucket (or, for an owner's
+    /// common case, [`handoff::delivers_all`] says what it would), and this carries its
     /// verdict out: `Ok` with the flow-table entry if this node takes the packet, else what to
     /// do with it instead.
     #[inline(always)]

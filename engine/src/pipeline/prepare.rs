@@ -126,9 +126,9 @@ impl Pipeline {
     /// [`Pipeline::prepare`] of a whole burst (`None`: a frame spanning several segments),
     /// into `out[..frames.len()]`: frames are parsed eight at a time, their flow keys hashed
     /// side by side ([`crate::cluster::BucketHasher::hash8`]), and each group's table lines
-    /// prefetched, back to back, as soon as its hashes are known, so that the first groups'
-    /// lines have the time of the later groups' parsing and hashing to arrive before the
-    /// first [`Pipeline::decide`].
+    /// prefetched as soon as its hashes are known (a few instructions apart, in the loop that
+    /// writes the group's prepared frames), so that the first groups' lines have the time of
+    /// the later groups' parsing and hashing to arrive before the first [`Pipeline::decide`].
     ///
     /// Eight prefetches close together rather than one after each hash: at millions of flows
     /// a prefetch may also miss the TLB, and only prefetches close together overlap their
