@@ -56,20 +56,6 @@ pub enum Prepared {
     Other,
 }
 
-impl Prepared {
-    /// A flow frame whose flow key's keyed hash is `key_hash`.
-    #[inline(always)]
-    fn flow(key_hash: u64, rest: &FlowRest, proto: u8, flags: TcpFlags, plain: bool) -> Prepared {
-        Prepared::Flow {
-            bucket: bucket_from(key_hash),
-            hash: FlowHash::from_parts(key_hash, rest),
-            proto,
-            flags,
-            plain,
-        }
-    }
-}
-
 impl Default for Prepared {
     fn default() -> Self {
         Prepared::Drop(DropReason::NotForUs)
@@ -119,7 +105,18 @@ impl Pipeline {
                 proto,
                 flags,
                 plain,
-            } => self.finish(self.hasher.hash(&key), &rest, proto, flags, plain),
+            } => {
+                let mut prepared = Prepared::default();
+                self.finish(
+                    self.hasher.hash(&key),
+                    &rest,
+                    proto,
+                    flags,
+                    plain,
+                    &mut prepared,
+                );
+                prepared
+            }
         }
     }
 
@@ -176,16 +173,7 @@ impl Pipeline {
             // Only this group's frames have a flow (`out` may be longer than the burst).
             for (j, ((out, flow), key_hash)) in out.iter_mut().zip(&flows).zip(hashes).enumerate() {
                 if let Some((rest, proto, flags, plain)) = flow {
-                    let (bucket, hash) =
-                        (bucket_from(key_hash), FlowHash::from_parts(key_hash, rest));
-                    *out = Prepared::Flow {
-                        bucket,
-                        hash,
-                        proto: *proto,
-                        flags: *flags,
-                        plain: *plain,
-                    };
-                    let not_owner = self.prefetch(bucket, hash);
+                    let not_owner = self.finish(key_hash, rest, *proto, *flags, *plain, out);
                     let i = g * LANES + j;
                     if i < 64 {
                         others |= u64::from(not_owner) << i;
@@ -248,7 +236,9 @@ impl Pipeline {
         }
     }
 
-    /// The rest of [`Pipeline::prepare`] for a flow frame, once its key is hashed.
+    /// The rest of [`Pipeline::prepare`] for a flow frame, once its key is hashed: writes the
+    /// prepared frame into `out`, prefetches its table lines and returns whether its bucket is
+    /// simply another node's ([`Pipeline::prefetch`]).
     #[inline(always)]
     fn finish(
         &self,
@@ -257,12 +247,17 @@ impl Pipeline {
         proto: u8,
         flags: TcpFlags,
         plain: bool,
-    ) -> Prepared {
-        let prepared = Prepared::flow(key_hash, rest, proto, flags, plain);
-        if let Prepared::Flow { bucket, hash, .. } = prepared {
-            self.prefetch(bucket, hash);
-        }
-        prepared
+        out: &mut Prepared,
+    ) -> bool {
+        let (bucket, hash) = (bucket_from(key_hash), FlowHash::from_parts(key_hash, rest));
+        *out = Prepared::Flow {
+            bucket,
+            hash,
+            proto,
+            flags,
+            plain,
+        };
+        self.prefetch(bucket, hash)
     }
 
     /// Prefetches the table lines `flow_packet` will read for this node's role; for a bucket

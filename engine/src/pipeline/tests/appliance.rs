@@ -489,9 +489,6 @@ fn assert_carries(out: &[u8], frame: &[u8], what: &str) {
     );
 }
 
-/// Appliance mode, issue 19: the later fragments of a service's flow (no ports) go where the
-/// first went — the same backend, the same delivery — from the node that owned the first,
-/// counted per backend; the other node drops them.
 /// Frames the pipelines of `cluster` sent to backends, all backends together.
 fn frames_sent(cluster: &[Pipeline]) -> u64 {
     cluster
@@ -510,6 +507,9 @@ fn versions_and_deliveries() -> impl Iterator<Item = (bool, &'static str, String
     })
 }
 
+/// Appliance mode, issue 19: the later fragments of a service's flow (no ports) go where the
+/// first went — the same backend, the same delivery — from the node that owned the first,
+/// counted per backend; the other node drops them.
 #[test]
 fn later_fragments_follow_their_first_to_its_backend() {
     for (v6, delivery, what) in versions_and_deliveries() {
