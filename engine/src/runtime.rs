@@ -245,7 +245,7 @@ pub fn control_thread(
             node.set_wire_link(link.wire_link_up.load(Relaxed), now_ns(), &mut out);
             node.set_cores_running(cores.running(&link, now, me), now_ns(), &mut out);
             node.handle_tick(now_ns(), &mut out);
-            backends.tick(&link, now_ns());
+            backends.tick(&current.config, &link, now_ns());
             node.set_backend_report(backends.report(node.drained_backends()));
             link.set_members(&node);
             let mut v = control_view(&node, me, now_ns());
@@ -750,11 +750,25 @@ impl BackendWatch {
         }
     }
 
-    fn tick(&mut self, link: &ControlLink, now: u64) {
+    /// `config`: the node's configuration in force (the last `reload`'s).
+    fn tick(&mut self, config: &crate::config::Config, link: &ControlLink, now: u64) {
         let version = link.services_version.load(Relaxed);
         if version != self.seen {
             self.seen = version;
-            self.neighbours.update(&link.services());
+            let services = link.services();
+            self.neighbours.update(&services);
+            // The checks follow the services: backends added by a reload are checked (and
+            // count as down until they answer), removed ones are forgotten.
+            match &self.checks {
+                Some(checks) => checks.retarget(config, &services),
+                None => match spawn_checker(config, &services) {
+                    Ok(checks) => self.checks = checks,
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "cannot start the backend checker: backends count as up"
+                    ),
+                },
+            }
         }
         link.wants_neighbours
             .store(self.neighbours.wants_answers(), Relaxed);

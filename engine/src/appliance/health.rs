@@ -7,6 +7,9 @@
 //! - [`agree`]: the coordinator's rule. A backend is down when at least half of the nodes that
 //!   report verdicts see it down (one of two is enough: a backend one appliance cannot reach is
 //!   one whose health is in doubt), drained when any node's operator drained it.
+//! - [`Checks`]: one node's checks of every backend, which follow the services as `reload`
+//!   changes them: a backend that stays keeps its verdict, one added (or whose id now names
+//!   another server) starts down, one removed is forgotten.
 //! - [`spawn_checker`]: the thread that runs the checks (the only I/O here) and publishes each
 //!   node's local verdicts.
 //!
@@ -121,9 +124,19 @@ pub struct LocalVerdicts {
     /// Every backend has been checked enough times (`rise` or `fall`) for its verdict to mean
     /// something: before that, the node reports nothing.
     settled: std::sync::atomic::AtomicBool,
+    /// The checks of services changed since the checker last looked ([`LocalVerdicts::retarget`]).
+    next: Mutex<Option<Vec<Target>>>,
 }
 
 impl LocalVerdicts {
+    /// The services changed (a `reload`): from its next round, the checker checks the backends
+    /// `config` and `services` name.
+    pub fn retarget(&self, config: &Config, services: &super::Services) {
+        if let Ok(mut next) = self.next.lock() {
+            *next = Some(targets(config, services));
+        }
+    }
+
     pub fn down(&self) -> BTreeSet<u16> {
         self.down.lock().map(|d| d.clone()).unwrap_or_default()
     }
@@ -139,34 +152,114 @@ impl LocalVerdicts {
     }
 }
 
-/// One backend to check: its id and the check.
-#[derive(Debug, Clone)]
-struct Target {
-    id: u16,
-    name: String,
-    check: HealthConfig,
+/// One backend to check: its id and the check (`rise` and `fall` in it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub id: u16,
+    pub name: String,
+    pub check: HealthConfig,
 }
 
 /// The checks `config` asks for, one per backend of a service with `backend_health`.
-fn targets(config: &Config, services: &super::Services) -> Vec<(Target, u32, u32)> {
+pub(super) fn targets(config: &Config, services: &super::Services) -> Vec<Target> {
     let mut out = Vec::new();
     for (s, rule) in config.services.iter().zip(services.rules()) {
         let Some(h) = &s.backend_health else {
             continue;
         };
         for b in &rule.backends {
-            out.push((
-                Target {
-                    id: b.id,
-                    name: b.name.clone(),
-                    check: check_config(h, SocketAddr::new(b.ip, h.port)),
-                },
-                h.rise,
-                h.fall,
-            ));
+            out.push(Target {
+                id: b.id,
+                name: b.name.clone(),
+                check: check_config(h, SocketAddr::new(b.ip, h.port)),
+            });
         }
     }
     out
+}
+
+/// One node's checks of the backends and their verdicts, sans I/O: the checker thread runs
+/// each [`Target`]'s check and feeds the result to [`Checks::record`].
+#[derive(Debug, Default)]
+pub struct Checks {
+    states: Vec<(Target, Hysteresis)>,
+}
+
+/// What [`Checks::retarget`] changed in the verdicts: ids that start down (new backends, or ids
+/// that now name another server or check) and ids no longer checked (never down any more).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Retargeted {
+    pub start_down: BTreeSet<u16>,
+    pub forgotten: BTreeSet<u16>,
+}
+
+impl Checks {
+    /// Checks of `targets`, every backend down until it answers.
+    pub fn new(targets: Vec<Target>) -> Checks {
+        let mut checks = Checks::default();
+        checks.retarget(targets);
+        checks
+    }
+
+    /// The targets to check from now on. A target that is the same as before (id, name and
+    /// check alike) keeps its verdict and its run; any other starts down, as at start-up.
+    pub fn retarget(&mut self, targets: Vec<Target>) -> Retargeted {
+        let mut old = std::mem::take(&mut self.states);
+        let mut changes = Retargeted::default();
+        for t in targets {
+            let state = match old.iter().position(|(o, _)| *o == t) {
+                Some(i) => old.swap_remove(i).1,
+                None => {
+                    changes.start_down.insert(t.id);
+                    Hysteresis::new(t.check.rise, t.check.fall)
+                }
+            };
+            self.states.push((t, state));
+        }
+        for (o, _) in old {
+            if !changes.start_down.contains(&o.id) && !self.states.iter().any(|(t, _)| t.id == o.id)
+            {
+                changes.forgotten.insert(o.id);
+            }
+        }
+        changes
+    }
+
+    pub fn targets(&self) -> impl Iterator<Item = &Target> {
+        self.states.iter().map(|(t, _)| t)
+    }
+
+    /// Whether backend `id` is up by this node's checks (`None`: not checked).
+    pub fn is_up(&self, id: u16) -> Option<bool> {
+        self.states
+            .iter()
+            .find(|(t, _)| t.id == id)
+            .map(|(_, h)| h.up())
+    }
+
+    /// The result of a check of the `i`-th target; `Some(up)` when its verdict changes.
+    pub fn record(&mut self, i: usize, ok: bool) -> Option<bool> {
+        self.states.get_mut(i)?.1.record(ok)
+    }
+
+    /// The rounds of checks before every verdict means something (the largest `rise` or
+    /// `fall`; 1 with no target).
+    pub fn rounds_to_settle(&self) -> u32 {
+        self.states
+            .iter()
+            .map(|(t, _)| t.check.rise.max(t.check.fall))
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// Time between rounds: the shortest interval of any target.
+    pub fn interval(&self) -> Duration {
+        self.states
+            .iter()
+            .map(|(t, _)| t.check.interval.0)
+            .min()
+            .unwrap_or(Duration::from_millis(500))
+    }
 }
 
 fn check_config(h: &BackendHealthConfig, address: SocketAddr) -> HealthConfig {
@@ -184,8 +277,10 @@ fn check_config(h: &BackendHealthConfig, address: SocketAddr) -> HealthConfig {
 }
 
 /// Starts the thread that checks every backend of `services` (by `config`'s `backend_health`)
-/// and publishes the local verdicts; `None` when no service asks for checks. Checks run one
-/// after the other, each backend every `interval` of its service.
+/// and publishes the local verdicts; `None` when no service asks for checks (a `reload` that
+/// adds some starts one then: `BackendWatch` in the runtime). Checks run one after the other,
+/// each backend every `interval` of its service; [`LocalVerdicts::retarget`] changes what they
+/// check from the next round.
 pub fn spawn_checker(
     config: &Config,
     services: &super::Services,
@@ -194,35 +289,39 @@ pub fn spawn_checker(
     if targets.is_empty() {
         return Ok(None);
     }
+    let mut checks = Checks::new(targets);
     let verdicts = Arc::new(LocalVerdicts {
         // Down until they answer (see `Hysteresis::new`).
-        down: Mutex::new(targets.iter().map(|(t, _, _)| t.id).collect()),
-        settled: Default::default(),
+        down: Mutex::new(checks.targets().map(|t| t.id).collect()),
+        ..LocalVerdicts::default()
     });
-    let rounds_to_settle = targets
-        .iter()
-        .map(|(_, rise, fall)| (*rise).max(*fall))
-        .max()
-        .unwrap_or(1);
     let shared = Arc::clone(&verdicts);
-    let interval = targets
-        .iter()
-        .map(|(t, _, _)| t.check.interval.0)
-        .min()
-        .unwrap_or(Duration::from_millis(500));
     std::thread::Builder::new()
         .name("backend-health".into())
         .spawn(move || {
-            let mut states: Vec<(Target, Hysteresis)> = targets
-                .into_iter()
-                .map(|(t, rise, fall)| (t, Hysteresis::new(rise, fall)))
-                .collect();
             let mut rounds = 0u32;
             loop {
                 let started = std::time::Instant::now();
-                for (t, h) in states.iter_mut() {
+                if let Some(next) = shared.next.lock().ok().and_then(|mut n| n.take()) {
+                    let changes = checks.retarget(next);
+                    if let Ok(mut down) = shared.down.lock() {
+                        down.retain(|id| !changes.forgotten.contains(id));
+                        down.extend(&changes.start_down);
+                    }
+                    for t in checks.targets() {
+                        if changes.start_down.contains(&t.id) {
+                            tracing::info!(backend = %t.name, "backend check: new, down until it answers");
+                        }
+                    }
+                }
+                let settle = checks.rounds_to_settle();
+                let count = checks.targets().count();
+                for i in 0..count {
+                    let Some(t) = checks.targets().nth(i).cloned() else {
+                        break;
+                    };
                     let result = crate::health::check_once(&t.check);
-                    if let Some(up) = h.record(result.is_ok()) {
+                    if let Some(up) = checks.record(i, result.is_ok()) {
                         if let Ok(mut down) = shared.down.lock() {
                             if up {
                                 down.remove(&t.id);
@@ -241,12 +340,12 @@ pub fn spawn_checker(
                     }
                 }
                 rounds = rounds.saturating_add(1);
-                if rounds == rounds_to_settle {
+                if rounds >= settle {
                     shared
                         .settled
                         .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                std::thread::sleep(interval.saturating_sub(started.elapsed()));
+                std::thread::sleep(checks.interval().saturating_sub(started.elapsed()));
             }
         })?;
     Ok(Some(verdicts))

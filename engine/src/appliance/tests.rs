@@ -219,3 +219,74 @@ fn the_agreed_table_sets_every_state_and_the_epoch() {
     );
     assert!(up.backends().all(|(_, b)| b.state == BackendState::Up));
 }
+
+#[test]
+fn the_backend_checks_follow_a_reload() {
+    use super::health::{targets, Checks};
+    use std::collections::BTreeSet;
+    let checked = CONF
+        .replace(
+            "    delivery: dsr\n",
+            "    delivery: dsr\n    backend_health: { port: 80 }\n",
+        )
+        .replace(
+            "    delivery: gue\n",
+            "    delivery: gue\n    backend_health: { port: 53 }\n",
+        );
+    let (c, s) = {
+        let c = config(&checked);
+        let s = Services::compile(&c, b"secret", None);
+        (c, s)
+    };
+    let mut checks = Checks::new(targets(&c, &s));
+    let ids: BTreeSet<u16> = checks.targets().map(|t| t.id).collect();
+    assert_eq!(ids, BTreeSet::from([1, 2, 3, 4]));
+    // Every backend answers twice (rise 2): all up.
+    for _ in 0..2 {
+        for i in 0..4 {
+            checks.record(i, true);
+        }
+    }
+    assert!((1..=4).all(|id| checks.is_up(id) == Some(true)));
+
+    // The reload of `backends_keep_their_ids_across_reloads`: web's first backend goes, dns
+    // gets a new one, which takes the freed id 1.
+    let text = checked
+        .replace("      - { ip: 198.18.0.21, mac: 02:bb:00:00:00:01 }\n", "")
+        .replace(
+            "      - { ip: 198.18.1.21 }\n",
+            "      - { ip: 198.18.1.21 }\n      - { ip: 198.18.1.22, mac: 02:bb:00:00:00:07 }\n",
+        );
+    let c2 = config(&text);
+    let s2 = Services::compile(&c2, b"secret", Some(&s));
+    let changes = checks.retarget(targets(&c2, &s2));
+    assert_eq!(
+        changes.start_down,
+        BTreeSet::from([1]),
+        "id 1 names another server now: down until it answers"
+    );
+    assert!(changes.forgotten.is_empty(), "every id is still checked");
+    let new = checks.targets().find(|t| t.id == 1).unwrap();
+    assert_eq!(new.check.address, "198.18.1.22:53".parse().unwrap());
+    assert_eq!(checks.is_up(1), Some(false));
+    for id in [2, 3, 4] {
+        assert_eq!(checks.is_up(id), Some(true), "{id} kept its verdict");
+    }
+    let i = checks.targets().position(|t| t.id == 1).unwrap();
+    assert_eq!(checks.record(i, true), None);
+    assert_eq!(
+        checks.record(i, true),
+        Some(true),
+        "the new backend rises like any"
+    );
+
+    // dns loses its checks: its backends are forgotten (never down again), web's stay.
+    let unchecked = text.replace("    backend_health: { port: 53 }\n", "");
+    let c3 = config(&unchecked);
+    let s3 = Services::compile(&c3, b"secret", Some(&s2));
+    let changes = checks.retarget(targets(&c3, &s3));
+    assert_eq!(changes.forgotten, BTreeSet::from([1, 4]));
+    assert!(changes.start_down.is_empty());
+    assert_eq!((checks.is_up(2), checks.is_up(3)), (Some(true), Some(true)));
+    assert_eq!(checks.is_up(1), None);
+}

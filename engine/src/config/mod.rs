@@ -814,7 +814,7 @@ fn yaml_error(e: &serde_path_to_error::Error<serde_norway::Error>, file: &str) -
 }
 
 /// The `health` section of a node's configuration.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     /// `GET path` on `address` must answer with `expect_status`. Leave out `http_path` for a

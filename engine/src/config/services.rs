@@ -431,6 +431,23 @@ impl Config {
                     "use the backend server's own address",
                 ));
             }
+            // Frames to another service's address, or to the cluster's, come back to the
+            // appliances: a backend there would be a loop.
+            let cluster = self.cluster.ip6.map(IpAddr::V6);
+            if let Some(other) = self.services.iter().find(|o| o.addresses.contains(&b.ip)) {
+                return Err(err(
+                    &format!("{key}.ip"),
+                    format!("{} is a virtual address of service `{}`", b.ip, other.name),
+                    "use the backend server's own address",
+                ));
+            }
+            if b.ip == IpAddr::V4(self.cluster.ip) || Some(b.ip) == cluster {
+                return Err(err(
+                    &format!("{key}.ip"),
+                    format!("{} is the cluster address (cluster.ip / cluster.ip6)", b.ip),
+                    "use the backend server's own address",
+                ));
+            }
             if b.ip.is_unspecified() || b.ip.is_multicast() || b.ip.is_loopback() {
                 return Err(err(
                     &format!("{key}.ip"),
@@ -646,5 +663,23 @@ services:
         )))
         .unwrap_err();
         assert_eq!(e.key, "services[1].backends", "{e}");
+        // A backend at another service's virtual address, or at the cluster address: frames to
+        // it would come back to the appliances.
+        let text = with(APPLIANCE)
+            .replace(
+                "addresses: [198.18.0.100]\n    ports: [443]",
+                "addresses: [198.18.0.102]\n    ports: [443]",
+            )
+            .replace("198.18.0.22, weight", "198.18.0.102, weight");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key, "services[0].backends[1].ip", "{e}");
+        assert!(e.problem.contains("service `api`"), "{e}");
+        let cluster_ip = parse(&with(APPLIANCE)).unwrap().cluster.ip;
+        let e = parse(
+            &with(APPLIANCE).replace("198.18.0.22, weight", &format!("{cluster_ip}, weight")),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "services[0].backends[1].ip", "{e}");
+        assert!(e.problem.contains("cluster address"), "{e}");
     }
 }
