@@ -400,7 +400,7 @@ impl Pipeline {
                     // not: dropped.
                     self.appliance.too_big += 1;
                     if !d.no_frag {
-                        return Action::Drop(DropReason::NoBackend);
+                        return Action::Drop(DropReason::TooBig);
                     }
                     let room = u16::try_from(mtu - overhead).unwrap_or(u16::MAX);
                     return match encap::too_big(buf, d.l3, d.ip_len, room, self.id.node_mac) {

@@ -49,9 +49,12 @@ pub enum DropReason {
     /// (appliance mode: its rule refused it, no backend took it, or it was too big for the
     /// tunnel).
     FragmentRefused,
+    /// A datagram too big for its backend's tunnel that its sender lets be fragmented (no DF:
+    /// no "fragmentation needed" to send back); the node does not fragment.
+    TooBig,
 }
 
-const BASE_REASONS: usize = 12;
+const BASE_REASONS: usize = 13;
 
 impl DropReason {
     /// Number of distinct counters ([`DropReason::index`] is below it).
@@ -73,6 +76,7 @@ impl DropReason {
             DropReason::NoBackend => 9,
             DropReason::CoreQueueFull => 10,
             DropReason::FragmentRefused => 11,
+            DropReason::TooBig => 12,
             DropReason::Malformed(e) => BASE_REASONS + e.index(),
         }
     }
@@ -93,6 +97,7 @@ impl DropReason {
             DropReason::NoBackend,
             DropReason::CoreQueueFull,
             DropReason::FragmentRefused,
+            DropReason::TooBig,
         ]
         .into_iter()
         .chain(wire::Error::ALL.into_iter().map(DropReason::Malformed))
@@ -117,6 +122,7 @@ impl DropReason {
             DropReason::NoBackend => "no-backend".into(),
             DropReason::CoreQueueFull => "core-queue-full".into(),
             DropReason::FragmentRefused => "fragment-refused".into(),
+            DropReason::TooBig => "too-big".into(),
             DropReason::Malformed(e) => format!("malformed-{}", e.as_str()),
         }
     }

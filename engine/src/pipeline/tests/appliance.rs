@@ -661,20 +661,23 @@ fn later_fragments_of_a_refused_first_are_dropped() {
     }
 }
 
-/// Fragments to the cluster address on a port no rule has, with `unmatched: local` (the
-/// default), still take the cluster's path: the owner of the bucket delivers them to its host.
+/// Fragments to the cluster address on a port no rule has: with `unmatched: local` they take
+/// the cluster's path (the owner of the bucket delivers them to its host); with `drop` (the
+/// default) the first is dropped as matching no rule and the later one with it.
 #[test]
 fn fragments_outside_the_rules_keep_the_cluster_path() {
-    let mut p = appliances(1, "dsr").remove(0);
-    let [first, later] = fragments(false, 1, 8080);
-    let unmatched = p.services().unmatched();
-    let (a, _) = run(&mut p, &first, 1);
-    let (b, _) = run(&mut p, &later, 2);
-    match unmatched {
-        crate::config::Unmatched::Local => {
+    for unmatched in ["drop", "local"] {
+        let text = SERVICES.replace("DELIVERY", "dsr") + &format!("unmatched: {unmatched}\n");
+        let c = Config::parse(&text, "t.yaml").unwrap();
+        c.validate("t.yaml").unwrap();
+        let mut p = appliances(1, "dsr").remove(0);
+        p.set_services(Arc::new(Services::compile(&c, SECRET, None)));
+        let [first, later] = fragments(false, 1, 8080);
+        let (a, _) = run(&mut p, &first, 1);
+        let (b, _) = run(&mut p, &later, 2);
+        if unmatched == "local" {
             assert_eq!((a, b), (Action::Deliver, Action::Deliver));
-        }
-        crate::config::Unmatched::Drop => {
+        } else {
             assert_eq!(a, Action::Drop(DropReason::NoRule));
             assert_eq!(b, Action::Drop(DropReason::FragmentRefused));
         }
@@ -788,4 +791,142 @@ proptest! {
         f.truncate(f.len() - cut);
         destination_agrees(&p, &f)?;
     }
+}
+
+/// Frames to a service that are malformed, or too big for the backend's tunnel without DF,
+/// are dropped with their reason (what the core counts) and never reach a backend.
+#[test]
+fn malformed_and_oversize_frames_to_a_service_are_dropped_never_forwarded() {
+    for delivery in ["dsr", "gue", "ipip"] {
+        let mut p = appliances(1, delivery).remove(0);
+        let (src, sport) = client(3);
+        let good = segment(src, sport, 80, 0x10);
+        assert!(
+            matches!(run(&mut p, &good, 1).0, Action::ToBackend { .. }),
+            "{delivery}: the well-formed frame is forwarded"
+        );
+        let sent = |p: &Pipeline| p.appliance_counts().frames.iter().sum::<u64>();
+        assert_eq!(sent(&p), 1);
+        let mut bad: Vec<(String, Vec<u8>)> = (0..good.len())
+            .map(|n| (format!("cut to {n} bytes"), good[..n].to_vec()))
+            .collect();
+        let mut changed = |what: &str, at: usize, byte: u8| {
+            let mut f = good.clone();
+            f[at] = byte;
+            bad.push((what.to_owned(), f));
+        };
+        changed("IPv4 header length 4 words", 14, 0x44);
+        changed("IP version 5", 14, 0x55);
+        changed("IPv4 total length past the frame", 16, 0x05);
+        changed("IPv4 total length below its header", 17, 19);
+        changed("TCP data offset 4 words", 14 + 20 + 12, 0x40);
+        changed("TCP data offset past the segment", 14 + 20 + 12, 0xf0);
+        for (what, frame) in &bad {
+            let (action, _) = run(&mut p, frame, 2);
+            assert!(
+                matches!(action, Action::Drop(DropReason::Malformed(_))),
+                "{delivery}, {what}: {action:?}"
+            );
+        }
+        assert_eq!(
+            sent(&p),
+            1,
+            "{delivery}: nothing malformed reached a backend"
+        );
+    }
+    // Too big for the GUE tunnel (1500 bytes of path) and fragmentation allowed: the node does
+    // not fragment; dropped as too big and counted with the too-big answers.
+    let mut p = appliances(1, "gue").remove(0);
+    let (src, sport) = client(4);
+    let mut t = build::tcp(sport, 1, 1, 0x10, &[0u8; 1460]);
+    t[2..4].copy_from_slice(&80u16.to_be_bytes());
+    let mut big = build::ipv4([2, 0, 0, 0, 0, 0x64], src, 6, &mut t, Some(16));
+    big[20] &= !0x40; // no DF
+    big[24..26].copy_from_slice(&[0, 0]);
+    let c = build::checksum(&[&big[14..34]]);
+    big[24..26].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(run(&mut p, &big, 1).0, Action::Drop(DropReason::TooBig));
+    assert_eq!(p.appliance_counts().too_big, 1);
+    assert_eq!(p.appliance_counts().frames.iter().sum::<u64>(), 0);
+}
+
+/// `unmatched: local`: a frame to a service address on a port no rule has takes the
+/// cluster's path (its bucket's owner delivers it to its host), where `drop` drops it.
+#[test]
+fn unmatched_local_delivers_what_no_rule_serves_by_bucket() {
+    let text = SERVICES.replace("DELIVERY", "dsr") + "unmatched: local\n";
+    let c = Config::parse(&text, "t.yaml").unwrap();
+    c.validate("t.yaml").unwrap();
+    let s = Arc::new(Services::compile(&c, SECRET, None));
+    assert_eq!(s.unmatched(), crate::config::Unmatched::Local);
+    let mut nodes = appliances(2, "dsr");
+    for p in nodes.iter_mut() {
+        p.set_services(Arc::clone(&s));
+    }
+    for i in 0..50 {
+        let (src, sport) = client(i);
+        let other = segment(src, sport, 8080, 0x02);
+        let actions: Vec<Action> = nodes.iter_mut().map(|p| run(p, &other, 1).0).collect();
+        assert_eq!(
+            actions.iter().filter(|a| **a == Action::Deliver).count(),
+            1,
+            "exactly one node delivers: {actions:?}"
+        );
+        assert!(actions
+            .iter()
+            .all(|a| matches!(a, Action::Deliver | Action::Drop(DropReason::NotOwned))));
+        // The rules still hold: port 22 is disabled, port 80 goes to a backend.
+        let ssh = segment(src, sport, 22, 0x02);
+        assert!(nodes
+            .iter_mut()
+            .all(|p| run(p, &ssh, 1).0 == Action::Drop(DropReason::RuleDisabled)));
+    }
+}
+
+/// A service on an IPv4 address of its own (not the cluster's): exactly one node answers ARP
+/// for it, with the cluster MAC, and its frames go to the backends.
+#[test]
+fn an_ipv4_service_address_of_its_own_is_answered_once_with_the_cluster_mac() {
+    let text = SERVICES.replace("DELIVERY", "dsr").replace(
+        "addresses: [198.18.0.1]\n    ports: [80]",
+        "addresses: [198.18.0.100]\n    ports: [80]",
+    );
+    let c = Config::parse(&text, "t.yaml").unwrap();
+    c.validate("t.yaml").unwrap();
+    let s = Arc::new(Services::compile(&c, SECRET, None));
+    let mut nodes = appliances(3, "dsr");
+    for p in nodes.iter_mut() {
+        p.set_services(Arc::clone(&s));
+    }
+    for i in 0..20u8 {
+        let mut arp = build::arp_request([2, 0, 0, 0, 0, 0x64], [198, 18, 2, 1 + i]);
+        arp[38..42].copy_from_slice(&[198, 18, 0, 100]);
+        let answers: Vec<Vec<u8>> = nodes
+            .iter_mut()
+            .filter_map(|p| match run(p, &arp, 1) {
+                (Action::Reply { .. }, out) => Some(out),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(answers.len(), 1, "one designated node answers");
+        let a = &answers[0];
+        assert_eq!(a[21], 2, "an ARP reply");
+        assert_eq!(a[22..28], build::CLUSTER_MAC, "the cluster MAC inside");
+        assert_eq!(a[28..32], [198, 18, 0, 100], "for the service address");
+    }
+    // Its frames: one node forwards each flow to a backend.
+    let (src, sport) = client(5);
+    let mut t = build::tcp(sport, 1, 1, 0x02, b"");
+    t[2..4].copy_from_slice(&80u16.to_be_bytes());
+    let mut syn = build::ipv4([2, 0, 0, 0, 0, 0x64], src, 6, &mut t, None);
+    syn[30..34].copy_from_slice(&[198, 18, 0, 100]);
+    syn[24..26].copy_from_slice(&[0, 0]);
+    let c = build::checksum(&[&syn[14..34]]);
+    syn[24..26].copy_from_slice(&c.to_be_bytes());
+    let forwarded = nodes
+        .iter_mut()
+        .map(|p| run(p, &syn, 1).0)
+        .filter(|a| *a == Action::ToBackend { push: 0 })
+        .count();
+    assert_eq!(forwarded, 1);
 }
