@@ -96,6 +96,56 @@ fn flows_spread_over_nodes() {
     }
 }
 
+/// Appliance mode: the capture's HTTP connections (to the cluster address's port 80) replayed
+/// through a DSR service of three backends: each frame still has exactly one owner, and the
+/// report counts what each backend got.
+#[test]
+fn services_are_replayed_with_per_backend_counts() {
+    let s = Scratch::new();
+    let base = std::fs::read_to_string(config(&s, "none")).unwrap();
+    let text = base.replace(
+        "  mac: 02:00:00:00:00:01\n",
+        "  mac: 02:00:00:00:00:01\n  ip: 198.18.0.11\n",
+    ) + r#"services:
+  - name: web
+    addresses: [198.18.0.1]
+    ports: [80]
+    delivery: dsr
+    backends:
+      - { name: b1, ip: 198.18.0.21 }
+      - { name: b2, ip: 198.18.0.22 }
+      - { name: b3, ip: 198.18.0.23 }
+unmatched: local
+"#;
+    let cfg = s.write("appliance.yaml", &text);
+    for nodes in [1u8, 3] {
+        let r = replay(&cfg, nodes);
+        assert_eq!(r["duplicates"], 0, "{r}");
+        assert_eq!(r["orphans"], 0, "{r}");
+        let backends = r["backends"].as_array().expect("per-backend counts");
+        let names: Vec<&str> = backends
+            .iter()
+            .map(|b| b["backend"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["b1", "b2", "b3"], "{r}");
+        assert!(backends.iter().all(|b| b["service"] == "web"), "{r}");
+        let frames: Vec<u64> = backends
+            .iter()
+            .map(|b| b["frames"].as_u64().unwrap())
+            .collect();
+        let flows: u64 = backends
+            .iter()
+            .map(|b| b["new_flows"].as_u64().unwrap())
+            .sum();
+        assert!(
+            frames.iter().filter(|&&f| f > 0).count() >= 2,
+            "the connections spread: {frames:?}"
+        );
+        assert!(flows >= 10, "the capture's HTTP connections: {flows}");
+        assert!(frames.iter().sum::<u64>() > flows, "{frames:?} {flows}");
+    }
+}
+
 #[test]
 fn a_missing_pcap_is_a_clear_error() {
     let s = Scratch::new();
