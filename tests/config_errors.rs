@@ -181,11 +181,12 @@ fn check_summarises_the_appliance_example_services() {
     // The example's promises: a DSR and a GUE rule on one address, backends with and without
     // static MACs, backend health, unmatched traffic, the node's own address.
     for want in [
-        "# services: 2 rules, 5 backends, unmatched traffic: dropped",
+        "# services: 2 rules, 6 backends, unmatched traffic: dropped",
         "service web: 198.18.0.100 tcp port 80,8000-8099 | multiple, delivery dsr",
         "service api: 198.18.0.100 tcp port 443 | multiple, delivery gue",
         "02:bb:00:00:00:21",
         "unresolved",
+        "198.19.7.33 via 198.18.0.254",
         "backend_health:",
         "unmatched: drop",
         "  ip: 198.18.0.11",

@@ -755,8 +755,22 @@ impl BackendWatch {
         let version = link.services_version.load(Relaxed);
         if version != self.seen {
             self.seen = version;
-            let services = link.services();
+            let mut services = link.services();
             self.neighbours.update(&services);
+            // A backend a reload put behind a router already resolved: its MAC at once.
+            let known: Vec<(u16, crate::wire::EthernetAddress)> = services
+                .backends()
+                .filter(|(_, b)| b.mac.is_none())
+                .filter_map(|(_, b)| Some((b.id, self.neighbours.learned(b.id)?)))
+                .collect();
+            if !known.is_empty() {
+                for (id, mac) in known {
+                    services =
+                        Arc::new(services.with_backend(&self.secret, id, |b| b.mac = Some(mac)));
+                }
+                link.publish_services(Arc::clone(&services));
+                self.seen = link.services_version.load(Relaxed);
+            }
             // The checks follow the services: backends added by a reload are checked (and
             // count as down until they answer), removed ones are forgotten.
             match &self.checks {
@@ -776,20 +790,32 @@ impl BackendWatch {
             link.send_frame(frame);
         }
         for frame in link.neighbour_answers() {
-            let Some((id, mac)) = self.neighbours.received(&frame) else {
+            let Some((mac, ids)) = self.neighbours.received(&frame) else {
                 continue;
             };
-            let services = link.services();
-            if let Some((_, b)) = services.backends().find(|(_, b)| b.id == id) {
-                tracing::info!(
-                    backend = %b.name,
-                    address = %b.ip,
-                    mac = %mac,
-                    "backend MAC learned"
-                );
+            let ids = ids.to_vec();
+            let mut next = link.services();
+            for id in ids {
+                if let Some((_, b)) = next.backends().find(|(_, b)| b.id == id) {
+                    match b.via {
+                        Some(via) => tracing::info!(
+                            backend = %b.name,
+                            address = %b.ip,
+                            via = %via,
+                            mac = %mac,
+                            "backend next hop MAC learned"
+                        ),
+                        None => tracing::info!(
+                            backend = %b.name,
+                            address = %b.ip,
+                            mac = %mac,
+                            "backend MAC learned"
+                        ),
+                    }
+                }
+                next = Arc::new(next.with_backend(&self.secret, id, |b| b.mac = Some(mac)));
             }
-            let next = services.with_backend(&self.secret, id, |b| b.mac = Some(mac));
-            link.publish_services(Arc::new(next));
+            link.publish_services(next);
             self.seen = link.services_version.load(Relaxed);
         }
     }

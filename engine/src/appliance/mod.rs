@@ -65,6 +65,9 @@ pub struct Backend {
     pub mac: Option<EthernetAddress>,
     /// The MAC is the configuration's (else [`neighbours`] learns it).
     pub configured_mac: bool,
+    /// The router on the segment its frames go through (encapsulation to another network):
+    /// `mac` is this router's, learned by ARP/NDP.
+    pub via: Option<IpAddr>,
     pub weight: u32,
     pub state: BackendState,
 }
@@ -216,8 +219,10 @@ impl Services {
                         id,
                         name: b.label(),
                         ip: b.ip,
-                        mac: b.mac.or(o.and_then(|o| o.mac)),
+                        // A learned MAC stays with the address it was learned for.
+                        mac: b.mac.or(o.filter(|o| o.via == b.via).and_then(|o| o.mac)),
                         configured_mac: b.mac.is_some(),
+                        via: b.via,
                         weight: b.weight,
                         state: o.map_or(BackendState::Up, |o| o.state),
                     }

@@ -1,5 +1,7 @@
 //! Backend MACs learned by ARP (IPv4) and neighbour discovery (IPv6): appliance mode sends a
-//! backend's frames to its MAC, which the configuration may leave out.
+//! backend's frames to its MAC, which the configuration may leave out. A backend on another
+//! network (`via`) is reached through a router: its frames go to the router's MAC, asked for
+//! once for every backend behind it.
 //!
 //! Sans-IO: [`Neighbours::tick`] says which requests to send now (whole Ethernet frames, from
 //! the node's own MAC and address), [`Neighbours::received`] reads an ARP reply or neighbour
@@ -24,11 +26,12 @@ pub const RETRY: Duration = Duration::from_secs(1);
 /// Between requests to a backend whose MAC is known.
 pub const REFRESH: Duration = Duration::from_secs(30);
 
-/// One backend to resolve.
+/// One address to resolve: a backend's own, or the router its frames go through.
 #[derive(Debug, Clone)]
 struct Entry {
-    id: u16,
     ip: IpAddr,
+    /// The backends whose frames go to this address's MAC.
+    ids: Vec<u16>,
     mac: Option<EthernetAddress>,
     next_ask: u64,
 }
@@ -61,24 +64,39 @@ impl Neighbours {
         n
     }
 
-    /// After a reload: new backends are asked at once, removed ones forgotten, known MACs kept.
+    /// After a reload: new addresses are asked at once, ones no backend needs forgotten,
+    /// known MACs kept (a backend that joins a router's others takes its MAC at once).
     pub fn update(&mut self, services: &Services) {
-        let wanted: Vec<(u16, IpAddr)> = services
-            .backends()
-            .filter(|(_, b)| !b.configured_mac)
-            .map(|(_, b)| (b.id, b.ip))
-            .collect();
-        self.entries.retain(|e| wanted.contains(&(e.id, e.ip)));
-        for (id, ip) in wanted {
-            if !self.entries.iter().any(|e| e.id == id) {
-                self.entries.push(Entry {
-                    id,
-                    ip,
-                    mac: None,
-                    next_ask: 0,
-                });
+        let mut wanted: Vec<(IpAddr, Vec<u16>)> = Vec::new();
+        for (_, b) in services.backends().filter(|(_, b)| !b.configured_mac) {
+            let ip = b.via.unwrap_or(b.ip);
+            match wanted.iter_mut().find(|(w, _)| *w == ip) {
+                Some((_, ids)) => ids.push(b.id),
+                None => wanted.push((ip, vec![b.id])),
             }
         }
+        self.entries
+            .retain(|e| wanted.iter().any(|(ip, _)| *ip == e.ip));
+        for (ip, ids) in wanted {
+            match self.entries.iter_mut().find(|e| e.ip == ip) {
+                Some(e) => e.ids = ids,
+                None => self.entries.push(Entry {
+                    ip,
+                    ids,
+                    mac: None,
+                    next_ask: 0,
+                }),
+            }
+        }
+    }
+
+    /// The MAC learned for the address backend `id`'s frames go to, if any (a backend a reload
+    /// put behind a router already resolved takes it from here).
+    pub fn learned(&self, id: u16) -> Option<EthernetAddress> {
+        self.entries
+            .iter()
+            .find(|e| e.ids.contains(&id))
+            .and_then(|e| e.mac)
     }
 
     /// Whether answers matter (some backend is resolved here): the data path copies ARP
@@ -92,7 +110,7 @@ impl Neighbours {
         self.entries
             .iter()
             .filter(|e| e.mac.is_none())
-            .map(|e| e.id)
+            .flat_map(|e| e.ids.iter().copied())
     }
 
     /// The requests due at `now` (nanoseconds), as whole frames for the wire.
@@ -117,9 +135,9 @@ impl Neighbours {
         out
     }
 
-    /// An ARP reply or neighbour advertisement to the node's MAC: the backend id and MAC it
-    /// taught, if it is news (a first answer or a changed MAC).
-    pub fn received(&mut self, frame: &[u8]) -> Option<(u16, EthernetAddress)> {
+    /// An ARP reply or neighbour advertisement to the node's MAC: the MAC it taught and the
+    /// backends whose frames go there, if it is news (a first answer or a changed MAC).
+    pub fn received(&mut self, frame: &[u8]) -> Option<(EthernetAddress, &[u16])> {
         let (ip, mac) = answer(frame)?;
         let e = self.entries.iter_mut().find(|e| e.ip == ip)?;
         if e.mac == Some(mac) {
@@ -132,7 +150,7 @@ impl Neighbours {
             e.next_ask =
                 e.next_ask.saturating_sub(RETRY.as_nanos() as u64) + REFRESH.as_nanos() as u64;
         }
-        Some((e.id, mac))
+        Some((mac, &e.ids))
     }
 }
 
@@ -328,7 +346,7 @@ services:
         // The answer teaches the MAC once; the next request is a unicast refresh.
         let reply = arp_reply_to(arp, B);
         assert!(is_answer(&reply) && !is_answer(arp));
-        assert_eq!(n.received(&reply), Some((2, B)));
+        assert_eq!(n.received(&reply), Some((B, &[2u16][..])));
         assert_eq!(n.received(&reply), None, "no news");
         assert_eq!(n.unresolved().count(), 1);
         let later = n.tick(5_000_000_000);
@@ -342,7 +360,10 @@ services:
         assert_eq!(&arp[..6], &B.0, "a refresh goes to the known MAC");
         // A changed MAC is news.
         let moved = EthernetAddress([2, 0xbb, 0, 0, 0, 8]);
-        assert_eq!(n.received(&arp_reply_to(arp, moved)), Some((2, moved)));
+        assert_eq!(
+            n.received(&arp_reply_to(arp, moved)),
+            Some((moved, &[2u16][..]))
+        );
     }
 
     #[test]
@@ -354,5 +375,66 @@ services:
         n.update(&services());
         assert_eq!(n.unresolved().count(), 1);
         assert!(n.received(&[0u8; 10]).is_none(), "garbage is ignored");
+    }
+
+    /// GUE backends on another network behind one router: the router is asked once for all of
+    /// them, its answer is every one's next hop, and a backend a reload adds behind it has the
+    /// MAC at once.
+    #[test]
+    fn backends_behind_a_router_share_its_mac() {
+        let text = |extra: &str| {
+            format!(
+                r#"
+cluster: {{ ip: 198.18.0.1, mac: "02:cc:00:00:00:01", secret_file: secret }}
+node: {{ id: 1, mac: "02:00:00:00:00:01", ip: 198.18.0.11 }}
+dataplane:
+  wire_port: {{ vdev: "net_af_packet0,iface=eth0" }}
+  host_port: {{ vdev: "net_tap0,iface=cc0" }}
+services:
+  - name: far
+    addresses: [198.18.0.100]
+    ports: [80]
+    delivery: gue
+    backends:
+      - {{ ip: 198.19.5.21, via: 198.18.0.254 }}
+      - {{ ip: 198.19.5.22, via: 198.18.0.254 }}
+      - {{ ip: 198.18.0.23 }}
+{extra}"#
+            )
+        };
+        let compile = |t: &str, previous: Option<&Services>| {
+            let c = Config::parse(t, "t.yaml").unwrap();
+            c.validate("t.yaml").unwrap();
+            Services::compile(&c, b"secret", previous)
+        };
+        let s = compile(&text(""), None);
+        let mut n = Neighbours::new(&s, NODE, Some(Ipv4Addr::new(198, 18, 0, 11)), None);
+        assert_eq!(n.unresolved().collect::<Vec<_>>(), [1, 2, 3]);
+        let sent = n.tick(0);
+        let asked: Vec<[u8; 4]> = sent.iter().map(|f| f[38..42].try_into().unwrap()).collect();
+        assert_eq!(
+            asked,
+            [[198, 18, 0, 254], [198, 18, 0, 23]],
+            "the router once, the backend on the segment itself"
+        );
+        let router = EthernetAddress([2, 0xee, 0, 0, 0, 1]);
+        assert_eq!(
+            n.received(&arp_reply_to(&sent[0], router)),
+            Some((router, &[1u16, 2][..]))
+        );
+        assert_eq!(n.unresolved().collect::<Vec<_>>(), [3]);
+        // A reload adds a third backend behind the router.
+        let s2 = compile(
+            &text("      - { ip: 198.19.5.24, via: 198.18.0.254 }\n"),
+            Some(&s),
+        );
+        let added = s2
+            .backends()
+            .find(|(_, b)| b.ip == "198.19.5.24".parse::<IpAddr>().unwrap())
+            .map(|(_, b)| b.id)
+            .unwrap();
+        n.update(&s2);
+        assert_eq!(n.learned(added), Some(router), "known at once");
+        assert!(!n.unresolved().any(|id| id == added));
     }
 }

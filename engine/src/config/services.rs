@@ -69,6 +69,11 @@ pub struct BackendConfig {
     /// ARP/NDP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<EthernetAddress>,
+    /// Encapsulation to a backend on another network: the router on the segment that leads
+    /// to it, whose MAC is learned by ARP/NDP (instead of the backend's own). Same IP version
+    /// as `ip`; not with `mac` (which would be the router's MAC already).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<IpAddr>,
     /// Relative share of new flows; 0 sends it no new flows (its existing flows continue).
     #[serde(default = "default_backend_weight")]
     pub weight: u32,
@@ -385,6 +390,61 @@ impl Config {
         Ok(())
     }
 
+    /// A backend's `via` (its next hop): an encapsulation's, a unicast address of the
+    /// backend's IP version that is no node's, service's or the cluster's, without `mac`.
+    fn validate_via(
+        &self,
+        file: &str,
+        key: &str,
+        s: &ServiceConfig,
+        b: &BackendConfig,
+        via: IpAddr,
+        node_addresses: &[IpAddr],
+    ) -> Result<(), ConfigError> {
+        let err = problem(file);
+        let at = format!("{key}.via");
+        if s.delivery == Delivery::Dsr {
+            return Err(err(
+                &at,
+                "DSR reaches its backends on the segment itself, not through a router".into(),
+                "remove via, or deliver by ipip or gue",
+            ));
+        }
+        if b.mac.is_some() {
+            return Err(err(
+                &at,
+                "both mac and via: mac is already the next hop's MAC".into(),
+                "give the router's address as via (its MAC is learned), or its MAC as mac",
+            ));
+        }
+        if via.is_ipv4() != b.ip.is_ipv4() {
+            return Err(err(
+                &at,
+                format!("{via} is not of the IP version of the backend {}", b.ip),
+                "give the router's address of the backend's IP version",
+            ));
+        }
+        let cluster = [
+            Some(IpAddr::V4(self.cluster.ip)),
+            self.cluster.ip6.map(IpAddr::V6),
+        ];
+        if via.is_unspecified()
+            || via.is_multicast()
+            || via.is_loopback()
+            || via == b.ip
+            || node_addresses.contains(&via)
+            || cluster.contains(&Some(via))
+            || self.services.iter().any(|o| o.addresses.contains(&via))
+        {
+            return Err(err(
+                &at,
+                format!("{via} cannot be the next hop to {}", b.ip),
+                "give the unicast address of the router on the segment that leads to the backend",
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_delivery(
         &self,
         file: &str,
@@ -454,6 +514,9 @@ impl Config {
                     format!("{} cannot be a backend address", b.ip),
                     "use the backend server's unicast address",
                 ));
+            }
+            if let Some(via) = b.via {
+                self.validate_via(file, &key, s, b, via, node_addresses)?;
             }
             if let Some(mac) = b.mac {
                 if !mac.is_unicast() || mac == EthernetAddress::ZERO {
@@ -681,5 +744,48 @@ services:
         .unwrap_err();
         assert_eq!(e.key, "services[0].backends[1].ip", "{e}");
         assert!(e.problem.contains("cluster address"), "{e}");
+        // A next hop (`via`): encapsulation only, without `mac`, of the backend's version, and
+        // a router's address.
+        let far = "{ name: far, ip: 198.18.1.21 }";
+        for (backend, service_change, problem) in [
+            ("{ ip: 198.19.1.21, via: 198.18.0.254 }", None, None),
+            (
+                "{ ip: 198.19.1.21, via: 198.18.0.254 }",
+                Some(("delivery: gue", "delivery: dsr")),
+                Some("router"),
+            ),
+            (
+                "{ ip: 198.19.1.21, via: 198.18.0.254, mac: 02:bb:00:00:00:09 }",
+                None,
+                Some("both mac and via"),
+            ),
+            (
+                "{ ip: 198.19.1.21, via: \"2001:2::fe\" }",
+                None,
+                Some("IP version"),
+            ),
+            (
+                "{ ip: 198.19.1.21, via: 198.18.0.11 }",
+                None,
+                Some("next hop"),
+            ),
+        ] {
+            let mut text = with(APPLIANCE).replace(far, backend);
+            if let Some((from, to)) = service_change {
+                text = text.replace(from, to);
+            }
+            match (parse(&text), problem) {
+                (Ok(c), None) => {
+                    let via = c.services[1].backends[0].via;
+                    assert_eq!(via, Some("198.18.0.254".parse().unwrap()));
+                    assert_eq!(parse(&c.to_yaml()).unwrap().to_yaml(), c.to_yaml());
+                }
+                (Err(e), Some(p)) => {
+                    assert_eq!(e.key, "services[1].backends[0].via", "{e}");
+                    assert!(e.problem.contains(p), "{backend}: {e}");
+                }
+                (r, p) => panic!("{backend}: {r:?}, expected {p:?}"),
+            }
+        }
     }
 }

@@ -42,6 +42,9 @@ pub struct BackendStatus {
     pub id: u16,
     pub name: String,
     pub address: IpAddr,
+    /// The router its frames go through (encapsulation to another network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<IpAddr>,
     /// Its MAC (DSR) or its next hop's (encapsulation); None: not resolved yet.
     pub mac: Option<EthernetAddress>,
     pub weight: u32,
@@ -116,6 +119,7 @@ pub fn services_status(services: &Services) -> Vec<ServiceStatus> {
                         id: b.id,
                         name: b.name.clone(),
                         address: b.ip,
+                        via: b.via,
                         mac: b.mac,
                         weight: b.weight,
                         state: b.state.name().to_owned(),
@@ -253,7 +257,7 @@ pub fn services_table(services: &[ServiceStatus]) -> String {
         let addr_w = s
             .backends
             .iter()
-            .map(|b| b.address.to_string().len())
+            .map(|b| address_text(b).len())
             .fold(7, usize::max);
         // Flows only where the node counted them (`status`, not `check`).
         let counted = s.backends.iter().any(|b| b.flows.is_some());
@@ -270,7 +274,7 @@ pub fn services_table(services: &[ServiceStatus]) -> String {
                 out,
                 "  {:<name_w$} {:<addr_w$} {:<17} {:>6}  {:<8} {:>5.1}%",
                 b.name,
-                b.address.to_string(),
+                address_text(b),
                 b.mac.map_or("unresolved".to_owned(), |m| m.to_string()),
                 b.weight,
                 b.state,
@@ -283,6 +287,14 @@ pub fn services_table(services: &[ServiceStatus]) -> String {
         }
     }
     out
+}
+
+/// A backend's address as the table shows it: `198.19.7.33 via 198.18.0.254` behind a router.
+fn address_text(b: &BackendStatus) -> String {
+    match b.via {
+        Some(via) => format!("{} via {via}", b.address),
+        None => b.address.to_string(),
+    }
 }
 
 /// A port or a range as an operator writes it: `80`, `8000-8099`.
