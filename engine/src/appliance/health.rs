@@ -276,11 +276,38 @@ fn check_config(h: &BackendHealthConfig, address: SocketAddr) -> HealthConfig {
     }
 }
 
+/// Most backend checks a round runs side by side (one short-lived thread each).
+const CONCURRENT: usize = 64;
+
+/// One round: every target's check, side by side ([`CONCURRENT`] at a time), so that a round
+/// lasts about one timeout however many backends time out and a failed backend goes down
+/// within `fall` intervals. The results are in the targets' order.
+fn check_round(targets: &[Target]) -> Vec<anyhow::Result<()>> {
+    targets
+        .chunks(CONCURRENT)
+        .flat_map(|chunk| {
+            std::thread::scope(|scope| {
+                let running: Vec<_> = chunk
+                    .iter()
+                    .map(|t| scope.spawn(|| crate::health::check_once(&t.check)))
+                    .collect();
+                running
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(anyhow::anyhow!("the check's thread panicked")))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect()
+}
+
 /// Starts the thread that checks every backend of `services` (by `config`'s `backend_health`)
 /// and publishes the local verdicts; `None` when no service asks for checks (a `reload` that
-/// adds some starts one then: `BackendWatch` in the runtime). Checks run one after the other,
-/// each backend every `interval` of its service; [`LocalVerdicts::retarget`] changes what they
-/// check from the next round.
+/// adds some starts one then: `BackendWatch` in the runtime). Each round checks every backend
+/// side by side ([`CONCURRENT`] at a time), every shortest `interval` of the services;
+/// [`LocalVerdicts::retarget`] changes what they check from the next round.
 pub fn spawn_checker(
     config: &Config,
     services: &super::Services,
@@ -315,12 +342,9 @@ pub fn spawn_checker(
                     }
                 }
                 let settle = checks.rounds_to_settle();
-                let count = checks.targets().count();
-                for i in 0..count {
-                    let Some(t) = checks.targets().nth(i).cloned() else {
-                        break;
-                    };
-                    let result = crate::health::check_once(&t.check);
+                let targets: Vec<Target> = checks.targets().cloned().collect();
+                let results = check_round(&targets);
+                for (i, (t, result)) in targets.iter().zip(results).enumerate() {
                     if let Some(up) = checks.record(i, result.is_ok()) {
                         if let Ok(mut down) = shared.down.lock() {
                             if up {
@@ -387,6 +411,55 @@ mod tests {
         let agreed = agree([&a, &c]).unwrap();
         assert_eq!(agreed.down, report(&[1, 2], &[]).down, "1 of 2 is half");
         assert_eq!(agree([]), None);
+    }
+
+    /// A round runs its checks side by side: a server that answers only once every check of
+    /// the round is connected at the same time passes them all (checked one after the other,
+    /// the first would time out waiting, and no other would ever be answered).
+    #[test]
+    fn a_round_checks_every_backend_side_by_side() {
+        use std::io::{Read, Write};
+        const N: u16 = 6;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut waiting = Vec::new();
+            while waiting.len() < usize::from(N) {
+                let Ok((mut c, _)) = listener.accept() else {
+                    return;
+                };
+                let mut request = [0u8; 256];
+                let _ = c.read(&mut request);
+                waiting.push(c);
+            }
+            for mut c in waiting {
+                let _ = c.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
+            }
+        });
+        let targets: Vec<Target> = (1..=N)
+            .map(|id| Target {
+                id,
+                name: format!("b{id}"),
+                check: HealthConfig {
+                    address,
+                    address6: None,
+                    http_path: Some("/".into()),
+                    expect_status: 200,
+                    interval: crate::config::Span(Duration::from_millis(500)),
+                    fast_interval: None,
+                    // Generous: the machine may be slow; what matters is that all wait at once.
+                    timeout: crate::config::Span(Duration::from_secs(20)),
+                    rise: 1,
+                    fall: 1,
+                },
+            })
+            .collect();
+        let results = check_round(&targets);
+        assert_eq!(results.len(), usize::from(N));
+        for (t, r) in targets.iter().zip(&results) {
+            assert!(r.is_ok(), "{}: {r:?}", t.name);
+        }
+        server.join().unwrap();
     }
 
     #[test]
