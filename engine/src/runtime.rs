@@ -188,6 +188,8 @@ pub fn control_thread(
     let mut cores = CoreWatch::new(link.cores.len(), interval * cfg.control.dead_after);
     let mut backends = BackendWatch::new(&loaded, &link);
     let mut wire_dropped_seen = (0u64, 0u64);
+    // Peers whose services differ from this node's (bit `id - 1`), as last logged.
+    let mut services_differ = 0u64;
     let mut current = loaded.clone();
     let mut busy = BusyShare::new(start);
     let mut out = Vec::new();
@@ -246,6 +248,24 @@ pub fn control_thread(
             node.set_cores_running(cores.running(&link, now, me), now_ns(), &mut out);
             node.handle_tick(now_ns(), &mut out);
             backends.tick(&current.config, &link, now_ns());
+            let differ = node.backends().mismatched();
+            if differ != services_differ {
+                services_differ = differ;
+                if differ == 0 {
+                    tracing::info!("every peer runs this node's services again");
+                } else {
+                    tracing::warn!(
+                        nodes = %crate::control::node::ids_of(differ)
+                            .iter()
+                            .map(u8::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        "peers run other services than this node: their backend checks are not \
+                         counted and they may send a flow to another backend; give every node \
+                         the same services"
+                    );
+                }
+            }
             node.set_backend_report(backends.report(node.drained_backends()));
             link.set_members(&node);
             let mut v = control_view(&node, me, now_ns());
@@ -854,7 +874,8 @@ fn reload(
     let services_changed = changed
         .iter()
         .any(|k| k == "services" || k.starts_with("services.") || k == "unmatched");
-    let reply = node.reload(changed, weight, now, out);
+    let digest = services_changed.then(|| services_digest(&next));
+    let reply = node.reload(changed, weight, digest, now, out);
     match &reply {
         Reply::Refused(r) => tracing::warn!(error = %r.error, "reload refused"),
         _ => {

@@ -149,6 +149,11 @@ impl BackendAgreement {
         }
     }
 
+    /// The digest of this node's configured services (0: none).
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
     /// Whether this node has backends to agree on.
     pub fn active(&self) -> bool {
         self.digest != 0

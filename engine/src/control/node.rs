@@ -170,6 +170,11 @@ impl Node {
         self.m.set_backend_report(report);
     }
 
+    /// The backend agreement (appliance mode).
+    pub fn backends(&self) -> &crate::control::backends::BackendAgreement {
+        self.m.backends()
+    }
+
     /// Backend ids this node's operator drained.
     pub fn drained_backends(&self) -> &std::collections::BTreeSet<u16> {
         &self.drained_backends
@@ -349,6 +354,7 @@ impl Node {
             (Request::Status, Reply::Status(s)) => {
                 s.services = service_status::services_status(services);
                 s.services_epoch = services.epoch;
+                s.services_differ = ids_of(self.m.backends().mismatched());
             }
             (Request::OwnerOf { src, dst, proto }, Reply::OwnerOf(o)) => {
                 o.service = service_status::owner_of_service(
@@ -366,12 +372,14 @@ impl Node {
     }
 
     /// `reload`'s verdict over the keys whose values differ between the running config and the
-    /// file (`weight`: the file's `node.weight`): apply them if all are live keys, else refuse
-    /// and change nothing.
+    /// file (`weight`: the file's `node.weight`; `services_digest`: the digest of the file's
+    /// services if they changed): apply them if all are live keys, else refuse and change
+    /// nothing.
     pub fn reload(
         &mut self,
         changed: Vec<String>,
         weight: Option<Weight>,
+        services_digest: Option<u64>,
         now: u64,
         out: &mut Vec<Output>,
     ) -> Reply {
@@ -393,6 +401,9 @@ impl Node {
         }
         if let Some(w) = weight {
             self.m.set_weight(w, now, out);
+        }
+        if let Some(d) = services_digest {
+            self.m.set_services_digest(d);
         }
         Reply::Reload(ReloadReply {
             applied: changed.clone(),
@@ -449,6 +460,7 @@ impl Node {
             timeline: timeline.steps().cloned().collect(),
             services: Vec::new(),
             services_epoch: 0,
+            services_differ: Vec::new(),
         }
     }
 
@@ -509,6 +521,11 @@ impl Node {
     }
 }
 
+/// The node ids of a bit set (bit `id - 1`).
+pub(crate) fn ids_of(bits: u64) -> Vec<u8> {
+    (1..=64u8).filter(|id| bits >> (id - 1) & 1 == 1).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,7 +550,7 @@ mod tests {
         let mut n = node();
         let mut out = Vec::new();
         let w = Weight::new(300);
-        let reply = n.reload(vec!["node.weight".to_owned()], w, 0, &mut out);
+        let reply = n.reload(vec!["node.weight".to_owned()], w, None, 0, &mut out);
         assert_eq!(
             reply,
             Reply::Reload(ReloadReply {
@@ -543,18 +560,30 @@ mod tests {
         );
         assert_eq!(n.config().me.get(), 1);
         let keys = vec!["node.weight".to_owned(), "control.interval".to_owned()];
-        let Reply::Refused(r) = n.reload(keys.clone(), Weight::new(5), 0, &mut out) else {
+        let Reply::Refused(r) = n.reload(keys.clone(), Weight::new(5), Some(9), 0, &mut out) else {
             panic!("a fixed key was applied");
         };
+        assert_eq!(
+            n.backends().digest(),
+            0,
+            "a refused reload changes no digest"
+        );
         assert!(r.error.contains("control.interval") && !r.error.contains("node.weight,"));
         assert_eq!(r.changed, Some(keys));
         assert_eq!(
-            n.reload(Vec::new(), None, 0, &mut out),
+            n.reload(Vec::new(), None, None, 0, &mut out),
             Reply::Reload(ReloadReply {
                 changed: Vec::new(),
                 applied: Vec::new()
             })
         );
+        // Changed services: the backend agreement takes their digest.
+        let keys = vec!["services.0.backends".to_owned()];
+        assert!(matches!(
+            n.reload(keys, None, Some(7), 0, &mut out),
+            Reply::Reload(_)
+        ));
+        assert_eq!(n.backends().digest(), 7);
     }
 
     #[test]

@@ -331,6 +331,10 @@ pub struct Status {
     /// The agreed backend table's epoch the services were built from (0: the configuration's).
     #[serde(default)]
     pub services_epoch: u64,
+    /// Peers whose configured services differ from this node's: their backend verdicts are
+    /// not counted, and they may send a flow to another backend.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services_differ: Vec<u8>,
 }
 
 impl Status {
@@ -631,6 +635,7 @@ mod tests {
             timeline: vec![],
             services: vec![],
             services_epoch: 0,
+            services_differ: Vec::new(),
         };
         let line = Reply::Status(Box::new(status.clone())).to_line();
         assert!(line.contains("\"ok\":true"), "{line}");

@@ -710,6 +710,13 @@ impl Membership {
         }
     }
 
+    /// Operator: a `reload` changed the services; `digest` is theirs now. Peers are counted in
+    /// the backend agreement again once their services match (they reload too).
+    pub fn set_services_digest(&mut self, digest: u64) {
+        self.cfg.services_digest = digest;
+        self.backends.set_digest(digest);
+    }
+
     /// Operator: a new weight (used by the `Weighted` policy).
     pub fn set_weight(&mut self, weight: Weight, now: u64, out: &mut Vec<Output>) {
         if self.weight != weight {

@@ -231,5 +231,6 @@ fn node_status(epoch: u64, services: Vec<ServiceStatus>, services_epoch: u64) ->
         timeline: vec![],
         services,
         services_epoch,
+        services_differ: vec![],
     }
 }

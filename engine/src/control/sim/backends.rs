@@ -98,4 +98,20 @@ fn a_node_with_other_services_is_not_counted() {
     sim.run_until(2 * SEC);
     assert!(sim.table(1).is_none_or(|t| t.down.is_empty()));
     assert_eq!(sim.node(1).backends().mismatched(), 0b10);
+    // Node 2 reloads node 1's services: counted again, and its verdicts take backends down.
+    sim.input_node(2, |node, now, out| {
+        let keys = vec!["services".to_owned()];
+        assert!(matches!(
+            node.reload(keys, None, Some(SERVICES), now, out),
+            crate::control::operator::Reply::Reload(_)
+        ));
+    });
+    sim.backend_report(2, report(&[1, 2, 3]));
+    sim.run_until(4 * SEC);
+    assert_eq!(sim.node(1).backends().mismatched(), 0);
+    assert_eq!(
+        sim.table(1).map(|t| t.down),
+        Some([1, 2, 3].into_iter().collect()),
+        "1 of 2 nodes seeing them down is half"
+    );
 }
