@@ -289,6 +289,69 @@ impl Pipeline {
         }
     }
 
+    /// An ICMP error (`p` its parse; `key_hash` the keyed hash of the quoted flow's key) about
+    /// a packet sent from a service address: with DSR a backend's replies carry the service
+    /// address as their source, so "fragmentation needed" or "packet too big" about them comes
+    /// here. It belongs to the backend that serves the quoted flow (its path-MTU discovery):
+    /// the node that serves the flow sends it there, the flow's way (DSR or the tunnel). The
+    /// backend is the one the flow table remembers, else the one the flow's rule chooses (the
+    /// same on every node). `None`: not about a service's flow (the cluster's path).
+    pub(super) fn service_icmp_error(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        key_hash: u64,
+        p: &Parsed,
+        now: u64,
+    ) -> Option<Action> {
+        let q = p.icmp?.quoted?;
+        // The quoted packet went from the service (its port `sp`) to the client (`dp`).
+        let (sp, dp) = (q.src_port?, q.dst_port?);
+        let proto = u8::from(q.protocol);
+        let Match::Rule(r) = self.services.lookup(q.src_ip, proto, sp) else {
+            return None;
+        };
+        let rule = &self.services.rules()[r];
+        if rule.delivery == Delivery::Local {
+            return None;
+        }
+        let hash = FlowHash::new(key_hash, q.src_ip, dp, sp, proto);
+        let serves = match rule.mode {
+            RuleMode::Disabled => return Some(Action::Drop(DropReason::RuleDisabled)),
+            RuleMode::Single => rule.single_owner(self.serving) == Some(self.id.node),
+            RuleMode::Multiple => {
+                let role = self.snapshot.role(bucket_from(key_hash), self.id.node);
+                let tables = super::decide::Tables {
+                    own: &self.flows,
+                    learned: &self.learned,
+                    hash,
+                    now,
+                };
+                crate::cluster::handoff::serves_icmp_error(role, Some(&tables))
+            }
+        };
+        if !serves {
+            return Some(Action::Drop(DropReason::NotOwned));
+        }
+        let remembered = self.flows.get(hash, now).map(|e| e.backend).filter(|&id| {
+            self.routes
+                .get(id)
+                .is_some_and(|route| usize::from(route.rule) == r)
+        });
+        let id = match remembered {
+            Some(id) => id,
+            None => match self
+                .services
+                .choose_new(r, &self.hasher, hash, q.dst_ip, dp, proto)
+            {
+                Some(b) => b.id,
+                None => return Some(Action::Drop(DropReason::NoBackend)),
+            },
+        };
+        let d = Destination::at(buf.get(..len)?, p.l3_offset, p.src_ip, p.dst_ip, 0, 0)?;
+        Some(self.forward_to(buf, len, id, &d, entropy(hash)))
+    }
+
     /// A frame to `d`: its rule, and whether this node takes it (by the handoff rule, or a
     /// `single` rule's priority).
     #[inline(always)]

@@ -18,11 +18,11 @@ use super::types::TCP;
 use super::{Action, DropReason, Pipeline, Prepared};
 
 /// This node's two flow tables, asked about one flow at `now`: what the handoff rule reads.
-struct Tables<'a> {
-    own: &'a FlowTable,
-    learned: &'a FlowTable,
-    hash: FlowHash,
-    now: u64,
+pub(super) struct Tables<'a> {
+    pub own: &'a FlowTable,
+    pub learned: &'a FlowTable,
+    pub hash: FlowHash,
+    pub now: u64,
 }
 
 impl FlowLookup for Tables<'_> {
@@ -165,7 +165,14 @@ impl Pipeline {
                 let hash = FlowHash::new(key_hash, p.dst_ip, sp, dp, proto);
                 self.flow_packet(bucket, hash, proto, TcpFlags(p.tcp_flags.0 as u8), now)
             }
-            _ if p.icmp.is_some_and(|i| i.is_error) => self.icmp_error(key_hash, p, now),
+            _ if p.icmp.is_some_and(|i| i.is_error) => {
+                if self.services.active() {
+                    if let Some(action) = self.service_icmp_error(buf, len, key_hash, p, now) {
+                        return action;
+                    }
+                }
+                self.icmp_error(key_hash, p, now)
+            }
             _ if self.mine(bucket) => Action::Deliver,
             _ => Action::Drop(DropReason::NotOwned),
         }

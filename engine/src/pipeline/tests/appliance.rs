@@ -930,3 +930,86 @@ fn an_ipv4_service_address_of_its_own_is_answered_once_with_the_cluster_mac() {
         .count();
     assert_eq!(forwarded, 1);
 }
+
+/// "Fragmentation needed" from a router on the way back, about a backend's DSR reply (from
+/// the service address, port 80, to the client): an ICMP error to the service address.
+fn frag_needed_about_reply(client: [u8; 4], sport: u16) -> Vec<u8> {
+    let router = [198, 18, 3, 1];
+    let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0x00];
+    let mut quoted = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 63, 6, 0, 0];
+    quoted.extend_from_slice(&build::CLUSTER_IP);
+    quoted.extend_from_slice(&client);
+    quoted.extend_from_slice(&80u16.to_be_bytes());
+    quoted.extend_from_slice(&sport.to_be_bytes());
+    quoted.extend_from_slice(&[0, 0, 0, 1]);
+    icmp.extend_from_slice(&quoted);
+    let c = build::checksum(&[&icmp]);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = build::ipv4([2, 0, 0, 0, 0, 0xfe], router, 1, &mut icmp, None);
+    f[26..30].copy_from_slice(&router);
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = build::checksum(&[&f[14..34]]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// Path-MTU discovery of a backend's replies: an ICMP error about a DSR reply (sent from the
+/// service address) reaches the backend that serves the quoted flow, from exactly one node,
+/// the flow's way (DSR, or GUE/IPIP encapsulated); after the flow's owner died, from the new
+/// owner to the same backend.
+#[test]
+fn icmp_errors_about_a_flows_replies_reach_its_backend() {
+    for delivery in ["dsr", "gue"] {
+        let mut nodes = appliances(2, delivery);
+        for i in 0..40 {
+            let (src, sport) = client(i);
+            let syn = segment(src, sport, 80, 0x02);
+            let mut backend = None;
+            for p in nodes.iter_mut() {
+                if let (Action::ToBackend { .. }, out) = run(p, &syn, 1) {
+                    backend = Some(sent_to(&out));
+                }
+            }
+            let backend = backend.expect("one node forwards the SYN");
+            let error = frag_needed_about_reply(src, sport);
+            let mut forwarded = Vec::new();
+            for p in nodes.iter_mut() {
+                match run(p, &error, 2) {
+                    (Action::ToBackend { .. }, out) => {
+                        assert_eq!(sent_to(&out), backend, "{delivery}: the flow's backend");
+                        assert_carries(&out, &error, delivery);
+                        forwarded.push(p.id.node);
+                    }
+                    (Action::Drop(DropReason::NotOwned), _) => {}
+                    other => panic!("{delivery}: unexpected {other:?}"),
+                }
+            }
+            assert_eq!(
+                forwarded.len(),
+                1,
+                "{delivery}: exactly one node forwards it"
+            );
+        }
+    }
+    // The owner of a flow is gone and its table with it: the node that takes the bucket sends
+    // the error to the backend the flow's rule chooses, the backend the flow had.
+    let mut nodes = appliances(2, "dsr");
+    let (src, sport) = client(77);
+    let syn = segment(src, sport, 80, 0x02);
+    let (owner, backend) = nodes
+        .iter_mut()
+        .enumerate()
+        .find_map(|(i, p)| match run(p, &syn, 1) {
+            (Action::ToBackend { .. }, out) => Some((i, sent_to(&out))),
+            _ => None,
+        })
+        .unwrap();
+    let survivor = &mut nodes[1 - owner];
+    let alone = stable_snapshot(
+        &OwnershipTable::build(2, &[Member::new(survivor.id.node.get(), 100).unwrap()]).unwrap(),
+    );
+    survivor.set_snapshot(Arc::new(alone));
+    let (action, out) = run(survivor, &frag_needed_about_reply(src, sport), 3);
+    assert!(matches!(action, Action::ToBackend { .. }), "{action:?}");
+    assert_eq!(sent_to(&out), backend);
+}
