@@ -1013,3 +1013,43 @@ fn icmp_errors_about_a_flows_replies_reach_its_backend() {
     assert!(matches!(action, Action::ToBackend { .. }), "{action:?}");
     assert_eq!(sent_to(&out), backend);
 }
+
+/// A `single` rule: the first node of its priority list that serves takes every flow of the
+/// rule, whatever the buckets; when it is gone, the next takes over.
+#[test]
+fn a_single_rule_goes_to_its_first_serving_node_then_the_next() {
+    let text = SERVICES.replace("DELIVERY", "dsr").replace(
+        "    ports: [80]\n    delivery: dsr\n",
+        "    ports: [80]\n    mode: single\n    priority: [2, 1]\n    delivery: dsr\n",
+    );
+    let c = Config::parse(&text, "t.yaml").unwrap();
+    c.validate("t.yaml").unwrap();
+    let s = Arc::new(Services::compile(&c, SECRET, None));
+    let mut nodes = appliances(2, "dsr");
+    for p in nodes.iter_mut() {
+        p.set_services(Arc::clone(&s));
+    }
+    for i in 0..100 {
+        let (src, sport) = client(i);
+        let syn = segment(src, sport, 80, 0x02);
+        let actions: Vec<Action> = nodes.iter_mut().map(|p| run(p, &syn, 1).0).collect();
+        assert_eq!(
+            actions,
+            [
+                Action::Drop(DropReason::NotOwned),
+                Action::ToBackend { push: 0 }
+            ],
+            "node 2 first in the list takes every flow"
+        );
+    }
+    // Node 2 is gone: node 1, alone in the table, takes the rule.
+    let node1 = &mut nodes[0];
+    let alone =
+        stable_snapshot(&OwnershipTable::build(2, &[Member::new(1, 100).unwrap()]).unwrap());
+    node1.set_snapshot(Arc::new(alone));
+    for i in 100..150 {
+        let (src, sport) = client(i);
+        let syn = segment(src, sport, 80, 0x02);
+        assert_eq!(run(node1, &syn, 2).0, Action::ToBackend { push: 0 });
+    }
+}
