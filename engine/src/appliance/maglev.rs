@@ -183,8 +183,11 @@ mod tests {
         assert_eq!(Maglev::build(&[], &KEY).lookup(5), None);
     }
 
+    /// Every node builds the same table from the same pool and key (the services digest makes
+    /// nodes with another pool, or the same backends in another order, known as different),
+    /// and another key gives another table.
     #[test]
-    fn the_key_and_the_addresses_decide_not_the_order() {
+    fn the_pool_and_the_key_decide_the_table() {
         let p = pool(10);
         let a = Maglev::build(&p, &KEY);
         let b = Maglev::build(&p, &KEY);
@@ -194,6 +197,27 @@ mod tests {
         );
         let c = Maglev::build(&p, b"another key 16by");
         assert_ne!(a.entries, c.entries);
+    }
+
+    /// Entries of table `a` over pool `pa` whose backend (by address) differs in table `b`
+    /// over pool `pb`, and of those how many went to `to` (an address).
+    fn moved(
+        a: &Maglev,
+        pa: &[Candidate],
+        b: &Maglev,
+        pb: &[Candidate],
+        to: IpAddr,
+    ) -> (usize, usize) {
+        let ip = |t: &Maglev, p: &[Candidate], k: usize| p[usize::from(t.entries[k])].ip;
+        let (mut moved, mut to_new) = (0, 0);
+        for k in 0..TABLE_SIZE {
+            let (x, y) = (ip(a, pa, k), ip(b, pb, k));
+            if x != y {
+                moved += 1;
+                to_new += usize::from(y == to);
+            }
+        }
+        (moved, to_new)
     }
 
     proptest! {
@@ -221,6 +245,40 @@ mod tests {
             // Maglev's paper: a few percent beyond the minimum at this table size.
             let frac = others as f64 / TABLE_SIZE as f64;
             prop_assert!(frac < 0.5 / n as f64 + 0.01, "{others} other entries moved (own {own})");
+        }
+
+        /// A backend taken out of the list (not only weighted 0): the same, by address.
+        #[test]
+        fn a_backend_taken_out_moves_about_its_share(n in 3usize..60, gone in 0usize..60) {
+            let gone = gone % n;
+            let before = pool(n);
+            let mut after = before.clone();
+            let out = after.remove(gone).ip;
+            let (a, b) = (Maglev::build(&before, &KEY), Maglev::build(&after, &KEY));
+            let own = a.entries.iter().filter(|&&e| usize::from(e) == gone).count();
+            let (moved, _) = moved(&a, &before, &b, &after, out);
+            let others = moved - own;
+            prop_assert!(
+                (others as f64 / TABLE_SIZE as f64) < 0.5 / n as f64 + 0.01,
+                "{others} other entries moved (own {own})"
+            );
+        }
+
+        /// A backend added to N: about 1/(N+1) of the entries move, nearly all of them to it.
+        #[test]
+        fn a_backend_added_takes_about_its_share(n in 2usize..60) {
+            let before = pool(n);
+            let after = pool(n + 1);
+            let new = after[n].ip;
+            let (a, b) = (Maglev::build(&before, &KEY), Maglev::build(&after, &KEY));
+            let (moved, to_new) = moved(&a, &before, &b, &after, new);
+            let share = TABLE_SIZE as f64 / (n + 1) as f64;
+            prop_assert!((to_new as f64 - share).abs() / share < 0.02, "{to_new} to the new one, {share:.0} its share");
+            let others = moved - to_new;
+            prop_assert!(
+                (others as f64 / TABLE_SIZE as f64) < 0.5 / n as f64 + 0.01,
+                "{others} entries moved between the old backends"
+            );
         }
     }
 }
