@@ -429,6 +429,7 @@ fn service_metrics(link: &ControlLink) -> Vec<Metric> {
     let (mut b_frames, mut b_bytes, mut b_flows) = (Vec::new(), Vec::new(), Vec::new());
     let mut b_current = Vec::new();
     let (mut state, mut weight) = (Vec::new(), Vec::new());
+    let (mut current, mut up) = (Vec::new(), Vec::new());
     for rule in services.rules() {
         let service = format!(",service=\"{}\"", escape(&rule.name));
         let mut total = crate::dataplane::BackendCounts::default();
@@ -437,6 +438,7 @@ fn service_metrics(link: &ControlLink) -> Vec<Metric> {
             total.frames += n.frames;
             total.bytes += n.bytes;
             total.new_flows += n.new_flows;
+            total.flows += n.flows;
             let labels = format!("{service},backend=\"{}\"", escape(&b.name));
             b_frames.push((labels.clone(), n.frames));
             b_bytes.push((labels.clone(), n.bytes));
@@ -450,7 +452,14 @@ fn service_metrics(link: &ControlLink) -> Vec<Metric> {
         }
         frames.push((service.clone(), total.frames));
         bytes.push((service.clone(), total.bytes));
-        flows.push((service, total.new_flows));
+        flows.push((service.clone(), total.new_flows));
+        current.push((service.clone(), total.flows));
+        let taking = rule
+            .backends
+            .iter()
+            .filter(|b| b.state == BackendState::Up && b.weight > 0)
+            .count();
+        up.push((service, taking as u64));
     }
     let too_big = link
         .cores
@@ -476,6 +485,19 @@ fn service_metrics(link: &ControlLink) -> Vec<Metric> {
             "counter",
             "New flows the service's backend tables assigned on this node.",
             flows,
+        ),
+        (
+            "service_flows",
+            "gauge",
+            "Flows in this node's flow tables whose backend is one of the service's.",
+            current,
+        ),
+        (
+            "service_backends_up",
+            "gauge",
+            "The service's backends that take new flows (up, weight above 0): 0 means its new \
+             flows are dropped (no-backend).",
+            up,
         ),
         (
             "service_backend_frames_total",
@@ -725,6 +747,18 @@ services:
         assert_eq!(row("service_frames_total", ",service=\"web\""), 33);
         assert_eq!(row("service_bytes_total", ",service=\"web\""), 3300);
         assert_eq!(row("service_new_flows_total", ",service=\"api\""), 16);
+        assert_eq!(
+            row("service_flows", ",service=\"web\""),
+            1 + 2,
+            "a's and b's"
+        );
+        assert_eq!(row("service_flows", ",service=\"api\""), 3);
+        assert_eq!(
+            row("service_backends_up", ",service=\"web\""),
+            1,
+            "b is drained"
+        );
+        assert_eq!(row("service_backends_up", ",service=\"api\""), 1);
         assert_eq!(
             row("service_backend_state", &format!("{web_a},state=\"up\"")),
             1
