@@ -1,5 +1,6 @@
 //! How an owned frame reaches its backend: DSR's MAC rewrite, IP-in-IP and GUE encapsulation,
-//! and the ICMP answer for a datagram too big for the encapsulated path.
+//! and the ICMP answers the appliance gives itself: "too big" for a datagram the encapsulated
+//! path cannot take, and the echo reply of a service address.
 //!
 //! Plain functions over byte slices. What reaches a backend is built once, when the services
 //! or the node change ([`dsr_macs`], [`Outer::new`]), and written per frame ([`dsr`],
@@ -232,6 +233,64 @@ fn put(frame: &mut [u8], header: &[u8; MAX_OUTER], len: usize) {
     copy(frame, len.max(CHUNK) - CHUNK);
 }
 
+/// Rewrites, in place, an ICMP or ICMPv6 echo request (IP packet at `l3`, message at `l4`,
+/// `l4_len` bytes) into its echo reply: from the address it was sent to, to the request's source
+/// MAC from `node_mac`, hop limit 64. Returns the reply's length (`None`: the lengths do not
+/// fit the frame).
+pub fn echo_reply(
+    frame: &mut [u8],
+    l3: usize,
+    l4: usize,
+    l4_len: usize,
+    node_mac: EthernetAddress,
+) -> Option<usize> {
+    let end = l4.checked_add(l4_len)?;
+    let frame = frame.get_mut(..end)?;
+    if l4_len < 8 || l3 < ETH || l4 < l3 + IPV4 {
+        return None;
+    }
+    let client_mac: [u8; 6] = frame.get(6..12)?.try_into().ok()?;
+    frame[..6].copy_from_slice(&client_mac);
+    frame[6..12].copy_from_slice(&node_mac.0);
+    let swap = |frame: &mut [u8], a: usize, b: usize, n: usize| {
+        for i in 0..n {
+            frame.swap(a + i, b + i);
+        }
+    };
+    if frame[l3] >> 4 == 6 {
+        if l4 < l3 + IPV6 {
+            return None;
+        }
+        swap(frame, l3 + 8, l3 + 24, 16);
+        frame[l3 + 7] = 64;
+        frame[l4] = 129; // echo reply
+        frame[l4 + 2..l4 + 4].copy_from_slice(&[0, 0]);
+        let (src, dst) = (addr6(&frame[l3..], 8), addr6(&frame[l3..], 24));
+        let c = checksum::compute_with_pseudo_header(
+            &IpAddr::V6(src),
+            &IpAddr::V6(dst),
+            IpProtocol::Icmpv6,
+            &frame[l4..end],
+        );
+        frame[l4 + 2..l4 + 4].copy_from_slice(&c.to_be_bytes());
+    } else {
+        let ihl = usize::from(frame[l3] & 0x0f) * 4;
+        if ihl < IPV4 || l3 + ihl > l4 {
+            return None;
+        }
+        swap(frame, l3 + 12, l3 + 16, 4);
+        frame[l3 + 8] = 64;
+        frame[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+        let c = checksum::checksum(&frame[l3..l3 + ihl]);
+        frame[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+        frame[l4] = 0; // echo reply
+        frame[l4 + 2..l4 + 4].copy_from_slice(&[0, 0]);
+        let c = checksum::checksum(&frame[l4..end]);
+        frame[l4 + 2..l4 + 4].copy_from_slice(&c.to_be_bytes());
+    }
+    Some(end)
+}
+
 /// Rewrites, in place, a frame whose IP packet (at `l3`, `ip_len` bytes) is too big for a path
 /// of `mtu` bytes into the ICMP error that tells its sender: "fragmentation needed" (IPv4) or
 /// "packet too big" (IPv6), from `from` (the service address it was sent to), to the frame's
@@ -314,7 +373,7 @@ pub fn too_big(
     Some(total)
 }
 
-fn addr6(h: &[u8; 68], at: usize) -> std::net::Ipv6Addr {
+fn addr6(h: &[u8], at: usize) -> std::net::Ipv6Addr {
     let mut a = [0u8; 16];
     a.copy_from_slice(&h[at..at + 16]);
     a.into()

@@ -289,6 +289,34 @@ impl Pipeline {
         }
     }
 
+    /// An ICMP echo request (`p` its parse, `bucket` its source's) to a service address other
+    /// than the cluster's (whose owner's kernel holds it and answers): the appliances hold no
+    /// service address, so the owner of the bucket answers it in place. `None`: not one.
+    pub(super) fn service_echo(
+        &self,
+        buf: &mut [u8],
+        p: &Parsed,
+        bucket: Bucket,
+        to_cluster: bool,
+    ) -> Option<Action> {
+        let request = if p.dst_ip.is_ipv6() { 128 } else { 8 };
+        if to_cluster
+            || !p.icmp.is_some_and(|i| i.msg_type == request && i.code == 0)
+            || !self.services.is_address(p.dst_ip)
+        {
+            return None;
+        }
+        if !self.mine(bucket) {
+            return Some(Action::Drop(DropReason::NotOwned));
+        }
+        Some(
+            match encap::echo_reply(buf, p.l3_offset, p.l4_offset, p.l4_len, self.id.node_mac) {
+                Some(len) => Action::Reply { len },
+                None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
+            },
+        )
+    }
+
     /// An ICMP error (`p` its parse; `key_hash` the keyed hash of the quoted flow's key) about
     /// a packet sent from a service address: with DSR a backend's replies carry the service
     /// address as their source, so "fragmentation needed" or "packet too big" about them comes

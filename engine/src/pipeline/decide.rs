@@ -173,6 +173,14 @@ impl Pipeline {
                 }
                 self.icmp_error(key_hash, p, now)
             }
+            _ if self.services.active() => {
+                self.service_echo(buf, p, bucket, to_cluster)
+                    .unwrap_or(if self.mine(bucket) {
+                        Action::Deliver
+                    } else {
+                        Action::Drop(DropReason::NotOwned)
+                    })
+            }
             _ if self.mine(bucket) => Action::Deliver,
             _ => Action::Drop(DropReason::NotOwned),
         }

@@ -1083,3 +1083,94 @@ proptest! {
         }
     }
 }
+
+/// Pings to a service address of its own (IPv4 and IPv6): exactly one node (the owner of the
+/// source's bucket) answers, from the service address and the node MAC, checksums valid.
+#[test]
+fn pings_to_a_service_address_are_answered_once() {
+    use crate::wire::checksum;
+    let text = SERVICES.replace("DELIVERY", "dsr").replace(
+        "addresses: [198.18.0.1]\n    ports: [80]",
+        "addresses: [198.18.0.100, \"2001:2::100\"]\n    ports: [80]",
+    );
+    let c = Config::parse(&text, "t.yaml").unwrap();
+    c.validate("t.yaml").unwrap();
+    let s = Arc::new(Services::compile(&c, SECRET, None));
+    let mut nodes = appliances(3, "dsr");
+    for p in nodes.iter_mut() {
+        p.set_services(Arc::clone(&s));
+    }
+    let client_mac = [2, 0, 0, 0, 0, 0x64];
+    let vip: Ipv6Addr = "2001:2::100".parse().unwrap();
+    for i in 0..20u8 {
+        let src4 = [198, 18, 2, 1 + i];
+        let mut echo = vec![8, 0, 0, 0, 0x12, 0x34, 0, i, 1, 2, 3, 4];
+        let c = checksum::checksum(&echo);
+        echo[2..4].copy_from_slice(&c.to_be_bytes());
+        let mut v4 = build::ipv4(client_mac, src4, 1, &mut echo, None);
+        v4[30..34].copy_from_slice(&[198, 18, 0, 100]);
+        v4[24..26].copy_from_slice(&[0, 0]);
+        let c = checksum::checksum(&v4[14..34]);
+        v4[24..26].copy_from_slice(&c.to_be_bytes());
+
+        let src6: Ipv6Addr = format!("2001:2::2:{}", i + 1).parse().unwrap();
+        let mut echo6 = vec![128, 0, 0, 0, 0x12, 0x34, 0, i, 5, 6, 7, 8];
+        let c = checksum::compute_with_pseudo_header(
+            &IpAddr::V6(src6),
+            &IpAddr::V6(vip),
+            crate::wire::IpProtocol::Icmpv6,
+            &echo6,
+        );
+        echo6[2..4].copy_from_slice(&c.to_be_bytes());
+        let mut v6 = build::ethernet(client_mac, build::CLUSTER_MAC, 0x86dd);
+        v6.extend_from_slice(&[0x60, 0, 0, 0, 0, echo6.len() as u8, 58, 64]);
+        v6.extend_from_slice(&src6.octets());
+        v6.extend_from_slice(&vip.octets());
+        v6.extend_from_slice(&echo6);
+
+        for (request, v6_request) in [(v4, false), (v6, true)] {
+            let mut replies = Vec::new();
+            for p in nodes.iter_mut() {
+                let node_mac = p.id.node_mac;
+                match run(p, &request, 1) {
+                    (Action::Reply { .. }, out) => replies.push((node_mac, out)),
+                    (Action::Drop(DropReason::NotOwned), _) => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert_eq!(replies.len(), 1, "one node answers");
+            let (node_mac, out) = &replies[0];
+            assert_eq!(out[..6], client_mac, "to the client's MAC");
+            assert_eq!(out[6..12], node_mac.0, "from the node MAC");
+            let r = parse_l2_l4(out).unwrap();
+            assert_eq!(r.hop_limit, 64);
+            if v6_request {
+                assert_eq!(r.src_ip, IpAddr::V6(vip));
+                assert_eq!(r.dst_ip, IpAddr::V6(src6));
+                assert_eq!(out[54], 129, "echo reply");
+                assert!(checksum::verify_with_pseudo_header(
+                    &r.src_ip,
+                    &r.dst_ip,
+                    crate::wire::IpProtocol::Icmpv6,
+                    &out[54..]
+                ));
+                assert_eq!(
+                    out[58..],
+                    request[58..],
+                    "identifier, sequence and data kept"
+                );
+            } else {
+                assert_eq!(r.src_ip, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 100)));
+                assert_eq!(r.dst_ip, IpAddr::V4(Ipv4Addr::from(src4)));
+                assert_eq!(out[34], 0, "echo reply");
+                assert_eq!(checksum::checksum(&out[14..34]), 0, "IP header checksum");
+                assert_eq!(checksum::checksum(&out[34..]), 0, "ICMP checksum");
+                assert_eq!(
+                    out[38..],
+                    request[38..],
+                    "identifier, sequence and data kept"
+                );
+            }
+        }
+    }
+}
