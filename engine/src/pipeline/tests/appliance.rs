@@ -1174,3 +1174,35 @@ fn pings_to_a_service_address_are_answered_once() {
         }
     }
 }
+
+/// A `local` rule among appliance rules: its frames go to the owner's own host, like server
+/// mode's, while the other rules forward.
+#[test]
+fn a_local_rule_delivers_to_the_owners_host() {
+    let text = SERVICES.replace("DELIVERY", "dsr").replace(
+        "  - name: ssh\n    addresses: [198.18.0.1]\n    ports: [22]\n    mode: disabled\n",
+        "  - name: ssh\n    addresses: [198.18.0.1]\n    ports: [22]\n    delivery: local\n",
+    );
+    let c = Config::parse(&text, "t.yaml").unwrap();
+    c.validate("t.yaml").unwrap();
+    let s = Arc::new(Services::compile(&c, SECRET, None));
+    let mut nodes = appliances(2, "dsr");
+    for p in nodes.iter_mut() {
+        p.set_services(Arc::clone(&s));
+    }
+    for i in 0..50 {
+        let (src, sport) = client(i);
+        for (port, want) in [(22, Action::Deliver), (80, Action::ToBackend { push: 0 })] {
+            let syn = segment(src, sport, port, 0x02);
+            let actions: Vec<Action> = nodes.iter_mut().map(|p| run(p, &syn, 1).0).collect();
+            assert_eq!(
+                actions.iter().filter(|a| **a == want).count(),
+                1,
+                "port {port}: {actions:?}"
+            );
+            assert!(actions
+                .iter()
+                .all(|a| *a == want || *a == Action::Drop(DropReason::NotOwned)));
+        }
+    }
+}
