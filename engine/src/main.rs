@@ -495,12 +495,7 @@ fn status_table(s: &Status) {
         println!(
             "nodes {} run other services than this node: their backend checks are not counted \
              and they may send a flow to another backend (give every node the same services)",
-            list_ids(&s.services_differ)
+            clonecluster::control::node::ids_text(&s.services_differ)
         );
     }
-}
-
-/// Node ids as a person reads them: `2, 3`.
-fn list_ids(ids: &[u8]) -> String {
-    ids.iter().map(u8::to_string).collect::<Vec<_>>().join(", ")
 }

@@ -457,7 +457,7 @@ fn service_metrics(link: &ControlLink) -> Vec<Metric> {
         let taking = rule
             .backends
             .iter()
-            .filter(|b| b.state == BackendState::Up && b.weight > 0)
+            .filter(|b| b.state == BackendState::Up && b.weight > 0 && b.mac.is_some())
             .count();
         up.push((service, taking as u64));
     }
@@ -495,8 +495,8 @@ fn service_metrics(link: &ControlLink) -> Vec<Metric> {
         (
             "service_backends_up",
             "gauge",
-            "The service's backends that take new flows (up, weight above 0): 0 means its new \
-             flows are dropped (no-backend).",
+            "The service's backends that take new flows (up, weight above 0, MAC or next hop \
+             resolved): 0 means its new flows are dropped (no-backend).",
             up,
         ),
         (

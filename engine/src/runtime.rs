@@ -255,11 +255,7 @@ pub fn control_thread(
                     tracing::info!("every peer runs this node's services again");
                 } else {
                     tracing::warn!(
-                        nodes = %crate::control::node::ids_of(differ)
-                            .iter()
-                            .map(u8::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", "),
+                        nodes = %crate::control::node::ids_text(&crate::control::node::ids_of(differ)),
                         "peers run other services than this node: their backend checks are not \
                          counted and they may send a flow to another backend; give every node \
                          the same services"
@@ -776,13 +772,7 @@ impl BackendWatch {
         if version != self.seen {
             self.seen = version;
             let mut services = link.services();
-            self.neighbours.update(&services);
-            // A backend a reload put behind a router already resolved: its MAC at once.
-            let known: Vec<(u16, crate::wire::EthernetAddress)> = services
-                .backends()
-                .filter(|(_, b)| b.mac.is_none())
-                .filter_map(|(_, b)| Some((b.id, self.neighbours.learned(b.id)?)))
-                .collect();
+            let known = self.neighbours.update(&services);
             if !known.is_empty() {
                 for (id, mac) in known {
                     services =
@@ -889,8 +879,18 @@ fn reload(
             }
             if services_changed {
                 // Backends that stay keep their ids, learned MACs and states.
-                let services =
-                    Services::compile(&next.config, &next.secret, Some(&link.services()));
+                let before = link.services();
+                let services = Services::compile(&next.config, &next.secret, Some(&before));
+                // A drain is of a server: it ends when its id leaves or names another one.
+                let server = |s: &Services, id: u16| {
+                    s.rules().iter().find_map(|r| {
+                        let b = r.backends.iter().find(|b| b.id == id)?;
+                        Some((r.name.clone(), b.ip))
+                    })
+                };
+                node.keep_drained(|id| {
+                    server(&before, id).is_some() && server(&before, id) == server(&services, id)
+                });
                 tracing::info!(
                     services = services.rules().len(),
                     backends = services.backends().count(),

@@ -10,8 +10,9 @@
 //! - [`Checks`]: one node's checks of every backend, which follow the services as `reload`
 //!   changes them: a backend that stays keeps its verdict, one added (or whose id now names
 //!   another server) starts down, one removed is forgotten.
-//! - [`spawn_checker`]: the thread that runs the checks (the only I/O here) and publishes each
-//!   node's local verdicts.
+//! - [`spawn_checker`]: the thread that runs the rounds of checks (the only I/O here: each
+//!   round's checks side by side, on short-lived threads) and publishes each node's local
+//!   verdicts.
 //!
 //! The table changes only what new flows choose: a flow keeps its backend (the flow table
 //! remembers it) whatever the table says, as Maglev does.
@@ -99,6 +100,12 @@ impl Hysteresis {
         self.up
     }
 
+    /// New `rise` and `fall` (a reload changed them): the verdict and the run so far stay.
+    pub fn set_thresholds(&mut self, rise: u32, fall: u32) {
+        self.rise = rise.max(1);
+        self.fall = fall.max(1);
+    }
+
     /// One check's result; `Some(up)` when the verdict changes.
     pub fn record(&mut self, ok: bool) -> Option<bool> {
         if ok == self.up {
@@ -129,8 +136,9 @@ pub struct LocalVerdicts {
 }
 
 impl LocalVerdicts {
-    /// The services changed (a `reload`): from its next round, the checker checks the backends
-    /// `config` and `services` name.
+    /// The services were published again (a `reload`, a MAC learned, an agreed table): from
+    /// its next round, the checker checks the backends `config` and `services` name (the same
+    /// ones, but after a reload).
     pub fn retarget(&self, config: &Config, services: &super::Services) {
         if let Ok(mut next) = self.next.lock() {
             *next = Some(targets(config, services));
@@ -201,14 +209,20 @@ impl Checks {
         checks
     }
 
-    /// The targets to check from now on. A target that is the same as before (id, name and
-    /// check alike) keeps its verdict and its run; any other starts down, as at start-up.
+    /// The targets to check from now on. A target with the id and the address it had keeps
+    /// its verdict and its run (under the check's new settings, if they changed); any other
+    /// starts down, as at start-up.
     pub fn retarget(&mut self, targets: Vec<Target>) -> Retargeted {
         let mut old = std::mem::take(&mut self.states);
         let mut changes = Retargeted::default();
         for t in targets {
-            let state = match old.iter().position(|(o, _)| *o == t) {
-                Some(i) => old.swap_remove(i).1,
+            let same = |o: &Target| o.id == t.id && o.check.address == t.check.address;
+            let state = match old.iter().position(|(o, _)| same(o)) {
+                Some(i) => {
+                    let mut h = old.swap_remove(i).1;
+                    h.set_thresholds(t.check.rise, t.check.fall);
+                    h
+                }
                 None => {
                     changes.start_down.insert(t.id);
                     Hysteresis::new(t.check.rise, t.check.fall)

@@ -60,13 +60,15 @@ impl Neighbours {
             node_ip,
             node_ip6,
         };
-        n.update(services);
+        // Nothing is known yet: nothing to tell.
+        let _ = n.update(services);
         n
     }
 
     /// After a reload: new addresses are asked at once, ones no backend needs forgotten,
-    /// known MACs kept (a backend that joins a router's others takes its MAC at once).
-    pub fn update(&mut self, services: &Services) {
+    /// known MACs kept. Returns the MACs known already for backends of `services` that lack
+    /// one: a backend a reload put behind a router this node has resolved.
+    pub fn update(&mut self, services: &Services) -> Vec<(u16, EthernetAddress)> {
         let mut wanted: Vec<(IpAddr, Vec<u16>)> = Vec::new();
         for (_, b) in services.backends().filter(|(_, b)| !b.configured_mac) {
             let ip = b.via.unwrap_or(b.ip);
@@ -88,15 +90,14 @@ impl Neighbours {
                 }),
             }
         }
-    }
-
-    /// The MAC learned for the address backend `id`'s frames go to, if any (a backend a reload
-    /// put behind a router already resolved takes it from here).
-    pub fn learned(&self, id: u16) -> Option<EthernetAddress> {
-        self.entries
-            .iter()
-            .find(|e| e.ids.contains(&id))
-            .and_then(|e| e.mac)
+        services
+            .backends()
+            .filter(|(_, b)| b.mac.is_none())
+            .filter_map(|(_, b)| {
+                let e = self.entries.iter().find(|e| e.ids.contains(&b.id))?;
+                Some((b.id, e.mac?))
+            })
+            .collect()
     }
 
     /// Whether answers matter (some backend is resolved here): the data path copies ARP
@@ -372,7 +373,11 @@ services:
         let sent = n.tick(0);
         let arp = sent.iter().find(|f| f[12..14] == [0x08, 0x06]).unwrap();
         n.received(&arp_reply_to(arp, B));
-        n.update(&services());
+        assert_eq!(
+            n.update(&services()),
+            [(2, B)],
+            "services without the MAC learned: told"
+        );
         assert_eq!(n.unresolved().count(), 1);
         assert!(n.received(&[0u8; 10]).is_none(), "garbage is ignored");
     }
@@ -423,6 +428,10 @@ services:
             Some((router, &[1u16, 2][..]))
         );
         assert_eq!(n.unresolved().collect::<Vec<_>>(), [3]);
+        // What the control thread publishes: the services with the router's MAC.
+        let s = s
+            .with_backend(b"secret", 1, |b| b.mac = Some(router))
+            .with_backend(b"secret", 2, |b| b.mac = Some(router));
         // A reload adds a third backend behind the router.
         let s2 = compile(
             &text("      - { ip: 198.19.5.24, via: 198.18.0.254 }\n"),
@@ -433,8 +442,7 @@ services:
             .find(|(_, b)| b.ip == "198.19.5.24".parse::<IpAddr>().unwrap())
             .map(|(_, b)| b.id)
             .unwrap();
-        n.update(&s2);
-        assert_eq!(n.learned(added), Some(router), "known at once");
+        assert_eq!(n.update(&s2), [(added, router)], "known at once");
         assert!(!n.unresolved().any(|id| id == added));
     }
 }

@@ -280,6 +280,34 @@ fn the_backend_checks_follow_a_reload() {
         "the new backend rises like any"
     );
 
+    // The backend the reload added to checked dns takes no new flow before its checks pass;
+    // the ones that stayed keep their state.
+    assert_eq!(s2.backend(1, 1).map(|b| b.state), Some(BackendState::Down));
+    assert!(s2
+        .backends()
+        .filter(|(_, b)| b.id != 1)
+        .all(|(_, b)| b.state == BackendState::Up));
+
+    // New check settings (interval, rise, path) keep every verdict.
+    let tuned = text.replace(
+        "    backend_health: { port: 80 }\n",
+        "    backend_health: { port: 80, interval: 2s, rise: 5, http_path: /up }\n",
+    );
+    let c_tuned = config(&tuned);
+    let s_tuned = Services::compile(&c_tuned, b"secret", Some(&s2));
+    let changes = checks.retarget(targets(&c_tuned, &s_tuned));
+    assert_eq!(
+        changes,
+        super::health::Retargeted::default(),
+        "no verdict starts over"
+    );
+    assert!((1..=4).all(|id| checks.is_up(id) == Some(true)));
+    assert_eq!(
+        checks.interval(),
+        std::time::Duration::from_millis(500),
+        "dns: 500ms"
+    );
+
     // dns loses its checks: its backends are forgotten (never down again), web's stay.
     let unchecked = text.replace("    backend_health: { port: 53 }\n", "");
     let c3 = config(&unchecked);

@@ -159,12 +159,13 @@ impl BackendAgreement {
         self.digest != 0
     }
 
-    /// After a reload: the services' new digest.
+    /// After a reload: the services' new digest (which peers differ stays as last seen until
+    /// each one's next message).
     pub fn set_digest(&mut self, digest: u64) {
         if digest != self.digest {
             self.digest = digest;
+            // Each peer's next message says again whether its services match.
             self.peers.clear();
-            self.mismatched = 0;
         }
     }
 

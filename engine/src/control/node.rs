@@ -180,6 +180,12 @@ impl Node {
         &self.drained_backends
     }
 
+    /// After a reload: the drains of backends that are gone (or whose id now names another
+    /// server: `still(id)` false) end with them.
+    pub fn keep_drained(&mut self, still: impl Fn(u16) -> bool) {
+        self.drained_backends.retain(|&id| still(id));
+    }
+
     /// `drain-backend NAME` / `undrain-backend NAME` against `services`: NAME is a backend's
     /// name (every service's backend of that name) or `SERVICE/NAME`. What this node reports
     /// changes; the coordinator's next backend table applies it cluster-wide.
@@ -524,6 +530,11 @@ impl Node {
 /// The node ids of a bit set (bit `id - 1`).
 pub(crate) fn ids_of(bits: u64) -> Vec<u8> {
     (1..=64u8).filter(|id| bits >> (id - 1) & 1 == 1).collect()
+}
+
+/// Node ids as a person reads them: `2, 3`.
+pub fn ids_text(ids: &[u8]) -> String {
+    ids.iter().map(u8::to_string).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! The decision for a TCP/UDP frame to a service address (appliance mode, DESIGN.md "Two
-//! delivery modes"): its port rule, whether this node takes it, and the backend it goes to.
+//! delivery modes"): its port rule, whether this node takes it, and the backend it goes to;
+//! and for the ICMP a service address gets: errors about a backend's replies go to the
+//! backend that serves the quoted flow, pings are answered in place.
 //!
 //! Ownership is the cluster's as for any flow (by bucket and the handoff rule; a `single` rule
 //! by priority among the nodes that serve), so only the owner forwards a frame. The backend is
@@ -291,7 +293,8 @@ impl Pipeline {
 
     /// An ICMP echo request (`p` its parse, `bucket` its source's) to a service address other
     /// than the cluster's (whose owner's kernel holds it and answers): the appliances hold no
-    /// service address, so the owner of the bucket answers it in place. `None`: not one.
+    /// service address, so the owner of the bucket answers it in place. `None`: not one (or
+    /// with IPv4 options or IPv6 extension headers).
     pub(super) fn service_echo(
         &self,
         buf: &mut [u8],
@@ -299,8 +302,15 @@ impl Pipeline {
         bucket: Bucket,
         to_cluster: bool,
     ) -> Option<Action> {
-        let request = if p.dst_ip.is_ipv6() { 128 } else { 8 };
+        let (request, header) = if p.dst_ip.is_ipv6() {
+            (128, 40)
+        } else {
+            (8, 20)
+        };
+        // Only a plain header: options or extension headers (a source route) are not
+        // reversed here; such a ping takes the cluster's path.
         if to_cluster
+            || p.l4_offset != p.l3_offset + header
             || !p.icmp.is_some_and(|i| i.msg_type == request && i.code == 0)
             || !self.services.is_address(p.dst_ip)
         {
@@ -377,7 +387,20 @@ impl Pipeline {
             },
         };
         let d = Destination::at(buf.get(..len)?, p.l3_offset, p.src_ip, p.dst_ip, 0, 0)?;
+        if self.too_big_for(id, d.ip_len) {
+            // No ICMP error about an ICMP error (RFC 1122, RFC 4443): dropped, counted.
+            self.appliance.too_big += 1;
+            return Some(Action::Drop(DropReason::TooBig));
+        }
         Some(self.forward_to(buf, len, id, &d, entropy(hash)))
+    }
+
+    /// Whether an IP packet of `ip_len` bytes exceeds backend `id`'s encapsulated path.
+    fn too_big_for(&self, id: u16, ip_len: usize) -> bool {
+        self.routes.get(id).is_some_and(|route| match &route.way {
+            Way::Encap(outer) => ip_len + outer.overhead() > usize::from(route.mtu),
+            _ => false,
+        })
     }
 
     /// A frame to `d`: its rule, and whether this node takes it (by the handoff rule, or a

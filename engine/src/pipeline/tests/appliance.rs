@@ -661,11 +661,11 @@ fn later_fragments_of_a_refused_first_are_dropped() {
     }
 }
 
-/// Fragments to the cluster address on a port no rule has: with `unmatched: local` they take
-/// the cluster's path (the owner of the bucket delivers them to its host); with `drop` (the
-/// default) the first is dropped as matching no rule and the later one with it.
+/// Fragments to the cluster address on a port no rule has follow `unmatched`: with `local`
+/// they take the cluster's path (the owner of the bucket delivers them to its host); with
+/// `drop` (the default) the first is dropped as matching no rule and the later one with it.
 #[test]
-fn fragments_outside_the_rules_keep_the_cluster_path() {
+fn fragments_outside_the_rules_follow_unmatched() {
     for unmatched in ["drop", "local"] {
         let text = SERVICES.replace("DELIVERY", "dsr") + &format!("unmatched: {unmatched}\n");
         let c = Config::parse(&text, "t.yaml").unwrap();
@@ -851,7 +851,8 @@ fn malformed_and_oversize_frames_to_a_service_are_dropped_never_forwarded() {
 }
 
 /// `unmatched: local`: a frame to a service address on a port no rule has takes the
-/// cluster's path (its bucket's owner delivers it to its host), where `drop` drops it.
+/// cluster's path (its bucket's owner delivers it to its host). (`drop`: see
+/// `rules_drop_what_they_do_not_serve`.)
 #[test]
 fn unmatched_local_delivers_what_no_rule_serves_by_bucket() {
     let text = SERVICES.replace("DELIVERY", "dsr") + "unmatched: local\n";
@@ -955,12 +956,14 @@ fn frag_needed_about_reply(client: [u8; 4], sport: u16) -> Vec<u8> {
 
 /// Path-MTU discovery of a backend's replies: an ICMP error about a DSR reply (sent from the
 /// service address) reaches the backend that serves the quoted flow, from exactly one node,
-/// the flow's way (DSR, or GUE/IPIP encapsulated); after the flow's owner died, from the new
-/// owner to the same backend.
+/// the flow's way (DSR, or GUE/IPIP encapsulated), even once the flow's rule would choose
+/// another backend for it; after the flow's owner died, from the new owner to the backend the
+/// rule chooses, the one the flow had.
 #[test]
 fn icmp_errors_about_a_flows_replies_reach_its_backend() {
-    for delivery in ["dsr", "gue"] {
+    for delivery in ["dsr", "gue", "ipip"] {
         let mut nodes = appliances(2, delivery);
+        let mut flows = Vec::new();
         for i in 0..40 {
             let (src, sport) = client(i);
             let syn = segment(src, sport, 80, 0x02);
@@ -970,7 +973,19 @@ fn icmp_errors_about_a_flows_replies_reach_its_backend() {
                     backend = Some(sent_to(&out));
                 }
             }
-            let backend = backend.expect("one node forwards the SYN");
+            flows.push((src, sport, backend.expect("one node forwards the SYN")));
+        }
+        // Backend 1 takes no new flows any more: the flows it has keep it.
+        let s = Arc::new(
+            nodes[0]
+                .services()
+                .with_backend(SECRET, 1, |b| b.weight = 0),
+        );
+        for p in nodes.iter_mut() {
+            p.set_services(Arc::clone(&s));
+        }
+        let mut to_backend_1 = 0;
+        for (src, sport, backend) in flows {
             let error = frag_needed_about_reply(src, sport);
             let mut forwarded = Vec::new();
             for p in nodes.iter_mut() {
@@ -989,7 +1004,9 @@ fn icmp_errors_about_a_flows_replies_reach_its_backend() {
                 1,
                 "{delivery}: exactly one node forwards it"
             );
+            to_backend_1 += usize::from(backend.0[5] == 1);
         }
+        assert!(to_backend_1 > 0, "{delivery}: some flows were backend 1's");
     }
     // The owner of a flow is gone and its table with it: the node that takes the bucket sends
     // the error to the backend the flow's rule chooses, the backend the flow had.
