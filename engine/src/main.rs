@@ -493,8 +493,9 @@ fn status_table(s: &Status) {
     }
     if !s.services_differ.is_empty() {
         println!(
-            "nodes {} run other services than this node: their backend checks are not counted \
-             and they may send a flow to another backend (give every node the same services)",
+            "nodes {} run other services than this node, or number their backends otherwise \
+             (started on the file this node reloaded to): their backend checks are not counted \
+             and they may send a flow to another backend (reload or restart every node alike)",
             clonecluster::control::node::ids_text(&s.services_differ)
         );
     }

@@ -49,15 +49,19 @@ pub(crate) fn config_digest(loaded: &Loaded) -> u64 {
 }
 
 /// What every node's services must agree on (appliance mode), hashed: the rules and their
-/// backends as configured; 0 without any backend (then no backend messages are sent).
-pub(crate) fn services_digest(loaded: &Loaded) -> u64 {
-    let c = &loaded.config;
-    if c.services.iter().all(|s| s.backends.is_empty()) {
+/// backends as configured, and the id each backend has in `services` (compiled from them: the
+/// agreed table names backends by id, and a node that reloaded keeps ids a node started on the
+/// same file numbers afresh); 0 without any backend (then no backend messages are sent).
+pub(crate) fn services_digest(config: &crate::config::Config, services: &Services) -> u64 {
+    if config.services.iter().all(|s| s.backends.is_empty()) {
         return 0;
     }
-    let canonical = serde_json::to_string(&c.services).unwrap_or_default();
+    let canonical = serde_json::to_string(&config.services).unwrap_or_default();
     let mut h = SipHasher13::new_with_keys(0x7365727669636573, 0x6261636b656e6473);
     std::hash::Hasher::write(&mut h, canonical.as_bytes());
+    for (_, b) in services.backends() {
+        std::hash::Hasher::write_u16(&mut h, b.id);
+    }
     std::hash::Hasher::finish(&h).max(1)
 }
 
@@ -73,7 +77,11 @@ pub(crate) fn membership_config(loaded: &Loaded, incarnation: u64) -> control::C
         config_digest(loaded),
     );
     m.weight = c.node.weight;
-    m.services_digest = services_digest(loaded);
+    // At start the backends are numbered in the file's order.
+    m.services_digest = services_digest(
+        &loaded.config,
+        &Services::compile(&loaded.config, &loaded.secret, None),
+    );
     m.policy = match c.cluster.policy {
         ConfigPolicy::Hash => control::Policy::Hash,
         ConfigPolicy::Weighted => control::Policy::Weighted,
@@ -256,9 +264,10 @@ pub fn control_thread(
                 } else {
                     tracing::warn!(
                         nodes = %crate::control::node::ids_text(&crate::control::node::ids_of(differ)),
-                        "peers run other services than this node: their backend checks are not \
-                         counted and they may send a flow to another backend; give every node \
-                         the same services"
+                        "peers run other services than this node, or number their backends \
+                         otherwise (started on the file this node reloaded to): their backend \
+                         checks are not counted and they may send a flow to another backend; \
+                         reload or restart every node alike"
                     );
                 }
             }
@@ -864,7 +873,15 @@ fn reload(
     let services_changed = changed
         .iter()
         .any(|k| k == "services" || k.starts_with("services.") || k == "unmatched");
-    let digest = services_changed.then(|| services_digest(&next));
+    // Backends that stay keep their ids, learned MACs and states.
+    let compiled = services_changed.then(|| {
+        let before = link.services();
+        let services = Services::compile(&next.config, &next.secret, Some(&before));
+        (before, services)
+    });
+    let digest = compiled
+        .as_ref()
+        .map(|(_, services)| services_digest(&next.config, services));
     let reply = node.reload(changed, weight, digest, now, out);
     match &reply {
         Reply::Refused(r) => tracing::warn!(error = %r.error, "reload refused"),
@@ -877,10 +894,7 @@ fn reload(
                     "reload: weight changed"
                 );
             }
-            if services_changed {
-                // Backends that stay keep their ids, learned MACs and states.
-                let before = link.services();
-                let services = Services::compile(&next.config, &next.secret, Some(&before));
+            if let Some((before, services)) = compiled {
                 // A drain is of a server: it ends when its id leaves or names another one.
                 let server = |s: &Services, id: u16| {
                     s.rules().iter().find_map(|r| {
@@ -974,5 +988,53 @@ mod tests {
         assert_eq!(b.permille(t3, 750_000_000 + 5_000_000_000, 2), 1000);
         // No time passed: no figure rather than a division by zero.
         assert_eq!(b.permille(t3, 9_000_000_000, 2), 0);
+    }
+
+    /// Nodes on the same file agree; a node that reloaded to it numbers its backends as they
+    /// were (ids kept) and differs from a node started on it, unless the ids happen to match.
+    #[test]
+    fn the_services_digest_covers_the_backend_ids() {
+        let text = |backends: &str| {
+            crate::config::tests::LAB.replace(
+                "  mac: 02:00:00:00:00:01\n",
+                "  mac: 02:00:00:00:00:01\n  ip: 198.18.0.11\n",
+            ) + &format!(
+                "services:\n  - name: web\n    addresses: [198.18.0.100]\n    ports: [80]\n    \
+                 delivery: dsr\n    backends:\n{backends}"
+            )
+        };
+        let b = |last: u8| {
+            format!("      - {{ ip: 198.18.0.{last}, mac: 02:bb:00:00:00:{last:02} }}\n")
+        };
+        let config = |t: &str| {
+            let c = crate::config::Config::parse(t, "t.yaml").unwrap();
+            c.validate("t.yaml").unwrap();
+            c
+        };
+        let first = config(&text(&[b(21), b(22), b(23)].concat()));
+        let second = config(&text(&[b(22), b(23), b(24)].concat()));
+        let fresh =
+            |c: &crate::config::Config| services_digest(c, &Services::compile(c, b"secret", None));
+        assert_eq!(fresh(&second), fresh(&second), "same file, same digest");
+        assert_ne!(fresh(&first), fresh(&second));
+        // Reloaded from `first`: 22 and 23 keep ids 2 and 3, 24 takes the freed 1.
+        let before = Services::compile(&first, b"secret", None);
+        let reloaded = Services::compile(&second, b"secret", Some(&before));
+        let ids: Vec<u16> = reloaded.backends().map(|(_, b)| b.id).collect();
+        assert_eq!(ids, [2, 3, 1]);
+        assert_ne!(
+            services_digest(&second, &reloaded),
+            fresh(&second),
+            "other ids: known as different"
+        );
+        // Appended at the end, nothing removed: the same ids either way.
+        let third = config(&text(&[b(21), b(22), b(23), b(24)].concat()));
+        let appended = Services::compile(&third, b"secret", Some(&before));
+        assert_eq!(services_digest(&third, &appended), fresh(&third));
+        let none = config(&crate::config::tests::LAB.replace(
+            "  mac: 02:00:00:00:00:01\n",
+            "  mac: 02:00:00:00:00:01\n  ip: 198.18.0.11\n",
+        ));
+        assert_eq!(fresh(&none), 0, "no backends: no digest");
     }
 }
