@@ -194,7 +194,8 @@ pub struct Checks {
 }
 
 /// What [`Checks::retarget`] changed in the verdicts: ids that start down (new backends, or ids
-/// that now name another server or check) and ids no longer checked (never down any more).
+/// that now name another server: another address) and ids no longer checked (never down any
+/// more).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Retargeted {
     pub start_down: BTreeSet<u16>,
@@ -210,13 +211,15 @@ impl Checks {
     }
 
     /// The targets to check from now on. A target with the id and the address it had keeps
-    /// its verdict and its run (under the check's new settings, if they changed); any other
-    /// starts down, as at start-up.
+    /// its verdict and its run (under the check's new settings, port included, if they
+    /// changed); any other starts down, as at start-up.
     pub fn retarget(&mut self, targets: Vec<Target>) -> Retargeted {
         let mut old = std::mem::take(&mut self.states);
         let mut changes = Retargeted::default();
         for t in targets {
-            let same = |o: &Target| o.id == t.id && o.check.address == t.check.address;
+            // The same server (a new check port or path is still about it: its verdict goes on
+            // rather than every backend of a service going down at once).
+            let same = |o: &Target| o.id == t.id && o.check.address.ip() == t.check.address.ip();
             let state = match old.iter().position(|(o, _)| same(o)) {
                 Some(i) => {
                     let mut h = old.swap_remove(i).1;

@@ -175,8 +175,8 @@ impl Services {
     }
 
     /// The rules of `config`, with backend tables keyed by `secret`. Backends that were in
-    /// `previous` (same rule name and address) keep their id, MAC and state; with `previous`
-    /// (a reload), a new backend of a service with `backend_health` starts down.
+    /// `previous` (same rule name and address) keep their id, MAC and state; a new one is up
+    /// (the agreed table, applied over it, says otherwise).
     pub fn compile(config: &Config, secret: &[u8], previous: Option<&Services>) -> Services {
         let key = derive_key(secret, BACKEND_KEY_LABEL);
         let mut used: Vec<bool> = vec![false; crate::config::MAX_BACKENDS + 1];
@@ -225,17 +225,7 @@ impl Services {
                         configured_mac: b.mac.is_some(),
                         via: b.via,
                         weight: b.weight,
-                        // A backend a reload adds to a checked service takes no new flow before
-                        // its checks pass (the agreed table brings it up); at start-up the
-                        // table decides from the first settled checks.
-                        state: o.map_or(
-                            if previous.is_some() && s.backend_health.is_some() {
-                                BackendState::Down
-                            } else {
-                                BackendState::Up
-                            },
-                            |o| o.state,
-                        ),
+                        state: o.map_or(BackendState::Up, |o| o.state),
                     }
                 })
                 .collect();

@@ -280,18 +280,29 @@ fn the_backend_checks_follow_a_reload() {
         "the new backend rises like any"
     );
 
-    // The backend the reload added to checked dns takes no new flow before its checks pass;
-    // the ones that stayed keep their state.
-    assert_eq!(s2.backend(1, 1).map(|b| b.state), Some(BackendState::Down));
-    assert!(s2
+    // The reload's services: id 1 is a new server, up as compiled; over an agreed table that
+    // still has the freed id down (its old server failed), it counts as down until the next
+    // table, as the node applies it on reload.
+    assert_eq!(s2.backend(1, 1).map(|b| b.state), Some(BackendState::Up));
+    let table = super::health::BackendTable {
+        epoch: 3,
+        down: BTreeSet::from([1]),
+        drained: BTreeSet::new(),
+    };
+    let applied = s2.with_table(b"secret", &table);
+    assert_eq!(
+        applied.backend(1, 1).map(|b| b.state),
+        Some(BackendState::Down)
+    );
+    assert!(applied
         .backends()
         .filter(|(_, b)| b.id != 1)
         .all(|(_, b)| b.state == BackendState::Up));
 
-    // New check settings (interval, rise, path) keep every verdict.
+    // New check settings (port, interval, rise, path) keep every verdict...
     let tuned = text.replace(
         "    backend_health: { port: 80 }\n",
-        "    backend_health: { port: 80, interval: 2s, rise: 5, http_path: /up }\n",
+        "    backend_health: { port: 8080, interval: 2s, rise: 5, http_path: /up }\n",
     );
     let c_tuned = config(&tuned);
     let s_tuned = Services::compile(&c_tuned, b"secret", Some(&s2));
@@ -302,19 +313,40 @@ fn the_backend_checks_follow_a_reload() {
         "no verdict starts over"
     );
     assert!((1..=4).all(|id| checks.is_up(id) == Some(true)));
-    assert_eq!(
-        checks.interval(),
-        std::time::Duration::from_millis(500),
-        "dns: 500ms"
-    );
+    // ... under the new settings: web's backend 2 now needs 5 answers to come back up.
+    let i = checks.targets().position(|t| t.id == 2).unwrap();
+    assert_eq!(checks.targets().nth(i).unwrap().check.rise, 5);
+    assert_eq!(checks.record(i, false), None);
+    assert_eq!(checks.record(i, false), Some(false), "fall 2");
+    for _ in 0..4 {
+        assert_eq!(checks.record(i, true), None);
+    }
+    assert_eq!(checks.record(i, true), Some(true), "rise 5");
+    // A backend at another address is another server: its verdict starts over.
+    let moved = tuned.replace("198.18.0.22", "198.18.0.29");
+    let c_moved = config(&moved);
+    let s_moved = Services::compile(&c_moved, b"secret", Some(&s_tuned));
+    let changes = checks.retarget(targets(&c_moved, &s_moved));
+    let new_id = s_moved
+        .backends()
+        .find(|(_, b)| b.ip == v4("198.18.0.29"))
+        .map(|(_, b)| b.id)
+        .unwrap();
+    assert_eq!(changes.start_down, BTreeSet::from([new_id]));
+    assert_eq!(checks.is_up(new_id), Some(false));
 
     // dns loses its checks: its backends are forgotten (never down again), web's stay.
-    let unchecked = text.replace("    backend_health: { port: 53 }\n", "");
+    let unchecked = moved.replace("    backend_health: { port: 53 }\n", "");
     let c3 = config(&unchecked);
-    let s3 = Services::compile(&c3, b"secret", Some(&s2));
+    let s3 = Services::compile(&c3, b"secret", Some(&s_moved));
     let changes = checks.retarget(targets(&c3, &s3));
     assert_eq!(changes.forgotten, BTreeSet::from([1, 4]));
     assert!(changes.start_down.is_empty());
-    assert_eq!((checks.is_up(2), checks.is_up(3)), (Some(true), Some(true)));
+    assert!(s3
+        .rules()
+        .iter()
+        .flat_map(|r| r.backends.iter())
+        .filter(|b| b.id != 1 && b.id != 4)
+        .all(|b| checks.is_up(b.id).is_some()));
     assert_eq!(checks.is_up(1), None);
 }

@@ -8,7 +8,8 @@
 //! coordinates and who is live): [`BackendAgreement::received`] for a peer's [`Backends`]
 //! message, [`BackendAgreement::coordinate`] each tick on the coordinator,
 //! [`BackendAgreement::message`] for what to send. A peer whose services differ (another
-//! digest of the configured pools) is not counted: its backend ids may name other servers.
+//! digest of the configured pools and of the ids they gave their backends) is not counted: its
+//! backend ids may name other servers.
 //! Nothing here reads a clock or sends.
 
 use std::collections::BTreeMap;
@@ -19,7 +20,8 @@ use crate::cluster::NodeId;
 /// The body of a backends message: the sender's report and, from the coordinator, its table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Backends {
-    /// Digest of the sender's configured services and backends (0: none configured).
+    /// Digest of the sender's configured services and backends, with the backends' ids (0:
+    /// none configured).
     pub digest: u64,
     /// `None` while the sender's checks have not settled yet (it counts for nothing then).
     pub report: Option<Report>,

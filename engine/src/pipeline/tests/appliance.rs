@@ -1190,6 +1190,43 @@ fn pings_to_a_service_address_are_answered_once() {
             }
         }
     }
+    let ping = |dst: [u8; 4], options: bool| {
+        let mut echo = vec![8, 0, 0, 0, 0x12, 0x34, 0, 2];
+        let c = checksum::checksum(&echo);
+        echo[2..4].copy_from_slice(&c.to_be_bytes());
+        let mut f = build::ipv4(client_mac, [198, 18, 2, 1], 1, &mut echo, None);
+        if options {
+            f[14] = 0x46;
+            f.splice(34..34, [1, 1, 1, 0]); // four bytes of no-op options
+            let total = (f.len() - 14) as u16;
+            f[16..18].copy_from_slice(&total.to_be_bytes());
+        }
+        let header = 14 + usize::from(f[14] & 0x0f) * 4;
+        f[30..34].copy_from_slice(&dst);
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = checksum::checksum(&f[14..header]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        f
+    };
+    // With IPv4 options (a source route would have to be reversed), and to the cluster
+    // address (which the owner's host holds): the owner's host gets it.
+    for (what, frame) in [
+        ("options", ping([198, 18, 0, 100], true)),
+        ("cluster address", ping(build::CLUSTER_IP, false)),
+    ] {
+        let actions: Vec<Action> = nodes.iter_mut().map(|p| run(p, &frame, 1).0).collect();
+        assert_eq!(
+            actions.iter().filter(|a| **a == Action::Deliver).count(),
+            1,
+            "{what}: {actions:?}"
+        );
+        assert!(
+            actions
+                .iter()
+                .all(|a| matches!(a, Action::Deliver | Action::Drop(DropReason::NotOwned))),
+            "{what}: {actions:?}"
+        );
+    }
 }
 
 /// A `local` rule among appliance rules: its frames go to the owner's own host, like server
