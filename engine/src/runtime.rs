@@ -783,15 +783,10 @@ impl BackendWatch {
             let mut services = link.services();
             let known = self.neighbours.update(&services);
             if !known.is_empty() {
-                for (id, mac) in known {
-                    services =
-                        Arc::new(services.with_backend(&self.secret, id, |b| b.mac = Some(mac)));
-                }
-                link.publish_services(Arc::clone(&services));
-                self.seen = link.services_version.load(Relaxed);
+                services = self.publish_macs(link, services, &known);
             }
-            // The checks follow the services: backends added by a reload are checked (and
-            // count as down until they answer), removed ones are forgotten.
+            // The checks follow the services: backends added by a reload are checked (their
+            // verdicts start down until they answer), removed ones are forgotten.
             match &self.checks {
                 Some(checks) => checks.retarget(config, &services),
                 None => match spawn_checker(config, &services) {
@@ -812,10 +807,11 @@ impl BackendWatch {
             let Some((mac, ids)) = self.neighbours.received(&frame) else {
                 continue;
             };
-            let ids = ids.to_vec();
-            let mut next = link.services();
-            for id in ids {
-                if let Some((_, b)) = next.backends().find(|(_, b)| b.id == id) {
+            let learned: Vec<(u16, crate::wire::EthernetAddress)> =
+                ids.iter().map(|&id| (id, mac)).collect();
+            let services = link.services();
+            for &(id, _) in &learned {
+                if let Some((_, b)) = services.backends().find(|(_, b)| b.id == id) {
                     match b.via {
                         Some(via) => tracing::info!(
                             backend = %b.name,
@@ -832,11 +828,25 @@ impl BackendWatch {
                         ),
                     }
                 }
-                next = Arc::new(next.with_backend(&self.secret, id, |b| b.mac = Some(mac)));
             }
-            link.publish_services(next);
-            self.seen = link.services_version.load(Relaxed);
+            self.publish_macs(link, services, &learned);
         }
+    }
+
+    /// Publishes `services` with the MACs of `macs` (backend id, MAC) to the cores, and
+    /// returns them (this publication is not news to the next tick).
+    fn publish_macs(
+        &mut self,
+        link: &ControlLink,
+        mut services: Arc<Services>,
+        macs: &[(u16, crate::wire::EthernetAddress)],
+    ) -> Arc<Services> {
+        for &(id, mac) in macs {
+            services = Arc::new(services.with_backend(&self.secret, id, |b| b.mac = Some(mac)));
+        }
+        link.publish_services(Arc::clone(&services));
+        self.seen = link.services_version.load(Relaxed);
+        services
     }
 }
 

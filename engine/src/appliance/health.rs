@@ -234,8 +234,8 @@ impl Checks {
             self.states.push((t, state));
         }
         for (o, _) in old {
-            if !changes.start_down.contains(&o.id) && !self.states.iter().any(|(t, _)| t.id == o.id)
-            {
+            // An id still checked (under another address) started down above instead.
+            if !self.states.iter().any(|(t, _)| t.id == o.id) {
                 changes.forgotten.insert(o.id);
             }
         }

@@ -36,11 +36,15 @@ services:
     mode: disabled
 "#;
 
-fn services(delivery: &str) -> Arc<Services> {
-    let text = SERVICES.replace("DELIVERY", delivery);
-    let c = Config::parse(&text, "t.yaml").unwrap();
+/// The services of a configuration `text` (checked as `check` would).
+fn compiled(text: &str) -> Arc<Services> {
+    let c = Config::parse(text, "t.yaml").unwrap();
     c.validate("t.yaml").unwrap();
     Arc::new(Services::compile(&c, SECRET, None))
+}
+
+fn services(delivery: &str) -> Arc<Services> {
+    compiled(&SERVICES.replace("DELIVERY", delivery))
 }
 
 fn appliances(n: u8, delivery: &str) -> Vec<Pipeline> {
@@ -67,6 +71,17 @@ fn run(p: &mut Pipeline, frame: &[u8], now: u64) -> (Action, Vec<u8>) {
     buf[..frame.len()].copy_from_slice(frame);
     let action = p.from_wire(&mut buf, frame.len(), now);
     (action, carry_out(p, action, &buf, frame.len()))
+}
+
+/// `n` appliances (as [`appliances`]) with the services of `text`: [`SERVICES`] as a test
+/// changed it.
+fn appliances_with(n: u8, text: &str) -> Vec<Pipeline> {
+    let s = compiled(text);
+    let mut nodes = appliances(n, "dsr");
+    for p in nodes.iter_mut() {
+        p.set_services(Arc::clone(&s));
+    }
+    nodes
 }
 
 /// The frame `buf[..len]` after `action`: encapsulated, the answer, or as it was left.
@@ -273,9 +288,7 @@ fn appliances6(n: u8, delivery: &str) -> Vec<Pipeline> {
         .replace("ip: 198.18.0.21,", "ip: \"2001:2::21\",")
         .replace("ip: 198.18.0.22,", "ip: \"2001:2::22\",")
         .replace("ip: 198.18.0.23,", "ip: \"2001:2::23\",");
-    let c = Config::parse(&text, "t.yaml").unwrap();
-    c.validate("t.yaml").unwrap();
-    let s = Arc::new(Services::compile(&c, SECRET, None));
+    let s = compiled(&text);
     let members: Vec<Member> = (1..=n).map(|i| Member::new(i, 100).unwrap()).collect();
     let mut nodes = cluster(&members);
     for p in nodes.iter_mut() {
@@ -668,10 +681,7 @@ fn later_fragments_of_a_refused_first_are_dropped() {
 fn fragments_outside_the_rules_follow_unmatched() {
     for unmatched in ["drop", "local"] {
         let text = SERVICES.replace("DELIVERY", "dsr") + &format!("unmatched: {unmatched}\n");
-        let c = Config::parse(&text, "t.yaml").unwrap();
-        c.validate("t.yaml").unwrap();
-        let mut p = appliances(1, "dsr").remove(0);
-        p.set_services(Arc::new(Services::compile(&c, SECRET, None)));
+        let mut p = appliances_with(1, &text).remove(0);
         let [first, later] = fragments(false, 1, 8080);
         let (a, _) = run(&mut p, &first, 1);
         let (b, _) = run(&mut p, &later, 2);
@@ -856,14 +866,11 @@ fn malformed_and_oversize_frames_to_a_service_are_dropped_never_forwarded() {
 #[test]
 fn unmatched_local_delivers_what_no_rule_serves_by_bucket() {
     let text = SERVICES.replace("DELIVERY", "dsr") + "unmatched: local\n";
-    let c = Config::parse(&text, "t.yaml").unwrap();
-    c.validate("t.yaml").unwrap();
-    let s = Arc::new(Services::compile(&c, SECRET, None));
-    assert_eq!(s.unmatched(), crate::config::Unmatched::Local);
-    let mut nodes = appliances(2, "dsr");
-    for p in nodes.iter_mut() {
-        p.set_services(Arc::clone(&s));
-    }
+    let mut nodes = appliances_with(2, &text);
+    assert_eq!(
+        nodes[0].services().unmatched(),
+        crate::config::Unmatched::Local
+    );
     for i in 0..50 {
         let (src, sport) = client(i);
         let other = segment(src, sport, 8080, 0x02);
@@ -892,13 +899,7 @@ fn an_ipv4_service_address_of_its_own_is_answered_once_with_the_cluster_mac() {
         "addresses: [198.18.0.1]\n    ports: [80]",
         "addresses: [198.18.0.100]\n    ports: [80]",
     );
-    let c = Config::parse(&text, "t.yaml").unwrap();
-    c.validate("t.yaml").unwrap();
-    let s = Arc::new(Services::compile(&c, SECRET, None));
-    let mut nodes = appliances(3, "dsr");
-    for p in nodes.iter_mut() {
-        p.set_services(Arc::clone(&s));
-    }
+    let mut nodes = appliances_with(3, &text);
     for i in 0..20u8 {
         let mut arp = build::arp_request([2, 0, 0, 0, 0, 0x64], [198, 18, 2, 1 + i]);
         arp[38..42].copy_from_slice(&[198, 18, 0, 100]);
@@ -1039,13 +1040,7 @@ fn a_single_rule_goes_to_its_first_serving_node_then_the_next() {
         "    ports: [80]\n    delivery: dsr\n",
         "    ports: [80]\n    mode: single\n    priority: [2, 1]\n    delivery: dsr\n",
     );
-    let c = Config::parse(&text, "t.yaml").unwrap();
-    c.validate("t.yaml").unwrap();
-    let s = Arc::new(Services::compile(&c, SECRET, None));
-    let mut nodes = appliances(2, "dsr");
-    for p in nodes.iter_mut() {
-        p.set_services(Arc::clone(&s));
-    }
+    let mut nodes = appliances_with(2, &text);
     for i in 0..100 {
         let (src, sport) = client(i);
         let syn = segment(src, sport, 80, 0x02);
@@ -1110,13 +1105,7 @@ fn pings_to_a_service_address_are_answered_once() {
         "addresses: [198.18.0.1]\n    ports: [80]",
         "addresses: [198.18.0.100, \"2001:2::100\"]\n    ports: [80]",
     );
-    let c = Config::parse(&text, "t.yaml").unwrap();
-    c.validate("t.yaml").unwrap();
-    let s = Arc::new(Services::compile(&c, SECRET, None));
-    let mut nodes = appliances(3, "dsr");
-    for p in nodes.iter_mut() {
-        p.set_services(Arc::clone(&s));
-    }
+    let mut nodes = appliances_with(3, &text);
     let client_mac = [2, 0, 0, 0, 0, 0x64];
     let vip: Ipv6Addr = "2001:2::100".parse().unwrap();
     for i in 0..20u8 {
@@ -1237,13 +1226,7 @@ fn a_local_rule_delivers_to_the_owners_host() {
         "  - name: ssh\n    addresses: [198.18.0.1]\n    ports: [22]\n    mode: disabled\n",
         "  - name: ssh\n    addresses: [198.18.0.1]\n    ports: [22]\n    delivery: local\n",
     );
-    let c = Config::parse(&text, "t.yaml").unwrap();
-    c.validate("t.yaml").unwrap();
-    let s = Arc::new(Services::compile(&c, SECRET, None));
-    let mut nodes = appliances(2, "dsr");
-    for p in nodes.iter_mut() {
-        p.set_services(Arc::clone(&s));
-    }
+    let mut nodes = appliances_with(2, &text);
     for i in 0..50 {
         let (src, sport) = client(i);
         for (port, want) in [(22, Action::Deliver), (80, Action::ToBackend { push: 0 })] {
