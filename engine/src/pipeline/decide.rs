@@ -173,16 +173,18 @@ impl Pipeline {
                 }
                 self.icmp_error(key_hash, p, now)
             }
-            _ if self.services.active() => {
-                self.service_echo(buf, p, bucket, to_cluster)
-                    .unwrap_or(if self.mine(bucket) {
-                        Action::Deliver
-                    } else {
-                        Action::Drop(DropReason::NotOwned)
-                    })
+            _ => {
+                if self.services.active() {
+                    if let Some(action) = self.service_echo(buf, p, bucket, to_cluster) {
+                        return action;
+                    }
+                }
+                if self.mine(bucket) {
+                    Action::Deliver
+                } else {
+                    Action::Drop(DropReason::NotOwned)
+                }
             }
-            _ if self.mine(bucket) => Action::Deliver,
-            _ => Action::Drop(DropReason::NotOwned),
         }
     }
 
