@@ -89,9 +89,6 @@ pub struct Rule {
     pub mtu: u16,
     pub backends: Vec<Backend>,
     table: Maglev,
-    /// Bit `i` for each of its addresses that is [`Services::addresses`]' `i`-th (`i` < 64):
-    /// what [`Services::lookup_raw`] tests instead of comparing addresses.
-    address_bits: u64,
 }
 
 impl Rule {
@@ -159,13 +156,75 @@ pub struct Services {
     has_single: bool,
     /// Backend id -> (rule, backend index), for ids up to the largest.
     by_id: Vec<Option<(u16, u16)>>,
-    /// The IPv4 and IPv6 service addresses as numbers, with their index in `addresses`, for
-    /// [`Services::lookup_raw`]; both empty when there are more than 64 addresses (then it
-    /// takes [`Services::lookup`]'s way).
-    raw4: Vec<(u32, u8)>,
-    raw6: Vec<(u128, u8)>,
+    /// Per service address and IP protocol, which rule every destination port falls under
+    /// ([`Dest`], its spans in `spans`), for [`Services::lookup_raw`]; empty when there are
+    /// more than [`RAW_ADDRESSES`] addresses (then it takes [`Services::lookup`]'s way).
+    dests: Vec<Dest>,
+    spans: Vec<Span>,
     /// The agreed backend table's epoch this was built from (0: the configuration's).
     pub epoch: u64,
+}
+
+/// Service addresses up to which [`Services::lookup_raw`] has its own table.
+const RAW_ADDRESSES: usize = 64;
+
+/// One service address and IP protocol in [`Services::lookup_raw`]'s table: the address as a
+/// number (IPv4's 32 bits in the low bits, or IPv6's 128) and its port spans.
+#[derive(Debug, Clone)]
+struct Dest {
+    addr: u128,
+    v6: bool,
+    proto: u8,
+    /// Its spans' indexes in `Services::spans`.
+    spans: std::ops::Range<u32>,
+}
+
+/// Destination ports `first..=last` fall under rule `rule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    first: u16,
+    last: u16,
+    rule: u16,
+}
+
+/// The disjoint port spans of frames to `addr` with IP protocol `proto`, in port order, each
+/// with the first of `rules` that takes its ports (as [`Services::lookup`] finds it); ports
+/// no rule takes are in none.
+fn spans(rules: &[Rule], addr: IpAddr, proto: u8) -> Vec<Span> {
+    let mine: Vec<(usize, &Rule)> = rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.proto == proto && r.addresses.contains(&addr))
+        .collect();
+    // Every port where a rule's range starts or ends: between two of them, the same rules
+    // match every port.
+    let mut edges: Vec<u32> = vec![0, 65536];
+    for (_, r) in &mine {
+        for p in &r.ports {
+            edges.push(u32::from(p.first));
+            edges.push(u32::from(p.last) + 1);
+        }
+    }
+    edges.sort_unstable();
+    edges.dedup();
+    let mut out: Vec<Span> = Vec::new();
+    for w in edges.windows(2) {
+        // Both edges are at most 65536, the first below it: the ports fit in u16.
+        let (first, last) = (w[0] as u16, (w[1] - 1) as u16);
+        let Some(&(i, _)) = mine
+            .iter()
+            .find(|(_, r)| r.ports.iter().any(|p| p.contains(first)))
+        else {
+            continue;
+        };
+        // Rules are bounded by MAX_BACKENDS: the index fits in u16.
+        let rule = i as u16;
+        match out.last_mut() {
+            Some(s) if s.rule == rule && u32::from(s.last) + 1 == u32::from(first) => s.last = last,
+            _ => out.push(Span { first, last, rule }),
+        }
+    }
+    out
 }
 
 impl Services {
@@ -242,7 +301,6 @@ impl Services {
                 mtu: s.mtu,
                 table: Maglev::build(&candidates(&backends), &key),
                 backends,
-                address_bits: 0,
             });
         }
         let mut services = Services {
@@ -265,24 +323,35 @@ impl Services {
                 }
             }
         }
-        self.raw4.clear();
-        self.raw6.clear();
-        if self.addresses.len() <= 64 {
-            for (i, a) in self.addresses.iter().enumerate() {
-                // At most 64 addresses: the index fits in u8.
-                match a {
-                    IpAddr::V4(v4) => self.raw4.push((u32::from(*v4), i as u8)),
-                    IpAddr::V6(v6) => self.raw6.push((u128::from(*v6), i as u8)),
+        self.dests.clear();
+        self.spans.clear();
+        if self.addresses.len() <= RAW_ADDRESSES {
+            for &a in &self.addresses {
+                let mut protos: Vec<u8> = self
+                    .rules
+                    .iter()
+                    .filter(|r| r.addresses.contains(&a))
+                    .map(|r| r.proto)
+                    .collect();
+                protos.sort_unstable();
+                protos.dedup();
+                for proto in protos {
+                    let first = self.spans.len();
+                    self.spans.extend(spans(&self.rules, a, proto));
+                    let (v6, addr) = match a {
+                        IpAddr::V4(v4) => (false, u128::from(u32::from(v4))),
+                        IpAddr::V6(v6) => (true, u128::from(v6)),
+                    };
+                    self.dests.push(Dest {
+                        addr,
+                        v6,
+                        proto,
+                        // At most 64 addresses, each rule's ranges bounded by the config:
+                        // indexes fit in u32.
+                        spans: first as u32..self.spans.len() as u32,
+                    });
                 }
             }
-        }
-        for r in &mut self.rules {
-            r.address_bits = self
-                .addresses
-                .iter()
-                .enumerate()
-                .filter(|(i, a)| *i < 64 && r.addresses.contains(a))
-                .fold(0, |bits, (i, _)| bits | 1 << i);
         }
         self.active = !self.rules.is_empty();
         self.has_single = self.rules.iter().any(|r| r.mode == RuleMode::Single);
@@ -385,7 +454,7 @@ impl Services {
     /// comparing `IpAddr`s: the addresses are numbers, a rule's are bits.
     #[inline]
     pub fn lookup_raw(&self, v6: bool, dst: u128, proto: u8, port: u16) -> Match {
-        if self.raw4.len() + self.raw6.len() != self.addresses.len() {
+        if self.dests.is_empty() && !self.addresses.is_empty() {
             let ip = if v6 {
                 IpAddr::V6(dst.into())
             } else {
@@ -394,26 +463,28 @@ impl Services {
             };
             return self.lookup(ip, proto, port);
         }
-        let at = if v6 {
-            self.raw6.iter().find(|a| a.0 == dst).map(|a| a.1)
+        let mut known = false;
+        for d in &self.dests {
+            if d.addr != dst || d.v6 != v6 {
+                continue;
+            }
+            if d.proto != proto {
+                known = true;
+                continue;
+            }
+            let spans = self
+                .spans
+                .get(d.spans.start as usize..d.spans.end as usize)
+                .unwrap_or_default();
+            return match spans.iter().find(|s| s.first <= port && port <= s.last) {
+                Some(s) => Match::Rule(usize::from(s.rule)),
+                None => Match::NoRule,
+            };
+        }
+        if known {
+            Match::NoRule
         } else {
-            self.raw4
-                .iter()
-                .find(|a| u128::from(a.0) == dst)
-                .map(|a| a.1)
-        };
-        let Some(at) = at else {
-            return Match::Cluster;
-        };
-        let bit = 1u64 << at;
-        let rule = self.rules.iter().position(|r| {
-            r.proto == proto
-                && r.address_bits & bit != 0
-                && r.ports.iter().any(|p| p.contains(port))
-        });
-        match rule {
-            Some(i) => Match::Rule(i),
-            None => Match::NoRule,
+            Match::Cluster
         }
     }
 

@@ -111,6 +111,66 @@ fn the_raw_lookup_answers_as_the_lookup() {
     }
 }
 
+proptest::proptest! {
+    /// The per-frame lookup's port spans answer as the rules in order, for any rules (their
+    /// ports overlapping too: `check` refuses that, the first rule in the file takes them), any
+    /// address, protocol and port, at the spans' edges above all.
+    #[test]
+    fn the_port_spans_answer_as_the_rules_in_order(
+        rules in proptest::collection::vec(
+            (
+                proptest::bool::ANY,
+                proptest::collection::vec(0usize..3, 1..3),
+                proptest::collection::vec((0u16..=65535, 0u16..40), 1..4),
+            ),
+            1..5,
+        ),
+        probes in proptest::collection::vec((0usize..4, proptest::bool::ANY, 0u16..=65535), 40),
+    ) {
+        const ADDRESSES: [&str; 4] = ["198.18.0.100", "2001:2::100", "198.18.0.101", "198.18.0.1"];
+        let mut text = CONF[..CONF.find("services:").unwrap()].to_string() + "services:\n";
+        let mut edges = Vec::new();
+        for (i, (udp, addresses, ports)) in rules.iter().enumerate() {
+            let addresses: Vec<String> =
+                addresses.iter().map(|&a| format!("\"{}\"", ADDRESSES[a])).collect();
+            let ports: Vec<String> = ports
+                .iter()
+                .map(|&(first, width)| {
+                    let last = first.saturating_add(width);
+                    edges.extend([first, last, first.saturating_sub(1), last.saturating_add(1)]);
+                    format!("\"{first}-{last}\"")
+                })
+                .collect();
+            text += &format!(
+                "  - name: r{i}\n    addresses: [{}]\n    protocol: {}\n    ports: [{}]\n    \
+                 delivery: local\n",
+                addresses.join(", "),
+                if *udp { "udp" } else { "tcp" },
+                ports.join(", "),
+            );
+        }
+        let config = Config::parse(&text, "t.yaml").unwrap();
+        let s = Services::compile(&config, b"secret", None);
+        let probes = probes
+            .iter()
+            .copied()
+            .chain(edges.iter().flat_map(|&p| (0..4).map(move |a| (a, false, p))));
+        for (a, udp, port) in probes {
+            let dst = v4(ADDRESSES[a]);
+            let (v6, n) = match dst {
+                IpAddr::V4(x) => (false, u128::from(u32::from(x))),
+                IpAddr::V6(x) => (true, u128::from(x)),
+            };
+            let proto = if udp { 17 } else { 6 };
+            proptest::prop_assert_eq!(
+                s.lookup_raw(v6, n, proto, port),
+                s.lookup(dst, proto, port),
+                "{} {} {}", dst, proto, port
+            );
+        }
+    }
+}
+
 #[test]
 fn single_rules_go_to_the_first_serving_node_by_priority() {
     let s = Services::compile(&config(CONF), b"secret", None);
