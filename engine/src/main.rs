@@ -493,9 +493,8 @@ fn status_table(s: &Status) {
     }
     if !s.services_differ.is_empty() {
         println!(
-            "nodes {} run other services than this node, or number their backends otherwise \
-             (started on the file this node reloaded to): their backend checks are not counted \
-             and they may send a flow to another backend (reload or restart every node alike)",
+            "nodes {} run other services than this node: their backend checks are not counted \
+             and they may send a flow to another backend (reload every node to the same file)",
             clonecluster::control::node::ids_text(&s.services_differ)
         );
     }

@@ -49,19 +49,16 @@ pub(crate) fn config_digest(loaded: &Loaded) -> u64 {
 }
 
 /// What every node's services must agree on (appliance mode), hashed: the rules and their
-/// backends as configured, and the id each backend has in `services` (compiled from them: the
-/// agreed table names backends by id, and a node that reloaded keeps ids a node started on the
-/// same file numbers afresh); 0 without any backend (then no backend messages are sent).
-pub(crate) fn services_digest(config: &crate::config::Config, services: &Services) -> u64 {
+/// backends as configured, in order (the agreed table names a backend by its place in them:
+/// [`crate::appliance::Backend::agreed`]); 0 without any backend (then no backend messages are
+/// sent).
+pub(crate) fn services_digest(config: &crate::config::Config) -> u64 {
     if config.services.iter().all(|s| s.backends.is_empty()) {
         return 0;
     }
     let canonical = serde_json::to_string(&config.services).unwrap_or_default();
     let mut h = SipHasher13::new_with_keys(0x7365727669636573, 0x6261636b656e6473);
     std::hash::Hasher::write(&mut h, canonical.as_bytes());
-    for (_, b) in services.backends() {
-        std::hash::Hasher::write_u16(&mut h, b.id);
-    }
     std::hash::Hasher::finish(&h).max(1)
 }
 
@@ -77,11 +74,7 @@ pub(crate) fn membership_config(loaded: &Loaded, incarnation: u64) -> control::C
         config_digest(loaded),
     );
     m.weight = c.node.weight;
-    // At start the backends are numbered in the file's order.
-    m.services_digest = services_digest(
-        &loaded.config,
-        &Services::compile(&loaded.config, &loaded.secret, None),
-    );
+    m.services_digest = services_digest(&loaded.config);
     m.policy = match c.cluster.policy {
         ConfigPolicy::Hash => control::Policy::Hash,
         ConfigPolicy::Weighted => control::Policy::Weighted,
@@ -264,14 +257,13 @@ pub fn control_thread(
                 } else {
                     tracing::warn!(
                         nodes = %crate::control::node::ids_text(&crate::control::node::ids_of(differ)),
-                        "peers run other services than this node, or number their backends \
-                         otherwise (started on the file this node reloaded to): their backend \
-                         checks are not counted and they may send a flow to another backend; \
-                         reload or restart every node alike"
+                        "peers run other services than this node: their backend checks are \
+                         not counted and they may send a flow to another backend; reload every \
+                         node to the same file"
                     );
                 }
             }
-            node.set_backend_report(backends.report(node.drained_backends()));
+            node.set_backend_report(backends.report(node.drained_backends(), &link.services()));
             link.set_members(&node);
             let mut v = control_view(&node, me, now_ns());
             if let Some(h) = &health {
@@ -425,7 +417,7 @@ impl ControlIo {
                     let names = |ids: &std::collections::BTreeSet<u16>| {
                         let v: Vec<String> = services
                             .backends()
-                            .filter(|(_, b)| ids.contains(&b.id))
+                            .filter(|(_, b)| ids.contains(&b.agreed))
                             .map(|(_, b)| b.name.clone())
                             .collect();
                         if v.is_empty() {
@@ -763,16 +755,22 @@ impl BackendWatch {
         }
     }
 
-    /// This node's backend report: its checker's verdicts (none down without checks) and its
-    /// operator's drained backends.
-    fn report(&self, drained: &std::collections::BTreeSet<u16>) -> Option<Report> {
-        match &self.checks {
+    /// This node's backend report, as the nodes name the backends (places in `services`, this
+    /// node's in force): its checker's verdicts (none down without checks) and its operator's
+    /// drained backends.
+    fn report(
+        &self,
+        drained: &std::collections::BTreeSet<u16>,
+        services: &Services,
+    ) -> Option<Report> {
+        let mine = match &self.checks {
             Some(c) => c.report(drained),
             None => Some(Report {
                 down: Default::default(),
                 drained: drained.clone(),
             }),
-        }
+        };
+        mine.map(|r| services.agreed_report(&r))
     }
 
     /// `config`: the node's configuration in force (the last `reload`'s).
@@ -883,19 +881,18 @@ fn reload(
     let services_changed = changed
         .iter()
         .any(|k| k == "services" || k.starts_with("services.") || k == "unmatched");
-    // Backends that stay keep their ids, learned MACs and states.
-    // The agreed table in force applies at once: a new backend on an id the table has down or
-    // drained (the freed id of a backend that left) counts as the table says until the next
-    // table, which this node's checks and drains then change.
+    // Backends that stay keep their ids, learned MACs and states. The agreed table in force
+    // applies at once, renumbered for the new file (it names backends by their place in it):
+    // a backend that stays keeps its state, a new one is up until the next table, which this
+    // node's checks and drains then change.
     let compiled = services_changed.then(|| {
         let before = link.services();
-        let services = Services::compile(&next.config, &next.secret, Some(&before))
-            .with_table(&next.secret, node.backends().table());
-        (before, services)
+        let fresh = Services::compile(&next.config, &next.secret, Some(&before));
+        let table = before.renumbered(node.backends().table(), &fresh);
+        let services = fresh.with_table(&next.secret, &table);
+        (before, services, table)
     });
-    let digest = compiled
-        .as_ref()
-        .map(|(_, services)| services_digest(&next.config, services));
+    let digest = services_changed.then(|| services_digest(&next.config));
     let reply = node.reload(changed, weight, digest, now, out);
     match &reply {
         Reply::Refused(r) => tracing::warn!(error = %r.error, "reload refused"),
@@ -908,7 +905,8 @@ fn reload(
                     "reload: weight changed"
                 );
             }
-            if let Some((before, services)) = compiled {
+            if let Some((before, services, table)) = compiled {
+                node.renumber_backends(table);
                 // A drain is of a server: it ends when its id leaves or names another one.
                 let server = |s: &Services, id: u16| {
                     s.rules().iter().find_map(|r| {
@@ -1004,10 +1002,14 @@ mod tests {
         assert_eq!(b.permille(t3, 9_000_000_000, 2), 0);
     }
 
-    /// A node that reloaded to a file numbers its backends as they were (ids kept) and differs
-    /// from a node started on it, unless the ids happen to match.
+    /// A node that reloaded to a file keeps its backends' ids where a node started on it numbers
+    /// them afresh; both name them alike to each other (their places in the file), so they have
+    /// the same digest and a table of one marks the same servers on the other. At the reload,
+    /// the table in force follows the backends to their new places.
     #[test]
-    fn the_services_digest_covers_the_backend_ids() {
+    fn nodes_name_backends_by_their_place_in_the_file() {
+        use crate::appliance::health::BackendTable;
+        use crate::appliance::BackendState;
         let text = |backends: &str| {
             crate::config::tests::LAB.replace(
                 "  mac: 02:00:00:00:00:01\n",
@@ -1027,28 +1029,74 @@ mod tests {
         };
         let first = config(&text(&[b(21), b(22), b(23)].concat()));
         let second = config(&text(&[b(22), b(23), b(24)].concat()));
-        let fresh =
-            |c: &crate::config::Config| services_digest(c, &Services::compile(c, b"secret", None));
-        assert_ne!(fresh(&first), fresh(&second), "another file");
-        // Reloaded from `first`: 22 and 23 keep ids 2 and 3, 24 takes the freed 1.
+        assert_ne!(
+            services_digest(&first),
+            services_digest(&second),
+            "another file"
+        );
+        // Reloaded from `first`: 22 and 23 keep ids 2 and 3, 24 takes the freed 1; started on
+        // `second`, they are 1, 2, 3. Both place them 1, 2, 3.
         let before = Services::compile(&first, b"secret", None);
         let reloaded = Services::compile(&second, b"secret", Some(&before));
-        let ids: Vec<u16> = reloaded.backends().map(|(_, b)| b.id).collect();
-        assert_eq!(ids, [2, 3, 1]);
-        assert_ne!(
-            services_digest(&second, &reloaded),
-            fresh(&second),
-            "other ids: known as different"
+        let started = Services::compile(&second, b"secret", None);
+        let ids = |s: &Services| -> Vec<(u16, u16)> {
+            s.backends().map(|(_, b)| (b.id, b.agreed)).collect()
+        };
+        assert_eq!(ids(&reloaded), [(2, 1), (3, 2), (1, 3)]);
+        assert_eq!(ids(&started), [(1, 1), (2, 2), (3, 3)]);
+        // The started node's checks see 198.18.0.23 down and its operator drained .24: its
+        // report, and a table of it, mark the same servers on the reloaded node.
+        let report = started.agreed_report(&crate::appliance::health::Report {
+            down: [2].into(),
+            drained: [3].into(),
+        });
+        let table = BackendTable {
+            epoch: 7,
+            down: report.down,
+            drained: report.drained,
+        };
+        let states = |s: &Services| -> Vec<(String, &'static str)> {
+            s.with_table(b"secret", &table)
+                .backends()
+                .map(|(_, b)| (b.ip.to_string(), b.state.name()))
+                .collect()
+        };
+        assert_eq!(states(&reloaded), states(&started));
+        assert_eq!(states(&reloaded)[1], ("198.18.0.23".to_owned(), "down"));
+        // At the reload: `first`'s table had .21 down and .23 drained (places 1 and 3); under
+        // `second`, .21 is gone, .23 is drained at its new place 2, .24 (new) is up.
+        let old_table = BackendTable {
+            epoch: 5,
+            down: [1].into(),
+            drained: [3].into(),
+        };
+        let renumbered = before.renumbered(&old_table, &reloaded);
+        assert_eq!(
+            (
+                renumbered.epoch,
+                renumbered.down.len(),
+                renumbered.drained.clone()
+            ),
+            (5, 0, [2].into())
         );
-        // Appended to the last service, nothing removed: the same ids either way. (Added to
-        // an earlier service, or after removals, the ids differ and so do the digests.)
-        let third = config(&text(&[b(21), b(22), b(23), b(24)].concat()));
-        let appended = Services::compile(&third, b"secret", Some(&before));
-        assert_eq!(services_digest(&third, &appended), fresh(&third));
+        let after = reloaded.with_table(b"secret", &renumbered);
+        let state = |ip: &str| {
+            after
+                .backends()
+                .find(|(_, b)| b.ip.to_string() == ip)
+                .map(|(_, b)| b.state)
+        };
+        assert_eq!(state("198.18.0.22"), Some(BackendState::Up));
+        assert_eq!(state("198.18.0.23"), Some(BackendState::Drained));
+        assert_eq!(
+            state("198.18.0.24"),
+            Some(BackendState::Up),
+            "a new server on a freed id"
+        );
         let none = config(&crate::config::tests::LAB.replace(
             "  mac: 02:00:00:00:00:01\n",
             "  mac: 02:00:00:00:00:01\n  ip: 198.18.0.11\n",
         ));
-        assert_eq!(fresh(&none), 0, "no backends: no digest");
+        assert_eq!(services_digest(&none), 0, "no backends: no digest");
     }
 }

@@ -11,7 +11,10 @@
 //!
 //! Backend ids are small integers (1..=[`crate::config::MAX_BACKENDS`]) that the flow table
 //! keeps per flow; a backend keeps its id across reloads ([`Services::compile`] with the
-//! previous services), so a flow keeps its backend whatever happens to the pool.
+//! previous services), so a flow keeps its backend whatever happens to the pool. Ids are this
+//! node's own: what nodes tell each other about backends (the agreed table, reports) names
+//! them by their place in the configuration file instead ([`Backend::agreed`]), the same on
+//! every node that runs the file, whether it started on it or reloaded to it.
 //!
 //! Nothing here reads a clock, does I/O or allocates per frame.
 
@@ -59,6 +62,10 @@ impl BackendState {
 pub struct Backend {
     /// Stable while the backend stays in its service (see the module doc).
     pub id: u16,
+    /// Its number among the nodes: its place in the configuration file (1 for the first
+    /// backend of the first service, and on through the services in order), as the agreed
+    /// table and the nodes' reports name it (see the module doc).
+    pub agreed: u16,
     pub name: String,
     pub ip: IpAddr,
     /// Where its frames go on the wire: configured, or learned by ARP/NDP (`None`: not yet).
@@ -258,11 +265,14 @@ impl Services {
         }
         let mut next_free = 1usize;
         let mut rules = Vec::new();
+        let mut place = 0u16;
         for s in &config.services {
             let backends: Vec<Backend> = s
                 .backends
                 .iter()
                 .map(|b| {
+                    // At most MAX_BACKENDS (4095) backends: validated, fits in u16.
+                    place += 1;
                     let o = old(&s.name, b.ip);
                     let id = match o {
                         Some(o) => o.id,
@@ -277,6 +287,7 @@ impl Services {
                     };
                     Backend {
                         id,
+                        agreed: place,
                         name: b.label(),
                         ip: b.ip,
                         // A learned MAC stays with the address it was learned for.
@@ -385,16 +396,17 @@ impl Services {
         s
     }
 
-    /// The same services under the agreed backend table: its down and drained backends take
-    /// no new flows, every other one is up (tables rebuilt, epoch taken).
+    /// The same services under the agreed backend table (which names backends by
+    /// [`Backend::agreed`]): its down and drained backends take no new flows, every other one
+    /// is up (tables rebuilt, epoch taken).
     pub fn with_table(&self, secret: &[u8], table: &health::BackendTable) -> Services {
         let mut s = self.clone();
         let key = derive_key(secret, BACKEND_KEY_LABEL);
         for rule in s.rules.iter_mut() {
             for b in rule.backends.iter_mut() {
-                b.state = if table.drained.contains(&b.id) {
+                b.state = if table.drained.contains(&b.agreed) {
                     BackendState::Drained
-                } else if table.down.contains(&b.id) {
+                } else if table.down.contains(&b.agreed) {
                     BackendState::Down
                 } else {
                     BackendState::Up
@@ -404,6 +416,57 @@ impl Services {
         }
         s.epoch = table.epoch;
         s
+    }
+
+    /// A report by this node's ids, as the nodes name the backends ([`Backend::agreed`]);
+    /// ids of no backend are left out.
+    pub fn agreed_report(&self, report: &health::Report) -> health::Report {
+        let agreed = |ids: &std::collections::BTreeSet<u16>| {
+            ids.iter()
+                .filter_map(|&id| self.backend_by_id(id).map(|b| b.agreed))
+                .collect()
+        };
+        health::Report {
+            down: agreed(&report.down),
+            drained: agreed(&report.drained),
+        }
+    }
+
+    /// An agreed table that names these services' backends by their places, renumbered for
+    /// `next` (this node's services after a reload: ids that stay name the same servers):
+    /// a backend that stays keeps its state under its new place; one that left is gone from
+    /// it; one `next` adds is in neither list.
+    pub fn renumbered(
+        &self,
+        table: &health::BackendTable,
+        next: &Services,
+    ) -> health::BackendTable {
+        let moved = |places: &std::collections::BTreeSet<u16>| {
+            self.backends()
+                .filter(|(_, b)| places.contains(&b.agreed))
+                .filter_map(|(r, b)| {
+                    // The same id names the same server unless it left and its id was reused.
+                    let (nr, n) = next.by_id.get(usize::from(b.id)).copied().flatten()?;
+                    let rule = next.rules.get(usize::from(nr))?;
+                    let n = rule.backends.get(usize::from(n))?;
+                    (rule.name == self.rules[r].name && n.ip == b.ip).then_some(n.agreed)
+                })
+                .collect()
+        };
+        health::BackendTable {
+            epoch: table.epoch,
+            down: moved(&table.down),
+            drained: moved(&table.drained),
+        }
+    }
+
+    /// The backend with this node's id `id`.
+    fn backend_by_id(&self, id: u16) -> Option<&Backend> {
+        let (ri, bi) = (*self.by_id.get(usize::from(id))?)?;
+        self.rules
+            .get(usize::from(ri))?
+            .backends
+            .get(usize::from(bi))
     }
 
     /// Whether there is any rule (else server mode's path, untouched).

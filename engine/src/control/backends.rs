@@ -7,9 +7,10 @@
 //! Sans-IO, driven by [`super::Membership`] (which authenticates the messages and knows who
 //! coordinates and who is live): [`BackendAgreement::received`] for a peer's [`Backends`]
 //! message, [`BackendAgreement::coordinate`] each tick on the coordinator,
-//! [`BackendAgreement::message`] for what to send. A peer whose services differ (another
-//! digest of the configured pools and of the ids they gave their backends) is not counted: its
-//! backend ids may name other servers.
+//! [`BackendAgreement::message`] for what to send. Backends are named by their place in the
+//! configuration file ([`crate::appliance::Backend::agreed`]), the same on every node that runs
+//! it; a peer whose services differ (another digest of the configured pools) is not counted:
+//! its places may name other servers.
 //! Nothing here reads a clock or sends.
 
 use std::collections::BTreeMap;
@@ -20,8 +21,8 @@ use crate::cluster::NodeId;
 /// The body of a backends message: the sender's report and, from the coordinator, its table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Backends {
-    /// Digest of the sender's configured services and backends, with the backends' ids (0:
-    /// none configured).
+    /// Digest of the sender's configured services and backends, in order (0: none
+    /// configured).
     pub digest: u64,
     /// `None` while the sender's checks have not settled yet (it counts for nothing then).
     pub report: Option<Report>,
@@ -169,6 +170,12 @@ impl BackendAgreement {
             // Each peer's next message says again whether its services match.
             self.peers.clear();
         }
+    }
+
+    /// After a reload: the table in force as the new services number their backends (the
+    /// same epoch; the next table goes on from it).
+    pub fn renumber(&mut self, table: BackendTable) {
+        self.table = table;
     }
 
     /// What this node sees now (its checker's verdicts, its operator's drains); `None` while

@@ -377,6 +377,12 @@ impl Node {
         }
     }
 
+    /// After a reload that changed the services: the agreed table in force, renumbered for
+    /// them (see [`crate::appliance::Services::renumbered`]).
+    pub fn renumber_backends(&mut self, table: crate::appliance::health::BackendTable) {
+        self.m.renumber_backends(table);
+    }
+
     /// `reload`'s verdict over the keys whose values differ between the running config and the
     /// file (`weight`: the file's `node.weight`; `services_digest`: the digest of the file's
     /// services if they changed): apply them if all are live keys, else refuse and change

@@ -717,6 +717,11 @@ impl Membership {
         self.backends.set_digest(digest);
     }
 
+    /// After a reload: the agreed table in force, renumbered for the new services.
+    pub fn renumber_backends(&mut self, table: crate::appliance::health::BackendTable) {
+        self.backends.renumber(table);
+    }
+
     /// Operator: a new weight (used by the `Weighted` policy).
     pub fn set_weight(&mut self, weight: Weight, now: u64, out: &mut Vec<Output>) {
         if self.weight != weight {
