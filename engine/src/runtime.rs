@@ -191,6 +191,8 @@ pub fn control_thread(
     let mut wire_dropped_seen = (0u64, 0u64);
     // Peers whose services differ from this node's (bit `id - 1`), as last logged.
     let mut services_differ = 0u64;
+    // Backends the agreed table this node made could not list, as last logged.
+    let mut backends_left_out = 0usize;
     let mut current = loaded.clone();
     let mut busy = BusyShare::new(start);
     let mut out = Vec::new();
@@ -249,6 +251,18 @@ pub fn control_thread(
             node.set_cores_running(cores.running(&link, now, me), now_ns(), &mut out);
             node.handle_tick(now_ns(), &mut out);
             backends.tick(&current.config, &link, now_ns());
+            let left_out = node.backends().left_out();
+            if left_out != backends_left_out {
+                backends_left_out = left_out;
+                if left_out > 0 {
+                    tracing::warn!(
+                        backends = left_out,
+                        limit = crate::control::backends::MAX_IDS,
+                        "more backends down or drained at once than the agreed table lists: \
+                         these count as up on every node"
+                    );
+                }
+            }
             let differ = node.backends().mismatched();
             if differ != services_differ {
                 services_differ = differ;

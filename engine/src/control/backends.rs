@@ -30,7 +30,9 @@ pub struct Backends {
 }
 
 /// Most backend ids in one list of a message (down or drained, reported or agreed): a message
-/// fits the control format's size bound. Beyond that many at once, the rest count as up.
+/// fits the control format's size bound. The coordinator's table keeps at most that many per
+/// list, the first by place, so that every node applies the table it sends: beyond that many at
+/// once, the rest count as up on every node alike ([`BackendAgreement::left_out`]).
 pub const MAX_IDS: usize = 64;
 
 impl Backends {
@@ -141,6 +143,8 @@ pub struct BackendAgreement {
     mismatched: u64,
     /// The highest table epoch any node has sent: a new coordinator goes on from there.
     max_epoch: u64,
+    /// Backends the last table this node made left out of its lists (beyond [`MAX_IDS`]).
+    left_out: usize,
 }
 
 impl BackendAgreement {
@@ -245,12 +249,25 @@ impl BackendAgreement {
             .filter(|(id, _)| **id != me.get() && live & (1u64 << (**id - 1)) != 0)
             .map(|(_, r)| r)
             .chain(self.own.as_ref());
-        let agreed = agree(reports)?;
+        let mut agreed = agree(reports)?;
+        self.left_out = 0;
+        for list in [&mut agreed.down, &mut agreed.drained] {
+            while list.len() > MAX_IDS {
+                list.pop_last();
+                self.left_out += 1;
+            }
+        }
         let mut next = self.table.next(&agreed)?;
         next.epoch = next.epoch.max(self.max_epoch + 1);
         self.max_epoch = next.epoch;
         self.table = next.clone();
         Some(next)
+    }
+
+    /// How many backends the last table this node made as coordinator could not list (more
+    /// than [`MAX_IDS`] down, or drained, at once): they count as up, on every node alike.
+    pub fn left_out(&self) -> usize {
+        self.left_out
     }
 
     /// What to send this tick (the table too when `coordinator`); `None` without backends.
@@ -304,6 +321,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// More backends down than a message lists: the coordinator's table keeps the first
+    /// [`MAX_IDS`] by place, and what it applies is what every node decodes from its message.
+    #[test]
+    fn a_table_lists_what_a_message_carries() {
+        let mut a = BackendAgreement::new(1);
+        a.set_own(Some(Report {
+            down: (1..=100).collect(),
+            drained: (200..=210).collect(),
+        }));
+        let table = a.coordinate(n(1), 0b1).unwrap();
+        assert_eq!(table.down, (1..=MAX_IDS as u16).collect());
+        assert_eq!(table.drained.len(), 11);
+        assert_eq!(a.left_out(), 100 - MAX_IDS);
+        let mut bytes = Vec::new();
+        a.message(true).unwrap().encode(&mut bytes);
+        let (decoded, _) = Backends::decode(&bytes).unwrap();
+        assert_eq!(decoded.table.as_ref(), Some(a.table()));
+        let mut b = BackendAgreement::new(1);
+        assert_eq!(b.received(n(1), &decoded, true), Some(table));
+        assert_eq!(b.table(), a.table());
     }
 
     #[test]
