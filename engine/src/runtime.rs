@@ -271,9 +271,9 @@ pub fn control_thread(
                 } else {
                     tracing::warn!(
                         nodes = %crate::control::node::ids_text(&crate::control::node::ids_of(differ)),
-                        "peers run other services than this node: their backend checks are \
-                         not counted and they may send a flow to another backend; reload every \
-                         node to the same file"
+                        "peers run other services than this node (or another version): their \
+                         backend checks are not counted and they may send a flow to another \
+                         backend; reload every node to the same file"
                     );
                 }
             }

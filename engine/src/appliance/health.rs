@@ -28,13 +28,16 @@ use crate::config::{BackendHealthConfig, Config, HealthConfig};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BackendTable {
     pub epoch: u64,
-    /// Backend ids the cluster takes as failing.
+    /// Backends the cluster takes as failing, by their place in the configuration file
+    /// ([`super::Backend::agreed`]: the nodes' common names).
     pub down: BTreeSet<u16>,
-    /// Backend ids an operator drained (`drain-backend`).
+    /// Backends an operator drained (`drain-backend`), by place.
     pub drained: BTreeSet<u16>,
 }
 
-/// One node's report: what it sees down and what its operator drained.
+/// One node's report: what it sees down and what its operator drained. Inside the node (its
+/// checker's verdicts) it names backends by the node's own ids; sent to the others, by place
+/// ([`super::Services::agreed_report`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
     pub down: BTreeSet<u16>,

@@ -191,7 +191,7 @@ struct Dest {
 struct Span {
     first: u16,
     last: u16,
-    rule: u16,
+    rule: u32,
 }
 
 /// The disjoint port spans of frames to `addr` with IP protocol `proto`, in port order, each
@@ -224,8 +224,8 @@ fn spans(rules: &[Rule], addr: IpAddr, proto: u8) -> Vec<Span> {
         else {
             continue;
         };
-        // Rules are bounded by MAX_BACKENDS: the index fits in u16.
-        let rule = i as u16;
+        // Services (rules) are far fewer than 2^32: the index fits in u32.
+        let rule = i as u32;
         match out.last_mut() {
             Some(s) if s.rule == rule && u32::from(s.last) + 1 == u32::from(first) => s.last = last,
             _ => out.push(Span { first, last, rule }),
@@ -514,7 +514,8 @@ impl Services {
 
     /// [`Services::lookup`] of a destination given as a number: IPv4's 32 bits (in the low
     /// bits, `v6` false) or IPv6's 128. The same answer, without building, copying and
-    /// comparing `IpAddr`s: the addresses are numbers, a rule's are bits.
+    /// comparing `IpAddr`s or trying rule after rule: the addresses are numbers, and each
+    /// address and protocol has its ports' rules resolved already (disjoint spans).
     #[inline]
     pub fn lookup_raw(&self, v6: bool, dst: u128, proto: u8, port: u16) -> Match {
         if self.dests.is_empty() && !self.addresses.is_empty() {
@@ -540,7 +541,7 @@ impl Services {
                 .get(d.spans.start as usize..d.spans.end as usize)
                 .unwrap_or_default();
             return match spans.iter().find(|s| s.first <= port && port <= s.last) {
-                Some(s) => Match::Rule(usize::from(s.rule)),
+                Some(s) => Match::Rule(s.rule as usize),
                 None => Match::NoRule,
             };
         }

@@ -65,7 +65,8 @@ fn destinations_match_rules_by_address_protocol_and_port() {
 }
 
 /// The per-frame lookup by numbers answers as the lookup by `IpAddr` for every destination,
-/// protocol and port, with up to 64 service addresses (bits) and beyond (its fallback).
+/// protocol and port, with up to 64 service addresses (its own table) and beyond (its
+/// fallback).
 #[test]
 fn the_raw_lookup_answers_as_the_lookup() {
     let raw = |ip: IpAddr| match ip {
@@ -121,7 +122,7 @@ proptest::proptest! {
             (
                 proptest::bool::ANY,
                 proptest::collection::vec(0usize..3, 1..3),
-                proptest::collection::vec((0u16..=65535, 0u16..40), 1..4),
+                proptest::collection::vec((1u16..=65535, 0u16..40), 1..4),
             ),
             1..5,
         ),
@@ -154,7 +155,9 @@ proptest::proptest! {
         let probes = probes
             .iter()
             .copied()
-            .chain(edges.iter().flat_map(|&p| (0..4).map(move |a| (a, false, p))));
+            .chain(edges.iter().flat_map(|&p| {
+                (0..4).flat_map(move |a| [(a, false, p), (a, true, p)])
+            }));
         for (a, udp, port) in probes {
             let dst = v4(ADDRESSES[a]);
             let (v6, n) = match dst {

@@ -177,9 +177,11 @@ impl BackendAgreement {
     }
 
     /// After a reload: the table in force as the new services number their backends (the
-    /// same epoch; the next table goes on from it).
+    /// same epoch; the next table goes on from it). This node's last report named the old
+    /// file's places: it counts for nothing (and no table is made of it) until the next one.
     pub fn renumber(&mut self, table: BackendTable) {
         self.table = table;
+        self.own = None;
     }
 
     /// What this node sees now (its checker's verdicts, its operator's drains); `None` while
@@ -343,6 +345,32 @@ mod tests {
         let mut b = BackendAgreement::new(1);
         assert_eq!(b.received(n(1), &decoded, true), Some(table));
         assert_eq!(b.table(), a.table());
+    }
+
+    /// A reload renumbers the table in force; the report made before it, in the old file's
+    /// places, makes no table and is not sent until the next report.
+    #[test]
+    fn a_report_of_the_old_places_counts_for_nothing_after_a_reload() {
+        let mut a = BackendAgreement::new(1);
+        a.set_own(Some(down(&[3])));
+        let before = a.coordinate(n(1), 0b1).unwrap();
+        assert_eq!(before.down, [3].into());
+        a.set_digest(2);
+        let renumbered = BackendTable {
+            epoch: before.epoch,
+            down: [2].into(),
+            drained: Default::default(),
+        };
+        a.renumber(renumbered.clone());
+        assert_eq!(
+            a.coordinate(n(1), 0b1),
+            None,
+            "no table of the stale report"
+        );
+        assert_eq!(a.table(), &renumbered);
+        assert_eq!(a.message(true).unwrap().report, None);
+        a.set_own(Some(down(&[2])));
+        assert_eq!(a.coordinate(n(1), 0b1), None, "the same table: nothing new");
     }
 
     #[test]
