@@ -823,7 +823,7 @@ impl BackendWatch {
                 ids.iter().map(|&id| (id, mac)).collect();
             let services = link.services();
             for &(id, _) in &learned {
-                if let Some((_, b)) = services.backends().find(|(_, b)| b.id == id) {
+                if let Some((_, b)) = services.by_id(id) {
                     match b.via {
                         Some(via) => tracing::info!(
                             backend = %b.name,
@@ -922,14 +922,8 @@ fn reload(
             if let Some((before, services, table)) = compiled {
                 node.renumber_backends(table);
                 // A drain is of a server: it ends when its id leaves or names another one.
-                let server = |s: &Services, id: u16| {
-                    s.rules().iter().find_map(|r| {
-                        let b = r.backends.iter().find(|b| b.id == id)?;
-                        Some((r.name.clone(), b.ip))
-                    })
-                };
                 node.keep_drained(|id| {
-                    server(&before, id).is_some() && server(&before, id) == server(&services, id)
+                    before.server(id).is_some() && before.server(id) == services.server(id)
                 });
                 tracing::info!(
                     services = services.rules().len(),

@@ -198,15 +198,13 @@ struct Span {
 /// with the first of `rules` that takes its ports (as [`Services::lookup`] finds it); ports
 /// no rule takes are in none.
 fn spans(rules: &[Rule], addr: IpAddr, proto: u8) -> Vec<Span> {
-    let mine: Vec<(usize, &Rule)> = rules
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.proto == proto && r.addresses.contains(&addr))
-        .collect();
     // Every port where a rule's range starts or ends: between two of them, the same rules
     // match every port.
     let mut edges: Vec<u32> = vec![0, 65536];
-    for (_, r) in &mine {
+    for r in rules
+        .iter()
+        .filter(|r| r.proto == proto && r.addresses.contains(&addr))
+    {
         for p in &r.ports {
             edges.push(u32::from(p.first));
             edges.push(u32::from(p.last) + 1);
@@ -218,10 +216,7 @@ fn spans(rules: &[Rule], addr: IpAddr, proto: u8) -> Vec<Span> {
     for w in edges.windows(2) {
         // Both edges are at most 65536, the first below it: the ports fit in u16.
         let (first, last) = (w[0] as u16, (w[1] - 1) as u16);
-        let Some(&(i, _)) = mine
-            .iter()
-            .find(|(_, r)| r.ports.iter().any(|p| p.contains(first)))
-        else {
+        let Some(i) = rules.iter().position(|r| r.matches(addr, proto, first)) else {
             continue;
         };
         // Services (rules) are far fewer than 2^32: the index fits in u32.
@@ -423,7 +418,7 @@ impl Services {
     pub fn agreed_report(&self, report: &health::Report) -> health::Report {
         let agreed = |ids: &std::collections::BTreeSet<u16>| {
             ids.iter()
-                .filter_map(|&id| self.backend_by_id(id).map(|b| b.agreed))
+                .filter_map(|&id| self.by_id(id).map(|(_, b)| b.agreed))
                 .collect()
         };
         health::Report {
@@ -444,12 +439,10 @@ impl Services {
         let moved = |places: &std::collections::BTreeSet<u16>| {
             self.backends()
                 .filter(|(_, b)| places.contains(&b.agreed))
-                .filter_map(|(r, b)| {
+                .filter_map(|(_, b)| {
                     // The same id names the same server unless it left and its id was reused.
-                    let (nr, n) = next.by_id.get(usize::from(b.id)).copied().flatten()?;
-                    let rule = next.rules.get(usize::from(nr))?;
-                    let n = rule.backends.get(usize::from(n))?;
-                    (rule.name == self.rules[r].name && n.ip == b.ip).then_some(n.agreed)
+                    let (_, n) = next.by_id(b.id)?;
+                    (next.server(b.id) == self.server(b.id)).then_some(n.agreed)
                 })
                 .collect()
         };
@@ -460,13 +453,17 @@ impl Services {
         }
     }
 
-    /// The backend with this node's id `id`.
-    fn backend_by_id(&self, id: u16) -> Option<&Backend> {
+    /// The backend with this node's id `id`, and its rule.
+    pub fn by_id(&self, id: u16) -> Option<(&Rule, &Backend)> {
         let (ri, bi) = (*self.by_id.get(usize::from(id))?)?;
-        self.rules
-            .get(usize::from(ri))?
-            .backends
-            .get(usize::from(bi))
+        let rule = self.rules.get(usize::from(ri))?;
+        Some((rule, rule.backends.get(usize::from(bi))?))
+    }
+
+    /// The server id `id` names: its rule's name and its address (a freed id that a reload
+    /// gave a new backend names another server).
+    pub fn server(&self, id: u16) -> Option<(&str, IpAddr)> {
+        self.by_id(id).map(|(r, b)| (r.name.as_str(), b.ip))
     }
 
     /// Whether there is any rule (else server mode's path, untouched).
