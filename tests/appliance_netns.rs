@@ -208,24 +208,29 @@ impl Appliances {
 
     /// `n` client ports of the client, from `first` on, whose new flows node `node` takes.
     fn ports_owned_by(&self, node: u8, first: u16, n: usize) -> Vec<u16> {
-        let cfg = self.config(1);
         (first..first + 500)
-            .filter(|port| {
-                let out = run_cmd(&[
-                    "owner-of",
-                    "--json",
-                    "--config",
-                    cfg.to_str().unwrap(),
-                    &format!("{CLIENT_IP}:{port}"),
-                    &format!("{CLUSTER_IP}:80"),
-                    "tcp",
-                ]);
-                let v: serde_json::Value =
-                    serde_json::from_slice(&out.stdout).expect("owner-of JSON");
-                v["new_flows_owner"] == node
-            })
+            .filter(|&port| self.new_flows_owner(port) == Some(node))
             .take(n)
             .collect()
+    }
+
+    /// The node that takes new flows from the client's `port` to the service now, as node 1's
+    /// `owner-of` says.
+    fn new_flows_owner(&self, port: u16) -> Option<u8> {
+        let cfg = self.config(1);
+        let out = run_cmd(&[
+            "owner-of",
+            "--json",
+            "--config",
+            cfg.to_str().unwrap(),
+            &format!("{CLIENT_IP}:{port}"),
+            &format!("{CLUSTER_IP}:80"),
+            "tcp",
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("owner-of JSON");
+        v["new_flows_owner"]
+            .as_u64()
+            .and_then(|n| u8::try_from(n).ok())
     }
 
     /// Downloads of the backends' 4 MiB `/big` from the client ports `ports`, read by a thread
@@ -432,22 +437,9 @@ fn an_appliance_that_joins_under_load_loses_no_connection() {
     lab.wait_members(&nodes, Duration::from_secs(30));
     let settled = joined.elapsed();
     let still = running(&mut downloads);
-    let cfg = lab.config(1);
     let moved = ports
         .iter()
-        .filter(|port| {
-            let out = run_cmd(&[
-                "owner-of",
-                "--json",
-                "--config",
-                cfg.to_str().unwrap(),
-                &format!("{CLIENT_IP}:{port}"),
-                &format!("{CLUSTER_IP}:80"),
-                "tcp",
-            ]);
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("owner-of JSON");
-            v["new_flows_owner"] == 2
-        })
+        .filter(|&&port| lab.new_flows_owner(port) == Some(2))
         .count();
     let (by_after, failed_after) = lab.requests(30);
     let (ok, results) = complete(downloads);
