@@ -135,7 +135,8 @@ impl Pipeline {
     ///
     /// Returns the burst's frames of buckets that are simply another node's, bit `i` for
     /// `out[i]` (`i` < 64): [`Pipeline::decide`] would drop them ([`DropReason::NotOwned`])
-    /// without touching anything, so a caller may drop them in bulk instead. In a 2-node
+    /// without touching anything, so a caller may drop them in bulk instead (none while a
+    /// `single` port rule is configured: its node takes its frames whatever their buckets). In a 2-node
     /// cluster that is a coin toss per frame; decided one by one, it costs a mispredicted jump
     /// every other frame. The mask and the prefetches are computed without a jump on it.
     #[inline]
@@ -278,8 +279,10 @@ impl Pipeline {
             Role::Owner | Role::NotOwner | Role::Releasing { .. } => {
                 // Only another node's bucket needs its count; an owner's frames read bucket
                 // 0's, a line that stays cached, rather than a random line of the 256 KiB of
-                // counts (at millions of flows a miss the prefetch below would wait for).
-                let not_owner = role == Role::NotOwner;
+                // counts (at millions of flows a miss the prefetch below would wait for). A
+                // `single` rule's frames are not the bucket owner's but its first serving
+                // node's: while there is one, no frame is simply another node's.
+                let not_owner = role == Role::NotOwner && !self.services.has_single();
                 let at = std::hint::select_unpredictable(not_owner, bucket, Bucket(0));
                 let mine = !not_owner | (self.flows.count_in_bucket(at) != 0);
                 self.flows.prefetch_if(hash, mine);

@@ -73,6 +73,28 @@ fn run(p: &mut Pipeline, frame: &[u8], now: u64) -> (Action, Vec<u8>) {
     (action, carry_out(p, action, &buf, frame.len()))
 }
 
+/// What node `p` does with a burst of `frames`, as a packet core decides it: prepared
+/// together, the frames `prepare_burst` marks as another node's dropped untouched, the others
+/// decided one by one.
+fn run_burst(p: &mut Pipeline, frames: &[Vec<u8>], now: u64) -> Vec<Action> {
+    let views: Vec<Option<&[u8]>> = frames.iter().map(|f| Some(&f[..])).collect();
+    let mut prepared = vec![Prepared::default(); frames.len()];
+    let others = p.prepare_burst(&views, &mut prepared);
+    frames
+        .iter()
+        .zip(&prepared)
+        .enumerate()
+        .map(|(i, (frame, prep))| {
+            if i < 64 && others >> i & 1 == 1 {
+                return Action::Drop(DropReason::NotOwned);
+            }
+            let mut buf = vec![0u8; 2048];
+            buf[..frame.len()].copy_from_slice(frame);
+            p.decide(&mut buf, frame.len(), prep, now)
+        })
+        .collect()
+}
+
 /// `n` appliances (as [`appliances`]) with the services of `text`: [`SERVICES`] as a test
 /// changed it.
 fn appliances_with(n: u8, text: &str) -> Vec<Pipeline> {
@@ -1052,6 +1074,25 @@ fn a_single_rule_goes_to_its_first_serving_node_then_the_next() {
                 Action::ToBackend { push: 0 }
             ],
             "node 2 first in the list takes every flow"
+        );
+    }
+    // The same in bursts, as a packet core decides them: the frames of buckets node 1 owns
+    // are not dropped in bulk on node 2 as another node's, they are its rule's.
+    let syns: Vec<Vec<u8>> = (200..264)
+        .map(|i| {
+            let (src, sport) = client(i);
+            segment(src, sport, 80, 0x02)
+        })
+        .collect();
+    for (p, want) in nodes.iter_mut().zip([
+        Action::Drop(DropReason::NotOwned),
+        Action::ToBackend { push: 0 },
+    ]) {
+        let actions = run_burst(p, &syns, 1);
+        assert!(
+            actions.iter().all(|a| *a == want),
+            "{}: {actions:?}",
+            p.id.node
         );
     }
     // Node 2 is gone: node 1, alone in the table, takes the rule.
