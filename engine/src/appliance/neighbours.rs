@@ -6,10 +6,12 @@
 //! Sans-IO: [`Neighbours::tick`] says which requests to send now (whole Ethernet frames, from
 //! the node's own MAC and address), [`Neighbours::received`] reads an ARP reply or neighbour
 //! advertisement the wire brought to the node's MAC and says which backend's MAC it taught or
-//! changed. A backend is asked every [`RETRY`] until it answers, then every [`REFRESH`] (a
-//! backend replaced by another machine at the same address is followed within one refresh).
-//! A backend that stops answering keeps its last MAC: its health check, not ARP, says whether
-//! it serves.
+//! changed. A backend is asked every [`RETRY`] until it answers, then every [`REFRESH`] at its
+//! known MAC; a refresh unanswered after [`RETRY`] is asked again of everyone (broadcast, or
+//! the solicited-node group), every [`RETRY`] until an answer: a backend replaced by another
+//! machine at the same address, whose NIC filters frames to the old MAC, is followed within a
+//! refresh and a retry. A backend that stops answering keeps its last MAC: its health check,
+//! not ARP, says whether it serves.
 //!
 //! Owns only the resolution state; never sends, reads a clock or touches [`super::Services`]
 //! (the control thread publishes what this learns).
@@ -34,6 +36,10 @@ struct Entry {
     ids: Vec<u16>,
     mac: Option<EthernetAddress>,
     next_ask: u64,
+    /// When it was last asked.
+    asked: u64,
+    /// No answer since it was last asked.
+    awaiting: bool,
 }
 
 /// The resolution state of every backend without a configured MAC.
@@ -87,6 +93,8 @@ impl Neighbours {
                     ids,
                     mac: None,
                     next_ask: 0,
+                    asked: 0,
+                    awaiting: false,
                 }),
             }
         }
@@ -121,15 +129,20 @@ impl Neighbours {
             if now < e.next_ask {
                 continue;
             }
-            let every = if e.mac.is_some() { REFRESH } else { RETRY };
-            e.next_ask = now + every.as_nanos() as u64;
+            // A refresh goes to the known MAC, unless the last request went unanswered: the
+            // address may have moved to a NIC that no longer takes frames to that MAC.
+            let known = e.mac.filter(|_| !e.awaiting);
+            // An answer moves the next request to a refresh after this one.
+            e.next_ask = now + RETRY.as_nanos() as u64;
+            e.asked = now;
+            e.awaiting = true;
             let frame = match e.ip {
                 IpAddr::V4(ip) => self
                     .node_ip
-                    .map(|src| arp_request(self.node_mac, src, ip, e.mac)),
+                    .map(|src| arp_request(self.node_mac, src, ip, known)),
                 IpAddr::V6(ip) => self
                     .node_ip6
-                    .and_then(|src| solicitation(self.node_mac, src, ip, e.mac)),
+                    .and_then(|src| solicitation(self.node_mac, src, ip, known)),
             };
             out.extend(frame);
         }
@@ -141,16 +154,15 @@ impl Neighbours {
     pub fn received(&mut self, frame: &[u8]) -> Option<(EthernetAddress, &[u16])> {
         let (ip, mac) = answer(frame)?;
         let e = self.entries.iter_mut().find(|e| e.ip == ip)?;
+        // Answered: the next request is a refresh.
+        if e.awaiting {
+            e.awaiting = false;
+            e.next_ask = e.asked + REFRESH.as_nanos() as u64;
+        }
         if e.mac == Some(mac) {
             return None;
         }
-        let first = e.mac.is_none();
         e.mac = Some(mac);
-        if first {
-            // The next request is a refresh.
-            e.next_ask =
-                e.next_ask.saturating_sub(RETRY.as_nanos() as u64) + REFRESH.as_nanos() as u64;
-        }
         Some((mac, &e.ids))
     }
 }
@@ -359,12 +371,30 @@ services:
         let refresh = n.tick(32_000_000_000);
         let arp = refresh.iter().find(|f| f[12..14] == [0x08, 0x06]).unwrap();
         assert_eq!(&arp[..6], &B.0, "a refresh goes to the known MAC");
-        // A changed MAC is news.
+        // The backend's machine was replaced: its new NIC ignores frames to the old MAC, so the
+        // refresh goes unanswered; a second later everyone is asked.
+        let is_arp = |f: &Vec<u8>| f[12..14] == [0x08, 0x06];
+        assert!(
+            !n.tick(32_500_000_000).iter().any(is_arp),
+            "not before a retry"
+        );
+        let again = n.tick(33_000_000_000);
+        let arp = again.iter().find(|f| is_arp(f)).unwrap();
+        assert_eq!(&arp[..6], &[0xff; 6], "an unanswered refresh is broadcast");
+        assert_eq!(n.unresolved().count(), 1, "the old MAC is kept meanwhile");
+        // A changed MAC is news; the next request is a refresh to it, a refresh later.
         let moved = EthernetAddress([2, 0xbb, 0, 0, 0, 8]);
         assert_eq!(
             n.received(&arp_reply_to(arp, moved)),
             Some((moved, &[2u16][..]))
         );
+        assert!(
+            !n.tick(40_000_000_000).iter().any(is_arp),
+            "answered: no retry"
+        );
+        let refresh = n.tick(63_000_000_000);
+        let arp = refresh.iter().find(|f| is_arp(f)).unwrap();
+        assert_eq!(&arp[..6], &moved.0);
     }
 
     #[test]
