@@ -185,6 +185,11 @@ impl<V: Copy + Default> Cache<V> {
             .find(|&i| Self::live(&self.entries[i], now, timeout) && self.entries[i].key == *key)
     }
 
+    /// Every remembered value, expired ones included (their keys are never found again).
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
+        self.entries.iter_mut().filter_map(|e| e.val.as_mut())
+    }
+
     /// Stores `val` for `key` (new or refreshed). Returns whether a live entry was evicted.
     fn put(&mut self, key: &FragmentKey, hash: u64, val: V, now: u64, timeout: u64) -> bool {
         let slot = match self.find(key, hash, now, timeout) {
@@ -286,6 +291,22 @@ impl FragmentTracker {
             }
             None => 0,
         }
+    }
+
+    /// After the backends changed (a reload): the later fragments of datagrams whose first
+    /// went to a backend id for which `gone` is true (it now names another server, or none)
+    /// are refused rather than sent where the first did not go. Returns how many datagrams.
+    pub fn refuse_forwarded(&mut self, gone: impl Fn(u16) -> bool) -> usize {
+        let mut n = 0;
+        for first in self.firsts.values_mut() {
+            if let FirstFragment::Forwarded { backend, .. } = *first {
+                if gone(backend) {
+                    *first = FirstFragment::Refused;
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     /// A later fragment (offset > 0): owned, not owned, or unknown (then put on the wait list).
@@ -422,6 +443,28 @@ mod tests {
         t.first_fragment(&frag(4), FirstFragment::Refused, MS);
         assert_eq!(t.later_fragment(&frag(4), 2 * MS), FragmentVerdict::Refused);
         assert_eq!(t.lookup(&frag(4), 2 * MS), FragmentVerdict::Refused);
+    }
+
+    #[test]
+    fn a_reload_refuses_the_later_fragments_of_a_backend_that_changed() {
+        let mut t = tracker(64);
+        let to = |backend| FirstFragment::Forwarded {
+            backend,
+            entropy: 1,
+        };
+        t.first_fragment(&frag(1), to(7), 0);
+        t.first_fragment(&frag(2), to(8), 0);
+        t.first_fragment(&frag(3), FirstFragment::Owned, 0);
+        assert_eq!(t.refuse_forwarded(|id| id == 7), 1);
+        assert_eq!(t.later_fragment(&frag(1), MS), FragmentVerdict::Refused);
+        assert_eq!(
+            t.later_fragment(&frag(2), MS),
+            FragmentVerdict::Forwarded {
+                backend: 8,
+                entropy: 1
+            }
+        );
+        assert_eq!(t.later_fragment(&frag(3), MS), FragmentVerdict::Owned);
     }
 
     #[test]

@@ -91,6 +91,11 @@ impl Pipeline {
         if services.has_single() {
             self.serving = serving(&self.snapshot);
         }
+        // A freed id that the new file gave another server: the later fragments of a datagram
+        // whose first went to the old one must not reach the new one.
+        let (old, new) = (&self.services, &services);
+        self.fragments
+            .refuse_forwarded(|id| old.server(id) != new.server(id));
         self.services = services;
     }
 

@@ -587,6 +587,52 @@ fn later_fragments_follow_their_first_to_its_backend() {
     }
 }
 
+/// A reload that removes a backend and gives its freed id to another service's new server:
+/// the later fragments of datagrams whose first went to the removed one are refused, never
+/// sent to the new server; those of backends that stay go on where their first went.
+#[test]
+fn later_fragments_never_follow_a_reused_backend_id() {
+    let text = SERVICES.replace("DELIVERY", "dsr");
+    let mut p = appliances_with(1, &text).remove(0);
+    let old = Arc::clone(p.services());
+    let removed = EthernetAddress([2, 0xbb, 0, 0, 0, 1]);
+    let mut firsts = Vec::new();
+    for i in 0..40 {
+        let [first, later] = fragments(false, i, 80);
+        let (a, out) = run(&mut p, &first, 1);
+        assert_eq!(a, Action::ToBackend { push: 0 }, "flow {i}");
+        firsts.push((out[..6] == removed.0, later));
+    }
+    assert!(firsts.iter().any(|(to_removed, _)| *to_removed));
+    assert!(firsts.iter().any(|(to_removed, _)| !*to_removed));
+    let reloaded = text.replace("      - { ip: 198.18.0.21, mac: 02:bb:00:00:00:01 }\n", "")
+        + "  - name: api\n    addresses: [198.18.0.1]\n    ports: [81]\n    delivery: dsr\n    \
+           backends:\n      - { ip: 198.18.0.31, mac: 02:bb:00:00:00:31 }\n";
+    let c = Config::parse(&reloaded, "t.yaml").unwrap();
+    c.validate("t.yaml").unwrap();
+    let new = Arc::new(Services::compile(&c, SECRET, Some(&old)));
+    assert_eq!(old.server(1), Some(("web", "198.18.0.21".parse().unwrap())));
+    assert_eq!(
+        new.server(1),
+        Some(("api", "198.18.0.31".parse().unwrap())),
+        "the freed id names the new server"
+    );
+    p.set_services(new);
+    for (i, (to_removed, later)) in firsts.iter().enumerate() {
+        let (action, out) = run(&mut p, later, 2);
+        if *to_removed {
+            assert_eq!(
+                action,
+                Action::Drop(DropReason::FragmentRefused),
+                "flow {i}: its first went to the removed backend"
+            );
+        } else {
+            assert_eq!(action, Action::ToBackend { push: 0 }, "flow {i}");
+            assert_ne!(&out[..6], &[2, 0xbb, 0, 0, 0, 0x31], "flow {i}");
+        }
+    }
+}
+
 /// A later fragment that arrives before its first is held; the first's decision releases it
 /// to the same backend ([`Pipeline::released_fragment`]) on the node that forwarded the first,
 /// and to nowhere on the other.
