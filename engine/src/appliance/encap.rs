@@ -294,8 +294,14 @@ pub fn echo_reply(
 /// Rewrites, in place, a frame whose IP packet (at `l3`, `ip_len` bytes) is too big for a path
 /// of `mtu` bytes into the ICMP error that tells its sender: "fragmentation needed" (IPv4) or
 /// "packet too big" (IPv6), from `from` (the service address it was sent to), to the frame's
-/// source MAC from `node_mac`. Returns the answer's length. The quoted part is the original
-/// header and the first 8 bytes of its payload (enough for the sender to find its socket).
+/// source MAC from `node_mac`, with the frame's VLAN tags (the bytes up to `l3`) kept. Returns
+/// the answer's length, `None` if `frame` (the whole buffer: the answer grows by its headers)
+/// cannot hold the original header and 8 bytes behind them.
+///
+/// The quote is as much of the original packet as the buffer holds, up to what keeps the
+/// answer within 576 bytes (IPv4, RFC 1812) or IPv6's minimum MTU of 1280 (RFC 4443): the
+/// sender finds its socket by the ports behind the header, and behind any IPv6 extension
+/// headers (a fragment header, a destination option), which 8 bytes would not reach.
 pub fn too_big(
     frame: &mut [u8],
     l3: usize,
@@ -303,29 +309,37 @@ pub fn too_big(
     mtu: u16,
     node_mac: EthernetAddress,
 ) -> Option<usize> {
+    if l3 < ETH {
+        return None;
+    }
     let v6 = frame.get(l3)? >> 4 == 6;
-    let ip_header = if v6 {
-        IPV6
+    let (header, original_header, limit) = if v6 {
+        (IPV6, IPV6, 1280)
     } else {
-        usize::from(frame.get(l3)? & 0x0f) * 4
+        (IPV4, usize::from(frame.get(l3)? & 0x0f) * 4, 576)
     };
-    let quoted = (ip_header + 8).min(ip_len);
-    // The quoted bytes (at most 68) move behind the new headers, and the addresses are read
-    // from the header they overwrite: copy both out first.
-    let mut q = [0u8; 68];
-    q[..quoted].copy_from_slice(frame.get(l3..l3 + quoted)?);
-    let src = &q;
+    let icmp_at = l3 + header;
+    let room = frame.len().checked_sub(icmp_at + 8)?;
+    let quoted = ip_len.min(limit - header - 8).min(room);
+    if quoted < (original_header + 8).min(ip_len) {
+        return None;
+    }
+    // The addresses are read from the header the answer overwrites: copy them out first, then
+    // move the quoted bytes behind the new headers.
+    let mut addresses = [0u8; IPV6];
+    addresses[..header].copy_from_slice(frame.get(l3..icmp_at)?);
+    let src = &addresses;
+    frame.copy_within(l3..l3 + quoted, icmp_at + 8);
     let client_mac = EthernetAddress(frame.get(6..12)?.try_into().ok()?);
-    let icmp_at = ETH + if v6 { IPV6 } else { IPV4 };
     let total = icmp_at + 8 + quoted;
     let out = frame.get_mut(..total)?;
     out[..6].copy_from_slice(&client_mac.0);
     out[6..12].copy_from_slice(&node_mac.0);
-    let ip_total = u16::try_from(total - ETH).ok()?;
+    let ip_total = u16::try_from(total - l3).ok()?;
     if v6 {
         let (client, service) = (addr6(src, 8), addr6(src, 24));
-        out[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-        let h = &mut out[ETH..ETH + IPV6];
+        out[l3 - 2..l3].copy_from_slice(&0x86ddu16.to_be_bytes());
+        let h = &mut out[l3..icmp_at];
         h[..4].copy_from_slice(&0x6000_0000u32.to_be_bytes());
         h[4..6].copy_from_slice(&(ip_total - IPV6 as u16).to_be_bytes());
         h[6] = IpProtocol::Icmpv6.raw();
@@ -337,7 +351,6 @@ pub fn too_big(
         i[1] = 0;
         i[2..4].fill(0);
         i[4..8].copy_from_slice(&u32::from(mtu).to_be_bytes());
-        i[8..].copy_from_slice(&q[..quoted]);
         let c = checksum::compute_with_pseudo_header(
             &IpAddr::V6(service),
             &IpAddr::V6(client),
@@ -346,8 +359,8 @@ pub fn too_big(
         );
         i[2..4].copy_from_slice(&c.to_be_bytes());
     } else {
-        out[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-        let h = &mut out[ETH..ETH + IPV4];
+        out[l3 - 2..l3].copy_from_slice(&0x0800u16.to_be_bytes());
+        let h = &mut out[l3..icmp_at];
         h[0] = 0x45;
         h[1] = 0;
         h[2..4].copy_from_slice(&ip_total.to_be_bytes());
@@ -366,7 +379,6 @@ pub fn too_big(
         i[1] = 4; // fragmentation needed and DF set
         i[2..6].fill(0);
         i[6..8].copy_from_slice(&mtu.to_be_bytes());
-        i[8..].copy_from_slice(&q[..quoted]);
         let c = checksum::checksum(i);
         i[2..4].copy_from_slice(&c.to_be_bytes());
     }
@@ -515,5 +527,81 @@ mod tests {
         assert_eq!(&f[..6], &[2, 0, 0, 0, 0, 0x64]);
         assert_eq!(u16::from_be_bytes([f[40], f[41]]), 1480);
         assert_eq!(checksum::checksum(&f[34..n]), 0);
+        assert_eq!(n, 14 + 20 + 8 + (len - 14), "the whole small packet quoted");
+    }
+
+    /// A tagged frame's answer keeps its VLAN tag (the same VLAN back to the client), and a
+    /// large IPv4 packet is quoted up to an answer of 576 bytes.
+    #[test]
+    fn too_big_keeps_the_vlan_tag_and_quotes_up_to_576_bytes() {
+        let mut t = crate::testkit::build::tcp(40000, 1, 1, 0x10, &[7u8; 1400]);
+        let plain = crate::testkit::build::ipv4(
+            [2, 0, 0, 0, 0, 0x64],
+            [198, 18, 0, 50],
+            6,
+            &mut t,
+            Some(16),
+        );
+        let mut f = plain[..12].to_vec();
+        f.extend_from_slice(&[0x81, 0x00, 0x00, 0x64]);
+        f.extend_from_slice(&plain[12..]);
+        let original = f[18..].to_vec();
+        f.resize(2048, 0);
+        let n = too_big(&mut f, 18, original.len(), 1400, NODE).unwrap();
+        assert_eq!(
+            &f[12..18],
+            &[0x81, 0x00, 0x00, 0x64, 0x08, 0x00],
+            "tag kept"
+        );
+        let p = parse_l2_l4(&f[..n]).unwrap();
+        assert_eq!(p.l3_offset, 18);
+        assert!(p.icmp.unwrap().is_error);
+        assert_eq!(n - 18, 576, "IPv4: an answer of 576 bytes");
+        assert_eq!(
+            &f[18 + 28..n],
+            &original[..548],
+            "the packet's first 548 bytes"
+        );
+        assert_eq!(checksum::checksum(&f[18..38]), 0, "IP header checksum");
+        assert_eq!(checksum::checksum(&f[38..n]), 0, "ICMP checksum");
+        assert_eq!(u16::from_be_bytes([f[44], f[45]]), 1400);
+    }
+
+    /// An IPv6 packet with an extension header (a destination option) before TCP: the quote
+    /// reaches the TCP ports (as much as keeps the answer within 1280 bytes), so that the
+    /// sender's stack finds the socket whose path MTU to lower.
+    #[test]
+    fn packet_too_big_quotes_past_ipv6_extension_headers() {
+        let mut l4 = vec![6u8, 0, 1, 4, 0, 0, 0, 0];
+        l4.extend(crate::testkit::build::tcp(40000, 1, 1, 0x10, &[7u8; 1400]));
+        let src = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x50];
+        let mut f = crate::testkit::build::ipv6([2, 0, 0, 0, 0, 0x64], src, 60, &mut l4, 8 + 16);
+        let original = f[14..].to_vec();
+        f.resize(2048, 0);
+        let n = too_big(&mut f, 14, original.len(), 1280, NODE).unwrap();
+        let p = parse_l2_l4(&f[..n]).unwrap();
+        assert_eq!(p.dst_ip, IpAddr::V6(src.into()));
+        assert_eq!(n - 14, 1280, "an answer of IPv6's minimum MTU");
+        let quote = &f[14 + 48..n];
+        assert_eq!(quote, &original[..1232]);
+        assert_eq!(
+            &quote[48..50],
+            &40000u16.to_be_bytes(),
+            "the client's port is quoted"
+        );
+        assert!(checksum::verify_with_pseudo_header(
+            &p.src_ip,
+            &p.dst_ip,
+            IpProtocol::Icmpv6,
+            &f[54..n]
+        ));
+        // A buffer with no room for the answer's headers: nothing half-built.
+        let mut short = original.clone();
+        short.splice(0..0, [0u8; 14]);
+        let len = short.len();
+        assert_eq!(
+            too_big(&mut short[..14 + 40], 14, len - 14, 1280, NODE),
+            None
+        );
     }
 }
