@@ -65,7 +65,7 @@ services:
     addresses: ["2001:2::2"]
     ports: [443]
     delivery: ipip
-    mtu: 1280
+    mtu: 1320
     backends:
       - { ip: "2001:2::31", mac: 02:bb:00:00:00:04 }
   - name: ssh

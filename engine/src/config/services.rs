@@ -564,6 +564,34 @@ impl Config {
                     "use the backend path's MTU, 1500 on most networks",
                 ));
             }
+            // IPv6 clients never send less than 1280 bytes a packet, and the node does not
+            // fragment the outer packet: the tunnel must carry 1280 bytes inside, or a
+            // full-size packet would be answered "too big" with an MTU the client cannot use.
+            let outer = |b: &BackendConfig| {
+                let ip = if b.ip.is_ipv6() { 40 } else { 20 };
+                ip + if s.delivery == Delivery::Gue {
+                    8 + 4
+                } else {
+                    0
+                }
+            };
+            let overhead = s.backends.iter().map(outer).max().unwrap_or(0);
+            if s.addresses.iter().any(IpAddr::is_ipv6) && usize::from(s.mtu) < 1280 + overhead {
+                return Err(err(
+                    &at("mtu"),
+                    format!(
+                        "{} leaves IPv6 clients' packets {} bytes inside the tunnel, below IPv6's \
+                         minimum of 1280 (the node does not fragment the outer packet)",
+                        s.mtu,
+                        usize::from(s.mtu) - overhead
+                    ),
+                    &format!(
+                        "use a backend path MTU of at least {} (1280 and {overhead} bytes of \
+                         outer headers), or IPv4 addresses only for this service",
+                        1280 + overhead
+                    ),
+                ));
+            }
         }
         if s.backends.iter().all(|b| b.weight == 0) && !s.backends.is_empty() {
             return Err(err(
@@ -711,6 +739,20 @@ services:
             assert_eq!(e.file, "t.yaml");
             assert!(!e.fix.is_empty(), "{e}");
         }
+        // A tunnel that cannot carry IPv6's 1280 bytes for IPv6 clients: GUE over IPv4 adds
+        // 32 bytes, so 1311 is one short and 1312 enough; IPv4 clients alone need no more.
+        let v6 = with(APPLIANCE).replace(
+            "addresses: [198.18.0.100]\n    ports: [443]",
+            "addresses: [198.18.0.100, \"2001:2::100\"]\n    ports: [443]",
+        );
+        let e = parse(&v6.replace("delivery: gue", "delivery: gue\n    mtu: 1311")).unwrap_err();
+        assert_eq!(e.key, "services[1].mtu", "{e}");
+        assert!(
+            e.problem.contains("1279 bytes") && e.fix.contains("1312"),
+            "{e}"
+        );
+        parse(&v6.replace("delivery: gue", "delivery: gue\n    mtu: 1312")).unwrap();
+        parse(&with(APPLIANCE).replace("delivery: gue", "delivery: gue\n    mtu: 1280")).unwrap();
         // Encapsulation needs the node's own address as the outer source.
         let e = parse(&(LAB.to_owned() + APPLIANCE)).unwrap_err();
         assert_eq!(e.key, "node.ip", "{e}");
