@@ -812,9 +812,7 @@ impl BackendWatch {
         }
         link.wants_neighbours
             .store(self.neighbours.wants_answers(), Relaxed);
-        for frame in self.neighbours.tick(now) {
-            link.send_frame(frame);
-        }
+        // The answers first: a request is due again only if its answer did not come.
         for frame in link.neighbour_answers() {
             let Some((mac, ids)) = self.neighbours.received(&frame) else {
                 continue;
@@ -842,6 +840,9 @@ impl BackendWatch {
                 }
             }
             self.publish_macs(link, services, &learned);
+        }
+        for frame in self.neighbours.tick(now) {
+            link.send_frame(frame);
         }
     }
 

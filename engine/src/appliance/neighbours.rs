@@ -8,10 +8,11 @@
 //! advertisement the wire brought to the node's MAC and says which backend's MAC it taught or
 //! changed. A backend is asked every [`RETRY`] until it answers, then every [`REFRESH`] at its
 //! known MAC; a refresh unanswered after [`RETRY`] is asked again of everyone (broadcast, or
-//! the solicited-node group), every [`RETRY`] until an answer: a backend replaced by another
-//! machine at the same address, whose NIC filters frames to the old MAC, is followed within a
-//! refresh and a retry. A backend that stops answering keeps its last MAC: its health check,
-//! not ARP, says whether it serves.
+//! the solicited-node group), then after twice as long each time, up to [`REFRESH`], until an
+//! answer: a backend replaced by another machine at the same address, whose NIC filters frames
+//! to the old MAC, is followed within a refresh and a retry, and a backend that is switched off
+//! costs the segment a broadcast every [`REFRESH`] once it has been silent a minute. A backend
+//! that stops answering keeps its last MAC: its health check, not ARP, says whether it serves.
 //!
 //! Owns only the resolution state; never sends, reads a clock or touches [`super::Services`]
 //! (the control thread publishes what this learns).
@@ -40,6 +41,9 @@ struct Entry {
     asked: u64,
     /// No answer since it was last asked.
     awaiting: bool,
+    /// Nanoseconds to the next request while a known MAC goes unanswered (doubles, up to
+    /// [`REFRESH`]).
+    backoff: u64,
 }
 
 /// The resolution state of every backend without a configured MAC.
@@ -95,6 +99,7 @@ impl Neighbours {
                     next_ask: 0,
                     asked: 0,
                     awaiting: false,
+                    backoff: 0,
                 }),
             }
         }
@@ -132,8 +137,15 @@ impl Neighbours {
             // A refresh goes to the known MAC, unless the last request went unanswered: the
             // address may have moved to a NIC that no longer takes frames to that MAC.
             let known = e.mac.filter(|_| !e.awaiting);
-            // An answer moves the next request to a refresh after this one.
-            e.next_ask = now + RETRY.as_nanos() as u64;
+            // Unresolved: every retry. A known MAC: a retry after a refresh, then longer and
+            // longer while nobody answers. An answer moves the next request to a refresh after
+            // this one.
+            let retry = RETRY.as_nanos() as u64;
+            e.backoff = match (e.mac, e.awaiting) {
+                (Some(_), true) => (e.backoff * 2).clamp(retry, REFRESH.as_nanos() as u64),
+                _ => retry,
+            };
+            e.next_ask = now + e.backoff;
             e.asked = now;
             e.awaiting = true;
             let frame = match e.ip {
@@ -379,22 +391,51 @@ services:
             "not before a retry"
         );
         let again = n.tick(33_000_000_000);
-        let arp = again.iter().find(|f| is_arp(f)).unwrap();
+        let arp = again.iter().find(|f| is_arp(f)).unwrap().clone();
         assert_eq!(&arp[..6], &[0xff; 6], "an unanswered refresh is broadcast");
         assert_eq!(n.unresolved().count(), 1, "the old MAC is kept meanwhile");
+        // Still nobody: again after 2 s, then 4 s (a machine switched off is not asked every
+        // second for ever).
+        let asked_at = |n: &mut Neighbours, from: u64, to: u64| {
+            (from..=to)
+                .step_by(250_000_000)
+                .find(|&t| n.tick(t).iter().any(is_arp))
+        };
+        assert_eq!(
+            asked_at(&mut n, 33_250_000_000, 40_000_000_000),
+            Some(35_000_000_000)
+        );
+        assert_eq!(
+            asked_at(&mut n, 35_250_000_000, 45_000_000_000),
+            Some(39_000_000_000)
+        );
         // A changed MAC is news; the next request is a refresh to it, a refresh later.
         let moved = EthernetAddress([2, 0xbb, 0, 0, 0, 8]);
         assert_eq!(
-            n.received(&arp_reply_to(arp, moved)),
+            n.received(&arp_reply_to(&arp, moved)),
             Some((moved, &[2u16][..]))
         );
         assert!(
             !n.tick(40_000_000_000).iter().any(is_arp),
             "answered: no retry"
         );
-        let refresh = n.tick(63_000_000_000);
+        let refresh = n.tick(69_000_000_000);
         let arp = refresh.iter().find(|f| is_arp(f)).unwrap();
-        assert_eq!(&arp[..6], &moved.0);
+        assert_eq!(
+            &arp[..6],
+            &moved.0,
+            "a refresh a refresh after the answered request"
+        );
+        // A refresh answered with the same MAC: no news, and no broadcast after it.
+        assert_eq!(n.received(&arp_reply_to(arp, moved)), None);
+        assert!(
+            !n.tick(71_000_000_000).iter().any(is_arp),
+            "answered: no broadcast"
+        );
+        assert!(
+            n.tick(99_000_000_000).iter().any(is_arp),
+            "the next refresh"
+        );
     }
 
     #[test]

@@ -752,6 +752,25 @@ services:
             "{e}"
         );
         parse(&v6.replace("delivery: gue", "delivery: gue\n    mtu: 1312")).unwrap();
+        // IP-in-IP over IPv4 adds 20; GUE over IPv6 52.
+        let ipip = v6.replace("delivery: gue", "delivery: ipip");
+        for (mtu, ok) in [(1299, false), (1300, true)] {
+            let text = ipip.replace("delivery: ipip", &format!("delivery: ipip\n    mtu: {mtu}"));
+            assert_eq!(parse(&text).is_ok(), ok, "ipip over IPv4, mtu {mtu}");
+        }
+        let gue6 = v6
+            .replace(
+                "  ip: 198.18.0.11\n",
+                "  ip: 198.18.0.11\n  ip6: \"2001:2::11\"\n",
+            )
+            .replace(
+                "{ name: far, ip: 198.18.1.21 }",
+                "{ name: far, ip: \"2001:2:1::21\" }",
+            );
+        for (mtu, ok) in [(1331, false), (1332, true)] {
+            let text = gue6.replace("delivery: gue", &format!("delivery: gue\n    mtu: {mtu}"));
+            assert_eq!(parse(&text).is_ok(), ok, "gue over IPv6, mtu {mtu}");
+        }
         parse(&with(APPLIANCE).replace("delivery: gue", "delivery: gue\n    mtu: 1280")).unwrap();
         // Encapsulation needs the node's own address as the outer source.
         let e = parse(&(LAB.to_owned() + APPLIANCE)).unwrap_err();

@@ -135,10 +135,11 @@ impl Pipeline {
     ///
     /// Returns the burst's frames of buckets that are simply another node's, bit `i` for
     /// `out[i]` (`i` < 64): [`Pipeline::decide`] would drop them ([`DropReason::NotOwned`])
-    /// without touching anything, so a caller may drop them in bulk instead (none while a
-    /// `single` port rule is configured: its node takes its frames whatever their buckets). In a 2-node
+    /// without touching anything, so a caller may drop them in bulk instead. In a 2-node
     /// cluster that is a coin toss per frame; decided one by one, it costs a mispredicted jump
-    /// every other frame. The mask and the prefetches are computed without a jump on it.
+    /// every other frame. The mask and the prefetches are computed without a jump on it. While
+    /// a `single` port rule is configured the mask is empty (its node takes its frames whatever
+    /// their buckets): every frame is decided, and other nodes' frames cost a table lookup.
     #[inline]
     pub fn prepare_burst(&self, frames: &[Option<&[u8]>], out: &mut [Prepared]) -> u64 {
         const LANES: usize = 8;
