@@ -11,8 +11,9 @@
 //! the solicited-node group), then after twice as long each time, up to [`REFRESH`], until an
 //! answer: a backend replaced by another machine at the same address, whose NIC filters frames
 //! to the old MAC, is followed within a refresh and a retry, and a backend that is switched off
-//! costs the segment a broadcast every [`REFRESH`] once it has been silent a minute. A backend
-//! that stops answering keeps its last MAC: its health check, not ARP, says whether it serves.
+//! costs the segment a broadcast every [`REFRESH`] once it has been silent half a minute. A
+//! backend that stops answering keeps its last MAC: its health check, not ARP, says whether it
+//! serves.
 //!
 //! Owns only the resolution state; never sends, reads a clock or touches [`super::Services`]
 //! (the control thread publishes what this learns).
