@@ -233,6 +233,25 @@ impl Appliances {
             .and_then(|n| u8::try_from(n).ok())
     }
 
+    /// [`Appliances::downloads`], checked `after` that long to be all running still (they
+    /// must be when the test breaks something: `when`).
+    fn running_downloads(
+        &self,
+        ports: &[u16],
+        kib_s: u64,
+        after: Duration,
+        when: &str,
+    ) -> Vec<Download> {
+        let mut downloads = self.downloads(ports, kib_s);
+        std::thread::sleep(after);
+        assert_eq!(
+            running(&mut downloads),
+            ports.len(),
+            "the downloads run when {when}"
+        );
+        downloads
+    }
+
     /// Downloads of the backends' 4 MiB `/big` from the client ports `ports`, read by a thread
     /// at `kib_s` KiB/s (curl 7.88's own `--limit-rate` lets some transfers through at full
     /// speed) through a client receive buffer of 64 KiB: they last 4 MiB / `kib_s`, so they are
@@ -327,13 +346,8 @@ fn appliances_forward_by_dsr_and_a_killed_appliance_loses_no_connection() {
     let mut ports = lab.ports_owned_by(2, first, 4);
     ports.extend(lab.ports_owned_by(1, first, 4));
     assert_eq!(ports.len(), 8);
-    let mut downloads = lab.downloads(&ports, 512);
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        running(&mut downloads),
-        8,
-        "the downloads run when the appliance dies"
-    );
+    let downloads =
+        lab.running_downloads(&ports, 512, Duration::from_secs(2), "the appliance dies");
     let victim = lab.engines.remove(&2).unwrap();
     signal(victim, "KILL");
     lab.topo.kill(victim);
@@ -425,13 +439,8 @@ fn an_appliance_that_joins_under_load_loses_no_connection() {
     // stay with node 1 once in 4,096 runs; the test then says so).
     let first = *PINNED_CLIENT_PORTS.start();
     let ports: Vec<u16> = (first..first + 12).collect();
-    let mut downloads = lab.downloads(&ports, 128);
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(
-        running(&mut downloads),
-        12,
-        "the downloads run when the appliance joins"
-    );
+    let mut downloads =
+        lab.running_downloads(&ports, 128, Duration::from_secs(1), "the appliance joins");
     let joined = Instant::now();
     lab.start_node(2, &nodes, &dsr_web());
     lab.wait_members(&nodes, Duration::from_secs(30));
@@ -586,13 +595,8 @@ fn a_drained_backend_keeps_its_flows_and_a_killed_one_is_avoided() {
     // downloads finish.
     let first = *PINNED_CLIENT_PORTS.start();
     let ports: Vec<u16> = (first..first + 12).collect();
-    let mut downloads = lab.downloads(&ports, 1024);
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        running(&mut downloads),
-        12,
-        "the downloads run when b1 is drained"
-    );
+    let downloads =
+        lab.running_downloads(&ports, 1024, Duration::from_millis(500), "b1 is drained");
     let out = run_cmd(&[
         "drain-backend",
         "--config",
@@ -616,13 +620,7 @@ fn a_drained_backend_keeps_its_flows_and_a_killed_one_is_avoided() {
 
     // Kill backend 2's server under load: only its connections are lost.
     let ports: Vec<u16> = (first + 100..first + 112).collect();
-    let mut downloads = lab.downloads(&ports, 512);
-    std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(
-        running(&mut downloads),
-        12,
-        "the downloads run when b2 dies"
-    );
+    let downloads = lab.running_downloads(&ports, 512, Duration::from_millis(800), "b2 dies");
     let victim = lab.servers[&2];
     signal(victim, "KILL");
     let killed = Instant::now();
