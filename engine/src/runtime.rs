@@ -249,8 +249,11 @@ pub fn control_thread(
             }
             node.set_wire_link(link.wire_link_up.load(Relaxed), now_ns(), &mut out);
             node.set_cores_running(cores.running(&link, now, me), now_ns(), &mut out);
-            node.handle_tick(now_ns(), &mut out);
+            // The backends first: after a reload, the checks follow the new services and the
+            // report names their places before the tick's heartbeat carries it.
             backends.tick(&current.config, &link, now_ns());
+            node.set_backend_report(backends.report(node.drained_backends(), &link.services()));
+            node.handle_tick(now_ns(), &mut out);
             let left_out = node.backends().left_out();
             if left_out != backends_left_out {
                 backends_left_out = left_out;
@@ -277,7 +280,6 @@ pub fn control_thread(
                     );
                 }
             }
-            node.set_backend_report(backends.report(node.drained_backends(), &link.services()));
             link.set_members(&node);
             let mut v = control_view(&node, me, now_ns());
             if let Some(h) = &health {
@@ -898,12 +900,19 @@ fn reload(
         .any(|k| k == "services" || k.starts_with("services.") || k == "unmatched");
     // Backends that stay keep their ids, learned MACs and states. The agreed table in force
     // applies at once, renumbered for the new file (it names backends by their place in it):
-    // a backend that stays keeps its state, a new one is up until the next table, which this
-    // node's checks and drains then change.
+    // a backend that stays keeps its state, a new one is down until its checks say otherwise
+    // (up if its service checks nothing), which this node's reports and the next table then
+    // carry.
     let compiled = services_changed.then(|| {
         let before = link.services();
         let fresh = Services::compile(&next.config, &next.secret, Some(&before));
-        let table = before.renumbered(node.backends().table(), &fresh);
+        let checked = |ri: usize| {
+            next.config
+                .services
+                .get(ri)
+                .is_some_and(|s| s.backend_health.is_some())
+        };
+        let table = before.renumbered(node.backends().table(), &fresh, checked);
         let services = fresh.with_table(&next.secret, &table);
         (before, services, table)
     });
@@ -921,6 +930,9 @@ fn reload(
                 );
             }
             if let Some((before, services, table)) = compiled {
+                // A table this pass queued (a message or a tick before the operator's request)
+                // names the old file's places; the renumbered one holds it already.
+                out.retain(|o| !matches!(o, Output::Backends(_)));
                 node.renumber_backends(table);
                 // A drain is of a server: it ends when its id leaves or names another one.
                 node.keep_drained(|id| {
@@ -1079,7 +1091,7 @@ mod tests {
             down: [1].into(),
             drained: [3].into(),
         };
-        let renumbered = before.renumbered(&old_table, &reloaded);
+        let renumbered = before.renumbered(&old_table, &reloaded, |_| false);
         assert_eq!(
             (
                 renumbered.epoch,
@@ -1100,7 +1112,13 @@ mod tests {
         assert_eq!(
             state("198.18.0.24"),
             Some(BackendState::Up),
-            "a new server on a freed id"
+            "a new server on a freed id, of a service that checks nothing"
+        );
+        let checked = before.renumbered(&old_table, &reloaded, |_| true);
+        assert_eq!(
+            checked.down,
+            [3].into(),
+            "checked, the new server (place 3) is down until it answers"
         );
         let none = config(&crate::config::tests::LAB.replace(
             "  mac: 02:00:00:00:00:01\n",

@@ -18,7 +18,7 @@
 //! remembers it) whatever the table says, as Maglev does.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -72,7 +72,7 @@ impl BackendTable {
     /// The next table if `agreed` differs from this one (the epoch moves on), else `None`.
     pub fn next(&self, agreed: &Report) -> Option<BackendTable> {
         (agreed.down != self.down || agreed.drained != self.drained).then(|| BackendTable {
-            epoch: self.epoch + 1,
+            epoch: self.epoch.saturating_add(1),
             down: agreed.down.clone(),
             drained: agreed.drained.clone(),
         })
@@ -130,6 +130,10 @@ impl Hysteresis {
 /// without `backend_health` are never checked and never down.
 #[derive(Debug, Default)]
 pub struct LocalVerdicts {
+    /// The backends `down` speaks of, by id and address: the latest targets, which
+    /// [`LocalVerdicts::retarget`] sets at once (the checker takes them up at its next round).
+    /// Locked before `down` when both are.
+    checked: Mutex<Vec<(u16, IpAddr)>>,
     down: Mutex<BTreeSet<u16>>,
     /// Every backend has been checked enough times (`rise` or `fall`) for its verdict to mean
     /// something: before that, the node reports nothing.
@@ -139,12 +143,54 @@ pub struct LocalVerdicts {
 }
 
 impl LocalVerdicts {
+    /// The verdicts of a checker that starts on `targets`: every one down until it answers
+    /// (see [`Hysteresis::new`]), nothing reported until the checks settle.
+    pub fn new<'a>(targets: impl IntoIterator<Item = &'a Target>) -> LocalVerdicts {
+        let checked: Vec<(u16, IpAddr)> = targets.into_iter().map(Target::server).collect();
+        LocalVerdicts {
+            down: Mutex::new(checked.iter().map(|&(id, _)| id).collect()),
+            checked: Mutex::new(checked),
+            ..LocalVerdicts::default()
+        }
+    }
+
     /// The services were published again (a `reload`, a MAC learned, an agreed table): from
     /// its next round, the checker checks the backends `config` and `services` name (the same
     /// ones, but after a reload).
+    ///
+    /// The verdicts follow at once, before the checker's next round: a backend the reload adds
+    /// (or an id that now names another server) is down until it answers, one it removes is
+    /// forgotten. (Until that round, the verdict of a new server on a reused id would otherwise
+    /// be its predecessor's, and a new one would not be reported down.)
     pub fn retarget(&self, config: &Config, services: &super::Services) {
-        if let Ok(mut next) = self.next.lock() {
-            *next = Some(targets(config, services));
+        let next = targets(config, services);
+        if let (Ok(mut checked), Ok(mut down)) = (self.checked.lock(), self.down.lock()) {
+            let now: Vec<(u16, IpAddr)> = next.iter().map(Target::server).collect();
+            down.retain(|id| now.iter().any(|(i, _)| i == id));
+            down.extend(
+                now.iter()
+                    .filter(|server| !checked.contains(server))
+                    .map(|(id, _)| *id),
+            );
+            *checked = now;
+        }
+        if let Ok(mut pending) = self.next.lock() {
+            *pending = Some(next);
+        }
+    }
+
+    /// A check of `t` changed its verdict to `up`: `down` follows unless `t` is no longer a
+    /// target (a retarget came during the round: its verdict started over then).
+    pub fn record(&self, t: &Target, up: bool) {
+        if let (Ok(checked), Ok(mut down)) = (self.checked.lock(), self.down.lock()) {
+            if !checked.contains(&t.server()) {
+                return;
+            }
+            if up {
+                down.remove(&t.id);
+            } else {
+                down.insert(t.id);
+            }
         }
     }
 
@@ -169,6 +215,13 @@ pub struct Target {
     pub id: u16,
     pub name: String,
     pub check: HealthConfig,
+}
+
+impl Target {
+    /// The server it checks: its id and address (the check's port and settings aside).
+    fn server(&self) -> (u16, IpAddr) {
+        (self.id, self.check.address.ip())
+    }
 }
 
 /// The checks `config` asks for, one per backend of a service with `backend_health`.
@@ -337,11 +390,7 @@ pub fn spawn_checker(
         return Ok(None);
     }
     let mut checks = Checks::new(targets);
-    let verdicts = Arc::new(LocalVerdicts {
-        // Down until they answer (see `Hysteresis::new`).
-        down: Mutex::new(checks.targets().map(|t| t.id).collect()),
-        ..LocalVerdicts::default()
-    });
+    let verdicts = Arc::new(LocalVerdicts::new(checks.targets()));
     let shared = Arc::clone(&verdicts);
     std::thread::Builder::new()
         .name("backend-health".into())
@@ -350,11 +399,8 @@ pub fn spawn_checker(
             loop {
                 let started = std::time::Instant::now();
                 if let Some(next) = shared.next.lock().ok().and_then(|mut n| n.take()) {
+                    // The verdicts followed already (`LocalVerdicts::retarget`).
                     let changes = checks.retarget(next);
-                    if let Ok(mut down) = shared.down.lock() {
-                        down.retain(|id| !changes.forgotten.contains(id));
-                        down.extend(&changes.start_down);
-                    }
                     for t in checks.targets() {
                         if changes.start_down.contains(&t.id) {
                             tracing::info!(backend = %t.name, "backend check: new, down until it answers");
@@ -366,13 +412,7 @@ pub fn spawn_checker(
                 let results = check_round(&targets);
                 for (i, (t, result)) in targets.iter().zip(results).enumerate() {
                     if let Some(up) = checks.record(i, result.is_ok()) {
-                        if let Ok(mut down) = shared.down.lock() {
-                            if up {
-                                down.remove(&t.id);
-                            } else {
-                                down.insert(t.id);
-                            }
-                        }
+                        shared.record(t, up);
                         match &result {
                             Ok(()) => tracing::info!(backend = %t.name, "backend check: up"),
                             Err(e) => tracing::warn!(

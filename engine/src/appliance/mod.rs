@@ -430,11 +430,14 @@ impl Services {
     /// An agreed table that names these services' backends by their places, renumbered for
     /// `next` (this node's services after a reload: ids that stay name the same servers):
     /// a backend that stays keeps its state under its new place; one that left is gone from
-    /// it; one `next` adds is in neither list.
+    /// it; one `next` adds (or puts on a freed id) is down if `checked` says its rule's
+    /// backends are checked (by index in `next`): it takes no new flow before it has answered,
+    /// as its checks start it down (`health::LocalVerdicts::retarget`), else in neither list.
     pub fn renumbered(
         &self,
         table: &health::BackendTable,
         next: &Services,
+        checked: impl Fn(usize) -> bool,
     ) -> health::BackendTable {
         let moved = |places: &std::collections::BTreeSet<u16>| {
             self.backends()
@@ -446,9 +449,16 @@ impl Services {
                 })
                 .collect()
         };
+        let mut down: std::collections::BTreeSet<u16> = moved(&table.down);
+        // New to the checks as `health::Checks::retarget` tells: another address on the id.
+        down.extend(
+            next.backends()
+                .filter(|&(ri, b)| checked(ri) && self.by_id(b.id).map(|(_, o)| o.ip) != Some(b.ip))
+                .map(|(_, b)| b.agreed),
+        );
         health::BackendTable {
             epoch: table.epoch,
-            down: moved(&table.down),
+            down,
             drained: moved(&table.drained),
         }
     }

@@ -30,7 +30,7 @@ pub enum Way {
 pub struct Route {
     /// The index of its rule in [`Services::rules`].
     pub rule: u16,
-    /// It takes new flows (neither down nor drained).
+    /// It takes new flows (neither down nor drained, nor of weight 0).
     pub up: bool,
     /// Its rule's path MTU (encapsulation: larger packets are answered "too big").
     pub mtu: u16,
@@ -81,7 +81,7 @@ impl Routes {
             // Rules are bounded by MAX_BACKENDS (4095): the index fits in u16.
             by_id[id] = Some(Route {
                 rule: ri as u16,
-                up: b.state == BackendState::Up,
+                up: b.state == BackendState::Up && b.weight > 0,
                 mtu: rule.mtu,
                 way,
             });

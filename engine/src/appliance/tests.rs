@@ -302,15 +302,21 @@ fn the_backend_checks_follow_a_reload() {
         (c, s)
     };
     let mut checks = Checks::new(targets(&c, &s));
+    let verdicts = super::health::LocalVerdicts::new(checks.targets());
     let ids: BTreeSet<u16> = checks.targets().map(|t| t.id).collect();
     assert_eq!(ids, BTreeSet::from([1, 2, 3, 4]));
+    assert_eq!(verdicts.down(), ids, "down until they answer");
     // Every backend answers twice (rise 2): all up.
     for _ in 0..2 {
         for i in 0..4 {
-            checks.record(i, true);
+            if checks.record(i, true) == Some(true) {
+                verdicts.record(checks.targets().nth(i).unwrap(), true);
+            }
         }
     }
     assert!((1..=4).all(|id| checks.is_up(id) == Some(true)));
+    assert!(verdicts.down().is_empty());
+    let old_first = checks.targets().find(|t| t.id == 1).unwrap().clone();
 
     // The reload of `backends_keep_their_ids_across_reloads`: web's first backend goes, dns
     // gets a new one, which takes the freed id 1.
@@ -322,6 +328,13 @@ fn the_backend_checks_follow_a_reload() {
         );
     let c2 = config(&text);
     let s2 = Services::compile(&c2, b"secret", Some(&s));
+    // The node's verdicts follow the reload at once, before the checker's next round: the new
+    // server on id 1 is down; a result of the round under way about the server that left
+    // changes nothing.
+    verdicts.retarget(&c2, &s2);
+    assert_eq!(verdicts.down(), BTreeSet::from([1]));
+    verdicts.record(&old_first, true);
+    assert_eq!(verdicts.down(), BTreeSet::from([1]), "a stale result");
     let changes = checks.retarget(targets(&c2, &s2));
     assert_eq!(
         changes.start_down,
@@ -345,18 +358,27 @@ fn the_backend_checks_follow_a_reload() {
 
     // The reload's services: id 1 is a new server, up as compiled. The agreed table in force
     // had the server that left down (198.18.0.21, the file's first backend): renumbered for the
-    // new file, as the node applies it on reload, it names nobody now, so the new server on
-    // the freed id is up, and the others stay as they were.
+    // new file, as the node applies it on reload, that place names nobody now; the new server
+    // on the freed id is down (its service checks its backends: it has not answered yet), and
+    // the others stay as they were.
     assert_eq!(s2.backend(1, 1).map(|b| b.state), Some(BackendState::Up));
     let table = super::health::BackendTable {
         epoch: 3,
         down: BTreeSet::from([1]),
         drained: BTreeSet::new(),
     };
-    let renumbered = s.renumbered(&table, &s2);
-    assert!(renumbered.down.is_empty() && renumbered.epoch == 3);
+    let checked = |ri: usize| c2.services[ri].backend_health.is_some();
+    let renumbered = s.renumbered(&table, &s2, checked);
+    let new_place = s2.by_id(1).unwrap().1.agreed;
+    assert_eq!(renumbered.down, BTreeSet::from([new_place]));
+    assert_eq!(renumbered.epoch, 3);
     let applied = s2.with_table(b"secret", &renumbered);
-    assert!(applied.backends().all(|(_, b)| b.state == BackendState::Up));
+    assert!(applied.backends().all(|(_, b)| b.state
+        == if b.id == 1 {
+            BackendState::Down
+        } else {
+            BackendState::Up
+        }));
 
     // New check settings (port, interval, rise, path) keep every verdict...
     let tuned = text.replace(

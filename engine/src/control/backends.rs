@@ -1,8 +1,10 @@
 //! The agreed backend table (appliance mode): every node reports the backends it sees down and
 //! the ones its operator drained; the coordinator turns the live nodes' reports into the next
-//! epoch-numbered [`BackendTable`] ([`crate::appliance::health::agree`]) and sends it with its
-//! own report; every node applies the coordinator's table, so that all choose new flows'
-//! backends from the same pool.
+//! epoch-numbered [`BackendTable`] ([`crate::appliance::health::agree`]); every node sends its
+//! report and the table it holds, and applies the coordinator's table unless it holds a newer
+//! one, so that all choose new flows' backends from the same pool. Epochs only grow: a
+//! coordinator goes on above the highest epoch any node holds (it restarted, a partition
+//! healed).
 //!
 //! Sans-IO, driven by [`super::Membership`] (which authenticates the messages and knows who
 //! coordinates and who is live): [`BackendAgreement::received`] for a peer's [`Backends`]
@@ -229,7 +231,11 @@ impl BackendAgreement {
         }
         let table = msg.table.as_ref()?;
         self.max_epoch = self.max_epoch.max(table.epoch);
-        if from_coordinator && *table != self.table {
+        // An older table (a late copy on the slower path, a coordinator that restarted and
+        // has not caught up yet) never replaces a newer one: the coordinator goes on above the
+        // highest epoch it hears of ([`BackendAgreement::coordinate`]). Under the same epoch,
+        // the coordinator's table wins (two sides of a healed partition may have made one each).
+        if from_coordinator && table.epoch >= self.table.epoch && *table != self.table {
             self.table = table.clone();
             return Some(self.table.clone());
         }
@@ -259,8 +265,20 @@ impl BackendAgreement {
                 self.left_out += 1;
             }
         }
-        let mut next = self.table.next(&agreed)?;
-        next.epoch = next.epoch.max(self.max_epoch + 1);
+        // A node holds a newer table than this one (this node restarted, or coordinated
+        // before it had heard the others): a table above it, even if nothing changed here, so
+        // that every node takes it.
+        let behind = self.table.epoch < self.max_epoch;
+        let mut next = match self.table.next(&agreed) {
+            Some(next) => next,
+            None if behind => BackendTable {
+                epoch: self.table.epoch,
+                down: agreed.down,
+                drained: agreed.drained,
+            },
+            None => return None,
+        };
+        next.epoch = self.table.epoch.max(self.max_epoch).saturating_add(1);
         self.max_epoch = next.epoch;
         self.table = next.clone();
         Some(next)
@@ -272,12 +290,15 @@ impl BackendAgreement {
         self.left_out
     }
 
-    /// What to send this tick (the table too when `coordinator`); `None` without backends.
-    pub fn message(&self, coordinator: bool) -> Option<Backends> {
+    /// What to send this tick; `None` without backends. Every node sends the table it holds
+    /// once it has one (epoch 0: none made or applied yet, never sent): only the
+    /// coordinator's is applied, the others' epochs tell a new coordinator where to go on
+    /// from.
+    pub fn message(&self) -> Option<Backends> {
         self.active().then(|| Backends {
             digest: self.digest,
             report: self.own.clone(),
-            table: coordinator.then(|| self.table.clone()),
+            table: (self.table.epoch > 0).then(|| self.table.clone()),
         })
     }
 }
@@ -313,7 +334,7 @@ mod tests {
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| live & (1 << i) != 0)
-                .filter_map(|(i, a)| a.message(i == 0).map(|m| (n(i as u8 + 1), m)))
+                .filter_map(|(i, a)| a.message().map(|m| (n(i as u8 + 1), m)))
                 .collect();
             for (i, a) in nodes.iter_mut().enumerate() {
                 for (from, m) in &msgs {
@@ -339,7 +360,7 @@ mod tests {
         assert_eq!(table.drained.len(), 11);
         assert_eq!(a.left_out(), 100 - MAX_IDS);
         let mut bytes = Vec::new();
-        a.message(true).unwrap().encode(&mut bytes);
+        a.message().unwrap().encode(&mut bytes);
         let (decoded, _) = Backends::decode(&bytes).unwrap();
         assert_eq!(decoded.table.as_ref(), Some(a.table()));
         let mut b = BackendAgreement::new(1);
@@ -368,7 +389,7 @@ mod tests {
             "no table of the stale report"
         );
         assert_eq!(a.table(), &renumbered);
-        assert_eq!(a.message(true).unwrap().report, None);
+        assert_eq!(a.message().unwrap().report, None);
         a.set_own(Some(down(&[2])));
         assert_eq!(a.coordinate(n(1), 0b1), None, "the same table: nothing new");
     }
@@ -456,6 +477,72 @@ mod tests {
         assert_eq!(Backends::decode(&b), Some((no_table, b.len())));
     }
 
+    /// The coordinator restarts while the others still hold the table it made (backend 5
+    /// down): whatever it sends before it has heard them, no node ever applies an older epoch
+    /// or a table with 5 up, and once it has heard their epochs its table goes above them.
+    #[test]
+    fn a_restarted_coordinator_never_takes_an_agreed_table_back() {
+        let mut nodes = vec![settled(42); 3];
+        nodes[1].set_own(Some(down(&[5])));
+        nodes[2].set_own(Some(down(&[5])));
+        rounds(&mut nodes, 0b111, 3);
+        let agreed = nodes[1].table().clone();
+        assert!(agreed.epoch > 0 && agreed.down.contains(&5));
+        // Node 1 again, fresh: no table (nothing sent), and its checks have not settled.
+        nodes[0] = BackendAgreement::new(42);
+        assert_eq!(
+            nodes[0].message().unwrap().table,
+            None,
+            "no table before one is made"
+        );
+        let mut epochs = [agreed.epoch; 3];
+        for round in 0..4 {
+            rounds(&mut nodes, 0b111, 1);
+            for (i, a) in nodes.iter().enumerate().skip(1) {
+                assert!(
+                    a.table().epoch >= epochs[i],
+                    "round {round}: node {}",
+                    i + 1
+                );
+                assert!(a.table().down.contains(&5), "round {round}: node {}", i + 1);
+                epochs[i] = a.table().epoch;
+            }
+        }
+        for a in &nodes {
+            assert!(a.table().epoch > agreed.epoch, "a table above the old one");
+            assert_eq!(a.table().down, agreed.down);
+        }
+    }
+
+    /// A late copy of an older table (the slower of the two paths) changes nothing.
+    #[test]
+    fn an_older_table_never_replaces_a_newer_one() {
+        let mut a = settled(42);
+        let msg = |epoch: u64, down: &[u16]| Backends {
+            digest: 42,
+            report: None,
+            table: Some(BackendTable {
+                epoch,
+                down: down.iter().copied().collect(),
+                drained: Default::default(),
+            }),
+        };
+        assert!(a.received(n(1), &msg(3, &[7]), true).is_some());
+        assert!(a.received(n(1), &msg(4, &[]), true).is_some());
+        assert_eq!(a.received(n(1), &msg(3, &[7]), true), None, "late copy");
+        assert!(a.table().down.is_empty());
+        assert_eq!(
+            a.received(n(2), &msg(9, &[7]), false),
+            None,
+            "not the coordinator's"
+        );
+        assert!(a.table().down.is_empty());
+        // Made coordinator, it goes on above the highest epoch it heard of.
+        a.set_own(Some(down(&[])));
+        let t = a.coordinate(n(1), 0b1).unwrap();
+        assert!(t.epoch > 9 && t.down.is_empty());
+    }
+
     #[test]
     fn a_new_coordinator_goes_on_from_the_highest_epoch() {
         let mut nodes = vec![settled(42); 2];
@@ -469,7 +556,7 @@ mod tests {
         let t = nodes[1].coordinate(n(2), 0b10).unwrap();
         assert!(t.epoch > epoch && t.down.is_empty());
         assert_eq!(
-            BackendAgreement::new(0).message(true),
+            BackendAgreement::new(0).message(),
             None,
             "no backends, no messages"
         );

@@ -621,13 +621,15 @@ impl Membership {
         if !self.backends.active() || self.speaks() < 3 {
             return;
         }
-        let coordinator = self.is_coordinator();
-        if coordinator {
+        // A node without a plan (just started, say) makes no table even if it is the lowest
+        // live id: it has not heard the others' tables yet, and the nodes that follow a plan
+        // may still take it as their coordinator.
+        if self.cur.is_some() && self.is_coordinator() {
             if let Some(table) = self.backends.coordinate(self.cfg.me, self.serving_bits()) {
                 out.push(Output::Backends(table));
             }
         }
-        if let Some(m) = self.backends.message(coordinator) {
+        if let Some(m) = self.backends.message() {
             self.send(Body::Backends(m), out);
         }
     }

@@ -201,11 +201,18 @@ fn a_change_of_the_pool_moves_no_existing_flow() {
 }
 
 /// A client port whose last connection went to a backend that has since failed or been
-/// drained (refused: no TIME_WAIT, so the port comes back at once): the new connection's SYN
-/// goes to a backend that is up, and the flow stays there; segments of the old connection still
-/// go to the old backend until then.
+/// drained or weighted 0 (refused: no TIME_WAIT, so the port comes back at once): the new
+/// connection's SYN goes to a backend that is up, and the flow stays there; segments of the old
+/// connection still go to the old backend until then.
 #[test]
 fn a_new_connection_on_a_reused_port_avoids_a_backend_that_is_down_or_drained() {
+    reused_ports_avoid(|b| b.state = BackendState::Drained);
+    reused_ports_avoid(|b| b.weight = 0);
+}
+
+/// [`a_new_connection_on_a_reused_port_avoids_a_backend_that_is_down_or_drained`] with
+/// backend 1 down and backend 2 as `stop` leaves it.
+fn reused_ports_avoid(stop: fn(&mut crate::appliance::Backend)) {
     let mut p = appliances(1, "dsr").remove(0);
     let mut on = Vec::new();
     for i in 0..300 {
@@ -215,7 +222,7 @@ fn a_new_connection_on_a_reused_port_avoids_a_backend_that_is_down_or_drained() 
     let s = p
         .services()
         .with_backend(SECRET, 1, |b| b.state = BackendState::Down);
-    let s = s.with_backend(SECRET, 2, |b| b.state = BackendState::Drained);
+    let s = s.with_backend(SECRET, 2, stop);
     p.set_services(Arc::new(s));
     let mut moved = 0;
     for (i, &was) in on.iter().enumerate() {
