@@ -410,9 +410,17 @@ fn print_reply(reply: &Reply) {
         Reply::Reload(r) => println!("reload: applied {}", r.applied.join(", ")),
         Reply::DrainBackend(b) => println!("{b}"),
         Reply::OwnerOf(o) => {
-            let opt = |n: Option<u8>| {
-                n.map_or("nobody (handoff gap)".to_owned(), |n| format!("node {n}"))
+            // A `single` rule's flows go to its first serving node, not by bucket.
+            let single = o
+                .service
+                .as_ref()
+                .is_some_and(|s| s.mode == Some(clonecluster::config::RuleMode::Single));
+            let nobody = if single {
+                "nobody (no node of the rule's priority list serves)"
+            } else {
+                "nobody (handoff gap)"
             };
+            let opt = |n: Option<u8>| n.map_or(nobody.to_owned(), |n| format!("node {n}"));
             println!("flow                {}", o.flow);
             println!(
                 "bucket              {} (affinity {})",

@@ -27,6 +27,7 @@ use super::service_status;
 use super::timeline::Timeline;
 use crate::appliance::Services;
 use crate::cluster::{Affinity, Bucket, BucketHasher, FlowKey, NodeId, Weight};
+use crate::config::RuleMode;
 use crate::control::operator::{
     DrainDeadline, DrainReply, NodeState, NodeStatus, OwnerReply, Refused, ReloadReply, Reply,
     Request, Status,
@@ -372,6 +373,15 @@ impl Node {
                     *dst,
                     proto.number(),
                 );
+                // A `single` rule's flows are its first serving node's, whatever their bucket.
+                if let Some(service) = o
+                    .service
+                    .as_ref()
+                    .filter(|s| s.mode == Some(RuleMode::Single))
+                {
+                    o.new_flows_owner = service.rule_owner;
+                    o.owner_when_settled = service.rule_owner;
+                }
             }
             _ => {}
         }
@@ -617,6 +627,48 @@ mod tests {
             !o.role_of_this_node.contains('{'),
             "{}",
             o.role_of_this_node
+        );
+    }
+
+    /// A `single` rule's flows go to its first serving node, not to their bucket's owner:
+    /// `owner-of` says so (here node 2, first in the list, is not serving: nobody takes them).
+    #[test]
+    fn owner_of_names_a_single_rules_node() {
+        let mut n = node();
+        let mut out = Vec::new();
+        n.handle_tick(0, &mut out);
+        let text = crate::config::tests::LAB.to_owned()
+            + "services:\n  - name: web\n    addresses: [198.18.0.100]\n    ports: [80]\n    \
+               delivery: local\n  - name: dns\n    addresses: [198.18.0.100]\n    \
+               protocol: udp\n    ports: [53]\n    mode: single\n    priority: [2]\n    \
+               delivery: local\n";
+        let c = crate::config::Config::parse(&text, "t.yaml").unwrap();
+        c.validate("t.yaml").unwrap();
+        let services = Services::compile(&c, b"secret", None);
+        let ask = |n: &mut Node, line: &str| {
+            let request = Request::parse(line).unwrap();
+            let mut out = Vec::new();
+            let mut reply = n.request(&request, &Timeline::default(), 0, &mut out);
+            n.describe_services(&request, &mut reply, &services);
+            let Reply::OwnerOf(o) = reply else {
+                panic!("no owner-of reply");
+            };
+            o
+        };
+        // Alone, the node comes to own every bucket.
+        let mut t = 0;
+        while n.m.snapshot().new_flow_owner(Bucket(0)).is_none() && t < 100_000_000_000 {
+            t += 100_000_000;
+            n.handle_tick(t, &mut out);
+        }
+        let web = ask(&mut n, "owner-of 198.18.0.7:40000 198.18.0.100:80");
+        assert_eq!(web.new_flows_owner, Some(1), "its bucket's owner");
+        let dns = ask(&mut n, "owner-of 198.18.0.7:40000 198.18.0.100:53 udp");
+        assert_eq!(dns.service.as_ref().and_then(|s| s.rule_owner), None);
+        assert_eq!(
+            (dns.new_flows_owner, dns.owner_when_settled),
+            (None, None),
+            "not the bucket's owner: nobody serves the rule"
         );
     }
 
