@@ -10,6 +10,7 @@ use std::net::IpAddr;
 
 use crate::cluster::handoff::{self, FlowLookup, Forget, Take, Verdict};
 use crate::cluster::{Bucket, FlowHash, FlowState, FlowTable, TcpFlags, Upsert};
+use crate::config::Unmatched;
 use crate::control::Phase;
 use crate::wire::{self, ethernet, parse_l2_l4, EtherType, IpProtocol, Parsed, CONTROL_ETHERTYPE};
 
@@ -177,6 +178,15 @@ impl Pipeline {
                 if self.services.active() {
                     if let Some(action) = self.service_echo(buf, p, bucket, to_cluster) {
                         return action;
+                    }
+                    // No rule has this protocol (GRE, say) at a service address: under
+                    // `unmatched: drop`, dropped as TCP/UDP to an unserved port is. (The cluster
+                    // address's own traffic goes to its owner's kernel, which holds it.)
+                    if !to_cluster
+                        && self.services.unmatched() == Unmatched::Drop
+                        && self.services.is_address(p.dst_ip)
+                    {
+                        return Action::Drop(DropReason::NoRule);
                     }
                 }
                 if self.mine(bucket) {

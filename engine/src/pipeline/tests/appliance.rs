@@ -267,6 +267,46 @@ fn rules_drop_what_they_do_not_serve() {
     assert_eq!(run(&mut p, &web, 1).0, Action::Drop(DropReason::NoBackend));
 }
 
+/// Under `unmatched: drop`, a packet of another protocol than the rules' (GRE, a timestamp
+/// request) to a service address is no rule's: dropped and counted, not delivered to the
+/// owner's kernel. The cluster address's own traffic (its owner's kernel answers pings) is
+/// untouched.
+#[test]
+fn unmatched_drop_takes_every_protocol_to_a_service_address() {
+    let text = SERVICES.replace("DELIVERY", "dsr").replace(
+        "    addresses: [198.18.0.1]\n    ports: [80]",
+        "    addresses: [198.18.0.1, 198.18.0.50]\n    ports: [80]",
+    );
+    let to = |dst: [u8; 4], mut frame: Vec<u8>| {
+        frame[30..34].copy_from_slice(&dst);
+        frame[24..26].fill(0);
+        let c = build::checksum(&[&frame[14..34]]);
+        frame[24..26].copy_from_slice(&c.to_be_bytes());
+        frame
+    };
+    let (src, _) = client(3);
+    let gre = || build::ipv4([2, 0, 0, 0, 0, 0x64], src, 47, &mut [0u8; 8], None);
+    for unmatched in ["drop", "local"] {
+        let text = format!("{text}unmatched: {unmatched}\n");
+        let mut p = appliances_with(1, &text).remove(0);
+        let want = if unmatched == "drop" {
+            Action::Drop(DropReason::NoRule)
+        } else {
+            Action::Deliver
+        };
+        assert_eq!(
+            run(&mut p, &to([198, 18, 0, 50], gre()), 1).0,
+            want,
+            "{unmatched}"
+        );
+        assert_eq!(
+            run(&mut p, &gre(), 1).0,
+            Action::Deliver,
+            "to the cluster address"
+        );
+    }
+}
+
 #[test]
 fn gue_and_ipip_carry_the_client_packet_from_the_node_address() {
     for (delivery, push, proto) in [("gue", 32, 17u8), ("ipip", 20, 4)] {
