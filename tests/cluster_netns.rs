@@ -1077,15 +1077,15 @@ fn heartbeat_loss_rises_for_a_dead_peer_and_json_logs_carry_node_and_epoch() {
     lab.converged(&ids, Duration::from_secs(30)).unwrap();
     let before = lab.metrics(1);
     let missed = |text: &str| metric(text, "peer_heartbeats_missed_total", &["peer=\"2\""]);
-    let seen = |text: &str| metric(text, "peer_last_seen_ms", &["peer=\"2\"", "path=\"Udp\""]);
+    let seen = |text: &str| metric(text, "peer_last_seen_ms", &["peer=\"2\"", "path=\"udp\""]);
     assert!(
         before.contains(
-            "clonecluster_peer_heartbeats_missed_total{node=\"1\",peer=\"2\",path=\"Udp\"}"
+            "clonecluster_peer_heartbeats_missed_total{node=\"1\",peer=\"2\",path=\"udp\"}"
         ),
         "{before}"
     );
     assert!(before
-        .contains("clonecluster_peer_messages_lost_total{node=\"1\",peer=\"2\",path=\"Wire\"}"));
+        .contains("clonecluster_peer_messages_lost_total{node=\"1\",peer=\"2\",path=\"wire\"}"));
     assert_eq!(metric(&before, "peer_alive", &["peer=\"2\""]), 1);
     // Heard within the last few intervals (100 ms each) while alive; generous for a busy box.
     assert!(seen(&before) < 2000, "{before}");
@@ -1218,8 +1218,8 @@ fn accounting(text: &str) -> ((u64, u64), (u64, u64)) {
         + m("control_frames_total", &[])
         + m("dropped_frames_total", &[]);
     let control = m("control_frames_total", &[]);
-    let control_accounted = m("control_accepted_total", &["path=\"Wire\""])
-        + m("control_refused_total", &["path=\"Wire\""])
+    let control_accounted = m("control_accepted_total", &["path=\"wire\""])
+        + m("control_refused_total", &["path=\"wire\""])
         + m("wire_control_dropped_total", &[]);
     ((received, accounted), (control, control_accounted))
 }
@@ -1271,7 +1271,7 @@ fn floods_on_the_segment_are_counted_and_break_nothing() {
     // Forged and replayed control datagrams on the side channel, from node 1's namespace to
     // node 2's control address: refused and counted, nobody declared dead.
     let udp_refused =
-        |lab: &Lab| metric(&lab.metrics(2), "control_refused_total", &["path=\"Udp\""]);
+        |lab: &Lab| metric(&lab.metrics(2), "control_refused_total", &["path=\"udp\""]);
     let before = udp_refused(&lab);
     let node1 = lab.topo.node(1).unwrap().clone();
     let sent =

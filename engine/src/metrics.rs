@@ -311,7 +311,10 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
     for p in &view.peers {
         for path in Path::ALL {
             if let Some(age) = p.last_seen_ms_ago[path.index()] {
-                seen.push((format!(",peer=\"{}\",path=\"{path:?}\"", p.node), age));
+                seen.push((
+                    format!(",peer=\"{}\",path=\"{}\"", p.node, path.name()),
+                    age,
+                ));
             }
         }
     }
@@ -326,7 +329,7 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
         for p in &view.peers {
             for path in Path::ALL {
                 rows.push((
-                    format!(",peer=\"{}\",path=\"{path:?}\"", p.node),
+                    format!(",peer=\"{}\",path=\"{}\"", p.node, path.name()),
                     f(p, path.index()),
                 ));
             }
@@ -391,14 +394,14 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
          are empty.",
         &Path::ALL
             .iter()
-            .map(|p| (format!(",path=\"{p:?}\""), view.accepted[p.index()]))
+            .map(|p| (format!(",path=\"{}\"", p.name()), view.accepted[p.index()]))
             .collect::<Vec<_>>(),
     );
     let mut refused = Vec::new();
     for path in Path::ALL {
         for reason in Refusal::ALL {
             refused.push((
-                format!(",path=\"{path:?}\",reason=\"{reason:?}\""),
+                format!(",path=\"{}\",reason=\"{}\"", path.name(), reason.name()),
                 view.refused[path.index()][reason.index()],
             ));
         }
@@ -679,6 +682,49 @@ services:
             .find(|l| l.starts_with(line_start))
             .unwrap_or_else(|| panic!("no `{line_start}` in\n{text}"));
         line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    /// Label values are words in lower case, as the other labels' are (not Rust's names).
+    #[test]
+    fn paths_and_refusals_are_labelled_in_words() {
+        let link = ControlLink::new(2, Arc::new(Snapshot::empty()));
+        let mut view = ControlView::default();
+        view.refused[Path::Wire.index()][Refusal::BadMac.index()] = 3;
+        view.accepted[Path::Udp.index()] = 5;
+        view.peers.push(PeerView {
+            node: 2,
+            alive: true,
+            last_seen_ms_ago: [Some(7), None],
+            ..PeerView::default()
+        });
+        let text = render(1, &link, &view);
+        assert_eq!(
+            value(
+                &text,
+                "clonecluster_control_refused_total{node=\"1\",path=\"wire\",reason=\"bad-mac\"}"
+            ),
+            3
+        );
+        assert_eq!(
+            value(
+                &text,
+                "clonecluster_control_accepted_total{node=\"1\",path=\"udp\"}"
+            ),
+            5
+        );
+        assert_eq!(
+            value(
+                &text,
+                "clonecluster_peer_last_seen_ms{node=\"1\",peer=\"2\",path=\"udp\"}"
+            ),
+            7
+        );
+        for l in text.lines().filter(|l| l.contains("path=")) {
+            assert!(
+                !l.contains("Udp") && !l.contains("Wire") && !l.contains("BadMac"),
+                "{l}"
+            );
+        }
     }
 
     #[test]

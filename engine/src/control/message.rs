@@ -104,6 +104,14 @@ impl Path {
     fn code(self) -> u8 {
         self.index() as u8 + 1
     }
+
+    /// Its name in metrics and logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Path::Udp => "udp",
+            Path::Wire => "wire",
+        }
+    }
 }
 
 /// Why a received message was refused. A refused message is never acted on; the caller (and
@@ -147,6 +155,21 @@ impl Refusal {
     /// Position in [`Refusal::ALL`].
     pub const fn index(self) -> usize {
         self as usize
+    }
+
+    /// Its name in metrics (the `reason` label).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "malformed",
+            Refusal::UnknownVersion => "unknown-version",
+            Refusal::BadMac => "bad-mac",
+            Refusal::WrongPath => "wrong-path",
+            Refusal::WrongDigest => "wrong-digest",
+            Refusal::Replayed => "replayed",
+            Refusal::Stale => "stale",
+            Refusal::FromSelf => "from-self",
+            Refusal::TableMismatch => "table-mismatch",
+        }
     }
 }
 
