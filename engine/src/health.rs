@@ -112,16 +112,30 @@ pub(crate) fn check_once(cfg: &HealthConfig) -> anyhow::Result<()> {
         .try_for_each(|address| check_at(cfg, address))
 }
 
-/// The check on one address.
+/// The check on one address, all of it (connect, request, answer) within `timeout`: a server
+/// that answers a byte at a time fails it as one that never answers does (a timeout per read
+/// would let it hold the check, and the round, for as long as it dribbles).
 fn check_at(cfg: &HealthConfig, address: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + cfg.timeout.0;
+    let late = || {
+        anyhow!(
+            "{address}: no full answer within {}",
+            humantime::format_duration(cfg.timeout.0)
+        )
+    };
+    let left = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(late)
+    };
     let mut stream = TcpStream::connect_timeout(&address, cfg.timeout.0)
         .with_context(|| format!("connect {address}"))?;
     let Some(path) = &cfg.http_path else {
         return Ok(());
     };
     stream
-        .set_read_timeout(Some(cfg.timeout.0))
-        .and_then(|_| stream.set_write_timeout(Some(cfg.timeout.0)))
+        .set_write_timeout(Some(left()?))
         .context("set the socket timeouts")?;
     // One write: the request in one segment.
     let request = format!(
@@ -132,19 +146,27 @@ fn check_at(cfg: &HealthConfig, address: SocketAddr) -> anyhow::Result<()> {
         .write_all(request.as_bytes())
         .with_context(|| format!("send to {address}"))?;
     let mut head = [0u8; 64];
-    // With a socket timeout set, the kernel never restarts a read that a signal interrupted
-    // (signal(7)), whatever SA_RESTART says: any signal to the process would fail the check.
-    let deadline = std::time::Instant::now() + cfg.timeout.0;
     // The status line may come in several segments (a server writing it piece by piece):
-    // read until its end, a full buffer or the server's close.
+    // read until its end, a full buffer or the server's close, each read waiting only for what
+    // is left of the check's time. (With a socket timeout set, the kernel never restarts a
+    // read that a signal interrupted, whatever SA_RESTART says (signal(7)): it is read again.)
     let mut n = 0;
     while n < head.len() && !head[..n].contains(&b'\n') {
+        stream
+            .set_read_timeout(Some(left()?))
+            .context("set the socket timeouts")?;
         match stream.read(&mut head[n..]) {
             Ok(0) => break,
             Ok(got) => n += got,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e)
-                if e.kind() == std::io::ErrorKind::Interrupted
-                    && std::time::Instant::now() < deadline => {}
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(late())
+            }
             Err(e) => return Err(anyhow::Error::new(e).context(format!("read from {address}"))),
         }
     }
@@ -312,6 +334,30 @@ mod tests {
             rise: 1,
             fall: 1,
         }
+    }
+
+    /// A server that answers one byte at a time, each within the timeout but the whole answer
+    /// not, fails the check: the timeout bounds the check, not each read.
+    #[test]
+    fn a_dribbled_answer_fails_the_check() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            let mut request = [0u8; 256];
+            let _ = stream.read(&mut request);
+            // 17 bytes 200 ms apart: 3.4 s in all, against a timeout of 500 ms.
+            for b in b"HTTP/1.0 200 OK\r\n\r\n" {
+                std::thread::sleep(Duration::from_millis(200));
+                if stream.write_all(&[*b]).is_err() {
+                    return;
+                }
+            }
+        });
+        let e = check_once(&config(address, None)).unwrap_err();
+        assert!(format!("{e:#}").contains("no full answer within"), "{e:#}");
     }
 
     /// A dual-stack service answers only if it answers on both addresses: a service up on IPv4

@@ -360,15 +360,22 @@ fn check_round(targets: &[Target]) -> Vec<anyhow::Result<()>> {
         .chunks(CONCURRENT)
         .flat_map(|chunk| {
             std::thread::scope(|scope| {
+                // A thread the system cannot start fails its check (the checker goes on).
                 let running: Vec<_> = chunk
                     .iter()
-                    .map(|t| scope.spawn(|| crate::health::check_once(&t.check)))
+                    .map(|t| {
+                        std::thread::Builder::new()
+                            .name("backend-check".into())
+                            .spawn_scoped(scope, || crate::health::check_once(&t.check))
+                    })
                     .collect();
                 running
                     .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(anyhow::anyhow!("the check's thread panicked")))
+                    .map(|h| match h {
+                        Ok(h) => h.join().unwrap_or_else(|_| {
+                            Err(anyhow::anyhow!("the check's thread panicked"))
+                        }),
+                        Err(e) => Err(anyhow::anyhow!("cannot start the check's thread: {e}")),
                     })
                     .collect::<Vec<_>>()
             })
