@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::appliance::BackendState;
+use crate::config::{Delivery, RuleMode};
 use crate::control::{FenceReasons, Path, Refusal};
 use crate::dataplane::{ControlLink, CoreLink};
 use crate::pipeline::DropReason;
@@ -457,12 +458,16 @@ fn service_metrics(link: &ControlLink) -> Vec<Metric> {
         bytes.push((service.clone(), total.bytes));
         flows.push((service.clone(), total.new_flows));
         current.push((service.clone(), total.flows));
-        let taking = rule
-            .backends
-            .iter()
-            .filter(|b| b.state == BackendState::Up && b.weight > 0 && b.mac.is_some())
-            .count();
-        up.push((service, taking as u64));
+        // Only a rule that forwards has backends to take its flows: a `local` or disabled one
+        // has no row (a 0 would say its new flows are dropped for want of a backend).
+        if rule.delivery != Delivery::Local && rule.mode != RuleMode::Disabled {
+            let taking = rule
+                .backends
+                .iter()
+                .filter(|b| b.state == BackendState::Up && b.weight > 0 && b.mac.is_some())
+                .count();
+            up.push((service, taking as u64));
+        }
     }
     let too_big = link
         .cores
@@ -674,6 +679,10 @@ services:
     delivery: gue
     backends:
       - { name: c, ip: 198.18.1.21, mac: 02:bb:00:00:00:03 }
+  - name: admin
+    addresses: [198.18.0.100]
+    ports: [22]
+    delivery: local
 "#;
 
     fn value(text: &str, line_start: &str) -> u64 {
@@ -805,6 +814,10 @@ services:
             "b is drained"
         );
         assert_eq!(row("service_backends_up", ",service=\"api\""), 1);
+        assert!(
+            !text.contains("service_backends_up{node=\"1\",service=\"admin\"}"),
+            "a local rule has no backends to be up"
+        );
         assert_eq!(
             row("service_backend_state", &format!("{web_a},state=\"up\"")),
             1
