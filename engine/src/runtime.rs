@@ -765,7 +765,13 @@ impl BackendWatch {
         };
         BackendWatch {
             checks,
-            neighbours: Neighbours::new(&link.services(), c.node.mac, c.node.ip, c.node.ip6),
+            neighbours: Neighbours::new(
+                &link.services(),
+                c.node.mac,
+                c.cluster.mac,
+                c.node.ip,
+                c.node.ip6,
+            ),
             secret: loaded.secret.clone(),
             seen: link.services_version.load(Relaxed),
         }

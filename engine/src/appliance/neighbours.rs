@@ -52,22 +52,26 @@ struct Entry {
 pub struct Neighbours {
     entries: Vec<Entry>,
     node_mac: EthernetAddress,
+    /// Never a backend's (learned, it would send a backend's frames back to every node).
+    cluster_mac: EthernetAddress,
     node_ip: Option<Ipv4Addr>,
     node_ip6: Option<Ipv6Addr>,
 }
 
 impl Neighbours {
     /// For the backends of `services` that have no configured MAC, asked from `node_mac` and
-    /// the node's addresses.
+    /// the node's addresses (`cluster_mac`: the cluster's, which no answer may teach).
     pub fn new(
         services: &Services,
         node_mac: EthernetAddress,
+        cluster_mac: EthernetAddress,
         node_ip: Option<Ipv4Addr>,
         node_ip6: Option<Ipv6Addr>,
     ) -> Neighbours {
         let mut n = Neighbours {
             entries: Vec::new(),
             node_mac,
+            cluster_mac,
             node_ip,
             node_ip6,
         };
@@ -164,9 +168,20 @@ impl Neighbours {
 
     /// An ARP reply or neighbour advertisement to the node's MAC: the MAC it taught and the
     /// backends whose frames go there, if it is news (a first answer or a changed MAC).
+    ///
+    /// Only a unicast MAC that is neither the node's nor the cluster's is learned (a forged
+    /// answer must not flood a backend's frames to the segment or loop them back to the
+    /// cluster), and an advertisement without the override flag never changes a known MAC
+    /// (RFC 4861 7.2.5).
     pub fn received(&mut self, frame: &[u8]) -> Option<(EthernetAddress, &[u16])> {
-        let (ip, mac) = answer(frame)?;
+        let (ip, mac, overrides) = answer(frame)?;
+        if !mac.is_unicast() || mac.0 == [0; 6] || mac == self.node_mac || mac == self.cluster_mac {
+            return None;
+        }
         let e = self.entries.iter_mut().find(|e| e.ip == ip)?;
+        if !overrides && e.mac.is_some_and(|known| known != mac) {
+            return None;
+        }
         // Answered: the next request is a refresh.
         if e.awaiting {
             e.awaiting = false;
@@ -192,33 +207,51 @@ pub fn is_answer(frame: &[u8]) -> bool {
     }
 }
 
-/// The address and MAC an answer teaches.
-fn answer(frame: &[u8]) -> Option<(IpAddr, EthernetAddress)> {
+/// The address and MAC an answer teaches, and whether it may replace a known MAC (an ARP
+/// reply always; a neighbour advertisement with its override flag).
+///
+/// A neighbour advertisement counts only as RFC 4861 7.1.2 says: hop limit 255 (it was sent on
+/// this link: a router forwarding one from another network, to the node's own address,
+/// lowers it), a valid checksum, a unicast target.
+fn answer(frame: &[u8]) -> Option<(IpAddr, EthernetAddress, bool)> {
     let p = wire::parse_l2_l4(frame).ok()?;
     match p.ethertype {
         EtherType::Arp => {
             let r = arp::Repr::parse(&arp::Packet::new_checked(frame.get(p.l3_offset..)?).ok()?)
                 .ok()?;
-            (r.operation == arp::Operation::Reply)
-                .then_some((IpAddr::V4(r.source_protocol_addr), r.source_hardware_addr))
+            (r.operation == arp::Operation::Reply).then_some((
+                IpAddr::V4(r.source_protocol_addr),
+                r.source_hardware_addr,
+                true,
+            ))
         }
-        EtherType::Ipv6 if p.protocol == IpProtocol::Icmpv6 => {
+        EtherType::Ipv6 if p.protocol == IpProtocol::Icmpv6 && p.hop_limit == 255 => {
+            let (IpAddr::V6(src), IpAddr::V6(dst)) = (p.src_ip, p.dst_ip) else {
+                return None;
+            };
             let packet =
                 icmpv6::Packet::new_checked(frame.get(p.l4_offset..p.l4_offset + p.l4_len)?)
                     .ok()?;
-            match icmpv6::NdiscRepr::parse(&packet).ok()? {
-                icmpv6::NdiscRepr::NeighborAdvert {
-                    target_addr,
-                    lladdr: Some(mac),
-                    ..
-                } => Some((IpAddr::V6(target_addr), mac)),
-                // An advertisement without the option comes from the Ethernet source.
-                icmpv6::NdiscRepr::NeighborAdvert { target_addr, .. } => Some((
-                    IpAddr::V6(target_addr),
-                    EthernetAddress(frame.get(6..12)?.try_into().ok()?),
-                )),
-                _ => None,
+            if !packet.verify_checksum(&src, &dst) {
+                return None;
             }
+            let icmpv6::NdiscRepr::NeighborAdvert {
+                flags,
+                target_addr,
+                lladdr,
+            } = icmpv6::NdiscRepr::parse(&packet).ok()?
+            else {
+                return None;
+            };
+            if target_addr.is_multicast() {
+                return None;
+            }
+            // An advertisement without the option comes from the Ethernet source.
+            let mac = match lladdr {
+                Some(mac) => mac,
+                None => EthernetAddress(frame.get(6..12)?.try_into().ok()?),
+            };
+            Some((IpAddr::V6(target_addr), mac, flags.override_))
         }
         _ => None,
     }
@@ -298,6 +331,7 @@ mod tests {
     use crate::config::Config;
 
     const NODE: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 1]);
+    const CLUSTER: EthernetAddress = EthernetAddress([2, 0xcc, 0, 0, 0, 1]);
     const B: EthernetAddress = EthernetAddress([2, 0xbb, 0, 0, 0, 7]);
 
     fn services() -> Services {
@@ -326,6 +360,7 @@ services:
         Neighbours::new(
             &services(),
             NODE,
+            CLUSTER,
             Some(Ipv4Addr::new(198, 18, 0, 11)),
             Some("2001:2::11".parse().unwrap()),
         )
@@ -439,6 +474,72 @@ services:
         );
     }
 
+    /// A neighbour advertisement is believed only as RFC 4861 says (hop limit 255: sent on
+    /// this link; checksum; a unicast target), no answer teaches a group, zero, node or cluster
+    /// MAC, and one without the override flag does not change a known MAC.
+    #[test]
+    fn forged_answers_teach_nothing() {
+        let mut n = neighbours();
+        let src: Ipv6Addr = "2001:2::22".parse().unwrap();
+        let dst: Ipv6Addr = "2001:2::11".parse().unwrap();
+        let advert = |mac: EthernetAddress, hop: u8, overrides: bool| {
+            let repr = icmpv6::NdiscRepr::NeighborAdvert {
+                flags: icmpv6::NeighborFlags {
+                    router: false,
+                    solicited: true,
+                    override_: overrides,
+                },
+                target_addr: src,
+                lladdr: Some(mac),
+            };
+            let mut icmp = vec![0u8; repr.buffer_len()];
+            repr.emit(&mut icmp, &src, &dst).unwrap();
+            let mut f = vec![0u8; 54];
+            f[..6].copy_from_slice(&NODE.0);
+            f[6..12].copy_from_slice(&mac.0);
+            f[12..14].copy_from_slice(&[0x86, 0xdd]);
+            f[14] = 0x60;
+            f[18..20].copy_from_slice(&(icmp.len() as u16).to_be_bytes());
+            f[20] = 58;
+            f[21] = hop;
+            f[22..38].copy_from_slice(&src.octets());
+            f[38..54].copy_from_slice(&dst.octets());
+            f.extend_from_slice(&icmp);
+            f
+        };
+        assert_eq!(
+            n.received(&advert(B, 254, true)),
+            None,
+            "routed here: hop limit 254"
+        );
+        let mut broken = advert(B, 255, true);
+        let last = broken.len() - 1;
+        broken[last] ^= 1;
+        assert_eq!(n.received(&broken), None, "bad checksum");
+        for bad in [
+            EthernetAddress([0xff; 6]),
+            EthernetAddress([0x33, 0x33, 0, 0, 0, 1]),
+            EthernetAddress([0; 6]),
+            NODE,
+            CLUSTER,
+        ] {
+            assert_eq!(n.received(&advert(bad, 255, true)), None, "{bad}");
+        }
+        assert_eq!(n.unresolved().count(), 2, "nothing learned");
+        let learned = n.received(&advert(B, 255, true));
+        assert_eq!(learned.map(|(m, _)| m), Some(B));
+        let other = EthernetAddress([2, 0xbb, 0, 0, 0, 9]);
+        assert_eq!(
+            n.received(&advert(other, 255, false)),
+            None,
+            "no override flag"
+        );
+        assert_eq!(
+            n.received(&advert(other, 255, true)).map(|(m, _)| m),
+            Some(other)
+        );
+    }
+
     #[test]
     fn reloads_keep_what_was_learned() {
         let mut n = neighbours();
@@ -485,7 +586,7 @@ services:
             Services::compile(&c, b"secret", previous)
         };
         let s = compile(&text(""), None);
-        let mut n = Neighbours::new(&s, NODE, Some(Ipv4Addr::new(198, 18, 0, 11)), None);
+        let mut n = Neighbours::new(&s, NODE, CLUSTER, Some(Ipv4Addr::new(198, 18, 0, 11)), None);
         assert_eq!(n.unresolved().collect::<Vec<_>>(), [1, 2, 3]);
         let sent = n.tick(0);
         let asked: Vec<[u8; 4]> = sent.iter().map(|f| f[38..42].try_into().unwrap()).collect();
