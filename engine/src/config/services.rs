@@ -5,8 +5,10 @@
 //! [`crate::appliance`]) and never touches the network.
 
 use std::collections::HashSet;
+use std::fmt;
 use std::net::IpAddr;
 
+use serde::de::Visitor;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{problem, Affinity, Config, ConfigError, Span};
@@ -237,34 +239,65 @@ impl PortRange {
 
 impl<'de> Deserialize<'de> for PortRange {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Port(u16),
-            Text(String),
-        }
-        let bad = |s: &str| {
-            serde::de::Error::custom(format!(
-                "`{s}` is not a port or a port range; write 80 or \"8000-8099\" (1-65535)"
-            ))
-        };
-        let (first, last) = match Raw::deserialize(d)? {
-            Raw::Port(p) => (p, p),
-            Raw::Text(s) => {
-                let parse = |t: &str| t.trim().parse::<u16>().map_err(|_| bad(&s));
-                match s.split_once('-') {
-                    Some((a, b)) => (parse(a)?, parse(b)?),
-                    None => {
-                        let p = parse(&s)?;
-                        (p, p)
-                    }
-                }
-            }
-        };
+        d.deserialize_any(PortVisitor)
+    }
+}
+
+/// Takes whatever scalar a port was written as, so that a number out of range, a negative
+/// number or a fraction gets the same message and fix as bad text (an untagged enum's error
+/// names a Rust type and says nothing of the fix).
+struct PortVisitor;
+
+fn not_a_port<E: serde::de::Error>(written: impl fmt::Display) -> E {
+    E::custom(format!(
+        "`{written}` is not a port or a port range; write 80 or \"8000-8099\" (1-65535)"
+    ))
+}
+
+impl PortVisitor {
+    fn range<E: serde::de::Error>(first: u16, last: u16) -> Result<PortRange, E> {
         if first == 0 || first > last {
-            return Err(bad(&format!("{first}-{last}")));
+            return Err(not_a_port(format_args!("{first}-{last}")));
         }
         Ok(PortRange { first, last })
+    }
+}
+
+impl Visitor<'_> for PortVisitor {
+    type Value = PortRange;
+
+    // After "expected" in serde's own messages (a list or a map where a port should be); the
+    // part after "; " becomes the fix.
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a port or a port range; write 80 or \"8000-8099\" (1-65535)")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortRange, E> {
+        let p = u16::try_from(v).map_err(|_| not_a_port(v))?;
+        Self::range(p, p)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortRange, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(not_a_port(v)),
+        }
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<PortRange, E> {
+        Err(not_a_port(v))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<PortRange, E> {
+        let parse = |t: &str| t.trim().parse::<u16>().map_err(|_| not_a_port(s));
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => {
+                let p = parse(s)?;
+                (p, p)
+            }
+        };
+        Self::range(first, last)
     }
 }
 
@@ -847,6 +880,28 @@ services:
                 }
                 (r, p) => panic!("{backend}: {r:?}, expected {p:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn a_port_out_of_range_says_how_to_write_a_port() {
+        for bad in [
+            "70000",
+            "-1",
+            "80.5",
+            "\"70000\"",
+            "\"0-80\"",
+            "true",
+            "[80]",
+        ] {
+            let text = with(APPLIANCE).replacen("[80, ", &format!("[{bad}, "), 1);
+            let e = parse(&text).expect_err(bad);
+            assert_eq!(e.key, "services[0].ports[0]", "{bad}: {e}");
+            let shown = e.to_string();
+            assert!(
+                !shown.contains("Raw") && !shown.contains("enum") && e.fix.contains("8000-8099"),
+                "{bad}: {e}"
+            );
         }
     }
 }
