@@ -904,4 +904,23 @@ services:
             );
         }
     }
+
+    #[test]
+    fn shape_errors_in_services_point_at_the_appliance_example() {
+        for (from, to, key) in [
+            ("delivery: dsr", "delivery: tunnel", "services[0].delivery"),
+            (
+                "{ name: far, ip: 198.18.1.21 }",
+                "{ name: far }",
+                "services[1].backends[0].ip",
+            ),
+        ] {
+            let e = parse(&with(APPLIANCE).replace(from, to)).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.fix.contains("conf/appliance-node.yaml"), "{e}");
+        }
+        let e = parse(&with(&format!("{APPLIANCE}unmatched: bounce\n"))).unwrap_err();
+        assert_eq!(e.key, "unmatched", "{e}");
+        assert!(e.fix.contains("conf/appliance-node.yaml"), "{e}");
+    }
 }
