@@ -311,6 +311,25 @@ impl Serialize for PortRange {
     }
 }
 
+/// An address the frames never carry as written: an IPv4-mapped IPv6 address (an IPv4 host is
+/// reached, and compared with the other addresses, as plain IPv4) or the IPv4 broadcast
+/// address (every host's, no one's). The problem and the fix.
+fn mapped_or_broadcast(a: IpAddr) -> Option<(String, String)> {
+    match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(|v4| {
+            (
+                format!("{a} is an IPv4-mapped IPv6 address"),
+                format!("write the plain IPv4 address {v4}"),
+            )
+        }),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some((
+            format!("{a} is the broadcast address"),
+            "use a unicast address, e.g. 198.18.0.100".to_owned(),
+        )),
+        IpAddr::V4(_) => None,
+    }
+}
+
 /// Most backends in all services together (the flow table keeps a 12-bit backend id).
 pub const MAX_BACKENDS: usize = 4095;
 
@@ -350,6 +369,9 @@ impl Config {
                 ));
             }
             for a in &s.addresses {
+                if let Some((problem, fix)) = mapped_or_broadcast(*a) {
+                    return Err(err(&at("addresses"), problem, &fix));
+                }
                 if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
                     return Err(err(
                         &at("addresses"),
@@ -465,6 +487,7 @@ impl Config {
             || via.is_multicast()
             || via.is_loopback()
             || via == b.ip
+            || mapped_or_broadcast(via).is_some()
             || node_addresses.contains(&via)
             || cluster.contains(&Some(via))
             || self.services.iter().any(|o| o.addresses.contains(&via))
@@ -510,6 +533,9 @@ impl Config {
         let mut seen = HashSet::new();
         for (j, b) in s.backends.iter().enumerate() {
             let key = format!("services[{i}].backends[{j}]");
+            if let Some((problem, fix)) = mapped_or_broadcast(b.ip) {
+                return Err(err(&format!("{key}.ip"), problem, &fix));
+            }
             if !seen.insert(b.ip) {
                 return Err(err(
                     &format!("{key}.ip"),
@@ -922,5 +948,48 @@ services:
         let e = parse(&with(&format!("{APPLIANCE}unmatched: bounce\n"))).unwrap_err();
         assert_eq!(e.key, "unmatched", "{e}");
         assert!(e.fix.contains("conf/appliance-node.yaml"), "{e}");
+    }
+
+    #[test]
+    fn mapped_and_broadcast_addresses_are_refused() {
+        for (from, to, key, fix) in [
+            (
+                "addresses: [198.18.0.100]\n    ports: [80",
+                "addresses: [\"::ffff:198.18.0.100\"]\n    ports: [80",
+                "services[0].addresses",
+                "198.18.0.100",
+            ),
+            (
+                "addresses: [198.18.0.100]\n    ports: [80",
+                "addresses: [255.255.255.255]\n    ports: [80",
+                "services[0].addresses",
+                "unicast",
+            ),
+            // The same server as backends[0], and the service's own address, in disguise.
+            (
+                "198.18.0.22, weight",
+                "\"::ffff:198.18.0.21\", weight",
+                "services[0].backends[1].ip",
+                "198.18.0.21",
+            ),
+            (
+                "{ name: far, ip: 198.18.1.21 }",
+                "{ name: far, ip: \"::ffff:198.18.0.100\" }",
+                "services[1].backends[0].ip",
+                "198.18.0.100",
+            ),
+            (
+                "198.18.0.22, weight",
+                "255.255.255.255, weight",
+                "services[0].backends[1].ip",
+                "unicast",
+            ),
+        ] {
+            let text = with(APPLIANCE).replacen(from, to, 1);
+            assert_ne!(text, with(APPLIANCE), "{from} not found");
+            let e = parse(&text).expect_err(to);
+            assert_eq!(e.key, key, "{to}: {e}");
+            assert!(e.fix.contains(fix), "{to}: {e}");
+        }
     }
 }
