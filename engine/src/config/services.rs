@@ -311,6 +311,15 @@ impl Serialize for PortRange {
     }
 }
 
+/// A service's or a backend's name: letters, digits, `-` and `_` (no whitespace, no `/`: the
+/// operator's requests name backends as `SERVICE/NAME` on a line split at whitespace).
+fn usable_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// An address the frames never carry as written: an IPv4-mapped IPv6 address (an IPv4 host is
 /// reached, and compared with the other addresses, as plain IPv4) or the IPv4 broadcast
 /// address (every host's, no one's). The problem and the fix.
@@ -342,12 +351,7 @@ impl Config {
         let node_addresses: Vec<IpAddr> = self.node_addresses();
         for (i, s) in self.services.iter().enumerate() {
             let at = |key: &str| format!("services[{i}].{key}");
-            if s.name.is_empty()
-                || !s
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
+            if !usable_name(&s.name) {
                 return Err(err(
                     &at("name"),
                     format!("`{}` is not a usable service name", s.name),
@@ -531,8 +535,28 @@ impl Config {
             ));
         }
         let mut seen = HashSet::new();
+        let mut names = HashSet::new();
         for (j, b) in s.backends.iter().enumerate() {
             let key = format!("services[{i}].backends[{j}]");
+            if let Some(name) = &b.name {
+                // An operator drains a backend by `NAME` or `SERVICE/NAME` on a line split at
+                // whitespace; the metrics tell backends apart by service and name.
+                if !usable_name(name) {
+                    return Err(err(
+                        &format!("{key}.name"),
+                        format!("`{}` is not a usable backend name", name.escape_debug()),
+                        "use letters, digits, `-` and `_`, e.g. web-1, or leave it out to name \
+                         the backend by its address",
+                    ));
+                }
+                if !names.insert(name.as_str()) {
+                    return Err(err(
+                        &format!("{key}.name"),
+                        format!("a second backend of `{}` is named `{name}`", s.name),
+                        "give every backend of a service its own name",
+                    ));
+                }
+            }
             if let Some((problem, fix)) = mapped_or_broadcast(b.ip) {
                 return Err(err(&format!("{key}.ip"), problem, &fix));
             }
@@ -906,6 +930,42 @@ services:
                 }
                 (r, p) => panic!("{backend}: {r:?}, expected {p:?}"),
             }
+        }
+    }
+
+    /// An error's key, and its problem and fix together (for `contains`).
+    fn refused(text: &str) -> (String, String) {
+        let e = parse(text).expect_err(text);
+        assert_eq!(e.file, "t.yaml");
+        assert!(!e.fix.is_empty(), "{e}");
+        (e.key.clone(), format!("{} / {}", e.problem, e.fix))
+    }
+
+    #[test]
+    fn backend_names_can_be_drained_and_told_apart() {
+        let named = |a: &str, b: &str| {
+            with(APPLIANCE)
+                .replace(
+                    "{ ip: 198.18.0.21,",
+                    &format!("{{ name: {a}, ip: 198.18.0.21,"),
+                )
+                .replace(
+                    "{ ip: 198.18.0.22,",
+                    &format!("{{ name: {b}, ip: 198.18.0.22,"),
+                )
+        };
+        let c = parse(&named("web-1", "web_2")).unwrap();
+        assert_eq!(c.services[0].backends[1].label(), "web_2");
+        // One name in two services is two backends a drain can tell apart (`web/far`).
+        parse(&named("web-1", "far")).unwrap();
+        for (a, b, key) in [
+            ("\"web 1\"", "web-2", "services[0].backends[0].name"),
+            ("web-1", "web/2", "services[0].backends[1].name"),
+            ("web-1", "\"\"", "services[0].backends[1].name"),
+            ("web-1", "web-1", "services[0].backends[1].name"),
+        ] {
+            let (k, text) = refused(&named(a, b));
+            assert_eq!(k, key, "{a}, {b}: {text}");
         }
     }
 
