@@ -398,6 +398,13 @@ impl Config {
                     "list ports or ranges, e.g. [80, \"8000-8099\"]",
                 ));
             }
+            if s.gue_port == 0 {
+                return Err(err(
+                    &at("gue_port"),
+                    "port 0 cannot be sent to".into(),
+                    "give the port the backends decapsulate GUE on, 6080 by default",
+                ));
+            }
             if s.mode == RuleMode::Single {
                 let mut seen = HashSet::new();
                 if let Some(dup) = s.priority.iter().find(|n| !seen.insert(**n)) {
@@ -691,6 +698,47 @@ impl Config {
                     "use e.g. interval: 500ms, timeout: 300ms, rise: 2, fall: 2",
                 ));
             }
+            // Each of these would fail every check: every backend down, the service served by
+            // none.
+            if h.port == 0 {
+                return Err(err(
+                    &at("backend_health.port"),
+                    "port 0 cannot be connected to".into(),
+                    "give the port the backends serve the check on, e.g. 80",
+                ));
+            }
+            if !(100..=599).contains(&h.expect_status) {
+                return Err(err(
+                    &at("backend_health.expect_status"),
+                    format!("{} is not an HTTP status", h.expect_status),
+                    "give the status a healthy backend answers, e.g. 200",
+                ));
+            }
+            if let Some(path) = &h.http_path {
+                if !path.starts_with('/')
+                    || path.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(err(
+                        &at("backend_health.http_path"),
+                        format!(
+                            "`{}` cannot be sent as the path of a request line",
+                            path.escape_debug()
+                        ),
+                        "write a path that starts with / and has no spaces, e.g. /healthz",
+                    ));
+                }
+            }
+            if h.timeout.0 > h.interval.0 {
+                return Err(err(
+                    &at("backend_health.timeout"),
+                    format!(
+                        "{} is longer than the interval {}",
+                        humantime::format_duration(h.timeout.0),
+                        humantime::format_duration(h.interval.0)
+                    ),
+                    "make the timeout shorter than the interval",
+                ));
+            }
         }
         Ok(())
     }
@@ -939,6 +987,42 @@ services:
         assert_eq!(e.file, "t.yaml");
         assert!(!e.fix.is_empty(), "{e}");
         (e.key.clone(), format!("{} / {}", e.problem, e.fix))
+    }
+
+    #[test]
+    fn backend_checks_that_would_always_fail_are_refused() {
+        let checked = with(APPLIANCE).replace(
+            "delivery: dsr",
+            "delivery: dsr\n    backend_health: { port: 80, http_path: /healthz, interval: 1s, \
+             timeout: 1s }",
+        );
+        parse(&checked).unwrap();
+        for (from, to, key) in [
+            ("port: 80,", "port: 0,", "backend_health.port"),
+            (
+                "port: 80,",
+                "port: 80, expect_status: 99,",
+                "backend_health.expect_status",
+            ),
+            (
+                "port: 80,",
+                "port: 80, expect_status: 600,",
+                "backend_health.expect_status",
+            ),
+            ("/healthz", "healthz", "backend_health.http_path"),
+            ("/healthz", "\"/health z\"", "backend_health.http_path"),
+            ("/healthz", "\"/health\\rz\"", "backend_health.http_path"),
+            ("timeout: 1s", "timeout: 1001ms", "backend_health.timeout"),
+        ] {
+            let text = checked.replace(from, to);
+            assert_ne!(text, checked, "{from} not found");
+            let (k, problem) = refused(&text);
+            assert_eq!(k, format!("services[0].{key}"), "{to}: {problem}");
+            assert!(!problem.contains('\r'), "{problem}");
+        }
+        let (key, text) =
+            refused(&checked.replace("delivery: gue", "delivery: gue\n    gue_port: 0"));
+        assert_eq!(key, "services[1].gue_port", "{text}");
     }
 
     #[test]
