@@ -634,19 +634,41 @@ impl Config {
                 ));
             }
         }
-        if matches!(s.delivery, Delivery::Ipip | Delivery::Gue) {
-            let has = |v4: bool| node_addresses.iter().any(|a| a.is_ipv4() == v4);
-            if let Some(b) = s.backends.iter().find(|b| !has(b.ip.is_ipv4())) {
+        let encapsulated = matches!(s.delivery, Delivery::Ipip | Delivery::Gue);
+        // The node's own address of a backend's IP version is the outer source of encapsulated
+        // frames, and the only sender of the ARP requests / neighbour solicitations that learn
+        // a backend's MAC: without it, a backend without `mac` would never get one.
+        for (j, b) in s.backends.iter().enumerate() {
+            let (key, version, ask) = match b.ip {
+                IpAddr::V4(_) if self.node.ip.is_none() => ("node.ip", "IPv4", "ARP"),
+                IpAddr::V6(_) if self.node.ip6.is_none() => ("node.ip6", "IPv6", "NDP"),
+                _ => continue,
+            };
+            let fix = format!("set {key} to this node's {version} address on the wire");
+            if encapsulated {
                 return Err(err(
-                    "node.ip",
+                    key,
                     format!(
-                        "service `{}` encapsulates to {}: the node needs its own address of that \
-                         IP version as the outer source",
+                        "service `{}` encapsulates to {}: the node needs its own {version} \
+                         address as the outer source",
                         s.name, b.ip
                     ),
-                    "set node.ip (IPv4) or node.ip6 (IPv6) to this node's address on the wire",
+                    &fix,
                 ));
             }
+            if b.mac.is_none() {
+                return Err(err(
+                    key,
+                    format!(
+                        "backend {} of service `{}` has no mac: the node learns it by {ask} \
+                         from its own {version} address",
+                        b.ip, s.name
+                    ),
+                    &format!("{fix}, or give the backend's MAC in services[{i}].backends[{j}].mac"),
+                ));
+            }
+        }
+        if encapsulated {
             if s.mtu < 1280 {
                 return Err(err(
                     &at("mtu"),
@@ -987,6 +1009,46 @@ services:
         assert_eq!(e.file, "t.yaml");
         assert!(!e.fix.is_empty(), "{e}");
         (e.key.clone(), format!("{} / {}", e.problem, e.fix))
+    }
+
+    #[test]
+    fn a_backend_without_mac_needs_the_node_address_of_its_version() {
+        let dsr = |backend: &str| {
+            format!(
+                "services:\n  - name: web\n    addresses: [198.18.0.100, \"2001:2::100\"]\n    \
+                 ports: [80]\n    delivery: dsr\n    backends:\n      - {backend}\n"
+            )
+        };
+        // DSR too: without node.ip no ARP request is ever sent for 198.18.0.22.
+        let (key, text) = refused(&(LAB.to_owned() + &dsr("{ ip: 198.18.0.22 }")));
+        assert_eq!(key, "node.ip", "{text}");
+        assert!(
+            text.contains("ARP") && text.contains("services[0].backends[0].mac"),
+            "{text}"
+        );
+        parse(&(LAB.to_owned() + &dsr("{ ip: 198.18.0.22, mac: 02:bb:00:00:00:01 }"))).unwrap();
+        // An IPv6 backend needs node.ip6, whatever node.ip says.
+        let (key, text) = refused(&with(&dsr("{ ip: \"2001:2::22\" }")));
+        assert_eq!(key, "node.ip6", "{text}");
+        assert!(text.contains("NDP"), "{text}");
+        parse(&with(&dsr(
+            "{ ip: \"2001:2::22\", mac: 02:bb:00:00:00:01 }",
+        )))
+        .unwrap();
+        let with6 = |services: &str| {
+            with(services).replace(
+                "  ip: 198.18.0.11\n",
+                "  ip: 198.18.0.11\n  ip6: \"2001:2::11\"\n",
+            )
+        };
+        parse(&with6(&dsr("{ ip: \"2001:2::22\" }"))).unwrap();
+        // Encapsulation to an IPv6 backend names node.ip6 even with a static MAC.
+        let gue6 = dsr("{ ip: \"2001:2::22\", mac: 02:bb:00:00:00:01 }")
+            .replace("delivery: dsr", "delivery: gue");
+        let (key, text) = refused(&with(&gue6));
+        assert_eq!(key, "node.ip6", "{text}");
+        assert!(text.contains("outer source"), "{text}");
+        parse(&with6(&gue6)).unwrap();
     }
 
     #[test]
