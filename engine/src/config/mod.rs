@@ -909,6 +909,23 @@ dataplane:
         assert_eq!(again.to_yaml(), c.to_yaml());
     }
 
+    /// A new check must not refuse what the examples show (the secret is not read here).
+    #[test]
+    fn the_example_configs_pass_the_checks() {
+        for (name, text) in [
+            ("lab-node.yaml", include_str!("../../../conf/lab-node.yaml")),
+            ("pci-node.yaml", include_str!("../../../conf/pci-node.yaml")),
+            (
+                "appliance-node.yaml",
+                include_str!("../../../conf/appliance-node.yaml"),
+            ),
+        ] {
+            if let Err(e) = Config::parse(text, name).and_then(|c| c.validate(name)) {
+                panic!("{e}");
+            }
+        }
+    }
+
     #[test]
     fn unknown_key_is_named_with_allowed_keys() {
         let e = parse(&LAB.replace("  id: 1", "  id: 1\n  colour: blue")).unwrap_err();
