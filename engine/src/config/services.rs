@@ -5,8 +5,10 @@
 //! [`crate::appliance`]) and never touches the network.
 
 use std::collections::HashSet;
+use std::fmt;
 use std::net::IpAddr;
 
+use serde::de::Visitor;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{problem, Affinity, Config, ConfigError, Span};
@@ -237,34 +239,65 @@ impl PortRange {
 
 impl<'de> Deserialize<'de> for PortRange {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Port(u16),
-            Text(String),
-        }
-        let bad = |s: &str| {
-            serde::de::Error::custom(format!(
-                "`{s}` is not a port or a port range; write 80 or \"8000-8099\" (1-65535)"
-            ))
-        };
-        let (first, last) = match Raw::deserialize(d)? {
-            Raw::Port(p) => (p, p),
-            Raw::Text(s) => {
-                let parse = |t: &str| t.trim().parse::<u16>().map_err(|_| bad(&s));
-                match s.split_once('-') {
-                    Some((a, b)) => (parse(a)?, parse(b)?),
-                    None => {
-                        let p = parse(&s)?;
-                        (p, p)
-                    }
-                }
-            }
-        };
+        d.deserialize_any(PortVisitor)
+    }
+}
+
+/// Takes whatever scalar a port was written as, so that a number out of range, a negative
+/// number or a fraction gets the same message and fix as bad text (an untagged enum's error
+/// names a Rust type and says nothing of the fix).
+struct PortVisitor;
+
+fn not_a_port<E: serde::de::Error>(written: impl fmt::Display) -> E {
+    E::custom(format!(
+        "`{written}` is not a port or a port range; write 80 or \"8000-8099\" (1-65535)"
+    ))
+}
+
+impl PortVisitor {
+    fn range<E: serde::de::Error>(first: u16, last: u16) -> Result<PortRange, E> {
         if first == 0 || first > last {
-            return Err(bad(&format!("{first}-{last}")));
+            return Err(not_a_port(format_args!("{first}-{last}")));
         }
         Ok(PortRange { first, last })
+    }
+}
+
+impl Visitor<'_> for PortVisitor {
+    type Value = PortRange;
+
+    // After "expected" in serde's own messages (a list or a map where a port should be); the
+    // part after "; " becomes the fix.
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a port or a port range; write 80 or \"8000-8099\" (1-65535)")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortRange, E> {
+        let p = u16::try_from(v).map_err(|_| not_a_port(v))?;
+        Self::range(p, p)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortRange, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(not_a_port(v)),
+        }
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<PortRange, E> {
+        Err(not_a_port(v))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<PortRange, E> {
+        let parse = |t: &str| t.trim().parse::<u16>().map_err(|_| not_a_port(s));
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => {
+                let p = parse(s)?;
+                (p, p)
+            }
+        };
+        Self::range(first, last)
     }
 }
 
@@ -275,6 +308,34 @@ impl Serialize for PortRange {
         } else {
             s.collect_str(&format_args!("{}-{}", self.first, self.last))
         }
+    }
+}
+
+/// A service's or a backend's name: letters, digits, `-` and `_` (no whitespace, no `/`: the
+/// operator's requests name backends as `SERVICE/NAME` on a line split at whitespace).
+fn usable_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// An address the frames never carry as written: an IPv4-mapped IPv6 address (an IPv4 host is
+/// reached, and compared with the other addresses, as plain IPv4) or the IPv4 broadcast
+/// address (every host's, no one's). The problem and the fix.
+fn mapped_or_broadcast(a: IpAddr) -> Option<(String, String)> {
+    match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(|v4| {
+            (
+                format!("{a} is an IPv4-mapped IPv6 address"),
+                format!("write the plain IPv4 address {v4}"),
+            )
+        }),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some((
+            format!("{a} is the broadcast address"),
+            "use a unicast address, e.g. 198.18.0.100".to_owned(),
+        )),
+        IpAddr::V4(_) => None,
     }
 }
 
@@ -290,12 +351,7 @@ impl Config {
         let node_addresses: Vec<IpAddr> = self.node_addresses();
         for (i, s) in self.services.iter().enumerate() {
             let at = |key: &str| format!("services[{i}].{key}");
-            if s.name.is_empty()
-                || !s
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
+            if !usable_name(&s.name) {
                 return Err(err(
                     &at("name"),
                     format!("`{}` is not a usable service name", s.name),
@@ -317,6 +373,9 @@ impl Config {
                 ));
             }
             for a in &s.addresses {
+                if let Some((problem, fix)) = mapped_or_broadcast(*a) {
+                    return Err(err(&at("addresses"), problem, &fix));
+                }
                 if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
                     return Err(err(
                         &at("addresses"),
@@ -337,6 +396,13 @@ impl Config {
                     &at("ports"),
                     "no port".into(),
                     "list ports or ranges, e.g. [80, \"8000-8099\"]",
+                ));
+            }
+            if s.gue_port == 0 {
+                return Err(err(
+                    &at("gue_port"),
+                    "port 0 cannot be sent to".into(),
+                    "give the port the backends decapsulate GUE on, 6080 by default",
                 ));
             }
             if s.mode == RuleMode::Single {
@@ -432,6 +498,7 @@ impl Config {
             || via.is_multicast()
             || via.is_loopback()
             || via == b.ip
+            || mapped_or_broadcast(via).is_some()
             || node_addresses.contains(&via)
             || cluster.contains(&Some(via))
             || self.services.iter().any(|o| o.addresses.contains(&via))
@@ -475,8 +542,31 @@ impl Config {
             ));
         }
         let mut seen = HashSet::new();
+        let mut names = HashSet::new();
         for (j, b) in s.backends.iter().enumerate() {
             let key = format!("services[{i}].backends[{j}]");
+            if let Some(name) = &b.name {
+                // An operator drains a backend by `NAME` or `SERVICE/NAME` on a line split at
+                // whitespace; the metrics tell backends apart by service and name.
+                if !usable_name(name) {
+                    return Err(err(
+                        &format!("{key}.name"),
+                        format!("`{}` is not a usable backend name", name.escape_debug()),
+                        "use letters, digits, `-` and `_`, e.g. web-1, or leave it out to name \
+                         the backend by its address",
+                    ));
+                }
+                if !names.insert(name.as_str()) {
+                    return Err(err(
+                        &format!("{key}.name"),
+                        format!("a second backend of `{}` is named `{name}`", s.name),
+                        "give every backend of a service its own name",
+                    ));
+                }
+            }
+            if let Some((problem, fix)) = mapped_or_broadcast(b.ip) {
+                return Err(err(&format!("{key}.ip"), problem, &fix));
+            }
             if !seen.insert(b.ip) {
                 return Err(err(
                     &format!("{key}.ip"),
@@ -544,19 +634,41 @@ impl Config {
                 ));
             }
         }
-        if matches!(s.delivery, Delivery::Ipip | Delivery::Gue) {
-            let has = |v4: bool| node_addresses.iter().any(|a| a.is_ipv4() == v4);
-            if let Some(b) = s.backends.iter().find(|b| !has(b.ip.is_ipv4())) {
+        let encapsulated = matches!(s.delivery, Delivery::Ipip | Delivery::Gue);
+        // The node's own address of a backend's IP version is the outer source of encapsulated
+        // frames, and the only sender of the ARP requests / neighbour solicitations that learn
+        // a backend's MAC: without it, a backend without `mac` would never get one.
+        for (j, b) in s.backends.iter().enumerate() {
+            let (key, version, ask) = match b.ip {
+                IpAddr::V4(_) if self.node.ip.is_none() => ("node.ip", "IPv4", "ARP"),
+                IpAddr::V6(_) if self.node.ip6.is_none() => ("node.ip6", "IPv6", "NDP"),
+                _ => continue,
+            };
+            let fix = format!("set {key} to this node's {version} address on the wire");
+            if encapsulated {
                 return Err(err(
-                    "node.ip",
+                    key,
                     format!(
-                        "service `{}` encapsulates to {}: the node needs its own address of that \
-                         IP version as the outer source",
+                        "service `{}` encapsulates to {}: the node needs its own {version} \
+                         address as the outer source",
                         s.name, b.ip
                     ),
-                    "set node.ip (IPv4) or node.ip6 (IPv6) to this node's address on the wire",
+                    &fix,
                 ));
             }
+            if b.mac.is_none() {
+                return Err(err(
+                    key,
+                    format!(
+                        "backend {} of service `{}` has no mac: the node learns it by {ask} \
+                         from its own {version} address",
+                        b.ip, s.name
+                    ),
+                    &format!("{fix}, or give the backend's MAC in services[{i}].backends[{j}].mac"),
+                ));
+            }
+        }
+        if encapsulated {
             if s.mtu < 1280 {
                 return Err(err(
                     &at("mtu"),
@@ -606,6 +718,47 @@ impl Config {
                     &at("backend_health"),
                     "rise, fall, interval and timeout must all be above 0".into(),
                     "use e.g. interval: 500ms, timeout: 300ms, rise: 2, fall: 2",
+                ));
+            }
+            // Each of these would fail every check: every backend down, the service served by
+            // none.
+            if h.port == 0 {
+                return Err(err(
+                    &at("backend_health.port"),
+                    "port 0 cannot be connected to".into(),
+                    "give the port the backends serve the check on, e.g. 80",
+                ));
+            }
+            if !(100..=599).contains(&h.expect_status) {
+                return Err(err(
+                    &at("backend_health.expect_status"),
+                    format!("{} is not an HTTP status", h.expect_status),
+                    "give the status a healthy backend answers, e.g. 200",
+                ));
+            }
+            if let Some(path) = &h.http_path {
+                if !path.starts_with('/')
+                    || path.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(err(
+                        &at("backend_health.http_path"),
+                        format!(
+                            "`{}` cannot be sent as the path of a request line",
+                            path.escape_debug()
+                        ),
+                        "write a path that starts with / and has no spaces, e.g. /healthz",
+                    ));
+                }
+            }
+            if h.timeout.0 > h.interval.0 {
+                return Err(err(
+                    &at("backend_health.timeout"),
+                    format!(
+                        "{} is longer than the interval {}",
+                        humantime::format_duration(h.timeout.0),
+                        humantime::format_duration(h.interval.0)
+                    ),
+                    "make the timeout shorter than the interval",
                 ));
             }
         }
@@ -847,6 +1000,202 @@ services:
                 }
                 (r, p) => panic!("{backend}: {r:?}, expected {p:?}"),
             }
+        }
+    }
+
+    /// An error's key, and its problem and fix together (for `contains`).
+    fn refused(text: &str) -> (String, String) {
+        let e = parse(text).expect_err(text);
+        assert_eq!(e.file, "t.yaml");
+        assert!(!e.fix.is_empty(), "{e}");
+        (e.key.clone(), format!("{} / {}", e.problem, e.fix))
+    }
+
+    #[test]
+    fn a_backend_without_mac_needs_the_node_address_of_its_version() {
+        let dsr = |backend: &str| {
+            format!(
+                "services:\n  - name: web\n    addresses: [198.18.0.100, \"2001:2::100\"]\n    \
+                 ports: [80]\n    delivery: dsr\n    backends:\n      - {backend}\n"
+            )
+        };
+        // DSR too: without node.ip no ARP request is ever sent for 198.18.0.22.
+        let (key, text) = refused(&(LAB.to_owned() + &dsr("{ ip: 198.18.0.22 }")));
+        assert_eq!(key, "node.ip", "{text}");
+        assert!(
+            text.contains("ARP") && text.contains("services[0].backends[0].mac"),
+            "{text}"
+        );
+        parse(&(LAB.to_owned() + &dsr("{ ip: 198.18.0.22, mac: 02:bb:00:00:00:01 }"))).unwrap();
+        // An IPv6 backend needs node.ip6, whatever node.ip says.
+        let (key, text) = refused(&with(&dsr("{ ip: \"2001:2::22\" }")));
+        assert_eq!(key, "node.ip6", "{text}");
+        assert!(text.contains("NDP"), "{text}");
+        parse(&with(&dsr(
+            "{ ip: \"2001:2::22\", mac: 02:bb:00:00:00:01 }",
+        )))
+        .unwrap();
+        let with6 = |services: &str| {
+            with(services).replace(
+                "  ip: 198.18.0.11\n",
+                "  ip: 198.18.0.11\n  ip6: \"2001:2::11\"\n",
+            )
+        };
+        parse(&with6(&dsr("{ ip: \"2001:2::22\" }"))).unwrap();
+        // Encapsulation to an IPv6 backend names node.ip6 even with a static MAC.
+        let gue6 = dsr("{ ip: \"2001:2::22\", mac: 02:bb:00:00:00:01 }")
+            .replace("delivery: dsr", "delivery: gue");
+        let (key, text) = refused(&with(&gue6));
+        assert_eq!(key, "node.ip6", "{text}");
+        assert!(text.contains("outer source"), "{text}");
+        parse(&with6(&gue6)).unwrap();
+    }
+
+    #[test]
+    fn backend_checks_that_would_always_fail_are_refused() {
+        let checked = with(APPLIANCE).replace(
+            "delivery: dsr",
+            "delivery: dsr\n    backend_health: { port: 80, http_path: /healthz, interval: 1s, \
+             timeout: 1s }",
+        );
+        parse(&checked).unwrap();
+        for (from, to, key) in [
+            ("port: 80,", "port: 0,", "backend_health.port"),
+            (
+                "port: 80,",
+                "port: 80, expect_status: 99,",
+                "backend_health.expect_status",
+            ),
+            (
+                "port: 80,",
+                "port: 80, expect_status: 600,",
+                "backend_health.expect_status",
+            ),
+            ("/healthz", "healthz", "backend_health.http_path"),
+            ("/healthz", "\"/health z\"", "backend_health.http_path"),
+            ("/healthz", "\"/health\\rz\"", "backend_health.http_path"),
+            ("timeout: 1s", "timeout: 1001ms", "backend_health.timeout"),
+        ] {
+            let text = checked.replace(from, to);
+            assert_ne!(text, checked, "{from} not found");
+            let (k, problem) = refused(&text);
+            assert_eq!(k, format!("services[0].{key}"), "{to}: {problem}");
+            assert!(!problem.contains('\r'), "{problem}");
+        }
+        let (key, text) =
+            refused(&checked.replace("delivery: gue", "delivery: gue\n    gue_port: 0"));
+        assert_eq!(key, "services[1].gue_port", "{text}");
+    }
+
+    #[test]
+    fn backend_names_can_be_drained_and_told_apart() {
+        let named = |a: &str, b: &str| {
+            with(APPLIANCE)
+                .replace(
+                    "{ ip: 198.18.0.21,",
+                    &format!("{{ name: {a}, ip: 198.18.0.21,"),
+                )
+                .replace(
+                    "{ ip: 198.18.0.22,",
+                    &format!("{{ name: {b}, ip: 198.18.0.22,"),
+                )
+        };
+        let c = parse(&named("web-1", "web_2")).unwrap();
+        assert_eq!(c.services[0].backends[1].label(), "web_2");
+        // One name in two services is two backends a drain can tell apart (`web/far`).
+        parse(&named("web-1", "far")).unwrap();
+        for (a, b, key) in [
+            ("\"web 1\"", "web-2", "services[0].backends[0].name"),
+            ("web-1", "web/2", "services[0].backends[1].name"),
+            ("web-1", "\"\"", "services[0].backends[1].name"),
+            ("web-1", "web-1", "services[0].backends[1].name"),
+        ] {
+            let (k, text) = refused(&named(a, b));
+            assert_eq!(k, key, "{a}, {b}: {text}");
+        }
+    }
+
+    #[test]
+    fn a_port_out_of_range_says_how_to_write_a_port() {
+        for bad in [
+            "70000",
+            "-1",
+            "80.5",
+            "\"70000\"",
+            "\"0-80\"",
+            "true",
+            "[80]",
+        ] {
+            let text = with(APPLIANCE).replacen("[80, ", &format!("[{bad}, "), 1);
+            let e = parse(&text).expect_err(bad);
+            assert_eq!(e.key, "services[0].ports[0]", "{bad}: {e}");
+            let shown = e.to_string();
+            assert!(
+                !shown.contains("Raw") && !shown.contains("enum") && e.fix.contains("8000-8099"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn shape_errors_in_services_point_at_the_appliance_example() {
+        for (from, to, key) in [
+            ("delivery: dsr", "delivery: tunnel", "services[0].delivery"),
+            (
+                "{ name: far, ip: 198.18.1.21 }",
+                "{ name: far }",
+                "services[1].backends[0].ip",
+            ),
+        ] {
+            let e = parse(&with(APPLIANCE).replace(from, to)).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.fix.contains("conf/appliance-node.yaml"), "{e}");
+        }
+        let e = parse(&with(&format!("{APPLIANCE}unmatched: bounce\n"))).unwrap_err();
+        assert_eq!(e.key, "unmatched", "{e}");
+        assert!(e.fix.contains("conf/appliance-node.yaml"), "{e}");
+    }
+
+    #[test]
+    fn mapped_and_broadcast_addresses_are_refused() {
+        for (from, to, key, fix) in [
+            (
+                "addresses: [198.18.0.100]\n    ports: [80",
+                "addresses: [\"::ffff:198.18.0.100\"]\n    ports: [80",
+                "services[0].addresses",
+                "198.18.0.100",
+            ),
+            (
+                "addresses: [198.18.0.100]\n    ports: [80",
+                "addresses: [255.255.255.255]\n    ports: [80",
+                "services[0].addresses",
+                "unicast",
+            ),
+            // The same server as backends[0], and the service's own address, in disguise.
+            (
+                "198.18.0.22, weight",
+                "\"::ffff:198.18.0.21\", weight",
+                "services[0].backends[1].ip",
+                "198.18.0.21",
+            ),
+            (
+                "{ name: far, ip: 198.18.1.21 }",
+                "{ name: far, ip: \"::ffff:198.18.0.100\" }",
+                "services[1].backends[0].ip",
+                "198.18.0.100",
+            ),
+            (
+                "198.18.0.22, weight",
+                "255.255.255.255, weight",
+                "services[0].backends[1].ip",
+                "unicast",
+            ),
+        ] {
+            let text = with(APPLIANCE).replacen(from, to, 1);
+            assert_ne!(text, with(APPLIANCE), "{from} not found");
+            let e = parse(&text).expect_err(to);
+            assert_eq!(e.key, key, "{to}: {e}");
+            assert!(e.fix.contains(fix), "{to}: {e}");
         }
     }
 }
