@@ -216,7 +216,7 @@ impl Pipeline {
             Service::Decided(action) => action,
             Service::Forward { rule, upsert } => {
                 match self.flow_backend(rule, &d, hash, proto, flags, upsert) {
-                    Some(id) => self.forward_to(buf, len, id, &d, entropy(hash)),
+                    Some(id) => self.forward_to(buf, len, id, &d, entropy(hash), Some(now)),
                     None => Action::Drop(DropReason::NoBackend),
                 }
             }
@@ -260,7 +260,7 @@ impl Pipeline {
             return Some((Action::Drop(DropReason::NoBackend), FirstFragment::Refused));
         };
         let entropy = entropy(hash);
-        let action = self.forward_to(buf, len, backend, &d, entropy);
+        let action = self.forward_to(buf, len, backend, &d, entropy, Some(now));
         let first = match action {
             Action::ToBackend { .. } => FirstFragment::Forwarded { backend, entropy },
             _ => FirstFragment::Refused,
@@ -286,7 +286,9 @@ impl Pipeline {
             .get(..len)
             .and_then(|frame| Destination::of_fragment(frame, p))
         {
-            Some(d) => self.forward_to(buf, len, backend, &d, entropy),
+            // A later fragment is never answered "too big" (RFC 1122 3.2.2: no ICMP error
+            // about a fragment other than the first).
+            Some(d) => self.forward_to(buf, len, backend, &d, entropy, None),
             None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
         }
     }
@@ -318,6 +320,15 @@ impl Pipeline {
         }
         if !self.mine(bucket) {
             return Some(Action::Drop(DropReason::NotOwned));
+        }
+        let group_mac = buf.get(6).is_none_or(|b| b & 1 != 0);
+        let one_host = match p.src_ip {
+            IpAddr::V4(a) => !a.is_multicast() && !a.is_broadcast() && !a.is_unspecified(),
+            IpAddr::V6(a) => !a.is_multicast() && !a.is_unspecified(),
+        };
+        if group_mac || !one_host {
+            // An answer would go to every host of a group (RFC 1122 3.2.2.6, RFC 4443 4.2).
+            return Some(Action::Drop(DropReason::Malformed(wire::Error::Malformed)));
         }
         Some(
             match encap::echo_reply(buf, p.l3_offset, p.l4_offset, p.l4_len, self.id.node_mac) {
@@ -392,7 +403,7 @@ impl Pipeline {
             self.appliance.too_big += 1;
             return Some(Action::Drop(DropReason::TooBig));
         }
-        Some(self.forward_to(buf, len, id, &d, entropy(hash)))
+        Some(self.forward_to(buf, len, id, &d, entropy(hash), None))
     }
 
     /// Whether an IP packet of `ip_len` bytes exceeds backend `id`'s encapsulated path.
@@ -484,7 +495,8 @@ impl Pipeline {
     }
 
     /// A frame to `d`, to backend `id`: rewritten for DSR, or the encapsulation prepared (outer
-    /// entropy `entropy`), or answered "too big".
+    /// entropy `entropy`), or answered "too big" if `answer_at` gives the time (`None`: a
+    /// frame no ICMP error may be about: dropped if too big).
     #[inline(always)]
     fn forward_to(
         &mut self,
@@ -493,6 +505,7 @@ impl Pipeline {
         id: u16,
         d: &Destination,
         entropy: u16,
+        answer_at: Option<u64>,
     ) -> Action {
         let Some(route) = self.routes.get(id) else {
             return Action::Drop(DropReason::NoBackend);
@@ -513,7 +526,10 @@ impl Pipeline {
                     // (no DF in its header) would need the node to fragment, which it does
                     // not: dropped.
                     self.appliance.too_big += 1;
-                    if !d.no_frag {
+                    let answer = d.no_frag
+                        && answer_at.is_some_and(|now| self.error_budget.take(now))
+                        && answers_to(buf, d);
+                    if !answer {
                         return Action::Drop(DropReason::TooBig);
                     }
                     let room = u16::try_from(mtu - overhead).unwrap_or(u16::MAX);
@@ -543,6 +559,64 @@ impl Pipeline {
             Way::Encap(outer) => outer.write(frame, p.inner_len, p.inner_v6, p.entropy),
             _ => None,
         }
+    }
+}
+
+/// Whether the sender of the frame in `buf` to `d` may get an ICMP error: one host (RFC 1122
+/// 3.2.2, RFC 4443 2.4(e): not a group or unspecified source, not from a group MAC), lest a
+/// forged source make every host on the segment receive the answers.
+fn answers_to(buf: &[u8], d: &Destination) -> bool {
+    let group_mac = buf.get(6).is_none_or(|b| b & 1 != 0);
+    let one_host = if d.v6 {
+        let a = std::net::Ipv6Addr::from(d.src);
+        !a.is_multicast() && !a.is_unspecified()
+    } else {
+        // IPv4 keeps its 32 bits in the low bits: the truncation is exact.
+        let a = std::net::Ipv4Addr::from(d.src as u32);
+        !a.is_multicast() && !a.is_broadcast() && !a.is_unspecified()
+    };
+    !group_mac && one_host
+}
+
+/// The ICMP errors a pipeline (a core) may send: a burst of [`ErrorBudget::BURST`], then
+/// [`ErrorBudget::PER_SECOND`] (RFC 4443 2.4(f), RFC 1812 4.3.2.8: a flood of oversized
+/// packets must not make the node answer each one).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ErrorBudget {
+    tokens: u64,
+    /// When the tokens were last counted (ns).
+    at: u64,
+}
+
+impl Default for ErrorBudget {
+    /// A full burst.
+    fn default() -> Self {
+        ErrorBudget {
+            tokens: Self::BURST,
+            at: 0,
+        }
+    }
+}
+
+impl ErrorBudget {
+    pub const BURST: u64 = 50;
+    pub const PER_SECOND: u64 = 1000;
+    const NS_PER_TOKEN: u64 = 1_000_000_000 / Self::PER_SECOND;
+
+    /// One error at `now`, if the budget has it.
+    fn take(&mut self, now: u64) -> bool {
+        let earned = now.saturating_sub(self.at) / Self::NS_PER_TOKEN;
+        if earned > 0 {
+            self.tokens = self.tokens.saturating_add(earned).min(Self::BURST);
+            self.at = if self.tokens == Self::BURST {
+                now
+            } else {
+                self.at + earned * Self::NS_PER_TOKEN
+            };
+        }
+        let some = self.tokens > 0;
+        self.tokens -= u64::from(some);
+        some
     }
 }
 

@@ -181,8 +181,10 @@ impl Pipeline {
                     }
                     // No rule has this protocol (GRE, say) at a service address: under
                     // `unmatched: drop`, dropped as TCP/UDP to an unserved port is. (The cluster
-                    // address's own traffic goes to its owner's kernel, which holds it.)
+                    // address's own traffic goes to its owner's kernel, which holds it, and
+                    // so does ICMP that `service_echo` leaves alone: a ping with options.)
                     if !to_cluster
+                        && p.icmp.is_none()
                         && self.services.unmatched() == Unmatched::Drop
                         && self.services.is_address(p.dst_ip)
                     {

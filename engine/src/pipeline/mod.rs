@@ -94,6 +94,8 @@ pub struct Pipeline {
     pending: Option<appliance::Pending>,
     /// Per backend: frames, bytes, new flows (appliance mode).
     appliance: ApplianceCounts,
+    /// The "too big" answers this pipeline may still send.
+    error_budget: appliance::ErrorBudget,
 }
 
 impl std::fmt::Debug for Pipeline {

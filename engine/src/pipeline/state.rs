@@ -70,6 +70,7 @@ impl Pipeline {
             routes: Routes::default(),
             pending: None,
             appliance: ApplianceCounts::default(),
+            error_budget: Default::default(),
             id,
         }
     }

@@ -341,6 +341,56 @@ fn a_datagram_too_big_for_the_tunnel_gets_fragmentation_needed() {
     assert_eq!(p.appliance_counts().too_big, 1);
 }
 
+/// "Too big" answers are rationed (a burst, then so many a second: a flood of oversized
+/// packets does not make the node answer each), and never go to a group source MAC or
+/// address (a forged source would make every host on the segment receive them).
+#[test]
+fn too_big_answers_are_rationed_and_only_for_one_host() {
+    use crate::pipeline::appliance::ErrorBudget;
+    let mut p = appliances(1, "gue").remove(0);
+    let big = |src: [u8; 4], mac: [u8; 6]| {
+        let mut t = build::tcp(40000, 1, 1, 0x10, &[0u8; 1460]);
+        t[2..4].copy_from_slice(&80u16.to_be_bytes());
+        build::ipv4(mac, src, 6, &mut t, Some(16))
+    };
+    let client = [2, 0, 0, 0, 0, 0x64];
+    let answered = |p: &mut Pipeline, n: usize, now: u64| {
+        (0..n)
+            .filter(|&i| {
+                let src = [198, 18, 3, (i % 250) as u8 + 1];
+                let (action, _) = run(p, &big(src, client), now);
+                assert!(matches!(
+                    action,
+                    Action::Reply { .. } | Action::Drop(DropReason::TooBig)
+                ));
+                matches!(action, Action::Reply { .. })
+            })
+            .count() as u64
+    };
+    let start = 5_000_000_000;
+    assert_eq!(answered(&mut p, 1000, start), ErrorBudget::BURST);
+    // 40 ms later: 40 ms' worth.
+    assert_eq!(
+        answered(&mut p, 1000, start + 40_000_000),
+        ErrorBudget::PER_SECOND * 40 / 1000
+    );
+    assert_eq!(p.appliance_counts().too_big, 2000, "every one counted");
+    let later = start + 10_000_000_000;
+    for (src, mac) in [
+        ([198, 18, 3, 1], [1, 0, 0x5e, 0, 0, 1]),
+        ([255, 255, 255, 255], client),
+        ([224, 0, 0, 1], client),
+        ([0, 0, 0, 0], client),
+    ] {
+        let (action, _) = run(&mut p, &big(src, mac), later);
+        assert_eq!(action, Action::Drop(DropReason::TooBig), "{src:?} {mac:?}");
+    }
+    assert!(matches!(
+        run(&mut p, &big([198, 18, 3, 1], client), later).0,
+        Action::Reply { .. }
+    ));
+}
+
 /// `n` nodes whose services are [`SERVICES`] on the cluster's IPv6 address (2001:2::1) with
 /// IPv6 backends 2001:2::21..23, each node with an IPv6 address to encapsulate from.
 fn appliances6(n: u8, delivery: &str) -> Vec<Pipeline> {
