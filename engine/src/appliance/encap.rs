@@ -178,6 +178,11 @@ impl Outer {
             Tunnel::Gue { .. } => IpProtocol::Udp.raw(),
         };
         let ip = if self.dst.is_ipv6() {
+            // The flow label from the flow (RFC 6438: a tunnel's flows spread over ECMP paths
+            // even without ports, IP-in-IPv6), never 0 (unlabelled).
+            let label = 0x1_0000 | u32::from(entropy);
+            frame[ETH + 1] = (frame[ETH + 1] & 0xf0) | (label >> 16) as u8;
+            frame[ETH + 2..ETH + 4].copy_from_slice(&(label as u16).to_be_bytes());
             frame[ETH + 4..ETH + 6].copy_from_slice(&(outer_len - IPV6 as u16).to_be_bytes());
             frame[ETH + 6] = next;
             IPV6
@@ -497,6 +502,9 @@ mod tests {
         let g = encap(Tunnel::Ipip, src, dst, &f);
         let outer = ipv6::Packet::new_checked(&g[14..]).unwrap();
         assert_eq!(outer.next_header(), IpProtocol::from(4u8));
+        assert_eq!(g[14] >> 4, 6, "the version untouched by the flow label");
+        let label = u32::from_be_bytes([0, g[15] & 0x0f, g[16], g[17]]);
+        assert_eq!(label, 0x1_1234, "the flow label from the flow's entropy");
         assert_eq!(&g[54..], &f[14..]);
         let g = encap(Tunnel::Gue { port: 6080 }, src, dst, &f);
         let udp = &g[54..];
