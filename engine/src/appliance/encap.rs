@@ -172,6 +172,15 @@ impl Outer {
         let frame = frame.get_mut(..total)?;
         let outer_len = u16::try_from(head - ETH + inner_len).ok()?;
         put(frame, &self.header, head);
+        // The inner packet's traffic class (DSCP and ECN), copied to the outer header: its
+        // marking holds on the way to the backend, and a congested router there marks ECN
+        // rather than drops (RFC 6040's normal mode; the backend's decapsulator copies a CE
+        // mark back into the inner header).
+        let tc = match (inner_v6, frame.get(head..head + 2)) {
+            (true, Some(h)) => (h[0] << 4) | (h[1] >> 4),
+            (false, Some(h)) => h[1],
+            (_, None) => 0,
+        };
         let inner_proto = if inner_v6 { PROTO_IPV6 } else { PROTO_IPV4 };
         let next = match self.tunnel {
             Tunnel::Ipip => inner_proto,
@@ -181,15 +190,19 @@ impl Outer {
             // The flow label from the flow (RFC 6438: a tunnel's flows spread over ECMP paths
             // even without ports, IP-in-IPv6), never 0 (unlabelled).
             let label = 0x1_0000 | u32::from(entropy);
-            frame[ETH + 1] = (frame[ETH + 1] & 0xf0) | (label >> 16) as u8;
+            frame[ETH] = 0x60 | (tc >> 4);
+            frame[ETH + 1] = (tc << 4) | (label >> 16) as u8;
             frame[ETH + 2..ETH + 4].copy_from_slice(&(label as u16).to_be_bytes());
             frame[ETH + 4..ETH + 6].copy_from_slice(&(outer_len - IPV6 as u16).to_be_bytes());
             frame[ETH + 6] = next;
             IPV6
         } else {
+            frame[ETH + 1] = tc;
             frame[ETH + 2..ETH + 4].copy_from_slice(&outer_len.to_be_bytes());
             frame[ETH + 9] = next;
-            let c = checksum::finish(self.partial + u64::from(outer_len) + u64::from(next));
+            let c = checksum::finish(
+                self.partial + u64::from(tc) + u64::from(outer_len) + u64::from(next),
+            );
             frame[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
             IPV4
         };
@@ -429,6 +442,12 @@ mod tests {
                 for inner_len in [0usize, 40, 1480, 8980, 0xffff - 32] {
                     for inner_v6 in [false, true] {
                         let mut f = vec![0u8; o.push(14) + 14 + inner_len];
+                        // The inner traffic class: DSCP EF (46) and ECT(1).
+                        let inner = o.push(14) + 14;
+                        if inner_len >= 2 {
+                            let first = if inner_v6 { [0x6b, 0x90] } else { [0x45, 0xb9] };
+                            f[inner..inner + 2].copy_from_slice(&first);
+                        }
                         let Some(n) = o.write(&mut f, inner_len, inner_v6, 0x2345) else {
                             assert!(inner_len + o.overhead() > 0xffff, "case {i}");
                             continue;
@@ -439,6 +458,8 @@ mod tests {
                         assert_eq!(&h[12..16], &s.octets());
                         assert_eq!(&h[16..20], &d.octets());
                         assert_eq!((h[0], h[6], h[8]), (0x45, 0x40, OUTER_TTL));
+                        let tc = if inner_len >= 2 { 0xb9 } else { 0 };
+                        assert_eq!(h[1], tc, "the inner traffic class, case {i}");
                         let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
                         assert_eq!(total, n - 14, "case {i}");
                     }
@@ -494,7 +515,8 @@ mod tests {
 
     #[test]
     fn ipip_and_gue_over_ipv6() {
-        let f = client_syn();
+        let mut f = client_syn();
+        f[15] = 0xb9; // DSCP EF and ECT(1) (the inner checksum does not matter here)
         let (src, dst): (IpAddr, IpAddr) = (
             "2001:2::11".parse().unwrap(),
             "2001:2:1::21".parse().unwrap(),
@@ -503,6 +525,8 @@ mod tests {
         let outer = ipv6::Packet::new_checked(&g[14..]).unwrap();
         assert_eq!(outer.next_header(), IpProtocol::from(4u8));
         assert_eq!(g[14] >> 4, 6, "the version untouched by the flow label");
+        let tc = (g[14] << 4) | (g[15] >> 4);
+        assert_eq!(tc, 0xb9, "the inner IPv4 TOS as the traffic class");
         let label = u32::from_be_bytes([0, g[15] & 0x0f, g[16], g[17]]);
         assert_eq!(label, 0x1_1234, "the flow label from the flow's entropy");
         assert_eq!(&g[54..], &f[14..]);
