@@ -12,10 +12,11 @@
 //! [`BackendAgreement::message`] for what to send. Backends are named by their place in the
 //! configuration file ([`crate::appliance::Backend::agreed`]), the same on every node that runs
 //! it; a peer whose services differ (another digest of the configured pools) is not counted:
-//! its places may name other servers.
+//! its places may name other servers. [`BackendDrain`] is the body of an operator's backend
+//! drain relayed by the node it was given to (format version 4).
 //! Nothing here reads a clock or sends.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::appliance::health::{agree, BackendTable, Report};
 use crate::cluster::NodeId;
@@ -42,7 +43,7 @@ impl Backends {
     /// 0, or 1 and the table (epoch u64, down and drained lists). A list is a count u8 and that
     /// many ids u16.
     pub fn encode(&self, b: &mut Vec<u8>) {
-        fn list(b: &mut Vec<u8>, ids: &std::collections::BTreeSet<u16>) {
+        fn list(b: &mut Vec<u8>, ids: &BTreeSet<u16>) {
             // At most MAX_IDS (64): fits in u8.
             b.push(ids.len().min(MAX_IDS) as u8);
             for id in ids.iter().take(MAX_IDS) {
@@ -102,6 +103,68 @@ impl Backends {
     }
 }
 
+/// An operator's `drain-backend` or `undrain-backend`, relayed by the node it was given to to
+/// every peer (format version 4 and later): each peer with the sender's services holds it as
+/// its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendDrain {
+    /// Digest of the sender's configured services: the places name its backends.
+    pub digest: u64,
+    /// Drain (true) or undrain.
+    pub drain: bool,
+    /// The backends, by place: 1 to [`MAX_IDS`] of them.
+    pub places: BTreeSet<u16>,
+}
+
+impl BackendDrain {
+    /// The body's bytes: digest u64, action u8 (1 drain, 2 undrain), a count u8 (1 to
+    /// [`MAX_IDS`]) and that many places u16, in increasing order.
+    pub fn encode(&self, b: &mut Vec<u8>) {
+        b.extend_from_slice(&self.digest.to_be_bytes());
+        b.push(if self.drain { 1 } else { 2 });
+        // A name matches at most one backend per service: far fewer than MAX_IDS (64), which
+        // fits in u8. More is a caller bug.
+        debug_assert!(!self.places.is_empty() && self.places.len() <= MAX_IDS);
+        b.push(self.places.len().min(MAX_IDS) as u8);
+        for place in self.places.iter().take(MAX_IDS) {
+            b.extend_from_slice(&place.to_be_bytes());
+        }
+    }
+
+    /// Reads a body written by [`BackendDrain::encode`] at the start of `bytes`; returns it
+    /// and the bytes it took, `None` if malformed (an unknown action, no place, more than
+    /// [`MAX_IDS`], places out of order or repeated: one encoding per request). Never panics.
+    pub fn decode(bytes: &[u8]) -> Option<(BackendDrain, usize)> {
+        let mut r = Cursor { bytes, at: 0 };
+        let digest = r.u64()?;
+        let drain = match r.take(1)?[0] {
+            1 => true,
+            2 => false,
+            _ => return None,
+        };
+        let n = usize::from(r.take(1)?[0]);
+        if n == 0 || n > MAX_IDS {
+            return None;
+        }
+        let mut places = BTreeSet::new();
+        for c in r.take(2 * n)?.chunks_exact(2) {
+            let place = u16::from_be_bytes([c[0], c[1]]);
+            if places.last().is_some_and(|&last| last >= place) {
+                return None;
+            }
+            places.insert(place);
+        }
+        Some((
+            BackendDrain {
+                digest,
+                drain,
+                places,
+            },
+            r.at,
+        ))
+    }
+}
+
 /// Reads a [`Backends`] body.
 struct Cursor<'a> {
     bytes: &'a [u8],
@@ -119,7 +182,7 @@ impl<'a> Cursor<'a> {
         Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
     }
 
-    fn list(&mut self) -> Option<std::collections::BTreeSet<u16>> {
+    fn list(&mut self) -> Option<BTreeSet<u16>> {
         let n = usize::from(self.take(1)?[0]);
         if n > MAX_IDS {
             return None;
@@ -541,6 +604,27 @@ mod tests {
         a.set_own(Some(down(&[])));
         let t = a.coordinate(n(1), 0b1).unwrap();
         assert!(t.epoch > 9 && t.down.is_empty());
+    }
+
+    fn drain(places: &[u16], drain: bool) -> BackendDrain {
+        BackendDrain {
+            digest: 42,
+            drain,
+            places: places.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn a_backend_drain_round_trips_and_every_cut_is_refused() {
+        for d in [drain(&[0], true), drain(&[3, 9, 4000], false)] {
+            let mut b = Vec::new();
+            d.encode(&mut b);
+            assert_eq!(b.len(), 8 + 1 + 1 + 2 * d.places.len());
+            assert_eq!(BackendDrain::decode(&b), Some((d.clone(), b.len())));
+            for cut in 0..b.len() {
+                assert_eq!(BackendDrain::decode(&b[..cut]), None, "cut at {cut}");
+            }
+        }
     }
 
     #[test]

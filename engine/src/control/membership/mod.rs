@@ -559,6 +559,8 @@ impl Membership {
                     out.push(Output::Backends(table));
                 }
             }
+            // Decoded and authenticated; what a node does with it comes with the next change.
+            Body::BackendDrain(_) => {}
         }
         self.update_fence(now, out);
         self.refresh(now, out);
