@@ -22,7 +22,7 @@
 
 use std::ops::Deref;
 
-use super::membership::{Event, Membership, Output};
+use super::membership::{DrainRelay, Event, Membership, Output};
 use super::message::{Load, Phase};
 use super::service_status;
 use super::timeline::Timeline;
@@ -175,7 +175,8 @@ impl Node {
     /// `drain-backend NAME` / `undrain-backend NAME` against `services` (this node's, in
     /// force): NAME is a backend's name (every service's backend of that name) or
     /// `SERVICE/NAME`. This node holds it and relays it to its peers
-    /// ([`Membership::drain_backends`]); the coordinator's next backend table applies it.
+    /// ([`Membership::drain_backends`]); the coordinator's next backend table applies it. The
+    /// reply says where it holds, and whether it counts here yet.
     pub fn drain_backend(
         &mut self,
         name: &str,
@@ -205,10 +206,20 @@ impl Node {
             )));
         }
         let places = matched.iter().map(|&(place, _)| place).collect();
-        self.m.drain_backends(&places, drain, out);
+        let (relayed_to, older_peers, services_differ) =
+            match self.m.drain_backends(&places, drain, out) {
+                DrainRelay::Relayed { peers, differ } => {
+                    (Some(ids_of(peers)), Vec::new(), ids_of(differ))
+                }
+                DrainRelay::LocalOnly { older } => (None, ids_of(older), Vec::new()),
+            };
         Reply::DrainBackend(super::operator::BackendReply {
             backends: matched.into_iter().map(|(_, n)| n).collect(),
             drained: drain,
+            relayed_to,
+            older_peers,
+            services_differ,
+            unsettled: self.m.backends().own().is_none(),
         })
     }
 

@@ -170,7 +170,11 @@ fn a_backend_drain_outlives_its_node_and_an_undrain_anywhere_lifts_it() {
         sim.backend_report(id, report(&[]));
     }
     sim.run_until(2 * SEC);
-    sim.drain_backend(2, "b2", true);
+    let reply = sim.drain_backend(2, "b2", true);
+    assert_eq!(reply.relayed_to, Some(vec![1, 3]));
+    assert!(!reply.unsettled);
+    let text = reply.to_string();
+    assert!(text.contains("relayed to nodes 1, 3"), "{text}");
     sim.run_until(sim.now + 300 * MS);
     let drained = Some([B2].into());
     assert_eq!(sim.drained_everywhere(&[1, 2, 3]), vec![drained.clone(); 3]);
@@ -198,7 +202,8 @@ fn a_backend_drain_outlives_its_node_and_an_undrain_anywhere_lifts_it() {
             "after node {id} restarted"
         );
     }
-    sim.drain_backend(3, "b2", false);
+    let reply = sim.drain_backend(3, "b2", false);
+    assert_eq!(reply.relayed_to, Some(vec![1, 2]));
     sim.run_until(sim.now + 300 * MS);
     assert_eq!(sim.drained_everywhere(&[1, 2, 3]), vec![Some([].into()); 3]);
     for id in 1..=3 {
@@ -235,7 +240,10 @@ fn a_relayed_backend_drain_of_other_services_changes_nothing() {
         .map(|r| sim.node(1).refused_total(r))
     };
     let before = refused(&sim);
-    sim.drain_backend(2, "b2", true);
+    let reply = sim.drain_backend(2, "b2", true);
+    assert_eq!(reply.relayed_to, Some(vec![]));
+    assert_eq!(reply.services_differ, vec![1]);
+    assert!(reply.to_string().contains("ignored by node 1"), "{reply}");
     sim.run_until(sim.now + 500 * MS);
     assert!(sim.node(1).backends().drained().is_empty());
     assert!(sim.table(1).is_none_or(|t| t.drained.is_empty()));
@@ -246,7 +254,8 @@ fn a_relayed_backend_drain_of_other_services_changes_nothing() {
 }
 
 /// While a peer runs the version before, a drain cannot be relayed: it holds on the node that
-/// took it.
+/// took it, and the reply names the older peer. A node whose checks have not settled says its
+/// drains count once they have.
 #[test]
 fn with_an_older_peer_a_backend_drain_holds_on_its_node_only() {
     let mut sim = Sim::new(36);
@@ -263,7 +272,16 @@ fn with_an_older_peer_a_backend_drain_holds_on_its_node_only() {
     sim.run_until(3 * SEC);
     assert!(sim.node(2).backends().adopted().is_some());
     let malformed = sim.node(1).refused_total(Refusal::Malformed);
-    sim.drain_backend(3, "b2", true);
+    let reply = sim.drain_backend(3, "b2", true);
+    assert_eq!(
+        (reply.relayed_to.clone(), reply.older_peers.clone()),
+        (None, vec![1])
+    );
+    let text = reply.to_string();
+    assert!(
+        text.contains("on this node only while an older version runs on node 1"),
+        "{text}"
+    );
     sim.run_until(sim.now + 500 * MS);
     assert_eq!(sim.node(1).refused_total(Refusal::Malformed), malformed);
     assert!(sim.node(2).backends().drained().is_empty(), "not relayed");
@@ -272,4 +290,8 @@ fn with_an_older_peer_a_backend_drain_holds_on_its_node_only() {
         vec![Some([B2].into()); 3],
         "node 3's report drains it"
     );
+    sim.backend_report(2, None);
+    let reply = sim.drain_backend(2, "b1", true);
+    assert!(reply.unsettled);
+    assert!(reply.to_string().contains("once they have"), "{reply}");
 }
