@@ -129,10 +129,13 @@ def control_frames(rng, members, genuine):
             continue
         src = members[n % len(members)] if members and n % 2 == 0 else random_mac(rng)
         kind = "forged-member" if members and n % 2 == 0 else "forged-stranger"
-        # Magic "CC", version 1 or 2, kind 1..3, path 2 (wire), a plausible node id; the rest
-        # (incarnation, seq, digest, body, tag) random.
-        message = b"CC" + bytes([rng.choice([1, 2]), rng.randint(1, 3), 2, rng.randint(1, 3)])
-        message += rng.randbytes(rng.choice([47 + 24 + 16, 2 + 24 + 16, rng.randint(0, 300)]))
+        # Magic "CC", version 3 or 4 (the ones a node decodes: the tag is checked), kind 1..5,
+        # path 2 (wire), a plausible node id; the rest (incarnation, seq, digest, body, tag)
+        # random, as long as a heartbeat, a request, a backend drain of two places, or any.
+        message = b"CC" + bytes([rng.choice([3, 4]), rng.randint(1, 5), 2, rng.randint(1, 3)])
+        message += rng.randbytes(
+            rng.choice([63 + 24 + 16, 2 + 24 + 16, 14 + 24 + 16, rng.randint(0, 300)])
+        )
         payload = struct.pack("!H", len(message)) + message
         frame = b"\xff" * 6 + src + struct.pack("!H", CONTROL) + payload
         frames.append((kind, frame.ljust(60, b"\0")))
@@ -164,8 +167,8 @@ def udp_flood(iface, dst_ip, port, seconds, rng):
             kind, data = "replayed", genuine[n % len(genuine)]
         else:
             kind = "forged"
-            data = b"CC" + bytes([rng.choice([1, 2]), rng.randint(1, 3), 1, rng.randint(1, 3)])
-            data += rng.randbytes(rng.choice([47 + 24 + 16, rng.randint(0, 300)]))
+            data = b"CC" + bytes([rng.choice([3, 4]), rng.randint(1, 5), 1, rng.randint(1, 3)])
+            data += rng.randbytes(rng.choice([63 + 24 + 16, rng.randint(0, 300)]))
         try:
             out.sendto(data, (dst_ip, port))
             counts[kind] = counts.get(kind, 0) + 1

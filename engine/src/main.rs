@@ -95,15 +95,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Appliance mode: send a backend no new flows, cluster-wide (its flows continue); the
-    /// coordinator's next backend table applies it on every node.
+    /// Appliance mode: send a backend no new flows, cluster-wide (its flows continue): the
+    /// node relays it to its peers, every node with the same services holds it until an
+    /// `undrain-backend` through any of them, and the coordinator's next backend table applies
+    /// it on every node.
     DrainBackend {
         #[arg(long, short)]
         config: PathBuf,
         /// The backend's name (every service's backend of that name), or SERVICE/NAME.
         backend: String,
     },
-    /// Appliance mode: undo `drain-backend`.
+    /// Appliance mode: undo `drain-backend` (through any node: it is relayed like the drain).
     UndrainBackend {
         #[arg(long, short)]
         config: PathBuf,

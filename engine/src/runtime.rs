@@ -252,7 +252,7 @@ pub fn control_thread(
             // The backends first: after a reload, the checks follow the new services and the
             // report names their places before the tick's heartbeat carries it.
             backends.tick(&current.config, &link, now_ns());
-            node.set_backend_report(backends.report(node.drained_backends(), &link.services()));
+            node.set_backend_report(backends.report(&link.services()));
             node.handle_tick(now_ns(), &mut out);
             let left_out = node.backends().left_out();
             if left_out != backends_left_out {
@@ -426,27 +426,15 @@ impl ControlIo {
                 }
                 Output::Event(e) => {
                     timeline.record(unix_ms(), &e);
-                    log_event(me, crate::logging::context().1, &e);
+                    log_event(me, crate::logging::context().1, &e, &link.services());
                 }
                 Output::Backends(table) => {
                     let services = link.services().with_table(&self.secret, &table);
-                    let names = |ids: &std::collections::BTreeSet<u16>| {
-                        let v: Vec<String> = services
-                            .backends()
-                            .filter(|(_, b)| ids.contains(&b.agreed))
-                            .map(|(_, b)| b.name.clone())
-                            .collect();
-                        if v.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            v.join(", ")
-                        }
-                    };
                     tracing::info!(
                         node = me,
                         backend_epoch = table.epoch,
-                        down = %names(&table.down),
-                        drained = %names(&table.drained),
+                        down = %backend_names(&services, &table.down),
+                        drained = %backend_names(&services, &table.drained),
                         "agreed backend table applied"
                     );
                     link.publish_services(Arc::new(services));
@@ -559,7 +547,22 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn log_event(node: u8, epoch: u64, e: &Event) {
+/// The names of the backends at `places` in `services` (`none` for none).
+fn backend_names(services: &Services, places: &std::collections::BTreeSet<u16>) -> String {
+    let v: Vec<String> = services
+        .backends()
+        .filter(|(_, b)| places.contains(&b.agreed))
+        .map(|(_, b)| b.name.clone())
+        .collect();
+    if v.is_empty() {
+        "none".to_owned()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// `services`: the ones in force, which name the backends of appliance mode's events.
+fn log_event(node: u8, epoch: u64, e: &Event, services: &Services) {
     match e {
         Event::PeerUp { node: peer, .. } => tracing::info!(node, epoch, peer = %peer, "peer up"),
         Event::PeerRejoined {
@@ -658,6 +661,25 @@ fn log_event(node: u8, epoch: u64, e: &Event) {
              {sender}): this node understands versions {oldest} to {newest}; upgrade or \
              downgrade one release at a time"
         ),
+        Event::BackendDrainRelayed {
+            node: peer,
+            drain,
+            places,
+        } => tracing::info!(
+            node,
+            epoch,
+            peer = %peer,
+            backends = %backend_names(services, places),
+            "operator's {} relayed by node {peer}: this node holds it too",
+            if *drain { "drain-backend" } else { "undrain-backend" }
+        ),
+        Event::BackendDrainsAdopted { places } => tracing::info!(
+            node,
+            epoch,
+            backends = %backend_names(services, places),
+            "holds the backend drains of the agreed table, as every node does: they outlive \
+             the node that took them"
+        ),
     }
 }
 
@@ -715,9 +737,13 @@ impl OperatorSocket {
             Err(error) => Reply::Refused(Refused::new(error)),
             Ok(Request::Reload) => reload(current, node, link, now, out),
             Ok(Request::DrainBackend { name, drain }) => {
-                let reply = node.drain_backend(&name, drain, &link.services());
+                let reply = node.drain_backend(&name, drain, &link.services(), out);
                 if let Reply::DrainBackend(r) = &reply {
-                    tracing::info!(backends = %r.backends.join(", "), drained = drain, "operator: drain-backend");
+                    tracing::info!(
+                        backends = %r.backends.join(", "),
+                        drained = drain,
+                        "operator: {r}"
+                    );
                 }
                 reply
             }
@@ -777,20 +803,13 @@ impl BackendWatch {
         }
     }
 
-    /// This node's backend report, as the nodes name the backends (places in `services`, this
-    /// node's in force): its checker's verdicts (none down without checks) and its operator's
-    /// drained backends.
-    fn report(
-        &self,
-        drained: &std::collections::BTreeSet<u16>,
-        services: &Services,
-    ) -> Option<Report> {
+    /// This node's checker's verdicts, as the nodes name the backends (places in `services`,
+    /// this node's in force; none down without checks). The drains it holds are the backend
+    /// agreement's (it adds them).
+    fn report(&self, services: &Services) -> Option<Report> {
         let mine = match &self.checks {
-            Some(c) => c.report(drained),
-            None => Some(Report {
-                down: Default::default(),
-                drained: drained.clone(),
-            }),
+            Some(c) => c.report(),
+            None => Some(Report::default()),
         };
         mine.map(|r| services.agreed_report(&r))
     }
@@ -939,11 +958,8 @@ fn reload(
                 // A table this pass queued (a message or a tick before the operator's request)
                 // names the old file's places; the renumbered one holds it already.
                 out.retain(|o| !matches!(o, Output::Backends(_)));
-                node.renumber_backends(table);
                 // A drain is of a server: it ends when its id leaves or names another one.
-                node.keep_drained(|id| {
-                    before.server(id).is_some() && before.server(id) == services.server(id)
-                });
+                node.renumber_backends(table, |place| before.moved_place(place, &services));
                 tracing::info!(
                     services = services.rules().len(),
                     backends = services.backends().count(),
@@ -1098,6 +1114,9 @@ mod tests {
             drained: [3].into(),
         };
         let renumbered = before.renumbered(&old_table, &reloaded, |_| false);
+        // A drain this node holds moves the same way (.23 from place 3 to 2; .21 is gone).
+        assert_eq!(before.moved_place(3, &reloaded), Some(2));
+        assert_eq!(before.moved_place(1, &reloaded), None);
         assert_eq!(
             (
                 renumbered.epoch,

@@ -6,7 +6,7 @@
 //!   failures to go down. A backend starts down: it takes new flows once it has answered.
 //! - [`agree`]: the coordinator's rule. A backend is down when at least half of the nodes that
 //!   report verdicts see it down (one of two is enough: a backend one appliance cannot reach is
-//!   one whose health is in doubt), drained when any node's operator drained it.
+//!   one whose health is in doubt), drained when any node holds an operator's drain of it.
 //! - [`Checks`]: one node's checks of every backend, which follow the services as `reload`
 //!   changes them: a backend that stays keeps its verdict, one added (or whose id now names
 //!   another server) starts down, one removed is forgotten.
@@ -35,7 +35,7 @@ pub struct BackendTable {
     pub drained: BTreeSet<u16>,
 }
 
-/// One node's report: what it sees down and what its operator drained. Inside the node (its
+/// One node's report: what it sees down and the drains it holds. Inside the node (its
 /// checker's verdicts) it names backends by the node's own ids; sent to the others, by place
 /// ([`super::Services::agreed_report`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -198,13 +198,14 @@ impl LocalVerdicts {
         self.down.lock().map(|d| d.clone()).unwrap_or_default()
     }
 
-    /// The node's report: its verdicts once settled (with `drained`), else `None`.
-    pub fn report(&self, drained: &BTreeSet<u16>) -> Option<Report> {
+    /// The node's report: its verdicts once settled, else `None` (the drains it holds are the
+    /// backend agreement's: [`crate::control::backends`]).
+    pub fn report(&self) -> Option<Report> {
         self.settled
             .load(std::sync::atomic::Ordering::Relaxed)
             .then(|| Report {
                 down: self.down(),
-                drained: drained.clone(),
+                drained: BTreeSet::new(),
             })
     }
 }

@@ -440,13 +440,9 @@ impl Services {
         checked: impl Fn(usize) -> bool,
     ) -> health::BackendTable {
         let moved = |places: &std::collections::BTreeSet<u16>| {
-            self.backends()
-                .filter(|(_, b)| places.contains(&b.agreed))
-                .filter_map(|(_, b)| {
-                    // The same id names the same server unless it left and its id was reused.
-                    let (_, n) = next.by_id(b.id)?;
-                    (next.server(b.id) == self.server(b.id)).then_some(n.agreed)
-                })
+            places
+                .iter()
+                .filter_map(|&p| self.moved_place(p, next))
                 .collect()
         };
         let mut down: std::collections::BTreeSet<u16> = moved(&table.down);
@@ -461,6 +457,15 @@ impl Services {
             down,
             drained: moved(&table.drained),
         }
+    }
+
+    /// The place in `next` (these services after a reload: ids that stay name the same
+    /// servers) of the backend at `place` here; None if it left, or its id was reused for
+    /// another server.
+    pub fn moved_place(&self, place: u16, next: &Services) -> Option<u16> {
+        let (_, b) = self.backends().find(|(_, b)| b.agreed == place)?;
+        let (_, n) = next.by_id(b.id)?;
+        (next.server(b.id) == self.server(b.id)).then_some(n.agreed)
     }
 
     /// The backend with this node's id `id`, and its rule.

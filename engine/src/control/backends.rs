@@ -1,21 +1,38 @@
 //! The agreed backend table (appliance mode): every node reports the backends it sees down and
-//! the ones its operator drained; the coordinator turns the live nodes' reports into the next
+//! the ones it holds drained; the coordinator turns the live nodes' reports into the next
 //! epoch-numbered [`BackendTable`] ([`crate::appliance::health::agree`]); every node sends its
 //! report and the table it holds, and applies the coordinator's table unless it holds a newer
 //! one, so that all choose new flows' backends from the same pool. Epochs only grow: a
 //! coordinator goes on above the highest epoch any node holds (it restarted, a partition
 //! healed).
 //!
+//! An operator's backend drain is the cluster's, not one node's: the node it was given to
+//! holds it and relays it ([`BackendDrain`], format version 4) to every peer, and each peer
+//! with the same services holds it too, so that it outlives the node that took it and an
+//! undrain through any node lifts it everywhere. A node that starts holds the drains of the
+//! first table it applies or makes ([`BackendAgreement::adopted`]), so that a drain lasts as
+//! long as one node holds it. The one rule for the race between that first table and a
+//! request: a request heard since the node started is newer than any table it has yet seen,
+//! so an undrain it heard lifts the place from what it adopts (and a relayed request also
+//! changes what it holds of its peers' reports, which heard the same broadcast, so that a
+//! coordinator's next table no longer waits for their next reports). What is given up: a
+//! running node that misses a request (cut off, both copies lost) keeps what it held, and its
+//! report brings that back into the table; the reply names the peers a request was relayed
+//! to, and repeating it through any node once they are back settles it.
+//!
 //! Sans-IO, driven by [`super::Membership`] (which authenticates the messages and knows who
 //! coordinates and who is live): [`BackendAgreement::received`] for a peer's [`Backends`]
-//! message, [`BackendAgreement::coordinate`] each tick on the coordinator,
+//! message, [`BackendAgreement::relayed`] for a peer's [`BackendDrain`],
+//! [`BackendAgreement::coordinate`] each tick on the coordinator,
 //! [`BackendAgreement::message`] for what to send. Backends are named by their place in the
 //! configuration file ([`crate::appliance::Backend::agreed`]), the same on every node that runs
 //! it; a peer whose services differ (another digest of the configured pools) is not counted:
-//! its places may name other servers.
+//! its places may name other servers. The drains this node holds are kept by place too (a
+//! relayed request and an adopted table apply without a lookup); a reload renumbers them with
+//! the table ([`BackendAgreement::renumber`]).
 //! Nothing here reads a clock or sends.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::appliance::health::{agree, BackendTable, Report};
 use crate::cluster::NodeId;
@@ -42,7 +59,7 @@ impl Backends {
     /// 0, or 1 and the table (epoch u64, down and drained lists). A list is a count u8 and that
     /// many ids u16.
     pub fn encode(&self, b: &mut Vec<u8>) {
-        fn list(b: &mut Vec<u8>, ids: &std::collections::BTreeSet<u16>) {
+        fn list(b: &mut Vec<u8>, ids: &BTreeSet<u16>) {
             // At most MAX_IDS (64): fits in u8.
             b.push(ids.len().min(MAX_IDS) as u8);
             for id in ids.iter().take(MAX_IDS) {
@@ -102,6 +119,68 @@ impl Backends {
     }
 }
 
+/// An operator's `drain-backend` or `undrain-backend`, relayed by the node it was given to to
+/// every peer (format version 4 and later): each peer with the sender's services holds it as
+/// its own (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendDrain {
+    /// Digest of the sender's configured services: the places name its backends.
+    pub digest: u64,
+    /// Drain (true) or undrain.
+    pub drain: bool,
+    /// The backends, by place: 1 to [`MAX_IDS`] of them.
+    pub places: BTreeSet<u16>,
+}
+
+impl BackendDrain {
+    /// The body's bytes: digest u64, action u8 (1 drain, 2 undrain), a count u8 (1 to
+    /// [`MAX_IDS`]) and that many places u16, in increasing order.
+    pub fn encode(&self, b: &mut Vec<u8>) {
+        b.extend_from_slice(&self.digest.to_be_bytes());
+        b.push(if self.drain { 1 } else { 2 });
+        // A name matches at most one backend per service: far fewer than MAX_IDS (64), which
+        // fits in u8. More is a caller bug.
+        debug_assert!(!self.places.is_empty() && self.places.len() <= MAX_IDS);
+        b.push(self.places.len().min(MAX_IDS) as u8);
+        for place in self.places.iter().take(MAX_IDS) {
+            b.extend_from_slice(&place.to_be_bytes());
+        }
+    }
+
+    /// Reads a body written by [`BackendDrain::encode`] at the start of `bytes`; returns it
+    /// and the bytes it took, `None` if malformed (an unknown action, no place, more than
+    /// [`MAX_IDS`], places out of order or repeated: one encoding per request). Never panics.
+    pub fn decode(bytes: &[u8]) -> Option<(BackendDrain, usize)> {
+        let mut r = Cursor { bytes, at: 0 };
+        let digest = r.u64()?;
+        let drain = match r.take(1)?[0] {
+            1 => true,
+            2 => false,
+            _ => return None,
+        };
+        let n = usize::from(r.take(1)?[0]);
+        if n == 0 || n > MAX_IDS {
+            return None;
+        }
+        let mut places = BTreeSet::new();
+        for c in r.take(2 * n)?.chunks_exact(2) {
+            let place = u16::from_be_bytes([c[0], c[1]]);
+            if places.last().is_some_and(|&last| last >= place) {
+                return None;
+            }
+            places.insert(place);
+        }
+        Some((
+            BackendDrain {
+                digest,
+                drain,
+                places,
+            },
+            r.at,
+        ))
+    }
+}
+
 /// Reads a [`Backends`] body.
 struct Cursor<'a> {
     bytes: &'a [u8],
@@ -119,7 +198,7 @@ impl<'a> Cursor<'a> {
         Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
     }
 
-    fn list(&mut self) -> Option<std::collections::BTreeSet<u16>> {
+    fn list(&mut self) -> Option<BTreeSet<u16>> {
         let n = usize::from(self.take(1)?[0]);
         if n > MAX_IDS {
             return None;
@@ -147,6 +226,14 @@ pub struct BackendAgreement {
     max_epoch: u64,
     /// Backends the last table this node made left out of its lists (beyond [`MAX_IDS`]).
     left_out: usize,
+    /// Backends this node holds drained, by place: its operator's drains, those its peers
+    /// relayed, those it adopted; its report carries them with its checker's verdicts.
+    drained: BTreeSet<u16>,
+    /// The drains this node took from the first table it applied or made (None: none yet).
+    adopted: Option<BTreeSet<u16>>,
+    /// Until that first table: the places a request undrained since this node started. The
+    /// table may predate the request; the request wins.
+    lifted: BTreeSet<u16>,
 }
 
 impl BackendAgreement {
@@ -179,21 +266,101 @@ impl BackendAgreement {
     }
 
     /// After a reload: the table in force as the new services number their backends (the
-    /// same epoch; the next table goes on from it). This node's last report named the old
-    /// file's places: it counts for nothing (and no table is made of it) until the next one.
-    pub fn renumber(&mut self, table: BackendTable) {
+    /// same epoch; the next table goes on from it), and `moved`, an old place's new one (None:
+    /// its backend is gone or its place names another server now: its drain ends with it).
+    /// This node's last report named the old file's places: it counts for nothing (and no
+    /// table is made of it) until the next one.
+    pub fn renumber(&mut self, table: BackendTable, moved: impl Fn(u16) -> Option<u16>) {
         self.table = table;
         self.own = None;
+        self.drained = self.drained.iter().filter_map(|&p| moved(p)).collect();
+        self.lifted = self.lifted.iter().filter_map(|&p| moved(p)).collect();
     }
 
-    /// What this node sees now (its checker's verdicts, its operator's drains); `None` while
-    /// its checks have not settled.
+    /// What this node's checks see now (any `drained` in it adds to the drains this node
+    /// holds); `None` while its checks have not settled.
     pub fn set_own(&mut self, report: Option<Report>) {
         self.own = report;
     }
 
-    pub fn own(&self) -> Option<&Report> {
-        self.own.as_ref()
+    /// This node's report: its checker's verdicts and the drains it holds (`None` while its
+    /// checks have not settled: it counts for nothing then, its drains included).
+    pub fn own(&self) -> Option<Report> {
+        self.own.as_ref().map(|r| Report {
+            down: r.down.clone(),
+            drained: r.drained.union(&self.drained).copied().collect(),
+        })
+    }
+
+    /// The backends this node holds drained, by place.
+    pub fn drained(&self) -> &BTreeSet<u16> {
+        &self.drained
+    }
+
+    /// The drains this node took from the first table it applied or made (None: it has
+    /// applied or made none since it started).
+    pub fn adopted(&self) -> Option<&BTreeSet<u16>> {
+        self.adopted.as_ref()
+    }
+
+    /// An operator's drain (`drain`) or undrain of the backends at `places`, given to this
+    /// node or relayed: this node holds it from now on. Returns whether what it holds changed.
+    pub fn drain(&mut self, places: &BTreeSet<u16>, drain: bool) -> bool {
+        let mut changed = false;
+        for &place in places {
+            changed |= if drain {
+                self.drained.insert(place)
+            } else {
+                self.drained.remove(&place)
+            };
+            if self.adopted.is_none() {
+                if drain {
+                    self.lifted.remove(&place);
+                } else {
+                    self.lifted.insert(place);
+                }
+            }
+        }
+        changed
+    }
+
+    /// An operator's request relayed on both paths (by a peer, or by this node). With this
+    /// node's services, this node holds it ([`BackendAgreement::drain`]) and takes it as said
+    /// in every peer's last report too: they heard the same broadcast (one that did not says
+    /// so in its next report), and the next table need not wait for their reports. Another
+    /// digest's places may name other servers: ignored. Returns whether what this node holds
+    /// changed.
+    pub fn relayed(&mut self, msg: &BackendDrain) -> bool {
+        if msg.digest != self.digest {
+            return false;
+        }
+        for r in self.peers.values_mut() {
+            if msg.drain {
+                r.drained.extend(&msg.places);
+            } else {
+                r.drained.retain(|p| !msg.places.contains(p));
+            }
+        }
+        self.drain(&msg.places, msg.drain)
+    }
+
+    /// The first table this node applies or makes: it holds that table's drains from now on
+    /// (so that a drain outlives the restart of the node that took it), less the places a
+    /// request undrained since this node started (the request is newer than the table).
+    fn adopt(&mut self) {
+        if self.adopted.is_some() {
+            return;
+        }
+        let taken: BTreeSet<u16> = self
+            .table
+            .drained
+            .iter()
+            .filter(|p| !self.lifted.contains(p) && !self.drained.contains(p))
+            .copied()
+            .collect();
+        self.drained.extend(&taken);
+        self.lifted.clear();
+        self.adopted = Some(taken);
     }
 
     /// The table in force here.
@@ -237,6 +404,7 @@ impl BackendAgreement {
         // the coordinator's table wins (two sides of a healed partition may have made one each).
         if from_coordinator && table.epoch >= self.table.epoch && *table != self.table {
             self.table = table.clone();
+            self.adopt();
             return Some(self.table.clone());
         }
         None
@@ -251,12 +419,13 @@ impl BackendAgreement {
     /// On the coordinator, every tick: the next table over the reports of the nodes in `live`
     /// (bit `id - 1`, itself included). Returns it if it changed.
     pub fn coordinate(&mut self, me: NodeId, live: u64) -> Option<BackendTable> {
+        let own = self.own();
         let reports = self
             .peers
             .iter()
             .filter(|(id, _)| **id != me.get() && live & (1u64 << (**id - 1)) != 0)
             .map(|(_, r)| r)
-            .chain(self.own.as_ref());
+            .chain(own.as_ref());
         let mut agreed = agree(reports)?;
         self.left_out = 0;
         for list in [&mut agreed.down, &mut agreed.drained] {
@@ -281,6 +450,7 @@ impl BackendAgreement {
         next.epoch = self.table.epoch.max(self.max_epoch).saturating_add(1);
         self.max_epoch = next.epoch;
         self.table = next.clone();
+        self.adopt();
         Some(next)
     }
 
@@ -297,7 +467,7 @@ impl BackendAgreement {
     pub fn message(&self) -> Option<Backends> {
         self.active().then(|| Backends {
             digest: self.digest,
-            report: self.own.clone(),
+            report: self.own(),
             table: (self.table.epoch > 0).then(|| self.table.clone()),
         })
     }
@@ -382,7 +552,7 @@ mod tests {
             down: [2].into(),
             drained: Default::default(),
         };
-        a.renumber(renumbered.clone());
+        a.renumber(renumbered.clone(), Some);
         assert_eq!(
             a.coordinate(n(1), 0b1),
             None,
@@ -541,6 +711,142 @@ mod tests {
         a.set_own(Some(down(&[])));
         let t = a.coordinate(n(1), 0b1).unwrap();
         assert!(t.epoch > 9 && t.down.is_empty());
+    }
+
+    fn drain(places: &[u16], drain: bool) -> BackendDrain {
+        BackendDrain {
+            digest: 42,
+            drain,
+            places: places.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn a_backend_drain_round_trips_and_every_cut_is_refused() {
+        for d in [drain(&[0], true), drain(&[3, 9, 4000], false)] {
+            let mut b = Vec::new();
+            d.encode(&mut b);
+            assert_eq!(b.len(), 8 + 1 + 1 + 2 * d.places.len());
+            assert_eq!(BackendDrain::decode(&b), Some((d.clone(), b.len())));
+            for cut in 0..b.len() {
+                assert_eq!(BackendDrain::decode(&b[..cut]), None, "cut at {cut}");
+            }
+        }
+    }
+
+    /// Node 2's operator drains backend 5; node 2 restarts; every node keeps it drained, node
+    /// 2 again too (it adopts it from its first table); an undrain through node 3 lifts it
+    /// everywhere.
+    #[test]
+    fn a_drain_outlives_the_node_that_took_it() {
+        let mut nodes = vec![settled(42); 3];
+        rounds(&mut nodes, 0b111, 2);
+        // Node 2 holds it and relays it to 1 and 3.
+        for a in nodes.iter_mut() {
+            a.relayed(&drain(&[5], true));
+        }
+        rounds(&mut nodes, 0b111, 2);
+        assert!(nodes.iter().all(|a| a.table().drained.contains(&5)));
+        nodes[1] = settled(42);
+        rounds(&mut nodes, 0b101, 2);
+        assert!(nodes[0].table().drained.contains(&5), "node 2 is gone");
+        rounds(&mut nodes, 0b111, 2);
+        assert_eq!(nodes[1].adopted(), Some(&[5].into()));
+        assert!(nodes[1].drained().contains(&5));
+        // Node 1 and node 3 restart in turn: node 2 holds it meanwhile.
+        for i in [0, 2] {
+            nodes[i] = settled(42);
+            rounds(&mut nodes, 0b111 & !(1 << i), 2);
+            rounds(&mut nodes, 0b111, 2);
+            assert!(nodes[i].drained().contains(&5), "node {}", i + 1);
+        }
+        assert!(nodes.iter().all(|a| a.table().drained.contains(&5)));
+        for a in nodes.iter_mut() {
+            a.relayed(&drain(&[5], false));
+        }
+        rounds(&mut nodes, 0b111, 2);
+        for a in &nodes {
+            assert!(a.table().drained.is_empty() && a.drained().is_empty());
+        }
+    }
+
+    /// A node starts while an undrain is relayed: its first table still lists the backend,
+    /// but the undrain it heard is newer and wins. A drain heard after it wins in turn.
+    #[test]
+    fn an_undrain_heard_before_the_first_table_wins_over_it() {
+        let table = |drained: &[u16]| Backends {
+            digest: 42,
+            report: Some(Report::default()),
+            table: Some(BackendTable {
+                epoch: 7,
+                down: Default::default(),
+                drained: drained.iter().copied().collect(),
+            }),
+        };
+        let mut a = settled(42);
+        assert!(!a.relayed(&drain(&[5, 6], false)), "held nothing");
+        assert!(a.received(n(1), &table(&[5, 6, 7]), true).is_some());
+        assert_eq!(a.adopted(), Some(&[7].into()));
+        assert_eq!(a.drained(), &[7].into());
+        // After the first table, the table never adds a drain again: requests do.
+        let mut t = table(&[5, 7]);
+        t.table.as_mut().unwrap().epoch = 8;
+        assert!(a.received(n(1), &t, true).is_some());
+        assert_eq!(a.drained(), &[7].into());
+
+        let mut b = settled(42);
+        b.relayed(&drain(&[5], false));
+        b.relayed(&drain(&[5], true));
+        b.received(n(1), &table(&[]), true);
+        assert_eq!(b.drained(), &[5].into(), "the last request wins");
+        assert_eq!(b.own().unwrap().drained, [5].into());
+    }
+
+    #[test]
+    fn a_relayed_drain_of_other_services_changes_nothing() {
+        let mut a = settled(42);
+        let other = BackendDrain {
+            digest: 43,
+            ..drain(&[5], true)
+        };
+        assert!(!a.relayed(&other));
+        assert!(a.drained().is_empty());
+        assert_eq!(
+            a.mismatched(),
+            0,
+            "nothing to say beyond its backends messages"
+        );
+    }
+
+    /// The coordinator takes a relayed request as said in every peer's report: its next table
+    /// does not wait for their next reports (which a node that starts meanwhile could adopt).
+    #[test]
+    fn a_relayed_request_counts_in_the_next_table_at_once() {
+        let mut nodes = vec![settled(42); 3];
+        for a in nodes.iter_mut() {
+            a.relayed(&drain(&[5], true));
+        }
+        rounds(&mut nodes, 0b111, 2);
+        assert!(nodes[0].table().drained.contains(&5));
+        // Only the coordinator hears the undrain yet; the peers' reports it holds still list 5.
+        nodes[0].relayed(&drain(&[5], false));
+        let t = nodes[0].coordinate(n(1), 0b111).expect("a new table");
+        assert!(t.drained.is_empty());
+    }
+
+    /// Before its checks settle, a node's drains count for nothing (the reply says so).
+    #[test]
+    fn drains_count_with_the_report() {
+        let mut a = BackendAgreement::new(42);
+        a.drain(&[5].into(), true);
+        assert_eq!(a.own(), None);
+        assert_eq!(a.message().unwrap().report, None);
+        a.set_own(Some(Report::default()));
+        assert_eq!(a.message().unwrap().report.unwrap().drained, [5].into());
+        // A reload moves the drains with their backends, and ends those whose backend left.
+        a.drain(&[6].into(), true);
+        a.renumber(BackendTable::default(), |p| (p == 5).then_some(2));
+        assert_eq!(a.drained(), &[2].into());
     }
 
     #[test]

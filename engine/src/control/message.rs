@@ -23,18 +23,22 @@
 //!   it lets own buckets (live and not fenced). Encoded as version 2, a heartbeat leaves the
 //!   bit clear and the bitmaps out; decoded from version 2, both bitmaps are `None`
 //!   (unknown), which [`super::Membership`] reads as "no report".
+//! - **4**: a new kind, 5: an operator's backend drain relayed by the node it was given to
+//!   ([`BackendDrain`]). A version-3 node cannot read it: a node relays one only while every
+//!   live peer speaks version 4, and never encodes it as version 3 (a version-3 message of
+//!   kind 5 is malformed). Everything else is the same in both versions.
 //!
 //! ```text
 //! offset len  field
 //!      0   2  magic "CC" (0x43 0x43)
-//!      2   1  version (2 or 3)
-//!      3   1  kind: 1 heartbeat, 2 plan
+//!      2   1  version (3 or 4)
+//!      3   1  kind: 1 heartbeat, 2 plan, 3 request, 4 backends, 5 backend drain (version 4)
 //!      4   1  path the sender put it on: 1 UDP, 2 wire (authenticated: no cross-path replay)
 //!      5   1  sender node id (1..=64)
 //!      6   8  sender incarnation (a rejoin uses a larger one, e.g. its start time)
 //!     14   8  seq: strictly increasing per sender incarnation, over both paths
 //!     22   8  config digest of the sender
-//!     30   …  body (fixed length per kind, see `Heartbeat` and `Plan`)
+//!     30   …  body (see `Heartbeat`, `Plan`, `Request`, `Backends` and `BackendDrain`)
 //!  len-16 16  tag: HMAC-SHA256(key, bytes[0..len-16]), first 16 bytes
 //! ```
 //!
@@ -52,11 +56,11 @@ use std::fmt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::backends::Backends;
+use super::backends::{BackendDrain, Backends};
 use crate::cluster::{derive_key, Member, NodeId, Weight};
 
 /// The newest format version this code speaks.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// The oldest format version this code still decodes and can speak: the version before.
 pub const PREVIOUS_VERSION: u8 = VERSION - 1;
 /// HMAC label of the control-message key.
@@ -78,6 +82,10 @@ const KIND_PLAN: u8 = 2;
 const KIND_REQUEST: u8 = 3;
 /// Appliance mode's backend reports and table (version 3 and later).
 const KIND_BACKENDS: u8 = 4;
+/// Appliance mode's relayed backend drains.
+const KIND_BACKEND_DRAIN: u8 = 5;
+/// The first version that carries [`Body::BackendDrain`].
+pub const BACKEND_DRAIN_VERSION: u8 = 4;
 
 /// `releasing_left` value meaning "no flow report yet".
 pub const LEFT_UNKNOWN: u32 = u32::MAX;
@@ -335,6 +343,9 @@ pub enum Body {
     /// Appliance mode: the sender's backend report and, from the coordinator, the agreed
     /// backend table (version 3 and later; see [`super::backends`]).
     Backends(Backends),
+    /// Appliance mode: an operator's backend drain or undrain, relayed by the node it was
+    /// given to ([`BACKEND_DRAIN_VERSION`] and later).
+    BackendDrain(BackendDrain),
 }
 
 /// An operator's request for another node (`clonecluster drain --node N`). Body layout: target
@@ -372,6 +383,7 @@ impl Message {
             Body::Plan(_) => KIND_PLAN,
             Body::Request(_) => KIND_REQUEST,
             Body::Backends(_) => KIND_BACKENDS,
+            Body::BackendDrain(_) => KIND_BACKEND_DRAIN,
         });
         b.push(self.path.code());
         b.push(self.node.get());
@@ -408,6 +420,11 @@ impl Message {
                 }
             }
             Body::Backends(x) => x.encode(&mut b),
+            Body::BackendDrain(x) => {
+                // A caller bug, not input: a version-3 node could not read it.
+                debug_assert!(version >= BACKEND_DRAIN_VERSION);
+                x.encode(&mut b);
+            }
             Body::Request(r) => {
                 b.push(r.target.get());
                 b.push(if r.drain { 1 } else { 2 });
@@ -532,6 +549,11 @@ pub fn decode(
             let (x, n) = Backends::decode(&signed[r.at..]).ok_or(Refusal::Malformed)?;
             r.at += n;
             Body::Backends(x)
+        }
+        KIND_BACKEND_DRAIN if version >= BACKEND_DRAIN_VERSION => {
+            let (x, n) = BackendDrain::decode(&signed[r.at..]).ok_or(Refusal::Malformed)?;
+            r.at += n;
+            Body::BackendDrain(x)
         }
         _ => return Err(Refusal::Malformed),
     };
@@ -717,8 +739,34 @@ mod tests {
         }
     }
 
+    /// An operator's drain of the backends at places 2 and 700, relayed.
+    fn backend_drain() -> Message {
+        Message {
+            version: VERSION,
+            node: n(2),
+            incarnation: 5,
+            seq: 8,
+            path: Path::Udp,
+            config_digest: 0xfeed_beef,
+            body: Body::BackendDrain(BackendDrain {
+                digest: 0x0102_0304_0506_0708,
+                drain: true,
+                places: [2, 700].into(),
+            }),
+        }
+    }
+
     fn dec(b: &[u8], path: Path) -> Result<Message, Refusal> {
         decode(b, &key(), path, 0xfeed_beef)
+    }
+
+    /// `signed` (a message without its tag) with a correct tag: a body the sender chose.
+    fn signed(mut signed: Vec<u8>) -> Vec<u8> {
+        let mut mac = key().mac();
+        mac.update(&signed);
+        let tag = mac.finalize().into_bytes();
+        signed.extend_from_slice(&tag[..TAG_LEN]);
+        signed
     }
 
     #[test]
@@ -757,74 +805,88 @@ mod tests {
             forged.extend_from_slice(&tag[..TAG_LEN]);
             assert_eq!(dec(&forged, Path::Wire), Err(Refusal::Malformed));
         }
+        for drain in [true, false] {
+            let mut m = backend_drain();
+            if let Body::BackendDrain(d) = &mut m.body {
+                d.drain = drain;
+                d.places = (1..=64).collect();
+            }
+            let b = m.encode(&key());
+            assert!(b.len() <= MAX_LEN);
+            assert_eq!(dec(&b, Path::Udp), Ok(m));
+        }
+    }
+
+    /// PINNED: the layout is the wire contract; change it only with a VERSION bump.
+    #[test]
+    fn pinned_backend_drain_layout() {
+        let b = backend_drain().encode(&key());
+        assert_eq!(b.len(), HEADER_LEN + 8 + 1 + 1 + 2 * 2 + TAG_LEN);
+        assert_eq!(&b[..6], &[b'C', b'C', 4, 5, 1, 2]);
+        assert_eq!(
+            &b[30..38],
+            &0x0102_0304_0506_0708u64.to_be_bytes(),
+            "digest"
+        );
+        assert_eq!(b[38], 1, "drain");
+        assert_eq!(b[39], 2, "count");
+        assert_eq!(&b[40..44], &[0, 2, 0x02, 0xbc], "places 2 and 700");
+        let mut m = backend_drain();
+        if let Body::BackendDrain(d) = &mut m.body {
+            d.drain = false;
+        }
+        assert_eq!(m.encode(&key())[38], 2, "undrain");
     }
 
     /// PINNED: the layout is the wire contract; change it only with a VERSION bump.
     #[test]
     fn pinned_heartbeat_layout() {
-        for version in [2, 3] {
+        // The same in versions 3 and 4.
+        for version in [3, 4] {
             let mut m = heartbeat(Path::Udp);
             m.version = version;
             let b = m.encode(&key());
-            let body = if version == 2 { 47 } else { 63 };
-            assert_eq!(b.len(), HEADER_LEN + body + TAG_LEN);
+            assert_eq!(b.len(), HEADER_LEN + 63 + TAG_LEN);
             assert_eq!(&b[..6], &[b'C', b'C', version, 1, 1, 3]);
             assert_eq!(&b[14..22], &42u64.to_be_bytes());
             assert_eq!(&b[30..36], &[2, 0xcc, 0, 0, 0, 3]);
             assert_eq!(&b[36..40], &100u32.to_be_bytes());
-            // Flags: draining, refusing, fenced, and wire_deaf only from version 3 on.
-            assert_eq!(
-                b[46],
-                if version == 2 { 0b0111 } else { 0b1111 },
-                "version {version}"
-            );
+            // Flags: draining, refusing, fenced, wire_deaf.
+            assert_eq!(b[46], 0b1111, "version {version}");
             assert_eq!(&b[73..77], &7u32.to_be_bytes(), "releasing_left");
-            if version == 3 {
-                assert_eq!(&b[77..85], &0b101u64.to_be_bytes(), "wire_heard");
-                assert_eq!(&b[85..93], &0b110u64.to_be_bytes(), "serving");
-            }
+            assert_eq!(&b[77..85], &0b101u64.to_be_bytes(), "wire_heard");
+            assert_eq!(&b[85..93], &0b110u64.to_be_bytes(), "serving");
         }
     }
 
     #[test]
     fn the_previous_version_is_spoken_and_understood() {
-        // Encoded as version 2, the wire report is left out; everything else survives.
+        // Heartbeats, plans, requests and backends are the same in versions 3 and 4.
         let mut m = heartbeat(Path::Wire);
         m.version = PREVIOUS_VERSION;
-        let got = dec(&m.encode(&key()), Path::Wire).unwrap();
-        assert_eq!(got.version, 2);
-        let Body::Heartbeat(h) = got.body else {
-            panic!("a heartbeat")
-        };
-        assert!(h.refusing && h.fenced && h.draining && !h.wire_deaf);
-        assert_eq!((h.wire_heard, h.serving), (None, None), "no report");
-        let Body::Heartbeat(sent) = m.body else {
-            panic!("a heartbeat")
-        };
-        let same = Heartbeat {
-            wire_deaf: false,
-            wire_heard: None,
-            serving: None,
-            ..sent
-        };
-        assert_eq!(h, same);
-        // A version-2 heartbeat with the version-3 flag bit is malformed.
-        let mut b = m.encode(&key());
-        b.truncate(b.len() - TAG_LEN);
-        b[46] |= 0b1000;
-        let mut mac = key().mac();
-        mac.update(&b);
-        let tag = mac.finalize().into_bytes();
-        b.extend_from_slice(&tag[..TAG_LEN]);
-        assert_eq!(dec(&b, Path::Wire), Err(Refusal::Malformed));
-        // Version 1 is two releases back: refused.
-        let mut b = m.encode(&key());
-        b[2] = 1;
-        assert_eq!(dec(&b, Path::Wire), Err(Refusal::UnknownVersion));
-        // Plans and requests are the same in both versions.
+        assert_eq!(PREVIOUS_VERSION, 3);
+        let b = m.encode(&key());
+        assert_eq!(dec(&b, Path::Wire), Ok(m.clone()));
         let mut p = plan();
         p.version = PREVIOUS_VERSION;
         assert_eq!(dec(&p.encode(&key()), Path::Wire), Ok(p));
+        let mut r = heartbeat(Path::Wire);
+        r.version = PREVIOUS_VERSION;
+        r.body = Body::Request(Request {
+            target: n(5),
+            drain: true,
+        });
+        assert_eq!(dec(&r.encode(&key()), Path::Wire), Ok(r));
+        // A backend drain claiming version 3 is malformed, even correctly signed: a version-3
+        // node cannot read it.
+        let mut v3 = backend_drain().encode(&key());
+        v3.truncate(v3.len() - TAG_LEN);
+        v3[2] = 3;
+        assert_eq!(dec(&signed(v3), Path::Udp), Err(Refusal::Malformed));
+        // Version 2 is two releases back: refused.
+        let mut b = b;
+        b[2] = 2;
+        assert_eq!(dec(&b, Path::Wire), Err(Refusal::UnknownVersion));
     }
 
     #[test]
@@ -854,7 +916,7 @@ mod tests {
 
     #[test]
     fn every_truncation_is_an_error() {
-        for m in [heartbeat(Path::Udp), plan()] {
+        for m in [heartbeat(Path::Udp), plan(), backend_drain()] {
             let b = m.encode(&key());
             for len in 0..b.len() {
                 assert!(dec(&b[..len], m.path).is_err(), "length {len}");
@@ -864,7 +926,7 @@ mod tests {
 
     #[test]
     fn every_flipped_bit_is_refused() {
-        for m in [heartbeat(Path::Udp), plan()] {
+        for m in [heartbeat(Path::Udp), plan(), backend_drain()] {
             let b = m.encode(&key());
             for bit in 0..b.len() * 8 {
                 let mut v = b.clone();
@@ -891,6 +953,45 @@ mod tests {
             p.to.swap(0, 1); // unsorted
         }
         assert_eq!(dec(&m.encode(&key()), Path::Wire), Err(Refusal::Malformed));
+        // A backend drain with an unknown action, no place, more than 64, places out of
+        // order or repeated, or bytes left over.
+        let mut good = backend_drain().encode(&key());
+        good.truncate(good.len() - TAG_LEN);
+        let bad = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = good.clone();
+            f(&mut b);
+            dec(&signed(b), Path::Udp)
+        };
+        assert!(bad(&|_| {}).is_ok());
+        assert_eq!(bad(&|b| b[38] = 3), Err(Refusal::Malformed), "action");
+        assert_eq!(
+            bad(&|b| {
+                b[39] = 0;
+                b.truncate(40);
+            }),
+            Err(Refusal::Malformed),
+            "no place"
+        );
+        assert_eq!(
+            bad(&|b| {
+                b[39] = 65;
+                b.truncate(40);
+                b.extend((1..=65u16).flat_map(u16::to_be_bytes));
+            }),
+            Err(Refusal::Malformed),
+            "65 places"
+        );
+        assert_eq!(
+            bad(&|b| b[40..44].copy_from_slice(&[0x02, 0xbc, 0, 2])),
+            Err(Refusal::Malformed),
+            "out of order"
+        );
+        assert_eq!(
+            bad(&|b| b[42..44].copy_from_slice(&[0, 2])),
+            Err(Refusal::Malformed),
+            "repeated"
+        );
+        assert_eq!(bad(&|b| b.push(0)), Err(Refusal::Malformed), "left over");
     }
 
     proptest! {
@@ -901,7 +1002,7 @@ mod tests {
 
         #[test]
         fn signed_arbitrary_bodies_never_panic(
-            kind in 0u8..4,
+            kind in 0u8..7,
             body in proptest::collection::vec(any::<u8>(), 0..700),
         ) {
             // Valid header and tag around random bodies: exercises the body parser.

@@ -23,7 +23,8 @@
 //! - [`service_status`]: what `status`, `owner-of` and `check` say about appliance mode's
 //!   services and backends.
 //! - [`timeline`]: the last steps a node took, stamped, as `status` reports them.
-//! - [`backends`]: appliance mode's agreed backend table, driven by the membership.
+//! - [`backends`]: appliance mode's agreed backend table and the backend drains every node
+//!   holds, driven by the membership.
 
 pub mod backends;
 pub mod membership;

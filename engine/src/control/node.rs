@@ -12,7 +12,8 @@
 //!   the last connection of the buckets it handed over has ended), once it is alone, or at
 //!   `drain_deadline` (none: never), whichever comes first.
 //! - **Operator requests.** `drain [--deadline D|none]`/`undrain` (this node or relayed to
-//!   another: a relayed drain has the target's `control.drain_deadline`), `status`,
+//!   another: a relayed drain has the target's `control.drain_deadline`), `drain-backend` and
+//!   `undrain-backend` (held here and relayed to every peer: see [`super::backends`]), `status`,
 //!   `owner-of`, and `reload`'s verdict over the keys that changed (only `node.weight` applies
 //!   live; anything else refuses the whole reload).
 //!
@@ -21,7 +22,7 @@
 
 use std::ops::Deref;
 
-use super::membership::{Event, Membership, Output};
+use super::membership::{DrainRelay, Event, Membership, Output};
 use super::message::{Load, Phase};
 use super::service_status;
 use super::timeline::Timeline;
@@ -84,9 +85,6 @@ pub struct Node {
     /// When SIGTERM arrived (ns).
     terminating_since: Option<u64>,
     stopping: bool,
-    /// Backend ids this node's operator drained (`drain-backend`), reported to the
-    /// coordinator for the agreed backend table.
-    drained_backends: std::collections::BTreeSet<u16>,
 }
 
 impl Deref for Node {
@@ -106,7 +104,6 @@ impl Node {
             drained_by_health: false,
             terminating_since: None,
             stopping: false,
-            drained_backends: Default::default(),
         }
     }
 
@@ -176,30 +173,23 @@ impl Node {
         self.m.backends()
     }
 
-    /// Backend ids this node's operator drained.
-    pub fn drained_backends(&self) -> &std::collections::BTreeSet<u16> {
-        &self.drained_backends
-    }
-
-    /// After a reload: the drains of backends that are gone (or whose id now names another
-    /// server: `still(id)` false) end with them.
-    pub fn keep_drained(&mut self, still: impl Fn(u16) -> bool) {
-        self.drained_backends.retain(|&id| still(id));
-    }
-
-    /// `drain-backend NAME` / `undrain-backend NAME` against `services`: NAME is a backend's
-    /// name (every service's backend of that name) or `SERVICE/NAME`. What this node reports
-    /// changes; the coordinator's next backend table applies it cluster-wide.
+    /// `drain-backend NAME` / `undrain-backend NAME` against `services` (this node's, in
+    /// force): NAME is a backend's name (every service's backend of that name) or
+    /// `SERVICE/NAME`. This node holds it and relays it to its peers
+    /// ([`Membership::drain_backends`]); the coordinator's next backend table applies it. The
+    /// reply says where it holds, and whether it counts here yet.
     pub fn drain_backend(
         &mut self,
         name: &str,
         drain: bool,
         services: &crate::appliance::Services,
+        out: &mut Vec<Output>,
     ) -> Reply {
         let (service, backend) = match name.split_once('/') {
             Some((s, b)) => (Some(s), b),
             None => (None, name),
         };
+        // By place: the name every node with these services gives the backend.
         let matched: Vec<(u16, String)> = services
             .rules()
             .iter()
@@ -208,7 +198,7 @@ impl Node {
                 r.backends
                     .iter()
                     .filter(|b| b.name == backend || b.ip.to_string() == backend)
-                    .map(move |b| (b.id, format!("{}/{}", r.name, b.name)))
+                    .map(move |b| (b.agreed, format!("{}/{}", r.name, b.name)))
             })
             .collect();
         if matched.is_empty() {
@@ -216,16 +206,21 @@ impl Node {
                 "no backend `{name}`; `status` lists the services and their backends"
             )));
         }
-        for (id, _) in &matched {
-            if drain {
-                self.drained_backends.insert(*id);
-            } else {
-                self.drained_backends.remove(id);
-            }
-        }
+        let places = matched.iter().map(|&(place, _)| place).collect();
+        let (relayed_to, older_peers, services_differ) =
+            match self.m.drain_backends(&places, drain, out) {
+                DrainRelay::Relayed { peers, differ } => {
+                    (Some(ids_of(peers)), Vec::new(), ids_of(differ))
+                }
+                DrainRelay::LocalOnly { older } => (None, ids_of(older), Vec::new()),
+            };
         Reply::DrainBackend(super::operator::BackendReply {
             backends: matched.into_iter().map(|(_, n)| n).collect(),
             drained: drain,
+            relayed_to,
+            older_peers,
+            services_differ,
+            unsettled: self.m.backends().own().is_none(),
         })
     }
 
@@ -388,9 +383,14 @@ impl Node {
     }
 
     /// After a reload that changed the services: the agreed table in force, renumbered for
-    /// them (see [`crate::appliance::Services::renumbered`]).
-    pub fn renumber_backends(&mut self, table: crate::appliance::health::BackendTable) {
-        self.m.renumber_backends(table);
+    /// them (see [`crate::appliance::Services::renumbered`]), and the backend drains this node
+    /// holds, moved to their new places (`moved`: None where a drain ends, its backend gone).
+    pub fn renumber_backends(
+        &mut self,
+        table: crate::appliance::health::BackendTable,
+        moved: impl Fn(u16) -> Option<u16>,
+    ) {
+        self.m.renumber_backends(table, moved);
     }
 
     /// `reload`'s verdict over the keys whose values differ between the running config and the

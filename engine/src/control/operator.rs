@@ -448,26 +448,82 @@ impl Reply {
 }
 
 /// The reply to `drain-backend` / `undrain-backend`: the backends it applies to (a name may
-/// be in several services) and what this node now reports for them.
+/// be in several services), what the answering node now holds for them, and where else it
+/// holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendReply {
     /// `service/backend` of each backend matched.
     pub backends: Vec<String>,
     pub drained: bool,
+    /// The live peers with the same services it was relayed to, which hold it too (None: not
+    /// relayed, held by this node only).
+    #[serde(default)]
+    pub relayed_to: Option<Vec<u8>>,
+    /// Not relayed: these live peers run an older version, which cannot carry it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub older_peers: Vec<u8>,
+    /// Live peers that run other services: they ignore it (their places may name other
+    /// servers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services_differ: Vec<u8>,
+    /// This node's backend checks have not settled: its report, and so its drains, count once
+    /// they have.
+    #[serde(default)]
+    pub unsettled: bool,
 }
 
 impl fmt::Display for BackendReply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let nodes = |ids: &[u8]| {
+            let list = super::node::ids_text(ids);
+            if ids.len() == 1 {
+                format!("node {list}")
+            } else {
+                format!("nodes {list}")
+            }
+        };
         write!(
             f,
-            "{}: {} (the cluster applies it with its next backend table)",
+            "{}: {}",
             self.backends.join(", "),
             if self.drained {
                 "drained: no new flows, its flows continue"
             } else {
                 "takes new flows again"
             }
-        )
+        )?;
+        match &self.relayed_to {
+            Some(peers) if peers.is_empty() => {
+                f.write_str("; on this node alone: no live peer runs its services")?
+            }
+            Some(peers) => write!(f, "; relayed to {}, which apply it too", nodes(peers))?,
+            None if self.older_peers.is_empty() => {
+                f.write_str("; on this node only: the cluster speaks an older protocol version")?
+            }
+            None => write!(
+                f,
+                "; on this node only while an older version runs on {}: {}",
+                nodes(&self.older_peers),
+                if self.drained {
+                    "it ends if this node stops"
+                } else {
+                    "a node that holds the drain keeps it"
+                }
+            )?,
+        }
+        if !self.services_differ.is_empty() {
+            write!(
+                f,
+                "; ignored by {} (other services)",
+                nodes(&self.services_differ)
+            )?;
+        }
+        if self.unsettled {
+            f.write_str(
+                "; this node's backend checks have not settled: it counts here once they have",
+            )?;
+        }
+        f.write_str(" (the cluster applies it with its next backend table)")
     }
 }
 
@@ -653,6 +709,66 @@ mod tests {
         assert!(Reply::decode(&Request::Status, "{\"ok\":true}")
             .unwrap_err()
             .contains("cannot read"));
+    }
+
+    /// The reply to `drain-backend` says where the drain holds, in words, and reads back; an
+    /// older node's reply (without those fields) still reads.
+    #[test]
+    fn a_backend_reply_says_where_the_drain_holds() {
+        let reply = |relayed_to: Option<Vec<u8>>, older_peers: Vec<u8>| BackendReply {
+            backends: vec!["web/b2".to_owned()],
+            drained: true,
+            relayed_to,
+            older_peers,
+            services_differ: Vec::new(),
+            unsettled: false,
+        };
+        let said = |r: &BackendReply| r.to_string();
+        let relayed = reply(Some(vec![1, 3]), Vec::new());
+        assert_eq!(
+            said(&relayed),
+            "web/b2: drained: no new flows, its flows continue; relayed to nodes 1, 3, which \
+             apply it too (the cluster applies it with its next backend table)"
+        );
+        assert!(said(&reply(Some(Vec::new()), Vec::new())).contains("on this node alone"));
+        let local = reply(None, vec![3]);
+        assert!(
+            said(&local).contains(
+                "on this node only while an older version runs on node 3: it \
+                 ends if this node stops"
+            ),
+            "{local}"
+        );
+        let undrain = BackendReply {
+            drained: false,
+            services_differ: vec![4, 5],
+            unsettled: true,
+            ..local
+        };
+        let text = said(&undrain);
+        for part in [
+            "takes new flows again",
+            "a node that holds the drain keeps it",
+            "ignored by nodes 4, 5 (other services)",
+            "have not settled: it counts here once they have",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+        assert!(!text.contains('[') && !text.contains('{'), "{text}");
+        let request = Request::DrainBackend {
+            name: "b2".to_owned(),
+            drain: false,
+        };
+        let line = Reply::DrainBackend(undrain.clone()).to_line();
+        assert_eq!(
+            Reply::decode(&request, &line),
+            Ok(Reply::DrainBackend(undrain))
+        );
+        let older = r#"{"backends":["web/b2"],"drained":true,"ok":true}"#;
+        assert_eq!(
+            Reply::decode(&request, older),
+            Ok(Reply::DrainBackend(reply(None, Vec::new())))
+        );
     }
 
     #[test]

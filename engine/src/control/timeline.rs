@@ -93,7 +93,9 @@ impl What {
             | Event::ServiceDown { .. }
             | Event::ServiceUp
             | Event::Terminating
-            | Event::Stopping { .. } => return None,
+            | Event::Stopping { .. }
+            | Event::BackendDrainRelayed { .. }
+            | Event::BackendDrainsAdopted { .. } => return None,
         })
     }
 }

@@ -38,6 +38,10 @@
 //!   the coordinator formalizes the loss with a new plan `to − dead` (no bucket moves).
 //! - Joins, drains, undrains, weight changes and by-load rebalances are new plans from the
 //!   effective table to the desired one, one plan at a time, always through the four phases.
+//! - **Appliance mode** ([`super::backends`]): every node sends its backend report (and the
+//!   table it holds) once per heartbeat, and the coordinator its agreed backend table; an
+//!   operator's backend drain is held by the node it was given to and relayed on both paths to
+//!   every peer, like a request for another node ([`Membership::drain_backends`]).
 //! - **Fencing** (DESIGN.md, "Liveness"): a node that cannot serve its share, whatever its
 //!   control channel says, fences itself: its snapshot owns nothing, it coordinates nothing,
 //!   and its heartbeats say `fenced`, so that every peer that still hears it treats it as dead
@@ -148,10 +152,10 @@ use std::sync::Arc;
 use crate::cluster::{Bucket, Member, NodeId, OwnershipTable, Weight, BUCKETS};
 pub use crate::config::Policy;
 
-use super::backends::BackendAgreement;
+use super::backends::{BackendAgreement, BackendDrain};
 use super::message::{
     decode, Body, ControlKey, Heartbeat, Load, Message, Path, Phase, Plan, PlanId, Refusal,
-    LEFT_UNKNOWN, PREVIOUS_VERSION, VERSION,
+    BACKEND_DRAIN_VERSION, LEFT_UNKNOWN, PREVIOUS_VERSION, VERSION,
 };
 use super::snapshot::Snapshot;
 
@@ -314,6 +318,29 @@ pub enum Event {
         /// The versions this node understands.
         understood: (u8, u8),
     },
+    /// Appliance mode: this node holds an operator's backend drain (`drain`) or undrain that
+    /// peer `node` relayed, of the backends at these places.
+    BackendDrainRelayed {
+        node: NodeId,
+        drain: bool,
+        places: std::collections::BTreeSet<u16>,
+    },
+    /// Appliance mode: this node started and holds the drains of the first agreed table it
+    /// applied or made, of the backends at these places (see [`super::backends`]).
+    BackendDrainsAdopted {
+        places: std::collections::BTreeSet<u16>,
+    },
+}
+
+/// Where an operator's backend drain went ([`Membership::drain_backends`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainRelay {
+    /// Relayed on both paths: `peers` (bit `id - 1`), the live peers with this node's
+    /// services, hold it too; `differ`, the live peers with other services, ignore it.
+    Relayed { peers: u64, differ: u64 },
+    /// Held by this node alone: these live peers (bit `id - 1`) speak a version before
+    /// [`BACKEND_DRAIN_VERSION`], which cannot carry it.
+    LocalOnly { older: u64 },
 }
 
 /// What is known of a peer (see [`Membership::peer`]).
@@ -555,8 +582,21 @@ impl Membership {
             Body::Request(_) => {}
             Body::Backends(b) => {
                 let from_coordinator = self.coordinator() == Some(msg.node);
+                let adopted = self.backends.adopted().is_some();
                 if let Some(table) = self.backends.received(msg.node, &b, from_coordinator) {
                     out.push(Output::Backends(table));
+                    self.said_adopted(adopted, out);
+                }
+            }
+            // Sent on both paths: the first copy changes what this node holds, the second
+            // nothing.
+            Body::BackendDrain(d) => {
+                if self.backends.relayed(&d) {
+                    out.push(Output::Event(Event::BackendDrainRelayed {
+                        node: msg.node,
+                        drain: d.drain,
+                        places: d.places,
+                    }));
                 }
             }
         }
@@ -578,6 +618,46 @@ impl Membership {
                 Body::Request(super::message::Request { target, drain }),
                 out,
             );
+        }
+    }
+
+    /// Operator: drain (or undrain) the backends at `places` (appliance mode). This node holds
+    /// it, and relays it on both paths when every live peer speaks a version that carries it,
+    /// so that it holds on every node with the same services, whichever of them stops later.
+    pub fn drain_backends(
+        &mut self,
+        places: &std::collections::BTreeSet<u16>,
+        drain: bool,
+        out: &mut Vec<Output>,
+    ) -> DrainRelay {
+        let live = self.live_bits() & !bit(self.cfg.me);
+        if self.speaks() < BACKEND_DRAIN_VERSION {
+            self.backends.drain(places, drain);
+            let older = self
+                .peers
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| {
+                    p.as_ref()
+                        .is_some_and(|p| p.version != 0 && p.version < BACKEND_DRAIN_VERSION)
+                })
+                .fold(0, |bits, (i, _)| bits | 1u64 << i);
+            return DrainRelay::LocalOnly {
+                older: older & live,
+            };
+        }
+        let msg = BackendDrain {
+            digest: self.backends.digest(),
+            drain,
+            places: places.clone(),
+        };
+        // As a peer takes it: held here, and as said in every peer's last report.
+        self.backends.relayed(&msg);
+        self.send(Body::BackendDrain(msg), out);
+        let differ = self.backends.mismatched() & live;
+        DrainRelay::Relayed {
+            peers: live & !differ,
+            differ,
         }
     }
 
@@ -625,12 +705,27 @@ impl Membership {
         // live id: it has not heard the others' tables yet, and the nodes that follow a plan
         // may still take it as their coordinator.
         if self.cur.is_some() && self.is_coordinator() {
+            let adopted = self.backends.adopted().is_some();
             if let Some(table) = self.backends.coordinate(self.cfg.me, self.serving_bits()) {
                 out.push(Output::Backends(table));
+                self.said_adopted(adopted, out);
             }
         }
         if let Some(m) = self.backends.message() {
             self.send(Body::Backends(m), out);
+        }
+    }
+
+    /// After a table was applied or made: the drains a starting node took from it (`adopted`:
+    /// it had taken them before), said once.
+    fn said_adopted(&self, adopted: bool, out: &mut Vec<Output>) {
+        match self.backends.adopted() {
+            Some(places) if !adopted && !places.is_empty() => {
+                out.push(Output::Event(Event::BackendDrainsAdopted {
+                    places: places.clone(),
+                }))
+            }
+            _ => {}
         }
     }
 
@@ -719,9 +814,14 @@ impl Membership {
         self.backends.set_digest(digest);
     }
 
-    /// After a reload: the agreed table in force, renumbered for the new services.
-    pub fn renumber_backends(&mut self, table: crate::appliance::health::BackendTable) {
-        self.backends.renumber(table);
+    /// After a reload: the agreed table in force, renumbered for the new services, and the
+    /// drains this node holds, moved to their new places (see [`BackendAgreement::renumber`]).
+    pub fn renumber_backends(
+        &mut self,
+        table: crate::appliance::health::BackendTable,
+        moved: impl Fn(u16) -> Option<u16>,
+    ) {
+        self.backends.renumber(table, moved);
     }
 
     /// Operator: a new weight (used by the `Weighted` policy).
