@@ -273,6 +273,8 @@ impl Node {
         if self.terminating_since.is_none() {
             self.terminating_since = Some(now);
             out.push(Output::Event(Event::Terminating));
+            // The drain is the stop's now: a service that recovers does not undo it.
+            self.drained_by_health = false;
             self.m.drain(now, out);
             self.check_stop(now, out);
         }
@@ -306,6 +308,10 @@ impl Node {
             } => {
                 let me = self.m.config().me;
                 let target = node.unwrap_or(me);
+                if target == me && *drain {
+                    // The operator's drain now: a service that recovers does not undo it.
+                    self.drained_by_health = false;
+                }
                 match deadline {
                     Some(d) if target == me && *drain => {
                         let at = match d {
@@ -670,6 +676,40 @@ mod tests {
             (None, None),
             "not the bucket's owner: nobody serves the rule"
         );
+    }
+
+    /// A node drained because its service failed, then stopped (SIGTERM) or drained by its
+    /// operator: the service coming back does not undrain it.
+    #[test]
+    fn a_recovered_service_does_not_undo_a_stop_or_an_operators_drain() {
+        let down = Verdict {
+            healthy: false,
+            came_up: true,
+        };
+        let up = Verdict {
+            healthy: true,
+            came_up: true,
+        };
+        for how in ["terminate", "operator"] {
+            let mut n = node();
+            let mut out = Vec::new();
+            n.handle_tick(0, &mut out);
+            n.health(down, 1, &mut out);
+            assert!(n.m.draining(), "{how}: drained by its health");
+            match how {
+                "terminate" => n.terminate(2, &mut out),
+                _ => {
+                    let drain = Request::Drain {
+                        node: None,
+                        drain: true,
+                        deadline: None,
+                    };
+                    let _ = n.request(&drain, &Timeline::default(), 2, &mut out);
+                }
+            }
+            n.health(up, 3, &mut out);
+            assert!(n.m.draining(), "{how}: still draining");
+        }
     }
 
     #[test]
