@@ -755,6 +755,23 @@ impl FlowTable {
         self.half_open = 0;
     }
 
+    /// Forgets the flows of every bucket `keep` refuses (counted as removed). Walks every
+    /// slot, as [`FlowTable::clear`]: only for rare events (a node found dead).
+    pub fn retain_buckets(&mut self, keep: impl Fn(Bucket) -> bool) {
+        let mut i = 0;
+        while self.len > 0 && i < self.slots.len() {
+            let slot = self.slots[i];
+            if !slot.is_empty() && !keep(Bucket(slot.bucket)) {
+                // A later entry of the run may move into `i`: look at `i` again (one that moves
+                // back across the wrap came from a slot already looked at, and was kept).
+                self.delete_at(i);
+                self.stats.removed += 1;
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     /// Forgets a flow; returns its entry if it was held (expired or not).
     pub fn remove(&mut self, hash: FlowHash) -> Option<FlowEntry> {
         let i = self.find(hash.0)?;
@@ -982,6 +999,27 @@ mod tests {
 
     fn table(capacity: usize) -> FlowTable {
         FlowTable::new(capacity, FlowTimeouts::default())
+    }
+
+    /// Retaining some buckets forgets exactly the others' flows, full runs and the wrap
+    /// included.
+    #[test]
+    fn retain_buckets_forgets_exactly_the_others() {
+        let mut t = table(2000);
+        let flows: Vec<Flow> = (0..2000).map(|n| flow(n, 17)).collect();
+        for (i, f) in flows.iter().enumerate() {
+            t.up(f, Bucket((i % 7) as u16), TcpFlags::default(), SEC);
+        }
+        assert_eq!(t.len(), 2000);
+        let before = t.len();
+        t.retain_buckets(|b| b.0 % 7 != 3);
+        check(&t);
+        for (i, f) in flows.iter().enumerate() {
+            let held = t.g(f, SEC).is_some();
+            assert_eq!(held, i % 7 != 3, "flow {i}");
+        }
+        assert_eq!(t.count_in_bucket(Bucket(3)), 0);
+        assert_eq!(t.len(), before - (0..2000).filter(|i| i % 7 == 3).count());
     }
 
     /// Checks every structural invariant by brute force.

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::cluster::{
-    derive_key, BucketHasher, FlowTable, FragmentTracker, NodeId, OwnershipTable,
+    derive_key, BucketHasher, FlowTable, FragmentTracker, NodeId, OwnershipTable, Role,
 };
 use crate::control::{Phase, PlanId, Snapshot};
 
@@ -143,13 +143,21 @@ impl Pipeline {
 
     /// Swaps in a new ownership snapshot (between bursts).
     pub fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
-        // A node found dead serves nothing any more: the flows learned as an old owner's are
-        // forgotten (they may be the dead node's), so that the owner takes their packets and
-        // their clients get an RST rather than silence.
+        // A node found dead serves nothing any more: the flows learned as its are forgotten, so
+        // that the owner takes their packets and their clients get an RST rather than silence.
         // Likewise for a node whose drain cut the flows it still served in released buckets.
         let gone = |s: &Snapshot| s.dead() | s.cut();
-        if gone(&snapshot) & !gone(&self.snapshot) != 0 {
-            self.learned.clear();
+        let newly = gone(&snapshot) & !gone(&self.snapshot);
+        if newly != 0 {
+            // Only their flows: the ones learned from an old owner that lives on stay (it
+            // still serves them; forgotten, they would be taken here as unknown too).
+            let (old, me) = (&self.snapshot, self.id.node);
+            self.learned.retain_buckets(|b| match old.role(b, me) {
+                Role::Learning { from } | Role::Acquiring { from } => {
+                    newly & (1u64 << from.index()) == 0
+                }
+                _ => false,
+            });
         }
         // This node fenced itself (its own bit among the dead: DESIGN.md "Liveness"): it takes
         // nothing, and its peers, which take its buckets as owners, deliver every packet of its

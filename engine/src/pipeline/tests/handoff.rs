@@ -495,6 +495,38 @@ fn unlearned_udp_taken_while_acquiring_is_duplicate_risk() {
     assert_eq!(risk, vec![0, 1]);
 }
 
+/// A node found dead elsewhere (not the old owner of these buckets): what node 2 learned from
+/// node 1, which lives on and serves it, stays learned (forgotten, node 2 took node 1's UDP
+/// flow as unknown and delivered it too, for as long as it lived). Node 1 found dead: its
+/// flows are forgotten.
+#[test]
+fn a_death_elsewhere_keeps_what_was_learned_from_a_live_owner() {
+    let mut h = Handoff::new(&[1], &[1, 2]);
+    // A UDP flow whose bucket moves from node 1 to node 2 (the protocol is in the key).
+    let port = (20_000u16..30_000)
+        .find(|&port| {
+            let f = ipv4_frame(Handoff::CLIENT, port, &Kind::Udp);
+            let bucket = h.nodes[0].bucket_of(&parse_l2_l4(&f).unwrap());
+            h.from.owner(bucket).get() == 1 && h.to.owner(bucket).get() == 2
+        })
+        .unwrap();
+    let ports = [port];
+    h.set_all(Phase::Learn);
+    assert_eq!(h.send_udp(ports[0], 10), vec![1]);
+    h.set_all(Phase::Acquire);
+    let learned = h.nodes[1].learned().len();
+    assert!(learned > 0);
+    // Node 3, in no handoff here, is found dead.
+    let acquire = h.snapshot(Phase::Acquire);
+    h.nodes[1].set_snapshot(Arc::new((*acquire).clone().with_dead(0b100)));
+    assert_eq!(h.nodes[1].learned().len(), learned);
+    assert_eq!(h.send_udp(ports[0], 20), vec![1], "node 1's alone");
+    assert_eq!(h.nodes[1].duplicate_risk(), 0);
+    // Node 1 found dead: what was learned as its is forgotten.
+    h.nodes[1].set_snapshot(Arc::new((*acquire).clone().with_dead(0b101)));
+    assert!(h.nodes[1].learned().is_empty());
+}
+
 /// After a plan completed with a connection still open on the old owner (node 1): the owner of
 /// the owed bucket (node 2) takes new connections there but leaves a packet of a connection it
 /// does not know alone (as plain owner, its kernel would answer with RST); the old owner keeps
