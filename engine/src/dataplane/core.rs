@@ -233,6 +233,11 @@ impl<'a> Core<'a> {
                 // Woken up: adopt a newer snapshot before deciding anything.
                 self.between_bursts();
                 self.mine.loops.store(u64::from(self.iterations), Relaxed);
+                // And send the wire heartbeats queued meanwhile now, not some wakes later.
+                if self.index == 0 {
+                    self.watch_wire_link(self.clock.now());
+                    self.send_control_frames();
+                }
             }
         }
         self.stop();

@@ -17,6 +17,15 @@ const FIRST_SLEEP: Duration = Duration::from_micros(10);
 /// Longest epoll wait when every port can wake us: only bounds how late `stop` is seen.
 const INTERRUPT_WAIT_MS: i32 = 100;
 
+/// A wait of at most `longest`, and at most a quarter of the control thread's `tick`: the wire
+/// heartbeats it queues go out from core 0 when it wakes, and peers find a node dead after a
+/// few ticks of silence (an idle node, waiting 100 ms at a time, fell silent on the wire).
+fn within_tick(longest: Duration, tick: Duration) -> Duration {
+    longest
+        .min(tick / 4)
+        .max(Duration::from_millis(1).min(longest))
+}
+
 /// What a core does after a poll, by idle mode.
 pub(super) struct Idle {
     mode: IdleMode,
@@ -65,19 +74,23 @@ impl Idle {
         // When a port cannot wake us, the wait is bounded like an adaptive sleep; so it is
         // with several cores, whose rings between them raise no interrupt.
         let all_capable = intr.iter().all(|e| e.2) && shared.cores.len() == 1;
-        let max_ms = shared.max_sleep.as_millis().clamp(1, i32::MAX as u128) as i32;
+        let max_sleep = within_tick(shared.max_sleep, shared.control_interval);
+        let longest = if all_capable {
+            Duration::from_millis(INTERRUPT_WAIT_MS as u64)
+        } else {
+            max_sleep
+        };
+        let wait_ms = within_tick(longest, shared.control_interval)
+            .as_millis()
+            .clamp(1, i32::MAX as u128) as i32;
         Idle {
             mode,
             empty_polls: 0,
             sleep: FIRST_SLEEP,
-            max_sleep: shared.max_sleep.max(FIRST_SLEEP),
+            max_sleep: max_sleep.max(FIRST_SLEEP),
             intr,
             armed: false,
-            wait_ms: if all_capable {
-                INTERRUPT_WAIT_MS
-            } else {
-                max_ms
-            },
+            wait_ms,
         }
     }
 
@@ -173,5 +186,26 @@ fn asleep(mark: Option<(&CoreLink, u64)>, sleep: impl FnOnce()) {
         link.decide_under(version);
     } else {
         sleep();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_never_outlasts_a_quarter_of_the_control_tick() {
+        let ms = Duration::from_millis;
+        assert_eq!(within_tick(ms(100), ms(100)), ms(25));
+        assert_eq!(within_tick(ms(100), ms(1000)), ms(100));
+        assert_eq!(
+            within_tick(Duration::from_micros(500), ms(100)),
+            Duration::from_micros(500)
+        );
+        assert_eq!(
+            within_tick(ms(20), ms(2)),
+            ms(1),
+            "at least a millisecond of epoll"
+        );
     }
 }

@@ -58,6 +58,9 @@ pub(super) struct Shared {
     pub(super) sizes: TableSizes,
     pub(super) idle: IdleMode,
     pub(super) max_sleep: Duration,
+    /// The control thread's tick (`control.interval`): an idle core 0 sends the wire
+    /// heartbeats it queues, so it never waits longer than a fraction of it.
+    pub(super) control_interval: Duration,
     pub(super) stop: Arc<AtomicBool>,
     /// Benchmarks only ([`Start::assumed`]): a fixed ownership the cores use instead of the
     /// control thread's snapshots.
@@ -139,6 +142,7 @@ pub fn run(loaded: &Loaded, start: Start) -> Result<RunReport, StartError> {
         sizes: TableSizes::from_config(cfg),
         idle: dp.idle,
         max_sleep: dp.idle_max_sleep.0,
+        control_interval: cfg.control.interval.0,
         stop,
         assumed,
         lanes,
