@@ -234,6 +234,9 @@ pub struct BackendAgreement {
     /// Until that first table: the places a request undrained since this node started. The
     /// table may predate the request; the request wins.
     lifted: BTreeSet<u16>,
+    /// A reload took every backend away: it still says so (a digest of 0 and no report), so
+    /// that its peers stop counting the report it last sent.
+    had_backends: bool,
 }
 
 impl BackendAgreement {
@@ -259,6 +262,7 @@ impl BackendAgreement {
     /// each one's next message).
     pub fn set_digest(&mut self, digest: u64) {
         if digest != self.digest {
+            self.had_backends |= self.digest != 0;
             self.digest = digest;
             // Each peer's next message says again whether its services match.
             self.peers.clear();
@@ -464,8 +468,15 @@ impl BackendAgreement {
     /// once it has one (epoch 0: none made or applied yet, never sent): only the
     /// coordinator's is applied, the others' epochs tell a new coordinator where to go on
     /// from.
+    ///
+    /// A node that a reload left without backends sends its digest, 0, alone: its peers find
+    /// its services differ and drop the report it sent before (else it voted on for as long
+    /// as it lived, under places that meant its old file).
     pub fn message(&self) -> Option<Backends> {
-        self.active().then(|| Backends {
+        if !self.active() {
+            return self.had_backends.then(Backends::default);
+        }
+        Some(Backends {
             digest: self.digest,
             report: self.own(),
             table: (self.table.epoch > 0).then(|| self.table.clone()),
@@ -611,6 +622,27 @@ mod tests {
         assert!(
             nodes[0].table().down.is_empty(),
             "alone, it trusts its own checks"
+        );
+    }
+
+    /// A peer that a reload leaves without backends says so: its last report stops counting.
+    #[test]
+    fn a_peer_reloaded_to_no_backends_stops_voting() {
+        let mut nodes = vec![settled(42); 2];
+        nodes[1].set_own(Some(down(&[5])));
+        rounds(&mut nodes, 0b11, 2);
+        assert!(nodes[0].table().down.contains(&5), "1 of 2 sees it down");
+        nodes[1].set_digest(0);
+        rounds(&mut nodes, 0b11, 2);
+        assert!(
+            !nodes[0].table().down.contains(&5),
+            "its report counts no more"
+        );
+        assert_eq!(nodes[0].mismatched(), 0b10);
+        assert_eq!(
+            BackendAgreement::new(0).message(),
+            None,
+            "a node that never had backends sends nothing"
         );
     }
 

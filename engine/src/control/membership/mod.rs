@@ -698,13 +698,13 @@ impl Membership {
     /// every node sends its report (the coordinator its table too). Only in format version 3
     /// and later: a node of the release before would refuse the message.
     fn agree_on_backends(&mut self, out: &mut Vec<Output>) {
-        if !self.backends.active() || self.speaks() < 3 {
+        if self.speaks() < 3 {
             return;
         }
         // A node without a plan (just started, say) makes no table even if it is the lowest
         // live id: it has not heard the others' tables yet, and the nodes that follow a plan
         // may still take it as their coordinator.
-        if self.cur.is_some() && self.is_coordinator() {
+        if self.backends.active() && self.cur.is_some() && self.is_coordinator() {
             let adopted = self.backends.adopted().is_some();
             if let Some(table) = self.backends.coordinate(self.cfg.me, self.serving_bits()) {
                 out.push(Output::Backends(table));
