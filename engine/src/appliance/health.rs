@@ -248,6 +248,9 @@ pub(super) fn targets(config: &Config, services: &super::Services) -> Vec<Target
 #[derive(Debug, Default)]
 pub struct Checks {
     states: Vec<(Target, Hysteresis)>,
+    /// Per server (id and address): when its next check is due (ns on the caller's clock) and
+    /// how many checks it has had.
+    schedule: std::collections::HashMap<(u16, IpAddr), (u64, u32)>,
 }
 
 /// What [`Checks::retarget`] changed in the verdicts: ids that start down (new backends, or ids
@@ -296,7 +299,43 @@ impl Checks {
                 changes.forgotten.insert(o.id);
             }
         }
+        let servers: BTreeSet<(u16, IpAddr)> =
+            self.states.iter().map(|(t, _)| t.server()).collect();
+        self.schedule.retain(|server, _| servers.contains(server));
         changes
+    }
+
+    /// The targets whose check is due at `now` (ns on the caller's clock), by index: each is
+    /// checked every `interval` of its own service (on the grid of the caller's rounds, every
+    /// [`Checks::interval`]), not at the shortest one, so that `rise` and `fall` count checks
+    /// at the rate the configuration says.
+    pub fn due(&self, now: u64) -> Vec<usize> {
+        (0..self.states.len())
+            .filter(|&i| {
+                self.schedule
+                    .get(&self.states[i].0.server())
+                    .is_none_or(|&(at, _)| at <= now)
+            })
+            .collect()
+    }
+
+    /// The `i`-th target's check started at `now`: the next one is due an interval later.
+    pub fn checked(&mut self, i: usize, now: u64) {
+        if let Some((t, _)) = self.states.get(i) {
+            let interval = u64::try_from(t.check.interval.0.as_nanos()).unwrap_or(u64::MAX);
+            let entry = self.schedule.entry(t.server()).or_insert((0, 0));
+            *entry = (now.saturating_add(interval), entry.1.saturating_add(1));
+        }
+    }
+
+    /// Every target has had enough checks (its `rise` or `fall`, the larger) for its verdict
+    /// to mean something.
+    pub fn settled(&self) -> bool {
+        self.states.iter().all(|(t, _)| {
+            self.schedule
+                .get(&t.server())
+                .is_some_and(|&(_, n)| n >= t.check.rise.max(t.check.fall))
+        })
     }
 
     pub fn targets(&self) -> impl Iterator<Item = &Target> {
@@ -314,16 +353,6 @@ impl Checks {
     /// The result of a check of the `i`-th target; `Some(up)` when its verdict changes.
     pub fn record(&mut self, i: usize, ok: bool) -> Option<bool> {
         self.states.get_mut(i)?.1.record(ok)
-    }
-
-    /// The rounds of checks before every verdict means something (the largest `rise` or
-    /// `fall`; 1 with no target).
-    pub fn rounds_to_settle(&self) -> u32 {
-        self.states
-            .iter()
-            .map(|(t, _)| t.check.rise.max(t.check.fall))
-            .max()
-            .unwrap_or(1)
     }
 
     /// Time between rounds: the shortest interval of any target.
@@ -353,41 +382,61 @@ fn check_config(h: &BackendHealthConfig, address: SocketAddr) -> HealthConfig {
 /// Most backend checks a round runs side by side (one short-lived thread each).
 const CONCURRENT: usize = 64;
 
-/// One round: every target's check, side by side ([`CONCURRENT`] at a time), so that a round
-/// lasts about one timeout however many backends time out and a failed backend goes down
-/// within `fall` intervals. The results are in the targets' order.
+/// One round: every target's check, side by side ([`CONCURRENT`] threads, each taking the next
+/// target as soon as its check ends), so that a round lasts about one timeout however
+/// many backends time out (up to [`CONCURRENT`] of them) and a failed backend goes down within
+/// `fall` intervals. (In fixed chunks of 64, as before, a round lasted a timeout for every chunk
+/// that held a dead backend.) The results are in the targets' order.
 fn check_round(targets: &[Target]) -> Vec<anyhow::Result<()>> {
-    targets
-        .chunks(CONCURRENT)
-        .flat_map(|chunk| {
-            std::thread::scope(|scope| {
-                // A thread the system cannot start fails its check (the checker goes on).
-                let running: Vec<_> = chunk
-                    .iter()
-                    .map(|t| {
-                        std::thread::Builder::new()
-                            .name("backend-check".into())
-                            .spawn_scoped(scope, || crate::health::check_once(&t.check))
-                    })
-                    .collect();
-                running
-                    .into_iter()
-                    .map(|h| match h {
-                        Ok(h) => h.join().unwrap_or_else(|_| {
-                            Err(anyhow::anyhow!("the check's thread panicked"))
-                        }),
-                        Err(e) => Err(anyhow::anyhow!("cannot start the check's thread: {e}")),
-                    })
-                    .collect::<Vec<_>>()
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<anyhow::Result<()>>>> =
+        targets.iter().map(|_| Mutex::new(None)).collect();
+    let work = || loop {
+        let i = next.fetch_add(1, Relaxed);
+        let Some(t) = targets.get(i) else {
+            return;
+        };
+        let r = crate::health::check_once(&t.check);
+        if let Ok(mut slot) = results[i].lock() {
+            *slot = Some(r);
+        }
+    };
+    std::thread::scope(|scope| {
+        // A thread the system cannot start leaves its share to the others (if none starts,
+        // the checker runs them itself).
+        let helpers: Vec<_> = (0..targets.len().min(CONCURRENT))
+            .filter_map(|_| {
+                std::thread::Builder::new()
+                    .name("backend-check".into())
+                    .spawn_scoped(scope, work)
+                    .ok()
             })
+            .collect();
+        if helpers.is_empty() {
+            work();
+        }
+        // Joined here, a check that panicked leaves its target without a result (below)
+        // rather than taking the checker down with it.
+        for h in helpers {
+            let _ = h.join();
+        }
+    });
+    results
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner()
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| Err(anyhow::anyhow!("the check's thread panicked")))
         })
         .collect()
 }
 
 /// Starts the thread that checks every backend of `services` (by `config`'s `backend_health`)
 /// and publishes the local verdicts; `None` when no service asks for checks (a `reload` that
-/// adds some starts one then: `BackendWatch` in the runtime). Each round checks every backend
-/// side by side ([`CONCURRENT`] at a time), every shortest `interval` of the services;
+/// adds some starts one then: `BackendWatch` in the runtime). A round every shortest `interval`
+/// of the services checks the backends that are due ([`Checks::due`]) side by side;
 /// [`LocalVerdicts::retarget`] changes what they check from the next round.
 pub fn spawn_checker(
     config: &Config,
@@ -403,9 +452,10 @@ pub fn spawn_checker(
     std::thread::Builder::new()
         .name("backend-health".into())
         .spawn(move || {
-            let mut rounds = 0u32;
+            let epoch = std::time::Instant::now();
             loop {
                 let started = std::time::Instant::now();
+                let now = u64::try_from(started.duration_since(epoch).as_nanos()).unwrap_or(u64::MAX);
                 if let Some(next) = shared.next.lock().ok().and_then(|mut n| n.take()) {
                     // The verdicts followed already (`LocalVerdicts::retarget`).
                     let changes = checks.retarget(next);
@@ -415,10 +465,12 @@ pub fn spawn_checker(
                         }
                     }
                 }
-                let settle = checks.rounds_to_settle();
-                let targets: Vec<Target> = checks.targets().cloned().collect();
+                let due = checks.due(now);
+                let all: Vec<&Target> = checks.targets().collect();
+                let targets: Vec<Target> = due.iter().map(|&i| all[i].clone()).collect();
                 let results = check_round(&targets);
-                for (i, (t, result)) in targets.iter().zip(results).enumerate() {
+                for ((&i, t), result) in due.iter().zip(&targets).zip(results) {
+                    checks.checked(i, now);
                     if let Some(up) = checks.record(i, result.is_ok()) {
                         shared.record(t, up);
                         match &result {
@@ -431,8 +483,7 @@ pub fn spawn_checker(
                         }
                     }
                 }
-                rounds = rounds.saturating_add(1);
-                if rounds >= settle {
+                if checks.settled() {
                     shared
                         .settled
                         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -528,6 +579,109 @@ mod tests {
             assert!(r.is_ok(), "{}: {r:?}", t.name);
         }
         server.join().unwrap();
+    }
+
+    /// More targets than threads: every one checked, each result at its target's place (a
+    /// refused port's failure where that backend is).
+    #[test]
+    fn a_round_of_more_backends_than_threads_keeps_their_order() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let up = listener.local_addr().unwrap();
+        let down = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        std::thread::spawn(move || {
+            for c in listener.incoming() {
+                let Ok(mut c) = c else { return };
+                let mut request = [0u8; 256];
+                let _ = c.read(&mut request);
+                let _ = c.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
+            }
+        });
+        let n = CONCURRENT as u16 + 6;
+        let targets: Vec<Target> = (1..=n)
+            .map(|id| Target {
+                id,
+                name: format!("b{id}"),
+                check: HealthConfig {
+                    address: if id % 7 == 0 { down } else { up },
+                    address6: None,
+                    http_path: Some("/".into()),
+                    expect_status: 200,
+                    interval: crate::config::Span(Duration::from_millis(500)),
+                    fast_interval: None,
+                    timeout: crate::config::Span(Duration::from_secs(20)),
+                    rise: 1,
+                    fall: 1,
+                },
+            })
+            .collect();
+        let results = check_round(&targets);
+        assert_eq!(results.len(), usize::from(n));
+        for (t, r) in targets.iter().zip(&results) {
+            assert_eq!(r.is_ok(), t.id % 7 != 0, "{}: {r:?}", t.name);
+        }
+    }
+
+    /// Each backend is checked at its own service's interval, not at the shortest one of any
+    /// service (`rise` and `fall` count checks at the configured rate); the checks settle once
+    /// every backend has had its `rise`/`fall` checks.
+    #[test]
+    fn each_backend_is_checked_at_its_own_interval() {
+        let target = |id: u16, secs: u64| Target {
+            id,
+            name: format!("b{id}"),
+            check: HealthConfig {
+                address: SocketAddr::from(([198, 18, 0, 20 + id as u8], 80)),
+                address6: None,
+                http_path: None,
+                expect_status: 200,
+                interval: crate::config::Span(Duration::from_secs(secs)),
+                fast_interval: None,
+                timeout: crate::config::Span(Duration::from_millis(500)),
+                rise: 2,
+                fall: 2,
+            },
+        };
+        let mut checks = Checks::new(vec![target(1, 1), target(2, 3)]);
+        assert_eq!(
+            checks.interval(),
+            Duration::from_secs(1),
+            "rounds at the shortest"
+        );
+        let s = 1_000_000_000;
+        let mut seen = Vec::new();
+        for round in 0..7u64 {
+            let due = checks.due(round * s);
+            for &i in &due {
+                checks.checked(i, round * s);
+            }
+            seen.push(due);
+            if round == 2 {
+                assert!(!checks.settled(), "backend 2 has had one check");
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                vec![0, 1],
+                vec![0],
+                vec![0],
+                vec![0, 1],
+                vec![0],
+                vec![0],
+                vec![0, 1]
+            ]
+        );
+        assert!(checks.settled());
+        // A reload's new server on id 2 starts its schedule over.
+        let mut moved = target(2, 3);
+        moved.check.address = SocketAddr::from(([198, 18, 0, 99], 80));
+        checks.retarget(vec![target(1, 1), moved]);
+        assert_eq!(checks.due(6 * s + s / 2), [1], "at once, backend 1 not yet");
+        assert!(!checks.settled());
     }
 
     #[test]
