@@ -7,7 +7,8 @@
 //! What a frame must be ([`Expect`] names the parties):
 //! - Ethernet from the appliance's node MAC to the backend's MAC, EtherType IPv4;
 //! - outer IPv4 from the appliance's own address to the backend's, a valid header checksum, not
-//!   a fragment; protocol 4 (IP-in-IP) or UDP (GUE);
+//!   a fragment, no options, a TTL, DF set (its identification is 0), the inner packet's DSCP
+//!   and ECN; protocol 4 (IP-in-IP) or UDP (GUE);
 //! - GUE: UDP to the GUE port from an ephemeral entropy port (49152 and up), a UDP length that
 //!   matches the packet, a valid (or IPv4's zero) UDP checksum, a GUE header of version 0 with
 //!   no flags carrying IPv4 (`00 04 00 00`);
@@ -204,10 +205,32 @@ fn judge(frame: &[u8], want: &Expect, tunnel: &mut Option<Tunnel>) -> Result<(),
     if outer.is_fragment() {
         return Err("the outer IPv4 packet is a fragment".to_owned());
     }
+    if outer.header_len() != 20 {
+        return Err(format!(
+            "outer IPv4 header of {} bytes: options where none belong",
+            outer.header_len()
+        ));
+    }
+    if outer.ttl() == 0 {
+        return Err("outer IPv4 TTL 0: the packet cannot be forwarded".to_owned());
+    }
+    if !outer.dont_frag() {
+        // Its identification is 0 (RFC 6864: only an atomic datagram, DF set, may repeat it).
+        return Err("outer IPv4 packet without DF (its identification is not unique)".to_owned());
+    }
     let (inner, service_port) = match *tunnel {
         Some(Tunnel::Gue) => (gue_payload(&outer, want)?, want.gue_service_port),
         _ => (outer.payload(), want.ipip_service_port),
     };
+    // The inner packet's DSCP and ECN, copied out (RFC 6040's normal mode).
+    if let Some(&tos) = inner.get(1) {
+        let outer_tos = (outer.dscp() << 2) | outer.ecn();
+        if outer_tos != tos {
+            return Err(format!(
+                "outer traffic class 0x{outer_tos:02x}, not the inner packet's 0x{tos:02x}"
+            ));
+        }
+    }
     inner_packet(inner, service_port, want)
 }
 
@@ -387,6 +410,29 @@ mod tests {
         f[14 + 10] ^= 0x01;
         let p = problem(&f);
         assert!(p.starts_with("outer IPv4 header checksum"), "{p}");
+    }
+
+    /// The outer header's TTL, DF and traffic class: each wrong one named (the checksum fixed
+    /// so that it is not what tells).
+    #[test]
+    fn the_outer_ttl_df_and_traffic_class_are_checked() {
+        let with = |at: usize, value: u8| {
+            let mut f = ipip();
+            f[14 + at] = value;
+            let mut ip = ipv4::Packet::new_checked(&mut f[14..]).unwrap();
+            ip.fill_checksum();
+            problem(&f)
+        };
+        assert!(with(8, 0).starts_with("outer IPv4 TTL 0"), "{}", with(8, 0));
+        assert!(
+            with(6, 0).starts_with("outer IPv4 packet without DF"),
+            "{}",
+            with(6, 0)
+        );
+        assert_eq!(
+            with(1, 0xb9),
+            "outer traffic class 0xb9, not the inner packet's 0x00"
+        );
     }
 
     #[test]
