@@ -246,16 +246,24 @@ pub fn replay_with(
     // Per frame: deliveries (as owner or answer), and whether the decision was exclusive.
     let mut delivered_by: Vec<u8> = Vec::new();
     let mut exclusive: Vec<bool> = Vec::new();
-    let mut buf = vec![0u8; 2048];
+    // One mbuf's room, as the data path has it: a longer frame spans several and is dropped
+    // there (`chained`), not cut short.
+    let room = loaded.config.dataplane.frame_room();
+    let mut buf = vec![0u8; room];
     let mut last_ts = 0;
     for (index, (ts, frame)) in frames.into_iter().enumerate() {
         last_ts = ts;
         delivered_by.push(0);
         exclusive.push(false);
         for (pipeline, hold, counts) in sims.iter_mut() {
-            let len = frame.len().min(buf.len());
-            buf[..len].copy_from_slice(&frame[..len]);
-            let action = pipeline.from_wire(&mut buf, len, ts);
+            let len = frame.len();
+            let action = match buf.get_mut(..len) {
+                Some(room) => {
+                    room.copy_from_slice(&frame);
+                    pipeline.from_wire(&mut buf, len, ts)
+                }
+                None => Action::Drop(DropReason::Chained),
+            };
             match action {
                 Action::Deliver => {
                     counts.delivered += 1;
@@ -305,7 +313,7 @@ pub fn replay_with(
             if let Some(released) = pipeline.take_released() {
                 hold.release(&released.key, |(held, mut frame)| {
                     let len = frame.len();
-                    frame.resize(2048.max(len), 0);
+                    frame.resize(room.max(len), 0);
                     match pipeline.released_fragment(&mut frame, len, ts) {
                         Action::Deliver => {
                             counts.delivered += 1;
@@ -401,4 +409,39 @@ pub fn read_pcap(path: &Path) -> Result<Vec<(u64, Vec<u8>)>, String> {
         frames.push((pkt.timestamp.as_nanos() as u64, pkt.data.into_owned()));
     }
     Ok(frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame longer than one mbuf's room is dropped as the data path drops it (it spans
+    /// several mbufs), not cut short and counted as malformed; one that fits is decided.
+    #[test]
+    fn a_frame_longer_than_an_mbuf_is_dropped_not_malformed() {
+        let config = crate::config::Config::parse(crate::config::tests::LAB, "t.yaml").unwrap();
+        let loaded = Loaded {
+            path: "t.yaml".into(),
+            config,
+            secret: b"0123456789abcdef".to_vec(),
+        };
+        let room = loaded.config.dataplane.frame_room();
+        assert_eq!(room, 2048);
+        let frame = |payload: usize| {
+            let mut t = crate::testkit::build::tcp(40000, 1, 1, 0x18, &vec![0u8; payload]);
+            crate::testkit::build::ipv4(
+                [2, 0, 0, 0, 0, 0x64],
+                [198, 18, 0, 100],
+                6,
+                &mut t,
+                Some(16),
+            )
+        };
+        let fits = frame(room - 54);
+        let jumbo = frame(3000);
+        assert_eq!(fits.len(), room);
+        let report = replay(&loaded, 1, [(1, fits), (2, jumbo)]).unwrap();
+        let n = &report.nodes[0];
+        assert_eq!((n.delivered, n.dropped, n.malformed), (1, 1, 0));
+    }
 }

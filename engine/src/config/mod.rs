@@ -386,6 +386,13 @@ fn default_descriptors() -> u16 {
 }
 
 impl DataplaneConfig {
+    /// Bytes a received frame (and an answer built in its place) has in one mbuf: its buffer
+    /// after DPDK's 128-byte headroom. A longer frame spans several mbufs and is dropped
+    /// (`chained`).
+    pub fn frame_room(&self) -> usize {
+        usize::from(self.mbuf_size).saturating_sub(128)
+    }
+
     /// Bytes one mbuf takes in memory: its buffer (`mbuf_size`), the rte_mbuf header (two
     /// cache lines) and the mempool's per-object header, rounded up.
     pub fn mbuf_footprint(&self) -> u64 {
