@@ -163,7 +163,11 @@ impl LocalVerdicts {
     /// forgotten. (Until that round, the verdict of a new server on a reused id would otherwise
     /// be its predecessor's, and a new one would not be reported down.)
     pub fn retarget(&self, config: &Config, services: &super::Services) {
-        let next = targets(config, services);
+        self.retarget_to(targets(config, services));
+    }
+
+    /// [`LocalVerdicts::retarget`] to these targets.
+    fn retarget_to(&self, next: Vec<Target>) {
         if let (Ok(mut checked), Ok(mut down)) = (self.checked.lock(), self.down.lock()) {
             let now: Vec<(u16, IpAddr)> = next.iter().map(Target::server).collect();
             down.retain(|id| now.iter().any(|(i, _)| i == id));
@@ -176,6 +180,24 @@ impl LocalVerdicts {
         }
         if let Ok(mut pending) = self.next.lock() {
             *pending = Some(next);
+        }
+    }
+
+    /// After the checker took up new targets: `down` says each current target's verdict as
+    /// `checks` has it. (Two reloads within one round: a server removed then put back on its
+    /// id is new to [`LocalVerdicts::retarget`], down, but the checker never saw it leave and
+    /// kept its verdict, up, which would never change again to clear it.)
+    pub fn sync(&self, checks: &Checks) {
+        if let (Ok(checked), Ok(mut down)) = (self.checked.lock(), self.down.lock()) {
+            for (t, h) in &checks.states {
+                if checked.contains(&t.server()) {
+                    if h.up() {
+                        down.remove(&t.id);
+                    } else {
+                        down.insert(t.id);
+                    }
+                }
+            }
         }
     }
 
@@ -312,9 +334,12 @@ impl Checks {
     pub fn due(&self, now: u64) -> Vec<usize> {
         (0..self.states.len())
             .filter(|&i| {
+                let (t, _) = &self.states[i];
+                let interval = u64::try_from(t.check.interval.0.as_nanos()).unwrap_or(u64::MAX);
+                // Due, or due later than its interval allows (a reload shortened it).
                 self.schedule
-                    .get(&self.states[i].0.server())
-                    .is_none_or(|&(at, _)| at <= now)
+                    .get(&t.server())
+                    .is_none_or(|&(at, _)| at <= now || at - now > interval)
             })
             .collect()
     }
@@ -379,7 +404,7 @@ fn check_config(h: &BackendHealthConfig, address: SocketAddr) -> HealthConfig {
     }
 }
 
-/// Most backend checks a round runs side by side (one short-lived thread each).
+/// Most backend checks a round runs side by side (on as many short-lived threads).
 const CONCURRENT: usize = 64;
 
 /// One round: every target's check, side by side ([`CONCURRENT`] threads, each taking the next
@@ -457,8 +482,10 @@ pub fn spawn_checker(
                 let started = std::time::Instant::now();
                 let now = u64::try_from(started.duration_since(epoch).as_nanos()).unwrap_or(u64::MAX);
                 if let Some(next) = shared.next.lock().ok().and_then(|mut n| n.take()) {
-                    // The verdicts followed already (`LocalVerdicts::retarget`).
+                    // The verdicts followed already (`LocalVerdicts::retarget`); `sync` mends
+                    // what a second reload within the round made of them.
                     let changes = checks.retarget(next);
+                    shared.sync(&checks);
                     for t in checks.targets() {
                         if changes.start_down.contains(&t.id) {
                             tracing::info!(backend = %t.name, "backend check: new, down until it answers");
@@ -682,6 +709,44 @@ mod tests {
         checks.retarget(vec![target(1, 1), moved]);
         assert_eq!(checks.due(6 * s + s / 2), [1], "at once, backend 1 not yet");
         assert!(!checks.settled());
+    }
+
+    /// Two reloads within one round of checks: a backend removed, then put back on its id.
+    /// The node's verdicts took it for new (down) at the second; the checker, which saw only
+    /// the last targets, kept its verdict (up): `sync` makes them agree, else it stayed down.
+    #[test]
+    fn a_backend_removed_and_put_back_within_a_round_is_not_left_down() {
+        let t = Target {
+            id: 1,
+            name: "b1".into(),
+            check: HealthConfig {
+                address: SocketAddr::from(([198, 18, 0, 21], 80)),
+                address6: None,
+                http_path: None,
+                expect_status: 200,
+                interval: crate::config::Span(Duration::from_secs(1)),
+                fast_interval: None,
+                timeout: crate::config::Span(Duration::from_millis(500)),
+                rise: 1,
+                fall: 1,
+            },
+        };
+        let mut checks = Checks::new(vec![t.clone()]);
+        let verdicts = LocalVerdicts::new(checks.targets());
+        assert_eq!(checks.record(0, true), Some(true));
+        verdicts.record(&t, true);
+        assert!(verdicts.down().is_empty());
+        verdicts.retarget_to(Vec::new());
+        verdicts.retarget_to(vec![t.clone()]);
+        assert_eq!(
+            verdicts.down(),
+            BTreeSet::from([1]),
+            "new to the node's verdicts"
+        );
+        let changes = checks.retarget(vec![t]);
+        assert!(changes.start_down.is_empty(), "the checker kept it");
+        verdicts.sync(&checks);
+        assert!(verdicts.down().is_empty(), "up, as its checks say");
     }
 
     #[test]

@@ -758,7 +758,7 @@ impl Config {
                         humantime::format_duration(h.timeout.0),
                         humantime::format_duration(h.interval.0)
                     ),
-                    "make the timeout shorter than the interval",
+                    "make the timeout no longer than the interval",
                 ));
             }
         }

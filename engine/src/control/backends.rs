@@ -37,7 +37,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::appliance::health::{agree, BackendTable, Report};
 use crate::cluster::NodeId;
 
-/// The body of a backends message: the sender's report and, from the coordinator, its table.
+/// The body of a backends message: the sender's report and the table it holds (applied only
+/// from the coordinator).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Backends {
     /// Digest of the sender's configured services and backends, in order (0: none
@@ -378,7 +379,7 @@ impl BackendAgreement {
     }
 
     /// A peer's message. Returns the table to apply if `from_coordinator` sent one that
-    /// differs from the one in force.
+    /// differs from the one in force and is not older (a lower epoch) than it.
     pub fn received(
         &mut self,
         from: NodeId,

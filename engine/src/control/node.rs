@@ -124,6 +124,11 @@ impl Node {
         out: &mut Vec<Output>,
     ) {
         self.m.handle_message(path, bytes, now, out);
+        if self.m.take_operator_drain() {
+            // The operator's drain now (relayed through a peer): a service that recovers does
+            // not undo it.
+            self.drained_by_health = false;
+        }
     }
 
     /// Time passed: the membership's tick, then the SIGTERM drain's end.
@@ -204,6 +209,15 @@ impl Node {
         if matched.is_empty() {
             return Reply::Refused(Refused::new(format!(
                 "no backend `{name}`; `status` lists the services and their backends"
+            )));
+        }
+        if matched.len() > crate::control::backends::MAX_IDS {
+            // One relayed request names at most that many: refused whole rather than sent
+            // in part.
+            return Reply::Refused(Refused::new(format!(
+                "`{name}` names {} backends, more than {} at once; name them by                  SERVICE/NAME",
+                matched.len(),
+                crate::control::backends::MAX_IDS
             )));
         }
         let places = matched.iter().map(|&(place, _)| place).collect();

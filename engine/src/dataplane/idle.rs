@@ -17,9 +17,11 @@ const FIRST_SLEEP: Duration = Duration::from_micros(10);
 /// Longest epoll wait when every port can wake us: only bounds how late `stop` is seen.
 const INTERRUPT_WAIT_MS: i32 = 100;
 
-/// A wait of at most `longest`, and at most a quarter of the control thread's `tick`: the wire
-/// heartbeats it queues go out from core 0 when it wakes, and peers find a node dead after a
-/// few ticks of silence (an idle node, waiting 100 ms at a time, fell silent on the wire).
+/// A wait of at most `longest`, and at most a quarter of the control thread's `tick` (but a
+/// millisecond, epoll's least, if `longest` allows it: with a tick under 4 ms, more than a
+/// quarter): the wire heartbeats it queues go out from core 0 when it wakes, and peers find a
+/// node dead after a few ticks of silence (an idle node, waiting 100 ms at a time, fell silent
+/// on the wire).
 fn within_tick(longest: Duration, tick: Duration) -> Duration {
     longest
         .min(tick / 4)

@@ -321,13 +321,9 @@ impl Pipeline {
         if !self.mine(bucket) {
             return Some(Action::Drop(DropReason::NotOwned));
         }
-        let group_mac = buf.get(6).is_none_or(|b| b & 1 != 0);
-        let one_host = match p.src_ip {
-            IpAddr::V4(a) => !a.is_multicast() && !a.is_broadcast() && !a.is_unspecified(),
-            IpAddr::V6(a) => !a.is_multicast() && !a.is_unspecified(),
-        };
-        if group_mac || !one_host {
-            // An answer would go to every host of a group (RFC 1122 3.2.2.6, RFC 4443 4.2).
+        if !answers_to(buf, p.src_ip) {
+            // An answer would go to every host of a group (RFC 1122 3.2.2.6, RFC 4443 4.2): a
+            // request no host may send.
             return Some(Action::Drop(DropReason::Malformed(wire::Error::Malformed)));
         }
         Some(
@@ -526,9 +522,10 @@ impl Pipeline {
                     // (no DF in its header) would need the node to fragment, which it does
                     // not: dropped.
                     self.appliance.too_big += 1;
+                    // The sender first: a flood from a group source spends no answer.
                     let answer = d.no_frag
-                        && answer_at.is_some_and(|now| self.error_budget.take(now))
-                        && answers_to(buf, d);
+                        && answers_to(buf, d.src_ip())
+                        && answer_at.is_some_and(|now| self.error_budget.take(now));
                     if !answer {
                         return Action::Drop(DropReason::TooBig);
                     }
@@ -562,18 +559,14 @@ impl Pipeline {
     }
 }
 
-/// Whether the sender of the frame in `buf` to `d` may get an ICMP error: one host (RFC 1122
-/// 3.2.2, RFC 4443 2.4(e): not a group or unspecified source, not from a group MAC), lest a
-/// forged source make every host on the segment receive the answers.
-fn answers_to(buf: &[u8], d: &Destination) -> bool {
+/// Whether the sender (`src`) of the frame in `buf` may get an ICMP message from the node:
+/// one host (RFC 1122 3.2.2, RFC 4443 2.4(e): not a group or unspecified source, not from a
+/// group MAC), lest a forged source make every host on the segment receive the answers.
+fn answers_to(buf: &[u8], src: IpAddr) -> bool {
     let group_mac = buf.get(6).is_none_or(|b| b & 1 != 0);
-    let one_host = if d.v6 {
-        let a = std::net::Ipv6Addr::from(d.src);
-        !a.is_multicast() && !a.is_unspecified()
-    } else {
-        // IPv4 keeps its 32 bits in the low bits: the truncation is exact.
-        let a = std::net::Ipv4Addr::from(d.src as u32);
-        !a.is_multicast() && !a.is_broadcast() && !a.is_unspecified()
+    let one_host = match src {
+        IpAddr::V4(a) => !a.is_multicast() && !a.is_broadcast() && !a.is_unspecified(),
+        IpAddr::V6(a) => !a.is_multicast() && !a.is_unspecified(),
     };
     !group_mac && one_host
 }

@@ -152,10 +152,11 @@ impl Pipeline {
             // Only their flows: the ones learned from an old owner that lives on stay (it
             // still serves them; forgotten, they would be taken here as unknown too).
             let (old, me) = (&self.snapshot, self.id.node);
+            let lives = |n: NodeId| newly & (1u64 << n.index()) == 0;
             self.learned.retain_buckets(|b| match old.role(b, me) {
-                Role::Learning { from } | Role::Acquiring { from } => {
-                    newly & (1u64 << from.index()) == 0
-                }
+                Role::Learning { from } | Role::Acquiring { from } => lives(from),
+                // A bucket an earlier owner still serves long flows in (owed).
+                Role::Owner => old.owed_to(b).is_some_and(lives),
                 _ => false,
             });
         }

@@ -450,6 +450,9 @@ pub struct Membership {
     started: Option<u64>,
     last_heartbeat: Option<u64>,
     draining: bool,
+    /// An operator's drain of this node came relayed by a peer since
+    /// [`Membership::take_operator_drain`] last looked.
+    operator_drain: bool,
     /// The local service fails its health check (announced in heartbeats).
     refusing: bool,
     /// The wire port has link (as the data path last said).
@@ -502,6 +505,7 @@ impl Membership {
             started: None,
             last_heartbeat: None,
             draining: false,
+            operator_drain: false,
             refusing: false,
             wire_up: true,
             cores_up: true,
@@ -573,6 +577,7 @@ impl Membership {
             }
             // Sent on both paths: the first copy acts, the second finds the state already set.
             Body::Request(req) if req.target == self.cfg.me => {
+                self.operator_drain |= req.drain;
                 if req.drain && !self.draining {
                     self.drain_by_operator(now, out);
                 } else if !req.drain && self.draining {
@@ -695,7 +700,7 @@ impl Membership {
     }
 
     /// Appliance mode, once per heartbeat: the coordinator moves the backend table on, and
-    /// every node sends its report (the coordinator its table too). Only in format version 3
+    /// every node sends its report and the table it holds. Only in format version 3
     /// and later: a node of the release before would refuse the message.
     fn agree_on_backends(&mut self, out: &mut Vec<Output>) {
         if self.speaks() < 3 {
@@ -923,8 +928,8 @@ impl Membership {
         (cands != 0).then(|| node_of(cands.trailing_zeros() as usize))
     }
 
-    /// What this node reports about the backends (its checker's verdicts and its operator's
-    /// drains; `None` while its checks have not settled).
+    /// What this node's checker reports about the backends (`None` while its checks have not
+    /// settled); the drains it holds are added to it ([`BackendAgreement`]).
     pub fn set_backend_report(&mut self, report: Option<crate::appliance::health::Report>) {
         self.backends.set_own(report);
     }
@@ -947,6 +952,12 @@ impl Membership {
         };
         let cands = if cands == 0 { live } else { cands };
         cands.trailing_zeros() as usize == self.cfg.me.index()
+    }
+
+    /// Whether an operator's drain of this node came relayed by a peer since the last call
+    /// (the node then drains at its operator's word, whatever its health says later).
+    pub fn take_operator_drain(&mut self) -> bool {
+        std::mem::take(&mut self.operator_drain)
     }
 
     /// Whether this node is draining.
