@@ -160,14 +160,6 @@ impl Pipeline {
                 _ => false,
             });
         }
-        // This node fenced itself (its own bit among the dead: DESIGN.md "Liveness"): it takes
-        // nothing, and its peers, which take its buckets as owners, deliver every packet of its
-        // flows. It forgets them rather than deliver them too (for as long as they lived, even
-        // after it rejoins). Its clients' connections go on at the peers'.
-        let me = 1u64 << self.id.node.index();
-        if snapshot.dead() & me != 0 && self.snapshot.dead() & me == 0 {
-            self.flows.clear();
-        }
         if self.services.has_single() {
             self.serving = serving(&snapshot);
         }

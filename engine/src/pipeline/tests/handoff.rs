@@ -396,35 +396,6 @@ fn a_long_flow_outlives_its_handoff_until_it_ends_or_its_node_dies() {
     assert_eq!(h.nodes[1].from_wire(&mut f, len, t + 4), Action::Deliver);
 }
 
-/// DESIGN.md, "Liveness": a node that fences itself takes nothing. Its peers take its buckets
-/// as owners and deliver every packet of its flows; the fenced node forgets its own flows
-/// rather than deliver them too (both delivering, for as long as the flows lived, even after
-/// it rejoined through a join).
-#[test]
-fn a_fenced_node_delivers_none_of_its_flows() {
-    let mut h = Handoff::new(&[1, 2], &[1, 2]);
-    let port = h.moving_ports(1, 1, 1)[0];
-    assert_eq!(h.send(port, 0x02, 1), vec![1]);
-    assert_eq!(h.send(port, 0x10, 2), vec![1]);
-    // A UDP flow of node 1's (its bucket is not the TCP port's: the protocol is in the key).
-    let udp = (20_000u16..30_000)
-        .find(|&p| h.send_udp(p, 2) == vec![1])
-        .unwrap();
-    // Node 1 fences: its snapshot has itself dead and owning nothing; node 2 finds it dead
-    // and owns everything.
-    let me = NodeId::new(1).unwrap();
-    let fenced = stable_snapshot(&h.from).with_dead(0b01).without(me);
-    h.nodes[0].set_snapshot(Arc::new(fenced));
-    let alone = OwnershipTable::build(3, &[Member::new(2, 100).unwrap()]).unwrap();
-    h.nodes[1].set_snapshot(Arc::new(stable_snapshot(&alone).with_dead(0b01)));
-    assert_eq!(h.send(port, 0x18, 3), vec![2], "the stand-in alone");
-    assert_eq!(h.send_udp(udp, 3), vec![2], "the stand-in alone");
-    assert!(
-        h.nodes[0].flows().is_empty(),
-        "nothing left to deliver when it rejoins"
-    );
-}
-
 /// Clients reuse a source port soon after a connection closed. During a handoff the old
 /// owner still holds the ended connection in its table (and the new owner may have learned
 /// it): the SYN on the reused 4-tuple is a new flow, taken by the new owner alone, and no
