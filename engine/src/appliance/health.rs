@@ -191,11 +191,7 @@ impl LocalVerdicts {
         if let (Ok(checked), Ok(mut down)) = (self.checked.lock(), self.down.lock()) {
             for (t, h) in &checks.states {
                 if checked.contains(&t.server()) {
-                    if h.up() {
-                        down.remove(&t.id);
-                    } else {
-                        down.insert(t.id);
-                    }
+                    set_verdict(&mut down, t.id, h.up());
                 }
             }
         }
@@ -205,13 +201,8 @@ impl LocalVerdicts {
     /// target (a retarget came during the round: its verdict started over then).
     pub fn record(&self, t: &Target, up: bool) {
         if let (Ok(checked), Ok(mut down)) = (self.checked.lock(), self.down.lock()) {
-            if !checked.contains(&t.server()) {
-                return;
-            }
-            if up {
-                down.remove(&t.id);
-            } else {
-                down.insert(t.id);
+            if checked.contains(&t.server()) {
+                set_verdict(&mut down, t.id, up);
             }
         }
     }
@@ -232,6 +223,15 @@ impl LocalVerdicts {
     }
 }
 
+/// Backend `id` up or down in a node's set of those it sees down.
+fn set_verdict(down: &mut BTreeSet<u16>, id: u16, up: bool) {
+    if up {
+        down.remove(&id);
+    } else {
+        down.insert(id);
+    }
+}
+
 /// One backend to check: its id and the check (`rise` and `fall` in it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -244,6 +244,11 @@ impl Target {
     /// The server it checks: its id and address (the check's port and settings aside).
     fn server(&self) -> (u16, IpAddr) {
         (self.id, self.check.address.ip())
+    }
+
+    /// Its check's interval in nanoseconds.
+    fn interval_ns(&self) -> u64 {
+        u64::try_from(self.check.interval.0.as_nanos()).unwrap_or(u64::MAX)
     }
 }
 
@@ -335,11 +340,10 @@ impl Checks {
         (0..self.states.len())
             .filter(|&i| {
                 let (t, _) = &self.states[i];
-                let interval = u64::try_from(t.check.interval.0.as_nanos()).unwrap_or(u64::MAX);
                 // Due, or due later than its interval allows (a reload shortened it).
                 self.schedule
                     .get(&t.server())
-                    .is_none_or(|&(at, _)| at <= now || at - now > interval)
+                    .is_none_or(|&(at, _)| at <= now || at - now > t.interval_ns())
             })
             .collect()
     }
@@ -347,9 +351,11 @@ impl Checks {
     /// The `i`-th target's check started at `now`: the next one is due an interval later.
     pub fn checked(&mut self, i: usize, now: u64) {
         if let Some((t, _)) = self.states.get(i) {
-            let interval = u64::try_from(t.check.interval.0.as_nanos()).unwrap_or(u64::MAX);
             let entry = self.schedule.entry(t.server()).or_insert((0, 0));
-            *entry = (now.saturating_add(interval), entry.1.saturating_add(1));
+            *entry = (
+                now.saturating_add(t.interval_ns()),
+                entry.1.saturating_add(1),
+            );
         }
     }
 
@@ -532,6 +538,26 @@ mod tests {
         }
     }
 
+    /// An HTTP check of backend `id` at `address` every `interval`, `rise` and `fall` alike,
+    /// with a generous timeout (the machine may be slow).
+    fn target(id: u16, address: SocketAddr, interval: Duration, rise_fall: u32) -> Target {
+        Target {
+            id,
+            name: format!("b{id}"),
+            check: HealthConfig {
+                address,
+                address6: None,
+                http_path: Some("/".into()),
+                expect_status: 200,
+                interval: crate::config::Span(interval),
+                fast_interval: None,
+                timeout: crate::config::Span(Duration::from_secs(20)),
+                rise: rise_fall,
+                fall: rise_fall,
+            },
+        }
+    }
+
     #[test]
     fn hysteresis_starts_down_and_needs_runs() {
         let mut h = Hysteresis::new(2, 3);
@@ -582,23 +608,9 @@ mod tests {
                 let _ = c.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
             }
         });
+        // The timeout is generous: what matters is that all wait at once.
         let targets: Vec<Target> = (1..=N)
-            .map(|id| Target {
-                id,
-                name: format!("b{id}"),
-                check: HealthConfig {
-                    address,
-                    address6: None,
-                    http_path: Some("/".into()),
-                    expect_status: 200,
-                    interval: crate::config::Span(Duration::from_millis(500)),
-                    fast_interval: None,
-                    // Generous: the machine may be slow; what matters is that all wait at once.
-                    timeout: crate::config::Span(Duration::from_secs(20)),
-                    rise: 1,
-                    fall: 1,
-                },
-            })
+            .map(|id| target(id, address, Duration::from_millis(500), 1))
             .collect();
         let results = check_round(&targets);
         assert_eq!(results.len(), usize::from(N));
@@ -629,20 +641,9 @@ mod tests {
         });
         let n = CONCURRENT as u16 + 6;
         let targets: Vec<Target> = (1..=n)
-            .map(|id| Target {
-                id,
-                name: format!("b{id}"),
-                check: HealthConfig {
-                    address: if id % 7 == 0 { down } else { up },
-                    address6: None,
-                    http_path: Some("/".into()),
-                    expect_status: 200,
-                    interval: crate::config::Span(Duration::from_millis(500)),
-                    fast_interval: None,
-                    timeout: crate::config::Span(Duration::from_secs(20)),
-                    rise: 1,
-                    fall: 1,
-                },
+            .map(|id| {
+                let address = if id % 7 == 0 { down } else { up };
+                target(id, address, Duration::from_millis(500), 1)
             })
             .collect();
         let results = check_round(&targets);
@@ -657,20 +658,9 @@ mod tests {
     /// every backend has had its `rise`/`fall` checks.
     #[test]
     fn each_backend_is_checked_at_its_own_interval() {
-        let target = |id: u16, secs: u64| Target {
-            id,
-            name: format!("b{id}"),
-            check: HealthConfig {
-                address: SocketAddr::from(([198, 18, 0, 20 + id as u8], 80)),
-                address6: None,
-                http_path: None,
-                expect_status: 200,
-                interval: crate::config::Span(Duration::from_secs(secs)),
-                fast_interval: None,
-                timeout: crate::config::Span(Duration::from_millis(500)),
-                rise: 2,
-                fall: 2,
-            },
+        let target = |id: u16, secs: u64| {
+            let address = SocketAddr::from(([198, 18, 0, 20 + id as u8], 80));
+            target(id, address, Duration::from_secs(secs), 2)
         };
         let mut checks = Checks::new(vec![target(1, 1), target(2, 3)]);
         assert_eq!(
@@ -716,21 +706,12 @@ mod tests {
     /// the last targets, kept its verdict (up): `sync` makes them agree, else it stayed down.
     #[test]
     fn a_backend_removed_and_put_back_within_a_round_is_not_left_down() {
-        let t = Target {
-            id: 1,
-            name: "b1".into(),
-            check: HealthConfig {
-                address: SocketAddr::from(([198, 18, 0, 21], 80)),
-                address6: None,
-                http_path: None,
-                expect_status: 200,
-                interval: crate::config::Span(Duration::from_secs(1)),
-                fast_interval: None,
-                timeout: crate::config::Span(Duration::from_millis(500)),
-                rise: 1,
-                fall: 1,
-            },
-        };
+        let t = target(
+            1,
+            SocketAddr::from(([198, 18, 0, 21], 80)),
+            Duration::from_secs(1),
+            1,
+        );
         let mut checks = Checks::new(vec![t.clone()]);
         let verdicts = LocalVerdicts::new(checks.targets());
         assert_eq!(checks.record(0, true), Some(true));

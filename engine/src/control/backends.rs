@@ -60,13 +60,6 @@ impl Backends {
     /// 0, or 1 and the table (epoch u64, down and drained lists). A list is a count u8 and that
     /// many ids u16.
     pub fn encode(&self, b: &mut Vec<u8>) {
-        fn list(b: &mut Vec<u8>, ids: &BTreeSet<u16>) {
-            // At most MAX_IDS (64): fits in u8.
-            b.push(ids.len().min(MAX_IDS) as u8);
-            for id in ids.iter().take(MAX_IDS) {
-                b.extend_from_slice(&id.to_be_bytes());
-            }
-        }
         b.extend_from_slice(&self.digest.to_be_bytes());
         match &self.report {
             None => b.push(0),
@@ -139,13 +132,10 @@ impl BackendDrain {
     pub fn encode(&self, b: &mut Vec<u8>) {
         b.extend_from_slice(&self.digest.to_be_bytes());
         b.push(if self.drain { 1 } else { 2 });
-        // A name matches at most one backend per service: far fewer than MAX_IDS (64), which
-        // fits in u8. More is a caller bug.
+        // The operator's request names at most MAX_IDS (64) backends (`Node::drain_backend`
+        // refuses more). More is a caller bug.
         debug_assert!(!self.places.is_empty() && self.places.len() <= MAX_IDS);
-        b.push(self.places.len().min(MAX_IDS) as u8);
-        for place in self.places.iter().take(MAX_IDS) {
-            b.extend_from_slice(&place.to_be_bytes());
-        }
+        list(b, &self.places);
     }
 
     /// Reads a body written by [`BackendDrain::encode`] at the start of `bytes`; returns it
@@ -179,6 +169,15 @@ impl BackendDrain {
             },
             r.at,
         ))
+    }
+}
+
+/// Writes a list of a message: a count u8 and that many ids u16 (at most [`MAX_IDS`]).
+fn list(b: &mut Vec<u8>, ids: &BTreeSet<u16>) {
+    // At most MAX_IDS (64): fits in u8.
+    b.push(ids.len().min(MAX_IDS) as u8);
+    for id in ids.iter().take(MAX_IDS) {
+        b.extend_from_slice(&id.to_be_bytes());
     }
 }
 

@@ -212,10 +212,7 @@ impl<'a> Core<'a> {
             let passed = self.poll_passed(now) + usize::from(paused);
             if self.iterations.is_multiple_of(CONTROL_EVERY) {
                 self.between_bursts();
-                if self.index == 0 {
-                    self.watch_wire_link(now);
-                    self.send_control_frames();
-                }
+                self.wire_control(now);
             }
             self.poll_busy = from_wire + from_host + passed > 0;
             self.iterations = self.iterations.wrapping_add(1);
@@ -234,13 +231,20 @@ impl<'a> Core<'a> {
                 self.between_bursts();
                 self.mine.loops.store(u64::from(self.iterations), Relaxed);
                 // And send the wire heartbeats queued meanwhile now, not some wakes later.
-                if self.index == 0 {
-                    self.watch_wire_link(self.clock.now());
-                    self.send_control_frames();
-                }
+                self.wire_control(self.clock.now());
             }
         }
         self.stop();
+    }
+
+    /// Core 0's part of the control path: the wire port's link, and the control frames the
+    /// control thread queued for the wire.
+    #[inline(always)]
+    fn wire_control(&mut self, now: u64) {
+        if self.index == 0 {
+            self.watch_wire_link(now);
+            self.send_control_frames();
+        }
     }
 
     /// Reads the clock for this poll and books the previous poll's time if it was busy.

@@ -70,14 +70,20 @@ impl Sim {
     }
 }
 
-#[test]
-fn every_node_applies_the_same_agreed_backend_table() {
-    let mut sim = Sim::new(31);
+/// Three appliances whose checks have settled with every backend up, two seconds on.
+fn three_settled(seed: u64) -> Sim {
+    let mut sim = Sim::new(seed);
     for id in 1..=3 {
         sim.start(appliance(id));
         sim.backend_report(id, report(&[]));
     }
     sim.run_until(2 * SEC);
+    sim
+}
+
+#[test]
+fn every_node_applies_the_same_agreed_backend_table() {
+    let mut sim = three_settled(31);
     // Backend 7 fails on two of three nodes' checks, backend 8 on one only.
     sim.backend_report(2, report(&[7]));
     sim.backend_report(3, report(&[7, 8]));
@@ -164,12 +170,7 @@ const B2: u16 = 2;
 /// everywhere.
 #[test]
 fn a_backend_drain_outlives_its_node_and_an_undrain_anywhere_lifts_it() {
-    let mut sim = Sim::new(34);
-    for id in 1..=3 {
-        sim.start(appliance(id));
-        sim.backend_report(id, report(&[]));
-    }
-    sim.run_until(2 * SEC);
+    let mut sim = three_settled(34);
     let reply = sim.drain_backend(2, "b2", true);
     assert_eq!(reply.relayed_to, Some(vec![1, 3]));
     assert!(!reply.unsettled);
