@@ -406,6 +406,21 @@ impl ControlIo {
                     let _ = link.wire_out.0.try_send(bytes);
                 }
                 Output::Publish(snapshot) => {
+                    let services = link.services();
+                    if services.has_single() {
+                        let serving = snapshot.serving();
+                        for rule in service_status::unserved_single_rules(&services, serving) {
+                            tracing::warn!(
+                                node = me,
+                                service = %rule.name,
+                                priority = %service_status::node_list(&rule.priority),
+                                serving = %service_status::node_list(&service_status::serving_nodes(serving)),
+                                "single rule taken by no node: none of its priority list owns \
+                                 buckets, so every node drops its frames; name a serving node \
+                                 in its priority list"
+                            );
+                        }
+                    }
                     // What follows in this batch (a phase reached, a plan acknowledged)
                     // announces that this node acts on the snapshot: only once every packet
                     // core does.

@@ -375,6 +375,10 @@ impl Node {
         match (request, reply) {
             (Request::Status, Reply::Status(s)) => {
                 s.services = service_status::services_status(services);
+                if services.has_single() {
+                    let serving = self.m.snapshot().serving();
+                    service_status::add_takers(&mut s.services, services, serving);
+                }
                 s.services_epoch = services.epoch;
                 s.services_differ = ids_of(self.m.backends().mismatched());
             }

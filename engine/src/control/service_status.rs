@@ -33,6 +33,72 @@ pub struct ServiceStatus {
     /// over these.
     pub table_size: u32,
     pub backends: Vec<BackendStatus>,
+    /// A `single` rule's priority list (empty: by node id).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub priority: Vec<u8>,
+    /// A `single` rule on a running node: who takes it now (`check` knows no cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_by: Option<Taker>,
+}
+
+/// Who takes a `single` rule's flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Taker {
+    /// This node (by id), the first of the rule's priority list that owns buckets.
+    Node(u8),
+    /// No node of its priority list owns buckets: the rule's frames are dropped.
+    Nobody,
+}
+
+impl Taker {
+    /// Who takes `rule` (a `single` one) while the nodes `serving` (bit `id - 1`) own buckets.
+    pub fn of(rule: &crate::appliance::Rule, serving: u64) -> Taker {
+        rule.single_owner(serving)
+            .map_or(Taker::Nobody, |n| Taker::Node(n.get()))
+    }
+}
+
+/// The `single` rules of `services` that no node takes while the nodes `serving` (bit `id -
+/// 1`, some) own buckets: a priority list that names no node that serves (a typo, or nodes
+/// that left), whose frames every node drops. Empty while no node serves at all (a node alone
+/// and not serving yet: nothing is taken, for every rule alike).
+pub fn unserved_single_rules(services: &Services, serving: u64) -> Vec<&crate::appliance::Rule> {
+    if serving == 0 {
+        return Vec::new();
+    }
+    services
+        .rules()
+        .iter()
+        .filter(|r| r.mode == RuleMode::Single && Taker::of(r, serving) == Taker::Nobody)
+        .collect()
+}
+
+/// Fills in who takes each `single` rule of `status` (the rules of `services`, in order)
+/// while the nodes `serving` own buckets.
+pub fn add_takers(status: &mut [ServiceStatus], services: &Services, serving: u64) {
+    for (s, r) in status.iter_mut().zip(services.rules()) {
+        if r.mode == RuleMode::Single {
+            s.taken_by = Some(Taker::of(r, serving));
+        }
+    }
+}
+
+/// The nodes whose bits are set in `serving` (bit `id - 1`).
+pub fn serving_nodes(serving: u64) -> Vec<NodeId> {
+    (1..=64u8)
+        .filter(|id| serving & (1u64 << (id - 1)) != 0)
+        .filter_map(NodeId::new)
+        .collect()
+}
+
+/// Node ids as an operator lists them: `3,4`.
+pub fn node_list(nodes: &[NodeId]) -> String {
+    nodes
+        .iter()
+        .map(|n| n.get().to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// One backend of a [`ServiceStatus`].
@@ -127,6 +193,8 @@ pub fn services_status(services: &Services) -> Vec<ServiceStatus> {
                         flows: None,
                     })
                     .collect(),
+                priority: r.priority.iter().map(|n| n.get()).collect(),
+                taken_by: None,
             }
         })
         .collect()
@@ -239,9 +307,22 @@ pub fn services_table(services: &[ServiceStatus]) -> String {
     let mut out = String::new();
     for s in services {
         let list = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(",");
+        let priority = match s.priority.as_slice() {
+            [] => String::new(),
+            p => format!(" (priority {})", list(&mut p.iter().map(u8::to_string))),
+        };
+        let taken = match s.taken_by {
+            None => String::new(),
+            Some(Taker::Node(n)) => format!(", taken by node {n}"),
+            Some(Taker::Nobody) => {
+                ", taken by NOBODY: no node of its priority list owns buckets, its frames \
+                 are dropped"
+                    .to_owned()
+            }
+        };
         let _ = writeln!(
             out,
-            "service {}: {} {} port {} | {}, delivery {}, affinity {}",
+            "service {}: {} {} port {} | {}{priority}{taken}, delivery {}, affinity {}",
             s.name,
             list(&mut s.addresses.iter().map(IpAddr::to_string)),
             s.protocol,

@@ -72,7 +72,7 @@ fn status_lists_every_rule_and_backend_with_state_and_share() {
         "service web: 198.18.0.100,2001:2::100 tcp port 80,8000-8099 | multiple, delivery dsr, \
          affinity none",
         "service api: 198.18.0.100 tcp port 443 | multiple, delivery gue, affinity single",
-        "service dns: 198.18.0.100 udp port 53 | single, delivery dsr",
+        "service dns: 198.18.0.100 udp port 53 | single (priority 2,1), delivery dsr",
         "service ssh: 198.18.0.100 tcp port 22 | disabled, delivery local",
     ] {
         assert!(text.contains(want), "{want}\n{text}");
@@ -233,4 +233,62 @@ fn node_status(epoch: u64, services: Vec<ServiceStatus>, services_epoch: u64) ->
         services_epoch,
         services_differ: vec![],
     }
+}
+
+/// `status` names who takes a `single` rule, or that nobody does: its priority list names no
+/// node that owns buckets (a typo, or nodes that left), and every node drops its frames.
+#[test]
+fn a_single_rule_names_its_taker_or_nobody() {
+    let s = services();
+    let bits = |ids: &[u8]| ids.iter().fold(0u64, |b, id| b | 1 << (id - 1));
+    let header = |serving: u64| {
+        let mut status = services_status(&s);
+        add_takers(&mut status, &s, serving);
+        let text = services_table(&status);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("service dns:"))
+            .unwrap_or_else(|| panic!("no dns line:\n{text}"))
+            .to_owned();
+        // Only the single rule says who takes it.
+        assert!(
+            !text
+                .lines()
+                .filter(|l| l.starts_with("service ") && !l.starts_with("service dns:"))
+                .any(|l| l.contains("taken by")),
+            "{text}"
+        );
+        (line, status)
+    };
+    // Node 2 first, then 1.
+    let (line, _) = header(bits(&[1, 2]));
+    assert!(
+        line.contains("single (priority 2,1), taken by node 2,"),
+        "{line}"
+    );
+    let (line, _) = header(bits(&[1, 3]));
+    assert!(line.contains("taken by node 1,"), "{line}");
+    assert!(unserved_single_rules(&s, bits(&[1, 3])).is_empty());
+    // Neither serves: nobody takes it, and that is what the warning names.
+    let (line, status) = header(bits(&[3, 4]));
+    assert!(line.contains("taken by NOBODY"), "{line}");
+    let unserved: Vec<&str> = unserved_single_rules(&s, bits(&[3, 4]))
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(unserved, ["dns"]);
+    assert_eq!(node_list(&serving_nodes(bits(&[3, 4]))), "3,4");
+    // No node serves at all (alone, not yet serving): no rule is singled out.
+    assert!(unserved_single_rules(&s, 0).is_empty());
+    // The reply reads back, and one without the new fields (an older node's) still reads.
+    let reply = Reply::Status(Box::new(node_status(1, status, 0)));
+    let json = reply.to_line();
+    assert!(json.contains("\"taken_by\":\"nobody\""), "{json}");
+    assert_eq!(Reply::decode(&Request::Status, &json), Ok(reply));
+    // `check` (no cluster): the priority list, no taker.
+    let text = services_table(&services_status(&s));
+    assert!(
+        text.contains("single (priority 2,1), delivery dsr"),
+        "{text}"
+    );
 }
