@@ -193,6 +193,7 @@ pub fn control_thread(
     let mut services_differ = 0u64;
     // Backends the agreed table this node made could not list, as last logged.
     let mut backends_left_out = 0usize;
+    let mut single_rules = SingleRuleWatch::default();
     let mut current = loaded.clone();
     let mut busy = BusyShare::new(start);
     let mut out = Vec::new();
@@ -252,6 +253,7 @@ pub fn control_thread(
             // The backends first: after a reload, the checks follow the new services and the
             // report names their places before the tick's heartbeat carries it.
             backends.tick(&current.config, &link, now_ns());
+            single_rules.tick(&link, me.get());
             node.set_backend_report(backends.report(&link.services()));
             node.handle_tick(now_ns(), &mut out);
             let left_out = node.backends().left_out();
@@ -320,6 +322,58 @@ pub fn control_thread(
         if stop_cores.load(Relaxed) {
             return Ok(());
         }
+    }
+}
+
+/// The `single` rules that no node takes (none of their priority list serves), logged when
+/// that set changes: after a new ownership snapshot or new services (a `reload`).
+struct SingleRuleWatch {
+    /// The snapshot and services versions last looked at (none yet: `u64::MAX`).
+    seen: (u64, u64),
+    /// The rules' names, as last logged.
+    unserved: Vec<String>,
+}
+
+impl Default for SingleRuleWatch {
+    fn default() -> SingleRuleWatch {
+        SingleRuleWatch {
+            seen: (u64::MAX, u64::MAX),
+            unserved: Vec::new(),
+        }
+    }
+}
+
+impl SingleRuleWatch {
+    fn tick(&mut self, link: &ControlLink, me: u8) {
+        let versions = (link.current_version(), link.services_version.load(Relaxed));
+        if versions == self.seen {
+            return;
+        }
+        self.seen = versions;
+        let services = link.services();
+        let serving = if services.has_single() {
+            link.snapshot.load().serving()
+        } else {
+            0
+        };
+        let unserved = service_status::unserved_single_rules(&services, serving);
+        for rule in unserved.iter().filter(|r| !self.unserved.contains(&r.name)) {
+            let priority: Vec<u8> = rule.priority.iter().map(|n| n.get()).collect();
+            tracing::warn!(
+                node = me,
+                service = %rule.name,
+                priority = %crate::control::node::ids_text(&priority),
+                serving = %crate::control::node::ids_text(&crate::control::node::ids_of(serving)),
+                "single rule taken by no node: none of its priority list serves now (down, \
+                 fenced, drained or not in the cluster), so every node drops its frames"
+            );
+        }
+        for name in self.unserved.iter() {
+            if !unserved.iter().any(|r| &r.name == name) {
+                tracing::info!(node = me, service = %name, "single rule taken by a node again");
+            }
+        }
+        self.unserved = unserved.iter().map(|r| r.name.clone()).collect();
     }
 }
 
@@ -406,21 +460,6 @@ impl ControlIo {
                     let _ = link.wire_out.0.try_send(bytes);
                 }
                 Output::Publish(snapshot) => {
-                    let services = link.services();
-                    if services.has_single() {
-                        let serving = snapshot.serving();
-                        for rule in service_status::unserved_single_rules(&services, serving) {
-                            tracing::warn!(
-                                node = me,
-                                service = %rule.name,
-                                priority = %service_status::node_list(&rule.priority),
-                                serving = %service_status::node_list(&service_status::serving_nodes(serving)),
-                                "single rule taken by no node: none of its priority list owns \
-                                 buckets, so every node drops its frames; name a serving node \
-                                 in its priority list"
-                            );
-                        }
-                    }
                     // What follows in this batch (a phase reached, a plan acknowledged)
                     // announces that this node acts on the snapshot: only once every packet
                     // core does.
@@ -1058,6 +1097,44 @@ mod tests {
         assert_eq!(b.permille(t3, 750_000_000 + 5_000_000_000, 2), 1000);
         // No time passed: no figure rather than a division by zero.
         assert_eq!(b.permille(t3, 9_000_000_000, 2), 0);
+    }
+
+    /// A `single` rule whose priority list names no node that serves is noticed once a
+    /// snapshot makes other nodes serve, and no longer once a `reload` names one of them; while
+    /// no node serves at all, no rule is singled out.
+    #[test]
+    fn a_single_rule_nobody_takes_is_noticed_after_a_snapshot_and_cleared_by_a_reload() {
+        use crate::cluster::{Member, OwnershipTable};
+        use crate::control::Snapshot;
+        let services = |priority: &str| {
+            let text = crate::config::tests::LAB.replace(
+                "  mac: 02:00:00:00:00:01\n",
+                "  mac: 02:00:00:00:00:01\n  ip: 198.18.0.11\n",
+            ) + &format!(
+                "services:\n  - name: dns\n    addresses: [198.18.0.100]\n    protocol: udp\n    \
+                 ports: [53]\n    mode: single\n    priority: [{priority}]\n    delivery: dsr\n    \
+                 backends:\n      - {{ ip: 198.18.0.31, mac: 02:bb:00:00:00:31 }}\n"
+            );
+            let c = crate::config::Config::parse(&text, "t.yaml").unwrap();
+            c.validate("t.yaml").unwrap();
+            Arc::new(Services::compile(&c, b"secret", None))
+        };
+        let link = ControlLink::new(1, Arc::new(Snapshot::empty()));
+        link.publish_services(services("3"));
+        let mut watch = SingleRuleWatch::default();
+        watch.tick(&link, 1);
+        assert!(watch.unserved.is_empty(), "nobody serves at all yet");
+        let members = [Member::new(1, 100).unwrap(), Member::new(2, 100).unwrap()];
+        let table = OwnershipTable::build(2, &members).unwrap();
+        link.publish(Arc::new(crate::pipeline::stable_snapshot(&table)));
+        watch.tick(&link, 1);
+        assert_eq!(watch.unserved, ["dns"]);
+        // Nothing new: nothing looked at again.
+        watch.tick(&link, 1);
+        assert_eq!(watch.unserved, ["dns"]);
+        link.publish_services(services("3, 2"));
+        watch.tick(&link, 1);
+        assert!(watch.unserved.is_empty());
     }
 
     /// A node that reloaded to a file keeps its backends' ids where a node started on it numbers

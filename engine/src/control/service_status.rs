@@ -45,9 +45,10 @@ pub struct ServiceStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Taker {
-    /// This node (by id), the first of the rule's priority list that owns buckets.
+    /// That node (by id): the first of the rule's priority list that owns buckets.
     Node(u8),
-    /// No node of its priority list owns buckets: the rule's frames are dropped.
+    /// No node of its priority list (or none at all, without a list) owns buckets: the rule's
+    /// frames are dropped.
     Nobody,
 }
 
@@ -82,23 +83,6 @@ pub fn add_takers(status: &mut [ServiceStatus], services: &Services, serving: u6
             s.taken_by = Some(Taker::of(r, serving));
         }
     }
-}
-
-/// The nodes whose bits are set in `serving` (bit `id - 1`).
-pub fn serving_nodes(serving: u64) -> Vec<NodeId> {
-    (1..=64u8)
-        .filter(|id| serving & (1u64 << (id - 1)) != 0)
-        .filter_map(NodeId::new)
-        .collect()
-}
-
-/// Node ids as an operator lists them: `3,4`.
-pub fn node_list(nodes: &[NodeId]) -> String {
-    nodes
-        .iter()
-        .map(|n| n.get().to_string())
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// One backend of a [`ServiceStatus`].
@@ -314,11 +298,12 @@ pub fn services_table(services: &[ServiceStatus]) -> String {
         let taken = match s.taken_by {
             None => String::new(),
             Some(Taker::Node(n)) => format!(", taken by node {n}"),
-            Some(Taker::Nobody) => {
-                ", taken by NOBODY: no node of its priority list owns buckets, its frames \
-                 are dropped"
-                    .to_owned()
+            Some(Taker::Nobody) if s.priority.is_empty() => {
+                ", taken by NOBODY: no node serves, its frames are dropped".to_owned()
             }
+            Some(Taker::Nobody) => ", taken by NOBODY: no node of its priority list serves \
+                                    now, its frames are dropped"
+                .to_owned(),
         };
         let _ = writeln!(
             out,
