@@ -20,7 +20,7 @@ use crate::appliance::health::{spawn_checker, LocalVerdicts, Report};
 use crate::appliance::neighbours::Neighbours;
 use crate::appliance::Services;
 use crate::cluster::{Bucket, NodeId};
-use crate::config::{Loaded, Policy as ConfigPolicy};
+use crate::config::{Loaded, Policy as ConfigPolicy, RuleMode};
 use crate::control::operator::{Refused, Reply, Request};
 use crate::control::service_status;
 use crate::control::{
@@ -330,8 +330,21 @@ pub fn control_thread(
 struct SingleRuleWatch {
     /// The snapshot and services versions last looked at (none yet: `u64::MAX`).
     seen: (u64, u64),
-    /// The rules' names, as last logged.
-    unserved: Vec<String>,
+    /// The unserved rules as last logged: name and priority list.
+    unserved: Vec<(String, Vec<u8>)>,
+}
+
+/// What [`SingleRuleWatch`] logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SingleRuleChange {
+    /// Rule `name` with priority list `priority` is taken by no node while `serving` serve.
+    Unserved {
+        name: String,
+        priority: Vec<u8>,
+        serving: Vec<u8>,
+    },
+    /// Rule `name`, unserved before, is taken by node `node` now.
+    Taken { name: String, node: u8 },
 }
 
 impl Default for SingleRuleWatch {
@@ -351,29 +364,73 @@ impl SingleRuleWatch {
         }
         self.seen = versions;
         let services = link.services();
-        let serving = if services.has_single() {
-            link.snapshot.load().serving()
-        } else {
-            0
-        };
-        let unserved = service_status::unserved_single_rules(&services, serving);
-        for rule in unserved.iter().filter(|r| !self.unserved.contains(&r.name)) {
-            let priority: Vec<u8> = rule.priority.iter().map(|n| n.get()).collect();
-            tracing::warn!(
-                node = me,
-                service = %rule.name,
-                priority = %crate::control::node::ids_text(&priority),
-                serving = %crate::control::node::ids_text(&crate::control::node::ids_of(serving)),
-                "single rule taken by no node: none of its priority list serves now (down, \
-                 fenced, drained or not in the cluster), so every node drops its frames"
-            );
+        if !services.has_single() {
+            self.unserved.clear();
+            return;
         }
-        for name in self.unserved.iter() {
-            if !unserved.iter().any(|r| &r.name == name) {
-                tracing::info!(node = me, service = %name, "single rule taken by a node again");
+        let serving = link.snapshot.load().serving();
+        for change in self.changes(&services, serving) {
+            match change {
+                SingleRuleChange::Unserved {
+                    name,
+                    priority,
+                    serving,
+                } => tracing::warn!(
+                    node = me,
+                    service = %name,
+                    priority = %crate::control::node::ids_text(&priority),
+                    serving = %crate::control::node::ids_text(&serving),
+                    "single rule taken by no node: none of its priority list serves now (down, \
+                     fenced, drained or not in the cluster), so every node drops its frames; \
+                     list a serving node in its priority and reload"
+                ),
+                SingleRuleChange::Taken { name, node } => tracing::info!(
+                    node = me,
+                    service = %name,
+                    taken_by = node,
+                    "single rule taken by a node again"
+                ),
             }
         }
-        self.unserved = unserved.iter().map(|r| r.name.clone()).collect();
+    }
+
+    /// What changed since the last call, the nodes `serving` (bit `id - 1`) owning buckets
+    /// under `services`. While no node serves at all, nothing: every rule is untaken then,
+    /// not for its list, and what was logged stands.
+    fn changes(&mut self, services: &Services, serving: u64) -> Vec<SingleRuleChange> {
+        if serving == 0 {
+            return Vec::new();
+        }
+        let now: Vec<(String, Vec<u8>)> = service_status::unserved_single_rules(services, serving)
+            .into_iter()
+            .map(|r| (r.name.clone(), r.priority.iter().map(|n| n.get()).collect()))
+            .collect();
+        let mut out = Vec::new();
+        for (name, priority) in now.iter().filter(|u| !self.unserved.contains(u)) {
+            out.push(SingleRuleChange::Unserved {
+                name: name.clone(),
+                priority: priority.clone(),
+                serving: crate::control::node::ids_of(serving),
+            });
+        }
+        // Rules unserved before that a node takes now; not one a reload removed, renamed or
+        // made another mode.
+        for (name, _) in self.unserved.iter().filter(|u| !now.contains(u)) {
+            let rule = services
+                .rules()
+                .iter()
+                .find(|r| &r.name == name && r.mode == RuleMode::Single);
+            if let Some(service_status::Taker::Node(node)) =
+                rule.map(|r| service_status::Taker::of(r, serving))
+            {
+                out.push(SingleRuleChange::Taken {
+                    name: name.clone(),
+                    node,
+                });
+            }
+        }
+        self.unserved = now;
+        out
     }
 }
 
@@ -1099,40 +1156,81 @@ mod tests {
         assert_eq!(b.permille(t3, 9_000_000_000, 2), 0);
     }
 
-    /// A `single` rule whose priority list names no node that serves is noticed once a
-    /// snapshot makes other nodes serve, and no longer once a `reload` names one of them; while
-    /// no node serves at all, no rule is singled out.
+    /// A `single` rule whose priority list names no node that serves is noticed once other
+    /// nodes serve, again under another list, and said taken once a `reload` names a serving
+    /// node; not while no node serves at all, nor for a rule a reload removed; and the watch
+    /// looks again only after a new snapshot or new services.
     #[test]
-    fn a_single_rule_nobody_takes_is_noticed_after_a_snapshot_and_cleared_by_a_reload() {
+    fn a_single_rule_nobody_takes_is_noticed_and_said_taken_again() {
         use crate::cluster::{Member, OwnershipTable};
         use crate::control::Snapshot;
-        let services = |priority: &str| {
+        use SingleRuleChange::{Taken, Unserved};
+        let services = |name: &str, priority: &str| {
             let text = crate::config::tests::LAB.replace(
                 "  mac: 02:00:00:00:00:01\n",
                 "  mac: 02:00:00:00:00:01\n  ip: 198.18.0.11\n",
             ) + &format!(
-                "services:\n  - name: dns\n    addresses: [198.18.0.100]\n    protocol: udp\n    \
-                 ports: [53]\n    mode: single\n    priority: [{priority}]\n    delivery: dsr\n    \
-                 backends:\n      - {{ ip: 198.18.0.31, mac: 02:bb:00:00:00:31 }}\n"
+                "services:\n  - name: {name}\n    addresses: [198.18.0.100]\n    protocol: \
+                 udp\n    ports: [53]\n    mode: single\n    priority: [{priority}]\n    \
+                 delivery: dsr\n    backends:\n      - {{ ip: 198.18.0.31, mac: \
+                 02:bb:00:00:00:31 }}\n"
             );
             let c = crate::config::Config::parse(&text, "t.yaml").unwrap();
             c.validate("t.yaml").unwrap();
-            Arc::new(Services::compile(&c, b"secret", None))
+            Services::compile(&c, b"secret", None)
         };
+        let unserved = |priority: &[u8]| Unserved {
+            name: "dns".to_owned(),
+            priority: priority.to_vec(),
+            serving: vec![1, 2],
+        };
+        let (one_two, nobody) = (0b11, 0);
+        let mut watch = SingleRuleWatch::default();
+        assert_eq!(watch.changes(&services("dns", "3"), nobody), []);
+        assert_eq!(
+            watch.changes(&services("dns", "3"), one_two),
+            [unserved(&[3])]
+        );
+        assert_eq!(watch.changes(&services("dns", "3"), one_two), []);
+        // Every node gone: nothing said, nothing forgotten.
+        assert_eq!(watch.changes(&services("dns", "3"), nobody), []);
+        assert_eq!(watch.changes(&services("dns", "3"), one_two), []);
+        // Another list nobody serves either: said again.
+        assert_eq!(
+            watch.changes(&services("dns", "4"), one_two),
+            [unserved(&[4])]
+        );
+        assert_eq!(
+            watch.changes(&services("dns", "4, 2"), one_two),
+            [Taken {
+                name: "dns".to_owned(),
+                node: 2
+            }]
+        );
+        // A rule a reload took away is not said taken.
+        assert_eq!(
+            watch.changes(&services("dns", "3"), one_two),
+            [unserved(&[3])]
+        );
+        assert_eq!(watch.changes(&services("ntp", "1"), one_two), []);
+
+        // The link: looked at after a new snapshot or new services only.
         let link = ControlLink::new(1, Arc::new(Snapshot::empty()));
-        link.publish_services(services("3"));
+        link.publish_services(Arc::new(services("dns", "3")));
         let mut watch = SingleRuleWatch::default();
         watch.tick(&link, 1);
         assert!(watch.unserved.is_empty(), "nobody serves at all yet");
         let members = [Member::new(1, 100).unwrap(), Member::new(2, 100).unwrap()];
         let table = OwnershipTable::build(2, &members).unwrap();
-        link.publish(Arc::new(crate::pipeline::stable_snapshot(&table)));
+        let serving = Arc::new(crate::pipeline::stable_snapshot(&table));
+        // Stored without a new version: not looked at.
+        link.snapshot.store(Arc::clone(&serving));
         watch.tick(&link, 1);
-        assert_eq!(watch.unserved, ["dns"]);
-        // Nothing new: nothing looked at again.
+        assert!(watch.unserved.is_empty());
+        link.publish(serving);
         watch.tick(&link, 1);
-        assert_eq!(watch.unserved, ["dns"]);
-        link.publish_services(services("3, 2"));
+        assert_eq!(watch.unserved, [("dns".to_owned(), vec![3])]);
+        link.publish_services(Arc::new(services("dns", "3, 2")));
         watch.tick(&link, 1);
         assert!(watch.unserved.is_empty());
     }

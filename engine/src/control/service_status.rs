@@ -45,7 +45,8 @@ pub struct ServiceStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Taker {
-    /// That node (by id): the first of the rule's priority list that owns buckets.
+    /// That node (by id): the first of the rule's priority list that owns buckets (without a
+    /// list, the serving node of the lowest id).
     Node(u8),
     /// No node of its priority list (or none at all, without a list) owns buckets: the rule's
     /// frames are dropped.
