@@ -850,6 +850,8 @@ fn control_network_cut_while_wire_works() {
             .node(id)
             .fence_reasons()
             .contains(FenceReasons::HEARS_NO_PEER_ON_WIRE));
+        // A fence over what the wire carries: its flows stay its for its return.
+        assert!(!sim.node(id).snapshot().outage());
     }
     assert!(!sim.node(1).fenced() && sim.node(1).wire_deaf());
     sim.cut[Path::Wire.index()] = false;
@@ -1246,8 +1248,11 @@ fn a_node_cut_off_both_networks_takes_nothing_back_when_it_returns() {
     sim.partition(&[(1, 0), (2, 0), (3, 1)]);
     sim.input(3, |m, now, out| m.set_wire_link(false, now, out));
     sim.run_until(8 * SEC);
-    // Its side owns nothing (it cannot receive anyway); the others own everything.
+    // Its side owns nothing (it cannot receive anyway); the others own everything. Its cores
+    // forget its flows: the others deliver them now.
     assert_eq!(sim.node(3).snapshot().accepting_count(n(3)), 0);
+    assert!(sim.node(3).snapshot().outage());
+    assert!(!sim.node(1).snapshot().outage() && !sim.node(2).snapshot().outage());
     let others: u32 = [1, 2]
         .iter()
         .map(|&i| sim.node(i).snapshot().accepting_count(n(i)))
@@ -1261,6 +1266,7 @@ fn a_node_cut_off_both_networks_takes_nothing_back_when_it_returns() {
     for id in 1..=3 {
         assert!((share(&c, id) - 1.0 / 3.0).abs() < 0.01, "{c:?}");
     }
+    assert!(!sim.node(3).snapshot().outage());
 }
 
 const FAILING: Verdict = Verdict {

@@ -41,6 +41,13 @@ impl FenceReasons {
         self.0 == 0
     }
 
+    /// Whether a reason is this node's own data path ([`FenceReasons::LINK_DOWN`],
+    /// [`FenceReasons::CORE_STALLED`]): nothing it could deliver meanwhile, its peers took
+    /// its flows (see `Snapshot::outage`).
+    pub fn outage(self) -> bool {
+        self.0 & (FenceReasons::LINK_DOWN.0 | FenceReasons::CORE_STALLED.0) != 0
+    }
+
     /// Whether every reason of `other` (a nonempty set) is in this set.
     pub fn contains(self, other: FenceReasons) -> bool {
         other.0 != 0 && self.0 & other.0 == other.0

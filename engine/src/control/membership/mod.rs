@@ -474,7 +474,7 @@ pub struct Membership {
     cur: Option<Current>,
     max_epoch_seen: u64,
     snapshot: Arc<Snapshot>,
-    snap_key: Option<(PlanId, Phase, u64, bool, u64)>,
+    snap_key: Option<(PlanId, Phase, u64, bool, u64, bool)>,
     /// (plan, buckets released with flows left) from the last `report_flows`.
     report: Option<(PlanId, u32)>,
     coord: Coord,

@@ -63,8 +63,9 @@ impl Membership {
     }
 
     /// What the published snapshot is built from: the plan, its phase, the dead members,
-    /// whether this node owns nothing, and the obligations' generation (None: no plan yet).
-    fn snapshot_key(&self, owns_nothing: bool) -> Option<(PlanId, Phase, u64, bool, u64)> {
+    /// whether this node owns nothing, the obligations' generation, and whether this node is
+    /// fenced for its own data path (None: no plan yet).
+    fn snapshot_key(&self, owns_nothing: bool) -> Option<(PlanId, Phase, u64, bool, u64, bool)> {
         let c = self.cur.as_ref()?;
         Some((
             c.plan.id,
@@ -72,6 +73,7 @@ impl Membership {
             self.dead_members(),
             owns_nothing,
             self.linger.generation,
+            self.fenced && self.fence_causes.outage(),
         ))
     }
 
@@ -128,7 +130,7 @@ impl Membership {
             out.push(Output::Event(Event::TakeOver { dead: peers_dead }));
         }
         self.snap_key = Some(key);
-        let snap = self.obligations(snap.with_dead(dead));
+        let snap = self.obligations(snap.with_dead(dead)).with_outage(key.5);
         // The same plan and tables, but this node owns nothing in them.
         let snap = if owns_nothing {
             snap.without(self.cfg.me)

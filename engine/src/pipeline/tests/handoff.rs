@@ -396,6 +396,44 @@ fn a_long_flow_outlives_its_handoff_until_it_ends_or_its_node_dies() {
     assert_eq!(h.nodes[1].from_wire(&mut f, len, t + 4), Action::Deliver);
 }
 
+/// DESIGN.md, "Liveness": a node fenced for its own data path (no link, a stalled core) takes
+/// nothing, and its peers take its buckets as owners and deliver every packet of its flows;
+/// it forgets its own flows rather than deliver them too when the path comes back (both
+/// delivering, for as long as the flows lived, even after it rejoined). A node fenced over
+/// what the wire carries (it hears no peer there) keeps them: that fence can be short, and its
+/// connections go on when it lifts.
+#[test]
+fn a_node_fenced_for_its_data_path_delivers_none_of_its_flows() {
+    for outage in [true, false] {
+        let mut h = Handoff::new(&[1, 2], &[1, 2]);
+        let port = h.moving_ports(1, 1, 1)[0];
+        assert_eq!(h.send(port, 0x02, 1), vec![1]);
+        assert_eq!(h.send(port, 0x10, 2), vec![1]);
+        // A UDP flow of node 1's (its bucket is not the TCP port's: the protocol is in the
+        // key).
+        let udp = (20_000u16..30_000)
+            .find(|&p| h.send_udp(p, 2) == vec![1])
+            .unwrap();
+        // Node 1 fences: its snapshot has itself dead and owning nothing; node 2 finds it dead
+        // and owns everything.
+        let me = NodeId::new(1).unwrap();
+        let fenced = stable_snapshot(&h.from)
+            .with_dead(0b01)
+            .without(me)
+            .with_outage(outage);
+        h.nodes[0].set_snapshot(Arc::new(fenced));
+        let alone = OwnershipTable::build(3, &[Member::new(2, 100).unwrap()]).unwrap();
+        h.nodes[1].set_snapshot(Arc::new(stable_snapshot(&alone).with_dead(0b01)));
+        if outage {
+            assert_eq!(h.send(port, 0x18, 3), vec![2], "the stand-in alone");
+            assert_eq!(h.send_udp(udp, 3), vec![2], "the stand-in alone");
+            assert!(h.nodes[0].flows().is_empty(), "nothing left for its return");
+        } else {
+            assert_eq!(h.nodes[0].flows().len(), 2, "kept for its return");
+        }
+    }
+}
+
 /// Clients reuse a source port soon after a connection closed. During a handoff the old
 /// owner still holds the ended connection in its table (and the new owner may have learned
 /// it): the SYN on the reused 4-tuple is a new flow, taken by the new owner alone, and no
