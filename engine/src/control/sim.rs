@@ -851,7 +851,7 @@ fn control_network_cut_while_wire_works() {
             .fence_reasons()
             .contains(FenceReasons::HEARS_NO_PEER_ON_WIRE));
         // A fence over what the wire carries: its flows stay its for its return.
-        assert!(!sim.node(id).snapshot().outage());
+        assert!(!sim.node(id).snapshot().cuts(n(id)));
     }
     assert!(!sim.node(1).fenced() && sim.node(1).wire_deaf());
     sim.cut[Path::Wire.index()] = false;
@@ -1251,8 +1251,8 @@ fn a_node_cut_off_both_networks_takes_nothing_back_when_it_returns() {
     // Its side owns nothing (it cannot receive anyway); the others own everything. Its cores
     // forget its flows: the others deliver them now.
     assert_eq!(sim.node(3).snapshot().accepting_count(n(3)), 0);
-    assert!(sim.node(3).snapshot().outage());
-    assert!(!sim.node(1).snapshot().outage() && !sim.node(2).snapshot().outage());
+    assert!(sim.node(3).snapshot().cuts(n(3)));
+    assert!(!sim.node(1).snapshot().cuts(n(1)) && !sim.node(2).snapshot().cuts(n(2)));
     let others: u32 = [1, 2]
         .iter()
         .map(|&i| sim.node(i).snapshot().accepting_count(n(i)))
@@ -1266,7 +1266,46 @@ fn a_node_cut_off_both_networks_takes_nothing_back_when_it_returns() {
     for id in 1..=3 {
         assert!((share(&c, id) - 1.0 / 3.0).abs() < 0.01, "{c:?}");
     }
-    assert!(!sim.node(3).snapshot().outage());
+    assert!(!sim.node(3).snapshot().cuts(n(3)));
+}
+
+/// A node fenced over the wire (it hears no peer there) whose link then goes down: from then
+/// on its peers stand in for its own data path and its snapshot cuts its flows (each is left to
+/// them when seen) until it owns buckets again; a node alone, whom nobody can stand in for,
+/// keeps its flows through its own outage.
+#[test]
+fn a_link_lost_while_fenced_leaves_the_flows_to_the_stand_ins_but_not_when_alone() {
+    let mut sim = cluster(93, &[1, 2, 3]);
+    sim.run_until(3 * SEC);
+    sim.assert_converged();
+    sim.cut[Path::Wire.index()] = true;
+    sim.run_until(8 * SEC);
+    assert!(sim
+        .node(2)
+        .fence_reasons()
+        .contains(FenceReasons::HEARS_NO_PEER_ON_WIRE));
+    assert!(
+        !sim.node(2).snapshot().cuts(n(2)),
+        "a wire fence cuts nothing"
+    );
+    sim.input(2, |m, now, out| m.set_wire_link(false, now, out));
+    sim.run_until(9 * SEC);
+    assert!(sim.node(2).snapshot().cuts(n(2)));
+    sim.cut[Path::Wire.index()] = false;
+    sim.input(2, |m, now, out| m.set_wire_link(true, now, out));
+    sim.run_until(25 * SEC);
+    let c = sim.assert_converged();
+    for id in 1..=3 {
+        assert!((share(&c, id) - 1.0 / 3.0).abs() < 0.01, "{c:?}");
+        assert!(!sim.node(id).snapshot().cuts(n(id)));
+    }
+
+    let mut alone = cluster(94, &[1]);
+    alone.run_until(3 * SEC);
+    alone.input(1, |m, now, out| m.set_wire_link(false, now, out));
+    alone.run_until(4 * SEC);
+    assert!(alone.node(1).fenced());
+    assert!(!alone.node(1).snapshot().cuts(n(1)), "nobody stands in");
 }
 
 const FAILING: Verdict = Verdict {

@@ -43,10 +43,9 @@ pub struct Snapshot {
     held: Vec<Bucket>,
     /// Nodes whose released flows ended by a drain's deadline (bit `id - 1`), this node
     /// included: it serves none of them any more, and the others forget what they learned.
+    /// This node's own bit also while its peers stand in for it after an outage of its data
+    /// path (see `Membership`'s "Fencing"): the flows of its table are theirs then.
     cut: u64,
-    /// This node is fenced for its own data path (no link, a stalled core): its peers took its
-    /// buckets and serve its flows, so its cores forget them (see [`Snapshot::outage`]).
-    outage: bool,
 }
 
 impl Snapshot {
@@ -64,7 +63,6 @@ impl Snapshot {
             owed: None,
             held: Vec::new(),
             cut: 0,
-            outage: false,
         }
     }
 
@@ -114,25 +112,7 @@ impl Snapshot {
             owed: None,
             held: Vec::new(),
             cut: 0,
-            outage: false,
         }
-    }
-
-    /// The same snapshot, saying whether this node is fenced for its own data path.
-    pub(crate) fn with_outage(mut self, outage: bool) -> Snapshot {
-        self.outage = outage;
-        self
-    }
-
-    /// Whether this node is fenced for an outage of its own data path (its wire link down, a
-    /// packet core stalled; DESIGN.md "Liveness"): its peers took its buckets at once and
-    /// deliver every packet of its flows, which it missed meanwhile. Its cores forget its own
-    /// flows when this begins, so that when the path comes back it does not deliver them as
-    /// well (in appliance mode, every packet to its backend twice, for as long as they live).
-    /// Not for a fence over what the wire carries (a node that hears no peer there, or that
-    /// no peer hears): those can be short, and its flows stay its for its return.
-    pub fn outage(&self) -> bool {
-        self.outage
     }
 
     /// The same snapshot, saying which plan members were found dead (bit `id - 1`).

@@ -160,12 +160,6 @@ impl Pipeline {
                 _ => false,
             });
         }
-        // This node fenced itself for its own data path: its peers took its buckets and
-        // deliver every packet of its flows. It forgets them rather than deliver them too when
-        // the path comes back (for as long as they lived, even after it rejoined).
-        if snapshot.outage() && !self.snapshot.outage() {
-            self.flows.clear();
-        }
         if self.services.has_single() {
             self.serving = serving(&snapshot);
         }

@@ -43,7 +43,7 @@ impl FenceReasons {
 
     /// Whether a reason is this node's own data path ([`FenceReasons::LINK_DOWN`],
     /// [`FenceReasons::CORE_STALLED`]): nothing it could deliver meanwhile, its peers took
-    /// its flows (see `Snapshot::outage`).
+    /// its flows (see `Membership::refresh`).
     pub fn outage(self) -> bool {
         self.0 & (FenceReasons::LINK_DOWN.0 | FenceReasons::CORE_STALLED.0) != 0
     }
@@ -129,6 +129,14 @@ impl Membership {
         }
         self.fence_causes
             .with(FenceReasons::SETTLING, self.fence_causes.is_empty())
+    }
+
+    /// Whether some live peer, not fenced itself, can take this node's buckets.
+    pub(super) fn a_peer_stands_in(&self) -> bool {
+        self.peers
+            .iter()
+            .flatten()
+            .any(|p| p.alive && p.hb.is_some_and(|h| !h.fenced))
     }
 
     /// Whether this node, unfenced, still owns nothing because a live peer has not yet said

@@ -316,7 +316,12 @@ impl Membership {
         } else {
             self.linger.held.keys().map(|&b| Bucket(b)).collect()
         };
-        let cut = self.linger.forgot | if self.linger.cut { bit(self.cfg.me) } else { 0 };
+        // This node's own flows end at its drain's deadline; and while its peers stand in for
+        // it after an outage of its data path, its flows are theirs: each is forgotten when
+        // seen (its packet, which the peers deliver, is not delivered again here), and one
+        // that stays quiet until it owns buckets again is still its own then.
+        let mine = self.linger.cut || self.stood_in;
+        let cut = self.linger.forgot | if mine { bit(self.cfg.me) } else { 0 };
         snap.with_obligations(owed, held, cut)
     }
 }

@@ -468,6 +468,9 @@ pub struct Membership {
     last_wire_report: (u64, bool, u64),
     /// Fenced: this node owns nothing and coordinates nothing (announced in heartbeats).
     fenced: bool,
+    /// Peers stand in for this node after an outage of its own data path, from its fence
+    /// until it owns buckets again (see `refresh`).
+    stood_in: bool,
     weight: Weight,
     load: Load,
     peers: Vec<Option<Peer>>,
@@ -513,6 +516,7 @@ impl Membership {
             fence_causes: FenceReasons::NONE,
             last_wire_report: (0, false, 0),
             fenced: false,
+            stood_in: false,
             load: Load::default(),
             peers: vec![None; 64],
             cur: None,

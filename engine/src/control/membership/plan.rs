@@ -63,8 +63,8 @@ impl Membership {
     }
 
     /// What the published snapshot is built from: the plan, its phase, the dead members,
-    /// whether this node owns nothing, the obligations' generation, and whether this node is
-    /// fenced for its own data path (None: no plan yet).
+    /// whether this node owns nothing, the obligations' generation, and whether peers stand in
+    /// for this node after an outage of its data path (None: no plan yet).
     fn snapshot_key(&self, owns_nothing: bool) -> Option<(PlanId, Phase, u64, bool, u64, bool)> {
         let c = self.cur.as_ref()?;
         Some((
@@ -73,7 +73,7 @@ impl Membership {
             self.dead_members(),
             owns_nothing,
             self.linger.generation,
-            self.fenced && self.fence_causes.outage(),
+            self.stood_in,
         ))
     }
 
@@ -81,6 +81,15 @@ impl Membership {
     pub(super) fn refresh(&mut self, _now: u64, out: &mut Vec<Output>) {
         // Fenced, or waiting for a peer to stop standing in for it: it owns nothing.
         let owns_nothing = self.fenced || self.withholding();
+        // Fenced for its own data path while a peer can stand in: the peers take its buckets
+        // at once and serve the flows they see; until it owns buckets again, the flows of its
+        // table are theirs when seen (see `obligations`).
+        if self.fenced && self.fence_causes.outage() && self.a_peer_stands_in() {
+            self.stood_in = true;
+        }
+        if !owns_nothing {
+            self.stood_in = false;
+        }
         let Some(key) = self.snapshot_key(owns_nothing) else {
             return;
         };
@@ -130,7 +139,7 @@ impl Membership {
             out.push(Output::Event(Event::TakeOver { dead: peers_dead }));
         }
         self.snap_key = Some(key);
-        let snap = self.obligations(snap.with_dead(dead)).with_outage(key.5);
+        let snap = self.obligations(snap.with_dead(dead));
         // The same plan and tables, but this node owns nothing in them.
         let snap = if owns_nothing {
             snap.without(self.cfg.me)
