@@ -62,6 +62,16 @@ impl Membership {
         Some(t)
     }
 
+    /// Whether the plan in force is one this node is a member of, past its learning phase: its
+    /// peers no longer own its buckets outright.
+    fn taken_back(&self) -> bool {
+        let me = self.cfg.me;
+        self.cur
+            .as_ref()
+            .is_some_and(|c| c.plan.phase as u8 >= Phase::Release as u8)
+            && self.eff_members().iter().any(|m| m.id == me)
+    }
+
     /// What the published snapshot is built from: the plan, its phase, the dead members,
     /// whether this node owns nothing, the obligations' generation, and whether peers stand in
     /// for this node after an outage of its data path (None: no plan yet).
@@ -82,12 +92,14 @@ impl Membership {
         // Fenced, or waiting for a peer to stop standing in for it: it owns nothing.
         let owns_nothing = self.fenced || self.withholding();
         // Fenced for its own data path while a peer can stand in: the peers take its buckets
-        // at once and serve the flows they see; until it owns buckets again, the flows of its
-        // table are theirs when seen (see `obligations`).
+        // at once and serve every flow they see, and go on as owners, through the plan that
+        // leaves it out and the first phase of the one that takes it back. Until that plan
+        // releases buckets to it (from then on no peer takes an unknown flow of them), the
+        // flows of its table are theirs when seen (see `obligations`).
         if self.fenced && self.fence_causes.outage() && self.a_peer_stands_in() {
             self.stood_in = true;
         }
-        if !owns_nothing {
+        if self.stood_in && !owns_nothing && self.taken_back() {
             self.stood_in = false;
         }
         let Some(key) = self.snapshot_key(owns_nothing) else {
