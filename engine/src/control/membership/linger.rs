@@ -319,7 +319,8 @@ impl Membership {
         // This node's own flows end at its drain's deadline; and while its peers stand in for
         // it after an outage of its data path, its flows are theirs: each is forgotten when
         // seen (its packet, which the peers deliver, is not delivered again here), and one
-        // that stays quiet until it owns buckets again is still its own then.
+        // that stays quiet until the plan that takes it back releases buckets to it is still
+        // its own then.
         let mine = self.linger.cut || self.stood_in;
         let cut = self.linger.forgot | if mine { bit(self.cfg.me) } else { 0 };
         snap.with_obligations(owed, held, cut)

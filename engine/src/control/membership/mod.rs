@@ -52,7 +52,10 @@
 //!   there. After a data path outage (link, cores) it stays fenced for `dead_after` intervals,
 //!   so that it hears the cluster's current plan before it owns anything again (a node cut off
 //!   both networks believes every peer dead; unfenced at once, it would deliver their flows
-//!   until their plan reached it). It then rejoins through a normal plan.
+//!   until their plan reached it). It then rejoins through a normal plan. After such an outage,
+//!   while a peer stood in for it, its own flows are the stand-ins' until that plan is past its
+//!   learning phase: its snapshot cuts them, each forgotten when seen (a quiet one stays its
+//!   own). A fence over what the wire carries leaves its flows its own: it may be short.
 //! - **Withholding**: a node owns nothing while a live peer's newest heartbeat leaves it out
 //!   of that peer's `serving` set (the peer finds it dead or fenced, so it may stand in for
 //!   it). A fenced node lifts its fence only once every live peer's newest heartbeat leaves it
@@ -468,8 +471,8 @@ pub struct Membership {
     last_wire_report: (u64, bool, u64),
     /// Fenced: this node owns nothing and coordinates nothing (announced in heartbeats).
     fenced: bool,
-    /// Peers stand in for this node after an outage of its own data path, from its fence
-    /// until it owns buckets again (see `refresh`).
+    /// Peers stand in for this node after an outage of its own data path: from its fence
+    /// until the plan that takes it back is past its learning phase (see `refresh`).
     stood_in: bool,
     weight: Weight,
     load: Load,
