@@ -20,9 +20,9 @@ use crate::appliance::health::{spawn_checker, LocalVerdicts, Report};
 use crate::appliance::neighbours::Neighbours;
 use crate::appliance::Services;
 use crate::cluster::{Bucket, NodeId};
-use crate::config::{Loaded, Policy as ConfigPolicy, RuleMode};
+use crate::config::{Loaded, Policy as ConfigPolicy};
 use crate::control::operator::{Refused, Reply, Request};
-use crate::control::service_status;
+use crate::control::service_status::{self, SingleRuleChange, UnservedRules};
 use crate::control::{
     self, Event, Load, Membership, Node, Output, Path, Refusal, Timeline, Verdict,
 };
@@ -330,28 +330,15 @@ pub fn control_thread(
 struct SingleRuleWatch {
     /// The snapshot and services versions last looked at (none yet: `u64::MAX`).
     seen: (u64, u64),
-    /// The unserved rules as last logged: name and priority list.
-    unserved: Vec<(String, Vec<u8>)>,
-}
-
-/// What [`SingleRuleWatch`] logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum SingleRuleChange {
-    /// Rule `name` with priority list `priority` is taken by no node while `serving` serve.
-    Unserved {
-        name: String,
-        priority: Vec<u8>,
-        serving: Vec<u8>,
-    },
-    /// Rule `name`, unserved before, is taken by node `node` now.
-    Taken { name: String, node: u8 },
+    /// The unserved rules as last logged.
+    unserved: UnservedRules,
 }
 
 impl Default for SingleRuleWatch {
     fn default() -> SingleRuleWatch {
         SingleRuleWatch {
             seen: (u64::MAX, u64::MAX),
-            unserved: Vec::new(),
+            unserved: UnservedRules::default(),
         }
     }
 }
@@ -365,11 +352,11 @@ impl SingleRuleWatch {
         self.seen = versions;
         let services = link.services();
         if !services.has_single() {
-            self.unserved.clear();
+            self.unserved = UnservedRules::default();
             return;
         }
         let serving = link.snapshot.load().serving();
-        for change in self.changes(&services, serving) {
+        for change in self.unserved.changes(&services, serving) {
             match change {
                 SingleRuleChange::Unserved {
                     name,
@@ -392,45 +379,6 @@ impl SingleRuleWatch {
                 ),
             }
         }
-    }
-
-    /// What changed since the last call, the nodes `serving` (bit `id - 1`) owning buckets
-    /// under `services`. While no node serves at all, nothing: every rule is untaken then,
-    /// not for its list, and what was logged stands.
-    fn changes(&mut self, services: &Services, serving: u64) -> Vec<SingleRuleChange> {
-        if serving == 0 {
-            return Vec::new();
-        }
-        let now: Vec<(String, Vec<u8>)> = service_status::unserved_single_rules(services, serving)
-            .into_iter()
-            .map(|r| (r.name.clone(), r.priority.iter().map(|n| n.get()).collect()))
-            .collect();
-        let mut out = Vec::new();
-        for (name, priority) in now.iter().filter(|u| !self.unserved.contains(u)) {
-            out.push(SingleRuleChange::Unserved {
-                name: name.clone(),
-                priority: priority.clone(),
-                serving: crate::control::node::ids_of(serving),
-            });
-        }
-        // Rules unserved before that a node takes now; not one a reload removed, renamed or
-        // made another mode.
-        for (name, _) in self.unserved.iter().filter(|u| !now.contains(u)) {
-            let rule = services
-                .rules()
-                .iter()
-                .find(|r| &r.name == name && r.mode == RuleMode::Single);
-            if let Some(service_status::Taker::Node(node)) =
-                rule.map(|r| service_status::Taker::of(r, serving))
-            {
-                out.push(SingleRuleChange::Taken {
-                    name: name.clone(),
-                    node,
-                });
-            }
-        }
-        self.unserved = now;
-        out
     }
 }
 
@@ -1185,7 +1133,7 @@ mod tests {
             serving: vec![1, 2],
         };
         let (one_two, nobody) = (0b11, 0);
-        let mut watch = SingleRuleWatch::default();
+        let mut watch = UnservedRules::default();
         assert_eq!(watch.changes(&services("dns", "3"), nobody), []);
         assert_eq!(
             watch.changes(&services("dns", "3"), one_two),
@@ -1219,20 +1167,20 @@ mod tests {
         link.publish_services(Arc::new(services("dns", "3")));
         let mut watch = SingleRuleWatch::default();
         watch.tick(&link, 1);
-        assert!(watch.unserved.is_empty(), "nobody serves at all yet");
+        assert!(watch.unserved.rules.is_empty(), "nobody serves at all yet");
         let members = [Member::new(1, 100).unwrap(), Member::new(2, 100).unwrap()];
         let table = OwnershipTable::build(2, &members).unwrap();
         let serving = Arc::new(crate::pipeline::stable_snapshot(&table));
         // Stored without a new version: not looked at.
         link.snapshot.store(Arc::clone(&serving));
         watch.tick(&link, 1);
-        assert!(watch.unserved.is_empty());
+        assert!(watch.unserved.rules.is_empty());
         link.publish(serving);
         watch.tick(&link, 1);
-        assert_eq!(watch.unserved, [("dns".to_owned(), vec![3])]);
+        assert_eq!(watch.unserved.rules, [("dns".to_owned(), vec![3])]);
         link.publish_services(Arc::new(services("dns", "3, 2")));
         watch.tick(&link, 1);
-        assert!(watch.unserved.is_empty());
+        assert!(watch.unserved.rules.is_empty());
     }
 
     /// A node that reloaded to a file keeps its backends' ids where a node started on it numbers

@@ -76,6 +76,65 @@ pub fn unserved_single_rules(services: &Services, serving: u64) -> Vec<&crate::a
         .collect()
 }
 
+/// What [`UnservedRules::changes`] finds for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SingleRuleChange {
+    /// Rule `name` with priority list `priority` is taken by no node while `serving` serve.
+    Unserved {
+        name: String,
+        priority: Vec<u8>,
+        serving: Vec<u8>,
+    },
+    /// Rule `name`, unserved before, is taken by node `node` now.
+    Taken { name: String, node: u8 },
+}
+
+/// The `single` rules no node takes, as last logged: each with its priority list (another
+/// unserved list is news again).
+#[derive(Debug, Clone, Default)]
+pub struct UnservedRules {
+    pub(crate) rules: Vec<(String, Vec<u8>)>,
+}
+
+impl UnservedRules {
+    /// What changed since the last call, the nodes `serving` (bit `id - 1`) owning buckets
+    /// under `services`. While no node serves at all, nothing: every rule is untaken then,
+    /// not for its list, and what was logged stands.
+    pub fn changes(&mut self, services: &Services, serving: u64) -> Vec<SingleRuleChange> {
+        if serving == 0 {
+            return Vec::new();
+        }
+        let now: Vec<(String, Vec<u8>)> = unserved_single_rules(services, serving)
+            .into_iter()
+            .map(|r| (r.name.clone(), r.priority.iter().map(|n| n.get()).collect()))
+            .collect();
+        let mut out = Vec::new();
+        for (name, priority) in now.iter().filter(|u| !self.rules.contains(u)) {
+            out.push(SingleRuleChange::Unserved {
+                name: name.clone(),
+                priority: priority.clone(),
+                serving: super::node::ids_of(serving),
+            });
+        }
+        // Rules unserved before that a node takes now; not one a reload removed, renamed or
+        // made another mode.
+        for (name, _) in self.rules.iter().filter(|u| !now.contains(u)) {
+            let rule = services
+                .rules()
+                .iter()
+                .find(|r| &r.name == name && r.mode == RuleMode::Single);
+            if let Some(Taker::Node(node)) = rule.map(|r| Taker::of(r, serving)) {
+                out.push(SingleRuleChange::Taken {
+                    name: name.clone(),
+                    node,
+                });
+            }
+        }
+        self.rules = now;
+        out
+    }
+}
+
 /// Fills in who takes each `single` rule of `status` (the rules of `services`, in order)
 /// while the nodes `serving` own buckets.
 pub fn add_takers(status: &mut [ServiceStatus], services: &Services, serving: u64) {
