@@ -28,6 +28,19 @@ while off + 16 <= len(data):
     open(os.path.join(out, 'decision', 'a%05d' % n), 'wb').write(b'\xc0' + frame)
     off += 16 + incl
     n += 1
+# And a UDP datagram without DF, with an option, too big for the fuzz services' GUE tunnel
+# (198.18.0.2 port 53, mtu 1280): the decision cuts it into pieces.
+def csum(b):
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+udp = struct.pack('!HHHH', 40000, 53, 8 + 1400, 0) + bytes(range(256)) * 5 + bytes(120)
+ip = struct.pack('!BBHHHBBH4s4s', 0x46, 0, 24 + len(udp), 7, 0, 64, 17, 0,
+                 bytes([198, 18, 7, 1]), bytes([198, 18, 0, 2])) + bytes([130, 3, 0, 0])
+ip = ip[:10] + struct.pack('!H', csum(ip)) + ip[12:]
+frame = bytes.fromhex('02cc00000001' '020000000064' '0800') + ip + udp
+open(os.path.join(out, 'decision', 'cut'), 'wb').write(b'\xc0' + frame)
 PY
 for target in wire_parsers parse_l2_l4 decision; do
   echo "fuzz: $target for ${seconds}s" >&2

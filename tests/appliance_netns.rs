@@ -488,7 +488,9 @@ fn an_appliance_that_joins_under_load_loses_no_connection() {
 
 /// GUE and IP-in-IP leave the appliance well formed, checked frame by frame in a capture on a
 /// backend's port (this kernel has neither FOU nor IPIP to decapsulate them: LAB.md) by the
-/// lab's own check ([`clonecluster_lab::encap_check`], which the appliance lab runs too).
+/// lab's own check ([`clonecluster_lab::encap_check`], which the appliance lab runs too); a
+/// segment without DF too big for the tunnel arrives as IPv4 fragments, one per outer packet,
+/// that join into it again.
 #[test]
 fn gue_and_ipip_frames_reach_the_backend_well_formed() {
     require_root();
@@ -499,7 +501,16 @@ fn gue_and_ipip_frames_reach_the_backend_well_formed() {
     let capture = lab.dir.path().join("backend1.pcap");
     let backend = lab.topo.backend(1).unwrap();
     let mut tcpdump = backend
-        .command(&["tcpdump", "-i", "eth0", "-U", "-n", "-w"])
+        // Each frame written as it comes (the last ones come just before the capture stops).
+        .command(&[
+            "tcpdump",
+            "-i",
+            "eth0",
+            "--immediate-mode",
+            "-U",
+            "-n",
+            "-w",
+        ])
         .arg(&capture)
         .args([format!("ip proto 4 or udp port {}", applab_encap::GUE_PORT)])
         .stdout(Stdio::null())
@@ -534,14 +545,106 @@ fn gue_and_ipip_frames_reach_the_backend_well_formed() {
             ])
             .output();
     }
+    // A full-size TCP segment without DF to each service, which its tunnel cannot carry whole
+    // (1500 bytes and the outer headers over a path of 1500): the appliance cuts it into
+    // fragments, each encapsulated on its own. A raw socket sends it: the client's TCP would
+    // set DF, and no connection gets far enough to send data with nothing behind the tunnels.
+    for port in [
+        applab_encap::GUE_SERVICE_PORT,
+        applab_encap::IPIP_SERVICE_PORT,
+    ] {
+        let out = lab
+            .topo
+            .client
+            .command(&["python3", "-c", RAW_SEGMENT_WITHOUT_DF])
+            .args([
+                CLIENT_IP.to_string(),
+                CLUSTER_IP.to_string(),
+                port.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "the raw segment to port {port}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Time for the last frames to reach the capture.
+    std::thread::sleep(Duration::from_millis(500));
     signal(tcpdump.id(), "TERM");
     let _ = tcpdump.wait();
     // Every frame: from node 1's MAC and address to backend 1's, outer checksum, GUE port,
-    // entropy port and header, and the client's packet inside unchanged (checksums valid).
-    let check = check_frames(&read_pcap(&capture), &applab_encap::expect(1, 1));
+    // entropy port and header, and the client's packet inside unchanged (checksums valid); the
+    // fragments of each segment without DF join into it again.
+    let frames = read_pcap(&capture);
+    let check = check_frames(&frames, &applab_encap::expect(1, 1));
+    // A core publishes its counts now and then: they may lag the frames a little.
+    let metrics = || {
+        lab.topo
+            .node(1)
+            .unwrap()
+            .run(&["curl", "-s", "-m", "5", "http://198.19.0.1:9100/metrics"])
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut text = metrics();
+    while metric(&text, "fragmented_total", &[]) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        text = metrics();
+    }
+    let counts: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            !l.starts_with('#')
+                && ["drop", "fragmented", "too_big", "backend_frames"]
+                    .iter()
+                    .any(|w| l.contains(w))
+        })
+        .filter(|l| !l.ends_with(" 0"))
+        .collect();
+    let counts = counts.join(", ");
     assert!(check.well_formed(), "{}", check.summary());
     assert!(check.gue > 0 && check.ipip > 0, "{}", check.summary());
+    assert!(
+        check.joined >= 2 && check.fragments >= 4,
+        "a segment without DF through each tunnel, in pieces: {}; the appliance's counts: \
+         {counts}",
+        check.summary(),
+    );
+    let longest = frames.iter().map(Vec::len).max().unwrap_or(0);
+    assert!(
+        longest <= 14 + 1500,
+        "a frame of {longest} bytes on a path of 1500"
+    );
+    assert!(
+        metric(&text, "fragmented_total", &[]) >= 2,
+        "each segment counted as cut: {counts}"
+    );
 }
+
+/// Sends, from address argv[1], one TCP segment of 1460 bytes without DF (an ACK with data) to
+/// argv[2], port argv[3], through a raw socket: 1500 bytes of IPv4, checksums valid.
+const RAW_SEGMENT_WITHOUT_DF: &str = r#"
+import socket, struct, sys
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def csum(b):
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+data = bytes((i * 7) & 0xff for i in range(1460))
+tcp = struct.pack("!HHIIBBHHH", 41000, port, 1, 1, 5 << 4, 0x18, 65535, 0, 0) + data
+pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
+tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0x4242, 0, 64, 6, 0,
+                 socket.inet_aton(src), socket.inet_aton(dst))
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+s.sendto(ip + tcp, (dst, 0))
+"#;
 
 /// The backends' agreed state as node `id` sees it: (backend name, state) in config order.
 fn backend_states(lab: &Appliances, id: u8) -> Vec<(String, String)> {

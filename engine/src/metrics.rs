@@ -469,12 +469,15 @@ fn service_metrics(link: &ControlLink) -> Vec<Metric> {
             up.push((service, taking as u64));
         }
     }
-    let too_big = link
-        .cores
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (format!(",core=\"{i}\""), c.backends.too_big.load(Relaxed)))
-        .collect();
+    let per_core = |count: &dyn Fn(&crate::dataplane::BackendFigures) -> u64| {
+        link.cores
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (format!(",core=\"{i}\""), count(&c.backends)))
+            .collect()
+    };
+    let too_big = per_core(&|b| b.too_big.load(Relaxed));
+    let cut = per_core(&|b| b.cut.load(Relaxed));
     vec![
         (
             "service_frames_total",
@@ -555,8 +558,16 @@ fn service_metrics(link: &ControlLink) -> Vec<Metric> {
             "too_big_total",
             "counter",
             "Datagrams too big for an encapsulated backend path: answered with ICMP \
-             fragmentation needed / packet too big (DF set), or dropped.",
+             fragmentation needed / packet too big (DF set), or dropped (those cut into \
+             fragments instead are in fragmented_total).",
             too_big,
+        ),
+        (
+            "fragmented_total",
+            "counter",
+            "IPv4 datagrams without DF too big for an encapsulated backend path, cut into \
+             fragments that fit it (each fragment counted in the backend's frames).",
+            cut,
         ),
     ]
 }
@@ -768,6 +779,7 @@ services:
                 new_flows: vec![0; 4],
                 flows: vec![0; 4],
                 too_big,
+                cut: too_big * 2,
             };
             for (id, n) in ids.iter().zip(frames) {
                 let id = usize::from(*id);
@@ -845,6 +857,8 @@ services:
         assert_eq!(row("service_backend_weight", api_c), 100);
         assert_eq!(row("services_epoch", ""), 7);
         assert_eq!(row("too_big_total", ",core=\"1\""), 4);
+        assert_eq!(row("fragmented_total", ",core=\"0\""), 2);
+        assert_eq!(row("fragmented_total", ",core=\"1\""), 8);
         assert!(
             text.contains("# TYPE clonecluster_service_backend_state gauge"),
             "{text}"

@@ -290,6 +290,14 @@ pub fn replay_with(
                         }
                     }
                 }
+                Action::ToBackendInPieces { .. } => {
+                    counts.forwarded += 1;
+                    delivered_by[index] += 1;
+                    exclusive[index] = true;
+                    if !pieces_written(pipeline, &buf[..len]) {
+                        counts.malformed += 1;
+                    }
+                }
                 Action::Hold(key) => {
                     exclusive[index] = true;
                     if hold.put(key, ts, (index, buf[..len].to_vec())).is_ok() {
@@ -328,6 +336,13 @@ pub fn replay_with(
                                 if pipeline.take_encap(&mut grown).is_none() {
                                     counts.malformed += 1;
                                 }
+                            }
+                        }
+                        Action::ToBackendInPieces { .. } => {
+                            counts.forwarded += 1;
+                            delivered_by[held] += 1;
+                            if !pieces_written(pipeline, &frame[..len]) {
+                                counts.malformed += 1;
                             }
                         }
                         Action::Drop(DropReason::NotOwned) => {
@@ -382,6 +397,16 @@ pub fn replay_with(
 
 /// The configuration's services for an offline replay: a backend whose MAC the nodes would
 /// learn by ARP/NDP gets a stand-in (02:ba:00:00:<id>), so that its frames are counted.
+/// After [`crate::pipeline::Action::ToBackendInPieces`] for `frame`: whether every piece is
+/// written (into a scratch frame, as a core writes each into an mbuf).
+fn pieces_written(pipeline: &mut Pipeline, frame: &[u8]) -> bool {
+    let Some(pieces) = pipeline.take_pieces() else {
+        return false;
+    };
+    let mut out = vec![0u8; frame.len() + 128];
+    (0..pieces.count()).all(|k| pieces.write(frame, k, &mut out).is_some())
+}
+
 fn replay_services(loaded: &Loaded) -> Services {
     let mut services = Services::compile(&loaded.config, &loaded.secret, None);
     let unresolved: Vec<u16> = services

@@ -12,7 +12,7 @@ use clonecluster::appliance::Services;
 use clonecluster::cluster::{Affinity, Member, NodeId, OwnershipTable};
 use clonecluster::config::Config;
 use clonecluster::control::Snapshot;
-use clonecluster::pipeline::{stable_snapshot, NodeIdentity, Pipeline, TableSizes};
+use clonecluster::pipeline::{stable_snapshot, Action, NodeIdentity, Pipeline, TableSizes};
 use clonecluster::wire::EthernetAddress;
 use libfuzzer_sys::fuzz_target;
 
@@ -115,7 +115,24 @@ fuzz_target!(|data: &[u8]| {
     if mode & 0x80 != 0 && len >= 6 {
         buf[..6].copy_from_slice(&CLUSTER_MAC);
     }
-    let _ = p.from_wire(&mut buf, len, u64::from(mode));
+    // What a core does after the decision writes the frames a backend gets: the outer headers
+    // of an encapsulation, each piece of a datagram cut for its tunnel.
+    match p.from_wire(&mut buf, len, u64::from(mode)) {
+        Action::ToBackend { push } if push > 0 => {
+            let mut grown = vec![0u8; usize::from(push) + len];
+            grown[usize::from(push)..].copy_from_slice(&buf[..len]);
+            let _ = p.take_encap(&mut grown);
+        }
+        Action::ToBackendInPieces { .. } => {
+            if let Some(pieces) = p.take_pieces() {
+                let mut out = vec![0u8; 2048];
+                for k in 0..pieces.count() {
+                    let _ = pieces.write(&buf[..len], k, &mut out);
+                }
+            }
+        }
+        _ => {}
+    }
     let _ = p.take_released();
     let mut host = bytes.to_vec();
     let _ = p.from_host(&mut host, u64::from(mode));

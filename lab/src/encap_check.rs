@@ -13,19 +13,26 @@
 //!   matches the packet, a valid (or IPv4's zero) UDP checksum, a GUE header of version 0 with
 //!   no flags carrying IPv4 (`00 04 00 00`);
 //! - inside: the client's packet unchanged: IPv4 from the client to the service address, a
-//!   valid header checksum, TCP to the service's port with a valid checksum.
+//!   valid header checksum, TCP to the service's port with a valid checksum. A client datagram
+//!   without DF too big for the tunnel arrives cut into IPv4 fragments, one per frame: each
+//!   fragment's header is checked as it comes (checksum, addresses), and once the capture is
+//!   read the fragments of each datagram must join, without gap or overlap, into a packet that
+//!   passes the same checks.
 //!
 //! It owns judging bytes and saying what is wrong in words for a person (a frame's number, its
 //! tunnel, the field, what it was and what it should have been). It must never panic on any
 //! input, start a process, touch a network or a file, or print Rust `Debug` output into what it
 //! returns: the lab puts its words into the report as they are.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
 use serde::Serialize;
 
-use clonecluster::wire::{ethernet, ipv4, tcp, udp, EtherType, EthernetAddress, IpProtocol};
+use clonecluster::wire::{
+    checksum, ethernet, ipv4, tcp, udp, EtherType, EthernetAddress, IpProtocol,
+};
 
 /// The GUE header of version 0, no control flag, no flags, carrying IPv4 (RFC 8086's protocol
 /// number 4).
@@ -54,7 +61,7 @@ pub struct Expect {
 }
 
 /// The two encapsulations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub enum Tunnel {
     Gue,
     Ipip,
@@ -85,7 +92,11 @@ pub struct EncapCheck {
     /// Frames that were GUE, and IP-in-IP (well formed or not).
     pub gue: usize,
     pub ipip: usize,
-    /// Frames with something wrong.
+    /// Frames that carried a fragment of the client's datagram, and the datagrams they made
+    /// up that joined again.
+    pub fragments: usize,
+    pub joined: usize,
+    /// Frames with something wrong (and datagrams whose fragments did not join).
     pub malformed: usize,
     /// The first frame with something wrong: its number (from 1), tunnel and what was wrong.
     pub first_problem: Option<String>,
@@ -99,10 +110,16 @@ impl EncapCheck {
 
     /// One line for a person: counts, and the first problem if any.
     pub fn summary(&self) -> String {
-        let counts = format!(
+        let mut counts = format!(
             "{} frame(s) checked: {} GUE, {} IP-in-IP",
             self.frames, self.gue, self.ipip
         );
+        if self.fragments > 0 {
+            counts += &format!(
+                " ({} carrying a fragment; {} datagram(s) joined from them)",
+                self.fragments, self.joined
+            );
+        }
         match &self.first_problem {
             None => format!("{counts}; every one well formed"),
             Some(p) => format!("{counts}; {} malformed, the first: {p}", self.malformed),
@@ -116,33 +133,139 @@ pub fn check_frames(frames: &[Vec<u8>], want: &Expect) -> EncapCheck {
         frames: frames.len(),
         ..EncapCheck::default()
     };
+    let mut datagrams: BTreeMap<(Tunnel, u16), Datagram> = BTreeMap::new();
+    let problem = |c: &mut EncapCheck, what: String| {
+        c.malformed += 1;
+        c.first_problem.get_or_insert(what);
+    };
     for (i, f) in frames.iter().enumerate() {
-        let v = check_frame(f, want);
-        match v.tunnel {
+        let mut tunnel = None;
+        let verdict = judge(f, want, &mut tunnel);
+        match tunnel {
             Some(Tunnel::Gue) => c.gue += 1,
             Some(Tunnel::Ipip) => c.ipip += 1,
             None => {}
         }
-        if let Some(p) = v.problem {
-            c.malformed += 1;
-            if c.first_problem.is_none() {
-                let what = v.tunnel.map_or(String::new(), |t| format!(" ({t})"));
-                c.first_problem = Some(format!("frame {}{what}: {p}", i + 1));
+        match (verdict, tunnel) {
+            (Ok(None), _) => {}
+            (Ok(Some(piece)), Some(t)) => {
+                c.fragments += 1;
+                let d = datagrams.entry((t, piece.ident)).or_insert(Datagram {
+                    first_frame: i + 1,
+                    service_port: piece.service_port,
+                    pieces: Vec::new(),
+                });
+                d.pieces.push(piece);
             }
+            (Ok(Some(_)), None) => {
+                problem(&mut c, format!("frame {}: a fragment in no tunnel", i + 1))
+            }
+            (Err(p), t) => {
+                let what = t.map_or(String::new(), |t| format!(" ({t})"));
+                problem(&mut c, format!("frame {}{what}: {p}", i + 1));
+            }
+        }
+    }
+    for ((t, ident), d) in datagrams {
+        match d.join().and_then(|packet| {
+            inner_packet(&packet, d.service_port, want).and_then(|piece| match piece {
+                None => Ok(()),
+                Some(_) => Err("the joined packet is still a fragment".to_owned()),
+            })
+        }) {
+            Ok(()) => c.joined += 1,
+            Err(p) => problem(
+                &mut c,
+                format!(
+                    "the datagram of identification {ident} ({t}, its first fragment in frame \
+                     {}): {p}",
+                    d.first_frame
+                ),
+            ),
         }
     }
     c
 }
 
-/// Judges one frame.
+/// Judges one frame (a fragment of the client's datagram is judged only as far as one
+/// fragment can be: [`check_frames`] joins them).
 pub fn check_frame(frame: &[u8], want: &Expect) -> FrameVerdict {
     let mut tunnel = None;
     let problem = judge(frame, want, &mut tunnel).err();
     FrameVerdict { tunnel, problem }
 }
 
+/// A fragment of the client's datagram found inside a tunnel.
+#[derive(Debug, Clone)]
+struct Piece {
+    ident: u16,
+    service_port: u16,
+    /// Where its payload goes in the datagram's (bytes), and whether more follow.
+    offset: usize,
+    more: bool,
+    /// Its IPv4 header and payload.
+    header: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+/// The fragments of one datagram, as captured.
+struct Datagram {
+    first_frame: usize,
+    service_port: u16,
+    pieces: Vec<Piece>,
+}
+
+impl Datagram {
+    /// The client's packet the fragments make up: the first one's header (its length and
+    /// fragment field made whole again, the checksum recomputed), then the payloads by offset.
+    fn join(&self) -> Result<Vec<u8>, String> {
+        let mut pieces: Vec<&Piece> = self.pieces.iter().collect();
+        pieces.sort_by_key(|p| p.offset);
+        let first = pieces.first().ok_or("no fragment")?;
+        if first.offset != 0 {
+            return Err(format!(
+                "no fragment at offset 0 (the first captured starts at byte {})",
+                first.offset
+            ));
+        }
+        let mut payload = Vec::new();
+        for p in &pieces {
+            if p.offset != payload.len() {
+                return Err(format!(
+                    "a fragment at byte {} where byte {} was due: a gap or an overlap",
+                    p.offset,
+                    payload.len()
+                ));
+            }
+            payload.extend_from_slice(&p.payload);
+        }
+        if pieces.last().is_some_and(|p| p.more) {
+            return Err(format!(
+                "the last fragment captured (bytes {} to {}) says more follow",
+                pieces.last().map_or(0, |p| p.offset),
+                payload.len()
+            ));
+        }
+        let mut packet = first.header.clone();
+        let total = u16::try_from(packet.len() + payload.len())
+            .map_err(|_| "the joined packet is longer than IPv4 allows".to_owned())?;
+        packet[2..4].copy_from_slice(&total.to_be_bytes());
+        packet[6..8].fill(0);
+        packet[10..12].fill(0);
+        let c = checksum::checksum(&packet);
+        packet[10..12].copy_from_slice(&c.to_be_bytes());
+        packet.extend_from_slice(&payload);
+        Ok(packet)
+    }
+}
+
 /// The checks in order; the first failure's words. `tunnel` is set as soon as it is known.
-fn judge(frame: &[u8], want: &Expect, tunnel: &mut Option<Tunnel>) -> Result<(), String> {
+/// `Ok(Some)`: the frame is well formed and carries a fragment of the client's datagram.
+fn judge(
+    frame: &[u8],
+    want: &Expect,
+    tunnel: &mut Option<Tunnel>,
+) -> Result<Option<Piece>, String> {
     let eth = ethernet::Frame::new_checked(frame).map_err(|e| {
         format!(
             "not an Ethernet frame ({}, {} bytes)",
@@ -283,8 +406,8 @@ fn gue_payload<'a>(outer: &'a ipv4::Packet<&[u8]>, want: &Expect) -> Result<&'a 
 }
 
 /// The client's packet inside the tunnel: from the client to the service's port, checksums
-/// valid.
-fn inner_packet(bytes: &[u8], service_port: u16, want: &Expect) -> Result<(), String> {
+/// valid; or a fragment of it, its header checked (`Ok(Some)`: for [`check_frames`] to join).
+fn inner_packet(bytes: &[u8], service_port: u16, want: &Expect) -> Result<Option<Piece>, String> {
     let ip = ipv4::Packet::new_checked(bytes)
         .map_err(|e| format!("inner IPv4 header unreadable ({})", e.as_str()))?;
     if usize::from(ip.total_len()) != bytes.len() {
@@ -309,6 +432,17 @@ fn inner_packet(bytes: &[u8], service_port: u16, want: &Expect) -> Result<(), St
             want.service_ip
         ));
     }
+    if ip.is_fragment() {
+        let header = bytes.get(..ip.header_len()).unwrap_or_default().to_vec();
+        return Ok(Some(Piece {
+            ident: ip.ident(),
+            service_port,
+            offset: usize::from(ip.frag_offset()),
+            more: ip.more_frags(),
+            header,
+            payload: ip.payload().to_vec(),
+        }));
+    }
     if ip.protocol() != IpProtocol::Tcp {
         return Err(format!(
             "inner IPv4 protocol {}, not TCP (the client's requests)",
@@ -330,7 +464,7 @@ fn inner_packet(bytes: &[u8], service_port: u16, want: &Expect) -> Result<(), St
             t.checksum()
         ));
     }
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -381,6 +515,76 @@ mod tests {
 
     fn gue() -> Vec<u8> {
         encapsulated(encap::Tunnel::Gue { port: 6080 })
+    }
+
+    /// A TCP segment of 3000 bytes without DF from the client to port 80, cut for a path of
+    /// 1500 bytes and each piece encapsulated, as the engine does it.
+    fn in_pieces(tunnel: encap::Tunnel) -> Vec<Vec<u8>> {
+        use clonecluster::appliance::fragment::Cut;
+        let data: Vec<u8> = (0..3000u32).map(|i| (i * 13) as u8).collect();
+        let mut t = build::tcp(40000, 1, 1, 0x10, &data);
+        let mut f = build::ipv4(
+            [2, 0, 0, 0, 0, 0x64],
+            [198, 18, 0, 100],
+            6,
+            &mut t,
+            Some(16),
+        );
+        f[20] = 0; // no DF
+        f[24..26].fill(0);
+        let c = build::checksum(&[&f[14..34]]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        let want = expect();
+        let o = Outer::new(
+            tunnel,
+            want.node_ip.into(),
+            want.backend_ip.into(),
+            NODE_MAC,
+            BACKEND_MAC,
+        )
+        .expect("IPv4 both");
+        let cut = Cut::new(&f[14..], 1500 - o.overhead()).expect("no DF");
+        (0..cut.pieces())
+            .map(|k| {
+                let mut out = vec![0u8; 1600];
+                let n = cut.write(&f[14..], k, &mut out[o.push(0)..]).unwrap();
+                let n = o.write(&mut out, n, false, 0x1234).unwrap();
+                out.truncate(n);
+                out
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_datagram_in_pieces_is_joined_and_checked_whole() {
+        for tunnel in [encap::Tunnel::Gue { port: 6080 }, encap::Tunnel::Ipip] {
+            let pieces = in_pieces(tunnel);
+            assert_eq!(pieces.len(), 3);
+            // In any order, among other frames.
+            let mut frames = vec![gue(), pieces[2].clone(), pieces[0].clone(), ipip()];
+            frames.push(pieces[1].clone());
+            let c = check_frames(&frames, &expect());
+            assert!(c.well_formed(), "{}", c.summary());
+            assert_eq!((c.fragments, c.joined), (3, 1));
+            assert!(c
+                .summary()
+                .contains("3 carrying a fragment; 1 datagram(s) joined"));
+            // One missing: the datagram does not join, and says where.
+            let c = check_frames(&[pieces[0].clone(), pieces[2].clone()], &expect());
+            assert_eq!((c.malformed, c.joined), (1, 0));
+            let p = c.first_problem.unwrap();
+            assert!(p.contains("a gap or an overlap"), "{p}");
+            assert!(p.contains("first fragment in frame 1"), "{p}");
+            // The last missing: more were said to follow.
+            let c = check_frames(&pieces[..2], &expect());
+            assert!(c.first_problem.unwrap().contains("says more follow"));
+            // A payload byte changed on the way: the joined segment's TCP checksum tells.
+            let mut changed = pieces.clone();
+            let last = changed[1].len() - 1;
+            changed[1][last] ^= 0xff;
+            let c = check_frames(&changed, &expect());
+            assert!(c.first_problem.unwrap().contains("inner TCP checksum"));
+        }
     }
 
     fn ipip() -> Vec<u8> {

@@ -26,6 +26,7 @@ use crate::config::{Config, Delivery, PortRange, RuleMode, Unmatched};
 use crate::wire::EthernetAddress;
 
 pub mod encap;
+pub mod fragment;
 pub mod health;
 pub mod maglev;
 pub mod neighbours;

@@ -103,6 +103,8 @@ struct Forward<'a> {
     drops: [u64; DropReason::COUNT],
     counters: &'a CoreCounters,
     link: &'a ControlLink,
+    /// The pool, for the pieces of a datagram cut for its backend.
+    pool: std::mem::ManuallyDrop<Mempool>,
 }
 
 /// A TX burst bound to its port and queue, flushed when full and after every RX burst.
@@ -176,6 +178,8 @@ impl<'a> Core<'a> {
                 drops: [0; DropReason::COUNT],
                 counters: c,
                 link,
+                // SAFETY: the pool outlives the packet loops (`run` frees it after they return).
+                pool: unsafe { Mempool::borrow(shared.pool) },
             },
             steer: shared.rings.as_ref().map(|r| Outgoing::new(r, index)),
             idle: Idle::new(shared, queue),
@@ -588,6 +592,7 @@ impl Forward<'_> {
                     }
                 }
             }
+            Action::ToBackendInPieces { .. } => self.in_pieces(m),
             Action::Reply { len } => {
                 m.set_len(len);
                 bump(&c.replies, 1);
@@ -610,6 +615,36 @@ impl Forward<'_> {
                 push_dropped(&mut self.dropped, m);
             }
         }
+    }
+
+    /// A datagram cut for its backend: each piece, encapsulated, in an mbuf of its own to the
+    /// wire; the frame itself is freed.
+    #[inline(never)]
+    fn in_pieces(&mut self, m: Mbuf) {
+        let c = self.counters;
+        if let Some(pieces) = self.pipeline.take_pieces() {
+            for k in 0..pieces.count() {
+                let Some(mut piece) = Mbuf::alloc(&self.pool) else {
+                    // The rest are lost: the backend's reassembly times out.
+                    self.drops[DropReason::NoMbuf.index()] += (pieces.count() - k) as u64;
+                    break;
+                };
+                match pieces.write(m.data(), k, piece.room_mut()) {
+                    Some(len) => {
+                        piece.set_len(len);
+                        bump(&c.to_backend, 1);
+                        self.to_wire.push(piece);
+                    }
+                    None => {
+                        // No room for the piece in an mbuf (an `mtu` larger than the pool's
+                        // buffers): counted, never sent.
+                        self.drops[DropReason::TooBig.index()] += 1;
+                        push_dropped(&mut self.dropped, piece);
+                    }
+                }
+            }
+        }
+        push_dropped(&mut self.dropped, m);
     }
 
     /// The later fragments held for a first fragment just decided: to the host if it went

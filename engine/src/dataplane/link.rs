@@ -132,6 +132,8 @@ pub(crate) struct BackendFigures {
     flows: Box<[AtomicU64]>,
     /// Datagrams too big for an encapsulated path.
     pub(crate) too_big: AtomicU64,
+    /// Datagrams without DF cut for an encapsulated path.
+    pub(crate) cut: AtomicU64,
 }
 
 impl Default for BackendFigures {
@@ -147,6 +149,7 @@ impl Default for BackendFigures {
             new_flows: ids(),
             flows: ids(),
             too_big: AtomicU64::new(0),
+            cut: AtomicU64::new(0),
         }
     }
 }
@@ -176,6 +179,7 @@ impl BackendFigures {
             }
         }
         self.too_big.store(counts.too_big, Relaxed);
+        self.cut.store(counts.cut, Relaxed);
     }
 
     /// What the core sent backend `id` (zero for an id it never saw).

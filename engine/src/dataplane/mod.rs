@@ -30,7 +30,7 @@ mod worker;
 
 pub(crate) use eal::{Eal, Mempool};
 pub use link::ControlLink;
-pub(crate) use link::{wire_payload, BackendCounts, CoreLink};
+pub(crate) use link::{wire_payload, BackendCounts, BackendFigures, CoreLink};
 pub(crate) use log::route_logs;
 pub use mbuf::{Burst, Mbuf, BURST};
 pub use port::{Port, PortRole};

@@ -18,7 +18,8 @@
 
 use std::net::IpAddr;
 
-use crate::appliance::encap;
+use crate::appliance::encap::{self, Outer};
+use crate::appliance::fragment::Cut;
 use crate::appliance::route::Way;
 use crate::appliance::Match;
 use crate::cluster::{Bucket, FirstFragment, FlowHash, FlowTable, TcpFlags, Upsert};
@@ -518,9 +519,17 @@ impl Pipeline {
                 let overhead = outer.overhead();
                 let mtu = usize::from(route.mtu);
                 if d.ip_len + overhead > mtu {
-                    // Counted with the too-big answers; a sender that allows fragmentation
-                    // (no DF in its header) would need the node to fragment, which it does
-                    // not: dropped.
+                    let room = mtu - overhead;
+                    if !d.no_frag {
+                        // IPv4 that its sender lets be fragmented: cut, each piece its own
+                        // encapsulated frame.
+                        let packet = buf.get(d.l3..d.l3 + d.ip_len);
+                        if let Some(cut) = packet.and_then(|p| Cut::new(p, room)) {
+                            return self.in_pieces(id, *outer, cut, d, entropy);
+                        }
+                    }
+                    // Counted with the too-big answers (a datagram without DF whose options
+                    // do not parse is dropped).
                     self.appliance.too_big += 1;
                     // The sender first: a flood from a group source spends no answer.
                     let answer = d.no_frag
@@ -529,7 +538,7 @@ impl Pipeline {
                     if !answer {
                         return Action::Drop(DropReason::TooBig);
                     }
-                    let room = u16::try_from(mtu - overhead).unwrap_or(u16::MAX);
+                    let room = u16::try_from(room).unwrap_or(u16::MAX);
                     return match encap::too_big(buf, d.l3, d.ip_len, room, self.id.node_mac) {
                         Some(len) => Action::Reply { len },
                         None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
@@ -546,6 +555,40 @@ impl Pipeline {
                 Action::ToBackend { push }
             }
         }
+    }
+
+    /// An IPv4 datagram `d` without DF cut (`cut`) for backend `id` through `outer`: counted,
+    /// and left for [`Pipeline::take_pieces`].
+    #[inline(never)]
+    fn in_pieces(
+        &mut self,
+        id: u16,
+        outer: Outer,
+        cut: Cut,
+        d: &Destination,
+        entropy: u16,
+    ) -> Action {
+        let Ok(count) = u16::try_from(cut.pieces()) else {
+            return Action::Drop(DropReason::TooBig);
+        };
+        let at = usize::from(id);
+        for k in 0..cut.pieces() {
+            self.appliance.count(at, 14 + outer.overhead() + cut.len(k));
+        }
+        self.appliance.cut += 1;
+        self.pieces = Some(Pieces {
+            outer,
+            cut,
+            l3: d.l3,
+            ip_len: d.ip_len,
+            entropy,
+        });
+        Action::ToBackendInPieces { pieces: count }
+    }
+
+    /// After [`Action::ToBackendInPieces`]: what writes the pieces (`None`: taken already).
+    pub fn take_pieces(&mut self) -> Option<Pieces> {
+        self.pieces.take()
     }
 
     /// After [`Action::ToBackend`] with `push` > 0: writes the outer headers into `frame`, the
@@ -622,6 +665,35 @@ pub(super) struct Pending {
     entropy: u16,
 }
 
+/// A datagram [`Pipeline::forward_to`] decided to cut ([`Action::ToBackendInPieces`]): writes
+/// each piece, encapsulated for its backend, into a frame of its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Pieces {
+    outer: Outer,
+    cut: Cut,
+    /// Where the datagram is in the frame decided, and its length.
+    l3: usize,
+    ip_len: usize,
+    entropy: u16,
+}
+
+impl Pieces {
+    /// How many.
+    pub fn count(&self) -> usize {
+        self.cut.pieces()
+    }
+
+    /// Writes piece `k` of the datagram in `frame` (the frame that was decided, unchanged)
+    /// into `out`, the outer headers in front: returns the new frame's length (`None`: `out`
+    /// too short, or no piece `k`).
+    pub fn write(&self, frame: &[u8], k: usize, out: &mut [u8]) -> Option<usize> {
+        let packet = frame.get(self.l3..self.l3 + self.ip_len)?;
+        let head = 14 + self.outer.overhead();
+        let n = self.cut.write(packet, k, out.get_mut(head..)?)?;
+        self.outer.write(out, n, false, self.entropy)
+    }
+}
+
 /// Per backend id, what this pipeline sent (appliance mode), and its flows now.
 #[derive(Debug, Clone, Default)]
 pub struct ApplianceCounts {
@@ -633,6 +705,9 @@ pub struct ApplianceCounts {
     pub flows: Vec<u64>,
     /// Datagrams too big for an encapsulated path: answered with ICMP (DF) or dropped.
     pub too_big: u64,
+    /// IPv4 datagrams without DF too big for an encapsulated path, cut into pieces (each
+    /// piece counted in `frames` and `bytes`).
+    pub cut: u64,
 }
 
 impl ApplianceCounts {

@@ -57,7 +57,7 @@ mod types;
 #[cfg(test)]
 mod tests;
 
-pub use appliance::ApplianceCounts;
+pub use appliance::{ApplianceCounts, Pieces};
 pub use hold::FragmentHold;
 pub use home::{home_core, Side};
 pub use prepare::Prepared;
@@ -92,6 +92,8 @@ pub struct Pipeline {
     routes: Routes,
     /// The encapsulation of the last [`Action::ToBackend`], for [`Pipeline::take_encap`].
     pending: Option<appliance::Pending>,
+    /// The datagram of the last [`Action::ToBackendInPieces`], for [`Pipeline::take_pieces`].
+    pieces: Option<appliance::Pieces>,
     /// Per backend: frames, bytes, new flows (appliance mode).
     appliance: ApplianceCounts,
     /// The "too big" answers this pipeline may still send.

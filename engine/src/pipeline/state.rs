@@ -69,6 +69,7 @@ impl Pipeline {
             services: Services::none(),
             routes: Routes::default(),
             pending: None,
+            pieces: None,
             appliance: ApplianceCounts::default(),
             error_budget: Default::default(),
             id,

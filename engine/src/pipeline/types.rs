@@ -49,12 +49,16 @@ pub enum DropReason {
     /// (appliance mode: its rule refused it, no backend took it, or it was too big for the
     /// tunnel).
     FragmentRefused,
-    /// A datagram too big for its backend's tunnel that its sender lets be fragmented (no DF:
-    /// no "fragmentation needed" to send back); the node does not fragment.
+    /// A datagram too big for its backend's tunnel that may not be cut (IPv4 with options
+    /// that do not parse) and gets no answer: DF not set, or an answer no host may get, or
+    /// over the budget of answers.
     TooBig,
+    /// A piece of a datagram cut for its backend's tunnel found no free mbuf in the pool: the
+    /// pieces not sent (the backend's reassembly drops the rest).
+    NoMbuf,
 }
 
-const BASE_REASONS: usize = 13;
+const BASE_REASONS: usize = 14;
 
 impl DropReason {
     /// Number of distinct counters ([`DropReason::index`] is below it).
@@ -77,6 +81,7 @@ impl DropReason {
             DropReason::CoreQueueFull => 10,
             DropReason::FragmentRefused => 11,
             DropReason::TooBig => 12,
+            DropReason::NoMbuf => 13,
             DropReason::Malformed(e) => BASE_REASONS + e.index(),
         }
     }
@@ -98,6 +103,7 @@ impl DropReason {
             DropReason::CoreQueueFull,
             DropReason::FragmentRefused,
             DropReason::TooBig,
+            DropReason::NoMbuf,
         ]
         .into_iter()
         .chain(wire::Error::ALL.into_iter().map(DropReason::Malformed))
@@ -123,6 +129,7 @@ impl DropReason {
             DropReason::CoreQueueFull => "core-queue-full".into(),
             DropReason::FragmentRefused => "fragment-refused".into(),
             DropReason::TooBig => "too-big".into(),
+            DropReason::NoMbuf => "no-mbuf".into(),
             DropReason::Malformed(e) => format!("malformed-{}", e.as_str()),
         }
     }
@@ -149,6 +156,12 @@ pub enum Action {
     /// [`Pipeline::take_encap`] write the outer headers (`push` 0: nothing to add).
     ToBackend {
         push: u16,
+    },
+    /// Appliance mode: an IPv4 datagram without DF too big for its backend's tunnel, cut into
+    /// `pieces` fragments: have [`Pipeline::take_pieces`] write each, encapsulated, into a
+    /// frame of its own and send those on the wire; this frame is then freed.
+    ToBackendInPieces {
+        pieces: u16,
     },
     /// A later fragment whose first fragment has not been seen: hold it until
     /// [`Pipeline::take_released`] says what became of its datagram, or it expires.

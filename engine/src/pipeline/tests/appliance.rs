@@ -341,6 +341,61 @@ fn a_datagram_too_big_for_the_tunnel_gets_fragmentation_needed() {
     assert_eq!(p.appliance_counts().too_big, 1);
 }
 
+/// A datagram without DF too big for the tunnel is cut into IPv4 fragments that fit it, each
+/// encapsulated to the flow's backend (the one its other frames go to), which join into the
+/// datagram again; counted as cut, not as too big.
+#[test]
+fn a_datagram_without_df_too_big_for_the_tunnel_goes_in_pieces_to_its_backend() {
+    for (delivery, overhead) in [("gue", 32), ("ipip", 20)] {
+        let mut p = appliances(1, delivery).remove(0);
+        let (src, sport) = client(9);
+        let (_, out) = run(&mut p, &segment(src, sport, 80, 0x02), 1);
+        let backend = parse_l2_l4(&out).unwrap().dst_ip;
+        let data: Vec<u8> = (0..1900u32).map(|i| (i * 7) as u8).collect();
+        let mut t = build::tcp(sport, 1, 1, 0x10, &data);
+        t[2..4].copy_from_slice(&80u16.to_be_bytes());
+        let mut big = build::ipv4([2, 0, 0, 0, 0, 0x64], src, 6, &mut t, Some(16));
+        big[20] = 0; // no DF
+        big[24..26].fill(0);
+        let c = build::checksum(&[&big[14..34]]);
+        big[24..26].copy_from_slice(&c.to_be_bytes());
+        let mut buf = vec![0u8; 2048];
+        buf[..big.len()].copy_from_slice(&big);
+        let action = p.from_wire(&mut buf, big.len(), 2);
+        assert_eq!(
+            action,
+            Action::ToBackendInPieces { pieces: 2 },
+            "{delivery}"
+        );
+        assert_eq!(
+            &buf[..big.len()],
+            &big[..],
+            "the frame itself is left as it was"
+        );
+        let pieces = p.take_pieces().unwrap();
+        assert!(p.take_pieces().is_none(), "taken once");
+        let mut joined = vec![0u8; big.len() - 34];
+        for k in 0..pieces.count() {
+            let mut out = vec![0u8; 2048];
+            let n = pieces.write(&buf, k, &mut out).unwrap();
+            assert!(n <= 14 + 1500, "{delivery} piece {k}: {n} bytes");
+            let outer = parse_l2_l4(&out[..n]).unwrap();
+            assert_eq!(outer.dst_ip, backend, "{delivery} piece {k}");
+            let inner = &out[14 + overhead..n];
+            assert_eq!(build::checksum(&[&inner[..20]]), 0, "inner header checksum");
+            assert_eq!(&inner[4..6], &big[18..20], "the datagram's identification");
+            let word = u16::from_be_bytes([inner[6], inner[7]]);
+            assert_eq!(word & 0x2000 != 0, k == 0, "more fragments but the last");
+            let at = usize::from(word & 0x1fff) * 8;
+            joined[at..at + inner.len() - 20].copy_from_slice(&inner[20..]);
+        }
+        assert_eq!(joined, &big[34..], "{delivery}: the pieces join again");
+        let counts = p.appliance_counts();
+        assert_eq!((counts.cut, counts.too_big), (1, 0), "{delivery}");
+        assert_eq!(counts.frames.iter().sum::<u64>(), 1 + 2, "{delivery}");
+    }
+}
+
 /// "Too big" answers are rationed (a burst, then so many a second: a flood of oversized
 /// packets does not make the node answer each), and never go to a group source MAC or
 /// address (a forged source would make every host on the segment receive them).
@@ -1009,19 +1064,27 @@ fn malformed_and_oversize_frames_to_a_service_are_dropped_never_forwarded() {
             "{delivery}: nothing malformed reached a backend"
         );
     }
-    // Too big for the GUE tunnel (1500 bytes of path) and fragmentation allowed: the node does
-    // not fragment; dropped as too big and counted with the too-big answers.
+    // Too big for the GUE tunnel (1500 bytes of path), fragmentation allowed, but with IPv4
+    // options whose length runs past the header: it cannot be cut (which options go into every
+    // piece cannot be told); dropped as too big and counted with the too-big answers.
     let mut p = appliances(1, "gue").remove(0);
     let (src, sport) = client(4);
-    let mut t = build::tcp(sport, 1, 1, 0x10, &[0u8; 1460]);
+    let mut t = build::tcp(sport, 1, 1, 0x10, &[0u8; 1456]);
     t[2..4].copy_from_slice(&80u16.to_be_bytes());
-    let mut big = build::ipv4([2, 0, 0, 0, 0, 0x64], src, 6, &mut t, Some(16));
+    let plain = build::ipv4([2, 0, 0, 0, 0, 0x64], src, 6, &mut t, Some(16));
+    let mut big = plain[..34].to_vec();
+    big.extend_from_slice(&[7, 9, 4, 0]); // record route, 9 bytes long in a 4-byte space
+    big.extend_from_slice(&plain[34..]);
+    big[14] = 0x46;
+    let total = (big.len() - 14) as u16;
+    big[16..18].copy_from_slice(&total.to_be_bytes());
     big[20] &= !0x40; // no DF
     big[24..26].copy_from_slice(&[0, 0]);
-    let c = build::checksum(&[&big[14..34]]);
+    let c = build::checksum(&[&big[14..38]]);
     big[24..26].copy_from_slice(&c.to_be_bytes());
     assert_eq!(run(&mut p, &big, 1).0, Action::Drop(DropReason::TooBig));
     assert_eq!(p.appliance_counts().too_big, 1);
+    assert_eq!(p.appliance_counts().cut, 0);
     assert_eq!(p.appliance_counts().frames.iter().sum::<u64>(), 0);
 }
 
