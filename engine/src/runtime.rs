@@ -630,6 +630,15 @@ fn log_event(node: u8, epoch: u64, e: &Event, services: &Services) {
         } => {
             tracing::info!(node, epoch, peer = %peer, incarnation, "peer rejoined")
         }
+        Event::IncarnationRaised { by, incarnation } => tracing::warn!(
+            node,
+            epoch,
+            peer = %by,
+            incarnation,
+            "a peer refused this node's messages as older than an earlier run of it (the clock \
+             was stepped back since): it goes on with a larger incarnation and rejoins; check \
+             the clock's source"
+        ),
         Event::PeerDead { node: peer } => tracing::warn!(node, epoch, peer = %peer, "peer dead"),
         Event::TakeOver { dead } => {
             tracing::warn!(

@@ -27,18 +27,25 @@
 //!   ([`BackendDrain`]). A version-3 node cannot read it: a node relays one only while every
 //!   live peer speaks version 4, and never encodes it as version 3 (a version-3 message of
 //!   kind 5 is malformed). Everything else is the same in both versions.
+//! - **5**: a new kind, 6: a notice to a node whose messages are refused as stale, with the
+//!   incarnation the sender holds for it ([`StaleNotice`]), so that a node restarted with a
+//!   smaller incarnation than its last run's (its clock stepped back) raises its own above it
+//!   instead of staying locked out. Sent only while every live peer speaks version 5; a
+//!   version-4 message of kind 6 is malformed.
 //!
 //! ```text
 //! offset len  field
 //!      0   2  magic "CC" (0x43 0x43)
-//!      2   1  version (3 or 4)
-//!      3   1  kind: 1 heartbeat, 2 plan, 3 request, 4 backends, 5 backend drain (version 4)
+//!      2   1  version (4 or 5)
+//!      3   1  kind: 1 heartbeat, 2 plan, 3 request, 4 backends, 5 backend drain,
+//!             6 stale notice (version 5)
 //!      4   1  path the sender put it on: 1 UDP, 2 wire (authenticated: no cross-path replay)
 //!      5   1  sender node id (1..=64)
 //!      6   8  sender incarnation (a rejoin uses a larger one, e.g. its start time)
 //!     14   8  seq: strictly increasing per sender incarnation, over both paths
 //!     22   8  config digest of the sender
-//!     30   …  body (see `Heartbeat`, `Plan`, `Request`, `Backends` and `BackendDrain`)
+//!     30   …  body (see `Heartbeat`, `Plan`, `Request`, `Backends`, `BackendDrain` and
+//!             `StaleNotice`)
 //!  len-16 16  tag: HMAC-SHA256(key, bytes[0..len-16]), first 16 bytes
 //! ```
 //!
@@ -60,7 +67,7 @@ use super::backends::{BackendDrain, Backends};
 use crate::cluster::{derive_key, Member, NodeId, Weight};
 
 /// The newest format version this code speaks.
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
 /// The oldest format version this code still decodes and can speak: the version before.
 pub const PREVIOUS_VERSION: u8 = VERSION - 1;
 /// HMAC label of the control-message key.
@@ -86,6 +93,10 @@ const KIND_BACKENDS: u8 = 4;
 const KIND_BACKEND_DRAIN: u8 = 5;
 /// The first version that carries [`Body::BackendDrain`].
 pub const BACKEND_DRAIN_VERSION: u8 = 4;
+/// Notices of stale incarnations.
+const KIND_STALE_NOTICE: u8 = 6;
+/// The first version that carries [`Body::StaleNotice`].
+pub const STALE_NOTICE_VERSION: u8 = 5;
 
 /// `releasing_left` value meaning "no flow report yet".
 pub const LEFT_UNKNOWN: u32 = u32::MAX;
@@ -346,6 +357,18 @@ pub enum Body {
     /// Appliance mode: an operator's backend drain or undrain, relayed by the node it was
     /// given to ([`BACKEND_DRAIN_VERSION`] and later).
     BackendDrain(BackendDrain),
+    /// Node `node`'s messages are refused as stale: the sender holds a larger incarnation for
+    /// it ([`STALE_NOTICE_VERSION`] and later).
+    StaleNotice(StaleNotice),
+}
+
+/// What a node tells a peer whose messages it refuses as older than the incarnation it holds
+/// for it (SWIM's refutation: the peer raises its own incarnation above `known`). Body layout:
+/// node u8, known incarnation u64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaleNotice {
+    pub node: NodeId,
+    pub known: u64,
 }
 
 /// An operator's request for another node (`clonecluster drain --node N`). Body layout: target
@@ -384,6 +407,7 @@ impl Message {
             Body::Request(_) => KIND_REQUEST,
             Body::Backends(_) => KIND_BACKENDS,
             Body::BackendDrain(_) => KIND_BACKEND_DRAIN,
+            Body::StaleNotice(_) => KIND_STALE_NOTICE,
         });
         b.push(self.path.code());
         b.push(self.node.get());
@@ -424,6 +448,12 @@ impl Message {
                 // A caller bug, not input: a version-3 node could not read it.
                 debug_assert!(version >= BACKEND_DRAIN_VERSION);
                 x.encode(&mut b);
+            }
+            Body::StaleNotice(x) => {
+                // A caller bug, not input: a version-4 node could not read it.
+                debug_assert!(version >= STALE_NOTICE_VERSION);
+                b.push(x.node.get());
+                b.extend_from_slice(&x.known.to_be_bytes());
             }
             Body::Request(r) => {
                 b.push(r.target.get());
@@ -555,6 +585,10 @@ pub fn decode(
             r.at += n;
             Body::BackendDrain(x)
         }
+        KIND_STALE_NOTICE if version >= STALE_NOTICE_VERSION => Body::StaleNotice(StaleNotice {
+            node: r.node()?,
+            known: r.u64()?,
+        }),
         _ => return Err(Refusal::Malformed),
     };
     if r.at != signed.len() {
@@ -756,6 +790,16 @@ mod tests {
         }
     }
 
+    /// Node 3 tells node 7 it holds incarnation 0x0102030405060708 for it.
+    fn stale_notice() -> Message {
+        let mut m = heartbeat(Path::Udp);
+        m.body = Body::StaleNotice(StaleNotice {
+            node: n(7),
+            known: 0x0102_0304_0506_0708,
+        });
+        m
+    }
+
     fn dec(b: &[u8], path: Path) -> Result<Message, Refusal> {
         decode(b, &key(), path, 0xfeed_beef)
     }
@@ -815,6 +859,22 @@ mod tests {
             assert!(b.len() <= MAX_LEN);
             assert_eq!(dec(&b, Path::Udp), Ok(m));
         }
+        let m = stale_notice();
+        assert_eq!(dec(&m.encode(&key()), Path::Udp), Ok(m));
+    }
+
+    /// PINNED: the layout is the wire contract; change it only with a VERSION bump.
+    #[test]
+    fn pinned_stale_notice_layout() {
+        let b = stale_notice().encode(&key());
+        assert_eq!(b.len(), HEADER_LEN + 9 + TAG_LEN);
+        assert_eq!(&b[..6], &[b'C', b'C', 5, 6, 1, 3]);
+        assert_eq!(b[30], 7, "the node refused");
+        assert_eq!(&b[31..39], &0x0102_0304_0506_0708u64.to_be_bytes(), "known");
+        // A node id of 0 is malformed, even correctly signed.
+        let mut zero = b[..b.len() - TAG_LEN].to_vec();
+        zero[30] = 0;
+        assert_eq!(dec(&signed(zero), Path::Udp), Err(Refusal::Malformed));
     }
 
     /// PINNED: the layout is the wire contract; change it only with a VERSION bump.
@@ -822,7 +882,7 @@ mod tests {
     fn pinned_backend_drain_layout() {
         let b = backend_drain().encode(&key());
         assert_eq!(b.len(), HEADER_LEN + 8 + 1 + 1 + 2 * 2 + TAG_LEN);
-        assert_eq!(&b[..6], &[b'C', b'C', 4, 5, 1, 2]);
+        assert_eq!(&b[..6], &[b'C', b'C', VERSION, 5, 1, 2]);
         assert_eq!(
             &b[30..38],
             &0x0102_0304_0506_0708u64.to_be_bytes(),
@@ -841,8 +901,8 @@ mod tests {
     /// PINNED: the layout is the wire contract; change it only with a VERSION bump.
     #[test]
     fn pinned_heartbeat_layout() {
-        // The same in versions 3 and 4.
-        for version in [3, 4] {
+        // The same in versions 3 to 5.
+        for version in [PREVIOUS_VERSION, VERSION] {
             let mut m = heartbeat(Path::Udp);
             m.version = version;
             let b = m.encode(&key());
@@ -861,10 +921,11 @@ mod tests {
 
     #[test]
     fn the_previous_version_is_spoken_and_understood() {
-        // Heartbeats, plans, requests and backends are the same in versions 3 and 4.
+        // Heartbeats, plans, requests, backends and backend drains are the same in versions 4
+        // and 5.
         let mut m = heartbeat(Path::Wire);
         m.version = PREVIOUS_VERSION;
-        assert_eq!(PREVIOUS_VERSION, 3);
+        assert_eq!(PREVIOUS_VERSION, 4);
         let b = m.encode(&key());
         assert_eq!(dec(&b, Path::Wire), Ok(m.clone()));
         let mut p = plan();
@@ -877,15 +938,18 @@ mod tests {
             drain: true,
         });
         assert_eq!(dec(&r.encode(&key()), Path::Wire), Ok(r));
-        // A backend drain claiming version 3 is malformed, even correctly signed: a version-3
+        let mut d = backend_drain();
+        d.version = PREVIOUS_VERSION;
+        assert_eq!(dec(&d.encode(&key()), Path::Udp), Ok(d));
+        // A stale notice claiming version 4 is malformed, even correctly signed: a version-4
         // node cannot read it.
-        let mut v3 = backend_drain().encode(&key());
-        v3.truncate(v3.len() - TAG_LEN);
-        v3[2] = 3;
-        assert_eq!(dec(&signed(v3), Path::Udp), Err(Refusal::Malformed));
-        // Version 2 is two releases back: refused.
+        let mut v4 = stale_notice().encode(&key());
+        v4.truncate(v4.len() - TAG_LEN);
+        v4[2] = 4;
+        assert_eq!(dec(&signed(v4), Path::Udp), Err(Refusal::Malformed));
+        // Version 3 is two releases back: refused.
         let mut b = b;
-        b[2] = 2;
+        b[2] = 3;
         assert_eq!(dec(&b, Path::Wire), Err(Refusal::UnknownVersion));
     }
 

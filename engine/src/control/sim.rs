@@ -781,6 +781,78 @@ fn rejoin_with_a_new_incarnation() {
     assert_eq!(sim.node(1).refused(Path::Udp, Refusal::WrongPath), 1);
 }
 
+/// A node restarted with a smaller incarnation than its last run's (its clock was stepped
+/// back in between): its peers refuse its messages as stale, and tell it which incarnation
+/// they hold; it goes on above that and rejoins. Peers of the version before, which cannot
+/// tell it, keep it out (the lockout this notice ends); an old message of the node replayed
+/// draws a notice naming its current incarnation, which changes nothing.
+#[test]
+fn a_node_restarted_with_its_clock_stepped_back_is_told_and_rejoins() {
+    for peers_can_tell in [true, false] {
+        let mut sim = Sim::new(94);
+        for id in 1..=2 {
+            let c = config(id, 1_000 + u64::from(id));
+            sim.start(if peers_can_tell {
+                c
+            } else {
+                Config {
+                    newest_version: PREVIOUS_VERSION,
+                    ..c
+                }
+            });
+        }
+        sim.start(config(3, 9_000_000));
+        sim.run_until(3 * SEC);
+        sim.assert_converged();
+        // One of its first run's messages, to replay later.
+        let old = sim.last_sent[2][Path::Udp.index()].clone().unwrap();
+        sim.stop(3);
+        sim.run_until(4 * SEC);
+        // Its clock now says it started before its first run.
+        sim.start(config(3, 5_000_000));
+        sim.run_until(10 * SEC);
+        let raised = sim.events_of(3).find_map(|e| match e {
+            Event::IncarnationRaised { incarnation, .. } => Some(*incarnation),
+            _ => None,
+        });
+        if !peers_can_tell {
+            assert_eq!(raised, None);
+            assert!(sim.node(1).refused_total(Refusal::Stale) > 50, "locked out");
+            for id in 1..=2 {
+                let s = sim.node(id).snapshot();
+                assert_eq!(s.accepting_count(n(3)), 0, "node {id}'s view");
+                assert_eq!(
+                    s.accepting_count(n(1)) + s.accepting_count(n(2)),
+                    BUCKETS as u32
+                );
+            }
+            continue;
+        }
+        assert_eq!(raised, Some(9_000_001), "{}", sim.log_tail());
+        assert_eq!(sim.node(3).config().incarnation, 9_000_001);
+        let c = sim.assert_converged();
+        for id in 1..=3 {
+            assert!((share(&c, id) - 1.0 / 3.0).abs() < 0.01, "{c:?}");
+        }
+        // Refused only until the notice came: a few heartbeats, not the whole while.
+        let stale = sim.node(1).refused_total(Refusal::Stale);
+        assert!(stale < 20, "{stale} refused as stale");
+        // The old message replayed: refused, and the notice it draws names the incarnation
+        // node 3 has now, which changes nothing.
+        let before = sim.node(1).refused_total(Refusal::Stale);
+        sim.input(1, |m, now, out| m.handle_message(Path::Udp, &old, now, out));
+        sim.run_until(11 * SEC);
+        assert_eq!(sim.node(1).refused_total(Refusal::Stale), before + 1);
+        assert_eq!(sim.node(3).config().incarnation, 9_000_001);
+        let raised = sim
+            .events_of(3)
+            .filter(|e| matches!(e, Event::IncarnationRaised { .. }))
+            .count();
+        assert_eq!(raised, 1);
+        sim.assert_converged();
+    }
+}
+
 #[test]
 fn loss_duplication_and_reordering() {
     for seed in 0..2 {

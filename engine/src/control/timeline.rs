@@ -89,6 +89,7 @@ impl What {
             Event::Fenced { fenced, .. } => What::Fenced { fenced: *fenced },
             Event::PeerUp { .. }
             | Event::PeerRejoined { .. }
+            | Event::IncarnationRaised { .. }
             | Event::VersionRefused { .. }
             | Event::ServiceDown { .. }
             | Event::ServiceUp

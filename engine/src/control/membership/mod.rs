@@ -158,7 +158,8 @@ pub use crate::config::Policy;
 use super::backends::{BackendAgreement, BackendDrain};
 use super::message::{
     decode, Body, ControlKey, Heartbeat, Load, Message, Path, Phase, Plan, PlanId, Refusal,
-    BACKEND_DRAIN_VERSION, LEFT_UNKNOWN, PREVIOUS_VERSION, VERSION,
+    StaleNotice, BACKEND_DRAIN_VERSION, LEFT_UNKNOWN, PREVIOUS_VERSION, STALE_NOTICE_VERSION,
+    VERSION,
 };
 use super::snapshot::Snapshot;
 
@@ -282,6 +283,10 @@ pub enum Event {
     PeerUp { node: NodeId, incarnation: u64 },
     /// A node restarted: a message with a larger incarnation.
     PeerRejoined { node: NodeId, incarnation: u64 },
+    /// Peer `by` held a larger incarnation for this node than its own (a run before this one
+    /// started later by its clock: the clock was stepped back) and refused its messages: this
+    /// node goes on as `incarnation`, above it.
+    IncarnationRaised { by: NodeId, incarnation: u64 },
     /// Both paths silent for `dead_after` intervals.
     PeerDead { node: NodeId },
     /// The set of dead plan members changed: their buckets were taken at once. `dead` has bit
@@ -380,6 +385,8 @@ struct Peer {
     version: u8,
     /// When it last became live (heard, or presumed, after being dead or unknown).
     alive_since: u64,
+    /// When it was last told that its messages are stale ([`StaleNotice`]).
+    noticed_stale: Option<u64>,
 }
 
 impl Peer {
@@ -397,6 +404,7 @@ impl Peer {
             silent: [0; 2],
             lost: [0; 2],
             alive_since: presumed.unwrap_or(0),
+            noticed_stale: None,
         }
     }
 
@@ -558,6 +566,9 @@ impl Membership {
             Err(r) => return self.refuse(path, r, now),
         };
         if let Err(r) = self.accept(&msg, now, out) {
+            if r == Refusal::Stale {
+                self.notice_stale(&msg, now, out);
+            }
             return self.refuse(path, r, now);
         }
         self.accepted[path.index()] += 1;
@@ -600,6 +611,9 @@ impl Membership {
                     self.said_adopted(adopted, out);
                 }
             }
+            // Sent on both paths: the first copy raises the incarnation, the second finds it
+            // raised already.
+            Body::StaleNotice(notice) => self.noticed_stale(msg.node, notice, out),
             // Sent on both paths: the first copy changes what this node holds, the second
             // nothing.
             Body::BackendDrain(d) => {

@@ -69,6 +69,50 @@ impl Membership {
             .max(PREVIOUS_VERSION)
     }
 
+    /// `msg` was refused as stale: its sender restarted with a smaller incarnation than the
+    /// one held for it (its clock stepped back since an earlier run), or it is an old message
+    /// replayed. Tells the sender which incarnation it must exceed, once a heartbeat interval
+    /// at most, while every live peer can read the notice. A replay's notice names the
+    /// sender's current incarnation, which it ignores.
+    pub(super) fn notice_stale(&mut self, msg: &Message, now: u64, out: &mut Vec<Output>) {
+        if self.speaks() < STALE_NOTICE_VERSION {
+            return;
+        }
+        let every = self.cfg.interval;
+        let Some(peer) = self.peers[msg.node.index()].as_mut() else {
+            return;
+        };
+        if peer
+            .noticed_stale
+            .is_some_and(|at| now.saturating_sub(at) < every)
+        {
+            return;
+        }
+        peer.noticed_stale = Some(now);
+        let notice = StaleNotice {
+            node: msg.node,
+            known: peer.incarnation,
+        };
+        self.send(Body::StaleNotice(notice), out);
+    }
+
+    /// Peer `by` says it holds incarnation `notice.known` for `notice.node`. If that is this
+    /// node and above its own incarnation, every peer that ran alongside an earlier run of this
+    /// node refuses it: it goes on above. Otherwise (another node's notice, or one about an
+    /// older message of this run, replayed) nothing changes.
+    pub(super) fn noticed_stale(&mut self, by: NodeId, notice: StaleNotice, out: &mut Vec<Output>) {
+        // `known` equal to this node's own: peers hold this very incarnation, accept this
+        // node's messages and refused an older one, replayed.
+        if notice.node != self.cfg.me || notice.known <= self.cfg.incarnation {
+            return;
+        }
+        self.cfg.incarnation = notice.known.saturating_add(1);
+        out.push(Output::Event(Event::IncarnationRaised {
+            by,
+            incarnation: self.cfg.incarnation,
+        }));
+    }
+
     /// Replay and incarnation checks; records liveness of an accepted message's sender.
     pub(super) fn accept(
         &mut self,
