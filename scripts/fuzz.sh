@@ -40,7 +40,10 @@ ip = struct.pack('!BBHHHBBH4s4s', 0x46, 0, 24 + len(udp), 7, 0, 64, 17, 0,
                  bytes([198, 18, 7, 1]), bytes([198, 18, 0, 2])) + bytes([130, 3, 0, 0])
 ip = ip[:10] + struct.pack('!H', csum(ip)) + ip[12:]
 frame = bytes.fromhex('02cc00000001' '020000000064' '0800') + ip + udp
-open(os.path.join(out, 'decision', 'cut'), 'wb').write(b'\xc0' + frame)
+# (The mode byte mod 3 makes the pipeline node 1, 2 or 3 of the fuzz cluster, and one of them
+# owns the flow: a seed for each.)
+for mode in (0xc0, 0xc1, 0xc2):
+    open(os.path.join(out, 'decision', 'cut%02x' % mode), 'wb').write(bytes([mode]) + frame)
 PY
 for target in wire_parsers parse_l2_l4 decision; do
   echo "fuzz: $target for ${seconds}s" >&2

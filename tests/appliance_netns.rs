@@ -639,7 +639,8 @@ data = bytes((i * 7) & 0xff for i in range(1460))
 tcp = struct.pack("!HHIIBBHHH", 41000, port, 1, 1, 5 << 4, 0x18, 65535, 0, 0) + data
 pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
 tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
-ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0x4242, 0, 64, 6, 0,
+# An identification of its own per port: a backend reassembles each datagram apart.
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0x4200 + port % 256, 0, 64, 6, 0,
                  socket.inet_aton(src), socket.inet_aton(dst))
 ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)

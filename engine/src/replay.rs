@@ -395,8 +395,6 @@ pub fn replay_with(
     report
 }
 
-/// The configuration's services for an offline replay: a backend whose MAC the nodes would
-/// learn by ARP/NDP gets a stand-in (02:ba:00:00:<id>), so that its frames are counted.
 /// After [`crate::pipeline::Action::ToBackendInPieces`] for `frame`: whether every piece is
 /// written (into a scratch frame, as a core writes each into an mbuf).
 fn pieces_written(pipeline: &mut Pipeline, frame: &[u8]) -> bool {
@@ -407,6 +405,8 @@ fn pieces_written(pipeline: &mut Pipeline, frame: &[u8]) -> bool {
     (0..pieces.count()).all(|k| pieces.write(frame, k, &mut out).is_some())
 }
 
+/// The configuration's services for an offline replay: a backend whose MAC the nodes would
+/// learn by ARP/NDP gets a stand-in (02:ba:00:00:<id>), so that its frames are counted.
 fn replay_services(loaded: &Loaded) -> Services {
     let mut services = Services::compile(&loaded.config, &loaded.secret, None);
     let unresolved: Vec<u16> = services

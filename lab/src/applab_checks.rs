@@ -100,7 +100,8 @@ impl AppChecks {
 }
 
 /// What is wrong with the encapsulated frames captured on a backend's port, in words: a
-/// malformed frame (the first one's problem), or no frame of a tunnel at all.
+/// malformed frame (the first one's problem), a datagram whose fragments do not join, or no
+/// frame of a tunnel at all.
 pub fn encap_failures(e: &EncapStep) -> Vec<String> {
     let c = &e.check;
     let mut f = Vec::new();
@@ -108,6 +109,13 @@ pub fn encap_failures(e: &EncapStep) -> Vec<String> {
         f.push(format!(
             "{} of {} encapsulated frame(s) captured on backend {}'s port malformed; the first: {p}",
             c.malformed, c.frames, e.backend
+        ));
+    }
+    if let Some(p) = &c.first_unjoined {
+        f.push(format!(
+            "{} datagram(s) cut into fragments on the way to backend {} do not join again; the \
+             first: {p}",
+            c.unjoined, e.backend
         ));
     }
     for (n, what, port) in [

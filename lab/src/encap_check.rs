@@ -96,16 +96,20 @@ pub struct EncapCheck {
     /// up that joined again.
     pub fragments: usize,
     pub joined: usize,
-    /// Frames with something wrong (and datagrams whose fragments did not join).
+    /// Frames with something wrong.
     pub malformed: usize,
     /// The first frame with something wrong: its number (from 1), tunnel and what was wrong.
     pub first_problem: Option<String>,
+    /// Datagrams whose fragments (each well formed) did not join into the client's packet,
+    /// and the first one's problem.
+    pub unjoined: usize,
+    pub first_unjoined: Option<String>,
 }
 
 impl EncapCheck {
-    /// Every frame looked at was well formed.
+    /// Every frame looked at was well formed, and every datagram in fragments joined.
     pub fn well_formed(&self) -> bool {
-        self.malformed == 0
+        self.malformed == 0 && self.unjoined == 0
     }
 
     /// One line for a person: counts, and the first problem if any.
@@ -120,9 +124,16 @@ impl EncapCheck {
                 self.fragments, self.joined
             );
         }
-        match &self.first_problem {
+        let frames = match &self.first_problem {
             None => format!("{counts}; every one well formed"),
             Some(p) => format!("{counts}; {} malformed, the first: {p}", self.malformed),
+        };
+        match &self.first_unjoined {
+            None => frames,
+            Some(p) => format!(
+                "{frames}; {} datagram(s) whose fragments do not join, the first: {p}",
+                self.unjoined
+            ),
         }
     }
 }
@@ -174,14 +185,14 @@ pub fn check_frames(frames: &[Vec<u8>], want: &Expect) -> EncapCheck {
             })
         }) {
             Ok(()) => c.joined += 1,
-            Err(p) => problem(
-                &mut c,
-                format!(
+            Err(p) => {
+                c.unjoined += 1;
+                c.first_unjoined.get_or_insert(format!(
                     "the datagram of identification {ident} ({t}, its first fragment in frame \
                      {}): {p}",
                     d.first_frame
-                ),
-            ),
+                ));
+            }
         }
     }
     c
@@ -229,12 +240,18 @@ impl Datagram {
             ));
         }
         let mut payload = Vec::new();
-        for p in &pieces {
+        for (i, p) in pieces.iter().enumerate() {
             if p.offset != payload.len() {
                 return Err(format!(
                     "a fragment at byte {} where byte {} was due: a gap or an overlap",
                     p.offset,
                     payload.len()
+                ));
+            }
+            if !p.more && i + 1 < pieces.len() {
+                return Err(format!(
+                    "the fragment at byte {} says no more follow, and more do",
+                    p.offset
                 ));
             }
             payload.extend_from_slice(&p.payload);
@@ -571,19 +588,39 @@ mod tests {
                 .contains("3 carrying a fragment; 1 datagram(s) joined"));
             // One missing: the datagram does not join, and says where.
             let c = check_frames(&[pieces[0].clone(), pieces[2].clone()], &expect());
-            assert_eq!((c.malformed, c.joined), (1, 0));
-            let p = c.first_problem.unwrap();
+            assert_eq!((c.malformed, c.unjoined, c.joined), (0, 1, 0));
+            assert!(!c.well_formed());
+            assert!(c
+                .summary()
+                .contains("1 datagram(s) whose fragments do not join"));
+            let p = c.first_unjoined.unwrap();
             assert!(p.contains("a gap or an overlap"), "{p}");
             assert!(p.contains("first fragment in frame 1"), "{p}");
             // The last missing: more were said to follow.
             let c = check_frames(&pieces[..2], &expect());
-            assert!(c.first_problem.unwrap().contains("says more follow"));
+            assert!(c.first_unjoined.unwrap().contains("says more follow"));
+            // A middle piece that says it is the last: refused though the bytes join.
+            let mut early_end = pieces.clone();
+            let inner = 14
+                + if tunnel == encap::Tunnel::Ipip {
+                    20
+                } else {
+                    32
+                };
+            let h = &mut early_end[1][inner..inner + 20];
+            h[6] &= !0x20;
+            h[10..12].fill(0);
+            let c = build::checksum(&[h]);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            let c = check_frames(&early_end, &expect());
+            let p = c.first_unjoined.unwrap_or_default();
+            assert!(p.contains("says no more follow, and more do"), "{p}");
             // A payload byte changed on the way: the joined segment's TCP checksum tells.
             let mut changed = pieces.clone();
             let last = changed[1].len() - 1;
             changed[1][last] ^= 0xff;
             let c = check_frames(&changed, &expect());
-            assert!(c.first_problem.unwrap().contains("inner TCP checksum"));
+            assert!(c.first_unjoined.unwrap().contains("inner TCP checksum"));
         }
     }
 

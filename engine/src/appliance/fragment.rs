@@ -39,16 +39,19 @@ pub struct Cut {
 impl Cut {
     /// The cut of `packet`, an IPv4 packet exactly as long as its total length says, into
     /// pieces of at most `room` bytes each. `None`: it may not or cannot be cut (DF set, not
-    /// IPv4, lengths that disagree, options that do not parse, a room that holds no 8 bytes of
-    /// payload behind the header).
+    /// IPv4, lengths that disagree, a header checksum that does not verify (the pieces' new
+    /// checksums would hide a header damaged on the way), options that do not parse, a room
+    /// that holds no 8 bytes of payload behind the header, offsets past the largest).
     pub fn new(packet: &[u8], room: usize) -> Option<Cut> {
         let first_byte = *packet.first()?;
         let header = usize::from(first_byte & 0x0f) * 4;
         if first_byte >> 4 != 4 || header < IPV4 || packet.len() < header {
             return None;
         }
+        let word = u16::from_be_bytes([packet[6], packet[7]]);
         if usize::from(u16::from_be_bytes([packet[2], packet[3]])) != packet.len()
-            || u16::from_be_bytes([packet[6], packet[7]]) & DF != 0
+            || word & DF != 0
+            || checksum::checksum(&packet[..header]) != 0
         {
             return None;
         }
@@ -65,7 +68,7 @@ impl Cut {
         } else {
             1 + (payload - first).div_ceil(each)
         };
-        Some(Cut {
+        let cut = Cut {
             header,
             payload,
             first,
@@ -73,7 +76,11 @@ impl Cut {
             pieces,
             later,
             later_len,
-        })
+        };
+        // The last piece's offset must fit the field, or the datagram is refused whole (not
+        // some of its pieces sent).
+        let last_offset = usize::from(word & OFFSET) + cut.span(pieces - 1).0 / 8;
+        (last_offset <= usize::from(OFFSET)).then_some(cut)
     }
 
     /// How many pieces.
@@ -81,21 +88,21 @@ impl Cut {
         self.pieces
     }
 
-    /// Piece `k`'s payload: where it starts in the packet's payload, and its length.
+    /// Piece `k`'s payload: where it starts in the packet's payload, and its length (0 past
+    /// the last piece).
     fn span(&self, k: usize) -> (usize, usize) {
-        let start = if k == 0 {
-            0
-        } else {
-            self.first + (k - 1) * self.each
+        let start = match k {
+            0 => 0,
+            _ => (k - 1).saturating_mul(self.each).saturating_add(self.first),
         };
         let size = if k == 0 { self.first } else { self.each };
         (start, size.min(self.payload.saturating_sub(start)))
     }
 
-    /// Bytes of piece `k` (header included).
-    pub fn len(&self, k: usize) -> usize {
+    /// Bytes of piece `k` (header included; `None` past the last piece).
+    pub fn len(&self, k: usize) -> Option<usize> {
         let header = if k == 0 { self.header } else { self.later_len };
-        header + self.span(k).1
+        (k < self.pieces).then(|| header + self.span(k).1)
     }
 
     /// Writes piece `k` (< [`Cut::pieces`]) of `packet`, the packet this cut was made for,
@@ -119,10 +126,8 @@ impl Cut {
         let word = u16::from_be_bytes([packet[6], packet[7]]);
         // The offset continues the packet's own (in 8-byte units: every piece starts at a
         // multiple of 8); the last piece keeps the packet's "more fragments", the others set it.
+        // Checked by `new` for the last piece: this one's fits.
         let offset = (word & OFFSET) + u16::try_from(start / 8).ok()?;
-        if offset > OFFSET {
-            return None;
-        }
         let more = if k + 1 < self.pieces { MF } else { word & MF };
         out[2..4].copy_from_slice(&u16::try_from(h + size).ok()?.to_be_bytes());
         out[6..8].copy_from_slice(&(more | offset).to_be_bytes());
@@ -194,7 +199,7 @@ mod tests {
         for k in 0..cut.pieces() {
             let mut out = vec![0u8; 2000];
             let n = cut.write(p, k, &mut out).unwrap();
-            assert_eq!(n, cut.len(k));
+            assert_eq!(Some(n), cut.len(k));
             assert!(n <= room, "piece {k} of {n} bytes in a room of {room}");
             out.truncate(n);
             let h = usize::from(out[0] & 0xf) * 4;
@@ -305,12 +310,18 @@ mod tests {
     }
 
     #[test]
-    fn an_offset_past_the_largest_is_refused() {
-        // A fragment near the end of the largest datagram: the pieces' offsets would not fit.
-        let p = packet(2000, &[], OFFSET - 10);
-        let cut = Cut::new(&p, 1000).unwrap();
-        let mut out = [0u8; 2000];
-        assert!(cut.write(&p, 0, &mut out).is_some());
-        assert_eq!(cut.write(&p, 1, &mut out), None);
+    fn an_offset_past_the_largest_or_a_damaged_header_is_refused_whole() {
+        // A fragment near the end of the largest datagram: its last piece's offset would not
+        // fit, so none is cut (not the first pieces sent and the rest lost).
+        assert_eq!(Cut::new(&packet(2000, &[], OFFSET - 10), 1000), None);
+        let fits = packet(2000, &[], OFFSET - 2000 / 8);
+        let cut = Cut::new(&fits, 1000).unwrap();
+        assert_eq!(cut_and_join(&fits, 1000).1, &fits[20..]);
+        assert_eq!(cut.len(cut.pieces()), None);
+        // A header changed on the way (its checksum does not verify): not cut, lest the
+        // pieces' new checksums hide it.
+        let mut damaged = packet(2000, &[], 0);
+        damaged[8] = 1;
+        assert_eq!(Cut::new(&damaged, 1000), None);
     }
 }

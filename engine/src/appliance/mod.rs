@@ -7,7 +7,8 @@
 //! questions per frame: which rule a destination matches ([`Services::lookup`]), which backend
 //! a new flow of a rule goes to ([`Services::choose`], a Maglev table per rule: [`maglev`]),
 //! and where a backend id the flow table remembers points ([`Services::backend`]).
-//! [`encap`] rewrites or encapsulates a frame for its backend.
+//! [`encap`] rewrites or encapsulates a frame for its backend; [`fragment`] cuts an IPv4
+//! datagram without DF that its tunnel cannot carry whole.
 //!
 //! Backend ids are small integers (1..=[`crate::config::MAX_BACKENDS`]) that the flow table
 //! keeps per flow; a backend keeps its id across reloads ([`Services::compile`] with the

@@ -32,7 +32,8 @@ pub struct Route {
     pub rule: u16,
     /// It takes new flows (neither down nor drained, nor of weight 0).
     pub up: bool,
-    /// Its rule's path MTU (encapsulation: larger packets are answered "too big").
+    /// Its rule's path MTU (encapsulation: a larger IPv4 packet without DF is cut to fit, any
+    /// other is answered "too big").
     pub mtu: u16,
     pub way: Way,
 }

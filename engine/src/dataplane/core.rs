@@ -11,7 +11,8 @@
 //! Between bursts it picks up the control thread's news from the [`ControlLink`] (a new
 //! ownership snapshot, the service state; on core 0, control messages to send) and now and then
 //! publishes its figures in its own [`CoreLink`]. Nothing here allocates, locks or logs per
-//! frame, and a core never waits on the control thread.
+//! frame (but the pool's mbufs for the pieces of a datagram cut for its backend's tunnel, and
+//! core 0's control frames), and a core never waits on the control thread.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -44,6 +45,9 @@ const LATENCY_EVERY_NS: u64 = 1_000_000_000;
 const CONTROL_EVERY: u32 = 16;
 /// How often core 0 reads the wire port's link state, ns (a syscall on `net_af_packet`).
 const LINK_CHECK_NS: u64 = 100_000_000;
+/// Bytes a piece of a cut datagram starts before an mbuf's data (in its headroom): more than
+/// the outer headers it may outgrow its frame by.
+const MAX_GROWTH: usize = 64;
 /// How often a releasing node recounts its flows per bucket.
 const COUNT_EVERY_NS: u64 = 50_000_000;
 
@@ -618,30 +622,48 @@ impl Forward<'_> {
     }
 
     /// A datagram cut for its backend: each piece, encapsulated, in an mbuf of its own to the
-    /// wire; the frame itself is freed.
+    /// wire; the frame itself is freed. All the pieces or none: without every mbuf they need,
+    /// or with one that cannot be written, none is sent (the backend could not reassemble the
+    /// datagram from the others).
     #[inline(never)]
     fn in_pieces(&mut self, m: Mbuf) {
-        let c = self.counters;
-        if let Some(pieces) = self.pipeline.take_pieces() {
-            for k in 0..pieces.count() {
-                let Some(mut piece) = Mbuf::alloc(&self.pool) else {
-                    // The rest are lost: the backend's reassembly times out.
-                    self.drops[DropReason::NoMbuf.index()] += (pieces.count() - k) as u64;
-                    break;
-                };
-                match pieces.write(m.data(), k, piece.room_mut()) {
-                    Some(len) => {
-                        piece.set_len(len);
-                        bump(&c.to_backend, 1);
-                        self.to_wire.push(piece);
-                    }
-                    None => {
-                        // No room for the piece in an mbuf (an `mtu` larger than the pool's
-                        // buffers): counted, never sent.
-                        self.drops[DropReason::TooBig.index()] += 1;
-                        push_dropped(&mut self.dropped, piece);
-                    }
-                }
+        let Some(pieces) = self.pipeline.take_pieces() else {
+            // Every `ToBackendInPieces` leaves its pieces to take: a pipeline bug, counted.
+            debug_assert!(false, "ToBackendInPieces without pieces");
+            self.drops[DropReason::NoBackend.index()] += 1;
+            push_dropped(&mut self.dropped, m);
+            return;
+        };
+        let count = pieces.count();
+        let mut out = Burst::new();
+        while out.len() < count {
+            let Some(mut piece) = Mbuf::alloc(&self.pool) else {
+                break;
+            };
+            // The piece may be up to the outer headers longer than the frame it comes from,
+            // which filled its own mbuf at most: it starts in the headroom (128 bytes, more
+            // than any outer header).
+            let _ = piece.prepend(MAX_GROWTH);
+            let written = pieces.write(m.data(), out.len(), piece.room_mut());
+            let Some(len) = written else {
+                self.drops[DropReason::TooBig.index()] += count as u64;
+                push_dropped(&mut self.dropped, m);
+                return;
+            };
+            piece.set_len(len);
+            if let Err(piece) = out.push(piece) {
+                // More pieces than a burst holds: never with a path of at least 1280 bytes
+                // and frames of at most 16 KiB (`mbuf_size`).
+                drop(piece);
+                break;
+            }
+        }
+        if out.len() < count {
+            self.drops[DropReason::NoMbuf.index()] += count as u64;
+        } else {
+            bump(&self.counters.to_backend, count);
+            for piece in out.drain() {
+                self.to_wire.push(piece);
             }
         }
         push_dropped(&mut self.dropped, m);

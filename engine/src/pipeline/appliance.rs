@@ -263,7 +263,10 @@ impl Pipeline {
         let entropy = entropy(hash);
         let action = self.forward_to(buf, len, backend, &d, entropy, Some(now));
         let first = match action {
-            Action::ToBackend { .. } => FirstFragment::Forwarded { backend, entropy },
+            // Cut to fit its tunnel or not, the first went to its backend: so do the others.
+            Action::ToBackend { .. } | Action::ToBackendInPieces { .. } => {
+                FirstFragment::Forwarded { backend, entropy }
+            }
             _ => FirstFragment::Refused,
         };
         Some((action, first))
@@ -573,7 +576,8 @@ impl Pipeline {
         };
         let at = usize::from(id);
         for k in 0..cut.pieces() {
-            self.appliance.count(at, 14 + outer.overhead() + cut.len(k));
+            let len = cut.len(k).unwrap_or(0);
+            self.appliance.count(at, 14 + outer.overhead() + len);
         }
         self.appliance.cut += 1;
         self.pieces = Some(Pieces {

@@ -47,11 +47,12 @@ pub enum DropReason {
     CoreQueueFull,
     /// A later IP fragment of a datagram whose first fragment this node owned but dropped
     /// (appliance mode: its rule refused it, no backend took it, or it was too big for the
-    /// tunnel).
+    /// tunnel and not cut).
     FragmentRefused,
-    /// A datagram too big for its backend's tunnel that may not be cut (IPv4 with options
-    /// that do not parse) and gets no answer: DF not set, or an answer no host may get, or
-    /// over the budget of answers.
+    /// A datagram too big for its backend's tunnel and not sent: with DF (or IPv6) and not
+    /// answered (a group source, over the budget of answers, a later fragment), an ICMP error,
+    /// IPv4 without DF that cannot be cut (options that do not parse, a header checksum that
+    /// does not verify), or the pieces of a cut one when one could not be written.
     TooBig,
     /// A piece of a datagram cut for its backend's tunnel found no free mbuf in the pool: the
     /// pieces not sent (the backend's reassembly drops the rest).

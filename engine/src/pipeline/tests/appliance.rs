@@ -396,6 +396,105 @@ fn a_datagram_without_df_too_big_for_the_tunnel_goes_in_pieces_to_its_backend() 
     }
 }
 
+/// A client's datagram in fragments whose first, 1500 bytes, is too big for the GUE tunnel:
+/// the first is cut (its pieces continue the datagram's offsets) and the later fragment still
+/// follows it to its backend, whichever comes first; the inner fragments join into the
+/// client's segment.
+#[test]
+fn a_first_fragment_cut_for_its_tunnel_takes_the_later_ones_along() {
+    let (src, sport) = client(11);
+    let data: Vec<u8> = (0..2900u32).map(|i| (i * 3) as u8).collect();
+    let mut seg = build::tcp(sport, 1, 1, 0x18, &data);
+    seg[2..4].copy_from_slice(&80u16.to_be_bytes());
+    let fragment = |offset: usize, more: bool, part: &[u8]| {
+        let mut f = build::ethernet([2, 0, 0, 0, 0, 0x64], build::CLUSTER_MAC, 0x0800);
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + part.len()) as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&0x5151u16.to_be_bytes());
+        ip[6..8].copy_from_slice(&((u16::from(more) << 13) | (offset / 8) as u16).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&src);
+        ip[16..20].copy_from_slice(&build::CLUSTER_IP);
+        let c = build::checksum(&[&ip]);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(part);
+        f
+    };
+    let first = fragment(0, true, &seg[..1480]);
+    let later = fragment(1480, false, &seg[1480..]);
+    // The inner IPv4 packets of what node `p` sent for `action` on `frame`.
+    let inner = |p: &mut Pipeline, action: Action, frame: &[u8]| -> Vec<Vec<u8>> {
+        let mut buf = vec![0u8; 2048];
+        buf[..frame.len()].copy_from_slice(frame);
+        match action {
+            Action::ToBackendInPieces { .. } => {
+                let pieces = p.take_pieces().unwrap();
+                (0..pieces.count())
+                    .map(|k| {
+                        let mut out = vec![0u8; 2048];
+                        let n = pieces.write(&buf[..frame.len()], k, &mut out).unwrap();
+                        assert!(n <= 14 + 1500, "piece {k}: {n} bytes");
+                        out[14 + 32..n].to_vec()
+                    })
+                    .collect()
+            }
+            Action::ToBackend { .. } => {
+                let out = carry_out(p, action, &buf, frame.len());
+                vec![out[14 + 32..].to_vec()]
+            }
+            other => panic!("not sent to a backend: {other:?}"),
+        }
+    };
+    for later_first in [false, true] {
+        let mut p = appliances(1, "gue").remove(0);
+        let mut sent = Vec::new();
+        if later_first {
+            let mut buf = later.clone();
+            let held = p.from_wire(&mut buf, later.len(), 1);
+            assert!(matches!(held, Action::Hold(_)), "{held:?}");
+        }
+        let mut buf = vec![0u8; 2048];
+        buf[..first.len()].copy_from_slice(&first);
+        let action = p.from_wire(&mut buf, first.len(), 2);
+        assert_eq!(action, Action::ToBackendInPieces { pieces: 2 });
+        sent.extend(inner(&mut p, action, &first));
+        if later_first {
+            let released = p.take_released().expect("the held fragment is released");
+            assert_eq!(released.to, ReleaseTo::Backend);
+            let mut buf = vec![0u8; 2048];
+            buf[..later.len()].copy_from_slice(&later);
+            let action = p.released_fragment(&mut buf, later.len(), 3);
+            sent.extend(inner(&mut p, action, &later));
+        } else {
+            let mut buf = vec![0u8; 2048];
+            buf[..later.len()].copy_from_slice(&later);
+            let action = p.from_wire(&mut buf, later.len(), 3);
+            sent.extend(inner(&mut p, action, &later));
+        }
+        // Three inner fragments of the datagram, by offset: the whole segment, the last alone
+        // saying no more follow.
+        assert_eq!(sent.len(), 3, "later first: {later_first}");
+        sent.sort_by_key(|f| u16::from_be_bytes([f[6], f[7]]) & 0x1fff);
+        let mut joined = Vec::new();
+        for (k, f) in sent.iter().enumerate() {
+            assert_eq!(&f[4..6], &[0x51, 0x51], "the datagram's identification");
+            let word = u16::from_be_bytes([f[6], f[7]]);
+            assert_eq!(
+                usize::from(word & 0x1fff) * 8,
+                joined.len(),
+                "no gap, no overlap"
+            );
+            assert_eq!(word & 0x2000 != 0, k < 2, "more fragments but the last");
+            joined.extend_from_slice(&f[20..]);
+        }
+        assert_eq!(joined, seg, "later first: {later_first}");
+        assert_eq!(p.appliance_counts().cut, 1);
+    }
+}
+
 /// "Too big" answers are rationed (a burst, then so many a second: a flood of oversized
 /// packets does not make the node answer each), and never go to a group source MAC or
 /// address (a forged source would make every host on the segment receive them).
