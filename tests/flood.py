@@ -129,12 +129,15 @@ def control_frames(rng, members, genuine):
             continue
         src = members[n % len(members)] if members and n % 2 == 0 else random_mac(rng)
         kind = "forged-member" if members and n % 2 == 0 else "forged-stranger"
-        # Magic "CC", version 3 or 4 (the ones a node decodes: the tag is checked), kind 1..5,
+        # Magic "CC", version 4 or 5 (the ones a node decodes: the tag is checked), kind 1..6,
         # path 2 (wire), a plausible node id; the rest (incarnation, seq, digest, body, tag)
-        # random, as long as a heartbeat, a request, a backend drain of two places, or any.
-        message = b"CC" + bytes([rng.choice([3, 4]), rng.randint(1, 5), 2, rng.randint(1, 3)])
+        # random, as long as a heartbeat, a request, a backend drain of two places, a stale
+        # notice, or any.
+        message = b"CC" + bytes([rng.choice([4, 5]), rng.randint(1, 6), 2, rng.randint(1, 3)])
         message += rng.randbytes(
-            rng.choice([63 + 24 + 16, 2 + 24 + 16, 14 + 24 + 16, rng.randint(0, 300)])
+            rng.choice(
+                [63 + 24 + 16, 2 + 24 + 16, 14 + 24 + 16, 9 + 24 + 16, rng.randint(0, 300)]
+            )
         )
         payload = struct.pack("!H", len(message)) + message
         frame = b"\xff" * 6 + src + struct.pack("!H", CONTROL) + payload
@@ -167,7 +170,7 @@ def udp_flood(iface, dst_ip, port, seconds, rng):
             kind, data = "replayed", genuine[n % len(genuine)]
         else:
             kind = "forged"
-            data = b"CC" + bytes([rng.choice([3, 4]), rng.randint(1, 5), 1, rng.randint(1, 3)])
+            data = b"CC" + bytes([rng.choice([4, 5]), rng.randint(1, 6), 1, rng.randint(1, 3)])
             data += rng.randbytes(rng.choice([63 + 24 + 16, rng.randint(0, 300)]))
         try:
             out.sendto(data, (dst_ip, port))

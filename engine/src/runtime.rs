@@ -635,9 +635,10 @@ fn log_event(node: u8, epoch: u64, e: &Event, services: &Services) {
             epoch,
             peer = %by,
             incarnation,
-            "a peer refused this node's messages as older than an earlier run of it (the clock \
-             was stepped back since): it goes on with a larger incarnation and rejoins; check \
-             the clock's source"
+            "a peer holds a later run of this node and refused its messages (the clock was \
+             stepped back since that run, or another machine ran with this node id): this node \
+             goes on with a larger incarnation and rejoins; check the clock's source and the \
+             node ids"
         ),
         Event::PeerDead { node: peer } => tracing::warn!(node, epoch, peer = %peer, "peer dead"),
         Event::TakeOver { dead } => {

@@ -221,19 +221,15 @@ impl Node {
             )));
         }
         let places = matched.iter().map(|&(place, _)| place).collect();
-        let (relayed_to, older_peers, services_differ) =
-            match self.m.drain_backends(&places, drain, out) {
-                DrainRelay::Relayed { peers, differ } => {
-                    (Some(ids_of(peers)), Vec::new(), ids_of(differ))
-                }
-                DrainRelay::LocalOnly { older } => (None, ids_of(older), Vec::new()),
-            };
+        let DrainRelay::Relayed { peers, differ } = self.m.drain_backends(&places, drain, out);
         Reply::DrainBackend(super::operator::BackendReply {
             backends: matched.into_iter().map(|(_, n)| n).collect(),
             drained: drain,
-            relayed_to,
-            older_peers,
-            services_differ,
+            relayed_to: Some(ids_of(peers)),
+            // Every peer this release understands reads a relayed drain (version 4 and on);
+            // an older daemon's reply may still name some.
+            older_peers: Vec::new(),
+            services_differ: ids_of(differ),
             unsettled: self.m.backends().own().is_none(),
         })
     }

@@ -459,7 +459,9 @@ pub struct BackendReply {
     /// relayed, held by this node only).
     #[serde(default)]
     pub relayed_to: Option<Vec<u8>>,
-    /// Not relayed: these live peers run an older version, which cannot carry it.
+    /// Not relayed: these live peers run an older version, which cannot carry it (said only
+    /// by a node of a release before control format version 5; read so that its reply still
+    /// reads).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub older_peers: Vec<u8>,
     /// Live peers that run other services: they ignore it (their places may name other

@@ -11,6 +11,11 @@
 //! - Every node sends a [`Heartbeat`] every `interval` on BOTH paths (side UDP and wire frame).
 //!   A peer is dead when both paths have been silent for `dead_after` intervals, checked at
 //!   each tick. (A peer silent on the wire alone is not dead: see "Liveness by the data path".)
+//! - Each run of a node has an incarnation (its start time); a message of a smaller one than
+//!   the peer holds is refused as stale. Once the run held is dead, the refusing peer tells the
+//!   sender the incarnation it holds (a [`StaleNotice`], version 5), and the sender goes on
+//!   above it: a node whose clock was stepped back between two runs rejoins rather than stays
+//!   out (`receive.rs`).
 //! - The **coordinator** is the lowest live node id among the members of the current plan (or
 //!   among all live nodes if none of them is live). It alone creates plans and advances their
 //!   phase, and re-sends its current [`Plan`] every tick on both paths.
@@ -158,8 +163,7 @@ pub use crate::config::Policy;
 use super::backends::{BackendAgreement, BackendDrain};
 use super::message::{
     decode, Body, ControlKey, Heartbeat, Load, Message, Path, Phase, Plan, PlanId, Refusal,
-    StaleNotice, BACKEND_DRAIN_VERSION, LEFT_UNKNOWN, PREVIOUS_VERSION, STALE_NOTICE_VERSION,
-    VERSION,
+    StaleNotice, LEFT_UNKNOWN, PREVIOUS_VERSION, STALE_NOTICE_VERSION, VERSION,
 };
 use super::snapshot::Snapshot;
 
@@ -187,7 +191,8 @@ const VERSION_LOG_EVERY: u64 = 60 * SEC;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub me: NodeId,
-    /// This run of the node; a restart must use a larger one (e.g. start time in ns).
+    /// This run of the node; a restart must use a larger one (e.g. start time in ns). Raised
+    /// at run time when peers hold a larger one for this node (a stale notice).
     pub incarnation: u64,
     pub node_mac: [u8; 6],
     /// The configured weight (used by `Weighted`; the starting weight under `ByLoad`).
@@ -346,9 +351,6 @@ pub enum DrainRelay {
     /// Relayed on both paths: `peers` (bit `id - 1`), the live peers with this node's
     /// services, hold it too; `differ`, the live peers with other services, ignore it.
     Relayed { peers: u64, differ: u64 },
-    /// Held by this node alone: these live peers (bit `id - 1`) speak a version before
-    /// [`BACKEND_DRAIN_VERSION`], which cannot carry it.
-    LocalOnly { older: u64 },
 }
 
 /// What is known of a peer (see [`Membership::peer`]).
@@ -613,7 +615,7 @@ impl Membership {
             }
             // Sent on both paths: the first copy raises the incarnation, the second finds it
             // raised already.
-            Body::StaleNotice(notice) => self.noticed_stale(msg.node, notice, out),
+            Body::StaleNotice(notice) => self.noticed_stale(msg.node, notice, now, out),
             // Sent on both paths: the first copy changes what this node holds, the second
             // nothing.
             Body::BackendDrain(d) => {
@@ -648,8 +650,9 @@ impl Membership {
     }
 
     /// Operator: drain (or undrain) the backends at `places` (appliance mode). This node holds
-    /// it, and relays it on both paths when every live peer speaks a version that carries it,
-    /// so that it holds on every node with the same services, whichever of them stops later.
+    /// it and relays it on both paths (every peer it understands reads it: version
+    /// [`super::message::BACKEND_DRAIN_VERSION`] is the oldest it speaks), so that it holds on every node with
+    /// the same services, whichever of them stops later.
     pub fn drain_backends(
         &mut self,
         places: &std::collections::BTreeSet<u16>,
@@ -657,21 +660,6 @@ impl Membership {
         out: &mut Vec<Output>,
     ) -> DrainRelay {
         let live = self.live_bits() & !bit(self.cfg.me);
-        if self.speaks() < BACKEND_DRAIN_VERSION {
-            self.backends.drain(places, drain);
-            let older = self
-                .peers
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| {
-                    p.as_ref()
-                        .is_some_and(|p| p.version != 0 && p.version < BACKEND_DRAIN_VERSION)
-                })
-                .fold(0, |bits, (i, _)| bits | 1u64 << i);
-            return DrainRelay::LocalOnly {
-                older: older & live,
-            };
-        }
         let msg = BackendDrain {
             digest: self.backends.digest(),
             drain,

@@ -71,9 +71,14 @@ impl Membership {
 
     /// `msg` was refused as stale: its sender restarted with a smaller incarnation than the
     /// one held for it (its clock stepped back since an earlier run), or it is an old message
-    /// replayed. Tells the sender which incarnation it must exceed, once a heartbeat interval
-    /// at most, while every live peer can read the notice. A replay's notice names the
-    /// sender's current incarnation, which it ignores.
+    /// replayed, or another process runs with the same node id. Once the run held has fallen
+    /// silent (nothing from it on either path for an interval and a half: it stopped), tells
+    /// the sender which incarnation it must exceed, once a heartbeat interval at most, while
+    /// every live peer can read the notice: a node restarted at once is told before its last
+    /// run is declared dead (`dead_after` intervals), and rejoins as any restart does. While
+    /// the run held still talks, nothing: of two processes with one id the later-started keeps
+    /// its place (told, the other would raise its own above it, then the first above that,
+    /// each raise a rejoin, forever), and a live node's old messages replayed draw nothing.
     pub(super) fn notice_stale(&mut self, msg: &Message, now: u64, out: &mut Vec<Output>) {
         if self.speaks() < STALE_NOTICE_VERSION {
             return;
@@ -82,9 +87,15 @@ impl Membership {
         let Some(peer) = self.peers[msg.node.index()].as_mut() else {
             return;
         };
-        if peer
-            .noticed_stale
-            .is_some_and(|at| now.saturating_sub(at) < every)
+        let talking = peer
+            .last_seen
+            .iter()
+            .flatten()
+            .any(|&at| now.saturating_sub(at) < every + every / 2);
+        if talking
+            || peer
+                .noticed_stale
+                .is_some_and(|at| now.saturating_sub(at) < every)
         {
             return;
         }
@@ -100,17 +111,31 @@ impl Membership {
     /// node and above its own incarnation, every peer that ran alongside an earlier run of this
     /// node refuses it: it goes on above. Otherwise (another node's notice, or one about an
     /// older message of this run, replayed) nothing changes.
-    pub(super) fn noticed_stale(&mut self, by: NodeId, notice: StaleNotice, out: &mut Vec<Output>) {
+    pub(super) fn noticed_stale(
+        &mut self,
+        by: NodeId,
+        notice: StaleNotice,
+        now: u64,
+        out: &mut Vec<Output>,
+    ) {
         // `known` equal to this node's own: peers hold this very incarnation, accept this
         // node's messages and refused an older one, replayed.
         if notice.node != self.cfg.me || notice.known <= self.cfg.incarnation {
             return;
         }
-        self.cfg.incarnation = notice.known.saturating_add(1);
+        // No incarnation above the largest: the peers would refuse this one's fresh sequence
+        // numbers as replays. Not a clock's value in this era: left as it is.
+        let Some(raised) = notice.known.checked_add(1) else {
+            return;
+        };
+        self.cfg.incarnation = raised;
         out.push(Output::Event(Event::IncarnationRaised {
             by,
             incarnation: self.cfg.incarnation,
         }));
+        // Heard at once, not an interval later: before its last run is declared dead, if it
+        // restarted quickly.
+        self.send_heartbeat(now, out);
     }
 
     /// Replay and incarnation checks; records liveness of an accepted message's sender.
