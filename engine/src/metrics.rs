@@ -477,7 +477,7 @@ fn service_metrics(link: &ControlLink) -> Vec<Metric> {
             .collect()
     };
     let too_big = per_core(&|b| b.too_big.load(Relaxed));
-    let cut = per_core(&|b| b.cut.load(Relaxed));
+    let fragmented = per_core(&|b| b.fragmented.load(Relaxed));
     vec![
         (
             "service_frames_total",
@@ -567,7 +567,7 @@ fn service_metrics(link: &ControlLink) -> Vec<Metric> {
             "counter",
             "IPv4 datagrams without DF too big for an encapsulated backend path, cut into \
              fragments that fit it (each fragment counted in the backend's frames).",
-            cut,
+            fragmented,
         ),
     ]
 }
@@ -779,7 +779,7 @@ services:
                 new_flows: vec![0; 4],
                 flows: vec![0; 4],
                 too_big,
-                cut: too_big * 2,
+                fragmented: too_big * 2,
             };
             for (id, n) in ids.iter().zip(frames) {
                 let id = usize::from(*id);

@@ -34,6 +34,8 @@ pub struct Cut {
     /// padded to a multiple of 4 (lengths, offset and checksum written per piece).
     later: [u8; MAX_HEADER],
     later_len: usize,
+    /// The packet's flags-and-offset word (DF clear).
+    word: u16,
 }
 
 impl Cut {
@@ -76,6 +78,7 @@ impl Cut {
             pieces,
             later,
             later_len,
+            word,
         };
         // The last piece's offset must fit the field, or the datagram is refused whole (not
         // some of its pieces sent).
@@ -123,7 +126,7 @@ impl Cut {
         out[..h].copy_from_slice(header);
         let from = self.header + start;
         out[h..].copy_from_slice(packet.get(from..from + size)?);
-        let word = u16::from_be_bytes([packet[6], packet[7]]);
+        let word = self.word;
         // The offset continues the packet's own (in 8-byte units: every piece starts at a
         // multiple of 8); the last piece keeps the packet's "more fragments", the others set it.
         // Checked by `new` for the last piece: this one's fits.

@@ -42,7 +42,8 @@ pub struct ServiceConfig {
     #[serde(default = "default_gue_port")]
     pub gue_port: u16,
     /// Encapsulated delivery: the path MTU towards the backends; a client datagram with DF set
-    /// that would exceed it once encapsulated gets "fragmentation needed" / "packet too big".
+    /// (or IPv6) that would exceed it once encapsulated gets "fragmentation needed" / "packet
+    /// too big", an IPv4 one without DF is cut into fragments that fit.
     #[serde(default = "default_mtu")]
     pub mtu: u16,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

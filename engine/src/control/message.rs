@@ -24,9 +24,9 @@
 //!   bit clear and the bitmaps out; decoded from version 2, both bitmaps are `None`
 //!   (unknown), which [`super::Membership`] reads as "no report".
 //! - **4**: a new kind, 5: an operator's backend drain relayed by the node it was given to
-//!   ([`BackendDrain`]). A version-3 node cannot read it: a node relays one only while every
-//!   live peer speaks version 4, and never encodes it as version 3 (a version-3 message of
-//!   kind 5 is malformed). Everything else is the same in both versions.
+//!   ([`BackendDrain`]). A version-3 node could not read it: a version-4 node relayed one only
+//!   while every live peer spoke version 4. Everything else is the same in versions 3 and 4.
+//!   (Since version 5 a node no longer reads version 3, so every peer reads a relayed drain.)
 //! - **5**: a new kind, 6: a notice to a node whose messages are refused as stale, with the
 //!   incarnation the sender holds for it ([`StaleNotice`]), so that a node restarted with a
 //!   smaller incarnation than its last run's (its clock stepped back) raises its own above it
@@ -445,7 +445,7 @@ impl Message {
             }
             Body::Backends(x) => x.encode(&mut b),
             Body::BackendDrain(x) => {
-                // A caller bug, not input: a version-3 node could not read it.
+                // A caller bug, not input: only versions that carry it can be written.
                 debug_assert!(version >= BACKEND_DRAIN_VERSION);
                 x.encode(&mut b);
             }
@@ -901,7 +901,7 @@ mod tests {
     /// PINNED: the layout is the wire contract; change it only with a VERSION bump.
     #[test]
     fn pinned_heartbeat_layout() {
-        // The same in versions 3 to 5.
+        // The same in versions 3 to 5 (the two this release writes).
         for version in [4u8, 5] {
             let mut m = heartbeat(Path::Udp);
             m.version = version;

@@ -782,10 +782,11 @@ fn rejoin_with_a_new_incarnation() {
 }
 
 /// A node restarted with a smaller incarnation than its last run's (its clock was stepped
-/// back in between): its peers refuse its messages as stale, and tell it which incarnation
-/// they hold; it goes on above that and rejoins. Peers of the version before, which cannot
-/// tell it, keep it out (the lockout this notice ends); an old message of the node replayed
-/// draws a notice naming its current incarnation, which changes nothing.
+/// back in between): its peers refuse its messages as stale and, once its last run is silent,
+/// tell it which incarnation they hold; it goes on above that and rejoins before its last run
+/// is declared dead. Peers of the version before, which cannot tell it, keep it out (the
+/// lockout this notice ends); an old message of the node replayed while it lives draws no
+/// notice.
 #[test]
 fn a_node_restarted_with_its_clock_stepped_back_is_told_and_rejoins() {
     for peers_can_tell in [true, false] {
@@ -838,10 +839,21 @@ fn a_node_restarted_with_its_clock_stepped_back_is_told_and_rejoins() {
         for id in 1..=3 {
             assert!((share(&c, id) - 1.0 / 3.0).abs() < 0.01, "{c:?}");
         }
-        // Refused only until its first run was declared dead and the notice came: a few
-        // heartbeats, not the whole while.
+        // Refused only until its last run fell silent and the notice came: a few heartbeats,
+        // not the whole while; heard before that run was declared dead; only node 3 raised.
         let stale = sim.node(1).refused_total(Refusal::Stale);
         assert!(stale < 40, "{stale} refused as stale");
+        for id in 1..=2 {
+            assert!(
+                !sim.events_of(id)
+                    .any(|e| matches!(e, Event::PeerDead { node } if *node == n(3))),
+                "node {id} declared node 3 dead: {}",
+                sim.log_tail()
+            );
+            assert!(!sim
+                .events_of(id)
+                .any(|e| matches!(e, Event::IncarnationRaised { .. })));
+        }
         // The old message replayed while node 3 lives: refused, and no notice (of two runs
         // with one id, the one the peers hold keeps its place).
         let before = sim.node(1).refused_total(Refusal::Stale);

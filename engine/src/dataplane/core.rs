@@ -643,10 +643,12 @@ impl Forward<'_> {
             // The piece may be up to the outer headers longer than the frame it comes from,
             // which filled its own mbuf at most: it starts in the headroom (128 bytes, more
             // than any outer header).
-            let _ = piece.prepend(MAX_GROWTH);
+            let grown = piece.prepend(MAX_GROWTH);
+            debug_assert!(grown, "an mbuf's headroom holds the outer headers");
             let written = pieces.write(m.data(), out.len(), piece.room_mut());
             let Some(len) = written else {
-                self.drops[DropReason::TooBig.index()] += count as u64;
+                // The frame, counted once (as every drop reason counts frames received).
+                self.drops[DropReason::TooBig.index()] += 1;
                 push_dropped(&mut self.dropped, m);
                 return;
             };
@@ -654,12 +656,13 @@ impl Forward<'_> {
             if let Err(piece) = out.push(piece) {
                 // More pieces than a burst holds: never with a path of at least 1280 bytes
                 // and frames of at most 16 KiB (`mbuf_size`).
+                debug_assert!(false, "{count} pieces");
                 drop(piece);
                 break;
             }
         }
         if out.len() < count {
-            self.drops[DropReason::NoMbuf.index()] += count as u64;
+            self.drops[DropReason::NoMbuf.index()] += 1;
         } else {
             bump(&self.counters.to_backend, count);
             for piece in out.drain() {

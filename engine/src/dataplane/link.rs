@@ -133,7 +133,7 @@ pub(crate) struct BackendFigures {
     /// Datagrams too big for an encapsulated path.
     pub(crate) too_big: AtomicU64,
     /// Datagrams without DF cut for an encapsulated path.
-    pub(crate) cut: AtomicU64,
+    pub(crate) fragmented: AtomicU64,
 }
 
 impl Default for BackendFigures {
@@ -149,7 +149,7 @@ impl Default for BackendFigures {
             new_flows: ids(),
             flows: ids(),
             too_big: AtomicU64::new(0),
-            cut: AtomicU64::new(0),
+            fragmented: AtomicU64::new(0),
         }
     }
 }
@@ -179,7 +179,7 @@ impl BackendFigures {
             }
         }
         self.too_big.store(counts.too_big, Relaxed);
-        self.cut.store(counts.cut, Relaxed);
+        self.fragmented.store(counts.fragmented, Relaxed);
     }
 
     /// What the core sent backend `id` (zero for an id it never saw).

@@ -3,7 +3,8 @@
 //! share state.
 //!
 //! Everything above this module works on byte slices; here those slices come from mbufs. Every
-//! `unsafe` block says why it is sound. Nothing on the packet path allocates, locks or logs.
+//! `unsafe` block says why it is sound. Nothing on the packet path allocates, locks or logs (but
+//! the pool's mbufs for the pieces of a datagram cut for its backend's tunnel).
 //! This module must never import the control thread (`runtime`) or the offline replay: what
 //! they need of each other passes through the link, and what a benchmark wants through
 //! [`Start`].

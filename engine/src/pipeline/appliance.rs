@@ -398,6 +398,8 @@ impl Pipeline {
             },
         };
         let d = Destination::at(buf.get(..len)?, p.l3_offset, p.src_ip, p.dst_ip, 0, 0)?;
+        // An ICMP error too big for the tunnel is never cut either (at most 576 bytes in IPv4,
+        // it fits any tunnel `check` allows; one that does not is not a router's).
         if self.too_big_for(id, d.ip_len) {
             // No ICMP error about an ICMP error (RFC 1122, RFC 4443): dropped, counted.
             self.appliance.too_big += 1;
@@ -579,7 +581,7 @@ impl Pipeline {
             let len = cut.len(k).unwrap_or(0);
             self.appliance.count(at, 14 + outer.overhead() + len);
         }
-        self.appliance.cut += 1;
+        self.appliance.fragmented += 1;
         self.pieces = Some(Pieces {
             outer,
             cut,
@@ -711,7 +713,7 @@ pub struct ApplianceCounts {
     pub too_big: u64,
     /// IPv4 datagrams without DF too big for an encapsulated path, cut into pieces (each
     /// piece counted in `frames` and `bytes`).
-    pub cut: u64,
+    pub fragmented: u64,
 }
 
 impl ApplianceCounts {

@@ -54,8 +54,8 @@ pub enum DropReason {
     /// IPv4 without DF that cannot be cut (options that do not parse, a header checksum that
     /// does not verify), or the pieces of a cut one when one could not be written.
     TooBig,
-    /// A piece of a datagram cut for its backend's tunnel found no free mbuf in the pool: the
-    /// pieces not sent (the backend's reassembly drops the rest).
+    /// A datagram cut for its backend's tunnel whose pieces found not an mbuf each in the
+    /// pool: none is sent (the backend could not reassemble it from some).
     NoMbuf,
 }
 

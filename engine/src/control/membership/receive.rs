@@ -77,10 +77,13 @@ impl Membership {
     /// every live peer can read the notice: a node restarted at once is told before its last
     /// run is declared dead (`dead_after` intervals), and rejoins as any restart does. While
     /// the run held still talks, nothing: of two processes with one id the later-started keeps
-    /// its place (told, the other would raise its own above it, then the first above that,
-    /// each raise a rejoin, forever), and a live node's old messages replayed draw nothing.
+    /// its place while it talks (told, the other would raise its own above it, then the first
+    /// above that, each raise a rejoin, forever; should it fall silent for an interval and a
+    /// half, the other is told and takes its place), and a live node's old messages replayed
+    /// draw nothing.
     pub(super) fn notice_stale(&mut self, msg: &Message, now: u64, out: &mut Vec<Output>) {
-        if self.speaks() < STALE_NOTICE_VERSION {
+        // The refused run must read it too (a node restarted on an older release cannot).
+        if self.speaks() < STALE_NOTICE_VERSION || msg.version < STALE_NOTICE_VERSION {
             return;
         }
         let every = self.cfg.interval;

@@ -391,7 +391,7 @@ fn a_datagram_without_df_too_big_for_the_tunnel_goes_in_pieces_to_its_backend() 
         }
         assert_eq!(joined, &big[34..], "{delivery}: the pieces join again");
         let counts = p.appliance_counts();
-        assert_eq!((counts.cut, counts.too_big), (1, 0), "{delivery}");
+        assert_eq!((counts.fragmented, counts.too_big), (1, 0), "{delivery}");
         assert_eq!(counts.frames.iter().sum::<u64>(), 1 + 2, "{delivery}");
     }
 }
@@ -491,7 +491,7 @@ fn a_first_fragment_cut_for_its_tunnel_takes_the_later_ones_along() {
             joined.extend_from_slice(&f[20..]);
         }
         assert_eq!(joined, seg, "later first: {later_first}");
-        assert_eq!(p.appliance_counts().cut, 1);
+        assert_eq!(p.appliance_counts().fragmented, 1);
     }
 }
 
@@ -1183,7 +1183,7 @@ fn malformed_and_oversize_frames_to_a_service_are_dropped_never_forwarded() {
     big[24..26].copy_from_slice(&c.to_be_bytes());
     assert_eq!(run(&mut p, &big, 1).0, Action::Drop(DropReason::TooBig));
     assert_eq!(p.appliance_counts().too_big, 1);
-    assert_eq!(p.appliance_counts().cut, 0);
+    assert_eq!(p.appliance_counts().fragmented, 0);
     assert_eq!(p.appliance_counts().frames.iter().sum::<u64>(), 0);
 }
 
