@@ -508,19 +508,24 @@ mod tests {
         }
     }
 
-    /// The client's SYN (to port 80 of the cluster address, checksums valid), encapsulated as
-    /// the engine does it.
-    fn encapsulated(tunnel: encap::Tunnel) -> Vec<u8> {
-        let syn = build::syn([198, 18, 0, 100], 40000);
+    /// The outer headers from the appliance to the backend of [`expect`].
+    fn outer(tunnel: encap::Tunnel) -> Outer {
         let want = expect();
-        let o = Outer::new(
+        Outer::new(
             tunnel,
             want.node_ip.into(),
             want.backend_ip.into(),
             NODE_MAC,
             BACKEND_MAC,
         )
-        .expect("IPv4 both");
+        .expect("IPv4 both")
+    }
+
+    /// The client's SYN (to port 80 of the cluster address, checksums valid), encapsulated as
+    /// the engine does it.
+    fn encapsulated(tunnel: encap::Tunnel) -> Vec<u8> {
+        let syn = build::syn([198, 18, 0, 100], 40000);
+        let o = outer(tunnel);
         let mut f = vec![0u8; o.push(14)];
         f.extend_from_slice(&syn);
         let n = o
@@ -551,15 +556,7 @@ mod tests {
         f[24..26].fill(0);
         let c = build::checksum(&[&f[14..34]]);
         f[24..26].copy_from_slice(&c.to_be_bytes());
-        let want = expect();
-        let o = Outer::new(
-            tunnel,
-            want.node_ip.into(),
-            want.backend_ip.into(),
-            NODE_MAC,
-            BACKEND_MAC,
-        )
-        .expect("IPv4 both");
+        let o = outer(tunnel);
         let cut = Cut::new(&f[14..], 1500 - o.overhead()).expect("no DF");
         (0..cut.pieces())
             .map(|k| {

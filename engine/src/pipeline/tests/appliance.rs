@@ -406,25 +406,8 @@ fn a_first_fragment_cut_for_its_tunnel_takes_the_later_ones_along() {
     let data: Vec<u8> = (0..2900u32).map(|i| (i * 3) as u8).collect();
     let mut seg = build::tcp(sport, 1, 1, 0x18, &data);
     seg[2..4].copy_from_slice(&80u16.to_be_bytes());
-    let fragment = |offset: usize, more: bool, part: &[u8]| {
-        let mut f = build::ethernet([2, 0, 0, 0, 0, 0x64], build::CLUSTER_MAC, 0x0800);
-        let mut ip = [0u8; 20];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&((20 + part.len()) as u16).to_be_bytes());
-        ip[4..6].copy_from_slice(&0x5151u16.to_be_bytes());
-        ip[6..8].copy_from_slice(&((u16::from(more) << 13) | (offset / 8) as u16).to_be_bytes());
-        ip[8] = 64;
-        ip[9] = 6;
-        ip[12..16].copy_from_slice(&src);
-        ip[16..20].copy_from_slice(&build::CLUSTER_IP);
-        let c = build::checksum(&[&ip]);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        f.extend_from_slice(&ip);
-        f.extend_from_slice(part);
-        f
-    };
-    let first = fragment(0, true, &seg[..1480]);
-    let later = fragment(1480, false, &seg[1480..]);
+    let first = fragment4(src, 0x5151, 0, true, &seg[..1480]);
+    let later = fragment4(src, 0x5151, 1480, false, &seg[1480..]);
     // The inner IPv4 packets of what node `p` sent for `action` on `frame`.
     let inner = |p: &mut Pipeline, action: Action, frame: &[u8]| -> Vec<Vec<u8>> {
         let mut buf = vec![0u8; 2048];
@@ -684,27 +667,30 @@ fn owner_of_names_the_backend_the_pipeline_picks() {
 fn fragments4(src: [u8; 4], sport: u16, port: u16, ident: u16) -> [Vec<u8>; 2] {
     let mut seg = build::tcp(sport, 1, 1, 0x18, b"abcdefghijklmnopqrstuvwxyz0123456789");
     seg[2..4].copy_from_slice(&port.to_be_bytes());
-    let fragment = |offset: u16, more: bool, data: &[u8]| {
-        let mut f = build::ethernet([2, 0, 0, 0, 0, 0x64], build::CLUSTER_MAC, 0x0800);
-        let mut ip = [0u8; 20];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
-        ip[4..6].copy_from_slice(&ident.to_be_bytes());
-        ip[6..8].copy_from_slice(&((u16::from(more) << 13) | (offset / 8)).to_be_bytes());
-        ip[8] = 64;
-        ip[9] = 6;
-        ip[12..16].copy_from_slice(&src);
-        ip[16..20].copy_from_slice(&build::CLUSTER_IP);
-        let c = build::checksum(&[&ip]);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        f.extend_from_slice(&ip);
-        f.extend_from_slice(data);
-        f
-    };
     [
-        fragment(0, true, &seg[..32]),
-        fragment(32, false, &seg[32..]),
+        fragment4(src, ident, 0, true, &seg[..32]),
+        fragment4(src, ident, 32, false, &seg[32..]),
     ]
+}
+
+/// An IPv4 fragment of a TCP segment from `src` to the cluster address: `data` at byte
+/// `offset` of the datagram of identification `ident`, `more` following.
+fn fragment4(src: [u8; 4], ident: u16, offset: usize, more: bool, data: &[u8]) -> Vec<u8> {
+    let mut f = build::ethernet([2, 0, 0, 0, 0, 0x64], build::CLUSTER_MAC, 0x0800);
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+    ip[4..6].copy_from_slice(&ident.to_be_bytes());
+    ip[6..8].copy_from_slice(&((u16::from(more) << 13) | (offset / 8) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&build::CLUSTER_IP);
+    let c = build::checksum(&[&ip]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(data);
+    f
 }
 
 /// [`fragments4`] over IPv6 (a fragment header with identification `ident`).
