@@ -280,7 +280,16 @@ impl<'a> Core<'a> {
         let sampled = self.bursts.is_multiple_of(LATENCY_SAMPLE_EVERY);
         bump(&self.mine.counters.wire_rx, received);
         self.bursts = self.bursts.wrapping_add(1);
-        self.full_bursts += u64::from(received == BURST);
+        if received == BURST {
+            // Published at once, not with the other figures every `MAINTAIN_EVERY` loops: the
+            // control thread takes a full burst as wire noise only within the last
+            // `dead_after` intervals, and a core slowed by a flood (each frame to the host
+            // through the tap) can take longer than that for those loops; heartbeats lost in
+            // the backed-up queue meanwhile then fenced the node (`hears-no-peer-on-wire`).
+            // One store per full burst, on the core's own line.
+            self.full_bursts += 1;
+            self.mine.wire_full_bursts.store(self.full_bursts, Relaxed);
+        }
         self.pass_on(Side::Wire);
         self.decide_wire_burst(now, sampled);
         received
@@ -489,7 +498,6 @@ impl<'a> Core<'a> {
         }
         mine.busy_ns
             .fetch_add(std::mem::take(&mut self.busy_ns), Relaxed);
-        mine.wire_full_bursts.store(self.full_bursts, Relaxed);
         if now >= self.next_latency {
             self.next_latency = now + LATENCY_EVERY_NS;
             if !self.latency.is_empty() {
