@@ -20,9 +20,7 @@
 //! - **3**: the heartbeat's flags gain bit 3, `wire_deaf` (the sender's data path is up but it
 //!   hears no peer on the wire), and its body grows by two bitmaps (bit `id - 1` per node):
 //!   `wire_heard`, the peers whose wire heartbeats the sender hears, and `serving`, the nodes
-//!   it lets own buckets (live and not fenced). Encoded as version 2, a heartbeat leaves the
-//!   bit clear and the bitmaps out; decoded from version 2, both bitmaps are `None`
-//!   (unknown), which [`super::Membership`] reads as "no report".
+//!   it lets own buckets (live and not fenced). (Every version read now carries them.)
 //! - **4**: a new kind, 5: an operator's backend drain relayed by the node it was given to
 //!   ([`BackendDrain`]). A version-3 node could not read it: a version-4 node relayed one only
 //!   while every live peer spoke version 4. Everything else is the same in versions 3 and 4.
@@ -76,9 +74,8 @@ pub const CONTROL_KEY_LABEL: &[u8] = b"clonecluster control v1";
 const MAGIC: [u8; 2] = *b"CC";
 const HEADER_LEN: usize = 30;
 const TAG_LEN: usize = 16;
-/// A heartbeat's body up to version 2; version 3 adds two bitmaps.
-const HEARTBEAT_BODY_V2: usize = 47;
-const HEARTBEAT_BODY: usize = HEARTBEAT_BODY_V2 + 16;
+/// A heartbeat's body (the same since version 3).
+const HEARTBEAT_BODY: usize = 63;
 const PLAN_FIXED: usize = 28;
 const MEMBER_LEN: usize = 5;
 /// The longest message: a plan listing 64 + 64 members. Fits a 1500-byte frame.
@@ -87,7 +84,7 @@ pub const MAX_LEN: usize = HEADER_LEN + PLAN_FIXED + 128 * MEMBER_LEN + TAG_LEN;
 const KIND_HEARTBEAT: u8 = 1;
 const KIND_PLAN: u8 = 2;
 const KIND_REQUEST: u8 = 3;
-/// Appliance mode's backend reports and table (version 3 and later).
+/// Appliance mode's backend reports and table.
 const KIND_BACKENDS: u8 = 4;
 /// Appliance mode's relayed backend drains.
 const KIND_BACKEND_DRAIN: u8 = 5;
@@ -287,11 +284,10 @@ pub struct Load {
 
 /// Sent by every node every interval on both paths.
 ///
-/// Body layout (version 2: 47 bytes; version 3: 63): node MAC 6, weight u32, active flows u32,
-/// busy ‰ u16, flags u8 (bit 0 draining, bit 1 refusing, bit 2 fenced, from version 3 on
-/// bit 3 wire_deaf), view u64, plan epoch u64 (0 = no plan), plan proposer u8 (0 = none),
-/// phase u8 (0 = none), table digest u64, releasing_left u32; from version 3 on, wire_heard
-/// u64 and serving u64.
+/// Body layout (63 bytes): node MAC 6, weight u32, active flows u32, busy ‰ u16, flags u8
+/// (bit 0 draining, bit 1 refusing, bit 2 fenced, bit 3 wire_deaf), view u64, plan epoch u64
+/// (0 = no plan), plan proposer u8 (0 = none), phase u8 (0 = none), table digest u64,
+/// releasing_left u32, wire_heard u64 and serving u64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heartbeat {
     pub node_mac: [u8; 6],
@@ -306,14 +302,13 @@ pub struct Heartbeat {
     /// take its buckets (see `Membership`'s fencing).
     pub fenced: bool,
     /// The sender's wire link and packet cores are up, peers are live, and it hears none of
-    /// them on the wire (version 3; false when decoded from version 2).
+    /// them on the wire.
     pub wire_deaf: bool,
-    /// Bit `id - 1` per peer whose wire heartbeats the sender hears (None: a version-2
-    /// heartbeat, no report).
-    pub wire_heard: Option<u64>,
+    /// Bit `id - 1` per peer whose wire heartbeats the sender hears.
+    pub wire_heard: u64,
     /// Bit `id - 1` per node the sender lets own buckets: live and not fenced, itself included
-    /// unless fenced (None: a version-2 heartbeat, no report).
-    pub serving: Option<u64>,
+    /// unless fenced.
+    pub serving: u64,
     /// Bit `id - 1` set for each node the sender considers live (itself included).
     pub view: u64,
     /// The plan the sender follows and the phase it has reached and published.
@@ -420,13 +415,11 @@ impl Message {
                 b.extend_from_slice(&h.weight.get().to_be_bytes());
                 b.extend_from_slice(&h.load.active_flows.to_be_bytes());
                 b.extend_from_slice(&h.load.busy_permille.to_be_bytes());
-                // Version 2 has no `wire_deaf` bit (see the module doc).
-                let deaf = h.wire_deaf && version >= 3;
                 b.push(
                     u8::from(h.draining)
                         | (u8::from(h.refusing) << 1)
                         | (u8::from(h.fenced) << 2)
-                        | (u8::from(deaf) << 3),
+                        | (u8::from(h.wire_deaf) << 3),
                 );
                 b.extend_from_slice(&h.view.to_be_bytes());
                 let (epoch, proposer, phase) = match h.plan {
@@ -438,10 +431,8 @@ impl Message {
                 b.push(phase);
                 b.extend_from_slice(&h.table_digest.to_be_bytes());
                 b.extend_from_slice(&h.releasing_left.to_be_bytes());
-                if version >= 3 {
-                    b.extend_from_slice(&h.wire_heard.unwrap_or(0).to_be_bytes());
-                    b.extend_from_slice(&h.serving.unwrap_or(0).to_be_bytes());
-                }
+                b.extend_from_slice(&h.wire_heard.to_be_bytes());
+                b.extend_from_slice(&h.serving.to_be_bytes());
             }
             Body::Backends(x) => x.encode(&mut b),
             Body::BackendDrain(x) => {
@@ -555,15 +546,10 @@ pub fn decode(
     let digest = r.u64()?;
     let body = match kind {
         KIND_HEARTBEAT => {
-            let body = if version >= 3 {
-                HEARTBEAT_BODY
-            } else {
-                HEARTBEAT_BODY_V2
-            };
-            if signed.len() != HEADER_LEN + body {
+            if signed.len() != HEADER_LEN + HEARTBEAT_BODY {
                 return Err(Refusal::Malformed);
             }
-            Body::Heartbeat(heartbeat(&mut r, version)?)
+            Body::Heartbeat(heartbeat(&mut r)?)
         }
         KIND_PLAN => Body::Plan(plan(&mut r)?),
         KIND_REQUEST => {
@@ -575,7 +561,7 @@ pub fn decode(
             };
             Body::Request(Request { target, drain })
         }
-        KIND_BACKENDS if version >= 3 => {
+        KIND_BACKENDS => {
             let (x, n) = Backends::decode(&signed[r.at..]).ok_or(Refusal::Malformed)?;
             r.at += n;
             Body::Backends(x)
@@ -611,15 +597,14 @@ pub fn decode(
     })
 }
 
-/// A heartbeat's body (its length already checked), in format `version`.
-fn heartbeat(r: &mut Reader<'_>, version: u8) -> Result<Heartbeat, Refusal> {
+/// A heartbeat's body (its length already checked).
+fn heartbeat(r: &mut Reader<'_>) -> Result<Heartbeat, Refusal> {
     let node_mac = r.take::<6>()?;
     let weight = r.weight()?;
     let active_flows = r.u32()?;
     let busy_permille = r.u16()?;
     let flags = r.u8()?;
-    let known_flags = if version >= 3 { 15 } else { 7 };
-    if flags > known_flags || busy_permille > 1000 {
+    if flags > 15 || busy_permille > 1000 {
         return Err(Refusal::Malformed);
     }
     let view = r.u64()?;
@@ -637,11 +622,7 @@ fn heartbeat(r: &mut Reader<'_>, version: u8) -> Result<Heartbeat, Refusal> {
     };
     let table_digest = r.u64()?;
     let releasing_left = r.u32()?;
-    let (wire_heard, serving) = if version >= 3 {
-        (Some(r.u64()?), Some(r.u64()?))
-    } else {
-        (None, None)
-    };
+    let (wire_heard, serving) = (r.u64()?, r.u64()?);
     Ok(Heartbeat {
         node_mac,
         weight,
@@ -732,8 +713,8 @@ mod tests {
                 refusing: true,
                 fenced: true,
                 wire_deaf: true,
-                wire_heard: Some(0b101),
-                serving: Some(0b110),
+                wire_heard: 0b101,
+                serving: 0b110,
                 view: 0b111,
                 plan: Some((
                     PlanId {
@@ -827,8 +808,8 @@ mod tests {
             h.refusing = false;
             h.fenced = false;
             h.wire_deaf = false;
-            h.wire_heard = Some(0);
-            h.serving = Some(u64::MAX);
+            h.wire_heard = 0;
+            h.serving = u64::MAX;
         }
         assert_eq!(dec(&m.encode(&key()), Path::Udp), Ok(m));
         assert!(plan().encode(&key()).len() <= 1500 - 14);

@@ -6,11 +6,6 @@
 
 use super::*;
 
-/// The format version from which heartbeats carry wire reports ([`Heartbeat::wire_heard`],
-/// [`Heartbeat::serving`], [`Heartbeat::wire_deaf`]). The wire rules apply only while this
-/// node speaks it (every live peer understands it).
-pub const WIRE_REPORT_VERSION: u8 = 3;
-
 /// Why a node is fenced: a set of reasons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub struct FenceReasons(u8);
@@ -148,7 +143,7 @@ impl Membership {
                 .peers
                 .iter()
                 .flatten()
-                .any(|p| p.alive && p.hb.is_some_and(|h| h.serving.is_some_and(|s| s & me == 0)))
+                .any(|p| p.alive && p.hb.is_some_and(|h| h.serving & me == 0))
     }
 
     /// Re-evaluates the fence: its causes now, and `dead_after` intervals of settling after
@@ -188,7 +183,7 @@ impl Membership {
         self.peers
             .iter()
             .flatten()
-            .all(|p| !p.alive || p.hb.is_none_or(|h| h.serving.is_none_or(|s| s & me == 0)))
+            .all(|p| !p.alive || p.hb.is_none_or(|h| h.serving & me == 0))
     }
 
     /// What this node's heartbeats report on the wire and on whom it lets own buckets:
@@ -198,8 +193,7 @@ impl Membership {
     }
 
     fn fence_causes_now(&self) -> FenceReasons {
-        let path_up = self.wire_up && self.cores_up;
-        let wire_rules = path_up && self.speaks() >= WIRE_REPORT_VERSION;
+        let wire_rules = self.wire_up && self.cores_up;
         FenceReasons::NONE
             .with(FenceReasons::LINK_DOWN, !self.wire_up)
             .with(FenceReasons::CORE_STALLED, !self.cores_up)
@@ -259,12 +253,12 @@ impl Membership {
     /// A node that hears no peer on the wire keeps serving only if no live peer can serve
     /// instead of it: each is fenced or hears no peer either, and none of those that hear no
     /// peer has a lower id (so that in a two-node cluster whose wire path is silent both ways,
-    /// exactly one node, the lowest, serves). A peer without a report counts against.
+    /// exactly one node, the lowest, serves). A peer not heard yet counts against.
     fn deaf_but_kept(&self) -> bool {
         let me = self.cfg.me.index();
         self.peers.iter().enumerate().all(|(i, p)| match p {
             Some(p) if p.alive => p.hb.is_some_and(|h| {
-                h.wire_heard.is_some() && (h.fenced || h.wire_deaf) && !(h.wire_deaf && i < me)
+                (h.fenced || h.wire_deaf) && !(h.wire_deaf && i < me)
             }),
             _ => true,
         })
@@ -277,7 +271,7 @@ impl Membership {
         let mut witnesses = 0;
         for p in self.peers.iter().flatten().filter(|p| p.alive) {
             let Some(h) = p.hb else { continue };
-            let Some(heard) = h.wire_heard else { continue };
+            let heard = h.wire_heard;
             if h.fenced || h.wire_deaf || heard == 0 {
                 continue;
             }

@@ -80,13 +80,13 @@
 //! # Liveness by the data path
 //!
 //! A node counts as alive for ownership only while its wire port has link, its packet cores
-//! loop, and the wire carries its heartbeats. Heartbeats go on both paths; from format version
-//! [`WIRE_REPORT_VERSION`] on they carry the sender's wire report: `wire_heard` (the peers it
-//! hears on the wire), `wire_deaf` (its link and cores are up, peers are live, and it hears
-//! none of them on the wire) and `serving` (the nodes it lets own buckets). A live peer is
-//! **silent on the wire** once one of its UDP messages arrives `dead_after` intervals after
-//! its last wire message (or after it came up); a stopped peer, silent on both paths, is found
-//! dead instead. The wire rules (they apply while every live peer speaks that version):
+//! loop, and the wire carries its heartbeats. Heartbeats go on both paths and carry the
+//! sender's wire report: `wire_heard` (the peers it hears on the wire), `wire_deaf` (its link
+//! and cores are up, peers are live, and it hears none of them on the wire) and `serving` (the
+//! nodes it lets own buckets). A live peer is **silent on the wire** once one of its UDP
+//! messages arrives `dead_after` intervals after its last wire message (or after it came up),
+//! unless the wire brought noise meanwhile (see `fence.rs`); a stopped peer, silent on both
+//! paths, is found dead instead. The wire rules:
 //!
 //! - **Deaf**: a node with live peers that hears none of them on the wire fences itself
 //!   (`hears-no-peer-on-wire`), unless no live peer can serve instead of it: every live peer
@@ -149,8 +149,6 @@
 //!   it refuses messages for a bad MAC or another config digest (fail closed): a misconfigured
 //!   node that joins a running cluster takes no traffic. (Two lone nodes with different
 //!   configurations both stay closed: the operator sees the refusal counters.)
-//! - The wire rules need every live peer's report: while an older peer is live (the cluster
-//!   speaks the version before [`WIRE_REPORT_VERSION`]), only link and core fences apply.
 //! - Two nodes cannot tell a node's broken receive side from its peer's broken send side: the
 //!   node that hears nobody fences. If it was the sender that broke, nobody serves until it is
 //!   repaired or a third node joins.
@@ -172,7 +170,7 @@ mod linger;
 mod plan;
 mod receive;
 
-pub use fence::{FenceReasons, WIRE_REPORT_VERSION};
+pub use fence::FenceReasons;
 
 const MS: u64 = 1_000_000;
 const SEC: u64 = 1_000 * MS;
@@ -709,12 +707,8 @@ impl Membership {
     }
 
     /// Appliance mode, once per heartbeat: the coordinator moves the backend table on, and
-    /// every node sends its report and the table it holds. Only in format version 3
-    /// and later: a node of the release before would refuse the message.
+    /// every node sends its report and the table it holds.
     fn agree_on_backends(&mut self, out: &mut Vec<Output>) {
-        if self.speaks() < 3 {
-            return;
-        }
         // A node without a plan (just started, say) makes no table even if it is the lowest
         // live id: it has not heard the others' tables yet, and the nodes that follow a plan
         // may still take it as their coordinator.
