@@ -1082,7 +1082,8 @@ impl BusyShare {
     }
 
     /// Busy time per core since the last call over the wall time between them, in 0..=1000
-    /// (the cores publish their totals every ~1000 polls, so one reading can overshoot).
+    /// (the cores publish their totals every 1024 loops and at least every 10 ms, so one
+    /// reading can overshoot).
     fn permille(&mut self, now: Instant, busy_ns: u64, cores: usize) -> u16 {
         let wall = now.saturating_duration_since(self.at).as_nanos() as u64 * cores as u64;
         let busy = busy_ns.saturating_sub(self.busy_ns);

@@ -347,7 +347,7 @@ pub enum Body {
     /// An operator's request, relayed by the node it was given to, for node `target`.
     Request(Request),
     /// Appliance mode: the sender's backend report and, from the coordinator, the agreed
-    /// backend table (version 3 and later; see [`super::backends`]).
+    /// backend table (see [`super::backends`]).
     Backends(Backends),
     /// Appliance mode: an operator's backend drain or undrain, relayed by the node it was
     /// given to ([`BACKEND_DRAIN_VERSION`] and later).
@@ -882,7 +882,7 @@ mod tests {
     /// PINNED: the layout is the wire contract; change it only with a VERSION bump.
     #[test]
     fn pinned_heartbeat_layout() {
-        // The same in versions 3 to 5 (the two this release writes).
+        // The same since version 3; this release writes 4 and 5.
         for version in [4u8, 5] {
             let mut m = heartbeat(Path::Udp);
             m.version = version;

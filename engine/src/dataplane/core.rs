@@ -32,8 +32,13 @@ use crate::pipeline::{
 
 /// Later fragments a core holds at most, waiting for their first.
 const HOLD_CAPACITY: usize = 64;
-/// Loop iterations between housekeeping rounds (flow expiry, held fragments).
+/// Loop iterations between housekeeping rounds (flow expiry, held fragments) and publications
+/// of the core's figures.
 const MAINTAIN_EVERY: u32 = 1024;
+/// The longest time between two housekeeping rounds, ns: loops slowed by a flood (every frame
+/// to the host through the tap, say) can take far longer than this for `MAINTAIN_EVERY` of
+/// them, and the figures (the busy share among them) must not go stale meanwhile.
+const MAINTAIN_EVERY_NS: u64 = 10_000_000;
 /// Flow-table slots a housekeeping round may sweep.
 const EXPIRE_BUDGET: usize = 256;
 /// One wire burst in this many has its processing time recorded.
@@ -76,6 +81,8 @@ pub(super) struct Core<'a> {
     /// Burst processing times (RX to the last TX of the burst), published once a second.
     latency: hdrhistogram::Histogram<u64>,
     next_latency: u64,
+    /// When the next housekeeping round is due at the latest (see [`MAINTAIN_EVERY_NS`]).
+    next_maintain: u64,
     /// Loop iterations and wire bursts so far (wrapping).
     iterations: u32,
     bursts: u32,
@@ -190,6 +197,7 @@ impl<'a> Core<'a> {
             latency: hdrhistogram::Histogram::<u64>::new_with_bounds(1, 100_000_000, 2)
                 .expect("valid histogram bounds"),
             next_latency: 0,
+            next_maintain: 0,
             iterations: 0,
             bursts: 0,
             full_bursts: 0,
@@ -224,7 +232,8 @@ impl<'a> Core<'a> {
             }
             self.poll_busy = from_wire + from_host + passed > 0;
             self.iterations = self.iterations.wrapping_add(1);
-            if self.iterations.is_multiple_of(MAINTAIN_EVERY) {
+            if self.iterations.is_multiple_of(MAINTAIN_EVERY) || now >= self.next_maintain {
+                self.next_maintain = now + MAINTAIN_EVERY_NS;
                 self.maintain(now);
                 self.publish(now);
             }
@@ -281,12 +290,11 @@ impl<'a> Core<'a> {
         bump(&self.mine.counters.wire_rx, received);
         self.bursts = self.bursts.wrapping_add(1);
         if received == BURST {
-            // Published at once, not with the other figures every `MAINTAIN_EVERY` loops: the
-            // control thread takes a full burst as wire noise only within the last
-            // `dead_after` intervals, and a core slowed by a flood (each frame to the host
-            // through the tap) can take longer than that for those loops; heartbeats lost in
-            // the backed-up queue meanwhile then fenced the node (`hears-no-peer-on-wire`).
-            // One store per full burst, on the core's own line.
+            // Published at once, not with the other figures: the control thread takes a full
+            // burst as wire noise only within the last `dead_after` intervals, and heartbeats
+            // lost in the backed-up queue must not fence the node (`hears-no-peer-on-wire`)
+            // meanwhile. (With the figures, every 1024 loops, a core slowed by a SYN flood
+            // published them too late.) One store per full burst, on the core's own line.
             self.full_bursts += 1;
             self.mine.wire_full_bursts.store(self.full_bursts, Relaxed);
         }

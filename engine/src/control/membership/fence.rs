@@ -175,9 +175,10 @@ impl Membership {
         }
     }
 
-    /// Whether every live peer that reports has said it no longer counts this node as serving:
-    /// it heard the fence, so a report of it that counts this node again can only follow the
-    /// lift (heartbeats are taken in sequence order), and withholding waits for exactly that.
+    /// Whether every live peer whose heartbeat this node holds has said it no longer counts
+    /// this node as serving: it heard the fence, so a report of it that counts this node again
+    /// can only follow the lift (heartbeats are taken in sequence order), and withholding
+    /// waits for exactly that.
     fn fence_heard(&self) -> bool {
         let me = bit(self.cfg.me);
         self.peers
@@ -253,7 +254,7 @@ impl Membership {
     /// A node that hears no peer on the wire keeps serving only if no live peer can serve
     /// instead of it: each is fenced or hears no peer either, and none of those that hear no
     /// peer has a lower id (so that in a two-node cluster whose wire path is silent both ways,
-    /// exactly one node, the lowest, serves). A peer not heard yet counts against.
+    /// exactly one node, the lowest, serves). A live peer with no heartbeat yet counts against.
     fn deaf_but_kept(&self) -> bool {
         let me = self.cfg.me.index();
         self.peers.iter().enumerate().all(|(i, p)| match p {
