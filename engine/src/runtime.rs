@@ -640,6 +640,30 @@ fn log_event(node: u8, epoch: u64, e: &Event, services: &Services) {
              goes on with a larger incarnation and rejoins; check the clock's source and the \
              node ids"
         ),
+        Event::DuplicateId {
+            incarnation,
+            path,
+            later,
+        } => {
+            let path = path.name();
+            if *later {
+                tracing::error!(
+                    node,
+                    epoch,
+                    incarnation,
+                    path,
+                    "another process runs with this node id, started later (or a message of a                      later run of this node was replayed): the peers follow it and refuse this                      node's messages, and both may serve this id's buckets; give every node its                      own id, then restart this one"
+                )
+            } else {
+                tracing::error!(
+                    node,
+                    epoch,
+                    incarnation,
+                    path,
+                    "another process runs with this node id, started earlier (or a message of                      an earlier run of this node was replayed): the peers follow this one and                      refuse the other, which may still serve this id's buckets; give every node                      its own id"
+                )
+            }
+        }
         Event::PeerDead { node: peer } => tracing::warn!(node, epoch, peer = %peer, "peer dead"),
         Event::TakeOver { dead } => {
             tracing::warn!(

@@ -874,6 +874,63 @@ fn a_node_restarted_with_its_clock_stepped_back_is_told_and_rejoins() {
     }
 }
 
+/// An authenticated message with a node's own id and another run's incarnation (another
+/// process started with that id, or a message of another run replayed) is refused and said
+/// (which run started later named), at most once a minute; the node's own message come back
+/// is only counted.
+#[test]
+fn a_message_of_another_run_of_this_node_id_is_said() {
+    let mut sim = Sim::new(95);
+    for id in 1..=3 {
+        sim.start(config(id, 1_000 + u64::from(id)));
+    }
+    sim.run_until(3 * SEC);
+    sim.assert_converged();
+    let said = |sim: &Sim| -> Vec<Event> {
+        sim.events_of(3)
+            .filter(|e| matches!(e, Event::DuplicateId { .. }))
+            .cloned()
+            .collect()
+    };
+    let first = sim.last_sent[2][Path::Wire.index()].clone().unwrap();
+    sim.input(3, |m, now, out| m.handle_message(Path::Wire, &first, now, out));
+    assert_eq!(sim.node(3).refused(Path::Wire, Refusal::FromSelf), 1);
+    assert!(said(&sim).is_empty(), "its own message come back");
+    // A run of node 3 that started later than the one that will hear it.
+    sim.stop(3);
+    sim.start(config(3, 9_000_000));
+    sim.run_until(6 * SEC);
+    let later = sim.last_sent[2][Path::Wire.index()].clone().unwrap();
+    sim.stop(3);
+    sim.run_until(6 * SEC + 50 * MS);
+    sim.start(config(3, 5_000_000));
+    for _ in 0..2 {
+        sim.input(3, |m, now, out| m.handle_message(Path::Wire, &later, now, out));
+    }
+    assert_eq!(
+        said(&sim),
+        [Event::DuplicateId {
+            incarnation: 9_000_000,
+            path: Path::Wire,
+            later: true
+        }],
+        "said once"
+    );
+    // A minute on, a message of a run that started earlier.
+    sim.run_until(70 * SEC);
+    sim.input(3, |m, now, out| m.handle_message(Path::Wire, &first, now, out));
+    let events = said(&sim);
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(
+        events[1],
+        Event::DuplicateId {
+            incarnation: 1_003,
+            path: Path::Wire,
+            later: false
+        }
+    );
+}
+
 #[test]
 fn loss_duplication_and_reordering() {
     for seed in 0..2 {

@@ -90,6 +90,7 @@ impl What {
             Event::PeerUp { .. }
             | Event::PeerRejoined { .. }
             | Event::IncarnationRaised { .. }
+            | Event::DuplicateId { .. }
             | Event::VersionRefused { .. }
             | Event::ServiceDown { .. }
             | Event::ServiceUp

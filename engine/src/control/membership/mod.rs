@@ -181,8 +181,9 @@ pub const HASH_WEIGHT: u32 = 100;
 /// While speaking an older version, one heartbeat in this many goes out in the newest.
 pub const PROBE_EVERY: u64 = 10;
 
-/// An unknown version is logged at most once per this span (after its first refusal).
-const VERSION_LOG_EVERY: u64 = 60 * SEC;
+/// An unknown version, or another run of this node id, is said at most once per this span
+/// (after the first).
+const LOG_EVERY: u64 = 60 * SEC;
 
 /// What the state machine needs to know about this node and the cluster. Build it with
 /// [`Config::new`] and adjust the public fields.
@@ -290,6 +291,15 @@ pub enum Event {
     /// started later by its clock: the clock was stepped back) and refused its messages: this
     /// node goes on as `incarnation`, above it.
     IncarnationRaised { by: NodeId, incarnation: u64 },
+    /// An authenticated message carries this node's id and another incarnation (`incarnation`,
+    /// heard on `path`): another process runs with this node id, or a message of another run
+    /// of this node was replayed. `later`: it started later by its clock, so the peers follow
+    /// it and refuse this node's messages. Said for the first, then at most once a minute.
+    DuplicateId {
+        incarnation: u64,
+        path: Path,
+        later: bool,
+    },
     /// Both paths silent for `dead_after` intervals.
     PeerDead { node: NodeId },
     /// The set of dead plan members changed: their buckets were taken at once. `dead` has bit
@@ -502,6 +512,8 @@ pub struct Membership {
     heartbeats_sent: u64,
     /// When each unknown version was last logged, by version.
     version_logged: Vec<(u8, u64)>,
+    /// When another run of this node id was last said ([`Event::DuplicateId`]).
+    duplicate_logged: Option<u64>,
     /// Obligations left by completed plans (long-lived flows, `linger.rs`).
     linger: linger::Linger,
 }
@@ -547,6 +559,7 @@ impl Membership {
             drained: false,
             heartbeats_sent: 0,
             version_logged: Vec::new(),
+            duplicate_logged: None,
             linger: linger::Linger::default(),
         }
     }

@@ -36,7 +36,7 @@ impl Membership {
         self.refuse(path, Refusal::UnknownVersion, now);
         let (version, node) = (bytes[2], bytes[5]);
         let due = match self.version_logged.iter_mut().find(|(v, _)| *v == version) {
-            Some((_, at)) if now.saturating_sub(*at) < VERSION_LOG_EVERY => false,
+            Some((_, at)) if now.saturating_sub(*at) < LOG_EVERY => false,
             Some((_, at)) => {
                 *at = now;
                 true
@@ -141,6 +141,25 @@ impl Membership {
         self.send_heartbeat(now, out);
     }
 
+    /// `msg`, authenticated, has this node's id and another run's incarnation: says so (the
+    /// first time, then at most once a minute). A duplicate node id is a configuration error
+    /// the peers cannot see (they follow the run that started later and refuse the other),
+    /// while the run they refuse may still own the id's buckets by the plans it hears.
+    fn duplicate_id(&mut self, msg: &Message, now: u64, out: &mut Vec<Output>) {
+        if self
+            .duplicate_logged
+            .is_some_and(|at| now.saturating_sub(at) < LOG_EVERY)
+        {
+            return;
+        }
+        self.duplicate_logged = Some(now);
+        out.push(Output::Event(Event::DuplicateId {
+            incarnation: msg.incarnation,
+            path: msg.path,
+            later: msg.incarnation > self.cfg.incarnation,
+        }));
+    }
+
     /// Replay and incarnation checks; records liveness of an accepted message's sender.
     pub(super) fn accept(
         &mut self,
@@ -149,6 +168,10 @@ impl Membership {
         out: &mut Vec<Output>,
     ) -> Result<(), Refusal> {
         if msg.node == self.cfg.me {
+            // Its own message come back (the same run) says nothing more than the count.
+            if msg.incarnation != self.cfg.incarnation {
+                self.duplicate_id(msg, now, out);
+            }
             return Err(Refusal::FromSelf);
         }
         let pi = msg.path.index();
