@@ -650,17 +650,23 @@ fn log_event(node: u8, epoch: u64, e: &Event, services: &Services) {
                 tracing::error!(
                     node,
                     epoch,
-                    incarnation,
+                    other_incarnation = incarnation,
                     path,
-                    "another process runs with this node id, started later (or a message of a                      later run of this node was replayed): the peers follow it and refuse this                      node's messages, and both may serve this id's buckets; give every node its                      own id, then restart this one"
+                    "another process runs with this node id and started later (or a message of \
+                     a later run of this node was replayed): the peers follow it and refuse this \
+                     node's messages, and both may serve this id's buckets; give every node its \
+                     own id"
                 )
             } else {
                 tracing::error!(
                     node,
                     epoch,
-                    incarnation,
+                    other_incarnation = incarnation,
                     path,
-                    "another process runs with this node id, started earlier (or a message of                      an earlier run of this node was replayed): the peers follow this one and                      refuse the other, which may still serve this id's buckets; give every node                      its own id"
+                    "another process runs with this node id and started earlier (or a message \
+                     of an earlier run of this node was replayed): the peers follow this one and \
+                     refuse the other, which may still serve this id's buckets; give every node \
+                     its own id"
                 )
             }
         }

@@ -877,7 +877,7 @@ fn a_node_restarted_with_its_clock_stepped_back_is_told_and_rejoins() {
 /// An authenticated message with a node's own id and another run's incarnation (another
 /// process started with that id, or a message of another run replayed) is refused and said
 /// (which run started later named), at most once a minute; the node's own message come back
-/// is only counted.
+/// (this run's, before or after it raised its incarnation) is only counted.
 #[test]
 fn a_message_of_another_run_of_this_node_id_is_said() {
     let mut sim = Sim::new(95);
@@ -916,8 +916,28 @@ fn a_message_of_another_run_of_this_node_id_is_said() {
         }],
         "said once"
     );
+    // One of this run's own messages from before its peers' notice raises its incarnation:
+    // come back after the raise, it is only counted.
+    let key = config(3, 0).key;
+    let incarnation_of =
+        |bytes: &[u8]| message::decode(bytes, &key, Path::Wire, DIGEST).unwrap().incarnation;
+    let own_before = loop {
+        let sent = sim.last_sent[2][Path::Wire.index()].clone().unwrap();
+        if incarnation_of(&sent) == 5_000_000 {
+            break sent;
+        }
+        let next = sim.now + MS;
+        sim.run_until(next);
+    };
     // A minute on, a message of a run that started earlier.
     sim.run_until(70 * SEC);
+    assert!(sim
+        .events_of(3)
+        .any(|e| matches!(e, Event::IncarnationRaised { .. })));
+    sim.input(3, |m, now, out| {
+        m.handle_message(Path::Wire, &own_before, now, out)
+    });
+    assert_eq!(said(&sim).len(), 1, "its own message from before the raise");
     sim.input(3, |m, now, out| m.handle_message(Path::Wire, &first, now, out));
     let events = said(&sim);
     assert_eq!(events.len(), 2, "{events:?}");

@@ -185,6 +185,10 @@ pub const PROBE_EVERY: u64 = 10;
 /// (after the first).
 const LOG_EVERY: u64 = 60 * SEC;
 
+/// The incarnations a run remembers having had before raising its own (each raise needs a
+/// stale notice, at most one per interval; older frames of its own are long gone).
+const OWN_PAST_KEPT: usize = 4;
+
 /// What the state machine needs to know about this node and the cluster. Build it with
 /// [`Config::new`] and adjust the public fields.
 #[derive(Debug, Clone)]
@@ -514,6 +518,9 @@ pub struct Membership {
     version_logged: Vec<(u8, u64)>,
     /// When another run of this node id was last said ([`Event::DuplicateId`]).
     duplicate_logged: Option<u64>,
+    /// The incarnations this run had before it raised its own (a stale notice): its messages
+    /// sent before a raise may still come back, and are no other run's. The last few only.
+    own_past: Vec<u64>,
     /// Obligations left by completed plans (long-lived flows, `linger.rs`).
     linger: linger::Linger,
 }
@@ -560,6 +567,7 @@ impl Membership {
             heartbeats_sent: 0,
             version_logged: Vec::new(),
             duplicate_logged: None,
+            own_past: Vec::new(),
             linger: linger::Linger::default(),
         }
     }

@@ -131,6 +131,10 @@ impl Membership {
         let Some(raised) = notice.known.checked_add(1) else {
             return;
         };
+        if self.own_past.len() == OWN_PAST_KEPT {
+            self.own_past.remove(0);
+        }
+        self.own_past.push(self.cfg.incarnation);
         self.cfg.incarnation = raised;
         out.push(Output::Event(Event::IncarnationRaised {
             by,
@@ -168,8 +172,10 @@ impl Membership {
         out: &mut Vec<Output>,
     ) -> Result<(), Refusal> {
         if msg.node == self.cfg.me {
-            // Its own message come back (the same run) says nothing more than the count.
-            if msg.incarnation != self.cfg.incarnation {
+            // Its own message come back (this run, before or since a raise) says nothing more
+            // than the count.
+            if msg.incarnation != self.cfg.incarnation && !self.own_past.contains(&msg.incarnation)
+            {
                 self.duplicate_id(msg, now, out);
             }
             return Err(Refusal::FromSelf);
