@@ -653,7 +653,7 @@ fn effective_hz() -> f64 {
 fn memory_report() {
     println!(
         "flow table memory (one core; slot {SLOT_BYTES} B + {BUCKETS} x u32 per-bucket and \
-         4096 x u32 per-backend counts):"
+         4096 x u32 per-backend counts + a doorkeeper of 4096-65536 x u64):"
     );
     for capacity in [1_000usize, 1_000_000, 10_000_000] {
         let bytes = FlowTable::footprint(capacity);

@@ -182,6 +182,17 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
          and established flows are never evicted for them.",
         &half_open,
     );
+    let turned_away = per_core_figure(&|c| &c.turned_away);
+    metric(
+        "flows_turned_away_total",
+        "counter",
+        "New flows other than SYNs (an ACK or FIN picked up mid-stream, a UDP datagram) not \
+         tracked because the flow table was full and this was the first packet of the flow it \
+         saw: a flood of spoofed one-packet flows, most likely. Their frames are still \
+         delivered by ownership, the flow's next packet gets it tracked, and settled flows are \
+         never evicted for them.",
+        &turned_away,
+    );
     let full = per_core_figure(&|c| &c.wire_full_bursts);
     metric(
         "wire_full_bursts_total",

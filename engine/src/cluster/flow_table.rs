@@ -60,6 +60,20 @@
 //! next packet, the handshake's ACK, is tracked as an established flow). So a SYN flood can
 //! never evict an established, closing or UDP flow, which is what a handoff (the old owner
 //! serves what it tracks) and the "done" step rely on.
+//!
+//! # Admission of other new flows into a full table
+//!
+//! Any other first packet is as cheap to forge: an ACK or FIN from a spoofed source (a flow
+//! picked up mid-stream, as after a failover), a UDP datagram. Into a full table such a flow
+//! takes an expired or a half-open entry of its probe window if there is one; evicting a
+//! settled entry needs a second packet of the flow: the table's doorkeeper (the fingerprints
+//! of the flows turned away lately, exactly) notes the first, which is not tracked (counted in
+//! [`FlowTableStats::turned_away`]; the frame is still decided by bucket ownership), and the
+//! next packet of a flow the doorkeeper still holds evicts the least recently seen entry, as
+//! every new flow did before. So a flood of spoofed one-packet flows never evicts a settled
+//! flow (two packets of each can, as a SYN and an ACK can), and a real flow is tracked from
+//! its second packet on, if it comes before the flood has turned away about as many flows as
+//! the doorkeeper holds (4096 to 65536, by capacity), else from a later pair.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -335,7 +349,8 @@ pub struct Upsert {
     /// A live entry was evicted to make room.
     pub evicted: bool,
     /// The flow is in the table now (false: a half-open flow that found no room among the
-    /// half-open ones; see the module doc's admission).
+    /// half-open ones, or another new flow turned away from a full table; see the module
+    /// doc's admissions).
     pub tracked: bool,
     /// The backend recorded for the flow (0: none: a new flow, or not an appliance's).
     pub backend: u16,
@@ -358,6 +373,9 @@ pub struct FlowTableStats {
     /// New half-open flows not tracked: the half-open share of the table had no room for
     /// them (a SYN flood, most likely).
     pub untracked: u64,
+    /// Other new flows not tracked: the table was full, and this was the first packet of the
+    /// flow its doorkeeper saw (see the module doc).
+    pub turned_away: u64,
 }
 
 /// One slot: see the module doc's layout.
@@ -489,12 +507,50 @@ pub struct FlowTable {
     half_open: usize,
     /// Most half-open entries (see the module doc's admission).
     half_open_cap: usize,
+    /// The new flows a full table saw once (see the module doc).
+    doorkeeper: Doorkeeper,
+}
+
+/// Which new flows a full [`FlowTable`] turned away lately: their fingerprints, exactly, in a
+/// direct-mapped array (a fingerprint takes the place of an earlier one at its index). A
+/// flood of one-packet flows only replaces entries; a real flow's next packet finds its own
+/// if it comes before the flood has put another flow's there (on average, within as many
+/// other turned-away flows as the array has entries).
+struct Doorkeeper {
+    seen: Box<[u64]>,
+}
+
+impl Doorkeeper {
+    /// Entries for a table of `capacity` flows: a power of two from 4096 to 65536 (512 KiB).
+    fn entries(capacity: usize) -> usize {
+        capacity.next_power_of_two().clamp(4096, 65536)
+    }
+
+    fn new(capacity: usize) -> Doorkeeper {
+        Doorkeeper {
+            seen: vec![0u64; Self::entries(capacity)].into_boxed_slice(),
+        }
+    }
+
+    /// Whether the flow with fingerprint `hash` was turned away lately (then forgotten);
+    /// notes it if not.
+    fn seen_before(&mut self, hash: u64) -> bool {
+        // The home slot takes the low 32 bits (`FlowTable::home`).
+        let i = (hash >> 32) as usize & (self.seen.len() - 1);
+        if self.seen[i] == hash {
+            self.seen[i] = 0;
+            return true;
+        }
+        self.seen[i] = hash;
+        false
+    }
 }
 
 impl FlowTable {
     /// A table for at most `capacity` flows (at least 1).
     ///
-    /// Allocates everything the table will ever use: `16 * slots + 272 KiB`.
+    /// Allocates everything the table will ever use: `16 * slots + 272 KiB` and the
+    /// doorkeeper's 32 to 512 KiB.
     pub fn new(capacity: usize, timeouts: FlowTimeouts) -> FlowTable {
         let capacity = capacity.max(1);
         let slots = Self::slots_for(capacity);
@@ -510,6 +566,7 @@ impl FlowTable {
             stats: FlowTableStats::default(),
             half_open: 0,
             half_open_cap: (capacity * HALF_OPEN_SHARE.0 / HALF_OPEN_SHARE.1).max(1),
+            doorkeeper: Doorkeeper::new(capacity),
         }
     }
 
@@ -523,9 +580,13 @@ impl FlowTable {
             .unwrap_or_else(|| panic!("flow table capacity {capacity} is too large"))
     }
 
-    /// Bytes a table of `capacity` flows allocates (slots, per-bucket and per-backend counts).
+    /// Bytes a table of `capacity` flows allocates (slots, per-bucket and per-backend counts,
+    /// the doorkeeper).
     pub fn footprint(capacity: usize) -> usize {
-        Self::slots_for(capacity) * SLOT_BYTES + super::BUCKETS * 4 + BACKEND_IDS * 4
+        Self::slots_for(capacity) * SLOT_BYTES
+            + super::BUCKETS * 4
+            + BACKEND_IDS * 4
+            + Doorkeeper::entries(capacity.max(1)) * 8
     }
 
     /// Most entries the table holds.
@@ -698,7 +759,7 @@ impl FlowTable {
         let half_open = state == FlowState::SynSeen;
         let mut evicted = false;
         if half_open && (self.half_open >= self.half_open_cap || self.len >= self.capacity) {
-            match self.make_room(hash, now_t, true) {
+            match self.make_room(hash, now_t, Victims::HalfOpen) {
                 Room::Expired => {}
                 Room::Evicted => evicted = true,
                 Room::None => {
@@ -713,7 +774,24 @@ impl FlowTable {
                 }
             }
         } else if self.len >= self.capacity {
-            evicted = self.make_room(hash, now_t, false) == Room::Evicted;
+            // An expired or half-open entry first; a settled one only for a flow seen before.
+            match self.make_room(hash, now_t, Victims::Unsettled) {
+                Room::Expired => {}
+                Room::Evicted => evicted = true,
+                Room::None if self.doorkeeper.seen_before(hash) => {
+                    evicted = self.make_room(hash, now_t, Victims::Any) == Room::Evicted;
+                }
+                Room::None => {
+                    self.stats.turned_away += 1;
+                    return Upsert {
+                        state,
+                        is_new: true,
+                        evicted: false,
+                        tracked: false,
+                        backend: 0,
+                    };
+                }
+            }
         }
         let mut i = self.home(hash);
         while !self.slots[i].is_empty() {
@@ -863,10 +941,9 @@ impl FlowTable {
     }
 
     /// Drops one entry among the first [`EVICTION_WINDOW`] entries of the probe run at
-    /// `hash`'s home to make room: an expired one, else the least recently seen half-open one,
-    /// else (unless `half_open_only`) the least recently seen one. With `half_open_only`, only
-    /// half-open entries are candidates, expired or not.
-    fn make_room(&mut self, hash: u64, now_t: u32, half_open_only: bool) -> Room {
+    /// `hash`'s home to make room, of those `victims` allows: an expired one, else the least
+    /// recently seen half-open one, else (with [`Victims::Any`]) the least recently seen one.
+    fn make_room(&mut self, hash: u64, now_t: u32, victims: Victims) -> Room {
         let mut i = self.home(hash);
         // (is half-open, idle ticks, slot): the best victim so far.
         let mut victim: Option<(bool, u32, usize)> = None;
@@ -876,13 +953,19 @@ impl FlowTable {
             let slot = &self.slots[i];
             if !slot.is_empty() {
                 let syn = slot.state() == STATE_SYN;
-                if (syn || !half_open_only) && self.is_expired(slot, now_t) {
+                let expired = self.is_expired(slot, now_t);
+                let allowed = match victims {
+                    Victims::HalfOpen => syn,
+                    Victims::Unsettled => syn || expired,
+                    Victims::Any => true,
+                };
+                if allowed && expired {
                     self.delete_at(i);
                     self.stats.expired += 1;
                     return Room::Expired;
                 }
                 let idle = now_t.wrapping_sub(slot.last_seen);
-                if (syn || !half_open_only) && victim.is_none_or(|v| (syn, idle) > (v.0, v.1)) {
+                if allowed && victim.is_none_or(|v| (syn, idle) > (v.0, v.1)) {
                     victim = Some((syn, idle, i));
                 }
                 seen += 1;
@@ -926,6 +1009,17 @@ impl FlowTable {
         }
         self.slots[hole].meta = 0;
     }
+}
+
+/// The entries [`FlowTable::make_room`] may drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Victims {
+    /// Half-open ones (for a new half-open flow).
+    HalfOpen,
+    /// Expired or half-open ones (for another new flow, seen once).
+    Unsettled,
+    /// Any (for a new flow seen before).
+    Any,
 }
 
 /// What [`FlowTable::make_room`] freed.
@@ -1161,7 +1255,7 @@ mod tests {
         assert_eq!(t.slots.as_ptr() as usize % 64, 0);
         assert_eq!(
             FlowTable::footprint(10_000_000),
-            15_000_000 * SLOT_BYTES + BUCKETS * 4 + 4096 * 4
+            15_000_000 * SLOT_BYTES + BUCKETS * 4 + 4096 * 4 + 65536 * 8
         );
         assert_eq!(FlowTable::slots_for(10_000_000), 15_000_000);
         assert!((1..5000).all(|c| FlowTable::slots_for(c).is_multiple_of(SLOTS_PER_LINE)));
@@ -1341,12 +1435,16 @@ mod tests {
         assert!(u.evicted && u.tracked);
         assert!(t.g(&flow(100, TCP), 32 * SEC).is_none());
         assert_eq!(t.stats().evicted, 1);
-        // An established newcomer takes a half-open entry first, then the least recently seen.
+        // An established newcomer takes a half-open entry first, then, from its second packet
+        // on (its first is turned away), the least recently seen.
         let u = t.up(&flow(102, TCP), Bucket(102), TcpFlags::ACK, 33 * SEC);
         assert!(u.evicted && t.g(&flow(101, TCP), 33 * SEC).is_none());
         assert_eq!(t.half_open(), 0);
         let u = t.up(&flow(103, TCP), Bucket(103), TcpFlags::ACK, 34 * SEC);
-        assert!(u.evicted);
+        assert!(!u.tracked && !u.evicted);
+        assert_eq!(t.stats().turned_away, 1);
+        let u = t.up(&flow(103, TCP), Bucket(103), TcpFlags::ACK, 34 * SEC);
+        assert!(u.evicted && u.tracked);
         assert_eq!(t.stats().evicted, 3);
         assert_eq!(t.len(), 8);
         check(&t);
@@ -1389,6 +1487,53 @@ mod tests {
         // if its SYN was not.
         let u = t.up(&flow(5_000_000, TCP), Bucket(7), TcpFlags::ACK, now);
         assert!(u.tracked && u.state == FlowState::Established);
+        check(&t);
+    }
+
+    /// A full table of settled flows (established, closing, UDP) under a flood of spoofed
+    /// one-packet flows of every other kind (ACKs and FINs picked up mid-stream, datagrams):
+    /// nothing settled is evicted, the flood is turned away, and a real new flow is tracked
+    /// from its second packet on.
+    #[test]
+    fn a_flood_of_one_packet_flows_never_evicts_settled_ones() {
+        let capacity = 1000;
+        let mut t = table(capacity);
+        for n in 0..capacity as u32 {
+            let (proto, flags) = match n % 3 {
+                0 => (TCP, TcpFlags::ACK),
+                1 => (TCP, TcpFlags::FIN),
+                _ => (UDP, TcpFlags::default()),
+            };
+            t.up(&flow(n, proto), Bucket(n as u16), flags, 0);
+        }
+        assert_eq!(t.len(), capacity);
+        // 300 000 spoofed packets, each of its own flow, over 3 s.
+        for n in 0..300_000u32 {
+            let now = u64::from(n) * 10_000;
+            let (proto, flags) = match n % 3 {
+                0 => (TCP, TcpFlags::ACK),
+                1 => (TCP, TcpFlags(TcpFlags::FIN.0 | TcpFlags::ACK.0)),
+                _ => (UDP, TcpFlags::default()),
+            };
+            t.up(&flow(10_000 + n, proto), Bucket(n as u16), flags, now);
+        }
+        let now = 3 * SEC;
+        let st = t.stats();
+        assert_eq!((st.turned_away, st.evicted), (300_000, 0), "{st:?}");
+        assert!(
+            (0..capacity as u32).all(|n| {
+                let proto = if n % 3 == 2 { UDP } else { TCP };
+                t.g(&flow(n, proto), now).is_some()
+            }),
+            "settled flows kept"
+        );
+        check(&t);
+        // A real flow: its first packet is turned away, its second tracked.
+        let real = flow(9_000_000, TCP);
+        let u = t.up(&real, Bucket(9), TcpFlags::ACK, now);
+        assert!(!u.tracked);
+        let u = t.up(&real, Bucket(9), TcpFlags::ACK, now);
+        assert!(u.tracked && u.evicted && u.state == FlowState::Established);
         check(&t);
     }
 
@@ -1488,7 +1633,11 @@ mod tests {
                         let u = t.up(&flow(k, proto_of(k)), Bucket(k as u16), TcpFlags(f), now);
                         let after = t.stats();
                         prop_assert_eq!(u.tracked, t.g(&flow(k, proto_of(k)), now).is_some());
-                        prop_assert_eq!(!u.tracked, after.untracked == before.untracked + 1);
+                        prop_assert_eq!(
+                            !u.tracked,
+                            after.untracked + after.turned_away
+                                == before.untracked + before.turned_away + 1
+                        );
                         prop_assert_eq!(u.evicted, after.evicted == before.evicted + 1);
                         if u.evicted {
                             prop_assert!(!had);
@@ -1499,8 +1648,10 @@ mod tests {
                         if !had && u.state == FlowState::SynSeen {
                             // A new half-open flow never displaces any other kind.
                             prop_assert!(settled(&t) >= settled_before);
-                        } else {
-                            prop_assert!(u.tracked);
+                        } else if !u.tracked {
+                            // Turned away: only from a full table, displacing nothing.
+                            prop_assert!(full && !had && !u.evicted);
+                            prop_assert_eq!(settled(&t), settled_before);
                         }
                     }
                     Op::Remove(k) => {

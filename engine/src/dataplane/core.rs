@@ -492,6 +492,8 @@ impl<'a> Core<'a> {
         let half_open =
             own.evicted_half_open + own.untracked + learned.evicted_half_open + learned.untracked;
         mine.half_open_dropped.store(half_open, Relaxed);
+        mine.turned_away
+            .store(own.turned_away + learned.turned_away, Relaxed);
         mine.duplicate_risk
             .store(pipeline.duplicate_risk(), Relaxed);
         if pipeline.services().active() {

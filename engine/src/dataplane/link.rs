@@ -98,6 +98,9 @@ pub(crate) struct CoreLink {
     /// Half-open flows its flow tables (own and learned) forgot or never tracked, their
     /// half-open share being full (see `FlowTable`'s admission).
     pub(crate) half_open_dropped: AtomicU64,
+    /// Other new flows its flow tables (own and learned) did not track, being full, because
+    /// only their first packet was seen (see `FlowTable`'s admission).
+    pub(crate) turned_away: AtomicU64,
     /// [`crate::pipeline::Pipeline::duplicate_risk`].
     pub(crate) duplicate_risk: AtomicU64,
     /// Burst processing time over the last second, ns: p50, p99, p99.9, max.
