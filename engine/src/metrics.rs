@@ -178,7 +178,7 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
         "counter",
         "Half-open TCP flows (SYN, no ACK yet) forgot or never tracked because the flow \
          table's half-open share (half of it) was full: a SYN flood, most likely. Their frames \
-         are still delivered by ownership, a completed handshake is tracked as established, \
+         are still decided by ownership, a completed handshake is tracked as established, \
          and established flows are never evicted for them.",
         &half_open,
     );
@@ -187,10 +187,11 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
         "flows_turned_away_total",
         "counter",
         "New flows other than SYNs (an ACK or FIN picked up mid-stream, a UDP datagram) not \
-         tracked because the flow table was full and this was the first packet of the flow it \
-         saw: a flood of spoofed one-packet flows, most likely. Their frames are still \
-         delivered by ownership, the flow's next packet gets it tracked, and settled flows are \
-         never evicted for them.",
+         tracked because a flow table (own or learned) was full and this was the first packet \
+         of the flow it saw: a flood of spoofed one-packet flows, most likely. Their frames are \
+         still decided by ownership, the flow's next packet gets it tracked (unless the table \
+         turned away 4096-65536 other flows in between), and settled flows are never evicted \
+         for them.",
         &turned_away,
     );
     let full = per_core_figure(&|c| &c.wire_full_bursts);

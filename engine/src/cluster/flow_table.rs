@@ -46,7 +46,8 @@
 //! At most `capacity` entries. Inserting into a full table first removes one entry among the
 //! first [`EVICTION_WINDOW`] entries of the new flow's probe run: an expired one if there is
 //! one (counted as expired), else the least recently seen half-open one, else the least
-//! recently seen (counted as evicted).
+//! recently seen (counted as evicted), as far as the admissions below allow: a new flow may be
+//! left untracked instead.
 //!
 //! # Admission of half-open flows
 //!
@@ -56,8 +57,9 @@
 //! room only among themselves: a new half-open flow that finds its share (or the table) full
 //! replaces an expired or the least recently seen half-open entry of its probe window, and if
 //! the window holds none it is not tracked at all (counted in
-//! [`FlowTableStats::untracked`]; the frame itself is still decided by bucket ownership: its
-//! next packet, the handshake's ACK, is tracked as an established flow). So a SYN flood can
+//! [`FlowTableStats::untracked`]; the frame itself is still decided by bucket ownership, and
+//! the doorkeeper below notes it: its next packet, the handshake's ACK, is tracked as an
+//! established flow, if it comes before the doorkeeper's entry was taken). So a SYN flood can
 //! never evict an established, closing or UDP flow, which is what a handoff (the old owner
 //! serves what it tracks) and the "done" step rely on.
 //!
@@ -71,9 +73,9 @@
 //! [`FlowTableStats::turned_away`]; the frame is still decided by bucket ownership), and the
 //! next packet of a flow the doorkeeper still holds evicts the least recently seen entry, as
 //! every new flow did before. So a flood of spoofed one-packet flows never evicts a settled
-//! flow (two packets of each can, as a SYN and an ACK can), and a real flow is tracked from
-//! its second packet on, if it comes before the flood has turned away about as many flows as
-//! the doorkeeper holds (4096 to 65536, by capacity), else from a later pair.
+//! flow (two packets of each can, a SYN and its ACK among them), and a real flow is tracked
+//! from its second packet on, if it comes before the flood has turned away about as many flows
+//! as the doorkeeper holds (4096 to 65536, by capacity), else from a later pair.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -528,17 +530,33 @@ impl Doorkeeper {
 
     fn new(capacity: usize) -> Doorkeeper {
         Doorkeeper {
-            seen: vec![0u64; Self::entries(capacity)].into_boxed_slice(),
+            seen: (0..Self::entries(capacity)).map(Self::empty).collect(),
         }
+    }
+
+    /// Entry `i` holding no fingerprint: a value whose index bits are not `i`, so that no
+    /// fingerprint (not even 0) is found there.
+    fn empty(i: usize) -> u64 {
+        ((i ^ 1) as u64) << 32
+    }
+
+    fn index(&self, hash: u64) -> usize {
+        // The home slot takes the low 32 bits (`FlowTable::home`).
+        (hash >> 32) as usize & (self.seen.len() - 1)
+    }
+
+    /// Notes the flow with fingerprint `hash` as turned away.
+    fn note(&mut self, hash: u64) {
+        let i = self.index(hash);
+        self.seen[i] = hash;
     }
 
     /// Whether the flow with fingerprint `hash` was turned away lately (then forgotten);
     /// notes it if not.
     fn seen_before(&mut self, hash: u64) -> bool {
-        // The home slot takes the low 32 bits (`FlowTable::home`).
-        let i = (hash >> 32) as usize & (self.seen.len() - 1);
+        let i = self.index(hash);
         if self.seen[i] == hash {
-            self.seen[i] = 0;
+            self.seen[i] = Self::empty(i);
             return true;
         }
         self.seen[i] = hash;
@@ -693,7 +711,7 @@ impl FlowTable {
     /// refreshes `last_seen`.
     ///
     /// An entry found expired starts over as a new flow. Never allocates; a full table evicts
-    /// (see the module doc).
+    /// or leaves the new flow untracked (see the module doc's bounds and admissions).
     #[inline(always)]
     pub fn upsert(
         &mut self,
@@ -764,6 +782,8 @@ impl FlowTable {
                 Room::Evicted => evicted = true,
                 Room::None => {
                     self.stats.untracked += 1;
+                    // Its ACK may then take a settled entry's place.
+                    self.doorkeeper.note(hash);
                     return Upsert {
                         state,
                         is_new: true,
@@ -1534,6 +1554,13 @@ mod tests {
         assert!(!u.tracked);
         let u = t.up(&real, Bucket(9), TcpFlags::ACK, now);
         assert!(u.tracked && u.evicted && u.state == FlowState::Established);
+        // A real connection: its SYN finds no room (no half-open entry to replace), its
+        // handshake's ACK is tracked.
+        let conn = flow(9_000_001, TCP);
+        let u = t.up(&conn, Bucket(9), TcpFlags::SYN, now);
+        assert!(!u.tracked);
+        let u = t.up(&conn, Bucket(9), TcpFlags::ACK, now);
+        assert!(u.tracked && u.state == FlowState::Established);
         check(&t);
     }
 
@@ -1620,6 +1647,9 @@ mod tests {
         ) {
             let mut t = table(capacity);
             let mut now = 0;
+            // Keys ever left untracked (turned away, or a SYN without room): only they may evict
+            // a settled flow with a packet other than a SYN (a flood's one-packet flows never).
+            let mut noted = std::collections::HashSet::new();
             for op in ops {
                 match op {
                     Op::Upsert(k, f) => {
@@ -1652,6 +1682,15 @@ mod tests {
                             // Turned away: only from a full table, displacing nothing.
                             prop_assert!(full && !had && !u.evicted);
                             prop_assert_eq!(settled(&t), settled_before);
+                        }
+                        let settled_evicted = u.evicted
+                            && after.evicted_half_open == before.evicted_half_open;
+                        if settled_evicted {
+                            // Only a flow left untracked before evicts a settled one.
+                            prop_assert!(noted.contains(&k), "key {} evicted a settled flow", k);
+                        }
+                        if !u.tracked {
+                            noted.insert(k);
                         }
                     }
                     Op::Remove(k) => {

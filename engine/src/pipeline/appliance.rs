@@ -489,10 +489,12 @@ impl Pipeline {
         let b = self
             .services
             .choose_new(r, &self.hasher, hash, d.src_ip(), d.src_port, proto)?;
+        // A flow the table left untracked (a full table, its first packet) is counted once it
+        // is tracked: each of its packets until then chooses again.
         if upsert.tracked {
             self.flows.set_backend(hash, b.id);
+            self.appliance.new_flows[usize::from(b.id)] += 1;
         }
-        self.appliance.new_flows[usize::from(b.id)] += 1;
         Some(b.id)
     }
 
