@@ -358,6 +358,19 @@ pub struct Upsert {
     pub backend: u16,
 }
 
+impl Upsert {
+    /// A new flow's packet the table left untracked (see the module doc's admissions).
+    fn untracked(state: FlowState) -> Upsert {
+        Upsert {
+            state,
+            is_new: true,
+            evicted: false,
+            tracked: false,
+            backend: 0,
+        }
+    }
+}
+
 /// Counters since construction. `inserted == len + evicted + expired + removed` always.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FlowTableStats {
@@ -559,7 +572,7 @@ impl Doorkeeper {
             self.seen[i] = Self::empty(i);
             return true;
         }
-        self.seen[i] = hash;
+        self.note(hash);
         false
     }
 }
@@ -604,7 +617,7 @@ impl FlowTable {
         Self::slots_for(capacity) * SLOT_BYTES
             + super::BUCKETS * 4
             + BACKEND_IDS * 4
-            + Doorkeeper::entries(capacity.max(1)) * 8
+            + Doorkeeper::entries(capacity) * 8
     }
 
     /// Most entries the table holds.
@@ -784,13 +797,7 @@ impl FlowTable {
                     self.stats.untracked += 1;
                     // Its ACK may then take a settled entry's place.
                     self.doorkeeper.note(hash);
-                    return Upsert {
-                        state,
-                        is_new: true,
-                        evicted: false,
-                        tracked: false,
-                        backend: 0,
-                    };
+                    return Upsert::untracked(state);
                 }
             }
         } else if self.len >= self.capacity {
@@ -803,13 +810,7 @@ impl FlowTable {
                 }
                 Room::None => {
                     self.stats.turned_away += 1;
-                    return Upsert {
-                        state,
-                        is_new: true,
-                        evicted: false,
-                        tracked: false,
-                        backend: 0,
-                    };
+                    return Upsert::untracked(state);
                 }
             }
         }
@@ -1518,33 +1519,28 @@ mod tests {
     fn a_flood_of_one_packet_flows_never_evicts_settled_ones() {
         let capacity = 1000;
         let mut t = table(capacity);
+        // Flow n: an ACK, a FIN (with `fin`) or a datagram, by n mod 3.
+        let packet = |n: u32, fin: TcpFlags| match n % 3 {
+            0 => (TCP, TcpFlags::ACK),
+            1 => (TCP, fin),
+            _ => (UDP, TcpFlags::default()),
+        };
         for n in 0..capacity as u32 {
-            let (proto, flags) = match n % 3 {
-                0 => (TCP, TcpFlags::ACK),
-                1 => (TCP, TcpFlags::FIN),
-                _ => (UDP, TcpFlags::default()),
-            };
+            let (proto, flags) = packet(n, TcpFlags::FIN);
             t.up(&flow(n, proto), Bucket(n as u16), flags, 0);
         }
         assert_eq!(t.len(), capacity);
         // 300 000 spoofed packets, each of its own flow, over 3 s.
         for n in 0..300_000u32 {
             let now = u64::from(n) * 10_000;
-            let (proto, flags) = match n % 3 {
-                0 => (TCP, TcpFlags::ACK),
-                1 => (TCP, TcpFlags(TcpFlags::FIN.0 | TcpFlags::ACK.0)),
-                _ => (UDP, TcpFlags::default()),
-            };
+            let (proto, flags) = packet(n, TcpFlags(TcpFlags::FIN.0 | TcpFlags::ACK.0));
             t.up(&flow(10_000 + n, proto), Bucket(n as u16), flags, now);
         }
         let now = 3 * SEC;
         let st = t.stats();
         assert_eq!((st.turned_away, st.evicted), (300_000, 0), "{st:?}");
         assert!(
-            (0..capacity as u32).all(|n| {
-                let proto = if n % 3 == 2 { UDP } else { TCP };
-                t.g(&flow(n, proto), now).is_some()
-            }),
+            (0..capacity as u32).all(|n| t.g(&flow(n, packet(n, TcpFlags::FIN).0), now).is_some()),
             "settled flows kept"
         );
         check(&t);

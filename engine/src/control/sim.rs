@@ -893,7 +893,9 @@ fn a_message_of_another_run_of_this_node_id_is_said() {
             .collect()
     };
     let first = sim.last_sent[2][Path::Wire.index()].clone().unwrap();
-    sim.input(3, |m, now, out| m.handle_message(Path::Wire, &first, now, out));
+    sim.input(3, |m, now, out| {
+        m.handle_message(Path::Wire, &first, now, out)
+    });
     assert_eq!(sim.node(3).refused(Path::Wire, Refusal::FromSelf), 1);
     assert!(said(&sim).is_empty(), "its own message come back");
     // A run of node 3 that started later than the one that will hear it.
@@ -905,7 +907,9 @@ fn a_message_of_another_run_of_this_node_id_is_said() {
     sim.run_until(6 * SEC + 50 * MS);
     sim.start(config(3, 5_000_000));
     for _ in 0..2 {
-        sim.input(3, |m, now, out| m.handle_message(Path::Wire, &later, now, out));
+        sim.input(3, |m, now, out| {
+            m.handle_message(Path::Wire, &later, now, out)
+        });
     }
     assert_eq!(
         said(&sim),
@@ -919,8 +923,11 @@ fn a_message_of_another_run_of_this_node_id_is_said() {
     // One of this run's own messages from before its peers' notice raises its incarnation:
     // come back after the raise, it is only counted.
     let key = config(3, 0).key;
-    let incarnation_of =
-        |bytes: &[u8]| message::decode(bytes, &key, Path::Wire, DIGEST).unwrap().incarnation;
+    let incarnation_of = |bytes: &[u8]| {
+        message::decode(bytes, &key, Path::Wire, DIGEST)
+            .unwrap()
+            .incarnation
+    };
     let own_before = loop {
         let sent = sim.last_sent[2][Path::Wire.index()].clone().unwrap();
         if incarnation_of(&sent) == 5_000_000 {
@@ -938,7 +945,9 @@ fn a_message_of_another_run_of_this_node_id_is_said() {
         m.handle_message(Path::Wire, &own_before, now, out)
     });
     assert_eq!(said(&sim).len(), 1, "its own message from before the raise");
-    sim.input(3, |m, now, out| m.handle_message(Path::Wire, &first, now, out));
+    sim.input(3, |m, now, out| {
+        m.handle_message(Path::Wire, &first, now, out)
+    });
     let events = said(&sim);
     assert_eq!(events.len(), 2, "{events:?}");
     assert_eq!(

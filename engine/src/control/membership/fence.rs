@@ -258,9 +258,9 @@ impl Membership {
     fn deaf_but_kept(&self) -> bool {
         let me = self.cfg.me.index();
         self.peers.iter().enumerate().all(|(i, p)| match p {
-            Some(p) if p.alive => p.hb.is_some_and(|h| {
-                (h.fenced || h.wire_deaf) && !(h.wire_deaf && i < me)
-            }),
+            Some(p) if p.alive => {
+                p.hb.is_some_and(|h| (h.fenced || h.wire_deaf) && !(h.wire_deaf && i < me))
+            }
             _ => true,
         })
     }

@@ -277,7 +277,7 @@ fn every_path_state_in_a_three_node_cluster() {
 #[test]
 fn a_flood_of_unusable_control_frames_fences_nobody() {
     let junk = [0x5au8; 60];
-    noise_holds_off_the_fence(71, 20 * MS, |m, now, out| {
+    noise_holds_off_the_fence(71, |m, now, out| {
         m.handle_message(Path::Wire, &junk, now, out)
     });
 }
@@ -288,7 +288,7 @@ fn a_flood_of_unusable_control_frames_fences_nobody() {
 /// the namespace flood test covers.)
 #[test]
 fn a_backed_up_receive_queue_fences_nobody() {
-    noise_holds_off_the_fence(72, 20 * MS, |m, now, _| m.note_wire_noise(now));
+    noise_holds_off_the_fence(72, |m, now, _| m.note_wire_noise(now));
 }
 
 /// Noise holds off the fence only within `dead_after` intervals of it: noted less often than
@@ -322,11 +322,10 @@ fn noise_noted_less_often_than_dead_after_intervals_holds_off_nothing() {
 }
 
 /// Two nodes whose wire carries none of their heartbeats for 3 s while `noise` (called on
-/// both every `every` ns) comes: nobody fences and every bucket is served; once the noise
-/// stops, the silent wire fences node 2 (the two-node rule).
+/// both every 20 ms) comes: nobody fences and every bucket is served; once the noise stops,
+/// the silent wire fences node 2 (the two-node rule).
 fn noise_holds_off_the_fence(
     seed: u64,
-    every: u64,
     mut noise: impl FnMut(&mut Membership, u64, &mut Vec<Output>),
 ) {
     let ids = [1u8, 2];
@@ -341,7 +340,7 @@ fn noise_holds_off_the_fence(
         for id in ids {
             sim.input(id, &mut noise);
         }
-        let next = sim.now + every;
+        let next = sim.now + 20 * MS;
         sim.run_until(next);
         for id in ids {
             assert!(!sim.node(id).fenced(), "node {id} fenced in the noise");
