@@ -477,6 +477,30 @@ impl Services {
         Some((rule, rule.backends.get(usize::from(bi))?))
     }
 
+    /// Whether every frame falls under the same rule in `other` as here, and every rule and
+    /// backend id means the same (the addresses, protocols, ports and modes of the rules, what
+    /// takes unmatched traffic, the rule of every backend id): a reload that changed only
+    /// backends' addresses, weights or states, or a health change, keeps it. The pipeline's
+    /// checked flows hold while it does (see [`crate::cluster::FlowTable::upsert_checked`]).
+    pub fn same_matching(&self, other: &Services) -> bool {
+        let rule_of = |s: &Services| -> Vec<Option<u16>> {
+            s.by_id.iter().map(|e| e.map(|(ri, _)| ri)).collect()
+        };
+        let rules_match = self.rules.len() == other.rules.len()
+            && self.rules.iter().zip(&other.rules).all(|(a, b)| {
+                a.addresses == b.addresses
+                    && a.proto == b.proto
+                    && a.ports == b.ports
+                    && a.mode == b.mode
+                    && a.delivery == b.delivery
+            });
+        rules_match
+            && self.active == other.active
+            && self.unmatched == other.unmatched
+            && self.addresses == other.addresses
+            && rule_of(self) == rule_of(other)
+    }
+
     /// The server id `id` names: its rule's name and its address (a freed id that a reload
     /// gave a new backend names another server).
     pub fn server(&self, id: u16) -> Option<(&str, IpAddr)> {

@@ -25,9 +25,10 @@
 //! slots per tracked flow, whatever the capacity, where rounding up to a power of two cost up to
 //! twice that — 33.8 bytes at a million flows): the
 //! fingerprint (8), `last_seen` in ticks of 2^24 ns (~16.8 ms; 4), the bucket (2), and 2 bytes
-//! of state (4 bits, 0 = empty; UDP's open state apart from other protocols', for its timeout)
-//! and backend (12 bits: the backend an appliance chose for the flow, so that a change of the
-//! backend pool moves no existing flow). A probe run starts at the first
+//! of state (3 bits, 0 = empty; UDP's open state apart from other protocols', for its timeout),
+//! a mark (1 bit: the backend is checked, [`FlowTable::upsert_checked`]) and backend (12 bits:
+//! the backend an appliance chose for the flow, so that a change of the backend pool moves no
+//! existing flow). A probe run starts at the first
 //! slot of the cache line the fingerprint's low 32 bits pick by a multiply-shift over the line
 //! count (its home), not at a slot within it: a slot-granular home makes far more lookups read
 //! a second line, and at millions of flows every line read is a memory access. Runs wrap from
@@ -301,8 +302,10 @@ const STATE_ESTABLISHED: u8 = FlowState::Established as u8;
 const STATE_CLOSING: u8 = FlowState::Closing as u8;
 /// [`FlowState::Open`] of a UDP flow (its own idle timeout).
 const STATE_OPEN_UDP: u8 = 5;
-/// The state's bits in [`Slot::meta`]; the backend id takes the rest.
-const STATE_MASK: u16 = 0xf;
+/// The state's bits in [`Slot::meta`] (`EMPTY` to `STATE_OPEN_UDP`).
+const STATE_MASK: u16 = 0x7;
+/// The bit of [`Slot::meta`] that marks the backend checked (see [`FlowTable::upsert_checked`]).
+const CHECKED: u16 = 0x8;
 const BACKEND_SHIFT: u32 = 4;
 /// Backend ids a slot can hold (0: none).
 const BACKEND_IDS: usize = 1 << (16 - BACKEND_SHIFT);
@@ -356,6 +359,8 @@ pub struct Upsert {
     pub tracked: bool,
     /// The backend recorded for the flow (0: none: a new flow, or not an appliance's).
     pub backend: u16,
+    /// The backend is marked checked (see [`FlowTable::upsert_checked`]).
+    pub checked: bool,
 }
 
 impl Upsert {
@@ -367,6 +372,7 @@ impl Upsert {
             evicted: false,
             tracked: false,
             backend: 0,
+            checked: false,
         }
     }
 }
@@ -401,7 +407,8 @@ struct Slot {
     /// Ticks (see [`ticks`]) of the last packet.
     last_seen: u32,
     bucket: u16,
-    /// Bits 0..4: `EMPTY` or the state ([`raw_state`]); bits 4..16: the backend id (0: none).
+    /// Bits 0..3: `EMPTY` or the state ([`raw_state`]); bit 3: the backend is marked checked
+    /// ([`CHECKED`]); bits 4..16: the backend id (0: none).
     meta: u16,
 }
 
@@ -704,19 +711,59 @@ impl FlowTable {
         })
     }
 
-    /// Records the backend an appliance chose for flow `hash` (1..=4095; see
-    /// [`crate::config::MAX_BACKENDS`]); returns whether the flow is in the table.
-    pub fn set_backend(&mut self, hash: FlowHash, backend: u16) -> bool {
+    /// Records the backend an appliance chose (or confirmed) for flow `hash` (1..=4095; see
+    /// [`crate::config::MAX_BACKENDS`]), marked `checked` or not (see
+    /// [`FlowTable::upsert_checked`]); returns whether the flow is in the table.
+    pub fn set_backend(&mut self, hash: FlowHash, backend: u16, checked: bool) -> bool {
         debug_assert!(backend < 1 << (16 - BACKEND_SHIFT));
         let Some(i) = self.find(hash.0) else {
             return false;
         };
         let slot = &mut self.slots[i];
         let old = slot.backend();
-        slot.meta = (slot.meta & STATE_MASK) | (backend << BACKEND_SHIFT);
+        let mark = if checked { CHECKED } else { 0 };
+        slot.meta = (slot.meta & STATE_MASK) | mark | (backend << BACKEND_SHIFT);
         self.per_backend[usize::from(old)] -= 1;
         self.per_backend[usize::from(slot.backend())] += 1;
         true
+    }
+
+    /// A packet of flow `hash` whose backend is marked checked ([`FlowTable::set_backend`]) and
+    /// has not been unmarked since ([`FlowTable::clear_checked`]), if `takes` says the backend
+    /// takes it: recorded as [`FlowTable::upsert`] records a known flow's, and the backend
+    /// returned. Any other (not in the table, expired, without a backend or the mark, or
+    /// `takes` false) changes nothing: `None`.
+    ///
+    /// The table only keeps the mark: what it means (appliance mode: the backend was found to
+    /// be the flow's rule's under the rules in force) is its user's.
+    #[inline(always)]
+    pub fn upsert_checked(
+        &mut self,
+        hash: FlowHash,
+        proto: u8,
+        flags: TcpFlags,
+        now: u64,
+        takes: impl FnOnce(u16) -> bool,
+    ) -> Option<u16> {
+        let now_t = ticks(now);
+        let i = self.find(hash.0)?;
+        let slot = &self.slots[i];
+        if slot.meta & CHECKED == 0 || self.is_expired(slot, now_t) || !takes(slot.backend()) {
+            return None;
+        }
+        let prev = FlowState::from_raw(slot.state());
+        self.step(i, prev, proto, flags, now_t);
+        Some(self.slots[i].backend())
+    }
+
+    /// Clears the checked marks of up to `budget` slots from slot `from` on: returns the slot to
+    /// go on from, `None` once the last is cleared. Marks set meanwhile behind the cursor stay.
+    pub fn clear_checked(&mut self, from: usize, budget: usize) -> Option<usize> {
+        let end = from.saturating_add(budget).min(self.slots.len());
+        for slot in self.slots.get_mut(from..end).unwrap_or_default() {
+            slot.meta &= !CHECKED;
+        }
+        (end < self.slots.len()).then_some(end)
     }
 
     /// Records a packet of flow `hash` (IP protocol `proto`, in `bucket`) at `now`: creates the
@@ -747,7 +794,7 @@ impl FlowTable {
         }
         let slot = &mut self.slots[i];
         let prev = if expired {
-            // A new flow chooses its backend anew.
+            // A new flow chooses its backend anew (and is checked anew).
             self.per_backend[usize::from(slot.backend())] -= 1;
             self.per_backend[0] += 1;
             slot.meta &= STATE_MASK;
@@ -755,8 +802,32 @@ impl FlowTable {
         } else {
             FlowState::from_raw(slot.state())
         };
+        let state = self.step(i, prev, proto, flags, now_t);
+        let slot = &self.slots[i];
+        Upsert {
+            state,
+            is_new: expired,
+            evicted: false,
+            tracked: true,
+            backend: slot.backend(),
+            checked: slot.meta & CHECKED != 0,
+        }
+    }
+
+    /// A packet of the flow in slot `i` (in state `prev` before it) at tick `now_t`: moves its
+    /// state and time; returns the new state.
+    #[inline(always)]
+    fn step(
+        &mut self,
+        i: usize,
+        prev: Option<FlowState>,
+        proto: u8,
+        flags: TcpFlags,
+        now_t: u32,
+    ) -> FlowState {
         let state = FlowState::next(prev, proto, flags);
         let raw = raw_state(state, proto);
+        let slot = &mut self.slots[i];
         if raw != slot.state() {
             // A known flow changes state in place: it stays tracked (a reused 4-tuple's SYN
             // may take the half-open count one past its share until the next insertion makes
@@ -766,13 +837,7 @@ impl FlowTable {
             slot.set_state(raw);
         }
         slot.last_seen = now_t;
-        Upsert {
-            state,
-            is_new: expired,
-            evicted: false,
-            tracked: true,
-            backend: slot.backend(),
-        }
+        state
     }
 
     /// The new-flow half of [`FlowTable::upsert`], out of line: the packet path inlines only
@@ -835,6 +900,7 @@ impl FlowTable {
             evicted,
             tracked: true,
             backend: 0,
+            checked: false,
         }
     }
 
@@ -1168,13 +1234,99 @@ mod tests {
         assert_eq!(syn, t.half_open, "half-open count drifted");
     }
 
+    /// A marked backend is the known flow's shortcut: `upsert_checked` records the packet as
+    /// `upsert` would and names the backend, for a marked live flow only, and changes nothing
+    /// otherwise; marks are cleared slot range by slot range, and with a flow that ends.
+    #[test]
+    fn a_marked_backend_is_found_and_recorded_without_a_second_lookup() {
+        let mut t = table(100);
+        let (f, b) = (flow(1, TCP), Bucket(7));
+        let any = |_| true;
+        assert_eq!(t.upsert_checked(f.hash, TCP, TcpFlags::ACK, SEC, any), None);
+        assert_eq!(t.len(), 0, "not inserted");
+        t.up(&f, b, TcpFlags::SYN, SEC);
+        t.set_backend(f.hash, 5, false);
+        assert_eq!(
+            t.upsert_checked(f.hash, TCP, TcpFlags::ACK, 2 * SEC, any),
+            None
+        );
+        let e = t.g(&f, 2 * SEC).unwrap();
+        let at_syn = SEC >> TICK_SHIFT << TICK_SHIFT;
+        assert_eq!(
+            (e.state, e.last_seen),
+            (FlowState::SynSeen, at_syn),
+            "unmarked: untouched"
+        );
+        let u = t.up(&f, b, TcpFlags::ACK, 2 * SEC);
+        assert!(!u.checked);
+        // Marked: the packet is recorded as `upsert` records it.
+        t.set_backend(f.hash, 5, true);
+        assert!(t.up(&f, b, TcpFlags::ACK, 2 * SEC).checked);
+        let mut other = table(100);
+        other.up(&f, b, TcpFlags::SYN, SEC);
+        other.up(&f, b, TcpFlags::ACK, 2 * SEC);
+        for (flags, at) in [(TcpFlags::ACK, 3), (TcpFlags::FIN, 4), (TcpFlags::ACK, 5)] {
+            assert_eq!(t.upsert_checked(f.hash, TCP, flags, at * SEC, any), Some(5));
+            other.up(&f, b, flags, at * SEC);
+            assert_eq!(
+                t.g(&f, at * SEC).map(|e| (e.state, e.last_seen)),
+                other.g(&f, at * SEC).map(|e| (e.state, e.last_seen))
+            );
+        }
+        assert_eq!(t.g(&f, 5 * SEC).unwrap().state, FlowState::Closing);
+        // The backend refused: nothing recorded.
+        assert_eq!(
+            t.upsert_checked(f.hash, TCP, TcpFlags::RST, 6 * SEC, |id| id != 5),
+            None
+        );
+        assert_eq!(
+            t.g(&f, 6 * SEC).unwrap().last_seen,
+            ((5 * SEC) >> TICK_SHIFT) << TICK_SHIFT
+        );
+        // Expired: nothing, and the flow that starts over in its slot is unmarked.
+        let late = 1000 * SEC;
+        assert_eq!(
+            t.upsert_checked(f.hash, TCP, TcpFlags::ACK, late, any),
+            None
+        );
+        let u = t.up(&f, b, TcpFlags::SYN, late);
+        assert_eq!((u.is_new, u.backend, u.checked), (true, 0, false));
+        check(&t);
+        // Clearing, a range at a time: marks set behind the cursor stay.
+        let mut t = table(1000);
+        let flows: Vec<Flow> = (0..1000).map(|n| flow(n, UDP)).collect();
+        for f in &flows {
+            t.up(f, b, TcpFlags::NONE, SEC);
+            t.set_backend(f.hash, 2, true);
+        }
+        let slots = t.slot_count();
+        let (mut at, mut calls) = (Some(0), 0);
+        while let Some(from) = at {
+            at = t.clear_checked(from, 100);
+            calls += 1;
+            if calls == 3 {
+                t.set_backend(flows[0].hash, 2, true);
+            }
+        }
+        assert_eq!(calls, slots.div_ceil(100));
+        let marked: Vec<usize> = (0..1000)
+            .filter(|&i| {
+                t.upsert_checked(flows[i].hash, UDP, TcpFlags::NONE, SEC, any)
+                    .is_some()
+            })
+            .collect();
+        let first = t.find(flows[0].hash.0).unwrap();
+        assert_eq!(marked, if first < 300 { vec![0] } else { vec![] });
+        check(&t);
+    }
+
     #[test]
     fn backend_is_kept_with_the_flow_and_forgotten_with_it() {
         let mut t = table(100);
         let (f, b) = (flow(1, TCP), Bucket(7));
-        assert!(!t.set_backend(f.hash, 9), "not in the table yet");
+        assert!(!t.set_backend(f.hash, 9, false), "not in the table yet");
         assert_eq!(t.up(&f, b, TcpFlags::SYN, SEC).backend, 0);
-        assert!(t.set_backend(f.hash, 4095));
+        assert!(t.set_backend(f.hash, 4095, false));
         // State changes keep it; the state is unchanged by it.
         let u = t.up(&f, b, TcpFlags::ACK, 2 * SEC);
         assert_eq!((u.state, u.backend), (FlowState::Established, 4095));
@@ -1182,7 +1334,7 @@ mod tests {
         // UDP keeps its own timeout next to a backend.
         let udp = flow(2, UDP);
         t.up(&udp, b, TcpFlags::NONE, SEC);
-        assert!(t.set_backend(udp.hash, 3));
+        assert!(t.set_backend(udp.hash, 3, false));
         assert_eq!(t.g(&udp, 20 * SEC).map(|e| e.backend), Some(3));
         assert_eq!(t.g(&udp, 40 * SEC), None, "UDP's 30 s timeout");
         // A flow that starts over after its timeout chooses again.
@@ -1202,11 +1354,11 @@ mod tests {
         }
         assert_eq!(t.count_for_backend(0), 10);
         for (i, f) in flows.iter().enumerate() {
-            t.set_backend(f.hash, 1 + (i % 2) as u16);
+            t.set_backend(f.hash, 1 + (i % 2) as u16, false);
         }
         assert_eq!((t.count_for_backend(1), t.count_for_backend(2)), (5, 5));
         // Moved, removed, expired and started over, swept: each leaves its backend's count.
-        t.set_backend(flows[0].hash, 2);
+        t.set_backend(flows[0].hash, 2, false);
         assert_eq!((t.count_for_backend(1), t.count_for_backend(2)), (4, 6));
         t.rm(&flows[1]);
         assert_eq!(t.count_for_backend(2), 5);

@@ -20,8 +20,9 @@ use std::net::IpAddr;
 
 use crate::appliance::encap::{self, Outer};
 use crate::appliance::fragment::Cut;
-use crate::appliance::route::Way;
+use crate::appliance::route::{Route, Way};
 use crate::appliance::Match;
+use crate::cluster::handoff;
 use crate::cluster::{Bucket, FirstFragment, FlowHash, FlowTable, TcpFlags, Upsert};
 use crate::config::{Delivery, RuleMode, Unmatched};
 use crate::wire::{self, parse_l2_l4, Parsed};
@@ -183,6 +184,26 @@ enum Service {
     Forward { rule: usize, upsert: Upsert },
 }
 
+/// Whether the checked marks of the flow table (see [`FlowTable::upsert_checked`]) say what
+/// the rule lookup would. A flow's backend is marked when the lookup found the flow's rule to
+/// be a `multiple` rule that forwards and the backend to be that rule's; while the rules stay
+/// the same ([`crate::appliance::Services::same_matching`]), the flow's later frames may skip
+/// the lookup ([`Pipeline::known_flow`]). Rules that change clear every mark, a bounded number
+/// of slots at a time between bursts ([`Pipeline::clear_marks`]); until the last is cleared,
+/// every frame is looked up. (A change during a clearing starts it over.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) enum Marks {
+    /// Every mark in the table was set under the rules in force.
+    #[default]
+    Hold,
+    /// The rules changed: marks from slot `next` on may be older.
+    Clearing { next: usize },
+}
+
+/// Slots whose marks one [`Pipeline::clear_marks`] clears: 256 KiB of slots, tens of
+/// microseconds (a table of 10 million flows is cleared in about a thousand calls).
+const MARKS_CLEARED_AT_ONCE: usize = 16 * 1024;
+
 /// 14 bits of a flow's fingerprint, the outer header's entropy (the GUE source port): the same
 /// flow, the same outer port.
 #[inline(always)]
@@ -222,6 +243,84 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    /// A known flow's frame, by its checked mark (see [`Marks`]), before
+    /// [`Pipeline::service_flow`] (a frame `plain` as [`Destination::of_prepared`] takes it,
+    /// while the marks hold): in a bucket this node owns with no handoff here (where the
+    /// handoff rule delivers every frame: [`handoff::delivers_all`]), a flow whose backend is
+    /// marked goes to that backend, unless the frame is a TCP connection's first SYN and the
+    /// backend takes no new flows (see [`Pipeline::flow_backend`]): the rule lookup would find
+    /// the rule the mark was set under, a `multiple` rule whose backend it is, and the
+    /// decision would go the same way. `None` (nothing changed): any other frame, for the
+    /// full decision.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(super) fn known_flow(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        bucket: Bucket,
+        hash: FlowHash,
+        proto: u8,
+        flags: TcpFlags,
+        now: u64,
+    ) -> Option<Action> {
+        let role = self.snapshot.role(bucket, self.id.node);
+        if !handoff::delivers_all(role, self.health(), !self.learned.is_empty()) {
+            return None;
+        }
+        let opens = proto == TCP && flags.is_initial_syn();
+        let routes = &self.routes;
+        let takes = |id| !opens || routes.get(id).is_some_and(|route| route.up);
+        let id = self.flows.upsert_checked(hash, proto, flags, now, takes)?;
+        // A marked backend has a route: the rules (and so the backend ids) are the ones the
+        // mark was set under.
+        Some(match self.routes.get(id) {
+            Some(&Route {
+                way: Way::Dsr(macs),
+                ..
+            }) => self.dsr(buf, len, id, &macs),
+            _ => self.known_flow_to(buf, len, id, hash, now),
+        })
+    }
+
+    /// The rest of [`Pipeline::known_flow`] for a backend reached otherwise than by DSR.
+    #[inline(never)]
+    fn known_flow_to(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        id: u16,
+        hash: FlowHash,
+        now: u64,
+    ) -> Action {
+        match buf.get(..len).and_then(Destination::fixed) {
+            Some(d) => self.forward_to(buf, len, id, &d, entropy(hash), Some(now)),
+            None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
+        }
+    }
+
+    /// Clears a bounded share of the flow table's checked marks while the rules changed since
+    /// they were set (see [`Marks`]; between bursts).
+    pub(super) fn clear_marks(&mut self) {
+        if let Marks::Clearing { next } = self.marks {
+            self.marks = match self.flows.clear_checked(next, MARKS_CLEARED_AT_ONCE) {
+                Some(next) => Marks::Clearing { next },
+                None => Marks::Hold,
+            };
+        }
+    }
+
+    /// Whether rule `r`'s flows have their backends marked checked (see [`Marks`]): a
+    /// `multiple` rule's (a `single` rule's frames are owned by priority, not by bucket, which
+    /// [`Pipeline::known_flow`] does not ask).
+    #[inline(always)]
+    fn marks_rule(&self, r: usize) -> bool {
+        self.services
+            .rules()
+            .get(r)
+            .is_some_and(|rule| rule.mode == RuleMode::Multiple)
     }
 
     /// The first fragment of a datagram while services are configured (`p` its parse): by its
@@ -484,6 +583,10 @@ impl Pipeline {
             }),
         };
         if remembered.is_some() {
+            if !upsert.checked && self.marks_rule(r) {
+                // Found its rule's under the rules in force: marked (see `Marks`).
+                self.flows.set_backend(hash, upsert.backend, true);
+            }
             return Some(upsert.backend);
         }
         let b = self
@@ -492,7 +595,7 @@ impl Pipeline {
         // A flow the table left untracked (a full table, its first packet) is counted once it
         // is tracked: each of its packets until then chooses again.
         if upsert.tracked {
-            self.flows.set_backend(hash, b.id);
+            self.flows.set_backend(hash, b.id, self.marks_rule(r));
             self.appliance.new_flows[usize::from(b.id)] += 1;
         }
         Some(b.id)
@@ -518,9 +621,8 @@ impl Pipeline {
         match &route.way {
             Way::Unreachable => Action::Drop(DropReason::NoBackend),
             Way::Dsr(macs) => {
-                encap::dsr(buf, macs);
-                self.appliance.count(at, len);
-                Action::ToBackend { push: 0 }
+                let macs = *macs;
+                self.dsr(buf, len, id, &macs)
             }
             Way::Encap(outer) => {
                 let overhead = outer.overhead();
@@ -562,6 +664,15 @@ impl Pipeline {
                 Action::ToBackend { push }
             }
         }
+    }
+
+    /// A frame of `len` bytes in `buf` to backend `id` by DSR (`macs`: its MAC and the
+    /// node's): rewritten and counted.
+    #[inline(always)]
+    fn dsr(&mut self, buf: &mut [u8], len: usize, id: u16, macs: &[u8; 12]) -> Action {
+        encap::dsr(buf, macs);
+        self.appliance.count(usize::from(id), len);
+        Action::ToBackend { push: 0 }
     }
 
     /// An IPv4 datagram `d` without DF cut (`cut`) for backend `id` through `outer`: counted,

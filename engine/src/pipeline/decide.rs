@@ -79,6 +79,12 @@ impl Pipeline {
                 plain,
             } => {
                 if self.services.active() {
+                    if plain && self.marks == super::appliance::Marks::Hold {
+                        let known = self.known_flow(buf, len, bucket, hash, proto, flags, now);
+                        if let Some(action) = known {
+                            return action;
+                        }
+                    }
                     return self.service_flow(buf, len, bucket, hash, proto, flags, plain, now);
                 }
                 self.flow_packet(bucket, hash, proto, flags, now)
@@ -200,6 +206,15 @@ impl Pipeline {
         }
     }
 
+    /// What the handoff rule reads of the services' health.
+    #[inline(always)]
+    pub(super) fn health(&self) -> handoff::Health {
+        handoff::Health {
+            refuse_new: self.service.refuse_new,
+            refusing_peers: self.service.refusing_peers,
+        }
+    }
+
     /// A TCP or UDP packet of flow `hash` (IP protocol `proto`) in `bucket`, for this node's
     /// host if it is this node's: see [`Pipeline::flow_verdict`].
     #[inline]
@@ -231,10 +246,7 @@ impl Pipeline {
         now: u64,
     ) -> Result<Upsert, Action> {
         let role = self.snapshot.role(bucket, self.id.node);
-        let health = handoff::Health {
-            refuse_new: self.service.refuse_new,
-            refusing_peers: self.service.refusing_peers,
-        };
+        let health = self.health();
         // Most frames: an owned bucket and no handoff here. The rule would deliver them
         // whatever their flow's entries; asking it costs a call and a table lookup per frame.
         if handoff::delivers_all(role, health, !self.learned.is_empty()) {

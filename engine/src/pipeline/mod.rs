@@ -90,6 +90,8 @@ pub struct Pipeline {
     serving: u64,
     /// Per backend id, the way to it (built from `services` and `id`).
     routes: Routes,
+    /// Whether the flow table's checked marks hold under `services`.
+    marks: appliance::Marks,
     /// The encapsulation of the last [`Action::ToBackend`], for [`Pipeline::take_encap`].
     pending: Option<appliance::Pending>,
     /// The datagram of the last [`Action::ToBackendInPieces`], for [`Pipeline::take_pieces`].

@@ -68,6 +68,7 @@ impl Pipeline {
             snapshot,
             services: Services::none(),
             routes: Routes::default(),
+            marks: Default::default(),
             pending: None,
             pieces: None,
             appliance: ApplianceCounts::default(),
@@ -98,6 +99,11 @@ impl Pipeline {
         let (old, new) = (&self.services, &services);
         self.fragments
             .refuse_forwarded(|id| old.server(id) != new.server(id));
+        if !old.same_matching(new) && !self.flows.is_empty() {
+            // The flows' marks may no longer say what the lookup would: cleared before use.
+            // (An empty table holds none: a free slot's marks are cleared.)
+            self.marks = super::appliance::Marks::Clearing { next: 0 };
+        }
         self.services = services;
     }
 
@@ -186,13 +192,15 @@ impl Pipeline {
     }
 
     /// Housekeeping between bursts: expire idle flows, a bounded amount at a time; in
-    /// appliance mode, count each backend's flows for [`Pipeline::appliance_counts`].
+    /// appliance mode, count each backend's flows for [`Pipeline::appliance_counts`], and
+    /// clear the flows' checked marks a share at a time after the rules changed.
     pub fn maintain(&mut self, now: u64, budget: usize) -> usize {
         self.learned.expire(now, budget / 4 + 1);
         let expired = self.flows.expire(now, budget);
         if self.services.active() {
             self.appliance.count_flows(&self.flows);
         }
+        self.clear_marks();
         expired
     }
 }

@@ -37,7 +37,7 @@ services:
 "#;
 
 /// The services of a configuration `text` (checked as `check` would).
-fn compiled(text: &str) -> Arc<Services> {
+pub(super) fn compiled(text: &str) -> Arc<Services> {
     let c = Config::parse(text, "t.yaml").unwrap();
     c.validate("t.yaml").unwrap();
     Arc::new(Services::compile(&c, SECRET, None))
@@ -47,7 +47,7 @@ fn services(delivery: &str) -> Arc<Services> {
     compiled(&SERVICES.replace("DELIVERY", delivery))
 }
 
-fn appliances(n: u8, delivery: &str) -> Vec<Pipeline> {
+pub(super) fn appliances(n: u8, delivery: &str) -> Vec<Pipeline> {
     let members: Vec<Member> = (1..=n).map(|i| Member::new(i, 100).unwrap()).collect();
     let mut nodes = cluster(&members);
     let s = services(delivery);
@@ -59,14 +59,14 @@ fn appliances(n: u8, delivery: &str) -> Vec<Pipeline> {
 }
 
 /// A TCP segment from `src:sport` to the cluster address's `port`.
-fn segment(src: [u8; 4], sport: u16, port: u16, flags: u8) -> Vec<u8> {
+pub(super) fn segment(src: [u8; 4], sport: u16, port: u16, flags: u8) -> Vec<u8> {
     let mut t = build::tcp(sport, 1, 1, flags, b"");
     t[2..4].copy_from_slice(&port.to_be_bytes());
     build::ipv4([2, 0, 0, 0, 0, 0x64], src, 6, &mut t, Some(16))
 }
 
 /// What node `p` does with `frame`: the action and the frame after it.
-fn run(p: &mut Pipeline, frame: &[u8], now: u64) -> (Action, Vec<u8>) {
+pub(super) fn run(p: &mut Pipeline, frame: &[u8], now: u64) -> (Action, Vec<u8>) {
     let mut buf = vec![0u8; 2048];
     buf[..frame.len()].copy_from_slice(frame);
     let action = p.from_wire(&mut buf, frame.len(), now);
@@ -121,7 +121,7 @@ fn carry_out(p: &mut Pipeline, action: Action, buf: &[u8], len: usize) -> Vec<u8
     }
 }
 
-fn client(i: u32) -> ([u8; 4], u16) {
+pub(super) fn client(i: u32) -> ([u8; 4], u16) {
     (
         [198, 18, 2 + (i / 200) as u8, (i % 200) as u8 + 1],
         30000 + (i % 1000) as u16,

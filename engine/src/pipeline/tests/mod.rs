@@ -18,6 +18,7 @@ mod appliance;
 mod cores;
 mod handoff;
 mod host;
+mod known_flows;
 mod neighbour;
 mod properties;
 mod wire_side;

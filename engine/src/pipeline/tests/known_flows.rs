@@ -1,0 +1,326 @@
+//! A known flow's shortcut in appliance mode (`Pipeline::known_flow`, by the flow table's
+//! checked marks): it decides every frame as the full decision would, and stands aside
+//! whenever it could not know (the rules changed, a first SYN to a backend that takes no new
+//! flows, a bucket in handoff).
+
+use super::appliance::{appliances, client, compiled, run, segment};
+use super::*;
+use crate::appliance::{BackendState, Services};
+use crate::config::Config;
+use crate::pipeline::appliance::Marks;
+use crate::testkit::build;
+
+/// Rules of every kind on the cluster address: DSR on 80 and 8000-8099, GUE on 443, UDP on 53,
+/// a disabled rule, a `single` rule node 2 takes first; other ports match nothing
+/// (`unmatched: drop`).
+const RULES: &str = r#"
+cluster:
+  ip: 198.18.0.1
+  mac: 02:cc:00:00:00:01
+  secret_file: secret
+node:
+  id: 1
+  mac: 02:00:00:00:00:01
+  ip: 198.18.0.11
+dataplane:
+  eal_args: [--no-huge, -m, "256"]
+  wire_port: { vdev: "net_af_packet0,iface=eth0" }
+  host_port: { vdev: "net_tap0,iface=cc0" }
+services:
+  - name: web
+    addresses: [198.18.0.1]
+    ports: [80, "8000-8099"]
+    delivery: dsr
+    backends:
+      - { ip: 198.18.0.21, mac: 02:bb:00:00:00:01 }
+      - { ip: 198.18.0.22, mac: 02:bb:00:00:00:02 }
+      - { ip: 198.18.0.23, mac: 02:bb:00:00:00:03 }
+  - name: tunnel
+    addresses: [198.18.0.1]
+    ports: [443]
+    delivery: gue
+    backends:
+      - { ip: 198.18.0.31, mac: 02:bb:00:00:00:11 }
+      - { ip: 198.18.0.32, mac: 02:bb:00:00:00:12 }
+  - name: dns
+    addresses: [198.18.0.1]
+    protocol: udp
+    ports: [53]
+    delivery: dsr
+    backends:
+      - { ip: 198.18.0.41, mac: 02:bb:00:00:00:21 }
+      - { ip: 198.18.0.42, mac: 02:bb:00:00:00:22 }
+  - name: ssh
+    addresses: [198.18.0.1]
+    ports: [22]
+    mode: disabled
+  - name: admin
+    addresses: [198.18.0.1]
+    ports: [9000]
+    mode: single
+    priority: [2, 1]
+    delivery: dsr
+    backends:
+      - { ip: 198.18.0.51, mac: 02:bb:00:00:00:31 }
+"#;
+
+/// [`RULES`] reloaded as variant `v`: 0 as it is; 1 with 8000-8099 moved to the GUE rule; 2
+/// with a web backend gone and 5353 added to the UDP rule; 3 with the web rule disabled.
+fn rules(v: u8) -> String {
+    let text = RULES.to_string();
+    match v % 4 {
+        1 => text
+            .replace("ports: [80, \"8000-8099\"]", "ports: [80]")
+            .replace("ports: [443]", "ports: [443, \"8000-8099\"]"),
+        2 => text
+            .replace("      - { ip: 198.18.0.23, mac: 02:bb:00:00:00:03 }\n", "")
+            .replace("ports: [53]", "ports: [53, 5353]"),
+        3 => text.replace(
+            "    ports: [80, \"8000-8099\"]\n    delivery: dsr\n",
+            "    ports: [80, \"8000-8099\"]\n    mode: disabled\n    delivery: dsr\n",
+        ),
+        _ => text,
+    }
+}
+
+/// The services of variant `v` as a reload after `previous` compiles them (ids kept).
+fn reloaded(v: u8, previous: &Services) -> Arc<Services> {
+    let c = Config::parse(&rules(v), "t.yaml").unwrap();
+    c.validate("t.yaml").unwrap();
+    Arc::new(Services::compile(&c, SECRET, Some(previous)))
+}
+
+/// Node 1 of two, with [`RULES`].
+fn node() -> Pipeline {
+    let mut p = appliances(2, "dsr").remove(0);
+    p.set_services(compiled(&rules(0)));
+    p
+}
+
+/// Destination ports the frames go to, and whether each is UDP's.
+const PORTS: [(u16, bool); 8] = [
+    (80, false),
+    (8050, false),
+    (443, false),
+    (53, true),
+    (5353, true),
+    (22, false),
+    (9000, false),
+    (7777, false),
+];
+
+/// TCP flags a frame may carry: SYN, ACK, PSH+ACK, FIN+ACK, RST, SYN+ACK.
+const FLAGS: [u8; 6] = [0x02, 0x10, 0x18, 0x11, 0x04, 0x12];
+
+/// A frame from client `c` to `PORTS[port]`, with `FLAGS[flags]` if TCP.
+fn frame(c: u32, port: usize, flags: usize) -> Vec<u8> {
+    let (src, sport) = client(c);
+    let (port, udp) = PORTS[port % PORTS.len()];
+    if udp {
+        let mut u = build::udp(sport, b"query");
+        u[2..4].copy_from_slice(&port.to_be_bytes());
+        build::ipv4([2, 0, 0, 0, 0, 0x64], src, 17, &mut u, Some(6))
+    } else {
+        segment(src, sport, port, FLAGS[flags % FLAGS.len()])
+    }
+}
+
+/// What the shortcut alone does with `frame` at `now` (`None`: it stands aside, as for any
+/// frame while the marks do not hold).
+fn known(p: &mut Pipeline, frame: &[u8], now: u64) -> Option<Action> {
+    let Prepared::Flow {
+        bucket,
+        hash,
+        proto,
+        flags,
+        plain: true,
+    } = p.prepare(frame)
+    else {
+        return None;
+    };
+    if p.marks != Marks::Hold {
+        return None;
+    }
+    let mut buf = frame.to_vec();
+    p.known_flow(&mut buf, frame.len(), bucket, hash, proto, flags, now)
+}
+
+/// Client `c`'s flow to port 80 that node 1 owns (the other node owns about half).
+fn owned_client(p: &Pipeline, from: u32) -> u32 {
+    (from..)
+        .find(|&c| matches!(p.prepare(&frame(c, 0, 0)), Prepared::Flow { bucket, .. } if p.mine(bucket)))
+        .unwrap()
+}
+
+#[test]
+fn a_known_flow_skips_the_lookup_until_the_rules_change() {
+    let mut p = node();
+    let c = owned_client(&p, 0);
+    let (syn, ack) = (frame(c, 1, 0), frame(c, 1, 1));
+    assert_eq!(
+        known(&mut p, &syn, 1),
+        None,
+        "a new flow: the full decision"
+    );
+    let (first, out) = run(&mut p, &syn, 1);
+    assert_eq!(first, Action::ToBackend { push: 0 });
+    let backend = out[5];
+    let by_shortcut = known(&mut p, &ack, 2).expect("the flow is marked");
+    assert_eq!(by_shortcut, Action::ToBackend { push: 0 });
+    assert_eq!(run(&mut p, &ack, 2).1[5], backend);
+    // A health change keeps the rules: the marks hold.
+    let s = p
+        .services()
+        .with_backend(SECRET, 3, |b| b.state = BackendState::Down);
+    p.set_services(Arc::new(s));
+    assert!(known(&mut p, &ack, 3).is_some());
+    // 8000-8099 moves to the GUE rule: no shortcut until every mark is cleared, then the flow
+    // is decided in full once (to the GUE rule's backend) and marked again.
+    let s = reloaded(1, p.services());
+    p.set_services(s);
+    assert_eq!(known(&mut p, &ack, 4), None, "marks clearing");
+    p.maintain(4, 256);
+    assert_eq!(p.marks, Marks::Hold);
+    assert_eq!(known(&mut p, &ack, 4), None, "its mark is cleared");
+    let (moved, _) = run(&mut p, &ack, 4);
+    assert!(
+        matches!(moved, Action::ToBackend { push } if push > 0),
+        "{moved:?}"
+    );
+    assert!(matches!(known(&mut p, &ack, 5), Some(Action::ToBackend { push }) if push > 0));
+    // A new connection on the port, to a backend that takes no new flows: not the shortcut's.
+    let s = p
+        .services()
+        .with_backend(SECRET, 4, |b| b.state = BackendState::Down);
+    let s = s.with_backend(SECRET, 5, |b| b.state = BackendState::Down);
+    p.set_services(Arc::new(s));
+    assert_eq!(known(&mut p, &syn, 6), None);
+    assert!(known(&mut p, &ack, 6).is_some(), "its segments still are");
+}
+
+/// One step of [`the_shortcut_decides_as_the_full_decision`].
+#[derive(Debug, Clone)]
+enum Step {
+    /// A frame from client `c` to `PORTS[port]` with `FLAGS[flags]`.
+    Frame { c: u32, port: usize, flags: usize },
+    /// Time passes (seconds: past the UDP, closing and established timeouts too).
+    Wait(u64),
+    /// Backend `id` goes down, is drained or comes back up (`state` 0..3).
+    Health { id: u16, state: u8 },
+    /// The configuration reloaded as [`rules`]'s variant.
+    Reload(u8),
+    /// Housekeeping between bursts.
+    Maintain,
+    /// The buckets change hands (see [`owners`]).
+    Owners(u8),
+    /// The node's own service fails (refusing new flows) or comes back.
+    Refusing(bool),
+}
+
+/// The snapshots of [`Step::Owners`]: the buckets both nodes' (0), node 1's alone (1), node
+/// 2's alone (2), moving from node 1's to both nodes' (3-5: learn, release, acquire) or from
+/// both nodes' to node 2's (6-8).
+fn owners(which: u8) -> Arc<Snapshot> {
+    let table = |ids: &[u8]| {
+        let members: Vec<Member> = ids.iter().map(|&i| Member::new(i, 100).unwrap()).collect();
+        OwnershipTable::build(1, &members).unwrap()
+    };
+    let (both, one, two) = (table(&[1, 2]), table(&[1]), table(&[2]));
+    let phases = [Phase::Learn, Phase::Release, Phase::Acquire];
+    let moving = |from: &OwnershipTable, to: &OwnershipTable, phase| {
+        let plan = PlanId {
+            epoch: 2,
+            proposer: NodeId::new(1).unwrap(),
+        };
+        Snapshot::build(
+            plan,
+            phase,
+            |b| from.owner(b),
+            Some(&|b| to.owner(b)),
+            to.digest(),
+        )
+    };
+    Arc::new(match which % 9 {
+        0 => stable_snapshot(&both),
+        1 => stable_snapshot(&one),
+        2 => stable_snapshot(&two),
+        w @ 3..=5 => moving(&one, &both, phases[usize::from(w - 3)]),
+        w => moving(&both, &two, phases[usize::from(w - 6)]),
+    })
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        12 => (0u32..6, 0usize..PORTS.len(), 0usize..FLAGS.len())
+            .prop_map(|(c, port, flags)| Step::Frame { c, port, flags }),
+        1 => prop_oneof![Just(1u64), Just(40), Just(400)].prop_map(Step::Wait),
+        2 => (1u16..=8, 0u8..3).prop_map(|(id, state)| Step::Health { id, state }),
+        1 => (0u8..4).prop_map(Step::Reload),
+        2 => Just(Step::Maintain),
+        1 => (0u8..9).prop_map(Step::Owners),
+        1 => any::<bool>().prop_map(Step::Refusing),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Any sequence of frames, waits, health changes, reloads, changes of owners (handoffs
+    /// included) and of the node's own service: a node that takes the
+    /// shortcut and one that never does (its marks forced to "clearing" before every frame)
+    /// decide every frame alike, send the same bytes and count the same.
+    #[test]
+    fn the_shortcut_decides_as_the_full_decision(
+        steps in proptest::collection::vec(step(), 1..80),
+    ) {
+        let (mut fast, mut full) = (node(), node());
+        let mut now = 1_000_000u64;
+        for s in steps {
+            match s {
+                Step::Frame { c, port, flags } => {
+                    let f = frame(c, port, flags);
+                    full.marks = Marks::Clearing { next: 0 };
+                    let a = run(&mut fast, &f, now);
+                    let b = run(&mut full, &f, now);
+                    prop_assert_eq!(a, b, "client {} port {} flags {}", c, port, flags);
+                    now += 1_000;
+                }
+                Step::Wait(secs) => now += secs * 1_000_000_000,
+                Step::Health { id, state } => {
+                    let state = [BackendState::Down, BackendState::Drained, BackendState::Up]
+                        [usize::from(state)];
+                    let s = Arc::new(fast.services().with_backend(SECRET, id, |b| b.state = state));
+                    fast.set_services(Arc::clone(&s));
+                    full.set_services(s);
+                }
+                Step::Reload(v) => {
+                    let s = reloaded(v, fast.services());
+                    fast.set_services(Arc::clone(&s));
+                    full.set_services(s);
+                }
+                Step::Maintain => {
+                    fast.maintain(now, 256);
+                    full.maintain(now, 256);
+                }
+                Step::Owners(which) => {
+                    fast.set_snapshot(owners(which));
+                    full.set_snapshot(owners(which));
+                }
+                Step::Refusing(refuse_new) => {
+                    let service = ServiceState {
+                        refuse_new,
+                        ..ServiceState::default()
+                    };
+                    fast.set_service(service);
+                    full.set_service(service);
+                }
+            }
+        }
+        let (a, b) = (fast.appliance_counts(), full.appliance_counts());
+        prop_assert_eq!(&a.frames, &b.frames);
+        prop_assert_eq!(&a.bytes, &b.bytes);
+        prop_assert_eq!(&a.new_flows, &b.new_flows);
+        prop_assert_eq!(fast.flows().len(), full.flows().len());
+        prop_assert_eq!(fast.flows().stats(), full.flows().stats());
+    }
+}
