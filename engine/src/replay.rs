@@ -298,9 +298,11 @@ pub fn replay_with(
                         counts.malformed += 1;
                     }
                 }
-                Action::Hold(key) => {
+                Action::Hold => {
                     exclusive[index] = true;
-                    if hold.put(key, ts, (index, buf[..len].to_vec())).is_ok() {
+                    let key = pipeline.take_held();
+                    let put = key.map(|key| hold.put(key, ts, (index, buf[..len].to_vec())));
+                    if put.is_some_and(|put| put.is_ok()) {
                         counts.held += 1;
                     } else {
                         counts.dropped += 1;

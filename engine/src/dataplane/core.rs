@@ -616,7 +616,8 @@ impl Forward<'_> {
             }
             Action::ToBackendInPieces { .. } => self.in_pieces(m),
             Action::Reply { len } => {
-                m.set_len(len);
+                // u32 to usize: lossless on the 64-bit targets DPDK runs on.
+                m.set_len(len as usize);
                 bump(&c.replies, 1);
                 self.to_wire.push(m);
             }
@@ -625,10 +626,19 @@ impl Forward<'_> {
                 self.link.received_on_wire(m.data());
                 push_dropped(&mut self.dropped, m);
             }
-            Action::Hold(key) => match self.hold.put(key, now, m) {
-                Ok(()) => bump(&c.held, 1),
-                Err(m) => {
+            Action::Hold => match self
+                .pipeline
+                .take_held()
+                .map(|key| self.hold.put(key, now, m))
+            {
+                Some(Ok(())) => bump(&c.held, 1),
+                Some(Err(m)) => {
                     drop(m);
+                    self.drops[DropReason::FragmentExpired.index()] += 1;
+                }
+                None => {
+                    // Every `Hold` leaves its key to take: a pipeline bug, counted.
+                    debug_assert!(false, "Hold without a key");
                     self.drops[DropReason::FragmentExpired.index()] += 1;
                 }
             },

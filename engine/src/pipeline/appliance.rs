@@ -431,7 +431,7 @@ impl Pipeline {
         }
         Some(
             match encap::echo_reply(buf, p.l3_offset, p.l4_offset, p.l4_len, self.id.node_mac) {
-                Some(len) => Action::Reply { len },
+                Some(len) => Action::reply(len),
                 None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
             },
         )
@@ -649,7 +649,7 @@ impl Pipeline {
                     }
                     let room = u16::try_from(room).unwrap_or(u16::MAX);
                     return match encap::too_big(buf, d.l3, d.ip_len, room, self.id.node_mac) {
-                        Some(len) => Action::Reply { len },
+                        Some(len) => Action::reply(len),
                         None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
                     };
                 }

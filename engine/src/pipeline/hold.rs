@@ -37,7 +37,10 @@ impl Pipeline {
                     self.later_fragment_to_backend(buf, len, p, backend, entropy)
                 }
                 FragmentVerdict::Refused => Action::Drop(DropReason::FragmentRefused),
-                FragmentVerdict::Unknown => Action::Hold(key),
+                FragmentVerdict::Unknown => {
+                    self.held = Some(key);
+                    Action::Hold
+                }
             };
         }
         let service = if self.services.active() {
@@ -71,9 +74,19 @@ impl Pipeline {
     /// encapsulated with [`Pipeline::take_encap`]), or dropped. Never [`Action::Hold`] again.
     pub fn released_fragment(&mut self, buf: &mut [u8], len: usize, now: u64) -> Action {
         match self.decide_full(buf, len, now) {
-            Action::Hold(_) => Action::Drop(DropReason::FragmentExpired),
+            Action::Hold => {
+                self.held = None;
+                Action::Drop(DropReason::FragmentExpired)
+            }
             action => action,
         }
+    }
+
+    /// After [`Action::Hold`]: the key of the datagram the fragment waits for (`None`: taken
+    /// already).
+    #[inline]
+    pub fn take_held(&mut self) -> Option<FragmentKey> {
+        self.held.take()
     }
 }
 

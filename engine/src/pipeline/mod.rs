@@ -96,6 +96,8 @@ pub struct Pipeline {
     pending: Option<appliance::Pending>,
     /// The datagram of the last [`Action::ToBackendInPieces`], for [`Pipeline::take_pieces`].
     pieces: Option<appliance::Pieces>,
+    /// The datagram of the last [`Action::Hold`], for [`Pipeline::take_held`].
+    held: Option<crate::cluster::FragmentKey>,
     /// Per backend: frames, bytes, new flows (appliance mode).
     appliance: ApplianceCounts,
     /// The "too big" answers this pipeline may still send.

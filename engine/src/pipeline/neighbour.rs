@@ -40,7 +40,7 @@ impl Pipeline {
             return Action::Drop(DropReason::NotOwned);
         }
         match arp::build_reply(buf, &request, self.id.node_mac, self.id.cluster_mac, p.vlan) {
-            Ok(len) => Action::Reply { len },
+            Ok(len) => Action::reply(len),
             Err(e) => Action::Drop(DropReason::Malformed(e)),
         }
     }
@@ -107,7 +107,7 @@ impl Pipeline {
         .and_then(|na| na.emit(buf));
         let _ = len;
         Some(match answer {
-            Ok(len) => Action::Reply { len },
+            Ok(len) => Action::reply(len),
             Err(e) => Action::Drop(DropReason::Malformed(e)),
         })
     }

@@ -71,6 +71,7 @@ impl Pipeline {
             marks: Default::default(),
             pending: None,
             pieces: None,
+            held: None,
             appliance: ApplianceCounts::default(),
             error_budget: Default::default(),
             id,

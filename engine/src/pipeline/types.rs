@@ -145,8 +145,9 @@ pub enum Action {
     /// discovery, frames for the node's own MAC, ARP replies to the cluster MAC).
     DeliverShared,
     /// The frame was rewritten in place into an answer of `len` bytes: send it on the wire.
+    /// (See [`Action::reply`].)
     Reply {
-        len: usize,
+        len: u32,
     },
     /// From the host: send on the wire (the source MAC has been rewritten).
     ToWire,
@@ -164,13 +165,30 @@ pub enum Action {
     ToBackendInPieces {
         pieces: u16,
     },
-    /// A later fragment whose first fragment has not been seen: hold it until
-    /// [`Pipeline::take_released`] says what became of its datagram, or it expires.
-    Hold(FragmentKey),
+    /// A later fragment whose first fragment has not been seen: hold it (under the key
+    /// [`Pipeline::take_held`] gives) until [`Pipeline::take_released`] says what became of its
+    /// datagram, or it expires. (The key stays with the pipeline so that an action is 16 bytes,
+    /// returned in two registers, rather than 48 returned through memory.)
+    Hold,
     Drop(DropReason),
 }
 
+// An action is returned per frame: one register, not a copy through memory (a larger action
+// was built on the stack and read back in wider loads than its stores: a stalled store
+// forwarding per frame).
+const _: () = assert!(std::mem::size_of::<Action>() <= 8);
+
 impl Action {
+    /// [`Action::Reply`] with an answer of `len` bytes (a length no frame has: dropped as
+    /// malformed).
+    #[inline]
+    pub fn reply(len: usize) -> Action {
+        match u32::try_from(len) {
+            Ok(len) => Action::Reply { len },
+            Err(_) => Action::Drop(DropReason::Malformed(crate::wire::Error::BadLength)),
+        }
+    }
+
     /// Whether the frame goes to the host port.
     pub fn is_delivery(self) -> bool {
         matches!(self, Action::Deliver | Action::DeliverShared)

@@ -70,7 +70,7 @@ fn fragments_follow_their_first_even_when_it_comes_last() {
                 buf[..frags[i].len()].copy_from_slice(frags[i]);
                 match p.from_wire(&mut buf, frags[i].len(), 10) {
                     Action::Deliver => delivered[i] += 1,
-                    Action::Hold(key) => holds[n].put(key, 10, i).unwrap(),
+                    Action::Hold => holds[n].put(p.take_held().unwrap(), 10, i).unwrap(),
                     _ => {}
                 }
                 if let Some(r) = p.take_released() {
