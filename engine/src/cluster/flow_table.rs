@@ -254,15 +254,11 @@ impl Default for FlowTimeouts {
     }
 }
 
-/// The tick form the packet path compares against.
+/// The tick form the packet path compares against: one timeout per slot state (the state's 3
+/// bits index it), read with a load rather than a jump on the state, which a mix of TCP and
+/// UDP flows would mispredict.
 #[derive(Debug, Clone, Copy)]
-struct TimeoutTicks {
-    tcp_syn: u32,
-    tcp_established: u32,
-    tcp_closing: u32,
-    udp: u32,
-    other: u32,
-}
+struct TimeoutTicks([u32; 8]);
 
 impl From<FlowTimeouts> for TimeoutTicks {
     fn from(t: FlowTimeouts) -> Self {
@@ -272,26 +268,20 @@ impl From<FlowTimeouts> for TimeoutTicks {
                 // Idle times compare with wrapping arithmetic: keep them below half the range.
                 .min(u32::MAX / 2)
         };
-        TimeoutTicks {
-            tcp_syn: t_of(t.tcp_syn),
-            tcp_established: t_of(t.tcp_established),
-            tcp_closing: t_of(t.tcp_closing),
-            udp: t_of(t.udp),
-            other: t_of(t.other),
-        }
+        let mut by_state = [t_of(t.other); 8];
+        by_state[usize::from(STATE_SYN)] = t_of(t.tcp_syn);
+        by_state[usize::from(STATE_ESTABLISHED)] = t_of(t.tcp_established);
+        by_state[usize::from(STATE_CLOSING)] = t_of(t.tcp_closing);
+        by_state[usize::from(STATE_OPEN_UDP)] = t_of(t.udp);
+        TimeoutTicks(by_state)
     }
 }
 
 impl TimeoutTicks {
-    #[inline]
+    /// The timeout of a slot in `state` (its 3 bits: [`STATE_MASK`]).
+    #[inline(always)]
     fn of(&self, state: u8) -> u32 {
-        match state {
-            STATE_SYN => self.tcp_syn,
-            STATE_ESTABLISHED => self.tcp_established,
-            STATE_CLOSING => self.tcp_closing,
-            STATE_OPEN_UDP => self.udp,
-            _ => self.other,
-        }
+        self.0[usize::from(state & STATE_MASK as u8)]
     }
 }
 
