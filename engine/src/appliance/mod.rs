@@ -22,7 +22,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::cluster::{derive_key, Affinity, BucketHasher, FlowHash, FlowKey, NodeId};
+use crate::cluster::{derive_key, Affinity, BucketHasher, FlowKey, NodeId};
 use crate::config::{Config, Delivery, PortRange, RuleMode, Unmatched};
 use crate::wire::EthernetAddress;
 
@@ -110,7 +110,8 @@ impl Rule {
     }
 
     /// The hash that picks a new flow's backend in this rule's table: with affinity `none` the
-    /// flow's fingerprint `flow` (a keyed hash of the 5-tuple, the same on every node), else the
+    /// flow's pick `pick` ([`crate::cluster::backend_pick`]: a keyed hash of the 5-tuple, the
+    /// same on every node), else the
     /// keyed hash of the client's flow key under the rule's affinity, so that every connection
     /// of a client (or of its network) goes to the same backend. The pipeline and `owner-of`
     /// both pick through [`Services::choose_new`], so they cannot disagree.
@@ -118,13 +119,13 @@ impl Rule {
     pub fn affinity_hash(
         &self,
         hasher: &BucketHasher,
-        flow: FlowHash,
+        pick: u64,
         src: IpAddr,
         src_port: u16,
         proto: u8,
     ) -> u64 {
         match self.affinity {
-            Affinity::None => flow.0,
+            Affinity::None => pick,
             a => hasher.hash(&FlowKey::new(a, src, src_port, proto)),
         }
     }
@@ -598,13 +599,14 @@ impl Services {
     }
 
     /// The backend a new flow of rule `rule` goes to: the flow `src:src_port` (IP protocol
-    /// `proto`) whose fingerprint is `flow`, at its [`Rule::affinity_hash`].
+    /// `proto`) whose pick is `pick` ([`crate::cluster::backend_pick`]), at its
+    /// [`Rule::affinity_hash`].
     #[inline]
     pub fn choose_new(
         &self,
         rule: usize,
         hasher: &BucketHasher,
-        flow: FlowHash,
+        pick: u64,
         src: IpAddr,
         src_port: u16,
         proto: u8,
@@ -612,7 +614,7 @@ impl Services {
         let h = self
             .rules
             .get(rule)?
-            .affinity_hash(hasher, flow, src, src_port, proto);
+            .affinity_hash(hasher, pick, src, src_port, proto);
         self.choose(rule, h)
     }
 

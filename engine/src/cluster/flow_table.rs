@@ -15,8 +15,14 @@
 //!   without the secret can arrange (and which happens by chance with probability ~2^-64 per
 //!   pair that meets in a probe run);
 //! - two flows with the same flow key and destination never collide (the ports and protocol
-//!   enter injectively); flows of one client to different destinations may, which only merges
-//!   that client's own flows of one bucket.
+//!   enter injectively); flows of one client to different IPv4 destinations collide only by
+//!   chance (the destination enters through a bijection keyed by the key's hash, so nobody
+//!   without the secret can choose two that collide). An IPv6 destination is folded to 64 bits
+//!   first, in public: a client can build an address that folds like another, but not choose
+//!   both (two given addresses, service addresses say, collide only by chance). A collision
+//!   merges that client's own flows of one bucket; in appliance mode a merged flow would take
+//!   the other's marked backend ([`FlowTable::upsert_checked`]), which is why a client must not
+//!   be able to aim one at a port its rule does not serve.
 //!
 //! # Layout
 //!
@@ -138,9 +144,22 @@ impl FlowHash {
     #[inline(always)]
     pub fn from_parts(key_hash: u64, rest: &FlowRest) -> FlowHash {
         // Same key and destination: the ports and protocol enter injectively (XOR with equal
-        // values, then a bijection). The destination sits in the bits the ports leave free.
-        FlowHash(mix(key_hash ^ rest.ports ^ rest.dst.rotate_left(8)))
+        // values, then a bijection). The destination enters through a bijection keyed by the
+        // key hash, so that nobody without the secret can choose two destinations of one
+        // client that collide (see the module doc's identity).
+        FlowHash(mix(mix(key_hash ^ rest.dst) ^ rest.ports))
     }
+}
+
+/// The number a new flow's backend is picked by under affinity `none`
+/// ([`crate::appliance::Rule::affinity_hash`]) for the flow `src:src_port -> dst:dst_port`
+/// (IP protocol `proto`) whose flow key has the keyed bucket hash `key_hash`: what
+/// [`FlowHash::new`] computed before 2026-12-07. Every node must pick alike, in a rolling
+/// upgrade too, so the pick keeps its formula while the table's fingerprint changed.
+#[inline]
+pub fn backend_pick(key_hash: u64, dst: IpAddr, src_port: u16, dst_port: u16, proto: u8) -> u64 {
+    let rest = FlowRest::new(dst, src_port, dst_port, proto);
+    mix(key_hash ^ rest.ports ^ rest.dst.rotate_left(8))
 }
 
 /// What a [`FlowHash`] takes besides the flow key's hash, folded: computed while the key's
@@ -410,7 +429,7 @@ impl Slot {
 
     #[inline(always)]
     fn state(&self) -> u8 {
-        // The mask keeps 4 bits: the truncation is exact.
+        // The mask keeps 3 bits: the truncation is exact.
         (self.meta & STATE_MASK) as u8
     }
 
@@ -747,7 +766,9 @@ impl FlowTable {
     }
 
     /// Clears the checked marks of up to `budget` slots from slot `from` on: returns the slot to
-    /// go on from, `None` once the last is cleared. Marks set meanwhile behind the cursor stay.
+    /// go on from, `None` once the last is cleared. Marks set meanwhile behind the cursor stay;
+    /// an entry a deletion moves back loses its mark (it may move from ahead of the cursor to
+    /// behind it).
     pub fn clear_checked(&mut self, from: usize, budget: usize) -> Option<usize> {
         let end = from.saturating_add(budget).min(self.slots.len());
         for slot in self.slots.get_mut(from..end).unwrap_or_default() {
@@ -1080,7 +1101,13 @@ impl FlowTable {
             let home = self.home(slot.hash);
             // `j` may move back to `hole` only if `hole` lies on its probe path home..=j.
             if self.distance(home, j) >= self.distance(hole, j) {
-                self.slots[hole] = slot;
+                // Unmarked as it moves: a clearing of the marks under way
+                // ([`FlowTable::clear_checked`]) may have passed `hole` and not `j` (one full
+                // decision marks it again).
+                self.slots[hole] = Slot {
+                    meta: slot.meta & !CHECKED,
+                    ..slot
+                };
                 hole = j;
             }
         }
@@ -1167,6 +1194,10 @@ mod tests {
             self.remove(f.hash)
         }
     }
+
+    /// [`backend_pick`]'s pinned values (see `the_backend_pick_keeps_its_formula`).
+    const PICK_V4: u64 = 13_776_507_210_625_336_178;
+    const PICK_V6: u64 = 13_662_763_297_628_489_416;
 
     fn table(capacity: usize) -> FlowTable {
         FlowTable::new(capacity, FlowTimeouts::default())
@@ -1409,6 +1440,81 @@ mod tests {
         let a = FlowHash::new(1, dsts[0], 1, 80, TCP);
         let b = FlowHash::new(2, dsts[0], 1, 80, TCP);
         assert_ne!(a.0 & 0xffff, b.0 & 0xffff);
+        // Destinations whose difference the ports would cancel in a fingerprint without the
+        // keyed bijection (the first octet of an IPv4 address against the low byte of the
+        // port, as in `backend_pick`): apart.
+        let (v4a, v4b) = (dsts[0], IpAddr::V4(Ipv4Addr::new(199, 18, 0, 1)));
+        let (v6a, v6b): (IpAddr, IpAddr) = (
+            "2001:2::1".parse().unwrap(),
+            "2001:2::100:1".parse().unwrap(),
+        );
+        for key_hash in [1u64, 0x1234_5678_9abc_def0, u64::MAX] {
+            for (x, y) in [(v4a, v4b), (v6a, v6b)] {
+                let pick = |dst, dport| backend_pick(key_hash, dst, 7, dport, TCP);
+                assert_eq!(pick(x, 80), pick(y, 81), "{x} and {y} collide in the pick");
+                assert_ne!(
+                    FlowHash::new(key_hash, x, 7, 80, TCP),
+                    FlowHash::new(key_hash, y, 7, 81, TCP),
+                    "{x} {y}"
+                );
+            }
+        }
+    }
+
+    /// The pick of a new flow's backend is the same in every release (a rolling upgrade mixes
+    /// them, and a flow's next owner must choose its backend again): pinned.
+    #[test]
+    fn the_backend_pick_keeps_its_formula() {
+        let v4 = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+        let v6: IpAddr = "2001:2::1".parse().unwrap();
+        assert_eq!(
+            backend_pick(0x1234_5678_9abc_def0, v4, 40000, 80, TCP),
+            PICK_V4
+        );
+        assert_eq!(
+            backend_pick(0x1234_5678_9abc_def0, v6, 40000, 443, UDP),
+            PICK_V6
+        );
+    }
+
+    /// A clearing of the marks spread over many calls, entries deleted meanwhile (each moving
+    /// the rest of its probe run back, possibly from ahead of the cursor to behind it): once it
+    /// is done, no entry of before keeps its mark.
+    #[test]
+    fn a_clearing_leaves_no_mark_behind_entries_that_move() {
+        let mut t = table(1000);
+        let flows: Vec<Flow> = (0..1000).map(|n| flow(n, UDP)).collect();
+        for f in &flows {
+            t.up(f, Bucket(1), TcpFlags::NONE, SEC);
+            t.set_backend(f.hash, 2, true);
+        }
+        let mut gone = vec![false; flows.len()];
+        let (mut at, mut moved) = (Some(0), 0);
+        while let Some(from) = at {
+            // An odd budget: cursors fall inside cache lines too (an entry at its line's
+            // first slot, its home, never moves back).
+            at = t.clear_checked(from, 41);
+            let Some(cursor) = at else { break };
+            // Between two calls, delete an entry just behind the cursor: the entry at the
+            // cursor may move back behind it (and is not deleted after it).
+            let behind = (0..flows.len()).find(|&i| {
+                !gone[i]
+                    && t.find(flows[i].hash.0)
+                        .is_some_and(|s| s + 3 >= cursor && s < cursor)
+            });
+            if let Some(i) = behind {
+                let ahead = t.slots[cursor];
+                t.rm(&flows[i]);
+                gone[i] = true;
+                moved += usize::from(!ahead.is_empty() && t.slots[cursor].hash != ahead.hash);
+            }
+        }
+        assert!(moved > 10, "{moved} entries moved behind the cursor");
+        check(&t);
+        for (i, f) in flows.iter().enumerate().filter(|(i, _)| !gone[*i]) {
+            let marked = t.upsert_checked(f.hash, UDP, TcpFlags::NONE, SEC, |_| true);
+            assert_eq!(marked, None, "flow {i} kept its mark through the clearing");
+        }
     }
 
     #[test]

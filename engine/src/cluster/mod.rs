@@ -36,8 +36,8 @@ pub use flow_key::{
     derive_key, Bucket, BucketHasher, FlowKey, KeyWords, BUCKETS, BUCKET_KEY_LABEL,
 };
 pub use flow_table::{
-    FlowEntry, FlowHash, FlowRest, FlowState, FlowTable, FlowTableStats, FlowTimeouts, TcpFlags,
-    Upsert,
+    backend_pick, FlowEntry, FlowHash, FlowRest, FlowState, FlowTable, FlowTableStats,
+    FlowTimeouts, TcpFlags, Upsert,
 };
 pub use fragments::{FirstFragment, FragmentKey, FragmentStats, FragmentTracker, FragmentVerdict};
 pub use handoff::Role;

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::appliance::maglev::TABLE_SIZE;
 use crate::appliance::{Match, Services};
-use crate::cluster::{Affinity, BucketHasher, FlowHash, FlowKey, NodeId};
+use crate::cluster::{backend_pick, Affinity, BucketHasher, FlowKey, NodeId};
 use crate::config::{Delivery, PortRange, RuleMode, Unmatched};
 use crate::wire::EthernetAddress;
 
@@ -310,10 +310,10 @@ pub fn owner_of_service(
         answer.outcome = "delivered to the owner's own kernel (delivery: local)".to_owned();
         return Some(answer);
     }
-    // The fingerprint the pipeline computes for the flow (`prepare`), then its choice.
+    // The pick the pipeline computes for the flow (`flow_backend`), then its choice.
     let key = FlowKey::new(affinity, src.ip(), src.port(), proto);
-    let flow = FlowHash::new(hasher.hash(&key), dst.ip(), src.port(), dst.port(), proto);
-    let Some(b) = services.choose_new(r, hasher, flow, src.ip(), src.port(), proto) else {
+    let pick = backend_pick(hasher.hash(&key), dst.ip(), src.port(), dst.port(), proto);
+    let Some(b) = services.choose_new(r, hasher, pick, src.ip(), src.port(), proto) else {
         answer.outcome =
             "dropped: no backend takes new flows (all down, drained or of weight 0)".to_owned();
         return Some(answer);

@@ -23,7 +23,9 @@ use crate::appliance::fragment::Cut;
 use crate::appliance::route::{Route, Way};
 use crate::appliance::Match;
 use crate::cluster::handoff;
-use crate::cluster::{Bucket, FirstFragment, FlowHash, FlowTable, TcpFlags, Upsert};
+use crate::cluster::{
+    backend_pick, Bucket, FirstFragment, FlowHash, FlowKey, FlowTable, TcpFlags, Upsert,
+};
 use crate::config::{Delivery, RuleMode, Unmatched};
 use crate::wire::{self, parse_l2_l4, Parsed};
 
@@ -87,11 +89,23 @@ impl Destination {
     /// The source address.
     #[inline]
     pub(super) fn src_ip(&self) -> IpAddr {
+        self.address(self.src)
+    }
+
+    /// The destination address.
+    #[inline]
+    pub(super) fn dst_ip(&self) -> IpAddr {
+        self.address(self.dst)
+    }
+
+    /// An address of this destination's IP version given as a number.
+    #[inline]
+    fn address(&self, a: u128) -> IpAddr {
         if self.v6 {
-            IpAddr::V6(self.src.into())
+            IpAddr::V6(a.into())
         } else {
             // IPv4 keeps its 32 bits in the low bits: the truncation is exact.
-            IpAddr::V4((self.src as u32).into())
+            IpAddr::V4((a as u32).into())
         }
     }
 
@@ -464,6 +478,7 @@ impl Pipeline {
             return None;
         }
         let hash = FlowHash::new(key_hash, q.src_ip, dp, sp, proto);
+        let pick = backend_pick(key_hash, q.src_ip, dp, sp, proto);
         let serves = match rule.mode {
             RuleMode::Disabled => return Some(Action::Drop(DropReason::RuleDisabled)),
             RuleMode::Single => rule.single_owner(self.serving) == Some(self.id.node),
@@ -490,7 +505,7 @@ impl Pipeline {
             Some(id) => id,
             None => match self
                 .services
-                .choose_new(r, &self.hasher, hash, q.dst_ip, dp, proto)
+                .choose_new(r, &self.hasher, pick, q.dst_ip, dp, proto)
             {
                 Some(b) => b.id,
                 None => return Some(Action::Drop(DropReason::NoBackend)),
@@ -589,9 +604,19 @@ impl Pipeline {
             }
             return Some(upsert.backend);
         }
+        // The flow's pick, from its key's hash (not in the prepared frame: only its bucket):
+        // a new flow's cost only.
+        let key = FlowKey::new(self.id.affinity, d.src_ip(), d.src_port, proto);
+        let pick = backend_pick(
+            self.hasher.hash(&key),
+            d.dst_ip(),
+            d.src_port,
+            d.dst_port,
+            proto,
+        );
         let b = self
             .services
-            .choose_new(r, &self.hasher, hash, d.src_ip(), d.src_port, proto)?;
+            .choose_new(r, &self.hasher, pick, d.src_ip(), d.src_port, proto)?;
         // A flow the table left untracked (a full table, its first packet) is counted once it
         // is tracked: each of its packets until then chooses again.
         if upsert.tracked {

@@ -1,8 +1,9 @@
 //! The decision for a frame from the wire, once prepared: the TCP/UDP shortcut straight to the
 //! handoff rule ([`crate::cluster::handoff`]; an owner's frame with nothing learned and a
-//! healthy service straight to the flow table, as the rule would say: `handoff::delivers_all`),
-//! and the full path for everything else (ARP, neighbour discovery, ICMP, fragments, group
-//! addresses, heartbeats).
+//! healthy service straight to the flow table, as the rule would say: `handoff::delivers_all`;
+//! in appliance mode a known flow's frame first tries its marked backend, `known_flow`, then
+//! its rule, `service_flow`), and the full path for everything else (ARP, neighbour discovery,
+//! ICMP, fragments, group addresses, heartbeats).
 //!
 //! The rule decides; this file looks the flow up in the tables and carries the verdict out.
 

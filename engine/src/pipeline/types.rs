@@ -167,8 +167,8 @@ pub enum Action {
     },
     /// A later fragment whose first fragment has not been seen: hold it (under the key
     /// [`Pipeline::take_held`] gives) until [`Pipeline::take_released`] says what became of its
-    /// datagram, or it expires. (The key stays with the pipeline so that an action is 16 bytes,
-    /// returned in two registers, rather than 48 returned through memory.)
+    /// datagram, or it expires. (The key stays with the pipeline so that an action is 8 bytes,
+    /// returned in a register, rather than 48 returned through memory.)
     Hold,
     Drop(DropReason),
 }

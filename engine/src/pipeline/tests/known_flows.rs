@@ -11,8 +11,8 @@ use crate::pipeline::appliance::Marks;
 use crate::testkit::build;
 
 /// Rules of every kind on the cluster address: DSR on 80 and 8000-8099, GUE on 443, UDP on 53,
-/// a disabled rule, a `single` rule node 2 takes first; other ports match nothing
-/// (`unmatched: drop`).
+/// a disabled rule (on a second address too), a `single` rule node 2 takes first; other ports
+/// match nothing (`unmatched: drop`).
 const RULES: &str = r#"
 cluster:
   ip: 198.18.0.1
@@ -51,8 +51,8 @@ services:
       - { ip: 198.18.0.41, mac: 02:bb:00:00:00:21 }
       - { ip: 198.18.0.42, mac: 02:bb:00:00:00:22 }
   - name: ssh
-    addresses: [198.18.0.1]
-    ports: [22]
+    addresses: [198.18.0.1, 199.18.0.1]
+    ports: [22, 81]
     mode: disabled
   - name: admin
     addresses: [198.18.0.1]
@@ -198,6 +198,32 @@ fn a_known_flow_skips_the_lookup_until_the_rules_change() {
     assert!(known(&mut p, &ack, 6).is_some(), "its segments still are");
 }
 
+/// A client's flow to 199.18.0.1:81 (a disabled rule's) whose fingerprint would equal its
+/// flow's to 198.18.0.1:80 without the keyed mixing of the destination (the first octet's
+/// difference cancelled by the port's): refused by its rule, never sent to the other flow's
+/// marked backend.
+#[test]
+fn a_flow_aimed_at_another_rules_port_takes_its_own_rule() {
+    let mut p = node();
+    let c = owned_client(&p, 0);
+    for flags in [0x02, 0x10, 0x18] {
+        assert_eq!(
+            run(&mut p, &frame(c, 0, 0), 1).0,
+            Action::ToBackend { push: 0 }
+        );
+        let (src, sport) = client(c);
+        let mut aimed = segment(src, sport, 81, flags);
+        aimed[30] = 199;
+        aimed[24..26].fill(0);
+        let sum = build::checksum(&[&aimed[14..34]]);
+        aimed[24..26].copy_from_slice(&sum.to_be_bytes());
+        assert_eq!(
+            run(&mut p, &aimed, 2).0,
+            Action::Drop(DropReason::RuleDisabled)
+        );
+    }
+}
+
 /// One step of [`the_shortcut_decides_as_the_full_decision`].
 #[derive(Debug, Clone)]
 enum Step {
@@ -322,5 +348,16 @@ proptest! {
         prop_assert_eq!(&a.new_flows, &b.new_flows);
         prop_assert_eq!(fast.flows().len(), full.flows().len());
         prop_assert_eq!(fast.flows().stats(), full.flows().stats());
+        for id in 0..=8 {
+            prop_assert_eq!(fast.flows().count_for_backend(id), full.flows().count_for_backend(id));
+        }
+        // Every flow's entry: state, time and backend.
+        for c in 0..6 {
+            for port in 0..PORTS.len() {
+                if let Prepared::Flow { hash, .. } = fast.prepare(&frame(c, port, 1)) {
+                    prop_assert_eq!(fast.flows().get(hash, now), full.flows().get(hash, now));
+                }
+            }
+        }
     }
 }
