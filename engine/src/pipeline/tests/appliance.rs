@@ -36,11 +36,22 @@ services:
     mode: disabled
 "#;
 
+/// [`SERVICES`] without its services: the cluster, the node and its data plane.
+pub(super) fn node_yaml() -> &'static str {
+    &SERVICES[..SERVICES.find("services:").unwrap()]
+}
+
 /// The services of a configuration `text` (checked as `check` would).
 pub(super) fn compiled(text: &str) -> Arc<Services> {
+    compiled_after(text, None)
+}
+
+/// The services of a configuration `text` as a reload after `previous` compiles them (ids
+/// kept).
+pub(super) fn compiled_after(text: &str, previous: Option<&Services>) -> Arc<Services> {
     let c = Config::parse(text, "t.yaml").unwrap();
     c.validate("t.yaml").unwrap();
-    Arc::new(Services::compile(&c, SECRET, None))
+    Arc::new(Services::compile(&c, SECRET, previous))
 }
 
 fn services(delivery: &str) -> Arc<Services> {

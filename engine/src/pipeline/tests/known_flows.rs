@@ -3,29 +3,16 @@
 //! whenever it could not know (the rules changed, a first SYN to a backend that takes no new
 //! flows, a bucket in handoff).
 
-use super::appliance::{appliances, client, compiled, run, segment};
+use super::appliance::{appliances, client, compiled, compiled_after, node_yaml, run, segment};
 use super::*;
 use crate::appliance::{BackendState, Services};
-use crate::config::Config;
 use crate::pipeline::appliance::Marks;
 use crate::testkit::build;
 
-/// Rules of every kind on the cluster address: DSR on 80 and 8000-8099, GUE on 443, UDP on 53,
+/// Rules of every kind on the cluster address (after [`node_yaml`]): DSR on 80 and 8000-8099, GUE on 443, UDP on 53,
 /// a disabled rule (on a second address too), a `single` rule node 2 takes first; other ports
 /// match nothing (`unmatched: drop`).
 const RULES: &str = r#"
-cluster:
-  ip: 198.18.0.1
-  mac: 02:cc:00:00:00:01
-  secret_file: secret
-node:
-  id: 1
-  mac: 02:00:00:00:00:01
-  ip: 198.18.0.11
-dataplane:
-  eal_args: [--no-huge, -m, "256"]
-  wire_port: { vdev: "net_af_packet0,iface=eth0" }
-  host_port: { vdev: "net_tap0,iface=cc0" }
 services:
   - name: web
     addresses: [198.18.0.1]
@@ -67,7 +54,7 @@ services:
 /// [`RULES`] reloaded as variant `v`: 0 as it is; 1 with 8000-8099 moved to the GUE rule; 2
 /// with a web backend gone and 5353 added to the UDP rule; 3 with the web rule disabled.
 fn rules(v: u8) -> String {
-    let text = RULES.to_string();
+    let text = format!("{}{}", node_yaml(), RULES.trim_start());
     match v % 4 {
         1 => text
             .replace("ports: [80, \"8000-8099\"]", "ports: [80]")
@@ -85,9 +72,7 @@ fn rules(v: u8) -> String {
 
 /// The services of variant `v` as a reload after `previous` compiles them (ids kept).
 fn reloaded(v: u8, previous: &Services) -> Arc<Services> {
-    let c = Config::parse(&rules(v), "t.yaml").unwrap();
-    c.validate("t.yaml").unwrap();
-    Arc::new(Services::compile(&c, SECRET, Some(previous)))
+    compiled_after(&rules(v), Some(previous))
 }
 
 /// Node 1 of two, with [`RULES`].
