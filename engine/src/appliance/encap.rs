@@ -77,8 +77,9 @@ pub struct Outer {
     src: IpAddr,
     dst: IpAddr,
     /// IPv4: the header checksum's sum over every field but the total length and the protocol
-    /// (added per frame, so the bytes just written are never read back).
-    partial: u64,
+    /// (added per frame, so the bytes just written are never read back): 7 sixteen-bit words
+    /// at most with those, so it fits in 32 bits.
+    partial: u32,
 }
 
 impl Outer {
@@ -105,11 +106,11 @@ impl Outer {
                 h[8] = OUTER_TTL;
                 h[12..16].copy_from_slice(&s.octets());
                 h[16..20].copy_from_slice(&d.octets());
-                let (s, d) = (u64::from(u32::from(s)), u64::from(u32::from(d)));
+                let (s, d) = (u32::from(s), u32::from(d));
                 // Version and IHL, DF, TTL (protocol added per frame), the addresses.
                 partial = 0x4500
                     + 0x4000
-                    + (u64::from(OUTER_TTL) << 8)
+                    + (u32::from(OUTER_TTL) << 8)
                     + (s >> 16)
                     + (s & 0xffff)
                     + (d >> 16)
@@ -159,6 +160,10 @@ impl Outer {
     /// were added in front of it; the inner packet is `inner_len` bytes (IPv6 if `inner_v6`),
     /// `entropy` the flow's 14 bits for the GUE source port. Returns the new frame's length,
     /// or `None` if `frame` is too short (nothing sensible to send).
+    ///
+    /// One writer per header length, which the kind of `Outer` fixes: with the length a
+    /// constant, the copy of the template is a few vector moves and every field's place is
+    /// known, so that one length check covers every write.
     #[inline]
     pub fn write(
         &self,
@@ -167,88 +172,93 @@ impl Outer {
         inner_v6: bool,
         entropy: u16,
     ) -> Option<usize> {
-        let head = usize::from(self.len);
-        let total = head + inner_len;
-        let frame = frame.get_mut(..total)?;
-        let outer_len = u16::try_from(head - ETH + inner_len).ok()?;
-        put(frame, &self.header, head);
+        const GUE_V4: usize = ETH + IPV4 + UDP + GUE;
+        const GUE_V6: usize = ETH + IPV6 + UDP + GUE;
+        const IPIP_V4: usize = ETH + IPV4;
+        const IPIP_V6: usize = ETH + IPV6;
+        let at = (frame, inner_len, inner_v6, entropy);
+        match usize::from(self.len) {
+            GUE_V4 => self.write_as::<GUE_V4>(at),
+            GUE_V6 => self.write_as::<GUE_V6>(at),
+            IPIP_V4 => self.write_as::<IPIP_V4>(at),
+            IPIP_V6 => self.write_as::<IPIP_V6>(at),
+            // `Outer::new` makes no other length.
+            _ => None,
+        }
+    }
+
+    /// [`Outer::write`] for outer headers of `HEAD` bytes, Ethernet included (`self.len`).
+    #[inline(always)]
+    fn write_as<const HEAD: usize>(
+        &self,
+        (frame, inner_len, inner_v6, entropy): (&mut [u8], usize, bool, u16),
+    ) -> Option<usize> {
+        let total = HEAD + inner_len;
+        let outer_len = u16::try_from(HEAD - ETH + inner_len).ok()?;
+        let (head, inner) = frame.get_mut(..total)?.split_first_chunk_mut::<HEAD>()?;
+        head.copy_from_slice(self.header.get(..HEAD)?);
         // The inner packet's traffic class (DSCP and ECN), copied to the outer header: its
         // marking holds on the way to the backend, and a congested router there marks ECN
         // rather than drops (RFC 6040's normal mode; the backend's decapsulator copies a CE
         // mark back into the inner header).
-        let tc = match (inner_v6, frame.get(head..head + 2)) {
+        let tc = match (inner_v6, inner.first_chunk::<2>()) {
             (true, Some(h)) => (h[0] << 4) | (h[1] >> 4),
             (false, Some(h)) => h[1],
             (_, None) => 0,
         };
         let inner_proto = if inner_v6 { PROTO_IPV6 } else { PROTO_IPV4 };
-        let next = match self.tunnel {
-            Tunnel::Ipip => inner_proto,
-            Tunnel::Gue { .. } => IpProtocol::Udp.raw(),
+        let gue = HEAD == ETH + IPV4 + UDP + GUE || HEAD == ETH + IPV6 + UDP + GUE;
+        let v6 = HEAD == ETH + IPV6 || HEAD == ETH + IPV6 + UDP + GUE;
+        let next = if gue {
+            IpProtocol::Udp.raw()
+        } else {
+            inner_proto
         };
-        let ip = if self.dst.is_ipv6() {
+        let ip = if v6 {
             // The flow label from the flow (RFC 6438: a tunnel's flows spread over ECMP paths
             // even without ports, IP-in-IPv6), never 0 (unlabelled).
             let label = 0x1_0000 | u32::from(entropy);
-            frame[ETH] = 0x60 | (tc >> 4);
-            frame[ETH + 1] = (tc << 4) | (label >> 16) as u8;
-            frame[ETH + 2..ETH + 4].copy_from_slice(&(label as u16).to_be_bytes());
-            frame[ETH + 4..ETH + 6].copy_from_slice(&(outer_len - IPV6 as u16).to_be_bytes());
-            frame[ETH + 6] = next;
+            head[ETH] = 0x60 | (tc >> 4);
+            head[ETH + 1] = (tc << 4) | (label >> 16) as u8;
+            head[ETH + 2..ETH + 4].copy_from_slice(&(label as u16).to_be_bytes());
+            head[ETH + 4..ETH + 6].copy_from_slice(&(outer_len - IPV6 as u16).to_be_bytes());
+            head[ETH + 6] = next;
             IPV6
         } else {
-            frame[ETH + 1] = tc;
-            frame[ETH + 2..ETH + 4].copy_from_slice(&outer_len.to_be_bytes());
-            frame[ETH + 9] = next;
-            let c = checksum::finish(
-                self.partial + u64::from(tc) + u64::from(outer_len) + u64::from(next),
+            head[ETH + 1] = tc;
+            head[ETH + 2..ETH + 4].copy_from_slice(&outer_len.to_be_bytes());
+            head[ETH + 9] = next;
+            let c = checksum::finish32(
+                self.partial + u32::from(tc) + u32::from(outer_len) + u32::from(next),
             );
-            frame[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
+            head[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
             IPV4
         };
-        if let Tunnel::Gue { .. } = self.tunnel {
+        if gue {
             let at = ETH + ip;
-            let u = &mut frame[at..at + UDP + GUE];
+            let udp_len = u16::try_from(UDP + GUE + inner_len).ok()?;
             // An ephemeral source port (49152..=65535) from the flow: spread, never 0.
-            u[..2].copy_from_slice(&(0xc000 | entropy).to_be_bytes());
-            u[4..6].copy_from_slice(&u16::try_from(UDP + GUE + inner_len).ok()?.to_be_bytes());
-            u[9] = inner_proto;
-            if self.dst.is_ipv6() {
-                // IPv6 needs the UDP checksum (RFC 8200 §8.1).
-                let c = checksum::compute_with_pseudo_header(
-                    &self.src,
-                    &self.dst,
-                    IpProtocol::Udp,
-                    &frame[at..total],
-                );
-                let c = if c == 0 { 0xffff } else { c };
-                frame[at + 6..at + 8].copy_from_slice(&c.to_be_bytes());
+            head[at..at + 2].copy_from_slice(&(0xc000 | entropy).to_be_bytes());
+            head[at + 4..at + 6].copy_from_slice(&udp_len.to_be_bytes());
+            head[at + 9] = inner_proto;
+            if v6 {
+                self.udp_checksum(&mut frame[at..total]);
             }
         }
         Some(total)
     }
-}
 
-/// The first `len` bytes of an outer header template (an outer header's length: 34 to
-/// [`MAX_OUTER`]) into `frame` (at least `len` long), as 16-byte copies, the last overlapping
-/// the one before: copies of a constant size compile to vector moves, where a copy of a length
-/// known only at run time calls `memcpy` for every frame.
-#[inline(always)]
-fn put(frame: &mut [u8], header: &[u8; MAX_OUTER], len: usize) {
-    const CHUNK: usize = 16;
-    debug_assert!(
-        (CHUNK..=MAX_OUTER).contains(&len),
-        "outer header of {len} bytes"
-    );
-    let copy = |frame: &mut [u8], at: usize| {
-        frame[at..at + CHUNK].copy_from_slice(&header[at..at + CHUNK]);
-    };
-    let mut at = 0;
-    while at + CHUNK < len {
-        copy(frame, at);
-        at += CHUNK;
+    /// The UDP checksum of an outer IPv6 header's datagram (IPv6 needs it, RFC 8200 §8.1): a
+    /// sum over the whole packet, out of line so that the other writers keep their registers.
+    #[inline(never)]
+    fn udp_checksum(&self, datagram: &mut [u8]) {
+        let c =
+            checksum::compute_with_pseudo_header(&self.src, &self.dst, IpProtocol::Udp, datagram);
+        let c = if c == 0 { 0xffff } else { c };
+        if let Some(field) = datagram.get_mut(6..8) {
+            field.copy_from_slice(&c.to_be_bytes());
+        }
     }
-    copy(frame, len.max(CHUNK) - CHUNK);
 }
 
 /// Rewrites, in place, an ICMP or ICMPv6 echo request (IP packet at `l3`, message at `l4`,

@@ -150,6 +150,18 @@ impl Destination {
         }
     }
 
+    /// The length and IP version (IPv6: `true`) of the common frame's IP packet, read at the
+    /// fixed offsets of [`Destination::fixed`].
+    #[inline(always)]
+    fn fixed_length(frame: &[u8]) -> Option<(usize, bool)> {
+        let h: &[u8; 20] = frame.get(..20)?.try_into().ok()?;
+        Some(if h[12] == 0x86 {
+            (40 + usize::from(u16::from_be_bytes([h[18], h[19]])), true)
+        } else {
+            (usize::from(u16::from_be_bytes([h[16], h[17]])), false)
+        })
+    }
+
     /// The destination of the IP packet at `l3` of `frame`, parsed (any frame).
     pub(super) fn at(
         frame: &[u8],
@@ -309,6 +321,21 @@ impl Pipeline {
         hash: FlowHash,
         now: u64,
     ) -> Action {
+        // Most such frames: encapsulated whole. Only their IP packet's length and version are
+        // read (at the common frame's fixed offsets, as `Destination::fixed` reads them).
+        if let Some(Route {
+            way: Way::Encap(outer),
+            mtu,
+            ..
+        }) = self.routes.get(id)
+        {
+            let (outer, mtu) = (*outer, usize::from(*mtu));
+            if let Some((ip_len, v6)) = buf.get(..len).and_then(Destination::fixed_length) {
+                if ip_len + outer.overhead() <= mtu {
+                    return self.encapsulated(id, &outer, 14, ip_len, v6, entropy(hash));
+                }
+            }
+        }
         match buf.get(..len).and_then(Destination::fixed) {
             Some(d) => self.forward_to(buf, len, id, &d, entropy(hash), Some(now)),
             None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
@@ -642,7 +669,6 @@ impl Pipeline {
         let Some(route) = self.routes.get(id) else {
             return Action::Drop(DropReason::NoBackend);
         };
-        let at = usize::from(id);
         match &route.way {
             Way::Unreachable => Action::Drop(DropReason::NoBackend),
             Way::Dsr(macs) => {
@@ -678,17 +704,35 @@ impl Pipeline {
                         None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
                     };
                 }
-                let push = u16::try_from(outer.push(d.l3)).unwrap_or(0);
-                self.appliance.count(at, 14 + overhead + d.ip_len);
-                self.pending = Some(Pending {
-                    backend: id,
-                    inner_len: d.ip_len,
-                    inner_v6: d.v6,
-                    entropy,
-                });
-                Action::ToBackend { push }
+                let outer = *outer;
+                self.encapsulated(id, &outer, d.l3, d.ip_len, d.v6, entropy)
             }
         }
+    }
+
+    /// An IP packet of `ip_len` bytes at `l3` (IPv6 if `v6`) that the path to backend `id`
+    /// through `outer` takes whole: counted, its encapsulation left for
+    /// [`Pipeline::take_encap`].
+    #[inline(always)]
+    fn encapsulated(
+        &mut self,
+        id: u16,
+        outer: &Outer,
+        l3: usize,
+        ip_len: usize,
+        v6: bool,
+        entropy: u16,
+    ) -> Action {
+        let push = u16::try_from(outer.push(l3)).unwrap_or(0);
+        self.appliance
+            .count(usize::from(id), 14 + outer.overhead() + ip_len);
+        self.pending = Some(Pending {
+            backend: id,
+            inner_len: ip_len,
+            inner_v6: v6,
+            entropy,
+        });
+        Action::ToBackend { push }
     }
 
     /// A frame of `len` bytes in `buf` to backend `id` by DSR (`macs`: its MAC and the
