@@ -307,11 +307,37 @@ impl Pipeline {
                 way: Way::Dsr(macs),
                 ..
             }) => self.dsr(buf, len, id, &macs),
+            Some(Route {
+                way: Way::Encap(outer),
+                mtu,
+                ..
+            }) => {
+                // Most encapsulated frames: whole (the path's MTU takes them). Only their IP
+                // packet's length and version are read, at the common frame's fixed offsets.
+                let whole = buf
+                    .get(..len)
+                    .and_then(Destination::fixed_length)
+                    .filter(|&(ip_len, _)| ip_len + outer.overhead() <= usize::from(*mtu));
+                match whole {
+                    Some((ip_len, v6)) => {
+                        let pending = Pending {
+                            backend: id,
+                            inner_len: ip_len,
+                            inner_v6: v6,
+                            entropy: entropy(hash),
+                        };
+                        let bytes = 14 + outer.overhead() + ip_len;
+                        self.encapsulated(pending, outer.push(14), bytes)
+                    }
+                    None => self.known_flow_to(buf, len, id, hash, now),
+                }
+            }
             _ => self.known_flow_to(buf, len, id, hash, now),
         })
     }
 
-    /// The rest of [`Pipeline::known_flow`] for a backend reached otherwise than by DSR.
+    /// The rest of [`Pipeline::known_flow`] for a frame neither sent by DSR nor encapsulated
+    /// whole (cut in pieces, answered "too big", a backend without a way).
     #[inline(never)]
     fn known_flow_to(
         &mut self,
@@ -321,21 +347,6 @@ impl Pipeline {
         hash: FlowHash,
         now: u64,
     ) -> Action {
-        // Most such frames: encapsulated whole. Only their IP packet's length and version are
-        // read (at the common frame's fixed offsets, as `Destination::fixed` reads them).
-        if let Some(Route {
-            way: Way::Encap(outer),
-            mtu,
-            ..
-        }) = self.routes.get(id)
-        {
-            let (outer, mtu) = (*outer, usize::from(*mtu));
-            if let Some((ip_len, v6)) = buf.get(..len).and_then(Destination::fixed_length) {
-                if ip_len + outer.overhead() <= mtu {
-                    return self.encapsulated(id, &outer, 14, ip_len, v6, entropy(hash));
-                }
-            }
-        }
         match buf.get(..len).and_then(Destination::fixed) {
             Some(d) => self.forward_to(buf, len, id, &d, entropy(hash), Some(now)),
             None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
@@ -704,35 +715,27 @@ impl Pipeline {
                         None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
                     };
                 }
-                let outer = *outer;
-                self.encapsulated(id, &outer, d.l3, d.ip_len, d.v6, entropy)
+                let pending = Pending {
+                    backend: id,
+                    inner_len: d.ip_len,
+                    inner_v6: d.v6,
+                    entropy,
+                };
+                let bytes = 14 + overhead + d.ip_len;
+                self.encapsulated(pending, outer.push(d.l3), bytes)
             }
         }
     }
 
-    /// An IP packet of `ip_len` bytes at `l3` (IPv6 if `v6`) that the path to backend `id`
-    /// through `outer` takes whole: counted, its encapsulation left for
-    /// [`Pipeline::take_encap`].
+    /// A frame to its backend encapsulated whole (`pending`: what [`Pipeline::take_encap`]
+    /// writes, after `push` bytes added in front), counted as `bytes` sent.
     #[inline(always)]
-    fn encapsulated(
-        &mut self,
-        id: u16,
-        outer: &Outer,
-        l3: usize,
-        ip_len: usize,
-        v6: bool,
-        entropy: u16,
-    ) -> Action {
-        let push = u16::try_from(outer.push(l3)).unwrap_or(0);
-        self.appliance
-            .count(usize::from(id), 14 + outer.overhead() + ip_len);
-        self.pending = Some(Pending {
-            backend: id,
-            inner_len: ip_len,
-            inner_v6: v6,
-            entropy,
-        });
-        Action::ToBackend { push }
+    fn encapsulated(&mut self, pending: Pending, push: usize, bytes: usize) -> Action {
+        self.appliance.count(usize::from(pending.backend), bytes);
+        self.pending = Some(pending);
+        Action::ToBackend {
+            push: u16::try_from(push).unwrap_or(0),
+        }
     }
 
     /// A frame of `len` bytes in `buf` to backend `id` by DSR (`macs`: its MAC and the

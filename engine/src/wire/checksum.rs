@@ -110,9 +110,22 @@ mod tests {
     /// rest.
     #[test]
     fn finish32_is_finish() {
-        let edges = [0, 1, 0xfffe, 0xffff, 0x1_0000, 0x1_fffe, 0x1_ffff, 0xffff_0000];
+        let edges = [
+            0,
+            1,
+            0xfffe,
+            0xffff,
+            0x1_0000,
+            0x1_fffe,
+            0x1_ffff,
+            0xffff_0000,
+        ];
         let strided = (0..=u32::MAX).step_by(65_521);
-        for sum in edges.into_iter().chain(strided).chain([u32::MAX - 1, u32::MAX]) {
+        for sum in edges
+            .into_iter()
+            .chain(strided)
+            .chain([u32::MAX - 1, u32::MAX])
+        {
             assert_eq!(finish32(sum), finish(u64::from(sum)), "sum {sum:#x}");
         }
     }
