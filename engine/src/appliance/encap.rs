@@ -76,9 +76,9 @@ pub struct Outer {
     /// The node's own address (the outer source) and the backend's: the same IP version.
     src: IpAddr,
     dst: IpAddr,
-    /// IPv4: the header checksum's sum over every field but the total length and the protocol
-    /// (added per frame, so the bytes just written are never read back): 7 sixteen-bit words
-    /// at most with those, so it fits in 32 bits.
+    /// IPv4: the header checksum's sum over its constant fields (7 sixteen-bit words); the
+    /// traffic class, total length and protocol are added per frame, so the bytes just
+    /// written are never read back. Under 2^19 in all: a `u32` holds it.
     partial: u32,
 }
 
@@ -159,11 +159,13 @@ impl Outer {
     /// Writes the outer headers into `frame`, the original frame after [`Outer::push`] bytes
     /// were added in front of it; the inner packet is `inner_len` bytes (IPv6 if `inner_v6`),
     /// `entropy` the flow's 14 bits for the GUE source port. Returns the new frame's length,
-    /// or `None` if `frame` is too short (nothing sensible to send).
+    /// or `None` (nothing sensible to send) if `frame` is too short or the lengths do not fit
+    /// their 16-bit fields.
     ///
-    /// One writer per header length, which the kind of `Outer` fixes: with the length a
-    /// constant, the copy of the template is a few vector moves and every field's place is
-    /// known, so that one length check covers every write.
+    /// One writer per header length, which the kind of `Outer` fixes (`len` decides; `tunnel`
+    /// and `dst` agree with it, see [`Outer::new`]): with the length a constant, the copy of
+    /// the template is a few vector moves and every field's place is known, so that one length
+    /// check covers every write.
     #[inline]
     pub fn write(
         &self,
@@ -176,14 +178,16 @@ impl Outer {
         const GUE_V6: usize = ETH + IPV6 + UDP + GUE;
         const IPIP_V4: usize = ETH + IPV4;
         const IPIP_V6: usize = ETH + IPV6;
-        let at = (frame, inner_len, inner_v6, entropy);
+        let args = (frame, inner_len, inner_v6, entropy);
         match usize::from(self.len) {
-            GUE_V4 => self.write_as::<GUE_V4>(at),
-            GUE_V6 => self.write_as::<GUE_V6>(at),
-            IPIP_V4 => self.write_as::<IPIP_V4>(at),
-            IPIP_V6 => self.write_as::<IPIP_V6>(at),
-            // `Outer::new` makes no other length.
-            _ => None,
+            GUE_V4 => self.write_as::<GUE_V4>(args),
+            GUE_V6 => self.write_as::<GUE_V6>(args),
+            IPIP_V4 => self.write_as::<IPIP_V4>(args),
+            IPIP_V6 => self.write_as::<IPIP_V6>(args),
+            len => {
+                debug_assert!(false, "Outer::new makes no {len}-byte outer header");
+                None
+            }
         }
     }
 
@@ -209,6 +213,13 @@ impl Outer {
         let inner_proto = if inner_v6 { PROTO_IPV6 } else { PROTO_IPV4 };
         let gue = HEAD == ETH + IPV4 + UDP + GUE || HEAD == ETH + IPV6 + UDP + GUE;
         let v6 = HEAD == ETH + IPV6 || HEAD == ETH + IPV6 + UDP + GUE;
+        debug_assert_eq!(
+            (gue, v6),
+            (
+                matches!(self.tunnel, Tunnel::Gue { .. }),
+                self.dst.is_ipv6()
+            )
+        );
         let next = if gue {
             IpProtocol::Udp.raw()
         } else {
@@ -645,5 +656,134 @@ mod tests {
             too_big(&mut short[..14 + 40], 14, len - 14, 1280, NODE),
             None
         );
+    }
+
+    /// Every kind of outer header, written for inner packets of a few lengths and both IP
+    /// versions: (the case, the header's bytes in hex for 40-byte inner packets), and an
+    /// FNV-1a digest of every case's whole output (`None` as one byte 0xff).
+    fn written_headers() -> (Vec<(String, String)>, u64) {
+        let v4 = (
+            Ipv4Addr::new(198, 18, 0, 11).into(),
+            Ipv4Addr::new(198, 18, 1, 21).into(),
+        );
+        let v6: (IpAddr, IpAddr) = (
+            "2001:2::11".parse().unwrap(),
+            "2001:2:1::21".parse().unwrap(),
+        );
+        let mut headers = Vec::new();
+        let mut digest = 0xcbf2_9ce4_8422_2325u64;
+        let mut feed = |bytes: &[u8]| {
+            for b in bytes {
+                digest = (digest ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+            }
+        };
+        for (tunnel, (src, dst)) in [
+            (Tunnel::Ipip, v4),
+            (Tunnel::Gue { port: 6080 }, v4),
+            (Tunnel::Ipip, v6),
+            (Tunnel::Gue { port: 6080 }, v6),
+        ] {
+            let o = Outer::new(tunnel, src, dst, NODE, BACKEND).unwrap();
+            for inner_len in [0usize, 1, 40, 1400, 0xffff] {
+                for inner_v6 in [false, true] {
+                    let head = o.push(14) + 14;
+                    let mut f: Vec<u8> = (0..head + inner_len.min(1400))
+                        .map(|i| (i * 7 + 3) as u8)
+                        .collect();
+                    match o.write(&mut f, inner_len, inner_v6, 0x2345) {
+                        Some(n) => {
+                            feed(&f[..n]);
+                            if inner_len == 40 {
+                                let hex: String =
+                                    f[..head].iter().map(|b| format!("{b:02x}")).collect();
+                                let kind = match tunnel {
+                                    Tunnel::Ipip => "ipip",
+                                    Tunnel::Gue { .. } => "gue",
+                                };
+                                let case = format!("{kind} to {dst}, inner v6 {inner_v6}");
+                                headers.push((case, hex));
+                            }
+                        }
+                        None => feed(&[0xff]),
+                    }
+                }
+            }
+        }
+        (headers, digest)
+    }
+
+    /// The writer's output pinned byte for byte: the headers of 40-byte inner packets, and a
+    /// digest of every case's whole output (other lengths, the IPv6 UDP checksum over the whole
+    /// packet, the `None` cases). The values are the output of the writer before 2026-12-07's
+    /// rewrite for constant lengths, which gave the same for every case.
+    #[test]
+    fn outer_headers_are_pinned_byte_for_byte() {
+        const HEADERS: [(&str, &str); 8] = [
+            (
+                "ipip to 198.18.1.21, inner v6 false",
+                concat!(
+                    "02bb00000001020000000001080045f8003c000040004004ac81c612000bc612",
+                    "0115",
+                ),
+            ),
+            (
+                "ipip to 198.18.1.21, inner v6 true",
+                concat!(
+                    "02bb000000010200000000010800451f003c000040004029ad35c612000bc612",
+                    "0115",
+                ),
+            ),
+            (
+                "gue to 198.18.1.21, inner v6 false",
+                concat!(
+                    "02bb000000010200000000010800454c0048000040004011ad14c612000bc612",
+                    "0115e34517c00034000000040000",
+                ),
+            ),
+            (
+                "gue to 198.18.1.21, inner v6 true",
+                concat!(
+                    "02bb00000001020000000001080045540048000040004011ad0cc612000bc612",
+                    "0115e34517c00034000000290000",
+                ),
+            ),
+            (
+                "ipip to 2001:2:1::21, inner v6 false",
+                concat!(
+                    "02bb0000000102000000000186dd684123450028044020010002000000000000",
+                    "00000000001120010002000100000000000000000021",
+                ),
+            ),
+            (
+                "ipip to 2001:2:1::21, inner v6 true",
+                concat!(
+                    "02bb0000000102000000000186dd6d8123450028294020010002000000000000",
+                    "00000000001120010002000100000000000000000021",
+                ),
+            ),
+            (
+                "gue to 2001:2:1::21, inner v6 false",
+                concat!(
+                    "02bb0000000102000000000186dd6d8123450034114020010002000000000000",
+                    "00000000001120010002000100000000000000000021e34517c0003401f50004",
+                    "0000",
+                ),
+            ),
+            (
+                "gue to 2001:2:1::21, inner v6 true",
+                concat!(
+                    "02bb0000000102000000000186dd61d123450034114020010002000000000000",
+                    "00000000001120010002000100000000000000000021e34517c0003401d00029",
+                    "0000",
+                ),
+            ),
+        ];
+        let (headers, digest) = written_headers();
+        let expected: Vec<(String, String)> = HEADERS
+            .iter()
+            .map(|(case, hex)| (case.to_string(), hex.to_string()))
+            .collect();
+        assert_eq!(headers, expected);
+        assert_eq!(digest, 0x4e88_36fa_f518_e9a4);
     }
 }

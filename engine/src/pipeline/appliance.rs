@@ -314,21 +314,13 @@ impl Pipeline {
             }) => {
                 // Most encapsulated frames: whole (the path's MTU takes them). Only their IP
                 // packet's length and version are read, at the common frame's fixed offsets.
+                let entropy = entropy(hash);
                 let whole = buf
                     .get(..len)
                     .and_then(Destination::fixed_length)
-                    .filter(|&(ip_len, _)| ip_len + outer.overhead() <= usize::from(*mtu));
+                    .and_then(|(ip_len, v6)| Whole::of(outer, *mtu, id, 14, ip_len, v6, entropy));
                 match whole {
-                    Some((ip_len, v6)) => {
-                        let pending = Pending {
-                            backend: id,
-                            inner_len: ip_len,
-                            inner_v6: v6,
-                            entropy: entropy(hash),
-                        };
-                        let bytes = 14 + outer.overhead() + ip_len;
-                        self.encapsulated(pending, outer.push(14), bytes)
-                    }
+                    Some(whole) => self.encapsulated(whole),
                     None => self.known_flow_to(buf, len, id, hash, now),
                 }
             }
@@ -687,55 +679,49 @@ impl Pipeline {
                 self.dsr(buf, len, id, &macs)
             }
             Way::Encap(outer) => {
+                if let Some(whole) = Whole::of(outer, route.mtu, id, d.l3, d.ip_len, d.v6, entropy)
+                {
+                    return self.encapsulated(whole);
+                }
+                // Too big for the path.
                 let overhead = outer.overhead();
                 let mtu = usize::from(route.mtu);
-                if d.ip_len + overhead > mtu {
-                    let room = mtu - overhead;
-                    if !d.no_frag {
-                        // IPv4 that its sender lets be fragmented: cut, each piece its own
-                        // encapsulated frame.
-                        let packet = buf.get(d.l3..d.l3 + d.ip_len);
-                        if let Some(cut) = packet.and_then(|p| Cut::new(p, room)) {
-                            return self.in_pieces(id, *outer, cut, d, entropy);
-                        }
+                let room = mtu - overhead;
+                if !d.no_frag {
+                    // IPv4 that its sender lets be fragmented: cut, each piece its own
+                    // encapsulated frame.
+                    let packet = buf.get(d.l3..d.l3 + d.ip_len);
+                    if let Some(cut) = packet.and_then(|p| Cut::new(p, room)) {
+                        return self.in_pieces(id, *outer, cut, d, entropy);
                     }
-                    // Counted with the too-big answers (a datagram without DF whose options
-                    // do not parse is dropped).
-                    self.appliance.too_big += 1;
-                    // The sender first: a flood from a group source spends no answer.
-                    let answer = d.no_frag
-                        && answers_to(buf, d.src_ip())
-                        && answer_at.is_some_and(|now| self.error_budget.take(now));
-                    if !answer {
-                        return Action::Drop(DropReason::TooBig);
-                    }
-                    let room = u16::try_from(room).unwrap_or(u16::MAX);
-                    return match encap::too_big(buf, d.l3, d.ip_len, room, self.id.node_mac) {
-                        Some(len) => Action::reply(len),
-                        None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
-                    };
                 }
-                let pending = Pending {
-                    backend: id,
-                    inner_len: d.ip_len,
-                    inner_v6: d.v6,
-                    entropy,
-                };
-                let bytes = 14 + overhead + d.ip_len;
-                self.encapsulated(pending, outer.push(d.l3), bytes)
+                // Counted with the too-big answers (a datagram without DF whose options
+                // do not parse is dropped).
+                self.appliance.too_big += 1;
+                // The sender first: a flood from a group source spends no answer.
+                let answer = d.no_frag
+                    && answers_to(buf, d.src_ip())
+                    && answer_at.is_some_and(|now| self.error_budget.take(now));
+                if !answer {
+                    return Action::Drop(DropReason::TooBig);
+                }
+                let room = u16::try_from(room).unwrap_or(u16::MAX);
+                match encap::too_big(buf, d.l3, d.ip_len, room, self.id.node_mac) {
+                    Some(len) => Action::reply(len),
+                    None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
+                }
             }
         }
     }
 
-    /// A frame to its backend encapsulated whole (`pending`: what [`Pipeline::take_encap`]
-    /// writes, after `push` bytes added in front), counted as `bytes` sent.
+    /// A frame to its backend encapsulated whole ([`Whole::of`]): counted, its encapsulation
+    /// left for [`Pipeline::take_encap`].
     #[inline(always)]
-    fn encapsulated(&mut self, pending: Pending, push: usize, bytes: usize) -> Action {
-        self.appliance.count(usize::from(pending.backend), bytes);
-        self.pending = Some(pending);
-        Action::ToBackend {
-            push: u16::try_from(push).unwrap_or(0),
-        }
+    fn encapsulated(&mut self, whole: Whole) -> Action {
+        self.appliance
+            .count(usize::from(whole.pending.backend), whole.bytes);
+        self.pending = Some(whole.pending);
+        Action::ToBackend { push: whole.push }
     }
 
     /// A frame of `len` bytes in `buf` to backend `id` by DSR (`macs`: its MAC and the
@@ -844,6 +830,49 @@ impl ErrorBudget {
         let some = self.tokens > 0;
         self.tokens -= u64::from(some);
         some
+    }
+}
+
+/// An IP packet that its backend's path takes whole, encapsulated: what
+/// [`Pipeline::encapsulated`] counts and leaves (the one test of the path's MTU for a frame
+/// that fits, on both ways to it: [`Pipeline::forward_to`] and the known flow's shortcut).
+#[derive(Debug, Clone, Copy)]
+struct Whole {
+    pending: Pending,
+    /// Bytes to add in front of the frame.
+    push: u16,
+    /// Bytes sent, Ethernet header included.
+    bytes: usize,
+}
+
+impl Whole {
+    /// An IP packet of `ip_len` bytes at `l3` of its frame (IPv6 if `v6`) to backend `id`
+    /// through `outer` (path MTU `mtu`), with the flow's `entropy`: `None` if it is too big.
+    #[inline(always)]
+    fn of(
+        outer: &Outer,
+        mtu: u16,
+        id: u16,
+        l3: usize,
+        ip_len: usize,
+        v6: bool,
+        entropy: u16,
+    ) -> Option<Whole> {
+        let overhead = outer.overhead();
+        if ip_len + overhead > usize::from(mtu) {
+            return None;
+        }
+        Some(Whole {
+            pending: Pending {
+                backend: id,
+                inner_len: ip_len,
+                inner_v6: v6,
+                entropy,
+            },
+            // At most the outer headers' length (66 bytes).
+            push: u16::try_from(outer.push(l3)).unwrap_or(0),
+            bytes: 14 + overhead + ip_len,
+        })
     }
 }
 

@@ -128,6 +128,18 @@ fn carry_out(p: &mut Pipeline, action: Action, buf: &[u8], len: usize) -> Vec<u8
             grown
         }
         Action::Reply { len } => buf[..len as usize].to_vec(),
+        Action::ToBackendInPieces { pieces } => {
+            // Every piece, encapsulated, one after the other.
+            let cut = p.take_pieces().unwrap();
+            assert_eq!(cut.count(), usize::from(pieces));
+            let mut sent = Vec::new();
+            for k in 0..cut.count() {
+                let mut out = vec![0u8; 2048];
+                let n = cut.write(&buf[..len], k, &mut out).unwrap();
+                sent.extend_from_slice(&out[..n]);
+            }
+            sent
+        }
         _ => buf[..len].to_vec(),
     }
 }

@@ -10,8 +10,8 @@ use crate::pipeline::appliance::Marks;
 use crate::testkit::build;
 
 /// Rules of every kind on the cluster address (after [`node_yaml`]): DSR on 80 and 8000-8099, GUE on 443, UDP on 53,
-/// a disabled rule (on a second address too), a `single` rule node 2 takes first; other ports
-/// match nothing (`unmatched: drop`).
+/// a disabled rule (on a second address too), a `single` rule node 2 takes first, IP-in-IP on
+/// 4443; other ports match nothing (`unmatched: drop`).
 const RULES: &str = r#"
 services:
   - name: web
@@ -49,6 +49,13 @@ services:
     delivery: dsr
     backends:
       - { ip: 198.18.0.51, mac: 02:bb:00:00:00:31 }
+  - name: tunnel4
+    addresses: [198.18.0.1]
+    ports: [4443]
+    delivery: ipip
+    backends:
+      - { ip: 198.18.0.61, mac: 02:bb:00:00:00:41 }
+      - { ip: 198.18.0.62, mac: 02:bb:00:00:00:42 }
 "#;
 
 /// [`RULES`] reloaded as variant `v`: 0 as it is; 1 with 8000-8099 moved to the GUE rule; 2
@@ -83,7 +90,7 @@ fn node() -> Pipeline {
 }
 
 /// Destination ports the frames go to, and whether each is UDP's.
-const PORTS: [(u16, bool); 8] = [
+const PORTS: [(u16, bool); 9] = [
     (80, false),
     (8050, false),
     (443, false),
@@ -92,6 +99,7 @@ const PORTS: [(u16, bool); 8] = [
     (22, false),
     (9000, false),
     (7777, false),
+    (4443, false),
 ];
 
 /// TCP flags a frame may carry: SYN, ACK, PSH+ACK, FIN+ACK, RST, SYN+ACK.
@@ -99,15 +107,58 @@ const FLAGS: [u8; 6] = [0x02, 0x10, 0x18, 0x11, 0x04, 0x12];
 
 /// A frame from client `c` to `PORTS[port]`, with `FLAGS[flags]` if TCP.
 fn frame(c: u32, port: usize, flags: usize) -> Vec<u8> {
+    sized_frame(c, port, flags, Size::Small)
+}
+
+/// How large a frame is: small; an IP packet the GUE rule's 1500-byte path takes exactly
+/// once encapsulated (32 bytes of outer headers), or one byte more (with DF: answered "too
+/// big"); or a 1500-byte IP packet without or with DF (cut in pieces, or answered).
+#[derive(Debug, Clone, Copy)]
+enum Size {
+    Small,
+    AtMtu,
+    PastMtu,
+    Full,
+    FullNoFragments,
+}
+
+impl Size {
+    /// The IP packet's length, for a TCP (20-byte header) or UDP segment.
+    fn ip_len(self, udp: bool) -> usize {
+        let small = if udp { 20 + 8 + 5 } else { 20 + 20 };
+        match self {
+            Size::Small => small,
+            Size::AtMtu => 1500 - 32,
+            Size::PastMtu => 1500 - 32 + 1,
+            Size::Full | Size::FullNoFragments => 1500,
+        }
+    }
+}
+
+/// [`frame`] of size `size`.
+fn sized_frame(c: u32, port: usize, flags: usize, size: Size) -> Vec<u8> {
     let (src, sport) = client(c);
     let (port, udp) = PORTS[port % PORTS.len()];
-    if udp {
-        let mut u = build::udp(sport, b"query");
+    let mut f = if udp {
+        let payload = vec![b'q'; size.ip_len(true) - 28];
+        let mut u = build::udp(sport, &payload);
         u[2..4].copy_from_slice(&port.to_be_bytes());
         build::ipv4([2, 0, 0, 0, 0, 0x64], src, 17, &mut u, Some(6))
     } else {
-        segment(src, sport, port, FLAGS[flags % FLAGS.len()])
+        let payload = vec![b't'; size.ip_len(false) - 40];
+        let mut t = build::tcp(sport, 1, 1, FLAGS[flags % FLAGS.len()], &payload);
+        t[2..4].copy_from_slice(&port.to_be_bytes());
+        build::ipv4([2, 0, 0, 0, 0, 0x64], src, 6, &mut t, Some(16))
+    };
+    assert_eq!(f.len(), 14 + size.ip_len(udp));
+    if let Size::PastMtu | Size::FullNoFragments = size {
+        // DF, and the header checksum again.
+        f[14 + 6] |= 0x40;
+        f[14 + 10..14 + 12].fill(0);
+        let c = crate::wire::checksum::checksum(&f[14..34]);
+        f[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
     }
+    f
 }
 
 /// What the shortcut alone does with `frame` at `now` (`None`: it stands aside, as for any
@@ -212,8 +263,13 @@ fn a_flow_aimed_at_another_rules_port_takes_its_own_rule() {
 /// One step of [`the_shortcut_decides_as_the_full_decision`].
 #[derive(Debug, Clone)]
 enum Step {
-    /// A frame from client `c` to `PORTS[port]` with `FLAGS[flags]`.
-    Frame { c: u32, port: usize, flags: usize },
+    /// A frame from client `c` to `PORTS[port]` with `FLAGS[flags]`, of size `size`.
+    Frame {
+        c: u32,
+        port: usize,
+        flags: usize,
+        size: Size,
+    },
     /// Time passes (seconds: past the UDP, closing and established timeouts too).
     Wait(u64),
     /// Backend `id` goes down, is drained or comes back up (`state` 0..3).
@@ -262,10 +318,23 @@ fn owners(which: u8) -> Arc<Snapshot> {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        12 => (0u32..6, 0usize..PORTS.len(), 0usize..FLAGS.len())
-            .prop_map(|(c, port, flags)| Step::Frame { c, port, flags }),
+        12 => (0u32..6, 0usize..PORTS.len(), 0usize..FLAGS.len(), 0u8..12).prop_map(
+            |(c, port, flags, size)| Step::Frame {
+                c,
+                port,
+                flags,
+                // Mostly small: a flow's frames have to repeat for the shortcut to be taken.
+                size: match size {
+                    0 => Size::AtMtu,
+                    1 => Size::PastMtu,
+                    2 => Size::Full,
+                    3 => Size::FullNoFragments,
+                    _ => Size::Small,
+                },
+            }
+        ),
         1 => prop_oneof![Just(1u64), Just(40), Just(400)].prop_map(Step::Wait),
-        2 => (1u16..=8, 0u8..3).prop_map(|(id, state)| Step::Health { id, state }),
+        2 => (1u16..=10, 0u8..3).prop_map(|(id, state)| Step::Health { id, state }),
         1 => (0u8..4).prop_map(Step::Reload),
         2 => Just(Step::Maintain),
         1 => (0u8..9).prop_map(Step::Owners),
@@ -288,12 +357,12 @@ proptest! {
         let mut now = 1_000_000u64;
         for s in steps {
             match s {
-                Step::Frame { c, port, flags } => {
-                    let f = frame(c, port, flags);
+                Step::Frame { c, port, flags, size } => {
+                    let f = sized_frame(c, port, flags, size);
                     full.marks = Marks::Clearing { next: 0 };
                     let a = run(&mut fast, &f, now);
                     let b = run(&mut full, &f, now);
-                    prop_assert_eq!(a, b, "client {} port {} flags {}", c, port, flags);
+                    prop_assert_eq!(a, b, "client {} port {} flags {} size {:?}", c, port, flags, size);
                     now += 1_000;
                 }
                 Step::Wait(secs) => now += secs * 1_000_000_000,
@@ -331,9 +400,10 @@ proptest! {
         prop_assert_eq!(&a.frames, &b.frames);
         prop_assert_eq!(&a.bytes, &b.bytes);
         prop_assert_eq!(&a.new_flows, &b.new_flows);
+        prop_assert_eq!((a.too_big, a.fragmented), (b.too_big, b.fragmented));
         prop_assert_eq!(fast.flows().len(), full.flows().len());
         prop_assert_eq!(fast.flows().stats(), full.flows().stats());
-        for id in 0..=8 {
+        for id in 0..=10 {
             prop_assert_eq!(fast.flows().count_for_backend(id), full.flows().count_for_backend(id));
         }
         // Every flow's entry: state, time and backend.
