@@ -116,9 +116,9 @@ impl Destination {
     #[inline(always)]
     fn fixed(frame: &[u8]) -> Option<Destination> {
         const L3: usize = 14;
-        if frame.get(12) == Some(&0x86) {
+        let (ip_len, v6) = Destination::fixed_length(frame)?;
+        if v6 {
             let h: &[u8; L3 + 44] = frame.get(..L3 + 44)?.try_into().ok()?;
-            let payload = usize::from(u16::from_be_bytes([h[L3 + 4], h[L3 + 5]]));
             let addr = |at: usize| {
                 let mut a = [0u8; 16];
                 a.copy_from_slice(&h[at..at + 16]);
@@ -126,8 +126,8 @@ impl Destination {
             };
             Some(Destination {
                 l3: L3,
-                ip_len: 40 + payload,
-                v6: true,
+                ip_len,
+                v6,
                 src: addr(L3 + 8),
                 dst: addr(L3 + 24),
                 src_port: u16::from_be_bytes([h[L3 + 40], h[L3 + 41]]),
@@ -139,8 +139,8 @@ impl Destination {
             let word = |at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
             Some(Destination {
                 l3: L3,
-                ip_len: usize::from(u16::from_be_bytes([h[L3 + 2], h[L3 + 3]])),
-                v6: false,
+                ip_len,
+                v6,
                 src: u128::from(word(L3 + 12)),
                 dst: u128::from(word(L3 + 16)),
                 src_port: u16::from_be_bytes([h[L3 + 20], h[L3 + 21]]),
@@ -150,8 +150,8 @@ impl Destination {
         }
     }
 
-    /// The length and IP version (IPv6: `true`) of the common frame's IP packet, read at the
-    /// fixed offsets of [`Destination::fixed`].
+    /// The length and IP version (IPv6: `true`) of the common frame's IP packet, read at its
+    /// fixed offsets (the start of [`Destination::fixed`]).
     #[inline(always)]
     fn fixed_length(frame: &[u8]) -> Option<(usize, bool)> {
         let h: &[u8; 20] = frame.get(..20)?.try_into().ok()?;
