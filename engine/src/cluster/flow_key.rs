@@ -99,8 +99,8 @@ impl FlowKey {
     pub fn new(affinity: Affinity, src: IpAddr, src_port: u16, proto: u8) -> FlowKey {
         // Bytes 17..20 (port, big-endian, then protocol) in the last word's bits 8..32.
         let tail = if affinity == Affinity::None {
-            let [hi, lo] = src_port.to_be_bytes();
-            u64::from(u32::from_le_bytes([0, hi, lo, proto]))
+            // The port's big-endian bytes are its swapped value's low bytes.
+            u64::from(src_port.swap_bytes()) << 8 | u64::from(proto) << 24
         } else {
             0
         };
@@ -218,10 +218,22 @@ impl BucketHasher {
         self.x8 = Sip13x8::with(self.k0, self.k1, lanes);
     }
 
+    /// The implementation [`BucketHasher::hash8`] runs (the vector units the CPU has).
+    #[inline]
+    pub fn lanes(&self) -> Lanes {
+        self.x8.lanes()
+    }
+
     /// The full 64-bit hash of a flow key.
     #[inline]
     pub fn hash(&self, key: &FlowKey) -> u64 {
-        sip13_words20(self.k0, self.k1, key.words())
+        self.hash_words(key.words())
+    }
+
+    /// [`BucketHasher::hash`] of a key given by its [`FlowKey::words`].
+    #[inline]
+    pub fn hash_words(&self, words: &KeyWords) -> u64 {
+        sip13_words20(self.k0, self.k1, words)
     }
 
     /// The bucket of a flow key: the hash's low 16 bits.

@@ -88,9 +88,8 @@ use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use super::flow_key::Bucket;
-#[cfg(test)]
-use super::flow_key::BUCKETS;
+use super::flow_key::{Bucket, BUCKETS};
+use super::siphash::Lanes;
 use crate::wire::IpProtocol;
 
 /// How many occupied slots an insertion into a full table inspects to choose a victim.
@@ -148,6 +147,57 @@ impl FlowHash {
         // key hash, so that nobody without the secret can choose two destinations of one
         // client that collide (see the module doc's identity).
         FlowHash(mix(mix(key_hash ^ rest.dst) ^ rest.ports))
+    }
+
+    /// [`FlowHash::from_parts`] of eight flows (a burst's group, hashed by
+    /// [`super::BucketHasher::hash8`]): the same values, computed side by side in vector
+    /// registers where `lanes` (the hasher's, [`super::BucketHasher::lanes`]) says the CPU has
+    /// them: two multiplies in each of two mixes are most of a fingerprint's cost.
+    #[inline]
+    pub fn from_parts8(
+        key_hashes: &[u64; 8],
+        rests: &[FlowRest; 8],
+        lanes: Lanes,
+    ) -> [FlowHash; 8] {
+        match lanes {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a hasher's lanes are `Avx512` only on a CPU with AVX-512F, VL and DQ
+            // (`Lanes::runs_here`).
+            Lanes::Avx512 => unsafe { x86::from_parts8_avx512(key_hashes, rests) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a hasher's lanes are `Avx2` only on a CPU with AVX2.
+            Lanes::Avx2 => unsafe { x86::from_parts8_avx2(key_hashes, rests) },
+            _ => from_parts8(key_hashes, rests),
+        }
+    }
+}
+
+/// [`FlowHash::from_parts`] of eight flows, in plain code: the compiler puts the eight side by
+/// side in vector registers where the caller's target features allow.
+#[inline(always)]
+fn from_parts8(key_hashes: &[u64; 8], rests: &[FlowRest; 8]) -> [FlowHash; 8] {
+    let mut out = [FlowHash(0); 8];
+    for ((out, &key_hash), rest) in out.iter_mut().zip(key_hashes).zip(rests) {
+        *out = FlowHash::from_parts(key_hash, rest);
+    }
+    out
+}
+
+/// [`from_parts8`] compiled for the vector units [`FlowHash::from_parts8`] may use.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{from_parts8, FlowHash, FlowRest};
+
+    /// Four lanes of 64-bit multiplies by parts (AVX2 has no 64-bit multiply).
+    #[target_feature(enable = "avx2")]
+    pub(super) fn from_parts8_avx2(h: &[u64; 8], rests: &[FlowRest; 8]) -> [FlowHash; 8] {
+        from_parts8(h, rests)
+    }
+
+    /// Eight lanes in one 512-bit register or two 256-bit ones, AVX-512DQ's 64-bit multiply.
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512dq")]
+    pub(super) fn from_parts8_avx512(h: &[u64; 8], rests: &[FlowRest; 8]) -> [FlowHash; 8] {
+        from_parts8(h, rests)
     }
 }
 
@@ -527,7 +577,8 @@ pub struct FlowTable {
     lines: u64,
     capacity: usize,
     len: usize,
-    per_bucket: Box<[u32]>,
+    /// Entries per bucket, for every bucket: a bucket indexes it without a bounds check.
+    per_bucket: Box<[u32; BUCKETS]>,
     /// Entries per backend id (index 0: none), for appliance mode's per-backend flow gauge.
     per_backend: Box<[u32]>,
     timeouts: TimeoutTicks,
@@ -606,7 +657,11 @@ impl FlowTable {
             lines: (slots / SLOTS_PER_LINE) as u64,
             capacity,
             len: 0,
-            per_bucket: (0..super::BUCKETS).map(|_| 0u32).collect(),
+            // Built on the heap: 256 KiB would not fit every thread's stack.
+            per_bucket: vec![0u32; BUCKETS]
+                .into_boxed_slice()
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("BUCKETS counts")),
             per_backend: (0..BACKEND_IDS).map(|_| 0u32).collect(),
             timeouts: timeouts.into(),
             cursor: 0,
@@ -688,17 +743,16 @@ impl FlowTable {
     #[inline(always)]
     pub fn prefetch_if(&self, hash: FlowHash, wanted: bool) {
         let h = std::hint::select_unpredictable(wanted, self.home(hash.0), 0);
-        let home = &self.slots[h];
-        let next = &self.slots[self.wrap(h + SLOTS_PER_LINE)];
+        // Addresses only, never read here, so neither bounds-checked nor wrapped: a run from
+        // the last line goes on at the first, which the second prefetch then misses (one
+        // line in the table's).
+        let home = self.slots.as_ptr().wrapping_add(h);
+        let next = home.wrapping_add(SLOTS_PER_LINE);
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: a prefetch is only a hint and never faults; the address is a valid slot.
+        // SAFETY: a prefetch is only a hint and never faults, whatever the address.
         unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                (home as *const Slot).cast(),
-            );
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                (next as *const Slot).cast(),
-            );
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(home.cast());
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(next.cast());
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (home, next);
@@ -1884,6 +1938,29 @@ mod tests {
     }
 
     proptest! {
+        /// Every implementation this CPU runs fingerprints eight flows as one at a time does.
+        #[test]
+        fn fingerprints_of_eight_are_fingerprints_of_one(
+            hashes in proptest::array::uniform8(any::<u64>()),
+            dsts in proptest::array::uniform8(any::<u128>()),
+            ports in proptest::array::uniform8((any::<u16>(), any::<u16>(), any::<u8>())),
+            v6 in proptest::array::uniform8(any::<bool>()),
+        ) {
+            let rests: [FlowRest; 8] = std::array::from_fn(|i| {
+                let dst = if v6[i] {
+                    IpAddr::from(dsts[i].to_be_bytes())
+                } else {
+                    IpAddr::from((dsts[i] as u32).to_be_bytes())
+                };
+                FlowRest::new(dst, ports[i].0, ports[i].1, ports[i].2)
+            });
+            let one: Vec<FlowHash> =
+                (0..8).map(|i| FlowHash::from_parts(hashes[i], &rests[i])).collect();
+            for lanes in Lanes::available() {
+                prop_assert_eq!(&FlowHash::from_parts8(&hashes, &rests, lanes)[..], &one[..]);
+            }
+        }
+
         #[test]
         fn never_exceeds_capacity_and_counts_evictions(
             capacity in 1usize..40,

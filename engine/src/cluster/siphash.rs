@@ -121,7 +121,8 @@ pub enum Lanes {
     /// Two 256-bit registers per SipHash state word, a lane per message (two independent
     /// chains of four); rotations by shifts and shuffles.
     Avx2,
-    /// As AVX2, with AVX-512VL's one-instruction 64-bit rotations.
+    /// As AVX2, with AVX-512VL's one-instruction 64-bit rotations (and AVX-512DQ's 64-bit
+    /// multiply for the flow fingerprints, `FlowHash::from_parts8`).
     Avx512,
 }
 
@@ -136,7 +137,7 @@ pub enum HashLanes {
     Scalar,
     /// 256-bit vector registers (x86-64 with AVX2).
     Avx2,
-    /// 256-bit vector registers with AVX-512VL's rotations (x86-64 with AVX-512F and VL).
+    /// 256-bit vector registers with AVX-512VL's rotations (x86-64 with AVX-512F, VL and DQ).
     Avx512,
 }
 
@@ -166,6 +167,7 @@ impl Lanes {
             Lanes::Avx512 => {
                 std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
@@ -188,7 +190,7 @@ impl Lanes {
                 "`{}` is not available on this CPU (it has {})",
                 match lanes {
                     Lanes::Avx2 => "avx2: it needs AVX2",
-                    _ => "avx512: it needs AVX-512F and AVX-512VL",
+                    _ => "avx512: it needs AVX-512F, AVX-512VL and AVX-512DQ",
                 },
                 Lanes::available()
                     .iter()
@@ -250,7 +252,7 @@ impl Sip13x8 {
     pub fn hash(&self, m: &[Words20; 8]) -> [u64; 8] {
         match self.lanes {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `with` keeps `Avx512` only when the CPU has AVX-512F and AVX-512VL.
+            // SAFETY: `with` keeps `Avx512` only when the CPU has AVX-512F, VL and DQ.
             Lanes::Avx512 => unsafe { x86::sip13x8_avx512(self.k0, self.k1, m) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `with` keeps `Avx2` only when the CPU has AVX2.

@@ -6,7 +6,7 @@
 //! Nothing here changes the pipeline's state: a burst is prepared whole before its first frame
 //! is decided, so that the prefetched lines have time to arrive.
 
-use crate::cluster::{Bucket, FlowHash, FlowKey, FlowRest, Role, TcpFlags};
+use crate::cluster::{Bucket, FlowHash, FlowKey, FlowRest, KeyWords, Role, TcpFlags};
 use crate::wire::{self, ethernet, parse_ip_flow, parse_l2_l4, EtherType, IpProtocol, Parsed};
 
 use super::{DropReason, Pipeline};
@@ -18,17 +18,14 @@ pub(super) fn bucket_from(key_hash: u64) -> Bucket {
     Bucket(key_hash as u16)
 }
 
-/// What [`Pipeline::prepare`] finds before hashing.
-enum Parts {
-    Done(Prepared),
-    Flow {
-        key: FlowKey,
-        rest: FlowRest,
-        proto: u8,
-        flags: TcpFlags,
-        /// Read at fixed offsets ([`parse_ip_flow`]).
-        plain: bool,
-    },
+/// What [`Pipeline::prepare`] keeps of a flow frame besides its key and the rest of its
+/// 5-tuple (which [`Pipeline::parts`] writes where the hash will read them).
+#[derive(Debug, Clone, Copy, Default)]
+struct FlowMeta {
+    proto: u8,
+    flags: TcpFlags,
+    /// Read at fixed offsets ([`parse_ip_flow`]).
+    plain: bool,
 }
 
 /// A frame after [`Pipeline::prepare`]: what [`Pipeline::decide`] needs. 16 bytes of plain
@@ -97,24 +94,14 @@ impl Pipeline {
     /// prefetches.
     #[inline]
     pub fn prepare(&self, frame: &[u8]) -> Prepared {
-        match self.parts(frame) {
-            Parts::Done(prepared) => prepared,
-            Parts::Flow {
-                key,
-                rest,
-                proto,
-                flags,
-                plain,
-            } => {
+        let (mut key, mut rest) = ([0u64; 3], FlowRest::default());
+        match self.parts(frame, &mut key, &mut rest) {
+            Err(prepared) => prepared,
+            Ok(meta) => {
+                let key_hash = self.hasher.hash_words(&key);
+                let (bucket, hash) = (bucket_from(key_hash), FlowHash::from_parts(key_hash, &rest));
                 let mut prepared = Prepared::default();
-                self.finish(
-                    self.hasher.hash(&key),
-                    &rest,
-                    proto,
-                    flags,
-                    plain,
-                    &mut prepared,
-                );
+                self.finish(bucket, hash, meta, &mut prepared);
                 prepared
             }
         }
@@ -143,64 +130,69 @@ impl Pipeline {
     #[inline]
     pub fn prepare_burst(&self, frames: &[Option<&[u8]>], out: &mut [Prepared]) -> u64 {
         const LANES: usize = 8;
+        let n = frames.len().min(out.len());
         let mut others = 0u64;
-        for (g, (frames, out)) in frames.chunks(LANES).zip(out.chunks_mut(LANES)).enumerate() {
+        for g in (0..n).step_by(LANES) {
+            let lanes = (n - g).min(LANES);
+            // Lane j's flow key and rest of its 5-tuple, if bit j of `flows` is set.
             let mut keys = [[0u64; 3]; LANES];
-            let mut flows: [Option<(FlowRest, u8, TcpFlags, bool)>; LANES] = [None; LANES];
-            for ((frame, out), (key, flow)) in frames
-                .iter()
-                .zip(out.iter_mut())
-                .zip(keys.iter_mut().zip(flows.iter_mut()))
-            {
-                match frame.map(|f| self.parts(f)) {
-                    None => *out = Prepared::Drop(DropReason::Chained),
-                    Some(Parts::Done(prepared)) => *out = prepared,
-                    Some(Parts::Flow {
-                        key: k,
-                        rest,
-                        proto,
-                        flags,
-                        plain,
-                    }) => {
-                        *key = *k.words();
-                        *flow = Some((rest, proto, flags, plain));
-                    }
-                }
+            let mut rests = [FlowRest::default(); LANES];
+            let mut metas = [FlowMeta::default(); LANES];
+            let mut flows = 0u32;
+            for j in 0..lanes {
+                out[g + j] = match frames[g + j] {
+                    None => Prepared::Drop(DropReason::Chained),
+                    Some(frame) => match self.parts(frame, &mut keys[j], &mut rests[j]) {
+                        Err(prepared) => prepared,
+                        Ok(meta) => {
+                            metas[j] = meta;
+                            flows |= 1 << j;
+                            continue;
+                        }
+                    },
+                };
             }
-            if flows.iter().all(Option::is_none) {
+            if flows == 0 {
                 // Nothing to hash (drops, ARP, ...): skip the SipHashes.
                 continue;
             }
             let hashes = self.hasher.hash8(&keys);
-            // Only this group's frames have a flow (`out` may be longer than the burst).
-            for (j, ((out, flow), key_hash)) in out.iter_mut().zip(&flows).zip(hashes).enumerate() {
-                if let Some((rest, proto, flags, plain)) = flow {
-                    let not_owner = self.finish(key_hash, rest, *proto, *flags, *plain, out);
-                    let i = g * LANES + j;
-                    if i < 64 {
-                        others |= u64::from(not_owner) << i;
-                    }
+            let fingerprints = FlowHash::from_parts8(&hashes, &rests, self.hasher.lanes());
+            while flows != 0 {
+                let j = flows.trailing_zeros() as usize % LANES;
+                flows &= flows - 1;
+                let (bucket, hash) = (bucket_from(hashes[j]), fingerprints[j]);
+                let not_owner = self.finish(bucket, hash, metas[j], &mut out[g + j]);
+                if g + j < 64 {
+                    others |= u64::from(not_owner) << (g + j);
                 }
             }
         }
         others
     }
 
-    /// The hash-independent part of [`Pipeline::prepare`].
+    /// The hash-independent part of [`Pipeline::prepare`]: `Err` with the prepared frame if
+    /// it is decided already (or takes the full path), else `Ok` for a TCP/UDP frame, whose
+    /// flow key and rest of the 5-tuple are written into `key` and `rest`.
     #[inline(always)]
-    fn parts(&self, frame: &[u8]) -> Parts {
+    fn parts(
+        &self,
+        frame: &[u8],
+        key: &mut KeyWords,
+        rest: &mut FlowRest,
+    ) -> Result<FlowMeta, Prepared> {
         if frame.len() < ethernet::HEADER_LEN {
-            return Parts::Done(Prepared::Drop(DropReason::Malformed(
+            return Err(Prepared::Drop(DropReason::Malformed(
                 wire::Error::Truncated,
             )));
         }
         let dst = ethernet::Frame::new_unchecked(frame).dst();
         if dst == self.id.node_mac {
-            return Parts::Done(Prepared::Shared);
+            return Err(Prepared::Shared);
         }
         if dst != self.id.cluster_mac {
             // Broadcast and multicast take the full path; other unicast is not ours.
-            return Parts::Done(if dst.is_multicast() {
+            return Err(if dst.is_multicast() {
                 Prepared::Other
             } else {
                 Prepared::Drop(DropReason::NotForUs)
@@ -209,55 +201,46 @@ impl Pipeline {
         // Most frames: untagged TCP/UDP over IPv4 without options or IPv6 without extension
         // headers, read at fixed offsets.
         if let Some(f) = parse_ip_flow(frame) {
-            return Parts::Flow {
-                key: FlowKey::new(self.id.affinity, f.src, f.src_port, f.protocol),
-                rest: FlowRest::new(f.dst, f.src_port, f.dst_port, f.protocol),
+            *key = *FlowKey::new(self.id.affinity, f.src, f.src_port, f.protocol).words();
+            *rest = FlowRest::new(f.dst, f.src_port, f.dst_port, f.protocol);
+            return Ok(FlowMeta {
                 proto: f.protocol,
                 flags: TcpFlags(f.tcp_flags),
                 plain: true,
-            };
+            });
         }
         let parsed = parse_l2_l4(frame);
         let p = match &parsed {
             Ok(p) => p,
-            Err(e) => return Parts::Done(Prepared::Drop(DropReason::Malformed(*e))),
+            Err(e) => return Err(Prepared::Drop(DropReason::Malformed(*e))),
         };
         match (p.ethertype, p.fragment, p.src_port, p.dst_port) {
             (EtherType::Ipv4 | EtherType::Ipv6, None, Some(sp), Some(dp)) => {
                 let proto = u8::from(p.protocol);
-                Parts::Flow {
-                    // What `key_hash` hashes for TCP/UDP.
-                    key: FlowKey::new(self.id.affinity, p.src_ip, sp, proto),
-                    rest: FlowRest::new(p.dst_ip, sp, dp, proto),
+                // What `key_hash` hashes for TCP/UDP.
+                *key = *FlowKey::new(self.id.affinity, p.src_ip, sp, proto).words();
+                *rest = FlowRest::new(p.dst_ip, sp, dp, proto);
+                Ok(FlowMeta {
                     proto,
                     flags: TcpFlags(p.tcp_flags.0 as u8),
                     plain: false,
-                }
+                })
             }
-            _ => Parts::Done(Prepared::Other),
+            _ => Err(Prepared::Other),
         }
     }
 
-    /// The rest of [`Pipeline::prepare`] for a flow frame, once its key is hashed: writes the
-    /// prepared frame into `out`, prefetches its table lines and returns whether its bucket is
-    /// simply another node's ([`Pipeline::prefetch`]).
+    /// The rest of [`Pipeline::prepare`] for a flow frame, once its bucket and fingerprint are
+    /// known: writes the prepared frame into `out`, prefetches its table lines and returns
+    /// whether its bucket is simply another node's ([`Pipeline::prefetch`]).
     #[inline(always)]
-    fn finish(
-        &self,
-        key_hash: u64,
-        rest: &FlowRest,
-        proto: u8,
-        flags: TcpFlags,
-        plain: bool,
-        out: &mut Prepared,
-    ) -> bool {
-        let (bucket, hash) = (bucket_from(key_hash), FlowHash::from_parts(key_hash, rest));
+    fn finish(&self, bucket: Bucket, hash: FlowHash, meta: FlowMeta, out: &mut Prepared) -> bool {
         *out = Prepared::Flow {
             bucket,
             hash,
-            proto,
-            flags,
-            plain,
+            proto: meta.proto,
+            flags: meta.flags,
+            plain: meta.plain,
         };
         self.prefetch(bucket, hash)
     }
