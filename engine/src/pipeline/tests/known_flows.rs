@@ -11,11 +11,12 @@ use crate::testkit::build;
 
 /// Rules of every kind on the cluster address (after [`node_yaml`]): DSR on 80 and 8000-8099, GUE on 443, UDP on 53,
 /// a disabled rule (on a second address too), a `single` rule node 2 takes first, IP-in-IP on
-/// 4443; other ports match nothing (`unmatched: drop`).
+/// 4443; other ports match nothing (`unmatched: drop`). The DSR and UDP rules serve the IPv6
+/// address 2001:2::1 too, and its 443 goes by GUE in IPv6 to IPv6 backends.
 const RULES: &str = r#"
 services:
   - name: web
-    addresses: [198.18.0.1]
+    addresses: [198.18.0.1, "2001:2::1"]
     ports: [80, "8000-8099"]
     delivery: dsr
     backends:
@@ -30,7 +31,7 @@ services:
       - { ip: 198.18.0.31, mac: 02:bb:00:00:00:11 }
       - { ip: 198.18.0.32, mac: 02:bb:00:00:00:12 }
   - name: dns
-    addresses: [198.18.0.1]
+    addresses: [198.18.0.1, "2001:2::1"]
     protocol: udp
     ports: [53]
     delivery: dsr
@@ -56,12 +57,24 @@ services:
     backends:
       - { ip: 198.18.0.61, mac: 02:bb:00:00:00:41 }
       - { ip: 198.18.0.62, mac: 02:bb:00:00:00:42 }
+  - name: tunnel6
+    addresses: ["2001:2::1"]
+    ports: [443]
+    delivery: gue
+    backends:
+      - { ip: "2001:2::31", mac: 02:bb:00:00:00:51 }
+      - { ip: "2001:2::32", mac: 02:bb:00:00:00:52 }
 "#;
 
-/// [`RULES`] reloaded as variant `v`: 0 as it is; 1 with 8000-8099 moved to the GUE rule; 2
-/// with a web backend gone and 5353 added to the UDP rule; 3 with the web rule disabled.
+/// [`RULES`] reloaded as variant `v`: 0 as it is; 1 with 8000-8099 moved to the GUE rules; 2
+/// with a web backend gone and 5353 added to the UDP rule; 3 with the web rule disabled. The
+/// node has an IPv6 address (2001:2::11) to encapsulate from.
 fn rules(v: u8) -> String {
-    let text = format!("{}{}", node_yaml(), RULES.trim_start());
+    let node = node_yaml().replace(
+        "  ip: 198.18.0.11\n",
+        "  ip: 198.18.0.11\n  ip6: \"2001:2::11\"\n",
+    );
+    let text = format!("{}{}", node, RULES.trim_start());
     match v % 4 {
         1 => text
             .replace("ports: [80, \"8000-8099\"]", "ports: [80]")
@@ -85,6 +98,7 @@ fn reloaded(v: u8, previous: &Services) -> Arc<Services> {
 /// Node 1 of two, with [`RULES`].
 fn node() -> Pipeline {
     let mut p = appliances(2, "dsr").remove(0);
+    p.id.node_ip6 = Some("2001:2::11".parse().unwrap());
     p.set_services(compiled(&rules(0)));
     p
 }
@@ -107,12 +121,13 @@ const FLAGS: [u8; 6] = [0x02, 0x10, 0x18, 0x11, 0x04, 0x12];
 
 /// A frame from client `c` to `PORTS[port]`, with `FLAGS[flags]` if TCP.
 fn frame(c: u32, port: usize, flags: usize) -> Vec<u8> {
-    sized_frame(c, port, flags, Size::Small)
+    sized_frame(c, port, flags, Size::Small, false)
 }
 
-/// How large a frame is: small; an IP packet the GUE rule's 1500-byte path takes exactly
-/// once encapsulated (32 bytes of outer headers), or one byte more (with DF: answered "too
-/// big"); or a 1500-byte IP packet without or with DF (cut in pieces, or answered).
+/// How large a frame is: small; an IP packet the GUE rules' 1500-byte path takes exactly
+/// once encapsulated (32 bytes of outer headers in IPv4, 52 in IPv6), or one byte more (with
+/// DF: answered "too big"); or a 1500-byte IP packet without or with DF (cut in pieces, or
+/// answered; IPv6 is never cut on the way: both are answered).
 #[derive(Debug, Clone, Copy)]
 enum Size {
     Small,
@@ -123,34 +138,50 @@ enum Size {
 }
 
 impl Size {
-    /// The IP packet's length, for a TCP (20-byte header) or UDP segment.
-    fn ip_len(self, udp: bool) -> usize {
-        let small = if udp { 20 + 8 + 5 } else { 20 + 20 };
+    /// The IP packet's length, for a TCP (20-byte header) or UDP segment, in IPv4 or IPv6.
+    fn ip_len(self, udp: bool, v6: bool) -> usize {
+        let (header, outer) = if v6 {
+            (40, 40 + 8 + 4)
+        } else {
+            (20, 20 + 8 + 4)
+        };
+        let small = header + if udp { 8 + 5 } else { 20 };
         match self {
             Size::Small => small,
-            Size::AtMtu => 1500 - 32,
-            Size::PastMtu => 1500 - 32 + 1,
+            Size::AtMtu => 1500 - outer,
+            Size::PastMtu => 1500 - outer + 1,
             Size::Full | Size::FullNoFragments => 1500,
         }
     }
 }
 
-/// [`frame`] of size `size`.
-fn sized_frame(c: u32, port: usize, flags: usize, size: Size) -> Vec<u8> {
+/// [`frame`] of size `size`, from the client's IPv6 address (2001:2::<its IPv4 address>) to
+/// 2001:2::1 if `v6`.
+fn sized_frame(c: u32, port: usize, flags: usize, size: Size, v6: bool) -> Vec<u8> {
     let (src, sport) = client(c);
     let (port, udp) = PORTS[port % PORTS.len()];
-    let mut f = if udp {
-        let payload = vec![b'q'; size.ip_len(true) - 28];
-        let mut u = build::udp(sport, &payload);
-        u[2..4].copy_from_slice(&port.to_be_bytes());
-        build::ipv4([2, 0, 0, 0, 0, 0x64], src, 17, &mut u, Some(6))
+    let header = if v6 { 40 } else { 20 };
+    let mut l4 = if udp {
+        build::udp(sport, &vec![b'q'; size.ip_len(true, v6) - header - 8])
     } else {
-        let payload = vec![b't'; size.ip_len(false) - 40];
-        let mut t = build::tcp(sport, 1, 1, FLAGS[flags % FLAGS.len()], &payload);
-        t[2..4].copy_from_slice(&port.to_be_bytes());
-        build::ipv4([2, 0, 0, 0, 0, 0x64], src, 6, &mut t, Some(16))
+        let payload = vec![b't'; size.ip_len(false, v6) - header - 20];
+        build::tcp(sport, 1, 1, FLAGS[flags % FLAGS.len()], &payload)
     };
-    assert_eq!(f.len(), 14 + size.ip_len(udp));
+    l4[2..4].copy_from_slice(&port.to_be_bytes());
+    let (proto, checksum_at) = if udp { (17, 6) } else { (6, 16) };
+    let mac = [2, 0, 0, 0, 0, 0x64];
+    let mut f = if v6 {
+        let mut src6 = [0u8; 16];
+        src6[..4].copy_from_slice(&[0x20, 0x01, 0, 2]);
+        src6[12..].copy_from_slice(&src);
+        build::ipv6(mac, src6, proto, &mut l4, checksum_at)
+    } else {
+        build::ipv4(mac, src, proto, &mut l4, Some(checksum_at))
+    };
+    assert_eq!(f.len(), 14 + size.ip_len(udp, v6));
+    if v6 {
+        return f;
+    }
     if let Size::PastMtu | Size::FullNoFragments = size {
         // DF, and the header checksum again.
         f[14 + 6] |= 0x40;
@@ -234,6 +265,50 @@ fn a_known_flow_skips_the_lookup_until_the_rules_change() {
     assert!(known(&mut p, &ack, 6).is_some(), "its segments still are");
 }
 
+/// IPv6 flows take the shortcut too: by DSR (port 80) and by GUE in IPv6 (443), the same
+/// backend and bytes as the full decision.
+#[test]
+fn an_ipv6_flow_takes_the_shortcut_too() {
+    let mut p = node();
+    for (port, push) in [(0, 0), (2, 52)] {
+        let c = (0..)
+            .find(|&c| {
+                let f = sized_frame(c, port, 0, Size::Small, true);
+                matches!(p.prepare(&f), Prepared::Flow { bucket, .. } if p.mine(bucket))
+            })
+            .unwrap();
+        let syn = sized_frame(c, port, 0, Size::Small, true);
+        let ack = sized_frame(c, port, 1, Size::Small, true);
+        assert_eq!(
+            known(&mut p, &syn, 1),
+            None,
+            "a new flow: the full decision"
+        );
+        let (first, by_rule) = run(&mut p, &syn, 1);
+        assert_eq!(first, Action::ToBackend { push });
+        assert_eq!(known(&mut p, &ack, 2), Some(Action::ToBackend { push }));
+        p.marks = Marks::Clearing { next: 0 };
+        let (full, by_full) = run(&mut p, &ack, 3);
+        p.marks = Marks::Hold;
+        let (shortcut, by_shortcut) = run(&mut p, &ack, 3);
+        assert_eq!(
+            (full, shortcut),
+            (Action::ToBackend { push }, Action::ToBackend { push })
+        );
+        assert_eq!(by_shortcut, by_full);
+        // The same backend as the first frame's: its MAC (DSR), or the outer header's
+        // destination (GUE in IPv6, bytes 38..54 of the frame).
+        let dst = |out: &[u8]| {
+            if push == 0 {
+                out[..6].to_vec()
+            } else {
+                out[38..54].to_vec()
+            }
+        };
+        assert_eq!(dst(&by_shortcut), dst(&by_rule));
+    }
+}
+
 /// A client's flow to 199.18.0.1:81 (a disabled rule's) whose fingerprint would equal its
 /// flow's to 198.18.0.1:80 without the keyed mixing of the destination (the first octet's
 /// difference cancelled by the port's): refused by its rule, never sent to the other flow's
@@ -263,12 +338,14 @@ fn a_flow_aimed_at_another_rules_port_takes_its_own_rule() {
 /// One step of [`the_shortcut_decides_as_the_full_decision`].
 #[derive(Debug, Clone)]
 enum Step {
-    /// A frame from client `c` to `PORTS[port]` with `FLAGS[flags]`, of size `size`.
+    /// A frame from client `c` to `PORTS[port]` with `FLAGS[flags]`, of size `size`, in IPv6
+    /// if `v6`.
     Frame {
         c: u32,
         port: usize,
         flags: usize,
         size: Size,
+        v6: bool,
     },
     /// Time passes (seconds: past the UDP, closing and established timeouts too).
     Wait(u64),
@@ -316,6 +393,18 @@ fn owners(which: u8) -> Arc<Snapshot> {
     })
 }
 
+/// A frame's size from a number in 0..12: mostly small, for a flow's frames have to repeat
+/// for the shortcut to be taken.
+fn size_of(n: u8) -> Size {
+    match n {
+        0 => Size::AtMtu,
+        1 => Size::PastMtu,
+        2 => Size::Full,
+        3 => Size::FullNoFragments,
+        _ => Size::Small,
+    }
+}
+
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         12 => (0u32..6, 0usize..PORTS.len(), 0usize..FLAGS.len(), 0u8..12).prop_map(
@@ -323,18 +412,23 @@ fn step() -> impl Strategy<Value = Step> {
                 c,
                 port,
                 flags,
-                // Mostly small: a flow's frames have to repeat for the shortcut to be taken.
-                size: match size {
-                    0 => Size::AtMtu,
-                    1 => Size::PastMtu,
-                    2 => Size::Full,
-                    3 => Size::FullNoFragments,
-                    _ => Size::Small,
-                },
+                size: size_of(size),
+                v6: false,
+            }
+        ),
+        // IPv6 from fewer clients to the ports that serve it (DSR, GUE in IPv6, UDP) and one
+        // that does not, so that its flows repeat as often as IPv4's.
+        6 => (0u32..2, 0usize..4, 0usize..FLAGS.len(), 0u8..12).prop_map(
+            |(c, port, flags, size)| Step::Frame {
+                c,
+                port: [0, 2, 3, 7][port],
+                flags,
+                size: size_of(size),
+                v6: true,
             }
         ),
         1 => prop_oneof![Just(1u64), Just(40), Just(400)].prop_map(Step::Wait),
-        2 => (1u16..=10, 0u8..3).prop_map(|(id, state)| Step::Health { id, state }),
+        2 => (1u16..=12, 0u8..3).prop_map(|(id, state)| Step::Health { id, state }),
         1 => (0u8..4).prop_map(Step::Reload),
         2 => Just(Step::Maintain),
         1 => (0u8..9).prop_map(Step::Owners),
@@ -357,12 +451,12 @@ proptest! {
         let mut now = 1_000_000u64;
         for s in steps {
             match s {
-                Step::Frame { c, port, flags, size } => {
-                    let f = sized_frame(c, port, flags, size);
+                Step::Frame { c, port, flags, size, v6 } => {
+                    let f = sized_frame(c, port, flags, size, v6);
                     full.marks = Marks::Clearing { next: 0 };
                     let a = run(&mut fast, &f, now);
                     let b = run(&mut full, &f, now);
-                    prop_assert_eq!(a, b, "client {} port {} flags {} size {:?}", c, port, flags, size);
+                    prop_assert_eq!(a, b, "client {} port {} flags {} size {:?} IPv6 {}", c, port, flags, size, v6);
                     now += 1_000;
                 }
                 Step::Wait(secs) => now += secs * 1_000_000_000,
@@ -403,13 +497,13 @@ proptest! {
         prop_assert_eq!((a.too_big, a.fragmented), (b.too_big, b.fragmented));
         prop_assert_eq!(fast.flows().len(), full.flows().len());
         prop_assert_eq!(fast.flows().stats(), full.flows().stats());
-        for id in 0..=10 {
+        for id in 0..=12 {
             prop_assert_eq!(fast.flows().count_for_backend(id), full.flows().count_for_backend(id));
         }
         // Every flow's entry: state, time and backend.
-        for c in 0..6 {
+        for (c, v6) in (0..6).flat_map(|c| [(c, false), (c, true)]) {
             for port in 0..PORTS.len() {
-                if let Prepared::Flow { hash, .. } = fast.prepare(&frame(c, port, 1)) {
+                if let Prepared::Flow { hash, .. } = fast.prepare(&sized_frame(c, port, 1, Size::Small, v6)) {
                     prop_assert_eq!(fast.flows().get(hash, now), full.flows().get(hash, now));
                 }
             }
