@@ -274,7 +274,7 @@ pub(crate) fn render(node: u8, link: &ControlLink, view: &ControlView) -> String
         "fenced",
         "gauge",
         "1 per reason this node is fenced for (it owns nothing): link-down, core-stalled, \
-         hears-no-peer-on-wire, unheard-on-wire, settling.",
+         hears-no-peer-on-wire, unheard-on-wire, settling, superseded.",
         &fenced,
     );
     metric(

@@ -654,8 +654,8 @@ fn log_event(node: u8, epoch: u64, e: &Event, services: &Services) {
                     path,
                     "another process runs with this node id and started later (or a message of \
                      a later run of this node was replayed): the peers follow it and refuse this \
-                     node's messages, and both may serve this id's buckets; give every node its \
-                     own id"
+                     node's messages, and this one fences itself (it serves nothing) until the \
+                     other has been silent for dead_after intervals; give every node its own id"
                 )
             } else {
                 tracing::error!(
@@ -665,8 +665,8 @@ fn log_event(node: u8, epoch: u64, e: &Event, services: &Services) {
                     path,
                     "another process runs with this node id and started earlier (or a message \
                      of an earlier run of this node was replayed): the peers follow this one and \
-                     refuse the other, which may still serve this id's buckets; give every node \
-                     its own id"
+                     refuse the other, which fences itself while it hears this one; give every \
+                     node its own id"
                 )
             }
         }

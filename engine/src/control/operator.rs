@@ -311,7 +311,7 @@ pub struct Status {
     #[serde(default)]
     pub fenced: bool,
     /// Why it is fenced, by label (`link-down`, `core-stalled`, `hears-no-peer-on-wire`,
-    /// `unheard-on-wire`, `settling`); empty when it is not.
+    /// `unheard-on-wire`, `settling`, `superseded`); empty when it is not.
     #[serde(default)]
     pub fence_reasons: Vec<String>,
     #[serde(default)]

@@ -960,6 +960,64 @@ fn a_message_of_another_run_of_this_node_id_is_said() {
     );
 }
 
+/// Two processes with one node id: the one that started earlier, hearing the later one,
+/// fences itself (`superseded`) while it does: it owns nothing and its peers take its
+/// buckets (in a real cluster they follow the later run and refuse this one's messages). It
+/// serves again once the later run has been silent for `dead_after` intervals.
+#[test]
+fn a_run_that_hears_a_later_run_of_its_id_fences_itself() {
+    let mut sim = Sim::new(96);
+    for id in 1..=3 {
+        sim.start(config(id, 1_000 + u64::from(id)));
+    }
+    sim.run_until(3 * SEC);
+    sim.assert_converged();
+    // A message of a later run of node 3: one of its own, with a larger incarnation.
+    let key = config(3, 0).key;
+    let own = sim.last_sent[2][Path::Wire.index()].clone().unwrap();
+    let mut msg = message::decode(&own, &key, Path::Wire, DIGEST).unwrap();
+    msg.incarnation = 9_000_000;
+    let later = msg.encode(&key);
+    // An earlier run's message (its own, come back) fences nothing.
+    let mut msg = message::decode(&own, &key, Path::Wire, DIGEST).unwrap();
+    msg.incarnation = 500;
+    let earlier = msg.encode(&key);
+    sim.input(3, |m, now, out| {
+        m.handle_message(Path::Wire, &earlier, now, out)
+    });
+    assert!(!sim.node(3).fenced());
+    // The later run talks for three seconds.
+    let until = sim.now + 3 * SEC;
+    while sim.now < until {
+        sim.input(3, |m, now, out| {
+            m.handle_message(Path::Wire, &later, now, out)
+        });
+        assert_eq!(sim.node(3).fence_reasons(), FenceReasons::SUPERSEDED);
+        assert_eq!(sim.node(3).snapshot().accepting_count(n(3)), 0);
+        let next = sim.now + 100 * MS;
+        sim.run_until(next);
+    }
+    let c = sim.assert_converged();
+    assert_eq!(share(&c, 3), 0.0, "{c:?}");
+    assert!((share(&c, 1) - 0.5).abs() < 0.01, "{c:?}");
+    // Silent: node 3 serves its share again.
+    let until = sim.now + 10 * SEC;
+    sim.run_until(until);
+    assert!(!sim.node(3).fenced());
+    let c = sim.assert_converged();
+    for id in 1..=3 {
+        assert!((share(&c, id) - 1.0 / 3.0).abs() < 0.01, "{c:?}");
+    }
+    let fences: Vec<bool> = sim
+        .events_of(3)
+        .filter_map(|e| match e {
+            Event::Fenced { fenced, .. } => Some(*fenced),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fences, [true, false], "fenced once, then lifted");
+}
+
 #[test]
 fn loss_duplication_and_reordering() {
     for seed in 0..2 {

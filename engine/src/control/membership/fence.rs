@@ -23,13 +23,18 @@ impl FenceReasons {
     /// Its causes cleared, but its data path (link, cores) came back less than `dead_after`
     /// intervals ago, or a peer has not yet said it heard the fence.
     pub const SETTLING: FenceReasons = FenceReasons(16);
+    /// Another process with this node id, started later, was heard less than `dead_after`
+    /// intervals ago: the peers follow that one (they refuse this one's messages as stale),
+    /// and the buckets of the id are its to serve.
+    pub const SUPERSEDED: FenceReasons = FenceReasons(32);
     /// Every single reason, in the order they are listed.
-    pub const ALL: [FenceReasons; 5] = [
+    pub const ALL: [FenceReasons; 6] = [
         FenceReasons::LINK_DOWN,
         FenceReasons::CORE_STALLED,
         FenceReasons::HEARS_NO_PEER_ON_WIRE,
         FenceReasons::UNHEARD_ON_WIRE,
         FenceReasons::SETTLING,
+        FenceReasons::SUPERSEDED,
     ];
 
     pub fn is_empty(self) -> bool {
@@ -64,7 +69,7 @@ impl FenceReasons {
     }
 
     /// A single reason's label for metrics and `status`: `link-down`, `core-stalled`,
-    /// `hears-no-peer-on-wire`, `unheard-on-wire`, `settling` ("" for a set).
+    /// `hears-no-peer-on-wire`, `unheard-on-wire`, `settling`, `superseded` ("" for a set).
     pub fn label(self) -> &'static str {
         match self.0 {
             1 => "link-down",
@@ -72,6 +77,7 @@ impl FenceReasons {
             4 => "hears-no-peer-on-wire",
             8 => "unheard-on-wire",
             16 => "settling",
+            32 => "superseded",
             _ => "",
         }
     }
@@ -85,6 +91,7 @@ impl FenceReasons {
                 2 => "a packet core stalled",
                 4 => "it hears no peer on the wire (peers are live on the control network)",
                 8 => "no peer hears it on the wire",
+                32 => "another process runs with this node id and started later",
                 _ => "waiting for the cluster to hear that it is back",
             })
             .collect();
@@ -150,7 +157,7 @@ impl Membership {
     /// a data path outage. Says so (event, heartbeat) when it changes; sends a heartbeat when
     /// the wire report changes, so that a peer waiting for it hears it at once.
     pub(super) fn update_fence(&mut self, now: u64, out: &mut Vec<Output>) {
-        let causes = self.fence_causes_now();
+        let causes = self.fence_causes_now(now);
         // Settling follows a data path outage only: a node fenced by the wire rules heard the
         // cluster's plan all along on UDP.
         let path = |r: FenceReasons| {
@@ -193,9 +200,13 @@ impl Membership {
         (self.wire_heard(), self.wire_deaf(), self.serving_bits())
     }
 
-    fn fence_causes_now(&self) -> FenceReasons {
+    fn fence_causes_now(&self, now: u64) -> FenceReasons {
         let wire_rules = self.wire_up && self.cores_up;
+        let superseded = self
+            .superseded_at
+            .is_some_and(|t| now.saturating_sub(t) < self.cfg.dead_span());
         FenceReasons::NONE
+            .with(FenceReasons::SUPERSEDED, superseded)
             .with(FenceReasons::LINK_DOWN, !self.wire_up)
             .with(FenceReasons::CORE_STALLED, !self.cores_up)
             .with(

@@ -518,6 +518,9 @@ pub struct Membership {
     version_logged: Vec<(u8, u64)>,
     /// When another run of this node id was last said ([`Event::DuplicateId`]).
     duplicate_logged: Option<u64>,
+    /// When a message of a later-started run of this node id was last heard: it fences this
+    /// one ([`FenceReasons::SUPERSEDED`]) for `dead_after` intervals.
+    superseded_at: Option<u64>,
     /// The incarnations this run had before it raised its own (a stale notice): its messages
     /// sent before a raise may still come back, and are no other run's. The last few only.
     own_past: Vec<u64>,
@@ -567,6 +570,7 @@ impl Membership {
             heartbeats_sent: 0,
             version_logged: Vec::new(),
             duplicate_logged: None,
+            superseded_at: None,
             own_past: Vec::new(),
             linger: linger::Linger::default(),
         }

@@ -148,8 +148,14 @@ impl Membership {
     /// `msg`, authenticated, has this node's id and another run's incarnation: says so (the
     /// first time, then at most once a minute). A duplicate node id is a configuration error
     /// the peers cannot see (they follow the run that started later and refuse the other),
-    /// while the run they refuse may still own the id's buckets by the plans it hears.
+    /// while the run they refuse would still own the id's buckets by the plans it hears: a
+    /// run that hears a later one fences itself ([`FenceReasons::SUPERSEDED`]) until that one
+    /// has been silent for `dead_after` intervals.
     fn duplicate_id(&mut self, msg: &Message, now: u64, out: &mut Vec<Output>) {
+        if msg.incarnation > self.cfg.incarnation {
+            self.superseded_at = Some(now);
+            self.update_fence(now, out);
+        }
         if self
             .duplicate_logged
             .is_some_and(|at| now.saturating_sub(at) < LOG_EVERY)
