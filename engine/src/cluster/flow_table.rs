@@ -379,6 +379,23 @@ fn raw_state(state: FlowState, proto: u8) -> u8 {
     }
 }
 
+/// The state a packet with `flags` (IP protocol `proto`) leaves an entry in, if it keeps
+/// the entry's state `raw` as it is — an established TCP connection's segment without FIN or
+/// RST, a UDP or other flow's packet once open: most packets, whose entry only needs its time
+/// refreshed. `None`: any other (the full step decides, [`FlowState::next`]).
+#[inline(always)]
+fn kept_state(raw: u8, proto: u8, flags: TcpFlags) -> Option<FlowState> {
+    let (steady, state) = match proto {
+        TCP if !flags.contains(TcpFlags::FIN) && !flags.contains(TcpFlags::RST) => {
+            (STATE_ESTABLISHED, FlowState::Established)
+        }
+        TCP => return None,
+        UDP => (STATE_OPEN_UDP, FlowState::Open),
+        _ => (STATE_OPEN, FlowState::Open),
+    };
+    (raw == steady).then_some(state)
+}
+
 impl FlowState {
     #[inline]
     fn from_raw(raw: u8) -> Option<FlowState> {
@@ -814,6 +831,11 @@ impl FlowTable {
         if slot.meta & CHECKED == 0 || self.is_expired(slot, now_t) || !takes(slot.backend()) {
             return None;
         }
+        if kept_state(slot.state(), proto, flags).is_some() {
+            let slot = &mut self.slots[i];
+            slot.last_seen = now_t;
+            return Some(slot.backend());
+        }
         let prev = FlowState::from_raw(slot.state());
         self.step(i, prev, proto, flags, now_t);
         Some(self.slots[i].backend())
@@ -858,6 +880,17 @@ impl FlowTable {
             self.stats.inserted += 1;
         }
         let slot = &mut self.slots[i];
+        if let Some(state) = kept_state(slot.state(), proto, flags).filter(|_| !expired) {
+            slot.last_seen = now_t;
+            return Upsert {
+                state,
+                is_new: false,
+                evicted: false,
+                tracked: true,
+                backend: slot.backend(),
+                checked: slot.meta & CHECKED != 0,
+            };
+        }
         let prev = if expired {
             // A new flow chooses its backend anew (and is checked anew).
             self.per_backend[usize::from(slot.backend())] -= 1;
@@ -1935,6 +1968,41 @@ mod tests {
             0 => UDP,
             _ => TCP,
         }
+    }
+
+    /// A packet `kept_state` lets through keeps its entry's state: the full step gives it back.
+    #[test]
+    fn kept_states_are_what_the_full_step_keeps() {
+        let mut kept = 0;
+        for raw in [
+            STATE_OPEN,
+            STATE_SYN,
+            STATE_ESTABLISHED,
+            STATE_CLOSING,
+            STATE_OPEN_UDP,
+        ] {
+            for proto in [TCP, UDP, 1, 47] {
+                for flags in 0..=u8::MAX {
+                    let flags = TcpFlags(flags);
+                    let prev = FlowState::from_raw(raw);
+                    let next = FlowState::next(prev, proto, flags);
+                    match kept_state(raw, proto, flags) {
+                        Some(state) => {
+                            kept += 1;
+                            assert_eq!(state, next, "{raw} {proto} {flags:?}");
+                            assert_eq!(raw_state(next, proto), raw, "{raw} {proto} {flags:?}");
+                        }
+                        // Any other established segment, or a UDP flow's: a change of state.
+                        None if (raw, proto) == (STATE_ESTABLISHED, TCP) => {
+                            assert_ne!(raw_state(next, proto), raw);
+                        }
+                        None => {}
+                    }
+                }
+            }
+        }
+        // Established TCP without FIN or RST (64 flag sets), open UDP and other (256 each).
+        assert_eq!(kept, 64 + 256 + 2 * 256);
     }
 
     proptest! {
