@@ -15,7 +15,8 @@
 //!   the peer holds is refused as stale. Once the run held is dead, the refusing peer tells the
 //!   sender the incarnation it holds (a [`StaleNotice`], version 5), and the sender goes on
 //!   above it: a node whose clock was stepped back between two runs rejoins rather than stays
-//!   out (`receive.rs`).
+//!   out (`receive.rs`). Two live runs of one id (a configuration error): the peers follow
+//!   the later-started one, and the other, hearing it, fences itself (`superseded`).
 //! - The **coordinator** is the lowest live node id among the members of the current plan (or
 //!   among all live nodes if none of them is live). It alone creates plans and advances their
 //!   phase, and re-sends its current [`Plan`] every tick on both paths.
