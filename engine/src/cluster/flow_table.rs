@@ -88,7 +88,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use super::flow_key::{Bucket, BUCKETS};
+use super::flow_key::{Bucket, BucketHasher, BUCKETS};
 use super::siphash::Lanes;
 use crate::wire::IpProtocol;
 
@@ -149,23 +149,23 @@ impl FlowHash {
         FlowHash(mix(mix(key_hash ^ rest.dst) ^ rest.ports))
     }
 
-    /// [`FlowHash::from_parts`] of eight flows (a burst's group, hashed by
-    /// [`super::BucketHasher::hash8`]): the same values, computed side by side in vector
-    /// registers where `lanes` (the hasher's, [`super::BucketHasher::lanes`]) says the CPU has
-    /// them: two multiplies in each of two mixes are most of a fingerprint's cost.
+    /// [`FlowHash::from_parts`] of eight flows (a burst's group, hashed by `hasher`'s
+    /// [`BucketHasher::hash8`]): the same values, computed side by side in the vector
+    /// registers the hasher uses ([`BucketHasher::lanes`]): two multiplies in each of two
+    /// mixes are most of a fingerprint's cost.
     #[inline]
     pub fn from_parts8(
         key_hashes: &[u64; 8],
         rests: &[FlowRest; 8],
-        lanes: Lanes,
+        hasher: &BucketHasher,
     ) -> [FlowHash; 8] {
-        match lanes {
+        match hasher.lanes() {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: a hasher's lanes are `Avx512` only on a CPU with AVX-512F, VL and DQ
-            // (`Lanes::runs_here`).
+            // SAFETY: a hasher's lanes are `Avx512` only on a CPU with AVX2 and AVX-512F, VL
+            // and DQ (`Sip13x8::with` keeps only lanes that `Lanes::runs_here`).
             Lanes::Avx512 => unsafe { x86::from_parts8_avx512(key_hashes, rests) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: a hasher's lanes are `Avx2` only on a CPU with AVX2.
+            // SAFETY: a hasher's lanes are `Avx2` only on a CPU with AVX2 (as above).
             Lanes::Avx2 => unsafe { x86::from_parts8_avx2(key_hashes, rests) },
             _ => from_parts8(key_hashes, rests),
         }
@@ -2025,7 +2025,10 @@ mod tests {
             let one: Vec<FlowHash> =
                 (0..8).map(|i| FlowHash::from_parts(hashes[i], &rests[i])).collect();
             for lanes in Lanes::available() {
-                prop_assert_eq!(&FlowHash::from_parts8(&hashes, &rests, lanes)[..], &one[..]);
+                let mut hasher = BucketHasher::new(b"fingerprints");
+                hasher.set_lanes(lanes);
+                prop_assert_eq!(hasher.lanes(), lanes);
+                prop_assert_eq!(&FlowHash::from_parts8(&hashes, &rests, &hasher)[..], &one[..]);
             }
         }
 

@@ -157,7 +157,7 @@ impl Pipeline {
                 continue;
             }
             let hashes = self.hasher.hash8(&keys);
-            let fingerprints = FlowHash::from_parts8(&hashes, &rests, self.hasher.lanes());
+            let fingerprints = FlowHash::from_parts8(&hashes, &rests, &self.hasher);
             while flows != 0 {
                 let j = flows.trailing_zeros() as usize % LANES;
                 flows &= flows - 1;

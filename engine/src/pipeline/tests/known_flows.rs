@@ -127,7 +127,8 @@ fn frame(c: u32, port: usize, flags: usize) -> Vec<u8> {
 /// How large a frame is: small; an IP packet the GUE rules' 1500-byte path takes exactly
 /// once encapsulated (32 bytes of outer headers in IPv4, 52 in IPv6), or one byte more (with
 /// DF: answered "too big"); or a 1500-byte IP packet without or with DF (cut in pieces, or
-/// answered; IPv6 is never cut on the way: both are answered).
+/// answered; IPv6 is never cut on the way: both are answered). Every IPv4 packet but `Full`
+/// has DF.
 #[derive(Debug, Clone, Copy)]
 enum Size {
     Small,
@@ -182,9 +183,11 @@ fn sized_frame(c: u32, port: usize, flags: usize, size: Size, v6: bool) -> Vec<u
     if v6 {
         return f;
     }
-    if let Size::PastMtu | Size::FullNoFragments = size {
-        // DF, and the header checksum again.
-        f[14 + 6] |= 0x40;
+    // The builder sets DF: every IPv4 packet has it but the one to be cut in pieces.
+    assert_eq!(f[14 + 6] & 0x40, 0x40);
+    if let Size::Full = size {
+        // Without DF, and the header checksum again.
+        f[14 + 6] &= !0x40;
         f[14 + 10..14 + 12].fill(0);
         let c = crate::wire::checksum::checksum(&f[14..34]);
         f[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
