@@ -67,8 +67,38 @@ impl Pipeline {
 
     /// The second half of [`Pipeline::from_wire`]: `prepared` must come from
     /// [`Pipeline::prepare`] of the frame in `buf[..len]`, under the same snapshot.
-    #[inline]
+    ///
+    /// Most frames are decided in the caller's loop: a TCP/UDP frame in server mode
+    /// ([`Pipeline::flow_packet`]), a known flow's in appliance mode ([`Pipeline::known_flow`]);
+    /// every other frame, and one the shortcut stands aside for, in one call
+    /// ([`Pipeline::decide_rest`]).
+    #[inline(always)]
     pub fn decide(&mut self, buf: &mut [u8], len: usize, prepared: &Prepared, now: u64) -> Action {
+        if let Prepared::Flow {
+            hash,
+            proto,
+            flags,
+            bucket,
+            plain,
+        } = *prepared
+        {
+            if !self.services.active() {
+                return self.flow_packet(bucket, hash, proto, flags, now);
+            }
+            if plain && self.marks == super::appliance::Marks::Hold {
+                if let Some(action) = self.known_flow(buf, len, bucket, hash, proto, flags, now) {
+                    return action;
+                }
+            }
+        }
+        self.decide_rest(buf, len, prepared, now)
+    }
+
+    /// [`Pipeline::decide`] of every frame it does not decide in the caller's loop (a flow
+    /// frame's only while services are configured, when the known flow's shortcut stood
+    /// aside).
+    #[inline(never)]
+    fn decide_rest(&mut self, buf: &mut [u8], len: usize, prepared: &Prepared, now: u64) -> Action {
         match *prepared {
             Prepared::Drop(reason) => Action::Drop(reason),
             Prepared::Shared => self.to_own_host(buf),
@@ -80,12 +110,6 @@ impl Pipeline {
                 plain,
             } => {
                 if self.services.active() {
-                    if plain && self.marks == super::appliance::Marks::Hold {
-                        let known = self.known_flow(buf, len, bucket, hash, proto, flags, now);
-                        if let Some(action) = known {
-                            return action;
-                        }
-                    }
                     return self.service_flow(buf, len, bucket, hash, proto, flags, plain, now);
                 }
                 self.flow_packet(bucket, hash, proto, flags, now)
