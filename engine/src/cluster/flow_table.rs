@@ -831,13 +831,7 @@ impl FlowTable {
         if slot.meta & CHECKED == 0 || self.is_expired(slot, now_t) || !takes(slot.backend()) {
             return None;
         }
-        if kept_state(slot.state(), proto, flags).is_some() {
-            let slot = &mut self.slots[i];
-            slot.last_seen = now_t;
-            return Some(slot.backend());
-        }
-        let prev = FlowState::from_raw(slot.state());
-        self.step(i, prev, proto, flags, now_t);
+        self.step(i, false, proto, flags, now_t);
         Some(self.slots[i].backend())
     }
 
@@ -879,28 +873,14 @@ impl FlowTable {
             self.stats.expired += 1;
             self.stats.inserted += 1;
         }
-        let slot = &mut self.slots[i];
-        if let Some(state) = kept_state(slot.state(), proto, flags).filter(|_| !expired) {
-            slot.last_seen = now_t;
-            return Upsert {
-                state,
-                is_new: false,
-                evicted: false,
-                tracked: true,
-                backend: slot.backend(),
-                checked: slot.meta & CHECKED != 0,
-            };
-        }
-        let prev = if expired {
+        if expired {
             // A new flow chooses its backend anew (and is checked anew).
+            let slot = &mut self.slots[i];
             self.per_backend[usize::from(slot.backend())] -= 1;
             self.per_backend[0] += 1;
             slot.meta &= STATE_MASK;
-            None
-        } else {
-            FlowState::from_raw(slot.state())
-        };
-        let state = self.step(i, prev, proto, flags, now_t);
+        }
+        let state = self.step(i, expired, proto, flags, now_t);
         let slot = &self.slots[i];
         Upsert {
             state,
@@ -912,20 +892,24 @@ impl FlowTable {
         }
     }
 
-    /// A packet of the flow in slot `i` (in state `prev` before it) at tick `now_t`: moves its
-    /// state and time; returns the new state.
+    /// A packet of the flow in slot `i` (a flow that starts over in it if `fresh`, else in the
+    /// slot's state before it) at tick `now_t`: moves its state and time; returns the new
+    /// state.
     #[inline(always)]
-    fn step(
-        &mut self,
-        i: usize,
-        prev: Option<FlowState>,
-        proto: u8,
-        flags: TcpFlags,
-        now_t: u32,
-    ) -> FlowState {
+    fn step(&mut self, i: usize, fresh: bool, proto: u8, flags: TcpFlags, now_t: u32) -> FlowState {
+        let slot = &mut self.slots[i];
+        // Most packets of a known flow keep its state: only the time changes.
+        if let Some(state) = kept_state(slot.state(), proto, flags).filter(|_| !fresh) {
+            slot.last_seen = now_t;
+            return state;
+        }
+        let prev = if fresh {
+            None
+        } else {
+            FlowState::from_raw(slot.state())
+        };
         let state = FlowState::next(prev, proto, flags);
         let raw = raw_state(state, proto);
-        let slot = &mut self.slots[i];
         if raw != slot.state() {
             // A known flow changes state in place: it stays tracked (a reused 4-tuple's SYN
             // may take the half-open count one past its share until the next insertion makes

@@ -109,10 +109,9 @@ impl Pipeline {
                 flags,
                 plain,
             } => {
-                if self.services.active() {
-                    return self.service_flow(buf, len, bucket, hash, proto, flags, plain, now);
-                }
-                self.flow_packet(bucket, hash, proto, flags, now)
+                // Only while services are configured (`decide` takes the others'): the known
+                // flow's shortcut stood aside.
+                self.service_flow(buf, len, bucket, hash, proto, flags, plain, now)
             }
             Prepared::Other => self.decide_full(buf, len, now),
         }
