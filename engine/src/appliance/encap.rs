@@ -149,6 +149,12 @@ impl Outer {
         usize::from(self.len) - ETH
     }
 
+    /// Whether an IP packet of `ip_len` bytes, encapsulated, fits a path of MTU `mtu`.
+    #[inline]
+    pub fn fits(&self, ip_len: usize, mtu: u16) -> bool {
+        ip_len + self.overhead() <= usize::from(mtu)
+    }
+
     /// Bytes to add before a frame whose IP packet starts at `inner_at` (0 or more: a VLAN
     /// tag's 4 bytes are dropped).
     #[inline]

@@ -555,7 +555,7 @@ impl Pipeline {
     /// Whether an IP packet of `ip_len` bytes exceeds backend `id`'s encapsulated path.
     fn too_big_for(&self, id: u16, ip_len: usize) -> bool {
         self.routes.get(id).is_some_and(|route| match &route.way {
-            Way::Encap(outer) => ip_len + outer.overhead() > usize::from(route.mtu),
+            Way::Encap(outer) => !outer.fits(ip_len, route.mtu),
             _ => false,
         })
     }
@@ -858,8 +858,7 @@ impl Whole {
         v6: bool,
         entropy: u16,
     ) -> Option<Whole> {
-        let overhead = outer.overhead();
-        if ip_len + overhead > usize::from(mtu) {
+        if !outer.fits(ip_len, mtu) {
             return None;
         }
         Some(Whole {
@@ -871,7 +870,7 @@ impl Whole {
             },
             // At most the outer headers' length (66 bytes).
             push: u16::try_from(outer.push(l3)).unwrap_or(0),
-            bytes: 14 + overhead + ip_len,
+            bytes: 14 + outer.overhead() + ip_len,
         })
     }
 }
