@@ -20,7 +20,8 @@ use crate::cluster::{Bucket, Member, NodeId, OwnershipTable};
 use crate::config::{Loaded, Policy};
 use crate::control::{Phase, PlanId, Snapshot};
 use crate::pipeline::{
-    stable_snapshot, Action, DropReason, FragmentHold, NodeIdentity, Pipeline, TableSizes,
+    stable_snapshot, Action, DropReason, FragmentHold, FrameBuf, NodeIdentity, Pipeline,
+    TableSizes, HEADROOM,
 };
 use crate::wire::EthernetAddress;
 
@@ -249,7 +250,7 @@ pub fn replay_with(
     // One mbuf's room, as the data path has it: a longer frame spans several and is dropped
     // there (`chained`), not cut short.
     let room = loaded.config.dataplane.frame_room();
-    let mut buf = vec![0u8; room];
+    let mut buf = vec![0u8; HEADROOM + room];
     let mut last_ts = 0;
     for (index, (ts, frame)) in frames.into_iter().enumerate() {
         last_ts = ts;
@@ -257,13 +258,15 @@ pub fn replay_with(
         exclusive.push(false);
         for (pipeline, hold, counts) in sims.iter_mut() {
             let len = frame.len();
-            let action = match buf.get_mut(..len) {
+            let action = match buf.get_mut(HEADROOM..HEADROOM + len) {
                 Some(room) => {
                     room.copy_from_slice(&frame);
-                    pipeline.from_wire(&mut buf, len, ts)
+                    pipeline.from_wire(&mut FrameBuf::new(&mut buf, HEADROOM), len, ts)
                 }
                 None => Action::Drop(DropReason::Chained),
             };
+            // The frame decided, as it was left (not an encapsulation's outer headers).
+            let decided = &buf[HEADROOM..HEADROOM + len.min(room)];
             match action {
                 Action::Deliver => {
                     counts.delivered += 1;
@@ -278,30 +281,23 @@ pub fn replay_with(
                 Action::DeliverShared => counts.shared += 1,
                 Action::ToControl => counts.to_control += 1,
                 Action::ToWire => {}
-                Action::ToBackend { push } => {
+                Action::ToBackend | Action::Encapsulated { .. } => {
                     counts.forwarded += 1;
                     delivered_by[index] += 1;
                     exclusive[index] = true;
-                    if push > 0 {
-                        let mut grown = vec![0u8; usize::from(push) + len];
-                        grown[usize::from(push)..].copy_from_slice(&buf[..len]);
-                        if pipeline.take_encap(&mut grown).is_none() {
-                            counts.malformed += 1;
-                        }
-                    }
                 }
                 Action::ToBackendInPieces { .. } => {
                     counts.forwarded += 1;
                     delivered_by[index] += 1;
                     exclusive[index] = true;
-                    if !pieces_written(pipeline, &buf[..len]) {
+                    if !pieces_written(pipeline, decided) {
                         counts.malformed += 1;
                     }
                 }
                 Action::Hold => {
                     exclusive[index] = true;
                     let key = pipeline.take_held();
-                    let put = key.map(|key| hold.put(key, ts, (index, buf[..len].to_vec())));
+                    let put = key.map(|key| hold.put(key, ts, (index, decided.to_vec())));
                     if put.is_some_and(|put| put.is_ok()) {
                         counts.held += 1;
                     } else {
@@ -321,29 +317,27 @@ pub fn replay_with(
                 }
             }
             if let Some(released) = pipeline.take_released() {
-                hold.release(&released.key, |(held, mut frame)| {
+                hold.release(&released.key, |(held, frame)| {
                     let len = frame.len();
-                    frame.resize(room.max(len), 0);
-                    match pipeline.released_fragment(&mut frame, len, ts) {
+                    let mut fragment = vec![0u8; HEADROOM + room.max(len)];
+                    fragment[HEADROOM..HEADROOM + len].copy_from_slice(&frame);
+                    match pipeline.released_fragment(
+                        &mut FrameBuf::new(&mut fragment, HEADROOM),
+                        len,
+                        ts,
+                    ) {
                         Action::Deliver => {
                             counts.delivered += 1;
                             delivered_by[held] += 1;
                         }
-                        Action::ToBackend { push } => {
+                        Action::ToBackend | Action::Encapsulated { .. } => {
                             counts.forwarded += 1;
                             delivered_by[held] += 1;
-                            if push > 0 {
-                                let mut grown = vec![0u8; usize::from(push) + len];
-                                grown[usize::from(push)..].copy_from_slice(&frame[..len]);
-                                if pipeline.take_encap(&mut grown).is_none() {
-                                    counts.malformed += 1;
-                                }
-                            }
                         }
                         Action::ToBackendInPieces { .. } => {
                             counts.forwarded += 1;
                             delivered_by[held] += 1;
-                            if !pieces_written(pipeline, &frame[..len]) {
+                            if !pieces_written(pipeline, &frame) {
                                 counts.malformed += 1;
                             }
                         }

@@ -12,7 +12,9 @@ use clonecluster::appliance::Services;
 use clonecluster::cluster::{Affinity, Member, NodeId, OwnershipTable};
 use clonecluster::config::Config;
 use clonecluster::control::Snapshot;
-use clonecluster::pipeline::{stable_snapshot, Action, NodeIdentity, Pipeline, TableSizes};
+use clonecluster::pipeline::{
+    stable_snapshot, Action, FrameBuf, NodeIdentity, Pipeline, TableSizes, HEADROOM,
+};
 use clonecluster::wire::EthernetAddress;
 use libfuzzer_sys::fuzz_target;
 
@@ -109,25 +111,31 @@ fuzz_target!(|data: &[u8]| {
     if mode & 0x40 != 0 {
         p.set_services(services());
     }
-    let mut buf = vec![0u8; 2048];
-    let len = bytes.len().min(buf.len());
-    buf[..len].copy_from_slice(&bytes[..len]);
+    // The frame after an mbuf's headroom, where an encapsulation's outer headers go.
+    let mut buf = vec![0u8; HEADROOM + 2048];
+    let len = bytes.len().min(2048);
+    let frame = &mut buf[HEADROOM..];
+    frame[..len].copy_from_slice(&bytes[..len]);
     if mode & 0x80 != 0 && len >= 6 {
-        buf[..6].copy_from_slice(&CLUSTER_MAC);
+        frame[..6].copy_from_slice(&CLUSTER_MAC);
     }
-    // What a core does after the decision writes the frames a backend gets: the outer headers
-    // of an encapsulation, each piece of a datagram cut for its tunnel.
-    match p.from_wire(&mut buf, len, u64::from(mode)) {
-        Action::ToBackend { push } if push > 0 => {
-            let mut grown = vec![0u8; usize::from(push) + len];
-            grown[usize::from(push)..].copy_from_slice(&buf[..len]);
-            let _ = p.take_encap(&mut grown);
+    // What a core does after the decision writes the frames a backend gets: each piece of a
+    // datagram cut for its tunnel (an encapsulation's outer headers are written in place).
+    let action = p.from_wire(&mut FrameBuf::new(&mut buf, HEADROOM), len, u64::from(mode));
+    match action {
+        Action::Encapsulated { push, len } => {
+            // The frame as sent lies in the buffer.
+            let start = HEADROOM.checked_sub(usize::from(push));
+            assert!(
+                start.is_some_and(|s| s + usize::from(len) <= buf.len()),
+                "{action:?}"
+            );
         }
         Action::ToBackendInPieces { .. } => {
             if let Some(pieces) = p.take_pieces() {
                 let mut out = vec![0u8; 2048];
                 for k in 0..pieces.count() {
-                    let _ = pieces.write(&buf[..len], k, &mut out);
+                    let _ = pieces.write(&buf[HEADROOM..HEADROOM + len], k, &mut out);
                 }
             }
         }

@@ -573,7 +573,7 @@ impl Forward<'_> {
     #[inline(always)]
     fn wire_frame(&mut self, mut m: Mbuf, prep: &Prepared, now: u64) {
         let len = m.len();
-        let action = self.pipeline.decide(m.room_mut(), len, prep, now);
+        let action = self.pipeline.decide(&mut m.frame_buf(), len, prep, now);
         self.carry_out(m, action, now);
         if let Some(released) = self.pipeline.take_released() {
             self.release(released, now);
@@ -591,27 +591,19 @@ impl Forward<'_> {
                 self.to_host.push(m);
             }
             Action::ToWire => self.to_wire.push(m),
-            Action::ToBackend { push: 0 } => {
+            Action::ToBackend => {
                 bump(&c.to_backend, 1);
                 self.to_wire.push(m);
             }
-            Action::ToBackend { push } => {
-                let grown = m.prepend(usize::from(push));
-                match grown
-                    .then(|| self.pipeline.take_encap(m.data_mut()))
-                    .flatten()
-                {
-                    Some(len) => {
-                        m.set_len(len);
-                        bump(&c.to_backend, 1);
-                        self.to_wire.push(m);
-                    }
-                    None => {
-                        // No headroom (or nothing to write): counted, never sent half-built.
-                        self.pipeline.take_encap(&mut []);
-                        self.drops[DropReason::NoBackend.index()] += 1;
-                        push_dropped(&mut self.dropped, m);
-                    }
+            Action::Encapsulated { push, len } => {
+                if m.reframe(push, len) {
+                    bump(&c.to_backend, 1);
+                    self.to_wire.push(m);
+                } else {
+                    // Not with the lengths the decision wrote into this mbuf: counted, never
+                    // sent half-built.
+                    self.drops[DropReason::NoBackend.index()] += 1;
+                    push_dropped(&mut self.dropped, m);
                 }
             }
             Action::ToBackendInPieces { .. } => self.in_pieces(m),
@@ -708,7 +700,9 @@ impl Forward<'_> {
             match released.to {
                 ReleaseTo::Backend => {
                     let len = m.len();
-                    let action = self.pipeline.released_fragment(m.room_mut(), len, now);
+                    let action = self
+                        .pipeline
+                        .released_fragment(&mut m.frame_buf(), len, now);
                     self.carry_out(m, action, now);
                 }
                 ReleaseTo::Host => self.to_host.push(m),

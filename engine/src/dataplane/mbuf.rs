@@ -4,6 +4,8 @@ use std::ptr::NonNull;
 
 use dpdk_sys as sys;
 
+use crate::pipeline::FrameBuf;
+
 /// Frames moved per RX/TX call. Fixed so that bursts live on the stack.
 pub const BURST: usize = 32;
 
@@ -64,6 +66,40 @@ impl Mbuf {
             let room = usize::from(m.buf_len) - usize::from(m.data_off);
             std::slice::from_raw_parts_mut(start, room)
         }
+    }
+
+    /// The whole buffer as a decision works in it ([`FrameBuf`]): the headroom, the frame, the
+    /// room after it.
+    pub fn frame_buf(&mut self) -> FrameBuf<'_> {
+        // SAFETY: we own the mbuf exclusively; [buf_addr, buf_addr + buf_len) is the buffer the
+        // mbuf describes, initialised (see `room_mut`).
+        let (buf, at) = unsafe {
+            let m = self.raw.as_ref();
+            let buf = std::slice::from_raw_parts_mut(m.buf_addr as *mut u8, usize::from(m.buf_len));
+            (buf, usize::from(m.data_off))
+        };
+        FrameBuf::new(buf, at)
+    }
+
+    /// After [`crate::pipeline::Action::Encapsulated`]: the frame starts `push` bytes earlier
+    /// (into the headroom) and is `len` bytes long; `false` if that leaves the buffer (nothing
+    /// changes).
+    pub fn reframe(&mut self, push: u16, len: u16) -> bool {
+        // SAFETY: we own the mbuf; the new start and length are checked to lie inside the
+        // buffer, whose bytes are initialised (see `room_mut`).
+        unsafe {
+            let m = self.raw.as_mut();
+            let Some(start) = m.data_off.checked_sub(push) else {
+                return false;
+            };
+            if u32::from(start) + u32::from(len) > u32::from(m.buf_len) {
+                return false;
+            }
+            m.data_off = start;
+            m.data_len = len;
+            m.pkt_len = u32::from(len);
+        }
+        true
     }
 
     pub fn len(&self) -> usize {

@@ -31,7 +31,7 @@ use crate::wire::{self, parse_l2_l4, Parsed};
 
 use super::prepare::bucket_from;
 use super::types::TCP;
-use super::{Action, DropReason, Pipeline};
+use super::{Action, DropReason, FrameBuf, Pipeline};
 
 /// What the service path reads of a frame beyond its flow: where its IP packet is and whom it
 /// is for. Addresses are numbers, not `IpAddr`s (17 bytes to build, copy and compare per
@@ -244,7 +244,7 @@ impl Pipeline {
     #[inline(never)]
     pub(super) fn service_flow(
         &mut self,
-        buf: &mut [u8],
+        buf: &mut FrameBuf<'_>,
         len: usize,
         bucket: Bucket,
         hash: FlowHash,
@@ -284,7 +284,7 @@ impl Pipeline {
     #[inline(always)]
     pub(super) fn known_flow(
         &mut self,
-        buf: &mut [u8],
+        buf: &mut FrameBuf<'_>,
         len: usize,
         bucket: Bucket,
         hash: FlowHash,
@@ -318,9 +318,9 @@ impl Pipeline {
                 let whole = buf
                     .get(..len)
                     .and_then(Destination::fixed_length)
-                    .and_then(|(ip_len, v6)| Whole::of(outer, *mtu, id, 14, ip_len, v6, entropy));
+                    .and_then(|(ip_len, v6)| Whole::of(outer, *mtu, 14, ip_len, v6, entropy));
                 match whole {
-                    Some(whole) => self.encapsulated(whole),
+                    Some(whole) => self.encapsulated(buf, id, whole),
                     None => self.known_flow_to(buf, len, id, hash, now),
                 }
             }
@@ -333,7 +333,7 @@ impl Pipeline {
     #[inline(never)]
     fn known_flow_to(
         &mut self,
-        buf: &mut [u8],
+        buf: &mut FrameBuf<'_>,
         len: usize,
         id: u16,
         hash: FlowHash,
@@ -372,7 +372,7 @@ impl Pipeline {
     /// `None`: not a service's (or not TCP/UDP): it takes the cluster's path for fragments.
     pub(super) fn service_first_fragment(
         &mut self,
-        buf: &mut [u8],
+        buf: &mut FrameBuf<'_>,
         len: usize,
         p: &Parsed,
         now: u64,
@@ -407,7 +407,7 @@ impl Pipeline {
         let action = self.forward_to(buf, len, backend, &d, entropy, Some(now));
         let first = match action {
             // Cut to fit its tunnel or not, the first went to its backend: so do the others.
-            Action::ToBackend { .. } | Action::ToBackendInPieces { .. } => {
+            Action::ToBackend | Action::Encapsulated { .. } | Action::ToBackendInPieces { .. } => {
                 FirstFragment::Forwarded { backend, entropy }
             }
             _ => FirstFragment::Refused,
@@ -419,7 +419,7 @@ impl Pipeline {
     /// to the same backend, the same way.
     pub(super) fn later_fragment_to_backend(
         &mut self,
-        buf: &mut [u8],
+        buf: &mut FrameBuf<'_>,
         len: usize,
         p: &Parsed,
         backend: u16,
@@ -490,7 +490,7 @@ impl Pipeline {
     /// same on every node). `None`: not about a service's flow (the cluster's path).
     pub(super) fn service_icmp_error(
         &mut self,
-        buf: &mut [u8],
+        buf: &mut FrameBuf<'_>,
         len: usize,
         key_hash: u64,
         p: &Parsed,
@@ -662,7 +662,7 @@ impl Pipeline {
     #[inline(always)]
     fn forward_to(
         &mut self,
-        buf: &mut [u8],
+        buf: &mut FrameBuf<'_>,
         len: usize,
         id: u16,
         d: &Destination,
@@ -679,9 +679,8 @@ impl Pipeline {
                 self.dsr(buf, len, id, &macs)
             }
             Way::Encap(outer) => {
-                if let Some(whole) = Whole::of(outer, route.mtu, id, d.l3, d.ip_len, d.v6, entropy)
-                {
-                    return self.encapsulated(whole);
+                if let Some(whole) = Whole::of(outer, route.mtu, d.l3, d.ip_len, d.v6, entropy) {
+                    return self.encapsulated(buf, id, whole);
                 }
                 // Too big for the path.
                 let overhead = outer.overhead();
@@ -714,14 +713,35 @@ impl Pipeline {
         }
     }
 
-    /// A frame to its backend encapsulated whole ([`Whole::of`]): counted, its encapsulation
-    /// left for [`Pipeline::take_encap`].
+    /// A frame to backend `id` encapsulated whole ([`Whole::of`]): its outer headers written in
+    /// place, over its Ethernet header and into the headroom before it, and counted. Dropped
+    /// if the headroom is too small or the backend has no tunnel (neither with an mbuf's
+    /// headroom and a route [`Whole::of`] was given).
     #[inline(always)]
-    fn encapsulated(&mut self, whole: Whole) -> Action {
-        self.appliance
-            .count(usize::from(whole.pending.backend), whole.bytes);
-        self.pending = Some(whole.pending);
-        Action::ToBackend { push: whole.push }
+    fn encapsulated(&mut self, buf: &mut FrameBuf<'_>, id: u16, whole: Whole) -> Action {
+        let written = match (
+            self.routes.get(id),
+            buf.grown_front(usize::from(whole.push)),
+        ) {
+            (
+                Some(Route {
+                    way: Way::Encap(outer),
+                    ..
+                }),
+                Some(grown),
+            ) => outer.write(grown, whole.inner_len, whole.inner_v6, whole.entropy),
+            _ => None,
+        };
+        match written.and_then(|len| u16::try_from(len).ok()) {
+            Some(len) => {
+                self.appliance.count(usize::from(id), whole.bytes);
+                Action::Encapsulated {
+                    push: whole.push,
+                    len,
+                }
+            }
+            None => Action::Drop(DropReason::NoBackend),
+        }
     }
 
     /// A frame of `len` bytes in `buf` to backend `id` by DSR (`macs`: its MAC and the
@@ -730,7 +750,7 @@ impl Pipeline {
     fn dsr(&mut self, buf: &mut [u8], len: usize, id: u16, macs: &[u8; 12]) -> Action {
         encap::dsr(buf, macs);
         self.appliance.count(usize::from(id), len);
-        Action::ToBackend { push: 0 }
+        Action::ToBackend
     }
 
     /// An IPv4 datagram `d` without DF cut (`cut`) for backend `id` through `outer`: counted,
@@ -766,16 +786,6 @@ impl Pipeline {
     /// After [`Action::ToBackendInPieces`]: what writes the pieces (`None`: taken already).
     pub fn take_pieces(&mut self) -> Option<Pieces> {
         self.pieces.take()
-    }
-
-    /// After [`Action::ToBackend`] with `push` > 0: writes the outer headers into `frame`, the
-    /// frame grown by `push` bytes in front. Returns the frame's new length (`None`: drop it).
-    pub fn take_encap(&mut self, frame: &mut [u8]) -> Option<usize> {
-        let p = self.pending.take()?;
-        match &self.routes.get(p.backend)?.way {
-            Way::Encap(outer) => outer.write(frame, p.inner_len, p.inner_v6, p.entropy),
-            _ => None,
-        }
     }
 }
 
@@ -834,11 +844,13 @@ impl ErrorBudget {
 }
 
 /// An IP packet that its backend's path takes whole, encapsulated: what
-/// [`Pipeline::encapsulated`] counts and leaves (the one test of the path's MTU for a frame
+/// [`Pipeline::encapsulated`] writes and counts (the one test of the path's MTU for a frame
 /// that fits, on both ways to it: [`Pipeline::forward_to`] and the known flow's shortcut).
 #[derive(Debug, Clone, Copy)]
 struct Whole {
-    pending: Pending,
+    inner_len: usize,
+    inner_v6: bool,
+    entropy: u16,
     /// Bytes to add in front of the frame.
     push: u16,
     /// Bytes sent, Ethernet header included.
@@ -846,13 +858,12 @@ struct Whole {
 }
 
 impl Whole {
-    /// An IP packet of `ip_len` bytes at `l3` of its frame (IPv6 if `v6`) to backend `id`
-    /// through `outer` (path MTU `mtu`), with the flow's `entropy`: `None` if it is too big.
+    /// An IP packet of `ip_len` bytes at `l3` of its frame (IPv6 if `v6`) through `outer`
+    /// (path MTU `mtu`), with the flow's `entropy`: `None` if it is too big.
     #[inline(always)]
     fn of(
         outer: &Outer,
         mtu: u16,
-        id: u16,
         l3: usize,
         ip_len: usize,
         v6: bool,
@@ -862,26 +873,14 @@ impl Whole {
             return None;
         }
         Some(Whole {
-            pending: Pending {
-                backend: id,
-                inner_len: ip_len,
-                inner_v6: v6,
-                entropy,
-            },
+            inner_len: ip_len,
+            inner_v6: v6,
+            entropy,
             // At most the outer headers' length (66 bytes).
             push: u16::try_from(outer.push(l3)).unwrap_or(0),
             bytes: 14 + outer.overhead() + ip_len,
         })
     }
-}
-
-/// An encapsulation [`Pipeline::forward_to`] decided, for [`Pipeline::take_encap`] to write.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Pending {
-    backend: u16,
-    inner_len: usize,
-    inner_v6: bool,
-    entropy: u16,
 }
 
 /// A datagram [`Pipeline::forward_to`] decided to cut ([`Action::ToBackendInPieces`]): writes

@@ -17,7 +17,7 @@ use crate::wire::{self, ethernet, parse_l2_l4, EtherType, IpProtocol, Parsed, CO
 
 use super::prepare::bucket_from;
 use super::types::TCP;
-use super::{Action, DropReason, Pipeline, Prepared};
+use super::{Action, DropReason, FrameBuf, Pipeline, Prepared};
 
 /// This node's two flow tables, asked about one flow at `now`: what the handoff rule reads.
 pub(super) struct Tables<'a> {
@@ -57,7 +57,7 @@ impl Pipeline {
     /// The same as [`Pipeline::prepare`] then [`Pipeline::decide`]; a burst does better with
     /// all its `prepare`s first (the flow-table lines they prefetch arrive meanwhile).
     #[inline]
-    pub fn from_wire(&mut self, buf: &mut [u8], len: usize, now: u64) -> Action {
+    pub fn from_wire(&mut self, buf: &mut FrameBuf<'_>, len: usize, now: u64) -> Action {
         let prepared = match buf.get(..len) {
             Some(frame) => self.prepare(frame),
             None => Prepared::Drop(DropReason::Malformed(wire::Error::BadLength)),
@@ -73,7 +73,13 @@ impl Pipeline {
     /// every other frame, and one the shortcut stands aside for, in one call
     /// ([`Pipeline::decide_rest`]).
     #[inline(always)]
-    pub fn decide(&mut self, buf: &mut [u8], len: usize, prepared: &Prepared, now: u64) -> Action {
+    pub fn decide(
+        &mut self,
+        buf: &mut FrameBuf<'_>,
+        len: usize,
+        prepared: &Prepared,
+        now: u64,
+    ) -> Action {
         if let Prepared::Flow {
             hash,
             proto,
@@ -98,7 +104,13 @@ impl Pipeline {
     /// frame's only while services are configured, when the known flow's shortcut stood
     /// aside).
     #[inline(never)]
-    fn decide_rest(&mut self, buf: &mut [u8], len: usize, prepared: &Prepared, now: u64) -> Action {
+    fn decide_rest(
+        &mut self,
+        buf: &mut FrameBuf<'_>,
+        len: usize,
+        prepared: &Prepared,
+        now: u64,
+    ) -> Action {
         match *prepared {
             Prepared::Drop(reason) => Action::Drop(reason),
             Prepared::Shared => self.to_own_host(buf),
@@ -131,7 +143,7 @@ impl Pipeline {
 
     /// [`Pipeline::from_wire`] without the TCP/UDP shortcut of [`Pipeline::prepare`].
     #[inline(never)]
-    pub(super) fn decide_full(&mut self, buf: &mut [u8], len: usize, now: u64) -> Action {
+    pub(super) fn decide_full(&mut self, buf: &mut FrameBuf<'_>, len: usize, now: u64) -> Action {
         let Some(frame) = buf.get(..len) else {
             return Action::Drop(DropReason::Malformed(wire::Error::BadLength));
         };
@@ -163,7 +175,7 @@ impl Pipeline {
 
     fn ip_from_wire(
         &mut self,
-        buf: &mut [u8],
+        buf: &mut FrameBuf<'_>,
         len: usize,
         p: &Parsed,
         group: bool,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::cluster::{FirstFragment, FragmentKey, FragmentVerdict};
 use crate::wire::{Fragment, Parsed};
 
-use super::{Action, DropReason, Pipeline, ReleaseTo, Released};
+use super::{Action, DropReason, FrameBuf, Pipeline, ReleaseTo, Released};
 
 impl Pipeline {
     /// An IP fragment to the cluster MAC (`frag` of the datagram `p` belongs to; the frame in
@@ -22,7 +22,7 @@ impl Pipeline {
     #[inline]
     pub(super) fn fragment_from_wire(
         &mut self,
-        buf: &mut [u8],
+        buf: &mut FrameBuf<'_>,
         len: usize,
         p: &Parsed,
         frag: Fragment,
@@ -70,9 +70,9 @@ impl Pipeline {
 
     /// A later fragment [`Pipeline::take_released`] released (its first fragment has just been
     /// decided), in `buf[..len]`: what to do with it, as for a frame from the wire — to the
-    /// host, to the first's backend ([`Action::ToBackend`], rewritten in place or to be
-    /// encapsulated with [`Pipeline::take_encap`]), or dropped. Never [`Action::Hold`] again.
-    pub fn released_fragment(&mut self, buf: &mut [u8], len: usize, now: u64) -> Action {
+    /// host, to the first's backend (rewritten or encapsulated in place), or dropped. Never
+    /// [`Action::Hold`] again.
+    pub fn released_fragment(&mut self, buf: &mut FrameBuf<'_>, len: usize, now: u64) -> Action {
         match self.decide_full(buf, len, now) {
             Action::Hold => {
                 self.held = None;

@@ -46,6 +46,7 @@ use crate::control::Snapshot;
 
 mod appliance;
 mod decide;
+mod frame_buf;
 mod hold;
 mod home;
 mod host;
@@ -58,6 +59,7 @@ mod types;
 mod tests;
 
 pub use appliance::{ApplianceCounts, Pieces};
+pub use frame_buf::{FrameBuf, HEADROOM};
 pub use hold::FragmentHold;
 pub use home::{home_core, Side};
 pub use prepare::Prepared;
@@ -92,8 +94,6 @@ pub struct Pipeline {
     routes: Routes,
     /// Whether the flow table's checked marks hold under `services`.
     marks: appliance::Marks,
-    /// The encapsulation of the last [`Action::ToBackend`], for [`Pipeline::take_encap`].
-    pending: Option<appliance::Pending>,
     /// The datagram of the last [`Action::ToBackendInPieces`], for [`Pipeline::take_pieces`].
     pieces: Option<appliance::Pieces>,
     /// The datagram of the last [`Action::Hold`], for [`Pipeline::take_held`].

@@ -69,7 +69,6 @@ impl Pipeline {
             services: Services::none(),
             routes: Routes::default(),
             marks: Default::default(),
-            pending: None,
             pieces: None,
             held: None,
             appliance: ApplianceCounts::default(),

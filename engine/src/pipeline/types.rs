@@ -153,11 +153,14 @@ pub enum Action {
     ToWire,
     /// A wire heartbeat: hand it to the control thread.
     ToControl,
-    /// Appliance mode: send on the wire to a backend. The frame was rewritten in place (DSR);
-    /// for an encapsulation, first add `push` bytes in front of it and have
-    /// [`Pipeline::take_encap`] write the outer headers (`push` 0: nothing to add).
-    ToBackend {
+    /// Appliance mode: send on the wire to a backend, rewritten in place (DSR).
+    ToBackend,
+    /// Appliance mode: send on the wire to a backend, encapsulated in place: the outer headers
+    /// were written into the headroom, so the frame now starts `push` bytes before where it
+    /// started and is `len` bytes long (see [`super::FrameBuf`]).
+    Encapsulated {
         push: u16,
+        len: u16,
     },
     /// Appliance mode: an IPv4 datagram without DF too big for its backend's tunnel, cut into
     /// `pieces` fragments: have [`Pipeline::take_pieces`] write each, encapsulated, into a

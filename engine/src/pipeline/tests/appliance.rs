@@ -78,10 +78,33 @@ pub(super) fn segment(src: [u8; 4], sport: u16, port: u16, flags: u8) -> Vec<u8>
 
 /// What node `p` does with `frame`: the action and the frame after it.
 pub(super) fn run(p: &mut Pipeline, frame: &[u8], now: u64) -> (Action, Vec<u8>) {
-    let mut buf = vec![0u8; 2048];
-    buf[..frame.len()].copy_from_slice(frame);
-    let action = p.from_wire(&mut buf, frame.len(), now);
+    let mut buf = in_mbuf(frame);
+    let action = p.from_wire(&mut FrameBuf::new(&mut buf, HEADROOM), frame.len(), now);
     (action, carry_out(p, action, &buf, frame.len()))
+}
+
+/// What node `p` does with the held later fragment `frame` once its first is decided
+/// ([`Pipeline::released_fragment`]): the action and the frame after it.
+fn released(p: &mut Pipeline, frame: &[u8], now: u64) -> (Action, Vec<u8>) {
+    let mut buf = in_mbuf(frame);
+    let action = p.released_fragment(&mut FrameBuf::new(&mut buf, HEADROOM), frame.len(), now);
+    (action, carry_out(p, action, &buf, frame.len()))
+}
+
+/// `frame` in a buffer as a packet core's mbuf holds it: after [`HEADROOM`] bytes, with room
+/// after it.
+pub(super) fn in_mbuf(frame: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; HEADROOM + 2048];
+    buf[HEADROOM..HEADROOM + frame.len()].copy_from_slice(frame);
+    buf
+}
+
+/// `action` without an encapsulated frame's length: the same for every frame of a flow.
+pub(super) fn way(action: Action) -> Action {
+    match action {
+        Action::Encapsulated { push, .. } => Action::Encapsulated { push, len: 0 },
+        other => other,
+    }
 }
 
 /// What node `p` does with a burst of `frames`, as a packet core decides it: prepared
@@ -99,9 +122,13 @@ fn run_burst(p: &mut Pipeline, frames: &[Vec<u8>], now: u64) -> Vec<Action> {
             if i < 64 && others >> i & 1 == 1 {
                 return Action::Drop(DropReason::NotOwned);
             }
-            let mut buf = vec![0u8; 2048];
-            buf[..frame.len()].copy_from_slice(frame);
-            p.decide(&mut buf, frame.len(), prep, now)
+            let mut buf = in_mbuf(frame);
+            p.decide(
+                &mut FrameBuf::new(&mut buf, HEADROOM),
+                frame.len(),
+                prep,
+                now,
+            )
         })
         .collect()
 }
@@ -117,17 +144,15 @@ fn appliances_with(n: u8, text: &str) -> Vec<Pipeline> {
     nodes
 }
 
-/// The frame `buf[..len]` after `action`: encapsulated, the answer, or as it was left.
+/// The frame of `len` bytes after [`HEADROOM`] in `buf` (as [`in_mbuf`]) after `action`:
+/// encapsulated, the answer, or as it was left.
 fn carry_out(p: &mut Pipeline, action: Action, buf: &[u8], len: usize) -> Vec<u8> {
+    let frame = &buf[HEADROOM..];
     match action {
-        Action::ToBackend { push } if push > 0 => {
-            let mut grown = vec![0u8; usize::from(push) + len];
-            grown[usize::from(push)..].copy_from_slice(&buf[..len]);
-            let n = p.take_encap(&mut grown).unwrap();
-            grown.truncate(n);
-            grown
+        Action::Encapsulated { push, len } => {
+            buf[HEADROOM - usize::from(push)..][..usize::from(len)].to_vec()
         }
-        Action::Reply { len } => buf[..len as usize].to_vec(),
+        Action::Reply { len } => frame[..len as usize].to_vec(),
         Action::ToBackendInPieces { pieces } => {
             // Every piece, encapsulated, one after the other.
             let cut = p.take_pieces().unwrap();
@@ -135,12 +160,12 @@ fn carry_out(p: &mut Pipeline, action: Action, buf: &[u8], len: usize) -> Vec<u8
             let mut sent = Vec::new();
             for k in 0..cut.count() {
                 let mut out = vec![0u8; 2048];
-                let n = cut.write(&buf[..len], k, &mut out).unwrap();
+                let n = cut.write(&frame[..len], k, &mut out).unwrap();
                 sent.extend_from_slice(&out[..n]);
             }
             sent
         }
-        _ => buf[..len].to_vec(),
+        _ => frame[..len].to_vec(),
     }
 }
 
@@ -162,7 +187,7 @@ fn one_owner_forwards_each_flow_to_a_backend_by_dsr() {
         for p in nodes.iter_mut() {
             let node_mac = p.id.node_mac;
             match run(p, &syn, 1) {
-                (Action::ToBackend { push: 0 }, out) => {
+                (Action::ToBackend, out) => {
                     forwarded += 1;
                     assert_eq!(out[..6][..5], [2, 0xbb, 0, 0, 0], "to a backend MAC");
                     assert_eq!(&out[6..12], &node_mac.0, "from the node MAC");
@@ -192,7 +217,7 @@ fn a_new_owner_sends_a_flow_to_the_same_backend() {
         let (src, sport) = client(i);
         let (_, a) = run(&mut first, &segment(src, sport, 80, 0x02), 1);
         let (action, b) = run(&mut next, &segment(src, sport, 80, 0x10), 2);
-        assert_eq!(action, Action::ToBackend { push: 0 });
+        assert_eq!(action, Action::ToBackend);
         assert_eq!(a[..6], b[..6], "flow {i}: the same backend");
     }
 }
@@ -337,7 +362,10 @@ fn gue_and_ipip_carry_the_client_packet_from_the_node_address() {
         let (src, sport) = client(7);
         let syn = segment(src, sport, 80, 0x02);
         let (action, out) = run(&mut p, &syn, 1);
-        assert_eq!(action, Action::ToBackend { push });
+        assert!(
+            matches!(action, Action::Encapsulated { push: p, .. } if p == push),
+            "{action:?}"
+        );
         let outer = parse_l2_l4(&out).unwrap();
         assert_eq!(outer.src_ip, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11)));
         assert_eq!(u8::from(outer.protocol), proto);
@@ -382,16 +410,15 @@ fn a_datagram_without_df_too_big_for_the_tunnel_goes_in_pieces_to_its_backend() 
         big[24..26].fill(0);
         let c = build::checksum(&[&big[14..34]]);
         big[24..26].copy_from_slice(&c.to_be_bytes());
-        let mut buf = vec![0u8; 2048];
-        buf[..big.len()].copy_from_slice(&big);
-        let action = p.from_wire(&mut buf, big.len(), 2);
+        let mut buf = in_mbuf(&big);
+        let action = p.from_wire(&mut FrameBuf::new(&mut buf, HEADROOM), big.len(), 2);
         assert_eq!(
             action,
             Action::ToBackendInPieces { pieces: 2 },
             "{delivery}"
         );
         assert_eq!(
-            &buf[..big.len()],
+            &buf[HEADROOM..HEADROOM + big.len()],
             &big[..],
             "the frame itself is left as it was"
         );
@@ -400,7 +427,7 @@ fn a_datagram_without_df_too_big_for_the_tunnel_goes_in_pieces_to_its_backend() 
         let mut joined = vec![0u8; big.len() - 34];
         for k in 0..pieces.count() {
             let mut out = vec![0u8; 2048];
-            let n = pieces.write(&buf, k, &mut out).unwrap();
+            let n = pieces.write(&buf[HEADROOM..], k, &mut out).unwrap();
             assert!(n <= 14 + 1500, "{delivery} piece {k}: {n} bytes");
             let outer = parse_l2_l4(&out[..n]).unwrap();
             assert_eq!(outer.dst_ip, backend, "{delivery} piece {k}");
@@ -432,25 +459,21 @@ fn a_first_fragment_cut_for_its_tunnel_takes_the_later_ones_along() {
     let first = fragment4(src, 0x5151, 0, true, &seg[..1480]);
     let later = fragment4(src, 0x5151, 1480, false, &seg[1480..]);
     // The inner IPv4 packets of what node `p` sent for `action` on `frame`.
-    let inner = |p: &mut Pipeline, action: Action, frame: &[u8]| -> Vec<Vec<u8>> {
-        let mut buf = vec![0u8; 2048];
-        buf[..frame.len()].copy_from_slice(frame);
+    let inner = |action: Action, sent: Vec<u8>| -> Vec<Vec<u8>> {
         match action {
+            // The pieces one after the other (`carry_out`).
             Action::ToBackendInPieces { .. } => {
-                let pieces = p.take_pieces().unwrap();
-                (0..pieces.count())
-                    .map(|k| {
-                        let mut out = vec![0u8; 2048];
-                        let n = pieces.write(&buf[..frame.len()], k, &mut out).unwrap();
-                        assert!(n <= 14 + 1500, "piece {k}: {n} bytes");
-                        out[14 + 32..n].to_vec()
-                    })
-                    .collect()
+                let mut pieces = Vec::new();
+                let mut rest = &sent[..];
+                while !rest.is_empty() {
+                    let n = 14 + usize::from(u16::from_be_bytes([rest[16], rest[17]]));
+                    assert!(n <= 14 + 1500, "piece: {n} bytes");
+                    pieces.push(rest[14 + 32..n].to_vec());
+                    rest = &rest[n..];
+                }
+                pieces
             }
-            Action::ToBackend { .. } => {
-                let out = carry_out(p, action, &buf, frame.len());
-                vec![out[14 + 32..].to_vec()]
-            }
+            Action::Encapsulated { .. } => vec![sent[14 + 32..].to_vec()],
             other => panic!("not sent to a backend: {other:?}"),
         }
     };
@@ -458,27 +481,20 @@ fn a_first_fragment_cut_for_its_tunnel_takes_the_later_ones_along() {
         let mut p = appliances(1, "gue").remove(0);
         let mut sent = Vec::new();
         if later_first {
-            let mut buf = later.clone();
-            let held = p.from_wire(&mut buf, later.len(), 1);
+            let (held, _) = run(&mut p, &later, 1);
             assert!(matches!(held, Action::Hold), "{held:?}");
         }
-        let mut buf = vec![0u8; 2048];
-        buf[..first.len()].copy_from_slice(&first);
-        let action = p.from_wire(&mut buf, first.len(), 2);
+        let (action, out) = run(&mut p, &first, 2);
         assert_eq!(action, Action::ToBackendInPieces { pieces: 2 });
-        sent.extend(inner(&mut p, action, &first));
+        sent.extend(inner(action, out));
         if later_first {
-            let released = p.take_released().expect("the held fragment is released");
-            assert_eq!(released.to, ReleaseTo::Backend);
-            let mut buf = vec![0u8; 2048];
-            buf[..later.len()].copy_from_slice(&later);
-            let action = p.released_fragment(&mut buf, later.len(), 3);
-            sent.extend(inner(&mut p, action, &later));
+            let released_to = p.take_released().expect("the held fragment is released");
+            assert_eq!(released_to.to, ReleaseTo::Backend);
+            let (action, out) = released(&mut p, &later, 3);
+            sent.extend(inner(action, out));
         } else {
-            let mut buf = vec![0u8; 2048];
-            buf[..later.len()].copy_from_slice(&later);
-            let action = p.from_wire(&mut buf, later.len(), 3);
-            sent.extend(inner(&mut p, action, &later));
+            let (action, out) = run(&mut p, &later, 3);
+            sent.extend(inner(action, out));
         }
         // Three inner fragments of the datagram, by offset: the whole segment, the last alone
         // saying no more follow.
@@ -585,7 +601,10 @@ fn ipv6_services_encapsulate_in_ipv6_and_answer_packet_too_big() {
     let mut t = build::tcp(40000, 1, 0, 0x02, b"");
     let syn = build::ipv6([2, 0, 0, 0, 0, 0x64], src, 6, &mut t, 16);
     let (action, out) = run(&mut p, &syn, 1);
-    assert_eq!(action, Action::ToBackend { push: 52 });
+    assert!(
+        matches!(action, Action::Encapsulated { push: 52, .. }),
+        "{action:?}"
+    );
     let outer = parse_l2_l4(&out).unwrap();
     let node: IpAddr = "2001:2::11".parse().unwrap();
     assert_eq!(outer.src_ip, node);
@@ -653,7 +672,7 @@ fn owner_of_names_the_backend_the_pipeline_picks() {
         for i in 0..1000 {
             let (src, sport) = client(i);
             let (action, out) = run(&mut p, &segment(src, sport, 80, 0x02), 1);
-            assert_eq!(action, Action::ToBackend { push: 0 });
+            assert_eq!(action, Action::ToBackend);
             let request = Request::OwnerOf {
                 src: (Ipv4Addr::from(src), sport).into(),
                 dst: (Ipv4Addr::new(198, 18, 0, 1), 80).into(),
@@ -817,9 +836,12 @@ fn later_fragments_follow_their_first_to_its_backend() {
                 let (a, first_out) = run(p, &first, 1);
                 let (b, later_out) = run(p, &later, 2);
                 match (a, b) {
-                    (Action::ToBackend { .. }, Action::ToBackend { .. }) => {
+                    (
+                        Action::ToBackend | Action::Encapsulated { .. },
+                        Action::ToBackend | Action::Encapsulated { .. },
+                    ) => {
                         forwarded += 1;
-                        assert_eq!(a, b, "{what} flow {i}: the same delivery");
+                        assert_eq!(way(a), way(b), "{what} flow {i}: the same delivery");
                         let to = sent_to(&first_out);
                         assert_eq!(sent_to(&later_out), to, "{what} flow {i}: same backend");
                         assert_eq!(&later_out[6..12], &p.id.node_mac.0, "{what}");
@@ -860,7 +882,7 @@ fn later_fragments_never_follow_a_reused_backend_id() {
     for i in 0..40 {
         let [first, later] = fragments(false, i, 80);
         let (a, out) = run(&mut p, &first, 1);
-        assert_eq!(a, Action::ToBackend { push: 0 }, "flow {i}");
+        assert_eq!(a, Action::ToBackend, "flow {i}");
         firsts.push((out[..6] == removed.0, later));
     }
     assert!(firsts.iter().any(|(to_removed, _)| *to_removed));
@@ -887,7 +909,7 @@ fn later_fragments_never_follow_a_reused_backend_id() {
                 "flow {i}: its first went to the removed backend"
             );
         } else {
-            assert_eq!(action, Action::ToBackend { push: 0 }, "flow {i}");
+            assert_eq!(action, Action::ToBackend, "flow {i}");
             assert_ne!(&out[..6], &[2, 0xbb, 0, 0, 0, 0x31], "flow {i}");
         }
     }
@@ -914,18 +936,15 @@ fn a_later_fragment_before_its_first_is_held_then_sent_to_the_first_backend() {
                 assert_eq!(released.key, key);
                 let mut outs = Vec::new();
                 hold.release(&released.key, |frame| {
-                    let mut buf = vec![0u8; 2048];
-                    buf[..frame.len()].copy_from_slice(&frame);
-                    let b = p.released_fragment(&mut buf, frame.len(), 3);
-                    outs.push((b, carry_out(p, b, &buf, frame.len())));
+                    outs.push(self::released(p, &frame, 3))
                 });
                 assert!(hold.is_empty());
                 let [(b, later_out)] = <[_; 1]>::try_from(outs).unwrap();
                 match a {
-                    Action::ToBackend { .. } => {
+                    Action::ToBackend | Action::Encapsulated { .. } => {
                         forwarded += 1;
                         assert_eq!(released.to, ReleaseTo::Backend, "{what}");
-                        assert_eq!(b, a, "{what} flow {i}: the same delivery");
+                        assert_eq!(way(b), way(a), "{what} flow {i}: the same delivery");
                         assert_eq!(sent_to(&later_out), sent_to(&first_out), "{what}");
                         assert_carries(&later_out, &later, &what);
                     }
@@ -972,9 +991,8 @@ fn later_fragments_of_a_refused_first_are_dropped() {
         run(&mut p, &first, 4);
         let released = p.take_released().unwrap();
         assert_eq!(released.to, ReleaseTo::Nowhere, "{what}");
-        let mut buf = later.clone();
         assert_eq!(
-            p.released_fragment(&mut buf, later.len(), 5),
+            self::released(&mut p, &later, 5).0,
             Action::Drop(DropReason::FragmentRefused),
             "{what}"
         );
@@ -1136,7 +1154,10 @@ fn malformed_and_oversize_frames_to_a_service_are_dropped_never_forwarded() {
         let (src, sport) = client(3);
         let good = segment(src, sport, 80, 0x10);
         assert!(
-            matches!(run(&mut p, &good, 1).0, Action::ToBackend { .. }),
+            matches!(
+                run(&mut p, &good, 1).0,
+                Action::ToBackend | Action::Encapsulated { .. }
+            ),
             "{delivery}: the well-formed frame is forwarded"
         );
         let sent = |p: &Pipeline| p.appliance_counts().frames.iter().sum::<u64>();
@@ -1260,7 +1281,7 @@ fn an_ipv4_service_address_of_its_own_is_answered_once_with_the_cluster_mac() {
     let forwarded = nodes
         .iter_mut()
         .map(|p| run(p, &syn, 1).0)
-        .filter(|a| *a == Action::ToBackend { push: 0 })
+        .filter(|a| *a == Action::ToBackend)
         .count();
     assert_eq!(forwarded, 1);
 }
@@ -1302,7 +1323,7 @@ fn icmp_errors_about_a_flows_replies_reach_its_backend() {
             let syn = segment(src, sport, 80, 0x02);
             let mut backend = None;
             for p in nodes.iter_mut() {
-                if let (Action::ToBackend { .. }, out) = run(p, &syn, 1) {
+                if let (Action::ToBackend | Action::Encapsulated { .. }, out) = run(p, &syn, 1) {
                     backend = Some(sent_to(&out));
                 }
             }
@@ -1323,7 +1344,7 @@ fn icmp_errors_about_a_flows_replies_reach_its_backend() {
             let mut forwarded = Vec::new();
             for p in nodes.iter_mut() {
                 match run(p, &error, 2) {
-                    (Action::ToBackend { .. }, out) => {
+                    (Action::ToBackend | Action::Encapsulated { .. }, out) => {
                         assert_eq!(sent_to(&out), backend, "{delivery}: the flow's backend");
                         assert_carries(&out, &error, delivery);
                         forwarded.push(p.id.node);
@@ -1350,7 +1371,7 @@ fn icmp_errors_about_a_flows_replies_reach_its_backend() {
         .iter_mut()
         .enumerate()
         .find_map(|(i, p)| match run(p, &syn, 1) {
-            (Action::ToBackend { .. }, out) => Some((i, sent_to(&out))),
+            (Action::ToBackend | Action::Encapsulated { .. }, out) => Some((i, sent_to(&out))),
             _ => None,
         })
         .unwrap();
@@ -1360,7 +1381,10 @@ fn icmp_errors_about_a_flows_replies_reach_its_backend() {
     );
     survivor.set_snapshot(Arc::new(alone));
     let (action, out) = run(survivor, &frag_needed_about_reply(src, sport), 3);
-    assert!(matches!(action, Action::ToBackend { .. }), "{action:?}");
+    assert!(
+        matches!(action, Action::ToBackend | Action::Encapsulated { .. }),
+        "{action:?}"
+    );
     assert_eq!(sent_to(&out), backend);
 }
 
@@ -1379,10 +1403,7 @@ fn a_single_rule_goes_to_its_first_serving_node_then_the_next() {
         let actions: Vec<Action> = nodes.iter_mut().map(|p| run(p, &syn, 1).0).collect();
         assert_eq!(
             actions,
-            [
-                Action::Drop(DropReason::NotOwned),
-                Action::ToBackend { push: 0 }
-            ],
+            [Action::Drop(DropReason::NotOwned), Action::ToBackend],
             "node 2 first in the list takes every flow"
         );
     }
@@ -1394,10 +1415,10 @@ fn a_single_rule_goes_to_its_first_serving_node_then_the_next() {
             segment(src, sport, 80, 0x02)
         })
         .collect();
-    for (p, want) in nodes.iter_mut().zip([
-        Action::Drop(DropReason::NotOwned),
-        Action::ToBackend { push: 0 },
-    ]) {
+    for (p, want) in nodes
+        .iter_mut()
+        .zip([Action::Drop(DropReason::NotOwned), Action::ToBackend])
+    {
         let actions = run_burst(p, &syns, 1);
         assert!(
             actions.iter().all(|a| *a == want),
@@ -1413,7 +1434,7 @@ fn a_single_rule_goes_to_its_first_serving_node_then_the_next() {
     for i in 100..150 {
         let (src, sport) = client(i);
         let syn = segment(src, sport, 80, 0x02);
-        assert_eq!(run(node1, &syn, 2).0, Action::ToBackend { push: 0 });
+        assert_eq!(run(node1, &syn, 2).0, Action::ToBackend);
     }
 }
 
@@ -1436,7 +1457,7 @@ proptest! {
         }
         f.truncate(f.len().saturating_sub(cut));
         let (action, out) = run(&mut p, &f, 1);
-        if let Action::ToBackend { .. } = action {
+        if let Action::ToBackend | Action::Encapsulated { .. } = action {
             let parsed = parse_l2_l4(&f);
             prop_assert!(parsed.is_ok(), "{:?} forwarded", parsed);
             let parsed = parsed.unwrap();
@@ -1580,7 +1601,7 @@ fn a_local_rule_delivers_to_the_owners_host() {
     let mut nodes = appliances_with(2, &text);
     for i in 0..50 {
         let (src, sport) = client(i);
-        for (port, want) in [(22, Action::Deliver), (80, Action::ToBackend { push: 0 })] {
+        for (port, want) in [(22, Action::Deliver), (80, Action::ToBackend)] {
             let syn = segment(src, sport, port, 0x02);
             let actions: Vec<Action> = nodes.iter_mut().map(|p| run(p, &syn, 1).0).collect();
             assert_eq!(

@@ -77,7 +77,7 @@ fn run(p: &mut Pipeline, side: Side, frame: &[u8], now: u64) -> (Action, Option<
     let mut buf = vec![0u8; 2048];
     buf[..frame.len()].copy_from_slice(frame);
     let action = match side {
-        Side::Wire => p.from_wire(&mut buf, frame.len(), now),
+        Side::Wire => p.from_wire(&mut FrameBuf::at_start(&mut buf), frame.len(), now),
         Side::Host => p.from_host(&mut buf[..frame.len()], now),
     };
     (action, p.take_released().map(|r| r.to == ReleaseTo::Host))

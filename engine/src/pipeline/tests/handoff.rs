@@ -51,7 +51,7 @@ fn syns_refused_by_a_failing_owner_go_to_the_new_owner() {
     let mut buf = vec![0u8; 2048];
     let mut send = |p: &mut Pipeline, f: &[u8], now| {
         buf[..f.len()].copy_from_slice(f);
-        p.from_wire(&mut buf, f.len(), now)
+        p.from_wire(&mut FrameBuf::at_start(&mut buf), f.len(), now)
     };
     // Learn: the failing owner drops the SYN, the learner does not record it; UDP still
     // goes to the owner (the health check guards TCP services; node 1 owns every bucket
@@ -200,7 +200,7 @@ fn flows_survive_a_join_and_a_drain() {
             let mut by = Vec::new();
             for p in nodes.iter_mut() {
                 buf[..frame.len()].copy_from_slice(&frame);
-                match p.from_wire(&mut buf, frame.len(), now) {
+                match p.from_wire(&mut FrameBuf::at_start(&mut buf), frame.len(), now) {
                     Action::Deliver => by.push(p.identity().node),
                     Action::Drop(DropReason::ReleaseGap) => gap_drops += 1,
                     _ => {}
@@ -330,8 +330,11 @@ impl Handoff {
             .iter_mut()
             .filter_map(|p| {
                 buf[..f.len()].copy_from_slice(f);
-                matches!(p.from_wire(buf, f.len(), now), Action::Deliver)
-                    .then(|| p.identity().node.get())
+                matches!(
+                    p.from_wire(&mut FrameBuf::at_start(buf), f.len(), now),
+                    Action::Deliver
+                )
+                .then(|| p.identity().node.get())
             })
             .collect()
     }
@@ -393,7 +396,10 @@ fn a_long_flow_outlives_its_handoff_until_it_ends_or_its_node_dies() {
     let mut f = ipv4_frame(Handoff::CLIENT, orphan, &Kind::Tcp(0x18));
     let len = f.len();
     f.resize(2048, 0);
-    assert_eq!(h.nodes[1].from_wire(&mut f, len, t + 4), Action::Deliver);
+    assert_eq!(
+        h.nodes[1].from_wire(&mut FrameBuf::at_start(&mut f), len, t + 4),
+        Action::Deliver
+    );
 }
 
 /// DESIGN.md, "Liveness": a node fenced for its own data path (no link, a stalled core) takes
@@ -592,7 +598,7 @@ fn an_owed_bucket_is_acquired_not_owned_and_a_cut_drain_serves_no_old_flow() {
     let mut buf = vec![0u8; 2048];
     let mut send = |p: &mut Pipeline, f: &[u8], now| {
         buf[..f.len()].copy_from_slice(f);
-        p.from_wire(&mut buf, f.len(), now)
+        p.from_wire(&mut FrameBuf::at_start(&mut buf), f.len(), now)
     };
     // Node 1 served the connection before the bucket moved.
     assert_eq!(send(&mut a, &syn, 1), Action::Deliver);

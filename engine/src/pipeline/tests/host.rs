@@ -56,7 +56,10 @@ fn a_server_reset_ends_the_flow() {
     let syn = ipv4_frame(client, 40_000, &Kind::Tcp(0x02));
     let mut buf = vec![0u8; 2048];
     buf[..syn.len()].copy_from_slice(&syn);
-    assert_eq!(p.from_wire(&mut buf, syn.len(), 1), Action::Deliver);
+    assert_eq!(
+        p.from_wire(&mut FrameBuf::at_start(&mut buf), syn.len(), 1),
+        Action::Deliver
+    );
     assert_eq!(p.flows().len(), 1);
     // The kernel refuses it: RST|ACK from 198.18.0.1:80 to the client.
     let mut rst = ipv4_frame(client, 40_000, &Kind::Tcp(0x14));
@@ -105,7 +108,10 @@ fn a_refused_connection_is_held_back_on_the_checked_port_only() {
         let syn = ipv4_frame(client, port, &Kind::Tcp(0x02));
         let mut buf = vec![0u8; 2048];
         buf[..syn.len()].copy_from_slice(&syn);
-        assert_eq!(p.from_wire(&mut buf, syn.len(), 1), Action::Deliver);
+        assert_eq!(
+            p.from_wire(&mut FrameBuf::at_start(&mut buf), syn.len(), 1),
+            Action::Deliver
+        );
         let expect = if held {
             Action::Drop(DropReason::ServiceRefused)
         } else {
@@ -161,7 +167,10 @@ fn ipv6_server_segments_end_flows_and_refusals_are_held_back() {
         let syn = syn(port);
         let mut buf = vec![0u8; 2048];
         buf[..syn.len()].copy_from_slice(&syn);
-        assert_eq!(p.from_wire(&mut buf, syn.len(), 1), Action::Deliver);
+        assert_eq!(
+            p.from_wire(&mut FrameBuf::at_start(&mut buf), syn.len(), 1),
+            Action::Deliver
+        );
         assert_eq!(flow(&p, port), Some(crate::cluster::FlowState::SynSeen));
         let expect = if held {
             Action::Drop(DropReason::ServiceRefused)

@@ -3,7 +3,9 @@
 //! whenever it could not know (the rules changed, a first SYN to a backend that takes no new
 //! flows, a bucket in handoff).
 
-use super::appliance::{appliances, client, compiled, compiled_after, node_yaml, run, segment};
+use super::appliance::{
+    appliances, client, compiled, compiled_after, in_mbuf, node_yaml, run, segment,
+};
 use super::*;
 use crate::appliance::{BackendState, Services};
 use crate::pipeline::appliance::Marks;
@@ -211,7 +213,8 @@ fn known(p: &mut Pipeline, frame: &[u8], now: u64) -> Option<Action> {
     if p.marks != Marks::Hold {
         return None;
     }
-    let mut buf = frame.to_vec();
+    let mut buf = in_mbuf(frame);
+    let mut buf = FrameBuf::new(&mut buf, HEADROOM);
     p.known_flow(&mut buf, frame.len(), bucket, hash, proto, flags, now)
 }
 
@@ -233,10 +236,10 @@ fn a_known_flow_skips_the_lookup_until_the_rules_change() {
         "a new flow: the full decision"
     );
     let (first, out) = run(&mut p, &syn, 1);
-    assert_eq!(first, Action::ToBackend { push: 0 });
+    assert_eq!(first, Action::ToBackend);
     let backend = out[5];
     let by_shortcut = known(&mut p, &ack, 2).expect("the flow is marked");
-    assert_eq!(by_shortcut, Action::ToBackend { push: 0 });
+    assert_eq!(by_shortcut, Action::ToBackend);
     assert_eq!(run(&mut p, &ack, 2).1[5], backend);
     // A health change keeps the rules: the marks hold.
     let s = p
@@ -254,10 +257,13 @@ fn a_known_flow_skips_the_lookup_until_the_rules_change() {
     assert_eq!(known(&mut p, &ack, 4), None, "its mark is cleared");
     let (moved, _) = run(&mut p, &ack, 4);
     assert!(
-        matches!(moved, Action::ToBackend { push } if push > 0),
+        matches!(moved, Action::Encapsulated { push, .. } if push > 0),
         "{moved:?}"
     );
-    assert!(matches!(known(&mut p, &ack, 5), Some(Action::ToBackend { push }) if push > 0));
+    assert!(matches!(
+        known(&mut p, &ack, 5),
+        Some(Action::Encapsulated { push, .. }) if push > 0
+    ));
     // A new connection on the port, to a backend that takes no new flows: not the shortcut's.
     let s = p
         .services()
@@ -287,17 +293,22 @@ fn an_ipv6_flow_takes_the_shortcut_too() {
             None,
             "a new flow: the full decision"
         );
+        // DSR, or an encapsulation `push` bytes longer (the frames are as long as each other).
+        let to = |len| match push {
+            0 => Action::ToBackend,
+            push => Action::Encapsulated {
+                push,
+                len: u16::try_from(len).unwrap() + push,
+            },
+        };
         let (first, by_rule) = run(&mut p, &syn, 1);
-        assert_eq!(first, Action::ToBackend { push });
-        assert_eq!(known(&mut p, &ack, 2), Some(Action::ToBackend { push }));
+        assert_eq!(first, to(syn.len()));
+        assert_eq!(known(&mut p, &ack, 2), Some(to(ack.len())));
         p.marks = Marks::Clearing { next: 0 };
         let (full, by_full) = run(&mut p, &ack, 3);
         p.marks = Marks::Hold;
         let (shortcut, by_shortcut) = run(&mut p, &ack, 3);
-        assert_eq!(
-            (full, shortcut),
-            (Action::ToBackend { push }, Action::ToBackend { push })
-        );
+        assert_eq!((full, shortcut), (to(ack.len()), to(ack.len())));
         assert_eq!(by_shortcut, by_full);
         // The same backend as the first frame's: its MAC (DSR), or the outer header's
         // destination (GUE in IPv6, bytes 38..54 of the frame).
@@ -321,10 +332,7 @@ fn a_flow_aimed_at_another_rules_port_takes_its_own_rule() {
     let mut p = node();
     let c = owned_client(&p, 0);
     for flags in [0x02, 0x10, 0x18] {
-        assert_eq!(
-            run(&mut p, &frame(c, 0, 0), 1).0,
-            Action::ToBackend { push: 0 }
-        );
+        assert_eq!(run(&mut p, &frame(c, 0, 0), 1).0, Action::ToBackend);
         let (src, sport) = client(c);
         let mut aimed = segment(src, sport, 81, flags);
         aimed[30] = 199;

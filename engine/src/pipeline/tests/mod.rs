@@ -78,7 +78,7 @@ fn capture() -> Vec<Vec<u8>> {
 fn answer(p: &mut Pipeline, frame: &[u8]) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; 2048];
     buf[..frame.len()].copy_from_slice(frame);
-    match p.from_wire(&mut buf, frame.len(), 0) {
+    match p.from_wire(&mut FrameBuf::at_start(&mut buf), frame.len(), 0) {
         Action::Reply { len } => Some(buf[..len as usize].to_vec()),
         _ => None,
     }

@@ -21,7 +21,7 @@ proptest! {
             let mut owners = Vec::new();
             for p in nodes.iter_mut() {
                 buf[..frame.len()].copy_from_slice(&frame);
-                let action = p.from_wire(&mut buf, frame.len(), 0);
+                let action = p.from_wire(&mut FrameBuf::at_start(&mut buf), frame.len(), 0);
                 prop_assert!(matches!(action, Action::Deliver | Action::Drop(DropReason::NotOwned)), "{action:?}");
                 if action == Action::Deliver {
                     owners.push(p.identity().node);
@@ -33,7 +33,7 @@ proptest! {
                 let flow = ipv4_frame(src, *sport, &if *tcp { Kind::Tcp(0x10) } else { Kind::Udp });
                 let p = nodes.iter_mut().find(|p| p.identity().node == owners[0]).unwrap();
                 buf[..flow.len()].copy_from_slice(&flow);
-                prop_assert_eq!(p.from_wire(&mut buf, flow.len(), 0), Action::Deliver);
+                prop_assert_eq!(p.from_wire(&mut FrameBuf::at_start(&mut buf), flow.len(), 0), Action::Deliver);
             }
         }
     }
@@ -105,7 +105,7 @@ proptest! {
                     let mut copy = vec![0u8; 2048];
                     copy[..frame.len()].copy_from_slice(frame);
                     let mut probe = Pipeline::new(identity(me.get()), SECRET, Arc::clone(fast.snapshot()), small());
-                    prop_assert_eq!(probe.decide(&mut copy, frame.len(), b, 0), Action::Drop(DropReason::NotOwned));
+                    prop_assert_eq!(probe.decide(&mut FrameBuf::at_start(&mut copy), frame.len(), b, 0), Action::Drop(DropReason::NotOwned));
                     prop_assert_eq!(probe.flows().len() + probe.learned().len(), 0);
                 }
             }
@@ -119,8 +119,8 @@ proptest! {
                 a[..frame.len()].copy_from_slice(frame);
                 let mut b = a.clone();
                 let prepared = fast.prepare(&a[..frame.len()]);
-                let x = fast.decide(&mut a, frame.len(), &prepared, now);
-                let y = full.decide_full(&mut b, frame.len(), now);
+                let x = fast.decide(&mut FrameBuf::at_start(&mut a), frame.len(), &prepared, now);
+                let y = full.decide_full(&mut FrameBuf::at_start(&mut b), frame.len(), now);
                 prop_assert_eq!(x, y, "frame {} in {:?}", n, phase);
                 prop_assert!(a == b, "frame {} rewritten differently", n);
                 prop_assert_eq!(fast.take_released(), full.take_released());
@@ -140,7 +140,7 @@ proptest! {
         }
         let len = buf.len();
         buf.resize(2048, 0);
-        let _ = p.from_wire(&mut buf, len, 0);
+        let _ = p.from_wire(&mut FrameBuf::at_start(&mut buf), len, 0);
         let mut host = bytes;
         let _ = p.from_host(&mut host, 0);
     }

@@ -9,14 +9,17 @@ fn frames_for_other_macs_and_runts() {
     let mut buf = [0u8; 64];
     buf[..6].copy_from_slice(&[2, 9, 9, 9, 9, 9]);
     assert_eq!(
-        p.from_wire(&mut buf, 64, 0),
+        p.from_wire(&mut FrameBuf::at_start(&mut buf), 64, 0),
         Action::Drop(DropReason::NotForUs)
     );
     buf[..6].copy_from_slice(&NODE_MAC.0);
-    assert_eq!(p.from_wire(&mut buf, 64, 0), Action::DeliverShared);
+    assert_eq!(
+        p.from_wire(&mut FrameBuf::at_start(&mut buf), 64, 0),
+        Action::DeliverShared
+    );
     for len in 0..14 {
         assert!(matches!(
-            p.from_wire(&mut buf, len, 0),
+            p.from_wire(&mut FrameBuf::at_start(&mut buf), len, 0),
             Action::Drop(DropReason::Malformed(_))
         ));
         assert!(matches!(
@@ -26,13 +29,16 @@ fn frames_for_other_macs_and_runts() {
     }
     // A length beyond the buffer is refused, not a panic.
     assert!(matches!(
-        p.from_wire(&mut buf, 65, 0),
+        p.from_wire(&mut FrameBuf::at_start(&mut buf), 65, 0),
         Action::Drop(DropReason::Malformed(_))
     ));
     // A heartbeat frame goes to the control thread.
     buf[..6].copy_from_slice(&[0xff; 6]);
     buf[12..14].copy_from_slice(&HEARTBEAT_ETHERTYPE.to_be_bytes());
-    assert_eq!(p.from_wire(&mut buf, 64, 0), Action::ToControl);
+    assert_eq!(
+        p.from_wire(&mut FrameBuf::at_start(&mut buf), 64, 0),
+        Action::ToControl
+    );
 }
 
 #[test]
@@ -68,7 +74,7 @@ fn fragments_follow_their_first_even_when_it_comes_last() {
         for &i in &order {
             for (n, p) in nodes.iter_mut().enumerate() {
                 buf[..frags[i].len()].copy_from_slice(frags[i]);
-                match p.from_wire(&mut buf, frags[i].len(), 10) {
+                match p.from_wire(&mut FrameBuf::at_start(&mut buf), frags[i].len(), 10) {
                     Action::Deliver => delivered[i] += 1,
                     Action::Hold => holds[n].put(p.take_held().unwrap(), 10, i).unwrap(),
                     _ => {}
