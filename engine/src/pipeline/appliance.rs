@@ -320,7 +320,7 @@ impl Pipeline {
                     .and_then(Destination::fixed_length)
                     .and_then(|(ip_len, v6)| Whole::of(outer, *mtu, 14, ip_len, v6, entropy));
                 match whole {
-                    Some(whole) => self.encapsulated(buf, id, whole),
+                    Some(whole) => encapsulated(&mut self.appliance, outer, buf, id, whole),
                     None => self.known_flow_to(buf, len, id, hash, now),
                 }
             }
@@ -680,7 +680,7 @@ impl Pipeline {
             }
             Way::Encap(outer) => {
                 if let Some(whole) = Whole::of(outer, route.mtu, d.l3, d.ip_len, d.v6, entropy) {
-                    return self.encapsulated(buf, id, whole);
+                    return encapsulated(&mut self.appliance, outer, buf, id, whole);
                 }
                 // Too big for the path.
                 let overhead = outer.overhead();
@@ -710,37 +710,6 @@ impl Pipeline {
                     None => Action::Drop(DropReason::Malformed(wire::Error::Truncated)),
                 }
             }
-        }
-    }
-
-    /// A frame to backend `id` encapsulated whole ([`Whole::of`]): its outer headers written in
-    /// place, over its Ethernet header and into the headroom before it, and counted. Dropped
-    /// if the headroom is too small or the backend has no tunnel (neither with an mbuf's
-    /// headroom and a route [`Whole::of`] was given).
-    #[inline(always)]
-    fn encapsulated(&mut self, buf: &mut FrameBuf<'_>, id: u16, whole: Whole) -> Action {
-        let written = match (
-            self.routes.get(id),
-            buf.grown_front(usize::from(whole.push)),
-        ) {
-            (
-                Some(Route {
-                    way: Way::Encap(outer),
-                    ..
-                }),
-                Some(grown),
-            ) => outer.write(grown, whole.inner_len, whole.inner_v6, whole.entropy),
-            _ => None,
-        };
-        match written.and_then(|len| u16::try_from(len).ok()) {
-            Some(len) => {
-                self.appliance.count(usize::from(id), whole.bytes);
-                Action::Encapsulated {
-                    push: whole.push,
-                    len,
-                }
-            }
-            None => Action::Drop(DropReason::NoBackend),
         }
     }
 
@@ -786,6 +755,32 @@ impl Pipeline {
     /// After [`Action::ToBackendInPieces`]: what writes the pieces (`None`: taken already).
     pub fn take_pieces(&mut self) -> Option<Pieces> {
         self.pieces.take()
+    }
+}
+
+/// A frame to backend `id` through `outer`, encapsulated whole ([`Whole::of`]): its outer
+/// headers written in place, over its Ethernet header and into the headroom before it, and
+/// counted in `counts`. Dropped if the headroom is too small (never with an mbuf's).
+#[inline(always)]
+fn encapsulated(
+    counts: &mut ApplianceCounts,
+    outer: &Outer,
+    buf: &mut FrameBuf<'_>,
+    id: u16,
+    whole: Whole,
+) -> Action {
+    let written = buf
+        .grown_front(usize::from(whole.push))
+        .and_then(|grown| outer.write(grown, whole.inner_len, whole.inner_v6, whole.entropy));
+    match written.and_then(|len| u16::try_from(len).ok()) {
+        Some(len) => {
+            counts.count(usize::from(id), whole.bytes);
+            Action::Encapsulated {
+                push: whole.push,
+                len,
+            }
+        }
+        None => Action::Drop(DropReason::NoBackend),
     }
 }
 
@@ -844,7 +839,7 @@ impl ErrorBudget {
 }
 
 /// An IP packet that its backend's path takes whole, encapsulated: what
-/// [`Pipeline::encapsulated`] writes and counts (the one test of the path's MTU for a frame
+/// [`encapsulated`] writes and counts (the one test of the path's MTU for a frame
 /// that fits, on both ways to it: [`Pipeline::forward_to`] and the known flow's shortcut).
 #[derive(Debug, Clone, Copy)]
 struct Whole {
