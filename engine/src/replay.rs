@@ -265,7 +265,8 @@ pub fn replay_with(
                 }
                 None => Action::Drop(DropReason::Chained),
             };
-            // The frame decided, as it was left (not an encapsulation's outer headers).
+            // The frame decided, from where it started (what a hold keeps and pieces are cut
+            // from: neither is rewritten).
             let decided = &buf[HEADROOM..HEADROOM + len.min(room)];
             match action {
                 Action::Deliver => {

@@ -162,8 +162,9 @@ impl Outer {
         usize::from(self.len).saturating_sub(inner_at)
     }
 
-    /// Writes the outer headers into `frame`, the original frame after [`Outer::push`] bytes
-    /// were added in front of it; the inner packet is `inner_len` bytes (IPv6 if `inner_v6`),
+    /// Writes the outer headers into `frame`: the original frame with [`Outer::push`] bytes in
+    /// front of it (the frame's buffer from there: the headroom's last bytes, then the frame),
+    /// and nothing after it; the inner packet is `inner_len` bytes (IPv6 if `inner_v6`),
     /// `entropy` the flow's 14 bits for the GUE source port. Returns the new frame's length,
     /// or `None` (nothing sensible to send) if `frame` is too short or the lengths do not fit
     /// their 16-bit fields.

@@ -6,6 +6,9 @@ use dpdk_sys as sys;
 
 use crate::pipeline::FrameBuf;
 
+// A received frame has the headroom the pipeline writes outer headers into.
+const _: () = assert!(crate::pipeline::HEADROOM == sys::RTE_PKTMBUF_HEADROOM as usize);
+
 /// Frames moved per RX/TX call. Fixed so that bursts live on the stack.
 pub const BURST: usize = 32;
 
@@ -69,10 +72,14 @@ impl Mbuf {
     }
 
     /// The whole buffer as a decision works in it ([`FrameBuf`]): the headroom, the frame, the
-    /// room after it.
+    /// tailroom.
     pub fn frame_buf(&mut self) -> FrameBuf<'_> {
-        // SAFETY: we own the mbuf exclusively; [buf_addr, buf_addr + buf_len) is the buffer the
-        // mbuf describes, initialised (see `room_mut`).
+        // SAFETY: we own the mbuf exclusively, and it is a direct mbuf (this crate never
+        // attaches or clones one), so [buf_addr, buf_addr + buf_len) is its own buffer, which
+        // nothing else reads or writes while the borrow of `self` lasts. Its bytes are
+        // initialised: the pool's memory was zeroed when it was created, and drivers and
+        // earlier frames only ever wrote into it (the headroom as the bytes past data_len,
+        // see `room_mut`).
         let (buf, at) = unsafe {
             let m = self.raw.as_ref();
             let buf = std::slice::from_raw_parts_mut(m.buf_addr as *mut u8, usize::from(m.buf_len));
@@ -81,12 +88,13 @@ impl Mbuf {
         FrameBuf::new(buf, at)
     }
 
-    /// After [`crate::pipeline::Action::Encapsulated`]: the frame starts `push` bytes earlier
-    /// (into the headroom) and is `len` bytes long; `false` if that leaves the buffer (nothing
-    /// changes).
+    /// After [`crate::pipeline::Action::Encapsulated`]: the single-segment frame starts `push`
+    /// bytes earlier (into the headroom) and is `len` bytes long; `false` if that leaves the
+    /// buffer (nothing changes). (Chained frames are dropped before any decision.)
     pub fn reframe(&mut self, push: u16, len: u16) -> bool {
         // SAFETY: we own the mbuf; the new start and length are checked to lie inside the
-        // buffer, whose bytes are initialised (see `room_mut`).
+        // buffer, whose bytes are initialised (see `frame_buf`); for a single segment pkt_len
+        // equals data_len.
         unsafe {
             let m = self.raw.as_mut();
             let Some(start) = m.data_off.checked_sub(push) else {

@@ -320,7 +320,7 @@ impl Pipeline {
                     .and_then(Destination::fixed_length)
                     .and_then(|(ip_len, v6)| Whole::of(outer, *mtu, 14, ip_len, v6, entropy));
                 match whole {
-                    Some(whole) => encapsulated(&mut self.appliance, outer, buf, id, whole),
+                    Some(whole) => encapsulated(&mut self.appliance, outer, buf, len, id, whole),
                     None => self.known_flow_to(buf, len, id, hash, now),
                 }
             }
@@ -656,7 +656,7 @@ impl Pipeline {
         Some(b.id)
     }
 
-    /// A frame to `d`, to backend `id`: rewritten for DSR, or the encapsulation prepared (outer
+    /// A frame to `d`, to backend `id`: rewritten for DSR, or encapsulated in place (outer
     /// entropy `entropy`), or answered "too big" if `answer_at` gives the time (`None`: a
     /// frame no ICMP error may be about: dropped if too big).
     #[inline(always)]
@@ -680,7 +680,7 @@ impl Pipeline {
             }
             Way::Encap(outer) => {
                 if let Some(whole) = Whole::of(outer, route.mtu, d.l3, d.ip_len, d.v6, entropy) {
-                    return encapsulated(&mut self.appliance, outer, buf, id, whole);
+                    return encapsulated(&mut self.appliance, outer, buf, len, id, whole);
                 }
                 // Too big for the path.
                 let overhead = outer.overhead();
@@ -758,19 +758,24 @@ impl Pipeline {
     }
 }
 
-/// A frame to backend `id` through `outer`, encapsulated whole ([`Whole::of`]): its outer
-/// headers written in place, over its Ethernet header and into the headroom before it, and
-/// counted in `counts`. Dropped if the headroom is too small (never with an mbuf's).
+/// The frame of `len` bytes in `buf` to backend `id` through `outer`, encapsulated whole
+/// ([`Whole::of`]): its outer headers written in place, over its Ethernet header and into the
+/// headroom before it, and counted in `counts`. Dropped if the headroom is too small (never
+/// with the data plane's) or the packet is longer than the frame (never once parsed).
 #[inline(always)]
 fn encapsulated(
     counts: &mut ApplianceCounts,
     outer: &Outer,
     buf: &mut FrameBuf<'_>,
+    len: usize,
     id: u16,
     whole: Whole,
 ) -> Action {
+    // The frame grown at the front, and nothing after it: bytes past the frame are never sent.
+    let push = usize::from(whole.push);
     let written = buf
-        .grown_front(usize::from(whole.push))
+        .grown_front(push)
+        .and_then(|grown| grown.get_mut(..push + len))
         .and_then(|grown| outer.write(grown, whole.inner_len, whole.inner_v6, whole.entropy));
     match written.and_then(|len| u16::try_from(len).ok()) {
         Some(len) => {

@@ -51,8 +51,9 @@ impl Pipeline {
         self.snapshot.new_flow_owner(bucket) == Some(self.id.node)
     }
 
-    /// A frame from the shared segment. `buf` holds the frame in its first `len` bytes and may
-    /// be longer: a reply is written in place and may outgrow the request.
+    /// A frame from the shared segment: the first `len` bytes of `buf`, which may be longer (a
+    /// reply is written in place and may outgrow the request) and have room before them (an
+    /// encapsulation's outer headers are written there, see [`FrameBuf`]).
     ///
     /// The same as [`Pipeline::prepare`] then [`Pipeline::decide`]; a burst does better with
     /// all its `prepare`s first (the flow-table lines they prefetch arrive meanwhile).

@@ -1,19 +1,19 @@
-//! The buffer a decision works in ([`FrameBuf`]): a frame, the headroom before it and the room
-//! after it. A decision rewrites the frame in place — a DSR frame's MACs, an answer that
-//! outgrows its request (into the room after), an encapsulation's outer headers (into the
-//! headroom: an mbuf's 128 bytes) — so that the data plane only moves the frame's start and
-//! length ([`super::Action::Encapsulated`]).
+//! The buffer a decision works in ([`FrameBuf`]): a frame, the headroom before it and the
+//! tailroom after it. A decision rewrites the frame in place — a DSR frame's MACs, an answer
+//! that outgrows its request (into the tailroom), an encapsulation's outer headers (into the
+//! headroom) — so that whoever holds the buffer only moves the frame's start and length
+//! ([`super::Action::Encapsulated`]).
 //!
 //! Owns the bounds of those three parts; never reads or writes a frame's bytes itself.
 
 use std::ops::{Deref, DerefMut};
 
-/// Bytes before a received frame in its mbuf (DPDK's `RTE_PKTMBUF_HEADROOM`): room for any
-/// outer headers (at most 66 bytes). What the replay and the tests give a frame too.
+/// Bytes before a received frame: room for any outer headers (at most 66 bytes). The data
+/// plane's buffers have them (it checks), and so do the replay's and the tests'.
 pub const HEADROOM: usize = 128;
 
-/// A frame at `at` in `buf`: `buf[..at]` is headroom, `buf[at..]` the frame and the room after
-/// it. Dereferences to `buf[at..]`, the frame first (its length is the caller's to say).
+/// A frame at `at` in `buf`: `buf[..at]` is headroom, `buf[at..]` the frame and the tailroom.
+/// Dereferences to `buf[at..]`, the frame first (its length is the caller's to say).
 #[derive(Debug)]
 pub struct FrameBuf<'a> {
     buf: &'a mut [u8],
@@ -34,12 +34,6 @@ impl<'a> FrameBuf<'a> {
     #[inline]
     pub fn at_start(buf: &'a mut [u8]) -> FrameBuf<'a> {
         FrameBuf { buf, at: 0 }
-    }
-
-    /// Bytes before the frame.
-    #[inline]
-    pub fn headroom(&self) -> usize {
-        self.at
     }
 
     /// The buffer from `n` bytes before the frame to its end: where the frame, grown by `n`
@@ -75,7 +69,6 @@ mod tests {
     fn the_frame_is_what_follows_the_headroom() {
         let mut buf: Vec<u8> = (0..10).collect();
         let mut f = FrameBuf::new(&mut buf, 4);
-        assert_eq!(f.headroom(), 4);
         assert_eq!(&f[..], &[4, 5, 6, 7, 8, 9]);
         f[0] = 40;
         assert_eq!(f.grown_front(3).unwrap(), &[1, 2, 3, 40, 5, 6, 7, 8, 9]);
@@ -87,11 +80,11 @@ mod tests {
     fn a_start_past_the_end_leaves_an_empty_frame() {
         let mut buf = [1u8; 4];
         let mut f = FrameBuf::new(&mut buf, 9);
-        assert_eq!(f.headroom(), 4);
         assert!(f.is_empty());
         assert_eq!(f.grown_front(4).unwrap().len(), 4);
+        assert!(f.grown_front(5).is_none());
         let mut g = FrameBuf::at_start(&mut buf);
-        assert_eq!(g.headroom(), 0);
+        assert_eq!(g.len(), 4);
         assert!(g.grown_front(1).is_none());
     }
 }

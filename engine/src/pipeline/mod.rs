@@ -28,6 +28,8 @@
 //!
 //! - `types`: [`Action`], [`DropReason`], [`NodeIdentity`], [`ServiceState`],
 //!   [`TableSizes`].
+//! - `frame_buf`: [`FrameBuf`], the frame a decision rewrites in place, with room before and
+//!   after it.
 //! - `state`: construction, what the core changes between bursts, read access for counters.
 //! - `prepare`: burst preparation: parse, hash eight flow keys at a time, prefetch.
 //! - `decide`: the decision for a frame from the wire.

@@ -361,11 +361,13 @@ fn gue_and_ipip_carry_the_client_packet_from_the_node_address() {
         let mut p = appliances(1, delivery).remove(0);
         let (src, sport) = client(7);
         let syn = segment(src, sport, 80, 0x02);
-        let (action, out) = run(&mut p, &syn, 1);
-        assert!(
-            matches!(action, Action::Encapsulated { push: p, .. } if p == push),
-            "{action:?}"
-        );
+        // Padded to Ethernet's 60 bytes, as it comes off the wire: the padding is not sent.
+        let mut padded = syn.clone();
+        padded.resize(60, 0);
+        let (action, out) = run(&mut p, &padded, 1);
+        let len = u16::try_from(usize::from(push) + syn.len()).unwrap();
+        assert_eq!(action, Action::Encapsulated { push, len }, "{delivery}");
+        assert_eq!(out.len(), usize::from(len));
         let outer = parse_l2_l4(&out).unwrap();
         assert_eq!(outer.src_ip, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11)));
         assert_eq!(u8::from(outer.protocol), proto);
@@ -375,6 +377,23 @@ fn gue_and_ipip_carry_the_client_packet_from_the_node_address() {
             "{delivery}"
         );
     }
+}
+
+/// A frame with no room before it for the outer headers (never in the data plane, whose
+/// buffers have [`HEADROOM`]) is dropped, not sent half-built, and not counted as sent: a new
+/// flow's first frame and its next.
+#[test]
+fn an_encapsulation_without_headroom_is_dropped() {
+    let mut p = appliances(1, "gue").remove(0);
+    let (src, sport) = client(7);
+    for (flags, now) in [(0x02, 1), (0x10, 2)] {
+        let mut buf = segment(src, sport, 80, flags);
+        let len = buf.len();
+        buf.resize(2048, 0);
+        let action = p.from_wire(&mut FrameBuf::at_start(&mut buf), len, now);
+        assert_eq!(action, Action::Drop(DropReason::NoBackend));
+    }
+    assert_eq!(frames_sent(&[p]), 0);
 }
 
 #[test]
