@@ -390,7 +390,7 @@ impl DataplaneConfig {
     /// after DPDK's 128-byte headroom. A longer frame spans several mbufs and is dropped
     /// (`chained`).
     pub fn frame_room(&self) -> usize {
-        usize::from(self.mbuf_size).saturating_sub(crate::pipeline::HEADROOM)
+        usize::from(self.mbuf_size).saturating_sub(128)
     }
 
     /// Bytes one mbuf takes in memory: its buffer (`mbuf_size`), the rte_mbuf header (two
